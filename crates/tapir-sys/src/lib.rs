@@ -1,0 +1,42 @@
+//! The Linux kernel side of tapir, and the only crate of it with `unsafe`.
+//!
+//! ```text
+//!   tapir (CLI, daemon) ──▶ tapir-sys ──┬─ tun:     /dev/net/tun + TUNSETIFF/PERSIST/OWNER/GROUP/OFFLOAD
+//!                                       ├─ netlink: links, addresses, routes (rtnetlink)
+//!                                       ├─ netns:   setns for the calling thread
+//!                                       └─ ifname:  interface names, checked before any call
+//! ```
+//!
+//! Every unsafe block is a single system call with a `// SAFETY:` line, and
+//! every failure carries the operation, the device and the errno, with a hint
+//! saying what to do. This crate never sees a key and holds no policy: what
+//! to create and how to roll back is the caller's business.
+//!
+//! A short program that does what the classic `tun_alloc()` did:
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use tapir_sys::{IfName, Mode, Netlink, TunDevice, TunOptions, DEFAULT_TUN_PATH};
+//!
+//! let name = IfName::new("tun%d")?;
+//! let tun = TunDevice::open(Path::new(DEFAULT_TUN_PATH), &name, TunOptions::new(Mode::Tun))?;
+//! let mut nl = Netlink::open()?;
+//! let link = nl.link(tun.name().as_str())?.expect("the device we just made");
+//! nl.add_address(link.index, "10.0.0.1/24".parse()?, None)?;
+//! nl.set_up(link.index, true)?;
+//! let mut buf = [0u8; 2048];
+//! let n = tun.read(&mut buf)?;
+//! println!("read {n} bytes from {}", tun.name());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod ifname;
+pub mod netlink;
+pub mod netns;
+pub mod tun;
+
+pub use ifname::{IfName, NameError};
+pub use netlink::{Address, Link, LinkState, Netlink, NetlinkError, Route, TunInfo};
+pub use tun::{DEFAULT_TUN_PATH, Mode, TunDevice, TunError, TunFeatures, TunOptions, offload};

@@ -1,0 +1,781 @@
+//! Links, addresses and routes over rtnetlink, synchronously.
+//!
+//! ```text
+//!   Netlink ──request (NLM_F_ACK)──▶ kernel
+//!      ▲                               │
+//!      └──── messages… DONE / ACK / error (errno + extended-ack text)
+//! ```
+//!
+//! Messages come from `netlink-packet-route`; this module only frames
+//! requests, collects answers and turns them into the plain types below,
+//! which mirror what `ip -d link`, `ip addr` and `ip route` show. Attributes of
+//! the tun driver that we do not know are kept in [`TunInfo::other`].
+
+use std::io;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, Nla,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
+    link::{InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+        RouteType,
+    },
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+use crate::tun::Mode;
+
+/// A failed netlink request: which, on what, the errno and the kernel's own words.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {target}: {source}{kernel}{hint}",
+    kernel = kernel_msg.as_ref().map(|m| format!(" ({m})")).unwrap_or_default(),
+    hint = netlink_hint(source))]
+pub struct NetlinkError {
+    /// The request, e.g. `RTM_NEWADDR`.
+    pub op: &'static str,
+    /// What it was about, e.g. `10.0.0.1/24 on tun0`.
+    pub target: String,
+    /// The errno.
+    pub source: io::Error,
+    /// The kernel's extended-ack message, when it gave one.
+    pub kernel_msg: Option<String>,
+}
+
+impl NetlinkError {
+    /// The errno, if the failure came from the kernel.
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+}
+
+fn netlink_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => {
+            ": changing links, addresses and routes needs CAP_NET_ADMIN; run with sudo"
+        }
+        _ => "",
+    }
+}
+
+/// Link-state flags of interest, decoded from `ifi_flags`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkState {
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
+    /// The driver says it can carry traffic (`IFF_LOWER_UP`); for tun/tap
+    /// that means a process has the device open.
+    pub lower_up: bool,
+    /// `IFF_PROMISC`.
+    pub promisc: bool,
+    /// `IFF_POINTOPOINT`.
+    pub pointopoint: bool,
+    /// `IFF_NOARP`.
+    pub noarp: bool,
+}
+
+/// What the tun driver reports of a device in `IFLA_INFO_DATA` (Linux 4.15+).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TunInfo {
+    /// tun or tap (`IFLA_TUN_TYPE`).
+    pub mode: Option<Mode>,
+    /// Packet information header on (`IFLA_TUN_PI`).
+    pub packet_info: bool,
+    /// virtio-net header on (`IFLA_TUN_VNET_HDR`).
+    pub vnet_hdr: bool,
+    /// Multi-queue (`IFLA_TUN_MULTI_QUEUE`).
+    pub multi_queue: bool,
+    /// Persistent (`IFLA_TUN_PERSIST`).
+    pub persist: bool,
+    /// Owner uid, if one was set (`IFLA_TUN_OWNER`).
+    pub owner: Option<u32>,
+    /// Owner gid, if one was set (`IFLA_TUN_GROUP`).
+    pub group: Option<u32>,
+    /// Queues attached by processes (`IFLA_TUN_NUM_QUEUES`).
+    pub queues: u32,
+    /// Queues detached with IFF_DETACH_QUEUE (`IFLA_TUN_NUM_DISABLED_QUEUES`).
+    pub disabled_queues: u32,
+    /// Attributes this version does not know: (type, value).
+    pub other: Vec<(u16, Vec<u8>)>,
+}
+
+const IFLA_TUN_OWNER: u16 = 1;
+const IFLA_TUN_GROUP: u16 = 2;
+const IFLA_TUN_TYPE: u16 = 3;
+const IFLA_TUN_PI: u16 = 4;
+const IFLA_TUN_VNET_HDR: u16 = 5;
+const IFLA_TUN_PERSIST: u16 = 6;
+const IFLA_TUN_MULTI_QUEUE: u16 = 7;
+const IFLA_TUN_NUM_QUEUES: u16 = 8;
+const IFLA_TUN_NUM_DISABLED_QUEUES: u16 = 9;
+
+impl TunInfo {
+    /// Decodes the tun driver's attributes from (type, value) pairs.
+    pub fn from_attrs<'a>(attrs: impl IntoIterator<Item = (u16, &'a [u8])>) -> Self {
+        let mut info = TunInfo::default();
+        for (kind, value) in attrs {
+            let byte = value.first().copied();
+            let word = value
+                .get(..4)
+                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+            match (kind, byte, word) {
+                (IFLA_TUN_TYPE, Some(t), _) => {
+                    info.mode = match libc::c_int::from(t) {
+                        libc::IFF_TUN => Some(Mode::Tun),
+                        libc::IFF_TAP => Some(Mode::Tap),
+                        _ => None,
+                    }
+                }
+                (IFLA_TUN_PI, Some(b), _) => info.packet_info = b != 0,
+                (IFLA_TUN_VNET_HDR, Some(b), _) => info.vnet_hdr = b != 0,
+                (IFLA_TUN_PERSIST, Some(b), _) => info.persist = b != 0,
+                (IFLA_TUN_MULTI_QUEUE, Some(b), _) => info.multi_queue = b != 0,
+                (IFLA_TUN_OWNER, _, Some(w)) => info.owner = Some(w),
+                (IFLA_TUN_GROUP, _, Some(w)) => info.group = Some(w),
+                (IFLA_TUN_NUM_QUEUES, _, Some(w)) => info.queues = w,
+                (IFLA_TUN_NUM_DISABLED_QUEUES, _, Some(w)) => info.disabled_queues = w,
+                _ => info.other.push((kind, value.to_vec())),
+            }
+        }
+        info
+    }
+}
+
+/// A network interface as `ip -d link show` sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    /// Interface index.
+    pub index: u32,
+    /// Interface name.
+    pub name: String,
+    /// Decoded flags.
+    pub state: LinkState,
+    /// Operational state (`UP`, `DOWN`, `UNKNOWN`...).
+    pub operstate: String,
+    /// MTU.
+    pub mtu: u32,
+    /// Link-layer address (tap devices have a MAC; tun devices none).
+    pub address: Option<Vec<u8>>,
+    /// `IFLA_INFO_KIND`: `tun` for tun and tap devices, `veth`, `bridge`...
+    pub kind: Option<String>,
+    /// The tun driver's view, for tun/tap devices.
+    pub tun: Option<TunInfo>,
+}
+
+impl Link {
+    /// Whether this is a tun or tap device (`IFLA_INFO_KIND` = `tun`).
+    pub fn is_tun(&self) -> bool {
+        self.kind.as_deref() == Some("tun")
+    }
+
+    fn from_message(msg: &LinkMessage) -> Self {
+        let flags = msg.header.flags;
+        let mut link = Link {
+            index: msg.header.index,
+            name: String::new(),
+            state: LinkState {
+                up: flags.contains(LinkFlags::Up),
+                lower_up: flags.contains(LinkFlags::LowerUp),
+                promisc: flags.contains(LinkFlags::Promisc),
+                pointopoint: flags.contains(LinkFlags::Pointopoint),
+                noarp: flags.contains(LinkFlags::Noarp),
+            },
+            operstate: String::from("UNKNOWN"),
+            mtu: 0,
+            address: None,
+            kind: None,
+            tun: None,
+        };
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::Mtu(m) => link.mtu = *m,
+                LinkAttribute::Address(a) => link.address = Some(a.clone()),
+                LinkAttribute::OperState(s) => link.operstate = s.to_string().to_uppercase(),
+                LinkAttribute::LinkInfo(infos) => {
+                    for info in infos {
+                        match info {
+                            LinkInfo::Kind(InfoKind::Tun) => link.kind = Some("tun".into()),
+                            LinkInfo::Kind(k) => link.kind = Some(k.to_string()),
+                            LinkInfo::Data(InfoData::Tun(attrs)) => {
+                                let raw: Vec<(u16, Vec<u8>)> = attrs
+                                    .iter()
+                                    .map(|a| {
+                                        let mut v = vec![0; a.value_len()];
+                                        a.emit_value(&mut v);
+                                        (a.kind(), v)
+                                    })
+                                    .collect();
+                                link.tun = Some(TunInfo::from_attrs(
+                                    raw.iter().map(|(k, v)| (*k, v.as_slice())),
+                                ));
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if link.is_tun() && link.tun.is_none() {
+            // Kernels before 4.15 send no IFLA_INFO_DATA for tun.
+            link.tun = Some(TunInfo::default());
+        }
+        link
+    }
+}
+
+/// An address on an interface, as `ip addr` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    /// Interface index.
+    pub index: u32,
+    /// The local address with its prefix length.
+    pub local: IpNet,
+    /// The peer of a point-to-point address (`ip addr add A peer P`).
+    pub peer: Option<IpNet>,
+    /// Scope: `global`, `link`, `host`...
+    pub scope: String,
+}
+
+/// A route, as `ip route` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Destination prefix.
+    pub dst: IpNet,
+    /// Gateway (`via`).
+    pub gateway: Option<IpAddr>,
+    /// Output interface index.
+    pub oif: Option<u32>,
+    /// Routing table.
+    pub table: u32,
+    /// Who added it: `kernel`, `boot`, `static`...
+    pub protocol: String,
+    /// Scope: `link`, `universe`...
+    pub scope: String,
+    /// Metric (`RTA_PRIORITY`).
+    pub metric: Option<u32>,
+}
+
+/// A synchronous rtnetlink socket in the calling thread's network namespace.
+pub struct Netlink {
+    socket: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+const NLMSGERR_ATTR_MSG: u16 = 1;
+
+impl Netlink {
+    /// Opens an rtnetlink socket.
+    pub fn open() -> Result<Self, NetlinkError> {
+        let err = |source| NetlinkError {
+            op: "socket(NETLINK_ROUTE)",
+            target: String::new(),
+            source,
+            kernel_msg: None,
+        };
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(err)?;
+        socket.bind_auto().map_err(err)?;
+        socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
+        // Extended acks carry the kernel's explanation ("Nexthop device is not up");
+        // capped acks keep error messages short. Both are best effort.
+        let _ = socket.set_ext_ack(true);
+        let _ = socket.set_cap_ack(true);
+        Ok(Self {
+            socket,
+            seq: 0,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// Sends `msg` and collects the answers until DONE (for dumps) or the ACK.
+    fn request(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        op: &'static str,
+        target: impl Fn() -> String,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        packet.finalize();
+        let mut out = vec![0; packet.buffer_len()];
+        packet.serialize(&mut out);
+        let fail = |source: io::Error, kernel_msg: Option<String>| NetlinkError {
+            op,
+            target: target(),
+            source,
+            kernel_msg,
+        };
+        self.socket.send(&out, 0).map_err(|e| fail(e, None))?;
+
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let mut answers = Vec::new();
+        loop {
+            let n = self
+                .socket
+                .recv(&mut &mut self.buf[..], 0)
+                .map_err(|e| fail(e, None))?;
+            let mut offset = 0;
+            while offset < n {
+                let bytes = &self.buf[offset..n];
+                let msg =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(|e| {
+                        fail(
+                            io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+                            None,
+                        )
+                    })?;
+                let len = msg.header.length as usize;
+                if len == 0 {
+                    break;
+                }
+                offset += (len + 3) & !3;
+                if msg.header.sequence_number != seq {
+                    continue;
+                }
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(answers),
+                    // The ACK of a request; a dump ends with DONE instead.
+                    NetlinkPayload::Error(e) if e.code.is_none() && !dump => return Ok(answers),
+                    NetlinkPayload::Error(e) if e.code.is_none() => {}
+                    NetlinkPayload::Error(e) => {
+                        return Err(fail(e.to_io(), ext_ack_message(&e.header)));
+                    }
+                    NetlinkPayload::InnerMessage(m) => answers.push(m),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Every link in this namespace.
+    pub fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
+        let answers = self.request(
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_DUMP,
+            "RTM_GETLINK",
+            || "(dump)".into(),
+        )?;
+        Ok(answers
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(Link::from_message(l)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The link called `name`, or `None`.
+    pub fn link(&mut self, name: &str) -> Result<Option<Link>, NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        match self.request(RouteNetlinkMessage::GetLink(msg), 0, "RTM_GETLINK", || {
+            name.to_owned()
+        }) {
+            Ok(answers) => Ok(answers.iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(Link::from_message(l)),
+                _ => None,
+            })),
+            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn set_link(
+        &mut self,
+        index: u32,
+        flags: LinkFlags,
+        change: LinkFlags,
+        attrs: Vec<LinkAttribute>,
+        what: String,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.flags = flags;
+        msg.header.change_mask = change;
+        msg.attributes = attrs;
+        self.request(
+            RouteNetlinkMessage::SetLink(msg),
+            NLM_F_ACK,
+            "RTM_SETLINK",
+            || what.clone(),
+        )?;
+        Ok(())
+    }
+
+    /// `ip link set DEV up|down`.
+    pub fn set_up(&mut self, index: u32, up: bool) -> Result<(), NetlinkError> {
+        let flags = if up {
+            LinkFlags::Up
+        } else {
+            LinkFlags::empty()
+        };
+        let what = format!("{} (ifindex {index})", if up { "up" } else { "down" });
+        self.set_link(index, flags, LinkFlags::Up, vec![], what)
+    }
+
+    /// `ip link set DEV promisc on|off`.
+    pub fn set_promisc(&mut self, index: u32, on: bool) -> Result<(), NetlinkError> {
+        let flags = if on {
+            LinkFlags::Promisc
+        } else {
+            LinkFlags::empty()
+        };
+        let what = format!(
+            "promisc {} (ifindex {index})",
+            if on { "on" } else { "off" }
+        );
+        self.set_link(index, flags, LinkFlags::Promisc, vec![], what)
+    }
+
+    /// `ip link set DEV mtu N`.
+    pub fn set_mtu(&mut self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
+        let what = format!("mtu {mtu} (ifindex {index})");
+        self.set_link(
+            index,
+            LinkFlags::empty(),
+            LinkFlags::empty(),
+            vec![LinkAttribute::Mtu(mtu)],
+            what,
+        )
+    }
+
+    /// `ip link del DEV`.
+    pub fn del_link(&mut self, index: u32) -> Result<(), NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        self.request(
+            RouteNetlinkMessage::DelLink(msg),
+            NLM_F_ACK,
+            "RTM_DELLINK",
+            || format!("ifindex {index}"),
+        )?;
+        Ok(())
+    }
+
+    /// The addresses of interface `index` (or of all interfaces).
+    pub fn addresses(&mut self, index: Option<u32>) -> Result<Vec<Address>, NetlinkError> {
+        let answers = self.request(
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            NLM_F_DUMP,
+            "RTM_GETADDR",
+            || "(dump)".into(),
+        )?;
+        Ok(answers
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => address_from_message(a),
+                _ => None,
+            })
+            .filter(|a| index.is_none_or(|i| a.index == i))
+            .collect())
+    }
+
+    fn address_message(index: u32, local: IpNet, peer: Option<IpAddr>) -> AddressMessage {
+        let mut msg = AddressMessage::default();
+        msg.header.family = family_of(local.addr());
+        msg.header.prefix_len = local.prefix_len();
+        msg.header.index = index;
+        msg.attributes.push(AddressAttribute::Local(local.addr()));
+        msg.attributes
+            .push(AddressAttribute::Address(peer.unwrap_or(local.addr())));
+        msg
+    }
+
+    /// `ip addr add LOCAL/LEN [peer PEER] dev DEV`.
+    pub fn add_address(
+        &mut self,
+        index: u32,
+        local: IpNet,
+        peer: Option<IpAddr>,
+    ) -> Result<(), NetlinkError> {
+        let msg = Self::address_message(index, local, peer);
+        self.request(
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            "RTM_NEWADDR",
+            || describe_addr(local, peer, index),
+        )?;
+        Ok(())
+    }
+
+    /// `ip addr del LOCAL/LEN [peer PEER] dev DEV`.
+    pub fn del_address(
+        &mut self,
+        index: u32,
+        local: IpNet,
+        peer: Option<IpAddr>,
+    ) -> Result<(), NetlinkError> {
+        let msg = Self::address_message(index, local, peer);
+        self.request(
+            RouteNetlinkMessage::DelAddress(msg),
+            NLM_F_ACK,
+            "RTM_DELADDR",
+            || describe_addr(local, peer, index),
+        )?;
+        Ok(())
+    }
+
+    /// Routes of the main table through interface `index` (or all), IPv4 and IPv6.
+    pub fn routes(&mut self, index: Option<u32>) -> Result<Vec<Route>, NetlinkError> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut msg = RouteMessage::default();
+            msg.header.address_family = family;
+            let answers = self.request(
+                RouteNetlinkMessage::GetRoute(msg),
+                NLM_F_DUMP,
+                "RTM_GETROUTE",
+                || "(dump)".into(),
+            )?;
+            out.extend(
+                answers
+                    .iter()
+                    .filter_map(|m| match m {
+                        RouteNetlinkMessage::NewRoute(r) => route_from_message(r),
+                        _ => None,
+                    })
+                    .filter(|r| r.table == u32::from(RouteHeader::RT_TABLE_MAIN))
+                    .filter(|r| index.is_none_or(|i| r.oif == Some(i))),
+            );
+        }
+        Ok(out)
+    }
+
+    fn route_message(index: u32, dst: IpNet, via: Option<IpAddr>) -> RouteMessage {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family_of(dst.addr());
+        msg.header.destination_prefix_length = dst.prefix_len();
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::Boot;
+        msg.header.scope = if via.is_some() {
+            RouteScope::Universe
+        } else {
+            RouteScope::Link
+        };
+        msg.header.kind = RouteType::Unicast;
+        if dst.prefix_len() > 0 {
+            msg.attributes
+                .push(RouteAttribute::Destination(RouteAddress::from(
+                    dst.network(),
+                )));
+        }
+        if let Some(gw) = via {
+            msg.attributes
+                .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
+        }
+        msg.attributes.push(RouteAttribute::Oif(index));
+        msg
+    }
+
+    /// `ip route add DST [via GW] dev DEV` (main table, protocol boot).
+    pub fn add_route(
+        &mut self,
+        index: u32,
+        dst: IpNet,
+        via: Option<IpAddr>,
+    ) -> Result<(), NetlinkError> {
+        let msg = Self::route_message(index, dst, via);
+        self.request(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            "RTM_NEWROUTE",
+            || describe_route(dst, via, index),
+        )?;
+        Ok(())
+    }
+
+    /// `ip route del DST [via GW] dev DEV`.
+    pub fn del_route(
+        &mut self,
+        index: u32,
+        dst: IpNet,
+        via: Option<IpAddr>,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = Self::route_message(index, dst, via);
+        // Match whatever scope and protocol the route has, as `ip route del` does.
+        msg.header.scope = RouteScope::NoWhere;
+        msg.header.protocol = RouteProtocol::Unspec;
+        self.request(
+            RouteNetlinkMessage::DelRoute(msg),
+            NLM_F_ACK,
+            "RTM_DELROUTE",
+            || describe_route(dst, via, index),
+        )?;
+        Ok(())
+    }
+}
+
+fn describe_addr(local: IpNet, peer: Option<IpAddr>, index: u32) -> String {
+    match peer {
+        Some(p) => format!("{local} peer {p} (ifindex {index})"),
+        None => format!("{local} (ifindex {index})"),
+    }
+}
+
+fn describe_route(dst: IpNet, via: Option<IpAddr>, index: u32) -> String {
+    match via {
+        Some(g) => format!("{dst} via {g} (ifindex {index})"),
+        None => format!("{dst} (ifindex {index})"),
+    }
+}
+
+fn family_of(addr: IpAddr) -> AddressFamily {
+    match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+fn address_from_message(msg: &AddressMessage) -> Option<Address> {
+    let mut local = None;
+    let mut address = None;
+    for attr in &msg.attributes {
+        match attr {
+            AddressAttribute::Local(a) => local = Some(*a),
+            AddressAttribute::Address(a) => address = Some(*a),
+            _ => {}
+        }
+    }
+    let len = msg.header.prefix_len;
+    // IPv4 point-to-point: IFA_LOCAL is ours, IFA_ADDRESS the peer. IPv6 sends
+    // only IFA_ADDRESS unless a peer was given.
+    let (mine, peer) = match (local, address) {
+        (Some(l), Some(a)) if l != a => (l, Some(a)),
+        (Some(l), _) => (l, None),
+        (None, Some(a)) => (a, None),
+        (None, None) => return None,
+    };
+    Some(Address {
+        index: msg.header.index,
+        local: IpNet::new(mine, len).ok()?,
+        peer: peer.and_then(|p| IpNet::new(p, len).ok()),
+        scope: format!("{:?}", msg.header.scope).to_lowercase(),
+    })
+}
+
+fn route_from_message(msg: &RouteMessage) -> Option<Route> {
+    let h = &msg.header;
+    let mut dst = None;
+    let mut gateway = None;
+    let mut oif = None;
+    let mut table = u32::from(h.table);
+    let mut metric = None;
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Destination(a) => dst = route_addr(a),
+            RouteAttribute::Gateway(a) => gateway = route_addr(a),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Priority(p) => metric = Some(*p),
+            _ => {}
+        }
+    }
+    let unspecified = match h.address_family {
+        AddressFamily::Inet => IpAddr::from([0u8; 4]),
+        AddressFamily::Inet6 => IpAddr::from([0u8; 16]),
+        _ => return None,
+    };
+    Some(Route {
+        dst: IpNet::new(dst.unwrap_or(unspecified), h.destination_prefix_length).ok()?,
+        gateway,
+        oif,
+        table,
+        protocol: format!("{:?}", h.protocol).to_lowercase(),
+        scope: format!("{:?}", h.scope).to_lowercase(),
+        metric,
+    })
+}
+
+fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+/// Finds the kernel's `NLMSGERR_ATTR_MSG` in an error's payload: with
+/// `NETLINK_CAP_ACK` the payload is the request's 16-byte header, then TLVs.
+fn ext_ack_message(payload: &[u8]) -> Option<String> {
+    let mut tlvs = payload.get(16..)?;
+    while tlvs.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([tlvs[0], tlvs[1]]));
+        let kind = u16::from_ne_bytes([tlvs[2], tlvs[3]]);
+        if len < 4 || len > tlvs.len() {
+            return None;
+        }
+        if kind == NLMSGERR_ATTR_MSG {
+            let text = &tlvs[4..len];
+            let text = text.split(|&b| b == 0).next().unwrap_or(text);
+            return Some(String::from_utf8_lossy(text).into_owned());
+        }
+        let step = ((len + 3) & !3).min(tlvs.len());
+        tlvs = &tlvs[step..];
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tun_info_decodes_what_the_kernel_sends() {
+        // IFLA_INFO_DATA of `ip tuntap add tt0 mode tap user 65534 multi_queue vnet_hdr`
+        // on Linux 6.18, as attribute (type, value) pairs.
+        let attrs: Vec<(u16, Vec<u8>)> = vec![
+            (IFLA_TUN_OWNER, 65534u32.to_ne_bytes().to_vec()),
+            (IFLA_TUN_TYPE, vec![2]),
+            (IFLA_TUN_PI, vec![0]),
+            (IFLA_TUN_VNET_HDR, vec![1]),
+            (IFLA_TUN_PERSIST, vec![1]),
+            (IFLA_TUN_MULTI_QUEUE, vec![1]),
+            (IFLA_TUN_NUM_QUEUES, 0u32.to_ne_bytes().to_vec()),
+            (IFLA_TUN_NUM_DISABLED_QUEUES, 0u32.to_ne_bytes().to_vec()),
+            (42, vec![7, 7]),
+        ];
+        let info = TunInfo::from_attrs(attrs.iter().map(|(k, v)| (*k, v.as_slice())));
+        assert_eq!(info.mode, Some(Mode::Tap));
+        assert!(info.vnet_hdr && info.multi_queue && info.persist && !info.packet_info);
+        assert_eq!(info.owner, Some(65534));
+        assert_eq!(info.group, None);
+        assert_eq!(
+            info.other,
+            vec![(42, vec![7, 7])],
+            "unknown attributes are kept"
+        );
+    }
+
+    #[test]
+    fn ext_ack_text_is_found() {
+        let mut payload = vec![0u8; 16];
+        let msg = b"Nexthop device is not up\0";
+        let len = (4 + msg.len()) as u16;
+        payload.extend_from_slice(&len.to_ne_bytes());
+        payload.extend_from_slice(&NLMSGERR_ATTR_MSG.to_ne_bytes());
+        payload.extend_from_slice(msg);
+        assert_eq!(
+            ext_ack_message(&payload).as_deref(),
+            Some("Nexthop device is not up")
+        );
+        assert_eq!(ext_ack_message(&payload[..10]), None);
+        assert_eq!(
+            ext_ack_message(&[0; 20]),
+            None,
+            "a zero length ends the walk"
+        );
+    }
+}
