@@ -49,6 +49,16 @@ pub struct NetlinkError {
 }
 
 impl NetlinkError {
+    /// Why it failed, without the request: the errno, the kernel's words and a hint.
+    pub fn reason(&self) -> String {
+        let kernel = self
+            .kernel_msg
+            .as_ref()
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default();
+        format!("{}{kernel}{}", self.source, netlink_hint(&self.source))
+    }
+
     /// The errno, if the failure came from the kernel.
     pub fn errno(&self) -> Option<i32> {
         self.source.raw_os_error()
@@ -305,6 +315,10 @@ impl Netlink {
     ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        // Every request that is not a dump asks for an ACK: it is what tells
+        // us the answer is complete (a GET answers with one message, then the ACK).
+        let flags = if dump { flags } else { flags | NLM_F_ACK };
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | flags;
         header.sequence_number = seq;
@@ -320,7 +334,6 @@ impl Netlink {
         };
         self.socket.send(&out, 0).map_err(|e| fail(e, None))?;
 
-        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
         let mut answers = Vec::new();
         loop {
             let n = self
@@ -662,7 +675,7 @@ fn address_from_message(msg: &AddressMessage) -> Option<Address> {
         index: msg.header.index,
         local: IpNet::new(mine, len).ok()?,
         peer: peer.and_then(|p| IpNet::new(p, len).ok()),
-        scope: format!("{:?}", msg.header.scope).to_lowercase(),
+        scope: scope_name(format!("{:?}", msg.header.scope)),
     })
 }
 
@@ -694,9 +707,18 @@ fn route_from_message(msg: &RouteMessage) -> Option<Route> {
         oif,
         table,
         protocol: format!("{:?}", h.protocol).to_lowercase(),
-        scope: format!("{:?}", h.scope).to_lowercase(),
+        scope: scope_name(format!("{:?}", h.scope)),
         metric,
     })
+}
+
+/// Scope names as iproute2 prints them (`global`, not `universe`).
+fn scope_name(debug: String) -> String {
+    match debug.to_lowercase().as_str() {
+        "universe" => "global".into(),
+        "nowhere" => "nowhere".into(),
+        other => other.into(),
+    }
 }
 
 fn route_addr(a: &RouteAddress) -> Option<IpAddr> {

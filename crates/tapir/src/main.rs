@@ -1,0 +1,332 @@
+//! The `tapir` command line: flags are parsed and validated here, then handed
+//! to the library. Data goes to stdout; errors go to stderr with a hint and a
+//! non-zero exit status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use tapir::dev::{self, AddRequest, Added, SetRequest};
+use tapir::doctor;
+use tapir_sys::Mode;
+
+/// tapir: TUN/TAP devices, packets and tunnels.
+#[derive(Parser, Debug)]
+#[command(name = "tapir", version, about, propagate_version = true)]
+struct Cli {
+    /// The tun clone device.
+    #[arg(long, global = true, env = "TAPIR_TUN_PATH", default_value = tapir_sys::DEFAULT_TUN_PATH)]
+    tun_path: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per run
+enum Command {
+    /// Check what the kernel and this process can do, and how to fix what is missing.
+    Doctor {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create, delete, list, show and configure tun/tap devices.
+    #[command(subcommand)]
+    Dev(DevCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum DevCommand {
+    /// Create a persistent tun/tap device (like ip tuntap add).
+    Add {
+        /// Name, or a template such as tap%d; default: tun%d or tap%d.
+        name: Option<String>,
+        /// tun (IP packets) or tap (Ethernet frames).
+        #[arg(long)]
+        mode: Mode,
+        /// User (name or uid) allowed to open the device without root.
+        #[arg(long)]
+        user: Option<String>,
+        /// Group (name or gid) allowed to open the device without root.
+        #[arg(long)]
+        group: Option<String>,
+        /// Allow several queues (IFF_MULTI_QUEUE).
+        #[arg(long)]
+        multi_queue: bool,
+        /// Prefix packets with a virtio-net header (IFF_VNET_HDR), for offloads.
+        #[arg(long)]
+        vnet_hdr: bool,
+        /// Prefix packets with the 4-byte packet-information header.
+        #[arg(long)]
+        pi: bool,
+        /// Succeed if the device already exists with these settings.
+        #[arg(long)]
+        exist_ok: bool,
+    },
+    /// Delete a tun/tap device (refuses any other kind of device).
+    #[command(alias = "delete")]
+    Del {
+        /// The device.
+        name: String,
+    },
+    /// List the tun/tap devices of this network namespace.
+    #[command(alias = "ls")]
+    List {
+        /// Print JSON, like ip -j.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one tun/tap device in detail.
+    Show {
+        /// The device.
+        name: String,
+        /// Print JSON, like ip -j.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Configure a tun/tap device over netlink; all changes or none.
+    Set {
+        /// The device.
+        name: String,
+        /// Bring the link up.
+        #[arg(long, conflicts_with = "down")]
+        up: bool,
+        /// Bring the link down.
+        #[arg(long)]
+        down: bool,
+        /// Set the MTU.
+        #[arg(long)]
+        mtu: Option<u32>,
+        /// Promiscuous mode.
+        #[arg(long, value_parser = ["on", "off"])]
+        promisc: Option<String>,
+        /// Add an address (CIDR; repeatable).
+        #[arg(long = "addr", value_name = "CIDR")]
+        addrs: Vec<String>,
+        /// Peer of the --addr just before (point-to-point).
+        #[arg(long = "peer", value_name = "ADDR")]
+        peers: Vec<String>,
+        /// Remove an address (CIDR; repeatable).
+        #[arg(long = "del-addr", value_name = "CIDR")]
+        del_addrs: Vec<String>,
+        /// Add a route through the device (CIDR or default; repeatable).
+        #[arg(long = "route", value_name = "CIDR")]
+        routes: Vec<String>,
+        /// Gateway of the --route just before.
+        #[arg(long = "via", value_name = "ADDR")]
+        vias: Vec<String>,
+        /// Remove a route through the device (CIDR or default; repeatable).
+        #[arg(long = "del-route", value_name = "CIDR")]
+        del_routes: Vec<String>,
+    },
+}
+
+/// Pairs each `--peer` (or `--via`) with the `--addr` (or `--route`) right
+/// before it on the command line, by argument position. `main` and
+/// `secondary` are clap ids (field names); the flags are their singulars.
+fn pair_by_position(
+    m: &ArgMatches,
+    main_id: &str,
+    secondary_id: &str,
+) -> Result<Vec<(String, Option<String>)>> {
+    let main = main_id.trim_end_matches('s');
+    let secondary = secondary_id.trim_end_matches('s');
+    let mains: Vec<(usize, String)> = match (m.indices_of(main_id), m.get_many::<String>(main_id)) {
+        (Some(i), Some(v)) => i.zip(v.cloned()).collect(),
+        _ => vec![],
+    };
+    let mut out: Vec<(String, Option<String>)> =
+        mains.iter().map(|(_, v)| (v.clone(), None)).collect();
+    if let (Some(idx), Some(vals)) = (
+        m.indices_of(secondary_id),
+        m.get_many::<String>(secondary_id),
+    ) {
+        for (i, v) in idx.zip(vals) {
+            let Some(slot) = mains.iter().rposition(|(mi, _)| *mi < i) else {
+                anyhow::bail!("--{secondary} {v} must follow the --{main} it belongs to");
+            };
+            if out[slot].1.is_some() {
+                anyhow::bail!("--{main} {} has more than one --{secondary}", out[slot].0);
+            }
+            out[slot].1 = Some(v.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn set_request(
+    m: &ArgMatches,
+    up: bool,
+    down: bool,
+    mtu: Option<u32>,
+    promisc: Option<&str>,
+    del_addrs: &[String],
+    del_routes: &[String],
+) -> Result<SetRequest> {
+    let mut req = SetRequest {
+        up: if up {
+            Some(true)
+        } else if down {
+            Some(false)
+        } else {
+            None
+        },
+        mtu,
+        promisc: promisc.map(|p| p == "on"),
+        ..SetRequest::default()
+    };
+    let bad = |e: String| anyhow::anyhow!("{e}; nothing was changed");
+    for (addr, peer) in pair_by_position(m, "addrs", "peers")? {
+        let net = dev::parse_addr(&addr).map_err(bad)?;
+        let peer = peer
+            .map(|p| dev::parse_ip(&p, "--peer"))
+            .transpose()
+            .map_err(bad)?;
+        req.add_addrs.push((net, peer));
+    }
+    for (route, via) in pair_by_position(m, "routes", "vias")? {
+        let via = via
+            .map(|v| dev::parse_ip(&v, "--via"))
+            .transpose()
+            .map_err(bad)?;
+        let v6 = via.is_some_and(|v| v.is_ipv6());
+        req.add_routes
+            .push((dev::parse_route(&route, v6).map_err(bad)?, via));
+    }
+    for a in del_addrs {
+        req.del_addrs.push(dev::parse_addr(a).map_err(bad)?);
+    }
+    for r in del_routes {
+        req.del_routes
+            .push(dev::parse_route(r, false).map_err(bad)?);
+    }
+    Ok(req)
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
+    match cli.command {
+        Command::Doctor { json } => {
+            let report = doctor::run(&cli.tun_path);
+            if json {
+                print_json(&report)?;
+            } else {
+                print!("{}", doctor::format(&report));
+            }
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Dev(DevCommand::Add {
+            name,
+            mode,
+            user,
+            group,
+            multi_queue,
+            vnet_hdr,
+            pi,
+            exist_ok,
+        }) => {
+            let req = AddRequest::new(
+                name.as_deref(),
+                mode,
+                user.as_deref(),
+                group.as_deref(),
+                (pi, vnet_hdr, multi_queue),
+                exist_ok,
+                cli.tun_path,
+            )?;
+            match dev::add(&req)? {
+                Added::Created(name) => println!("{name}"),
+                Added::Existed(name) => {
+                    eprintln!("{name} already exists with these settings");
+                    println!("{name}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dev(DevCommand::Del { name }) => {
+            let gone = dev::del(&name)?;
+            if gone.attached_queues > 0 {
+                eprintln!(
+                    "note: {} had {} queue(s) open; the programs holding them now get errors on read and write",
+                    gone.name, gone.attached_queues
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dev(DevCommand::List { json }) => {
+            let devs = dev::list()?;
+            if json {
+                print_json(&devs)?;
+            } else {
+                print!("{}", dev::format_list(&devs));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dev(DevCommand::Show { name, json }) => {
+            let d = dev::show(&name)?;
+            if json {
+                print_json(&d)?;
+            } else {
+                print!("{}", dev::format_show(&d));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dev(DevCommand::Set {
+            name,
+            up,
+            down,
+            mtu,
+            promisc,
+            del_addrs,
+            del_routes,
+            ..
+        }) => {
+            let m = matches
+                .subcommand_matches("dev")
+                .and_then(|m| m.subcommand_matches("set"))
+                .context("internal: no matches for dev set")?;
+            let req = set_request(
+                m,
+                up,
+                down,
+                mtu,
+                promisc.as_deref(),
+                &del_addrs,
+                &del_routes,
+            )?;
+            let steps = dev::set(&name, &req)?;
+            if steps.is_empty() {
+                eprintln!("{name}: nothing to change");
+            }
+            for s in steps {
+                eprintln!("{name}: {s}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match run(cli, &matches) {
+        Ok(code) => code,
+        Err(e) => {
+            // Our errors carry their causes in their own text already.
+            eprintln!("tapir: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
