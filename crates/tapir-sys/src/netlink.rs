@@ -107,10 +107,12 @@ pub struct TunInfo {
     pub owner: Option<u32>,
     /// Owner gid, if one was set (`IFLA_TUN_GROUP`).
     pub group: Option<u32>,
-    /// Queues attached by processes (`IFLA_TUN_NUM_QUEUES`).
-    pub queues: u32,
-    /// Queues detached with IFF_DETACH_QUEUE (`IFLA_TUN_NUM_DISABLED_QUEUES`).
-    pub disabled_queues: u32,
+    /// Queues attached by processes (`IFLA_TUN_NUM_QUEUES`); the kernel
+    /// reports it for multi-queue devices only.
+    pub queues: Option<u32>,
+    /// Queues detached with IFF_DETACH_QUEUE (`IFLA_TUN_NUM_DISABLED_QUEUES`),
+    /// multi-queue devices only.
+    pub disabled_queues: Option<u32>,
     /// Attributes this version does not know: (type, value).
     pub other: Vec<(u16, Vec<u8>)>,
 }
@@ -148,8 +150,8 @@ impl TunInfo {
                 (IFLA_TUN_MULTI_QUEUE, Some(b), _) => info.multi_queue = b != 0,
                 (IFLA_TUN_OWNER, _, Some(w)) => info.owner = Some(w),
                 (IFLA_TUN_GROUP, _, Some(w)) => info.group = Some(w),
-                (IFLA_TUN_NUM_QUEUES, _, Some(w)) => info.queues = w,
-                (IFLA_TUN_NUM_DISABLED_QUEUES, _, Some(w)) => info.disabled_queues = w,
+                (IFLA_TUN_NUM_QUEUES, _, Some(w)) => info.queues = Some(w),
+                (IFLA_TUN_NUM_DISABLED_QUEUES, _, Some(w)) => info.disabled_queues = Some(w),
                 _ => info.other.push((kind, value.to_vec())),
             }
         }
@@ -170,6 +172,9 @@ pub struct Link {
     pub operstate: String,
     /// MTU.
     pub mtu: u32,
+    /// Carrier (`IFLA_CARRIER`), reported whether or not the link is up; a
+    /// tun/tap device has carrier while a process has it open.
+    pub carrier: bool,
     /// Link-layer address (tap devices have a MAC; tun devices none).
     pub address: Option<Vec<u8>>,
     /// `IFLA_INFO_KIND`: `tun` for tun and tap devices, `veth`, `bridge`...
@@ -198,6 +203,7 @@ impl Link {
             },
             operstate: String::from("UNKNOWN"),
             mtu: 0,
+            carrier: false,
             address: None,
             kind: None,
             tun: None,
@@ -206,6 +212,7 @@ impl Link {
             match attr {
                 LinkAttribute::IfName(n) => link.name = n.clone(),
                 LinkAttribute::Mtu(m) => link.mtu = *m,
+                LinkAttribute::Carrier(c) => link.carrier = *c != 0,
                 LinkAttribute::Address(a) => link.address = Some(a.clone()),
                 LinkAttribute::OperState(s) => link.operstate = s.to_string().to_uppercase(),
                 LinkAttribute::LinkInfo(infos) => {
@@ -774,6 +781,7 @@ mod tests {
         assert!(info.vnet_hdr && info.multi_queue && info.persist && !info.packet_info);
         assert_eq!(info.owner, Some(65534));
         assert_eq!(info.group, None);
+        assert_eq!(info.queues, Some(0));
         assert_eq!(
             info.other,
             vec![(42, vec![7, 7])],

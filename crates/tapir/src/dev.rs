@@ -268,6 +268,15 @@ pub struct Deleted {
     pub attached_queues: u32,
 }
 
+/// Whether a process has the device open: multi-queue devices count their
+/// queues; single-queue devices have carrier exactly while attached.
+fn is_open(link: &Link) -> bool {
+    match link.tun.as_ref() {
+        Some(t) if t.multi_queue => t.queues.unwrap_or(0) + t.disabled_queues.unwrap_or(0) > 0,
+        _ => link.carrier,
+    }
+}
+
 /// `tapir dev del`: removes a tun/tap device, and nothing else.
 pub fn del(name: &str) -> Result<Deleted, DevError> {
     let name = IfName::new(name)?;
@@ -276,8 +285,12 @@ pub fn del(name: &str) -> Result<Deleted, DevError> {
     let link = tun_link(&mut nl, &name)?;
     nl.del_link(link.index)?;
     Ok(Deleted {
-        name: link.name,
-        attached_queues: link.tun.map_or(0, |t| t.queues),
+        name: link.name.clone(),
+        attached_queues: if is_open(&link) {
+            link.tun.and_then(|t| t.queues).unwrap_or(1)
+        } else {
+            0
+        },
     })
 }
 
@@ -306,18 +319,20 @@ pub struct DeviceView {
     pub up: bool,
     /// Operational state as the kernel reports it.
     pub operstate: String,
-    /// Carrier: a process has the device open.
+    /// Carrier, whether or not the link is up.
     pub carrier: bool,
+    /// A process has the device open.
+    pub open: bool,
     /// Promiscuous mode.
     pub promisc: bool,
     /// MTU.
     pub mtu: u32,
     /// MAC address (tap).
     pub address: Option<String>,
-    /// Queues attached by processes: more than 0 means the device is open.
-    pub queues: u32,
-    /// Queues detached with IFF_DETACH_QUEUE.
-    pub disabled_queues: u32,
+    /// Queues attached by processes (multi-queue devices only).
+    pub queues: Option<u32>,
+    /// Queues detached with IFF_DETACH_QUEUE (multi-queue devices only).
+    pub disabled_queues: Option<u32>,
     /// Addresses.
     pub addresses: Vec<AddrView>,
     /// Routes of the main table through this device.
@@ -394,7 +409,8 @@ fn view(link: &Link, addrs: &[Address], routes: &[Route]) -> DeviceView {
         }),
         up: link.state.up,
         operstate: link.operstate.clone(),
-        carrier: link.state.lower_up,
+        carrier: link.carrier,
+        open: is_open(link),
         promisc: link.state.promisc,
         mtu: link.mtu,
         address: link.address.as_ref().filter(|a| !a.is_empty()).map(|a| {
@@ -494,10 +510,10 @@ pub fn format_list(devs: &[DeviceView]) -> String {
             d.group.as_ref().map_or("-".into(), ToString::to_string),
             state_word(d),
             d.mtu.to_string(),
-            if d.queues > 0 {
-                format!("yes({})", d.queues)
-            } else {
-                "no".into()
+            match (d.open, d.queues) {
+                (false, _) => "no".into(),
+                (true, Some(n)) => format!("yes({n})"),
+                (true, None) => "yes".into(),
             },
             d.addresses
                 .iter()
@@ -547,7 +563,7 @@ fn flag_words(d: &DeviceView) -> String {
 }
 
 fn state_word(d: &DeviceView) -> String {
-    match (d.up, d.carrier) {
+    match (d.up, d.open) {
         (false, _) => "DOWN".into(),
         (true, true) => "UP".into(),
         (true, false) => "UP,NO-CARRIER".into(),
@@ -577,10 +593,14 @@ pub fn format_show(d: &DeviceView) -> String {
         d.mtu,
         if d.promisc { "on" } else { "off" }
     );
-    out += &match d.queues {
-        0 => "    open    no: no process has it open\n".to_string(),
-        n => format!("    open    yes: {n} queue(s) attached\n"),
+    out += &match (d.open, d.queues) {
+        (false, _) => "    open    no: no process has it open\n".to_string(),
+        (true, Some(n)) => format!("    open    yes: {n} queue(s) attached\n"),
+        (true, None) => "    open    yes: a process has it open\n".to_string(),
     };
+    if d.owner.is_none() && d.group.is_none() && d.persist {
+        out += "    note    no owner or group: any user who can open the clone device may attach (tapir dev add --user sets one)\n";
+    }
     if let Some(mac) = &d.address {
         out += &format!("    mac     {mac}\n");
     }
@@ -891,6 +911,7 @@ mod tests {
             },
             operstate: "DOWN".into(),
             mtu: 1500,
+            carrier: false,
             address: None,
             kind: Some("tun".into()),
             tun: Some(TunInfo::default()),
