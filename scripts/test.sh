@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what the tests need
+# (Debian packages), then checks formatting and lints and runs every test.
+# Tests that need root skip themselves with a one-line reason when not root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v ip >/dev/null || need+=(iproute2)
+command -v ping >/dev/null || need+=(iputils-ping)
+command -v tcpdump >/dev/null || need+=(tcpdump)
+command -v setpriv >/dev/null || need+=(util-linux)
+command -v mknod >/dev/null || need+=(coreutils)
+if ((${#need[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "test.sh: missing ${need[*]}; run as root to install them" >&2
+        exit 1
+    fi
+    echo "==> installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+for tool in cargo rustfmt cargo-clippy; do
+    command -v "$tool" >/dev/null || {
+        echo "test.sh: $tool is missing: install the Rust toolchain with rustfmt and clippy (rustup component add rustfmt clippy)" >&2
+        exit 1
+    }
+done
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> cargo test"
+cargo test --workspace --locked
