@@ -1,0 +1,14 @@
+//! tapir's protocol logic, with no I/O: bytes in, bytes out.
+//!
+//! ```text
+//!   device read ─▶ &mut [u8] ─▶ echo::Responder::handle ─▶ Outcome::Reply(len): write buf[..len] back
+//!                                                       └▶ Outcome::Ignored(why): counted, nothing sent
+//! ```
+//!
+//! Nothing here opens a device, reads a clock or draws randomness: a MAC
+//! address or a time is a parameter, so every path can be driven by unit
+//! tests and fuzzers. The tunnel state machines come here next.
+
+#![forbid(unsafe_code)]
+
+pub mod echo;

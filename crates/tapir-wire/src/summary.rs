@@ -1,0 +1,273 @@
+//! One line per packet, in the manner of tcpdump, decoded by etherparse.
+//!
+//! Unknown ethertypes and IP protocols are shown by number, malformed packets
+//! say what is wrong; nothing here panics on any input (see the fuzz target).
+
+use std::fmt::Write as _;
+
+use etherparse::{
+    EtherType, Icmpv4Type, Icmpv6Type, IpNumber, NetSlice, SlicedPacket, TransportSlice,
+};
+
+/// What the bytes start with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// An IPv4 or IPv6 packet (tun devices, `LINKTYPE_RAW`).
+    Ip,
+    /// An Ethernet frame (tap devices).
+    Ethernet,
+}
+
+fn mac(m: &[u8]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Summarizes one packet: `IP 10.0.0.1 > 10.0.0.2: ICMP echo request, id 7, seq 1, length 64`.
+pub fn summarize(link: Link, data: &[u8]) -> String {
+    let parsed = match link {
+        Link::Ip => {
+            if data.is_empty() {
+                return "empty packet".into();
+            }
+            SlicedPacket::from_ip(data)
+        }
+        Link::Ethernet => SlicedPacket::from_ethernet(data),
+    };
+    let mut out = String::new();
+    if let Link::Ethernet = link {
+        let Some(eth) = data.get(..14) else {
+            return format!("truncated Ethernet frame, length {}", data.len());
+        };
+        let _ = write!(out, "{} > {}, ", mac(&eth[6..12]), mac(&eth[0..6]));
+    }
+    let packet = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = write!(out, "malformed ({e}), length {}", data.len());
+            return out;
+        }
+    };
+    match &packet.net {
+        None => {
+            let ether_type = data
+                .get(12..14)
+                .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+            let _ = write!(
+                out,
+                "ethertype {:#06x} ({:?}), length {}",
+                ether_type,
+                EtherType(ether_type),
+                data.len()
+            );
+        }
+        Some(NetSlice::Arp(arp)) => match arp.to_packet().try_eth_ipv4() {
+            Ok(a) => {
+                let s = std::net::Ipv4Addr::from(a.sender_ipv4);
+                let t = std::net::Ipv4Addr::from(a.target_ipv4);
+                match a.operation.0 {
+                    1 => {
+                        let _ = write!(
+                            out,
+                            "ARP, Request who-has {t} tell {s}, length {}",
+                            data.len()
+                        );
+                    }
+                    2 => {
+                        let _ = write!(
+                            out,
+                            "ARP, Reply {s} is-at {}, length {}",
+                            mac(&a.sender_mac),
+                            data.len()
+                        );
+                    }
+                    op => {
+                        let _ = write!(out, "ARP, operation {op}, length {}", data.len());
+                    }
+                }
+            }
+            Err(_) => {
+                let _ = write!(out, "ARP (not Ethernet/IPv4), length {}", data.len());
+            }
+        },
+        Some(NetSlice::Ipv4(ip)) => {
+            let h = ip.header();
+            let _ = write!(out, "IP {} > {}: ", h.source_addr(), h.destination_addr());
+            transport(
+                &mut out,
+                &packet,
+                ip.payload().ip_number,
+                ip.payload().fragmented,
+                ip.payload().payload.len(),
+            );
+            let _ = write!(out, " (ttl {}, length {})", h.ttl(), h.total_len());
+        }
+        Some(NetSlice::Ipv6(ip)) => {
+            let h = ip.header();
+            let _ = write!(out, "IP6 {} > {}: ", h.source_addr(), h.destination_addr());
+            transport(
+                &mut out,
+                &packet,
+                ip.payload().ip_number,
+                ip.payload().fragmented,
+                ip.payload().payload.len(),
+            );
+            let _ = write!(
+                out,
+                " (hlim {}, payload length {})",
+                h.hop_limit(),
+                h.payload_length()
+            );
+        }
+    }
+    out
+}
+
+fn transport(
+    out: &mut String,
+    packet: &SlicedPacket<'_>,
+    proto: IpNumber,
+    fragmented: bool,
+    len: usize,
+) {
+    if fragmented {
+        let _ = write!(out, "fragment of {:?}, {len} bytes", proto);
+        return;
+    }
+    match &packet.transport {
+        Some(TransportSlice::Icmpv4(icmp)) => {
+            let _ = match icmp.icmp_type() {
+                Icmpv4Type::EchoRequest(e) => {
+                    write!(out, "ICMP echo request, id {}, seq {}", e.id, e.seq)
+                }
+                Icmpv4Type::EchoReply(e) => {
+                    write!(out, "ICMP echo reply, id {}, seq {}", e.id, e.seq)
+                }
+                Icmpv4Type::DestinationUnreachable(d) => write!(out, "ICMP unreachable ({d:?})"),
+                Icmpv4Type::TimeExceeded(c) => write!(out, "ICMP time exceeded ({c:?})"),
+                _ => write!(out, "ICMP type {} code {}", icmp.type_u8(), icmp.code_u8()),
+            };
+            let _ = write!(out, ", length {len}");
+        }
+        Some(TransportSlice::Icmpv6(icmp)) => {
+            let _ = match icmp.icmp_type() {
+                Icmpv6Type::EchoRequest(e) => {
+                    write!(out, "ICMP6, echo request, id {}, seq {}", e.id, e.seq)
+                }
+                Icmpv6Type::EchoReply(e) => {
+                    write!(out, "ICMP6, echo reply, id {}, seq {}", e.id, e.seq)
+                }
+                Icmpv6Type::NeighborSolicitation => {
+                    let target = icmp
+                        .payload()
+                        .get(4..20)
+                        .and_then(|t| <[u8; 16]>::try_from(t).ok());
+                    match target {
+                        Some(t) => write!(
+                            out,
+                            "ICMP6, neighbor solicitation, who has {}",
+                            std::net::Ipv6Addr::from(t)
+                        ),
+                        None => write!(out, "ICMP6, neighbor solicitation (truncated)"),
+                    }
+                }
+                Icmpv6Type::NeighborAdvertisement(_) => {
+                    let target = icmp
+                        .payload()
+                        .get(4..20)
+                        .and_then(|t| <[u8; 16]>::try_from(t).ok());
+                    match target {
+                        Some(t) => write!(
+                            out,
+                            "ICMP6, neighbor advertisement, tgt is {}",
+                            std::net::Ipv6Addr::from(t)
+                        ),
+                        None => write!(out, "ICMP6, neighbor advertisement (truncated)"),
+                    }
+                }
+                Icmpv6Type::RouterSolicitation => write!(out, "ICMP6, router solicitation"),
+                Icmpv6Type::RouterAdvertisement(_) => write!(out, "ICMP6, router advertisement"),
+                _ => write!(
+                    out,
+                    "ICMP6, type {} code {}",
+                    icmp.type_u8(),
+                    icmp.code_u8()
+                ),
+            };
+            let _ = write!(out, ", length {len}");
+        }
+        Some(TransportSlice::Udp(udp)) => {
+            let _ = write!(
+                out,
+                "UDP {} > {}, length {}",
+                udp.source_port(),
+                udp.destination_port(),
+                udp.payload().len()
+            );
+        }
+        Some(TransportSlice::Tcp(tcp)) => {
+            let mut flags = String::new();
+            for (on, c) in [
+                (tcp.syn(), 'S'),
+                (tcp.fin(), 'F'),
+                (tcp.rst(), 'R'),
+                (tcp.psh(), 'P'),
+                (tcp.urg(), 'U'),
+                (tcp.ece(), 'E'),
+                (tcp.cwr(), 'W'),
+            ] {
+                if on {
+                    flags.push(c);
+                }
+            }
+            if tcp.ack() {
+                flags.push('.');
+            }
+            let _ = write!(
+                out,
+                "TCP {} > {}, Flags [{}], seq {}",
+                tcp.source_port(),
+                tcp.destination_port(),
+                flags,
+                tcp.sequence_number()
+            );
+            if tcp.ack() {
+                let _ = write!(out, ", ack {}", tcp.acknowledgment_number());
+            }
+            let _ = write!(
+                out,
+                ", win {}, length {}",
+                tcp.window_size(),
+                tcp.payload().len()
+            );
+        }
+        Some(TransportSlice::Igmp(_)) => {
+            let _ = write!(out, "IGMP, length {len}");
+        }
+        None => {
+            let name = proto.keyword_str().unwrap_or("unknown");
+            let _ = write!(out, "ip-proto-{} ({name}), length {len}", proto.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_and_short_input_never_panic() {
+        for len in 0..64 {
+            let data: Vec<u8> = (0..len as u8)
+                .map(|i| i.wrapping_mul(91).wrapping_add(0x45))
+                .collect();
+            summarize(Link::Ip, &data);
+            summarize(Link::Ethernet, &data);
+        }
+        assert_eq!(summarize(Link::Ip, &[]), "empty packet");
+        assert!(summarize(Link::Ethernet, &[0; 5]).starts_with("truncated Ethernet"));
+        assert!(summarize(Link::Ip, &[0x45, 0, 0]).starts_with("malformed"));
+    }
+}
