@@ -439,6 +439,34 @@ impl TunDevice {
         Ok(n as usize)
     }
 
+    /// Waits up to `timeout` for a packet to read. `Ok(false)` on timeout or
+    /// when a signal interrupted the wait (so the caller can check for shutdown).
+    pub fn wait_readable(&self, timeout: std::time::Duration) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: poll reads and writes one pollfd, a live local, for the call's duration.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            };
+        }
+        if rc > 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            return Err(io::Error::other(format!(
+                "{}: the device went away (deleted while open?)",
+                self.name
+            )));
+        }
+        Ok(rc > 0)
+    }
+
     /// Switches the descriptor between blocking and non-blocking reads.
     pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
         // SAFETY: F_GETFL takes no argument and only reads the descriptor's flags.

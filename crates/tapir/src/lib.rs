@@ -3,6 +3,9 @@
 //! ```text
 //!   tapir (binary) ── main.rs: flags → validated requests → these modules
 //!      ├─ dev     persistent tun/tap devices: add, del, list, show, set (with rollback)
+//!      ├─ echo    answer pings on a tun/tap device (tapir-proto's responder)
+//!      ├─ dump    read a device, print a line per packet, write pcap
+//!      ├─ capture attach as a device's reader with its own flags
 //!      ├─ doctor  what the kernel and this process can do
 //!      ├─ caps    capabilities of this process
 //!      └─ users   user and group names
@@ -13,6 +16,9 @@
 //! order, and how to undo it, while `tapir-sys` does the system calls.
 
 pub mod caps;
+pub mod capture;
 pub mod dev;
 pub mod doctor;
+pub mod dump;
+pub mod echo;
 pub mod users;

@@ -7,7 +7,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use tapir::dev::{self, AddRequest, Added, SetRequest};
+
 use tapir::doctor;
 use tapir_sys::Mode;
 
@@ -34,6 +37,43 @@ enum Command {
     /// Create, delete, list, show and configure tun/tap devices.
     #[command(subcommand)]
     Dev(DevCommand),
+    /// Answer pings on a tun/tap device (and ARP and neighbour discovery on tap).
+    Echo {
+        /// The device; created (and removed on exit) if it does not exist.
+        name: String,
+        /// tun or tap, for a device to create (default tun); must match an existing one.
+        #[arg(long)]
+        mode: Option<Mode>,
+        /// The host's address on the device (CIDR; repeatable, e.g. one IPv4 and one IPv6).
+        #[arg(long = "addr", value_name = "CIDR")]
+        addrs: Vec<String>,
+        /// Answer only for this address (repeatable); default: all served addresses.
+        #[arg(long, value_name = "ADDR")]
+        only: Vec<String>,
+        /// Record requests and replies to a pcap file.
+        #[arg(long, value_name = "FILE")]
+        pcap: Option<PathBuf>,
+        /// Our MAC address in tap mode (default: a random locally administered one).
+        #[arg(long)]
+        mac: Option<String>,
+    },
+    /// Read a tun/tap device: print a line per packet, optionally record pcap.
+    Dump {
+        /// The device; a transient one is created if it does not exist.
+        name: String,
+        /// tun or tap, for a device to create (default tun); must match an existing one.
+        #[arg(long)]
+        mode: Option<Mode>,
+        /// Stop after N packets.
+        #[arg(long, short = 'c')]
+        count: Option<u64>,
+        /// Write the packets to a pcap file (tcpdump -r and Wireshark read it).
+        #[arg(long, short = 'w', value_name = "FILE")]
+        write: Option<PathBuf>,
+        /// Bytes of each packet to keep in the pcap file (default: all).
+        #[arg(long, short = 's', default_value_t = 0)]
+        snaplen: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -204,6 +244,44 @@ fn set_request(
     Ok(req)
 }
 
+fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| {
+            anyhow::anyhow!("--mac {s:?} is not a MAC address: write it as 02:00:00:00:00:01")
+        })?;
+    let mac: [u8; 6] = bytes.try_into().map_err(|_| {
+        anyhow::anyhow!(
+            "--mac {s:?} is not a MAC address: it needs six bytes, as in 02:00:00:00:00:01"
+        )
+    })?;
+    if mac[0] & 1 == 1 {
+        anyhow::bail!("--mac {s} is a multicast address: the first byte must be even");
+    }
+    Ok(mac)
+}
+
+fn random_mac() -> Result<[u8; 6]> {
+    use std::io::Read;
+    let mut bytes = [0u8; 6];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom for a MAC address")?;
+    Ok(tapir::echo::local_mac(bytes))
+}
+
+/// A flag set by SIGINT and SIGTERM, for loops that end cleanly.
+fn shutdown_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&flag))
+            .context("installing a signal handler")?;
+    }
+    Ok(flag)
+}
+
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -223,6 +301,60 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Echo {
+            name,
+            mode,
+            addrs,
+            only,
+            pcap,
+            mac,
+        } => {
+            let bad = |e: String| anyhow::anyhow!("{e}; nothing was changed");
+            let req = tapir::echo::EchoRequest {
+                name: tapir_sys::IfName::new(&name)?,
+                mode,
+                addrs: addrs
+                    .iter()
+                    .map(|a| dev::parse_addr(a))
+                    .collect::<Result<_, _>>()
+                    .map_err(bad)?,
+                only: only
+                    .iter()
+                    .map(|a| dev::parse_ip(a, "--only"))
+                    .collect::<Result<_, _>>()
+                    .map_err(bad)?,
+                pcap,
+                mac: match mac {
+                    Some(m) => parse_mac(&m)?,
+                    None => random_mac()?,
+                },
+                tun_path: cli.tun_path,
+            };
+            let shutdown = shutdown_flag()?;
+            let report = tapir::echo::run(&req, &shutdown)?;
+            print!("{}", tapir::echo::format_stats(&name, &report));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dump {
+            name,
+            mode,
+            count,
+            write,
+            snaplen,
+        } => {
+            let req = tapir::dump::DumpRequest {
+                name: tapir_sys::IfName::new(&name)?,
+                mode,
+                count,
+                write,
+                snaplen,
+                tun_path: cli.tun_path,
+            };
+            let shutdown = shutdown_flag()?;
+            let seen = tapir::dump::run(&req, &mut std::io::stdout().lock(), &shutdown)?;
+            eprintln!("{seen} packets captured");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Dev(DevCommand::Add {
             name,

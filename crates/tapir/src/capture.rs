@@ -1,0 +1,134 @@
+//! Becoming a device's reader: attach to an existing tun/tap device with the
+//! flags it already has (or create a transient one), and frame what is read.
+//!
+//! ```text
+//!   read(): [packet info, 4 bytes, if pi] [virtio-net header, 10 bytes, if vnet_hdr] [IP packet | Ethernet frame]
+//! ```
+//!
+//! Attaching with the device's own flags matters: the tun driver takes the
+//! flags of whoever attaches last, so a reader that asked for other flags
+//! would silently change a persistent device for its next user.
+
+use std::path::Path;
+
+use tapir_sys::{IfName, Mode, Netlink, TunDevice, TunError, TunOptions};
+use tapir_wire::pi;
+
+use crate::dev::DevError;
+
+/// The bytes in front of each packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    /// A packet-information header comes first.
+    pub pi: bool,
+    /// Then a virtio-net header (10 bytes, the kernel's default size).
+    pub vnet_hdr: bool,
+}
+
+/// The size of the default virtio-net header (`struct virtio_net_hdr`).
+pub const VNET_HDR_LEN: usize = 10;
+
+impl Framing {
+    /// How many bytes precede the packet.
+    pub fn prefix_len(self) -> usize {
+        (if self.pi { pi::LEN } else { 0 }) + if self.vnet_hdr { VNET_HDR_LEN } else { 0 }
+    }
+
+    /// Prepares the prefix of a packet to be written back: the packet
+    /// information is kept (same protocol), the virtio-net header zeroed
+    /// (no offload requested).
+    pub fn reset_for_write(self, prefix: &mut [u8]) {
+        if self.vnet_hdr {
+            let start = if self.pi { pi::LEN } else { 0 };
+            prefix[start..start + VNET_HDR_LEN].fill(0);
+        }
+    }
+}
+
+/// An attached reader.
+#[derive(Debug)]
+pub struct Reader {
+    /// The descriptor.
+    pub dev: TunDevice,
+    /// tun or tap.
+    pub mode: Mode,
+    /// What precedes each packet.
+    pub framing: Framing,
+    /// Whether we created the device (it goes away when `dev` is dropped).
+    pub created: bool,
+}
+
+/// Attaches to `name`, or creates a transient device of `mode` if there is none.
+pub fn attach(tun_path: &Path, name: &IfName, mode: Option<Mode>) -> Result<Reader, DevError> {
+    let mut nl = Netlink::open()?;
+    let existing = if name.is_template() {
+        None
+    } else {
+        nl.link(name.as_str())?
+    };
+    let (options, created) = match existing {
+        Some(link) => {
+            let Some(info) = link.tun.as_ref().filter(|_| link.is_tun()) else {
+                return Err(DevError::NotTun {
+                    name: name.to_string(),
+                    kind: link.kind.clone().unwrap_or_else(|| "physical".into()),
+                });
+            };
+            let Some(has) = info.mode else {
+                return Err(DevError::Invalid(format!(
+                    "{name}: the kernel does not report its mode (Linux before 4.15?)"
+                )));
+            };
+            if let Some(want) = mode.filter(|m| *m != has) {
+                return Err(DevError::Invalid(format!(
+                    "{name} is a {has} device, not {want}: drop --mode or use another name"
+                )));
+            }
+            (
+                TunOptions {
+                    mode: has,
+                    packet_info: info.packet_info,
+                    vnet_hdr: info.vnet_hdr,
+                    multi_queue: info.multi_queue,
+                },
+                false,
+            )
+        }
+        None => (TunOptions::new(mode.unwrap_or(Mode::Tun)), true),
+    };
+    let dev = TunDevice::open(tun_path, name, options).map_err(|e| match e {
+        TunError::Ioctl { source, .. } if source.kind() == std::io::ErrorKind::ResourceBusy => {
+            DevError::Invalid(format!(
+                "{name} is already open by another program: a single-queue tun/tap device has one reader (create it with --multi-queue to share it)"
+            ))
+        }
+        other => DevError::Tun(other),
+    })?;
+    Ok(Reader {
+        mode: options.mode,
+        framing: Framing {
+            pi: options.packet_info,
+            vnet_hdr: options.vnet_hdr,
+        },
+        created,
+        dev,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes() {
+        let f = |pi, vnet_hdr| Framing { pi, vnet_hdr };
+        assert_eq!(f(false, false).prefix_len(), 0);
+        assert_eq!(f(true, false).prefix_len(), 4);
+        assert_eq!(f(false, true).prefix_len(), 10);
+        assert_eq!(f(true, true).prefix_len(), 14);
+        let mut p = [0xffu8; 14];
+        f(true, true).reset_for_write(&mut p);
+        assert_eq!(&p[..4], &[0xff; 4], "packet info kept");
+        assert_eq!(&p[4..], &[0; 10], "vnet header zeroed");
+    }
+}

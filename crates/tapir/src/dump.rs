@@ -1,0 +1,183 @@
+//! `tapir dump`: become a device's reader, print a line per packet, record pcap.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tapir_sys::{IfName, Mode};
+use tapir_wire::pcap::{LINKTYPE_ETHERNET, LINKTYPE_RAW, PcapWriter};
+use tapir_wire::pi::PacketInfo;
+use tapir_wire::summary::{self, Link};
+
+use crate::capture;
+use crate::dev::DevError;
+
+/// What `tapir dump` was asked for, checked.
+#[derive(Debug, Clone)]
+pub struct DumpRequest {
+    /// The device.
+    pub name: IfName,
+    /// Mode for a device we create; must match an existing one.
+    pub mode: Option<Mode>,
+    /// Stop after this many packets.
+    pub count: Option<u64>,
+    /// Record to this pcap file.
+    pub write: Option<PathBuf>,
+    /// Bytes kept per packet in the pcap file (0: all).
+    pub snaplen: u32,
+    /// The clone device.
+    pub tun_path: PathBuf,
+}
+
+/// `HH:MM:SS.micro` of a time since the epoch, UTC.
+pub fn time_of_day(ts: Duration) -> String {
+    let secs = ts.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        ts.subsec_micros()
+    )
+}
+
+/// Reads and prints until `count` packets or `shutdown`; returns how many were seen.
+pub fn run(
+    req: &DumpRequest,
+    out: &mut impl Write,
+    shutdown: &AtomicBool,
+) -> Result<u64, DevError> {
+    let mut pcap_file = match &req.write {
+        Some(path) => Some(File::create(path).map_err(|e| {
+            DevError::Invalid(format!(
+                "cannot create the pcap file {}: {e}",
+                path.display()
+            ))
+        })?),
+        None => None,
+    };
+    let reader = capture::attach(&req.tun_path, &req.name, req.mode)?;
+    let link = match reader.mode {
+        Mode::Tun => Link::Ip,
+        Mode::Tap => Link::Ethernet,
+    };
+    let mut pcap = match pcap_file.take() {
+        Some(f) => Some(
+            PcapWriter::new(
+                BufWriter::new(f),
+                if link == Link::Ip {
+                    LINKTYPE_RAW
+                } else {
+                    LINKTYPE_ETHERNET
+                },
+                req.snaplen,
+            )
+            .map_err(|e| DevError::Invalid(format!("cannot write the pcap file: {e}")))?,
+        ),
+        None => None,
+    };
+    let dev = &reader.dev;
+    eprintln!(
+        "tapir dump: reading {} ({}{}{}){}",
+        dev.name(),
+        reader.mode,
+        if reader.framing.pi {
+            ", packet info"
+        } else {
+            ""
+        },
+        if reader.framing.vnet_hdr {
+            ", vnet header"
+        } else {
+            ""
+        },
+        if reader.created {
+            ", a transient device removed on exit"
+        } else {
+            ""
+        }
+    );
+    let mut buf = vec![0u8; 65536 + reader.framing.prefix_len()];
+    let mut seen = 0u64;
+    let mut failure = None;
+    while !shutdown.load(Ordering::Relaxed) && req.count.is_none_or(|c| seen < c) {
+        match dev.wait_readable(Duration::from_millis(200)) {
+            Ok(false) => continue,
+            Ok(true) => {}
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+        let n = match dev.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        seen += 1;
+        let mut data = &buf[..n];
+        let mut note = String::new();
+        if reader.framing.pi {
+            match PacketInfo::parse(data) {
+                Some((info, rest)) => {
+                    if info.truncated() {
+                        note = " [truncated by the kernel]".into();
+                    }
+                    data = rest;
+                }
+                None => data = &[],
+            }
+        }
+        if reader.framing.vnet_hdr {
+            data = data.get(capture::VNET_HDR_LEN..).unwrap_or(&[]);
+        }
+        let line = format!(
+            "{} {}{note}\n",
+            time_of_day(ts),
+            summary::summarize(link, data)
+        );
+        if out
+            .write_all(line.as_bytes())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            break; // stdout closed (| head): stop quietly, as tcpdump does
+        }
+        if let Some(w) = pcap.as_mut() {
+            w.write_packet(ts, data)
+                .map_err(|e| DevError::Invalid(format!("writing the pcap file: {e}")))?;
+        }
+    }
+    if let Some(mut w) = pcap {
+        w.flush()
+            .map_err(|e| DevError::Invalid(format!("writing the pcap file: {e}")))?;
+    }
+    if let Some(e) = failure {
+        return Err(DevError::Invalid(format!(
+            "{}: reading the device failed: {e}",
+            dev.name()
+        )));
+    }
+    Ok(seen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_of_day_is_utc_with_microseconds() {
+        assert_eq!(
+            time_of_day(Duration::new(86_400 * 3 + 3723, 4_567_000)),
+            "01:02:03.004567"
+        );
+    }
+}

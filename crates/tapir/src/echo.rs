@@ -1,0 +1,270 @@
+//! `tapir echo`: a device that answers pings, the classic icmpecho program.
+//!
+//! ```text
+//!   EchoRequest (validated) ─▶ attach/create device ─▶ add addresses, up (each recorded)
+//!        loop: wait ─▶ read ─▶ [pcap] ─▶ Responder::handle ─▶ write ─▶ [pcap]
+//!        on shutdown: counters; take back what we added; a device we created goes with its fd
+//! ```
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use tapir_proto::echo::{Config, Link, Responder, Stats};
+use tapir_sys::{IfName, Mode, Netlink};
+use tapir_wire::pcap::{LINKTYPE_ETHERNET, LINKTYPE_RAW, PcapWriter};
+
+use crate::capture::{self, Reader};
+use crate::dev::DevError;
+
+/// What `tapir echo` was asked for, checked.
+#[derive(Debug, Clone)]
+pub struct EchoRequest {
+    /// The device.
+    pub name: IfName,
+    /// Mode for a device we create; must match an existing one.
+    pub mode: Option<Mode>,
+    /// Host addresses to configure (`--addr`).
+    pub addrs: Vec<IpNet>,
+    /// Answer only for these (`--only`).
+    pub only: Vec<IpAddr>,
+    /// Record requests and replies here.
+    pub pcap: Option<PathBuf>,
+    /// Our MAC in tap mode.
+    pub mac: [u8; 6],
+    /// The clone device.
+    pub tun_path: PathBuf,
+}
+
+/// What an echo run did.
+#[derive(Debug, Clone, Copy)]
+pub struct EchoReport {
+    /// Counters.
+    pub stats: Stats,
+    /// Packets that could not be written back.
+    pub write_errors: u64,
+}
+
+/// Formats the counters as `tapir echo` prints them on exit.
+pub fn format_stats(name: &str, r: &EchoReport) -> String {
+    let s = r.stats;
+    format!(
+        "{name}: {} received, {} echo replies, {} ARP replies, {} neighbour advertisements; \
+         ignored: {} not for us, {} fragments, {} not echo, {} malformed, {} bad checksum; {} write errors\n",
+        s.received,
+        s.echo_replies,
+        s.arp_replies,
+        s.nd_replies,
+        s.not_for_us,
+        s.fragments,
+        s.not_echo,
+        s.malformed,
+        s.bad_checksum,
+        r.write_errors
+    )
+}
+
+/// A locally administered, unicast MAC from 6 random bytes.
+pub fn local_mac(mut random: [u8; 6]) -> [u8; 6] {
+    random[0] = (random[0] & 0xfc) | 0x02;
+    random
+}
+
+/// What we changed on a device that existed before, to take back on exit.
+struct Changes {
+    index: u32,
+    added: Vec<IpNet>,
+    brought_up: bool,
+}
+
+fn configure(
+    nl: &mut Netlink,
+    name: &IfName,
+    addrs: &[IpNet],
+) -> Result<(Changes, Vec<IpNet>), DevError> {
+    let link = nl
+        .link(name.as_str())?
+        .ok_or_else(|| DevError::NotFound(name.to_string()))?;
+    let mut changes = Changes {
+        index: link.index,
+        added: Vec::new(),
+        brought_up: false,
+    };
+    let existing = nl.addresses(Some(link.index))?;
+    let result = (|| {
+        for a in addrs {
+            if !existing.iter().any(|e| e.local.addr() == a.addr()) {
+                nl.add_address(link.index, *a, None)?;
+                changes.added.push(*a);
+            }
+        }
+        if !link.state.up {
+            nl.set_up(link.index, true)?;
+            changes.brought_up = true;
+        }
+        Ok::<(), tapir_sys::NetlinkError>(())
+    })();
+    if let Err(e) = result {
+        undo(nl, &changes);
+        return Err(e.into());
+    }
+    let subnets = nl
+        .addresses(Some(link.index))?
+        .into_iter()
+        .map(|a| a.local)
+        .collect();
+    Ok((changes, subnets))
+}
+
+fn undo(nl: &mut Netlink, changes: &Changes) {
+    for a in changes.added.iter().rev() {
+        let _ = nl.del_address(changes.index, *a, None);
+    }
+    if changes.brought_up {
+        let _ = nl.set_up(changes.index, false);
+    }
+}
+
+fn now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// Runs the responder until `shutdown` is set; then takes back what it set
+/// up and returns the counters.
+pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevError> {
+    if !crate::caps::has_net_admin() {
+        return Err(DevError::Permission(crate::caps::net_admin_missing(
+            "configuring a device for tapir echo",
+        )));
+    }
+    let mut pcap = match &req.pcap {
+        Some(path) => Some(open_pcap(path)?),
+        None => None,
+    };
+    let Reader {
+        dev,
+        mode,
+        framing,
+        created,
+    } = capture::attach(&req.tun_path, &req.name, req.mode)?;
+    let name = dev.name().clone();
+    let mut nl = Netlink::open()?;
+    let (changes, subnets) = configure(&mut nl, &name, &req.addrs)?;
+    let link = match mode {
+        Mode::Tun => Link::Ip,
+        Mode::Tap => Link::Ethernet,
+    };
+    let mut pcap = match pcap.take() {
+        Some(f) => Some(
+            PcapWriter::new(
+                BufWriter::new(f),
+                if link == Link::Ip {
+                    LINKTYPE_RAW
+                } else {
+                    LINKTYPE_ETHERNET
+                },
+                0,
+            )
+            .map_err(|e| DevError::Invalid(format!("cannot write the pcap file: {e}")))?,
+        ),
+        None => None,
+    };
+    let mut responder = Responder::new(Config {
+        link,
+        mac: req.mac,
+        subnets,
+        only: req.only.clone(),
+    });
+    eprintln!(
+        "{name}: answering pings ({mode}{}); Ctrl-C to stop",
+        if link == Link::Ethernet {
+            format!(", MAC {}", req.mac.map(|b| format!("{b:02x}")).join(":"))
+        } else {
+            String::new()
+        }
+    );
+    let mut buf = vec![0u8; 65536 + framing.prefix_len()];
+    let prefix = framing.prefix_len();
+    let mut write_errors = 0;
+    let mut failure = None;
+    while !shutdown.load(Ordering::Relaxed) {
+        match dev.wait_readable(Duration::from_millis(200)) {
+            Ok(false) => continue,
+            Ok(true) => {}
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+        let n = match dev.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        if n < prefix {
+            continue;
+        }
+        if let Some(w) = pcap.as_mut() {
+            let _ = w.write_packet(now(), &buf[prefix..n]);
+        }
+        let (head, packet) = buf.split_at_mut(prefix);
+        if let tapir_proto::echo::Outcome::Reply(len) = responder.handle(packet, n - prefix) {
+            framing.reset_for_write(head);
+            if dev.write(&buf[..prefix + len]).is_err() {
+                write_errors += 1;
+            }
+            if let Some(w) = pcap.as_mut() {
+                let _ = w.write_packet(now(), &buf[prefix..prefix + len]);
+            }
+        }
+    }
+    if let Some(mut w) = pcap {
+        let _ = w.flush();
+    }
+    if !created {
+        undo(&mut nl, &changes);
+    }
+    drop(dev);
+    if let Some(e) = failure {
+        return Err(DevError::Invalid(format!(
+            "{name}: reading the device failed: {e}"
+        )));
+    }
+    Ok(EchoReport {
+        stats: responder.stats(),
+        write_errors,
+    })
+}
+
+fn open_pcap(path: &Path) -> Result<File, DevError> {
+    File::create(path).map_err(|e| {
+        DevError::Invalid(format!(
+            "cannot create the pcap file {}: {e}",
+            path.display()
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_are_local_unicast() {
+        for r in [[0xff; 6], [0; 6], [0x01, 2, 3, 4, 5, 6]] {
+            let m = local_mac(r);
+            assert_eq!(m[0] & 0x01, 0, "unicast");
+            assert_eq!(m[0] & 0x02, 0x02, "locally administered");
+            assert_eq!(&m[1..], &r[1..]);
+        }
+    }
+}
