@@ -1,0 +1,171 @@
+//! Curve25519 keys in the base64 form `wg genkey`, `wg pubkey` and wg-quick use.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use x25519_dalek::{PublicKey as DalekPublic, StaticSecret};
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+/// Why a key could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// Not base64, or not 32 bytes once decoded.
+    Format,
+}
+
+impl std::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "not a WireGuard key: expected 44 characters of base64 (32 bytes), as wg genkey prints",
+        )
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+fn decode32(text: &str) -> Result<[u8; 32], KeyError> {
+    let text = text.trim();
+    let mut out = [0u8; 32];
+    // Decode into a buffer we can wipe: the text may be a private key.
+    let mut buf = [0u8; 33];
+    let n = STANDARD
+        .decode_slice(text.as_bytes(), &mut buf)
+        .map_err(|_| KeyError::Format)?;
+    let ok = n == 32;
+    out.copy_from_slice(&buf[..32]);
+    buf.zeroize();
+    if ok { Ok(out) } else { Err(KeyError::Format) }
+}
+
+/// A private key. Zeroized on drop; its `Debug` shows nothing of it.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct PrivateKey([u8; 32]);
+
+impl PrivateKey {
+    /// A key from 32 random bytes, clamped as `wg genkey` does.
+    pub fn from_random(mut bytes: [u8; 32]) -> Self {
+        bytes[0] &= 248;
+        bytes[31] &= 127;
+        bytes[31] |= 64;
+        Self(bytes)
+    }
+
+    /// Reads the base64 form.
+    pub fn from_base64(text: &str) -> Result<Self, KeyError> {
+        decode32(text).map(Self)
+    }
+
+    /// The base64 form (for `tapir genkey` only: never log it).
+    pub fn to_base64(&self) -> String {
+        STANDARD.encode(self.0)
+    }
+
+    /// The matching public key.
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(DalekPublic::from(&self.secret()).to_bytes())
+    }
+
+    /// The key as x25519-dalek's secret, for Diffie-Hellman.
+    pub(crate) fn secret(&self) -> StaticSecret {
+        StaticSecret::from(self.0)
+    }
+}
+
+impl std::fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrivateKey(<secret>)")
+    }
+}
+
+/// A public key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey(pub [u8; 32]);
+
+impl PublicKey {
+    /// Reads the base64 form.
+    pub fn from_base64(text: &str) -> Result<Self, KeyError> {
+        decode32(text).map(Self)
+    }
+
+    /// The base64 form.
+    pub fn to_base64(&self) -> String {
+        STANDARD.encode(self.0)
+    }
+
+    /// The bytes, lower-case hex (the form of WireGuard's userspace API).
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PublicKey({})", self.to_base64())
+    }
+}
+
+impl std::fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_base64())
+    }
+}
+
+/// A preshared key (`wg genpsk`). Zeroized on drop.
+#[derive(Clone, Default, Zeroize, ZeroizeOnDrop)]
+pub struct PresharedKey(pub(crate) [u8; 32]);
+
+impl PresharedKey {
+    /// From 32 random bytes.
+    pub fn from_random(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// Reads the base64 form.
+    pub fn from_base64(text: &str) -> Result<Self, KeyError> {
+        decode32(text).map(Self)
+    }
+
+    /// The base64 form (for `tapir genpsk` only).
+    pub fn to_base64(&self) -> String {
+        STANDARD.encode(self.0)
+    }
+}
+
+impl std::fmt::Debug for PresharedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PresharedKey(<secret>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pubkey_matches_wg() {
+        // The private key of wg(8)'s example; the public key is what
+        // `echo ... | wg pubkey` (wireguard-tools 1.0.20210914) printed.
+        let private =
+            PrivateKey::from_base64("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=").unwrap();
+        assert_eq!(
+            private.public_key().to_base64(),
+            "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
+        );
+    }
+
+    #[test]
+    fn bad_keys_and_secrets_not_shown() {
+        assert_eq!(PublicKey::from_base64("abc"), Err(KeyError::Format));
+        assert_eq!(
+            PublicKey::from_base64(&"A".repeat(48)),
+            Err(KeyError::Format)
+        );
+        assert!(PrivateKey::from_base64("!!!").is_err());
+        let k = PrivateKey::from_random([0xff; 32]);
+        assert_eq!(format!("{k:?}"), "PrivateKey(<secret>)");
+        let text = k.to_base64();
+        assert_eq!(PrivateKey::from_base64(&text).unwrap().to_base64(), text);
+        assert_eq!(k.0[0] & 7, 0, "clamped");
+        assert_eq!(k.0[31] & 0xc0, 0x40);
+    }
+}

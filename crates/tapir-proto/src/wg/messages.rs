@@ -1,0 +1,138 @@
+//! The four WireGuard messages as typed views over bytes (whitepaper §5.4).
+//!
+//! ```text
+//!   1 initiation (148): type | sender | ephemeral 32 | static 32+16 | timestamp 12+16 | mac1 | mac2
+//!   2 response    (92): type | sender | receiver | ephemeral 32 | empty 0+16 | mac1 | mac2
+//!   3 cookie      (64): type | receiver | nonce 24 | cookie 16+16
+//!   4 data      (32+n): type | receiver | counter 8 | packet n (padded to 16) + tag 16
+//! ```
+//! `type` is one byte followed by three zero bytes; integers are little-endian.
+
+/// Field offsets.
+pub mod field {
+    use std::ops::Range;
+    /// The message type and reserved bytes.
+    pub const TYPE: Range<usize> = 0..4;
+    /// Initiation: sender index.
+    pub const INIT_SENDER: Range<usize> = 4..8;
+    /// Initiation: unencrypted ephemeral.
+    pub const INIT_EPHEMERAL: Range<usize> = 8..40;
+    /// Initiation: encrypted static key.
+    pub const INIT_STATIC: Range<usize> = 40..88;
+    /// Initiation: encrypted timestamp.
+    pub const INIT_TIMESTAMP: Range<usize> = 88..116;
+    /// Initiation: mac1.
+    pub const INIT_MAC1: Range<usize> = 116..132;
+    /// Initiation: mac2.
+    pub const INIT_MAC2: Range<usize> = 132..148;
+    /// Response: sender index.
+    pub const RESP_SENDER: Range<usize> = 4..8;
+    /// Response: receiver index.
+    pub const RESP_RECEIVER: Range<usize> = 8..12;
+    /// Response: unencrypted ephemeral.
+    pub const RESP_EPHEMERAL: Range<usize> = 12..44;
+    /// Response: encrypted nothing.
+    pub const RESP_EMPTY: Range<usize> = 44..60;
+    /// Response: mac1.
+    pub const RESP_MAC1: Range<usize> = 60..76;
+    /// Response: mac2.
+    pub const RESP_MAC2: Range<usize> = 76..92;
+    /// Cookie reply: receiver index.
+    pub const COOKIE_RECEIVER: Range<usize> = 4..8;
+    /// Cookie reply: nonce.
+    pub const COOKIE_NONCE: Range<usize> = 8..32;
+    /// Cookie reply: encrypted cookie.
+    pub const COOKIE_SEALED: Range<usize> = 32..64;
+    /// Data: receiver index.
+    pub const DATA_RECEIVER: Range<usize> = 4..8;
+    /// Data: counter.
+    pub const DATA_COUNTER: Range<usize> = 8..16;
+}
+
+/// Handshake initiation.
+pub const TYPE_INITIATION: u8 = 1;
+/// Handshake response.
+pub const TYPE_RESPONSE: u8 = 2;
+/// Cookie reply.
+pub const TYPE_COOKIE: u8 = 3;
+/// Transport data.
+pub const TYPE_DATA: u8 = 4;
+
+/// Length of an initiation.
+pub const INITIATION_LEN: usize = 148;
+/// Length of a response.
+pub const RESPONSE_LEN: usize = 92;
+/// Length of a cookie reply.
+pub const COOKIE_LEN: usize = 64;
+/// Header of a data message.
+pub const DATA_HEADER_LEN: usize = 16;
+/// Smallest data message: header and tag (a keepalive).
+pub const DATA_MIN_LEN: usize = 32;
+
+/// What a datagram claims to be, checked for length only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A handshake initiation of the right length.
+    Initiation,
+    /// A handshake response of the right length.
+    Response,
+    /// A cookie reply of the right length.
+    Cookie,
+    /// A data message at least as long as a keepalive.
+    Data,
+}
+
+/// Classifies a datagram; `None` for anything WireGuard does not send.
+pub fn kind(datagram: &[u8]) -> Option<Kind> {
+    let head = datagram.get(field::TYPE)?;
+    if head[1..] != [0, 0, 0] {
+        return None;
+    }
+    match (head[0], datagram.len()) {
+        (TYPE_INITIATION, INITIATION_LEN) => Some(Kind::Initiation),
+        (TYPE_RESPONSE, RESPONSE_LEN) => Some(Kind::Response),
+        (TYPE_COOKIE, COOKIE_LEN) => Some(Kind::Cookie),
+        (TYPE_DATA, n) if n >= DATA_MIN_LEN => Some(Kind::Data),
+        _ => None,
+    }
+}
+
+/// Reads a little-endian u32 field.
+pub fn read_u32(buf: &[u8], range: std::ops::Range<usize>) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&buf[range]);
+    u32::from_le_bytes(b)
+}
+
+/// Reads the little-endian counter of a data message.
+pub fn read_counter(buf: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&buf[field::DATA_COUNTER]);
+    u64::from_le_bytes(b)
+}
+
+/// Writes a message type with its reserved zeros.
+pub fn write_type(buf: &mut [u8], kind: u8) {
+    buf[field::TYPE].copy_from_slice(&[kind, 0, 0, 0]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_by_type_and_length() {
+        let mut m = vec![0u8; 148];
+        m[0] = 1;
+        assert_eq!(kind(&m), Some(Kind::Initiation));
+        assert_eq!(kind(&m[..147]), None);
+        m[1] = 1;
+        assert_eq!(kind(&m), None, "reserved bytes must be zero");
+        let mut d = vec![0u8; 32];
+        d[0] = 4;
+        assert_eq!(kind(&d), Some(Kind::Data));
+        assert_eq!(kind(&d[..31]), None);
+        assert_eq!(kind(&[]), None);
+        assert_eq!(kind(&[9, 0, 0, 0]), None);
+    }
+}

@@ -1,0 +1,20 @@
+//! WireGuard (Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s), sans-IO.
+//!
+//! ```text
+//!   keys       Curve25519 keys in wg's base64, zeroized on drop
+//!   crypto     HASH, MAC, HMAC, KDF1..3, AEAD, TAI64N (whitepaper §5.4)
+//!   messages   typed views of the four message types, offsets in `field`
+//!   handshake  initiation/response creation and consumption, cookies (mac1/mac2)
+//!   replay     the sliding window of received counters
+//!   session    transport keys: seal/open data messages in place
+//! ```
+//!
+//! Randomness (ephemeral keys, indices) and time are parameters; nothing here
+//! reads a clock, a socket or a global RNG.
+
+pub mod crypto;
+pub mod handshake;
+pub mod keys;
+pub mod messages;
+pub mod replay;
+pub mod session;
