@@ -18,3 +18,4 @@ pub mod keys;
 pub mod messages;
 pub mod replay;
 pub mod session;
+pub mod tunnel;

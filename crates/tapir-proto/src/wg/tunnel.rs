@@ -1,0 +1,833 @@
+//! A WireGuard interface as a sans-IO state machine: peers, their sessions
+//! and timers, allowed IPs, roaming, and cookies under load.
+//!
+//! ```text
+//!   tun packet ─▶ encapsulate(now, buf, len) ─▶ Encapsulated::Send { to, len }   datagram in buf
+//!                                          └▶ Encapsulated::Queued            (handshake started)
+//!   UDP datagram ─▶ decapsulate(now, from, buf, len) ─▶ Decapsulated::Packet { range }  to the tun
+//!                                                   └▶ Nothing / Dropped(why)
+//!   poll_transmit(now, buf) ─▶ handshakes, cookie replies, keepalives, queued packets
+//!   handle_timeout(now) / poll_timeout()   retries, rekeys, keepalives, expiry
+//! ```
+//! Time is an `Instant` the caller passes in (plus the wall clock for
+//! handshake timestamps); randomness comes through [`Random`]. Nothing here
+//! does I/O, and nothing allocates on the data path (control messages and the
+//! few packets queued while a handshake runs are the exception).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use super::handshake::{self, HandshakeError, Identity, PeerStatic, PendingInitiation};
+use super::keys::{PresharedKey, PrivateKey, PublicKey};
+use super::messages::{self, COOKIE_LEN, INITIATION_LEN, Kind, RESPONSE_LEN, field};
+use super::session::{self, Session, SessionError};
+
+/// Whitepaper §6.1.
+pub const REKEY_AFTER_MESSAGES: u64 = 1 << 60;
+/// Whitepaper §6.1.
+pub const REKEY_AFTER_TIME: Duration = Duration::from_secs(120);
+/// Whitepaper §6.1.
+pub const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+/// Whitepaper §6.1.
+pub const REKEY_ATTEMPT_TIME: Duration = Duration::from_secs(90);
+/// Whitepaper §6.1.
+pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Whitepaper §6.1.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a cookie stays valid.
+pub const COOKIE_LIFETIME: Duration = Duration::from_secs(120);
+/// Handshake messages per second above which mac2 (a cookie) is required.
+pub const UNDER_LOAD_PER_SECOND: u32 = 128;
+/// Packets kept per peer while its handshake runs.
+pub const QUEUE_LIMIT: usize = 64;
+
+/// A source of random bytes (the OS in the daemon, a seeded stream in tests).
+pub trait Random {
+    /// Fills `buf`.
+    fn fill(&mut self, buf: &mut [u8]);
+}
+
+fn random<const N: usize>(rng: &mut dyn Random) -> [u8; N] {
+    let mut b = [0u8; N];
+    rng.fill(&mut b);
+    b
+}
+
+/// A peer's configuration.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    /// Its public key.
+    pub public: PublicKey,
+    /// Preshared key.
+    pub psk: Option<PresharedKey>,
+    /// Where to send until it speaks from elsewhere.
+    pub endpoint: Option<SocketAddr>,
+    /// Its allowed IPs.
+    pub allowed_ips: Vec<IpNet>,
+    /// Persistent keepalive interval.
+    pub keepalive: Option<Duration>,
+}
+
+/// Counters and times of one peer, for status output.
+#[derive(Clone, Debug, Default)]
+pub struct PeerStats {
+    /// Bytes of datagrams received (authenticated).
+    pub rx_bytes: u64,
+    /// Bytes of datagrams sent.
+    pub tx_bytes: u64,
+    /// When the last handshake completed (wall clock).
+    pub last_handshake: Option<Duration>,
+    /// Datagrams dropped as forged, replayed or malformed.
+    pub dropped: u64,
+}
+
+struct Timed {
+    session: Session,
+    created: Instant,
+}
+
+struct Peer {
+    config: PeerConfig,
+    keys: PeerStatic,
+    endpoint: Option<SocketAddr>,
+    current: Option<Timed>,
+    previous: Option<Timed>,
+    /// A responder's session, waiting for the initiator's first data message.
+    next: Option<Timed>,
+    pending: Option<(PendingInitiation, Instant)>,
+    /// When we began trying to handshake (for REKEY_ATTEMPT_TIME).
+    attempt_started: Option<Instant>,
+    last_timestamp: [u8; 12],
+    last_initiation_received: Option<Instant>,
+    cookie: Option<([u8; 16], Instant)>,
+    queue: VecDeque<Vec<u8>>,
+    last_sent: Option<Instant>,
+    last_received: Option<Instant>,
+    last_data_sent: Option<Instant>,
+    last_data_received: Option<Instant>,
+    keepalive_due: bool,
+    /// Data arrived: unless we send something first, a keepalive is due then.
+    passive_keepalive_at: Option<Instant>,
+    stats: PeerStats,
+}
+
+/// What became of a packet from the tun device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encapsulated {
+    /// Send `buf[..len]` to `to`.
+    Send {
+        /// The peer's endpoint.
+        to: SocketAddr,
+        /// The datagram's length.
+        len: usize,
+    },
+    /// Kept until a handshake completes (see `poll_transmit`).
+    Queued,
+    /// No peer's allowed IPs contain the destination.
+    NoRoute,
+    /// The peer has no endpoint yet.
+    NoEndpoint,
+    /// Not an IP packet, or the buffer is too small.
+    Invalid,
+}
+
+/// What became of a datagram from the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decapsulated {
+    /// Write `buf[range]` to the tun device.
+    Packet(std::ops::Range<usize>),
+    /// Handled (a handshake, a keepalive, a cookie); check `poll_transmit`.
+    Nothing,
+    /// Refused, counted, no reply.
+    Dropped(DropReason),
+}
+
+/// Why a datagram was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not a WireGuard message.
+    Malformed,
+    /// A handshake message that did not authenticate.
+    Handshake(HandshakeError),
+    /// Data for no session of ours.
+    UnknownIndex,
+    /// Data that did not decrypt, or a replay.
+    Session(SessionError),
+    /// A decrypted packet whose source is not in the peer's allowed IPs.
+    NotAllowed,
+    /// An initiation older than the last one seen, or too soon after it.
+    StaleInitiation,
+    /// Under load and no valid mac2: answered with a cookie.
+    Cookie,
+}
+
+/// A WireGuard interface.
+pub struct Tunnel {
+    id: Identity,
+    peers: Vec<Peer>,
+    by_key: HashMap<PublicKey, usize>,
+    /// Our session indices -> peer.
+    by_index: HashMap<u32, usize>,
+    routes: Vec<(IpNet, usize)>,
+    outgoing: VecDeque<(SocketAddr, Vec<u8>)>,
+    cookie_secret: [u8; 32],
+    cookie_secret_at: Option<Instant>,
+    load_window: (Option<Instant>, u32),
+    under_load_until: Option<Instant>,
+}
+
+fn ip_source(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => {
+            let b: [u8; 4] = packet.get(12..16)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        6 => {
+            let b: [u8; 16] = packet.get(8..24)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        _ => None,
+    }
+}
+
+fn ip_destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => {
+            let b: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        6 => {
+            let b: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        _ => None,
+    }
+}
+
+/// The real length of the IP packet at the start of a padded plaintext.
+fn ip_len(plain: &[u8]) -> Option<usize> {
+    let len = match plain.first()? >> 4 {
+        4 => usize::from(u16::from_be_bytes(plain.get(2..4)?.try_into().ok()?)),
+        6 => 40 + usize::from(u16::from_be_bytes(plain.get(4..6)?.try_into().ok()?)),
+        _ => return None,
+    };
+    (len <= plain.len()).then_some(len)
+}
+
+fn expired(t: &Timed, now: Instant) -> bool {
+    now.saturating_duration_since(t.created) >= REJECT_AFTER_TIME
+}
+
+impl Peer {
+    fn usable(&self, now: Instant) -> bool {
+        self.current.as_ref().is_some_and(|t| !expired(t, now))
+    }
+}
+
+impl Tunnel {
+    /// An interface with our private key and its peers.
+    pub fn new(private: PrivateKey, peers: Vec<PeerConfig>) -> Self {
+        let id = Identity::new(private);
+        let mut t = Self {
+            id,
+            peers: Vec::new(),
+            by_key: HashMap::new(),
+            by_index: HashMap::new(),
+            routes: Vec::new(),
+            outgoing: VecDeque::new(),
+            cookie_secret: [0; 32],
+            cookie_secret_at: None,
+            load_window: (None, 0),
+            under_load_until: None,
+        };
+        for p in peers {
+            t.add_peer(p);
+        }
+        t
+    }
+
+    /// Our public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.id.public()
+    }
+
+    /// Adds (or replaces) a peer.
+    pub fn add_peer(&mut self, config: PeerConfig) {
+        self.remove_peer(&config.public);
+        let keys = PeerStatic::new(&self.id, config.public, config.psk.clone());
+        let idx = self.peers.len();
+        self.by_key.insert(config.public, idx);
+        self.peers.push(Peer {
+            endpoint: config.endpoint,
+            keys,
+            current: None,
+            previous: None,
+            next: None,
+            pending: None,
+            attempt_started: None,
+            last_timestamp: [0; 12],
+            last_initiation_received: None,
+            cookie: None,
+            queue: VecDeque::new(),
+            last_sent: None,
+            last_received: None,
+            last_data_sent: None,
+            last_data_received: None,
+            keepalive_due: false,
+            passive_keepalive_at: None,
+            stats: PeerStats::default(),
+            config,
+        });
+        self.rebuild_routes();
+    }
+
+    /// Removes a peer and its sessions.
+    pub fn remove_peer(&mut self, public: &PublicKey) -> bool {
+        let Some(idx) = self.by_key.remove(public) else {
+            return false;
+        };
+        self.peers.remove(idx);
+        self.by_key = self
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.config.public, i))
+            .collect();
+        self.by_index.retain(|_, p| *p != idx);
+        for p in self.by_index.values_mut() {
+            if *p > idx {
+                *p -= 1;
+            }
+        }
+        self.rebuild_routes();
+        true
+    }
+
+    fn rebuild_routes(&mut self) {
+        self.routes = self
+            .peers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| p.config.allowed_ips.iter().map(move |n| (n.trunc(), i)))
+            .collect();
+        // Longest prefix first: the first match is the best.
+        self.routes
+            .sort_by_key(|r| std::cmp::Reverse(r.0.prefix_len()));
+    }
+
+    fn route(&self, dst: IpAddr) -> Option<usize> {
+        self.routes
+            .iter()
+            .find(|(n, _)| n.contains(&dst))
+            .map(|(_, p)| *p)
+    }
+
+    /// The peers' public keys, endpoints and statistics.
+    pub fn peers(&self) -> impl Iterator<Item = (&PeerConfig, Option<SocketAddr>, &PeerStats)> {
+        self.peers.iter().map(|p| (&p.config, p.endpoint, &p.stats))
+    }
+
+    fn new_index(&mut self, rng: &mut dyn Random, peer: usize) -> u32 {
+        loop {
+            let i = u32::from_le_bytes(random(rng));
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.by_index.entry(i) {
+                slot.insert(peer);
+                return i;
+            }
+        }
+    }
+
+    fn forget(&mut self, t: Option<Timed>) {
+        if let Some(t) = t {
+            self.by_index.remove(&t.session.local_index);
+        }
+    }
+
+    /// Starts a handshake with peer `p` unless one is in flight.
+    fn initiate(&mut self, p: usize, now: Instant, wall: Duration, rng: &mut dyn Random) {
+        if self.peers[p]
+            .pending
+            .as_ref()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) < REKEY_TIMEOUT)
+        {
+            return;
+        }
+        let Some(to) = self.peers[p].endpoint else {
+            return;
+        };
+        if let Some((old, _)) = self.peers[p].pending.take() {
+            self.by_index.remove(&old.local_index);
+        }
+        let index = self.new_index(rng, p);
+        let cookie = self.peers[p]
+            .cookie
+            .filter(|(_, at)| now.saturating_duration_since(*at) < COOKIE_LIFETIME)
+            .map(|(c, _)| c);
+        let mut msg = [0u8; INITIATION_LEN];
+        let peer = &mut self.peers[p];
+        let pending = handshake::write_initiation(
+            &self.id,
+            &peer.keys,
+            index,
+            random(rng),
+            wall,
+            cookie.as_ref(),
+            &mut msg,
+        );
+        // Jitter the retry by up to a third of a second (whitepaper §6.1).
+        let jitter = Duration::from_millis(u64::from(u16::from_le_bytes(random(rng))) % 334);
+        peer.pending = Some((pending, now + jitter));
+        peer.attempt_started.get_or_insert(now);
+        peer.last_sent = Some(now);
+        peer.stats.tx_bytes += INITIATION_LEN as u64;
+        self.outgoing.push_back((to, msg.to_vec()));
+    }
+
+    /// Encrypts the IP packet at `buf[16..16 + len]` for the peer whose allowed
+    /// IPs hold its destination. `buf` needs room for the header before and
+    /// padding and tag after (see [`session`]).
+    pub fn encapsulate(
+        &mut self,
+        now: Instant,
+        wall: Duration,
+        rng: &mut dyn Random,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Encapsulated {
+        let Some(dst) = buf.get(16..16 + len).and_then(ip_destination) else {
+            return Encapsulated::Invalid;
+        };
+        let Some(p) = self.route(dst) else {
+            return Encapsulated::NoRoute;
+        };
+        let peer = &mut self.peers[p];
+        let Some(to) = peer.endpoint else {
+            return Encapsulated::NoEndpoint;
+        };
+        if !peer.usable(now) {
+            if peer.queue.len() >= QUEUE_LIMIT {
+                peer.queue.pop_front();
+            }
+            peer.queue.push_back(buf[16..16 + len].to_vec());
+            self.initiate(p, now, wall, rng);
+            return Encapsulated::Queued;
+        }
+        let t = peer.current.as_mut().expect("usable");
+        let n = match t.session.seal(buf, len) {
+            Ok(n) => n,
+            Err(_) => return Encapsulated::Invalid,
+        };
+        let rekey = t.session.initiator
+            && (now.saturating_duration_since(t.created) >= REKEY_AFTER_TIME
+                || t.session.sent() >= REKEY_AFTER_MESSAGES);
+        peer.last_sent = Some(now);
+        peer.last_data_sent.get_or_insert(now);
+        peer.keepalive_due = false;
+        peer.passive_keepalive_at = None;
+        peer.stats.tx_bytes += n as u64;
+        if rekey {
+            self.initiate(p, now, wall, rng);
+        }
+        Encapsulated::Send { to, len: n }
+    }
+
+    fn note_handshake_load(&mut self, now: Instant) -> bool {
+        let (start, count) = &mut self.load_window;
+        if start.is_none_or(|s| now.saturating_duration_since(s) >= Duration::from_secs(1)) {
+            *start = Some(now);
+            *count = 0;
+        }
+        *count += 1;
+        if *count > UNDER_LOAD_PER_SECOND {
+            self.under_load_until = Some(now + Duration::from_secs(1));
+        }
+        self.under_load_until.is_some_and(|u| now < u)
+    }
+
+    fn cookie_for(&mut self, now: Instant, rng: &mut dyn Random, from: SocketAddr) -> [u8; 16] {
+        if self
+            .cookie_secret_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= COOKIE_LIFETIME)
+        {
+            self.cookie_secret = random(rng);
+            self.cookie_secret_at = Some(now);
+        }
+        let source = match from {
+            SocketAddr::V4(a) => [&a.ip().octets()[..], &a.port().to_be_bytes()].concat(),
+            SocketAddr::V6(a) => [&a.ip().octets()[..], &a.port().to_be_bytes()].concat(),
+        };
+        handshake::cookie_for(&self.cookie_secret, &source)
+    }
+
+    /// Handles the datagram `buf[..len]` from `from`. Data is decrypted in place.
+    pub fn decapsulate(
+        &mut self,
+        now: Instant,
+        wall: Duration,
+        rng: &mut dyn Random,
+        from: SocketAddr,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Decapsulated {
+        let Some(msg) = buf.get_mut(..len) else {
+            return Decapsulated::Dropped(DropReason::Malformed);
+        };
+        match messages::kind(msg) {
+            Some(Kind::Data) => self.receive_data(now, wall, rng, from, msg),
+            Some(Kind::Initiation) | Some(Kind::Response) => {
+                self.receive_handshake(now, wall, rng, from, msg)
+            }
+            Some(Kind::Cookie) => self.receive_cookie(now, msg),
+            None => Decapsulated::Dropped(DropReason::Malformed),
+        }
+    }
+
+    fn receive_handshake(
+        &mut self,
+        now: Instant,
+        wall: Duration,
+        rng: &mut dyn Random,
+        from: SocketAddr,
+        msg: &[u8],
+    ) -> Decapsulated {
+        if let Err(e) = handshake::verify_mac1(&self.id, msg) {
+            return Decapsulated::Dropped(DropReason::Handshake(e));
+        }
+        if self.note_handshake_load(now) {
+            let cookie = self.cookie_for(now, rng, from);
+            if handshake::verify_mac2(&cookie, msg).is_err() {
+                let mut reply = [0u8; COOKIE_LEN];
+                if handshake::write_cookie_reply(&self.id, msg, &cookie, random(rng), &mut reply)
+                    .is_ok()
+                {
+                    self.outgoing.push_back((from, reply.to_vec()));
+                }
+                return Decapsulated::Dropped(DropReason::Cookie);
+            }
+        }
+        if msg.len() == INITIATION_LEN {
+            self.receive_initiation(now, wall, rng, from, msg)
+        } else {
+            self.receive_response(now, wall, from, msg)
+        }
+    }
+
+    fn receive_initiation(
+        &mut self,
+        now: Instant,
+        wall: Duration,
+        rng: &mut dyn Random,
+        from: SocketAddr,
+        msg: &[u8],
+    ) -> Decapsulated {
+        let init = match handshake::read_initiation(&self.id, msg) {
+            Ok(i) => i,
+            Err(e) => return Decapsulated::Dropped(DropReason::Handshake(e)),
+        };
+        let Some(&p) = self.by_key.get(&init.peer) else {
+            return Decapsulated::Dropped(DropReason::Handshake(HandshakeError::UnknownPeer));
+        };
+        let peer = &self.peers[p];
+        // Replayed or too-frequent initiations (whitepaper §5.1: 50 per second at most).
+        let too_soon = peer
+            .last_initiation_received
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_millis(20));
+        if init.timestamp <= peer.last_timestamp || too_soon {
+            self.peers[p].stats.dropped += 1;
+            return Decapsulated::Dropped(DropReason::StaleInitiation);
+        }
+        let index = self.new_index(rng, p);
+        let mut resp = [0u8; RESPONSE_LEN];
+        let cookie = self.peers[p]
+            .cookie
+            .filter(|(_, at)| now.saturating_duration_since(*at) < COOKIE_LIFETIME)
+            .map(|(c, _)| c);
+        let keys = match handshake::write_response(
+            &self.peers[p].keys,
+            &init,
+            index,
+            random(rng),
+            cookie.as_ref(),
+            &mut resp,
+        ) {
+            Ok(k) => k,
+            Err(e) => {
+                self.by_index.remove(&index);
+                return Decapsulated::Dropped(DropReason::Handshake(e));
+            }
+        };
+        let old_next = {
+            let peer = &mut self.peers[p];
+            peer.last_timestamp = init.timestamp;
+            peer.last_initiation_received = Some(now);
+            peer.endpoint = Some(from);
+            peer.last_received = Some(now);
+            peer.last_sent = Some(now);
+            peer.stats.rx_bytes += INITIATION_LEN as u64;
+            peer.stats.tx_bytes += RESPONSE_LEN as u64;
+            peer.stats.last_handshake = Some(wall);
+            peer.next.replace(Timed {
+                session: Session::new(&keys),
+                created: now,
+            })
+        };
+        self.forget(old_next);
+        self.outgoing.push_back((from, resp.to_vec()));
+        Decapsulated::Nothing
+    }
+
+    fn receive_response(
+        &mut self,
+        now: Instant,
+        wall: Duration,
+        from: SocketAddr,
+        msg: &[u8],
+    ) -> Decapsulated {
+        let receiver = messages::read_u32(msg, field::RESP_RECEIVER);
+        let Some(&p) = self.by_index.get(&receiver) else {
+            return Decapsulated::Dropped(DropReason::Handshake(
+                HandshakeError::UnexpectedResponse,
+            ));
+        };
+        let peer = &mut self.peers[p];
+        let Some((pending, _)) = peer.pending.as_ref() else {
+            return Decapsulated::Dropped(DropReason::Handshake(
+                HandshakeError::UnexpectedResponse,
+            ));
+        };
+        let keys = match handshake::read_response(&self.id, &peer.keys, pending, msg) {
+            Ok(k) => k,
+            Err(e) => {
+                peer.stats.dropped += 1;
+                return Decapsulated::Dropped(DropReason::Handshake(e));
+            }
+        };
+        peer.pending = None;
+        peer.attempt_started = None;
+        peer.endpoint = Some(from);
+        peer.last_received = Some(now);
+        peer.stats.rx_bytes += RESPONSE_LEN as u64;
+        peer.stats.last_handshake = Some(wall);
+        let new = Timed {
+            session: Session::new(&keys),
+            created: now,
+        };
+        let old_prev = peer.previous.take();
+        peer.previous = peer.current.replace(new);
+        // The initiator confirms the session with data: queued packets, or a keepalive.
+        peer.keepalive_due = peer.queue.is_empty();
+        self.forget(old_prev);
+        Decapsulated::Nothing
+    }
+
+    fn receive_cookie(&mut self, now: Instant, msg: &[u8]) -> Decapsulated {
+        let receiver = messages::read_u32(msg, field::COOKIE_RECEIVER);
+        let Some(&p) = self.by_index.get(&receiver) else {
+            return Decapsulated::Dropped(DropReason::UnknownIndex);
+        };
+        let peer = &mut self.peers[p];
+        let Some((pending, _)) = peer.pending.as_ref() else {
+            return Decapsulated::Dropped(DropReason::UnknownIndex);
+        };
+        match handshake::read_cookie_reply(&peer.keys, &pending.mac1, msg) {
+            Ok(c) => {
+                peer.cookie = Some((c, now));
+                Decapsulated::Nothing
+            }
+            Err(e) => Decapsulated::Dropped(DropReason::Handshake(e)),
+        }
+    }
+
+    fn receive_data(
+        &mut self,
+        now: Instant,
+        wall: Duration,
+        rng: &mut dyn Random,
+        from: SocketAddr,
+        msg: &mut [u8],
+    ) -> Decapsulated {
+        let receiver = messages::read_u32(msg, field::DATA_RECEIVER);
+        let Some(&p) = self.by_index.get(&receiver) else {
+            return Decapsulated::Dropped(DropReason::UnknownIndex);
+        };
+        let peer = &mut self.peers[p];
+        let slot = [&mut peer.current, &mut peer.previous, &mut peer.next]
+            .into_iter()
+            .position(|s| {
+                s.as_ref()
+                    .is_some_and(|t| t.session.local_index == receiver)
+            });
+        let Some(slot) = slot else {
+            return Decapsulated::Dropped(DropReason::UnknownIndex);
+        };
+        let timed = match slot {
+            0 => peer.current.as_mut(),
+            1 => peer.previous.as_mut(),
+            _ => peer.next.as_mut(),
+        }
+        .expect("found above");
+        if expired(timed, now) {
+            return Decapsulated::Dropped(DropReason::Session(SessionError::Exhausted));
+        }
+        let plain = match timed.session.open(msg) {
+            Ok(n) => n,
+            Err(e) => {
+                peer.stats.dropped += 1;
+                return Decapsulated::Dropped(DropReason::Session(e));
+            }
+        };
+        let initiator_age = timed
+            .session
+            .initiator
+            .then(|| now.saturating_duration_since(timed.created));
+        if slot == 2 {
+            // The initiator's first data message confirms the responder's session.
+            let confirmed = peer.next.take();
+            let old_prev = peer.previous.take();
+            peer.previous = std::mem::replace(&mut peer.current, confirmed);
+            if let Some(t) = old_prev {
+                self.by_index.remove(&t.session.local_index);
+            }
+        }
+        let peer = &mut self.peers[p];
+        peer.endpoint = Some(from);
+        peer.last_received = Some(now);
+        peer.stats.rx_bytes += msg.len() as u64;
+        // Any authenticated packet, keepalives included, shows the peer is alive.
+        peer.last_data_sent = None;
+        if plain == 0 {
+            return Decapsulated::Nothing; // keepalive
+        }
+        peer.last_data_received = Some(now);
+        peer.passive_keepalive_at = Some(now + KEEPALIVE_TIMEOUT);
+        let body = &msg[messages::DATA_HEADER_LEN..messages::DATA_HEADER_LEN + plain];
+        let Some(n) = ip_len(body) else {
+            peer.stats.dropped += 1;
+            return Decapsulated::Dropped(DropReason::Malformed);
+        };
+        let allowed = ip_source(body).and_then(|src| self.route(src)) == Some(p);
+        if !allowed {
+            self.peers[p].stats.dropped += 1;
+            return Decapsulated::Dropped(DropReason::NotAllowed);
+        }
+        // Whitepaper §6.2: an initiator whose session nears its end rekeys on receipt.
+        if initiator_age
+            .is_some_and(|age| age >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT)
+        {
+            self.initiate(p, now, wall, rng);
+        }
+        Decapsulated::Packet(messages::DATA_HEADER_LEN..messages::DATA_HEADER_LEN + n)
+    }
+
+    /// The next datagram to send (handshakes, cookie replies, packets queued
+    /// during a handshake, keepalives) into `buf`, which should hold an MTU
+    /// plus 32 bytes.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
+        if let Some((to, msg)) = self.outgoing.pop_front() {
+            let n = msg.len().min(buf.len());
+            buf[..n].copy_from_slice(&msg[..n]);
+            return Some((to, n));
+        }
+        for peer in &mut self.peers {
+            let Some(to) = peer.endpoint else { continue };
+            if !peer.usable(now) {
+                continue;
+            }
+            let t = peer.current.as_mut().expect("usable");
+            if let Some(packet) = peer.queue.pop_front() {
+                if buf.len() < 16 + session::padded(packet.len()) + 16 {
+                    continue;
+                }
+                buf[16..16 + packet.len()].copy_from_slice(&packet);
+                if let Ok(n) = t.session.seal(buf, packet.len()) {
+                    peer.last_sent = Some(now);
+                    peer.last_data_sent.get_or_insert(now);
+                    peer.stats.tx_bytes += n as u64;
+                    peer.keepalive_due = false;
+                    peer.passive_keepalive_at = None;
+                    return Some((to, n));
+                }
+            }
+            if peer.keepalive_due {
+                peer.keepalive_due = false;
+                if let Ok(n) = t.session.seal(buf, 0) {
+                    peer.passive_keepalive_at = None;
+                    peer.last_sent = Some(now);
+                    peer.stats.tx_bytes += n as u64;
+                    return Some((to, n));
+                }
+            }
+        }
+        None
+    }
+
+    /// Runs the timers: handshake retries and giving up, rekeying, keepalives,
+    /// expiry of old sessions. Call it at [`Tunnel::poll_timeout`] or sooner.
+    pub fn handle_timeout(&mut self, now: Instant, wall: Duration, rng: &mut dyn Random) {
+        for p in 0..self.peers.len() {
+            let peer = &mut self.peers[p];
+            // Expire sessions three times older than REJECT_AFTER_TIME.
+            let mut gone = Vec::new();
+            for slot in [&mut peer.current, &mut peer.previous, &mut peer.next] {
+                if slot.as_ref().is_some_and(|t| {
+                    now.saturating_duration_since(t.created) >= REJECT_AFTER_TIME * 3
+                }) {
+                    gone.push(slot.take());
+                }
+            }
+            if peer
+                .attempt_started
+                .is_some_and(|s| now.saturating_duration_since(s) >= REKEY_ATTEMPT_TIME)
+            {
+                // Give up; drop what waited for this handshake.
+                if let Some((old, _)) = peer.pending.take() {
+                    self.by_index.remove(&old.local_index);
+                }
+                let peer = &mut self.peers[p];
+                peer.attempt_started = None;
+                peer.queue.clear();
+            }
+            let peer = &self.peers[p];
+            let retry = peer
+                .pending
+                .as_ref()
+                .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= REKEY_TIMEOUT);
+            // Sent data but heard nothing back for KEEPALIVE + REKEY_TIMEOUT: rehandshake.
+            let silent = peer.last_data_sent.is_some_and(|t| {
+                now.saturating_duration_since(t) >= KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
+            }) && peer.pending.is_none();
+            let persistent = peer.config.keepalive.is_some_and(|k| {
+                peer.last_sent
+                    .is_none_or(|t| now.saturating_duration_since(t) >= k)
+            });
+            let passive = peer.passive_keepalive_at.is_some_and(|at| now >= at);
+            if retry || silent {
+                if silent {
+                    self.peers[p].last_data_sent = None;
+                }
+                self.initiate(p, now, wall, rng);
+            } else if persistent && !self.peers[p].usable(now) && self.peers[p].endpoint.is_some() {
+                self.initiate(p, now, wall, rng);
+            }
+            let peer = &mut self.peers[p];
+            if (persistent || passive) && peer.usable(now) {
+                peer.keepalive_due = true;
+                peer.passive_keepalive_at = None;
+            }
+            for t in gone {
+                self.forget(t);
+            }
+        }
+    }
+
+    /// When [`Tunnel::handle_timeout`] next has work (at most a second away).
+    pub fn poll_timeout(&self, now: Instant) -> Instant {
+        now + Duration::from_millis(250)
+    }
+}
+
+#[cfg(test)]
+mod tests;

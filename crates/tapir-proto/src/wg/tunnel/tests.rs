@@ -1,0 +1,399 @@
+//! A `Pair` of tunnels over a simulated link: deterministic time and
+//! randomness, with loss, duplication, reordering, roaming and restarts.
+
+use super::*;
+
+struct Rng(u64);
+
+impl Random for Rng {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            *b = self.0 as u8;
+        }
+    }
+}
+
+const A_ADDR: &str = "192.0.2.1:51820";
+const B_ADDR: &str = "192.0.2.2:51820";
+
+fn key(seed: u8) -> PrivateKey {
+    PrivateKey::from_random([seed; 32])
+}
+
+/// An IPv4 packet from `src` to `dst` with `payload` bytes of 0xab.
+fn packet(src: [u8; 4], dst: [u8; 4], payload: usize) -> Vec<u8> {
+    let mut p = vec![0u8; 20 + payload];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&((20 + payload) as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    p[20..].fill(0xab);
+    p
+}
+
+struct Pair {
+    a: Tunnel,
+    b: Tunnel,
+    now: Instant,
+    wall: Duration,
+    rng: Rng,
+    /// Datagrams in flight: (to b?, from, bytes).
+    link: VecDeque<(bool, SocketAddr, Vec<u8>)>,
+    a_addr: SocketAddr,
+    /// Packets delivered to each side's tun.
+    got_a: Vec<Vec<u8>>,
+    got_b: Vec<Vec<u8>>,
+    drops: Vec<DropReason>,
+}
+
+impl Pair {
+    fn new() -> Self {
+        let (ka, kb) = (key(1), key(2));
+        let (pa, pb) = (ka.public_key(), kb.public_key());
+        let psk = PresharedKey::from_random([7; 32]);
+        let a = Tunnel::new(
+            ka,
+            vec![PeerConfig {
+                public: pb,
+                psk: Some(psk.clone()),
+                endpoint: Some(B_ADDR.parse().unwrap()),
+                allowed_ips: vec!["10.0.0.2/32".parse().unwrap()],
+                keepalive: None,
+            }],
+        );
+        let b = Tunnel::new(
+            kb,
+            vec![PeerConfig {
+                public: pa,
+                psk: Some(psk),
+                endpoint: None,
+                allowed_ips: vec!["10.0.0.1/32".parse().unwrap()],
+                keepalive: None,
+            }],
+        );
+        Self {
+            a,
+            b,
+            now: Instant::now(),
+            wall: Duration::from_secs(1_700_000_000),
+            rng: Rng(0x9e3779b97f4a7c15),
+            link: VecDeque::new(),
+            a_addr: A_ADDR.parse().unwrap(),
+            got_a: vec![],
+            got_b: vec![],
+            drops: vec![],
+        }
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.wall += d;
+        self.a.handle_timeout(self.now, self.wall, &mut self.rng);
+        self.b.handle_timeout(self.now, self.wall, &mut self.rng);
+        self.collect();
+    }
+
+    /// Moves what each side wants to send onto the link.
+    fn collect(&mut self) {
+        let mut buf = [0u8; 2048];
+        while let Some((_, n)) = self.a.poll_transmit(self.now, &mut buf) {
+            self.link.push_back((true, self.a_addr, buf[..n].to_vec()));
+        }
+        while let Some((_, n)) = self.b.poll_transmit(self.now, &mut buf) {
+            self.link
+                .push_back((false, B_ADDR.parse().unwrap(), buf[..n].to_vec()));
+        }
+    }
+
+    fn send_a(&mut self, p: &[u8]) -> Encapsulated {
+        let mut buf = vec![0u8; 2048];
+        buf[16..16 + p.len()].copy_from_slice(p);
+        let r = self
+            .a
+            .encapsulate(self.now, self.wall, &mut self.rng, &mut buf, p.len());
+        if let Encapsulated::Send { len, .. } = r {
+            self.link
+                .push_back((true, self.a_addr, buf[..len].to_vec()));
+        }
+        self.collect();
+        r
+    }
+
+    fn send_b(&mut self, p: &[u8]) -> Encapsulated {
+        let mut buf = vec![0u8; 2048];
+        buf[16..16 + p.len()].copy_from_slice(p);
+        let r = self
+            .b
+            .encapsulate(self.now, self.wall, &mut self.rng, &mut buf, p.len());
+        if let Encapsulated::Send { to, len } = r {
+            assert_eq!(to, self.a_addr, "b sends to where a was last heard from");
+            self.link
+                .push_back((false, B_ADDR.parse().unwrap(), buf[..len].to_vec()));
+        }
+        self.collect();
+        r
+    }
+
+    fn deliver(&mut self, to_b: bool, from: SocketAddr, mut bytes: Vec<u8>) {
+        let n = bytes.len();
+        let (t, got) = if to_b {
+            (&mut self.b, &mut self.got_b)
+        } else {
+            (&mut self.a, &mut self.got_a)
+        };
+        match t.decapsulate(self.now, self.wall, &mut self.rng, from, &mut bytes, n) {
+            Decapsulated::Packet(r) => got.push(bytes[r].to_vec()),
+            Decapsulated::Nothing => {}
+            Decapsulated::Dropped(why) => self.drops.push(why),
+        }
+        self.collect();
+    }
+
+    /// Delivers everything in flight, in order, until the link is quiet.
+    fn run(&mut self) {
+        let mut steps = 0;
+        while let Some((to_b, from, bytes)) = self.link.pop_front() {
+            self.deliver(to_b, from, bytes);
+            steps += 1;
+            assert!(steps < 1000, "the link never went quiet");
+        }
+    }
+}
+
+#[test]
+fn handshake_then_data_both_ways() {
+    let mut p = Pair::new();
+    let ping = packet([10, 0, 0, 1], [10, 0, 0, 2], 100);
+    assert_eq!(p.send_a(&ping), Encapsulated::Queued);
+    p.run();
+    assert_eq!(
+        p.got_b,
+        vec![ping.clone()],
+        "the queued packet arrives after the handshake"
+    );
+    let pong = packet([10, 0, 0, 2], [10, 0, 0, 1], 33);
+    assert!(matches!(p.send_b(&pong), Encapsulated::Send { .. }));
+    p.run();
+    assert_eq!(p.got_a, vec![pong]);
+    assert!(p.drops.is_empty(), "{:?}", p.drops);
+    // Padding is removed: the 33-byte payload arrived as 53 bytes, not 64.
+    assert_eq!(p.got_a[0].len(), 53);
+}
+
+#[test]
+fn a_lost_initiation_is_retried_with_jitter() {
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    assert_eq!(p.link.len(), 1);
+    p.link.clear(); // lost
+    p.advance(Duration::from_secs(4));
+    assert!(p.link.is_empty(), "not before REKEY_TIMEOUT");
+    p.advance(Duration::from_millis(1400));
+    assert_eq!(p.link.len(), 1, "retried after 5 s plus jitter");
+    p.run();
+    assert_eq!(p.got_b.len(), 1);
+}
+
+#[test]
+fn handshake_attempts_stop_after_90_seconds() {
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    let mut initiations = 0;
+    for _ in 0..2000 {
+        initiations += p.link.len();
+        p.link.clear();
+        p.advance(Duration::from_millis(100));
+    }
+    // One every 5 s plus jitter, for 90 s: 17 or 18 (wireguard-go gives up after 18).
+    assert!(
+        (17..=18).contains(&initiations),
+        "{initiations} initiations in 200 s"
+    );
+}
+
+#[test]
+fn duplicates_reordering_and_forgeries() {
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    p.run();
+    let mut datagrams = vec![];
+    for i in 0..5 {
+        p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 10 + i));
+        datagrams.push(p.link.pop_back().unwrap());
+    }
+    // Reordered: 4, 2, 0, 3, 1; then everything again (replays).
+    for i in [4, 2, 0, 3, 1, 0, 1, 2, 3, 4] {
+        let (to_b, from, bytes) = datagrams[i].clone();
+        p.deliver(to_b, from, bytes);
+    }
+    assert_eq!(p.got_b.len(), 1 + 5);
+    assert_eq!(
+        p.drops
+            .iter()
+            .filter(|d| matches!(d, DropReason::Session(SessionError::Replay)))
+            .count(),
+        5
+    );
+    // A forged datagram: one bit flipped.
+    let (to_b, from, mut bytes) = datagrams[0].clone();
+    bytes[8] = 200; // an unseen counter
+    bytes[30] ^= 1;
+    p.deliver(to_b, from, bytes);
+    assert!(matches!(
+        p.drops.last(),
+        Some(DropReason::Session(SessionError::Decrypt))
+    ));
+    // Garbage of every length: dropped, nothing sent back.
+    let mut rng = Rng(5);
+    for len in 0..300 {
+        let mut junk = vec![0u8; len];
+        rng.fill(&mut junk);
+        if let Some(b) = junk.first_mut() {
+            *b = (len % 5) as u8;
+        }
+        if len > 4 {
+            junk[1..4].fill(0);
+        }
+        p.deliver(true, "198.51.100.9:1".parse().unwrap(), junk);
+    }
+    assert!(p.link.is_empty(), "no reply to the unauthenticated");
+    assert_eq!(p.got_b.len(), 6);
+}
+
+#[test]
+fn the_endpoint_follows_the_last_authenticated_packet() {
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    p.run();
+    // a moves to another address.
+    p.a_addr = "203.0.113.7:40000".parse().unwrap();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 2));
+    p.run();
+    // send_b asserts that b answers to the new address.
+    assert!(matches!(
+        p.send_b(&packet([10, 0, 0, 2], [10, 0, 0, 1], 3)),
+        Encapsulated::Send { .. }
+    ));
+    p.run();
+    assert_eq!(p.got_a.len(), 1);
+    // A forged packet from a third address does not move the endpoint.
+    p.deliver(
+        true,
+        "198.51.100.1:9".parse().unwrap(),
+        vec![
+            4, 0, 0, 0, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0,
+        ],
+    );
+    assert!(matches!(
+        p.send_b(&packet([10, 0, 0, 2], [10, 0, 0, 1], 3)),
+        Encapsulated::Send { .. }
+    ));
+}
+
+#[test]
+fn a_restarted_peer_handshakes_again_and_old_initiations_are_refused() {
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    let first_initiation = p.link.front().cloned().unwrap();
+    p.run();
+    // a restarts: same key, no state.
+    p.advance(Duration::from_secs(3));
+    let b_public = key(2).public_key();
+    p.a = Tunnel::new(
+        key(1),
+        vec![PeerConfig {
+            public: b_public,
+            psk: Some(PresharedKey::from_random([7; 32])),
+            endpoint: Some(B_ADDR.parse().unwrap()),
+            allowed_ips: vec!["10.0.0.2/32".parse().unwrap()],
+            keepalive: None,
+        }],
+    );
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 2));
+    p.run();
+    assert_eq!(p.got_b.len(), 2, "traffic resumes without touching b");
+    // The recorded first initiation, replayed: refused by its timestamp.
+    let (to_b, from, bytes) = first_initiation;
+    p.deliver(to_b, from, bytes);
+    assert_eq!(p.drops.last(), Some(&DropReason::StaleInitiation));
+    assert!(p.link.is_empty());
+}
+
+#[test]
+fn sources_outside_the_allowed_ips_are_dropped() {
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    p.run();
+    // a sends a packet with a spoofed source (a's allowed IP on b is 10.0.0.1).
+    p.send_a(&packet([10, 9, 9, 9], [10, 0, 0, 2], 1));
+    p.run();
+    assert_eq!(p.drops.last(), Some(&DropReason::NotAllowed));
+    assert_eq!(p.got_b.len(), 1);
+    // No route on a for other destinations.
+    assert_eq!(
+        p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 3], 1)),
+        Encapsulated::NoRoute
+    );
+}
+
+#[test]
+fn rekey_after_time_and_keepalives() {
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    p.run();
+    // b got data and sends nothing for 10 s: a keepalive (32 bytes) goes out.
+    p.advance(Duration::from_secs(11));
+    assert_eq!(p.link.len(), 1);
+    assert_eq!(p.link[0].2.len(), 32);
+    p.run();
+    // After REKEY_AFTER_TIME, a's next packet also starts a new handshake.
+    p.advance(Duration::from_secs(110));
+    p.link.clear();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    assert_eq!(p.link.len(), 2, "the data and a new initiation");
+    assert_eq!(p.link[1].2.len(), INITIATION_LEN);
+    p.run();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    p.run();
+    assert_eq!(p.got_b.len(), 3);
+    // Sessions expire: after 180 s without a new handshake, a must handshake again.
+    p.advance(Duration::from_secs(200));
+    p.link.clear();
+    assert_eq!(
+        p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1)),
+        Encapsulated::Queued
+    );
+}
+
+#[test]
+fn under_load_a_cookie_is_required_and_works() {
+    let mut p = Pair::new();
+    // A flood of (replayed) initiations puts b under load.
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    let init = p.link.pop_front().unwrap();
+    for _ in 0..200 {
+        let (to_b, from, bytes) = init.clone();
+        p.deliver(to_b, from, bytes);
+    }
+    assert!(p.drops.contains(&DropReason::Cookie));
+    // Cookie replies went back to a; deliver only the last one, then let a retry.
+    let cookie = p
+        .link
+        .iter()
+        .rev()
+        .find(|(to_b, _, b)| !to_b && b.len() == COOKIE_LEN)
+        .cloned()
+        .unwrap();
+    p.link.clear();
+    p.deliver(cookie.0, cookie.1, cookie.2);
+    p.advance(Duration::from_millis(5400));
+    assert_eq!(p.link.len(), 1, "a retried with mac2");
+    p.run();
+    assert_eq!(p.got_b.len(), 1, "and got through while b is under load");
+}
