@@ -19,6 +19,19 @@ fuzz_target!(|data: &[u8]| {
             if let Outcome::Reply(n) = r.handle(&mut buf, data.len()) {
                 assert!(n <= buf.len());
                 assert!(n >= 20);
+                // A tun echo reply is a whole IPv4/IPv6 packet whose length
+                // field matches, and an IPv4 header whose checksum verifies.
+                if link == Link::Ip {
+                    match buf[0] >> 4 {
+                        4 => {
+                            let ihl = usize::from(buf[0] & 0xf) * 4;
+                            assert_eq!(usize::from(u16::from_be_bytes([buf[2], buf[3]])), n);
+                            assert!(tapir_wire::checksum::verify(&buf[..ihl]));
+                        }
+                        6 => assert_eq!(40 + usize::from(u16::from_be_bytes([buf[4], buf[5]])), n),
+                        v => panic!("reply of IP version {v}"),
+                    }
+                }
             }
         }
     }

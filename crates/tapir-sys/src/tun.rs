@@ -364,6 +364,19 @@ impl TunDevice {
         ))
     }
 
+    /// The size of the virtio-net header this device uses (`TUNGETVNETHDRSZ`):
+    /// 10 by default, 12 when set so (QEMU does), whether or not the device
+    /// has `IFF_VNET_HDR` on.
+    pub fn vnet_hdr_len(&self) -> Result<usize, TunError> {
+        let mut size: libc::c_int = 0;
+        // SAFETY: TUNGETVNETHDRSZ writes one int through the pointer, a live local.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNGETVNETHDRSZ, &mut size) };
+        if rc < 0 {
+            return Err(self.ioctl_error("TUNGETVNETHDRSZ"));
+        }
+        Ok(usize::try_from(size).unwrap_or(10))
+    }
+
     /// Makes the device outlive this descriptor (`TUNSETPERSIST 1`) or not.
     pub fn set_persist(&self, persist: bool) -> Result<(), TunError> {
         self.ioctl_value(

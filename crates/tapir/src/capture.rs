@@ -21,27 +21,23 @@ use crate::dev::DevError;
 pub struct Framing {
     /// A packet-information header comes first.
     pub pi: bool,
-    /// Then a virtio-net header (10 bytes, the kernel's default size).
-    pub vnet_hdr: bool,
+    /// Then a virtio-net header of this many bytes (0: none). The size is
+    /// the device's (`TUNGETVNETHDRSZ`): 10 by default, 12 under QEMU.
+    pub vnet_len: usize,
 }
-
-/// The size of the default virtio-net header (`struct virtio_net_hdr`).
-pub const VNET_HDR_LEN: usize = 10;
 
 impl Framing {
     /// How many bytes precede the packet.
     pub fn prefix_len(self) -> usize {
-        (if self.pi { pi::LEN } else { 0 }) + if self.vnet_hdr { VNET_HDR_LEN } else { 0 }
+        (if self.pi { pi::LEN } else { 0 }) + self.vnet_len
     }
 
     /// Prepares the prefix of a packet to be written back: the packet
     /// information is kept (same protocol), the virtio-net header zeroed
     /// (no offload requested).
     pub fn reset_for_write(self, prefix: &mut [u8]) {
-        if self.vnet_hdr {
-            let start = if self.pi { pi::LEN } else { 0 };
-            prefix[start..start + VNET_HDR_LEN].fill(0);
-        }
+        let start = if self.pi { pi::LEN } else { 0 };
+        prefix[start..start + self.vnet_len].fill(0);
     }
 }
 
@@ -104,11 +100,16 @@ pub fn attach(tun_path: &Path, name: &IfName, mode: Option<Mode>) -> Result<Read
         }
         other => DevError::Tun(other),
     })?;
+    let vnet_len = if options.vnet_hdr {
+        dev.vnet_hdr_len()?
+    } else {
+        0
+    };
     Ok(Reader {
         mode: options.mode,
         framing: Framing {
             pi: options.packet_info,
-            vnet_hdr: options.vnet_hdr,
+            vnet_len,
         },
         created,
         dev,
@@ -121,14 +122,14 @@ mod tests {
 
     #[test]
     fn prefixes() {
-        let f = |pi, vnet_hdr| Framing { pi, vnet_hdr };
-        assert_eq!(f(false, false).prefix_len(), 0);
-        assert_eq!(f(true, false).prefix_len(), 4);
-        assert_eq!(f(false, true).prefix_len(), 10);
-        assert_eq!(f(true, true).prefix_len(), 14);
-        let mut p = [0xffu8; 14];
-        f(true, true).reset_for_write(&mut p);
+        let f = |pi, vnet_len| Framing { pi, vnet_len };
+        assert_eq!(f(false, 0).prefix_len(), 0);
+        assert_eq!(f(true, 0).prefix_len(), 4);
+        assert_eq!(f(false, 10).prefix_len(), 10);
+        assert_eq!(f(true, 12).prefix_len(), 16);
+        let mut p = [0xffu8; 16];
+        f(true, 12).reset_for_write(&mut p);
         assert_eq!(&p[..4], &[0xff; 4], "packet info kept");
-        assert_eq!(&p[4..], &[0; 10], "vnet header zeroed");
+        assert_eq!(&p[4..], &[0; 12], "vnet header zeroed");
     }
 }

@@ -67,6 +67,9 @@ pub enum DevError {
     /// Input that makes no sense, found before anything was changed.
     #[error("{0}; nothing was changed")]
     Invalid(String),
+    /// A failure while running (after the request was accepted).
+    #[error("{0}")]
+    Runtime(String),
     /// The tun side failed.
     #[error(transparent)]
     Tun(#[from] TunError),
@@ -761,6 +764,15 @@ pub fn plan(
                 "MTU {mtu} is out of range: use 68 to 65535 (1280 or more for IPv6)"
             ));
         }
+        let has_v6 = addrs
+            .iter()
+            .any(|a| a.index == link.index && a.local.addr().is_ipv6())
+            || req.add_addrs.iter().any(|(a, _)| a.addr().is_ipv6());
+        if mtu < 1280 && has_v6 {
+            return invalid(format!(
+                "MTU {mtu} is below 1280, the IPv6 minimum, and the kernel would remove the device's IPv6 addresses: use 1280 or more, or remove them first"
+            ));
+        }
         if mtu != link.mtu {
             steps.push((Step::Mtu(mtu), Step::Mtu(link.mtu)));
         }
@@ -843,6 +855,48 @@ pub fn plan(
     Ok(steps)
 }
 
+/// Re-adds addresses and (non-kernel) routes of `before` that are missing now.
+/// Returns what could not be put back.
+pub fn restore(nl: &mut Netlink, index: u32, addrs: &[Address], routes: &[Route]) -> Vec<String> {
+    let mut failed = Vec::new();
+    let now_addrs = match nl.addresses(Some(index)) {
+        Ok(a) => a,
+        Err(e) => return vec![format!("re-reading addresses ({e})")],
+    };
+    for a in addrs.iter().filter(|a| a.index == index) {
+        if !now_addrs
+            .iter()
+            .any(|n| n.local == a.local && n.peer == a.peer)
+        {
+            if let Err(e) = nl.add_address(index, a.local, a.peer.map(|p| p.addr())) {
+                failed.push(format!(
+                    "address {} (restore failed: {})",
+                    a.local,
+                    e.reason()
+                ));
+            }
+        }
+    }
+    let now_routes = match nl.routes(Some(index)) {
+        Ok(r) => r,
+        Err(e) => return vec![format!("re-reading routes ({e})")],
+    };
+    for r in routes
+        .iter()
+        .filter(|r| r.protocol != "kernel" && r.oif == Some(index))
+    {
+        if !now_routes
+            .iter()
+            .any(|n| n.dst == r.dst && n.gateway == r.gateway)
+        {
+            if let Err(e) = nl.add_route(index, r.dst, r.gateway) {
+                failed.push(format!("route {} (restore failed: {})", r.dst, e.reason()));
+            }
+        }
+    }
+    failed
+}
+
 /// `tapir dev set`: applies the request, all of it or none of it.
 /// Returns the steps that were applied (empty if there was nothing to change).
 pub fn set(name: &str, req: &SetRequest) -> Result<Vec<Step>, DevError> {
@@ -869,6 +923,10 @@ pub fn set(name: &str, req: &SetRequest) -> Result<Vec<Step>, DevError> {
                     Err(e) => failed.push(format!("{step} (undo failed: {e})")),
                 }
             }
+            // Undoing is not always enough: bringing a link down makes the
+            // kernel drop IPv6 addresses, removing the last IPv4 address drops
+            // the routes through it. Put back whatever went missing.
+            failed.extend(restore(&mut nl, link.index, &addrs, &routes));
             let rollback = if applied.is_empty() {
                 "nothing was changed".to_string()
             } else if failed.is_empty() {

@@ -49,6 +49,8 @@ pub fn run(
     out: &mut impl Write,
     shutdown: &AtomicBool,
 ) -> Result<u64, DevError> {
+    let reader = capture::attach(&req.tun_path, &req.name, req.mode)?;
+    // Only once the device is ours: a refused attach must not truncate the file.
     let mut pcap_file = match &req.write {
         Some(path) => Some(File::create(path).map_err(|e| {
             DevError::Invalid(format!(
@@ -58,7 +60,6 @@ pub fn run(
         })?),
         None => None,
     };
-    let reader = capture::attach(&req.tun_path, &req.name, req.mode)?;
     let link = match reader.mode {
         Mode::Tun => Link::Ip,
         Mode::Tap => Link::Ethernet,
@@ -74,7 +75,7 @@ pub fn run(
                 },
                 req.snaplen,
             )
-            .map_err(|e| DevError::Invalid(format!("cannot write the pcap file: {e}")))?,
+            .map_err(|e| DevError::Runtime(format!("cannot write the pcap file: {e}")))?,
         ),
         None => None,
     };
@@ -88,7 +89,7 @@ pub fn run(
         } else {
             ""
         },
-        if reader.framing.vnet_hdr {
+        if reader.framing.vnet_len > 0 {
             ", vnet header"
         } else {
             ""
@@ -136,9 +137,7 @@ pub fn run(
                 None => data = &[],
             }
         }
-        if reader.framing.vnet_hdr {
-            data = data.get(capture::VNET_HDR_LEN..).unwrap_or(&[]);
-        }
+        data = data.get(reader.framing.vnet_len..).unwrap_or(&[]);
         let line = format!(
             "{} {}{note}\n",
             time_of_day(ts),
@@ -153,15 +152,15 @@ pub fn run(
         }
         if let Some(w) = pcap.as_mut() {
             w.write_packet(ts, data)
-                .map_err(|e| DevError::Invalid(format!("writing the pcap file: {e}")))?;
+                .map_err(|e| DevError::Runtime(format!("writing the pcap file: {e}")))?;
         }
     }
     if let Some(mut w) = pcap {
         w.flush()
-            .map_err(|e| DevError::Invalid(format!("writing the pcap file: {e}")))?;
+            .map_err(|e| DevError::Runtime(format!("writing the pcap file: {e}")))?;
     }
     if let Some(e) = failure {
-        return Err(DevError::Invalid(format!(
+        return Err(DevError::Runtime(format!(
             "{}: reading the device failed: {e}",
             dev.name()
         )));

@@ -79,6 +79,8 @@ struct Changes {
     index: u32,
     added: Vec<IpNet>,
     brought_up: bool,
+    before_addrs: Vec<tapir_sys::Address>,
+    before_routes: Vec<tapir_sys::Route>,
 }
 
 fn configure(
@@ -89,12 +91,14 @@ fn configure(
     let link = nl
         .link(name.as_str())?
         .ok_or_else(|| DevError::NotFound(name.to_string()))?;
+    let existing = nl.addresses(Some(link.index))?;
     let mut changes = Changes {
         index: link.index,
         added: Vec::new(),
         brought_up: false,
+        before_addrs: existing.clone(),
+        before_routes: nl.routes(Some(link.index))?,
     };
-    let existing = nl.addresses(Some(link.index))?;
     let result = (|| {
         for a in addrs {
             if !existing.iter().any(|e| e.local.addr() == a.addr()) {
@@ -127,6 +131,15 @@ fn undo(nl: &mut Netlink, changes: &Changes) {
     if changes.brought_up {
         let _ = nl.set_up(changes.index, false);
     }
+    // Going down drops IPv6 addresses the device had before: put them back.
+    for problem in crate::dev::restore(
+        nl,
+        changes.index,
+        &changes.before_addrs,
+        &changes.before_routes,
+    ) {
+        eprintln!("warning: could not put back {problem}");
+    }
 }
 
 fn now() -> Duration {
@@ -143,16 +156,17 @@ pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevEr
             "configuring a device for tapir echo",
         )));
     }
-    let mut pcap = match &req.pcap {
-        Some(path) => Some(open_pcap(path)?),
-        None => None,
-    };
     let Reader {
         dev,
         mode,
         framing,
         created,
     } = capture::attach(&req.tun_path, &req.name, req.mode)?;
+    // Only once the device is ours: a refused attach must not truncate the file.
+    let mut pcap = match &req.pcap {
+        Some(path) => Some(open_pcap(path)?),
+        None => None,
+    };
     let name = dev.name().clone();
     let mut nl = Netlink::open()?;
     let (changes, subnets) = configure(&mut nl, &name, &req.addrs)?;
@@ -171,7 +185,7 @@ pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevEr
                 },
                 0,
             )
-            .map_err(|e| DevError::Invalid(format!("cannot write the pcap file: {e}")))?,
+            .map_err(|e| DevError::Runtime(format!("cannot write the pcap file: {e}")))?,
         ),
         None => None,
     };
@@ -235,7 +249,7 @@ pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevEr
     }
     drop(dev);
     if let Some(e) = failure {
-        return Err(DevError::Invalid(format!(
+        return Err(DevError::Runtime(format!(
             "{name}: reading the device failed: {e}"
         )));
     }

@@ -456,8 +456,16 @@ fn main() -> ExitCode {
     match run(cli, &matches) {
         Ok(code) => code,
         Err(e) => {
-            // Our errors carry their causes in their own text already.
-            eprintln!("tapir: {e}");
+            // Our errors carry their causes in their own text; add only the
+            // causes (from .context()) that the text does not already hold.
+            let mut text = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !text.contains(&c) {
+                    text = format!("{text}: {c}");
+                }
+            }
+            eprintln!("tapir: {text}");
             ExitCode::FAILURE
         }
     }

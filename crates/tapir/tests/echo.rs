@@ -301,7 +301,7 @@ fn echo_on_an_existing_device_takes_back_only_what_it_added() {
     assert!(!miss.status.success());
     let out = echo.stop();
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("1 not for us"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ignored: 1 not for us,"));
     assert!(ns.has_link("tun5"), "a device that existed stays");
     let addrs = ns.ip(&["-4", "addr", "show", "dev", "tun5"]);
     assert!(

@@ -48,6 +48,10 @@ fn read_what_the_host_sends_and_write_what_it_receives() {
         sock.send_to(b"hello tun", "10.21.3.4:7777").unwrap();
         let mut buf = [0u8; 2048];
         let n = loop {
+            assert!(
+                dev.wait_readable(Duration::from_secs(5)).unwrap(),
+                "nothing came out of the tun within 5 s"
+            );
             let n = dev.read(&mut buf).unwrap();
             // Skip anything else the stack sends (none expected on a fresh tun).
             if n >= 20 && buf[0] >> 4 == 4 && buf[9] == 17 {
