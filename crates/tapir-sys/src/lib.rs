@@ -35,6 +35,7 @@
 pub mod ifname;
 pub mod netlink;
 pub mod netns;
+pub mod poll;
 pub mod tun;
 
 pub use ifname::{IfName, NameError};

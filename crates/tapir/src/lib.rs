@@ -17,8 +17,10 @@
 
 pub mod caps;
 pub mod capture;
+pub mod config;
 pub mod dev;
 pub mod doctor;
 pub mod dump;
 pub mod echo;
+pub mod tunnel;
 pub mod users;

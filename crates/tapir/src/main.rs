@@ -57,6 +57,17 @@ enum Command {
         #[arg(long)]
         mac: Option<String>,
     },
+    /// Run the tunnel of a wg-quick style config file in the foreground (FILE NAME.conf gives interface NAME).
+    Run {
+        /// The config file.
+        file: PathBuf,
+    },
+    /// Print a new private key (base64, as wg genkey).
+    Genkey,
+    /// Read a private key on stdin, print its public key (as wg pubkey).
+    Pubkey,
+    /// Print a new preshared key (as wg genpsk).
+    Genpsk,
     /// Read a tun/tap device: print a line per packet, optionally record pcap.
     Dump {
         /// The device; a transient one is created if it does not exist.
@@ -334,6 +345,37 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             let shutdown = shutdown_flag()?;
             let report = tapir::echo::run(&req, &shutdown)?;
             print!("{}", tapir::echo::format_stats(&name, &report));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { file } => {
+            let config = tapir::config::load(&file)?;
+            for w in &config.warnings {
+                eprintln!("tapir: warning: {w}");
+            }
+            let shutdown = shutdown_flag()?;
+            tapir::tunnel::run(&config, &cli.tun_path, &shutdown)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Genkey => {
+            let key = tapir_proto::wg::keys::PrivateKey::from_random(tapir::tunnel::random32()?);
+            println!("{}", key.to_base64());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Genpsk => {
+            let key = tapir_proto::wg::keys::PresharedKey::from_random(tapir::tunnel::random32()?);
+            println!("{}", key.to_base64());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pubkey => {
+            use std::io::Read;
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading stdin")?;
+            let key = tapir_proto::wg::keys::PrivateKey::from_base64(&text);
+            zeroize::Zeroize::zeroize(&mut text);
+            let key = key.map_err(|e| anyhow::anyhow!("stdin: {e}"))?;
+            println!("{}", key.public_key().to_base64());
             Ok(ExitCode::SUCCESS)
         }
         Command::Dump {

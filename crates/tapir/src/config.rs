@@ -1,0 +1,459 @@
+//! Tunnel configuration: wg-quick files (`[Interface]` / `[Peer]`), so that a
+//! WireGuard user can switch without rewriting anything.
+//!
+//! The interface is named after the file (`tp0.conf` gives `tp0`). Every error
+//! names the file, the line and the key; keys that wg-quick knows and tapir
+//! does not act on yet (DNS, Table, PreUp...) are named in a warning, never
+//! silently ignored. Everything is checked here, before any kernel call.
+
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use tapir_proto::wg::keys::{PresharedKey, PrivateKey, PublicKey};
+use tapir_sys::IfName;
+use zeroize::Zeroize;
+
+/// The default MTU of a WireGuard interface (1500 minus 80 bytes of IPv6 + UDP + WireGuard).
+pub const DEFAULT_MTU: u32 = 1420;
+
+/// One tunnel: an interface and its peers.
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    /// Where it was read from.
+    pub file: PathBuf,
+    /// The interface name.
+    pub name: IfName,
+    /// Our private key.
+    pub private_key: PrivateKey,
+    /// UDP port to listen on (random if absent).
+    pub listen_port: Option<u16>,
+    /// Addresses of the interface.
+    pub addresses: Vec<IpNet>,
+    /// MTU.
+    pub mtu: u32,
+    /// Peers.
+    pub peers: Vec<PeerEntry>,
+    /// Things the user should know (unsupported keys, loose permissions).
+    pub warnings: Vec<String>,
+}
+
+/// A `[Peer]` section.
+#[derive(Debug, Clone)]
+pub struct PeerEntry {
+    /// Its public key.
+    pub public_key: PublicKey,
+    /// Preshared key.
+    pub psk: Option<PresharedKey>,
+    /// `host:port`, resolved when the tunnel starts.
+    pub endpoint: Option<String>,
+    /// Allowed IPs.
+    pub allowed_ips: Vec<IpNet>,
+    /// Persistent keepalive, seconds.
+    pub keepalive: Option<u16>,
+    /// Line of its `[Peer]` header, for messages.
+    pub line: usize,
+}
+
+/// A configuration error: file, line, key, and what to do.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}:{line}: {}{msg}", file.display(), key.as_ref().map(|k| format!("{k}: ")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line (0: the file as a whole).
+    pub line: usize,
+    /// The key at fault.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub msg: String,
+}
+
+const UNSUPPORTED: [&str; 8] = [
+    "dns",
+    "table",
+    "preup",
+    "postup",
+    "predown",
+    "postdown",
+    "saveconfig",
+    "fwmark",
+];
+
+/// Reads a wg-quick style file.
+pub fn load(path: &Path) -> Result<TunnelConfig, ConfigError> {
+    let err = |line, key: Option<&str>, msg: String| ConfigError {
+        file: path.to_owned(),
+        line,
+        key: key.map(str::to_owned),
+        msg,
+    };
+    let stem = path.file_stem().and_then(|s| s.to_str()).ok_or_else(|| {
+        err(
+            0,
+            None,
+            "cannot name the interface after this file: call it NAME.conf".into(),
+        )
+    })?;
+    let name = IfName::new(stem).map_err(|e| {
+        err(
+            0,
+            None,
+            format!("the file name gives the interface name: {e}"),
+        )
+    })?;
+    if name.is_template() {
+        return Err(err(
+            0,
+            None,
+            "the file name gives the interface name, which may not contain '%'".into(),
+        ));
+    }
+    let meta = std::fs::metadata(path).map_err(|e| err(0, None, format!("cannot read: {e}")))?;
+    let mut text =
+        std::fs::read_to_string(path).map_err(|e| err(0, None, format!("cannot read: {e}")))?;
+    let result = parse(path, name, &text, meta.permissions().mode());
+    text.zeroize();
+    result
+}
+
+#[derive(PartialEq)]
+enum Section {
+    None,
+    Interface,
+    Peer,
+}
+
+/// Parses the text of a wg-quick file named `file` (for messages and for
+/// `PrivateKeyFile` paths relative to it); `mode` is the file's permissions.
+pub fn parse(
+    file: &Path,
+    name: IfName,
+    text: &str,
+    mode: u32,
+) -> Result<TunnelConfig, ConfigError> {
+    let err = |line, key: &str, msg: String| ConfigError {
+        file: file.to_owned(),
+        line,
+        key: (!key.is_empty()).then(|| key.to_owned()),
+        msg,
+    };
+    let mut section = Section::None;
+    let mut private_key: Option<PrivateKey> = None;
+    let mut inline_key_line = None;
+    let mut listen_port = None;
+    let mut addresses = Vec::new();
+    let mut mtu = None;
+    let mut peers: Vec<PeerEntry> = Vec::new();
+    let mut warnings = Vec::new();
+    let mut interface_line = None;
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with('[') {
+            section = match line.to_ascii_lowercase().as_str() {
+                "[interface]" => {
+                    if interface_line.is_some() {
+                        return Err(err(
+                            n,
+                            "",
+                            "a second [Interface] section: a file describes one interface".into(),
+                        ));
+                    }
+                    interface_line = Some(n);
+                    Section::Interface
+                }
+                "[peer]" => {
+                    peers.push(PeerEntry {
+                        public_key: PublicKey([0; 32]),
+                        psk: None,
+                        endpoint: None,
+                        allowed_ips: Vec::new(),
+                        keepalive: None,
+                        line: n,
+                    });
+                    Section::Peer
+                }
+                other => {
+                    return Err(err(
+                        n,
+                        "",
+                        format!("unknown section {other}: use [Interface] or [Peer]"),
+                    ));
+                }
+            };
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(err(n, "", format!("expected KEY = VALUE, found {line:?}")));
+        };
+        let (key, value) = (key.trim(), value.trim());
+        let lower = key.to_ascii_lowercase();
+        let list = || value.split(',').map(str::trim).filter(|s| !s.is_empty());
+        match (&section, lower.as_str()) {
+            (Section::None, _) => return Err(err(n, key, "outside any section: start with [Interface]".into())),
+            (Section::Interface, "privatekey") => {
+                private_key = Some(PrivateKey::from_base64(value).map_err(|e| err(n, key, e.to_string()))?);
+                inline_key_line = Some(n);
+            }
+            (Section::Interface, "privatekeyfile") => {
+                private_key = Some(read_key_file(file, value).map_err(|m| err(n, key, m))?);
+            }
+            (Section::Interface, "listenport") => {
+                listen_port = Some(value.parse::<u16>().map_err(|_| err(n, key, format!("{value:?} is not a port (0-65535)")))?);
+            }
+            (Section::Interface, "address") => {
+                for a in list() {
+                    addresses.push(crate::dev::parse_addr(a).map_err(|m| err(n, key, m))?);
+                }
+            }
+            (Section::Interface, "mtu") => {
+                let m = value.parse::<u32>().ok().filter(|m| (576..=65535).contains(m));
+                mtu = Some(m.ok_or_else(|| err(n, key, format!("{value:?} is not an MTU (576 to 65535)")))?);
+            }
+            (Section::Peer, "publickey") => {
+                let peer = peers.last_mut().expect("in a [Peer] section");
+                peer.public_key = PublicKey::from_base64(value).map_err(|e| err(n, key, e.to_string()))?;
+            }
+            (Section::Peer, "presharedkey") => {
+                let peer = peers.last_mut().expect("in a [Peer] section");
+                peer.psk = Some(PresharedKey::from_base64(value).map_err(|e| err(n, key, e.to_string()))?);
+            }
+            (Section::Peer, "endpoint") => {
+                let (host, port) = value
+                    .rsplit_once(':')
+                    .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+                    .ok_or_else(|| err(n, key, format!("{value:?} is not HOST:PORT (e.g. vpn.example.org:51820 or [2001:db8::1]:51820)")))?;
+                let _ = (host, port);
+                peers.last_mut().expect("in a [Peer] section").endpoint = Some(value.to_owned());
+            }
+            (Section::Peer, "allowedips") => {
+                for a in list() {
+                    let net = a.parse::<IpNet>().or_else(|_| a.parse::<IpAddr>().map(IpNet::from)).map_err(|_| {
+                        err(n, key, format!("{a:?} is not an address range (e.g. 10.0.0.2/32 or fd00::/64)"))
+                    })?;
+                    peers.last_mut().expect("in a [Peer] section").allowed_ips.push(net);
+                }
+            }
+            (Section::Peer, "persistentkeepalive") => {
+                let k = if value == "off" {
+                    0
+                } else {
+                    value.parse::<u16>().map_err(|_| err(n, key, format!("{value:?} is not a number of seconds (or off)")))?
+                };
+                peers.last_mut().expect("in a [Peer] section").keepalive = (k > 0).then_some(k);
+            }
+            (_, k) if UNSUPPORTED.contains(&k) => {
+                warnings.push(format!("{}:{n}: {key} is not supported by tapir yet and is ignored", file.display()));
+            }
+            (Section::Interface, _) => {
+                return Err(err(n, key, "unknown key in [Interface]: PrivateKey, PrivateKeyFile, ListenPort, Address, MTU".into()))
+            }
+            (Section::Peer, _) => {
+                return Err(err(n, key, "unknown key in [Peer]: PublicKey, PresharedKey, Endpoint, AllowedIPs, PersistentKeepalive".into()))
+            }
+        }
+    }
+    let Some(interface_line) = interface_line else {
+        return Err(err(0, "", "no [Interface] section".into()));
+    };
+    let private_key = private_key.ok_or_else(|| {
+        err(
+            interface_line,
+            "PrivateKey",
+            "missing: give PrivateKey (from wg genkey or tapir genkey) or PrivateKeyFile".into(),
+        )
+    })?;
+    if inline_key_line.is_some() && mode & 0o077 != 0 {
+        warnings.push(format!(
+            "{} holds a private key and is readable by others (mode {:o}): chmod 600 it",
+            file.display(),
+            mode & 0o777
+        ));
+    }
+    let ours = private_key.public_key();
+    for (i, p) in peers.iter().enumerate() {
+        if p.public_key.0 == [0; 32] {
+            return Err(err(p.line, "PublicKey", "missing in this [Peer]".into()));
+        }
+        if p.public_key == ours {
+            return Err(err(
+                p.line,
+                "PublicKey",
+                "is this interface's own public key".into(),
+            ));
+        }
+        if peers[..i].iter().any(|q| q.public_key == p.public_key) {
+            return Err(err(
+                p.line,
+                "PublicKey",
+                "a second [Peer] with the same key".into(),
+            ));
+        }
+    }
+    Ok(TunnelConfig {
+        file: file.to_owned(),
+        name,
+        private_key,
+        listen_port,
+        addresses,
+        mtu: mtu.unwrap_or(DEFAULT_MTU),
+        peers,
+        warnings,
+    })
+}
+
+/// Reads a private key from a file that only its owner may read.
+pub fn read_key_file(config: &Path, value: &str) -> Result<PrivateKey, String> {
+    let path = Path::new(value);
+    let path = if path.is_relative() {
+        config.parent().unwrap_or(Path::new(".")).join(path)
+    } else {
+        path.to_owned()
+    };
+    let meta =
+        std::fs::metadata(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} is readable by group or others (mode {:o}): chmod 600 {0} first",
+            path.display(),
+            mode & 0o777
+        ));
+    }
+    let mut text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let key = PrivateKey::from_base64(&text).map_err(|e| format!("{}: {e}", path.display()));
+    text.zeroize();
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    const B: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+
+    fn p(text: &str) -> Result<TunnelConfig, ConfigError> {
+        parse(
+            Path::new("/etc/tapir/tp0.conf"),
+            IfName::new("tp0").unwrap(),
+            text,
+            0o600,
+        )
+    }
+
+    #[test]
+    fn reads_a_wg_quick_file() {
+        // The shape of wg-quick(8)'s example, with our own keys.
+        let c = p(&format!(
+            "[Interface]\n# comment\nAddress = 10.200.100.8/24, fd42::8/64\nListenPort = 51820\nPrivateKey = {A}\nMTU = 1380\nDNS = 10.200.100.1\n\n\
+             [Peer]\nPublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\nPresharedKey = {B}\nAllowedIPs = 10.200.100.0/24, fd42::/64 # inline\n\
+             Endpoint = demo.wireguard.com:51820\nPersistentKeepalive = 25\n"
+        ))
+        .unwrap();
+        assert_eq!(c.name.as_str(), "tp0");
+        assert_eq!(c.listen_port, Some(51820));
+        assert_eq!(c.mtu, 1380);
+        assert_eq!(c.addresses.len(), 2);
+        assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.peers[0].allowed_ips.len(), 2);
+        assert_eq!(c.peers[0].keepalive, Some(25));
+        assert_eq!(
+            c.peers[0].endpoint.as_deref(),
+            Some("demo.wireguard.com:51820")
+        );
+        assert_eq!(
+            c.warnings,
+            ["/etc/tapir/tp0.conf:7: DNS is not supported by tapir yet and is ignored"]
+        );
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let cases = [
+            (
+                "[Interface]\nPrivateKey = nope\n",
+                "/etc/tapir/tp0.conf:2: PrivateKey: not a WireGuard key",
+            ),
+            (
+                "[Interface]\nPrivateKey = KEY\nListenPort = 70000\n",
+                ":3: ListenPort: \"70000\" is not a port",
+            ),
+            (
+                "[Interface]\nPrivateKey = KEY\nColor = blue\n",
+                ":3: Color: unknown key in [Interface]",
+            ),
+            (
+                "[Interface]\nPrivateKey = KEY\n[Peer]\nAllowedIPs = 10.0.0.0/8\n",
+                ":3: PublicKey: missing in this [Peer]",
+            ),
+            (
+                "[Interface]\nPrivateKey = KEY\n[Peer]\nPublicKey = PEER\nEndpoint = nowhere\n",
+                ":5: Endpoint: \"nowhere\" is not HOST:PORT",
+            ),
+            (
+                "[Interface]\nPrivateKey = KEY\n[Peer]\nPublicKey = PEER\nAllowedIPs = 10.0.0.300/32\n",
+                ":5: AllowedIPs:",
+            ),
+            (
+                "Address = 10.0.0.1/24\n",
+                ":1: Address: outside any section",
+            ),
+            (
+                "[Interface]\nAddress = 10.0.0.1/24\n",
+                ":1: PrivateKey: missing",
+            ),
+            ("[Interfaces]\n", ":1: unknown section [interfaces]"),
+            (
+                "[Interface]\nPrivateKey = KEY\n[Peer]\nPublicKey = OWN\n",
+                ":3: PublicKey: is this interface's own public key",
+            ),
+        ];
+        let own = PrivateKey::from_base64(A).unwrap().public_key().to_base64();
+        for (text, want) in cases {
+            let text = text
+                .replace("KEY", A)
+                .replace("PEER", B)
+                .replace("OWN", &own);
+            let e = p(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn key_files_must_be_private() {
+        let dir = std::env::temp_dir().join(format!("tapir-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("private.key");
+        std::fs::write(&key, format!("{A}\n")).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let conf = dir.join("tp0.conf");
+        let text = "[Interface]\nPrivateKeyFile = private.key\n";
+        let e = parse(&conf, IfName::new("tp0").unwrap(), text, 0o600)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("readable by group or others") && e.contains("chmod 600"),
+            "{e}"
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = parse(&conf, IfName::new("tp0").unwrap(), text, 0o600).unwrap();
+        assert_eq!(c.private_key.to_base64(), A);
+        // An inline key in a world-readable file: a warning.
+        let c = parse(
+            &conf,
+            IfName::new("tp0").unwrap(),
+            &format!("[Interface]\nPrivateKey = {A}\n"),
+            0o644,
+        )
+        .unwrap();
+        assert!(c.warnings[0].contains("chmod 600"), "{:?}", c.warnings);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,246 @@
+//! `tapir run`: one WireGuard tunnel in the foreground.
+//!
+//! ```text
+//!   TunnelConfig ─▶ resolve endpoints ─▶ create tun (transient) ─▶ MTU, addresses, up, routes
+//!                ─▶ bind UDP [::]:port ─▶ loop:
+//!        poll(tun, udp, 250 ms)
+//!        tun readable: read into buf[16..] ─▶ Tunnel::encapsulate ─▶ sendto
+//!        udp readable: recvfrom ─▶ Tunnel::decapsulate ─▶ write to tun
+//!        then: poll_transmit (handshakes, keepalives, queued) ─▶ sendto; handle_timeout
+//!   shutdown: the tun goes with its descriptor, and its addresses and routes with it
+//! ```
+//! One packet per system call for now; batching (recvmmsg/sendmmsg, GSO/GRO,
+//! the vnet header) comes through the same `Tunnel` interface.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs, UdpSocket};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tapir_proto::wg::tunnel::{Decapsulated, Encapsulated, PeerConfig, Random, Tunnel};
+use tapir_sys::{Mode, Netlink, TunDevice, TunOptions};
+
+use crate::config::TunnelConfig;
+use crate::dev::DevError;
+
+/// Randomness from the kernel.
+pub struct OsRandom(File);
+
+impl OsRandom {
+    /// Opens `/dev/urandom`.
+    pub fn new() -> io::Result<Self> {
+        File::open("/dev/urandom").map(Self)
+    }
+}
+
+impl Random for OsRandom {
+    fn fill(&mut self, buf: &mut [u8]) {
+        self.0
+            .read_exact(buf)
+            .expect("/dev/urandom does not run dry");
+    }
+}
+
+/// 32 random bytes from the kernel (keys).
+pub fn random32() -> io::Result<[u8; 32]> {
+    let mut b = [0u8; 32];
+    OsRandom::new()?.0.read_exact(&mut b)?;
+    Ok(b)
+}
+
+fn to_v6(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V4(v4) => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        v6 => v6,
+    }
+}
+
+fn from_v6(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => SocketAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+fn wall() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// Resolves the peers' endpoints (once, at start).
+pub fn peer_configs(config: &TunnelConfig) -> Result<Vec<PeerConfig>, DevError> {
+    config
+        .peers
+        .iter()
+        .map(|p| {
+            let endpoint = match &p.endpoint {
+                Some(e) => Some(
+                    e.to_socket_addrs()
+                        .ok()
+                        .and_then(|mut it| it.next())
+                        .ok_or_else(|| {
+                            DevError::Invalid(format!(
+                                "{}:{}: Endpoint {e} does not resolve",
+                                config.file.display(),
+                                p.line
+                            ))
+                        })?,
+                ),
+                None => None,
+            };
+            Ok(PeerConfig {
+                public: p.public_key,
+                psk: p.psk.clone(),
+                endpoint,
+                allowed_ips: p.allowed_ips.clone(),
+                keepalive: p.keepalive.map(|k| Duration::from_secs(k.into())),
+            })
+        })
+        .collect()
+}
+
+/// Brings the tunnel up and runs it until `shutdown`.
+pub fn run(config: &TunnelConfig, tun_path: &Path, shutdown: &AtomicBool) -> Result<(), DevError> {
+    let peers = peer_configs(config)?;
+    if !crate::caps::has_net_admin() {
+        return Err(DevError::Permission(crate::caps::net_admin_missing(
+            "running a tunnel",
+        )));
+    }
+    let name = &config.name;
+    let mut nl = Netlink::open()?;
+    if nl.link(name.as_str())?.is_some() {
+        return Err(DevError::Invalid(format!(
+            "{name} already exists: another tunnel (or device) has that name; take it down (tapir dev del {name}) or rename {}",
+            config.file.display()
+        )));
+    }
+    let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, config.listen_port.unwrap_or(0)))
+        .map_err(|e| {
+            DevError::Invalid(format!(
+                "cannot listen on UDP port {}: {e}{}",
+                config.listen_port.unwrap_or(0),
+                if e.kind() == io::ErrorKind::AddrInUse {
+                    " (another program uses it: choose another ListenPort)"
+                } else {
+                    ""
+                }
+            ))
+        })?;
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| DevError::Runtime(format!("UDP socket: {e}")))?;
+    // Not persistent: the device, its addresses and its routes go away with
+    // the descriptor, on any exit.
+    let dev = TunDevice::create(tun_path, name, TunOptions::new(Mode::Tun))?;
+    dev.set_nonblocking(true)
+        .map_err(|e| DevError::Runtime(format!("{name}: {e}")))?;
+    let index = nl
+        .link(name.as_str())?
+        .ok_or_else(|| DevError::NotFound(name.to_string()))?
+        .index;
+    nl.set_mtu(index, config.mtu)?;
+    for a in &config.addresses {
+        nl.add_address(index, *a, None)?;
+    }
+    nl.set_up(index, true)?;
+    for p in &config.peers {
+        for net in &p.allowed_ips {
+            if net.prefix_len() == 0 {
+                eprintln!(
+                    "tapir: {name}: not routing {net} into the tunnel (a default route needs policy routing, which tapir does not set up yet)"
+                );
+                continue;
+            }
+            match nl.add_route(index, net.trunc(), None) {
+                Ok(()) => {}
+                Err(e) if e.errno() == Some(17) => {} // EEXIST: covered by an address's prefix route
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+    let mut tunnel = Tunnel::new(config.private_key.clone(), peers);
+    eprintln!(
+        "tapir: {name}: up, public key {}, listening on UDP port {port}, {} peer(s)",
+        tunnel.public_key(),
+        config.peers.len()
+    );
+    let mut rng = OsRandom::new().map_err(|e| DevError::Runtime(format!("/dev/urandom: {e}")))?;
+    let mut buf = vec![0u8; 65536 + 64];
+    let mut out = vec![0u8; 65536 + 64];
+    let mut next_timer = Instant::now();
+    while !shutdown.load(Ordering::Relaxed) {
+        let [tun_ready, udp_ready] =
+            tapir_sys::poll::readable([dev.as_fd(), socket.as_fd()], Duration::from_millis(250))
+                .map_err(|e| DevError::Runtime(format!("poll: {e}")))?;
+        let now = Instant::now();
+        if tun_ready {
+            // Drain a bounded batch, then give the other side its turn.
+            for _ in 0..64 {
+                let n = match dev.read(&mut buf[16..65536 + 16]) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        return Err(DevError::Runtime(format!(
+                            "{name}: reading the device: {e}"
+                        )));
+                    }
+                };
+                if let Encapsulated::Send { to, len } =
+                    tunnel.encapsulate(now, wall(), &mut rng, &mut buf, n)
+                {
+                    let _ = socket.send_to(&buf[..len], to_v6(to));
+                }
+            }
+        }
+        if udp_ready {
+            for _ in 0..64 {
+                let (n, from) = match socket.recv_from(&mut buf) {
+                    Ok(x) => x,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                    Err(e) => return Err(DevError::Runtime(format!("UDP receive: {e}"))),
+                };
+                if let Decapsulated::Packet(range) =
+                    tunnel.decapsulate(now, wall(), &mut rng, from_v6(from), &mut buf, n)
+                {
+                    let _ = dev.write(&buf[range]);
+                }
+            }
+        }
+        if now >= next_timer {
+            tunnel.handle_timeout(now, wall(), &mut rng);
+            next_timer = tunnel.poll_timeout(now);
+        }
+        while let Some((to, len)) = tunnel.poll_transmit(now, &mut out) {
+            let _ = socket.send_to(&out[..len], to_v6(to));
+        }
+    }
+    eprintln!("tapir: {name}: down");
+    drop(dev);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_addresses_travel_mapped() {
+        let a: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        assert_eq!(to_v6(a).to_string(), "[::ffff:192.0.2.1]:51820");
+        assert_eq!(from_v6(to_v6(a)), a);
+        let b: SocketAddr = "[2001:db8::1]:1".parse().unwrap();
+        assert_eq!(from_v6(to_v6(b)), b);
+    }
+}
