@@ -12,6 +12,8 @@ command -v tcpdump >/dev/null || need+=(tcpdump)
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v mknod >/dev/null || need+=(coreutils)
 { command -v sysctl && command -v kill; } >/dev/null || need+=(procps)
+command -v wireguard-go >/dev/null || need+=(wireguard-go)
+command -v wg >/dev/null || need+=(wireguard-tools)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test.sh: missing ${need[*]}; run as root to install them" >&2

@@ -1,0 +1,487 @@
+//! The tunnel against stock WireGuard (wireguard-go and wg from Debian) and
+//! against itself, in two namespaces joined by a veth:
+//!
+//! ```text
+//!   ns a: va 10.200.0.1 ── veth ── vb 10.200.0.2 :ns b
+//!         tunnel 10.77.0.1  ═══════  tunnel 10.77.0.2
+//! ```
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use netlab::{Lab, Netns, require_root};
+use sha2::{Digest, Sha256};
+
+const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
+
+struct Bed {
+    lab: Lab,
+    a: Netns,
+    b: Netns,
+    dir: PathBuf,
+}
+
+fn bed(tag: &str) -> Bed {
+    let lab = Lab::new();
+    let a = lab.netns("a");
+    let b = lab.netns("b");
+    lab.veth(&a, "va", &b, "vb");
+    a.ip(&["addr", "add", "10.200.0.1/24", "dev", "va"]);
+    b.ip(&["addr", "add", "10.200.0.2/24", "dev", "vb"]);
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("wg-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    Bed { lab, a, b, dir }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn genkey() -> (String, String) {
+    let private = sh(Command::new(TAPIR).arg("genkey"));
+    let mut child = Command::new(TAPIR)
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(private.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        private,
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
+}
+
+/// A process we started, ended by its pid on drop.
+struct Proc(Option<Child>);
+
+impl Proc {
+    fn stop(&mut self) -> String {
+        let mut c = self.0.take().unwrap();
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while c.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut err = String::new();
+        if let Some(mut e) = c.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        err
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Side<'a> {
+    ns: &'a Netns,
+    name: String,
+    port: u16,
+    addr: &'a str,
+}
+
+/// tapir on `side`, with `peer` reachable at `endpoint` (None: wait to be contacted).
+fn tapir(
+    bed: &Bed,
+    side: &Side,
+    private: &str,
+    peer: &str,
+    endpoint: Option<&str>,
+    allowed: &str,
+) -> Proc {
+    let conf = bed.dir.join(format!("{}.conf", side.name));
+    let mut text = format!(
+        "[Interface]\nPrivateKey = {private}\nListenPort = {}\nAddress = {}/24\n\n[Peer]\nPublicKey = {peer}\nAllowedIPs = {allowed}\n",
+        side.port, side.addr
+    );
+    if let Some(e) = endpoint {
+        text += &format!("Endpoint = {e}\n");
+    }
+    std::fs::write(&conf, text).unwrap();
+    std::process::Command::new("chmod")
+        .args(["600", conf.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let child = side
+        .ns
+        .cmd(TAPIR)
+        .arg("run")
+        .arg(&conf)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(|| side.ns.has_link(&side.name), "the tapir interface");
+    Proc(Some(child))
+}
+
+fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// wireguard-go on `side`, configured with `wg set`.
+fn wireguard_go(
+    bed: &Bed,
+    side: &Side,
+    private: &str,
+    peer: &str,
+    endpoint: Option<&str>,
+    allowed: &str,
+) -> Proc {
+    let child = side
+        .ns
+        .cmd("env")
+        .args(["WG_PROCESS_FOREGROUND=1", "wireguard-go", "-f", &side.name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("wireguard-go (Debian package wireguard-go) must be installed");
+    let sock = PathBuf::from(format!("/var/run/wireguard/{}.sock", side.name));
+    wait_for(|| sock.exists(), "the wireguard-go control socket");
+    let key = bed.dir.join(format!("{}.key", side.name));
+    std::fs::write(&key, private).unwrap();
+    let mut args = vec![
+        "set".to_string(),
+        side.name.clone(),
+        "private-key".into(),
+        key.to_str().unwrap().into(),
+        "listen-port".into(),
+        side.port.to_string(),
+        "peer".into(),
+        peer.into(),
+        "allowed-ips".into(),
+        allowed.into(),
+    ];
+    if let Some(e) = endpoint {
+        args.extend(["endpoint".into(), e.into()]);
+    }
+    sh(side.ns.cmd("wg").args(&args));
+    side.ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", side.addr),
+        "dev",
+        &side.name,
+    ]);
+    side.ns.ip(&["link", "set", &side.name, "up"]);
+    Proc(Some(child))
+}
+
+fn ping(ns: &Netns, to: &str) {
+    let out = ns
+        .cmd("ping")
+        .args(["-c", "3", "-i", "0.2", "-W", "3", to])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(" 0% packet loss"),
+        "ping {to}: {text}"
+    );
+}
+
+/// A name no other test's wireguard-go uses (its socket path is global).
+fn ifname(tag: &str) -> String {
+    format!("{tag}{}", std::process::id() % 100_000)
+}
+
+#[test]
+fn tapir_initiates_to_wireguard_go() {
+    require_root!();
+    let bed = bed("init");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let a = Side {
+        ns: &bed.a,
+        name: ifname("tpa"),
+        port: 51820,
+        addr: "10.77.0.1",
+    };
+    let b = Side {
+        ns: &bed.b,
+        name: ifname("wgi"),
+        port: 51821,
+        addr: "10.77.0.2",
+    };
+    let _wg = wireguard_go(&bed, &b, &kb, &pa, None, "10.77.0.1/32");
+    let mut tp = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51821"), "10.77.0.2/32");
+    ping(&bed.a, "10.77.0.2");
+    ping(&bed.b, "10.77.0.1");
+    let show = sh(bed.b.cmd("wg").args(["show", &b.name, "dump"]));
+    let peer_line = show.lines().nth(1).unwrap();
+    let fields: Vec<&str> = peer_line.split('\t').collect();
+    assert_eq!(fields[0], pa);
+    assert_eq!(fields[2], "10.200.0.1:51820", "endpoint learned from tapir");
+    assert!(
+        fields[4].parse::<u64>().unwrap() > 0,
+        "a handshake happened: {peer_line}"
+    );
+    let log = tp.stop();
+    assert!(!log.contains(&ka), "the private key is never logged");
+    assert!(
+        !bed.a.has_link(&a.name),
+        "the interface is gone after SIGTERM"
+    );
+}
+
+#[test]
+fn wireguard_go_initiates_to_tapir() {
+    require_root!();
+    let bed = bed("resp");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let a = Side {
+        ns: &bed.a,
+        name: ifname("tpr"),
+        port: 51820,
+        addr: "10.77.0.1",
+    };
+    let b = Side {
+        ns: &bed.b,
+        name: ifname("wgr"),
+        port: 51821,
+        addr: "10.77.0.2",
+    };
+    let _tp = tapir(&bed, &a, &ka, &pb, None, "10.77.0.2/32");
+    let _wg = wireguard_go(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
+    ping(&bed.b, "10.77.0.1");
+    ping(&bed.a, "10.77.0.2");
+}
+
+#[test]
+fn tapir_to_tapir_with_100_mb_both_ways() {
+    require_root!();
+    let bed = bed("tt");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let a = Side {
+        ns: &bed.a,
+        name: "tp0".into(),
+        port: 51820,
+        addr: "10.77.0.1",
+    };
+    let b = Side {
+        ns: &bed.b,
+        name: "tp0".into(),
+        port: 51820,
+        addr: "10.77.0.2",
+    };
+    let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
+    ping(&bed.a, "10.77.0.2");
+    transfer(&bed.a, &bed.b, "10.77.0.2:5001", 100 << 20);
+    transfer(&bed.b, &bed.a, "10.77.0.1:5001", 100 << 20);
+}
+
+#[test]
+fn bulk_transfer_with_wireguard_go() {
+    require_root!();
+    let bed = bed("bulk");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let a = Side {
+        ns: &bed.a,
+        name: ifname("tpb"),
+        port: 51820,
+        addr: "10.77.0.1",
+    };
+    let b = Side {
+        ns: &bed.b,
+        name: ifname("wgb"),
+        port: 51821,
+        addr: "10.77.0.2",
+    };
+    let _wg = wireguard_go(&bed, &b, &kb, &pa, None, "10.77.0.1/32");
+    let _tp = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51821"), "10.77.0.2/32");
+    ping(&bed.a, "10.77.0.2");
+    transfer(&bed.a, &bed.b, "10.77.0.2:5001", 100 << 20);
+    transfer(&bed.b, &bed.a, "10.77.0.1:5001", 100 << 20);
+}
+
+/// Sends `len` pseudo-random bytes over TCP from `from` to a listener in `to`
+/// at `addr`; both ends hash what they saw and must agree.
+fn transfer(from: &Netns, to: &Netns, addr: &str, len: usize) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let to_path = to.path();
+        let server = s.spawn(move || {
+            tapir_sys::netns::enter(&to_path).unwrap();
+            let listener = TcpListener::bind(addr).unwrap();
+            tx.send(()).unwrap();
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            let mut hash = Sha256::new();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = 0;
+            loop {
+                let n = conn.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                hash.update(&buf[..n]);
+                total += n;
+            }
+            (total, hash.finalize())
+        });
+        rx.recv().unwrap();
+        let from_path = from.path();
+        let client = s.spawn(move || {
+            tapir_sys::netns::enter(&from_path).unwrap();
+            let mut conn =
+                TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(10))
+                    .unwrap();
+            conn.set_write_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            let mut hash = Sha256::new();
+            let mut x: u64 = 0x2545f4914f6cdd1d;
+            let mut chunk = vec![0u8; 1 << 16];
+            let mut sent = 0;
+            while sent < len {
+                for w in chunk.chunks_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+                }
+                let n = chunk.len().min(len - sent);
+                conn.write_all(&chunk[..n]).unwrap();
+                hash.update(&chunk[..n]);
+                sent += n;
+            }
+            hash.finalize()
+        });
+        let sent_hash = client.join().unwrap();
+        let (got, got_hash) = server.join().unwrap();
+        assert_eq!(got, len);
+        assert_eq!(got_hash, sent_hash, "sha256 of what arrived");
+    });
+}
+
+#[test]
+fn a_restarted_tapir_resumes_without_touching_the_peer() {
+    require_root!();
+    let bed = bed("restart");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let a = Side {
+        ns: &bed.a,
+        name: ifname("tps"),
+        port: 51820,
+        addr: "10.77.0.1",
+    };
+    let b = Side {
+        ns: &bed.b,
+        name: ifname("wgs"),
+        port: 51821,
+        addr: "10.77.0.2",
+    };
+    let _wg = wireguard_go(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
+    let mut tp = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51821"), "10.77.0.2/32");
+    ping(&bed.a, "10.77.0.2");
+    tp.stop();
+    let _tp = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51821"), "10.77.0.2/32");
+    let started = Instant::now();
+    ping(&bed.a, "10.77.0.2");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "resumed in {:?}",
+        started.elapsed()
+    );
+    // And the peer's traffic to us resumes too.
+    ping(&bed.b, "10.77.0.1");
+}
+
+#[test]
+fn forged_replayed_and_truncated_datagrams_change_nothing() {
+    require_root!();
+    let bed = bed("forge");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let a = Side {
+        ns: &bed.a,
+        name: ifname("tpf"),
+        port: 51820,
+        addr: "10.77.0.1",
+    };
+    let b = Side {
+        ns: &bed.b,
+        name: ifname("wgf"),
+        port: 51821,
+        addr: "10.77.0.2",
+    };
+    let _wg = wireguard_go(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
+    let _tp = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51821"), "10.77.0.2/32");
+    ping(&bed.a, "10.77.0.2");
+    let replies = bed.b.run(|| {
+        let sock = UdpSocket::bind("10.200.0.2:40000").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut x: u64 = 77;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..3000usize {
+            let len = match i % 6 {
+                0 => 148, // initiation-sized garbage
+                1 => 92,
+                2 => 64,
+                3 => 32 + (i % 200),
+                4 => i % 40,
+                _ => 1 + (i % 1500),
+            };
+            let mut d: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if let Some(first) = d.first_mut() {
+                *first = (i % 5) as u8;
+            }
+            if d.len() >= 4 {
+                d[1..4].fill(0);
+            }
+            sock.send_to(&d, "10.200.0.1:51820").unwrap();
+        }
+        let mut buf = [0u8; 2048];
+        let mut replies = 0;
+        while sock.recv_from(&mut buf).is_ok() {
+            replies += 1;
+        }
+        replies
+    });
+    assert_eq!(replies, 0, "no reply to the unauthenticated");
+    // Still working.
+    ping(&bed.a, "10.77.0.2");
+    ping(&bed.b, "10.77.0.1");
+    let _ = &bed.lab;
+}
