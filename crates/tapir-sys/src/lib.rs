@@ -33,6 +33,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod ifname;
+pub mod mmsg;
 pub mod netlink;
 pub mod netns;
 pub mod poll;

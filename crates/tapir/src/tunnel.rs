@@ -4,13 +4,14 @@
 //!   TunnelConfig ─▶ resolve endpoints ─▶ create tun (transient) ─▶ MTU, addresses, up, routes
 //!                ─▶ bind UDP [::]:port ─▶ loop:
 //!        poll(tun, udp, 250 ms)
-//!        tun readable: read into buf[16..] ─▶ Tunnel::encapsulate ─▶ sendto
-//!        udp readable: recvfrom ─▶ Tunnel::decapsulate ─▶ write to tun
+//!        tun readable: read up to 64 packets into batch slots ─▶ Tunnel::encapsulate ─▶ sendmmsg
+//!        udp readable: recvmmsg up to 64 ─▶ Tunnel::decapsulate in place ─▶ write to tun
 //!        then: poll_transmit (handshakes, keepalives, queued) ─▶ sendto; handle_timeout
 //!   shutdown: the tun goes with its descriptor, and its addresses and routes with it
 //! ```
-//! One packet per system call for now; batching (recvmmsg/sendmmsg, GSO/GRO,
-//! the vnet header) comes through the same `Tunnel` interface.
+//! UDP moves in batches of up to 64 datagrams per system call (recvmmsg,
+//! sendmmsg); the tun side is one packet per read or write until the vnet
+//! header and TSO come in (through the same `Tunnel` interface).
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -21,7 +22,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tapir_proto::wg::tunnel::{Decapsulated, Encapsulated, PeerConfig, Random, Tunnel};
+use tapir_sys::mmsg::Batch;
 use tapir_sys::{Mode, Netlink, TunDevice, TunOptions};
+
+/// Datagrams per system call.
+const BATCH: usize = 64;
+/// Bytes per batch slot: the largest UDP datagram, or a tun packet with the
+/// WireGuard header before and padding and tag after.
+const SLOT: usize = 65536 + 64;
 
 use crate::config::TunnelConfig;
 use crate::dev::DevError;
@@ -51,12 +59,10 @@ pub fn random32() -> io::Result<[u8; 32]> {
     Ok(b)
 }
 
-fn to_v6(a: SocketAddr) -> SocketAddr {
+fn to_v6(a: SocketAddr) -> SocketAddrV6 {
     match a {
-        SocketAddr::V4(v4) => {
-            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
-        }
-        v6 => v6,
+        SocketAddr::V4(v4) => SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0),
+        SocketAddr::V6(v6) => v6,
     }
 }
 
@@ -176,8 +182,10 @@ pub fn run(config: &TunnelConfig, tun_path: &Path, shutdown: &AtomicBool) -> Res
         config.peers.len()
     );
     let mut rng = OsRandom::new().map_err(|e| DevError::Runtime(format!("/dev/urandom: {e}")))?;
-    let mut buf = vec![0u8; 65536 + 64];
-    let mut out = vec![0u8; 65536 + 64];
+    // Batches allocated once: the datapath allocates nothing per packet.
+    let mut rx = Batch::new(BATCH, SLOT);
+    let mut tx = Batch::new(BATCH, SLOT);
+    let mut out = vec![0u8; SLOT];
     let mut next_timer = Instant::now();
     while !shutdown.load(Ordering::Relaxed) {
         let [tun_ready, udp_ready] =
@@ -185,9 +193,12 @@ pub fn run(config: &TunnelConfig, tun_path: &Path, shutdown: &AtomicBool) -> Res
                 .map_err(|e| DevError::Runtime(format!("poll: {e}")))?;
         let now = Instant::now();
         if tun_ready {
-            // Drain a bounded batch, then give the other side its turn.
-            for _ in 0..64 {
-                let n = match dev.read(&mut buf[16..65536 + 16]) {
+            // Read a batch of packets, seal each where it lies, send them in one call.
+            let mut k = 0;
+            for _ in 0..BATCH {
+                let slot = tx.slot_mut(k);
+                let room = slot.len() - 48;
+                let n = match dev.read(&mut slot[16..16 + room]) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -197,24 +208,33 @@ pub fn run(config: &TunnelConfig, tun_path: &Path, shutdown: &AtomicBool) -> Res
                     }
                 };
                 if let Encapsulated::Send { to, len } =
-                    tunnel.encapsulate(now, wall(), &mut rng, &mut buf, n)
+                    tunnel.encapsulate(now, wall(), &mut rng, slot, n)
                 {
-                    let _ = socket.send_to(&buf[..len], to_v6(to));
+                    tx.set(k, len, &to_v6(to));
+                    k += 1;
                 }
+            }
+            if k > 0 {
+                tx.send(socket.as_fd(), k)
+                    .map_err(|e| DevError::Runtime(format!("UDP send: {e}")))?;
             }
         }
         if udp_ready {
-            for _ in 0..64 {
-                let (n, from) = match socket.recv_from(&mut buf) {
-                    Ok(x) => x,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
-                    Err(e) => return Err(DevError::Runtime(format!("UDP receive: {e}"))),
-                };
-                if let Decapsulated::Packet(range) =
-                    tunnel.decapsulate(now, wall(), &mut rng, from_v6(from), &mut buf, n)
-                {
-                    let _ = dev.write(&buf[range]);
+            let got = rx
+                .recv(socket.as_fd())
+                .map_err(|e| DevError::Runtime(format!("UDP receive: {e}")))?;
+            for i in 0..got {
+                let (datagram, from) = rx.datagram_mut(i);
+                let n = datagram.len();
+                if let Decapsulated::Packet(range) = tunnel.decapsulate(
+                    now,
+                    wall(),
+                    &mut rng,
+                    from_v6(SocketAddr::V6(from)),
+                    datagram,
+                    n,
+                ) {
+                    let _ = dev.write(&datagram[range]);
                 }
             }
         }
@@ -223,7 +243,7 @@ pub fn run(config: &TunnelConfig, tun_path: &Path, shutdown: &AtomicBool) -> Res
             next_timer = tunnel.poll_timeout(now);
         }
         while let Some((to, len)) = tunnel.poll_transmit(now, &mut out) {
-            let _ = socket.send_to(&out[..len], to_v6(to));
+            let _ = socket.send_to(&out[..len], SocketAddr::V6(to_v6(to)));
         }
     }
     eprintln!("tapir: {name}: down");
@@ -239,8 +259,8 @@ mod tests {
     fn v4_addresses_travel_mapped() {
         let a: SocketAddr = "192.0.2.1:51820".parse().unwrap();
         assert_eq!(to_v6(a).to_string(), "[::ffff:192.0.2.1]:51820");
-        assert_eq!(from_v6(to_v6(a)), a);
+        assert_eq!(from_v6(SocketAddr::V6(to_v6(a))), a);
         let b: SocketAddr = "[2001:db8::1]:1".parse().unwrap();
-        assert_eq!(from_v6(to_v6(b)), b);
+        assert_eq!(from_v6(SocketAddr::V6(to_v6(b))), b);
     }
 }
