@@ -1,7 +1,12 @@
-//! Tunnel configuration: wg-quick files (`[Interface]` / `[Peer]`), so that a
-//! WireGuard user can switch without rewriting anything.
+//! Tunnel configuration, from two kinds of file:
 //!
-//! The interface is named after the file (`tp0.conf` gives `tp0`). Every error
+//! - wg-quick files (`[Interface]` / `[Peer]`), so that a WireGuard user can
+//!   switch without rewriting anything; the interface is named after the
+//!   file (`tp0.conf` gives `tp0`);
+//! - tapir's TOML (`*.toml`), with one or more `[[tunnel]]` tables, each with
+//!   its `[[tunnel.peer]]` tables (see [`load_toml`]).
+//!
+//! Every error
 //! names the file, the line and the key; keys that wg-quick knows and tapir
 //! does not act on yet (DNS, Table, PreUp...) are named in a warning, never
 //! silently ignored. Everything is checked here, before any kernel call.
@@ -33,6 +38,8 @@ pub struct TunnelConfig {
     pub addresses: Vec<IpNet>,
     /// MTU.
     pub mtu: u32,
+    /// Routes into the tunnel; `None`: one per allowed IP of every peer.
+    pub routes: Option<Vec<IpNet>>,
     /// Peers.
     pub peers: Vec<PeerEntry>,
     /// Things the user should know (unsupported keys, loose permissions).
@@ -302,9 +309,282 @@ pub fn parse(
         listen_port,
         addresses,
         mtu: mtu.unwrap_or(DEFAULT_MTU),
+        routes: None,
         peers,
         warnings,
     })
+}
+
+/// Reads a config file: TOML (`*.toml`, any number of tunnels) or wg-quick
+/// (anything else, one tunnel named after the file). Tunnel names must differ.
+pub fn load_any(path: &Path) -> Result<Vec<TunnelConfig>, ConfigError> {
+    if path.extension().is_some_and(|e| e == "toml") {
+        load_toml(path)
+    } else {
+        load(path).map(|c| vec![c])
+    }
+}
+
+mod toml_schema {
+    use serde::Deserialize;
+    use toml::Spanned;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct File {
+        #[serde(rename = "tunnel", default)]
+        pub tunnels: Vec<Tunnel>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Tunnel {
+        pub name: Spanned<String>,
+        pub private_key: Option<Spanned<String>>,
+        pub private_key_file: Option<Spanned<String>>,
+        pub listen_port: Option<u16>,
+        #[serde(default)]
+        pub addresses: Vec<Spanned<String>>,
+        pub mtu: Option<Spanned<u32>>,
+        pub routes: Option<Vec<Spanned<String>>>,
+        #[serde(rename = "peer", default)]
+        pub peers: Vec<Spanned<Peer>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Peer {
+        pub public_key: Spanned<String>,
+        pub preshared_key: Option<Spanned<String>>,
+        pub endpoint: Option<Spanned<String>>,
+        #[serde(default)]
+        pub allowed_ips: Vec<Spanned<String>>,
+        pub persistent_keepalive: Option<u16>,
+    }
+}
+
+/// Reads tapir's TOML:
+///
+/// ```toml
+/// [[tunnel]]
+/// name = "tp0"
+/// private_key_file = "/etc/tapir/tp0.key"   # mode 600, or private_key = "..."
+/// listen_port = 51820
+/// addresses = ["10.77.0.1/24"]
+/// mtu = 1420                                # optional
+/// routes = ["10.1.0.0/16"]                  # optional: default, the peers' allowed IPs
+///
+/// [[tunnel.peer]]
+/// public_key = "..."
+/// preshared_key = "..."                     # optional
+/// endpoint = "192.0.2.2:51820"              # optional
+/// allowed_ips = ["10.77.0.2/32"]
+/// persistent_keepalive = 25                 # optional
+/// ```
+pub fn load_toml(path: &Path) -> Result<Vec<TunnelConfig>, ConfigError> {
+    let whole = |msg: String| ConfigError {
+        file: path.to_owned(),
+        line: 0,
+        key: None,
+        msg,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| whole(format!("cannot read: {e}")))?;
+    let mut text = std::fs::read_to_string(path).map_err(|e| whole(format!("cannot read: {e}")))?;
+    let result = parse_toml(path, &text, meta.permissions().mode());
+    text.zeroize();
+    result
+}
+
+/// Parses the text of a TOML config (see [`load_toml`]).
+pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig>, ConfigError> {
+    let line_of =
+        |span: std::ops::Range<usize>| text[..span.start.min(text.len())].matches('\n').count() + 1;
+    let err = |span: std::ops::Range<usize>, key: &str, msg: String| ConfigError {
+        file: path.to_owned(),
+        line: line_of(span),
+        key: Some(key.to_owned()),
+        msg,
+    };
+    let file: toml_schema::File = toml::from_str(text).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        line: e.span().map_or(0, line_of),
+        key: None,
+        msg: e.message().to_owned(),
+    })?;
+    if file.tunnels.is_empty() {
+        return Err(ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            key: None,
+            msg: "no [[tunnel]]: nothing to run".into(),
+        });
+    }
+    let mut out: Vec<TunnelConfig> = Vec::new();
+    for t in file.tunnels {
+        let name_span = t.name.span();
+        let name = IfName::new(t.name.get_ref())
+            .map_err(|e| err(name_span.clone(), "name", e.to_string()))?;
+        if name.is_template() {
+            return Err(err(
+                name_span,
+                "name",
+                "a tunnel needs a fixed name, without '%'".into(),
+            ));
+        }
+        if out.iter().any(|o| o.name == name) {
+            return Err(err(
+                name_span,
+                "name",
+                format!("a second tunnel named {name}"),
+            ));
+        }
+        let mut warnings = Vec::new();
+        let private_key = match (&t.private_key, &t.private_key_file) {
+            (Some(k), None) => {
+                if mode & 0o077 != 0 {
+                    warnings.push(format!(
+                        "{} holds a private key and is readable by others (mode {:o}): chmod 600 it",
+                        path.display(),
+                        mode & 0o777
+                    ));
+                }
+                PrivateKey::from_base64(k.get_ref())
+                    .map_err(|e| err(k.span(), "private_key", e.to_string()))?
+            }
+            (None, Some(f)) => read_key_file(path, f.get_ref())
+                .map_err(|m| err(f.span(), "private_key_file", m))?,
+            (Some(k), Some(_)) => {
+                return Err(err(
+                    k.span(),
+                    "private_key",
+                    "give private_key or private_key_file, not both".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(err(
+                    name_span,
+                    "private_key",
+                    "missing: give private_key_file (or private_key)".into(),
+                ));
+            }
+        };
+        let mut addresses = Vec::new();
+        for a in &t.addresses {
+            addresses.push(
+                crate::dev::parse_addr(a.get_ref()).map_err(|m| err(a.span(), "addresses", m))?,
+            );
+        }
+        let mtu = match &t.mtu {
+            Some(m) if !(576..=65535).contains(m.get_ref()) => {
+                return Err(err(
+                    m.span(),
+                    "mtu",
+                    format!("{} is not an MTU (576 to 65535)", m.get_ref()),
+                ));
+            }
+            Some(m) => *m.get_ref(),
+            None => DEFAULT_MTU,
+        };
+        let routes = match &t.routes {
+            Some(list) => {
+                let mut v = Vec::new();
+                for r in list {
+                    v.push(
+                        crate::dev::parse_route(r.get_ref(), false)
+                            .map_err(|m| err(r.span(), "routes", m))?,
+                    );
+                }
+                Some(v)
+            }
+            None => None,
+        };
+        let ours = private_key.public_key();
+        let mut peers: Vec<PeerEntry> = Vec::new();
+        for p in &t.peers {
+            let line = line_of(p.span());
+            let p = p.get_ref();
+            let public_key = PublicKey::from_base64(p.public_key.get_ref())
+                .map_err(|e| err(p.public_key.span(), "public_key", e.to_string()))?;
+            if public_key == ours {
+                return Err(err(
+                    p.public_key.span(),
+                    "public_key",
+                    "is this tunnel's own public key".into(),
+                ));
+            }
+            if peers.iter().any(|q| q.public_key == public_key) {
+                return Err(err(
+                    p.public_key.span(),
+                    "public_key",
+                    "a second peer with the same key".into(),
+                ));
+            }
+            let psk = match &p.preshared_key {
+                Some(k) => Some(
+                    PresharedKey::from_base64(k.get_ref())
+                        .map_err(|e| err(k.span(), "preshared_key", e.to_string()))?,
+                ),
+                None => None,
+            };
+            if let Some(e) = &p.endpoint {
+                let v = e.get_ref();
+                if v.rsplit_once(':')
+                    .is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err())
+                {
+                    return Err(err(e.span(), "endpoint", format!("{v:?} is not HOST:PORT")));
+                }
+            }
+            let mut allowed_ips = Vec::new();
+            for a in &p.allowed_ips {
+                let v = a.get_ref();
+                let net = v
+                    .parse::<IpNet>()
+                    .or_else(|_| v.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        err(
+                            a.span(),
+                            "allowed_ips",
+                            format!("{v:?} is not an address range (e.g. 10.0.0.2/32)"),
+                        )
+                    })?;
+                allowed_ips.push(net);
+            }
+            peers.push(PeerEntry {
+                public_key,
+                psk,
+                endpoint: p.endpoint.as_ref().map(|e| e.get_ref().clone()),
+                allowed_ips,
+                keepalive: p.persistent_keepalive.filter(|k| *k > 0),
+                line,
+            });
+        }
+        out.push(TunnelConfig {
+            file: path.to_owned(),
+            name,
+            private_key,
+            listen_port: t.listen_port,
+            addresses,
+            mtu,
+            routes,
+            peers,
+            warnings,
+        });
+    }
+    let mut ports: Vec<u16> = out
+        .iter()
+        .filter_map(|t| t.listen_port)
+        .filter(|p| *p != 0)
+        .collect();
+    ports.sort_unstable();
+    if let Some(w) = ports.windows(2).find(|w| w[0] == w[1]) {
+        return Err(ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            key: Some("listen_port".into()),
+            msg: format!("two tunnels listen on port {}", w[0]),
+        });
+    }
+    Ok(out)
 }
 
 /// Reads a private key from a file that only its owner may read.
@@ -338,6 +618,8 @@ mod tests {
 
     const A: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
     const B: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+    /// A public key other than A's (which is B).
+    const C: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
 
     fn p(text: &str) -> Result<TunnelConfig, ConfigError> {
         parse(
@@ -422,6 +704,67 @@ mod tests {
                 .replace("PEER", B)
                 .replace("OWN", &own);
             let e = p(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn reads_toml_with_several_tunnels() {
+        let text = format!(
+            "[[tunnel]]\nname = \"tp0\"\nprivate_key = \"{A}\"\nlisten_port = 51820\naddresses = [\"10.77.0.1/24\"]\n\n\
+             [[tunnel.peer]]\npublic_key = \"{C}\"\nendpoint = \"192.0.2.2:51820\"\nallowed_ips = [\"10.77.0.2/32\"]\npersistent_keepalive = 25\n\n\
+             [[tunnel]]\nname = \"tp1\"\nprivate_key = \"{B}\"\nlisten_port = 51821\nroutes = [\"10.9.0.0/16\"]\nmtu = 1380\n"
+        );
+        let t = parse_toml(Path::new("t.toml"), &text, 0o600).unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].name.as_str(), "tp0");
+        assert_eq!(t[0].peers[0].keepalive, Some(25));
+        assert_eq!(t[0].peers[0].line, 7, "the line of its first key");
+        assert_eq!(t[0].mtu, DEFAULT_MTU);
+        assert!(t[0].routes.is_none());
+        assert_eq!(t[1].routes.as_ref().unwrap()[0].to_string(), "10.9.0.0/16");
+        assert_eq!(t[1].mtu, 1380);
+    }
+
+    #[test]
+    fn toml_errors_name_file_line_and_key() {
+        let base = format!("[[tunnel]]\nname = \"tp0\"\nprivate_key = \"{A}\"\n");
+        let cases = [
+            (format!("{base}listen_port = 99999\n"), "t.toml:4: "),
+            (
+                format!("{base}colour = \"red\"\n"),
+                "t.toml:4: unknown field `colour`",
+            ),
+            (
+                format!("{base}addresses = [\"10.0.0.1/40\"]\n"),
+                "t.toml:4: addresses: ",
+            ),
+            (
+                format!("{base}[[tunnel.peer]]\npublic_key = \"x\"\n"),
+                "t.toml:5: public_key: not a WireGuard key",
+            ),
+            (
+                format!("{base}[[tunnel.peer]]\npublic_key = \"{C}\"\nallowed_ips = [\"nope\"]\n"),
+                "t.toml:6: allowed_ips:",
+            ),
+            (
+                format!("{base}[[tunnel.peer]]\npublic_key = \"{B}\"\n"),
+                "t.toml:5: public_key: is this tunnel's own public key",
+            ),
+            (
+                format!("{base}[[tunnel]]\nname = \"tp0\"\nprivate_key = \"{B}\"\n"),
+                "t.toml:5: name: a second tunnel named tp0",
+            ),
+            (
+                "[[tunnel]]\nname = \"a/b\"\n".to_string(),
+                "t.toml:2: name: interface name",
+            ),
+            ("".to_string(), "no [[tunnel]]"),
+        ];
+        for (text, want) in cases {
+            let e = parse_toml(Path::new("t.toml"), &text, 0o600)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{text:?}: {e}");
         }
     }

@@ -57,7 +57,7 @@ enum Command {
         #[arg(long)]
         mac: Option<String>,
     },
-    /// Run the tunnel of a wg-quick style config file in the foreground (FILE NAME.conf gives interface NAME).
+    /// Run tunnels in the foreground: a wg-quick file (NAME.conf gives interface NAME) or a tapir TOML file (*.toml).
     Run {
         /// The config file.
         file: PathBuf,
@@ -348,12 +348,12 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { file } => {
-            let config = tapir::config::load(&file)?;
-            for w in &config.warnings {
+            let configs = tapir::config::load_any(&file)?;
+            for w in configs.iter().flat_map(|c| &c.warnings) {
                 eprintln!("tapir: warning: {w}");
             }
             let shutdown = shutdown_flag()?;
-            tapir::tunnel::run(&config, &cli.tun_path, &shutdown)?;
+            tapir::tunnel::run_all(&configs, &cli.tun_path, &shutdown)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Genkey => {

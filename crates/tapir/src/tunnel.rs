@@ -114,8 +114,18 @@ pub fn peer_configs(config: &TunnelConfig) -> Result<Vec<PeerConfig>, DevError> 
         .collect()
 }
 
-/// Brings the tunnel up and runs it until `shutdown`.
-pub fn run(config: &TunnelConfig, tun_path: &Path, shutdown: &AtomicBool) -> Result<(), DevError> {
+/// A tunnel whose device, addresses, routes and socket are set up, ready to run.
+pub struct Started {
+    name: tapir_sys::IfName,
+    dev: TunDevice,
+    socket: UdpSocket,
+    tunnel: Tunnel,
+}
+
+/// Sets a tunnel up: resolves its peers, binds its port, creates and
+/// configures its device. On failure nothing is left: the device is
+/// transient and goes with its descriptor.
+pub fn start(config: &TunnelConfig, tun_path: &Path) -> Result<Started, DevError> {
     let peers = peer_configs(config)?;
     if !crate::caps::has_net_admin() {
         return Err(DevError::Permission(crate::caps::net_admin_missing(
@@ -159,9 +169,17 @@ pub fn run(config: &TunnelConfig, tun_path: &Path, shutdown: &AtomicBool) -> Res
         nl.add_address(index, *a, None)?;
     }
     nl.set_up(index, true)?;
-    for p in &config.peers {
-        for net in &p.allowed_ips {
-            if net.prefix_len() == 0 {
+    let routes: Vec<ipnet::IpNet> = match &config.routes {
+        Some(r) => r.clone(),
+        None => config
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            .collect(),
+    };
+    {
+        for net in &routes {
+            if net.prefix_len() == 0 && config.routes.is_none() {
                 eprintln!(
                     "tapir: {name}: not routing {net} into the tunnel (a default route needs policy routing, which tapir does not set up yet)"
                 );
@@ -175,80 +193,139 @@ pub fn run(config: &TunnelConfig, tun_path: &Path, shutdown: &AtomicBool) -> Res
         }
     }
     let port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
-    let mut tunnel = Tunnel::new(config.private_key.clone(), peers);
+    let tunnel = Tunnel::new(config.private_key.clone(), peers);
     eprintln!(
         "tapir: {name}: up, public key {}, listening on UDP port {port}, {} peer(s)",
         tunnel.public_key(),
         config.peers.len()
     );
-    let mut rng = OsRandom::new().map_err(|e| DevError::Runtime(format!("/dev/urandom: {e}")))?;
-    // Batches allocated once: the datapath allocates nothing per packet.
-    let mut rx = Batch::new(BATCH, SLOT);
-    let mut tx = Batch::new(BATCH, SLOT);
-    let mut out = vec![0u8; SLOT];
-    let mut next_timer = Instant::now();
-    while !shutdown.load(Ordering::Relaxed) {
-        let [tun_ready, udp_ready] =
-            tapir_sys::poll::readable([dev.as_fd(), socket.as_fd()], Duration::from_millis(250))
-                .map_err(|e| DevError::Runtime(format!("poll: {e}")))?;
-        let now = Instant::now();
-        if tun_ready {
-            // Read a batch of packets, seal each where it lies, send them in one call.
-            let mut k = 0;
-            for _ in 0..BATCH {
-                let slot = tx.slot_mut(k);
-                let room = slot.len() - 48;
-                let n = match dev.read(&mut slot[16..16 + room]) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        return Err(DevError::Runtime(format!(
-                            "{name}: reading the device: {e}"
-                        )));
-                    }
-                };
-                if let Encapsulated::Send { to, len } =
-                    tunnel.encapsulate(now, wall(), &mut rng, slot, n)
-                {
-                    tx.set(k, len, &to_v6(to));
-                    k += 1;
-                }
-            }
-            if k > 0 {
-                tx.send(socket.as_fd(), k)
-                    .map_err(|e| DevError::Runtime(format!("UDP send: {e}")))?;
-            }
-        }
-        if udp_ready {
-            let got = rx
-                .recv(socket.as_fd())
-                .map_err(|e| DevError::Runtime(format!("UDP receive: {e}")))?;
-            for i in 0..got {
-                let (datagram, from) = rx.datagram_mut(i);
-                let n = datagram.len();
-                if let Decapsulated::Packet(range) = tunnel.decapsulate(
-                    now,
-                    wall(),
-                    &mut rng,
-                    from_v6(SocketAddr::V6(from)),
-                    datagram,
-                    n,
-                ) {
-                    let _ = dev.write(&datagram[range]);
-                }
-            }
-        }
-        if now >= next_timer {
-            tunnel.handle_timeout(now, wall(), &mut rng);
-            next_timer = tunnel.poll_timeout(now);
-        }
-        while let Some((to, len)) = tunnel.poll_transmit(now, &mut out) {
-            let _ = socket.send_to(&out[..len], SocketAddr::V6(to_v6(to)));
-        }
+    Ok(Started {
+        name: name.clone(),
+        dev,
+        socket,
+        tunnel,
+    })
+}
+
+/// Starts every tunnel first (dropping those started if one fails), then
+/// runs each on a thread of its own until `shutdown`, or until one fails,
+/// which stops the others.
+pub fn run_all(
+    configs: &[TunnelConfig],
+    tun_path: &Path,
+    shutdown: &AtomicBool,
+) -> Result<(), DevError> {
+    let mut started = Vec::new();
+    for c in configs {
+        started.push(start(c, tun_path)?);
     }
-    eprintln!("tapir: {name}: down");
-    drop(dev);
-    Ok(())
+    std::thread::scope(|s| {
+        let handles: Vec<_> = started
+            .into_iter()
+            .map(|t| {
+                s.spawn(move || {
+                    let result = t.run(shutdown);
+                    if result.is_err() {
+                        shutdown.store(true, Ordering::Relaxed);
+                    }
+                    result
+                })
+            })
+            .collect();
+        let mut first = Ok(());
+        for h in handles {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(DevError::Runtime("a tunnel thread panicked".into())));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    })
+}
+
+impl Started {
+    /// Moves packets until `shutdown`; the device goes away when this returns.
+    pub fn run(self, shutdown: &AtomicBool) -> Result<(), DevError> {
+        let Started {
+            name,
+            dev,
+            socket,
+            mut tunnel,
+        } = self;
+        let mut rng =
+            OsRandom::new().map_err(|e| DevError::Runtime(format!("/dev/urandom: {e}")))?;
+        // Batches allocated once: the datapath allocates nothing per packet.
+        let mut rx = Batch::new(BATCH, SLOT);
+        let mut tx = Batch::new(BATCH, SLOT);
+        let mut out = vec![0u8; SLOT];
+        let mut next_timer = Instant::now();
+        while !shutdown.load(Ordering::Relaxed) {
+            let [tun_ready, udp_ready] = tapir_sys::poll::readable(
+                [dev.as_fd(), socket.as_fd()],
+                Duration::from_millis(250),
+            )
+            .map_err(|e| DevError::Runtime(format!("poll: {e}")))?;
+            let now = Instant::now();
+            if tun_ready {
+                // Read a batch of packets, seal each where it lies, send them in one call.
+                let mut k = 0;
+                for _ in 0..BATCH {
+                    let slot = tx.slot_mut(k);
+                    let room = slot.len() - 48;
+                    let n = match dev.read(&mut slot[16..16 + room]) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            return Err(DevError::Runtime(format!(
+                                "{name}: reading the device: {e}"
+                            )));
+                        }
+                    };
+                    if let Encapsulated::Send { to, len } =
+                        tunnel.encapsulate(now, wall(), &mut rng, slot, n)
+                    {
+                        tx.set(k, len, &to_v6(to));
+                        k += 1;
+                    }
+                }
+                if k > 0 {
+                    tx.send(socket.as_fd(), k)
+                        .map_err(|e| DevError::Runtime(format!("UDP send: {e}")))?;
+                }
+            }
+            if udp_ready {
+                let got = rx
+                    .recv(socket.as_fd())
+                    .map_err(|e| DevError::Runtime(format!("UDP receive: {e}")))?;
+                for i in 0..got {
+                    let (datagram, from) = rx.datagram_mut(i);
+                    let n = datagram.len();
+                    if let Decapsulated::Packet(range) = tunnel.decapsulate(
+                        now,
+                        wall(),
+                        &mut rng,
+                        from_v6(SocketAddr::V6(from)),
+                        datagram,
+                        n,
+                    ) {
+                        let _ = dev.write(&datagram[range]);
+                    }
+                }
+            }
+            if now >= next_timer {
+                tunnel.handle_timeout(now, wall(), &mut rng);
+                next_timer = tunnel.poll_timeout(now);
+            }
+            while let Some((to, len)) = tunnel.poll_transmit(now, &mut out) {
+                let _ = socket.send_to(&out[..len], SocketAddr::V6(to_v6(to)));
+            }
+        }
+        eprintln!("tapir: {name}: down");
+        drop(dev);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

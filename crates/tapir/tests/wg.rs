@@ -485,3 +485,92 @@ fn forged_replayed_and_truncated_datagrams_change_nothing() {
     ping(&bed.b, "10.77.0.1");
     let _ = &bed.lab;
 }
+
+fn write_private(bed: &Bed, name: &str, text: &str) -> PathBuf {
+    let path = bed.dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    Command::new("chmod")
+        .args(["600", path.to_str().unwrap()])
+        .status()
+        .unwrap();
+    path
+}
+
+#[test]
+fn two_tunnels_from_one_toml_file() {
+    require_root!();
+    let bed = bed("toml");
+    let keys: Vec<(String, String)> = (0..4).map(|_| genkey()).collect();
+    // a: tp0 <-> b: tp0 on 51820, a: tp1 <-> b: tp1 on 51821.
+    let side = |me: usize, other: usize, peer_ip: &str, local: &str, remote: &str| {
+        let mut t = String::new();
+        for (i, port) in [(0, 51820), (1, 51821)] {
+            t += &format!(
+                "[[tunnel]]\nname = \"tp{i}\"\nprivate_key = \"{}\"\nlisten_port = {port}\naddresses = [\"10.7{i}.0.{local}/24\"]\n\n\
+                 [[tunnel.peer]]\npublic_key = \"{}\"\nendpoint = \"{peer_ip}:{port}\"\nallowed_ips = [\"10.7{i}.0.{remote}/32\"]\n\n",
+                keys[me + i].0,
+                keys[other + i].1
+            );
+        }
+        t
+    };
+    let fa = write_private(&bed, "a.toml", &side(0, 2, "10.200.0.2", "1", "2"));
+    let fb = write_private(&bed, "b.toml", &side(2, 0, "10.200.0.1", "2", "1"));
+    let _a = Proc(Some(
+        bed.a
+            .cmd(TAPIR)
+            .arg("run")
+            .arg(&fa)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let _b = Proc(Some(
+        bed.b
+            .cmd(TAPIR)
+            .arg("run")
+            .arg(&fb)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    wait_for(
+        || bed.a.has_link("tp1") && bed.b.has_link("tp1"),
+        "both tunnels",
+    );
+    ping(&bed.a, "10.70.0.2");
+    ping(&bed.a, "10.71.0.2");
+    ping(&bed.b, "10.71.0.1");
+}
+
+#[test]
+fn a_tunnel_that_cannot_start_takes_the_others_down() {
+    require_root!();
+    let bed = bed("fail");
+    let ((k0, _), (_, p1), (k2, _)) = (genkey(), genkey(), genkey());
+    // tp1's name is taken by a device that exists already.
+    let out = bed
+        .a
+        .cmd(TAPIR)
+        .args(["dev", "add", "tp1", "--mode", "tun"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = format!(
+        "[[tunnel]]\nname = \"tp0\"\nprivate_key = \"{k0}\"\nlisten_port = 51820\naddresses = [\"10.70.0.1/24\"]\n\
+         [[tunnel.peer]]\npublic_key = \"{p1}\"\nallowed_ips = [\"10.70.0.2/32\"]\n\n\
+         [[tunnel]]\nname = \"tp1\"\nprivate_key = \"{k2}\"\nlisten_port = 51821\n"
+    );
+    let f = write_private(&bed, "fail.toml", &text);
+    let out = bed.a.cmd(TAPIR).arg("run").arg(&f).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tp1 already exists"), "{err}");
+    assert!(
+        !bed.a.has_link("tp0"),
+        "the tunnel started first is gone again"
+    );
+    // Its port is free again.
+    bed.a
+        .run(|| UdpSocket::bind("0.0.0.0:51820").expect("port 51820 released"));
+}
