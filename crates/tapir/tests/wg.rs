@@ -121,6 +121,18 @@ fn tapir(
     endpoint: Option<&str>,
     allowed: &str,
 ) -> Proc {
+    tapir_psk(bed, side, private, peer, endpoint, allowed, None)
+}
+
+fn tapir_psk(
+    bed: &Bed,
+    side: &Side,
+    private: &str,
+    peer: &str,
+    endpoint: Option<&str>,
+    allowed: &str,
+    psk: Option<&str>,
+) -> Proc {
     let conf = bed.dir.join(format!("{}.conf", side.name));
     let mut text = format!(
         "[Interface]\nPrivateKey = {private}\nListenPort = {}\nAddress = {}/24\n\n[Peer]\nPublicKey = {peer}\nAllowedIPs = {allowed}\n",
@@ -128,6 +140,9 @@ fn tapir(
     );
     if let Some(e) = endpoint {
         text += &format!("Endpoint = {e}\n");
+    }
+    if let Some(k) = psk {
+        text += &format!("PresharedKey = {k}\n");
     }
     std::fs::write(&conf, text).unwrap();
     std::process::Command::new("chmod")
@@ -164,6 +179,18 @@ fn wireguard_go(
     endpoint: Option<&str>,
     allowed: &str,
 ) -> Proc {
+    wireguard_go_psk(bed, side, private, peer, endpoint, allowed, None)
+}
+
+fn wireguard_go_psk(
+    bed: &Bed,
+    side: &Side,
+    private: &str,
+    peer: &str,
+    endpoint: Option<&str>,
+    allowed: &str,
+    psk: Option<&str>,
+) -> Proc {
     let child = side
         .ns
         .cmd("env")
@@ -190,6 +217,11 @@ fn wireguard_go(
     ];
     if let Some(e) = endpoint {
         args.extend(["endpoint".into(), e.into()]);
+    }
+    if let Some(k) = psk {
+        let f = bed.dir.join(format!("{}.psk", side.name));
+        std::fs::write(&f, k).unwrap();
+        args.extend(["preshared-key".into(), f.to_str().unwrap().into()]);
     }
     sh(side.ns.cmd("wg").args(&args));
     side.ns.ip(&[
@@ -323,8 +355,18 @@ fn bulk_transfer_with_wireguard_go() {
         port: 51821,
         addr: "10.77.0.2",
     };
-    let _wg = wireguard_go(&bed, &b, &kb, &pa, None, "10.77.0.1/32");
-    let _tp = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51821"), "10.77.0.2/32");
+    // With a preshared key from tapir genpsk on both sides.
+    let psk = sh(Command::new(TAPIR).arg("genpsk"));
+    let _wg = wireguard_go_psk(&bed, &b, &kb, &pa, None, "10.77.0.1/32", Some(&psk));
+    let _tp = tapir_psk(
+        &bed,
+        &a,
+        &ka,
+        &pb,
+        Some("10.200.0.2:51821"),
+        "10.77.0.2/32",
+        Some(&psk),
+    );
     ping(&bed.a, "10.77.0.2");
     transfer(&bed.a, &bed.b, "10.77.0.2:5001", 100 << 20);
     transfer(&bed.b, &bed.a, "10.77.0.1:5001", 100 << 20);
@@ -573,4 +615,45 @@ fn a_tunnel_that_cannot_start_takes_the_others_down() {
     // Its port is free again.
     bed.a
         .run(|| UdpSocket::bind("0.0.0.0:51820").expect("port 51820 released"));
+}
+
+fn pipe(cmd: &mut Command, input: &str) -> String {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn keys_are_interchangeable_with_wg() {
+    for _ in 0..5 {
+        let ours = sh(Command::new(TAPIR).arg("genkey"));
+        assert_eq!(
+            pipe(Command::new(TAPIR).arg("pubkey"), &ours),
+            pipe(Command::new("wg").arg("pubkey"), &ours)
+        );
+        let theirs = sh(Command::new("wg").arg("genkey"));
+        assert_eq!(
+            pipe(Command::new(TAPIR).arg("pubkey"), &theirs),
+            pipe(Command::new("wg").arg("pubkey"), &theirs)
+        );
+        let psk = sh(Command::new(TAPIR).arg("genpsk"));
+        assert_eq!(psk.len(), 44);
+        assert_ne!(psk, sh(Command::new(TAPIR).arg("genpsk")));
+    }
 }
