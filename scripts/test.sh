@@ -14,6 +14,7 @@ command -v mknod >/dev/null || need+=(coreutils)
 { command -v sysctl && command -v kill; } >/dev/null || need+=(procps)
 command -v wireguard-go >/dev/null || need+=(wireguard-go)
 command -v wg >/dev/null || need+=(wireguard-tools)
+command -v iperf3 >/dev/null || need+=(iperf3)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test.sh: missing ${need[*]}; run as root to install them" >&2

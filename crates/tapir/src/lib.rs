@@ -18,6 +18,7 @@
 pub mod caps;
 pub mod capture;
 pub mod config;
+pub mod demo;
 pub mod dev;
 pub mod doctor;
 pub mod dump;

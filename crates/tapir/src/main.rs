@@ -62,6 +62,12 @@ enum Command {
         /// The config file.
         file: PathBuf,
     },
+    /// The lab: two namespaces, a tapir tunnel between them, a ping and a throughput figure; all removed after.
+    Demo {
+        /// Seconds of the throughput measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Print a new private key (base64, as wg genkey).
     Genkey,
     /// Read a private key on stdin, print its public key (as wg pubkey).
@@ -355,6 +361,25 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             let shutdown = shutdown_flag()?;
             tapir::tunnel::run_all(&configs, &cli.tun_path, &shutdown)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { seconds } => {
+            let shutdown = shutdown_flag()?;
+            let me = std::env::current_exe().context("finding the tapir binary")?;
+            match tapir::demo::run(&me, seconds.clamp(1, 60), &shutdown) {
+                Ok(()) => {
+                    println!(
+                        "\ndemo done: the tunnel carried a ping and a bulk transfer; nothing is left behind"
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) if shutdown.load(std::sync::atomic::Ordering::Relaxed) => {
+                    eprintln!("tapir: demo {e}: everything it created is removed");
+                    Ok(ExitCode::from(130))
+                }
+                Err(e) => Err(anyhow::anyhow!(
+                    "demo: {e}; everything it created is removed"
+                )),
+            }
         }
         Command::Genkey => {
             let key = tapir_proto::wg::keys::PrivateKey::from_random(tapir::tunnel::random32()?);

@@ -1,0 +1,377 @@
+//! `tapir demo`: the lab in one command. Two network namespaces joined by a
+//! veth, a tapir tunnel between them, a ping and a short throughput figure
+//! through it; each step printed with the commands a user would type, and
+//! everything removed at the end, on failure, and on Ctrl-C.
+//!
+//! ```text
+//!   ns A: veth-a 10.200.0.1 ──veth── veth-b 10.200.0.2 :ns B
+//!         tp-a   10.99.0.1  ═tapir═  tp-b   10.99.0.2
+//! ```
+//! It needs `ip` (iproute2); `ping` and `iperf3` are used when installed, and
+//! replaced by built-in equivalents (a UDP echo, a TCP bulk transfer) when not.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tapir_proto::wg::keys::PrivateKey;
+
+/// Everything the demo created, removed on drop (also on error or Ctrl-C).
+struct Lab {
+    namespaces: Vec<String>,
+    children: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            // Ours, by pid: SIGTERM first so tapir takes its tunnel down cleanly.
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for c in &mut self.children {
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in &self.namespaces {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        println!(
+            "\n==> cleaned up: namespaces {} removed",
+            self.namespaces.join(" and ")
+        );
+    }
+}
+
+fn show(cmd: &Command) -> String {
+    let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
+    parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+    parts.join(" ")
+}
+
+fn step(cmd: &mut Command) -> Result<String, String> {
+    println!("$ {}", show(cmd));
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{}: {e}", show(cmd)))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed: {}{}",
+            show(cmd),
+            String::from_utf8_lossy(&out.stderr),
+            stdout
+        ));
+    }
+    Ok(stdout)
+}
+
+fn has(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(program).is_file()))
+}
+
+fn check(shutdown: &AtomicBool) -> Result<(), String> {
+    if shutdown.load(Ordering::Relaxed) {
+        Err("interrupted".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// Runs the demo. `tapir` is the path of this binary (for the tunnel processes).
+pub fn run(tapir: &Path, seconds: u64, shutdown: &AtomicBool) -> Result<(), String> {
+    if !crate::caps::has_net_admin() {
+        return Err(crate::caps::net_admin_missing(
+            "the demo (it creates network namespaces)",
+        ));
+    }
+    if !has("ip") {
+        return Err("the demo needs ip from iproute2: apt-get install iproute2".into());
+    }
+    let id = std::process::id();
+    let (a, b) = (format!("tapir-demo-{id}-a"), format!("tapir-demo-{id}-b"));
+    let dir = std::env::temp_dir().join(format!("tapir-demo-{id}"));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut lab = Lab {
+        namespaces: Vec::new(),
+        children: Vec::new(),
+        dir: dir.clone(),
+    };
+
+    println!("==> 1. two network namespaces, joined by a veth pair");
+    for ns in [&a, &b] {
+        step(Command::new("ip").args(["netns", "add", ns]))?;
+        lab.namespaces.push(ns.clone());
+        step(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]))?;
+    }
+    step(Command::new("ip").args([
+        "link", "add", "veth-a", "netns", &a, "type", "veth", "peer", "name", "veth-b", "netns", &b,
+    ]))?;
+    step(Command::new("ip").args(["-n", &a, "addr", "add", "10.200.0.1/24", "dev", "veth-a"]))?;
+    step(Command::new("ip").args(["-n", &b, "addr", "add", "10.200.0.2/24", "dev", "veth-b"]))?;
+    step(Command::new("ip").args(["-n", &a, "link", "set", "veth-a", "up"]))?;
+    step(Command::new("ip").args(["-n", &b, "link", "set", "veth-b", "up"]))?;
+    check(shutdown)?;
+
+    println!("\n==> 2. a key pair for each end (tapir genkey | tee a.key | tapir pubkey)");
+    let random = || crate::tunnel::random32().map_err(|e| format!("/dev/urandom: {e}"));
+    let ka = PrivateKey::from_random(random()?);
+    let kb = PrivateKey::from_random(random()?);
+    println!(
+        "   A's public key {}\n   B's public key {}",
+        ka.public_key(),
+        kb.public_key()
+    );
+
+    println!("\n==> 3. a tapir tunnel between them (tapir run NAME.conf, a wg-quick file)");
+    let conf = |me: &PrivateKey, peer: &PrivateKey, addr: &str, peer_addr: &str, endpoint: &str| {
+        format!(
+            "[Interface]\nPrivateKey = {}\nListenPort = 51820\nAddress = {addr}/24\n\n[Peer]\nPublicKey = {}\nEndpoint = {endpoint}:51820\nAllowedIPs = {peer_addr}/32\n",
+            me.to_base64(),
+            peer.public_key()
+        )
+    };
+    for (ns, file, text) in [
+        (
+            &a,
+            "tp-a.conf",
+            conf(&ka, &kb, "10.99.0.1", "10.99.0.2", "10.200.0.2"),
+        ),
+        (
+            &b,
+            "tp-b.conf",
+            conf(&kb, &ka, "10.99.0.2", "10.99.0.1", "10.200.0.1"),
+        ),
+    ] {
+        let path = dir.join(file);
+        write_private(&path, &text)?;
+        println!("   {} (PrivateKey shown as ...):", path.display());
+        for line in text.lines() {
+            let shown = if line.starts_with("PrivateKey") {
+                "PrivateKey = ...".to_string()
+            } else {
+                line.to_string()
+            };
+            println!("     {shown}");
+        }
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .arg(tapir)
+            .arg("run")
+            .arg(&path);
+        println!("$ {} &", show(&cmd));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", show(&cmd)))?;
+        lab.children.push(child);
+    }
+    wait_link(&a, "tp-a", shutdown)?;
+    wait_link(&b, "tp-b", shutdown)?;
+
+    println!("\n==> 4. ping through the tunnel");
+    if has("ping") {
+        let out = step(Command::new("ip").args([
+            "netns",
+            "exec",
+            &a,
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "3",
+            "10.99.0.2",
+        ]))?;
+        for line in out
+            .lines()
+            .filter(|l| l.contains("packet loss") || l.starts_with("rtt"))
+        {
+            println!("   {line}");
+        }
+    } else {
+        println!("   (ping is not installed: a built-in UDP echo through the tunnel instead)");
+        let rtts = udp_echo(&a, &b)?;
+        println!("   3 echoes, round trips {rtts:?}");
+    }
+    check(shutdown)?;
+
+    println!("\n==> 5. throughput through the tunnel, {seconds} s");
+    if has("iperf3") {
+        let mut server = Command::new("ip");
+        server.args(["netns", "exec", &b, "iperf3", "-s", "-1", "-B", "10.99.0.2"]);
+        println!("$ {} &", show(&server));
+        lab.children.push(
+            server
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| e.to_string())?,
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let out = step(Command::new("ip").args([
+            "netns",
+            "exec",
+            &a,
+            "iperf3",
+            "-c",
+            "10.99.0.2",
+            "-t",
+            &seconds.to_string(),
+        ]))?;
+        for line in out
+            .lines()
+            .filter(|l| l.contains("receiver") || l.contains("sender"))
+        {
+            println!("   {}", line.trim());
+        }
+    } else {
+        println!("   (iperf3 is not installed: a built-in TCP bulk transfer instead)");
+        let gbps = bulk(&a, &b, Duration::from_secs(seconds))?;
+        println!("   {gbps:.2} Gbit/s from A to B through the tunnel");
+    }
+    check(shutdown)?;
+    drop(lab);
+    Ok(())
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn wait_link(ns: &str, dev: &str, shutdown: &AtomicBool) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        check(shutdown)?;
+        let ok = Command::new("ip")
+            .args(["-n", ns, "link", "show", "dev", dev])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the tunnel {dev} did not come up in {ns} within 10 s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T, String> + Send) -> Result<T, String> {
+    let path = Path::new("/run/netns").join(ns);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            tapir_sys::netns::enter(&path).map_err(|e| e.to_string())?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err("a demo thread panicked".into()))
+    })
+}
+
+fn udp_echo(a: &str, b: &str) -> Result<Vec<Duration>, String> {
+    std::thread::scope(|s| {
+        let server = s.spawn(|| {
+            in_ns(b, || {
+                let sock = UdpSocket::bind("10.99.0.2:7").map_err(|e| e.to_string())?;
+                sock.set_read_timeout(Some(Duration::from_secs(10)))
+                    .map_err(|e| e.to_string())?;
+                let mut buf = [0u8; 64];
+                for _ in 0..3 {
+                    let (n, from) = sock.recv_from(&mut buf).map_err(|e| e.to_string())?;
+                    sock.send_to(&buf[..n], from).map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            })
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let rtts = in_ns(a, || {
+            let sock = UdpSocket::bind("10.99.0.1:0").map_err(|e| e.to_string())?;
+            sock.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            for i in 0..3u8 {
+                let t = Instant::now();
+                sock.send_to(&[i; 32], "10.99.0.2:7")
+                    .map_err(|e| e.to_string())?;
+                let mut buf = [0u8; 64];
+                sock.recv_from(&mut buf)
+                    .map_err(|e| format!("no echo through the tunnel: {e}"))?;
+                out.push(t.elapsed());
+            }
+            Ok(out)
+        })?;
+        server.join().unwrap_or_else(|_| Err("panicked".into()))?;
+        Ok(rtts)
+    })
+}
+
+fn bulk(a: &str, b: &str, duration: Duration) -> Result<f64, String> {
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let server = s.spawn(move || {
+            in_ns(b, || {
+                let l = TcpListener::bind("10.99.0.2:5201").map_err(|e| e.to_string())?;
+                let _ = tx.send(());
+                let (mut c, _) = l.accept().map_err(|e| e.to_string())?;
+                let mut buf = vec![0u8; 1 << 16];
+                let mut total = 0u64;
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) => return Ok(total),
+                        Ok(n) => total += n as u64,
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+            })
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .map_err(|_| "the receiver did not start".to_string())?;
+        let started = Instant::now();
+        in_ns(a, || {
+            let mut c = TcpStream::connect_timeout(
+                &"10.99.0.2:5201".parse().expect("constant"),
+                Duration::from_secs(5),
+            )
+            .map_err(|e| e.to_string())?;
+            let chunk = vec![0x5au8; 1 << 16];
+            while started.elapsed() < duration {
+                c.write_all(&chunk).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })?;
+        let total = server.join().unwrap_or_else(|_| Err("panicked".into()))?;
+        Ok(total as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e9)
+    })
+}

@@ -1,0 +1,125 @@
+//! `tapir demo`: runs, prints a ping result and a throughput figure, and
+//! leaves no namespace behind, also when interrupted half-way.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use netlab::require_root;
+
+const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
+
+fn leftovers(pid: u32) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("tapir-demo-{pid}-")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_demo_runs_and_leaves_nothing_behind() {
+    require_root!();
+    let child = Command::new(TAPIR)
+        .args(["demo", "--seconds", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(" 0% packet loss"), "{stdout}");
+    assert!(
+        stdout.contains("bits/sec") && stdout.contains("receiver"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("$ ip netns add tapir-demo-"),
+        "shows the commands: {stdout}"
+    );
+    assert!(
+        !stdout.contains("PrivateKey = ") || stdout.contains("PrivateKey = ..."),
+        "no key printed"
+    );
+    assert!(leftovers(pid).is_empty(), "{:?}", leftovers(pid));
+}
+
+#[test]
+fn without_ping_and_iperf3_the_demo_uses_its_own() {
+    require_root!();
+    // A PATH holding only ip.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("demo-path-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ip = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap();
+    let _ = std::fs::remove_file(dir.join("ip"));
+    std::os::unix::fs::symlink(ip, dir.join("ip")).unwrap();
+    let child = Command::new(TAPIR)
+        .args(["demo", "--seconds", "1"])
+        .env("PATH", &dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("3 echoes, round trips"), "{stdout}");
+    assert!(stdout.contains("Gbit/s from A to B"), "{stdout}");
+    assert!(leftovers(pid).is_empty());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_interrupted_demo_still_cleans_up() {
+    require_root!();
+    let mut child = Command::new(TAPIR)
+        .args(["demo", "--seconds", "5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Interrupt once the tunnel processes run.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("==> 4.") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the demo never reached its ping");
+    }
+    assert!(
+        !leftovers(pid).is_empty(),
+        "the namespaces exist while it runs"
+    );
+    Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert!(rest.iter().any(|l| l.contains("cleaned up")), "{rest:?}");
+    assert!(
+        !status.success() || rest.iter().any(|l| l.contains("demo done")),
+        "{status:?}"
+    );
+    assert!(leftovers(pid).is_empty(), "{:?}", leftovers(pid));
+}
