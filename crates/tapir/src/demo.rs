@@ -30,9 +30,12 @@ impl Drop for Lab {
     fn drop(&mut self) {
         for c in &mut self.children {
             // Ours, by pid: SIGTERM first so tapir takes its tunnel down cleanly.
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
+            if let Ok(pid) = i32::try_from(c.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(3);
         for c in &mut self.children {
@@ -174,16 +177,24 @@ pub fn run(tapir: &Path, seconds: u64, shutdown: &AtomicBool) -> Result<(), Stri
             .arg(tapir)
             .arg("run")
             .arg(&path);
-        println!("$ {} &", show(&cmd));
+        let log_path = path.with_extension("log");
+        println!("$ {} 2> {} &", show(&cmd), log_path.display());
+        let log =
+            std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(log)
             .spawn()
             .map_err(|e| format!("{}: {e}", show(&cmd)))?;
         lab.children.push(child);
     }
-    wait_link(&a, "tp-a", shutdown)?;
-    wait_link(&b, "tp-b", shutdown)?;
+    for (ns, dev) in [(&a, "tp-a"), (&b, "tp-b")] {
+        wait_link(ns, dev, shutdown).map_err(|e| {
+            let log = std::fs::read_to_string(dir.join(format!("{dev}.log"))).unwrap_or_default();
+            format!("{e}; its log: {}", log.trim())
+        })?;
+    }
 
     println!("\n==> 4. ping through the tunnel");
     if has("ping") {
