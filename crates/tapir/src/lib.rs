@@ -24,4 +24,5 @@ pub mod doctor;
 pub mod dump;
 pub mod echo;
 pub mod tunnel;
+pub mod uapi;
 pub mod users;

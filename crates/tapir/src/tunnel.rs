@@ -120,6 +120,9 @@ pub struct Started {
     dev: TunDevice,
     socket: UdpSocket,
     tunnel: Tunnel,
+    control: Option<crate::uapi::ControlSocket>,
+    private_key: tapir_proto::wg::keys::PrivateKey,
+    port: u16,
 }
 
 /// Sets a tunnel up: resolves its peers, binds its port, creates and
@@ -199,11 +202,23 @@ pub fn start(config: &TunnelConfig, tun_path: &Path) -> Result<Started, DevError
         tunnel.public_key(),
         config.peers.len()
     );
+    let control = match crate::uapi::ControlSocket::bind(name.as_str()) {
+        Ok(c) => Some(c),
+        Err(why) => {
+            eprintln!(
+                "tapir: {name}: warning: no control socket, so wg show will not see this tunnel: {why}"
+            );
+            None
+        }
+    };
     Ok(Started {
         name: name.clone(),
         dev,
         socket,
         tunnel,
+        control,
+        private_key: config.private_key.clone(),
+        port,
     })
 }
 
@@ -253,6 +268,9 @@ impl Started {
             dev,
             socket,
             mut tunnel,
+            control,
+            private_key,
+            port,
         } = self;
         let mut rng =
             OsRandom::new().map_err(|e| DevError::Runtime(format!("/dev/urandom: {e}")))?;
@@ -262,8 +280,12 @@ impl Started {
         let mut out = vec![0u8; SLOT];
         let mut next_timer = Instant::now();
         while !shutdown.load(Ordering::Relaxed) {
-            let [tun_ready, udp_ready] = tapir_sys::poll::readable(
-                [dev.as_fd(), socket.as_fd()],
+            // Without a control socket, the UDP socket stands in as the third fd.
+            let control_fd = control
+                .as_ref()
+                .map_or(socket.as_fd(), |c| c.listener().as_fd());
+            let [tun_ready, udp_ready, control_ready] = tapir_sys::poll::readable(
+                [dev.as_fd(), socket.as_fd(), control_fd],
                 Duration::from_millis(250),
             )
             .map_err(|e| DevError::Runtime(format!("poll: {e}")))?;
@@ -313,6 +335,9 @@ impl Started {
                         let _ = dev.write(&datagram[range]);
                     }
                 }
+            }
+            if let Some(c) = control.as_ref().filter(|_| control_ready) {
+                c.serve(&mut tunnel, &private_key, port);
             }
             if now >= next_timer {
                 tunnel.handle_timeout(now, wall(), &mut rng);

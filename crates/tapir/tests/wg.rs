@@ -657,3 +657,90 @@ fn keys_are_interchangeable_with_wg() {
         assert_ne!(psk, sh(Command::new(TAPIR).arg("genpsk")));
     }
 }
+
+#[test]
+fn wg_show_and_wg_set_work_against_tapir() {
+    require_root!();
+    let bed = bed("uapi");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let a = Side {
+        ns: &bed.a,
+        name: ifname("tpu"),
+        port: 51820,
+        addr: "10.77.0.1",
+    };
+    let b = Side {
+        ns: &bed.b,
+        name: ifname("wgu"),
+        port: 51821,
+        addr: "10.77.0.2",
+    };
+    // tapir starts with no peer at all.
+    let conf = write_private(
+        &bed,
+        &format!("{}.conf", a.name),
+        &format!("[Interface]\nPrivateKey = {ka}\nListenPort = 51820\nAddress = 10.77.0.1/24\n"),
+    );
+    let _tp = Proc(Some(
+        bed.a
+            .cmd(TAPIR)
+            .arg("run")
+            .arg(&conf)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    wait_for(|| bed.a.has_link(&a.name), "the tapir interface");
+    let _wg = wireguard_go(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
+    // wg show sees the interface, and no peer yet.
+    let dump = sh(bed.a.cmd("wg").args(["show", &a.name, "dump"]));
+    let first: Vec<&str> = dump.lines().next().unwrap().split('\t').collect();
+    assert_eq!(first[1], pa, "our public key: {dump}");
+    assert_eq!(first[2], "51820");
+    assert_eq!(dump.lines().count(), 1);
+    // wg set adds the peer: traffic flows at once.
+    sh(bed
+        .a
+        .cmd("wg")
+        .args(["set", &a.name, "peer", &pb, "allowed-ips", "10.77.0.2/32"]));
+    ping(&bed.b, "10.77.0.1");
+    ping(&bed.a, "10.77.0.2");
+    let dump = sh(bed.a.cmd("wg").args(["show", &a.name, "dump"]));
+    let peer: Vec<&str> = dump.lines().nth(1).unwrap().split('\t').collect();
+    assert_eq!(peer[0], pb);
+    assert_eq!(peer[2], "10.200.0.2:51821", "endpoint learned: {dump}");
+    assert_eq!(peer[3], "10.77.0.2/32");
+    assert!(
+        peer[4].parse::<u64>().unwrap() > 0,
+        "latest handshake: {dump}"
+    );
+    assert!(
+        peer[5].parse::<u64>().unwrap() > 0 && peer[6].parse::<u64>().unwrap() > 0,
+        "transfer: {dump}"
+    );
+    let human = sh(bed.a.cmd("wg").args(["show", &a.name]));
+    assert!(
+        human.contains("latest handshake") && human.contains("private key: (hidden)"),
+        "{human}"
+    );
+    // wg set removes it: traffic stops.
+    sh(bed
+        .a
+        .cmd("wg")
+        .args(["set", &a.name, "peer", &pb, "remove"]));
+    let out = bed
+        .a
+        .cmd("ping")
+        .args(["-c", "1", "-W", "1", "10.77.0.2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "no peer, no traffic");
+    // A request tapir cannot honour is refused, not half-applied.
+    let out = bed
+        .a
+        .cmd("wg")
+        .args(["set", &a.name, "listen-port", "4000"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

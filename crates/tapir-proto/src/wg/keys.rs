@@ -23,6 +23,20 @@ impl std::fmt::Display for KeyError {
 
 impl std::error::Error for KeyError {}
 
+/// Reads 64 hex digits (the form of WireGuard's userspace API).
+pub fn decode_hex32(text: &str) -> Result<[u8; 32], KeyError> {
+    let text = text.trim().as_bytes();
+    if text.len() != 64 {
+        return Err(KeyError::Format);
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in text.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).map_err(|_| KeyError::Format)?;
+        out[i] = u8::from_str_radix(s, 16).map_err(|_| KeyError::Format)?;
+    }
+    Ok(out)
+}
+
 fn decode32(text: &str) -> Result<[u8; 32], KeyError> {
     let text = text.trim();
     let mut out = [0u8; 32];
@@ -58,6 +72,12 @@ impl PrivateKey {
     /// The base64 form (for `tapir genkey` only: never log it).
     pub fn to_base64(&self) -> String {
         STANDARD.encode(self.0)
+    }
+
+    /// Lower-case hex, for WireGuard's root-only control socket (`wg showconf`
+    /// reads it there); never log it.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// The matching public key.
@@ -128,6 +148,16 @@ impl PresharedKey {
     /// The base64 form (for `tapir genpsk` only).
     pub fn to_base64(&self) -> String {
         STANDARD.encode(self.0)
+    }
+
+    /// Lower-case hex, for the root-only control socket.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Whether it is all zeros (no preshared key).
+    pub fn is_zero(&self) -> bool {
+        self.0 == [0; 32]
     }
 }
 

@@ -284,6 +284,31 @@ impl Tunnel {
         self.rebuild_routes();
     }
 
+    /// Changes a peer's configuration in place, keeping its sessions (what
+    /// `wg set wg0 peer KEY allowed-ips ...` does). `false` if there is no such peer.
+    pub fn update_peer(
+        &mut self,
+        public: &PublicKey,
+        change: impl FnOnce(&mut PeerConfig),
+    ) -> bool {
+        let Some(&idx) = self.by_key.get(public) else {
+            return false;
+        };
+        let peer = &mut self.peers[idx];
+        let before_psk = peer.config.psk.as_ref().map(PresharedKey::to_base64);
+        let before_endpoint = peer.config.endpoint;
+        change(&mut peer.config);
+        peer.config.public = *public;
+        if peer.config.psk.as_ref().map(PresharedKey::to_base64) != before_psk {
+            peer.keys = PeerStatic::new(&self.id, *public, peer.config.psk.clone());
+        }
+        if peer.config.endpoint != before_endpoint {
+            peer.endpoint = peer.config.endpoint;
+        }
+        self.rebuild_routes();
+        true
+    }
+
     /// Removes a peer and its sessions.
     pub fn remove_peer(&mut self, public: &PublicKey) -> bool {
         let Some(idx) = self.by_key.remove(public) else {

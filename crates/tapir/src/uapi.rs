@@ -1,0 +1,391 @@
+//! WireGuard's cross-platform userspace API on `/var/run/wireguard/NAME.sock`,
+//! the text protocol of wireguard-go and boringtun, so that stock `wg show`,
+//! `wg show NAME dump` and `wg set NAME peer ...` work against tapir.
+//!
+//! ```text
+//!   wg ──connect──▶ NAME.sock ──"get=1\n\n"──▶ get()  ──▶ key=value lines, "errno=0\n\n"
+//!                             ──"set=1\n...\n\n"──▶ set() ──▶ "errno=N\n\n"
+//! ```
+//! The socket is root-only (mode 0600 in a 0755 directory): `get` returns the
+//! private key, as `wg showconf` needs.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tapir_proto::wg::keys::{PresharedKey, PrivateKey, PublicKey, decode_hex32};
+use tapir_proto::wg::tunnel::{PeerConfig, Tunnel};
+
+/// Where the sockets live.
+pub const SOCKET_DIR: &str = "/var/run/wireguard";
+
+const EINVAL: i32 = 22;
+const EOPNOTSUPP: i32 = 95;
+const EPROTO: i32 = 71;
+
+/// The answer to `get=1`.
+pub fn get(tunnel: &Tunnel, private_key: &PrivateKey, listen_port: u16) -> String {
+    let mut out = format!(
+        "private_key={}\nlisten_port={listen_port}\n",
+        private_key.to_hex()
+    );
+    for (config, endpoint, stats) in tunnel.peers() {
+        out += &format!("public_key={}\n", config.public.to_hex());
+        if let Some(psk) = config.psk.as_ref().filter(|p| !p.is_zero()) {
+            out += &format!("preshared_key={}\n", psk.to_hex());
+        }
+        if let Some(e) = endpoint {
+            out += &format!("endpoint={e}\n");
+        }
+        let (sec, nsec) = stats
+            .last_handshake
+            .map_or((0, 0), |d| (d.as_secs(), d.subsec_nanos()));
+        out += &format!(
+            "last_handshake_time_sec={sec}\nlast_handshake_time_nsec={nsec}\ntx_bytes={}\nrx_bytes={}\npersistent_keepalive_interval={}\n",
+            stats.tx_bytes,
+            stats.rx_bytes,
+            config.keepalive.map_or(0, |k| k.as_secs())
+        );
+        for net in &config.allowed_ips {
+            out += &format!("allowed_ip={net}\n");
+        }
+        out += "protocol_version=1\n";
+    }
+    out + "errno=0\n\n"
+}
+
+/// A pending change to one peer, applied when the next peer starts or at the end.
+struct PeerChange {
+    public: PublicKey,
+    remove: bool,
+    update_only: bool,
+    psk: Option<PresharedKey>,
+    endpoint: Option<SocketAddr>,
+    keepalive: Option<u16>,
+    replace_allowed_ips: bool,
+    allowed_ips: Vec<IpNet>,
+}
+
+fn apply(tunnel: &mut Tunnel, c: PeerChange) {
+    if c.remove {
+        tunnel.remove_peer(&c.public);
+        return;
+    }
+    let exists = tunnel.peers().any(|(p, _, _)| p.public == c.public);
+    let change = |p: &mut PeerConfig| {
+        if let Some(psk) = c.psk.clone() {
+            p.psk = (!psk.is_zero()).then_some(psk);
+        }
+        if let Some(e) = c.endpoint {
+            p.endpoint = Some(e);
+        }
+        if let Some(k) = c.keepalive {
+            p.keepalive = (k > 0).then(|| Duration::from_secs(k.into()));
+        }
+        if c.replace_allowed_ips {
+            p.allowed_ips.clear();
+        }
+        for net in &c.allowed_ips {
+            if !p.allowed_ips.contains(net) {
+                p.allowed_ips.push(*net);
+            }
+        }
+    };
+    if exists {
+        tunnel.update_peer(&c.public, change);
+    } else if !c.update_only {
+        let mut p = PeerConfig {
+            public: c.public,
+            psk: None,
+            endpoint: None,
+            allowed_ips: Vec::new(),
+            keepalive: None,
+        };
+        change(&mut p);
+        tunnel.add_peer(p);
+    }
+}
+
+/// Applies a `set=1` request (its lines after `set=1`). Interface keys that
+/// would need a new socket or identity (`private_key`, `listen_port` with
+/// another value) are refused with EOPNOTSUPP; the whole request is checked
+/// before anything is applied.
+pub fn set(
+    tunnel: &mut Tunnel,
+    private_key: &PrivateKey,
+    listen_port: u16,
+    lines: &[String],
+) -> Result<(), i32> {
+    let mut changes: Vec<PeerChange> = Vec::new();
+    let mut replace_peers = false;
+    for line in lines {
+        let (key, value) = line.split_once('=').ok_or(EPROTO)?;
+        match key {
+            "private_key" => {
+                let k = decode_hex32(value).map_err(|_| EINVAL)?;
+                if k != decode_hex32(&private_key.to_hex()).map_err(|_| EINVAL)? {
+                    return Err(EOPNOTSUPP);
+                }
+            }
+            "listen_port" => {
+                let p: u16 = value.parse().map_err(|_| EINVAL)?;
+                if p != listen_port {
+                    return Err(EOPNOTSUPP);
+                }
+            }
+            "fwmark" => {
+                if value != "0" && !value.is_empty() {
+                    return Err(EOPNOTSUPP);
+                }
+            }
+            "replace_peers" => replace_peers = value == "true",
+            "public_key" => changes.push(PeerChange {
+                public: PublicKey(decode_hex32(value).map_err(|_| EINVAL)?),
+                remove: false,
+                update_only: false,
+                psk: None,
+                endpoint: None,
+                keepalive: None,
+                replace_allowed_ips: false,
+                allowed_ips: Vec::new(),
+            }),
+            _ => {
+                let c = changes.last_mut().ok_or(EPROTO)?;
+                match key {
+                    "remove" => c.remove = value == "true",
+                    "update_only" => c.update_only = value == "true",
+                    "preshared_key" => {
+                        c.psk = Some(PresharedKey::from_random(
+                            decode_hex32(value).map_err(|_| EINVAL)?,
+                        ))
+                    }
+                    "endpoint" => {
+                        let host = value.trim_start_matches('[').replace("]:", "|");
+                        let addr = value
+                            .parse::<SocketAddr>()
+                            .ok()
+                            .or_else(|| {
+                                let (h, p) = host.split_once('|')?;
+                                Some(SocketAddr::new(h.parse().ok()?, p.parse().ok()?))
+                            })
+                            .ok_or(EINVAL)?;
+                        c.endpoint = Some(addr);
+                    }
+                    "persistent_keepalive_interval" => {
+                        c.keepalive = Some(value.parse().map_err(|_| EINVAL)?)
+                    }
+                    "replace_allowed_ips" => c.replace_allowed_ips = value == "true",
+                    "allowed_ip" => c.allowed_ips.push(value.parse().map_err(|_| EINVAL)?),
+                    "protocol_version" => {
+                        if value != "1" {
+                            return Err(EINVAL);
+                        }
+                    }
+                    _ => return Err(EINVAL),
+                }
+            }
+        }
+    }
+    if replace_peers {
+        let keep: Vec<PublicKey> = changes.iter().map(|c| c.public).collect();
+        let all: Vec<PublicKey> = tunnel.peers().map(|(p, _, _)| p.public).collect();
+        for p in all.iter().filter(|p| !keep.contains(p)) {
+            tunnel.remove_peer(p);
+        }
+    }
+    for c in changes {
+        apply(tunnel, c);
+    }
+    Ok(())
+}
+
+/// The listening control socket of one interface; removed on drop.
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    /// Binds `/var/run/wireguard/NAME.sock`. A stale socket is replaced; one
+    /// that another process answers on is not (its path is global, not per
+    /// network namespace), and `None` is returned with a reason.
+    pub fn bind(name: &str) -> Result<Self, String> {
+        let dir = PathBuf::from(SOCKET_DIR);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path = dir.join(format!("{name}.sock"));
+        if path.exists() {
+            if UnixStream::connect(&path).is_ok() {
+                return Err(format!(
+                    "{} is in use by another process (the same name in another namespace?)",
+                    path.display()
+                ));
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        let listener = UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        Ok(Self { listener, path })
+    }
+
+    /// The listening socket, to poll.
+    pub fn listener(&self) -> &UnixListener {
+        &self.listener
+    }
+
+    /// Answers the connections waiting, one request each.
+    pub fn serve(&self, tunnel: &mut Tunnel, private_key: &PrivateKey, listen_port: u16) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            let _ = handle(stream, tunnel, private_key, listen_port);
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn handle(
+    stream: UnixStream,
+    tunnel: &mut Tunnel,
+    private_key: &PrivateKey,
+    listen_port: u16,
+) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    loop {
+        let mut first = String::new();
+        if reader.read_line(&mut first)? == 0 {
+            return Ok(());
+        }
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 || line == "\n" {
+                break;
+            }
+            lines.push(line.trim_end().to_owned());
+            if lines.len() > 100_000 {
+                return Err(io::Error::other("request too long"));
+            }
+        }
+        match first.trim_end() {
+            "get=1" => writer.write_all(get(tunnel, private_key, listen_port).as_bytes())?,
+            "set=1" => {
+                let errno = set(tunnel, private_key, listen_port, &lines)
+                    .err()
+                    .unwrap_or(0);
+                writer.write_all(format!("errno={errno}\n\n").as_bytes())?;
+            }
+            _ => {
+                writer.write_all(format!("errno={EPROTO}\n\n").as_bytes())?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tunnel() -> (Tunnel, PrivateKey, PublicKey) {
+        let key = PrivateKey::from_random([1; 32]);
+        let peer = PrivateKey::from_random([2; 32]).public_key();
+        let t = Tunnel::new(
+            key.clone(),
+            vec![PeerConfig {
+                public: peer,
+                psk: None,
+                endpoint: Some("192.0.2.2:51820".parse().unwrap()),
+                allowed_ips: vec!["10.0.0.2/32".parse().unwrap()],
+                keepalive: Some(Duration::from_secs(25)),
+            }],
+        );
+        (t, key, peer)
+    }
+
+    #[test]
+    fn get_lists_interface_and_peers() {
+        let (t, key, peer) = tunnel();
+        let text = get(&t, &key, 51820);
+        assert!(text.starts_with(&format!(
+            "private_key={}\nlisten_port=51820\n",
+            key.to_hex()
+        )));
+        assert!(text.contains(&format!("public_key={}\n", peer.to_hex())));
+        assert!(text.contains("endpoint=192.0.2.2:51820\n"));
+        assert!(text.contains("persistent_keepalive_interval=25\n"));
+        assert!(text.contains("allowed_ip=10.0.0.2/32\n"));
+        assert!(text.ends_with("errno=0\n\n"));
+    }
+
+    #[test]
+    fn set_adds_updates_and_removes_peers() {
+        let (mut t, key, peer) = tunnel();
+        let other = PrivateKey::from_random([3; 32]).public_key();
+        let lines: Vec<String> = [
+            format!("public_key={}", other.to_hex()),
+            "endpoint=[2001:db8::1]:51820".into(),
+            "allowed_ip=10.0.0.3/32".into(),
+            "allowed_ip=fd00::3/128".into(),
+            format!("public_key={}", peer.to_hex()),
+            "replace_allowed_ips=true".into(),
+            "allowed_ip=10.0.0.22/32".into(),
+        ]
+        .into();
+        set(&mut t, &key, 51820, &lines).unwrap();
+        let text = get(&t, &key, 51820);
+        assert!(text.contains(&format!("public_key={}", other.to_hex())));
+        assert!(text.contains("endpoint=[2001:db8::1]:51820"));
+        assert!(text.contains("allowed_ip=fd00::3/128"));
+        assert!(
+            text.contains("allowed_ip=10.0.0.22/32") && !text.contains("allowed_ip=10.0.0.2/32")
+        );
+        set(
+            &mut t,
+            &key,
+            51820,
+            &[
+                format!("public_key={}", other.to_hex()),
+                "remove=true".into(),
+            ],
+        )
+        .unwrap();
+        assert!(!get(&t, &key, 51820).contains(&other.to_hex()));
+        // Refused as a whole: bad values, keys before any peer, a new listen port.
+        assert_eq!(
+            set(&mut t, &key, 51820, &["allowed_ip=10.0.0.9/32".into()]),
+            Err(EPROTO)
+        );
+        assert_eq!(
+            set(
+                &mut t,
+                &key,
+                51820,
+                &[
+                    format!("public_key={}", peer.to_hex()),
+                    "endpoint=nowhere".into()
+                ]
+            ),
+            Err(EINVAL)
+        );
+        assert_eq!(
+            set(&mut t, &key, 51820, &["listen_port=1".into()]),
+            Err(EOPNOTSUPP)
+        );
+        assert_eq!(
+            set(&mut t, &key, 51820, &["public_key=zz".into()]),
+            Err(EINVAL)
+        );
+    }
+}
