@@ -23,6 +23,7 @@ pub mod dev;
 pub mod doctor;
 pub mod dump;
 pub mod echo;
+pub mod service;
 pub mod tunnel;
 pub mod uapi;
 pub mod users;

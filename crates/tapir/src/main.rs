@@ -62,6 +62,30 @@ enum Command {
         /// The config file.
         file: PathBuf,
     },
+    /// Start the tunnels of a config file in the background; returns once they answer.
+    Up {
+        /// A wg-quick file (NAME.conf) or a tapir TOML file (*.toml).
+        file: PathBuf,
+        #[command(flatten)]
+        dirs: DirArgs,
+    },
+    /// Stop a tunnel started with up (and every tunnel of its file), taking back everything.
+    Down {
+        /// The tunnel (interface) name.
+        name: String,
+        #[command(flatten)]
+        dirs: DirArgs,
+    },
+    /// Show the tunnels started with up: peers, endpoints, handshakes, transfer.
+    Status {
+        /// One tunnel; default: all.
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dirs: DirArgs,
+    },
     /// The lab: two namespaces, a tapir tunnel between them, a ping and a throughput figure; all removed after.
     Demo {
         /// Seconds of the throughput measurement.
@@ -177,6 +201,26 @@ enum DevCommand {
         #[arg(long = "del-route", value_name = "CIDR")]
         del_routes: Vec<String>,
     },
+}
+
+/// Where background tunnels keep their pid and log files.
+#[derive(clap::Args, Debug)]
+struct DirArgs {
+    /// Directory of pid files.
+    #[arg(long, env = "TAPIR_RUN_DIR", default_value = "/run/tapir")]
+    run_dir: PathBuf,
+    /// Directory of log files.
+    #[arg(long, env = "TAPIR_LOG_DIR", default_value = "/var/log/tapir")]
+    log_dir: PathBuf,
+}
+
+impl DirArgs {
+    fn dirs(self) -> tapir::service::Dirs {
+        tapir::service::Dirs {
+            run: self.run_dir,
+            log: self.log_dir,
+        }
+    }
 }
 
 /// Pairs each `--peer` (or `--via`) with the `--addr` (or `--route`) right
@@ -360,6 +404,30 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             }
             let shutdown = shutdown_flag()?;
             tapir::tunnel::run_all(&configs, &cli.tun_path, &shutdown)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Up { file, dirs } => {
+            let me = std::env::current_exe().context("finding the tapir binary")?;
+            let names = tapir::service::up(&me, &file, &cli.tun_path, &dirs.dirs())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            for n in names {
+                println!("{n} is up");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Down { name, dirs } => {
+            tapir::service::down(&name, &dirs.dirs()).map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{name} is down");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { name, json, dirs } => {
+            let st = tapir::service::status(name.as_deref(), &dirs.dirs())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if json {
+                print_json(&st)?;
+            } else {
+                print!("{}", tapir::service::format(&st));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { seconds } => {

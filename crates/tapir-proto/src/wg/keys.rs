@@ -69,6 +69,11 @@ impl PrivateKey {
         decode32(text).map(Self)
     }
 
+    /// Reads the hex form of WireGuard's control socket.
+    pub fn from_hex(text: &str) -> Result<Self, KeyError> {
+        decode_hex32(text).map(Self)
+    }
+
     /// The base64 form (for `tapir genkey` only: never log it).
     pub fn to_base64(&self) -> String {
         STANDARD.encode(self.0)

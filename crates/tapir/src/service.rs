@@ -1,0 +1,406 @@
+//! `tapir up`, `tapir down`, `tapir status`: tunnels in the background.
+//!
+//! ```text
+//!   up FILE ─▶ load + validate ─▶ spawn `tapir run FILE` (own process group, log file)
+//!           ─▶ wait until every tunnel's control socket answers ─▶ pid files ─▶ return
+//!              (or the child died: its log says why; nothing is left)
+//!   down NAME ─▶ SIGTERM to the pid in NAME.pid ─▶ wait ─▶ remove pid files
+//!   status    ─▶ each pid file: alive? ─▶ "get=1" on the control socket ─▶ table or JSON
+//! ```
+//! Directories default to `/run/tapir` (pid files) and `/var/log/tapir`
+//! (logs) and can be moved with `--run-dir`/`--log-dir` or TAPIR_RUN_DIR /
+//! TAPIR_LOG_DIR.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::Serialize;
+
+use crate::config;
+use crate::uapi::SOCKET_DIR;
+
+/// Where pid and log files go.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    /// Pid files.
+    pub run: PathBuf,
+    /// Logs.
+    pub log: PathBuf,
+}
+
+fn pid_file(dirs: &Dirs, name: &str) -> PathBuf {
+    dirs.run.join(format!("{name}.pid"))
+}
+
+fn alive(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn socket_path(name: &str) -> PathBuf {
+    Path::new(SOCKET_DIR).join(format!("{name}.sock"))
+}
+
+/// Asks a tunnel's control socket for its state (`get=1`).
+pub fn query(name: &str) -> Result<Vec<(String, String)>, String> {
+    let path = socket_path(name);
+    let mut s = UnixStream::connect(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"get=1\n\n").map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for line in BufReader::new(s).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            out.push((k.to_owned(), v.to_owned()));
+        }
+    }
+    Ok(out)
+}
+
+/// Starts the tunnels of `file` in the background; returns their names once
+/// they answer, or the reason they did not (with nothing left behind).
+pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Vec<String>, String> {
+    let configs = config::load_any(file).map_err(|e| e.to_string())?;
+    let names: Vec<String> = configs.iter().map(|c| c.name.to_string()).collect();
+    for name in &names {
+        if let Some(pid) = read_pid(&pid_file(dirs, name)).filter(|p| alive(*p)) {
+            return Err(format!(
+                "{name} is already up (pid {pid}): tapir down {name} first"
+            ));
+        }
+    }
+    for d in [&dirs.run, &dirs.log] {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let log_path = dirs.log.join(format!("{}.log", names.join("+")));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut child = Command::new(tapir)
+        .arg("--tun-path")
+        .arg(tun_path)
+        .arg("run")
+        .arg(file)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        // Its own process group: a Ctrl-C at the terminal that ran `up` does not reach it.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", tapir.display()))?;
+    let pid = child.id() as i32;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let why = text
+                .get(log_start as usize..)
+                .unwrap_or("")
+                .trim()
+                .to_owned();
+            return Err(format!("the tunnel did not come up ({status}): {why}"));
+        }
+        if names.iter().all(|n| query(n).is_ok()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            let _ = child.wait();
+            return Err(format!(
+                "the tunnel did not answer within 15 s; see {}",
+                log_path.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for name in &names {
+        std::fs::write(pid_file(dirs, name), format!("{pid}\n")).map_err(|e| e.to_string())?;
+    }
+    Ok(names)
+}
+
+/// Stops the process running tunnel `name` (and so every tunnel of its file).
+pub fn down(name: &str, dirs: &Dirs) -> Result<(), String> {
+    let path = pid_file(dirs, name);
+    let Some(pid) = read_pid(&path) else {
+        return Err(format!("{name} is not up (no {})", path.display()));
+    };
+    let siblings: Vec<PathBuf> = std::fs::read_dir(&dirs.run)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "pid") && read_pid(p) == Some(pid))
+                .collect()
+        })
+        .unwrap_or_default();
+    if alive(pid) {
+        kill(Pid::from_raw(pid), Signal::SIGTERM)
+            .map_err(|e| format!("signalling pid {pid}: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(pid) && !is_zombie(pid) {
+            if Instant::now() > deadline {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    for p in siblings {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// One peer in `status`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct PeerStatus {
+    /// Base64 public key.
+    pub public_key: String,
+    /// Current endpoint.
+    pub endpoint: Option<String>,
+    /// Allowed IPs.
+    pub allowed_ips: Vec<String>,
+    /// Unix time of the last handshake.
+    pub latest_handshake: Option<u64>,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Persistent keepalive, seconds (0: off).
+    pub persistent_keepalive: u64,
+}
+
+/// One tunnel in `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TunnelStatus {
+    /// Interface name.
+    pub name: String,
+    /// The process, if it runs.
+    pub pid: Option<i32>,
+    /// Whether the process runs and answers.
+    pub running: bool,
+    /// Our public key.
+    pub public_key: Option<String>,
+    /// UDP port.
+    pub listen_port: Option<u16>,
+    /// How packets move.
+    pub datapath: String,
+    /// Peers.
+    pub peers: Vec<PeerStatus>,
+}
+
+fn b64(hex: &str) -> String {
+    tapir_proto::wg::keys::decode_hex32(hex)
+        .map(|k| tapir_proto::wg::keys::PublicKey(k).to_base64())
+        .unwrap_or_else(|_| hex.to_owned())
+}
+
+/// The state of tunnel `name` (or of every tunnel with a pid file).
+pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, String> {
+    let names: Vec<String> = match name {
+        Some(n) => vec![n.to_owned()],
+        None => {
+            let mut v: Vec<String> = std::fs::read_dir(&dirs.run)
+                .map(|d| {
+                    d.flatten()
+                        .filter_map(|e| {
+                            e.file_name()
+                                .to_str()?
+                                .strip_suffix(".pid")
+                                .map(str::to_owned)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.sort();
+            v
+        }
+    };
+    let mut out = Vec::new();
+    for n in names {
+        let pid = read_pid(&pid_file(dirs, &n));
+        if name.is_some() && pid.is_none() {
+            return Err(format!(
+                "{n} is not up (no {})",
+                pid_file(dirs, &n).display()
+            ));
+        }
+        let mut t = TunnelStatus {
+            name: n.clone(),
+            pid,
+            running: false,
+            public_key: None,
+            listen_port: None,
+            datapath: "UDP in batches of 64 (recvmmsg/sendmmsg), one tun packet per system call, no offloads".into(),
+            peers: Vec::new(),
+        };
+        if pid.is_some_and(alive) {
+            if let Ok(kv) = query(&n) {
+                t.running = true;
+                for (k, v) in kv {
+                    match k.as_str() {
+                        "private_key" => {
+                            let key = tapir_proto::wg::keys::PrivateKey::from_hex(&v);
+                            t.public_key = key.ok().map(|k| k.public_key().to_base64());
+                        }
+                        "listen_port" => t.listen_port = v.parse().ok(),
+                        "public_key" => t.peers.push(PeerStatus {
+                            public_key: b64(&v),
+                            ..Default::default()
+                        }),
+                        _ => {
+                            let Some(p) = t.peers.last_mut() else {
+                                continue;
+                            };
+                            match k.as_str() {
+                                "endpoint" => p.endpoint = Some(v),
+                                "allowed_ip" => p.allowed_ips.push(v),
+                                "last_handshake_time_sec" => {
+                                    p.latest_handshake = v.parse().ok().filter(|s| *s > 0)
+                                }
+                                "rx_bytes" => p.rx_bytes = v.parse().unwrap_or(0),
+                                "tx_bytes" => p.tx_bytes = v.parse().unwrap_or(0),
+                                "persistent_keepalive_interval" => {
+                                    p.persistent_keepalive = v.parse().unwrap_or(0)
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out.push(t);
+    }
+    Ok(out)
+}
+
+/// "12 seconds ago", "3 minutes, 4 seconds ago", as wg shows it.
+pub fn ago(then: u64, now: u64) -> String {
+    let d = now.saturating_sub(then);
+    let parts: Vec<String> = [
+        (d / 86400, "day"),
+        (d / 3600 % 24, "hour"),
+        (d / 60 % 60, "minute"),
+        (d % 60, "second"),
+    ]
+    .into_iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, unit)| format!("{n} {unit}{}", if n == 1 { "" } else { "s" }))
+    .collect();
+    if parts.is_empty() {
+        "just now".into()
+    } else {
+        format!("{} ago", parts.join(", "))
+    }
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.2} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.2} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+/// `status` for a terminal.
+pub fn format(tunnels: &[TunnelStatus]) -> String {
+    if tunnels.is_empty() {
+        return "no tunnels are up (tapir up FILE starts one)\n".into();
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut out = String::new();
+    for t in tunnels {
+        out += &format!("tunnel: {}\n", t.name);
+        if !t.running {
+            out += &format!(
+                "  state: NOT RUNNING{}\n\n",
+                t.pid
+                    .map(|p| format!(" (stale pid file, pid {p})"))
+                    .unwrap_or_default()
+            );
+            continue;
+        }
+        out += &format!(
+            "  pid: {}\n  public key: {}\n  listening port: {}\n  datapath: {}\n",
+            t.pid.unwrap_or(0),
+            t.public_key.as_deref().unwrap_or("?"),
+            t.listen_port.unwrap_or(0),
+            t.datapath
+        );
+        for p in &t.peers {
+            out += &format!("\n  peer: {}\n", p.public_key);
+            if let Some(e) = &p.endpoint {
+                out += &format!("    endpoint: {e}\n");
+            }
+            out += &format!(
+                "    allowed ips: {}\n",
+                if p.allowed_ips.is_empty() {
+                    "(none)".into()
+                } else {
+                    p.allowed_ips.join(", ")
+                }
+            );
+            out += &format!(
+                "    latest handshake: {}\n",
+                p.latest_handshake.map_or("never".into(), |t| ago(t, now))
+            );
+            out += &format!(
+                "    transfer: {} received, {} sent\n",
+                bytes(p.rx_bytes),
+                bytes(p.tx_bytes)
+            );
+            if p.persistent_keepalive > 0 {
+                out += &format!(
+                    "    persistent keepalive: every {} seconds\n",
+                    p.persistent_keepalive
+                );
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ago_reads_like_wg() {
+        assert_eq!(ago(100, 112), "12 seconds ago");
+        assert_eq!(ago(0, 3 * 60 + 4), "3 minutes, 4 seconds ago");
+        assert_eq!(ago(0, 86400 + 3600), "1 day, 1 hour ago");
+        assert_eq!(ago(5, 5), "just now");
+    }
+}
