@@ -142,7 +142,7 @@ fn a_broken_config_fails_with_the_reason_and_leaves_nothing() {
     let keyfile = e.file("loose.key", &format!("{good_key}\n"), "644");
     let cases = [
         (
-            format!("[Interface]\nPrivateKey = notakey\nListenPort = 51832\n"),
+            "[Interface]\nPrivateKey = notakey\nListenPort = 51832\n".to_string(),
             "PrivateKey: not a WireGuard key",
         ),
         (
