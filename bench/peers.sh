@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# The peer benchmark: iperf3 TCP (1 and 4 streams) and ping RTT through the raw
+# veth, tapir, wireguard-go, boringtun-cli, gotatun-cli, OpenVPN (UDP,
+# AES-256-GCM, p2p TLS) and VTun (UDP, no encryption), measured one after
+# another in one run on the same testbed:
+#
+#   ns a: va 10.201.0.1 ── veth (MTU 1500) ── vb 10.201.0.2 :ns b
+#         tunnel 10.78.0.1 ══════════════════ tunnel 10.78.0.2
+#
+# Prints a table with each figure, tapir's ratio to the best userspace peer and
+# to the raw veth, and tapir's RSS and CPU. A peer that cannot be set up is
+# reported with the reason. Installs what is missing (Debian packages; the two
+# Rust peers with cargo install). SECONDS_PER_RUN (default 10).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[[ $(id -u) -eq 0 ]] || { echo "bench/peers.sh: needs root (network namespaces): sudo $0" >&2; exit 1; }
+T=${SECONDS_PER_RUN:-10}
+export PATH="$HOME/.cargo/bin:$PATH"
+need=()
+for pair in iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools openvpn:openvpn vtund:vtun openssl:openssl ping:iputils-ping python3:python3; do
+    command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
+done
+if ((${#need[@]})); then
+    echo "installing ${need[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+for crate in boringtun-cli gotatun-cli; do
+    command -v "$crate" >/dev/null || { echo "cargo install $crate"; cargo install --locked -q "$crate" || true; }
+done
+cargo build --release --locked -q -p tapir || exit 1
+tapir=$PWD/target/release/tapir
+tag=pb$$
+a=$tag-a; b=$tag-b
+work=$(mktemp -d)
+pids=()
+stop_all() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+    pids=()
+}
+cleanup() { stop_all; ip netns del $a 2>/dev/null; ip netns del $b 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT INT TERM
+
+fresh() {
+    stop_all
+    ip netns del $a 2>/dev/null; ip netns del $b 2>/dev/null
+    ip netns add $a && ip netns add $b
+    for n in $a $b; do
+        ip -n $n link set lo up
+        ip netns exec $n sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+    done
+    ip -n $a link add va type veth peer name vb netns $b
+    ip -n $a addr add 10.201.0.1/24 dev va; ip -n $b addr add 10.201.0.2/24 dev vb
+    ip -n $a link set va up; ip -n $b link set vb up
+}
+
+reachable() { ip netns exec $a ping -c 1 -W 2 -q "$1" >/dev/null 2>&1 || ip netns exec $a ping -c 2 -W 3 -q "$1" >/dev/null 2>&1; }
+
+# iperf STREAMS DST -> Gbit/s (0.00 on failure)
+iperf() {
+    ip netns exec $b iperf3 -s -1 -B "$2" >/dev/null 2>&1 & local sp=$!
+    sleep 0.3
+    local bps
+    bps=$(timeout $((T + 20)) ip netns exec $a iperf3 -c "$2" -t "$T" -P "$1" -J 2>/dev/null |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"])' 2>/dev/null || echo 0)
+    kill $sp 2>/dev/null; wait $sp 2>/dev/null
+    awk -v b="$bps" 'BEGIN { printf "%.2f", b / 1e9 }'
+}
+rtt() { ip netns exec $a ping -c 200 -i 0.005 -q "$1" 2>/dev/null | sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p'; }
+
+keys() { "$tapir" genkey; }
+pub() { echo "$1" | "$tapir" pubkey; }
+
+# A userspace WireGuard daemon with the UAPI socket: NAME COMMAND...
+uapi_pair() {
+    local name=$1; shift
+    local ka kb; ka=$(keys); kb=$(keys)
+    echo "$ka" > "$work/ka"; echo "$kb" > "$work/kb"; chmod 600 "$work/ka" "$work/kb"
+    local i=0
+    for ns in $a $b; do
+        i=$((i + 1))
+        ip netns exec $ns "$@" "$name$i" >"$work/$name$i.log" 2>&1 & pids+=($!)
+    done
+    for i in 1 2; do
+        for _ in $(seq 100); do [[ -S /var/run/wireguard/$name$i.sock ]] && break; sleep 0.05; done
+    done
+    ip netns exec $a wg set ${name}1 private-key "$work/ka" listen-port 51820 peer "$(pub "$kb")" allowed-ips 10.78.0.2/32 endpoint 10.201.0.2:51820 || return 1
+    ip netns exec $b wg set ${name}2 private-key "$work/kb" listen-port 51820 peer "$(pub "$ka")" allowed-ips 10.78.0.1/32 endpoint 10.201.0.1:51820 || return 1
+    ip -n $a addr add 10.78.0.1/24 dev ${name}1 && ip -n $b addr add 10.78.0.2/24 dev ${name}2 || return 1
+    ip -n $a link set ${name}1 mtu 1420 up && ip -n $b link set ${name}2 mtu 1420 up || return 1
+}
+
+setup_veth() { DST=10.201.0.2; }
+setup_tapir() {
+    DST=10.78.0.2
+    local ka kb; ka=$(keys); kb=$(keys)
+    printf '[Interface]\nPrivateKey = %s\nListenPort = 51820\nAddress = 10.78.0.1/24\n[Peer]\nPublicKey = %s\nEndpoint = 10.201.0.2:51820\nAllowedIPs = 10.78.0.2/32\n' "$ka" "$(pub "$kb")" > "$work/tpa.conf"
+    printf '[Interface]\nPrivateKey = %s\nListenPort = 51820\nAddress = 10.78.0.2/24\n[Peer]\nPublicKey = %s\nEndpoint = 10.201.0.1:51820\nAllowedIPs = 10.78.0.1/32\n' "$kb" "$(pub "$ka")" > "$work/tpb.conf"
+    chmod 600 "$work"/tp?.conf
+    ip netns exec $a "$tapir" run "$work/tpa.conf" 2>"$work/tpa.log" & pids+=($!); TAPIR_PID=$!
+    ip netns exec $b "$tapir" run "$work/tpb.conf" 2>"$work/tpb.log" & pids+=($!)
+    sleep 0.5
+}
+setup_wggo() { DST=10.78.0.2; command -v wireguard-go >/dev/null || { WHY="wireguard-go not installed"; return 1; }; uapi_pair wgg$tag env WG_PROCESS_FOREGROUND=1 wireguard-go -f; }
+setup_boringtun() { DST=10.78.0.2; command -v boringtun-cli >/dev/null || { WHY="boringtun-cli did not install"; return 1; }; uapi_pair bt$tag env WG_LOG_LEVEL=error boringtun-cli --foreground --disable-drop-privileges; }
+setup_gotatun() { DST=10.78.0.2; command -v gotatun-cli >/dev/null || { WHY="gotatun-cli did not install"; return 1; }; uapi_pair gt$tag gotatun-cli --foreground --disable-drop-privileges; }
+setup_openvpn() {
+    DST=10.78.0.2
+    command -v openvpn >/dev/null || { WHY="openvpn not installed"; return 1; }
+    (cd "$work" &&
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=ca 2>/dev/null &&
+        for s in a b; do
+            openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout $s.key -out $s.csr -subj /CN=$s 2>/dev/null &&
+            openssl x509 -req -in $s.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out $s.crt -days 2 2>/dev/null || exit 1
+        done) || { WHY="openssl could not make certificates"; return 1; }
+    local common=(--dev tun --proto udp --data-ciphers AES-256-GCM --cipher AES-256-GCM --ca "$work/ca.crt" --disable-dco --verb 1 --ping 5)
+    ip netns exec $b openvpn "${common[@]}" --tls-server --dh none --cert "$work/b.crt" --key "$work/b.key" --lport 1194 --ifconfig 10.78.0.2 10.78.0.1 >"$work/ovpn-b.log" 2>&1 & pids+=($!)
+    ip netns exec $a openvpn "${common[@]}" --tls-client --cert "$work/a.crt" --key "$work/a.key" --remote 10.201.0.2 1194 --ifconfig 10.78.0.1 10.78.0.2 >"$work/ovpn-a.log" 2>&1 & pids+=($!)
+    for _ in $(seq 100); do grep -q "Initialization Sequence Completed" "$work/ovpn-a.log" 2>/dev/null && return 0; sleep 0.1; done
+    WHY="OpenVPN did not complete its TLS handshake: $(tail -1 "$work/ovpn-a.log")"; return 1
+}
+setup_vtun() {
+    DST=10.78.0.2
+    command -v vtund >/dev/null || { WHY="vtun not installed"; return 1; }
+    local ip; ip=$(command -v ip)
+    for side in b a; do
+        local me peer; if [[ $side == b ]]; then me=10.78.0.2; peer=10.78.0.1; else me=10.78.0.1; peer=10.78.0.2; fi
+        cat > "$work/vtun-$side.conf" <<CONF
+options { port 5000; ip $ip; timeout 10; }
+default { compress no; speed 0; }
+demo {
+  passwd benchsecret; type tun; proto udp; encrypt no; keepalive yes; stat no;
+  up { ip "addr add $me peer $peer dev %%"; ip "link set %% mtu 1450 up"; };
+}
+CONF
+    done
+    ip netns exec $b vtund -s -n -f "$work/vtun-b.conf" >"$work/vtun-b.log" 2>&1 & pids+=($!)
+    sleep 0.5
+    ip netns exec $a vtund -n -f "$work/vtun-a.conf" demo 10.201.0.2 >"$work/vtun-a.log" 2>&1 & pids+=($!)
+    for _ in $(seq 100); do ip -n $a addr show 2>/dev/null | grep -q "10.78.0.1 peer" && return 0; sleep 0.1; done
+    WHY="VTun did not connect: $(tail -1 "$work/vtun-a.log")"; return 1
+}
+
+peers="veth tapir wggo boringtun gotatun openvpn vtun"
+declare -A label=([veth]="raw veth" [tapir]=tapir [wggo]=wireguard-go [boringtun]=boringtun-cli [gotatun]=gotatun-cli [openvpn]="OpenVPN AES-256-GCM" [vtun]="VTun (no crypto)")
+declare -A one four ms note
+tapir_rss=; tapir_cpu=
+for p in $peers; do
+    echo "measuring ${label[$p]}..." >&2
+    fresh
+    WHY="the tunnel did not carry a ping"; DST=; TAPIR_PID=
+    if setup_$p && reachable "$DST"; then
+        if [[ $p == tapir ]]; then
+            ticks0=$(awk '{print $14 + $15}' /proc/$TAPIR_PID/stat 2>/dev/null || echo 0); t0=$(date +%s.%N)
+        fi
+        one[$p]=$(iperf 1 "$DST")
+        if [[ $p == tapir ]]; then
+            ticks1=$(awk '{print $14 + $15}' /proc/$TAPIR_PID/stat 2>/dev/null || echo 0); t1=$(date +%s.%N)
+            tapir_cpu=$(awk -v a="$ticks0" -v b="$ticks1" -v s="$t0" -v e="$t1" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.0f%%", (b - a) / hz / (e - s) * 100 }')
+            tapir_rss=$(awk '/VmRSS/ {printf "%.1f MiB", $2 / 1024}' /proc/$TAPIR_PID/status 2>/dev/null)
+        fi
+        four[$p]=$(iperf 4 "$DST")
+        ms[$p]=$(rtt "$DST")
+    else
+        note[$p]="not measured: $WHY"
+    fi
+done
+stop_all
+
+best=0; bestname=
+for p in wggo boringtun gotatun openvpn vtun; do
+    v=${one[$p]:-0}
+    if awk -v v="$v" -v b="$best" 'BEGIN { exit !(v > b) }'; then best=$v; bestname=${label[$p]}; fi
+done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0) printf "%.2f", a / b; else print "-" }'; }
+printf '\nSame machine, same run; iperf3 TCP %s s per figure; veth MTU 1500.\n\n' "$T"
+printf '| %-22s | %10s | %10s | %10s | %s\n' peer "1 stream" "4 streams" "RTT ms" status
+printf '|%s|%s|%s|%s|%s\n' "------------------------" "------------" "------------" "------------" "------"
+for p in $peers; do
+    printf '| %-22s | %10s | %10s | %10s | %s\n' "${label[$p]}" "${one[$p]:--}" "${four[$p]:--}" "${ms[$p]:--}" "${note[$p]:-ok}"
+done
+printf '\nGbit/s. tapir / best userspace peer (%s, 1 stream): %s; tapir / raw veth: %s\n' \
+    "${bestname:-none}" "$(ratio "${one[tapir]:-0}" "$best")" "$(ratio "${one[tapir]:-0}" "${one[veth]:-0}")"
+printf 'tapir (sending side) during the 1-stream run: CPU %s of one core, RSS %s\n' "${tapir_cpu:--}" "${tapir_rss:--}"
