@@ -24,8 +24,9 @@ if ((${#need[@]})); then
     echo "installing ${need[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-for crate in boringtun-cli gotatun-cli; do
-    command -v "$crate" >/dev/null || { echo "cargo install $crate"; cargo install --locked -q "$crate" || true; }
+# crate:binary (gotatun-cli installs a binary called gotatun)
+for pair in boringtun-cli:boringtun-cli gotatun-cli:gotatun; do
+    command -v "${pair#*:}" >/dev/null || { echo "cargo install ${pair%%:*}"; cargo install --locked -q "${pair%%:*}" || true; }
 done
 cargo build --release --locked -q -p tapir || exit 1
 tapir=$PWD/target/release/tapir
@@ -34,14 +35,16 @@ a=$tag-a; b=$tag-b
 work=$(mktemp -d)
 pids=()
 stop_all() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+    local pid
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
     pids=()
 }
 cleanup() { stop_all; ip netns del $a 2>/dev/null; ip netns del $b 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT INT TERM
 
 fresh() {
+    local n
     stop_all
     ip netns del $a 2>/dev/null; ip netns del $b 2>/dev/null
     ip netns add $a && ip netns add $b
@@ -74,7 +77,7 @@ pub() { echo "$1" | "$tapir" pubkey; }
 # A userspace WireGuard daemon with the UAPI socket: NAME COMMAND...
 uapi_pair() {
     local name=$1; shift
-    local ka kb; ka=$(keys); kb=$(keys)
+    local ka kb ns; ka=$(keys); kb=$(keys)
     echo "$ka" > "$work/ka"; echo "$kb" > "$work/kb"; chmod 600 "$work/ka" "$work/kb"
     local i=0
     for ns in $a $b; do
@@ -103,7 +106,7 @@ setup_tapir() {
 }
 setup_wggo() { DST=10.78.0.2; command -v wireguard-go >/dev/null || { WHY="wireguard-go not installed"; return 1; }; uapi_pair wgg$tag env WG_PROCESS_FOREGROUND=1 wireguard-go -f; }
 setup_boringtun() { DST=10.78.0.2; command -v boringtun-cli >/dev/null || { WHY="boringtun-cli did not install"; return 1; }; uapi_pair bt$tag env WG_LOG_LEVEL=error boringtun-cli --foreground --disable-drop-privileges; }
-setup_gotatun() { DST=10.78.0.2; command -v gotatun-cli >/dev/null || { WHY="gotatun-cli did not install"; return 1; }; uapi_pair gt$tag gotatun-cli --foreground --disable-drop-privileges; }
+setup_gotatun() { DST=10.78.0.2; command -v gotatun >/dev/null || { WHY="gotatun-cli did not install"; return 1; }; uapi_pair gt$tag env WG_LOG_LEVEL=error gotatun --foreground --disable-drop-privileges; }
 setup_openvpn() {
     DST=10.78.0.2
     command -v openvpn >/dev/null || { WHY="openvpn not installed"; return 1; }
@@ -123,14 +126,19 @@ setup_vtun() {
     DST=10.78.0.2
     command -v vtund >/dev/null || { WHY="vtun not installed"; return 1; }
     local ip; ip=$(command -v ip)
+    local side
     for side in b a; do
         local me peer; if [[ $side == b ]]; then me=10.78.0.2; peer=10.78.0.1; else me=10.78.0.1; peer=10.78.0.2; fi
+        # vtund's parser wants a space before each ';' after a quoted argument.
         cat > "$work/vtun-$side.conf" <<CONF
 options { port 5000; ip $ip; timeout 10; }
 default { compress no; speed 0; }
 demo {
   passwd benchsecret; type tun; proto udp; encrypt no; keepalive yes; stat no;
-  up { ip "addr add $me peer $peer dev %%"; ip "link set %% mtu 1450 up"; };
+  up {
+    ip "addr add $me peer $peer dev %%" ;
+    ip "link set %% mtu 1450 up" ;
+  };
 }
 CONF
     done
