@@ -18,3 +18,4 @@ pub mod checksum;
 pub mod pcap;
 pub mod pi;
 pub mod summary;
+pub mod vnet;

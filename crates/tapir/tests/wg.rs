@@ -744,3 +744,52 @@ fn wg_show_and_wg_set_work_against_tapir() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+#[test]
+fn ipv6_inside_the_tunnel_with_tso() {
+    require_root!();
+    let bed = bed("v6");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let mut procs = Vec::new();
+    for (ns, key, peer, me, them, endpoint) in [
+        (&bed.a, &ka, &pb, "fd77::1", "fd77::2", "10.200.0.2"),
+        (&bed.b, &kb, &pa, "fd77::2", "fd77::1", "10.200.0.1"),
+    ] {
+        let _ = ns
+            .cmd("sysctl")
+            .args(["-qw", "net.ipv6.conf.all.disable_ipv6=0"])
+            .status();
+        let conf = write_private(
+            &bed,
+            &format!("tp6{}.conf", &me[6..]),
+            &format!(
+                "[Interface]\nPrivateKey = {key}\nListenPort = 51820\nAddress = {me}/64\n\n[Peer]\nPublicKey = {peer}\nEndpoint = {endpoint}:51820\nAllowedIPs = {them}/128\n"
+            ),
+        );
+        let child = ns
+            .cmd(TAPIR)
+            .arg("run")
+            .arg(&conf)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        procs.push(Proc(Some(child)));
+    }
+    wait_for(
+        || bed.a.has_link("tp61") && bed.b.has_link("tp62"),
+        "both tunnels",
+    );
+    let out = bed
+        .a
+        .cmd("ping")
+        .args(["-6", "-c", "3", "-i", "0.2", "-W", "3", "fd77::2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    transfer(&bed.a, &bed.b, "[fd77::2]:5001", 50 << 20);
+    transfer(&bed.b, &bed.a, "[fd77::1]:5001", 50 << 20);
+}
