@@ -132,11 +132,17 @@ pub fn xopen(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], sealed: &[u8; 32]) ->
     Some(text)
 }
 
-/// TAI64N of a Unix time: seconds + 2^62, big-endian, then nanoseconds.
+/// TAI64N of a Unix time, as the kernel and wireguard-go write it: seconds
+/// plus 2^62 plus 10 (the TAI-UTC offset of the TAI64 label), big-endian,
+/// then nanoseconds rounded down to 1/50 s (no finer clock leaks out, and
+/// 50 initiations a second is the most a peer accepts anyway).
 pub fn tai64n(unix: std::time::Duration) -> [u8; 12] {
+    const BASE: u64 = 0x4000_0000_0000_000a;
+    let nanos = unix.subsec_nanos();
+    let nanos = nanos - nanos % 20_000_000;
     let mut out = [0u8; 12];
-    out[..8].copy_from_slice(&(unix.as_secs() + (1u64 << 62)).to_be_bytes());
-    out[8..].copy_from_slice(&unix.subsec_nanos().to_be_bytes());
+    out[..8].copy_from_slice(&(unix.as_secs() + BASE).to_be_bytes());
+    out[8..].copy_from_slice(&nanos.to_be_bytes());
     out
 }
 
@@ -193,8 +199,9 @@ mod tests {
 
     #[test]
     fn tai64n_layout() {
-        let t = tai64n(std::time::Duration::new(1, 2));
-        assert_eq!(t, [0x40, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2]);
+        // As wireguard-go: 0x400000000000000a + seconds; nanoseconds to 20 ms.
+        let t = tai64n(std::time::Duration::new(1, 45_000_000));
+        assert_eq!(t, [0x40, 0, 0, 0, 0, 0, 0, 0x0b, 0x02, 0x62, 0x5a, 0x00]);
         assert!(
             tai64n(std::time::Duration::new(5, 0))
                 > tai64n(std::time::Duration::new(4, 999_999_999))

@@ -254,6 +254,25 @@ impl Tunnel {
         self.id.public()
     }
 
+    /// Takes `public`'s allowed IPs away from every other peer: in WireGuard
+    /// an allowed IP belongs to one peer, the one it was given to last.
+    fn claim_allowed_ips(&mut self, public: &PublicKey) {
+        let Some(&idx) = self.by_key.get(public) else {
+            return;
+        };
+        let mine: Vec<IpNet> = self.peers[idx]
+            .config
+            .allowed_ips
+            .iter()
+            .map(IpNet::trunc)
+            .collect();
+        for (i, p) in self.peers.iter_mut().enumerate() {
+            if i != idx {
+                p.config.allowed_ips.retain(|n| !mine.contains(&n.trunc()));
+            }
+        }
+    }
+
     /// Adds (or replaces) a peer.
     pub fn add_peer(&mut self, config: PeerConfig) {
         self.remove_peer(&config.public);
@@ -281,6 +300,8 @@ impl Tunnel {
             stats: PeerStats::default(),
             config,
         });
+        let public = self.peers[idx].config.public;
+        self.claim_allowed_ips(&public);
         self.rebuild_routes();
     }
 
@@ -305,6 +326,7 @@ impl Tunnel {
         if peer.config.endpoint != before_endpoint {
             peer.endpoint = peer.config.endpoint;
         }
+        self.claim_allowed_ips(public);
         self.rebuild_routes();
         true
     }
@@ -727,7 +749,10 @@ impl Tunnel {
             return Decapsulated::Nothing; // keepalive
         }
         peer.last_data_received = Some(now);
-        peer.passive_keepalive_at = Some(now + KEEPALIVE_TIMEOUT);
+        // Armed once per silence, as the kernel does: a steady one-way stream
+        // still gets a keepalive back every KEEPALIVE_TIMEOUT.
+        peer.passive_keepalive_at
+            .get_or_insert(now + KEEPALIVE_TIMEOUT);
         let body = &msg[messages::DATA_HEADER_LEN..messages::DATA_HEADER_LEN + plain];
         let Some(n) = ip_len(body) else {
             peer.stats.dropped += 1;

@@ -281,14 +281,22 @@ fn the_endpoint_follows_the_last_authenticated_packet() {
     ));
     p.run();
     assert_eq!(p.got_a.len(), 1);
-    // A forged packet from a third address does not move the endpoint.
-    p.deliver(
-        true,
-        "198.51.100.1:9".parse().unwrap(),
-        vec![
-            4, 0, 0, 0, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-            0, 0, 0,
-        ],
+    // A forged packet from a third address (a real datagram of a's, altered:
+    // the right receiver index, a counter not seen yet, a bad tag) does not
+    // move the endpoint.
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 4));
+    let (to_b, _, mut forged) = p.link.pop_back().unwrap();
+    forged[8] = forged[8].wrapping_add(100);
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    p.deliver(to_b, "198.51.100.1:9".parse().unwrap(), forged);
+    assert!(
+        matches!(
+            p.drops.last(),
+            Some(DropReason::Session(SessionError::Decrypt))
+        ),
+        "{:?}",
+        p.drops
     );
     assert!(matches!(
         p.send_b(&packet([10, 0, 0, 2], [10, 0, 0, 1], 3)),
@@ -393,7 +401,97 @@ fn under_load_a_cookie_is_required_and_works() {
     p.link.clear();
     p.deliver(cookie.0, cookie.1, cookie.2);
     p.advance(Duration::from_millis(5400));
-    assert_eq!(p.link.len(), 1, "a retried with mac2");
+    assert_eq!(p.link.len(), 1, "a retried");
+    let retry = p.link.pop_front().unwrap();
+    // Put b under load again, then deliver the retry: its mac2 lets it through.
+    let cookies_before = p.drops.iter().filter(|d| **d == DropReason::Cookie).count();
+    for _ in 0..200 {
+        let (to_b, from, bytes) = init.clone();
+        p.deliver(to_b, from, bytes);
+    }
+    assert!(
+        p.drops.iter().filter(|d| **d == DropReason::Cookie).count() > cookies_before,
+        "b is under load"
+    );
+    p.link.clear();
+    let drops_before = p.drops.len();
+    p.deliver(retry.0, retry.1, retry.2);
+    assert_eq!(
+        p.drops.len(),
+        drops_before,
+        "the retry with mac2 is not refused: {:?}",
+        &p.drops[drops_before..]
+    );
     p.run();
-    assert_eq!(p.got_b.len(), 1, "and got through while b is under load");
+    assert_eq!(
+        p.got_b.len(),
+        1,
+        "and the handshake completes while b is under load"
+    );
+}
+
+#[test]
+fn one_way_traffic_gets_keepalives_and_no_rehandshakes() {
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    p.run();
+    let mut keepalives = 0;
+    let mut initiations = 0;
+    // a streams to b for 60 s; b never sends data.
+    for _ in 0..60 {
+        p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 100));
+        p.advance(Duration::from_secs(1));
+        keepalives += p
+            .link
+            .iter()
+            .filter(|(to_b, _, d)| !to_b && d.len() == 32)
+            .count();
+        initiations += p
+            .link
+            .iter()
+            .filter(|(_, _, d)| d.len() == INITIATION_LEN)
+            .count();
+        p.run();
+    }
+    assert!(
+        (5..=7).contains(&keepalives),
+        "b answers about every 10 s: {keepalives}"
+    );
+    assert_eq!(initiations, 0, "so a never concludes b is gone");
+    assert_eq!(p.got_b.len(), 61);
+}
+
+#[test]
+fn an_allowed_ip_belongs_to_the_peer_it_was_given_to_last() {
+    let mut t = Tunnel::new(key(1), vec![]);
+    let x = key(2).public_key();
+    let y = key(3).public_key();
+    let cfg = |public, ips: &[&str]| PeerConfig {
+        public,
+        psk: None,
+        endpoint: Some(B_ADDR.parse().unwrap()),
+        allowed_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+        keepalive: None,
+    };
+    t.add_peer(cfg(x, &["10.0.0.2/32", "10.9.0.0/16"]));
+    t.add_peer(cfg(y, &["10.0.0.3/32"]));
+    assert!(t.update_peer(&y, |c| c.allowed_ips.push("10.9.0.0/16".parse().unwrap())));
+    let owners: Vec<(PublicKey, Vec<String>)> = t
+        .peers()
+        .map(|(c, _, _)| {
+            (
+                c.public,
+                c.allowed_ips.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(owners[0], (x, vec!["10.0.0.2/32".to_string()]));
+    assert_eq!(
+        owners[1],
+        (
+            y,
+            vec!["10.0.0.3/32".to_string(), "10.9.0.0/16".to_string()]
+        )
+    );
+    assert_eq!(t.route("10.9.1.1".parse().unwrap()), Some(1));
 }
