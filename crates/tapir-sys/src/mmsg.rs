@@ -157,8 +157,9 @@ impl Batch {
         Ok(got)
     }
 
-    /// Sends the datagrams set in slots `0..n`; returns how many the kernel
-    /// took (the rest are dropped, as UDP may).
+    /// Sends the datagrams set in slots `0..n`; returns how many were handled.
+    /// A datagram the kernel refuses (too big, unreachable, filtered) is
+    /// dropped, as UDP may; only a bad descriptor is an error.
     pub fn send(&mut self, fd: BorrowedFd<'_>, n: usize) -> io::Result<usize> {
         let n = n.min(self.capacity());
         self.prepare(n, false);
@@ -177,23 +178,16 @@ impl Batch {
                 let e = io::Error::last_os_error();
                 match e.kind() {
                     io::ErrorKind::Interrupted => continue,
-                    // An unreachable peer fails only its own datagram: skip it.
-                    _ if sent < n
-                        && matches!(
-                            e.raw_os_error(),
-                            Some(
-                                libc::ECONNREFUSED
-                                    | libc::ENETUNREACH
-                                    | libc::EHOSTUNREACH
-                                    | libc::EAFNOSUPPORT
-                            )
-                        ) =>
-                    {
+                    io::ErrorKind::WouldBlock => return Ok(sent),
+                    // A bad descriptor is our bug: report it.
+                    _ if e.raw_os_error() == Some(libc::EBADF) => return Err(e),
+                    // Anything else fails only the datagram at the head
+                    // (EMSGSIZE, an unreachable peer, a firewall's EPERM):
+                    // drop it, as UDP may, and go on with the rest.
+                    _ => {
                         sent += 1;
                         continue;
                     }
-                    io::ErrorKind::WouldBlock => return Ok(sent),
-                    _ => return Err(e),
                 }
             }
             sent += rc as usize;

@@ -196,9 +196,23 @@ pub fn parse(
             continue;
         }
         let Some((key, value)) = line.split_once('=') else {
-            return Err(err(n, "", format!("expected KEY = VALUE, found {line:?}")));
+            // Not echoed: a mistyped line may hold a private key.
+            return Err(err(
+                n,
+                "",
+                "expected KEY = VALUE (the line is not shown: it may hold a key)".into(),
+            ));
         };
         let (key, value) = (key.trim(), value.trim());
+        // A key with spaces in it, or far longer than any key, is a mistyped
+        // line that may hold a secret: not echoed.
+        if key.contains(char::is_whitespace) || key.len() > 32 {
+            return Err(err(
+                n,
+                "",
+                "expected KEY = VALUE (the line is not shown: it may hold a key)".into(),
+            ));
+        }
         let lower = key.to_ascii_lowercase();
         let list = || value.split(',').map(str::trim).filter(|s| !s.is_empty());
         match (&section, lower.as_str()) {
@@ -275,11 +289,15 @@ pub fn parse(
             "missing: give PrivateKey (from wg genkey or tapir genkey) or PrivateKeyFile".into(),
         )
     })?;
-    if inline_key_line.is_some() && mode & 0o077 != 0 {
-        warnings.push(format!(
-            "{} holds a private key and is readable by others (mode {:o}): chmod 600 it",
-            file.display(),
-            mode & 0o777
+    if let Some(line) = inline_key_line.filter(|_| mode & 0o077 != 0) {
+        return Err(err(
+            line,
+            "PrivateKey",
+            format!(
+                "this file holds a private key and is readable by group or others (mode {:o}): chmod 600 {}",
+                mode & 0o777,
+                file.display()
+            ),
         ));
     }
     let ours = private_key.public_key();
@@ -438,14 +456,18 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
                 format!("a second tunnel named {name}"),
             ));
         }
-        let mut warnings = Vec::new();
+        let warnings = Vec::new();
         let private_key = match (&t.private_key, &t.private_key_file) {
             (Some(k), None) => {
                 if mode & 0o077 != 0 {
-                    warnings.push(format!(
-                        "{} holds a private key and is readable by others (mode {:o}): chmod 600 it",
-                        path.display(),
-                        mode & 0o777
+                    return Err(err(
+                        k.span(),
+                        "private_key",
+                        format!(
+                            "this file holds a private key and is readable by group or others (mode {:o}): chmod 600 {}",
+                            mode & 0o777,
+                            path.display()
+                        ),
                     ));
                 }
                 PrivateKey::from_base64(k.get_ref())
@@ -788,15 +810,29 @@ mod tests {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = parse(&conf, IfName::new("tp0").unwrap(), text, 0o600).unwrap();
         assert_eq!(c.private_key.to_base64(), A);
-        // An inline key in a world-readable file: a warning.
-        let c = parse(
+        // An inline key in a file others can read: refused.
+        let e = parse(
             &conf,
             IfName::new("tp0").unwrap(),
             &format!("[Interface]\nPrivateKey = {A}\n"),
             0o644,
         )
-        .unwrap();
-        assert!(c.warnings[0].contains("chmod 600"), "{:?}", c.warnings);
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(":2: PrivateKey: this file holds a private key") && e.contains("chmod 600"),
+            "{e}"
+        );
+        // A mistyped key line is not echoed.
+        let e = parse(
+            &conf,
+            IfName::new("tp0").unwrap(),
+            &format!("[Interface]\nPrivateKey {A}\n"),
+            0o600,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains(&A[..20]), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

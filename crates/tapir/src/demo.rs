@@ -108,8 +108,17 @@ pub fn run(tapir: &Path, seconds: u64, shutdown: &AtomicBool) -> Result<(), Stri
     }
     let id = std::process::id();
     let (a, b) = (format!("tapir-demo-{id}-a"), format!("tapir-demo-{id}-b"));
-    let dir = std::env::temp_dir().join(format!("tapir-demo-{id}"));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // A new directory of our own (created, never reused, mode 0700): files
+    // written as root must not follow links someone planted in /tmp.
+    let suffix: String = random32_hex()?;
+    let dir = std::env::temp_dir().join(format!("tapir-demo-{id}-{suffix}"));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
     let mut lab = Lab {
         namespaces: Vec::new(),
         children: Vec::new(),
@@ -264,12 +273,16 @@ pub fn run(tapir: &Path, seconds: u64, shutdown: &AtomicBool) -> Result<(), Stri
     Ok(())
 }
 
+fn random32_hex() -> Result<String, String> {
+    let bytes = crate::tunnel::random32().map_err(|e| format!("/dev/urandom: {e}"))?;
+    Ok(bytes[..8].iter().map(|b| format!("{b:02x}")).collect())
+}
+
 fn write_private(path: &Path, text: &str) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -355,7 +368,24 @@ fn bulk(a: &str, b: &str, duration: Duration) -> Result<f64, String> {
             in_ns(b, || {
                 let l = TcpListener::bind("10.99.0.2:5201").map_err(|e| e.to_string())?;
                 let _ = tx.send(());
-                let (mut c, _) = l.accept().map_err(|e| e.to_string())?;
+                // Bounded: a broken tunnel ends the demo with an error, not a hang.
+                l.set_nonblocking(true).map_err(|e| e.to_string())?;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let mut c = loop {
+                    match l.accept() {
+                        Ok((c, _)) => break c,
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                && Instant::now() < deadline =>
+                        {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(e) => return Err(format!("no connection through the tunnel: {e}")),
+                    }
+                };
+                c.set_nonblocking(false).map_err(|e| e.to_string())?;
+                c.set_read_timeout(Some(Duration::from_secs(10)))
+                    .map_err(|e| e.to_string())?;
                 let mut buf = vec![0u8; 1 << 16];
                 let mut total = 0u64;
                 loop {
@@ -376,6 +406,8 @@ fn bulk(a: &str, b: &str, duration: Duration) -> Result<f64, String> {
                 Duration::from_secs(5),
             )
             .map_err(|e| e.to_string())?;
+            c.set_write_timeout(Some(Duration::from_secs(10)))
+                .map_err(|e| e.to_string())?;
             let chunk = vec![0x5au8; 1 << 16];
             while started.elapsed() < duration {
                 c.write_all(&chunk).map_err(|e| e.to_string())?;

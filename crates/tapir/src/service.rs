@@ -38,8 +38,19 @@ fn pid_file(dirs: &Dirs, name: &str) -> PathBuf {
     dirs.run.join(format!("{name}.pid"))
 }
 
+/// Whether `pid` is a running `tapir run` (not some later process that was
+/// given the same pid after ours died).
 fn alive(pid: i32) -> bool {
-    kill(Pid::from_raw(pid), None).is_ok()
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let is_tapir = args.first().is_some_and(|a| {
+        Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(a))
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("tapir"))
+    });
+    is_tapir && args.contains(&&b"run"[..]) && !is_zombie(pid)
 }
 
 fn read_pid(path: &Path) -> Option<i32> {
