@@ -525,6 +525,62 @@ fn forged_replayed_and_truncated_datagrams_change_nothing() {
     // Still working.
     ping(&bed.a, "10.77.0.2");
     ping(&bed.b, "10.77.0.1");
+
+    // Replays of real traffic: record what wireguard-go sends tapir during a
+    // ping (handshake and data), then send it all again, twice, and truncated.
+    let pcap = bed.dir.join("replay.pcap");
+    let mut dump = Proc(Some(
+        bed.b
+            .cmd("tcpdump")
+            .args([
+                "-i",
+                "vb",
+                "-U",
+                "-w",
+                pcap.to_str().unwrap(),
+                "udp and dst port 51820",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump"),
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    ping(&bed.b, "10.77.0.1");
+    std::thread::sleep(Duration::from_millis(300));
+    dump.stop();
+    let bytes = std::fs::read(&pcap).unwrap();
+    let (linktype, records) = tapir_wire::pcap::read(&bytes).unwrap();
+    assert_eq!(linktype, 1, "Ethernet capture on the veth");
+    // Ethernet 14 + IPv4 20 + UDP 8 in front of each WireGuard message.
+    let messages: Vec<Vec<u8>> = records
+        .iter()
+        .filter_map(|r| r.data.get(42..).map(<[u8]>::to_vec))
+        .collect();
+    assert!(messages.len() >= 3, "captured {} datagrams", messages.len());
+    let replies = bed.b.run(|| {
+        let sock = UdpSocket::bind("10.200.0.2:40001").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        for _ in 0..2 {
+            for m in &messages {
+                sock.send_to(m, "10.200.0.1:51820").unwrap();
+                sock.send_to(&m[..m.len() / 2], "10.200.0.1:51820").unwrap();
+            }
+        }
+        let mut buf = [0u8; 2048];
+        let mut replies = 0;
+        while sock.recv_from(&mut buf).is_ok() {
+            replies += 1;
+        }
+        replies
+    });
+    assert_eq!(
+        replies, 0,
+        "replayed and truncated real datagrams get no reply"
+    );
+    ping(&bed.a, "10.77.0.2");
+    ping(&bed.b, "10.77.0.1");
     let _ = &bed.lab;
 }
 
