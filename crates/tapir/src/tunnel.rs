@@ -116,6 +116,26 @@ pub fn peer_configs(config: &TunnelConfig) -> Result<Vec<PeerConfig>, DevError> 
         .collect()
 }
 
+/// How often an unreachable peer's host name is looked up again.
+pub const RERESOLVE_EVERY: Duration = Duration::from_secs(30);
+/// How long without a handshake counts as "reconnecting".
+pub const RERESOLVE_AFTER: Duration = Duration::from_secs(180);
+
+/// Whether a peer with a host-name endpoint should have it resolved again:
+/// no handshake for [`RERESOLVE_AFTER`] (or never since `started`), and no
+/// lookup in the last [`RERESOLVE_EVERY`].
+pub fn reresolve_due(
+    last_handshake: Option<Duration>,
+    wall_now: Duration,
+    started: Duration,
+    last_try: Option<Instant>,
+    now: Instant,
+) -> bool {
+    let since = last_handshake.unwrap_or(started);
+    wall_now.saturating_sub(since) >= RERESOLVE_AFTER
+        && last_try.is_none_or(|t| now.saturating_duration_since(t) >= RERESOLVE_EVERY)
+}
+
 /// A tunnel whose device, addresses, routes and socket are set up, ready to run.
 pub struct Started {
     name: tapir_sys::IfName,
@@ -125,6 +145,8 @@ pub struct Started {
     control: Option<crate::uapi::ControlSocket>,
     private_key: tapir_proto::wg::keys::PrivateKey,
     port: u16,
+    /// Peers whose endpoint is a host name, to look up again on reconnect.
+    hostnames: Vec<(tapir_proto::wg::keys::PublicKey, String)>,
 }
 
 /// Sets a tunnel up: resolves its peers, binds its port, creates and
@@ -231,6 +253,16 @@ pub fn start(config: &TunnelConfig, tun_path: &Path) -> Result<Started, DevError
         control,
         private_key: config.private_key.clone(),
         port,
+        hostnames: config
+            .peers
+            .iter()
+            .filter_map(|p| {
+                let e = p.endpoint.as_ref()?;
+                e.parse::<SocketAddr>()
+                    .is_err()
+                    .then(|| (p.public_key, e.clone()))
+            })
+            .collect(),
     })
 }
 
@@ -283,7 +315,10 @@ impl Started {
             control,
             private_key,
             port,
+            hostnames,
         } = self;
+        let started = wall();
+        let mut last_lookup: Vec<Option<Instant>> = vec![None; hostnames.len()];
         let mut rng =
             OsRandom::new().map_err(|e| DevError::Runtime(format!("/dev/urandom: {e}")))?;
         // Batches allocated once: the datapath allocates nothing per packet.
@@ -390,6 +425,20 @@ impl Started {
                 c.serve(&mut tunnel, &private_key, port);
             }
             if now >= next_timer {
+                // Endpoints given as host names are looked up again when the
+                // peer has been unreachable for a while (it may have moved).
+                for (i, (key, host)) in hostnames.iter().enumerate() {
+                    let last = tunnel
+                        .peers()
+                        .find(|(c, _, _)| c.public == *key)
+                        .and_then(|(_, _, s)| s.last_handshake);
+                    if reresolve_due(last, wall(), started, last_lookup[i], now) {
+                        last_lookup[i] = Some(now);
+                        if let Some(addr) = host.to_socket_addrs().ok().and_then(|mut a| a.next()) {
+                            tunnel.update_peer(key, |c| c.endpoint = Some(addr));
+                        }
+                    }
+                }
                 tunnel.handle_timeout(now, wall(), &mut rng);
                 next_timer = tunnel.poll_timeout(now);
             }
@@ -406,6 +455,34 @@ impl Started {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_names_are_looked_up_again_only_when_unreachable() {
+        let t0 = Instant::now();
+        let start = Duration::from_secs(1_000_000);
+        let min = |m: u64| start + Duration::from_secs(60 * m);
+        // Fresh start, no handshake yet: not before three minutes.
+        assert!(!reresolve_due(None, min(2), start, None, t0));
+        assert!(reresolve_due(None, min(3), start, None, t0));
+        // A recent handshake: no lookup.
+        assert!(!reresolve_due(Some(min(9)), min(10), start, None, t0));
+        // Handshakes stopped: look up, then not again within 30 s.
+        assert!(reresolve_due(Some(min(1)), min(10), start, None, t0));
+        assert!(!reresolve_due(
+            Some(min(1)),
+            min(10),
+            start,
+            Some(t0),
+            t0 + Duration::from_secs(29)
+        ));
+        assert!(reresolve_due(
+            Some(min(1)),
+            min(10),
+            start,
+            Some(t0),
+            t0 + Duration::from_secs(30)
+        ));
+    }
 
     #[test]
     fn v4_addresses_travel_mapped() {
