@@ -54,6 +54,27 @@ pub struct Reader {
     pub created: bool,
 }
 
+/// Waits (up to 200 ms at a time, so that `shutdown` is seen) for the next
+/// packet and reads it into `buf`. `Ok(None)`: nothing yet, check shutdown and
+/// call again; an error means the device is gone or broken.
+pub fn next_packet(dev: &TunDevice, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+    if !dev.wait_readable(std::time::Duration::from_millis(200))? {
+        return Ok(None);
+    }
+    match dev.read(buf) {
+        Ok(n) => Ok(Some(n)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Attaches to `name`, or creates a transient device of `mode` if there is none.
 pub fn attach(tun_path: &Path, name: &IfName, mode: Option<Mode>) -> Result<Reader, DevError> {
     let mut nl = Netlink::open()?;

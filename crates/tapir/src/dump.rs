@@ -104,17 +104,9 @@ pub fn run(
     let mut seen = 0u64;
     let mut failure = None;
     while !shutdown.load(Ordering::Relaxed) && req.count.is_none_or(|c| seen < c) {
-        match dev.wait_readable(Duration::from_millis(200)) {
-            Ok(false) => continue,
-            Ok(true) => {}
-            Err(e) => {
-                failure = Some(e);
-                break;
-            }
-        }
-        let n = match dev.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+        let n = match capture::next_packet(dev, &mut buf) {
+            Ok(Some(n)) => n,
+            Ok(None) => continue,
             Err(e) => {
                 failure = Some(e);
                 break;

@@ -208,17 +208,9 @@ pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevEr
     let mut write_errors = 0;
     let mut failure = None;
     while !shutdown.load(Ordering::Relaxed) {
-        match dev.wait_readable(Duration::from_millis(200)) {
-            Ok(false) => continue,
-            Ok(true) => {}
-            Err(e) => {
-                failure = Some(e);
-                break;
-            }
-        }
-        let n = match dev.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+        let n = match capture::next_packet(&dev, &mut buf) {
+            Ok(Some(n)) => n,
+            Ok(None) => continue,
             Err(e) => {
                 failure = Some(e);
                 break;

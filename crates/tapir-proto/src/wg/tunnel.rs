@@ -179,28 +179,17 @@ pub struct Tunnel {
     under_load_until: Option<Instant>,
 }
 
-fn ip_source(packet: &[u8]) -> Option<IpAddr> {
+/// The source (`dst == false`) or destination address of an IP packet.
+fn ip_address(packet: &[u8], dst: bool) -> Option<IpAddr> {
     match packet.first()? >> 4 {
         4 => {
-            let b: [u8; 4] = packet.get(12..16)?.try_into().ok()?;
+            let at = if dst { 16 } else { 12 };
+            let b: [u8; 4] = packet.get(at..at + 4)?.try_into().ok()?;
             Some(IpAddr::from(b))
         }
         6 => {
-            let b: [u8; 16] = packet.get(8..24)?.try_into().ok()?;
-            Some(IpAddr::from(b))
-        }
-        _ => None,
-    }
-}
-
-fn ip_destination(packet: &[u8]) -> Option<IpAddr> {
-    match packet.first()? >> 4 {
-        4 => {
-            let b: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
-            Some(IpAddr::from(b))
-        }
-        6 => {
-            let b: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+            let at = if dst { 24 } else { 8 };
+            let b: [u8; 16] = packet.get(at..at + 16)?.try_into().ok()?;
             Some(IpAddr::from(b))
         }
         _ => None,
@@ -444,7 +433,7 @@ impl Tunnel {
         buf: &mut [u8],
         len: usize,
     ) -> Encapsulated {
-        let Some(dst) = buf.get(16..16 + len).and_then(ip_destination) else {
+        let Some(dst) = buf.get(16..16 + len).and_then(|p| ip_address(p, true)) else {
             return Encapsulated::Invalid;
         };
         let Some(p) = self.route(dst) else {
@@ -758,7 +747,7 @@ impl Tunnel {
             peer.stats.dropped += 1;
             return Decapsulated::Dropped(DropReason::Malformed);
         };
-        let allowed = ip_source(body).and_then(|src| self.route(src)) == Some(p);
+        let allowed = ip_address(body, false).and_then(|src| self.route(src)) == Some(p);
         if !allowed {
             self.peers[p].stats.dropped += 1;
             return Decapsulated::Dropped(DropReason::NotAllowed);
