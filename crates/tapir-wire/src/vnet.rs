@@ -168,6 +168,176 @@ pub fn segment(
     Ok(len)
 }
 
+/// Receive-side coalescing (GRO): consecutive TCP segments of one flow are
+/// joined into one super-packet, written to the tun device in one call with
+/// a GSO virtio-net header; the kernel's TCP sees one big packet.
+///
+/// Segments join while they have the same IP and TCP headers (but for
+/// lengths, ids, sequence numbers and checksums), the next sequence number,
+/// flags ACK (PSH ends the run), and no more payload than the first.
+#[derive(Debug)]
+pub struct Coalescer {
+    buf: Vec<u8>,
+    len: usize,
+    ip_len: usize,
+    tcp_len: usize,
+    v4: bool,
+    mss: usize,
+    next_seq: u32,
+    count: usize,
+    closed: bool,
+}
+
+/// The most a super-packet may hold (the IP length field's limit).
+const MAX_SUPER: usize = 65535;
+
+impl Default for Coalescer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Coalescer {
+    /// An empty coalescer with its buffer (header and 64 KiB) allocated once.
+    pub fn new() -> Self {
+        Self {
+            buf: vec![0; LEN + MAX_SUPER],
+            len: 0,
+            ip_len: 0,
+            tcp_len: 0,
+            v4: true,
+            mss: 0,
+            next_seq: 0,
+            count: 0,
+            closed: false,
+        }
+    }
+
+    /// Whether a run is being built.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Adds `packet` to the current run, or starts one. `false`: it does not
+    /// join (another flow, a gap, other flags, not TCP); flush, then push it
+    /// again, and if it still does not join, write it on its own.
+    pub fn push(&mut self, packet: &[u8]) -> bool {
+        let Some((ip_len, tcp_len, v4)) = tcp_headers(packet) else {
+            return false;
+        };
+        let hl = ip_len + tcp_len;
+        let payload = packet.len() - hl;
+        let flags = packet[ip_len + 13];
+        // ACK, with PSH allowed (it ends the run); nothing else (SYN, FIN, RST, URG, ECE, CWR).
+        if payload == 0 || flags & !0x08 != 0x10 {
+            return false;
+        }
+        // IPv4: no options, not a fragment; the real length must match.
+        if v4 && (ip_len != 20 || u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff != 0) {
+            return false;
+        }
+        let seq = u32::from_be_bytes([
+            packet[ip_len + 4],
+            packet[ip_len + 5],
+            packet[ip_len + 6],
+            packet[ip_len + 7],
+        ]);
+        if self.count == 0 {
+            if LEN + packet.len() > self.buf.len() {
+                return false;
+            }
+            self.buf[LEN..LEN + packet.len()].copy_from_slice(packet);
+            self.len = packet.len();
+            self.ip_len = ip_len;
+            self.tcp_len = tcp_len;
+            self.v4 = v4;
+            self.mss = payload;
+            self.next_seq = seq.wrapping_add(payload as u32);
+            self.count = 1;
+            self.closed = flags & 0x08 != 0;
+            return true;
+        }
+        let head = &self.buf[LEN..LEN + hl.min(self.len)];
+        let same_headers = v4 == self.v4
+            && ip_len == self.ip_len
+            && tcp_len == self.tcp_len
+            && if v4 {
+                // version, tos | flags, ttl, protocol | addresses
+                head[0..2] == packet[0..2] && head[6..10] == packet[6..10] && head[12..20] == packet[12..20]
+            } else {
+                head[0..4] == packet[0..4] && head[6..40] == packet[6..40]
+            }
+            // ports | ack number, data offset | window | options (flags: below)
+            && head[ip_len..ip_len + 4] == packet[ip_len..ip_len + 4]
+            && head[ip_len + 8..ip_len + 13] == packet[ip_len + 8..ip_len + 13]
+            && head[ip_len + 14..ip_len + 16] == packet[ip_len + 14..ip_len + 16]
+            && head[ip_len + 20..hl] == packet[ip_len + 20..hl];
+        let flags_ok = flags == 0x10 || flags == 0x18;
+        if self.closed
+            || !same_headers
+            || !flags_ok
+            || seq != self.next_seq
+            || payload > self.mss
+            || self.len + payload > MAX_SUPER
+        {
+            return false;
+        }
+        self.buf[LEN + self.len..LEN + self.len + payload].copy_from_slice(&packet[hl..]);
+        self.len += payload;
+        self.next_seq = seq.wrapping_add(payload as u32);
+        self.count += 1;
+        // A short segment or PSH ends the run; its flags become the run's.
+        self.buf[LEN + ip_len + 13] = flags;
+        self.closed = payload < self.mss || flags & 0x08 != 0;
+        true
+    }
+
+    /// Ends the run: returns the virtio-net header and packet to write (a
+    /// plain packet with an empty header if it is a single segment).
+    pub fn flush(&mut self) -> Option<&[u8]> {
+        if self.count == 0 {
+            return None;
+        }
+        let count = std::mem::take(&mut self.count);
+        let (ip_len, tcp_len, len) = (self.ip_len, self.tcp_len, self.len);
+        let (hdr, pkt) = self.buf.split_at_mut(LEN);
+        let pkt = &mut pkt[..len];
+        hdr.fill(0);
+        if count == 1 {
+            return Some(&self.buf[..LEN + len]);
+        }
+        if self.v4 {
+            pkt[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            pkt[10..12].fill(0);
+            let c = checksum::checksum(&pkt[..20]);
+            pkt[10..12].copy_from_slice(&c.to_be_bytes());
+        } else {
+            pkt[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
+        }
+        // A partial checksum: the pseudo-header sum, folded, not complemented,
+        // as the kernel leaves it for hardware (VIRTIO_NET_HDR_F_NEEDS_CSUM).
+        let tcp_total = (len - ip_len) as u32;
+        let pseudo = if self.v4 {
+            let s = checksum::add(checksum::add(0, &pkt[12..16]), &pkt[16..20]);
+            checksum::add(s, &[0, 6, (tcp_total >> 8) as u8, tcp_total as u8])
+        } else {
+            let src: [u8; 16] = pkt[8..24].try_into().expect("16 bytes");
+            let dst: [u8; 16] = pkt[24..40].try_into().expect("16 bytes");
+            checksum::ipv6_pseudo(&src, &dst, tcp_total, 6)
+        };
+        let partial = !checksum::finish(pseudo);
+        pkt[ip_len + 16..ip_len + 18].copy_from_slice(&partial.to_be_bytes());
+        let put = |h: &mut [u8], at: usize, v: u16| h[at..at + 2].copy_from_slice(&v.to_ne_bytes());
+        hdr[0] = F_NEEDS_CSUM;
+        hdr[1] = if self.v4 { GSO_TCPV4 } else { GSO_TCPV6 };
+        put(hdr, 2, (ip_len + tcp_len) as u16);
+        put(hdr, 4, self.mss as u16);
+        put(hdr, 6, ip_len as u16);
+        put(hdr, 8, 16);
+        Some(&self.buf[..LEN + len])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,6 +436,96 @@ mod tests {
                 "too small a buffer"
             );
         }
+    }
+
+    #[test]
+    fn segments_coalesce_back_into_the_super_packet() {
+        for v6 in [false, true] {
+            let ip_len = if v6 { 40 } else { 20 };
+            let p = super_packet(v6, 4000, 0x18); // ACK PSH
+            let hdr = VnetHeader {
+                gso_type: if v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+                gso_size: 1400,
+                ..Default::default()
+            };
+            let segs: Vec<Vec<u8>> = (0..3)
+                .map(|i| {
+                    let mut out = [0u8; 2000];
+                    let n = segment(&hdr, &p, i, &mut out).unwrap();
+                    out[..n].to_vec()
+                })
+                .collect();
+            let mut c = Coalescer::new();
+            for (i, s) in segs.iter().enumerate() {
+                assert!(
+                    c.push(s),
+                    "v6 {v6} segment {i}: flags {:#x} len {}",
+                    s[ip_len + 13],
+                    s.len()
+                );
+            }
+            let written = c.flush().unwrap().to_vec();
+            assert!(c.is_empty());
+            let got = VnetHeader::parse(&written).unwrap();
+            assert_eq!(got.flags, F_NEEDS_CSUM);
+            assert_eq!(got.gso_type, hdr.gso_type);
+            assert_eq!(got.gso_size, 1400);
+            assert_eq!(usize::from(got.csum_start), ip_len);
+            assert_eq!(got.csum_offset, 16);
+            let mut packet = written[LEN..].to_vec();
+            assert_eq!(packet.len(), p.len());
+            assert_eq!(
+                &packet[ip_len + 20..],
+                &p[ip_len + 20..],
+                "payload in order"
+            );
+            // What the kernel would do with it: segment again. Same segments.
+            for (i, want) in segs.iter().enumerate() {
+                let mut out = [0u8; 2000];
+                let n = segment(&got, &packet, i, &mut out).unwrap();
+                assert_eq!(&out[..n], &want[..], "segment {i} after a round trip");
+            }
+            // Completing the partial checksum gives a valid whole packet.
+            finish_checksum(&got, &mut packet).unwrap();
+            assert!(tcp_ok(&packet, v6));
+            if !v6 {
+                assert!(checksum::verify(&packet[..20]));
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_right_segments_join() {
+        let p = super_packet(false, 4200, 0x10);
+        let hdr = VnetHeader {
+            gso_type: GSO_TCPV4,
+            gso_size: 1400,
+            ..Default::default()
+        };
+        let seg = |i: usize| {
+            let mut out = [0u8; 2000];
+            let n = segment(&hdr, &p, i, &mut out).unwrap();
+            out[..n].to_vec()
+        };
+        let mut c = Coalescer::new();
+        assert!(c.push(&seg(0)));
+        assert!(!c.push(&seg(2)), "a gap");
+        assert!(!c.push(&seg(0)), "a duplicate");
+        let mut other_flow = seg(1);
+        other_flow[20] ^= 1; // another source port
+        assert!(!c.push(&other_flow));
+        let mut syn = seg(1);
+        syn[33] = 0x12;
+        assert!(!c.push(&syn), "SYN never joins");
+        assert!(c.push(&seg(1)));
+        assert_eq!(c.flush().map(|b| b.len()), Some(LEN + 20 + 20 + 2800));
+        // A single segment is written as it is, with an empty header.
+        assert!(c.push(&seg(2)));
+        let one = c.flush().unwrap();
+        assert_eq!(&one[..LEN], &[0; LEN]);
+        assert_eq!(&one[LEN..], &seg(2)[..]);
+        assert!(c.flush().is_none());
+        assert!(!c.push(&[0x45, 0, 0]), "garbage");
     }
 
     #[test]

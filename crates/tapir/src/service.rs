@@ -268,7 +268,7 @@ pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, Stri
             running: false,
             public_key: None,
             listen_port: None,
-            datapath: "UDP in batches of 64 (recvmmsg/sendmmsg); tun reads with TSO and checksum offload via the vnet header, one write per packet (no GRO yet)".into(),
+            datapath: "UDP in batches of 64 (recvmmsg/sendmmsg); tun via the vnet header: TSO and checksum offload on reads, TCP segments coalesced (GRO) on writes".into(),
             peers: Vec::new(),
         };
         if pid.is_some_and(alive) {
