@@ -267,6 +267,19 @@ pub fn start(config: &TunnelConfig, tun_path: &Path) -> Result<Started, DevError
     })
 }
 
+/// Writes a coalesced super-packet. A kernel that refuses GSO writes (EINVAL)
+/// turns GRO off for the rest of the run, said once; TCP resends what was lost.
+fn write_super(dev: &TunDevice, bytes: &[u8], gro_on: &mut bool, name: &tapir_sys::IfName) {
+    if let Err(e) = dev.write(bytes) {
+        if e.raw_os_error() == Some(22) && *gro_on {
+            *gro_on = false;
+            eprintln!(
+                "tapir: {name}: the kernel refuses coalesced writes ({e}): GRO off, one packet per write"
+            );
+        }
+    }
+}
+
 /// Starts every tunnel first (dropping those started if one fails), then
 /// runs each on a thread of its own until `shutdown`, or until one fails,
 /// which stops the others.
@@ -328,6 +341,7 @@ impl Started {
         let mut out = vec![0u8; SLOT];
         let mut big = vec![0u8; vnet::LEN + 65536];
         let mut gro = vnet::Coalescer::new();
+        let mut gro_on = true;
         let mut next_timer = Instant::now();
         while !shutdown.load(Ordering::Relaxed) {
             // Without a control socket, the UDP socket stands in as the third fd.
@@ -417,13 +431,13 @@ impl Started {
                     ) {
                         // Consecutive TCP segments of one flow join into one
                         // super-packet (GRO): one write instead of dozens.
-                        if gro.push(&datagram[range.clone()]) {
+                        if gro_on && gro.push(&datagram[range.clone()]) {
                             continue;
                         }
                         if let Some(bytes) = gro.flush() {
-                            let _ = dev.write(bytes);
+                            write_super(&dev, bytes, &mut gro_on, &name);
                         }
-                        if gro.push(&datagram[range.clone()]) {
+                        if gro_on && gro.push(&datagram[range.clone()]) {
                             continue;
                         }
                         // Not TCP data: written as it is. The header bytes
@@ -434,7 +448,7 @@ impl Started {
                     }
                 }
                 if let Some(bytes) = gro.flush() {
-                    let _ = dev.write(bytes);
+                    write_super(&dev, bytes, &mut gro_on, &name);
                 }
             }
             if let Some(c) = control.as_ref().filter(|_| control_ready) {
