@@ -18,7 +18,16 @@ pub enum Link {
     Ethernet,
 }
 
-fn mac(m: &[u8]) -> String {
+/// The target address of a neighbour solicitation or advertisement
+/// (bytes 4..20 after the ICMPv6 type, code and checksum).
+fn nd_target(payload: &[u8]) -> Option<std::net::Ipv6Addr> {
+    <[u8; 16]>::try_from(payload.get(4..20)?)
+        .ok()
+        .map(std::net::Ipv6Addr::from)
+}
+
+/// A MAC address as `02:00:5e:10:00:01`.
+pub fn mac(m: &[u8]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -159,34 +168,14 @@ fn transport(
                 Icmpv6Type::EchoReply(e) => {
                     write!(out, "ICMP6, echo reply, id {}, seq {}", e.id, e.seq)
                 }
-                Icmpv6Type::NeighborSolicitation => {
-                    let target = icmp
-                        .payload()
-                        .get(4..20)
-                        .and_then(|t| <[u8; 16]>::try_from(t).ok());
-                    match target {
-                        Some(t) => write!(
-                            out,
-                            "ICMP6, neighbor solicitation, who has {}",
-                            std::net::Ipv6Addr::from(t)
-                        ),
-                        None => write!(out, "ICMP6, neighbor solicitation (truncated)"),
-                    }
-                }
-                Icmpv6Type::NeighborAdvertisement(_) => {
-                    let target = icmp
-                        .payload()
-                        .get(4..20)
-                        .and_then(|t| <[u8; 16]>::try_from(t).ok());
-                    match target {
-                        Some(t) => write!(
-                            out,
-                            "ICMP6, neighbor advertisement, tgt is {}",
-                            std::net::Ipv6Addr::from(t)
-                        ),
-                        None => write!(out, "ICMP6, neighbor advertisement (truncated)"),
-                    }
-                }
+                Icmpv6Type::NeighborSolicitation => match nd_target(icmp.payload()) {
+                    Some(t) => write!(out, "ICMP6, neighbor solicitation, who has {t}"),
+                    None => write!(out, "ICMP6, neighbor solicitation (truncated)"),
+                },
+                Icmpv6Type::NeighborAdvertisement(_) => match nd_target(icmp.payload()) {
+                    Some(t) => write!(out, "ICMP6, neighbor advertisement, tgt is {t}"),
+                    None => write!(out, "ICMP6, neighbor advertisement (truncated)"),
+                },
                 Icmpv6Type::RouterSolicitation => write!(out, "ICMP6, router solicitation"),
                 Icmpv6Type::RouterAdvertisement(_) => write!(out, "ICMP6, router advertisement"),
                 _ => write!(

@@ -9,9 +9,12 @@
 //! flags of whoever attaches last, so a reader that asked for other flags
 //! would silently change a persistent device for its next user.
 
+use std::fs::File;
+use std::io::BufWriter;
 use std::path::Path;
 
 use tapir_sys::{IfName, Mode, Netlink, TunDevice, TunError, TunOptions};
+use tapir_wire::pcap::{LINKTYPE_ETHERNET, LINKTYPE_RAW, PcapWriter};
 use tapir_wire::pi;
 
 use crate::dev::DevError;
@@ -52,6 +55,28 @@ pub struct Reader {
     pub framing: Framing,
     /// Whether we created the device (it goes away when `dev` is dropped).
     pub created: bool,
+}
+
+/// A pcap file for a reader of a `mode` device: link type RAW for tun,
+/// Ethernet for tap. Create it only once the device is ours, so that a
+/// refused attach does not truncate an existing file.
+pub fn pcap_writer(
+    path: &Path,
+    mode: Mode,
+    snaplen: u32,
+) -> Result<PcapWriter<BufWriter<File>>, DevError> {
+    let file = File::create(path).map_err(|e| {
+        DevError::Invalid(format!(
+            "cannot create the pcap file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let linktype = match mode {
+        Mode::Tun => LINKTYPE_RAW,
+        Mode::Tap => LINKTYPE_ETHERNET,
+    };
+    PcapWriter::new(BufWriter::new(file), linktype, snaplen)
+        .map_err(|e| DevError::Runtime(format!("cannot write the pcap file: {e}")))
 }
 
 /// Waits (up to 200 ms at a time, so that `shutdown` is seen) for the next

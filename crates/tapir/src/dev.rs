@@ -416,12 +416,11 @@ fn view(link: &Link, addrs: &[Address], routes: &[Route]) -> DeviceView {
         open: is_open(link),
         promisc: link.state.promisc,
         mtu: link.mtu,
-        address: link.address.as_ref().filter(|a| !a.is_empty()).map(|a| {
-            a.iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":")
-        }),
+        address: link
+            .address
+            .as_ref()
+            .filter(|a| !a.is_empty())
+            .map(|a| tapir_wire::summary::mac(a)),
         queues: tun.queues,
         disabled_queues: tun.disabled_queues,
         addresses: addrs

@@ -1,13 +1,11 @@
 //! `tapir dump`: become a device's reader, print a line per packet, record pcap.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tapir_sys::{IfName, Mode};
-use tapir_wire::pcap::{LINKTYPE_ETHERNET, LINKTYPE_RAW, PcapWriter};
 use tapir_wire::pi::PacketInfo;
 use tapir_wire::summary::{self, Link};
 
@@ -50,35 +48,15 @@ pub fn run(
     shutdown: &AtomicBool,
 ) -> Result<u64, DevError> {
     let reader = capture::attach(&req.tun_path, &req.name, req.mode)?;
-    // Only once the device is ours: a refused attach must not truncate the file.
-    let mut pcap_file = match &req.write {
-        Some(path) => Some(File::create(path).map_err(|e| {
-            DevError::Invalid(format!(
-                "cannot create the pcap file {}: {e}",
-                path.display()
-            ))
-        })?),
-        None => None,
-    };
     let link = match reader.mode {
         Mode::Tun => Link::Ip,
         Mode::Tap => Link::Ethernet,
     };
-    let mut pcap = match pcap_file.take() {
-        Some(f) => Some(
-            PcapWriter::new(
-                BufWriter::new(f),
-                if link == Link::Ip {
-                    LINKTYPE_RAW
-                } else {
-                    LINKTYPE_ETHERNET
-                },
-                req.snaplen,
-            )
-            .map_err(|e| DevError::Runtime(format!("cannot write the pcap file: {e}")))?,
-        ),
-        None => None,
-    };
+    let mut pcap = req
+        .write
+        .as_deref()
+        .map(|path| capture::pcap_writer(path, reader.mode, req.snaplen))
+        .transpose()?;
     let dev = &reader.dev;
     eprintln!(
         "tapir dump: reading {} ({}{}{}){}",

@@ -6,17 +6,14 @@
 //!        on shutdown: counters; take back what we added; a device we created goes with its fd
 //! ```
 
-use std::fs::File;
-use std::io::BufWriter;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use tapir_proto::echo::{Config, Link, Responder, Stats};
 use tapir_sys::{IfName, Mode, Netlink};
-use tapir_wire::pcap::{LINKTYPE_ETHERNET, LINKTYPE_RAW, PcapWriter};
 
 use crate::capture::{self, Reader};
 use crate::dev::DevError;
@@ -162,32 +159,17 @@ pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevEr
         framing,
         created,
     } = capture::attach(&req.tun_path, &req.name, req.mode)?;
-    // Only once the device is ours: a refused attach must not truncate the file.
-    let mut pcap = match &req.pcap {
-        Some(path) => Some(open_pcap(path)?),
-        None => None,
-    };
+    let mut pcap = req
+        .pcap
+        .as_deref()
+        .map(|path| capture::pcap_writer(path, mode, 0))
+        .transpose()?;
     let name = dev.name().clone();
     let mut nl = Netlink::open()?;
     let (changes, subnets) = configure(&mut nl, &name, &req.addrs)?;
     let link = match mode {
         Mode::Tun => Link::Ip,
         Mode::Tap => Link::Ethernet,
-    };
-    let mut pcap = match pcap.take() {
-        Some(f) => Some(
-            PcapWriter::new(
-                BufWriter::new(f),
-                if link == Link::Ip {
-                    LINKTYPE_RAW
-                } else {
-                    LINKTYPE_ETHERNET
-                },
-                0,
-            )
-            .map_err(|e| DevError::Runtime(format!("cannot write the pcap file: {e}")))?,
-        ),
-        None => None,
     };
     let mut responder = Responder::new(Config {
         link,
@@ -198,7 +180,7 @@ pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevEr
     eprintln!(
         "{name}: answering pings ({mode}{}); Ctrl-C to stop",
         if link == Link::Ethernet {
-            format!(", MAC {}", req.mac.map(|b| format!("{b:02x}")).join(":"))
+            format!(", MAC {}", tapir_wire::summary::mac(&req.mac))
         } else {
             String::new()
         }
@@ -248,15 +230,6 @@ pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevEr
     Ok(EchoReport {
         stats: responder.stats(),
         write_errors,
-    })
-}
-
-fn open_pcap(path: &Path) -> Result<File, DevError> {
-    File::create(path).map_err(|e| {
-        DevError::Invalid(format!(
-            "cannot create the pcap file {}: {e}",
-            path.display()
-        ))
     })
 }
 

@@ -164,7 +164,7 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<(), String> {
         kill(Pid::from_raw(pid), Signal::SIGTERM)
             .map_err(|e| format!("signalling pid {pid}: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while alive(pid) && !is_zombie(pid) {
+        while alive(pid) {
             if Instant::now() > deadline {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 break;

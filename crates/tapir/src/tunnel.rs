@@ -354,6 +354,7 @@ impl Started {
             )
             .map_err(|e| DevError::Runtime(format!("poll: {e}")))?;
             let now = Instant::now();
+            let wall_now = wall();
             if tun_ready {
                 // Read packets (TCP super-packets with TSO), cut them into
                 // segments straight into the send batch, seal each where it
@@ -397,7 +398,7 @@ impl Started {
                             len
                         };
                         if let Encapsulated::Send { to, len } =
-                            tunnel.encapsulate(now, wall(), &mut rng, slot, len)
+                            tunnel.encapsulate(now, wall_now, &mut rng, slot, len)
                         {
                             tx.set(k, len, &to_v6(to));
                             k += 1;
@@ -423,7 +424,7 @@ impl Started {
                     let n = datagram.len();
                     if let Decapsulated::Packet(range) = tunnel.decapsulate(
                         now,
-                        wall(),
+                        wall_now,
                         &mut rng,
                         from_v6(SocketAddr::V6(from)),
                         datagram,
@@ -462,14 +463,14 @@ impl Started {
                         .peers()
                         .find(|(c, _, _)| c.public == *key)
                         .and_then(|(_, _, s)| s.last_handshake);
-                    if reresolve_due(last, wall(), started, last_lookup[i], now) {
+                    if reresolve_due(last, wall_now, started, last_lookup[i], now) {
                         last_lookup[i] = Some(now);
                         if let Some(addr) = host.to_socket_addrs().ok().and_then(|mut a| a.next()) {
                             tunnel.update_peer(key, |c| c.endpoint = Some(addr));
                         }
                     }
                 }
-                tunnel.handle_timeout(now, wall(), &mut rng);
+                tunnel.handle_timeout(now, wall_now, &mut rng);
                 next_timer = tunnel.poll_timeout(now);
             }
             while let Some((to, len)) = tunnel.poll_transmit(now, &mut out) {

@@ -126,8 +126,8 @@ pub fn set(
         let (key, value) = line.split_once('=').ok_or(EPROTO)?;
         match key {
             "private_key" => {
-                let k = decode_hex32(value).map_err(|_| EINVAL)?;
-                if k != decode_hex32(&private_key.to_hex()).map_err(|_| EINVAL)? {
+                let k = PrivateKey::from_hex(value).map_err(|_| EINVAL)?;
+                if k.public_key() != private_key.public_key() {
                     return Err(EOPNOTSUPP);
                 }
             }

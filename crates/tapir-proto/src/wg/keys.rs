@@ -23,6 +23,11 @@ impl std::fmt::Display for KeyError {
 
 impl std::error::Error for KeyError {}
 
+/// 64 lower-case hex digits (the form of WireGuard's userspace API).
+fn hex32(bytes: &[u8; 32]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Reads 64 hex digits (the form of WireGuard's userspace API).
 pub fn decode_hex32(text: &str) -> Result<[u8; 32], KeyError> {
     let text = text.trim().as_bytes();
@@ -82,7 +87,7 @@ impl PrivateKey {
     /// Lower-case hex, for WireGuard's root-only control socket (`wg showconf`
     /// reads it there); never log it.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex32(&self.0)
     }
 
     /// The matching public key.
@@ -119,7 +124,7 @@ impl PublicKey {
 
     /// The bytes, lower-case hex (the form of WireGuard's userspace API).
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex32(&self.0)
     }
 }
 
@@ -157,7 +162,7 @@ impl PresharedKey {
 
     /// Lower-case hex, for the root-only control socket.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex32(&self.0)
     }
 
     /// Whether it is all zeros (no preshared key).
