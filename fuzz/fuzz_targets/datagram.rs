@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
             endpoint: Some("192.0.2.2:51820".parse().unwrap()),
             allowed_ips: vec!["10.0.0.2/32".parse().unwrap()],
             keepalive: None,
+            rate: None,
         }],
     );
     let now = Instant::now();

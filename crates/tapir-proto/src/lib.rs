@@ -7,9 +7,12 @@
 //!
 //! Nothing here opens a device, reads a clock or draws randomness: a MAC
 //! address or a time is a parameter, so every path can be driven by unit
-//! tests and fuzzers. The tunnel state machines come here next.
+//! tests and fuzzers. Beside the echo responder: the WireGuard tunnel (`wg`),
+//! the tap-mode switch's MAC table (`switch`) and the rate limit (`bucket`).
 
 #![forbid(unsafe_code)]
 
+pub mod bucket;
 pub mod echo;
+pub mod switch;
 pub mod wg;

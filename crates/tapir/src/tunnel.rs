@@ -112,6 +112,7 @@ pub fn peer_configs(config: &TunnelConfig) -> Result<Vec<PeerConfig>, DevError> 
                 endpoint,
                 allowed_ips: p.allowed_ips.clone(),
                 keepalive: p.keepalive.map(|k| Duration::from_secs(k.into())),
+                rate: None,
             })
         })
         .collect()

@@ -104,6 +104,7 @@ fn apply(tunnel: &mut Tunnel, c: PeerChange) {
             endpoint: None,
             allowed_ips: Vec::new(),
             keepalive: None,
+            rate: None,
         };
         change(&mut p);
         tunnel.add_peer(p);
@@ -309,6 +310,7 @@ mod tests {
                 endpoint: Some("192.0.2.2:51820".parse().unwrap()),
                 allowed_ips: vec!["10.0.0.2/32".parse().unwrap()],
                 keepalive: Some(Duration::from_secs(25)),
+                rate: None,
             }],
         );
         (t, key, peer)

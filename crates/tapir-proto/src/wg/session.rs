@@ -73,7 +73,22 @@ impl Session {
     /// Seals the packet at `buf[16..16 + len]` (0 for a keepalive) into a data
     /// message at `buf[..n]`, returning `n`.
     pub fn seal(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SessionError> {
-        let padded = padded(len);
+        self.seal_padded_to(buf, len, padded(len))
+    }
+
+    /// Seals without padding: for tap mode's Ethernet frames, whose length
+    /// the receiver cannot learn from the frame itself. Needs
+    /// `buf.len() >= 16 + len + 16`.
+    pub fn seal_unpadded(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SessionError> {
+        self.seal_padded_to(buf, len, len)
+    }
+
+    fn seal_padded_to(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        padded: usize,
+    ) -> Result<usize, SessionError> {
         let total = DATA_HEADER_LEN + padded + TAG_LEN;
         if buf.len() < total {
             return Err(SessionError::BufferTooSmall);

@@ -24,6 +24,8 @@ use super::handshake::{self, HandshakeError, Identity, PeerStatic, PendingInitia
 use super::keys::{PresharedKey, PrivateKey, PublicKey};
 use super::messages::{self, COOKIE_LEN, INITIATION_LEN, Kind, RESPONSE_LEN, field};
 use super::session::{self, Session, SessionError};
+use crate::bucket::TokenBucket;
+use crate::switch::{self, Destination, Mac, MacTable};
 
 /// Whitepaper §6.1.
 pub const REKEY_AFTER_MESSAGES: u64 = 1 << 60;
@@ -69,6 +71,8 @@ pub struct PeerConfig {
     pub allowed_ips: Vec<IpNet>,
     /// Persistent keepalive interval.
     pub keepalive: Option<Duration>,
+    /// A rate limit in bits per second, each direction (tapir's extension).
+    pub rate: Option<u64>,
 }
 
 /// Counters and times of one peer, for status output.
@@ -82,6 +86,52 @@ pub struct PeerStats {
     pub last_handshake: Option<Duration>,
     /// Datagrams dropped as forged, replayed or malformed.
     pub dropped: u64,
+    /// Packets dropped after authentication, by rule.
+    pub drops: Drops,
+}
+
+/// Packets of one peer dropped after they authenticated (or, for `rate_tx`,
+/// before they were sealed), by the rule that dropped them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Drops {
+    /// A source address outside the peer's allowed IPs (in tap mode: the
+    /// sender address of an IPv4, IPv6 or ARP frame).
+    pub not_allowed: u64,
+    /// Tap mode: a frame with a new source MAC beyond the peer's cap.
+    pub mac_cap: u64,
+    /// Tap mode: a frame with a broadcast or multicast source MAC.
+    pub multicast_source: u64,
+    /// Tap mode: a frame addressed to a MAC learned on the peer it came from.
+    pub loop_back: u64,
+    /// The other end is in the other mode: Ethernet frames to a tun tunnel,
+    /// or IP packets to a tap tunnel.
+    pub wrong_layer: u64,
+    /// Over the peer's rate, arriving.
+    pub rate_rx: u64,
+    /// Over the peer's rate, leaving.
+    pub rate_tx: u64,
+    /// Leaving while a handshake runs and the queue was full.
+    pub queue_full: u64,
+}
+
+/// What a tunnel's data carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layer {
+    /// IP packets, routed by allowed IPs (WireGuard).
+    #[default]
+    Ip,
+    /// Ethernet frames, switched by a MAC table (tapir's tap mode): frames
+    /// are sealed without padding, since an Ethernet frame carries no length.
+    Ethernet,
+}
+
+/// A port of the tap-mode switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Port {
+    /// The local tap device.
+    Local,
+    /// A peer, by its public key.
+    Peer(PublicKey),
 }
 
 struct Timed {
@@ -112,6 +162,8 @@ struct Peer {
     /// Data arrived: unless we send something first, a keepalive is due then.
     passive_keepalive_at: Option<Instant>,
     stats: PeerStats,
+    tx_bucket: Option<TokenBucket>,
+    rx_bucket: Option<TokenBucket>,
 }
 
 /// What became of a packet from the tun device.
@@ -132,6 +184,11 @@ pub enum Encapsulated {
     NoEndpoint,
     /// Not an IP packet, or the buffer is too small.
     Invalid,
+    /// Over the peer's rate: dropped and counted.
+    RateLimited,
+    /// Tap mode: broadcast, multicast or unknown unicast. Seal a copy for
+    /// every peer with [`Tunnel::encapsulate_to`].
+    Flood,
 }
 
 /// What became of a datagram from the network.
@@ -139,6 +196,23 @@ pub enum Encapsulated {
 pub enum Decapsulated {
     /// Write `buf[range]` to the tun device.
     Packet(std::ops::Range<usize>),
+    /// Tap mode: a frame for a MAC learned on another peer (the hub forwards
+    /// between its spokes): seal `buf[range]` for peer `to` with
+    /// [`Tunnel::encapsulate_to`], and do not write it to the tap.
+    Forward {
+        /// The frame.
+        range: std::ops::Range<usize>,
+        /// The peer (an index as in [`Tunnel::peer_index`]).
+        to: usize,
+    },
+    /// Tap mode: broadcast, multicast or unknown unicast: write `buf[range]`
+    /// to the tap, and seal a copy for every peer but `from`.
+    Flood {
+        /// The frame.
+        range: std::ops::Range<usize>,
+        /// The peer it came from.
+        from: usize,
+    },
     /// Handled (a handshake, a keepalive, a cookie); check `poll_transmit`.
     Nothing,
     /// Refused, counted, no reply.
@@ -162,6 +236,12 @@ pub enum DropReason {
     StaleInitiation,
     /// Under load and no valid mac2: answered with a cookie.
     Cookie,
+    /// Tap mode: dropped by the switch (see [`Drops`]).
+    Switch,
+    /// The other end is in the other mode (tun against tap).
+    WrongLayer,
+    /// Over the peer's rate.
+    RateLimited,
 }
 
 /// A WireGuard interface.
@@ -177,6 +257,8 @@ pub struct Tunnel {
     cookie_secret_at: Option<Instant>,
     load_window: (Option<Instant>, u32),
     under_load_until: Option<Instant>,
+    layer: Layer,
+    switch: MacTable<Port>,
 }
 
 /// The source (`dst == false`) or destination address of an IP packet.
@@ -206,6 +288,66 @@ fn ip_len(plain: &[u8]) -> Option<usize> {
     (len <= plain.len()).then_some(len)
 }
 
+/// The destination and source MACs of an Ethernet frame.
+fn macs(frame: &[u8]) -> Option<(Mac, Mac)> {
+    if frame.len() < 14 {
+        return None;
+    }
+    Some((frame[0..6].try_into().ok()?, frame[6..12].try_into().ok()?))
+}
+
+/// Seals with WireGuard's padding for IP, without it for Ethernet (a frame
+/// carries no length of its own, so the receiver takes the plaintext's).
+fn seal(
+    session: &mut Session,
+    layer: Layer,
+    buf: &mut [u8],
+    len: usize,
+) -> Result<usize, SessionError> {
+    match layer {
+        Layer::Ip => session.seal(buf, len),
+        Layer::Ethernet => session.seal_unpadded(buf, len),
+    }
+}
+
+/// Whether a padded plaintext is an IP packet (a tun peer's data reaching a tap tunnel).
+fn looks_like_padded_ip(plain: &[u8]) -> bool {
+    plain.len() % 16 == 0
+        && ip_len(plain).is_some_and(|n| n + 16 > plain.len() && n >= 20)
+        && (plain[0] >> 4 == 6 || plain[0] & 0xf >= 5)
+}
+
+/// Whether a plaintext that is not IP is an Ethernet frame (a tap peer's
+/// data reaching a tun tunnel): an Ethernet II EtherType where it belongs.
+fn looks_like_ethernet(plain: &[u8]) -> bool {
+    plain.len() >= 14 && u16::from_be_bytes([plain[12], plain[13]]) >= 0x0600
+}
+
+/// The sender address that a tap peer's frame claims, for the allowed-IPs
+/// check: IPv4 and IPv6 sources, the ARP sender (one VLAN tag skipped).
+/// `Ok(None)`: a frame with no IP sender (other protocols), or an
+/// unspecified one (DHCP, DAD, ARP probes). `Err`: truncated.
+fn frame_sender(frame: &[u8]) -> Result<Option<IpAddr>, ()> {
+    let mut at = 12;
+    let mut ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    if ethertype == 0x8100 {
+        let b = frame.get(16..18).ok_or(())?;
+        ethertype = u16::from_be_bytes([b[0], b[1]]);
+        at += 4;
+    }
+    let l3 = &frame[at + 2..];
+    let ip = match ethertype {
+        0x0800 => ip_address(l3, false).ok_or(())?,
+        0x86dd => ip_address(l3, false).ok_or(())?,
+        0x0806 => {
+            let b: [u8; 4] = l3.get(14..18).ok_or(())?.try_into().map_err(|_| ())?;
+            IpAddr::from(b)
+        }
+        _ => return Ok(None),
+    };
+    Ok((!ip.is_unspecified()).then_some(ip))
+}
+
 fn expired(t: &Timed, now: Instant) -> bool {
     now.saturating_duration_since(t.created) >= REJECT_AFTER_TIME
 }
@@ -231,11 +373,53 @@ impl Tunnel {
             cookie_secret_at: None,
             load_window: (None, 0),
             under_load_until: None,
+            layer: Layer::Ip,
+            switch: MacTable::new(switch::DEFAULT_AGING, switch::DEFAULT_CAP),
         };
         for p in peers {
             t.add_peer(p);
         }
         t
+    }
+
+    /// An interface that carries `layer`, with the switch's aging time and
+    /// per-peer cap of learned MACs (used in tap mode only).
+    pub fn with_layer(
+        private: PrivateKey,
+        peers: Vec<PeerConfig>,
+        layer: Layer,
+        aging: Duration,
+        mac_cap: usize,
+    ) -> Self {
+        let mut t = Self::new(private, peers);
+        t.layer = layer;
+        t.switch = MacTable::new(aging, mac_cap);
+        t
+    }
+
+    /// What the tunnel carries.
+    pub fn layer(&self) -> Layer {
+        self.layer
+    }
+
+    /// How many peers there are (indices for [`Tunnel::encapsulate_to`]).
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// The index of the peer with key `public`.
+    pub fn peer_index(&self, public: &PublicKey) -> Option<usize> {
+        self.by_key.get(public).copied()
+    }
+
+    /// Tap mode: the MACs learned on the peer with key `public`.
+    pub fn peer_macs(&self, now: Instant, public: &PublicKey) -> Vec<Mac> {
+        self.switch.macs(now, Port::Peer(*public))
+    }
+
+    /// Tap mode: how many MACs the switch holds for the peer `public`.
+    pub fn peer_mac_count(&self, public: &PublicKey) -> usize {
+        self.switch.count(Port::Peer(*public))
     }
 
     /// Our public key.
@@ -287,6 +471,8 @@ impl Tunnel {
             keepalive_due: false,
             passive_keepalive_at: None,
             stats: PeerStats::default(),
+            tx_bucket: config.rate.map(TokenBucket::new),
+            rx_bucket: config.rate.map(TokenBucket::new),
             config,
         });
         let public = self.peers[idx].config.public;
@@ -307,8 +493,13 @@ impl Tunnel {
         let peer = &mut self.peers[idx];
         let before_psk = peer.config.psk.as_ref().map(PresharedKey::to_base64);
         let before_endpoint = peer.config.endpoint;
+        let before_rate = peer.config.rate;
         change(&mut peer.config);
         peer.config.public = *public;
+        if peer.config.rate != before_rate {
+            peer.tx_bucket = peer.config.rate.map(TokenBucket::new);
+            peer.rx_bucket = peer.config.rate.map(TokenBucket::new);
+        }
         if peer.config.psk.as_ref().map(PresharedKey::to_base64) != before_psk {
             peer.keys = PeerStatic::new(&self.id, *public, peer.config.psk.clone());
         }
@@ -325,6 +516,7 @@ impl Tunnel {
         let Some(idx) = self.by_key.remove(public) else {
             return false;
         };
+        self.switch.forget_port(Port::Peer(*public));
         self.peers.remove(idx);
         self.by_key = self
             .peers
@@ -433,26 +625,78 @@ impl Tunnel {
         buf: &mut [u8],
         len: usize,
     ) -> Encapsulated {
-        let Some(dst) = buf.get(16..16 + len).and_then(|p| ip_address(p, true)) else {
+        let Some(packet) = buf.get(16..16 + len) else {
             return Encapsulated::Invalid;
         };
-        let Some(p) = self.route(dst) else {
+        let p = match self.layer {
+            Layer::Ip => {
+                let Some(dst) = ip_address(packet, true) else {
+                    return Encapsulated::Invalid;
+                };
+                match self.route(dst) {
+                    Some(p) => p,
+                    None => return Encapsulated::NoRoute,
+                }
+            }
+            Layer::Ethernet => {
+                let Some((dst, src)) = macs(packet) else {
+                    return Encapsulated::Invalid;
+                };
+                // What leaves through the tap was sent from this side.
+                let _ = self.switch.learn(now, src, Port::Local);
+                match self.switch.lookup(now, &dst) {
+                    Destination::Port(Port::Peer(k)) => match self.by_key.get(&k) {
+                        Some(&p) => p,
+                        None => return Encapsulated::Flood,
+                    },
+                    Destination::Port(Port::Local) => return Encapsulated::NoRoute,
+                    Destination::Flood => return Encapsulated::Flood,
+                }
+            }
+        };
+        self.encapsulate_to(p, now, wall, rng, buf, len)
+    }
+
+    /// Seals the packet or frame at `buf[16..16 + len]` for peer `p` (an
+    /// index below [`Tunnel::peer_count`]), whatever its destination: the
+    /// switch's flooding and forwarding in tap mode. Buffer needs as for
+    /// [`Tunnel::encapsulate`].
+    pub fn encapsulate_to(
+        &mut self,
+        p: usize,
+        now: Instant,
+        wall: Duration,
+        rng: &mut dyn Random,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Encapsulated {
+        let layer = self.layer;
+        let Some(peer) = self.peers.get_mut(p) else {
             return Encapsulated::NoRoute;
         };
-        let peer = &mut self.peers[p];
         let Some(to) = peer.endpoint else {
             return Encapsulated::NoEndpoint;
         };
+        if buf.len() < 16 + len {
+            return Encapsulated::Invalid;
+        }
+        if let Some(b) = peer.tx_bucket.as_mut() {
+            if !b.take(now, len) {
+                peer.stats.drops.rate_tx += 1;
+                return Encapsulated::RateLimited;
+            }
+        }
         if !peer.usable(now) {
             if peer.queue.len() >= QUEUE_LIMIT {
                 peer.queue.pop_front();
+                peer.stats.drops.queue_full += 1;
             }
             peer.queue.push_back(buf[16..16 + len].to_vec());
             self.initiate(p, now, wall, rng);
             return Encapsulated::Queued;
         }
         let t = peer.current.as_mut().expect("usable");
-        let n = match t.session.seal(buf, len) {
+        let n = match seal(&mut t.session, layer, buf, len) {
             Ok(n) => n,
             Err(_) => return Encapsulated::Invalid,
         };
@@ -742,15 +986,11 @@ impl Tunnel {
         // still gets a keepalive back every KEEPALIVE_TIMEOUT.
         peer.passive_keepalive_at
             .get_or_insert(now + KEEPALIVE_TIMEOUT);
-        let body = &msg[messages::DATA_HEADER_LEN..messages::DATA_HEADER_LEN + plain];
-        let Some(n) = ip_len(body) else {
-            peer.stats.dropped += 1;
-            return Decapsulated::Dropped(DropReason::Malformed);
-        };
-        let allowed = ip_address(body, false).and_then(|src| self.route(src)) == Some(p);
-        if !allowed {
-            self.peers[p].stats.dropped += 1;
-            return Decapsulated::Dropped(DropReason::NotAllowed);
+        if let Some(b) = peer.rx_bucket.as_mut() {
+            if !b.take(now, plain) {
+                peer.stats.drops.rate_rx += 1;
+                return Decapsulated::Dropped(DropReason::RateLimited);
+            }
         }
         // Whitepaper §6.2: an initiator whose session nears its end rekeys on receipt.
         if initiator_age
@@ -758,13 +998,98 @@ impl Tunnel {
         {
             self.initiate(p, now, wall, rng);
         }
-        Decapsulated::Packet(messages::DATA_HEADER_LEN..messages::DATA_HEADER_LEN + n)
+        let body_at = messages::DATA_HEADER_LEN;
+        let body = &msg[body_at..body_at + plain];
+        match self.layer {
+            Layer::Ip => {
+                let Some(n) = ip_len(body) else {
+                    let peer = &mut self.peers[p];
+                    peer.stats.dropped += 1;
+                    if looks_like_ethernet(body) {
+                        peer.stats.drops.wrong_layer += 1;
+                        return Decapsulated::Dropped(DropReason::WrongLayer);
+                    }
+                    return Decapsulated::Dropped(DropReason::Malformed);
+                };
+                let allowed = ip_address(body, false).and_then(|src| self.route(src)) == Some(p);
+                if !allowed {
+                    let peer = &mut self.peers[p];
+                    peer.stats.dropped += 1;
+                    peer.stats.drops.not_allowed += 1;
+                    return Decapsulated::Dropped(DropReason::NotAllowed);
+                }
+                Decapsulated::Packet(body_at..body_at + n)
+            }
+            Layer::Ethernet => self.switch_frame(now, p, body_at..body_at + plain, body),
+        }
+    }
+
+    /// Tap mode: checks and learns a frame from peer `p` and says where it goes.
+    fn switch_frame(
+        &mut self,
+        now: Instant,
+        p: usize,
+        range: std::ops::Range<usize>,
+        frame: &[u8],
+    ) -> Decapsulated {
+        let key = self.peers[p].config.public;
+        let refuse = |t: &mut Self, why: DropReason, count: fn(&mut Drops) -> &mut u64| {
+            let stats = &mut t.peers[p].stats;
+            stats.dropped += 1;
+            *count(&mut stats.drops) += 1;
+            Decapsulated::Dropped(why)
+        };
+        let Some((dst, src)) = macs(frame) else {
+            if looks_like_padded_ip(frame) {
+                return refuse(self, DropReason::WrongLayer, |d| &mut d.wrong_layer);
+            }
+            self.peers[p].stats.dropped += 1;
+            return Decapsulated::Dropped(DropReason::Malformed);
+        };
+        if looks_like_padded_ip(frame) {
+            return refuse(self, DropReason::WrongLayer, |d| &mut d.wrong_layer);
+        }
+        // Cryptokey routing's promise, for frames: a peer with allowed IPs
+        // may only send as those addresses.
+        if !self.peers[p].config.allowed_ips.is_empty() {
+            match frame_sender(frame) {
+                Err(()) => {
+                    self.peers[p].stats.dropped += 1;
+                    return Decapsulated::Dropped(DropReason::Malformed);
+                }
+                Ok(Some(ip)) if self.route(ip) != Some(p) => {
+                    return refuse(self, DropReason::NotAllowed, |d| &mut d.not_allowed);
+                }
+                Ok(_) => {}
+            }
+        }
+        match self.switch.learn(now, src, Port::Peer(key)) {
+            Ok(()) => {}
+            Err(switch::Refused::Cap) => {
+                return refuse(self, DropReason::Switch, |d| &mut d.mac_cap);
+            }
+            Err(_) => {
+                return refuse(self, DropReason::Switch, |d| &mut d.multicast_source);
+            }
+        }
+        match self.switch.lookup(now, &dst) {
+            Destination::Port(Port::Local) => Decapsulated::Packet(range),
+            Destination::Port(Port::Peer(k)) if k == key => {
+                refuse(self, DropReason::Switch, |d| &mut d.loop_back)
+            }
+            Destination::Port(Port::Peer(k)) => match self.by_key.get(&k) {
+                Some(&to) => Decapsulated::Forward { range, to },
+                None => Decapsulated::Flood { range, from: p },
+            },
+            Destination::Flood => Decapsulated::Flood { range, from: p },
+        }
     }
 
     /// The next datagram to send (handshakes, cookie replies, packets queued
     /// during a handshake, keepalives) into `buf`, which should hold an MTU
     /// plus 32 bytes.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
+        let layer = self.layer;
         if let Some((to, msg)) = self.outgoing.pop_front() {
             let n = msg.len().min(buf.len());
             buf[..n].copy_from_slice(&msg[..n]);
@@ -781,7 +1106,7 @@ impl Tunnel {
                     continue;
                 }
                 buf[16..16 + packet.len()].copy_from_slice(&packet);
-                if let Ok(n) = t.session.seal(buf, packet.len()) {
+                if let Ok(n) = seal(&mut t.session, layer, buf, packet.len()) {
                     peer.last_sent = Some(now);
                     peer.last_data_sent.get_or_insert(now);
                     peer.stats.tx_bytes += n as u64;
@@ -806,6 +1131,7 @@ impl Tunnel {
     /// Runs the timers: handshake retries and giving up, rekeying, keepalives,
     /// expiry of old sessions. Call it at [`Tunnel::poll_timeout`] or sooner.
     pub fn handle_timeout(&mut self, now: Instant, wall: Duration, rng: &mut dyn Random) {
+        self.switch.expire(now);
         for p in 0..self.peers.len() {
             let peer = &mut self.peers[p];
             // Expire sessions three times older than REJECT_AFTER_TIME.
@@ -868,5 +1194,7 @@ impl Tunnel {
     }
 }
 
+#[cfg(test)]
+mod tap_tests;
 #[cfg(test)]
 mod tests;

@@ -64,6 +64,7 @@ impl Pair {
                 endpoint: Some(B_ADDR.parse().unwrap()),
                 allowed_ips: vec!["10.0.0.2/32".parse().unwrap()],
                 keepalive: None,
+                rate: None,
             }],
         );
         let b = Tunnel::new(
@@ -74,6 +75,7 @@ impl Pair {
                 endpoint: None,
                 allowed_ips: vec!["10.0.0.1/32".parse().unwrap()],
                 keepalive: None,
+                rate: None,
             }],
         );
         Self {
@@ -150,6 +152,7 @@ impl Pair {
             Decapsulated::Packet(r) => got.push(bytes[r].to_vec()),
             Decapsulated::Nothing => {}
             Decapsulated::Dropped(why) => self.drops.push(why),
+            other => panic!("an IP tunnel never switches: {other:?}"),
         }
         self.collect();
     }
@@ -321,6 +324,7 @@ fn a_restarted_peer_handshakes_again_and_old_initiations_are_refused() {
             endpoint: Some(B_ADDR.parse().unwrap()),
             allowed_ips: vec!["10.0.0.2/32".parse().unwrap()],
             keepalive: None,
+            rate: None,
         }],
     );
     p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 2));
@@ -472,6 +476,7 @@ fn an_allowed_ip_belongs_to_the_peer_it_was_given_to_last() {
         endpoint: Some(B_ADDR.parse().unwrap()),
         allowed_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
         keepalive: None,
+        rate: None,
     };
     t.add_peer(cfg(x, &["10.0.0.2/32", "10.9.0.0/16"]));
     t.add_peer(cfg(y, &["10.0.0.3/32"]));

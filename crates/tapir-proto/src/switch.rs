@@ -1,0 +1,300 @@
+//! A learning switch's MAC table, for tunnels in tap mode: which port (the
+//! local tap, or a peer) each Ethernet address was last seen on.
+//!
+//! ```text
+//!   frame from port P ─▶ learn(now, src, P) ─▶ Learned | Refused(why)      (source MAC)
+//!                    ─▶ lookup(now, dst)   ─▶ Some(port) | None (flood)    (destination MAC)
+//! ```
+//! Rules, as a Linux bridge and tinc's switch mode have them, plus the limits
+//! that keep one peer from hurting the others: an entry ages out after
+//! [`MacTable::aging`] without traffic; a multicast source is refused (no
+//! station has one); each port may hold at most [`MacTable::cap`] addresses,
+//! and a frame with a new source beyond that is refused (counted by the
+//! caller), so memory stays bounded whatever a peer sends; an address seen on
+//! another port moves there. Time is an input; nothing here reads a clock.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+/// An Ethernet address.
+pub type Mac = [u8; 6];
+
+/// How long an unused entry lives (the Linux bridge's default).
+pub const DEFAULT_AGING: Duration = Duration::from_secs(300);
+/// Addresses one port may hold.
+pub const DEFAULT_CAP: usize = 1024;
+
+/// Whether `mac` is a group (broadcast or multicast) address.
+pub fn is_multicast(mac: &Mac) -> bool {
+    mac[0] & 1 == 1
+}
+
+/// Why a source address was not learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refused {
+    /// A broadcast or multicast source: no station sends from one.
+    MulticastSource,
+    /// The port already holds its cap of addresses.
+    Cap,
+}
+
+/// Where a frame goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination<P> {
+    /// Known unicast: that port only.
+    Port(P),
+    /// Broadcast, multicast or unknown unicast: every port but the one it came from.
+    Flood,
+}
+
+struct Entry<P> {
+    port: P,
+    seen: Instant,
+}
+
+/// The table. `P` names a port (a peer's key, or a "local" marker).
+pub struct MacTable<P> {
+    entries: HashMap<Mac, Entry<P>>,
+    per_port: HashMap<P, usize>,
+    aging: Duration,
+    cap: usize,
+}
+
+impl<P: Copy + Eq + Hash> MacTable<P> {
+    /// An empty table with the given aging time and per-port cap.
+    pub fn new(aging: Duration, cap: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            per_port: HashMap::new(),
+            aging,
+            cap,
+        }
+    }
+
+    /// The aging time.
+    pub fn aging(&self) -> Duration {
+        self.aging
+    }
+
+    /// The per-port cap.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    fn live(&self, e: &Entry<P>, now: Instant) -> bool {
+        now.saturating_duration_since(e.seen) < self.aging
+    }
+
+    fn release(&mut self, port: P) {
+        if let Some(n) = self.per_port.get_mut(&port) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_port.remove(&port);
+            }
+        }
+    }
+
+    /// Notes that `src` was seen on `port`.
+    pub fn learn(&mut self, now: Instant, src: Mac, port: P) -> Result<(), Refused> {
+        if is_multicast(&src) {
+            return Err(Refused::MulticastSource);
+        }
+        if let Some(e) = self.entries.get(&src) {
+            if e.port == port {
+                self.entries.get_mut(&src).expect("present").seen = now;
+                return Ok(());
+            }
+            // Moved (or expired and reappearing): counts against the new port.
+            let old = e.port;
+            if self.count(port) >= self.cap {
+                return Err(Refused::Cap);
+            }
+            self.release(old);
+        } else if self.count(port) >= self.cap {
+            // Make room from this port's own expired entries before refusing.
+            self.expire(now);
+            if self.count(port) >= self.cap {
+                return Err(Refused::Cap);
+            }
+        }
+        self.entries.insert(src, Entry { port, seen: now });
+        *self.per_port.entry(port).or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// Where a frame to `dst` goes.
+    pub fn lookup(&self, now: Instant, dst: &Mac) -> Destination<P> {
+        if is_multicast(dst) {
+            return Destination::Flood;
+        }
+        match self.entries.get(dst) {
+            Some(e) if self.live(e, now) => Destination::Port(e.port),
+            _ => Destination::Flood,
+        }
+    }
+
+    /// Drops entries older than the aging time.
+    pub fn expire(&mut self, now: Instant) {
+        let aging = self.aging;
+        let mut gone = Vec::new();
+        self.entries.retain(|_, e| {
+            let keep = now.saturating_duration_since(e.seen) < aging;
+            if !keep {
+                gone.push(e.port);
+            }
+            keep
+        });
+        for p in gone {
+            self.release(p);
+        }
+    }
+
+    /// Forgets every address of `port` (a removed peer).
+    pub fn forget_port(&mut self, port: P) {
+        self.entries.retain(|_, e| e.port != port);
+        self.per_port.remove(&port);
+    }
+
+    /// Addresses held by `port` (including ones not yet expired by [`MacTable::expire`]).
+    pub fn count(&self, port: P) -> usize {
+        self.per_port.get(&port).copied().unwrap_or(0)
+    }
+
+    /// The live addresses of `port`, sorted.
+    pub fn macs(&self, now: Instant, port: P) -> Vec<Mac> {
+        let mut v: Vec<Mac> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.port == port && self.live(e, now))
+            .map(|(m, _)| *m)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Entries in the whole table.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Mac = [2, 0, 0, 0, 0, 0xa];
+    const B: Mac = [2, 0, 0, 0, 0, 0xb];
+    const BCAST: Mac = [0xff; 6];
+    const V6_MCAST: Mac = [0x33, 0x33, 0, 0, 0, 1];
+
+    fn table() -> (MacTable<u8>, Instant) {
+        (MacTable::new(Duration::from_secs(300), 2), Instant::now())
+    }
+
+    #[test]
+    fn unknown_broadcast_and_multicast_flood_known_unicast_does_not() {
+        let (mut t, now) = table();
+        assert_eq!(t.lookup(now, &A), Destination::Flood);
+        t.learn(now, A, 1).unwrap();
+        assert_eq!(t.lookup(now, &A), Destination::Port(1));
+        assert_eq!(t.lookup(now, &BCAST), Destination::Flood);
+        assert_eq!(t.lookup(now, &V6_MCAST), Destination::Flood);
+    }
+
+    #[test]
+    fn multicast_sources_are_refused() {
+        let (mut t, now) = table();
+        assert_eq!(t.learn(now, BCAST, 1), Err(Refused::MulticastSource));
+        assert_eq!(t.learn(now, V6_MCAST, 1), Err(Refused::MulticastSource));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn entries_age_out_and_are_refreshed_by_traffic() {
+        let (mut t, now) = table();
+        t.learn(now, A, 1).unwrap();
+        let later = now + Duration::from_secs(200);
+        t.learn(later, A, 1).unwrap();
+        // 300 s after the first sighting but only 100 s after the second: alive.
+        assert_eq!(
+            t.lookup(now + Duration::from_secs(300), &A),
+            Destination::Port(1)
+        );
+        let gone = later + Duration::from_secs(300);
+        assert_eq!(t.lookup(gone, &A), Destination::Flood);
+        t.expire(gone);
+        assert!(t.is_empty());
+        assert_eq!(t.count(1), 0);
+    }
+
+    #[test]
+    fn the_cap_holds_per_port_and_frees_with_aging() {
+        let (mut t, now) = table();
+        t.learn(now, A, 1).unwrap();
+        t.learn(now, B, 1).unwrap();
+        let c = [2, 0, 0, 0, 0, 0xc];
+        assert_eq!(t.learn(now, c, 1), Err(Refused::Cap));
+        // Another port is not hurt by port 1 being full.
+        t.learn(now, c, 2).unwrap();
+        // Known addresses of a full port still refresh.
+        t.learn(now, A, 1).unwrap();
+        assert_eq!(t.count(1), 2);
+        // Once port 1's entries have aged, it may learn again.
+        let later = now + Duration::from_secs(301);
+        t.learn(later, [2, 0, 0, 0, 0, 0xd], 1).unwrap();
+        assert_eq!(t.count(1), 1);
+    }
+
+    #[test]
+    fn an_address_that_moves_is_relearned_on_its_new_port() {
+        let (mut t, now) = table();
+        t.learn(now, A, 1).unwrap();
+        t.learn(now, A, 2).unwrap();
+        assert_eq!(t.lookup(now, &A), Destination::Port(2));
+        assert_eq!((t.count(1), t.count(2)), (0, 1));
+        // A move into a full port is refused, and the old entry stays.
+        t.learn(now, B, 3).unwrap();
+        t.learn(now, [2, 0, 0, 0, 0, 0xc], 3).unwrap();
+        assert_eq!(t.learn(now, A, 3), Err(Refused::Cap));
+        assert_eq!(t.lookup(now, &A), Destination::Port(2));
+    }
+
+    #[test]
+    fn forgetting_a_port_drops_its_addresses() {
+        let (mut t, now) = table();
+        t.learn(now, A, 1).unwrap();
+        t.learn(now, B, 2).unwrap();
+        t.forget_port(1);
+        assert_eq!(t.lookup(now, &A), Destination::Flood);
+        assert_eq!(t.macs(now, 2), vec![B]);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn ten_thousand_random_sources_stay_within_the_cap() {
+        let mut t = MacTable::new(DEFAULT_AGING, DEFAULT_CAP);
+        let now = Instant::now();
+        let mut x: u64 = 0x1234_5678;
+        let mut refused = 0;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let b = x.to_le_bytes();
+            let mac = [b[0] & 0xfe, b[1], b[2], b[3], b[4], b[5]];
+            if t.learn(now, mac, 7u8).is_err() {
+                refused += 1;
+            }
+        }
+        assert_eq!(t.count(7), DEFAULT_CAP);
+        assert_eq!(t.len(), DEFAULT_CAP);
+        assert_eq!(refused, 10_000 - DEFAULT_CAP);
+    }
+}

@@ -1,0 +1,350 @@
+//! Tap mode over a simulated link: a hub and two spokes that know only the
+//! hub, switching Ethernet frames (flooding, learning, forwarding between
+//! spokes), the per-peer limits, and a tun end against a tap end.
+
+use super::*;
+
+struct Rng(u64);
+
+impl Random for Rng {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            *b = self.0 as u8;
+        }
+    }
+}
+
+fn key(seed: u8) -> PrivateKey {
+    PrivateKey::from_random([seed; 32])
+}
+
+fn addr(i: usize) -> SocketAddr {
+    format!("192.0.2.{}:51820", i + 1).parse().unwrap()
+}
+
+const MAC: [Mac; 3] = [
+    [2, 0, 0, 0, 0, 0xa0],
+    [2, 0, 0, 0, 0, 0xa1],
+    [2, 0, 0, 0, 0, 0xa2],
+];
+const BCAST: Mac = [0xff; 6];
+
+/// An Ethernet frame (ethertype 0x88b5, local experimental) of `len` bytes.
+fn frame(dst: Mac, src: Mac, len: usize) -> Vec<u8> {
+    let mut f = vec![0x5a; len.max(14)];
+    f[0..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f[12..14].copy_from_slice(&[0x88, 0xb5]);
+    f
+}
+
+/// An ARP request from `mac` claiming `ip`.
+fn arp(mac: Mac, ip: [u8; 4]) -> Vec<u8> {
+    let mut f = frame(BCAST, mac, 42);
+    f[12..14].copy_from_slice(&[0x08, 0x06]);
+    f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f[22..28].copy_from_slice(&mac);
+    f[28..32].copy_from_slice(&ip);
+    f
+}
+
+/// Node 0 is the hub; nodes 1 and 2 are spokes with the hub as their only peer.
+struct Net {
+    nodes: Vec<Tunnel>,
+    keys: Vec<PublicKey>,
+    now: Instant,
+    wall: Duration,
+    rng: Rng,
+    /// (to node, from address, bytes)
+    link: VecDeque<(usize, SocketAddr, Vec<u8>)>,
+    /// Frames each node wrote to its tap.
+    tap: Vec<Vec<Vec<u8>>>,
+    drops: Vec<(usize, DropReason)>,
+}
+
+impl Net {
+    fn new(spoke_allowed: &[&str], layers: [Layer; 3]) -> Self {
+        let ks: Vec<PrivateKey> = (1..=3).map(key).collect();
+        let keys: Vec<PublicKey> = ks.iter().map(PrivateKey::public_key).collect();
+        let peer = |i: usize, endpoint: bool, allowed: &[&str]| PeerConfig {
+            public: keys[i],
+            psk: None,
+            endpoint: endpoint.then(|| addr(i)),
+            allowed_ips: allowed.iter().map(|s| s.parse().unwrap()).collect(),
+            keepalive: None,
+            rate: None,
+        };
+        let aging = Duration::from_secs(300);
+        let nodes = vec![
+            Tunnel::with_layer(
+                ks[0].clone(),
+                vec![peer(1, false, spoke_allowed), peer(2, false, &[])],
+                layers[0],
+                aging,
+                4,
+            ),
+            Tunnel::with_layer(ks[1].clone(), vec![peer(0, true, &[])], layers[1], aging, 4),
+            Tunnel::with_layer(ks[2].clone(), vec![peer(0, true, &[])], layers[2], aging, 4),
+        ];
+        Self {
+            nodes,
+            keys,
+            now: Instant::now(),
+            wall: Duration::from_secs(1_700_000_000),
+            rng: Rng(0x9e3779b97f4a7c15),
+            link: VecDeque::new(),
+            tap: vec![vec![]; 3],
+            drops: vec![],
+        }
+    }
+
+    fn node_of(&self, a: SocketAddr) -> usize {
+        (0..3).find(|&i| addr(i) == a).unwrap()
+    }
+
+    fn collect(&mut self) {
+        let mut buf = [0u8; 2048];
+        for i in 0..3 {
+            while let Some((to, n)) = self.nodes[i].poll_transmit(self.now, &mut buf) {
+                let dst = self.node_of(to);
+                self.link.push_back((dst, addr(i), buf[..n].to_vec()));
+            }
+        }
+    }
+
+    /// Seals `f` at node `i` for peer `p`, onto the link.
+    fn seal_to(&mut self, i: usize, p: usize, f: &[u8]) -> Encapsulated {
+        let mut buf = vec![0u8; 2048];
+        buf[16..16 + f.len()].copy_from_slice(f);
+        let (now, wall) = (self.now, self.wall);
+        let r = self.nodes[i].encapsulate_to(p, now, wall, &mut self.rng, &mut buf, f.len());
+        if let Encapsulated::Send { to, len } = r {
+            let dst = self.node_of(to);
+            self.link.push_back((dst, addr(i), buf[..len].to_vec()));
+        }
+        r
+    }
+
+    /// Node `i`'s tap emits `f`.
+    fn send(&mut self, i: usize, f: &[u8]) -> Encapsulated {
+        let mut buf = vec![0u8; 2048];
+        buf[16..16 + f.len()].copy_from_slice(f);
+        let (now, wall) = (self.now, self.wall);
+        let r = self.nodes[i].encapsulate(now, wall, &mut self.rng, &mut buf, f.len());
+        match r {
+            Encapsulated::Send { to, len } => {
+                let dst = self.node_of(to);
+                self.link.push_back((dst, addr(i), buf[..len].to_vec()));
+            }
+            Encapsulated::Flood => {
+                for p in 0..self.nodes[i].peer_count() {
+                    self.seal_to(i, p, f);
+                }
+            }
+            _ => {}
+        }
+        self.collect();
+        r
+    }
+
+    fn run(&mut self) {
+        let mut steps = 0;
+        while let Some((to, from, mut bytes)) = self.link.pop_front() {
+            steps += 1;
+            assert!(steps < 1000, "the link never went quiet");
+            let n = bytes.len();
+            let (now, wall) = (self.now, self.wall);
+            match self.nodes[to].decapsulate(now, wall, &mut self.rng, from, &mut bytes, n) {
+                Decapsulated::Packet(r) => self.tap[to].push(bytes[r].to_vec()),
+                Decapsulated::Forward { range, to: p } => {
+                    let f = bytes[range].to_vec();
+                    self.seal_to(to, p, &f);
+                }
+                Decapsulated::Flood { range, from } => {
+                    let f = bytes[range].to_vec();
+                    self.tap[to].push(f.clone());
+                    for p in (0..self.nodes[to].peer_count()).filter(|&p| p != from) {
+                        self.seal_to(to, p, &f);
+                    }
+                }
+                Decapsulated::Nothing => {}
+                Decapsulated::Dropped(why) => self.drops.push((to, why)),
+            }
+            self.collect();
+        }
+    }
+
+    /// Both spokes say hello (a broadcast), so the hub has sessions and endpoints for both.
+    fn warm_up(&mut self) {
+        for i in 1..3 {
+            self.send(i, &frame(BCAST, MAC[i], 60));
+            self.run();
+        }
+        for t in &mut self.tap {
+            t.clear();
+        }
+    }
+}
+
+#[test]
+fn a_broadcast_floods_to_every_member_but_its_sender() {
+    let mut n = Net::new(&[], [Layer::Ethernet; 3]);
+    n.warm_up();
+    let b = frame(BCAST, MAC[1], 60);
+    assert_eq!(n.send(1, &b), Encapsulated::Flood);
+    n.run();
+    assert_eq!(n.tap[0], vec![b.clone()], "the hub's tap");
+    assert_eq!(
+        n.tap[2],
+        vec![b.clone()],
+        "the other spoke, through the hub"
+    );
+    assert!(n.tap[1].is_empty(), "never back to where it came from");
+    assert!(n.drops.is_empty(), "{:?}", n.drops);
+}
+
+#[test]
+fn learned_unicast_between_spokes_bypasses_the_hubs_tap() {
+    let mut n = Net::new(&[], [Layer::Ethernet; 3]);
+    n.warm_up();
+    // Spoke 1 to spoke 2's MAC, learned by the hub during the warm-up.
+    let u = frame(MAC[2], MAC[1], 100);
+    // Spoke 1 does not know MAC 2 (it came through the hub's flood, so
+    // spoke 1 learned it on the hub): it sends to its one peer.
+    n.send(1, &u);
+    n.run();
+    assert_eq!(n.tap[2], vec![u.clone()]);
+    assert!(
+        n.tap[0].is_empty(),
+        "the hub forwarded without its tap seeing it"
+    );
+    // The reply goes straight back the same way.
+    let r = frame(MAC[1], MAC[2], 100);
+    n.send(2, &r);
+    n.run();
+    assert_eq!(n.tap[1], vec![r]);
+    assert!(n.tap[0].is_empty());
+    // Frames are carried unpadded: length preserved exactly.
+    assert_eq!(n.tap[2][0].len(), 100);
+}
+
+#[test]
+fn unicast_to_the_hubs_own_mac_goes_to_its_tap_only() {
+    let mut n = Net::new(&[], [Layer::Ethernet; 3]);
+    n.warm_up();
+    // The hub's host speaks once: its MAC is learned as local.
+    n.send(0, &frame(BCAST, MAC[0], 60));
+    n.run();
+    for t in &mut n.tap {
+        t.clear();
+    }
+    let u = frame(MAC[0], MAC[1], 70);
+    n.send(1, &u);
+    n.run();
+    assert_eq!(n.tap[0], vec![u]);
+    assert!(n.tap[2].is_empty());
+}
+
+#[test]
+fn the_mac_cap_holds_and_other_spokes_keep_working() {
+    let mut n = Net::new(&[], [Layer::Ethernet; 3]);
+    n.warm_up();
+    for i in 0..50u8 {
+        n.send(1, &frame(BCAST, [2, 1, 0, 0, 0, i], 60));
+        n.run();
+    }
+    // The cap is 4 in this net: MAC 1 and three more.
+    let k1 = n.keys[1];
+    assert_eq!(n.nodes[0].peer_mac_count(&k1), 4);
+    let stats = n.nodes[0].peers().nth(0).unwrap().2.clone();
+    assert_eq!(stats.drops.mac_cap, 47);
+    // Spoke 2 is unaffected.
+    let u = frame(MAC[0], MAC[2], 60);
+    n.tap[0].clear();
+    n.send(2, &u);
+    n.run();
+    assert_eq!(n.tap[0].len(), 1);
+}
+
+#[test]
+fn multicast_sources_and_loops_are_dropped_and_counted() {
+    let mut n = Net::new(&[], [Layer::Ethernet; 3]);
+    n.warm_up();
+    n.send(1, &frame(BCAST, [0x33, 0x33, 0, 0, 0, 1], 60));
+    n.run();
+    // To a MAC the hub learned on spoke 1 itself.
+    n.seal_to(1, 0, &frame(MAC[1], [2, 0, 0, 0, 0, 0xee], 60));
+    n.run();
+    let d = &n.nodes[0].peers().nth(0).unwrap().2.drops;
+    assert_eq!((d.multicast_source, d.loop_back), (1, 1));
+    assert!(n.tap[0].is_empty() && n.tap[2].is_empty());
+}
+
+#[test]
+fn allowed_ips_stop_spoofed_senders_in_tap_mode() {
+    let mut n = Net::new(&["10.0.0.1/32"], [Layer::Ethernet; 3]);
+    n.warm_up();
+    n.send(1, &arp(MAC[1], [10, 0, 0, 1]));
+    n.run();
+    assert_eq!(n.tap[0].len(), 1, "its own address passes");
+    n.send(1, &arp(MAC[1], [10, 0, 0, 9]));
+    n.run();
+    assert_eq!(n.tap[0].len(), 1, "another's address does not");
+    n.send(1, &arp(MAC[1], [0, 0, 0, 0]));
+    n.run();
+    assert_eq!(
+        n.tap[0].len(),
+        2,
+        "an ARP probe (unspecified sender) passes"
+    );
+    let d = &n.nodes[0].peers().nth(0).unwrap().2.drops;
+    assert_eq!(d.not_allowed, 1);
+}
+
+#[test]
+fn a_tun_end_against_a_tap_end_is_named_not_crashed() {
+    // Spoke 1 is in tun mode; the hub and spoke 2 in tap mode.
+    let mut n = Net::new(
+        &["10.0.0.0/24"],
+        [Layer::Ethernet, Layer::Ip, Layer::Ethernet],
+    );
+    let k0 = n.keys[0];
+    n.nodes[1].update_peer(&k0, |c| c.allowed_ips = vec!["0.0.0.0/0".parse().unwrap()]);
+    let mut ip = vec![0u8; 60];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&60u16.to_be_bytes());
+    ip[12..16].copy_from_slice(&[10, 0, 0, 1]);
+    ip[16..20].copy_from_slice(&[10, 0, 0, 2]);
+    n.send(1, &ip);
+    n.run();
+    let d = &n.nodes[0].peers().nth(0).unwrap().2.drops;
+    assert_eq!(d.wrong_layer, 1, "{:?}", n.drops);
+    // And the other way: the hub floods an Ethernet frame to the tun spoke.
+    n.send(0, &frame(BCAST, MAC[0], 60));
+    n.run();
+    let d = &n.nodes[1].peers().nth(0).unwrap().2.drops;
+    assert_eq!(d.wrong_layer, 1, "{:?}", n.drops);
+    assert!(n.tap[1].is_empty());
+}
+
+#[test]
+fn a_rate_limit_drops_what_exceeds_the_burst() {
+    let mut n = Net::new(&[], [Layer::Ethernet; 3]);
+    n.warm_up();
+    let k0 = n.keys[0];
+    // 8 kbit/s: the burst is the 64 KiB minimum, then nothing within the same instant.
+    n.nodes[1].update_peer(&k0, |c| c.rate = Some(8_000));
+    let mut sent = 0;
+    for _ in 0..100 {
+        let r = n.seal_to(1, 0, &frame(MAC[0], MAC[1], 1400));
+        if matches!(r, Encapsulated::Send { .. }) {
+            sent += 1;
+        }
+    }
+    assert_eq!(sent, crate::bucket::MIN_BURST as usize / 1400);
+    let d = &n.nodes[1].peers().nth(0).unwrap().2.drops;
+    assert_eq!(d.rate_tx, 100 - sent as u64);
+}
