@@ -116,7 +116,7 @@ mod tests {
         let bits = passed * 8;
         // 10 s at 20 Mbit/s, plus at most one burst.
         assert!(
-            bits >= 199_000_000 && bits <= 200_000_000 + MIN_BURST * 8,
+            (199_000_000..=200_000_000 + MIN_BURST * 8).contains(&bits),
             "{bits}"
         );
     }

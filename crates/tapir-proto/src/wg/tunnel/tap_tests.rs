@@ -179,8 +179,8 @@ impl Net {
 
     /// Both spokes say hello (a broadcast), so the hub has sessions and endpoints for both.
     fn warm_up(&mut self) {
-        for i in 1..3 {
-            self.send(i, &frame(BCAST, MAC[i], 60));
+        for (i, mac) in MAC.iter().enumerate().skip(1) {
+            self.send(i, &frame(BCAST, *mac, 60));
             self.run();
         }
         for t in &mut self.tap {
@@ -259,7 +259,7 @@ fn the_mac_cap_holds_and_other_spokes_keep_working() {
     // The cap is 4 in this net: MAC 1 and three more.
     let k1 = n.keys[1];
     assert_eq!(n.nodes[0].peer_mac_count(&k1), 4);
-    let stats = n.nodes[0].peers().nth(0).unwrap().2.clone();
+    let stats = n.nodes[0].peers().next().unwrap().2.clone();
     assert_eq!(stats.drops.mac_cap, 47);
     // Spoke 2 is unaffected.
     let u = frame(MAC[0], MAC[2], 60);
@@ -278,7 +278,7 @@ fn multicast_sources_and_loops_are_dropped_and_counted() {
     // To a MAC the hub learned on spoke 1 itself.
     n.seal_to(1, 0, &frame(MAC[1], [2, 0, 0, 0, 0, 0xee], 60));
     n.run();
-    let d = &n.nodes[0].peers().nth(0).unwrap().2.drops;
+    let d = &n.nodes[0].peers().next().unwrap().2.drops;
     assert_eq!((d.multicast_source, d.loop_back), (1, 1));
     assert!(n.tap[0].is_empty() && n.tap[2].is_empty());
 }
@@ -300,7 +300,7 @@ fn allowed_ips_stop_spoofed_senders_in_tap_mode() {
         2,
         "an ARP probe (unspecified sender) passes"
     );
-    let d = &n.nodes[0].peers().nth(0).unwrap().2.drops;
+    let d = &n.nodes[0].peers().next().unwrap().2.drops;
     assert_eq!(d.not_allowed, 1);
 }
 
@@ -320,12 +320,12 @@ fn a_tun_end_against_a_tap_end_is_named_not_crashed() {
     ip[16..20].copy_from_slice(&[10, 0, 0, 2]);
     n.send(1, &ip);
     n.run();
-    let d = &n.nodes[0].peers().nth(0).unwrap().2.drops;
+    let d = &n.nodes[0].peers().next().unwrap().2.drops;
     assert_eq!(d.wrong_layer, 1, "{:?}", n.drops);
     // And the other way: the hub floods an Ethernet frame to the tun spoke.
     n.send(0, &frame(BCAST, MAC[0], 60));
     n.run();
-    let d = &n.nodes[1].peers().nth(0).unwrap().2.drops;
+    let d = &n.nodes[1].peers().next().unwrap().2.drops;
     assert_eq!(d.wrong_layer, 1, "{:?}", n.drops);
     assert!(n.tap[1].is_empty());
 }
@@ -345,6 +345,6 @@ fn a_rate_limit_drops_what_exceeds_the_burst() {
         }
     }
     assert_eq!(sent, crate::bucket::MIN_BURST as usize / 1400);
-    let d = &n.nodes[1].peers().nth(0).unwrap().2.drops;
+    let d = &n.nodes[1].peers().next().unwrap().2.drops;
     assert_eq!(d.rate_tx, 100 - sent as u64);
 }
