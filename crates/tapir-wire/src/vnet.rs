@@ -97,6 +97,40 @@ fn tcp_headers(packet: &[u8]) -> Option<(usize, usize, bool)> {
     (tcp_len >= 20 && ip_len + tcp_len <= packet.len()).then_some((ip_len, tcp_len, v4))
 }
 
+/// Where the IP header starts in an Ethernet frame on a tap: after the
+/// 14-byte header, or 18 with one VLAN tag; `None` if the frame carries
+/// neither IPv4 nor IPv6.
+pub fn ip_offset(frame: &[u8]) -> Option<usize> {
+    let ethertype = |at: usize| Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]));
+    match ethertype(12)? {
+        0x0800 | 0x86dd => Some(14),
+        0x8100 => matches!(ethertype(16)?, 0x0800 | 0x86dd).then_some(18),
+        _ => None,
+    }
+}
+
+/// [`segment_count`] for a frame whose IP header starts at `l2` (a tap's
+/// Ethernet frame; 0 on a tun).
+pub fn segment_count_at(hdr: &VnetHeader, frame: &[u8], l2: usize) -> Result<usize, VnetError> {
+    segment_count(hdr, frame.get(l2..).ok_or(VnetError)?)
+}
+
+/// [`segment`] for a frame whose IP header starts at `l2`: the link-layer
+/// header is copied in front of every segment.
+pub fn segment_at(
+    hdr: &VnetHeader,
+    frame: &[u8],
+    l2: usize,
+    index: usize,
+    out: &mut [u8],
+) -> Result<usize, VnetError> {
+    if frame.len() < l2 || out.len() < l2 {
+        return Err(VnetError);
+    }
+    out[..l2].copy_from_slice(&frame[..l2]);
+    Ok(l2 + segment(hdr, &frame[l2..], index, &mut out[l2..])?)
+}
+
 /// How many segments a TSO super-packet makes.
 pub fn segment_count(hdr: &VnetHeader, packet: &[u8]) -> Result<usize, VnetError> {
     let (ip_len, tcp_len, _) = tcp_headers(packet).ok_or(VnetError)?;
@@ -178,6 +212,9 @@ pub fn segment(
 #[derive(Debug)]
 pub struct Coalescer {
     buf: Vec<u8>,
+    /// Bytes of link-layer header in front of the IP header (14 on a tap).
+    l2: usize,
+    /// Bytes from the IP header on.
     len: usize,
     ip_len: usize,
     tcp_len: usize,
@@ -190,6 +227,8 @@ pub struct Coalescer {
 
 /// The most a super-packet may hold (the IP length field's limit).
 const MAX_SUPER: usize = 65535;
+/// The longest link-layer header kept in front (Ethernet with one VLAN tag).
+const MAX_L2: usize = 18;
 
 impl Default for Coalescer {
     fn default() -> Self {
@@ -201,7 +240,8 @@ impl Coalescer {
     /// An empty coalescer with its buffer (header and 64 KiB) allocated once.
     pub fn new() -> Self {
         Self {
-            buf: vec![0; LEN + MAX_SUPER],
+            buf: vec![0; LEN + MAX_L2 + MAX_SUPER],
+            l2: 0,
             len: 0,
             ip_len: 0,
             tcp_len: 0,
@@ -222,6 +262,16 @@ impl Coalescer {
     /// join (another flow, a gap, other flags, not TCP); flush, then push it
     /// again, and if it still does not join, write it on its own.
     pub fn push(&mut self, packet: &[u8]) -> bool {
+        self.push_at(packet, 0)
+    }
+
+    /// [`Coalescer::push`] for a frame whose IP header starts at `l2` (a
+    /// tap's Ethernet frame): frames join only with the same link-layer header.
+    pub fn push_at(&mut self, frame: &[u8], l2: usize) -> bool {
+        if l2 > MAX_L2 || frame.len() < l2 {
+            return false;
+        }
+        let (link, packet) = frame.split_at(l2);
         let Some((ip_len, tcp_len, v4)) = tcp_headers(packet) else {
             return false;
         };
@@ -243,10 +293,12 @@ impl Coalescer {
             packet[ip_len + 7],
         ]);
         if self.count == 0 {
-            if LEN + packet.len() > self.buf.len() {
+            if LEN + l2 + packet.len() > self.buf.len() {
                 return false;
             }
-            self.buf[LEN..LEN + packet.len()].copy_from_slice(packet);
+            self.buf[LEN..LEN + l2].copy_from_slice(link);
+            self.buf[LEN + l2..LEN + l2 + packet.len()].copy_from_slice(packet);
+            self.l2 = l2;
             self.len = packet.len();
             self.ip_len = ip_len;
             self.tcp_len = tcp_len;
@@ -257,8 +309,11 @@ impl Coalescer {
             self.closed = flags & 0x08 != 0;
             return true;
         }
-        let head = &self.buf[LEN..LEN + hl.min(self.len)];
-        let same_headers = v4 == self.v4
+        let at = LEN + self.l2;
+        let head = &self.buf[at..at + hl.min(self.len)];
+        let same_headers = l2 == self.l2
+            && self.buf[LEN..at] == *link
+            && v4 == self.v4
             && ip_len == self.ip_len
             && tcp_len == self.tcp_len
             && if v4 {
@@ -282,12 +337,12 @@ impl Coalescer {
         {
             return false;
         }
-        self.buf[LEN + self.len..LEN + self.len + payload].copy_from_slice(&packet[hl..]);
+        self.buf[at + self.len..at + self.len + payload].copy_from_slice(&packet[hl..]);
         self.len += payload;
         self.next_seq = seq.wrapping_add(payload as u32);
         self.count += 1;
         // A short segment or PSH ends the run; its flags become the run's.
-        self.buf[LEN + ip_len + 13] = flags;
+        self.buf[at + ip_len + 13] = flags;
         self.closed = payload < self.mss || flags & 0x08 != 0;
         true
     }
@@ -299,12 +354,12 @@ impl Coalescer {
             return None;
         }
         let count = std::mem::take(&mut self.count);
-        let (ip_len, tcp_len, len) = (self.ip_len, self.tcp_len, self.len);
-        let (hdr, pkt) = self.buf.split_at_mut(LEN);
-        let pkt = &mut pkt[..len];
+        let (ip_len, tcp_len, len, l2) = (self.ip_len, self.tcp_len, self.len, self.l2);
+        let (hdr, rest) = self.buf.split_at_mut(LEN);
+        let pkt = &mut rest[l2..l2 + len];
         hdr.fill(0);
         if count == 1 {
-            return Some(&self.buf[..LEN + len]);
+            return Some(&self.buf[..LEN + l2 + len]);
         }
         if self.v4 {
             pkt[2..4].copy_from_slice(&(len as u16).to_be_bytes());
@@ -330,11 +385,11 @@ impl Coalescer {
         let put = |h: &mut [u8], at: usize, v: u16| h[at..at + 2].copy_from_slice(&v.to_ne_bytes());
         hdr[0] = F_NEEDS_CSUM;
         hdr[1] = if self.v4 { GSO_TCPV4 } else { GSO_TCPV6 };
-        put(hdr, 2, (ip_len + tcp_len) as u16);
+        put(hdr, 2, (l2 + ip_len + tcp_len) as u16);
         put(hdr, 4, self.mss as u16);
-        put(hdr, 6, ip_len as u16);
+        put(hdr, 6, (l2 + ip_len) as u16);
         put(hdr, 8, 16);
-        Some(&self.buf[..LEN + len])
+        Some(&self.buf[..LEN + l2 + len])
     }
 }
 
@@ -393,6 +448,57 @@ mod tests {
             )
         };
         checksum::finish(checksum::add(pseudo, &seg[ip_len..])) == 0
+    }
+
+    #[test]
+    fn ethernet_frames_segment_and_coalesce_behind_their_header() {
+        for v6 in [false, true] {
+            let p = super_packet(v6, 4000, 0x18);
+            let mut frame = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
+            if v6 {
+                frame[12..14].copy_from_slice(&[0x86, 0xdd]);
+            }
+            frame.extend_from_slice(&p);
+            assert_eq!(ip_offset(&frame), Some(14));
+            let hdr = VnetHeader {
+                gso_type: if v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+                gso_size: 1400,
+                ..Default::default()
+            };
+            assert_eq!(segment_count_at(&hdr, &frame, 14), Ok(3));
+            let mut c = Coalescer::new();
+            for i in 0..3 {
+                let mut out = [0u8; 2000];
+                let n = segment_at(&hdr, &frame, 14, i, &mut out).unwrap();
+                let mut plain = [0u8; 2000];
+                let m = segment(&hdr, &p, i, &mut plain).unwrap();
+                assert_eq!(
+                    &out[..14],
+                    &frame[..14],
+                    "the Ethernet header leads every segment"
+                );
+                assert_eq!(&out[14..n], &plain[..m]);
+                assert!(c.push_at(&out[..n], 14));
+            }
+            // Another link-layer header does not join.
+            let mut other = [0u8; 2000];
+            let n = segment_at(&hdr, &frame, 14, 0, &mut other).unwrap();
+            other[0] = 4;
+            assert!(!c.push_at(&other[..n], 14));
+            let joined = c.flush().unwrap().to_vec();
+            let got = VnetHeader::parse(&joined).unwrap();
+            assert_eq!(usize::from(got.csum_start), 14 + if v6 { 40 } else { 20 });
+            assert_eq!(usize::from(got.hdr_len), 14 + if v6 { 60 } else { 40 });
+            assert_eq!(&joined[LEN..LEN + 14], &frame[..14]);
+            assert_eq!(joined.len() - LEN, frame.len());
+            assert_eq!(
+                &joined[LEN + 14 + 40 + if v6 { 20 } else { 0 }..],
+                &frame[14 + 40 + if v6 { 20 } else { 0 }..]
+            );
+        }
+        assert_eq!(ip_offset(&[0xff; 14]), None);
+        let vlan = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x81, 0, 0, 5, 0x08, 0];
+        assert_eq!(ip_offset(&vlan), Some(18));
     }
 
     #[test]
