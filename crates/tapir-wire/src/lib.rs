@@ -18,4 +18,5 @@ pub mod checksum;
 pub mod pcap;
 pub mod pi;
 pub mod summary;
+pub mod tcpframe;
 pub mod vnet;

@@ -1,0 +1,239 @@
+//! The TCP transport's framing: each WireGuard message preceded by its
+//! length as a 16-bit big-endian integer, and nothing else. It is the framing
+//! of Mullvad's udp-over-tcp relays (`udp2tcp`, `tcp2udp`), so stock
+//! WireGuard behind such a relay talks to tapir.
+//!
+//! ```text
+//!   stream:  | len u16 BE | message (len bytes) | len u16 BE | message | ...
+//!   read(fd) ─▶ Deframer::space() / filled(n) ─▶ next() ─▶ Some(&mut message) | None (need more)
+//!                                                     └▶ Err(FrameError): close this connection
+//! ```
+//! A message may arrive split across reads, and one read may bring several.
+//! A frame that cannot be a WireGuard message (too short, too long, an
+//! unknown type, non-zero reserved bytes) is an error: nothing after it on
+//! that stream can be trusted to be aligned, so the connection is closed.
+
+use std::ops::Range;
+
+/// Bytes of the length prefix.
+pub const HEADER_LEN: usize = 2;
+/// The shortest WireGuard message (a keepalive: header and tag).
+pub const MIN_MESSAGE: usize = 32;
+/// The longest frame the prefix can announce.
+pub const MAX_MESSAGE: usize = u16::MAX as usize;
+
+/// Why a stream was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// A zero-length frame.
+    Empty,
+    /// A frame shorter than any WireGuard message.
+    Short(usize),
+    /// A frame longer than this end accepts.
+    Oversized(usize),
+    /// Not a WireGuard message (its first four bytes).
+    Garbage([u8; 4]),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Empty => write!(f, "a zero-length frame"),
+            Self::Short(n) => write!(f, "a {n}-byte frame, shorter than any WireGuard message"),
+            Self::Oversized(n) => write!(f, "a {n}-byte frame, longer than accepted"),
+            Self::Garbage(b) => write!(
+                f,
+                "not a WireGuard message (starts {:02x} {:02x} {:02x} {:02x})",
+                b[0], b[1], b[2], b[3]
+            ),
+        }
+    }
+}
+
+/// The length prefix for a message of `len` bytes (`None` if it does not fit).
+pub fn header(len: usize) -> Option<[u8; HEADER_LEN]> {
+    u16::try_from(len).ok().map(u16::to_be_bytes)
+}
+
+/// Reassembles messages from a byte stream, in one buffer allocated once.
+#[derive(Debug)]
+pub struct Deframer {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    max: usize,
+}
+
+impl Deframer {
+    /// A deframer that accepts messages of up to `max` bytes (at most [`MAX_MESSAGE`]).
+    pub fn new(max: usize) -> Self {
+        let max = max.clamp(MIN_MESSAGE, MAX_MESSAGE);
+        Self {
+            // Room for one whole frame plus a read's worth behind it.
+            buf: vec![0; 2 * (HEADER_LEN + max)],
+            start: 0,
+            end: 0,
+            max,
+        }
+    }
+
+    /// Bytes received and not yet handed out.
+    pub fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Where the next read goes (never empty while [`Deframer::next`] is
+    /// drained between reads).
+    pub fn space(&mut self) -> &mut [u8] {
+        if self.start > 0 && self.buf.len() - self.end < HEADER_LEN + self.max {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// Records that `n` bytes were read into [`Deframer::space`].
+    pub fn filled(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
+    }
+
+    /// The next whole message, to open in place, or `None` until more bytes arrive.
+    pub fn next(&mut self) -> Result<Option<&mut [u8]>, FrameError> {
+        match self.next_range()? {
+            Some(r) => Ok(Some(&mut self.buf[r])),
+            None => Ok(None),
+        }
+    }
+
+    fn next_range(&mut self) -> Result<Option<Range<usize>>, FrameError> {
+        let avail = &self.buf[self.start..self.end];
+        if avail.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = usize::from(u16::from_be_bytes([avail[0], avail[1]]));
+        match len {
+            0 => return Err(FrameError::Empty),
+            n if n < MIN_MESSAGE => return Err(FrameError::Short(n)),
+            n if n > self.max => return Err(FrameError::Oversized(n)),
+            _ => {}
+        }
+        // The type (1 to 4) and three reserved zero bytes are checked as soon
+        // as they are here, so garbage is refused before it fills a buffer.
+        if avail.len() >= HEADER_LEN + 4 {
+            let head: [u8; 4] = avail[HEADER_LEN..HEADER_LEN + 4]
+                .try_into()
+                .expect("4 bytes");
+            if !(1..=4).contains(&head[0]) || head[1..] != [0, 0, 0] {
+                return Err(FrameError::Garbage(head));
+            }
+        }
+        if avail.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let at = self.start + HEADER_LEN;
+        self.start += HEADER_LEN + len;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            // The range stays valid: the bytes are not touched until the next read.
+        }
+        Ok(Some(at..at + len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A keepalive-sized data message (type 4) of `len` bytes, filled with `b`.
+    fn message(len: usize, b: u8) -> Vec<u8> {
+        let mut m = vec![b; len];
+        m[..4].copy_from_slice(&[4, 0, 0, 0]);
+        m
+    }
+
+    fn framed(msgs: &[Vec<u8>]) -> Vec<u8> {
+        msgs.iter()
+            .flat_map(|m| header(m.len()).unwrap().into_iter().chain(m.iter().copied()))
+            .collect()
+    }
+
+    fn feed(d: &mut Deframer, bytes: &[u8]) {
+        let space = d.space();
+        space[..bytes.len()].copy_from_slice(bytes);
+        d.filled(bytes.len());
+    }
+
+    #[test]
+    fn the_prefix_is_a_big_endian_length() {
+        // As udp2tcp writes a 148-byte initiation: 0x00 0x94.
+        assert_eq!(header(148), Some([0x00, 0x94]));
+        assert_eq!(header(65535), Some([0xff, 0xff]));
+        assert_eq!(header(65536), None);
+    }
+
+    #[test]
+    fn several_frames_in_one_read_and_one_frame_across_many() {
+        let msgs = vec![message(32, 1), message(148, 2), message(1452, 3)];
+        let stream = framed(&msgs);
+        // All at once.
+        let mut d = Deframer::new(MAX_MESSAGE);
+        feed(&mut d, &stream);
+        for m in &msgs {
+            assert_eq!(d.next().unwrap().unwrap(), &m[..]);
+        }
+        assert_eq!(d.next(), Ok(None));
+        assert_eq!(d.buffered(), 0);
+        // A byte at a time.
+        let mut d = Deframer::new(MAX_MESSAGE);
+        let mut got = Vec::new();
+        for b in &stream {
+            feed(&mut d, &[*b]);
+            while let Some(m) = d.next().unwrap() {
+                got.push(m.to_vec());
+            }
+        }
+        assert_eq!(got, msgs);
+    }
+
+    #[test]
+    fn a_long_stream_compacts_instead_of_growing() {
+        let mut d = Deframer::new(2000);
+        let stream = framed(&vec![message(1452, 9); 1000]);
+        let mut n = 0;
+        for chunk in stream.chunks(1000) {
+            feed(&mut d, chunk);
+            while let Some(m) = d.next().unwrap() {
+                assert_eq!(m.len(), 1452);
+                n += 1;
+            }
+        }
+        assert_eq!(n, 1000);
+    }
+
+    #[test]
+    fn bad_frames_are_refused() {
+        let mut d = Deframer::new(2000);
+        feed(&mut d, &[0, 0]);
+        assert_eq!(d.next(), Err(FrameError::Empty));
+        let mut d = Deframer::new(2000);
+        feed(&mut d, &[0, 31]);
+        assert_eq!(d.next(), Err(FrameError::Short(31)));
+        let mut d = Deframer::new(2000);
+        feed(&mut d, &[0x07, 0xd1]);
+        assert_eq!(d.next(), Err(FrameError::Oversized(2001)));
+        // HTTP, say: refused as soon as the type is visible.
+        let mut d = Deframer::new(MAX_MESSAGE);
+        feed(&mut d, b"GET / HTTP/1.1\r\n");
+        assert!(matches!(d.next(), Err(FrameError::Short(_)) | Err(FrameError::Garbage(_))));
+        let mut d = Deframer::new(MAX_MESSAGE);
+        feed(&mut d, &[0, 40, 5, 0, 0, 0]);
+        assert_eq!(d.next(), Err(FrameError::Garbage([5, 0, 0, 0])));
+        let mut d = Deframer::new(MAX_MESSAGE);
+        feed(&mut d, &[0, 40, 1, 0, 1, 0]);
+        assert_eq!(d.next(), Err(FrameError::Garbage([1, 0, 1, 0])));
+        assert!(FrameError::Garbage([5, 0, 0, 0]).to_string().contains("05 00 00 00"));
+    }
+}
