@@ -10,11 +10,16 @@ use tapir_wire::tcpframe::{Deframer, MAX_MESSAGE, MIN_MESSAGE};
 fn frames(data: &[u8], cut: usize) -> (Vec<Vec<u8>>, bool) {
     let mut d = Deframer::new(MAX_MESSAGE);
     let mut out = Vec::new();
-    for chunk in data.chunks(cut.max(1)) {
+    let mut rest = data;
+    while !rest.is_empty() {
+        // A read of at most `cut` bytes, as much as there is room for.
         let space = d.space();
-        assert!(space.len() >= chunk.len());
-        space[..chunk.len()].copy_from_slice(chunk);
-        d.filled(chunk.len());
+        assert!(!space.is_empty(), "a drained deframer always has room");
+        let n = space.len().min(cut.max(1)).min(rest.len());
+        space[..n].copy_from_slice(&rest[..n]);
+        d.filled(n);
+        rest = &rest[n..];
+        assert!(d.capacity() <= 2 * (MAX_MESSAGE + 2) + 2 * 4096);
         loop {
             match d.next() {
                 Ok(Some(m)) => {

@@ -89,6 +89,27 @@ impl Batch {
         (&mut self.data[i * self.slot..i * self.slot + len], addr)
     }
 
+    /// Slot `i` whole, with datagram `i`'s length: room to seal a received
+    /// frame again in place for another peer.
+    pub fn slot_with_len(&mut self, i: usize) -> (&mut [u8], usize) {
+        let len = self.lens[i];
+        (&mut self.data[i * self.slot..(i + 1) * self.slot], len)
+    }
+
+    /// Records slot `i` as a datagram of `len` bytes received from `from`
+    /// (for transports that fill slots themselves, as TCP does).
+    pub fn set_received(&mut self, i: usize, len: usize, from: &SocketAddrV6) {
+        self.set(i, len, from);
+    }
+
+    /// Datagram `i` as set for sending: its bytes and its destination.
+    pub fn outgoing(&self, i: usize) -> (&[u8], SocketAddrV6) {
+        (
+            &self.data[i * self.slot..i * self.slot + self.lens[i]],
+            from_sockaddr(&self.addrs[i]),
+        )
+    }
+
     /// Marks slot `i` as a datagram of `len` bytes for `to`.
     pub fn set(&mut self, i: usize, len: usize, to: &SocketAddrV6) {
         self.lens[i] = len.min(self.slot);

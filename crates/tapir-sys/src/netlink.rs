@@ -472,6 +472,57 @@ impl Netlink {
         )
     }
 
+    /// `ip link set DEV address MAC`.
+    pub fn set_mac(&mut self, index: u32, mac: [u8; 6]) -> Result<(), NetlinkError> {
+        let what = format!(
+            "address {} (ifindex {index})",
+            mac.map(|b| format!("{b:02x}")).join(":")
+        );
+        self.set_link(
+            index,
+            LinkFlags::empty(),
+            LinkFlags::empty(),
+            vec![LinkAttribute::Address(mac.to_vec())],
+            what,
+        )
+    }
+
+    /// `ip link set DEV master BRIDGE` (`Some`), or `nomaster` (`None`).
+    pub fn set_master(&mut self, index: u32, master: Option<u32>) -> Result<(), NetlinkError> {
+        let what = match master {
+            Some(m) => format!("master ifindex {m} (ifindex {index})"),
+            None => format!("nomaster (ifindex {index})"),
+        };
+        self.set_link(
+            index,
+            LinkFlags::empty(),
+            LinkFlags::empty(),
+            vec![LinkAttribute::Controller(master.unwrap_or(0))],
+            what,
+        )
+    }
+
+    /// `ip link add NAME type bridge`; returns its index. Fails if it exists.
+    pub fn add_bridge(&mut self, name: &str) -> Result<u32, NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        msg.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
+        self.request(
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+            "RTM_NEWLINK",
+            || format!("{name} type bridge"),
+        )?;
+        let link = self.link(name)?.ok_or_else(|| NetlinkError {
+            op: "RTM_GETLINK",
+            target: name.to_owned(),
+            source: io::Error::from_raw_os_error(libc::ENODEV),
+            kernel_msg: Some("the bridge vanished right after it was created".into()),
+        })?;
+        Ok(link.index)
+    }
+
     /// `ip link del DEV`.
     pub fn del_link(&mut self, index: u32) -> Result<(), NetlinkError> {
         let mut msg = LinkMessage::default();

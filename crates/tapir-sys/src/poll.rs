@@ -29,3 +29,72 @@ pub fn readable<const N: usize>(
     }
     Ok(pfds.map(|p| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0))
 }
+
+/// A reusable set of descriptors to wait on, each for reading and/or
+/// writing; allocated once and refilled every turn of a loop.
+#[derive(Debug, Default)]
+pub struct PollSet {
+    fds: Vec<libc::pollfd>,
+}
+
+impl PollSet {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Empties the set, keeping its memory.
+    pub fn clear(&mut self) {
+        self.fds.clear();
+    }
+
+    /// Adds `fd`, waited on for reading and/or writing; returns its position.
+    pub fn add(&mut self, fd: BorrowedFd<'_>, read: bool, write: bool) -> usize {
+        let mut events = 0;
+        if read {
+            events |= libc::POLLIN;
+        }
+        if write {
+            events |= libc::POLLOUT;
+        }
+        self.fds.push(libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events,
+            revents: 0,
+        });
+        self.fds.len() - 1
+    }
+
+    /// Waits up to `timeout` for any descriptor to be ready. A signal ends
+    /// the wait early with nothing ready.
+    pub fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        for p in &mut self.fds {
+            p.revents = 0;
+        }
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: poll reads and writes exactly `len` pollfd entries of a live
+        // Vec; a descriptor closed meanwhile only yields POLLNVAL.
+        let rc = unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether entry `i` is readable (or has an error or hang-up to read).
+    pub fn readable(&self, i: usize) -> bool {
+        self.fds
+            .get(i)
+            .is_some_and(|p| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0)
+    }
+
+    /// Whether entry `i` is writable (or has an error to collect).
+    pub fn writable(&self, i: usize) -> bool {
+        self.fds
+            .get(i)
+            .is_some_and(|p| p.revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0)
+    }
+}

@@ -21,6 +21,8 @@ pub const HEADER_LEN: usize = 2;
 pub const MIN_MESSAGE: usize = 32;
 /// The longest frame the prefix can announce.
 pub const MAX_MESSAGE: usize = u16::MAX as usize;
+/// Bytes a deframer holds at first, and reads at most at a time.
+pub const INITIAL_BUFFER: usize = 4096;
 
 /// Why a stream was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +58,10 @@ pub fn header(len: usize) -> Option<[u8; HEADER_LEN]> {
     u16::try_from(len).ok().map(u16::to_be_bytes)
 }
 
-/// Reassembles messages from a byte stream, in one buffer allocated once.
+/// Reassembles messages from a byte stream in one buffer, which starts at
+/// [`INITIAL_BUFFER`] bytes and grows only as far as a frame announced on
+/// the stream needs (at most the largest frame plus one read): an idle or
+/// unauthenticated connection costs little.
 #[derive(Debug)]
 pub struct Deframer {
     buf: Vec<u8>,
@@ -70,8 +75,7 @@ impl Deframer {
     pub fn new(max: usize) -> Self {
         let max = max.clamp(MIN_MESSAGE, MAX_MESSAGE);
         Self {
-            // Room for one whole frame plus a read's worth behind it.
-            buf: vec![0; 2 * (HEADER_LEN + max)],
+            buf: vec![0; INITIAL_BUFFER],
             start: 0,
             end: 0,
             max,
@@ -86,12 +90,29 @@ impl Deframer {
     /// Where the next read goes (never empty while [`Deframer::next`] is
     /// drained between reads).
     pub fn space(&mut self) -> &mut [u8] {
-        if self.start > 0 && self.buf.len() - self.end < HEADER_LEN + self.max {
+        // What the frame at the head needs in all (its length is known once
+        // its prefix is here; a valid one is at most `max`).
+        let avail = &self.buf[self.start..self.end];
+        let need = if avail.len() >= HEADER_LEN {
+            HEADER_LEN + usize::from(u16::from_be_bytes([avail[0], avail[1]])).min(self.max)
+        } else {
+            HEADER_LEN + MIN_MESSAGE
+        };
+        if self.start > 0 && (self.end == self.buf.len() || self.buf.len() - self.start < need) {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
+        if self.buf.len() - self.start < need || self.end == self.buf.len() {
+            let grown = (self.start + need + INITIAL_BUFFER).max(self.buf.len());
+            self.buf.resize(grown, 0);
+        }
         &mut self.buf[self.end..]
+    }
+
+    /// Bytes of buffer held now.
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
     }
 
     /// Records that `n` bytes were read into [`Deframer::space`].
@@ -156,14 +177,28 @@ mod tests {
 
     fn framed(msgs: &[Vec<u8>]) -> Vec<u8> {
         msgs.iter()
-            .flat_map(|m| header(m.len()).unwrap().into_iter().chain(m.iter().copied()))
+            .flat_map(|m| {
+                header(m.len())
+                    .unwrap()
+                    .into_iter()
+                    .chain(m.iter().copied())
+            })
             .collect()
     }
 
-    fn feed(d: &mut Deframer, bytes: &[u8]) {
-        let space = d.space();
-        space[..bytes.len()].copy_from_slice(bytes);
-        d.filled(bytes.len());
+    /// What a read loop does: reads what fits, hands out frames, reads on.
+    fn feed(d: &mut Deframer, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let space = d.space();
+            let n = space.len().min(bytes.len());
+            space[..n].copy_from_slice(&bytes[..n]);
+            d.filled(n);
+            bytes = &bytes[n..];
+            if !bytes.is_empty() {
+                // Only a frame that is complete leaves room: the caller would drain it here.
+                assert!(n > 0);
+            }
+        }
     }
 
     #[test]
@@ -214,6 +249,29 @@ mod tests {
     }
 
     #[test]
+    fn the_buffer_grows_only_for_frames_that_need_it() {
+        let mut d = Deframer::new(MAX_MESSAGE);
+        assert_eq!(d.capacity(), INITIAL_BUFFER);
+        let small = framed(&vec![message(1452, 1); 20]);
+        for chunk in small.chunks(700) {
+            feed(&mut d, chunk);
+            while d.next().unwrap().is_some() {}
+        }
+        assert_eq!(d.capacity(), INITIAL_BUFFER, "1452-byte frames fit as they are");
+        let big = framed(&[message(60000, 2)]);
+        let mut got = 0;
+        for chunk in big.chunks(INITIAL_BUFFER) {
+            feed(&mut d, chunk);
+            while let Some(m) = d.next().unwrap() {
+                assert_eq!(m.len(), 60000);
+                got += 1;
+            }
+        }
+        assert_eq!(got, 1);
+        assert!(d.capacity() <= 60002 + 2 * INITIAL_BUFFER, "{}", d.capacity());
+    }
+
+    #[test]
     fn bad_frames_are_refused() {
         let mut d = Deframer::new(2000);
         feed(&mut d, &[0, 0]);
@@ -227,13 +285,20 @@ mod tests {
         // HTTP, say: refused as soon as the type is visible.
         let mut d = Deframer::new(MAX_MESSAGE);
         feed(&mut d, b"GET / HTTP/1.1\r\n");
-        assert!(matches!(d.next(), Err(FrameError::Short(_)) | Err(FrameError::Garbage(_))));
+        assert!(matches!(
+            d.next(),
+            Err(FrameError::Short(_)) | Err(FrameError::Garbage(_))
+        ));
         let mut d = Deframer::new(MAX_MESSAGE);
         feed(&mut d, &[0, 40, 5, 0, 0, 0]);
         assert_eq!(d.next(), Err(FrameError::Garbage([5, 0, 0, 0])));
         let mut d = Deframer::new(MAX_MESSAGE);
         feed(&mut d, &[0, 40, 1, 0, 1, 0]);
         assert_eq!(d.next(), Err(FrameError::Garbage([1, 0, 1, 0])));
-        assert!(FrameError::Garbage([5, 0, 0, 0]).to_string().contains("05 00 00 00"));
+        assert!(
+            FrameError::Garbage([5, 0, 0, 0])
+                .to_string()
+                .contains("05 00 00 00")
+        );
     }
 }

@@ -22,6 +22,64 @@ use zeroize::Zeroize;
 
 /// The default MTU of a WireGuard interface (1500 minus 80 bytes of IPv6 + UDP + WireGuard).
 pub const DEFAULT_MTU: u32 = 1420;
+/// The default MTU of a tap-mode tunnel: the 1420 of a tun, less the
+/// 14-byte Ethernet header that each frame carries (frames are not padded).
+pub const DEFAULT_TAP_MTU: u32 = DEFAULT_MTU - 14;
+
+/// How a tunnel's messages travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// UDP datagrams (WireGuard).
+    #[default]
+    Udp,
+    /// A TCP stream, each message behind a 16-bit big-endian length (udp2tcp's framing).
+    Tcp,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+        })
+    }
+}
+
+fn parse_transport(s: &str) -> Result<Transport, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "udp" => Ok(Transport::Udp),
+        "tcp" => Ok(Transport::Tcp),
+        _ => Err(format!("{s:?} is not a transport: use udp or tcp")),
+    }
+}
+
+fn parse_mode(s: &str) -> Result<tapir_sys::Mode, String> {
+    s.to_ascii_lowercase()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a mode: use tun (IP packets) or tap (Ethernet frames)"))
+}
+
+/// Parses a rate as VTun and tc write it: `20mbit`, `512kbit`, `1gbit`, or
+/// bits per second; returns bits per second.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len()));
+    let scale: f64 = match unit.trim() {
+        "" | "bit" | "bps" => 1.0,
+        "kbit" => 1e3,
+        "mbit" => 1e6,
+        "gbit" => 1e9,
+        _ => return Err(format!("{s:?} is not a rate: write it as 20mbit, 512kbit or 1gbit")),
+    };
+    let n: f64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a rate: write it as 20mbit, 512kbit or 1gbit"))?;
+    let bits = n * scale;
+    if !(bits >= 8000.0 && bits <= 1e12) {
+        return Err(format!("{s:?} is out of range: from 8kbit to 1000gbit"));
+    }
+    Ok(bits as u64)
+}
 
 /// One tunnel: an interface and its peers.
 #[derive(Debug, Clone)]
@@ -38,6 +96,14 @@ pub struct TunnelConfig {
     pub addresses: Vec<IpNet>,
     /// MTU.
     pub mtu: u32,
+    /// tun (IP packets, routed by allowed IPs) or tap (Ethernet frames, switched).
+    pub mode: tapir_sys::Mode,
+    /// Tap mode: the device's MAC (random and locally administered if absent).
+    pub mac: Option<[u8; 6]>,
+    /// Tap mode: a Linux bridge to join (created if missing, removed on down if created).
+    pub bridge: Option<IfName>,
+    /// UDP or TCP.
+    pub transport: Transport,
     /// Routes into the tunnel; `None`: one per allowed IP of every peer.
     pub routes: Option<Vec<IpNet>>,
     /// Peers.
@@ -59,6 +125,8 @@ pub struct PeerEntry {
     pub allowed_ips: Vec<IpNet>,
     /// Persistent keepalive, seconds.
     pub keepalive: Option<u16>,
+    /// Rate limit in bits per second, each direction.
+    pub rate: Option<u64>,
     /// Line of its `[Peer]` header, for messages.
     pub line: usize,
 }
@@ -152,6 +220,10 @@ pub fn parse(
     let mut listen_port = None;
     let mut addresses = Vec::new();
     let mut mtu = None;
+    let mut dev_mode = None;
+    let mut mac = None;
+    let mut bridge = None;
+    let mut transport = Transport::Udp;
     let mut peers: Vec<PeerEntry> = Vec::new();
     let mut warnings = Vec::new();
     let mut interface_line = None;
@@ -181,6 +253,7 @@ pub fn parse(
                         endpoint: None,
                         allowed_ips: Vec::new(),
                         keepalive: None,
+                        rate: None,
                         line: n,
                     });
                     Section::Peer
@@ -236,6 +309,15 @@ pub fn parse(
                 let m = value.parse::<u32>().ok().filter(|m| (576..=65535).contains(m));
                 mtu = Some(m.ok_or_else(|| err(n, key, format!("{value:?} is not an MTU (576 to 65535)")))?);
             }
+            (Section::Interface, "mode") => dev_mode = Some((n, parse_mode(value).map_err(|m| err(n, key, m))?)),
+            (Section::Interface, "mac") => mac = Some((n, crate::dev::parse_mac(value).map_err(|m| err(n, key, m))?)),
+            (Section::Interface, "bridge") => {
+                bridge = Some((n, IfName::new(value).map_err(|e| err(n, key, e.to_string()))?));
+            }
+            (Section::Interface, "transport") => transport = parse_transport(value).map_err(|m| err(n, key, m))?,
+            (Section::Peer, "rate") => {
+                peers.last_mut().expect("in a [Peer] section").rate = Some(parse_rate(value).map_err(|m| err(n, key, m))?);
+            }
             (Section::Peer, "publickey") => {
                 let peer = peers.last_mut().expect("in a [Peer] section");
                 peer.public_key = PublicKey::from_base64(value).map_err(|e| err(n, key, e.to_string()))?;
@@ -272,10 +354,10 @@ pub fn parse(
                 warnings.push(format!("{}:{n}: {key} is not supported by tapir yet and is ignored", file.display()));
             }
             (Section::Interface, _) => {
-                return Err(err(n, key, "unknown key in [Interface]: PrivateKey, PrivateKeyFile, ListenPort, Address, MTU".into()))
+                return Err(err(n, key, "unknown key in [Interface]: PrivateKey, PrivateKeyFile, ListenPort, Address, MTU, Mode, MAC, Bridge, Transport".into()))
             }
             (Section::Peer, _) => {
-                return Err(err(n, key, "unknown key in [Peer]: PublicKey, PresharedKey, Endpoint, AllowedIPs, PersistentKeepalive".into()))
+                return Err(err(n, key, "unknown key in [Peer]: PublicKey, PresharedKey, Endpoint, AllowedIPs, PersistentKeepalive, Rate".into()))
             }
         }
     }
@@ -320,17 +402,40 @@ pub fn parse(
             ));
         }
     }
+    let mode_value = dev_mode.map_or(tapir_sys::Mode::Tun, |(_, m)| m);
+    let tap_only = |what: Option<usize>, key: &str| match what {
+        Some(line) if mode_value != tapir_sys::Mode::Tap => Err(err(
+            line,
+            key,
+            "only for tap mode: add Mode = tap to [Interface], or remove this line".into(),
+        )),
+        _ => Ok(()),
+    };
+    tap_only(mac.as_ref().map(|(l, _)| *l), "MAC")?;
+    tap_only(bridge.as_ref().map(|(l, _)| *l), "Bridge")?;
     Ok(TunnelConfig {
         file: file.to_owned(),
         name,
         private_key,
         listen_port,
         addresses,
-        mtu: mtu.unwrap_or(DEFAULT_MTU),
+        mtu: mtu.unwrap_or(default_mtu(mode_value)),
+        mode: mode_value,
+        mac: mac.map(|(_, m)| m),
+        bridge: bridge.map(|(_, b)| b),
+        transport,
         routes: None,
         peers,
         warnings,
     })
+}
+
+/// The default MTU for a mode.
+pub fn default_mtu(mode: tapir_sys::Mode) -> u32 {
+    match mode {
+        tapir_sys::Mode::Tun => DEFAULT_MTU,
+        tapir_sys::Mode::Tap => DEFAULT_TAP_MTU,
+    }
 }
 
 /// Reads a config file: TOML (`*.toml`, any number of tunnels) or wg-quick
@@ -364,6 +469,10 @@ mod toml_schema {
         #[serde(default)]
         pub addresses: Vec<Spanned<String>>,
         pub mtu: Option<Spanned<u32>>,
+        pub mode: Option<Spanned<String>>,
+        pub mac: Option<Spanned<String>>,
+        pub bridge: Option<Spanned<String>>,
+        pub transport: Option<Spanned<String>>,
         pub routes: Option<Vec<Spanned<String>>>,
         #[serde(rename = "peer", default)]
         pub peers: Vec<Spanned<Peer>>,
@@ -378,6 +487,7 @@ mod toml_schema {
         #[serde(default)]
         pub allowed_ips: Vec<Spanned<String>>,
         pub persistent_keepalive: Option<u16>,
+        pub rate: Option<Spanned<String>>,
     }
 }
 
@@ -389,7 +499,11 @@ mod toml_schema {
 /// private_key_file = "/etc/tapir/tp0.key"   # mode 600, or private_key = "..."
 /// listen_port = 51820
 /// addresses = ["10.77.0.1/24"]
-/// mtu = 1420                                # optional
+/// mtu = 1420                                # optional (1406 in tap mode)
+/// mode = "tun"                              # or "tap": Ethernet frames, a learning switch
+/// mac = "02:00:00:00:00:01"                 # tap mode, optional: random if absent
+/// bridge = "br0"                            # tap mode, optional: the tap joins this bridge
+/// transport = "udp"                         # or "tcp": udp2tcp's framing
 /// routes = ["10.1.0.0/16"]                  # optional: default, the peers' allowed IPs
 ///
 /// [[tunnel.peer]]
@@ -398,6 +512,7 @@ mod toml_schema {
 /// endpoint = "192.0.2.2:51820"              # optional
 /// allowed_ips = ["10.77.0.2/32"]
 /// persistent_keepalive = 25                 # optional
+/// rate = "20mbit"                           # optional: each direction
 /// ```
 pub fn load_toml(path: &Path) -> Result<Vec<TunnelConfig>, ConfigError> {
     let whole = |msg: String| ConfigError {
@@ -496,6 +611,35 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
                 crate::dev::parse_addr(a.get_ref()).map_err(|m| err(a.span(), "addresses", m))?,
             );
         }
+        let mode = match &t.mode {
+            Some(m) => parse_mode(m.get_ref()).map_err(|e| err(m.span(), "mode", e))?,
+            None => tapir_sys::Mode::Tun,
+        };
+        let tap_only = |span: std::ops::Range<usize>, key: &str| {
+            if mode == tapir_sys::Mode::Tap {
+                Ok(())
+            } else {
+                Err(err(span, key, "only for tap mode: add mode = \"tap\" to this tunnel, or remove it".into()))
+            }
+        };
+        let mac = match &t.mac {
+            Some(m) => {
+                tap_only(m.span(), "mac")?;
+                Some(crate::dev::parse_mac(m.get_ref()).map_err(|e| err(m.span(), "mac", e))?)
+            }
+            None => None,
+        };
+        let bridge = match &t.bridge {
+            Some(b) => {
+                tap_only(b.span(), "bridge")?;
+                Some(IfName::new(b.get_ref()).map_err(|e| err(b.span(), "bridge", e.to_string()))?)
+            }
+            None => None,
+        };
+        let transport = match &t.transport {
+            Some(x) => parse_transport(x.get_ref()).map_err(|e| err(x.span(), "transport", e))?,
+            None => Transport::Udp,
+        };
         let mtu = match &t.mtu {
             Some(m) if !(576..=65535).contains(m.get_ref()) => {
                 return Err(err(
@@ -505,7 +649,7 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
                 ));
             }
             Some(m) => *m.get_ref(),
-            None => DEFAULT_MTU,
+            None => default_mtu(mode),
         };
         let routes = match &t.routes {
             Some(list) => {
@@ -571,12 +715,17 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
                     })?;
                 allowed_ips.push(net);
             }
+            let rate = match &p.rate {
+                Some(r) => Some(parse_rate(r.get_ref()).map_err(|e| err(r.span(), "rate", e))?),
+                None => None,
+            };
             peers.push(PeerEntry {
                 public_key,
                 psk,
                 endpoint: p.endpoint.as_ref().map(|e| e.get_ref().clone()),
                 allowed_ips,
                 keepalive: p.persistent_keepalive.filter(|k| *k > 0),
+                rate,
                 line,
             });
         }
@@ -587,6 +736,10 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
             listen_port: t.listen_port,
             addresses,
             mtu,
+            mode,
+            mac,
+            bridge,
+            transport,
             routes,
             peers,
             warnings,
@@ -676,6 +829,61 @@ mod tests {
             c.warnings,
             ["/etc/tapir/tp0.conf:7: DNS is not supported by tapir yet and is ignored"]
         );
+    }
+
+    #[test]
+    fn reads_tapir_extensions() {
+        let c = p(&format!(
+            "[Interface]\nPrivateKey = {A}\nMode = tap\nMAC = 02:00:00:aa:bb:cc\nBridge = br0\nTransport = tcp\n\n\
+             [Peer]\nPublicKey = {C}\nRate = 20mbit\n"
+        ))
+        .unwrap();
+        assert_eq!(c.mode, tapir_sys::Mode::Tap);
+        assert_eq!(c.mac, Some([2, 0, 0, 0xaa, 0xbb, 0xcc]));
+        assert_eq!(c.bridge.as_ref().map(IfName::as_str), Some("br0"));
+        assert_eq!(c.transport, Transport::Tcp);
+        assert_eq!(c.mtu, DEFAULT_TAP_MTU);
+        assert_eq!(c.peers[0].rate, Some(20_000_000));
+        let e = p(&format!("[Interface]\nPrivateKey = {A}\nBridge = br0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":3: Bridge: only for tap mode"), "{e}");
+        let e = p(&format!("[Interface]\nPrivateKey = {A}\nMode = tup\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":3: Mode: \"tup\" is not a mode: use tun"), "{e}");
+        let e = p(&format!("[Interface]\nPrivateKey = {A}\nMode = tap\nMAC = ff:ff:ff:ff:ff:ff\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":4: MAC: ff:ff:ff:ff:ff:ff is a multicast address"), "{e}");
+        let t = parse_toml(
+            Path::new("t.toml"),
+            &format!(
+                "[[tunnel]]\nname = \"tp0\"\nprivate_key = \"{A}\"\nmode = \"tap\"\ntransport = \"tcp\"\n\
+                 [[tunnel.peer]]\npublic_key = \"{C}\"\nrate = \"512kbit\"\n"
+            ),
+            0o600,
+        )
+        .unwrap();
+        assert_eq!((t[0].mode, t[0].transport), (tapir_sys::Mode::Tap, Transport::Tcp));
+        assert_eq!(t[0].peers[0].rate, Some(512_000));
+        let e = parse_toml(
+            Path::new("t.toml"),
+            &format!("[[tunnel]]\nname = \"tp0\"\nprivate_key = \"{A}\"\ntransport = \"sctp\"\n"),
+            0o600,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("t.toml:4: transport: \"sctp\" is not a transport"), "{e}");
+    }
+
+    #[test]
+    fn rates_read_as_tc_writes_them() {
+        assert_eq!(parse_rate("20mbit"), Ok(20_000_000));
+        assert_eq!(parse_rate("1.5Gbit"), Ok(1_500_000_000));
+        assert_eq!(parse_rate("64000"), Ok(64_000));
+        assert!(parse_rate("20 furlongs").unwrap_err().contains("not a rate"));
+        assert!(parse_rate("1bit").unwrap_err().contains("out of range"));
     }
 
     #[test]

@@ -654,6 +654,27 @@ impl SetRequest {
     }
 }
 
+/// Parses a unicast MAC address (`02:00:00:00:00:01`).
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("{s:?} is not a MAC address: write it as 02:00:00:00:00:01"))?;
+    let mac: [u8; 6] = bytes.try_into().map_err(|_| {
+        format!("{s:?} is not a MAC address: it needs six bytes, as in 02:00:00:00:00:01")
+    })?;
+    if mac[0] & 1 == 1 {
+        return Err(format!(
+            "{s} is a multicast address: the first byte must be even"
+        ));
+    }
+    if mac == [0; 6] {
+        return Err(format!("{s} is the all-zero address: choose another"));
+    }
+    Ok(mac)
+}
+
 /// Parses an interface address: `10.0.0.1/24`, or a bare address (`/32`, `/128`).
 pub fn parse_addr(s: &str) -> Result<IpNet, String> {
     if let Ok(net) = s.parse::<IpNet>() {

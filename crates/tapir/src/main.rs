@@ -306,22 +306,7 @@ fn set_request(
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6]> {
-    let bytes: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16))
-        .collect::<Result<_, _>>()
-        .map_err(|_| {
-            anyhow::anyhow!("--mac {s:?} is not a MAC address: write it as 02:00:00:00:00:01")
-        })?;
-    let mac: [u8; 6] = bytes.try_into().map_err(|_| {
-        anyhow::anyhow!(
-            "--mac {s:?} is not a MAC address: it needs six bytes, as in 02:00:00:00:00:01"
-        )
-    })?;
-    if mac[0] & 1 == 1 {
-        anyhow::bail!("--mac {s} is a multicast address: the first byte must be even");
-    }
-    Ok(mac)
+    dev::parse_mac(s).map_err(|m| anyhow::anyhow!("--mac {m}"))
 }
 
 fn random_mac() -> Result<[u8; 6]> {
