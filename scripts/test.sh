@@ -15,6 +15,8 @@ command -v mknod >/dev/null || need+=(coreutils)
 command -v wireguard-go >/dev/null || need+=(wireguard-go)
 command -v wg >/dev/null || need+=(wireguard-tools)
 command -v iperf3 >/dev/null || need+=(iperf3)
+command -v nft >/dev/null || need+=(nftables)
+command -v python3 >/dev/null || need+=(python3)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test.sh: missing ${need[*]}; run as root to install them" >&2

@@ -21,7 +21,7 @@ fn frames(data: &[u8], cut: usize) -> (Vec<Vec<u8>>, bool) {
         rest = &rest[n..];
         assert!(d.capacity() <= 2 * (MAX_MESSAGE + 2) + 2 * 4096);
         loop {
-            match d.next() {
+            match d.next_frame() {
                 Ok(Some(m)) => {
                     assert!(m.len() >= MIN_MESSAGE);
                     assert!((1..=4).contains(&m[0]) && m[1..4] == [0, 0, 0]);

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!   stream:  | len u16 BE | message (len bytes) | len u16 BE | message | ...
-//!   read(fd) ─▶ Deframer::space() / filled(n) ─▶ next() ─▶ Some(&mut message) | None (need more)
+//!   read(fd) ─▶ Deframer::space() / filled(n) ─▶ next_frame() ─▶ Some(&mut message) | None (need more)
 //!                                                     └▶ Err(FrameError): close this connection
 //! ```
 //! A message may arrive split across reads, and one read may bring several.
@@ -87,7 +87,7 @@ impl Deframer {
         self.end - self.start
     }
 
-    /// Where the next read goes (never empty while [`Deframer::next`] is
+    /// Where the next read goes (never empty while [`Deframer::next_frame`] is
     /// drained between reads).
     pub fn space(&mut self) -> &mut [u8] {
         // What the frame at the head needs in all (its length is known once
@@ -121,7 +121,7 @@ impl Deframer {
     }
 
     /// The next whole message, to open in place, or `None` until more bytes arrive.
-    pub fn next(&mut self) -> Result<Option<&mut [u8]>, FrameError> {
+    pub fn next_frame(&mut self) -> Result<Option<&mut [u8]>, FrameError> {
         match self.next_range()? {
             Some(r) => Ok(Some(&mut self.buf[r])),
             None => Ok(None),
@@ -217,16 +217,16 @@ mod tests {
         let mut d = Deframer::new(MAX_MESSAGE);
         feed(&mut d, &stream);
         for m in &msgs {
-            assert_eq!(d.next().unwrap().unwrap(), &m[..]);
+            assert_eq!(d.next_frame().unwrap().unwrap(), &m[..]);
         }
-        assert_eq!(d.next(), Ok(None));
+        assert_eq!(d.next_frame(), Ok(None));
         assert_eq!(d.buffered(), 0);
         // A byte at a time.
         let mut d = Deframer::new(MAX_MESSAGE);
         let mut got = Vec::new();
         for b in &stream {
             feed(&mut d, &[*b]);
-            while let Some(m) = d.next().unwrap() {
+            while let Some(m) = d.next_frame().unwrap() {
                 got.push(m.to_vec());
             }
         }
@@ -240,7 +240,7 @@ mod tests {
         let mut n = 0;
         for chunk in stream.chunks(1000) {
             feed(&mut d, chunk);
-            while let Some(m) = d.next().unwrap() {
+            while let Some(m) = d.next_frame().unwrap() {
                 assert_eq!(m.len(), 1452);
                 n += 1;
             }
@@ -255,46 +255,54 @@ mod tests {
         let small = framed(&vec![message(1452, 1); 20]);
         for chunk in small.chunks(700) {
             feed(&mut d, chunk);
-            while d.next().unwrap().is_some() {}
+            while d.next_frame().unwrap().is_some() {}
         }
-        assert_eq!(d.capacity(), INITIAL_BUFFER, "1452-byte frames fit as they are");
+        assert_eq!(
+            d.capacity(),
+            INITIAL_BUFFER,
+            "1452-byte frames fit as they are"
+        );
         let big = framed(&[message(60000, 2)]);
         let mut got = 0;
         for chunk in big.chunks(INITIAL_BUFFER) {
             feed(&mut d, chunk);
-            while let Some(m) = d.next().unwrap() {
+            while let Some(m) = d.next_frame().unwrap() {
                 assert_eq!(m.len(), 60000);
                 got += 1;
             }
         }
         assert_eq!(got, 1);
-        assert!(d.capacity() <= 60002 + 2 * INITIAL_BUFFER, "{}", d.capacity());
+        assert!(
+            d.capacity() <= 60002 + 2 * INITIAL_BUFFER,
+            "{}",
+            d.capacity()
+        );
     }
 
     #[test]
     fn bad_frames_are_refused() {
         let mut d = Deframer::new(2000);
         feed(&mut d, &[0, 0]);
-        assert_eq!(d.next(), Err(FrameError::Empty));
+        assert_eq!(d.next_frame(), Err(FrameError::Empty));
         let mut d = Deframer::new(2000);
         feed(&mut d, &[0, 31]);
-        assert_eq!(d.next(), Err(FrameError::Short(31)));
+        assert_eq!(d.next_frame(), Err(FrameError::Short(31)));
         let mut d = Deframer::new(2000);
         feed(&mut d, &[0x07, 0xd1]);
-        assert_eq!(d.next(), Err(FrameError::Oversized(2001)));
+        assert_eq!(d.next_frame(), Err(FrameError::Oversized(2001)));
         // HTTP, say: refused as soon as the type is visible.
         let mut d = Deframer::new(MAX_MESSAGE);
         feed(&mut d, b"GET / HTTP/1.1\r\n");
         assert!(matches!(
-            d.next(),
+            d.next_frame(),
             Err(FrameError::Short(_)) | Err(FrameError::Garbage(_))
         ));
         let mut d = Deframer::new(MAX_MESSAGE);
         feed(&mut d, &[0, 40, 5, 0, 0, 0]);
-        assert_eq!(d.next(), Err(FrameError::Garbage([5, 0, 0, 0])));
+        assert_eq!(d.next_frame(), Err(FrameError::Garbage([5, 0, 0, 0])));
         let mut d = Deframer::new(MAX_MESSAGE);
         feed(&mut d, &[0, 40, 1, 0, 1, 0]);
-        assert_eq!(d.next(), Err(FrameError::Garbage([1, 0, 1, 0])));
+        assert_eq!(d.next_frame(), Err(FrameError::Garbage([1, 0, 1, 0])));
         assert!(
             FrameError::Garbage([5, 0, 0, 0])
                 .to_string()

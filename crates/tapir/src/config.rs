@@ -63,19 +63,26 @@ fn parse_mode(s: &str) -> Result<tapir_sys::Mode, String> {
 /// bits per second; returns bits per second.
 pub fn parse_rate(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();
-    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len()));
+    let (digits, unit) = t.split_at(
+        t.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(t.len()),
+    );
     let scale: f64 = match unit.trim() {
         "" | "bit" | "bps" => 1.0,
         "kbit" => 1e3,
         "mbit" => 1e6,
         "gbit" => 1e9,
-        _ => return Err(format!("{s:?} is not a rate: write it as 20mbit, 512kbit or 1gbit")),
+        _ => {
+            return Err(format!(
+                "{s:?} is not a rate: write it as 20mbit, 512kbit or 1gbit"
+            ));
+        }
     };
     let n: f64 = digits
         .parse()
         .map_err(|_| format!("{s:?} is not a rate: write it as 20mbit, 512kbit or 1gbit"))?;
     let bits = n * scale;
-    if !(bits >= 8000.0 && bits <= 1e12) {
+    if !(8000.0..=1e12).contains(&bits) {
         return Err(format!("{s:?} is out of range: from 8kbit to 1000gbit"));
     }
     Ok(bits as u64)
@@ -619,7 +626,11 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
             if mode == tapir_sys::Mode::Tap {
                 Ok(())
             } else {
-                Err(err(span, key, "only for tap mode: add mode = \"tap\" to this tunnel, or remove it".into()))
+                Err(err(
+                    span,
+                    key,
+                    "only for tap mode: add mode = \"tap\" to this tunnel, or remove it".into(),
+                ))
             }
         };
         let mac = match &t.mac {
@@ -851,11 +862,19 @@ mod tests {
         let e = p(&format!("[Interface]\nPrivateKey = {A}\nMode = tup\n"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains(":3: Mode: \"tup\" is not a mode: use tun"), "{e}");
-        let e = p(&format!("[Interface]\nPrivateKey = {A}\nMode = tap\nMAC = ff:ff:ff:ff:ff:ff\n"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(":4: MAC: ff:ff:ff:ff:ff:ff is a multicast address"), "{e}");
+        assert!(
+            e.contains(":3: Mode: \"tup\" is not a mode: use tun"),
+            "{e}"
+        );
+        let e = p(&format!(
+            "[Interface]\nPrivateKey = {A}\nMode = tap\nMAC = ff:ff:ff:ff:ff:ff\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(":4: MAC: ff:ff:ff:ff:ff:ff is a multicast address"),
+            "{e}"
+        );
         let t = parse_toml(
             Path::new("t.toml"),
             &format!(
@@ -865,7 +884,10 @@ mod tests {
             0o600,
         )
         .unwrap();
-        assert_eq!((t[0].mode, t[0].transport), (tapir_sys::Mode::Tap, Transport::Tcp));
+        assert_eq!(
+            (t[0].mode, t[0].transport),
+            (tapir_sys::Mode::Tap, Transport::Tcp)
+        );
         assert_eq!(t[0].peers[0].rate, Some(512_000));
         let e = parse_toml(
             Path::new("t.toml"),
@@ -874,7 +896,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("t.toml:4: transport: \"sctp\" is not a transport"), "{e}");
+        assert!(
+            e.contains("t.toml:4: transport: \"sctp\" is not a transport"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -882,7 +907,11 @@ mod tests {
         assert_eq!(parse_rate("20mbit"), Ok(20_000_000));
         assert_eq!(parse_rate("1.5Gbit"), Ok(1_500_000_000));
         assert_eq!(parse_rate("64000"), Ok(64_000));
-        assert!(parse_rate("20 furlongs").unwrap_err().contains("not a rate"));
+        assert!(
+            parse_rate("20 furlongs")
+                .unwrap_err()
+                .contains("not a rate")
+        );
         assert!(parse_rate("1bit").unwrap_err().contains("out of range"));
     }
 

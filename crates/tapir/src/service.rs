@@ -61,13 +61,14 @@ fn socket_path(name: &str) -> PathBuf {
     Path::new(SOCKET_DIR).join(format!("{name}.sock"))
 }
 
-/// Asks a tunnel's control socket for its state (`get=1`).
+/// Asks a tunnel's control socket for its state (`tapir-get=1`: WireGuard's
+/// `get=1` answer plus tapir's own `tapir_*` lines).
 pub fn query(name: &str) -> Result<Vec<(String, String)>, String> {
     let path = socket_path(name);
     let mut s = UnixStream::connect(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
-    s.write_all(b"get=1\n\n").map_err(|e| e.to_string())?;
+    s.write_all(b"tapir-get=1\n\n").map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     for line in BufReader::new(s).lines() {
         let line = line.map_err(|e| e.to_string())?;
@@ -205,6 +206,16 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     /// Persistent keepalive, seconds (0: off).
     pub persistent_keepalive: u64,
+    /// Rate limit, bits per second each way.
+    pub rate: Option<u64>,
+    /// Tap mode: how many MACs were learned on this peer.
+    pub mac_count: Option<u64>,
+    /// Tap mode: the MACs learned on this peer (the first 64).
+    pub macs: Vec<String>,
+    /// Packets dropped, by rule (`mac_cap`, `not_allowed`, `wrong_layer`, `rate_rx`...).
+    pub drops: std::collections::BTreeMap<String, u64>,
+    /// TCP transport: the connection's state and next retry.
+    pub connection: Option<String>,
 }
 
 /// One tunnel in `status`.
@@ -222,6 +233,12 @@ pub struct TunnelStatus {
     pub listen_port: Option<u16>,
     /// How packets move.
     pub datapath: String,
+    /// tun or tap.
+    pub mode: Option<String>,
+    /// udp or tcp.
+    pub transport: Option<String>,
+    /// Transport and device counters (TCP connections, refused frames...).
+    pub counters: std::collections::BTreeMap<String, u64>,
     /// Peers.
     pub peers: Vec<PeerStatus>,
 }
@@ -268,13 +285,48 @@ pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, Stri
             running: false,
             public_key: None,
             listen_port: None,
-            datapath: "UDP in batches of 64 (recvmmsg/sendmmsg); tun via the vnet header: TSO and checksum offload on reads, TCP segments coalesced (GRO) on writes".into(),
+            datapath: String::new(),
+            mode: None,
+            transport: None,
+            counters: Default::default(),
             peers: Vec::new(),
         };
         if pid.is_some_and(alive) {
             if let Ok(kv) = query(&n) {
                 t.running = true;
+                // tapir's lines come after WireGuard's; `tapir_peer` selects the peer.
+                let mut tapir_peer: Option<usize> = None;
                 for (k, v) in kv {
+                    if let Some(key) = k.strip_prefix("tapir_") {
+                        match key {
+                            "mode" => t.mode = Some(v),
+                            "transport" => t.transport = Some(v),
+                            "datapath" => t.datapath = v,
+                            "peer" => {
+                                let b = b64(&v);
+                                tapir_peer = t.peers.iter().position(|p| p.public_key == b);
+                            }
+                            _ => match tapir_peer.and_then(|i| t.peers.get_mut(i)) {
+                                Some(p) => match key {
+                                    "rate" => p.rate = v.parse().ok(),
+                                    "mac_count" => p.mac_count = v.parse().ok(),
+                                    "mac" => p.macs.push(v),
+                                    "connection" => p.connection = Some(v),
+                                    _ => {
+                                        if let Some(rule) = key.strip_prefix("drop_") {
+                                            p.drops.insert(rule.to_owned(), v.parse().unwrap_or(0));
+                                        }
+                                    }
+                                },
+                                None => {
+                                    if let Ok(n) = v.parse() {
+                                        t.counters.insert(key.to_owned(), n);
+                                    }
+                                }
+                            },
+                        }
+                        continue;
+                    }
                     match k.as_str() {
                         "private_key" => {
                             let key = tapir_proto::wg::keys::PrivateKey::from_hex(&v);
@@ -332,6 +384,14 @@ pub fn ago(then: u64, now: u64) -> String {
     }
 }
 
+fn rate(bits: u64) -> String {
+    match bits {
+        b if b >= 1_000_000_000 && b % 1_000_000 == 0 => format!("{} gbit", b as f64 / 1e9),
+        b if b >= 1_000_000 => format!("{} mbit", b as f64 / 1e6),
+        b => format!("{} kbit", b as f64 / 1e3),
+    }
+}
+
 fn bytes(n: u64) -> String {
     match n {
         n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
@@ -363,12 +423,23 @@ pub fn format(tunnels: &[TunnelStatus]) -> String {
             continue;
         }
         out += &format!(
-            "  pid: {}\n  public key: {}\n  listening port: {}\n  datapath: {}\n",
+            "  pid: {}\n  public key: {}\n  mode: {}, transport: {}\n  listening port: {}\n  datapath: {}\n",
             t.pid.unwrap_or(0),
             t.public_key.as_deref().unwrap_or("?"),
+            t.mode.as_deref().unwrap_or("tun"),
+            t.transport.as_deref().unwrap_or("udp"),
             t.listen_port.unwrap_or(0),
             t.datapath
         );
+        let counters: Vec<String> = t
+            .counters
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{} {v}", k.replace('_', " ")))
+            .collect();
+        if !counters.is_empty() {
+            out += &format!("  counters: {}\n", counters.join(", "));
+        }
         for p in &t.peers {
             out += &format!("\n  peer: {}\n", p.public_key);
             if let Some(e) = &p.endpoint {
@@ -396,6 +467,45 @@ pub fn format(tunnels: &[TunnelStatus]) -> String {
                     "    persistent keepalive: every {} seconds\n",
                     p.persistent_keepalive
                 );
+            }
+            if let Some(c) = &p.connection {
+                out += &format!("    connection: {c}\n");
+            }
+            if let Some(r) = p.rate {
+                out += &format!("    rate limit: {} each way\n", rate(r));
+            }
+            if let Some(n) = p.mac_count {
+                out += &format!(
+                    "    learned MACs: {n}{}\n",
+                    if p.macs.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", p.macs.join(", "))
+                    }
+                );
+            }
+            if !p.drops.is_empty() {
+                let d: Vec<String> = p
+                    .drops
+                    .iter()
+                    .map(|(k, v)| format!("{} {v}", k.replace('_', " ")))
+                    .collect();
+                out += &format!("    dropped: {}\n", d.join(", "));
+                if p.drops.contains_key("wrong_layer") {
+                    out += &format!(
+                        "    warning: this peer sends {}: is it in {} mode?\n",
+                        if t.mode.as_deref() == Some("tap") {
+                            "IP packets"
+                        } else {
+                            "Ethernet frames"
+                        },
+                        if t.mode.as_deref() == Some("tap") {
+                            "tun"
+                        } else {
+                            "tap"
+                        }
+                    );
+                }
             }
         }
         out.push('\n');

@@ -239,10 +239,19 @@ impl ControlSocket {
         &self.listener
     }
 
-    /// Answers the connections waiting, one request each.
-    pub fn serve(&self, tunnel: &mut Tunnel, private_key: &PrivateKey, listen_port: u16) {
+    /// Answers the connections waiting, one request each. `extras` are
+    /// tapir's own lines (mode, transport, per-peer drops and MACs), sent
+    /// only to `tapir-get=1`, which `tapir status` asks; `wg` asks `get=1`
+    /// and sees exactly what it knows.
+    pub fn serve(
+        &self,
+        tunnel: &mut Tunnel,
+        private_key: &PrivateKey,
+        listen_port: u16,
+        extras: &str,
+    ) {
         while let Ok((stream, _)) = self.listener.accept() {
-            let _ = handle(stream, tunnel, private_key, listen_port);
+            let _ = handle(stream, tunnel, private_key, listen_port, extras);
         }
     }
 }
@@ -258,6 +267,7 @@ fn handle(
     tunnel: &mut Tunnel,
     private_key: &PrivateKey,
     listen_port: u16,
+    extras: &str,
 ) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(1)))?;
@@ -281,6 +291,11 @@ fn handle(
         }
         match first.trim_end() {
             "get=1" => writer.write_all(get(tunnel, private_key, listen_port).as_bytes())?,
+            "tapir-get=1" => {
+                let standard = get(tunnel, private_key, listen_port);
+                let body = standard.strip_suffix("errno=0\n\n").unwrap_or(&standard);
+                writer.write_all(format!("{body}{extras}errno=0\n\n").as_bytes())?;
+            }
             "set=1" => {
                 let errno = set(tunnel, private_key, listen_port, &lines)
                     .err()

@@ -614,6 +614,26 @@ impl Tunnel {
         self.outgoing.push_back((to, msg.to_vec()));
     }
 
+    /// The path to `addr` has just been (re)established (a TCP connection
+    /// opened): peers whose endpoint is `addr` handshake over it at once,
+    /// since whatever was sent before it is lost.
+    pub fn path_opened(
+        &mut self,
+        now: Instant,
+        wall: Duration,
+        rng: &mut dyn Random,
+        addr: SocketAddr,
+    ) {
+        for p in 0..self.peers.len() {
+            if self.peers[p].endpoint == Some(addr) {
+                if let Some((old, _)) = self.peers[p].pending.take() {
+                    self.by_index.remove(&old.local_index);
+                }
+                self.initiate(p, now, wall, rng);
+            }
+        }
+    }
+
     /// Encrypts the IP packet at `buf[16..16 + len]` for the peer whose allowed
     /// IPs hold its destination. `buf` needs room for the header before and
     /// padding and tag after (see [`session`]).

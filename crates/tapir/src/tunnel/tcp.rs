@@ -1,0 +1,770 @@
+//! The TCP transport: WireGuard messages over TCP connections, each behind
+//! a 16-bit big-endian length (udp2tcp's framing, `tapir_wire::tcpframe`).
+//!
+//! ```text
+//!   listener ──accept──▶ pending conn ──first authenticated message──▶ a peer's conn
+//!   dial (a peer's configured endpoint) ──connect──▶ open ──EOF/RST/timeout──▶ waiting (backoff) ──▶ connect
+//!   receive(rx batch): frames from every readable conn, copied into slots, `from` = the conn's remote address
+//!   send(tx batch):    each datagram appended to the queue of the conn whose remote address is its `to`
+//! ```
+//! The sans-IO tunnel never sees a connection: it sees the remote address of
+//! the one a message came on, and moves a peer's endpoint there only once
+//! the message authenticates, as with UDP roaming. So an unauthenticated
+//! connection never receives a peer's traffic. Everything is bounded: the
+//! unauthenticated connections (a cap, the oldest closed first, and a
+//! deadline), each connection's send queue (full: the packet is dropped and
+//! counted, as a full UDP socket buffer would; the tunnelled TCP needs loss,
+//! not delay), and each connection's receive buffer (a frame that cannot be
+//! a WireGuard message closes that connection only).
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tapir_sys::mmsg::Batch;
+use tapir_sys::poll::PollSet;
+use tapir_wire::tcpframe::{self, Deframer};
+
+use super::{from_v6, to_v6};
+
+/// Unauthenticated connections kept at once; beyond it the oldest is closed.
+pub const MAX_PENDING: usize = 64;
+/// How long a connection may stay unauthenticated.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a connect may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// An accepted connection with nothing received for this long is closed
+/// (its peer has moved to another, or is gone).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bytes queued per connection before packets are dropped.
+pub const SEND_QUEUE: usize = 512 * 1024;
+/// The first and the longest wait before reconnecting.
+pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// See [`BACKOFF_MIN`].
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The wait before reconnect attempt `failures + 1`: doubling from 1 s,
+/// at most 30 s, and up to a fifth longer at random (`jitter` in 0..=255) so
+/// that many clients of one server do not reconnect in step.
+pub fn backoff(failures: u32, jitter: u8) -> Duration {
+    let base = BACKOFF_MIN.saturating_mul(1u32 << failures.min(5));
+    let extra = base.mul_f64(f64::from(jitter) / 255.0 / 5.0);
+    (base + extra).min(BACKOFF_MAX)
+}
+
+/// Counters of the transport, shown by `tapir status`.
+#[derive(Debug, Clone, Default)]
+pub struct TcpStats {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Unauthenticated connections closed to make room, or at their deadline.
+    pub pending_closed: u64,
+    /// Connections closed for a frame that cannot be a WireGuard message.
+    pub bad_frames: u64,
+    /// Datagrams dropped: the connection's send queue was full.
+    pub queue_full: u64,
+    /// Datagrams dropped: no open connection to their destination.
+    pub no_connection: u64,
+}
+
+/// Where a dialled endpoint stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DialState {
+    /// A connect is under way.
+    Connecting,
+    /// Connected.
+    Open,
+    /// Waiting to reconnect.
+    Waiting {
+        /// When the next attempt starts.
+        until: Instant,
+    },
+}
+
+struct Dial {
+    addr: SocketAddr,
+    state: DialState,
+    failures: u32,
+    conn: Option<usize>,
+    last_error: Option<String>,
+}
+
+struct Conn {
+    stream: TcpStream,
+    remote: SocketAddr,
+    deframer: Deframer,
+    out: Vec<u8>,
+    out_at: usize,
+    connecting: bool,
+    authenticated: bool,
+    opened: Instant,
+    last_rx: Instant,
+    dial: Option<usize>,
+    readable: bool,
+}
+
+/// Listener, connections and dials of one tunnel.
+pub struct TcpTransport {
+    listener: Option<TcpListener>,
+    conns: Vec<Option<Conn>>,
+    by_remote: HashMap<SocketAddr, usize>,
+    dials: Vec<Dial>,
+    max_message: usize,
+    /// Poll positions: the listener's, then (conn, position) pairs.
+    listener_at: Option<usize>,
+    polled: Vec<(usize, usize)>,
+    jitter: u64,
+    /// Counters.
+    pub stats: TcpStats,
+    /// Endpoints connected since the last [`TcpTransport::take_connected`].
+    connected: Vec<SocketAddr>,
+}
+
+fn nonblocking_connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_only_v6(false)?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&SocketAddr::V6(to_v6(addr)).into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(socket.into())
+}
+
+impl TcpTransport {
+    /// A transport that listens on `[::]:port` when `listen` is given, and
+    /// accepts messages of up to `max_message` bytes.
+    pub fn new(listen: Option<u16>, max_message: usize, seed: u64) -> io::Result<Self> {
+        let listener = match listen {
+            Some(port) => {
+                let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+                socket.set_only_v6(false)?;
+                socket.set_reuse_address(true)?;
+                socket.bind(&SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port).into())?;
+                socket.listen(128)?;
+                socket.set_nonblocking(true)?;
+                Some(TcpListener::from(socket))
+            }
+            None => None,
+        };
+        Ok(Self {
+            listener,
+            conns: Vec::new(),
+            by_remote: HashMap::new(),
+            dials: Vec::new(),
+            max_message,
+            listener_at: None,
+            polled: Vec::new(),
+            jitter: seed | 1,
+            stats: TcpStats::default(),
+            connected: Vec::new(),
+        })
+    }
+
+    /// The port listened on (0 without a listener).
+    pub fn local_port(&self) -> u16 {
+        self.listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or(0, |a| a.port())
+    }
+
+    fn next_jitter(&mut self) -> u8 {
+        self.jitter ^= self.jitter << 13;
+        self.jitter ^= self.jitter >> 7;
+        self.jitter ^= self.jitter << 17;
+        self.jitter as u8
+    }
+
+    /// Keeps a connection to each of `addrs` (the peers' configured
+    /// endpoints): new ones are dialled now, ones no longer wanted closed.
+    pub fn set_dials(&mut self, addrs: &[SocketAddr], now: Instant) {
+        let gone: Vec<usize> = (0..self.dials.len())
+            .filter(|&i| !addrs.contains(&self.dials[i].addr))
+            .collect();
+        for &i in gone.iter().rev() {
+            if let Some(c) = self.dials[i].conn {
+                self.close(c, now, None);
+            }
+            self.dials.remove(i);
+            for c in self.conns.iter_mut().flatten() {
+                match c.dial {
+                    Some(d) if d == i => c.dial = None,
+                    Some(d) if d > i => c.dial = Some(d - 1),
+                    _ => {}
+                }
+            }
+        }
+        for a in addrs {
+            if !self.dials.iter().any(|d| d.addr == *a) {
+                self.dials.push(Dial {
+                    addr: *a,
+                    state: DialState::Waiting { until: now },
+                    failures: 0,
+                    conn: None,
+                    last_error: None,
+                });
+            }
+        }
+        self.run_dials(now);
+    }
+
+    fn run_dials(&mut self, now: Instant) {
+        for i in 0..self.dials.len() {
+            let DialState::Waiting { until } = self.dials[i].state else {
+                continue;
+            };
+            if now < until {
+                continue;
+            }
+            let addr = self.dials[i].addr;
+            match nonblocking_connect(addr) {
+                Ok(stream) => {
+                    let id = self.insert(stream, addr, now, Some(i), true);
+                    self.dials[i].conn = Some(id);
+                    self.dials[i].state = DialState::Connecting;
+                }
+                Err(e) => {
+                    self.dials[i].last_error = Some(e.to_string());
+                    self.wait(i, now);
+                }
+            }
+        }
+    }
+
+    fn wait(&mut self, dial: usize, now: Instant) {
+        let j = self.next_jitter();
+        let d = &mut self.dials[dial];
+        d.conn = None;
+        d.state = DialState::Waiting {
+            until: now + backoff(d.failures, j),
+        };
+        d.failures = d.failures.saturating_add(1);
+    }
+
+    fn insert(
+        &mut self,
+        stream: TcpStream,
+        remote: SocketAddr,
+        now: Instant,
+        dial: Option<usize>,
+        connecting: bool,
+    ) -> usize {
+        let conn = Conn {
+            stream,
+            remote,
+            deframer: Deframer::new(self.max_message),
+            out: Vec::new(),
+            out_at: 0,
+            connecting,
+            authenticated: false,
+            opened: now,
+            last_rx: now,
+            dial,
+            readable: false,
+        };
+        let id = match self.conns.iter().position(Option::is_none) {
+            Some(free) => {
+                self.conns[free] = Some(conn);
+                free
+            }
+            None => {
+                self.conns.push(Some(conn));
+                self.conns.len() - 1
+            }
+        };
+        // A newer connection from the same address (a reconnect) takes over.
+        if let Some(old) = self.by_remote.insert(remote, id) {
+            if old != id {
+                self.close(old, now, None);
+                self.by_remote.insert(remote, id);
+            }
+        }
+        id
+    }
+
+    fn close(&mut self, id: usize, now: Instant, why: Option<String>) {
+        let Some(conn) = self.conns.get_mut(id).and_then(Option::take) else {
+            return;
+        };
+        if self.by_remote.get(&conn.remote) == Some(&id) {
+            self.by_remote.remove(&conn.remote);
+        }
+        if let Some(d) = conn.dial.filter(|&d| d < self.dials.len()) {
+            if self.dials[d].conn == Some(id) {
+                if why.is_some() {
+                    self.dials[d].last_error = why;
+                }
+                self.wait(d, now);
+            }
+        }
+    }
+
+    /// Adds the listener and every connection to `set`.
+    pub fn register(&mut self, set: &mut PollSet) {
+        self.listener_at = self
+            .listener
+            .as_ref()
+            .map(|l| set.add(l.as_fd(), true, false));
+        self.polled.clear();
+        for (id, c) in self.conns.iter().enumerate() {
+            if let Some(c) = c {
+                let write = c.connecting || c.out_at < c.out.len();
+                let at = set.add(c.stream.as_fd(), true, write);
+                self.polled.push((id, at));
+            }
+        }
+    }
+
+    /// Acts on what `set` reported: accepts, finished connects, writes.
+    pub fn service(&mut self, set: &PollSet, now: Instant) {
+        if self.listener_at.is_some_and(|i| set.readable(i)) {
+            self.accept(now);
+        }
+        for k in 0..self.polled.len() {
+            let (id, at) = self.polled[k];
+            let (readable, writable) = (set.readable(at), set.writable(at));
+            let Some(c) = self.conns.get_mut(id).and_then(Option::as_mut) else {
+                continue;
+            };
+            if c.connecting && writable {
+                match c.stream.take_error() {
+                    Ok(None) if c.stream.peer_addr().is_ok() => {
+                        c.connecting = false;
+                        let remote = c.remote;
+                        if let Some(d) = c.dial {
+                            self.dials[d].state = DialState::Open;
+                            self.dials[d].last_error = None;
+                        }
+                        self.connected.push(remote);
+                    }
+                    Ok(e) => {
+                        let why = e.map_or("connection refused".into(), |e| e.to_string());
+                        self.close(id, now, Some(why));
+                        continue;
+                    }
+                    Err(e) => {
+                        self.close(id, now, Some(e.to_string()));
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = self.conns.get_mut(id).and_then(Option::as_mut) else {
+                continue;
+            };
+            if readable && !c.connecting {
+                c.readable = true;
+            }
+            if writable && !c.connecting {
+                self.flush(id, now);
+            }
+        }
+    }
+
+    fn accept(&mut self, now: Instant) {
+        let Some(listener) = self.listener.as_ref() else {
+            return;
+        };
+        let mut accepted = Vec::new();
+        for _ in 0..64 {
+            match listener.accept() {
+                Ok((s, from)) => accepted.push((s, from)),
+                Err(_) => break,
+            }
+        }
+        for (stream, from) in accepted {
+            if stream.set_nonblocking(true).is_err() || stream.set_nodelay(true).is_err() {
+                continue;
+            }
+            self.stats.accepted += 1;
+            // Room for the newcomer: the oldest unauthenticated connection goes.
+            let pending: Vec<(Instant, usize)> = self
+                .conns
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    c.as_ref()
+                        .filter(|c| !c.authenticated && c.dial.is_none())
+                        .map(|c| (c.opened, i))
+                })
+                .collect();
+            if pending.len() >= MAX_PENDING {
+                if let Some(&(_, oldest)) = pending.iter().min() {
+                    self.stats.pending_closed += 1;
+                    self.close(oldest, now, None);
+                }
+            }
+            self.insert(stream, from_v6(from), now, None, false);
+        }
+    }
+
+    fn flush(&mut self, id: usize, now: Instant) {
+        let Some(c) = self.conns.get_mut(id).and_then(Option::as_mut) else {
+            return;
+        };
+        while c.out_at < c.out.len() {
+            match c.stream.write(&c.out[c.out_at..]) {
+                Ok(0) => break,
+                Ok(n) => c.out_at += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.close(id, now, Some(e.to_string()));
+                    return;
+                }
+            }
+        }
+        if c.out_at == c.out.len() {
+            c.out.clear();
+            c.out_at = 0;
+        } else if c.out_at > SEND_QUEUE / 2 {
+            c.out.drain(..c.out_at);
+            c.out_at = 0;
+        }
+    }
+
+    /// Queues datagrams `0..n` of `tx` on their connections and writes what
+    /// the sockets take now.
+    pub fn send(&mut self, tx: &Batch, n: usize, now: Instant) {
+        let mut touched: Vec<usize> = Vec::new();
+        for i in 0..n {
+            let (bytes, to) = tx.outgoing(i);
+            let to = from_v6(SocketAddr::V6(to));
+            let Some(&id) = self.by_remote.get(&to) else {
+                self.stats.no_connection += 1;
+                continue;
+            };
+            let Some(c) = self.conns[id].as_mut().filter(|c| !c.connecting) else {
+                self.stats.no_connection += 1;
+                continue;
+            };
+            let Some(header) = tcpframe::header(bytes.len()) else {
+                continue;
+            };
+            if c.out.len() - c.out_at + 2 + bytes.len() > SEND_QUEUE {
+                self.stats.queue_full += 1;
+                continue;
+            }
+            c.out.extend_from_slice(&header);
+            c.out.extend_from_slice(bytes);
+            if !touched.contains(&id) {
+                touched.push(id);
+            }
+        }
+        for id in touched {
+            self.flush(id, now);
+        }
+    }
+
+    /// Copies whole messages from readable connections into `rx`'s slots,
+    /// each with its connection's remote address; returns how many. Frames
+    /// that did not fit stay buffered ([`TcpTransport::has_input`]).
+    pub fn receive(&mut self, rx: &mut Batch, now: Instant) -> usize {
+        let mut k = 0;
+        let cap = rx.capacity();
+        for id in 0..self.conns.len() {
+            if k == cap {
+                break;
+            }
+            let Some(c) = self.conns[id].as_mut() else {
+                continue;
+            };
+            if c.connecting {
+                continue;
+            }
+            let mut close: Option<Option<String>> = None;
+            let mut bad = false;
+            'conn: loop {
+                loop {
+                    match c.deframer.next_frame() {
+                        Ok(Some(m)) => {
+                            let slot = rx.slot_mut(k);
+                            if m.len() > slot.len() {
+                                continue;
+                            }
+                            slot[..m.len()].copy_from_slice(m);
+                            let len = m.len();
+                            rx.set_received(k, len, &to_v6(c.remote));
+                            c.last_rx = now;
+                            k += 1;
+                            if k == cap {
+                                break 'conn;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            bad = true;
+                            close = Some(Some(format!("closed: {e}")));
+                            break 'conn;
+                        }
+                    }
+                }
+                if !c.readable {
+                    break;
+                }
+                let space = c.deframer.space();
+                match c.stream.read(space) {
+                    Ok(0) => {
+                        close = Some(Some("closed by the other end".into()));
+                        break;
+                    }
+                    Ok(n) => c.deframer.filled(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        c.readable = false;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        close = Some(Some(e.to_string()));
+                        break;
+                    }
+                }
+            }
+            if bad {
+                self.stats.bad_frames += 1;
+            }
+            if let Some(why) = close {
+                self.close(id, now, why);
+            }
+        }
+        k
+    }
+
+    /// Whether some connection holds input not yet handed out (poll without waiting).
+    pub fn has_input(&self) -> bool {
+        self.conns.iter().flatten().any(|c| {
+            c.readable || c.deframer.buffered() >= tcpframe::HEADER_LEN + tcpframe::MIN_MESSAGE
+        })
+    }
+
+    /// The connection `from` carried a message that authenticated.
+    pub fn authenticated(&mut self, from: SocketAddr) {
+        if let Some(c) = self
+            .by_remote
+            .get(&from)
+            .and_then(|&id| self.conns[id].as_mut())
+        {
+            if !c.authenticated {
+                c.authenticated = true;
+                if let Some(d) = c.dial {
+                    self.dials[d].failures = 0;
+                }
+            }
+        }
+    }
+
+    /// Endpoints whose connection opened since the last call (the tunnel
+    /// handshakes over each at once: whatever was sent before is lost).
+    pub fn take_connected(&mut self) -> Vec<SocketAddr> {
+        std::mem::take(&mut self.connected)
+    }
+
+    /// Deadlines: unauthenticated and idle connections closed, slow connects
+    /// abandoned, waiting dials started.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for id in 0..self.conns.len() {
+            let Some(c) = self.conns[id].as_ref() else {
+                continue;
+            };
+            let age = now.saturating_duration_since(c.opened);
+            let idle = now.saturating_duration_since(c.last_rx);
+            if c.connecting && age >= CONNECT_TIMEOUT {
+                self.close(id, now, Some("connect timed out".into()));
+            } else if c.dial.is_none() && !c.authenticated && age >= HANDSHAKE_DEADLINE {
+                self.stats.pending_closed += 1;
+                self.close(id, now, None);
+            } else if c.dial.is_none() && idle >= IDLE_TIMEOUT {
+                self.close(id, now, None);
+            }
+        }
+        self.run_dials(now);
+    }
+
+    /// When [`TcpTransport::handle_timeout`] next has work.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let dials = self.dials.iter().filter_map(|d| match d.state {
+            DialState::Waiting { until } => Some(until),
+            _ => None,
+        });
+        let conns = self.conns.iter().flatten().filter_map(|c| {
+            if c.connecting {
+                Some(c.opened + CONNECT_TIMEOUT)
+            } else if c.dial.is_none() && !c.authenticated {
+                Some(c.opened + HANDSHAKE_DEADLINE)
+            } else {
+                None
+            }
+        });
+        dials.chain(conns).min().map(|t| t.max(now))
+    }
+
+    /// The state of the dial to `addr`, its failures in a row and its last error.
+    pub fn dial_state(&self, addr: SocketAddr) -> Option<(DialState, u32, Option<&str>)> {
+        self.dials
+            .iter()
+            .find(|d| d.addr == addr)
+            .map(|d| (d.state, d.failures, d.last_error.as_deref()))
+    }
+
+    /// Whether an open connection leads to `addr`.
+    pub fn connected_to(&self, addr: SocketAddr) -> bool {
+        self.by_remote
+            .get(&addr)
+            .and_then(|&id| self.conns[id].as_ref())
+            .is_some_and(|c| !c.connecting)
+    }
+
+    /// Open connections, and how many of them have not authenticated.
+    pub fn connection_counts(&self) -> (usize, usize) {
+        let open = self.conns.iter().flatten().count();
+        let pending = self
+            .conns
+            .iter()
+            .flatten()
+            .filter(|c| !c.authenticated && c.dial.is_none())
+            .count();
+        (open, pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_one_second_to_thirty_with_jitter() {
+        assert_eq!(backoff(0, 0), Duration::from_secs(1));
+        assert_eq!(backoff(1, 0), Duration::from_secs(2));
+        assert_eq!(backoff(4, 0), Duration::from_secs(16));
+        assert_eq!(backoff(5, 0), Duration::from_secs(30));
+        assert_eq!(backoff(40, 255), Duration::from_secs(30));
+        assert_eq!(backoff(0, 255), Duration::from_millis(1200));
+        assert!(backoff(3, 128) > backoff(3, 0));
+    }
+
+    fn pump(a: &mut TcpTransport, now: Instant) {
+        let mut set = PollSet::new();
+        a.register(&mut set);
+        set.wait(Duration::from_millis(20)).unwrap();
+        a.service(&set, now);
+    }
+
+    #[test]
+    fn frames_cross_a_loopback_connection_both_ways() {
+        let now = Instant::now();
+        let mut server = TcpTransport::new(Some(0), 2048, 1).unwrap();
+        let port = server.local_port();
+        let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut client = TcpTransport::new(None, 2048, 2).unwrap();
+        client.set_dials(&[target], now);
+        let mut rx = Batch::new(8, 4096);
+        for _ in 0..50 {
+            pump(&mut client, now);
+            pump(&mut server, now);
+            if client.connected_to(target) && server.connection_counts().0 == 1 {
+                break;
+            }
+        }
+        assert_eq!(client.take_connected(), vec![target]);
+        let mut tx = Batch::new(8, 4096);
+        let msg = |b: u8, len: usize| {
+            let mut m = vec![b; len];
+            m[..4].copy_from_slice(&[4, 0, 0, 0]);
+            m
+        };
+        for i in 0..3 {
+            let m = msg(i as u8 + 10, 100 + i * 500);
+            tx.slot_mut(i)[..m.len()].copy_from_slice(&m);
+            tx.set(i, m.len(), &to_v6(target));
+        }
+        client.send(&tx, 3, now);
+        let mut got = Vec::new();
+        for _ in 0..50 {
+            pump(&mut server, now);
+            let n = server.receive(&mut rx, now);
+            for i in 0..n {
+                let (d, from) = rx.datagram_mut(i);
+                got.push((d.to_vec(), from_v6(SocketAddr::V6(from))));
+            }
+            if got.len() == 3 {
+                break;
+            }
+        }
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[2].0, msg(12, 1100));
+        let from = got[0].1;
+        assert_eq!(server.connection_counts(), (1, 1), "not authenticated yet");
+        server.authenticated(from);
+        assert_eq!(server.connection_counts(), (1, 0));
+        // The server answers to the address the message came from.
+        let m = msg(99, 40);
+        tx.slot_mut(0)[..40].copy_from_slice(&m);
+        tx.set(0, 40, &to_v6(from));
+        server.send(&tx, 1, now);
+        let mut back = 0;
+        for _ in 0..50 {
+            pump(&mut client, now);
+            back += client.receive(&mut rx, now);
+            if back == 1 {
+                break;
+            }
+        }
+        assert_eq!(back, 1);
+        assert_eq!(rx.datagram_mut(0).0, &m[..]);
+    }
+
+    #[test]
+    fn garbage_closes_only_its_connection_and_the_client_backs_off() {
+        let now = Instant::now();
+        let mut server = TcpTransport::new(Some(0), 2048, 1).unwrap();
+        let port = server.local_port();
+        let mut bad = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        bad.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut rx = Batch::new(8, 4096);
+        for _ in 0..20 {
+            pump(&mut server, now);
+            server.receive(&mut rx, now);
+        }
+        assert_eq!(server.stats.bad_frames, 1);
+        assert_eq!(server.connection_counts().0, 0);
+        // A dial to a closed port waits 1 s, then 2 s...
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = closed.local_addr().unwrap();
+        drop(closed);
+        let mut client = TcpTransport::new(None, 2048, 5).unwrap();
+        client.set_dials(&[target], now);
+        for _ in 0..20 {
+            pump(&mut client, now);
+        }
+        let (state, failures, err) = client.dial_state(target).unwrap();
+        assert!(
+            matches!(state, DialState::Waiting { until } if until >= now + BACKOFF_MIN),
+            "{state:?}"
+        );
+        assert_eq!(failures, 1);
+        assert!(err.is_some_and(|e| e.contains("refused")), "{err:?}");
+    }
+
+    #[test]
+    fn pending_connections_are_capped_and_expire() {
+        let now = Instant::now();
+        let mut server = TcpTransport::new(Some(0), 2048, 1).unwrap();
+        let port = server.local_port();
+        let held: Vec<TcpStream> = (0..MAX_PENDING + 10)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        for _ in 0..30 {
+            pump(&mut server, now);
+        }
+        assert_eq!(server.stats.accepted as usize, MAX_PENDING + 10);
+        assert_eq!(server.connection_counts(), (MAX_PENDING, MAX_PENDING));
+        server.handle_timeout(now + HANDSHAKE_DEADLINE);
+        assert_eq!(server.connection_counts(), (0, 0));
+        drop(held);
+    }
+}
