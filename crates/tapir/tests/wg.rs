@@ -6,16 +6,16 @@
 //!         tunnel 10.77.0.1  ═══════  tunnel 10.77.0.2
 //! ```
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::io::Write;
+use std::net::UdpSocket;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use netlab::{Lab, Netns, require_root};
-use sha2::{Digest, Sha256};
 
-const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
+mod support;
+use support::*;
 
 struct Bed {
     lab: Lab,
@@ -40,68 +40,6 @@ fn bed(tag: &str) -> Bed {
 impl Drop for Bed {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn genkey() -> (String, String) {
-    let private = sh(Command::new(TAPIR).arg("genkey"));
-    let mut child = Command::new(TAPIR)
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(private.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        private,
-        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-    )
-}
-
-/// A process we started, ended by its pid on drop.
-struct Proc(Option<Child>);
-
-impl Proc {
-    fn stop(&mut self) -> String {
-        let mut c = self.0.take().unwrap();
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while c.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let mut err = String::new();
-        if let Some(mut e) = c.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        err
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -160,14 +98,6 @@ fn tapir_psk(
         .unwrap();
     wait_for(|| side.ns.has_link(&side.name), "the tapir interface");
     Proc(Some(child))
-}
-
-fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
 }
 
 /// wireguard-go on `side`, configured with `wg set`.
@@ -233,24 +163,6 @@ fn wireguard_go_psk(
     ]);
     side.ns.ip(&["link", "set", &side.name, "up"]);
     Proc(Some(child))
-}
-
-fn ping(ns: &Netns, to: &str) {
-    let out = ns
-        .cmd("ping")
-        .args(["-c", "3", "-i", "0.2", "-W", "3", to])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains(" 0% packet loss"),
-        "ping {to}: {text}"
-    );
-}
-
-/// A name no other test's wireguard-go uses (its socket path is global).
-fn ifname(tag: &str) -> String {
-    format!("{tag}{}", std::process::id() % 100_000)
 }
 
 #[test]
@@ -374,64 +286,6 @@ fn bulk_transfer_with_wireguard_go() {
 
 /// Sends `len` pseudo-random bytes over TCP from `from` to a listener in `to`
 /// at `addr`; both ends hash what they saw and must agree.
-fn transfer(from: &Netns, to: &Netns, addr: &str, len: usize) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::scope(|s| {
-        let to_path = to.path();
-        let server = s.spawn(move || {
-            tapir_sys::netns::enter(&to_path).unwrap();
-            let listener = TcpListener::bind(addr).unwrap();
-            tx.send(()).unwrap();
-            let (mut conn, _) = listener.accept().unwrap();
-            conn.set_read_timeout(Some(Duration::from_secs(60)))
-                .unwrap();
-            let mut hash = Sha256::new();
-            let mut buf = vec![0u8; 1 << 16];
-            let mut total = 0;
-            loop {
-                let n = conn.read(&mut buf).unwrap();
-                if n == 0 {
-                    break;
-                }
-                hash.update(&buf[..n]);
-                total += n;
-            }
-            (total, hash.finalize())
-        });
-        rx.recv().unwrap();
-        let from_path = from.path();
-        let client = s.spawn(move || {
-            tapir_sys::netns::enter(&from_path).unwrap();
-            let mut conn =
-                TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(10))
-                    .unwrap();
-            conn.set_write_timeout(Some(Duration::from_secs(60)))
-                .unwrap();
-            let mut hash = Sha256::new();
-            let mut x: u64 = 0x2545f4914f6cdd1d;
-            let mut chunk = vec![0u8; 1 << 16];
-            let mut sent = 0;
-            while sent < len {
-                for w in chunk.chunks_mut(8) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
-                }
-                let n = chunk.len().min(len - sent);
-                conn.write_all(&chunk[..n]).unwrap();
-                hash.update(&chunk[..n]);
-                sent += n;
-            }
-            hash.finalize()
-        });
-        let sent_hash = client.join().unwrap();
-        let (got, got_hash) = server.join().unwrap();
-        assert_eq!(got, len);
-        assert_eq!(got_hash, sent_hash, "sha256 of what arrived");
-    });
-}
-
 #[test]
 fn a_restarted_tapir_resumes_without_touching_the_peer() {
     require_root!();

@@ -86,7 +86,7 @@ pub struct PeerStats {
     pub last_handshake: Option<Duration>,
     /// Datagrams dropped as forged, replayed or malformed.
     pub dropped: u64,
-    /// Packets dropped after authentication, by rule.
+    /// Packets dropped by a rule (allowed IPs, the switch, the rate...).
     pub drops: Drops,
 }
 
@@ -1024,18 +1024,16 @@ impl Tunnel {
             Layer::Ip => {
                 let Some(n) = ip_len(body) else {
                     let peer = &mut self.peers[p];
-                    peer.stats.dropped += 1;
                     if looks_like_ethernet(body) {
                         peer.stats.drops.wrong_layer += 1;
                         return Decapsulated::Dropped(DropReason::WrongLayer);
                     }
+                    peer.stats.dropped += 1;
                     return Decapsulated::Dropped(DropReason::Malformed);
                 };
                 let allowed = ip_address(body, false).and_then(|src| self.route(src)) == Some(p);
                 if !allowed {
-                    let peer = &mut self.peers[p];
-                    peer.stats.dropped += 1;
-                    peer.stats.drops.not_allowed += 1;
+                    self.peers[p].stats.drops.not_allowed += 1;
                     return Decapsulated::Dropped(DropReason::NotAllowed);
                 }
                 Decapsulated::Packet(body_at..body_at + n)
@@ -1054,9 +1052,7 @@ impl Tunnel {
     ) -> Decapsulated {
         let key = self.peers[p].config.public;
         let refuse = |t: &mut Self, why: DropReason, count: fn(&mut Drops) -> &mut u64| {
-            let stats = &mut t.peers[p].stats;
-            stats.dropped += 1;
-            *count(&mut stats.drops) += 1;
+            *count(&mut t.peers[p].stats.drops) += 1;
             Decapsulated::Dropped(why)
         };
         let Some((dst, src)) = macs(frame) else {

@@ -1,0 +1,274 @@
+//! Helpers shared by the integration tests: processes we started (ended by
+//! pid), keys from the tapir binary, waits, ping and checked bulk transfers
+//! between network namespaces.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use netlab::Netns;
+use sha2::{Digest, Sha256};
+
+pub const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
+
+pub fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+pub fn genkey() -> (String, String) {
+    let private = sh(Command::new(TAPIR).arg("genkey"));
+    let mut child = Command::new(TAPIR)
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(private.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        private,
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
+}
+
+/// A process we started, ended by its pid on drop.
+pub struct Proc(pub Option<Child>);
+
+impl Proc {
+    pub fn stop(&mut self) -> String {
+        let mut c = self.0.take().unwrap();
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while c.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut err = String::new();
+        if let Some(mut e) = c.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        err
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+pub fn ping(ns: &Netns, to: &str) {
+    let out = ns
+        .cmd("ping")
+        .args(["-c", "3", "-i", "0.2", "-W", "3", to])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(" 0% packet loss"),
+        "ping {to}: {text}"
+    );
+}
+
+/// A name no other test's wireguard-go uses (its socket path is global).
+pub fn ifname(tag: &str) -> String {
+    format!("{tag}{}", std::process::id() % 100_000)
+}
+
+pub fn transfer(from: &Netns, to: &Netns, addr: &str, len: usize) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let to_path = to.path();
+        let server = s.spawn(move || {
+            tapir_sys::netns::enter(&to_path).unwrap();
+            let listener = TcpListener::bind(addr).unwrap();
+            tx.send(()).unwrap();
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            let mut hash = Sha256::new();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = 0;
+            loop {
+                let n = conn.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                hash.update(&buf[..n]);
+                total += n;
+            }
+            (total, hash.finalize())
+        });
+        rx.recv().unwrap();
+        let from_path = from.path();
+        let client = s.spawn(move || {
+            tapir_sys::netns::enter(&from_path).unwrap();
+            let mut conn =
+                TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(10))
+                    .unwrap();
+            conn.set_write_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            let mut hash = Sha256::new();
+            let mut x: u64 = 0x2545f4914f6cdd1d;
+            let mut chunk = vec![0u8; 1 << 16];
+            let mut sent = 0;
+            while sent < len {
+                for w in chunk.chunks_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+                }
+                let n = chunk.len().min(len - sent);
+                conn.write_all(&chunk[..n]).unwrap();
+                hash.update(&chunk[..n]);
+                sent += n;
+            }
+            hash.finalize()
+        });
+        let sent_hash = client.join().unwrap();
+        let (got, got_hash) = server.join().unwrap();
+        assert_eq!(got, len);
+        assert_eq!(got_hash, sent_hash, "sha256 of what arrived");
+    });
+}
+
+/// Writes `text` to `dir/name` with mode 600 (configs hold private keys).
+pub fn write_private(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// `tapir run FILE` in `ns`, once device `ifname` exists.
+pub fn run_tapir(ns: &Netns, file: &std::path::Path, ifname: &str) -> Proc {
+    let child = ns
+        .cmd(TAPIR)
+        .args(["run", file.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut p = Proc(Some(child));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ns.has_link(ifname) {
+        if let Some(c) = p.0.as_mut() {
+            if c.try_wait().unwrap().is_some() {
+                let mut err = String::new();
+                let _ = c.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("tapir run {} exited: {err}", file.display());
+            }
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {ifname}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    p
+}
+
+/// `tapir status NAME --json` for a tunnel run by `proc` (a pid file is
+/// written for it in `dir`), parsed.
+pub fn status_json(
+    ns: &Netns,
+    dir: &std::path::Path,
+    name: &str,
+    proc: &Proc,
+) -> serde_json::Value {
+    let run = dir.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let pid = proc.0.as_ref().unwrap().id();
+    std::fs::write(run.join(format!("{name}.pid")), pid.to_string()).unwrap();
+    let out = ns
+        .cmd(TAPIR)
+        .args(["status", name, "--json"])
+        .env("TAPIR_RUN_DIR", &run)
+        .env("TAPIR_LOG_DIR", dir.join("log"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().and_then(|a| a.first()).cloned().unwrap_or(v)
+}
+
+/// `tapir status NAME` as text (see [`status_json`]).
+pub fn status_text(ns: &Netns, dir: &std::path::Path, name: &str, proc: &Proc) -> String {
+    status_json(ns, dir, name, proc);
+    let out = ns
+        .cmd(TAPIR)
+        .args(["status", name])
+        .env("TAPIR_RUN_DIR", dir.join("run"))
+        .env("TAPIR_LOG_DIR", dir.join("log"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A ping that must get every reply, with its options.
+pub fn ping_args(ns: &Netns, args: &[&str], to: &str) {
+    let out = ns
+        .cmd("ping")
+        .args(args)
+        .args(["-W", "3", to])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(" 0% packet loss"),
+        "ping {args:?} {to}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A counter of interface `dev` in `ns` (`rx_packets`, `tx_bytes`...).
+pub fn counter(ns: &Netns, dev: &str, which: &str) -> u64 {
+    let out = ns
+        .cmd("cat")
+        .arg(format!("/sys/class/net/{dev}/statistics/{which}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Resident memory of process `pid`, KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
