@@ -12,158 +12,10 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use netlab::{Lab, Netns, require_root};
+use netlab::require_root;
 
 mod support;
 use support::*;
-
-struct Bed {
-    lab: Lab,
-    a: Netns,
-    b: Netns,
-    dir: PathBuf,
-}
-
-fn bed(tag: &str) -> Bed {
-    let lab = Lab::new();
-    let a = lab.netns("a");
-    let b = lab.netns("b");
-    lab.veth(&a, "va", &b, "vb");
-    a.ip(&["addr", "add", "10.200.0.1/24", "dev", "va"]);
-    b.ip(&["addr", "add", "10.200.0.2/24", "dev", "vb"]);
-    let dir =
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("wg-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    Bed { lab, a, b, dir }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-struct Side<'a> {
-    ns: &'a Netns,
-    name: String,
-    port: u16,
-    addr: &'a str,
-}
-
-/// tapir on `side`, with `peer` reachable at `endpoint` (None: wait to be contacted).
-fn tapir(
-    bed: &Bed,
-    side: &Side,
-    private: &str,
-    peer: &str,
-    endpoint: Option<&str>,
-    allowed: &str,
-) -> Proc {
-    tapir_psk(bed, side, private, peer, endpoint, allowed, None)
-}
-
-fn tapir_psk(
-    bed: &Bed,
-    side: &Side,
-    private: &str,
-    peer: &str,
-    endpoint: Option<&str>,
-    allowed: &str,
-    psk: Option<&str>,
-) -> Proc {
-    let conf = bed.dir.join(format!("{}.conf", side.name));
-    let mut text = format!(
-        "[Interface]\nPrivateKey = {private}\nListenPort = {}\nAddress = {}/24\n\n[Peer]\nPublicKey = {peer}\nAllowedIPs = {allowed}\n",
-        side.port, side.addr
-    );
-    if let Some(e) = endpoint {
-        text += &format!("Endpoint = {e}\n");
-    }
-    if let Some(k) = psk {
-        text += &format!("PresharedKey = {k}\n");
-    }
-    std::fs::write(&conf, text).unwrap();
-    std::process::Command::new("chmod")
-        .args(["600", conf.to_str().unwrap()])
-        .status()
-        .unwrap();
-    let child = side
-        .ns
-        .cmd(TAPIR)
-        .arg("run")
-        .arg(&conf)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(|| side.ns.has_link(&side.name), "the tapir interface");
-    Proc(Some(child))
-}
-
-/// wireguard-go on `side`, configured with `wg set`.
-fn wireguard_go(
-    bed: &Bed,
-    side: &Side,
-    private: &str,
-    peer: &str,
-    endpoint: Option<&str>,
-    allowed: &str,
-) -> Proc {
-    wireguard_go_psk(bed, side, private, peer, endpoint, allowed, None)
-}
-
-fn wireguard_go_psk(
-    bed: &Bed,
-    side: &Side,
-    private: &str,
-    peer: &str,
-    endpoint: Option<&str>,
-    allowed: &str,
-    psk: Option<&str>,
-) -> Proc {
-    let child = side
-        .ns
-        .cmd("env")
-        .args(["WG_PROCESS_FOREGROUND=1", "wireguard-go", "-f", &side.name])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("wireguard-go (Debian package wireguard-go) must be installed");
-    let sock = PathBuf::from(format!("/var/run/wireguard/{}.sock", side.name));
-    wait_for(|| sock.exists(), "the wireguard-go control socket");
-    let key = bed.dir.join(format!("{}.key", side.name));
-    std::fs::write(&key, private).unwrap();
-    let mut args = vec![
-        "set".to_string(),
-        side.name.clone(),
-        "private-key".into(),
-        key.to_str().unwrap().into(),
-        "listen-port".into(),
-        side.port.to_string(),
-        "peer".into(),
-        peer.into(),
-        "allowed-ips".into(),
-        allowed.into(),
-    ];
-    if let Some(e) = endpoint {
-        args.extend(["endpoint".into(), e.into()]);
-    }
-    if let Some(k) = psk {
-        let f = bed.dir.join(format!("{}.psk", side.name));
-        std::fs::write(&f, k).unwrap();
-        args.extend(["preshared-key".into(), f.to_str().unwrap().into()]);
-    }
-    sh(side.ns.cmd("wg").args(&args));
-    side.ns.ip(&[
-        "addr",
-        "add",
-        &format!("{}/24", side.addr),
-        "dev",
-        &side.name,
-    ]);
-    side.ns.ip(&["link", "set", &side.name, "up"]);
-    Proc(Some(child))
-}
 
 #[test]
 fn tapir_initiates_to_wireguard_go() {
@@ -284,8 +136,6 @@ fn bulk_transfer_with_wireguard_go() {
     transfer(&bed.b, &bed.a, "10.77.0.1:5001", 100 << 20);
 }
 
-/// Sends `len` pseudo-random bytes over TCP from `from` to a listener in `to`
-/// at `addr`; both ends hash what they saw and must agree.
 #[test]
 fn a_restarted_tapir_resumes_without_touching_the_peer() {
     require_root!();

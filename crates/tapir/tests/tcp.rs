@@ -1,0 +1,361 @@
+//! The TCP transport in network namespaces: interop with stock WireGuard
+//! through an independent relay with udp2tcp's framing, tapir to tapir with
+//! UDP blocked (tun and tap), reconnects, hostile connections, rate limits.
+//!
+//! ```text
+//!   ns a: va 10.200.0.1 ── veth ── vb 10.200.0.2 :ns b
+//!         tunnel 10.77.0.1  ═══ TCP 443 ═══  tunnel 10.77.0.2
+//! ```
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use netlab::{Netns, require_root};
+
+mod support;
+use support::*;
+
+fn relay_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/udp-over-tcp.py")
+}
+
+/// The relay fixture in `ns`, ended by pid on drop.
+fn relay(ns: &Netns, args: &[&str]) -> Proc {
+    let child = ns
+        .cmd("python3")
+        .arg(relay_script())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 runs the relay fixture");
+    std::thread::sleep(Duration::from_millis(300));
+    Proc(Some(child))
+}
+
+/// A wg-quick file for a TCP tunnel.
+fn conf(
+    bed: &Bed,
+    name: &str,
+    private: &str,
+    iface: &str,
+    peer: &str,
+    peer_extra: &str,
+) -> PathBuf {
+    let text = format!(
+        "[Interface]\nPrivateKey = {private}\nTransport = tcp\n{iface}\n\n[Peer]\nPublicKey = {peer}\n{peer_extra}\n"
+    );
+    write_private(&bed.dir, &format!("{name}.conf"), &text)
+}
+
+fn nft(ns: &Netns, script: &str) {
+    let mut child = ns
+        .cmd("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("nft (Debian package nftables)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "nft: {script}");
+}
+
+const BLOCK_UDP: &str = "table inet block { chain out { type filter hook output priority 0; meta l4proto udp drop; } chain in { type filter hook input priority 0; meta l4proto udp drop; } }";
+
+#[test]
+fn wireguard_go_behind_udp2tcp_reaches_a_tapir_tcp_listener() {
+    require_root!();
+    let bed = bed("u2t");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let name_a = ifname("tcl");
+    let file = conf(
+        &bed,
+        &name_a,
+        &ka,
+        "ListenPort = 443\nAddress = 10.77.0.1/24",
+        &pb,
+        "AllowedIPs = 10.77.0.2/32",
+    );
+    let _tp = run_tapir(&bed.a, &file, &name_a);
+    // Stock WireGuard sends UDP to the relay on its own loopback.
+    let _relay = relay(
+        &bed.b,
+        &[
+            "udp2tcp",
+            "--udp-listen",
+            "127.0.0.1:51990",
+            "--tcp-forward",
+            "10.200.0.1:443",
+        ],
+    );
+    let b = Side {
+        ns: &bed.b,
+        name: ifname("wgu"),
+        port: 51821,
+        addr: "10.77.0.2",
+    };
+    let _wg = wireguard_go(&bed, &b, &kb, &pa, Some("127.0.0.1:51990"), "10.77.0.1/32");
+    ping(&bed.b, "10.77.0.1");
+    ping(&bed.a, "10.77.0.2");
+}
+
+#[test]
+fn a_tapir_tcp_client_reaches_wireguard_go_behind_tcp2udp() {
+    require_root!();
+    let bed = bed("t2u");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let b = Side {
+        ns: &bed.b,
+        name: ifname("wgt"),
+        port: 51821,
+        addr: "10.77.0.2",
+    };
+    let _wg = wireguard_go(&bed, &b, &kb, &pa, None, "10.77.0.1/32");
+    let _relay = relay(
+        &bed.b,
+        &[
+            "tcp2udp",
+            "--tcp-listen",
+            "0.0.0.0:443",
+            "--udp-forward",
+            "127.0.0.1:51821",
+        ],
+    );
+    let name_a = ifname("tcc");
+    let file = conf(
+        &bed,
+        &name_a,
+        &ka,
+        "Address = 10.77.0.1/24",
+        &pb,
+        "Endpoint = 10.200.0.2:443\nAllowedIPs = 10.77.0.2/32",
+    );
+    let _tp = run_tapir(&bed.a, &file, &name_a);
+    ping(&bed.a, "10.77.0.2");
+    ping(&bed.b, "10.77.0.1");
+}
+
+/// tapir to tapir over TCP port 443 with all UDP dropped in both namespaces.
+fn tapir_pair(bed: &Bed, mode: &str, extra_a: &str) -> (Proc, Proc, String, String) {
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let (na, nb) = (ifname("tpa"), ifname("tpb"));
+    let allowed = |a: &str| {
+        if mode == "tap" {
+            String::new()
+        } else {
+            format!("AllowedIPs = {a}/32")
+        }
+    };
+    let fa = conf(
+        bed,
+        &na,
+        &ka,
+        &format!("Mode = {mode}\nAddress = 10.77.0.1/24"),
+        &pb,
+        &format!("Endpoint = 10.200.0.2:443\n{}\n{extra_a}", allowed("10.77.0.2")),
+    );
+    let fb = conf(
+        bed,
+        &nb,
+        &kb,
+        &format!("Mode = {mode}\nListenPort = 443\nAddress = 10.77.0.2/24"),
+        &pa,
+        &allowed("10.77.0.1"),
+    );
+    let tb = run_tapir(&bed.b, &fb, &nb);
+    let ta = run_tapir(&bed.a, &fa, &na);
+    (ta, tb, na, nb)
+}
+
+#[test]
+fn tapir_to_tapir_over_tcp_with_udp_blocked_tun_and_tap() {
+    require_root!();
+    for mode in ["tun", "tap"] {
+        let bed = bed(&format!("blk{mode}"));
+        nft(&bed.a, BLOCK_UDP);
+        nft(&bed.b, BLOCK_UDP);
+        let (ta, _tb, na, _) = tapir_pair(&bed, mode, "");
+        ping(&bed.a, "10.77.0.2");
+        ping(&bed.b, "10.77.0.1");
+        transfer(&bed.a, &bed.b, "10.77.0.2:5001", 100 << 20);
+        transfer(&bed.b, &bed.a, "10.77.0.1:5001", 20 << 20);
+        let text = status_text(&bed.a, &bed.dir, &na, &ta);
+        assert!(
+            text.contains("transport: tcp") && text.contains("connection: connected"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn a_reset_connection_and_a_restarted_server_recover_within_5_s() {
+    require_root!();
+    let bed = bed("rst");
+    let (ta, tb, na, nb) = tapir_pair(&bed, "tun", "");
+    ping(&bed.a, "10.77.0.2");
+    // The server's side resets the connection once (the next segment the
+    // client sends is answered with RST), then the path is open again.
+    nft(
+        &bed.b,
+        "table inet rst { chain in { type filter hook input priority 0; tcp dport 443 reject with tcp reset; } }",
+    );
+    let _ = bed
+        .a
+        .cmd("ping")
+        .args(["-c", "1", "-W", "1", "10.77.0.2"])
+        .output();
+    nft(&bed.b, "delete table inet rst");
+    let open = Instant::now();
+    ping_args(&bed.a, &["-c", "1", "-W", "6"], "10.77.0.2");
+    assert!(open.elapsed() < Duration::from_secs(5), "resumed after {:?}", open.elapsed());
+    let st = status_json(&bed.a, &bed.dir, &na, &ta);
+    assert_eq!(st["peers"][0]["connection"], "connected", "{st}");
+    // The server restarted: the client reconnects and handshakes again.
+    let mut tb = tb;
+    tb.stop();
+    let file = bed.dir.join(format!("{nb}.conf"));
+    let _tb = run_tapir(&bed.b, &file, &nb);
+    let open = Instant::now();
+    ping_args(&bed.a, &["-c", "1", "-W", "6"], "10.77.0.2");
+    assert!(open.elapsed() < Duration::from_secs(5), "resumed after {:?}", open.elapsed());
+}
+
+#[test]
+fn the_client_backs_off_while_the_server_is_away_and_says_so() {
+    require_root!();
+    let bed = bed("boff");
+    let (ta, tb, na, _) = tapir_pair(&bed, "tun", "");
+    ping(&bed.a, "10.77.0.2");
+    let mut tb = tb;
+    tb.stop();
+    std::thread::sleep(Duration::from_millis(2500));
+    let st = status_json(&bed.a, &bed.dir, &na, &ta);
+    let c = st["peers"][0]["connection"].as_str().unwrap_or("").to_owned();
+    assert!(
+        c.starts_with("reconnecting in") && c.contains("attempt") && c.contains("refused"),
+        "{st}"
+    );
+}
+
+#[test]
+fn garbage_slow_and_half_open_connections_leave_the_listener_serving() {
+    require_root!();
+    let bed = bed("hostile");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let nb = ifname("tph");
+    let fb = conf(
+        &bed,
+        &nb,
+        &kb,
+        "ListenPort = 443\nAddress = 10.77.0.2/24",
+        &pa,
+        "AllowedIPs = 10.77.0.1/32",
+    );
+    let server = run_tapir(&bed.b, &fb, &nb);
+    let pid = server.0.as_ref().unwrap().id();
+    let rss_before = rss_kib(pid);
+    // 300 hostile connections from a: garbage, silent, and half-closed.
+    let path = bed.a.path();
+    let held = std::thread::spawn(move || {
+        tapir_sys::netns::enter(&path).unwrap();
+        let mut held = Vec::new();
+        for i in 0..300 {
+            let Ok(mut s) = TcpStream::connect_timeout(
+                &"10.200.0.2:443".parse().unwrap(),
+                Duration::from_secs(2),
+            ) else {
+                continue;
+            };
+            match i % 3 {
+                0 => {
+                    let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: tapir\r\n\r\n");
+                }
+                1 => {
+                    // A length that promises a big frame, then nothing.
+                    let _ = s.write_all(&[0x05, 0xdc, 4, 0, 0, 0]);
+                }
+                _ => {
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                }
+            }
+            held.push(s);
+        }
+        held
+    })
+    .join()
+    .unwrap();
+    assert!(held.len() >= 290, "connected {}", held.len());
+    // A legitimate peer still gets in while they are held open.
+    let na = ifname("tpg");
+    let fa = conf(
+        &bed,
+        &na,
+        &ka,
+        "Address = 10.77.0.1/24",
+        &pb,
+        "Endpoint = 10.200.0.2:443\nAllowedIPs = 10.77.0.2/32",
+    );
+    let _client = run_tapir(&bed.a, &fa, &na);
+    ping_args(&bed.a, &["-c", "3", "-i", "0.2", "-W", "5"], "10.77.0.2");
+    let rss_after = rss_kib(pid);
+    assert!(
+        rss_after < rss_before + 8 * 1024,
+        "listener RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    let st = status_json(&bed.b, &bed.dir, &nb, &server);
+    assert!(st["counters"]["tcp_bad_frames"].as_u64().unwrap_or(0) >= 50, "{st}");
+    drop(held);
+}
+
+/// iperf3 from `ns` to `server` for 4 s; received Mbit/s.
+fn iperf(ns: &Netns, server: &str, reverse: bool) -> f64 {
+    let mut cmd = ns.cmd("iperf3");
+    cmd.args(["-c", server, "-t", "4", "-J"]);
+    if reverse {
+        cmd.arg("-R");
+    }
+    let out = cmd.output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("iperf3: {}", String::from_utf8_lossy(&out.stdout)));
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e6
+}
+
+#[test]
+fn a_rate_limited_peer_gets_its_rate_and_an_unlimited_one_more() {
+    require_root!();
+    let bed = bed("rate");
+    let (_ta, _tb, _, _) = tapir_pair(&bed, "tun", "Rate = 20mbit");
+    let server = bed
+        .lab
+        .spawn(bed.b.cmd("iperf3").args(["-s", "-B", "10.77.0.2"]).stdout(Stdio::null()));
+    let _ = server;
+    std::thread::sleep(Duration::from_millis(300));
+    let up = iperf(&bed.a, "10.77.0.2", false);
+    let down = iperf(&bed.a, "10.77.0.2", true);
+    assert!((16.0..=21.0).contains(&up), "limited, a to b: {up:.1} Mbit/s");
+    assert!((16.0..=21.0).contains(&down), "limited, b to a: {down:.1} Mbit/s");
+    // The same tunnel without the limit (changed on the fly with wg set
+    // would not do: Rate is tapir's own; a second pair shows it).
+    let bed2 = bed_named("rate2");
+    let (_tc, _td, _, _) = tapir_pair(&bed2, "tun", "");
+    bed2.lab
+        .spawn(bed2.b.cmd("iperf3").args(["-s", "-B", "10.77.0.2"]).stdout(Stdio::null()));
+    std::thread::sleep(Duration::from_millis(300));
+    let free = iperf(&bed2.a, "10.77.0.2", false);
+    assert!(free > 3.0 * up, "unlimited {free:.1} vs limited {up:.1} Mbit/s");
+    let _ = Command::new("true").status();
+}
+
+fn bed_named(tag: &str) -> Bed {
+    bed(tag)
+}
