@@ -1,15 +1,26 @@
-//! A token bucket: a rate limit in bytes per second with a burst, time as an input.
+//! Rate limits: a token bucket, and a shaper built on it, time as an input.
 //!
 //! ```text
-//!   take(now, bytes) ─▶ true: send it (tokens spent) | false: drop it (nothing spent)
+//!   TokenBucket::take(now, bytes) ─▶ true: tokens spent | false: nothing spent
+//!   Shaper::offer(now, packet) ─▶ Pass (send now) | Queued (copied) | Dropped (queue full)
+//!   Shaper::release(now, out)  ─▶ the oldest queued packet once its tokens are there
+//!   Shaper::next_release(now)  ─▶ when that will be
 //! ```
-//! Packets over the rate are dropped, never delayed: a tunnel carries TCP,
-//! which backs off on loss and only grows its queue on delay (VTun's `speed`
-//! and OpenVPN's `--shaper` drop the same way). The burst is what a rate
-//! lets through in [`BURST_TIME`], and never less than one 64 KiB
-//! super-packet's worth, so a single write is never refused outright.
+//! The shaper is `tc tbf`'s model (what VTun's `speed` and OpenVPN's
+//! `--shaper` approximate): packets over the rate wait in a queue of at most
+//! [`MAX_DELAY`] worth of the rate, and only what overflows it is dropped. A
+//! policer that dropped everything over the rate would starve the TCP
+//! inside the tunnel (bursts of losses, retransmit timeouts); a bounded
+//! delay lets it settle at the rate. The queue is one buffer allocated when
+//! the limit is set: nothing is allocated per packet.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+/// The longest a packet waits in a [`Shaper`]'s queue.
+pub const MAX_DELAY: Duration = Duration::from_millis(100);
+/// The smallest shaper queue, in bytes (a few full-size packets at slow rates).
+pub const MIN_QUEUE: usize = 16 * 1024;
 
 /// How long a full bucket lasts at the rate.
 pub const BURST_TIME: Duration = Duration::from_millis(20);
@@ -63,6 +74,17 @@ impl TokenBucket {
         self.last = Some(now);
     }
 
+    /// How long until the bucket holds `bytes` (zero if it does now).
+    pub fn time_until(&mut self, now: Instant, bytes: usize) -> Duration {
+        self.refill(now);
+        let need = (bytes as u128 * 1_000_000).min(self.burst as u128 * 1_000_000);
+        if self.tokens_micro >= need {
+            return Duration::ZERO;
+        }
+        let micros = (need - self.tokens_micro).div_ceil(self.rate as u128);
+        Duration::from_micros(micros.min(u64::MAX as u128) as u64)
+    }
+
     /// Spends `bytes` if the bucket holds them.
     pub fn take(&mut self, now: Instant, bytes: usize) -> bool {
         self.refill(now);
@@ -76,9 +98,150 @@ impl TokenBucket {
     }
 }
 
+/// What became of a packet offered to a [`Shaper`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// Within the rate: send it now.
+    Pass,
+    /// Over the rate: copied into the queue, to come out of [`Shaper::release`].
+    Queued,
+    /// The queue is full: drop it.
+    Dropped,
+}
+
+/// A token bucket with a bounded queue in front (`tc tbf`).
+#[derive(Debug, Clone)]
+pub struct Shaper {
+    bucket: TokenBucket,
+    /// Packets, each as a 2-byte length and its bytes.
+    queue: VecDeque<u8>,
+    limit: usize,
+}
+
+impl Shaper {
+    /// A shaper for `bits_per_second`, its queue allocated now.
+    pub fn new(bits_per_second: u64) -> Self {
+        let bucket = TokenBucket::new(bits_per_second);
+        let limit =
+            ((bucket.rate as u128 * MAX_DELAY.as_micros() / 1_000_000) as usize).max(MIN_QUEUE);
+        Self {
+            bucket,
+            queue: VecDeque::with_capacity(limit + 2 + 65535),
+            limit,
+        }
+    }
+
+    /// The rate in bits per second.
+    pub fn bits_per_second(&self) -> u64 {
+        self.bucket.bits_per_second()
+    }
+
+    /// Bytes waiting (with their 2-byte lengths).
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Passes `packet` now if it is within the rate and nothing waits
+    /// before it, or queues a copy, or (queue full) drops it.
+    pub fn offer(&mut self, now: Instant, packet: &[u8]) -> Offer {
+        if packet.len() > u16::MAX as usize {
+            return Offer::Dropped;
+        }
+        if self.queue.is_empty() && self.bucket.take(now, packet.len()) {
+            return Offer::Pass;
+        }
+        if self.queue.len() + 2 + packet.len() > self.limit {
+            return Offer::Dropped;
+        }
+        self.queue.extend((packet.len() as u16).to_be_bytes());
+        self.queue.extend(packet);
+        Offer::Queued
+    }
+
+    fn head_len(&self) -> Option<usize> {
+        let hi = *self.queue.front()?;
+        let lo = *self.queue.get(1)?;
+        Some(usize::from(u16::from_be_bytes([hi, lo])))
+    }
+
+    /// The oldest queued packet, copied into `out` (which must hold it), if
+    /// its tokens are there; returns its length.
+    pub fn release(&mut self, now: Instant, out: &mut [u8]) -> Option<usize> {
+        let len = self.head_len()?;
+        if out.len() < len || !self.bucket.take(now, len) {
+            return None;
+        }
+        self.queue.drain(..2);
+        for (o, b) in out[..len].iter_mut().zip(self.queue.drain(..len)) {
+            *o = b;
+        }
+        Some(len)
+    }
+
+    /// When [`Shaper::release`] will next have a packet (`None`: nothing queued).
+    pub fn next_release(&mut self, now: Instant) -> Option<Instant> {
+        let len = self.head_len()?;
+        Some(now + self.bucket.time_until(now, len))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shaper_passes_the_burst_queues_the_rest_and_releases_it_at_the_rate() {
+        let now = Instant::now();
+        let mut s = Shaper::new(8_000_000); // 1 MB/s: burst 64 KiB, queue 100 kB
+        let p = [7u8; 1000];
+        let mut passed = 0;
+        let mut queued = 0;
+        let mut dropped = 0;
+        for _ in 0..200 {
+            match s.offer(now, &p) {
+                Offer::Pass => passed += 1,
+                Offer::Queued => queued += 1,
+                Offer::Dropped => dropped += 1,
+            }
+        }
+        assert_eq!(passed, 65);
+        assert_eq!(queued, 100_000 / 1002);
+        assert_eq!(dropped, 200 - passed - queued);
+        // Nothing more until tokens come back: 1000 bytes take 1 ms.
+        let mut out = [0u8; 2000];
+        assert_eq!(s.release(now, &mut out), None);
+        let at = s.next_release(now).unwrap();
+        assert!(
+            at > now && at <= now + Duration::from_millis(1),
+            "{:?}",
+            at - now
+        );
+        assert_eq!(s.release(at, &mut out), Some(1000));
+        assert_eq!(&out[..1000], &p[..]);
+        // Draining the queue takes as long as the rate says: 98 more ms.
+        let mut t = at;
+        let mut n = 1;
+        while let Some(next) = s.next_release(t) {
+            t = next;
+            if s.release(t, &mut out).is_some() {
+                n += 1;
+            }
+        }
+        assert_eq!(n, queued);
+        let took = t - now;
+        assert!(
+            took >= Duration::from_millis(97) && took <= Duration::from_millis(101),
+            "{took:?}"
+        );
+        // A packet offered while others wait queues behind them, even if tokens are there.
+        let mut s = Shaper::new(8_000_000);
+        for _ in 0..66 {
+            s.offer(now, &p);
+        }
+        let later = now + Duration::from_secs(1);
+        assert_eq!(s.offer(later, &p), Offer::Queued, "order is kept");
+        assert_eq!(s.release(later, &mut out), Some(1000));
+    }
 
     #[test]
     fn a_full_bucket_passes_its_burst_then_refuses() {

@@ -65,13 +65,15 @@ impl PollSet {
         self.fds.len() - 1
     }
 
-    /// Waits up to `timeout` for any descriptor to be ready. A signal ends
-    /// the wait early with nothing ready.
+    /// Waits up to `timeout` (rounded up to a millisecond, so that a
+    /// deadline is never polled for in a busy loop) for any descriptor to be
+    /// ready. A signal ends the wait early with nothing ready.
     pub fn wait(&mut self, timeout: Duration) -> io::Result<()> {
         for p in &mut self.fds {
             p.revents = 0;
         }
-        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        let ms =
+            libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
         // SAFETY: poll reads and writes exactly `len` pollfd entries of a live
         // Vec; a descriptor closed meanwhile only yields POLLNVAL.
         let rc = unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, ms) };

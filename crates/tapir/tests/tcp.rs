@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use netlab::{Netns, require_root};
@@ -67,7 +67,11 @@ fn nft(ns: &Netns, script: &str) {
     assert!(child.wait().unwrap().success(), "nft: {script}");
 }
 
-const BLOCK_UDP: &str = "table inet block { chain out { type filter hook output priority 0; meta l4proto udp drop; } chain in { type filter hook input priority 0; meta l4proto udp drop; } }";
+const BLOCK_UDP: &str = "table inet block {
+    chain out { type filter hook output priority 0; meta l4proto udp drop; }
+    chain in { type filter hook input priority 0; meta l4proto udp drop; }
+}
+";
 
 #[test]
 fn wireguard_go_behind_udp2tcp_reaches_a_tapir_tcp_listener() {
@@ -143,9 +147,10 @@ fn a_tapir_tcp_client_reaches_wireguard_go_behind_tcp2udp() {
 }
 
 /// tapir to tapir over TCP port 443 with all UDP dropped in both namespaces.
-fn tapir_pair(bed: &Bed, mode: &str, extra_a: &str) -> (Proc, Proc, String, String) {
+fn tapir_pair(bed: &Bed, tag: &str, mode: &str) -> (Proc, Proc, String, String) {
     let ((ka, pa), (kb, pb)) = (genkey(), genkey());
-    let (na, nb) = (ifname("tpa"), ifname("tpb"));
+    // Control sockets share one directory: names unique across tests.
+    let (na, nb) = (ifname(&format!("{tag}a")), ifname(&format!("{tag}b")));
     let allowed = |a: &str| {
         if mode == "tap" {
             String::new()
@@ -159,7 +164,7 @@ fn tapir_pair(bed: &Bed, mode: &str, extra_a: &str) -> (Proc, Proc, String, Stri
         &ka,
         &format!("Mode = {mode}\nAddress = 10.77.0.1/24"),
         &pb,
-        &format!("Endpoint = 10.200.0.2:443\n{}\n{extra_a}", allowed("10.77.0.2")),
+        &format!("Endpoint = 10.200.0.2:443\n{}", allowed("10.77.0.2")),
     );
     let fb = conf(
         bed,
@@ -181,7 +186,7 @@ fn tapir_to_tapir_over_tcp_with_udp_blocked_tun_and_tap() {
         let bed = bed(&format!("blk{mode}"));
         nft(&bed.a, BLOCK_UDP);
         nft(&bed.b, BLOCK_UDP);
-        let (ta, _tb, na, _) = tapir_pair(&bed, mode, "");
+        let (ta, _tb, na, _) = tapir_pair(&bed, &format!("k{mode}"), mode);
         ping(&bed.a, "10.77.0.2");
         ping(&bed.b, "10.77.0.1");
         transfer(&bed.a, &bed.b, "10.77.0.2:5001", 100 << 20);
@@ -194,17 +199,39 @@ fn tapir_to_tapir_over_tcp_with_udp_blocked_tun_and_tap() {
     }
 }
 
+/// How long until a ping from `ns` to `to` is answered (one every 200 ms,
+/// each waiting up to 1 s; at most 15 s). Packets sent while the connection
+/// is down are lost, as UDP would lose them.
+fn first_reply(ns: &Netns, to: &str) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(15) {
+        let sent = Instant::now();
+        let ok = ns
+            .cmd("ping")
+            .args(["-c", "1", "-W", "1", to])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        if ok {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(200).saturating_sub(sent.elapsed()));
+    }
+    panic!("no reply from {to} within 15 s");
+}
+
 #[test]
 fn a_reset_connection_and_a_restarted_server_recover_within_5_s() {
     require_root!();
     let bed = bed("rst");
-    let (ta, tb, na, nb) = tapir_pair(&bed, "tun", "");
+    let (ta, tb, na, nb) = tapir_pair(&bed, "rs", "tun");
     ping(&bed.a, "10.77.0.2");
     // The server's side resets the connection once (the next segment the
     // client sends is answered with RST), then the path is open again.
     nft(
         &bed.b,
-        "table inet rst { chain in { type filter hook input priority 0; tcp dport 443 reject with tcp reset; } }",
+        "table inet rst {\n    chain in { type filter hook input priority 0; tcp dport 443 reject with tcp reset; }\n}\n",
     );
     let _ = bed
         .a
@@ -212,9 +239,8 @@ fn a_reset_connection_and_a_restarted_server_recover_within_5_s() {
         .args(["-c", "1", "-W", "1", "10.77.0.2"])
         .output();
     nft(&bed.b, "delete table inet rst");
-    let open = Instant::now();
-    ping_args(&bed.a, &["-c", "1", "-W", "6"], "10.77.0.2");
-    assert!(open.elapsed() < Duration::from_secs(5), "resumed after {:?}", open.elapsed());
+    let took = first_reply(&bed.a, "10.77.0.2");
+    assert!(took < Duration::from_secs(5), "resumed after {took:?}");
     let st = status_json(&bed.a, &bed.dir, &na, &ta);
     assert_eq!(st["peers"][0]["connection"], "connected", "{st}");
     // The server restarted: the client reconnects and handshakes again.
@@ -222,22 +248,24 @@ fn a_reset_connection_and_a_restarted_server_recover_within_5_s() {
     tb.stop();
     let file = bed.dir.join(format!("{nb}.conf"));
     let _tb = run_tapir(&bed.b, &file, &nb);
-    let open = Instant::now();
-    ping_args(&bed.a, &["-c", "1", "-W", "6"], "10.77.0.2");
-    assert!(open.elapsed() < Duration::from_secs(5), "resumed after {:?}", open.elapsed());
+    let took = first_reply(&bed.a, "10.77.0.2");
+    assert!(took < Duration::from_secs(5), "resumed after {took:?}");
 }
 
 #[test]
 fn the_client_backs_off_while_the_server_is_away_and_says_so() {
     require_root!();
     let bed = bed("boff");
-    let (ta, tb, na, _) = tapir_pair(&bed, "tun", "");
+    let (ta, tb, na, _) = tapir_pair(&bed, "bo", "tun");
     ping(&bed.a, "10.77.0.2");
     let mut tb = tb;
     tb.stop();
     std::thread::sleep(Duration::from_millis(2500));
     let st = status_json(&bed.a, &bed.dir, &na, &ta);
-    let c = st["peers"][0]["connection"].as_str().unwrap_or("").to_owned();
+    let c = st["peers"][0]["connection"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
     assert!(
         c.starts_with("reconnecting in") && c.contains("attempt") && c.contains("refused"),
         "{st}"
@@ -310,14 +338,17 @@ fn garbage_slow_and_half_open_connections_leave_the_listener_serving() {
         "listener RSS grew from {rss_before} to {rss_after} KiB"
     );
     let st = status_json(&bed.b, &bed.dir, &nb, &server);
-    assert!(st["counters"]["tcp_bad_frames"].as_u64().unwrap_or(0) >= 50, "{st}");
+    assert!(
+        st["counters"]["tcp_bad_frames"].as_u64().unwrap_or(0) >= 50,
+        "{st}"
+    );
     drop(held);
 }
 
-/// iperf3 from `ns` to `server` for 4 s; received Mbit/s.
-fn iperf(ns: &Netns, server: &str, reverse: bool) -> f64 {
+/// iperf3 from `ns` to `server` for `secs`; received Mbit/s.
+fn iperf(ns: &Netns, server: &str, reverse: bool, secs: u32) -> f64 {
     let mut cmd = ns.cmd("iperf3");
-    cmd.args(["-c", server, "-t", "4", "-J"]);
+    cmd.args(["-c", server, "-t", &secs.to_string(), "-J"]);
     if reverse {
         cmd.arg("-R");
     }
@@ -330,32 +361,81 @@ fn iperf(ns: &Netns, server: &str, reverse: bool) -> f64 {
         / 1e6
 }
 
+/// One server tunnel with two peers, over UDP and over TCP: peer a limited
+/// to 20 Mbit/s each way, peer c unlimited.
+///
+/// ```text
+///   a 10.200.0.1 ── b 10.200.0.2 | 10.202.0.2 ── c 10.202.0.1
+///   10.77.0.1 (Rate = 20mbit) ══ 10.77.0.2 ══ 10.77.0.3
+/// ```
 #[test]
 fn a_rate_limited_peer_gets_its_rate_and_an_unlimited_one_more() {
     require_root!();
-    let bed = bed("rate");
-    let (_ta, _tb, _, _) = tapir_pair(&bed, "tun", "Rate = 20mbit");
-    let server = bed
-        .lab
-        .spawn(bed.b.cmd("iperf3").args(["-s", "-B", "10.77.0.2"]).stdout(Stdio::null()));
-    let _ = server;
-    std::thread::sleep(Duration::from_millis(300));
-    let up = iperf(&bed.a, "10.77.0.2", false);
-    let down = iperf(&bed.a, "10.77.0.2", true);
-    assert!((16.0..=21.0).contains(&up), "limited, a to b: {up:.1} Mbit/s");
-    assert!((16.0..=21.0).contains(&down), "limited, b to a: {down:.1} Mbit/s");
-    // The same tunnel without the limit (changed on the fly with wg set
-    // would not do: Rate is tapir's own; a second pair shows it).
-    let bed2 = bed_named("rate2");
-    let (_tc, _td, _, _) = tapir_pair(&bed2, "tun", "");
-    bed2.lab
-        .spawn(bed2.b.cmd("iperf3").args(["-s", "-B", "10.77.0.2"]).stdout(Stdio::null()));
-    std::thread::sleep(Duration::from_millis(300));
-    let free = iperf(&bed2.a, "10.77.0.2", false);
-    assert!(free > 3.0 * up, "unlimited {free:.1} vs limited {up:.1} Mbit/s");
-    let _ = Command::new("true").status();
-}
-
-fn bed_named(tag: &str) -> Bed {
-    bed(tag)
+    for transport in ["udp", "tcp"] {
+        let bed = bed(&format!("rate{transport}"));
+        let c = bed.lab.netns("c");
+        bed.lab.veth(&c, "vc", &bed.b, "vbc");
+        c.ip(&["addr", "add", "10.202.0.1/24", "dev", "vc"]);
+        bed.b.ip(&["addr", "add", "10.202.0.2/24", "dev", "vbc"]);
+        let ((ka, pa), (kb, pb), (kc, pc)) = (genkey(), genkey(), genkey());
+        let names = [
+            ifname(&format!("r{transport}a")),
+            ifname(&format!("r{transport}b")),
+            ifname(&format!("r{transport}c")),
+        ];
+        let server = write_private(
+            &bed.dir,
+            &format!("{}.conf", names[1]),
+            &format!(
+                "[Interface]\nPrivateKey = {kb}\nTransport = {transport}\nListenPort = 443\nAddress = 10.77.0.2/24\n\n\
+                 [Peer]\nPublicKey = {pa}\nAllowedIPs = 10.77.0.1/32\nRate = 20mbit\n\n\
+                 [Peer]\nPublicKey = {pc}\nAllowedIPs = 10.77.0.3/32\n"
+            ),
+        );
+        let client = |name: &str, key: &str, addr: &str, via: &str| {
+            write_private(
+                &bed.dir,
+                &format!("{name}.conf"),
+                &format!(
+                    "[Interface]\nPrivateKey = {key}\nTransport = {transport}\nAddress = {addr}/24\n\n\
+                     [Peer]\nPublicKey = {pb}\nEndpoint = {via}:443\nAllowedIPs = 10.77.0.2/32\n"
+                ),
+            )
+        };
+        let tb = run_tapir(&bed.b, &server, &names[1]);
+        let _ta = run_tapir(
+            &bed.a,
+            &client(&names[0], &ka, "10.77.0.1", "10.200.0.2"),
+            &names[0],
+        );
+        let _tc = run_tapir(
+            &c,
+            &client(&names[2], &kc, "10.77.0.3", "10.202.0.2"),
+            &names[2],
+        );
+        bed.lab.spawn(
+            bed.b
+                .cmd("iperf3")
+                .args(["-s", "-B", "10.77.0.2"])
+                .stdout(Stdio::null()),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        ping(&bed.a, "10.77.0.2");
+        ping(&c, "10.77.0.2");
+        let up = iperf(&bed.a, "10.77.0.2", false, 5);
+        let down = iperf(&bed.a, "10.77.0.2", true, 5);
+        let free = iperf(&c, "10.77.0.2", false, 3);
+        eprintln!("{transport}: limited {up:.1} up, {down:.1} down; unlimited {free:.1} Mbit/s");
+        assert!(
+            (16.0..=21.0).contains(&up),
+            "{transport}: limited, a to b: {up:.1} Mbit/s"
+        );
+        assert!(
+            (16.0..=21.0).contains(&down),
+            "{transport}: limited, b to a: {down:.1} Mbit/s"
+        );
+        assert!(free > 5.0 * 20.0, "{transport}: unlimited {free:.1} Mbit/s");
+        let st = status_text(&bed.b, &bed.dir, &names[1], &tb);
+        assert!(st.contains("rate limit: 20 mbit each way"), "{st}");
+    }
 }

@@ -24,7 +24,7 @@ use super::handshake::{self, HandshakeError, Identity, PeerStatic, PendingInitia
 use super::keys::{PresharedKey, PrivateKey, PublicKey};
 use super::messages::{self, COOKIE_LEN, INITIATION_LEN, Kind, RESPONSE_LEN, field};
 use super::session::{self, Session, SessionError};
-use crate::bucket::TokenBucket;
+use crate::bucket::{Offer, Shaper};
 use crate::switch::{self, Destination, Mac, MacTable};
 
 /// Whitepaper §6.1.
@@ -162,8 +162,9 @@ struct Peer {
     /// Data arrived: unless we send something first, a keepalive is due then.
     passive_keepalive_at: Option<Instant>,
     stats: PeerStats,
-    tx_bucket: Option<TokenBucket>,
-    rx_bucket: Option<TokenBucket>,
+    /// The rate limit, leaving and arriving.
+    tx_shaper: Option<Shaper>,
+    rx_shaper: Option<Shaper>,
 }
 
 /// What became of a packet from the tun device.
@@ -176,7 +177,8 @@ pub enum Encapsulated {
         /// The datagram's length.
         len: usize,
     },
-    /// Kept until a handshake completes (see `poll_transmit`).
+    /// Kept until a handshake completes, or until the peer's rate allows
+    /// it: sent later by `poll_transmit`.
     Queued,
     /// No peer's allowed IPs contain the destination.
     NoRoute,
@@ -471,8 +473,8 @@ impl Tunnel {
             keepalive_due: false,
             passive_keepalive_at: None,
             stats: PeerStats::default(),
-            tx_bucket: config.rate.map(TokenBucket::new),
-            rx_bucket: config.rate.map(TokenBucket::new),
+            tx_shaper: config.rate.map(Shaper::new),
+            rx_shaper: config.rate.map(Shaper::new),
             config,
         });
         let public = self.peers[idx].config.public;
@@ -497,8 +499,8 @@ impl Tunnel {
         change(&mut peer.config);
         peer.config.public = *public;
         if peer.config.rate != before_rate {
-            peer.tx_bucket = peer.config.rate.map(TokenBucket::new);
-            peer.rx_bucket = peer.config.rate.map(TokenBucket::new);
+            peer.tx_shaper = peer.config.rate.map(Shaper::new);
+            peer.rx_shaper = peer.config.rate.map(Shaper::new);
         }
         if peer.config.psk.as_ref().map(PresharedKey::to_base64) != before_psk {
             peer.keys = PeerStatic::new(&self.id, *public, peer.config.psk.clone());
@@ -700,12 +702,6 @@ impl Tunnel {
         if buf.len() < 16 + len {
             return Encapsulated::Invalid;
         }
-        if let Some(b) = peer.tx_bucket.as_mut() {
-            if !b.take(now, len) {
-                peer.stats.drops.rate_tx += 1;
-                return Encapsulated::RateLimited;
-            }
-        }
         if !peer.usable(now) {
             if peer.queue.len() >= QUEUE_LIMIT {
                 peer.queue.pop_front();
@@ -714,6 +710,16 @@ impl Tunnel {
             peer.queue.push_back(buf[16..16 + len].to_vec());
             self.initiate(p, now, wall, rng);
             return Encapsulated::Queued;
+        }
+        if let Some(shaper) = peer.tx_shaper.as_mut() {
+            match shaper.offer(now, &buf[16..16 + len]) {
+                Offer::Pass => {}
+                Offer::Queued => return Encapsulated::Queued,
+                Offer::Dropped => {
+                    peer.stats.drops.rate_tx += 1;
+                    return Encapsulated::RateLimited;
+                }
+            }
         }
         let t = peer.current.as_mut().expect("usable");
         let n = match seal(&mut t.session, layer, buf, len) {
@@ -1006,12 +1012,6 @@ impl Tunnel {
         // still gets a keepalive back every KEEPALIVE_TIMEOUT.
         peer.passive_keepalive_at
             .get_or_insert(now + KEEPALIVE_TIMEOUT);
-        if let Some(b) = peer.rx_bucket.as_mut() {
-            if !b.take(now, plain) {
-                peer.stats.drops.rate_rx += 1;
-                return Decapsulated::Dropped(DropReason::RateLimited);
-            }
-        }
         // Whitepaper §6.2: an initiator whose session nears its end rekeys on receipt.
         if initiator_age
             .is_some_and(|age| age >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT)
@@ -1019,6 +1019,58 @@ impl Tunnel {
             self.initiate(p, now, wall, rng);
         }
         let body_at = messages::DATA_HEADER_LEN;
+        let peer = &mut self.peers[p];
+        if let Some(shaper) = peer.rx_shaper.as_mut() {
+            match shaper.offer(now, &msg[body_at..body_at + plain]) {
+                Offer::Pass => {}
+                // Out later, from poll_received.
+                Offer::Queued => return Decapsulated::Nothing,
+                Offer::Dropped => {
+                    peer.stats.drops.rate_rx += 1;
+                    return Decapsulated::Dropped(DropReason::RateLimited);
+                }
+            }
+        }
+        self.classify(now, p, msg, body_at, plain)
+    }
+
+    /// Packets that a peer's rate limit held back on arrival, once their
+    /// time has come: the next one is opened into `buf` (which needs 16
+    /// bytes of headroom and the largest packet) and classified as
+    /// [`Tunnel::decapsulate`] would. Call until `None`.
+    pub fn poll_received(&mut self, now: Instant, buf: &mut [u8]) -> Option<Decapsulated> {
+        let body_at = messages::DATA_HEADER_LEN;
+        for p in 0..self.peers.len() {
+            let Some(shaper) = self.peers[p].rx_shaper.as_mut() else {
+                continue;
+            };
+            if let Some(n) = shaper.release(now, buf.get_mut(body_at..)?) {
+                return Some(self.classify(now, p, buf, body_at, n));
+            }
+        }
+        None
+    }
+
+    /// When a rate limit next lets a held-back packet go (for the caller's
+    /// poll timeout), if any is held.
+    pub fn next_release(&mut self, now: Instant) -> Option<Instant> {
+        self.peers
+            .iter_mut()
+            .flat_map(|p| [p.tx_shaper.as_mut(), p.rx_shaper.as_mut()])
+            .flatten()
+            .filter_map(|s| s.next_release(now))
+            .min()
+    }
+
+    /// Where the authenticated plaintext `msg[at..at + plain]` from peer `p` goes.
+    fn classify(
+        &mut self,
+        now: Instant,
+        p: usize,
+        msg: &[u8],
+        body_at: usize,
+        plain: usize,
+    ) -> Decapsulated {
         let body = &msg[body_at..body_at + plain];
         match self.layer {
             Layer::Ip => {
@@ -1123,6 +1175,20 @@ impl Tunnel {
                 }
                 buf[16..16 + packet.len()].copy_from_slice(&packet);
                 if let Ok(n) = seal(&mut t.session, layer, buf, packet.len()) {
+                    peer.last_sent = Some(now);
+                    peer.last_data_sent.get_or_insert(now);
+                    peer.stats.tx_bytes += n as u64;
+                    peer.keepalive_due = false;
+                    peer.passive_keepalive_at = None;
+                    return Some((to, n));
+                }
+            }
+            if let Some(n) = peer
+                .tx_shaper
+                .as_mut()
+                .and_then(|s| s.release(now, buf.get_mut(16..)?))
+            {
+                if let Ok(n) = seal(&mut t.session, layer, buf, n) {
                     peer.last_sent = Some(now);
                     peer.last_data_sent.get_or_insert(now);
                     peer.stats.tx_bytes += n as u64;

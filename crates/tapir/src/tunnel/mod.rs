@@ -456,6 +456,8 @@ struct Datapath {
     pending: usize,
     /// A frame being flooded, copied out of its slot.
     scratch: Vec<u8>,
+    /// A packet a rate limit held back on arrival, released.
+    held: Vec<u8>,
     gro: vnet::Coalescer,
     gro_on: bool,
     /// One device read: the vnet header and up to 64 KiB.
@@ -696,6 +698,31 @@ impl Datapath {
         Ok(())
     }
 
+    /// Packets that a peer's rate limit held back on arrival, now due.
+    fn release_held(&mut self, now: Instant, wall: Duration) -> Result<(), DevError> {
+        let mut held = std::mem::take(&mut self.held);
+        while let Some(result) = self.tunnel.poll_received(now, &mut held) {
+            match result {
+                Decapsulated::Packet(range) => self.deliver(&mut held, range),
+                Decapsulated::Forward { range, to } => {
+                    let len = range.len();
+                    self.scratch[..len].copy_from_slice(&held[range]);
+                    self.seal_copy(to, len, now, wall)?;
+                }
+                Decapsulated::Flood { range, from } => {
+                    let len = range.len();
+                    self.scratch[..len].copy_from_slice(&held[range.clone()]);
+                    self.deliver(&mut held, range);
+                    self.flood(len, Some(from), now, wall)?;
+                }
+                Decapsulated::Nothing | Decapsulated::Dropped(_) => {}
+            }
+        }
+        self.held = held;
+        self.flush_gro();
+        Ok(())
+    }
+
     /// Handshakes, cookie replies, keepalives and queued packets.
     fn transmit(&mut self, now: Instant) -> Result<(), DevError> {
         loop {
@@ -739,6 +766,7 @@ impl Started {
             tx: Batch::new(BATCH, SLOT),
             pending: 0,
             scratch: vec![0u8; SLOT],
+            held: vec![0u8; SLOT],
             gro: vnet::Coalescer::new(),
             gro_on: true,
             big: vec![0u8; vnet::LEN + 65536],
@@ -770,6 +798,10 @@ impl Started {
                 .as_ref()
                 .map(|c| set.add(c.listener().as_fd(), true, false));
             let mut timeout = next_timer.saturating_duration_since(now);
+            // A rate limit holding packets back wakes the loop when they are due.
+            if let Some(at) = d.tunnel.next_release(now) {
+                timeout = timeout.min(at.saturating_duration_since(now));
+            }
             let udp_at = match &mut d.net {
                 Net::Udp(s) => Some(set.add(s.as_fd(), true, false)),
                 Net::Tcp(t) => {
@@ -861,6 +893,7 @@ impl Started {
                 d.tunnel.handle_timeout(now, wall_now, &mut d.rng);
                 next_timer = d.tunnel.poll_timeout(now);
             }
+            d.release_held(now, wall_now)?;
             d.transmit(now)?;
         }
         eprintln!("tapir: {}: down", d.name);

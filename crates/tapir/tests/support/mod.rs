@@ -303,7 +303,6 @@ impl Drop for Bed {
     }
 }
 
-
 pub struct Side<'a> {
     pub ns: &'a Netns,
     pub name: String,
@@ -425,4 +424,3 @@ pub fn wireguard_go_psk(
     side.ns.ip(&["link", "set", &side.name, "up"]);
     Proc(Some(child))
 }
-
