@@ -96,8 +96,17 @@ fn check(shutdown: &AtomicBool) -> Result<(), String> {
     }
 }
 
+/// What the demo's tunnel is made of.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Kind {
+    /// Over TCP (udp2tcp's framing): A connects to B's port 51820.
+    pub tcp: bool,
+    /// In tap mode: Ethernet frames, so ARP crosses the tunnel too.
+    pub tap: bool,
+}
+
 /// Runs the demo. `tapir` is the path of this binary (for the tunnel processes).
-pub fn run(tapir: &Path, seconds: u64, shutdown: &AtomicBool) -> Result<(), String> {
+pub fn run(tapir: &Path, seconds: u64, kind: Kind, shutdown: &AtomicBool) -> Result<(), String> {
     if !crate::caps::has_net_admin() {
         return Err(crate::caps::net_admin_missing(
             "the demo (it creates network namespaces)",
@@ -150,10 +159,35 @@ pub fn run(tapir: &Path, seconds: u64, shutdown: &AtomicBool) -> Result<(), Stri
         kb.public_key()
     );
 
-    println!("\n==> 3. a tapir tunnel between them (tapir run NAME.conf, a wg-quick file)");
+    println!(
+        "\n==> 3. a tapir tunnel between them (tapir run NAME.conf, a wg-quick file){}{}",
+        if kind.tap {
+            ", in tap mode (Ethernet frames)"
+        } else {
+            ""
+        },
+        if kind.tcp {
+            ", over TCP (A connects to B)"
+        } else {
+            ""
+        }
+    );
     let conf = |me: &PrivateKey, peer: &PrivateKey, addr: &str, peer_addr: &str, endpoint: &str| {
+        let mut extra = String::new();
+        if kind.tap {
+            extra += "Mode = tap\n";
+        }
+        if kind.tcp {
+            extra += "Transport = tcp\n";
+        }
+        // Over TCP one end connects and the other listens.
+        let endpoint = if kind.tcp && addr == "10.99.0.2" {
+            String::new()
+        } else {
+            format!("Endpoint = {endpoint}:51820\n")
+        };
         format!(
-            "[Interface]\nPrivateKey = {}\nListenPort = 51820\nAddress = {addr}/24\n\n[Peer]\nPublicKey = {}\nEndpoint = {endpoint}:51820\nAllowedIPs = {peer_addr}/32\n",
+            "[Interface]\nPrivateKey = {}\nListenPort = 51820\nAddress = {addr}/24\n{extra}\n[Peer]\nPublicKey = {}\n{endpoint}AllowedIPs = {peer_addr}/32\n",
             me.to_base64(),
             peer.public_key()
         )

@@ -91,6 +91,12 @@ enum Command {
         /// Seconds of the throughput measurement.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// The same lab with the tunnel over TCP (as through a network that blocks UDP).
+        #[arg(long)]
+        tcp: bool,
+        /// The same lab with a tap-mode tunnel (Ethernet frames).
+        #[arg(long)]
+        tap: bool,
     },
     /// Print a new private key (base64, as wg genkey).
     Genkey,
@@ -415,10 +421,11 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { seconds } => {
+        Command::Demo { seconds, tcp, tap } => {
             let shutdown = shutdown_flag()?;
             let me = std::env::current_exe().context("finding the tapir binary")?;
-            match tapir::demo::run(&me, seconds.clamp(1, 60), &shutdown) {
+            let kind = tapir::demo::Kind { tcp, tap };
+            match tapir::demo::run(&me, seconds.clamp(1, 60), kind, &shutdown) {
                 Ok(()) => {
                     println!(
                         "\ndemo done: the tunnel carried a ping and a bulk transfer; nothing is left behind"

@@ -54,6 +54,39 @@ fn the_demo_runs_and_leaves_nothing_behind() {
 }
 
 #[test]
+fn the_demo_runs_over_tcp_in_tap_mode_too() {
+    require_root!();
+    for flags in [&["--tcp"][..], &["--tap"][..], &["--tcp", "--tap"][..]] {
+        let child = Command::new(TAPIR)
+            .args(["demo", "--seconds", "1"])
+            .args(flags)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{flags:?}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(" 0% packet loss"), "{stdout}");
+        if flags.contains(&"--tcp") {
+            assert!(
+                stdout.contains("Transport = tcp") && stdout.contains("over TCP"),
+                "{stdout}"
+            );
+        }
+        if flags.contains(&"--tap") {
+            assert!(stdout.contains("Mode = tap"), "{stdout}");
+        }
+        assert!(leftovers(pid).is_empty(), "{:?}", leftovers(pid));
+    }
+}
+
+#[test]
 fn without_ping_and_iperf3_the_demo_uses_its_own() {
     require_root!();
     // A PATH holding only ip.
