@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The peer benchmark: iperf3 TCP (1 and 4 streams) and ping RTT through the raw
 # veth, tapir, wireguard-go, boringtun-cli, gotatun-cli, OpenVPN (UDP,
-# AES-256-GCM, p2p TLS) and VTun (UDP, no encryption), measured one after
-# another in one run on the same testbed:
+# AES-256-GCM, p2p TLS) and VTun (UDP, no encryption); then Ethernet tunnels
+# (tapir tap, OpenVPN dev tap, tinc Mode = switch, VTun type ether) and
+# tunnels over TCP (tapir, OpenVPN proto tcp, VTun proto tcp), measured one
+# after another in one run on the same testbed:
 #
 #   ns a: va 10.201.0.1 ── veth (MTU 1500) ── vb 10.201.0.2 :ns b
 #         tunnel 10.78.0.1 ══════════════════ tunnel 10.78.0.2
@@ -17,7 +19,7 @@ cd "$(dirname "$0")/.."
 T=${SECONDS_PER_RUN:-10}
 export PATH="$HOME/.cargo/bin:$PATH"
 need=()
-for pair in iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools openvpn:openvpn vtund:vtun openssl:openssl ping:iputils-ping python3:python3; do
+for pair in iperf3:iperf3 wireguard-go:wireguard-go wg:wireguard-tools openvpn:openvpn vtund:vtun tincd:tinc openssl:openssl ping:iputils-ping python3:python3; do
     command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 if ((${#need[@]})); then
@@ -94,20 +96,26 @@ uapi_pair() {
 }
 
 setup_veth() { DST=10.201.0.2; }
-setup_tapir() {
+# tapir with extra [Interface] lines ($1) and a /24 on each side.
+tapir_pair() {
     DST=10.78.0.2
     local ka kb; ka=$(keys); kb=$(keys)
-    printf '[Interface]\nPrivateKey = %s\nListenPort = 51820\nAddress = 10.78.0.1/24\n[Peer]\nPublicKey = %s\nEndpoint = 10.201.0.2:51820\nAllowedIPs = 10.78.0.2/32\n' "$ka" "$(pub "$kb")" > "$work/tpa.conf"
-    printf '[Interface]\nPrivateKey = %s\nListenPort = 51820\nAddress = 10.78.0.2/24\n[Peer]\nPublicKey = %s\nEndpoint = 10.201.0.1:51820\nAllowedIPs = 10.78.0.1/32\n' "$kb" "$(pub "$ka")" > "$work/tpb.conf"
+    printf '[Interface]\nPrivateKey = %s\nAddress = 10.78.0.1/24\n%b\n[Peer]\nPublicKey = %s\nEndpoint = 10.201.0.2:51820\nAllowedIPs = 10.78.0.2/32\n' "$ka" "$1" "$(pub "$kb")" > "$work/tpa.conf"
+    printf '[Interface]\nPrivateKey = %s\nListenPort = 51820\nAddress = 10.78.0.2/24\n%b\n[Peer]\nPublicKey = %s\nAllowedIPs = 10.78.0.1/32\n' "$kb" "$1" "$(pub "$ka")" > "$work/tpb.conf"
     chmod 600 "$work"/tp?.conf
-    ip netns exec $a "$tapir" run "$work/tpa.conf" 2>"$work/tpa.log" & pids+=($!); TAPIR_PID=$!
     ip netns exec $b "$tapir" run "$work/tpb.conf" 2>"$work/tpb.log" & pids+=($!)
+    sleep 0.3
+    ip netns exec $a "$tapir" run "$work/tpa.conf" 2>"$work/tpa.log" & pids+=($!); TAPIR_PID=$!
     sleep 0.5
 }
+setup_tapir() { tapir_pair ""; }
+setup_tapir_tap() { tapir_pair "Mode = tap"; }
+setup_tapir_tcp() { tapir_pair "Transport = tcp"; }
 setup_wggo() { DST=10.78.0.2; command -v wireguard-go >/dev/null || { WHY="wireguard-go not installed"; return 1; }; uapi_pair wgg$tag env WG_PROCESS_FOREGROUND=1 wireguard-go -f; }
 setup_boringtun() { DST=10.78.0.2; command -v boringtun-cli >/dev/null || { WHY="boringtun-cli did not install"; return 1; }; uapi_pair bt$tag env WG_LOG_LEVEL=error boringtun-cli --foreground --disable-drop-privileges; }
 setup_gotatun() { DST=10.78.0.2; command -v gotatun >/dev/null || { WHY="gotatun-cli did not install"; return 1; }; uapi_pair gt$tag env WG_LOG_LEVEL=error gotatun --foreground --disable-drop-privileges; }
-setup_openvpn() {
+# OpenVPN point to point with TLS, AES-256-GCM: DEV (tun|tap) PROTO (udp|tcp)
+openvpn_pair() {
     DST=10.78.0.2
     command -v openvpn >/dev/null || { WHY="openvpn not installed"; return 1; }
     (cd "$work" &&
@@ -116,27 +124,37 @@ setup_openvpn() {
             openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout $s.key -out $s.csr -subj /CN=$s 2>/dev/null &&
             openssl x509 -req -in $s.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out $s.crt -days 2 2>/dev/null || exit 1
         done) || { WHY="openssl could not make certificates"; return 1; }
-    local common=(--dev tun --proto udp --data-ciphers AES-256-GCM --cipher AES-256-GCM --ca "$work/ca.crt" --disable-dco --verb 1 --ping 5)
-    ip netns exec $b openvpn "${common[@]}" --tls-server --dh none --cert "$work/b.crt" --key "$work/b.key" --lport 1194 --ifconfig 10.78.0.2 10.78.0.1 >"$work/ovpn-b.log" 2>&1 & pids+=($!)
-    ip netns exec $a openvpn "${common[@]}" --tls-client --cert "$work/a.crt" --key "$work/a.key" --remote 10.201.0.2 1194 --ifconfig 10.78.0.1 10.78.0.2 >"$work/ovpn-a.log" 2>&1 & pids+=($!)
+    local common=(--dev "$1" --data-ciphers AES-256-GCM --cipher AES-256-GCM --ca "$work/ca.crt" --disable-dco --verb 1 --ping 5)
+    local server=(--proto "$2") client=(--proto "$2")
+    [[ $2 == tcp ]] && server=(--proto tcp-server) && client=(--proto tcp-client)
+    local ifb=(--ifconfig 10.78.0.2 10.78.0.1) ifa=(--ifconfig 10.78.0.1 10.78.0.2)
+    [[ $1 == tap ]] && ifb=(--ifconfig 10.78.0.2 255.255.255.0) && ifa=(--ifconfig 10.78.0.1 255.255.255.0)
+    ip netns exec $b openvpn "${common[@]}" "${server[@]}" --tls-server --dh none --cert "$work/b.crt" --key "$work/b.key" --lport 1194 "${ifb[@]}" >"$work/ovpn-b.log" 2>&1 & pids+=($!)
+    sleep 0.3
+    ip netns exec $a openvpn "${common[@]}" "${client[@]}" --tls-client --cert "$work/a.crt" --key "$work/a.key" --remote 10.201.0.2 1194 "${ifa[@]}" >"$work/ovpn-a.log" 2>&1 & pids+=($!)
     for _ in $(seq 100); do grep -q "Initialization Sequence Completed" "$work/ovpn-a.log" 2>/dev/null && return 0; sleep 0.1; done
     WHY="OpenVPN did not complete its TLS handshake: $(tail -1 "$work/ovpn-a.log")"; return 1
 }
-setup_vtun() {
+setup_openvpn() { openvpn_pair tun udp; }
+setup_openvpn_tap() { openvpn_pair tap udp; }
+setup_openvpn_tcp() { openvpn_pair tun tcp; }
+# VTun without encryption: TYPE (tun|ether) PROTO (udp|tcp)
+vtun_pair() {
     DST=10.78.0.2
     command -v vtund >/dev/null || { WHY="vtun not installed"; return 1; }
     local ip; ip=$(command -v ip)
     local side
     for side in b a; do
-        local me peer; if [[ $side == b ]]; then me=10.78.0.2; peer=10.78.0.1; else me=10.78.0.1; peer=10.78.0.2; fi
+        local me peer addr; if [[ $side == b ]]; then me=10.78.0.2; peer=10.78.0.1; else me=10.78.0.1; peer=10.78.0.2; fi
+        if [[ $1 == ether ]]; then addr="addr add $me/24 dev %%"; else addr="addr add $me peer $peer dev %%"; fi
         # vtund's parser wants a space before each ';' after a quoted argument.
         cat > "$work/vtun-$side.conf" <<CONF
 options { port 5000; ip $ip; timeout 10; }
 default { compress no; speed 0; }
 demo {
-  passwd benchsecret; type tun; proto udp; encrypt no; keepalive yes; stat no;
+  passwd benchsecret; type $1; proto $2; encrypt no; keepalive yes; stat no;
   up {
-    ip "addr add $me peer $peer dev %%" ;
+    ip "$addr" ;
     ip "link set %% mtu 1450 up" ;
   };
 }
@@ -145,12 +163,41 @@ CONF
     ip netns exec $b vtund -s -n -f "$work/vtun-b.conf" >"$work/vtun-b.log" 2>&1 & pids+=($!)
     sleep 0.5
     ip netns exec $a vtund -n -f "$work/vtun-a.conf" demo 10.201.0.2 >"$work/vtun-a.log" 2>&1 & pids+=($!)
-    for _ in $(seq 100); do ip -n $a addr show 2>/dev/null | grep -q "10.78.0.1 peer" && return 0; sleep 0.1; done
+    for _ in $(seq 100); do ip -n $a addr show 2>/dev/null | grep -q "10.78.0.1" && return 0; sleep 0.1; done
     WHY="VTun did not connect: $(tail -1 "$work/vtun-a.log")"; return 1
 }
+setup_vtun() { vtun_pair tun udp; }
+setup_vtun_ether() { vtun_pair ether udp; }
+setup_vtun_tcp() { vtun_pair tun tcp; }
 
-peers="veth tapir wggo boringtun gotatun openvpn vtun"
-declare -A label=([veth]="raw veth" [tapir]=tapir [wggo]=wireguard-go [boringtun]=boringtun-cli [gotatun]=gotatun-cli [openvpn]="OpenVPN AES-256-GCM" [vtun]="VTun (no crypto)")
+# tinc 1.0 in switch mode (Ethernet), its default cipher (Blowfish-CBC, SHA1).
+setup_tinc() {
+    DST=10.78.0.2
+    command -v tincd >/dev/null || { WHY="tinc not installed"; return 1; }
+    local n me other addr
+    for n in a b; do mkdir -p "$work/tinc-$n/hosts"; done
+    for n in a b; do
+        if [[ $n == a ]]; then me=10.78.0.1; other=b; addr=10.201.0.1; else me=10.78.0.2; other=a; addr=10.201.0.2; fi
+        printf 'Name = %s\nMode = switch\nDeviceType = tap\nInterface = tinc%s\nAddressFamily = ipv4\nConnectTo = %s\n' "$n" "$n" "$other" > "$work/tinc-$n/tinc.conf"
+        printf 'Address = %s\nPort = 655\n' "$addr" > "$work/tinc-$n/hosts/$n"
+        printf '#!/bin/sh\nip link set "$INTERFACE" mtu 1400 up\nip addr add %s/24 dev "$INTERFACE"\n' "$me" > "$work/tinc-$n/tinc-up"
+        chmod +x "$work/tinc-$n/tinc-up"
+        tincd -c "$work/tinc-$n" -K 2048 </dev/null >/dev/null 2>&1 || { WHY="tincd -K failed"; return 1; }
+    done
+    cp "$work/tinc-a/hosts/a" "$work/tinc-b/hosts/a"; cp "$work/tinc-b/hosts/b" "$work/tinc-a/hosts/b"
+    for n in b a; do
+        local ns=$a; [[ $n == b ]] && ns=$b
+        ip netns exec $ns tincd -c "$work/tinc-$n" -D --pidfile="$work/tinc-$n.pid" >"$work/tinc-$n.log" 2>&1 & pids+=($!)
+        sleep 0.3
+    done
+    for _ in $(seq 100); do ip netns exec $a ping -c 1 -W 1 -q 10.78.0.2 >/dev/null 2>&1 && return 0; sleep 0.2; done
+    WHY="tinc did not connect: $(tail -1 "$work/tinc-a.log")"; return 1
+}
+
+peers=${PEERS:-"veth tapir wggo boringtun gotatun openvpn vtun tapir_tap openvpn_tap tinc vtun_ether tapir_tcp openvpn_tcp vtun_tcp"}
+declare -A label=([veth]="raw veth" [tapir]=tapir [wggo]=wireguard-go [boringtun]=boringtun-cli [gotatun]=gotatun-cli [openvpn]="OpenVPN AES-256-GCM" [vtun]="VTun (no crypto)"
+    [tapir_tap]="tapir tap" [openvpn_tap]="OpenVPN tap AES-GCM" [tinc]="tinc switch" [vtun_ether]="VTun ether (no crypto)"
+    [tapir_tcp]="tapir TCP" [openvpn_tcp]="OpenVPN TCP AES-GCM" [vtun_tcp]="VTun TCP (no crypto)")
 declare -A one four ms note
 tapir_rss=; tapir_cpu=
 for p in $peers; do
@@ -190,3 +237,17 @@ done
 printf '\nGbit/s. tapir / best userspace peer (%s, 1 stream): %s; tapir / raw veth: %s\n' \
     "${bestname:-none}" "$(ratio "${one[tapir]:-0}" "$best")" "$(ratio "${one[tapir]:-0}" "${one[veth]:-0}")"
 printf 'tapir (sending side) during the 1-stream run: CPU %s of one core, RSS %s\n' "${tapir_cpu:--}" "${tapir_rss:--}"
+# The same comparisons for Ethernet tunnels and for tunnels over TCP.
+best_of() {
+    local b=0 p v
+    for p in "$@"; do v=${one[$p]:-0}; awk -v v="$v" -v b="$b" 'BEGIN { exit !(v > b) }' && b=$v; done
+    echo "$b"
+}
+if [[ -n ${one[tapir_tap]:-} ]]; then
+    printf 'tap: tapir tap / tapir tun: %s; tapir tap / best tap peer (1 stream): %s\n' \
+        "$(ratio "${one[tapir_tap]}" "${one[tapir]:-0}")" "$(ratio "${one[tapir_tap]}" "$(best_of openvpn_tap tinc vtun_ether)")"
+fi
+if [[ -n ${one[tapir_tcp]:-} ]]; then
+    printf 'tcp: tapir TCP / tapir UDP: %s; tapir TCP / best TCP peer (1 stream): %s\n' \
+        "$(ratio "${one[tapir_tcp]}" "${one[tapir]:-0}")" "$(ratio "${one[tapir_tcp]}" "$(best_of openvpn_tcp vtun_tcp)")"
+fi

@@ -439,3 +439,52 @@ fn a_rate_limited_peer_gets_its_rate_and_an_unlimited_one_more() {
         assert!(st.contains("rate limit: 20 mbit each way"), "{st}");
     }
 }
+
+#[test]
+fn one_file_serves_udp_and_tcp_at_once() {
+    require_root!();
+    let bed = bed("both");
+    let ((ks, ps), (ku, pu), (kt, pt)) = (genkey(), genkey(), genkey());
+    let (nu, nt) = (ifname("svu"), ifname("svt"));
+    // The README's recipe: two tunnels with one key, one per transport.
+    let server = write_private(
+        &bed.dir,
+        "server.toml",
+        &format!(
+            "[[tunnel]]\nname = \"{nu}\"\nprivate_key = \"{ks}\"\nlisten_port = 51820\naddresses = [\"10.77.0.2/24\"]\n\
+             [[tunnel.peer]]\npublic_key = \"{pu}\"\nallowed_ips = [\"10.77.0.1/32\"]\n\n\
+             [[tunnel]]\nname = \"{nt}\"\nprivate_key = \"{ks}\"\ntransport = \"tcp\"\nlisten_port = 443\naddresses = [\"10.78.0.2/24\"]\n\
+             [[tunnel.peer]]\npublic_key = \"{pt}\"\nallowed_ips = [\"10.78.0.1/32\"]\n"
+        ),
+    );
+    let _s = run_tapir(&bed.b, &server, &nt);
+    let (cu, ct) = (ifname("cu"), ifname("ct"));
+    let client = |name: &str, key: &str, extra: &str, addr: &str, endpoint: &str, allowed: &str| {
+        let f = write_private(
+            &bed.dir,
+            &format!("{name}.conf"),
+            &format!(
+                "[Interface]\nPrivateKey = {key}\n{extra}\nAddress = {addr}\n\n[Peer]\nPublicKey = {ps}\nEndpoint = {endpoint}\nAllowedIPs = {allowed}\n"
+            ),
+        );
+        run_tapir(&bed.a, &f, name)
+    };
+    let _u = client(
+        &cu,
+        &ku,
+        "",
+        "10.77.0.1/24",
+        "10.200.0.2:51820",
+        "10.77.0.2/32",
+    );
+    let _t = client(
+        &ct,
+        &kt,
+        "Transport = tcp",
+        "10.78.0.1/24",
+        "10.200.0.2:443",
+        "10.78.0.2/32",
+    );
+    ping(&bed.a, "10.77.0.2");
+    ping(&bed.a, "10.78.0.2");
+}

@@ -462,9 +462,27 @@ struct Datapath {
     gro_on: bool,
     /// One device read: the vnet header and up to 64 KiB.
     big: Vec<u8>,
-    /// Errors writing to the device, and datagrams the kernel refused.
+    /// Errors writing to the device.
     device_write_errors: u64,
+    /// UDP segmentation offload in use (probed at start, off after an EIO).
+    gso_on: bool,
+    /// UDP coalescing on receive in use.
+    gro_udp: bool,
+    /// What the UDP sends did.
+    udp: UdpCounters,
 }
+
+/// Totals of the UDP sends, for `tapir status`.
+#[derive(Debug, Default)]
+struct UdpCounters {
+    sent: u64,
+    messages: u64,
+    refused: u64,
+    blocked: u64,
+}
+
+/// How long a send waits for room in a full socket buffer before dropping.
+const SEND_PATIENCE: Duration = Duration::from_millis(20);
 
 impl Datapath {
     /// Sends what is queued.
@@ -474,9 +492,23 @@ impl Datapath {
         }
         match &mut self.net {
             Net::Udp(socket) => {
-                self.tx
-                    .send(socket.as_fd(), self.pending)
-                    .map_err(|e| DevError::Runtime(format!("UDP send: {e}")))?;
+                let was = self.gso_on;
+                let r = self.tx.send_gso(
+                    socket.as_fd(),
+                    self.pending,
+                    &mut self.gso_on,
+                    SEND_PATIENCE,
+                );
+                self.udp.sent += r.sent as u64;
+                self.udp.messages += r.messages as u64;
+                self.udp.refused += r.refused as u64;
+                self.udp.blocked += r.blocked as u64;
+                if was && !self.gso_on {
+                    eprintln!(
+                        "tapir: {}: the kernel refuses segmented UDP sends (EIO): UDP GSO off, one datagram per message",
+                        self.name
+                    );
+                }
             }
             Net::Tcp(t) => t.send(&self.tx, self.pending, now),
         }
@@ -658,6 +690,8 @@ impl Datapath {
     }
 
     /// Opens the `got` datagrams in `rx` and sends each where it belongs.
+    /// A datagram the kernel coalesced (UDP GRO) is cut at its segment size
+    /// and each piece opened where it lies.
     fn open_received(
         &mut self,
         rx: &mut Batch,
@@ -666,61 +700,72 @@ impl Datapath {
         wall: Duration,
     ) -> Result<(), DevError> {
         for i in 0..got {
+            let seg = rx.segment_size(i);
             let (datagram, from) = rx.datagram_mut(i);
-            let n = datagram.len();
+            let total = datagram.len();
             let from = from_v6(SocketAddr::V6(from));
-            let result = self
-                .tunnel
-                .decapsulate(now, wall, &mut self.rng, from, datagram, n);
-            if !matches!(result, Decapsulated::Dropped(_)) {
-                if let Net::Tcp(t) = &mut self.net {
-                    t.authenticated(from);
-                }
-            }
             let (slot, _) = rx.slot_with_len(i);
-            match result {
-                Decapsulated::Packet(range) => self.deliver(slot, range),
-                Decapsulated::Forward { range, to } => {
-                    let len = range.len();
-                    self.scratch[..len].copy_from_slice(&slot[range]);
-                    self.seal_copy(to, len, now, wall)?;
+            let step = seg.unwrap_or(total).max(1);
+            let mut at = 0;
+            while at < total {
+                let len = step.min(total - at);
+                let buf = &mut slot[at..];
+                let result = self
+                    .tunnel
+                    .decapsulate(now, wall, &mut self.rng, from, buf, len);
+                if !matches!(result, Decapsulated::Dropped(_)) {
+                    if let Net::Tcp(t) = &mut self.net {
+                        t.authenticated(from);
+                    }
                 }
-                Decapsulated::Flood { range, from } => {
-                    let len = range.len();
-                    self.scratch[..len].copy_from_slice(&slot[range.clone()]);
-                    self.deliver(slot, range);
-                    self.flood(len, Some(from), now, wall)?;
-                }
-                Decapsulated::Nothing | Decapsulated::Dropped(_) => {}
+                self.dispatch(buf, result, now, wall)?;
+                at += len;
             }
         }
         self.flush_gro();
         Ok(())
     }
 
+    /// Sends an opened packet where [`Tunnel::decapsulate`] says: to the
+    /// device, or (tap hub) sealed again for other peers.
+    fn dispatch(
+        &mut self,
+        buf: &mut [u8],
+        result: Decapsulated,
+        now: Instant,
+        wall: Duration,
+    ) -> Result<(), DevError> {
+        match result {
+            Decapsulated::Packet(range) => self.deliver(buf, range),
+            Decapsulated::Forward { range, to } => {
+                let len = range.len();
+                self.scratch[..len].copy_from_slice(&buf[range]);
+                self.seal_copy(to, len, now, wall)?;
+            }
+            Decapsulated::Flood { range, from } => {
+                let len = range.len();
+                self.scratch[..len].copy_from_slice(&buf[range.clone()]);
+                self.deliver(buf, range);
+                self.flood(len, Some(from), now, wall)?;
+            }
+            Decapsulated::Nothing | Decapsulated::Dropped(_) => {}
+        }
+        Ok(())
+    }
+
     /// Packets that a peer's rate limit held back on arrival, now due.
     fn release_held(&mut self, now: Instant, wall: Duration) -> Result<(), DevError> {
         let mut held = std::mem::take(&mut self.held);
-        while let Some(result) = self.tunnel.poll_received(now, &mut held) {
-            match result {
-                Decapsulated::Packet(range) => self.deliver(&mut held, range),
-                Decapsulated::Forward { range, to } => {
-                    let len = range.len();
-                    self.scratch[..len].copy_from_slice(&held[range]);
-                    self.seal_copy(to, len, now, wall)?;
-                }
-                Decapsulated::Flood { range, from } => {
-                    let len = range.len();
-                    self.scratch[..len].copy_from_slice(&held[range.clone()]);
-                    self.deliver(&mut held, range);
-                    self.flood(len, Some(from), now, wall)?;
-                }
-                Decapsulated::Nothing | Decapsulated::Dropped(_) => {}
+        let mut result = Ok(());
+        while let Some(r) = self.tunnel.poll_received(now, &mut held) {
+            result = self.dispatch(&mut held, r, now, wall);
+            if result.is_err() {
+                break;
             }
         }
         self.held = held;
         self.flush_gro();
-        Ok(())
+        result
     }
 
     /// Handshakes, cookie replies, keepalives and queued packets.
@@ -754,6 +799,17 @@ impl Started {
         let started = wall();
         let mut last_lookup: Vec<Option<Instant>> = vec![None; hostnames.len()];
         let rng = OsRandom::new().map_err(|e| DevError::Runtime(format!("/dev/urandom: {e}")))?;
+        // UDP offloads, probed: segmentation on send, coalescing on receive.
+        // TAPIR_UDP_GSO=off / TAPIR_UDP_GRO=off turn them off (to measure
+        // what they bring, or to rule them out).
+        let off = |var: &str| std::env::var(var).is_ok_and(|v| v == "off" || v == "0");
+        let (net_kind, gro_udp) = match &net {
+            Net::Udp(s) => (
+                Some(!off("TAPIR_UDP_GSO") && tapir_sys::mmsg::gso_supported(s.as_fd())),
+                !off("TAPIR_UDP_GRO") && tapir_sys::mmsg::enable_gro(s.as_fd()),
+            ),
+            Net::Tcp(_) => (None, false),
+        };
         // Batches allocated once: the datapath allocates nothing per packet.
         let mut rx = Batch::new(BATCH, SLOT);
         let mut d = Datapath {
@@ -771,6 +827,9 @@ impl Started {
             gro_on: true,
             big: vec![0u8; vnet::LEN + 65536],
             device_write_errors: 0,
+            gso_on: matches!(&net_kind, Some(true)),
+            gro_udp,
+            udp: UdpCounters::default(),
         };
         let mut warned_layer: Vec<(PublicKey, u64)> = Vec::new();
         let mut set = PollSet::new();
@@ -906,7 +965,7 @@ impl Started {
 /// tapir's own status lines, after WireGuard's (see `uapi::ControlSocket::serve`).
 fn extras(d: &Datapath, mode: Mode) -> String {
     let mut out = format!(
-        "tapir_mode={mode}\ntapir_transport={}\ntapir_datapath={}\ntapir_device_write_errors={}\n",
+        "tapir_mode={mode}\ntapir_transport={}\ntapir_datapath={}{}\ntapir_device_write_errors={}\n",
         match d.net {
             Net::Udp(_) => "udp",
             Net::Tcp(_) => "tcp",
@@ -921,8 +980,22 @@ fn extras(d: &Datapath, mode: Mode) -> String {
             (Net::Tcp(_), true) =>
                 "TCP, one connection per peer, 16-bit length framing; tap via the vnet header, a learning switch between peers",
         },
+        match &d.net {
+            Net::Udp(_) => format!(
+                "; UDP GSO {}, UDP GRO {}",
+                if d.gso_on { "on" } else { "off" },
+                if d.gro_udp { "on" } else { "off" }
+            ),
+            Net::Tcp(_) => String::new(),
+        },
         d.device_write_errors
     );
+    if let Net::Udp(_) = &d.net {
+        out += &format!(
+            "tapir_udp_sent={}\ntapir_udp_send_calls={}\ntapir_udp_refused={}\ntapir_udp_blocked={}\n",
+            d.udp.sent, d.udp.messages, d.udp.refused, d.udp.blocked
+        );
+    }
     if let Net::Tcp(t) = &d.net {
         let (open, pending) = t.connection_counts();
         out += &format!(
