@@ -103,12 +103,14 @@ tapir_pair() {
     printf '[Interface]\nPrivateKey = %s\nAddress = 10.78.0.1/24\n%b\n[Peer]\nPublicKey = %s\nEndpoint = 10.201.0.2:51820\nAllowedIPs = 10.78.0.2/32\n' "$ka" "$1" "$(pub "$kb")" > "$work/tpa.conf"
     printf '[Interface]\nPrivateKey = %s\nListenPort = 51820\nAddress = 10.78.0.2/24\n%b\n[Peer]\nPublicKey = %s\nAllowedIPs = 10.78.0.1/32\n' "$kb" "$1" "$(pub "$ka")" > "$work/tpb.conf"
     chmod 600 "$work"/tp?.conf
-    ip netns exec $b "$tapir" run "$work/tpb.conf" 2>"$work/tpb.log" & pids+=($!)
+    ip netns exec $b env TAPIR_UDP_GSO="${TAPIR_UDP_GSO:-on}" TAPIR_UDP_GRO="${TAPIR_UDP_GRO:-on}" "$tapir" run "$work/tpb.conf" 2>"$work/tpb.log" & pids+=($!)
     sleep 0.3
-    ip netns exec $a "$tapir" run "$work/tpa.conf" 2>"$work/tpa.log" & pids+=($!); TAPIR_PID=$!
+    ip netns exec $a env TAPIR_UDP_GSO="${TAPIR_UDP_GSO:-on}" TAPIR_UDP_GRO="${TAPIR_UDP_GRO:-on}" "$tapir" run "$work/tpa.conf" 2>"$work/tpa.log" & pids+=($!); TAPIR_PID=$!
     sleep 0.5
 }
 setup_tapir() { tapir_pair ""; }
+# The same without UDP segmentation and coalescing, to show what they bring.
+setup_tapir_nouo() { TAPIR_UDP_GSO=off TAPIR_UDP_GRO=off tapir_pair ""; }
 setup_tapir_tap() { tapir_pair "Mode = tap"; }
 setup_tapir_tcp() { tapir_pair "Transport = tcp"; }
 setup_wggo() { DST=10.78.0.2; command -v wireguard-go >/dev/null || { WHY="wireguard-go not installed"; return 1; }; uapi_pair wgg$tag env WG_PROCESS_FOREGROUND=1 wireguard-go -f; }
@@ -194,8 +196,8 @@ setup_tinc() {
     WHY="tinc did not connect: $(tail -1 "$work/tinc-a.log")"; return 1
 }
 
-peers=${PEERS:-"veth tapir wggo boringtun gotatun openvpn vtun tapir_tap openvpn_tap tinc vtun_ether tapir_tcp openvpn_tcp vtun_tcp"}
-declare -A label=([veth]="raw veth" [tapir]=tapir [wggo]=wireguard-go [boringtun]=boringtun-cli [gotatun]=gotatun-cli [openvpn]="OpenVPN AES-256-GCM" [vtun]="VTun (no crypto)"
+peers=${PEERS:-"veth tapir tapir_nouo wggo boringtun gotatun openvpn vtun tapir_tap openvpn_tap tinc vtun_ether tapir_tcp openvpn_tcp vtun_tcp"}
+declare -A label=([veth]="raw veth" [tapir]=tapir [tapir_nouo]="tapir, no UDP GSO/GRO" [wggo]=wireguard-go [boringtun]=boringtun-cli [gotatun]=gotatun-cli [openvpn]="OpenVPN AES-256-GCM" [vtun]="VTun (no crypto)"
     [tapir_tap]="tapir tap" [openvpn_tap]="OpenVPN tap AES-GCM" [tinc]="tinc switch" [vtun_ether]="VTun ether (no crypto)"
     [tapir_tcp]="tapir TCP" [openvpn_tcp]="OpenVPN TCP AES-GCM" [vtun_tcp]="VTun TCP (no crypto)")
 declare -A one four ms note

@@ -193,6 +193,17 @@ pub enum Encapsulated {
     Flood,
 }
 
+/// Where a packet from the device goes (see [`Tunnel::target`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// To this peer (an index for [`Tunnel::encapsulate_to`]).
+    Peer(usize),
+    /// Tap mode: to every peer.
+    Flood,
+    /// Nowhere, and why.
+    Nowhere(Encapsulated),
+}
+
 /// What became of a datagram from the network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decapsulated {
@@ -650,33 +661,45 @@ impl Tunnel {
         let Some(packet) = buf.get(16..16 + len) else {
             return Encapsulated::Invalid;
         };
-        let p = match self.layer {
+        match self.target(now, packet) {
+            Target::Peer(p) => self.encapsulate_to(p, now, wall, rng, buf, len),
+            Target::Flood => Encapsulated::Flood,
+            Target::Nowhere(why) => why,
+        }
+    }
+
+    /// Where a packet (tun) or frame (tap) read from the device goes, by its
+    /// headers alone: the allowed-IPs lookup, or the switch (learning its
+    /// source as local). The segments of one TSO super-packet share their
+    /// headers, so one call serves them all, with
+    /// [`Tunnel::encapsulate_to`] per segment.
+    pub fn target(&mut self, now: Instant, packet: &[u8]) -> Target {
+        match self.layer {
             Layer::Ip => {
                 let Some(dst) = ip_address(packet, true) else {
-                    return Encapsulated::Invalid;
+                    return Target::Nowhere(Encapsulated::Invalid);
                 };
                 match self.route(dst) {
-                    Some(p) => p,
-                    None => return Encapsulated::NoRoute,
+                    Some(p) => Target::Peer(p),
+                    None => Target::Nowhere(Encapsulated::NoRoute),
                 }
             }
             Layer::Ethernet => {
                 let Some((dst, src)) = macs(packet) else {
-                    return Encapsulated::Invalid;
+                    return Target::Nowhere(Encapsulated::Invalid);
                 };
                 // What leaves through the tap was sent from this side.
                 let _ = self.switch.learn(now, src, Port::Local);
                 match self.switch.lookup(now, &dst) {
                     Destination::Port(Port::Peer(k)) => match self.by_key.get(&k) {
-                        Some(&p) => p,
-                        None => return Encapsulated::Flood,
+                        Some(&p) => Target::Peer(p),
+                        None => Target::Flood,
                     },
-                    Destination::Port(Port::Local) => return Encapsulated::NoRoute,
-                    Destination::Flood => return Encapsulated::Flood,
+                    Destination::Port(Port::Local) => Target::Nowhere(Encapsulated::NoRoute),
+                    Destination::Flood => Target::Flood,
                 }
             }
-        };
-        self.encapsulate_to(p, now, wall, rng, buf, len)
+        }
     }
 
     /// Seals the packet or frame at `buf[16..16 + len]` for peer `p` (an

@@ -29,7 +29,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tapir_proto::wg::keys::{PrivateKey, PublicKey};
-use tapir_proto::wg::tunnel::{Decapsulated, Encapsulated, Layer, PeerConfig, Random, Tunnel};
+use tapir_proto::wg::tunnel::{
+    Decapsulated, Encapsulated, Layer, PeerConfig, Random, Target, Tunnel,
+};
 use tapir_sys::mmsg::Batch;
 use tapir_sys::poll::PollSet;
 use tapir_sys::{IfName, Mode, Netlink, TunDevice, TunOptions, offload};
@@ -610,6 +612,11 @@ impl Datapath {
                     1
                 }
             };
+            // One routing decision for all the segments: they share their headers.
+            let target = self.tunnel.target(now, packet);
+            if let Target::Nowhere(_) = target {
+                continue;
+            }
             for i in 0..count {
                 let slot = self.tx.slot_mut(self.pending);
                 let len = if hdr.is_gso() {
@@ -628,14 +635,21 @@ impl Datapath {
                     slot[16..16 + len].copy_from_slice(&packet[..len]);
                     len
                 };
-                match self.tunnel.encapsulate(now, wall, &mut self.rng, slot, len) {
-                    Encapsulated::Send { to, len } => self.queue(to, len, now)?,
-                    Encapsulated::Flood => {
+                match target {
+                    Target::Peer(p) => {
+                        if let Encapsulated::Send { to, len } =
+                            self.tunnel
+                                .encapsulate_to(p, now, wall, &mut self.rng, slot, len)
+                        {
+                            self.queue(to, len, now)?;
+                        }
+                    }
+                    Target::Flood => {
                         let slot = self.tx.slot_mut(self.pending);
                         self.scratch[..len].copy_from_slice(&slot[16..16 + len]);
                         self.flood(len, None, now, wall)?;
                     }
-                    _ => {}
+                    Target::Nowhere(_) => {}
                 }
             }
         }
