@@ -955,6 +955,10 @@ mod tests {
                 "[Interface]\nPrivateKey = KEY\n[Peer]\nPublicKey = OWN\n",
                 ":3: PublicKey: is this interface's own public key",
             ),
+            (
+                "[Interface]\nPrivateKey = KEY\n[Peer]\nPublicKey = 4Ot6fDtBuK4WVuP68Z/EatoJjeucMrH9hmIFFl9JuAA=\n",
+                ":4: PublicKey: a key of small order",
+            ),
         ];
         let own = PrivateKey::from_base64(A).unwrap().public_key().to_base64();
         for (text, want) in cases {
@@ -1009,6 +1013,12 @@ mod tests {
             (
                 format!("{base}[[tunnel.peer]]\npublic_key = \"{B}\"\n"),
                 "t.toml:5: public_key: is this tunnel's own public key",
+            ),
+            (
+                format!(
+                    "{base}[[tunnel.peer]]\npublic_key = \"AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"\n"
+                ),
+                "t.toml:5: public_key: a key of small order",
             ),
             (
                 format!("{base}[[tunnel]]\nname = \"tp0\"\nprivate_key = \"{B}\"\n"),

@@ -145,7 +145,13 @@ pub fn set(
             }
             "replace_peers" => replace_peers = value == "true",
             "public_key" => changes.push(PeerChange {
-                public: PublicKey(decode_hex32(value).map_err(|_| EINVAL)?),
+                // Keys of small order (anyone could act as such a peer) and
+                // the interface's own key are refused.
+                public: decode_hex32(value)
+                    .ok()
+                    .and_then(|k| PublicKey::from_bytes(k).ok())
+                    .filter(|k| *k != private_key.public_key())
+                    .ok_or(EINVAL)?,
                 remove: false,
                 update_only: false,
                 psk: None,
@@ -344,6 +350,20 @@ mod tests {
         assert!(text.contains("persistent_keepalive_interval=25\n"));
         assert!(text.contains("allowed_ip=10.0.0.2/32\n"));
         assert!(text.ends_with("errno=0\n\n"));
+    }
+
+    #[test]
+    fn set_refuses_keys_of_small_order_and_our_own() {
+        let (mut t, key, _) = tunnel();
+        for bad in [
+            "0000000000000000000000000000000000000000000000000000000000000000".to_string(),
+            "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b880".to_string(),
+            key.public_key().to_hex(),
+        ] {
+            let lines = [format!("public_key={bad}"), "allowed_ip=10.9.0.1/32".into()];
+            assert_eq!(set(&mut t, &key, 51820, &lines), Err(EINVAL), "{bad}");
+        }
+        assert_eq!(t.peers().count(), 1, "nothing applied");
     }
 
     #[test]

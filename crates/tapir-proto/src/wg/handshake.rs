@@ -97,6 +97,9 @@ pub struct PeerStatic {
     cookie_key: [u8; 32],
     /// `DH(our static, its static)`, precomputed.
     static_static: [u8; 32],
+    /// The static-static secret is all zeros (a key of small order): no
+    /// handshake with this peer, either way.
+    weak: bool,
 }
 
 impl Drop for PeerStatic {
@@ -115,6 +118,7 @@ impl PeerStatic {
         Self {
             mac1_key: hash(&[LABEL_MAC1, &public.0]),
             cookie_key: hash(&[LABEL_COOKIE, &public.0]),
+            weak: !ss.was_contributory(),
             static_static: ss.to_bytes(),
             psk: psk.unwrap_or_default(),
             public,
@@ -242,7 +246,10 @@ pub fn write_initiation(
     now: std::time::Duration,
     cookie: Option<&[u8; 16]>,
     out: &mut [u8; INITIATION_LEN],
-) -> PendingInitiation {
+) -> Result<PendingInitiation, HandshakeError> {
+    if peer.weak {
+        return Err(HandshakeError::WeakKey);
+    }
     let (mut c, mut h) = initial();
     h = hash(&[&h, &peer.public.0]);
     let e_pub = public_of(&ephemeral);
@@ -251,9 +258,8 @@ pub fn write_initiation(
     out[field::INIT_SENDER].copy_from_slice(&local_index.to_le_bytes());
     out[field::INIT_EPHEMERAL].copy_from_slice(&e_pub);
     h = hash(&[&h, &e_pub]);
-    // A low-order peer key would give an all-zero secret: the handshake then
-    // simply fails at the peer; nothing secret leaks from it.
-    let es = dh(&ephemeral, &peer.public.0).unwrap_or([0; 32]);
+    // Never initiate on an all-zero secret (a key of small order).
+    let es = dh(&ephemeral, &peer.public.0)?;
     let [c2, k] = kdf::<2>(&c, &es);
     c = c2;
     let st = &mut out[field::INIT_STATIC];
@@ -267,13 +273,13 @@ pub fn write_initiation(
     crypto::seal(&k, 0, &h, ts, 12);
     h = hash(&[&h, &out[field::INIT_TIMESTAMP]]);
     let mac1 = write_macs(out, &peer.mac1_key, cookie);
-    PendingInitiation {
+    Ok(PendingInitiation {
         local_index,
         chaining: c,
         hash: h,
         ephemeral,
         mac1,
-    }
+    })
 }
 
 /// Authenticates an initiation sent to `id`. mac1 is checked here; mac2 (under

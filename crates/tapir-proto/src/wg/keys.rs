@@ -11,14 +11,54 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 pub enum KeyError {
     /// Not base64, or not 32 bytes once decoded.
     Format,
+    /// A public key of small order: Diffie-Hellman with it gives a secret
+    /// that does not depend on our key, so anyone could act as that peer.
+    LowOrder,
 }
 
 impl std::fmt::Display for KeyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(
-            "not a WireGuard key: expected 44 characters of base64 (32 bytes), as wg genkey prints",
-        )
+        f.write_str(match self {
+            Self::Format => {
+                "not a WireGuard key: expected 44 characters of base64 (32 bytes), as wg genkey prints"
+            }
+            Self::LowOrder => {
+                "a key of small order (a degenerate Curve25519 point, not a real public key): anyone could impersonate such a peer; use the output of wg pubkey or tapir pubkey"
+            }
+        })
     }
+}
+
+/// The Curve25519 points of small order (and their non-canonical forms),
+/// with the top bit cleared, as X25519 ignores it: libsodium's list.
+#[rustfmt::skip]
+const LOW_ORDER: [[u8; 32]; 7] = [
+    // 0 (order 4)
+    [0; 32],
+    // 1 (order 1)
+    [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    // order 8
+    [0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4, 0x6a,
+     0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49, 0xb8, 0x00],
+    // order 8
+    [0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef, 0x5b,
+     0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f, 0x11, 0x57],
+    // p - 1 (order 2)
+    [0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+     0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+    // p (= 0)
+    [0xed, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+     0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+    // p + 1 (= 1)
+    [0xee, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+     0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f],
+];
+
+/// Whether `key` is a point of small order (in any encoding X25519 accepts).
+pub fn is_low_order(key: &[u8; 32]) -> bool {
+    let mut k = *key;
+    k[31] &= 0x7f;
+    LOW_ORDER.contains(&k)
 }
 
 impl std::error::Error for KeyError {}
@@ -112,9 +152,17 @@ impl std::fmt::Debug for PrivateKey {
 pub struct PublicKey(pub [u8; 32]);
 
 impl PublicKey {
-    /// Reads the base64 form.
+    /// Reads the base64 form; refuses keys of small order.
     pub fn from_base64(text: &str) -> Result<Self, KeyError> {
-        decode32(text).map(Self)
+        Self::from_bytes(decode32(text)?)
+    }
+
+    /// From raw bytes (the control socket's hex); refuses keys of small order.
+    pub fn from_bytes(bytes: [u8; 32]) -> Result<Self, KeyError> {
+        if is_low_order(&bytes) {
+            return Err(KeyError::LowOrder);
+        }
+        Ok(Self(bytes))
     }
 
     /// The base64 form.
@@ -191,6 +239,29 @@ mod tests {
             private.public_key().to_base64(),
             "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
         );
+    }
+
+    #[test]
+    fn keys_of_small_order_are_refused_in_every_encoding() {
+        for k in LOW_ORDER {
+            let text = STANDARD.encode(k);
+            assert_eq!(
+                PublicKey::from_base64(&text),
+                Err(KeyError::LowOrder),
+                "{text}"
+            );
+            let mut high = k;
+            high[31] |= 0x80;
+            assert_eq!(PublicKey::from_bytes(high), Err(KeyError::LowOrder));
+            // What X25519 makes of them: an all-zero secret, whatever our key.
+            let shared = PrivateKey::from_random([9; 32])
+                .secret()
+                .diffie_hellman(&x25519_dalek::PublicKey::from(k));
+            assert!(!shared.was_contributory());
+        }
+        assert!(KeyError::LowOrder.to_string().contains("impersonate"));
+        let real = PrivateKey::from_random([3; 32]).public_key();
+        assert_eq!(PublicKey::from_bytes(real.0), Ok(real));
     }
 
     #[test]

@@ -609,7 +609,7 @@ impl Tunnel {
             .map(|(c, _)| c);
         let mut msg = [0u8; INITIATION_LEN];
         let peer = &mut self.peers[p];
-        let pending = handshake::write_initiation(
+        let Ok(pending) = handshake::write_initiation(
             &self.id,
             &peer.keys,
             index,
@@ -617,7 +617,11 @@ impl Tunnel {
             wall,
             cookie.as_ref(),
             &mut msg,
-        );
+        ) else {
+            // A key of small order: never a handshake with it.
+            self.by_index.remove(&index);
+            return;
+        };
         // Jitter the retry by up to a third of a second (whitepaper §6.1).
         let jitter = Duration::from_millis(u64::from(u16::from_le_bytes(random(rng))) % 334);
         peer.pending = Some((pending, now + jitter));
@@ -1303,3 +1307,43 @@ impl Tunnel {
 mod tap_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod weak_key_tests {
+    use super::*;
+
+    struct Zeros;
+    impl Random for Zeros {
+        fn fill(&mut self, buf: &mut [u8]) {
+            buf.fill(1);
+        }
+    }
+
+    #[test]
+    fn no_initiation_to_a_peer_key_of_small_order() {
+        // Built with raw bytes, past the parsers that refuse such keys.
+        let mut t = Tunnel::new(
+            PrivateKey::from_random([1; 32]),
+            vec![PeerConfig {
+                public: PublicKey([0; 32]),
+                psk: None,
+                endpoint: Some("192.0.2.2:51820".parse().unwrap()),
+                allowed_ips: vec!["10.0.0.2/32".parse().unwrap()],
+                keepalive: Some(Duration::from_secs(1)),
+                rate: None,
+            }],
+        );
+        let now = Instant::now();
+        let mut buf = [0u8; 2048];
+        buf[16] = 0x45;
+        buf[16 + 16..16 + 20].copy_from_slice(&[10, 0, 0, 2]);
+        let r = t.encapsulate(now, Duration::from_secs(1), &mut Zeros, &mut buf, 20);
+        assert_eq!(r, Encapsulated::Queued);
+        t.handle_timeout(
+            now + Duration::from_secs(10),
+            Duration::from_secs(11),
+            &mut Zeros,
+        );
+        assert!(t.poll_transmit(now, &mut buf).is_none(), "nothing is sent");
+        assert!(t.by_index.is_empty(), "no index left behind");
+    }
+}

@@ -22,7 +22,8 @@ fn both_sides_derive_the_same_keys() {
         Duration::from_secs(1_700_000_000),
         None,
         &mut init,
-    );
+    )
+    .unwrap();
     let received = read_initiation(&b, &init).unwrap();
     assert_eq!(received.peer, a.public());
     assert_eq!(received.sender_index, 0x1111);
@@ -53,7 +54,8 @@ fn forged_and_misdirected_messages_fail() {
         Duration::from_secs(5),
         None,
         &mut init,
-    );
+    )
+    .unwrap();
     // Every single-bit flip is refused (mac1 covers everything before it; mac2 is unchecked here).
     for byte in 0..field::INIT_MAC2.start {
         let mut bad = init;
@@ -104,7 +106,8 @@ fn cookies_round_trip_and_bind_mac2() {
         Duration::from_secs(5),
         None,
         &mut init,
-    );
+    )
+    .unwrap();
     // b is under load: it answers with a cookie for a's address.
     let cookie = cookie_for(&[5; 32], b"10.0.0.1:51820");
     let mut reply = [0u8; messages::COOKIE_LEN];
@@ -130,7 +133,8 @@ fn cookies_round_trip_and_bind_mac2() {
         Duration::from_secs(6),
         Some(&got),
         &mut again,
-    );
+    )
+    .unwrap();
     assert!(verify_mac2(&cookie, &again).is_ok());
     assert!(read_initiation(&b, &again).is_ok());
     let _ = b_a;
@@ -148,7 +152,8 @@ fn low_order_ephemeral_is_refused() {
         Duration::from_secs(5),
         None,
         &mut init,
-    );
+    )
+    .unwrap();
     // Replace the ephemeral by the identity point and fix mac1: DH gives zero.
     init[field::INIT_EPHEMERAL].fill(0);
     init[field::INIT_EPHEMERAL.start] = 1;
