@@ -69,8 +69,18 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so that tapir removes its control socket and device;
+    /// SIGKILL after 3 s.
     fn drop(&mut self) {
         if let Some(mut c) = self.0.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
