@@ -42,7 +42,7 @@ fn rustcrypto(len: usize) -> (f64, f64) {
         let tag = c
             .encrypt_in_place_detached(&nonce(n).into(), &[], &mut buf)
             .unwrap();
-        black_box(tag);
+        let _ = black_box(tag);
     });
     let tag = c
         .encrypt_in_place_detached(&nonce(0).into(), &[], &mut buf)
@@ -64,7 +64,7 @@ fn ring(len: usize) -> (f64, f64) {
         let tag = k
             .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce(n)), Aad::empty(), &mut buf)
             .unwrap();
-        black_box(tag);
+        let _ = black_box(tag);
     });
     let mut sealed = vec![0x5a; len];
     let tag = k
@@ -88,7 +88,7 @@ fn aws_lc(len: usize) -> (f64, f64) {
         let tag = k
             .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce(n)), Aad::empty(), &mut buf)
             .unwrap();
-        black_box(tag);
+        let _ = black_box(tag);
     });
     let mut sealed = vec![0x5a; len];
     let tag = k

@@ -4,8 +4,9 @@ use blake2::digest::consts::U16;
 use blake2::digest::{FixedOutput, KeyInit, Mac, Update};
 use blake2::{Blake2s256, Blake2sMac, Digest};
 use chacha20poly1305::aead::AeadInPlace;
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag, XChaCha20Poly1305, XNonce};
+use chacha20poly1305::{Key, Tag, XChaCha20Poly1305, XNonce};
 use hmac::SimpleHmac;
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 
 /// "Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
 pub const CONSTRUCTION: &[u8] = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s";
@@ -66,40 +67,54 @@ pub fn kdf<const N: usize>(key: &[u8; 32], input: &[u8]) -> [[u8; 32]; N] {
 fn nonce(counter: u64) -> Nonce {
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&counter.to_le_bytes());
-    n.into()
+    Nonce::assume_unique_for_key(n)
+}
+
+/// A keyed ChaCha20-Poly1305, for a session's data path. It is `ring`'s:
+/// on this project's machine it seals and opens 1420-byte packets 3.7x as
+/// fast as RustCrypto's `chacha20poly1305` (1.9 against 0.5 GB/s a core,
+/// `bench/crypto.sh`), and 64 KiB 1.7x as fast; both are audited, and ring
+/// builds without cmake (aws-lc-rs, as fast, needs it).
+pub struct TransportKey(LessSafeKey);
+
+impl TransportKey {
+    /// Keys the cipher.
+    pub fn new(key: &[u8; 32]) -> Self {
+        Self(LessSafeKey::new(
+            UnboundKey::new(&CHACHA20_POLY1305, key).expect("a 32-byte ChaCha20-Poly1305 key"),
+        ))
+    }
 }
 
 /// `AEAD(key, counter, plaintext, aad)` in place: `buf[..len]` is encrypted and
 /// the tag written at `buf[len..len + 16]`.
 pub fn seal(key: &[u8; 32], counter: u64, aad: &[u8], buf: &mut [u8], len: usize) {
-    let cipher = ChaCha20Poly1305::new(Key::from_slice(key));
-    seal_with(&cipher, counter, aad, buf, len);
+    seal_with(&TransportKey::new(key), counter, aad, buf, len);
 }
 
 /// [`seal`] with a cipher already keyed (the transport path keys once per session).
-pub fn seal_with(cipher: &ChaCha20Poly1305, counter: u64, aad: &[u8], buf: &mut [u8], len: usize) {
+pub fn seal_with(key: &TransportKey, counter: u64, aad: &[u8], buf: &mut [u8], len: usize) {
     let (text, rest) = buf.split_at_mut(len);
-    let tag = cipher
-        .encrypt_in_place_detached(&nonce(counter), aad, text)
+    let tag = key
+        .0
+        .seal_in_place_separate_tag(nonce(counter), Aad::from(aad), text)
         .expect("ChaCha20-Poly1305 encrypts any length under 256 GiB");
-    rest[..TAG_LEN].copy_from_slice(&tag);
+    rest[..TAG_LEN].copy_from_slice(tag.as_ref());
 }
 
 /// Decrypts `buf` (ciphertext then tag) in place; the plaintext is
 /// `buf[..buf.len() - 16]`. `false` if the tag does not verify.
 pub fn open(key: &[u8; 32], counter: u64, aad: &[u8], buf: &mut [u8]) -> bool {
-    let cipher = ChaCha20Poly1305::new(Key::from_slice(key));
-    open_with(&cipher, counter, aad, buf)
+    open_with(&TransportKey::new(key), counter, aad, buf)
 }
 
 /// [`open`] with a cipher already keyed.
-pub fn open_with(cipher: &ChaCha20Poly1305, counter: u64, aad: &[u8], buf: &mut [u8]) -> bool {
-    let Some(split) = buf.len().checked_sub(TAG_LEN) else {
+pub fn open_with(key: &TransportKey, counter: u64, aad: &[u8], buf: &mut [u8]) -> bool {
+    if buf.len() < TAG_LEN {
         return false;
-    };
-    let (text, tag) = buf.split_at_mut(split);
-    cipher
-        .decrypt_in_place_detached(&nonce(counter), aad, text, Tag::from_slice(tag))
+    }
+    key.0
+        .open_in_place(nonce(counter), Aad::from(aad), buf)
         .is_ok()
 }
 

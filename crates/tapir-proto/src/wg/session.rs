@@ -6,9 +6,7 @@
 //! `buf.len() >= 16 + round_up(len, 16) + 16`. [`Session::open`] decrypts a
 //! received datagram where it lies.
 
-use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit};
-
-use super::crypto::{self, TAG_LEN};
+use super::crypto::{self, TAG_LEN, TransportKey};
 use super::handshake::TransportKeys;
 use super::messages::{self, DATA_HEADER_LEN, field};
 use super::replay::ReplayWindow;
@@ -38,8 +36,8 @@ pub struct Session {
     pub local_index: u32,
     /// The peer's index.
     pub remote_index: u32,
-    send: ChaCha20Poly1305,
-    recv: ChaCha20Poly1305,
+    send: TransportKey,
+    recv: TransportKey,
     next_send: u64,
     replay: ReplayWindow,
     /// Whether we initiated the handshake of this session.
@@ -57,8 +55,8 @@ impl Session {
         Self {
             local_index: keys.local_index,
             remote_index: keys.remote_index,
-            send: ChaCha20Poly1305::new(Key::from_slice(&keys.send)),
-            recv: ChaCha20Poly1305::new(Key::from_slice(&keys.recv)),
+            send: TransportKey::new(&keys.send),
+            recv: TransportKey::new(&keys.recv),
             next_send: 0,
             replay: ReplayWindow::new(),
             initiator: keys.initiator,
