@@ -7,11 +7,14 @@
 //!   handshake  initiation/response creation and consumption, cookies (mac1/mac2)
 //!   replay     the sliding window of received counters
 //!   session    transport keys: seal/open data messages in place
+//!   allowed    allowed IPs: longest-prefix match, updated in place
+//!   tunnel     the interface: peers, sessions, timers, roaming, cookies, tap-mode switching
 //! ```
 //!
 //! Randomness (ephemeral keys, indices) and time are parameters; nothing here
 //! reads a clock, a socket or a global RNG.
 
+pub mod allowed;
 pub mod crypto;
 pub mod handshake;
 pub mod keys;

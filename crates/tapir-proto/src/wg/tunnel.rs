@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
+use super::allowed::AllowedIps;
 use super::handshake::{self, HandshakeError, Identity, PeerStatic, PendingInitiation};
 use super::keys::{PresharedKey, PrivateKey, PublicKey};
 use super::messages::{self, COOKIE_LEN, INITIATION_LEN, Kind, RESPONSE_LEN, field};
@@ -264,7 +265,7 @@ pub struct Tunnel {
     by_key: HashMap<PublicKey, usize>,
     /// Our session indices -> peer.
     by_index: HashMap<u32, usize>,
-    routes: Vec<(IpNet, usize)>,
+    routes: AllowedIps<usize>,
     outgoing: VecDeque<(SocketAddr, Vec<u8>)>,
     cookie_secret: [u8; 32],
     cookie_secret_at: Option<Instant>,
@@ -380,7 +381,7 @@ impl Tunnel {
             peers: Vec::new(),
             by_key: HashMap::new(),
             by_index: HashMap::new(),
-            routes: Vec::new(),
+            routes: AllowedIps::new(),
             outgoing: VecDeque::new(),
             cookie_secret: [0; 32],
             cookie_secret_at: None,
@@ -440,21 +441,24 @@ impl Tunnel {
         self.id.public()
     }
 
-    /// Takes `public`'s allowed IPs away from every other peer: in WireGuard
-    /// an allowed IP belongs to one peer, the one it was given to last.
-    fn claim_allowed_ips(&mut self, public: &PublicKey) {
-        let Some(&idx) = self.by_key.get(public) else {
-            return;
-        };
+    /// Maps peer `idx`'s allowed IPs to it, taking each from the peer that
+    /// had it: in WireGuard an allowed IP belongs to one peer, the one it was
+    /// given to last. Costs one probe per prefix, whatever the peer count.
+    fn claim_allowed_ips(&mut self, idx: usize) {
         let mine: Vec<IpNet> = self.peers[idx]
             .config
             .allowed_ips
             .iter()
             .map(IpNet::trunc)
             .collect();
-        for (i, p) in self.peers.iter_mut().enumerate() {
-            if i != idx {
-                p.config.allowed_ips.retain(|n| !mine.contains(&n.trunc()));
+        for net in mine {
+            if let Some(prev) = self.routes.insert(&net, idx) {
+                if prev != idx {
+                    self.peers[prev]
+                        .config
+                        .allowed_ips
+                        .retain(|n| n.trunc() != net);
+                }
             }
         }
     }
@@ -488,9 +492,7 @@ impl Tunnel {
             rx_shaper: config.rate.map(Shaper::new),
             config,
         });
-        let public = self.peers[idx].config.public;
-        self.claim_allowed_ips(&public);
-        self.rebuild_routes();
+        self.claim_allowed_ips(idx);
     }
 
     /// Changes a peer's configuration in place, keeping its sessions (what
@@ -504,6 +506,7 @@ impl Tunnel {
             return false;
         };
         let peer = &mut self.peers[idx];
+        let before_ips: Vec<IpNet> = peer.config.allowed_ips.iter().map(IpNet::trunc).collect();
         let before_psk = peer.config.psk.as_ref().map(PresharedKey::to_base64);
         let before_endpoint = peer.config.endpoint;
         let before_rate = peer.config.rate;
@@ -519,8 +522,16 @@ impl Tunnel {
         if peer.config.endpoint != before_endpoint {
             peer.endpoint = peer.config.endpoint;
         }
-        self.claim_allowed_ips(public);
-        self.rebuild_routes();
+        let after: Vec<IpNet> = peer.config.allowed_ips.iter().map(IpNet::trunc).collect();
+        for net in before_ips.iter().filter(|n| !after.contains(n)) {
+            match self.routes.remove(net) {
+                Some(owner) if owner != idx => {
+                    self.routes.insert(net, owner);
+                }
+                _ => {}
+            }
+        }
+        self.claim_allowed_ips(idx);
         true
     }
 
@@ -547,23 +558,18 @@ impl Tunnel {
         true
     }
 
+    /// After a removal shifted the peer indices.
     fn rebuild_routes(&mut self) {
-        self.routes = self
-            .peers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, p)| p.config.allowed_ips.iter().map(move |n| (n.trunc(), i)))
-            .collect();
-        // Longest prefix first: the first match is the best.
-        self.routes
-            .sort_by_key(|r| std::cmp::Reverse(r.0.prefix_len()));
+        self.routes.clear();
+        for (i, p) in self.peers.iter().enumerate() {
+            for n in &p.config.allowed_ips {
+                self.routes.insert(n, i);
+            }
+        }
     }
 
     fn route(&self, dst: IpAddr) -> Option<usize> {
-        self.routes
-            .iter()
-            .find(|(n, _)| n.contains(&dst))
-            .map(|(_, p)| *p)
+        self.routes.lookup(dst).copied()
     }
 
     /// The peers' public keys, endpoints and statistics.
