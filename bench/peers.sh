@@ -41,6 +41,8 @@ stop_all() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null; done
     pids=()
+    # Userspace WireGuard daemons that leave their control sockets behind.
+    rm -f /var/run/wireguard/*"$tag"[12].sock
 }
 cleanup() { stop_all; ip netns del $a 2>/dev/null; ip netns del $b 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT INT TERM

@@ -390,7 +390,8 @@ pub fn parse(
         ));
     }
     let ours = private_key.public_key();
-    for (i, p) in peers.iter().enumerate() {
+    let mut seen = std::collections::HashSet::new();
+    for p in &peers {
         if p.public_key.0 == [0; 32] {
             return Err(err(p.line, "PublicKey", "missing in this [Peer]".into()));
         }
@@ -401,7 +402,7 @@ pub fn parse(
                 "is this interface's own public key".into(),
             ));
         }
-        if peers[..i].iter().any(|q| q.public_key == p.public_key) {
+        if !seen.insert(p.public_key) {
             return Err(err(
                 p.line,
                 "PublicKey",
@@ -537,8 +538,14 @@ pub fn load_toml(path: &Path) -> Result<Vec<TunnelConfig>, ConfigError> {
 
 /// Parses the text of a TOML config (see [`load_toml`]).
 pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig>, ConfigError> {
-    let line_of =
-        |span: std::ops::Range<usize>| text[..span.start.min(text.len())].matches('\n').count() + 1;
+    // Where each line starts, found once: a file with 10,000 peers would
+    // otherwise be scanned from the top for each of them.
+    let line_starts: Vec<usize> = std::iter::once(0)
+        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+        .collect();
+    let line_of = |span: std::ops::Range<usize>| {
+        line_starts.partition_point(|&start| start <= span.start.min(text.len()))
+    };
     let err = |span: std::ops::Range<usize>, key: &str, msg: String| ConfigError {
         file: path.to_owned(),
         line: line_of(span),
@@ -677,6 +684,7 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
         };
         let ours = private_key.public_key();
         let mut peers: Vec<PeerEntry> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for p in &t.peers {
             let line = line_of(p.span());
             let p = p.get_ref();
@@ -689,7 +697,7 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
                     "is this tunnel's own public key".into(),
                 ));
             }
-            if peers.iter().any(|q| q.public_key == public_key) {
+            if !seen.insert(public_key) {
                 return Err(err(
                     p.public_key.span(),
                     "public_key",

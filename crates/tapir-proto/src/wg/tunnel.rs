@@ -273,6 +273,12 @@ pub struct Tunnel {
     under_load_until: Option<Instant>,
     layer: Layer,
     switch: MacTable<Port>,
+    /// Peers that may have something for poll_transmit (queued packets,
+    /// a keepalive, a rate limit's backlog), and a flag per peer.
+    tx_hint: Vec<usize>,
+    hinted: Vec<bool>,
+    /// Peers with a rate limit (whose queues may hold packets back).
+    rated: Vec<usize>,
 }
 
 /// The source (`dst == false`) or destination address of an IP packet.
@@ -389,6 +395,9 @@ impl Tunnel {
             under_load_until: None,
             layer: Layer::Ip,
             switch: MacTable::new(switch::DEFAULT_AGING, switch::DEFAULT_CAP),
+            tx_hint: Vec::new(),
+            hinted: Vec::new(),
+            rated: Vec::new(),
         };
         for p in peers {
             t.add_peer(p);
@@ -493,6 +502,10 @@ impl Tunnel {
             config,
         });
         self.claim_allowed_ips(idx);
+        self.hinted.push(false);
+        if self.peers[idx].config.rate.is_some() {
+            self.rated.push(idx);
+        }
     }
 
     /// Changes a peer's configuration in place, keeping its sessions (what
@@ -512,7 +525,8 @@ impl Tunnel {
         let before_rate = peer.config.rate;
         change(&mut peer.config);
         peer.config.public = *public;
-        if peer.config.rate != before_rate {
+        let rate_changed = peer.config.rate != before_rate;
+        if rate_changed {
             peer.tx_shaper = peer.config.rate.map(Shaper::new);
             peer.rx_shaper = peer.config.rate.map(Shaper::new);
         }
@@ -532,6 +546,9 @@ impl Tunnel {
             }
         }
         self.claim_allowed_ips(idx);
+        if rate_changed {
+            self.reindex();
+        }
         true
     }
 
@@ -555,6 +572,7 @@ impl Tunnel {
             }
         }
         self.rebuild_routes();
+        self.reindex();
         true
     }
 
@@ -741,13 +759,17 @@ impl Tunnel {
                 peer.stats.drops.queue_full += 1;
             }
             peer.queue.push_back(buf[16..16 + len].to_vec());
+            self.hint(p);
             self.initiate(p, now, wall, rng);
             return Encapsulated::Queued;
         }
         if let Some(shaper) = peer.tx_shaper.as_mut() {
             match shaper.offer(now, &buf[16..16 + len]) {
                 Offer::Pass => {}
-                Offer::Queued => return Encapsulated::Queued,
+                Offer::Queued => {
+                    self.hint(p);
+                    return Encapsulated::Queued;
+                }
                 Offer::Dropped => {
                     peer.stats.drops.rate_tx += 1;
                     return Encapsulated::RateLimited;
@@ -959,6 +981,7 @@ impl Tunnel {
         // The initiator confirms the session with data: queued packets, or a keepalive.
         peer.keepalive_due = peer.queue.is_empty();
         self.forget(old_prev);
+        self.hint(p);
         Decapsulated::Nothing
     }
 
@@ -1030,6 +1053,10 @@ impl Tunnel {
             if let Some(t) = old_prev {
                 self.by_index.remove(&t.session.local_index);
             }
+            // Packets queued while the handshake ran can go now.
+            if !self.peers[p].queue.is_empty() {
+                self.hint(p);
+            }
         }
         let peer = &mut self.peers[p];
         peer.endpoint = Some(from);
@@ -1073,7 +1100,8 @@ impl Tunnel {
     /// [`Tunnel::decapsulate`] would. Call until `None`.
     pub fn poll_received(&mut self, now: Instant, buf: &mut [u8]) -> Option<Decapsulated> {
         let body_at = messages::DATA_HEADER_LEN;
-        for p in 0..self.peers.len() {
+        for k in 0..self.rated.len() {
+            let p = self.rated[k];
             let Some(shaper) = self.peers[p].rx_shaper.as_mut() else {
                 continue;
             };
@@ -1087,12 +1115,35 @@ impl Tunnel {
     /// When a rate limit next lets a held-back packet go (for the caller's
     /// poll timeout), if any is held.
     pub fn next_release(&mut self, now: Instant) -> Option<Instant> {
-        self.peers
-            .iter_mut()
-            .flat_map(|p| [p.tx_shaper.as_mut(), p.rx_shaper.as_mut()])
-            .flatten()
-            .filter_map(|s| s.next_release(now))
+        let peers = &mut self.peers;
+        self.rated
+            .iter()
+            .filter_map(|&p| {
+                let peer = &mut peers[p];
+                let tx = peer.tx_shaper.as_mut().and_then(|s| s.next_release(now));
+                let rx = peer.rx_shaper.as_mut().and_then(|s| s.next_release(now));
+                tx.into_iter().chain(rx).min()
+            })
             .min()
+    }
+
+    /// After peers were added, removed or changed: the lists of peers with
+    /// a rate, and of peers with something to send, rebuilt.
+    fn reindex(&mut self) {
+        self.rated = (0..self.peers.len())
+            .filter(|&p| self.peers[p].config.rate.is_some())
+            .collect();
+        self.hinted = vec![false; self.peers.len()];
+        self.tx_hint.clear();
+        for p in 0..self.peers.len() {
+            let peer = &self.peers[p];
+            if !peer.queue.is_empty()
+                || peer.keepalive_due
+                || peer.tx_shaper.as_ref().is_some_and(|s| s.queued() > 0)
+            {
+                self.hint(p);
+            }
+        }
     }
 
     /// Where the authenticated plaintext `msg[at..at + plain]` from peer `p` goes.
@@ -1186,26 +1237,30 @@ impl Tunnel {
         }
     }
 
-    /// The next datagram to send (handshakes, cookie replies, packets queued
-    /// during a handshake, keepalives) into `buf`, which should hold an MTU
-    /// plus 32 bytes.
-    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
-        let layer = self.layer;
-        if let Some((to, msg)) = self.outgoing.pop_front() {
-            let n = msg.len().min(buf.len());
-            buf[..n].copy_from_slice(&msg[..n]);
-            return Some((to, n));
+    /// Marks peer `p` as having something for [`Tunnel::poll_transmit`].
+    fn hint(&mut self, p: usize) {
+        if !self.hinted[p] {
+            self.hinted[p] = true;
+            self.tx_hint.push(p);
         }
-        for peer in &mut self.peers {
-            let Some(to) = peer.endpoint else { continue };
-            if !peer.usable(now) {
-                continue;
-            }
-            let t = peer.current.as_mut().expect("usable");
-            if let Some(packet) = peer.queue.pop_front() {
-                if buf.len() < 16 + session::padded(packet.len()) + 16 {
-                    continue;
-                }
+    }
+
+    /// A queued packet, a packet a rate limit released, or a keepalive of peer `p`.
+    fn transmit_one(
+        &mut self,
+        p: usize,
+        now: Instant,
+        layer: Layer,
+        buf: &mut [u8],
+    ) -> Option<(SocketAddr, usize)> {
+        let peer = &mut self.peers[p];
+        let to = peer.endpoint?;
+        if !peer.usable(now) {
+            return None;
+        }
+        let t = peer.current.as_mut().expect("usable");
+        if let Some(packet) = peer.queue.pop_front() {
+            if buf.len() >= 16 + session::padded(packet.len()) + 16 {
                 buf[16..16 + packet.len()].copy_from_slice(&packet);
                 if let Ok(n) = seal(&mut t.session, layer, buf, packet.len()) {
                     peer.last_sent = Some(now);
@@ -1216,28 +1271,61 @@ impl Tunnel {
                     return Some((to, n));
                 }
             }
-            if let Some(n) = peer
-                .tx_shaper
-                .as_mut()
-                .and_then(|s| s.release(now, buf.get_mut(16..)?))
-            {
-                if let Ok(n) = seal(&mut t.session, layer, buf, n) {
-                    peer.last_sent = Some(now);
-                    peer.last_data_sent.get_or_insert(now);
-                    peer.stats.tx_bytes += n as u64;
-                    peer.keepalive_due = false;
-                    peer.passive_keepalive_at = None;
-                    return Some((to, n));
-                }
-            }
-            if peer.keepalive_due {
+        }
+        if let Some(n) = peer
+            .tx_shaper
+            .as_mut()
+            .and_then(|s| s.release(now, buf.get_mut(16..)?))
+        {
+            if let Ok(n) = seal(&mut t.session, layer, buf, n) {
+                peer.last_sent = Some(now);
+                peer.last_data_sent.get_or_insert(now);
+                peer.stats.tx_bytes += n as u64;
                 peer.keepalive_due = false;
-                if let Ok(n) = t.session.seal(buf, 0) {
-                    peer.passive_keepalive_at = None;
-                    peer.last_sent = Some(now);
-                    peer.stats.tx_bytes += n as u64;
-                    return Some((to, n));
-                }
+                peer.passive_keepalive_at = None;
+                return Some((to, n));
+            }
+        }
+        if peer.keepalive_due {
+            peer.keepalive_due = false;
+            if let Ok(n) = t.session.seal(buf, 0) {
+                peer.passive_keepalive_at = None;
+                peer.last_sent = Some(now);
+                peer.stats.tx_bytes += n as u64;
+                return Some((to, n));
+            }
+        }
+        None
+    }
+
+    /// The next datagram to send (handshakes, cookie replies, packets queued
+    /// during a handshake, keepalives) into `buf`, which should hold an MTU
+    /// plus 32 bytes.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
+        let layer = self.layer;
+        if let Some((to, msg)) = self.outgoing.pop_front() {
+            let n = msg.len().min(buf.len());
+            buf[..n].copy_from_slice(&msg[..n]);
+            return Some((to, n));
+        }
+        // Only peers that may have something to send are visited: with
+        // 10,000 peers, a pass over all of them on every turn of the loop
+        // would cost more than the packets.
+        let mut i = 0;
+        while i < self.tx_hint.len() {
+            let p = self.tx_hint[i];
+            if let Some(out) = self.transmit_one(p, now, layer, buf) {
+                return Some(out);
+            }
+            let peer = &self.peers[p];
+            let pending = !peer.queue.is_empty()
+                || peer.keepalive_due
+                || peer.tx_shaper.as_ref().is_some_and(|s| s.queued() > 0);
+            if pending {
+                i += 1;
+            } else {
+                self.hinted[p] = false;
+                self.tx_hint.swap_remove(i);
             }
         }
         None
@@ -1296,6 +1384,7 @@ impl Tunnel {
             if (persistent || passive) && peer.usable(now) {
                 peer.keepalive_due = true;
                 peer.passive_keepalive_at = None;
+                self.hint(p);
             }
             for t in gone {
                 self.forget(t);
