@@ -222,6 +222,7 @@ fn unicast_between_spokes_bypasses_the_hubs_tap() {
     let seen = counter(&star.hub, &star.names[0], "rx_packets") - before;
     // 400 frames crossed the hub; a few multicast frames (neighbour
     // discovery, MLD) may reach its tap meanwhile, the unicast must not.
+    eprintln!("the hub's tap saw {seen} frames while 400 crossed the hub");
     assert!(seen < 40, "the hub's tap saw {seen} frames of 400");
 }
 
@@ -271,6 +272,7 @@ fn a_mac_flood_from_one_spoke_is_capped_and_hurts_no_one() {
     // spoke; all but a few of the 10,000 reach the hub.
     assert!(capped >= 9_000 - 1024, "{spoke1}");
     let rss_after = rss_kib(hub_pid);
+    eprintln!("MAC flood: {spoke1}; hub RSS {rss_before} -> {rss_after} KiB");
     assert!(
         rss_after < rss_before + 4 * 1024,
         "hub RSS grew from {rss_before} to {rss_after} KiB"

@@ -240,6 +240,7 @@ fn a_reset_connection_and_a_restarted_server_recover_within_5_s() {
         .output();
     nft(&bed.b, "delete table inet rst");
     let took = first_reply(&bed.a, "10.77.0.2");
+    eprintln!("after a reset: first reply {took:?} after the path opened");
     assert!(took < Duration::from_secs(5), "resumed after {took:?}");
     let st = status_json(&bed.a, &bed.dir, &na, &ta);
     assert_eq!(st["peers"][0]["connection"], "connected", "{st}");
@@ -249,6 +250,7 @@ fn a_reset_connection_and_a_restarted_server_recover_within_5_s() {
     let file = bed.dir.join(format!("{nb}.conf"));
     let _tb = run_tapir(&bed.b, &file, &nb);
     let took = first_reply(&bed.a, "10.77.0.2");
+    eprintln!("after a server restart: first reply {took:?} after it was up");
     assert!(took < Duration::from_secs(5), "resumed after {took:?}");
 }
 
@@ -333,6 +335,7 @@ fn garbage_slow_and_half_open_connections_leave_the_listener_serving() {
     let _client = run_tapir(&bed.a, &fa, &na);
     ping_args(&bed.a, &["-c", "3", "-i", "0.2", "-W", "5"], "10.77.0.2");
     let rss_after = rss_kib(pid);
+    eprintln!("300 hostile connections: listener RSS {rss_before} -> {rss_after} KiB");
     assert!(
         rss_after < rss_before + 8 * 1024,
         "listener RSS grew from {rss_before} to {rss_after} KiB"
