@@ -9,7 +9,7 @@
 //! The socket is root-only (mode 0600 in a 0755 directory): `get` returns the
 //! private key, as `wg showconf` needs.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -245,19 +245,32 @@ impl ControlSocket {
         &self.listener
     }
 
-    /// Answers the connections waiting, one request each. `extras` are
-    /// tapir's own lines (mode, transport, per-peer drops and MACs), sent
-    /// only to `tapir-get=1`, which `tapir status` asks; `wg` asks `get=1`
-    /// and sees exactly what it knows.
-    pub fn serve(
+    /// Serves connections until `stop`, one at a time, each within
+    /// [`DEADLINE`] in all and with lines of at most [`MAX_LINE`] bytes, so a
+    /// slow or hostile client holds up only itself and only briefly.
+    /// `answer` turns a request into the reply (the tunnel's own thread
+    /// computes it); `idle` runs between connections, at least every 250 ms.
+    pub fn run(
         &self,
-        tunnel: &mut Tunnel,
-        private_key: &PrivateKey,
-        listen_port: u16,
-        extras: &str,
+        stop: &dyn Fn() -> bool,
+        answer: &mut dyn FnMut(Request) -> String,
+        idle: &mut dyn FnMut(),
     ) {
-        while let Ok((stream, _)) = self.listener.accept() {
-            let _ = handle(stream, tunnel, private_key, listen_port, extras);
+        while !stop() {
+            idle();
+            let ready = tapir_sys::poll::readable(
+                [std::os::fd::AsFd::as_fd(&self.listener)],
+                Duration::from_millis(250),
+            );
+            if !matches!(ready, Ok([true])) {
+                continue;
+            }
+            while let Ok((stream, _)) = self.listener.accept() {
+                let _ = serve_connection(stream, answer);
+                if stop() {
+                    return;
+                }
+            }
         }
     }
 }
@@ -268,50 +281,110 @@ impl Drop for ControlSocket {
     }
 }
 
-fn handle(
+/// How long one control connection may take, all requests included.
+pub const DEADLINE: Duration = Duration::from_secs(2);
+/// The longest request line (a key, `=`, a value: far less is used).
+pub const MAX_LINE: usize = 4096;
+/// The most lines in one request (a `set` for many peers).
+pub const MAX_LINES: usize = 200_000;
+
+/// A request on the control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `get=1`: WireGuard's view.
+    Get,
+    /// `tapir-get=1`: WireGuard's view and tapir's own lines.
+    TapirGet,
+    /// `set=1` and its lines.
+    Set(Vec<String>),
+}
+
+/// Reads a line of at most [`MAX_LINE`] bytes before `deadline`.
+fn read_line_within(
+    reader: &mut BufReader<UnixStream>,
+    deadline: std::time::Instant,
+) -> io::Result<Option<String>> {
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    if left.is_zero() {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "control request too slow",
+        ));
+    }
+    reader.get_ref().set_read_timeout(Some(left))?;
+    let mut line = String::new();
+    let n = (&mut *reader)
+        .take(MAX_LINE as u64 + 1)
+        .read_line(&mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if n > MAX_LINE && !line.ends_with('\n') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "control request line too long",
+        ));
+    }
+    Ok(Some(line))
+}
+
+fn serve_connection(
     stream: UnixStream,
-    tunnel: &mut Tunnel,
-    private_key: &PrivateKey,
-    listen_port: u16,
-    extras: &str,
+    answer: &mut dyn FnMut(Request) -> String,
 ) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + DEADLINE;
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    stream.set_write_timeout(Some(DEADLINE))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;
     loop {
-        let mut first = String::new();
-        if reader.read_line(&mut first)? == 0 {
+        let Some(first) = read_line_within(&mut reader, deadline)? else {
             return Ok(());
-        }
+        };
         let mut lines = Vec::new();
         loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 || line == "\n" {
-                break;
+            match read_line_within(&mut reader, deadline)? {
+                None => break,
+                Some(l) if l == "\n" => break,
+                Some(l) => lines.push(l.trim_end().to_owned()),
             }
-            lines.push(line.trim_end().to_owned());
-            if lines.len() > 100_000 {
+            if lines.len() > MAX_LINES {
                 return Err(io::Error::other("request too long"));
             }
         }
-        match first.trim_end() {
-            "get=1" => writer.write_all(get(tunnel, private_key, listen_port).as_bytes())?,
-            "tapir-get=1" => {
-                let standard = get(tunnel, private_key, listen_port);
-                let body = standard.strip_suffix("errno=0\n\n").unwrap_or(&standard);
-                writer.write_all(format!("{body}{extras}errno=0\n\n").as_bytes())?;
-            }
-            "set=1" => {
-                let errno = set(tunnel, private_key, listen_port, &lines)
-                    .err()
-                    .unwrap_or(0);
-                writer.write_all(format!("errno={errno}\n\n").as_bytes())?;
-            }
+        let request = match first.trim_end() {
+            "get=1" => Request::Get,
+            "tapir-get=1" => Request::TapirGet,
+            "set=1" => Request::Set(lines),
             _ => {
                 writer.write_all(format!("errno={EPROTO}\n\n").as_bytes())?;
                 return Ok(());
             }
+        };
+        writer.write_all(answer(request).as_bytes())?;
+    }
+}
+
+/// The reply to `request`, computed on the tunnel's own thread.
+pub fn answer(
+    request: Request,
+    tunnel: &mut Tunnel,
+    private_key: &PrivateKey,
+    listen_port: u16,
+    extras: &str,
+) -> String {
+    match request {
+        Request::Get => get(tunnel, private_key, listen_port),
+        Request::TapirGet => {
+            let standard = get(tunnel, private_key, listen_port);
+            let body = standard.strip_suffix("errno=0\n\n").unwrap_or(&standard);
+            format!("{body}{extras}errno=0\n\n")
+        }
+        Request::Set(lines) => {
+            let errno = set(tunnel, private_key, listen_port, &lines)
+                .err()
+                .unwrap_or(0);
+            format!("errno={errno}\n\n")
         }
     }
 }

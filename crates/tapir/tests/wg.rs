@@ -553,3 +553,62 @@ fn ipv6_inside_the_tunnel_with_tso() {
     transfer(&bed.a, &bed.b, "[fd77::2]:5001", 50 << 20);
     transfer(&bed.b, &bed.a, "[fd77::1]:5001", 50 << 20);
 }
+
+#[test]
+fn a_stalled_control_client_does_not_stall_the_packets() {
+    require_root!();
+    let bed = bed("stall");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let a = Side {
+        ns: &bed.a,
+        name: ifname("tpx"),
+        port: 51820,
+        addr: "10.77.0.1",
+    };
+    let b = Side {
+        ns: &bed.b,
+        name: ifname("tpy"),
+        port: 51820,
+        addr: "10.77.0.2",
+    };
+    let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
+    ping(&bed.a, "10.77.0.2");
+    // Clients that start a request and never finish it, one after another,
+    // and one that sends an endless line.
+    let sock = format!("/var/run/wireguard/{}.sock", a.name);
+    let stallers = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+            s.write_all(b"get=1\n").unwrap();
+            held.push(s);
+        }
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let _ = s.write_all(&vec![b'a'; 1 << 20]);
+        held.push(s);
+        std::thread::sleep(Duration::from_secs(3));
+        held
+    });
+    // Meanwhile the packets flow as before: every reply, none delayed by a second.
+    let out = bed
+        .a
+        .cmd("ping")
+        .args(["-c", "30", "-i", "0.1", "-W", "1", "10.77.0.2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" 0% packet loss"), "{text}");
+    let max: f64 = text
+        .lines()
+        .find(|l| l.starts_with("rtt"))
+        .and_then(|l| l.split('=').nth(1))
+        .and_then(|v| v.trim().split('/').nth(2))
+        .and_then(|m| m.parse().ok())
+        .unwrap();
+    assert!(max < 500.0, "a reply took {max} ms: {text}");
+    drop(stallers.join().unwrap());
+    // And the socket still answers once they are gone.
+    let show = sh(bed.a.cmd("wg").args(["show", &a.name, "dump"]));
+    assert!(show.contains(&pb), "{show}");
+}

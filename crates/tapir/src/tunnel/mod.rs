@@ -37,6 +37,7 @@ use tapir_sys::poll::PollSet;
 use tapir_sys::{IfName, Mode, Netlink, TunDevice, TunOptions, offload};
 use tapir_wire::vnet::{self, VnetHeader};
 
+pub mod control;
 pub mod tcp;
 use tcp::TcpTransport;
 
@@ -796,15 +797,40 @@ impl Datapath {
 }
 
 impl Started {
-    /// Moves packets until `shutdown`; the device goes away when this returns.
+    /// Moves packets until `shutdown`; the device goes away when this
+    /// returns. The control socket and host-name look-ups run on a thread
+    /// of their own for as long.
     pub fn run(self, shutdown: &AtomicBool) -> Result<(), DevError> {
+        let (link, end) =
+            control::pair().map_err(|e| DevError::Runtime(format!("control channel: {e}")))?;
+        let done = AtomicBool::new(false);
+        let mut this = self;
+        let control = this.control.take();
+        std::thread::scope(|s| {
+            let socket = control.as_ref();
+            let done = &done;
+            s.spawn(move || {
+                let stop = || shutdown.load(Ordering::Relaxed) || done.load(Ordering::Relaxed);
+                end.run(socket, &stop)
+            });
+            let result = this.packet_loop(shutdown, &link);
+            done.store(true, Ordering::Relaxed);
+            result
+        })
+    }
+
+    fn packet_loop(
+        self,
+        shutdown: &AtomicBool,
+        link: &control::ControlLink,
+    ) -> Result<(), DevError> {
         let Started {
             name,
             dev,
             mode,
             net,
             tunnel,
-            control,
+            control: _,
             private_key,
             port,
             hostnames,
@@ -867,9 +893,7 @@ impl Started {
             }
             set.clear();
             let dev_at = set.add(d.dev.as_fd(), true, false);
-            let control_at = control
-                .as_ref()
-                .map(|c| set.add(c.listener().as_fd(), true, false));
+            let control_at = set.add(link.wake.as_fd(), true, false);
             let mut timeout = next_timer.saturating_duration_since(now);
             // A rate limit holding packets back wakes the loop when they are due.
             if let Some(at) = d.tunnel.next_release(now) {
@@ -910,12 +934,30 @@ impl Started {
                 d.open_received(&mut rx, got, now, wall_now)?;
                 d.flush(now)?;
             }
-            if let Some(c) = control
-                .as_ref()
-                .filter(|_| control_at.is_some_and(|i| set.readable(i)))
-            {
-                let extras = extras(&d, mode);
-                c.serve(&mut d.tunnel, &private_key, port, &extras);
+            if set.readable(control_at) {
+                // Requests read whole by the control thread: answered from
+                // memory, never waiting on a client.
+                link.drain_wake();
+                while let Ok(m) = link.messages.try_recv() {
+                    match m {
+                        control::Message::Request(request, reply) => {
+                            let ex = match request {
+                                crate::uapi::Request::TapirGet => extras(&d, mode),
+                                _ => String::new(),
+                            };
+                            let _ = reply.send(crate::uapi::answer(
+                                request,
+                                &mut d.tunnel,
+                                &private_key,
+                                port,
+                                &ex,
+                            ));
+                        }
+                        control::Message::Resolved(key, addr) => {
+                            d.tunnel.update_peer(&key, |c| c.endpoint = Some(addr));
+                        }
+                    }
+                }
             }
             if let Net::Tcp(t) = &mut d.net {
                 // A connection (re)opened: handshake over it at once.
@@ -934,9 +976,8 @@ impl Started {
                         .and_then(|(_, _, s)| s.last_handshake);
                     if reresolve_due(last, wall_now, started, last_lookup[i], now) {
                         last_lookup[i] = Some(now);
-                        if let Some(addr) = host.to_socket_addrs().ok().and_then(|mut a| a.next()) {
-                            d.tunnel.update_peer(key, |c| c.endpoint = Some(addr));
-                        }
+                        // Looked up on the control thread; the answer comes back as a message.
+                        let _ = link.resolve.send((*key, host.clone()));
                     }
                 }
                 // A peer in the other mode is named once, not per packet.
@@ -976,7 +1017,7 @@ impl Started {
     }
 }
 
-/// tapir's own status lines, after WireGuard's (see `uapi::ControlSocket::serve`).
+/// tapir's own status lines, after WireGuard's (see `uapi::Request::TapirGet`).
 fn extras(d: &Datapath, mode: Mode) -> String {
     let mut out = format!(
         "tapir_mode={mode}\ntapir_transport={}\ntapir_datapath={}{}\ntapir_device_write_errors={}\n",
