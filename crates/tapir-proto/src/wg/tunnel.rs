@@ -1392,9 +1392,40 @@ impl Tunnel {
         }
     }
 
-    /// When [`Tunnel::handle_timeout`] next has work (at most a second away).
+    /// When [`Tunnel::handle_timeout`] next has work: the earliest timer of
+    /// any peer (a handshake retry or give-up, a keepalive, a rehandshake
+    /// after silence, a session's expiry), and at most a second away, so that
+    /// timers armed by traffic meanwhile (all of them 5 s or more out) and
+    /// the MAC table's aging are seen in time.
     pub fn poll_timeout(&self, now: Instant) -> Instant {
-        now + Duration::from_millis(250)
+        let mut next = now + Duration::from_secs(1);
+        let mut at = |t: Instant| next = next.min(t);
+        for peer in &self.peers {
+            for t in [&peer.current, &peer.previous, &peer.next]
+                .into_iter()
+                .flatten()
+            {
+                at(t.created + REJECT_AFTER_TIME * 3);
+            }
+            if let Some(s) = peer.attempt_started {
+                at(s + REKEY_ATTEMPT_TIME);
+            }
+            match &peer.pending {
+                Some((_, sent)) => at(*sent + REKEY_TIMEOUT),
+                None => {
+                    if let Some(t) = peer.last_data_sent {
+                        at(t + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT);
+                    }
+                }
+            }
+            if let Some(k) = peer.config.keepalive {
+                at(peer.last_sent.map_or(now, |t| t + k));
+            }
+            if let Some(t) = peer.passive_keepalive_at {
+                at(t);
+            }
+        }
+        next.max(now)
     }
 }
 

@@ -500,3 +500,30 @@ fn an_allowed_ip_belongs_to_the_peer_it_was_given_to_last() {
     );
     assert_eq!(t.route("10.9.1.1".parse().unwrap()), Some(1));
 }
+
+#[test]
+fn poll_timeout_names_the_next_timer_and_it_fires_then() {
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    p.link.clear(); // the initiation is lost
+    // Idle: nothing sooner than a second.
+    assert_eq!(p.a.poll_timeout(p.now), p.now + Duration::from_secs(1));
+    p.advance(Duration::from_millis(4500));
+    assert!(p.link.is_empty());
+    // The retry is due 5 s (plus up to 333 ms of jitter) after the first try.
+    let due = p.a.poll_timeout(p.now);
+    assert!(
+        due > p.now && due < p.now + Duration::from_millis(834),
+        "{:?}",
+        due - p.now
+    );
+    // Just before it: nothing; at it: the retry.
+    p.now = due - Duration::from_millis(1);
+    p.a.handle_timeout(p.now, p.wall, &mut p.rng);
+    p.collect();
+    assert!(p.link.is_empty(), "not early");
+    p.now = due;
+    p.a.handle_timeout(p.now, p.wall, &mut p.rng);
+    p.collect();
+    assert_eq!(p.link.len(), 1, "retried exactly when poll_timeout said");
+}
