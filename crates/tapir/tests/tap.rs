@@ -252,6 +252,9 @@ fn a_mac_flood_from_one_spoke_is_capped_and_hurts_no_one() {
     let star = star("mf");
     let procs = star.start();
     ping_args(&star.s2, &["-c", "2", "-i", "0.2"], "10.88.0.1");
+    // Spoke 1's own MAC is learned before it floods (and keeps its place:
+    // known addresses refresh even when the peer is at its cap).
+    ping_args(&star.s1, &["-c", "2", "-i", "0.2"], "10.88.0.3");
     let hub_pid = procs[0].0.as_ref().unwrap().id();
     let rss_before = rss_kib(hub_pid);
     mac_flood(&star.s1, &star.names[1], 10_000);
