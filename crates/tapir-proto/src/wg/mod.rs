@@ -19,6 +19,7 @@ pub mod crypto;
 pub mod handshake;
 pub mod keys;
 pub mod messages;
+pub mod ratelimit;
 pub mod replay;
 pub mod session;
 pub mod tunnel;

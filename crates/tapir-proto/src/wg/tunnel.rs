@@ -24,6 +24,7 @@ use super::allowed::AllowedIps;
 use super::handshake::{self, HandshakeError, Identity, PeerStatic, PendingInitiation};
 use super::keys::{PresharedKey, PrivateKey, PublicKey};
 use super::messages::{self, COOKIE_LEN, INITIATION_LEN, Kind, RESPONSE_LEN, field};
+use super::ratelimit::SourceLimiter;
 use super::session::{self, Session, SessionError};
 use crate::bucket::{Offer, Shaper};
 use crate::switch::{self, Destination, Mac, MacTable};
@@ -254,7 +255,8 @@ pub enum DropReason {
     Switch,
     /// The other end is in the other mode (tun against tap).
     WrongLayer,
-    /// Over the peer's rate.
+    /// Over the peer's rate, or (handshakes under load) over the source
+    /// address's 20 a second.
     RateLimited,
 }
 
@@ -271,6 +273,7 @@ pub struct Tunnel {
     cookie_secret_at: Option<Instant>,
     load_window: (Option<Instant>, u32),
     under_load_until: Option<Instant>,
+    limiter: SourceLimiter,
     layer: Layer,
     switch: MacTable<Port>,
     /// Peers that may have something for poll_transmit (queued packets,
@@ -393,6 +396,7 @@ impl Tunnel {
             cookie_secret_at: None,
             load_window: (None, 0),
             under_load_until: None,
+            limiter: SourceLimiter::new(),
             layer: Layer::Ip,
             switch: MacTable::new(switch::DEFAULT_AGING, switch::DEFAULT_CAP),
             tx_hint: Vec::new(),
@@ -867,6 +871,11 @@ impl Tunnel {
                     self.outgoing.push_back((from, reply.to_vec()));
                 }
                 return Decapsulated::Dropped(DropReason::Cookie);
+            }
+            // A valid cookie proves the address, not good faith: each
+            // address gets 20 handshakes a second, before any Diffie-Hellman.
+            if !self.limiter.allow(now, from.ip()) {
+                return Decapsulated::Dropped(DropReason::RateLimited);
             }
         }
         if msg.len() == INITIATION_LEN {

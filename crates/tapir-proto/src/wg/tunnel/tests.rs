@@ -2,6 +2,8 @@
 //! randomness, with loss, duplication, reordering, roaming and restarts.
 
 use super::*;
+use crate::wg::handshake::{Identity, PeerStatic};
+use crate::wg::ratelimit;
 
 struct Rng(u64);
 
@@ -526,4 +528,113 @@ fn poll_timeout_names_the_next_timer_and_it_fires_then() {
     p.a.handle_timeout(p.now, p.wall, &mut p.rng);
     p.collect();
     assert_eq!(p.link.len(), 1, "retried exactly when poll_timeout said");
+}
+
+/// An attacker at `addr` with a key of its own (unknown to b) who knows b's
+/// public key: its initiations carry a valid mac1, and once it holds a
+/// cookie, a valid mac2. Each one it gets processed costs b two X25519.
+struct Flooder {
+    id: Identity,
+    victim: PeerStatic,
+    addr: SocketAddr,
+    cookie: Option<[u8; 16]>,
+    last_mac1: [u8; 16],
+}
+
+impl Flooder {
+    fn new(victim: PublicKey) -> Self {
+        let id = Identity::new(key(9));
+        let victim = PeerStatic::new(&id, victim, None);
+        Self {
+            id,
+            victim,
+            addr: "198.51.100.7:4444".parse().unwrap(),
+            cookie: None,
+            last_mac1: [0; 16],
+        }
+    }
+
+    fn initiation(&mut self, rng: &mut Rng, wall: Duration) -> Vec<u8> {
+        let mut msg = [0u8; INITIATION_LEN];
+        let pending = handshake::write_initiation(
+            &self.id,
+            &self.victim,
+            7,
+            random(rng),
+            wall,
+            self.cookie.as_ref(),
+            &mut msg,
+        )
+        .unwrap();
+        self.last_mac1 = pending.mac1;
+        msg.to_vec()
+    }
+}
+
+#[test]
+fn a_flood_with_valid_cookies_is_held_to_the_rate_and_a_peer_still_gets_in() {
+    let mut p = Pair::new();
+    let mut f = Flooder::new(p.b.public_key());
+    let mut processed = 0;
+    let mut limited = 0;
+    // One attacker datagram into b; b's replies to the attacker are read
+    // for a cookie, those to a go onto the link.
+    let hit = |p: &mut Pair, f: &mut Flooder, processed: &mut usize, limited: &mut usize| {
+        let mut m = f.initiation(&mut p.rng, p.wall);
+        let n = m.len();
+        match p
+            .b
+            .decapsulate(p.now, p.wall, &mut p.rng, f.addr, &mut m, n)
+        {
+            Decapsulated::Dropped(DropReason::RateLimited) => *limited += 1,
+            Decapsulated::Dropped(DropReason::Cookie) => {}
+            _ => *processed += 1,
+        }
+        let mut buf = [0u8; 2048];
+        while let Some((to, n)) = p.b.poll_transmit(p.now, &mut buf) {
+            if to == f.addr {
+                if let Ok(c) = handshake::read_cookie_reply(&f.victim, &f.last_mac1, &buf[..n]) {
+                    f.cookie = Some(c);
+                }
+            } else {
+                p.link
+                    .push_back((false, B_ADDR.parse().unwrap(), buf[..n].to_vec()));
+            }
+        }
+    };
+    // Put b under load; the attacker collects a cookie.
+    for _ in 0..300 {
+        hit(&mut p, &mut f, &mut processed, &mut limited);
+    }
+    assert!(f.cookie.is_some(), "the attacker holds a cookie");
+    processed = 0;
+    limited = 0;
+    // a wants to talk while the flood runs: 200 initiations with a valid
+    // mac2 every 100 ms (2,000 a second) for 8 simulated seconds.
+    let start = p.now;
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    let mut done_at = None;
+    for _ in 0..80 {
+        for _ in 0..200 {
+            hit(&mut p, &mut f, &mut processed, &mut limited);
+        }
+        p.run();
+        if done_at.is_none() && !p.got_b.is_empty() {
+            done_at = Some(p.now - start);
+        }
+        p.advance(Duration::from_millis(100));
+    }
+    // 16,000 attacker initiations over 8 s: the burst and 20 a second reach
+    // the Diffie-Hellman, no more.
+    let allowed = ratelimit::BURST as usize + 8 * ratelimit::PER_SECOND as usize + 1;
+    assert!(
+        processed <= allowed,
+        "{processed} processed, {limited} limited"
+    );
+    assert!(limited >= 15_000, "{limited}");
+    let took = done_at.expect("a's handshake completed during the flood");
+    assert!(
+        took <= Duration::from_millis(6500),
+        "took {took:?}: one cookie round trip"
+    );
 }
