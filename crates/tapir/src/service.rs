@@ -64,8 +64,24 @@ fn socket_path(name: &str) -> PathBuf {
 /// Asks a tunnel's control socket for its state (`tapir-get=1`: WireGuard's
 /// `get=1` answer plus tapir's own `tapir_*` lines).
 pub fn query(name: &str) -> Result<Vec<(String, String)>, String> {
+    query_from(name, None)
+}
+
+/// [`query`], refusing an answer from any process but `pid` (a socket that
+/// someone else planted under the tunnel's name).
+pub fn query_from(name: &str, pid: Option<i32>) -> Result<Vec<(String, String)>, String> {
     let path = socket_path(name);
     let mut s = UnixStream::connect(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(want) = pid {
+        let got = crate::uapi::peer_pid(&s);
+        if got != Some(want) {
+            return Err(format!(
+                "{} is answered by {}, not by the tunnel tapir started (pid {want}): another process holds that name",
+                path.display(),
+                got.map_or("an unknown process".into(), |p| format!("pid {p}"))
+            ));
+        }
+    }
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
     s.write_all(b"tapir-get=1\n\n").map_err(|e| e.to_string())?;
@@ -128,7 +144,18 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Vec
                 .to_owned();
             return Err(format!("the tunnel did not come up ({status}): {why}"));
         }
-        if names.iter().all(|n| query(n).is_ok()) {
+        // Ready when every tunnel answers, and it is our child answering.
+        let answers: Vec<Result<_, String>> =
+            names.iter().map(|n| query_from(n, Some(pid))).collect();
+        if let Some(Err(e)) = answers.iter().find(|r| {
+            r.as_ref()
+                .is_err_and(|e| e.contains("another process holds"))
+        }) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            let _ = child.wait();
+            return Err(e.clone());
+        }
+        if answers.iter().all(Result::is_ok) {
             break;
         }
         if Instant::now() > deadline {

@@ -211,6 +211,7 @@ pub fn set(
 }
 
 /// The listening control socket of one interface; removed on drop.
+#[derive(Debug)]
 pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
@@ -220,9 +221,19 @@ impl ControlSocket {
     /// Binds `/var/run/wireguard/NAME.sock`. A stale socket is replaced; one
     /// that another process answers on is not (its path is global, not per
     /// network namespace), and `None` is returned with a reason.
+    ///
+    /// The directory must be root's (ours) and writable by nobody else, or
+    /// anyone could plant or swap sockets in it; it is created 0755. The
+    /// socket is bound in a private 0700 directory, made 0600 there, and
+    /// renamed into place, so it is never reachable with another mode,
+    /// whatever the umask.
     pub fn bind(name: &str) -> Result<Self, String> {
-        let dir = PathBuf::from(SOCKET_DIR);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Self::bind_in(std::path::Path::new(SOCKET_DIR), name)
+    }
+
+    /// [`ControlSocket::bind`] in another directory (for tests).
+    pub fn bind_in(dir: &std::path::Path, name: &str) -> Result<Self, String> {
+        ensure_private_dir(dir)?;
         let path = dir.join(format!("{name}.sock"));
         if path.exists() {
             if UnixStream::connect(&path).is_ok() {
@@ -233,11 +244,30 @@ impl ControlSocket {
             }
             let _ = std::fs::remove_file(&path);
         }
-        let listener = UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        Ok(Self { listener, path })
+        let staging = dir.join(format!(".{name}.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&staging)
+                .map_err(|e| format!("{}: {e}", staging.display()))?;
+        }
+        let result = (|| {
+            let tmp = staging.join("sock");
+            let listener =
+                UnixListener::bind(&tmp).map_err(|e| format!("{}: {e}", path.display()))?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            Ok(Self {
+                listener,
+                path: path.clone(),
+            })
+        })();
+        let _ = std::fs::remove_dir_all(&staging);
+        result
     }
 
     /// The listening socket, to poll.
@@ -279,6 +309,57 @@ impl Drop for ControlSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Makes sure `dir` is a directory of our own that nobody else may write
+/// to: created 0755 if missing; refused, with what to do, if it is a
+/// symbolic link, someone else's, or group- or world-writable.
+pub fn ensure_private_dir(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if std::fs::symlink_metadata(dir).is_err() {
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        match std::fs::DirBuilder::new().mode(0o755).create(dir) {
+            Ok(()) => {
+                // The umask may have taken bits away; set exactly 0755.
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                    .map_err(|e| format!("{}: {e}", dir.display()))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("{}: {e}", dir.display())),
+        }
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.file_type().is_dir() {
+        return Err(format!(
+            "{} is not a directory (a symbolic link?): remove it, and tapir creates it",
+            dir.display()
+        ));
+    }
+    if meta.uid() != me {
+        return Err(format!(
+            "{} belongs to uid {}, not to us (uid {me}): someone could plant sockets there; remove it, or chown {me} it",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} is writable by group or others (mode {:o}): chmod 755 {0}",
+            dir.display(),
+            meta.mode() & 0o777
+        ));
+    }
+    Ok(())
+}
+
+/// The pid of the process at the other end of `stream` (`SO_PEERCRED`).
+pub fn peer_pid(stream: &UnixStream) -> Option<i32> {
+    nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .map(|c| c.pid())
 }
 
 /// How long one control connection may take, all requests included.
@@ -392,6 +473,38 @@ pub fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_socket_directory_must_be_ours_and_closed_and_the_socket_is_0600() {
+        let base = std::env::temp_dir().join(format!("tapir-uapi-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let dir = base.join("wireguard");
+        let c = ControlSocket::bind_in(&dir, "tq0").unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o755);
+        assert_eq!(mode(&dir.join("tq0.sock")), 0o600);
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no staging left"
+        );
+        // Our own end, seen through SO_PEERCRED.
+        let s = UnixStream::connect(dir.join("tq0.sock")).unwrap();
+        assert_eq!(peer_pid(&s), Some(std::process::id() as i32));
+        drop(c);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = ControlSocket::bind_in(&dir, "tq0").unwrap_err();
+        assert!(
+            e.contains("writable by group or others") && e.contains("chmod 755"),
+            "{e}"
+        );
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::remove_dir(&dir).unwrap();
+        std::os::unix::fs::symlink("/tmp", &dir).unwrap();
+        let e = ControlSocket::bind_in(&dir, "tq0").unwrap_err();
+        assert!(e.contains("not a directory"), "{e}");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 
     fn tunnel() -> (Tunnel, PrivateKey, PublicKey) {
         let key = PrivateKey::from_random([1; 32]);

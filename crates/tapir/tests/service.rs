@@ -183,3 +183,36 @@ fn a_broken_config_fails_with_the_reason_and_leaves_nothing() {
         e.assert_clean(&n);
     }
 }
+
+#[test]
+fn up_refuses_a_control_socket_that_someone_else_answers() {
+    require_root!();
+    let e = env("plant");
+    let n = name("tpl");
+    // Someone listens on the tunnel's socket path first.
+    let path = format!("/var/run/wireguard/{n}.sock");
+    let _ = std::fs::create_dir_all("/var/run/wireguard");
+    let _ = std::fs::remove_file(&path);
+    let planted = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    planted.set_nonblocking(true).unwrap();
+    let conf = e.file(
+        &format!("{n}.conf"),
+        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51831\nAddress = 10.88.1.1/24\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.1.2/32\n", key()),
+        "600",
+    );
+    let out = e.tapir(&["up", conf.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "up trusted a planted socket");
+    assert!(
+        err.contains("another process holds that name")
+            && err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    drop(planted);
+    let _ = std::fs::remove_file(&path);
+    assert!(!e.ns.has_link(&n), "nothing left behind");
+    assert!(
+        !e.dir.join("run").join(format!("{n}.pid")).exists(),
+        "no pid file for a tunnel that is not up"
+    );
+}
