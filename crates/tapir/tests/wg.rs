@@ -377,28 +377,6 @@ fn a_tunnel_that_cannot_start_takes_the_others_down() {
         .run(|| UdpSocket::bind("0.0.0.0:51820").expect("port 51820 released"));
 }
 
-fn pipe(cmd: &mut Command, input: &str) -> String {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 #[test]
 fn keys_are_interchangeable_with_wg() {
     for _ in 0..5 {

@@ -25,25 +25,34 @@ pub fn sh(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// A key pair from the tapir binary (genkey, then pubkey).
 pub fn genkey() -> (String, String) {
     let private = sh(Command::new(TAPIR).arg("genkey"));
-    let mut child = Command::new(TAPIR)
-        .arg("pubkey")
+    let public = pipe(Command::new(TAPIR).arg("pubkey"), &private);
+    (private, public)
+}
+
+/// Runs `cmd` with `input` on its stdin; its stdout, trimmed (it must succeed).
+pub fn pipe(cmd: &mut Command, input: &str) -> String {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     child
         .stdin
         .take()
         .unwrap()
-        .write_all(private.as_bytes())
+        .write_all(input.as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    (
-        private,
-        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-    )
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// A process we started, ended by its pid on drop.
