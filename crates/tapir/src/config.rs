@@ -224,6 +224,7 @@ pub fn parse(
     let mut section = Section::None;
     let mut private_key: Option<PrivateKey> = None;
     let mut inline_key_line = None;
+    let mut inline_psk_line = None;
     let mut listen_port = None;
     let mut addresses = Vec::new();
     let mut mtu = None;
@@ -332,6 +333,7 @@ pub fn parse(
             (Section::Peer, "presharedkey") => {
                 let peer = peers.last_mut().expect("in a [Peer] section");
                 peer.psk = Some(PresharedKey::from_base64(value).map_err(|e| err(n, key, e.to_string()))?);
+                inline_psk_line.get_or_insert(n);
             }
             (Section::Peer, "endpoint") => {
                 let (host, port) = value
@@ -378,16 +380,21 @@ pub fn parse(
             "missing: give PrivateKey (from wg genkey or tapir genkey) or PrivateKeyFile".into(),
         )
     })?;
-    if let Some(line) = inline_key_line.filter(|_| mode & 0o077 != 0) {
-        return Err(err(
-            line,
-            "PrivateKey",
-            format!(
-                "this file holds a private key and is readable by group or others (mode {:o}): chmod 600 {}",
-                mode & 0o777,
-                file.display()
-            ),
-        ));
+    for (line, what, k) in [
+        (inline_key_line, "a private key", "PrivateKey"),
+        (inline_psk_line, "a preshared key", "PresharedKey"),
+    ] {
+        if let Some(line) = line.filter(|_| mode & 0o077 != 0) {
+            return Err(err(
+                line,
+                k,
+                format!(
+                    "this file holds {what} and is readable by group or others (mode {:o}): chmod 600 {}",
+                    mode & 0o777,
+                    file.display()
+                ),
+            ));
+        }
     }
     let ours = private_key.public_key();
     let mut seen = std::collections::HashSet::new();
@@ -625,12 +632,12 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
                 crate::dev::parse_addr(a.get_ref()).map_err(|m| err(a.span(), "addresses", m))?,
             );
         }
-        let mode = match &t.mode {
+        let dev_mode = match &t.mode {
             Some(m) => parse_mode(m.get_ref()).map_err(|e| err(m.span(), "mode", e))?,
             None => tapir_sys::Mode::Tun,
         };
         let tap_only = |span: std::ops::Range<usize>, key: &str| {
-            if mode == tapir_sys::Mode::Tap {
+            if dev_mode == tapir_sys::Mode::Tap {
                 Ok(())
             } else {
                 Err(err(
@@ -667,7 +674,7 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
                 ));
             }
             Some(m) => *m.get_ref(),
-            None => default_mtu(mode),
+            None => default_mtu(dev_mode),
         };
         let routes = match &t.routes {
             Some(list) => {
@@ -705,6 +712,17 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
                 ));
             }
             let psk = match &p.preshared_key {
+                Some(k) if mode & 0o077 != 0 => {
+                    return Err(err(
+                        k.span(),
+                        "preshared_key",
+                        format!(
+                            "this file holds a preshared key and is readable by group or others (mode {:o}): chmod 600 {}",
+                            mode & 0o777,
+                            path.display()
+                        ),
+                    ));
+                }
                 Some(k) => Some(
                     PresharedKey::from_base64(k.get_ref())
                         .map_err(|e| err(k.span(), "preshared_key", e.to_string()))?,
@@ -755,7 +773,7 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
             listen_port: t.listen_port,
             addresses,
             mtu,
-            mode,
+            mode: dev_mode,
             mac,
             bridge,
             transport,
@@ -1076,6 +1094,30 @@ mod tests {
         .to_string();
         assert!(
             e.contains(":2: PrivateKey: this file holds a private key") && e.contains("chmod 600"),
+            "{e}"
+        );
+        // An inline preshared key likewise, in both formats.
+        let e = parse(
+            &conf,
+            IfName::new("tp0").unwrap(),
+            &format!("[Interface]\nPrivateKeyFile = private.key\n[Peer]\nPublicKey = {C}\nPresharedKey = {B}\n"),
+            0o640,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(":5: PresharedKey: this file holds a preshared key"),
+            "{e}"
+        );
+        let e = parse_toml(
+            Path::new("t.toml"),
+            &format!("[[tunnel]]\nname = \"tp0\"\nprivate_key_file = \"{}\"\n[[tunnel.peer]]\npublic_key = \"{C}\"\npreshared_key = \"{B}\"\n", key.display()),
+            0o644,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(":6: preshared_key: this file holds a preshared key"),
             "{e}"
         );
         // A mistyped key line is not echoed.

@@ -68,6 +68,12 @@ impl Session {
         self.next_send
     }
 
+    /// Test hook: moves the send counter (to reach the rekey and reject limits).
+    #[cfg(test)]
+    pub(crate) fn set_sent(&mut self, n: u64) {
+        self.next_send = n;
+    }
+
     /// Seals the packet at `buf[16..16 + len]` (0 for a keepalive) into a data
     /// message at `buf[..n]`, returning `n`.
     pub fn seal(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SessionError> {

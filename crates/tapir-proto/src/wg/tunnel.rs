@@ -301,10 +301,18 @@ fn ip_address(packet: &[u8], dst: bool) -> Option<IpAddr> {
     }
 }
 
-/// The real length of the IP packet at the start of a padded plaintext.
+/// The real length of the IP packet at the start of a padded plaintext:
+/// `None` unless it covers its own header and fits.
 fn ip_len(plain: &[u8]) -> Option<usize> {
     let len = match plain.first()? >> 4 {
-        4 => usize::from(u16::from_be_bytes(plain.get(2..4)?.try_into().ok()?)),
+        4 => {
+            let len = usize::from(u16::from_be_bytes(plain.get(2..4)?.try_into().ok()?));
+            let header = usize::from(plain[0] & 0xf) * 4;
+            if header < 20 || len < header {
+                return None;
+            }
+            len
+        }
         6 => 40 + usize::from(u16::from_be_bytes(plain.get(4..6)?.try_into().ok()?)),
         _ => return None,
     };
@@ -594,6 +602,14 @@ impl Tunnel {
         self.routes.lookup(dst).copied()
     }
 
+    /// Test hook: pretends peer `p`'s current session has sent `n` messages.
+    #[cfg(test)]
+    fn set_sent(&mut self, p: usize, n: u64) {
+        if let Some(t) = self.peers[p].current.as_mut() {
+            t.session.set_sent(n);
+        }
+    }
+
     /// The peers' public keys, endpoints and statistics.
     pub fn peers(&self) -> impl Iterator<Item = (&PeerConfig, Option<SocketAddr>, &PeerStats)> {
         self.peers.iter().map(|p| (&p.config, p.endpoint, &p.stats))
@@ -785,9 +801,11 @@ impl Tunnel {
             Ok(n) => n,
             Err(_) => return Encapsulated::Invalid,
         };
-        let rekey = t.session.initiator
-            && (now.saturating_duration_since(t.created) >= REKEY_AFTER_TIME
-                || t.session.sent() >= REKEY_AFTER_MESSAGES);
+        // Whitepaper §6.2: the initiator rekeys after REKEY_AFTER_TIME;
+        // either side after REKEY_AFTER_MESSAGES.
+        let rekey = (t.session.initiator
+            && now.saturating_duration_since(t.created) >= REKEY_AFTER_TIME)
+            || t.session.sent() >= REKEY_AFTER_MESSAGES;
         peer.last_sent = Some(now);
         peer.last_data_sent.get_or_insert(now);
         peer.keepalive_due = false;
@@ -1169,7 +1187,9 @@ impl Tunnel {
             Layer::Ip => {
                 let Some(n) = ip_len(body) else {
                     let peer = &mut self.peers[p];
-                    if looks_like_ethernet(body) {
+                    // Not IP at all (an IP version nibble with a bad length
+                    // is a broken packet, not a frame).
+                    if !matches!(body[0] >> 4, 4 | 6) && looks_like_ethernet(body) {
                         peer.stats.drops.wrong_layer += 1;
                         return Decapsulated::Dropped(DropReason::WrongLayer);
                     }

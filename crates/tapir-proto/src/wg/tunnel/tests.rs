@@ -639,3 +639,49 @@ fn a_flood_with_valid_cookies_is_held_to_the_rate_and_a_peer_still_gets_in() {
         "took {took:?}: one cookie round trip"
     );
 }
+
+#[test]
+fn ipv4_packets_shorter_than_their_header_are_dropped() {
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    p.run();
+    p.got_b.clear();
+    for total in [0u16, 12, 19] {
+        let mut bad = packet([10, 0, 0, 1], [10, 0, 0, 2], 10);
+        bad[2..4].copy_from_slice(&total.to_be_bytes());
+        p.send_a(&bad);
+        p.run();
+    }
+    // An IHL below 5 as well.
+    let mut bad = packet([10, 0, 0, 1], [10, 0, 0, 2], 10);
+    bad[0] = 0x44;
+    p.send_a(&bad);
+    p.run();
+    assert!(p.got_b.is_empty(), "{:?}", p.got_b);
+    assert_eq!(
+        p.drops
+            .iter()
+            .filter(|d| **d == DropReason::Malformed)
+            .count(),
+        4
+    );
+}
+
+#[test]
+fn the_responder_rekeys_after_too_many_messages_too() {
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    p.run();
+    // b answered a's handshake: it is the responder. Its counter reaches the limit.
+    p.b.set_sent(0, REKEY_AFTER_MESSAGES);
+    let r = p.send_b(&packet([10, 0, 0, 2], [10, 0, 0, 1], 10));
+    assert!(matches!(r, Encapsulated::Send { .. }));
+    let initiations = p
+        .link
+        .iter()
+        .filter(|(to_b, _, b)| !to_b && b.len() == INITIATION_LEN)
+        .count();
+    assert_eq!(initiations, 1, "b starts a new handshake");
+    p.run();
+    assert!(p.drops.is_empty(), "{:?}", p.drops);
+}
