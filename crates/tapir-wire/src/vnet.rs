@@ -131,6 +131,21 @@ pub fn segment_at(
     Ok(l2 + segment(hdr, &frame[l2..], index, &mut out[l2..])?)
 }
 
+/// Whether the TCP checksum of the IP packet `packet` (IP header of
+/// `ip_len` bytes) is right.
+fn tcp_checksum_ok(packet: &[u8], ip_len: usize, v4: bool) -> bool {
+    let seg_len = (packet.len() - ip_len) as u32;
+    let pseudo = if v4 {
+        let s = checksum::add(checksum::add(0, &packet[12..16]), &packet[16..20]);
+        checksum::add(s, &[0, 6, (seg_len >> 8) as u8, seg_len as u8])
+    } else {
+        let src: [u8; 16] = packet[8..24].try_into().expect("16 bytes");
+        let dst: [u8; 16] = packet[24..40].try_into().expect("16 bytes");
+        checksum::ipv6_pseudo(&src, &dst, seg_len, 6)
+    };
+    checksum::finish(checksum::add(pseudo, &packet[ip_len..])) == 0
+}
+
 /// How many segments a TSO super-packet makes.
 pub fn segment_count(hdr: &VnetHeader, packet: &[u8]) -> Result<usize, VnetError> {
     let (ip_len, tcp_len, _) = tcp_headers(packet).ok_or(VnetError)?;
@@ -284,6 +299,12 @@ impl Coalescer {
         }
         // IPv4: no options, not a fragment; the real length must match.
         if v4 && (ip_len != 20 || u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff != 0) {
+            return false;
+        }
+        // A segment whose TCP checksum is wrong never joins: the joined
+        // packet's checksum is computed afresh and would hide the damage.
+        // Written on its own, the kernel checks it and drops it.
+        if !tcp_checksum_ok(packet, ip_len, v4) {
             return false;
         }
         let seq = u32::from_be_bytes([
@@ -632,6 +653,17 @@ mod tests {
         assert_eq!(&one[LEN..], &seg(2)[..]);
         assert!(c.flush().is_none());
         assert!(!c.push(&[0x45, 0, 0]), "garbage");
+        // A segment with a damaged byte (its checksum no longer matches) never joins.
+        let mut damaged = seg(0);
+        let last = damaged.len() - 1;
+        damaged[last] ^= 0x40;
+        let mut fresh = Coalescer::new();
+        assert!(!fresh.push(&damaged), "a bad checksum does not start a run");
+        assert!(fresh.push(&seg(0)));
+        let mut damaged1 = seg(1);
+        let last = damaged1.len() - 1;
+        damaged1[last] ^= 0x40;
+        assert!(!fresh.push(&damaged1), "nor join one");
     }
 
     #[test]
