@@ -41,8 +41,20 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
-# One closing line for the whole run (cargo prints one per test binary).
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
-     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+skips=$(mktemp)
+trap 'rm -f "$log" "$skips"' EXIT
+# Tests that need root record their skips here (netlab::require_root).
+export NETLAB_SKIP_LOG=$skips
+status=0
+cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run (cargo prints one per test binary);
+# root-only tests that skipped themselves are counted as skipped, not passed.
+skipped=$(wc -l < "$skips")
+awk -v k="$skipped" '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "tests: %d passed, %d failed, %d skipped (%d ignored, %d needing root)\n", p - k, f, s + k, s, k }' "$log"
+if ((status != 0)); then exit "$status"; fi
+if [[ $(id -u) -eq 0 && $skipped -gt 0 ]]; then
+    echo "test.sh: $skipped test(s) skipped for want of root while running as root:" >&2
+    sort "$skips" >&2
+    exit 1
+fi
