@@ -675,6 +675,18 @@ impl Tunnel {
         self.outgoing.push_back((to, msg.to_vec()));
     }
 
+    /// Handshakes with every peer that has an endpoint, at start: a tunnel
+    /// that restarted has no sessions, and a peer that still holds the old
+    /// ones would otherwise send into the void until its own timer (15 s)
+    /// gives up on them.
+    pub fn handshake_all(&mut self, now: Instant, wall: Duration, rng: &mut dyn Random) {
+        for p in 0..self.peers.len() {
+            if self.peers[p].endpoint.is_some() {
+                self.initiate(p, now, wall, rng);
+            }
+        }
+    }
+
     /// The path to `addr` has just been (re)established (a TCP connection
     /// opened): peers whose endpoint is `addr` handshake over it at once,
     /// since whatever was sent before it is lost.
@@ -685,6 +697,13 @@ impl Tunnel {
         rng: &mut dyn Random,
         addr: SocketAddr,
     ) {
+        // An initiation still waiting in the queue goes out on this very
+        // connection: a second one now would cross it (the peer would take
+        // the first and refuse the second as too soon, and we would wait for
+        // an answer to the second).
+        if self.outgoing.iter().any(|(to, _)| *to == addr) {
+            return;
+        }
         for p in 0..self.peers.len() {
             if self.peers[p].endpoint == Some(addr) {
                 if let Some((old, _)) = self.peers[p].pending.take() {

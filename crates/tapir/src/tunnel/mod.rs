@@ -871,6 +871,9 @@ impl Started {
             gro_udp,
             udp: UdpCounters::default(),
         };
+        // Fresh sessions with every peer we know where to find (a restart
+        // is over for them as soon as this completes).
+        d.tunnel.handshake_all(Instant::now(), wall(), &mut d.rng);
         let mut warned_layer: Vec<(PublicKey, u64)> = Vec::new();
         let mut set = PollSet::new();
         let mut next_timer = Instant::now();

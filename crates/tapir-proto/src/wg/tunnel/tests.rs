@@ -685,3 +685,25 @@ fn the_responder_rekeys_after_too_many_messages_too() {
     p.run();
     assert!(p.drops.is_empty(), "{:?}", p.drops);
 }
+
+#[test]
+fn a_new_connection_does_not_double_an_initiation_still_queued() {
+    let mut p = Pair::new();
+    let mut buf = vec![0u8; 2048];
+    let ping = packet([10, 0, 0, 1], [10, 0, 0, 2], 10);
+    buf[16..16 + ping.len()].copy_from_slice(&ping);
+    let r =
+        p.a.encapsulate(p.now, p.wall, &mut p.rng, &mut buf, ping.len());
+    assert_eq!(r, Encapsulated::Queued);
+    // The TCP connection to b opens before the initiation was sent.
+    p.a.path_opened(p.now, p.wall, &mut p.rng, B_ADDR.parse().unwrap());
+    let mut n = 0;
+    while p.a.poll_transmit(p.now, &mut buf).is_some() {
+        n += 1;
+    }
+    assert_eq!(n, 1, "one initiation, not two crossing");
+    // Once it has gone (and was lost with the old connection), a new
+    // connection starts a fresh one at once.
+    p.a.path_opened(p.now, p.wall, &mut p.rng, B_ADDR.parse().unwrap());
+    assert!(p.a.poll_transmit(p.now, &mut buf).is_some());
+}

@@ -1,0 +1,325 @@
+//! Faults, with figures: loss on the underlay, the underlay down and up,
+//! either end killed and restarted, and a flood of garbage and replayed
+//! datagrams, each in namespaces, tapir to tapir:
+//!
+//! ```text
+//!   ns a: va 10.200.0.1 ── veth ── vb 10.200.0.2 :ns b
+//!         tunnel 10.77.0.1  ═══════  tunnel 10.77.0.2
+//! ```
+//! They run one at a time (a lock): each loads the machine, and the others
+//! measure recovery times.
+
+use std::io::Write;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use netlab::{Netns, require_root};
+
+mod support;
+use support::*;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn sides<'a>(bed: &'a Bed, tag: &str) -> (Side<'a>, Side<'a>) {
+    (
+        Side {
+            ns: &bed.a,
+            name: ifname(&format!("{tag}a")),
+            port: 51820,
+            addr: "10.77.0.1",
+        },
+        Side {
+            ns: &bed.b,
+            name: ifname(&format!("{tag}b")),
+            port: 51820,
+            addr: "10.77.0.2",
+        },
+    )
+}
+
+fn nft(ns: &Netns, script: &str) {
+    let mut child = ns
+        .cmd("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("nft (Debian package nftables)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "nft: {script}");
+}
+
+/// Time until a ping from `ns` to `to` is answered (one try every 200 ms, at most `limit`).
+fn first_reply(ns: &Netns, to: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let t = Instant::now();
+        if ns
+            .cmd("ping")
+            .args(["-c", "1", "-W", "1", to])
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(200).saturating_sub(t.elapsed()));
+    }
+    panic!("no reply from {to} within {limit:?}");
+}
+
+#[test]
+fn five_percent_loss_on_the_underlay_loses_nothing_inside() {
+    require_root!();
+    let _one = serial();
+    let bed = bed("loss");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let (a, b) = sides(&bed, "ls");
+    let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
+    ping(&bed.a, "10.77.0.2");
+    // 5% of the tunnel's datagrams dropped each way, at random.
+    for ns in [&bed.a, &bed.b] {
+        nft(
+            ns,
+            "table inet loss {\n  chain out { type filter hook output priority 0; udp dport 51820 numgen random mod 100 < 5 drop; }\n}\n",
+        );
+    }
+    let start = Instant::now();
+    transfer(&bed.a, &bed.b, "10.77.0.2:5001", 256 << 20);
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "256 MB through 5% loss each way: {:.0} Mbit/s, sha256 equal",
+        256.0 * 8.0 * 1.048576 / secs
+    );
+}
+
+#[test]
+fn the_underlay_down_for_10_s_then_up() {
+    require_root!();
+    let _one = serial();
+    let bed = bed("down");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let (a, b) = sides(&bed, "dn");
+    let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
+    ping(&bed.a, "10.77.0.2");
+    bed.a.ip(&["link", "set", "va", "down"]);
+    // Traffic meanwhile: it is lost, and the tunnel keeps trying.
+    let _ = bed
+        .a
+        .cmd("ping")
+        .args(["-c", "10", "-i", "1", "-W", "1", "10.77.0.2"])
+        .output();
+    bed.a.ip(&["link", "set", "va", "up"]);
+    // Addresses of a link that went down come back with it; routes too.
+    let took = first_reply(&bed.a, "10.77.0.2", Duration::from_secs(15));
+    eprintln!("underlay back: first reply after {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    ping(&bed.b, "10.77.0.1");
+}
+
+#[test]
+fn either_end_killed_and_restarted_comes_back() {
+    require_root!();
+    let _one = serial();
+    let bed = bed("kill");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let (a, b) = sides(&bed, "kl");
+    let mut ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    let mut tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
+    ping(&bed.a, "10.77.0.2");
+    for (victim, which) in [(&mut ta, "a"), (&mut tb, "b")] {
+        let mut child = victim.0.take().unwrap();
+        child.kill().unwrap(); // SIGKILL: no clean-up at all
+        child.wait().unwrap();
+        // Nothing stale blocks the restart: the device went with its
+        // descriptor, and a dead control socket is replaced.
+        let (side, key, peer, endpoint, allowed) = if which == "a" {
+            (&a, &ka, &pb, "10.200.0.2:51820", "10.77.0.2/32")
+        } else {
+            (&b, &kb, &pa, "10.200.0.1:51820", "10.77.0.1/32")
+        };
+        *victim = tapir(&bed, side, key, peer, Some(endpoint), allowed);
+        let took = first_reply(&bed.a, "10.77.0.2", Duration::from_secs(15));
+        eprintln!("{which} killed with SIGKILL and restarted: first reply after {took:?}");
+        assert!(took < Duration::from_secs(5), "{which}: {took:?}");
+        assert!(
+            std::os::unix::net::UnixStream::connect(format!(
+                "/var/run/wireguard/{}.sock",
+                side.name
+            ))
+            .is_ok(),
+            "the control socket answers again"
+        );
+    }
+}
+
+/// Sends, from `ns`, garbage and the given replayed datagrams to `to` as
+/// fast as it can for `secs`; prints and returns (sent, replies received).
+fn flood(ns: &Netns, to: &str, replays: &[Vec<u8>], secs: u32) -> (u64, u64) {
+    let hexes: Vec<String> = replays
+        .iter()
+        .map(|r| r.iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
+    let script = format!(
+        "import os, socket, time\n\
+         host, port = '{}', {}\n\
+         replays = [bytes.fromhex(h) for h in {:?}]\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.setblocking(False)\n\
+         sent = got = i = 0\n\
+         end = time.time() + {secs}\n\
+         while time.time() < end:\n\
+         \x20   for _ in range(256):\n\
+         \x20       i += 1\n\
+         \x20       m = replays[i % len(replays)] if replays and i % 2 else os.urandom(1 + i % 200)\n\
+         \x20       try:\n\
+         \x20           s.sendto(m, (host, port)); sent += 1\n\
+         \x20       except BlockingIOError:\n\
+         \x20           pass\n\
+         \x20   try:\n\
+         \x20       while True:\n\
+         \x20           s.recv(65535); got += 1\n\
+         \x20   except BlockingIOError:\n\
+         \x20       pass\n\
+         time.sleep(0.5)\n\
+         try:\n\
+         \x20   while True:\n\
+         \x20       s.recv(65535); got += 1\n\
+         except BlockingIOError:\n\
+         \x20   pass\n\
+         print(sent, got)\n",
+        to.split(':').next().unwrap(),
+        to.split(':').nth(1).unwrap(),
+        hexes
+    );
+    let out = ns.cmd("python3").args(["-c", &script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace().map(|n| n.parse::<u64>().unwrap());
+    (it.next().unwrap(), it.next().unwrap())
+}
+
+#[test]
+fn a_minute_of_garbage_and_replays_gets_no_reply_and_costs_no_memory() {
+    require_root!();
+    let _one = serial();
+    let bed = bed("garb");
+    let c = bed.lab.netns("c");
+    bed.lab.veth(&c, "vc", &bed.a, "vac");
+    c.ip(&["addr", "add", "10.204.0.2/24", "dev", "vc"]);
+    bed.a.ip(&["addr", "add", "10.204.0.1/24", "dev", "vac"]);
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let (a, b) = sides(&bed, "gb");
+    let ta = tapir(&bed, &a, &ka, &pb, None, "10.77.0.2/32");
+    let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
+    // Real transport data from b to a, captured on the underlay, to replay.
+    let cap = bed.dir.join("cap.pcap");
+    let mut dump = bed
+        .a
+        .cmd("timeout")
+        .args([
+            "10",
+            "tcpdump",
+            "-i",
+            "va",
+            "-w",
+            cap.to_str().unwrap(),
+            "-c",
+            "6",
+            "udp and src host 10.200.0.2",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    ping(&bed.b, "10.77.0.1");
+    let _ = bed
+        .b
+        .cmd("ping")
+        .args(["-c", "6", "-i", "0.2", "10.77.0.1"])
+        .output();
+    let _ = dump.wait();
+    let pcap = std::fs::read(&cap).unwrap();
+    let mut replays = Vec::new();
+    let mut at = 24;
+    while at + 16 <= pcap.len() {
+        let len = u32::from_le_bytes(pcap[at + 8..at + 12].try_into().unwrap()) as usize;
+        let frame = &pcap[at + 16..(at + 16 + len).min(pcap.len())];
+        // Ethernet 14, IPv4 20, UDP 8: the WireGuard message.
+        if frame.len() > 42 && frame[42] == 4 {
+            replays.push(frame[42..].to_vec());
+        }
+        at += 16 + len;
+    }
+    assert!(!replays.is_empty(), "captured transport data to replay");
+    let pid = ta.0.as_ref().unwrap().id();
+    let rss_before = rss_kib(pid);
+    let mut rss_mid = 0;
+    // The flood from c, for a minute; meanwhile b's throughput through a.
+    let flooder = {
+        let c_ref = &c;
+        std::thread::scope(|s| {
+            let f = s.spawn(|| flood(c_ref, "10.204.0.1:51820", &replays, 60));
+            let t0 = Instant::now();
+            std::thread::sleep(Duration::from_secs(5));
+            bed.lab.spawn(
+                bed.a
+                    .cmd("iperf3")
+                    .args(["-s", "-1", "-B", "10.77.0.1"])
+                    .stdout(Stdio::null()),
+            );
+            std::thread::sleep(Duration::from_millis(300));
+            let out = bed
+                .b
+                .cmd("iperf3")
+                .args(["-c", "10.77.0.1", "-t", "10", "-J"])
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let mbps = v["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .unwrap_or(0.0)
+                / 1e6;
+            // Both directions' batches and the GRO buffer are in use by
+            // now: from here to the end of the flood, memory must stay flat.
+            std::thread::sleep(Duration::from_secs(20).saturating_sub(t0.elapsed()));
+            rss_mid = rss_kib(pid);
+            (f.join().unwrap(), mbps)
+        })
+    };
+    let ((sent, replies), mbps) = flooder;
+    let rss_after = rss_kib(pid);
+    eprintln!(
+        "garbage and replays for 60 s: {sent} datagrams, {replies} replies; RSS {rss_before} before, {rss_mid} after 20 s (flood and a bulk transfer), {rss_after} KiB after 60 s; legitimate peer meanwhile {mbps:.0} Mbit/s"
+    );
+    assert!(sent > 100_000, "{sent}");
+    assert_eq!(replies, 0, "tapir answered the flood");
+    // The batches (64 slots of 64 KiB each way) are touched once; beyond
+    // that, nothing grows.
+    assert!(
+        rss_after < rss_before + 12 * 1024,
+        "{rss_before} -> {rss_after} KiB"
+    );
+    assert!(
+        rss_after < rss_mid + 1024,
+        "grew during the flood: {rss_mid} -> {rss_after} KiB"
+    );
+    assert!(mbps > 10.0, "the legitimate peer got {mbps:.1} Mbit/s");
+    ping(&bed.b, "10.77.0.1");
+}
