@@ -4,6 +4,8 @@
 //!   tapir (CLI, daemon) ──▶ tapir-sys ──┬─ tun:     /dev/net/tun + TUNSETIFF/PERSIST/OWNER/GROUP/OFFLOAD
 //!                                       ├─ netlink: links, addresses, routes (rtnetlink)
 //!                                       ├─ netns:   setns for the calling thread
+//!                                       ├─ mmsg, poll: batched UDP (GSO, GRO), waiting on many fds
+//!                                       ├─ caps:    keep CAP_NET_ADMIN only, after set-up
 //!                                       └─ ifname:  interface names, checked before any call
 //! ```
 //!
@@ -32,6 +34,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod caps;
 pub mod ifname;
 pub mod mmsg;
 pub mod netlink;

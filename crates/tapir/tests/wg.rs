@@ -590,3 +590,59 @@ fn a_stalled_control_client_does_not_stall_the_packets() {
     let show = sh(bed.a.cmd("wg").args(["show", &a.name, "dump"]));
     assert!(show.contains(&pb), "{show}");
 }
+
+#[test]
+fn a_running_tunnel_keeps_cap_net_admin_alone_and_still_works() {
+    require_root!();
+    let bed = bed("caps");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let a = Side {
+        ns: &bed.a,
+        name: ifname("tpc"),
+        port: 51820,
+        addr: "10.77.0.1",
+    };
+    let b = Side {
+        ns: &bed.b,
+        name: ifname("tpd"),
+        port: 51820,
+        addr: "10.77.0.2",
+    };
+    let mut ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
+    ping(&bed.a, "10.77.0.2");
+    let pid = ta.0.as_ref().unwrap().id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap()
+    };
+    // Bit 12: CAP_NET_ADMIN, and nothing else, in every set; no way back.
+    for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(field(set), "0000000000001000", "{set} of {pid}: {status}");
+    }
+    assert_eq!(field("NoNewPrivs:"), "1");
+    // wg set still changes the tunnel, and traffic still flows.
+    let extra = genkey().1;
+    sh(bed.a.cmd("wg").args([
+        "set",
+        &a.name,
+        "peer",
+        &extra,
+        "allowed-ips",
+        "10.77.0.9/32",
+    ]));
+    let show = sh(bed.a.cmd("wg").args(["show", &a.name, "allowed-ips"]));
+    assert!(show.contains("10.77.0.9/32"), "{show}");
+    ping(&bed.a, "10.77.0.2");
+    // And shutdown still cleans up.
+    ta.stop();
+    assert!(!bed.a.has_link(&a.name), "the device is gone");
+    assert!(
+        !std::path::Path::new(&format!("/var/run/wireguard/{}.sock", a.name)).exists(),
+        "the control socket is gone"
+    );
+}

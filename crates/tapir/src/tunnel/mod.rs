@@ -420,6 +420,15 @@ pub fn run_all(
     for c in configs {
         started.push(start(c, tun_path)?);
     }
+    // Set up: from here on the process parses what arrives from the network,
+    // so it keeps CAP_NET_ADMIN alone (to take a bridge it made down again)
+    // and can gain nothing back. Before the threads start: they inherit it.
+    // TAPIR_KEEP_CAPS=1 keeps them all (for debugging).
+    if std::env::var_os("TAPIR_KEEP_CAPS").is_none() {
+        if let Err(e) = tapir_sys::caps::keep_only_net_admin(true) {
+            eprintln!("tapir: warning: could not give up capabilities: {e}");
+        }
+    }
     std::thread::scope(|s| {
         let handles: Vec<_> = started
             .into_iter()

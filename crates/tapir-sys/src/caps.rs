@@ -1,0 +1,85 @@
+//! Giving up capabilities: after a tunnel is set up, the process keeps
+//! `CAP_NET_ADMIN` alone, in its effective, permitted and bounding sets, and
+//! can never gain more (`no_new_privs`), while it parses what arrives from
+//! the network for the rest of its life.
+//!
+//! ```text
+//!   PR_SET_NO_NEW_PRIVS ─▶ PR_CAPBSET_DROP (every cap but NET_ADMIN) ─▶ capset(NET_ADMIN only)
+//! ```
+//! Capabilities are per thread: call this before spawning the threads that
+//! should run with it (they inherit the calling thread's sets).
+
+use std::io;
+
+/// `CAP_NET_ADMIN`.
+pub const CAP_NET_ADMIN: u32 = 12;
+/// `_LINUX_CAPABILITY_VERSION_3`.
+const CAP_V3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// The highest capability number this kernel knows.
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+/// Keeps `CAP_NET_ADMIN` only (or nothing, if `keep_net_admin` is false);
+/// returns the first failing step.
+pub fn keep_only_net_admin(keep_net_admin: bool) -> io::Result<()> {
+    let fail = |op: &str| {
+        let e = io::Error::last_os_error();
+        io::Error::new(e.kind(), format!("{op}: {e}"))
+    };
+    // SAFETY: prctl with integer arguments only; no memory is passed.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(fail("prctl(PR_SET_NO_NEW_PRIVS)"));
+    }
+    for cap in 0..=last_cap() {
+        if keep_net_admin && cap == CAP_NET_ADMIN {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments only. EINVAL for a
+        // capability this kernel lacks is harmless.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if rc != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(fail("prctl(PR_CAPBSET_DROP)"));
+        }
+    }
+    let mut header = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    if keep_net_admin {
+        data[0].effective = 1 << CAP_NET_ADMIN;
+        data[0].permitted = 1 << CAP_NET_ADMIN;
+    }
+    // SAFETY: capset reads a v3 header and two data structs, both live
+    // locals with the kernel's layout (repr(C), three u32 each).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(fail("capset"));
+    }
+    Ok(())
+}
