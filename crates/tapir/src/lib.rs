@@ -7,6 +7,11 @@
 //!      ├─ dump    read a device, print a line per packet, write pcap
 //!      ├─ capture attach as a device's reader with its own flags
 //!      ├─ doctor  what the kernel and this process can do
+//!      ├─ config  wg-quick and TOML tunnel files, checked before any kernel call
+//!      ├─ tunnel  `tapir run`: the datapath (tun|tap x UDP|TCP), tcp transport, control thread
+//!      ├─ uapi    WireGuard's control socket protocol (wg show / wg set), tapir-get
+//!      ├─ service `tapir up/down/status`: background tunnels, pid and log files
+//!      ├─ demo    the lab: two namespaces and a tunnel
 //!      ├─ caps    capabilities of this process
 //!      └─ users   user and group names
 //!   all kernel calls go through tapir-sys
