@@ -270,10 +270,6 @@ impl ControlSocket {
         result
     }
 
-    /// The listening socket, to poll.
-    pub fn listener(&self) -> &UnixListener {
-        &self.listener
-    }
 
     /// Serves connections until `stop`, one at a time, each within
     /// [`DEADLINE`] in all and with lines of at most [`MAX_LINE`] bytes, so a
