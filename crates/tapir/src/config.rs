@@ -428,6 +428,15 @@ pub fn parse(
     };
     tap_only(mac.as_ref().map(|(l, _)| *l), "MAC")?;
     tap_only(bridge.as_ref().map(|(l, _)| *l), "Bridge")?;
+    if let (Some((line, b)), false) = (&bridge, addresses.is_empty()) {
+        return Err(err(
+            *line,
+            "Bridge",
+            format!(
+                "with Address: an address on a port of a bridge is not reached; put it on the bridge instead (ip addr add ... dev {b}) and remove Address"
+            ),
+        ));
+    }
     Ok(TunnelConfig {
         file: file.to_owned(),
         name,
@@ -657,6 +666,16 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
         let bridge = match &t.bridge {
             Some(b) => {
                 tap_only(b.span(), "bridge")?;
+                if !t.addresses.is_empty() {
+                    return Err(err(
+                        b.span(),
+                        "bridge",
+                        format!(
+                            "with addresses: an address on a port of a bridge is not reached; put it on the bridge instead (ip addr add ... dev {}) and remove addresses",
+                            b.get_ref()
+                        ),
+                    ));
+                }
                 Some(IfName::new(b.get_ref()).map_err(|e| err(b.span(), "bridge", e.to_string()))?)
             }
             None => None,
@@ -885,6 +904,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains(":3: Bridge: only for tap mode"), "{e}");
+        let e = p(&format!(
+            "[Interface]\nPrivateKey = {A}\nMode = tap\nBridge = br0\nAddress = 10.0.0.1/24\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(":4: Bridge: with Address") && e.contains("dev br0"),
+            "{e}"
+        );
         let e = p(&format!("[Interface]\nPrivateKey = {A}\nMode = tup\n"))
             .unwrap_err()
             .to_string();

@@ -270,7 +270,6 @@ impl ControlSocket {
         result
     }
 
-
     /// Serves connections until `stop`, one at a time, each within
     /// [`DEADLINE`] in all and with lines of at most [`MAX_LINE`] bytes, so a
     /// slow or hostile client holds up only itself and only briefly.
