@@ -38,6 +38,9 @@ pub enum Refused {
     MulticastSource,
     /// The port already holds its cap of addresses.
     Cap,
+    /// The address is a live one of a protected port (the local side's own
+    /// stations): a peer may not take it over.
+    Protected,
 }
 
 /// Where a frame goes.
@@ -94,6 +97,27 @@ impl<P: Copy + Eq + Hash> MacTable<P> {
                 self.per_port.remove(&port);
             }
         }
+    }
+
+    /// Notes that `src` was seen on `port`. A live address of the
+    /// `protected` port (the local tap's stations) is never moved away from
+    /// it: a peer sending from our own MAC gets our traffic only if it
+    /// could take it over, so it may not.
+    pub fn learn_unless(
+        &mut self,
+        now: Instant,
+        src: Mac,
+        port: P,
+        protected: P,
+    ) -> Result<(), Refused> {
+        if port != protected {
+            if let Some(e) = self.entries.get(&src) {
+                if e.port == protected && self.live(e, now) {
+                    return Err(Refused::Protected);
+                }
+            }
+        }
+        self.learn(now, src, port)
     }
 
     /// Notes that `src` was seen on `port`.
@@ -264,6 +288,18 @@ mod tests {
         t.learn(now, [2, 0, 0, 0, 0, 0xc], 3).unwrap();
         assert_eq!(t.learn(now, A, 3), Err(Refused::Cap));
         assert_eq!(t.lookup(now, &A), Destination::Port(2));
+    }
+
+    #[test]
+    fn a_protected_ports_live_addresses_cannot_be_taken() {
+        let (mut t, now) = table();
+        t.learn(now, A, 0).unwrap();
+        assert_eq!(t.learn_unless(now, A, 1, 0), Err(Refused::Protected));
+        assert_eq!(t.lookup(now, &A), Destination::Port(0));
+        // Once it has aged out, it is free again.
+        let later = now + Duration::from_secs(301);
+        t.learn_unless(later, A, 1, 0).unwrap();
+        assert_eq!(t.lookup(later, &A), Destination::Port(1));
     }
 
     #[test]

@@ -54,10 +54,16 @@ pub fn keep_only_net_admin(keep_net_admin: bool) -> io::Result<()> {
             continue;
         }
         // SAFETY: prctl with integer arguments only. EINVAL for a
-        // capability this kernel lacks is harmless.
+        // capability this kernel lacks is harmless; EPERM (no
+        // CAP_SETPCAP) leaves the bounding set as it is, and the capset
+        // below still empties the effective and permitted sets.
         let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-        if rc != 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
-            return Err(fail("prctl(PR_CAPBSET_DROP)"));
+        if rc != 0 {
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINVAL) => {}
+                Some(libc::EPERM) => break,
+                _ => return Err(fail("prctl(PR_CAPBSET_DROP)")),
+            }
         }
     }
     let mut header = CapHeader {

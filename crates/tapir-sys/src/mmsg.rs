@@ -305,24 +305,7 @@ impl Batch {
             self.groups.push((i, count));
             i += count;
         }
-        // One message per run; runs of one go without a control message.
-        let iovs = self.iovs.as_mut_ptr();
-        for (g, &(start, count)) in self.groups.iter().enumerate() {
-            let h = &mut self.hdrs[g].msg_hdr;
-            h.msg_name = (&mut self.addrs[start] as *mut libc::sockaddr_in6).cast();
-            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-            // SAFETY: start + count <= n <= capacity: inside `iovs`.
-            h.msg_iov = unsafe { iovs.add(start) };
-            h.msg_iovlen = count as _;
-            h.msg_flags = 0;
-            if count > 1 {
-                write_segment_cmsg(&mut self.ctrl[g], h, self.lens[start] as u16);
-            } else {
-                h.msg_control = std::ptr::null_mut();
-                h.msg_controllen = 0;
-            }
-            self.hdrs[g].msg_len = 0;
-        }
+        self.build_group_headers();
         let messages = self.groups.len();
         let mut out = Sent {
             messages,
@@ -377,9 +360,23 @@ impl Batch {
                     out.refused += n - start;
                     return out;
                 }
+                // A run the path cannot carry segmented (EINVAL, EMSGSIZE:
+                // a segment above the path MTU) goes one datagram per
+                // message, which the kernel may fragment.
+                Some(libc::EINVAL) | Some(libc::EMSGSIZE) if count > 1 => {
+                    let one = self.send_plain(fd, start, start + count, deadline);
+                    out.sent += one.sent;
+                    out.refused += one.refused;
+                    out.blocked += one.blocked;
+                    out.messages += one.messages;
+                    // The plain send reused the headers: set the runs' again.
+                    self.prepare(n, false);
+                    self.build_group_headers();
+                    m += 1;
+                }
                 // Anything else fails only the message at the head
-                // (EMSGSIZE, an unreachable peer, a firewall's EPERM):
-                // dropped, as UDP may, and counted.
+                // (an unreachable peer, a firewall's EPERM): dropped, as
+                // UDP may, and counted.
                 _ => {
                     out.refused += count;
                     m += 1;
@@ -387,6 +384,28 @@ impl Batch {
             }
         }
         out
+    }
+
+    /// One message per run (after [`Batch::prepare`] set the iovecs); runs
+    /// of one go without a control message.
+    fn build_group_headers(&mut self) {
+        let iovs = self.iovs.as_mut_ptr();
+        for (g, &(start, count)) in self.groups.iter().enumerate() {
+            let h = &mut self.hdrs[g].msg_hdr;
+            h.msg_name = (&mut self.addrs[start] as *mut libc::sockaddr_in6).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            // SAFETY: start + count <= n <= capacity: inside `iovs`.
+            h.msg_iov = unsafe { iovs.add(start) };
+            h.msg_iovlen = count as _;
+            h.msg_flags = 0;
+            if count > 1 {
+                write_segment_cmsg(&mut self.ctrl[g], h, self.lens[start] as u16);
+            } else {
+                h.msg_control = std::ptr::null_mut();
+                h.msg_controllen = 0;
+            }
+            self.hdrs[g].msg_len = 0;
+        }
     }
 
     /// Sends slots `from..n` one datagram per message.

@@ -110,6 +110,17 @@ impl Deframer {
         &mut self.buf[self.end..]
     }
 
+    /// Whether a whole frame (or a frame that will be refused) is buffered,
+    /// so that [`Deframer::next_frame`] has something to say without a read.
+    pub fn has_frame(&self) -> bool {
+        let avail = &self.buf[self.start..self.end];
+        if avail.len() < HEADER_LEN {
+            return false;
+        }
+        let len = usize::from(u16::from_be_bytes([avail[0], avail[1]]));
+        len < MIN_MESSAGE || len > self.max || avail.len() >= HEADER_LEN + len
+    }
+
     /// Bytes of buffer held now.
     pub fn capacity(&self) -> usize {
         self.buf.len()
@@ -221,6 +232,13 @@ mod tests {
         }
         assert_eq!(d.next_frame(), Ok(None));
         assert_eq!(d.buffered(), 0);
+        assert!(!d.has_frame());
+        // Half a frame is not a frame.
+        let half = framed(&[message(1000, 7)]);
+        feed(&mut d, &half[..500]);
+        assert!(!d.has_frame());
+        feed(&mut d, &half[500..]);
+        assert!(d.has_frame());
         // A byte at a time.
         let mut d = Deframer::new(MAX_MESSAGE);
         let mut got = Vec::new();

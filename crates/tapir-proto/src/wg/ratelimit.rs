@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 pub const PER_SECOND: u64 = 20;
 /// Messages an idle address may send at once.
 pub const BURST: u64 = 5;
-/// Addresses tracked at most (beyond it, new addresses wait for the next clean-up).
+/// Addresses tracked at most (beyond it, new addresses share one bucket until the next clean-up).
 pub const MAX_SOURCES: usize = 65_536;
 
 const COST: u64 = 1_000_000_000 / PER_SECOND;
@@ -48,12 +48,19 @@ impl SourceLimiter {
                 now.saturating_duration_since(*last) < Duration::from_secs(1)
             });
         }
-        // IPv4 in IPv6 counts as the IPv4 address it is.
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        // IPv4 in IPv6 counts as the IPv4 address it is; IPv6 counts by its
+        // /64 (one host holds a whole /64), as in wireguard-go.
+        let mut ip = match ip {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & !0xffff_ffff_ffff_ffff).into()),
+            },
             v4 => v4,
         };
-        let full = self.buckets.len() >= MAX_SOURCES;
+        // A full table does not lock newcomers out: they share one bucket.
+        if self.buckets.len() >= MAX_SOURCES && !self.buckets.contains_key(&ip) {
+            ip = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+        }
         match self.buckets.get_mut(&ip) {
             Some((tokens, last)) => {
                 let elapsed = now.saturating_duration_since(*last).as_nanos() as u64;
@@ -66,7 +73,6 @@ impl SourceLimiter {
                     false
                 }
             }
-            None if full => false,
             None => {
                 self.buckets.insert(ip, (MAX_TOKENS - COST, now));
                 true
@@ -106,6 +112,24 @@ mod tests {
             }
         }
         assert_eq!(more, PER_SECOND as usize);
+    }
+
+    #[test]
+    fn an_ipv6_host_is_its_slash_64() {
+        let now = Instant::now();
+        let mut l = SourceLimiter::new();
+        for i in 0..BURST {
+            let a: IpAddr = format!("2001:db8:1:2::{}", i + 1).parse().unwrap();
+            assert!(l.allow(now, a));
+        }
+        assert!(
+            !l.allow(now, "2001:db8:1:2:ffff::9".parse().unwrap()),
+            "same /64"
+        );
+        assert!(
+            l.allow(now, "2001:db8:1:3::1".parse().unwrap()),
+            "another /64"
+        );
     }
 
     #[test]

@@ -1166,7 +1166,13 @@ impl Tunnel {
             .iter()
             .filter_map(|&p| {
                 let peer = &mut peers[p];
-                let tx = peer.tx_shaper.as_mut().and_then(|s| s.next_release(now));
+                // What waits to leave can only go with a usable session.
+                let usable = peer.usable(now);
+                let tx = peer
+                    .tx_shaper
+                    .as_mut()
+                    .filter(|_| usable)
+                    .and_then(|s| s.next_release(now));
                 let rx = peer.rx_shaper.as_mut().and_then(|s| s.next_release(now));
                 tx.into_iter().chain(rx).min()
             })
@@ -1263,10 +1269,16 @@ impl Tunnel {
                 Ok(_) => {}
             }
         }
-        match self.switch.learn(now, src, Port::Peer(key)) {
+        match self
+            .switch
+            .learn_unless(now, src, Port::Peer(key), Port::Local)
+        {
             Ok(()) => {}
             Err(switch::Refused::Cap) => {
                 return refuse(self, DropReason::Switch, |d| &mut d.mac_cap);
+            }
+            Err(switch::Refused::Protected) => {
+                return refuse(self, DropReason::Switch, |d| &mut d.not_allowed);
             }
             Err(_) => {
                 return refuse(self, DropReason::Switch, |d| &mut d.multicast_source);
@@ -1433,6 +1445,9 @@ impl Tunnel {
                 peer.keepalive_due = true;
                 peer.passive_keepalive_at = None;
                 self.hint(p);
+            } else if passive {
+                // The session ran out first: nothing to keep alive.
+                peer.passive_keepalive_at = None;
             }
             for t in gone {
                 self.forget(t);
@@ -1466,10 +1481,12 @@ impl Tunnel {
                     }
                 }
             }
-            if let Some(k) = peer.config.keepalive {
+            // Keepalives fire only where they can be sent: a known endpoint,
+            // and (passive ones) a usable session.
+            if let (Some(k), Some(_)) = (peer.config.keepalive, peer.endpoint) {
                 at(peer.last_sent.map_or(now, |t| t + k));
             }
-            if let Some(t) = peer.passive_keepalive_at {
+            if let Some(t) = peer.passive_keepalive_at.filter(|_| peer.usable(now)) {
                 at(t);
             }
         }

@@ -914,7 +914,7 @@ impl Started {
             let udp_at = match &mut d.net {
                 Net::Udp(s) => Some(set.add(s.as_fd(), true, false)),
                 Net::Tcp(t) => {
-                    t.register(&mut set);
+                    t.register(&mut set, now);
                     if let Some(at) = t.next_deadline(now) {
                         timeout = timeout.min(at.saturating_duration_since(now));
                     }
@@ -972,6 +972,11 @@ impl Started {
                 }
             }
             if let Net::Tcp(t) = &mut d.net {
+                // Its own deadlines (backoff over, connect or handshake
+                // timed out), as soon as one has passed.
+                if t.next_deadline(now).is_some_and(|at| at <= now) {
+                    t.handle_timeout(now);
+                }
                 // A connection (re)opened: handshake over it at once.
                 for addr in t.take_connected() {
                     d.tunnel.path_opened(now, wall_now, &mut d.rng, addr);
@@ -1012,9 +1017,6 @@ impl Started {
                         );
                         warned_layer.push((c.public, s.drops.wrong_layer));
                     }
-                }
-                if let Net::Tcp(t) = &mut d.net {
-                    t.handle_timeout(now);
                 }
                 d.tunnel.handle_timeout(now, wall_now, &mut d.rng);
                 next_timer = d.tunnel.poll_timeout(now);

@@ -121,6 +121,10 @@ pub struct TcpTransport {
     pub stats: TcpStats,
     /// Endpoints connected since the last [`TcpTransport::take_connected`].
     connected: Vec<SocketAddr>,
+    /// Where the next receive pass starts.
+    next_rx: usize,
+    /// accept() failed for want of descriptors: the listener rests until then.
+    accept_paused_until: Option<Instant>,
 }
 
 fn nonblocking_connect(addr: SocketAddr) -> io::Result<TcpStream> {
@@ -163,6 +167,8 @@ impl TcpTransport {
             jitter: seed | 1,
             stats: TcpStats::default(),
             connected: Vec::new(),
+            next_rx: 0,
+            accept_paused_until: None,
         })
     }
 
@@ -306,10 +312,12 @@ impl TcpTransport {
     }
 
     /// Adds the listener and every connection to `set`.
-    pub fn register(&mut self, set: &mut PollSet) {
+    pub fn register(&mut self, set: &mut PollSet, now: Instant) {
+        let resting = self.accept_paused_until.is_some_and(|t| now < t);
         self.listener_at = self
             .listener
             .as_ref()
+            .filter(|_| !resting)
             .map(|l| set.add(l.as_fd(), true, false));
         self.polled.clear();
         for (id, c) in self.conns.iter().enumerate() {
@@ -374,7 +382,14 @@ impl TcpTransport {
         for _ in 0..64 {
             match listener.accept() {
                 Ok((s, from)) => accepted.push((s, from)),
-                Err(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    // Out of descriptors (EMFILE) or the like: the
+                    // listener stays readable, so rest it a moment
+                    // instead of spinning on it.
+                    self.accept_paused_until = Some(now + Duration::from_millis(100));
+                    break;
+                }
             }
         }
         for (stream, from) in accepted {
@@ -467,8 +482,13 @@ impl TcpTransport {
     pub fn receive(&mut self, rx: &mut Batch, now: Instant) -> usize {
         let mut k = 0;
         let cap = rx.capacity();
-        for id in 0..self.conns.len() {
+        // Round robin: each pass starts where the last one stopped, so one
+        // busy connection cannot keep the others waiting.
+        let count = self.conns.len();
+        let first = self.next_rx % count.max(1);
+        for id in (first..count).chain(0..first) {
             if k == cap {
+                self.next_rx = id;
                 break;
             }
             let Some(c) = self.conns[id].as_mut() else {
@@ -537,9 +557,12 @@ impl TcpTransport {
 
     /// Whether some connection holds input not yet handed out (poll without waiting).
     pub fn has_input(&self) -> bool {
-        self.conns.iter().flatten().any(|c| {
-            c.readable || c.deframer.buffered() >= tcpframe::HEADER_LEN + tcpframe::MIN_MESSAGE
-        })
+        // A whole frame waiting, or unread bytes: half a frame is not
+        // input (waking for it would spin until the rest arrives).
+        self.conns
+            .iter()
+            .flatten()
+            .any(|c| !c.connecting && (c.readable || c.deframer.has_frame()))
     }
 
     /// The connection `from` carried a message that authenticated.
@@ -587,6 +610,7 @@ impl TcpTransport {
 
     /// When [`TcpTransport::handle_timeout`] next has work.
     pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let resting = self.accept_paused_until.filter(|t| now < *t);
         let dials = self.dials.iter().filter_map(|d| match d.state {
             DialState::Waiting { until } => Some(until),
             _ => None,
@@ -600,7 +624,7 @@ impl TcpTransport {
                 None
             }
         });
-        dials.chain(conns).min().map(|t| t.max(now))
+        dials.chain(conns).chain(resting).min().map(|t| t.max(now))
     }
 
     /// The state of the dial to `addr`, its failures in a row and its last error.
@@ -649,7 +673,7 @@ mod tests {
 
     fn pump(a: &mut TcpTransport, now: Instant) {
         let mut set = PollSet::new();
-        a.register(&mut set);
+        a.register(&mut set, now);
         set.wait(Duration::from_millis(20)).unwrap();
         a.service(&set, now);
     }
@@ -748,6 +772,25 @@ mod tests {
         );
         assert_eq!(failures, 1);
         assert!(err.is_some_and(|e| e.contains("refused")), "{err:?}");
+    }
+
+    #[test]
+    fn half_a_frame_is_not_input_to_wake_for() {
+        let now = Instant::now();
+        let mut server = TcpTransport::new(Some(0), 2048, 1).unwrap();
+        let port = server.local_port();
+        let mut slow = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        // A frame that announces 1000 bytes, then 34 of them, then nothing.
+        let mut head = vec![0x03, 0xe8, 4, 0, 0, 0];
+        head.extend_from_slice(&[0; 30]);
+        slow.write_all(&head).unwrap();
+        let mut rx = Batch::new(8, 4096);
+        for _ in 0..20 {
+            pump(&mut server, now);
+            server.receive(&mut rx, now);
+        }
+        assert!(!server.has_input(), "the packet thread would spin on it");
+        assert_eq!(server.connection_counts(), (1, 1));
     }
 
     #[test]
