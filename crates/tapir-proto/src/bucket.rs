@@ -11,8 +11,8 @@
 //! [`MAX_DELAY`] worth of the rate, and only what overflows it is dropped. A
 //! policer that dropped everything over the rate would starve the TCP
 //! inside the tunnel (bursts of losses, retransmit timeouts); a bounded
-//! delay lets it settle at the rate. The queue is one buffer allocated when
-//! the limit is set: nothing is allocated per packet.
+//! delay lets it settle at the rate. The queue is one ring buffer, grown
+//! as a backlog forms up to its cap: nothing is allocated per packet.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 pub const MAX_DELAY: Duration = Duration::from_millis(100);
 /// The smallest shaper queue, in bytes (a few full-size packets at slow rates).
 pub const MIN_QUEUE: usize = 16 * 1024;
+/// The largest shaper queue, in bytes: beyond 100 ms at 640 Mbit/s, a
+/// shorter delay is held (and more is dropped) rather than more memory.
+pub const MAX_QUEUE: usize = 8 * 1024 * 1024;
 
 /// How long a full bucket lasts at the rate.
 pub const BURST_TIME: Duration = Duration::from_millis(20);
@@ -122,11 +125,13 @@ impl Shaper {
     /// A shaper for `bits_per_second`, its queue allocated now.
     pub fn new(bits_per_second: u64) -> Self {
         let bucket = TokenBucket::new(bits_per_second);
-        let limit =
-            ((bucket.rate as u128 * MAX_DELAY.as_micros() / 1_000_000) as usize).max(MIN_QUEUE);
+        let limit = ((bucket.rate as u128 * MAX_DELAY.as_micros() / 1_000_000) as usize)
+            .clamp(MIN_QUEUE, MAX_QUEUE);
         Self {
             bucket,
-            queue: VecDeque::with_capacity(limit + 2 + 65535),
+            // Grown as a backlog forms (and kept): a peer that never exceeds
+            // its rate costs nothing.
+            queue: VecDeque::new(),
             limit,
         }
     }
@@ -188,6 +193,13 @@ impl Shaper {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_rate_does_not_reserve_huge_memory() {
+        let s = Shaper::new(1_000_000_000_000);
+        assert_eq!(s.limit, MAX_QUEUE);
+        assert_eq!(s.queue.capacity(), 0);
+    }
 
     #[test]
     fn a_shaper_passes_the_burst_queues_the_rest_and_releases_it_at_the_rate() {
