@@ -12,6 +12,7 @@
 //! TAPIR_LOG_DIR.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -111,12 +112,15 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Vec
         }
     }
     for d in [&dirs.run, &dirs.log] {
-        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        // Root writes here: a directory someone else owns or can write to
+        // could have links planted in it.
+        crate::uapi::ensure_private_dir(d)?;
     }
     let log_path = dirs.log.join(format!("{}.log", names.join("+")));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&log_path)
         .map_err(|e| format!("{}: {e}", log_path.display()))?;
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
@@ -169,7 +173,15 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Vec
         std::thread::sleep(Duration::from_millis(50));
     }
     for name in &names {
-        std::fs::write(pid_file(dirs, name), format!("{pid}\n")).map_err(|e| e.to_string())?;
+        let path = pid_file(dirs, name);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{pid}\n").as_bytes()))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(names)
 }

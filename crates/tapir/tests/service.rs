@@ -216,3 +216,29 @@ fn up_refuses_a_control_socket_that_someone_else_answers() {
         "no pid file for a tunnel that is not up"
     );
 }
+
+#[test]
+fn up_refuses_a_log_directory_others_can_write_to() {
+    require_root!();
+    let e = env("logdir");
+    let n = name("tlg");
+    let log = e.dir.join("log");
+    std::fs::create_dir_all(&log).unwrap();
+    Command::new("chmod")
+        .args(["1777", log.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let conf = e.file(
+        &format!("{n}.conf"),
+        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51832\nAddress = 10.88.2.1/24\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.2.2/32\n", key()),
+        "600",
+    );
+    let out = e.tapir(&["up", conf.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(
+        err.contains("writable by group or others") && err.contains("chmod 755"),
+        "{err}"
+    );
+    e.assert_clean(&n);
+}
