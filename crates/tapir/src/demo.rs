@@ -150,7 +150,8 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, shutdown: &AtomicBool) -> Res
     check(shutdown)?;
 
     println!("\n==> 2. a key pair for each end (tapir genkey | tee a.key | tapir pubkey)");
-    let random = || crate::tunnel::random32().map_err(|e| format!("/dev/urandom: {e}"));
+    let random =
+        || crate::tunnel::random32().map_err(|e| format!("randomness from the kernel: {e}"));
     let ka = PrivateKey::from_random(random()?);
     let kb = PrivateKey::from_random(random()?);
     println!(
@@ -308,7 +309,8 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, shutdown: &AtomicBool) -> Res
 }
 
 fn random32_hex() -> Result<String, String> {
-    let bytes = crate::tunnel::random32().map_err(|e| format!("/dev/urandom: {e}"))?;
+    let bytes =
+        crate::tunnel::random32().map_err(|e| format!("randomness from the kernel: {e}"))?;
     Ok(bytes[..8].iter().map(|b| format!("{b:02x}")).collect())
 }
 

@@ -316,11 +316,8 @@ fn parse_mac(s: &str) -> Result<[u8; 6]> {
 }
 
 fn random_mac() -> Result<[u8; 6]> {
-    use std::io::Read;
     let mut bytes = [0u8; 6];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("reading /dev/urandom for a MAC address")?;
+    tapir_sys::random::fill(&mut bytes).context("random bytes for a MAC address")?;
     Ok(tapir::echo::local_mac(bytes))
 }
 

@@ -20,8 +20,7 @@
 //! allocated per packet. The transport is a small enum, so the UDP path is
 //! a `sendmmsg` of the batch and TCP's is a copy into connection queues.
 
-use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -50,28 +49,30 @@ const SLOT: usize = 65536 + 64;
 use crate::config::{Transport, TunnelConfig};
 use crate::dev::DevError;
 
-/// Randomness from the kernel.
-pub struct OsRandom(File);
+/// Randomness from the kernel (`getrandom(2)`).
+pub struct OsRandom(());
 
 impl OsRandom {
-    /// Opens `/dev/urandom`.
+    /// Checks that the kernel gives randomness (it always does once booted).
     pub fn new() -> io::Result<Self> {
-        File::open("/dev/urandom").map(Self)
+        tapir_sys::random::fill(&mut [0u8; 1])?;
+        Ok(Self(()))
     }
 }
 
 impl Random for OsRandom {
     fn fill(&mut self, buf: &mut [u8]) {
-        self.0
-            .read_exact(buf)
-            .expect("/dev/urandom does not run dry");
+        // getrandom cannot fail once `new` succeeded (it blocks only until
+        // the kernel's pool is initialised, which `new` waited for); a tunnel
+        // without randomness must not go on.
+        tapir_sys::random::fill(buf).expect("getrandom failed after it worked");
     }
 }
 
 /// 32 random bytes from the kernel (keys).
 pub fn random32() -> io::Result<[u8; 32]> {
     let mut b = [0u8; 32];
-    OsRandom::new()?.0.read_exact(&mut b)?;
+    tapir_sys::random::fill(&mut b)?;
     Ok(b)
 }
 
@@ -271,7 +272,8 @@ pub fn start(config: &TunnelConfig, tun_path: &Path) -> Result<Started, DevError
             config.file.display()
         )));
     }
-    let mut rng = OsRandom::new().map_err(|e| DevError::Runtime(format!("/dev/urandom: {e}")))?;
+    let mut rng = OsRandom::new()
+        .map_err(|e| DevError::Runtime(format!("randomness from the kernel: {e}")))?;
     let net = match config.transport {
         Transport::Udp => Net::Udp(bind_udp(config.listen_port.unwrap_or(0))?),
         Transport::Tcp => {
@@ -847,7 +849,8 @@ impl Started {
         } = self;
         let started = wall();
         let mut last_lookup: Vec<Option<Instant>> = vec![None; hostnames.len()];
-        let rng = OsRandom::new().map_err(|e| DevError::Runtime(format!("/dev/urandom: {e}")))?;
+        let rng = OsRandom::new()
+            .map_err(|e| DevError::Runtime(format!("randomness from the kernel: {e}")))?;
         // UDP offloads, probed: segmentation on send, coalescing on receive.
         // TAPIR_UDP_GSO=off / TAPIR_UDP_GRO=off turn them off (to measure
         // what they bring, or to rule them out).
