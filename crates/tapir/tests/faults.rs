@@ -9,7 +9,6 @@
 //! They run one at a time (a lock): each loads the machine, and the others
 //! measure recovery times.
 
-use std::io::Write;
 use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -40,42 +39,6 @@ fn sides<'a>(bed: &'a Bed, tag: &str) -> (Side<'a>, Side<'a>) {
             addr: "10.77.0.2",
         },
     )
-}
-
-fn nft(ns: &Netns, script: &str) {
-    let mut child = ns
-        .cmd("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("nft (Debian package nftables)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "nft: {script}");
-}
-
-/// Time until a ping from `ns` to `to` is answered (one try every 200 ms, at most `limit`).
-fn first_reply(ns: &Netns, to: &str, limit: Duration) -> Duration {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        let t = Instant::now();
-        if ns
-            .cmd("ping")
-            .args(["-c", "1", "-W", "1", to])
-            .output()
-            .unwrap()
-            .status
-            .success()
-        {
-            return start.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(200).saturating_sub(t.elapsed()));
-    }
-    panic!("no reply from {to} within {limit:?}");
 }
 
 #[test]

@@ -443,3 +443,39 @@ pub fn wireguard_go_psk(
     side.ns.ip(&["link", "set", &side.name, "up"]);
     Proc(Some(child))
 }
+
+pub fn nft(ns: &Netns, script: &str) {
+    let mut child = ns
+        .cmd("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("nft (Debian package nftables)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "nft: {script}");
+}
+
+/// Time until a ping from `ns` to `to` is answered (one try every 200 ms, at most `limit`).
+pub fn first_reply(ns: &Netns, to: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let t = Instant::now();
+        if ns
+            .cmd("ping")
+            .args(["-c", "1", "-W", "1", to])
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(200).saturating_sub(t.elapsed()));
+    }
+    panic!("no reply from {to} within {limit:?}");
+}
