@@ -56,53 +56,45 @@ fn rustcrypto(len: usize) -> (f64, f64) {
     (seal, open)
 }
 
-fn ring(len: usize) -> (f64, f64) {
-    use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
-    let k = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &KEY).unwrap());
-    let mut buf = vec![0x5a; len];
-    let seal = measure(len, |n| {
-        let tag = k
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce(n)), Aad::empty(), &mut buf)
-            .unwrap();
-        let _ = black_box(tag);
-    });
-    let mut sealed = vec![0x5a; len];
-    let tag = k
-        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce(0)), Aad::empty(), &mut sealed)
-        .unwrap();
-    sealed.extend_from_slice(tag.as_ref());
-    let mut work = sealed.clone();
-    let open = measure(len, |_| {
-        work.copy_from_slice(&sealed);
-        k.open_in_place(Nonce::assume_unique_for_key(nonce(0)), Aad::empty(), &mut work)
-            .unwrap();
-    });
-    (seal, open)
+/// ring and aws-lc-rs share one API (aws-lc-rs follows ring's): one body for both.
+macro_rules! ring_like {
+    ($name:ident, $krate:ident) => {
+        fn $name(len: usize) -> (f64, f64) {
+            use $krate::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+            let k = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &KEY).unwrap());
+            let mut buf = vec![0x5a; len];
+            let seal = measure(len, |n| {
+                let tag = k
+                    .seal_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(nonce(n)),
+                        Aad::empty(),
+                        &mut buf,
+                    )
+                    .unwrap();
+                let _ = black_box(tag);
+            });
+            let mut sealed = vec![0x5a; len];
+            let tag = k
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce(0)),
+                    Aad::empty(),
+                    &mut sealed,
+                )
+                .unwrap();
+            sealed.extend_from_slice(tag.as_ref());
+            let mut work = sealed.clone();
+            let open = measure(len, |_| {
+                work.copy_from_slice(&sealed);
+                k.open_in_place(Nonce::assume_unique_for_key(nonce(0)), Aad::empty(), &mut work)
+                    .unwrap();
+            });
+            (seal, open)
+        }
+    };
 }
 
-fn aws_lc(len: usize) -> (f64, f64) {
-    use aws_lc_rs::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
-    let k = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &KEY).unwrap());
-    let mut buf = vec![0x5a; len];
-    let seal = measure(len, |n| {
-        let tag = k
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce(n)), Aad::empty(), &mut buf)
-            .unwrap();
-        let _ = black_box(tag);
-    });
-    let mut sealed = vec![0x5a; len];
-    let tag = k
-        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce(0)), Aad::empty(), &mut sealed)
-        .unwrap();
-    sealed.extend_from_slice(tag.as_ref());
-    let mut work = sealed.clone();
-    let open = measure(len, |_| {
-        work.copy_from_slice(&sealed);
-        k.open_in_place(Nonce::assume_unique_for_key(nonce(0)), Aad::empty(), &mut work)
-            .unwrap();
-    });
-    (seal, open)
-}
+ring_like!(ring, ring);
+ring_like!(aws_lc, aws_lc_rs);
 
 fn main() {
     println!("ChaCha20-Poly1305 in place, GB/s (best of 5 x 200 ms), one core");
