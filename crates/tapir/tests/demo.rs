@@ -20,24 +20,32 @@ fn leftovers(pid: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
-fn the_demo_runs_and_leaves_nothing_behind() {
-    require_root!();
+/// `tapir demo --seconds 1 FLAGS`, which must succeed with an unbroken
+/// ping; its output and its pid (for the leftover check).
+fn run_demo(flags: &[&str]) -> (String, u32) {
     let child = Command::new(TAPIR)
         .args(["demo", "--seconds", "1"])
+        .args(flags)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let pid = child.id();
     let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "{stdout}\n{}",
+        "{flags:?}: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains(" 0% packet loss"), "{stdout}");
+    (stdout, pid)
+}
+
+#[test]
+fn the_demo_runs_and_leaves_nothing_behind() {
+    require_root!();
+    let (stdout, pid) = run_demo(&[]);
     assert!(
         stdout.contains("bits/sec") && stdout.contains("receiver"),
         "{stdout}"
@@ -57,22 +65,7 @@ fn the_demo_runs_and_leaves_nothing_behind() {
 fn the_demo_runs_over_tcp_in_tap_mode_too() {
     require_root!();
     for flags in [&["--tcp"][..], &["--tap"][..], &["--tcp", "--tap"][..]] {
-        let child = Command::new(TAPIR)
-            .args(["demo", "--seconds", "1"])
-            .args(flags)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let pid = child.id();
-        let out = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{flags:?}: {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(stdout.contains(" 0% packet loss"), "{stdout}");
+        let (stdout, pid) = run_demo(flags);
         if flags.contains(&"--tcp") {
             assert!(
                 stdout.contains("Transport = tcp") && stdout.contains("over TCP"),

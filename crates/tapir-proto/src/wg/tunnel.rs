@@ -384,6 +384,16 @@ fn expired(t: &Timed, now: Instant) -> bool {
 }
 
 impl Peer {
+    /// A data message of `n` bytes went out: it counts as traffic, and it
+    /// stands in for any keepalive that was due.
+    fn sent_data(&mut self, now: Instant, n: usize) {
+        self.last_sent = Some(now);
+        self.last_data_sent.get_or_insert(now);
+        self.stats.tx_bytes += n as u64;
+        self.keepalive_due = false;
+        self.passive_keepalive_at = None;
+    }
+
     fn usable(&self, now: Instant) -> bool {
         self.current.as_ref().is_some_and(|t| !expired(t, now))
     }
@@ -825,11 +835,7 @@ impl Tunnel {
         let rekey = (t.session.initiator
             && now.saturating_duration_since(t.created) >= REKEY_AFTER_TIME)
             || t.session.sent() >= REKEY_AFTER_MESSAGES;
-        peer.last_sent = Some(now);
-        peer.last_data_sent.get_or_insert(now);
-        peer.keepalive_due = false;
-        peer.passive_keepalive_at = None;
-        peer.stats.tx_bytes += n as u64;
+        peer.sent_data(now, n);
         if rekey {
             self.initiate(p, now, wall, rng);
         }
@@ -1323,11 +1329,7 @@ impl Tunnel {
             if buf.len() >= 16 + session::padded(packet.len()) + 16 {
                 buf[16..16 + packet.len()].copy_from_slice(&packet);
                 if let Ok(n) = seal(&mut t.session, layer, buf, packet.len()) {
-                    peer.last_sent = Some(now);
-                    peer.last_data_sent.get_or_insert(now);
-                    peer.stats.tx_bytes += n as u64;
-                    peer.keepalive_due = false;
-                    peer.passive_keepalive_at = None;
+                    peer.sent_data(now, n);
                     return Some((to, n));
                 }
             }
@@ -1338,11 +1340,7 @@ impl Tunnel {
             .and_then(|s| s.release(now, buf.get_mut(16..)?))
         {
             if let Ok(n) = seal(&mut t.session, layer, buf, n) {
-                peer.last_sent = Some(now);
-                peer.last_data_sent.get_or_insert(now);
-                peer.stats.tx_bytes += n as u64;
-                peer.keepalive_due = false;
-                peer.passive_keepalive_at = None;
+                peer.sent_data(now, n);
                 return Some((to, n));
             }
         }

@@ -540,15 +540,14 @@ impl Datapath {
         Ok(())
     }
 
-    /// Seals a copy of `frame` for peer `p` into the next slot.
+    /// Seals a copy of the frame in `scratch[..len]` for peer `p` into the next slot.
     fn seal_copy(
         &mut self,
         p: usize,
-        frame_from_scratch: usize,
+        len: usize,
         now: Instant,
         wall: Duration,
     ) -> Result<(), DevError> {
-        let len = frame_from_scratch;
         let slot = self.tx.slot_mut(self.pending);
         slot[16..16 + len].copy_from_slice(&self.scratch[..len]);
         if let Encapsulated::Send { to, len } =

@@ -2,24 +2,8 @@
 //! hub, switching Ethernet frames (flooding, learning, forwarding between
 //! spokes), the per-peer limits, and a tun end against a tap end.
 
+use super::tests::{Rng, key};
 use super::*;
-
-struct Rng(u64);
-
-impl Random for Rng {
-    fn fill(&mut self, buf: &mut [u8]) {
-        for b in buf {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            *b = self.0 as u8;
-        }
-    }
-}
-
-fn key(seed: u8) -> PrivateKey {
-    PrivateKey::from_random([seed; 32])
-}
 
 fn addr(i: usize) -> SocketAddr {
     format!("192.0.2.{}:51820", i + 1).parse().unwrap()

@@ -5,7 +5,7 @@ use super::*;
 use crate::wg::handshake::{Identity, PeerStatic};
 use crate::wg::ratelimit;
 
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Random for Rng {
     fn fill(&mut self, buf: &mut [u8]) {
@@ -21,7 +21,7 @@ impl Random for Rng {
 const A_ADDR: &str = "192.0.2.1:51820";
 const B_ADDR: &str = "192.0.2.2:51820";
 
-fn key(seed: u8) -> PrivateKey {
+pub(super) fn key(seed: u8) -> PrivateKey {
     PrivateKey::from_random([seed; 32])
 }
 
