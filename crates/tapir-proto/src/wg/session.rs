@@ -5,6 +5,16 @@
 //! after it for up to 15 bytes of padding and the 16-byte tag, i.e.
 //! `buf.len() >= 16 + round_up(len, 16) + 16`. [`Session::open`] decrypts a
 //! received datagram where it lies.
+//!
+//! Both also come in two halves, so that the cipher work can run outside
+//! whatever guards the session (a thread per direction shares one tunnel):
+//! [`Session::reserve`] takes the next counter and gives a [`SealJob`] to
+//! seal with later; [`Session::opener`] checks a message's counter against
+//! the replay window and gives an [`OpenJob`], whose counter
+//! [`Session::mark`] records once the message opened. The keys are shared
+//! read-only between the halves.
+
+use std::sync::Arc;
 
 use super::crypto::{self, TAG_LEN, TransportKey};
 use super::handshake::TransportKeys;
@@ -36,8 +46,8 @@ pub struct Session {
     pub local_index: u32,
     /// The peer's index.
     pub remote_index: u32,
-    send: TransportKey,
-    recv: TransportKey,
+    send: Arc<TransportKey>,
+    recv: Arc<TransportKey>,
     next_send: u64,
     replay: ReplayWindow,
     /// Whether we initiated the handshake of this session.
@@ -55,8 +65,8 @@ impl Session {
         Self {
             local_index: keys.local_index,
             remote_index: keys.remote_index,
-            send: TransportKey::new(&keys.send),
-            recv: TransportKey::new(&keys.recv),
+            send: Arc::new(TransportKey::new(&keys.send)),
+            recv: Arc::new(TransportKey::new(&keys.recv)),
             next_send: 0,
             replay: ReplayWindow::new(),
             initiator: keys.initiator,
@@ -77,48 +87,48 @@ impl Session {
     /// Seals the packet at `buf[16..16 + len]` (0 for a keepalive) into a data
     /// message at `buf[..n]`, returning `n`.
     pub fn seal(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SessionError> {
-        self.seal_padded_to(buf, len, padded(len))
+        self.reserve(true)?.seal(buf, len)
     }
 
     /// Seals without padding: for tap mode's Ethernet frames, whose length
     /// the receiver cannot learn from the frame itself. Needs
     /// `buf.len() >= 16 + len + 16`.
     pub fn seal_unpadded(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SessionError> {
-        self.seal_padded_to(buf, len, len)
+        self.reserve(false)?.seal(buf, len)
     }
 
-    fn seal_padded_to(
-        &mut self,
-        buf: &mut [u8],
-        len: usize,
-        padded: usize,
-    ) -> Result<usize, SessionError> {
-        let total = DATA_HEADER_LEN + padded + TAG_LEN;
-        if buf.len() < total {
-            return Err(SessionError::BufferTooSmall);
-        }
+    /// Takes the next send counter: the message is sealed later with the
+    /// returned job, which needs no access to the session. `pad`: to a
+    /// multiple of 16 (IP packets), or not (Ethernet frames).
+    pub fn reserve(&mut self, pad: bool) -> Result<SealJob, SessionError> {
         if self.next_send >= REJECT_AFTER_MESSAGES {
             return Err(SessionError::Exhausted);
         }
         let counter = self.next_send;
         self.next_send += 1;
-        buf[DATA_HEADER_LEN + len..DATA_HEADER_LEN + padded].fill(0);
-        messages::write_type(buf, messages::TYPE_DATA);
-        buf[field::DATA_RECEIVER].copy_from_slice(&self.remote_index.to_le_bytes());
-        buf[field::DATA_COUNTER].copy_from_slice(&counter.to_le_bytes());
-        crypto::seal_with(
-            &self.send,
+        Ok(SealJob {
+            key: Arc::clone(&self.send),
+            receiver: self.remote_index,
             counter,
-            &[],
-            &mut buf[DATA_HEADER_LEN..],
-            padded,
-        );
-        Ok(total)
+            pad,
+        })
     }
 
     /// Opens the data message in `buf` in place; the (padded) plaintext is
     /// `buf[16..16 + returned]`. The counter is recorded only if the tag verifies.
     pub fn open(&mut self, buf: &mut [u8]) -> Result<usize, SessionError> {
+        let job = self.opener(buf)?;
+        let n = job.open(buf)?;
+        if !self.mark(job.counter) {
+            return Err(SessionError::Replay);
+        }
+        Ok(n)
+    }
+
+    /// The first half of [`Session::open`]: whether the data message in
+    /// `buf` may be opened (its counter not seen before, nor too old), and
+    /// the job that opens it.
+    pub fn opener(&self, buf: &[u8]) -> Result<OpenJob, SessionError> {
         if messages::kind(buf) != Some(messages::Kind::Data) {
             return Err(SessionError::Malformed);
         }
@@ -126,11 +136,77 @@ impl Session {
         if counter >= REJECT_AFTER_MESSAGES || !self.replay.check(counter) {
             return Err(SessionError::Replay);
         }
-        if !crypto::open_with(&self.recv, counter, &[], &mut buf[DATA_HEADER_LEN..]) {
-            return Err(SessionError::Decrypt);
+        Ok(OpenJob {
+            key: Arc::clone(&self.recv),
+            counter,
+        })
+    }
+
+    /// The last half of [`Session::open`]: records the counter of a message
+    /// that opened. `false` if it was recorded meanwhile (a replay that
+    /// raced the original): the message must then be dropped.
+    pub fn mark(&mut self, counter: u64) -> bool {
+        self.replay.mark(counter)
+    }
+}
+
+/// A data message to seal, its counter taken (see [`Session::reserve`]).
+pub struct SealJob {
+    key: Arc<TransportKey>,
+    receiver: u32,
+    counter: u64,
+    pad: bool,
+}
+
+impl SealJob {
+    /// The sealed length of a packet of `len` bytes.
+    pub fn sealed_len(&self, len: usize) -> usize {
+        DATA_HEADER_LEN + if self.pad { padded(len) } else { len } + TAG_LEN
+    }
+
+    /// Seals the packet at `buf[16..16 + len]` into a data message at
+    /// `buf[..n]`, returning `n` ([`SealJob::sealed_len`]).
+    pub fn seal(self, buf: &mut [u8], len: usize) -> Result<usize, SessionError> {
+        let total = self.sealed_len(len);
+        if buf.len() < total {
+            return Err(SessionError::BufferTooSmall);
         }
-        if !self.replay.mark(counter) {
-            return Err(SessionError::Replay);
+        let padded = total - DATA_HEADER_LEN - TAG_LEN;
+        buf[DATA_HEADER_LEN + len..DATA_HEADER_LEN + padded].fill(0);
+        messages::write_type(buf, messages::TYPE_DATA);
+        buf[field::DATA_RECEIVER].copy_from_slice(&self.receiver.to_le_bytes());
+        buf[field::DATA_COUNTER].copy_from_slice(&self.counter.to_le_bytes());
+        crypto::seal_with(
+            &self.key,
+            self.counter,
+            &[],
+            &mut buf[DATA_HEADER_LEN..],
+            padded,
+        );
+        Ok(total)
+    }
+}
+
+/// A data message to open, its counter checked (see [`Session::opener`]).
+pub struct OpenJob {
+    key: Arc<TransportKey>,
+    counter: u64,
+}
+
+impl OpenJob {
+    /// The message's counter, for [`Session::mark`].
+    pub fn counter(&self) -> u64 {
+        self.counter
+    }
+
+    /// Decrypts the data message in `buf` in place; the (padded) plaintext
+    /// is `buf[16..16 + returned]`.
+    pub fn open(&self, buf: &mut [u8]) -> Result<usize, SessionError> {
+        if buf.len() < DATA_HEADER_LEN + TAG_LEN {
+            return Err(SessionError::Malformed);
+        }
+        if !crypto::open_with(&self.key, self.counter, &[], &mut buf[DATA_HEADER_LEN..]) {
+            return Err(SessionError::Decrypt);
         }
         Ok(buf.len() - DATA_HEADER_LEN - TAG_LEN)
     }

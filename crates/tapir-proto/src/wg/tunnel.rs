@@ -9,6 +9,11 @@
 //!   poll_transmit(now, buf) ─▶ handshakes, cookie replies, keepalives, queued packets
 //!   handle_timeout(now) / poll_timeout()   retries, rekeys, keepalives, expiry
 //! ```
+//! `encapsulate_to` and `decapsulate` also come in halves, for a caller that
+//! shares the tunnel between threads and keeps the cipher work outside its
+//! lock: `prepare_to` does the bookkeeping and gives a [`SealJob`];
+//! `receive` gives an [`Opening`] for a data message, which is opened
+//! anywhere and handed back to `accept`.
 //! Time is an `Instant` the caller passes in (plus the wall clock for
 //! handshake timestamps); randomness comes through [`Random`]. Nothing here
 //! does I/O, and nothing allocates on the data path (control messages and the
@@ -25,7 +30,7 @@ use super::handshake::{self, HandshakeError, Identity, PeerStatic, PendingInitia
 use super::keys::{PresharedKey, PrivateKey, PublicKey};
 use super::messages::{self, COOKIE_LEN, INITIATION_LEN, Kind, RESPONSE_LEN, field};
 use super::ratelimit::SourceLimiter;
-use super::session::{self, Session, SessionError};
+use super::session::{self, OpenJob, SealJob, Session, SessionError};
 use crate::bucket::{Offer, Shaper};
 use crate::switch::{self, Destination, Mac, MacTable};
 
@@ -204,6 +209,41 @@ pub enum Target {
     Flood,
     /// Nowhere, and why.
     Nowhere(Encapsulated),
+}
+
+/// What sealing a packet for a peer comes to (see [`Tunnel::prepare_to`]).
+pub enum Sealing {
+    /// Seal with the job (it needs nothing of the tunnel) and send to `to`.
+    Seal {
+        /// The counter and keys.
+        job: SealJob,
+        /// The peer's endpoint.
+        to: SocketAddr,
+    },
+    /// Nothing to seal now, and why (queued, rate-limited, no route...).
+    Not(Encapsulated),
+}
+
+/// A datagram from the network, its first half done (see [`Tunnel::receive`]).
+pub enum Received {
+    /// A data message of a known session whose counter is fresh: open it
+    /// ([`Opening::open`]) and hand the result to [`Tunnel::accept`].
+    Open(Opening),
+    /// Handled whole (handshakes, cookies, drops).
+    Done(Decapsulated),
+}
+
+/// A data message to open outside the tunnel (see [`Tunnel::receive`]).
+pub struct Opening {
+    job: OpenJob,
+    local_index: u32,
+}
+
+impl Opening {
+    /// Decrypts the message in place (the datagram given to [`Tunnel::receive`]).
+    pub fn open(&self, msg: &mut [u8]) -> Result<usize, SessionError> {
+        self.job.open(msg)
+    }
 }
 
 /// What became of a datagram from the network.
@@ -396,6 +436,15 @@ impl Peer {
 
     fn usable(&self, now: Instant) -> bool {
         self.current.as_ref().is_some_and(|t| !expired(t, now))
+    }
+
+    /// Session slot 0 (current), 1 (previous) or 2 (next).
+    fn slot(&mut self, slot: usize) -> Option<&mut Timed> {
+        match slot {
+            0 => self.current.as_mut(),
+            1 => self.previous.as_mut(),
+            _ => self.next.as_mut(),
+        }
     }
 }
 
@@ -792,15 +841,39 @@ impl Tunnel {
         buf: &mut [u8],
         len: usize,
     ) -> Encapsulated {
+        match self.prepare_to(p, now, wall, rng, buf, len) {
+            Sealing::Seal { job, to } => match job.seal(buf, len) {
+                Ok(len) => Encapsulated::Send { to, len },
+                Err(_) => Encapsulated::Invalid,
+            },
+            Sealing::Not(why) => why,
+        }
+    }
+
+    /// [`Tunnel::encapsulate_to`] but the sealing: the counter is taken and
+    /// the peer's timers and counters updated as if the message were sent,
+    /// and the returned job seals `buf[16..16 + len]` (unchanged meanwhile)
+    /// without the tunnel.
+    pub fn prepare_to(
+        &mut self,
+        p: usize,
+        now: Instant,
+        wall: Duration,
+        rng: &mut dyn Random,
+        buf: &[u8],
+        len: usize,
+    ) -> Sealing {
         let layer = self.layer;
         let Some(peer) = self.peers.get_mut(p) else {
-            return Encapsulated::NoRoute;
+            return Sealing::Not(Encapsulated::NoRoute);
         };
         let Some(to) = peer.endpoint else {
-            return Encapsulated::NoEndpoint;
+            return Sealing::Not(Encapsulated::NoEndpoint);
         };
-        if buf.len() < 16 + len {
-            return Encapsulated::Invalid;
+        let pad = layer == Layer::Ip;
+        let sealed = 16 + if pad { session::padded(len) } else { len } + 16;
+        if buf.len() < sealed {
+            return Sealing::Not(Encapsulated::Invalid);
         }
         if !peer.usable(now) {
             if peer.queue.len() >= QUEUE_LIMIT {
@@ -810,36 +883,35 @@ impl Tunnel {
             peer.queue.push_back(buf[16..16 + len].to_vec());
             self.hint(p);
             self.initiate(p, now, wall, rng);
-            return Encapsulated::Queued;
+            return Sealing::Not(Encapsulated::Queued);
         }
         if let Some(shaper) = peer.tx_shaper.as_mut() {
             match shaper.offer(now, &buf[16..16 + len]) {
                 Offer::Pass => {}
                 Offer::Queued => {
                     self.hint(p);
-                    return Encapsulated::Queued;
+                    return Sealing::Not(Encapsulated::Queued);
                 }
                 Offer::Dropped => {
                     peer.stats.drops.rate_tx += 1;
-                    return Encapsulated::RateLimited;
+                    return Sealing::Not(Encapsulated::RateLimited);
                 }
             }
         }
         let t = peer.current.as_mut().expect("usable");
-        let n = match seal(&mut t.session, layer, buf, len) {
-            Ok(n) => n,
-            Err(_) => return Encapsulated::Invalid,
+        let Ok(job) = t.session.reserve(pad) else {
+            return Sealing::Not(Encapsulated::Invalid);
         };
         // Whitepaper §6.2: the initiator rekeys after REKEY_AFTER_TIME;
         // either side after REKEY_AFTER_MESSAGES.
         let rekey = (t.session.initiator
             && now.saturating_duration_since(t.created) >= REKEY_AFTER_TIME)
             || t.session.sent() >= REKEY_AFTER_MESSAGES;
-        peer.sent_data(now, n);
+        peer.sent_data(now, sealed);
         if rekey {
             self.initiate(p, now, wall, rng);
         }
-        Encapsulated::Send { to, len: n }
+        Sealing::Seal { job, to }
     }
 
     fn note_handshake_load(&mut self, now: Instant) -> bool {
@@ -880,17 +952,39 @@ impl Tunnel {
         buf: &mut [u8],
         len: usize,
     ) -> Decapsulated {
+        match self.receive(now, wall, rng, from, buf, len) {
+            Received::Done(d) => d,
+            Received::Open(opening) => {
+                let msg = &mut buf[..len];
+                let opened = opening.open(msg);
+                self.accept(now, wall, rng, from, opening, opened, msg)
+            }
+        }
+    }
+
+    /// The first half of [`Tunnel::decapsulate`]: handshakes and cookies are
+    /// handled whole; a data message for one of our sessions whose counter
+    /// is fresh comes back to be opened.
+    pub fn receive(
+        &mut self,
+        now: Instant,
+        wall: Duration,
+        rng: &mut dyn Random,
+        from: SocketAddr,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Received {
         let Some(msg) = buf.get_mut(..len) else {
-            return Decapsulated::Dropped(DropReason::Malformed);
+            return Received::Done(Decapsulated::Dropped(DropReason::Malformed));
         };
-        match messages::kind(msg) {
-            Some(Kind::Data) => self.receive_data(now, wall, rng, from, msg),
+        Received::Done(match messages::kind(msg) {
+            Some(Kind::Data) => return self.data_opening(now, msg),
             Some(Kind::Initiation) | Some(Kind::Response) => {
                 self.receive_handshake(now, wall, rng, from, msg)
             }
             Some(Kind::Cookie) => self.receive_cookie(now, msg),
             None => Decapsulated::Dropped(DropReason::Malformed),
-        }
+        })
     }
 
     fn receive_handshake(
@@ -1055,39 +1149,67 @@ impl Tunnel {
         }
     }
 
-    fn receive_data(
+    /// The session a data message is for, its expiry and its counter checked.
+    fn data_opening(&mut self, now: Instant, msg: &[u8]) -> Received {
+        let receiver = messages::read_u32(msg, field::DATA_RECEIVER);
+        let Some((p, slot)) = self.session_of(receiver) else {
+            return Received::Done(Decapsulated::Dropped(DropReason::UnknownIndex));
+        };
+        let peer = &mut self.peers[p];
+        let timed = peer.slot(slot).expect("found");
+        if expired(timed, now) {
+            return Received::Done(Decapsulated::Dropped(DropReason::Session(
+                SessionError::Exhausted,
+            )));
+        }
+        match timed.session.opener(msg) {
+            Ok(job) => Received::Open(Opening {
+                job,
+                local_index: receiver,
+            }),
+            Err(e) => {
+                peer.stats.dropped += 1;
+                Received::Done(Decapsulated::Dropped(DropReason::Session(e)))
+            }
+        }
+    }
+
+    /// The peer and slot (0 current, 1 previous, 2 next) of our session `index`.
+    fn session_of(&self, index: u32) -> Option<(usize, usize)> {
+        let &p = self.by_index.get(&index)?;
+        let peer = &self.peers[p];
+        let slot = [&peer.current, &peer.previous, &peer.next]
+            .into_iter()
+            .position(|s| s.as_ref().is_some_and(|t| t.session.local_index == index))?;
+        Some((p, slot))
+    }
+
+    /// The last half of [`Tunnel::decapsulate`]: `opened` is what
+    /// [`Opening::open`] made of `msg` (from `from`). Records the counter,
+    /// confirms a new session, roams, and says where the packet goes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn accept(
         &mut self,
         now: Instant,
         wall: Duration,
         rng: &mut dyn Random,
         from: SocketAddr,
-        msg: &mut [u8],
+        opening: Opening,
+        opened: Result<usize, SessionError>,
+        msg: &[u8],
     ) -> Decapsulated {
-        let receiver = messages::read_u32(msg, field::DATA_RECEIVER);
-        let Some(&p) = self.by_index.get(&receiver) else {
+        // The session may have gone while the message was opened.
+        let Some((p, slot)) = self.session_of(opening.local_index) else {
             return Decapsulated::Dropped(DropReason::UnknownIndex);
         };
         let peer = &mut self.peers[p];
-        let slot = [&mut peer.current, &mut peer.previous, &mut peer.next]
-            .into_iter()
-            .position(|s| {
-                s.as_ref()
-                    .is_some_and(|t| t.session.local_index == receiver)
-            });
-        let Some(slot) = slot else {
-            return Decapsulated::Dropped(DropReason::UnknownIndex);
-        };
-        let timed = match slot {
-            0 => peer.current.as_mut(),
-            1 => peer.previous.as_mut(),
-            _ => peer.next.as_mut(),
-        }
-        .expect("found above");
-        if expired(timed, now) {
-            return Decapsulated::Dropped(DropReason::Session(SessionError::Exhausted));
-        }
-        let plain = match timed.session.open(msg) {
-            Ok(n) => n,
+        let timed = peer.slot(slot).expect("found");
+        let plain = match opened {
+            Ok(n) if timed.session.mark(opening.job.counter()) => n,
+            Ok(_) => {
+                peer.stats.dropped += 1;
+                return Decapsulated::Dropped(DropReason::Session(SessionError::Replay));
+            }
             Err(e) => {
                 peer.stats.dropped += 1;
                 return Decapsulated::Dropped(DropReason::Session(e));

@@ -707,3 +707,78 @@ fn a_new_connection_does_not_double_an_initiation_still_queued() {
     p.a.path_opened(p.now, p.wall, &mut p.rng, B_ADDR.parse().unwrap());
     assert!(p.a.poll_transmit(p.now, &mut buf).is_some());
 }
+
+#[test]
+fn halves_seal_and_open_out_of_order_and_a_racing_replay_is_dropped() {
+    // What a thread per direction does: counters taken under the tunnel,
+    // sealing and opening outside it, in any order.
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    p.run();
+    assert_eq!(p.got_b.len(), 1);
+    let mut bufs: Vec<Vec<u8>> = Vec::new();
+    let mut jobs = Vec::new();
+    for i in 0..3 {
+        let pkt = packet([10, 0, 0, 1], [10, 0, 0, 2], 40 + i);
+        let mut buf = vec![0u8; 2048];
+        buf[16..16 + pkt.len()].copy_from_slice(&pkt);
+        match p
+            .a
+            .prepare_to(0, p.now, p.wall, &mut p.rng, &buf, pkt.len())
+        {
+            Sealing::Seal { job, to } => {
+                assert_eq!(to, B_ADDR.parse::<SocketAddr>().unwrap());
+                jobs.push((job, pkt.len()));
+            }
+            Sealing::Not(why) => panic!("{why:?}"),
+        }
+        bufs.push(buf);
+    }
+    // Sealed last to first.
+    let mut sealed = Vec::new();
+    for (i, (job, len)) in jobs.into_iter().enumerate().rev() {
+        let n = job.seal(&mut bufs[i], len).unwrap();
+        sealed.push(bufs[i][..n].to_vec());
+    }
+    // Opened: both halves of the first message start before either ends.
+    let from = p.a_addr;
+    let mut one = sealed[0].clone();
+    let mut twin = sealed[0].clone();
+    let n = one.len();
+    let Received::Open(o1) = p.b.receive(p.now, p.wall, &mut p.rng, from, &mut one, n) else {
+        panic!("a fresh data message is opened");
+    };
+    let Received::Open(o2) = p.b.receive(p.now, p.wall, &mut p.rng, from, &mut twin, n) else {
+        panic!("its copy too: the counter is recorded only once opened");
+    };
+    let r1 = o1.open(&mut one);
+    let r2 = o2.open(&mut twin);
+    assert!(matches!(
+        p.b.accept(p.now, p.wall, &mut p.rng, from, o1, r1, &one),
+        Decapsulated::Packet(_)
+    ));
+    assert_eq!(
+        p.b.accept(p.now, p.wall, &mut p.rng, from, o2, r2, &twin),
+        Decapsulated::Dropped(DropReason::Session(SessionError::Replay)),
+        "the copy that lost the race is a replay"
+    );
+    for mut m in sealed.into_iter().skip(1) {
+        let n = m.len();
+        let d = p.b.decapsulate(p.now, p.wall, &mut p.rng, from, &mut m, n);
+        assert!(matches!(d, Decapsulated::Packet(_)), "{d:?}");
+    }
+    // A message whose session went while it was being opened is dropped.
+    let pkt = packet([10, 0, 0, 1], [10, 0, 0, 2], 5);
+    assert!(matches!(p.send_a(&pkt), Encapsulated::Send { .. }));
+    let (_, from, mut late) = p.link.pop_back().unwrap();
+    let n = late.len();
+    let Received::Open(o) = p.b.receive(p.now, p.wall, &mut p.rng, from, &mut late, n) else {
+        panic!("fresh");
+    };
+    let r = o.open(&mut late);
+    assert!(p.b.remove_peer(&key(1).public_key()));
+    assert_eq!(
+        p.b.accept(p.now, p.wall, &mut p.rng, from, o, r, &late),
+        Decapsulated::Dropped(DropReason::UnknownIndex)
+    );
+}
