@@ -113,6 +113,7 @@ tapir_pair() {
 setup_tapir() { tapir_pair ""; }
 # The same without UDP segmentation and coalescing, to show what they bring.
 setup_tapir_nouo() { TAPIR_UDP_GSO=off TAPIR_UDP_GRO=off tapir_pair ""; }
+setup_tapir_2t() { TAPIR_THREADS=2 tapir_pair ""; }
 setup_tapir_tap() { tapir_pair "Mode = tap"; }
 setup_tapir_tcp() { tapir_pair "Transport = tcp"; }
 setup_wggo() { DST=10.78.0.2; command -v wireguard-go >/dev/null || { WHY="wireguard-go not installed"; return 1; }; uapi_pair wgg$tag env WG_PROCESS_FOREGROUND=1 wireguard-go -f; }
@@ -198,8 +199,8 @@ setup_tinc() {
     WHY="tinc did not connect: $(tail -1 "$work/tinc-a.log")"; return 1
 }
 
-peers=${PEERS:-"veth tapir tapir_nouo wggo boringtun gotatun openvpn vtun tapir_tap openvpn_tap tinc vtun_ether tapir_tcp openvpn_tcp vtun_tcp"}
-declare -A label=([veth]="raw veth" [tapir]=tapir [tapir_nouo]="tapir, no UDP GSO/GRO" [wggo]=wireguard-go [boringtun]=boringtun-cli [gotatun]=gotatun-cli [openvpn]="OpenVPN AES-256-GCM" [vtun]="VTun (no crypto)"
+peers=${PEERS:-"veth tapir tapir_2t tapir_nouo wggo boringtun gotatun openvpn vtun tapir_tap openvpn_tap tinc vtun_ether tapir_tcp openvpn_tcp vtun_tcp"}
+declare -A label=([veth]="raw veth" [tapir]=tapir [tapir_2t]="tapir, a thread per direction" [tapir_nouo]="tapir, no UDP GSO/GRO" [wggo]=wireguard-go [boringtun]=boringtun-cli [gotatun]=gotatun-cli [openvpn]="OpenVPN AES-256-GCM" [vtun]="VTun (no crypto)"
     [tapir_tap]="tapir tap" [openvpn_tap]="OpenVPN tap AES-GCM" [tinc]="tinc switch" [vtun_ether]="VTun ether (no crypto)"
     [tapir_tcp]="tapir TCP" [openvpn_tcp]="OpenVPN TCP AES-GCM" [vtun_tcp]="VTun TCP (no crypto)")
 declare -A one four ms note

@@ -163,6 +163,14 @@ impl Batch {
         &mut self.data[i * self.slot..(i + 1) * self.slot]
     }
 
+    /// Copies the first `len` bytes of slot `from` into slot `to` (closing
+    /// a gap left by a datagram that was not sent after all).
+    pub fn copy_slot(&mut self, from: usize, to: usize, len: usize) {
+        let len = len.min(self.slot);
+        self.data
+            .copy_within(from * self.slot..from * self.slot + len, to * self.slot);
+    }
+
     /// Datagram `i` after [`Batch::recv`]: its bytes (in place, mutable for
     /// in-place decryption) and its sender.
     pub fn datagram_mut(&mut self, i: usize) -> (&mut [u8], SocketAddrV6) {

@@ -460,7 +460,9 @@ impl TunDevice {
             events: libc::POLLIN,
             revents: 0,
         };
-        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // Rounded up: a timeout under a millisecond must not become a busy loop.
+        let ms =
+            libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
         // SAFETY: poll reads and writes one pollfd, a live local, for the call's duration.
         let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
         if rc < 0 {

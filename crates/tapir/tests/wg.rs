@@ -95,11 +95,24 @@ fn tapir_to_tapir_with_100_mb_both_ways() {
         port: 51820,
         addr: "10.77.0.2",
     };
-    let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    let ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
     let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
     ping(&bed.a, "10.77.0.2");
-    transfer(&bed.a, &bed.b, "10.77.0.2:5001", 100 << 20);
-    transfer(&bed.b, &bed.a, "10.77.0.1:5001", 100 << 20);
+    // Both ways at once: with a thread per direction, sealing and opening
+    // run side by side on each end.
+    std::thread::scope(|s| {
+        s.spawn(|| transfer(&bed.a, &bed.b, "10.77.0.2:5001", 100 << 20));
+        s.spawn(|| transfer(&bed.b, &bed.a, "10.77.0.1:5001", 100 << 20));
+    });
+    // The datapath says which shape it has (scripts/test.sh runs this file
+    // with TAPIR_THREADS=2 too).
+    let status = status_text(&bed.a, &bed.dir, "tp0", &ta);
+    let shape = match std::env::var("TAPIR_THREADS").as_deref() {
+        Ok("2") => "a thread per direction",
+        Ok("1") => "one thread for both directions",
+        _ => "thread",
+    };
+    assert!(status.contains(shape), "{status}");
 }
 
 #[test]

@@ -1289,6 +1289,16 @@ impl Tunnel {
     /// When a rate limit next lets a held-back packet go (for the caller's
     /// poll timeout), if any is held.
     pub fn next_release(&mut self, now: Instant) -> Option<Instant> {
+        self.next_release_of(now, true)
+    }
+
+    /// [`Tunnel::next_release`] for what waits to leave only (for a thread
+    /// that only sends).
+    pub fn next_send_release(&mut self, now: Instant) -> Option<Instant> {
+        self.next_release_of(now, false)
+    }
+
+    fn next_release_of(&mut self, now: Instant, arriving: bool) -> Option<Instant> {
         let peers = &mut self.peers;
         self.rated
             .iter()
@@ -1301,7 +1311,11 @@ impl Tunnel {
                     .as_mut()
                     .filter(|_| usable)
                     .and_then(|s| s.next_release(now));
-                let rx = peer.rx_shaper.as_mut().and_then(|s| s.next_release(now));
+                let rx = peer
+                    .rx_shaper
+                    .as_mut()
+                    .filter(|_| arriving)
+                    .and_then(|s| s.next_release(now));
                 tx.into_iter().chain(rx).min()
             })
             .min()
