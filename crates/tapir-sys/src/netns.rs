@@ -25,3 +25,98 @@ pub fn enter(path: &Path) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// A network namespace's identity: the inode of its nsfs file, as `lsns`
+/// and `ip netns identify` compare them. It stays the namespace's for as
+/// long as the namespace lives.
+pub fn id_of(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+/// The calling thread's network namespace (threads can differ: see [`enter`]).
+pub fn current() -> io::Result<u64> {
+    id_of(Path::new("/proc/thread-self/ns/net"))
+}
+
+/// The network namespace of process `pid` (needs the right to inspect it:
+/// root, or the same user with no more capabilities).
+pub fn of_pid(pid: i32) -> io::Result<u64> {
+    id_of(Path::new(&format!("/proc/{pid}/ns/net")))
+}
+
+/// The host's namespace: the first process's, or where that process may
+/// not be inspected (some init systems are not dumpable), the kernel
+/// threads' (pid 2, kthreadd, always lives in the initial namespace).
+pub fn initial() -> io::Result<u64> {
+    id_of(Path::new("/proc/1/ns/net")).or_else(|_| id_of(Path::new("/proc/2/ns/net")))
+}
+
+/// The name `ip netns` knows namespace `id` by: the entry of `/run/netns`
+/// bound to it, if there is one.
+pub fn name_of(id: u64) -> Option<String> {
+    std::fs::read_dir("/run/netns")
+        .ok()?
+        .flatten()
+        .find(|e| id_of(&e.path()).is_ok_and(|i| i == id))
+        .and_then(|e| e.file_name().into_string().ok())
+}
+
+/// Whether the client of the Unix stream `fd`, which we accepted, lives in
+/// the caller's network namespace. The kernel creates an accepted socket
+/// in the namespace of the socket that connected, so its namespace cookie
+/// (`SO_NETNS_COOKIE`, Linux 5.14) is the client's. `None` when the kernel
+/// cannot tell.
+pub fn peer_is_local(fd: std::os::fd::BorrowedFd<'_>) -> Option<bool> {
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    let theirs = netns_cookie(fd)?;
+    // SAFETY: socket takes constants and returns a new descriptor or -1.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: raw is a descriptor just returned to us and owned by nobody else.
+    let probe = unsafe { OwnedFd::from_raw_fd(raw) };
+    Some(netns_cookie(probe.as_fd())? == theirs)
+}
+
+/// The cookie of the network namespace that socket `fd` belongs to.
+fn netns_cookie(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a live local.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    #[test]
+    fn a_peer_in_our_namespace_is_local() {
+        let dir = std::env::temp_dir().join(format!("tapir-diag-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let listener = UnixListener::bind(&path).unwrap();
+        let client = UnixStream::connect(&path).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        assert_eq!(peer_is_local(server.as_fd()), Some(true));
+        assert_eq!(peer_is_local(client.as_fd()), Some(true));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(current().unwrap(), current().unwrap());
+    }
+}

@@ -404,8 +404,12 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Down { name, dirs } => {
-            tapir::service::down(&name, &dirs.dirs()).map_err(|e| anyhow::anyhow!("{e}"))?;
-            println!("{name} is down");
+            match tapir::service::down(&name, &dirs.dirs()).map_err(|e| anyhow::anyhow!("{e}"))? {
+                tapir::service::Stopped::Stopped(_) => println!("{name} is down"),
+                tapir::service::Stopped::WasDead(pid) => println!(
+                    "{name} is down (its process, pid {pid}, had already exited: cleared what it left)"
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { name, json, dirs } => {
@@ -416,7 +420,21 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             } else {
                 print!("{}", tapir::service::format(&st));
             }
-            Ok(ExitCode::SUCCESS)
+            // As `systemctl status`: 3 when a tunnel asked about is not running.
+            let dead: Vec<&str> = st
+                .iter()
+                .filter(|t| !t.running)
+                .map(|t| t.name.as_str())
+                .collect();
+            if dead.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!(
+                    "tapir: not running: {} (tapir down NAME clears what it left)",
+                    dead.join(", ")
+                );
+                Ok(ExitCode::from(3))
+            }
         }
         Command::Demo { seconds, tcp, tap } => {
             let shutdown = shutdown_flag()?;

@@ -24,6 +24,7 @@ use nix::unistd::Pid;
 use serde::Serialize;
 
 use crate::config;
+use crate::scope::Scope;
 use crate::uapi::SOCKET_DIR;
 
 /// Where pid and log files go.
@@ -35,13 +36,26 @@ pub struct Dirs {
     pub log: PathBuf,
 }
 
-fn pid_file(dirs: &Dirs, name: &str) -> PathBuf {
-    dirs.run.join(format!("{name}.pid"))
+impl Dirs {
+    /// This network namespace's pid files: `run` itself in the host's
+    /// namespace, `run/netns-ID` in another (see [`crate::scope`]).
+    fn run_here(&self, scope: &Scope) -> PathBuf {
+        scope.dir(&self.run)
+    }
+
+    /// This namespace's logs.
+    fn log_here(&self, scope: &Scope) -> PathBuf {
+        scope.dir(&self.log)
+    }
+}
+
+fn pid_file(dirs: &Dirs, scope: &Scope, name: &str) -> PathBuf {
+    dirs.run_here(scope).join(format!("{name}.pid"))
 }
 
 /// Whether `pid` is a running `tapir run` (not some later process that was
-/// given the same pid after ours died).
-fn alive(pid: i32) -> bool {
+/// given the same pid after ours died) in this network namespace.
+fn alive(scope: &Scope, pid: i32) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
@@ -51,27 +65,34 @@ fn alive(pid: i32) -> bool {
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with("tapir"))
     });
-    is_tapir && args.contains(&&b"run"[..]) && !is_zombie(pid)
+    is_tapir && args.contains(&&b"run"[..]) && !is_zombie(pid) && scope.holds(pid)
 }
 
 fn read_pid(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-fn socket_path(name: &str) -> PathBuf {
-    Path::new(SOCKET_DIR).join(format!("{name}.sock"))
+/// The control socket of tunnel `name` in this namespace.
+fn socket_path(scope: &Scope, name: &str) -> PathBuf {
+    scope
+        .dir(Path::new(SOCKET_DIR))
+        .join(format!("{name}.sock"))
 }
 
 /// Asks a tunnel's control socket for its state (`tapir-get=1`: WireGuard's
 /// `get=1` answer plus tapir's own `tapir_*` lines).
 pub fn query(name: &str) -> Result<Vec<(String, String)>, String> {
-    query_from(name, None)
+    query_from(&Scope::current()?, name, None)
 }
 
-/// [`query`], refusing an answer from any process but `pid` (a socket that
-/// someone else planted under the tunnel's name).
-pub fn query_from(name: &str, pid: Option<i32>) -> Result<Vec<(String, String)>, String> {
-    let path = socket_path(name);
+/// [`query`] in `scope`, refusing an answer from any process but `pid` (a
+/// socket that someone else planted under the tunnel's name).
+fn query_from(
+    scope: &Scope,
+    name: &str,
+    pid: Option<i32>,
+) -> Result<Vec<(String, String)>, String> {
+    let path = socket_path(scope, name);
     let mut s = UnixStream::connect(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     if let Some(want) = pid {
         let got = crate::uapi::peer_pid(&s);
@@ -103,11 +124,13 @@ pub fn query_from(name: &str, pid: Option<i32>) -> Result<Vec<(String, String)>,
 /// they answer, or the reason they did not (with nothing left behind).
 pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Vec<String>, String> {
     let configs = config::load_any(file).map_err(|e| e.to_string())?;
+    let scope = Scope::current()?;
     let names: Vec<String> = configs.iter().map(|c| c.name.to_string()).collect();
     for name in &names {
-        if let Some(pid) = read_pid(&pid_file(dirs, name)).filter(|p| alive(*p)) {
+        if let Some(pid) = running_pid(dirs, &scope, name) {
             return Err(format!(
-                "{name} is already up (pid {pid}): tapir down {name} first"
+                "{name} is already up in {} (pid {pid}): tapir down {name} first",
+                scope.describe()
             ));
         }
     }
@@ -115,8 +138,11 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Vec
         // Root writes here: a directory someone else owns or can write to
         // could have links planted in it.
         crate::uapi::ensure_private_dir(d)?;
+        crate::uapi::ensure_private_dir(&scope.dir(d))?;
     }
-    let log_path = dirs.log.join(format!("{}.log", names.join("+")));
+    let log_path = dirs
+        .log_here(&scope)
+        .join(format!("{}.log", names.join("+")));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -149,8 +175,10 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Vec
             return Err(format!("the tunnel did not come up ({status}): {why}"));
         }
         // Ready when every tunnel answers, and it is our child answering.
-        let answers: Vec<Result<_, String>> =
-            names.iter().map(|n| query_from(n, Some(pid))).collect();
+        let answers: Vec<Result<_, String>> = names
+            .iter()
+            .map(|n| query_from(&scope, n, Some(pid)))
+            .collect();
         if let Some(Err(e)) = answers.iter().find(|r| {
             r.as_ref()
                 .is_err_and(|e| e.contains("another process holds"))
@@ -173,7 +201,7 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Vec
         std::thread::sleep(Duration::from_millis(50));
     }
     for name in &names {
-        let path = pid_file(dirs, name);
+        let path = pid_file(dirs, &scope, name);
         std::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -186,13 +214,49 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Vec
     Ok(names)
 }
 
-/// Stops the process running tunnel `name` (and so every tunnel of its file).
-pub fn down(name: &str, dirs: &Dirs) -> Result<(), String> {
-    let path = pid_file(dirs, name);
-    let Some(pid) = read_pid(&path) else {
-        return Err(format!("{name} is not up (no {})", path.display()));
+/// The `tapir run` answering on the control socket of tunnel `name` in
+/// this namespace, if one does.
+fn socket_owner(scope: &Scope, name: &str) -> Option<i32> {
+    let s = UnixStream::connect(socket_path(scope, name)).ok()?;
+    let pid = crate::uapi::peer_pid(&s)?;
+    alive(scope, pid).then_some(pid)
+}
+
+/// The process running tunnel `name` in this namespace: the one in its pid
+/// file (`tapir up`), or the one answering on its control socket (`tapir
+/// run` by hand or by systemd).
+fn running_pid(dirs: &Dirs, scope: &Scope, name: &str) -> Option<i32> {
+    read_pid(&pid_file(dirs, scope, name))
+        .filter(|&p| alive(scope, p))
+        .or_else(|| socket_owner(scope, name))
+}
+
+/// What `down` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stopped {
+    /// The process (pid) ended.
+    Stopped(i32),
+    /// It had already died (crashed, or killed): what it left was cleared.
+    WasDead(i32),
+}
+
+/// Stops the process running tunnel `name` in this network namespace (and
+/// so every tunnel of its file), and clears what a dead one left: its pid
+/// files and a control socket nobody answers on.
+pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
+    let scope = Scope::current()?;
+    let path = pid_file(dirs, &scope, name);
+    let recorded = read_pid(&path);
+    let live = running_pid(dirs, &scope, name);
+    let Some(pid) = live.or(recorded) else {
+        return Err(format!(
+            "{name} is not up in {} (no {}, and no tunnel answers on {})",
+            scope.describe(),
+            path.display(),
+            socket_path(&scope, name).display()
+        ));
     };
-    let siblings: Vec<PathBuf> = std::fs::read_dir(&dirs.run)
+    let siblings: Vec<PathBuf> = std::fs::read_dir(dirs.run_here(&scope))
         .map(|d| {
             d.flatten()
                 .map(|e| e.path())
@@ -200,11 +264,11 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<(), String> {
                 .collect()
         })
         .unwrap_or_default();
-    if alive(pid) {
+    if live.is_some() {
         kill(Pid::from_raw(pid), Signal::SIGTERM)
             .map_err(|e| format!("signalling pid {pid}: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while alive(pid) {
+        while alive(&scope, pid) {
             if Instant::now() > deadline {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 break;
@@ -215,7 +279,28 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<(), String> {
     for p in siblings {
         let _ = std::fs::remove_file(p);
     }
-    Ok(())
+    // A process killed outright leaves its control socket (and, outside
+    // the host's namespace, the link that `wg` finds): nobody answers them.
+    let socket = socket_path(&scope, name);
+    if socket.exists() && UnixStream::connect(&socket).is_err() {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::symlink_metadata(&socket).map(|m| m.ino()).ok();
+        let wg = Path::new(SOCKET_DIR).join(format!("{name}.sock"));
+        if wg != socket && std::fs::symlink_metadata(&wg).ok().map(|m| m.ino()) == ino {
+            let _ = std::fs::remove_file(&wg);
+        }
+        let _ = std::fs::remove_file(&socket);
+    }
+    if !scope.is_initial() {
+        // This namespace's directories, once empty (logs stay to be read).
+        let _ = std::fs::remove_dir(dirs.run_here(&scope));
+        let _ = std::fs::remove_dir(scope.dir(Path::new(SOCKET_DIR)));
+    }
+    Ok(if live.is_some() {
+        Stopped::Stopped(pid)
+    } else {
+        Stopped::WasDead(pid)
+    })
 }
 
 fn is_zombie(pid: i32) -> bool {
@@ -288,36 +373,51 @@ fn b64(hex: &str) -> String {
         .unwrap_or_else(|_| hex.to_owned())
 }
 
-/// The state of tunnel `name` (or of every tunnel with a pid file).
+/// The state of tunnel `name`, or of every tunnel of this network
+/// namespace: those with a pid file (`tapir up`) and those answering on a
+/// control socket (`tapir run`).
 pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, String> {
+    let scope = Scope::current()?;
+    let listed = |dir: PathBuf, suffix: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_str()?
+                            .strip_suffix(suffix)
+                            .map(str::to_owned)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     let names: Vec<String> = match name {
         Some(n) => vec![n.to_owned()],
         None => {
-            let mut v: Vec<String> = std::fs::read_dir(&dirs.run)
-                .map(|d| {
-                    d.flatten()
-                        .filter_map(|e| {
-                            e.file_name()
-                                .to_str()?
-                                .strip_suffix(".pid")
-                                .map(str::to_owned)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let mut v = listed(dirs.run_here(&scope), ".pid");
+            for n in listed(scope.dir(Path::new(SOCKET_DIR)), ".sock") {
+                if !v.contains(&n) && socket_owner(&scope, &n).is_some() {
+                    v.push(n);
+                }
+            }
             v.sort();
             v
         }
     };
     let mut out = Vec::new();
     for n in names {
-        let pid = read_pid(&pid_file(dirs, &n));
-        if name.is_some() && pid.is_none() {
+        let recorded = read_pid(&pid_file(dirs, &scope, &n));
+        let live = running_pid(dirs, &scope, &n);
+        if name.is_some() && recorded.is_none() && live.is_none() {
             return Err(format!(
-                "{n} is not up (no {})",
-                pid_file(dirs, &n).display()
+                "{n} is not up in {} (no {}, and no tunnel answers on {})",
+                scope.describe(),
+                pid_file(dirs, &scope, &n).display(),
+                socket_path(&scope, &n).display()
             ));
         }
+        let pid = live.or(recorded);
         let mut t = TunnelStatus {
             name: n.clone(),
             pid,
@@ -330,8 +430,8 @@ pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, Stri
             counters: Default::default(),
             peers: Vec::new(),
         };
-        if pid.is_some_and(alive) {
-            if let Ok(kv) = query(&n) {
+        if live.is_some() {
+            if let Ok(kv) = query_from(&scope, &n, live) {
                 t.running = true;
                 // tapir's lines come after WireGuard's; `tapir_peer` selects the peer.
                 let mut tapir_peer: Option<usize> = None;
@@ -454,10 +554,11 @@ pub fn format(tunnels: &[TunnelStatus]) -> String {
         out += &format!("tunnel: {}\n", t.name);
         if !t.running {
             out += &format!(
-                "  state: NOT RUNNING{}\n\n",
+                "  state: NOT RUNNING{}\n  what to do: tapir down {} clears what it left; tapir up FILE starts it again\n\n",
                 t.pid
-                    .map(|p| format!(" (stale pid file, pid {p})"))
-                    .unwrap_or_default()
+                    .map(|p| format!(" (its process, pid {p}, has exited: see its log)"))
+                    .unwrap_or_default(),
+                t.name
             );
             continue;
         }

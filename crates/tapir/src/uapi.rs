@@ -7,13 +7,14 @@
 //!                             ──"set=1\n...\n\n"──▶ set() ──▶ "errno=N\n\n"
 //! ```
 //! The socket is root-only (mode 0600 in a 0755 directory): `get` returns the
-//! private key, as `wg showconf` needs.
+//! private key, as `wg showconf` needs. In a network namespace other than
+//! the host's, the socket is that namespace's own (see [`crate::scope`]).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -214,37 +215,59 @@ pub fn set(
 #[derive(Debug)]
 pub struct ControlSocket {
     listener: UnixListener,
-    path: PathBuf,
+    /// Where it can be reached: its own path and, in a namespace other than
+    /// the host's, the link that stock `wg` finds. Each is removed on drop
+    /// if it is still this socket.
+    paths: Vec<PathBuf>,
+    ino: u64,
+    /// A namespace's own directory, removed on drop once empty.
+    home: Option<PathBuf>,
+}
+
+/// Whether a control socket answers at `path`.
+fn answers(path: &Path) -> bool {
+    UnixStream::connect(path).is_ok()
 }
 
 impl ControlSocket {
-    /// Binds `/var/run/wireguard/NAME.sock`. A stale socket is replaced; one
-    /// that another process answers on is not (its path is global, not per
-    /// network namespace), and `None` is returned with a reason.
+    /// Binds the control socket of tunnel `name` in this network namespace
+    /// (see [`crate::scope`]): `/var/run/wireguard/NAME.sock` in the host's
+    /// namespace; in another, `/var/run/wireguard/netns-ID/NAME.sock` and,
+    /// if no other namespace's tunnel holds the name, a link at the usual
+    /// path for `wg`. A stale socket is replaced; one that another process
+    /// answers on is not. Returns notes for the log (what `wg` cannot see).
     ///
-    /// The directory must be root's (ours) and writable by nobody else, or
-    /// anyone could plant or swap sockets in it; it is created 0755. The
-    /// socket is bound in a private 0700 directory, made 0600 there, and
-    /// renamed into place, so it is never reachable with another mode,
-    /// whatever the umask.
-    pub fn bind(name: &str) -> Result<Self, String> {
-        Self::bind_in(std::path::Path::new(SOCKET_DIR), name)
+    /// The directories must be root's (ours) and writable by nobody else,
+    /// or anyone could plant or swap sockets in them; they are created
+    /// 0755. The socket is bound in a private 0700 directory, made 0600
+    /// there, and renamed into place, so it is never reachable with another
+    /// mode, whatever the umask.
+    pub fn bind(name: &str) -> Result<(Self, Vec<String>), String> {
+        let scope = crate::scope::Scope::current()?;
+        Self::bind_in(Path::new(SOCKET_DIR), &scope, name)
     }
 
-    /// [`ControlSocket::bind`] in another directory (for tests).
-    pub fn bind_in(dir: &std::path::Path, name: &str) -> Result<Self, String> {
+    /// [`ControlSocket::bind`] under another directory (for tests).
+    pub fn bind_in(
+        dir: &Path,
+        scope: &crate::scope::Scope,
+        name: &str,
+    ) -> Result<(Self, Vec<String>), String> {
+        use std::os::unix::fs::MetadataExt;
         ensure_private_dir(dir)?;
-        let path = dir.join(format!("{name}.sock"));
+        let home = scope.dir(dir);
+        ensure_private_dir(&home)?;
+        let path = home.join(format!("{name}.sock"));
         if path.exists() {
-            if UnixStream::connect(&path).is_ok() {
+            if answers(&path) {
                 return Err(format!(
-                    "{} is in use by another process (the same name in another namespace?)",
+                    "{} is in use by another process: a tunnel named {name} already runs in this network namespace",
                     path.display()
                 ));
             }
             let _ = std::fs::remove_file(&path);
         }
-        let staging = dir.join(format!(".{name}.{}", std::process::id()));
+        let staging = home.join(format!(".{name}.{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
         {
             use std::os::unix::fs::DirBuilderExt;
@@ -253,21 +276,49 @@ impl ControlSocket {
                 .create(&staging)
                 .map_err(|e| format!("{}: {e}", staging.display()))?;
         }
+        let mut notes = Vec::new();
         let result = (|| {
             let tmp = staging.join("sock");
             let listener =
                 UnixListener::bind(&tmp).map_err(|e| format!("{}: {e}", path.display()))?;
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
                 .map_err(|e| format!("{}: {e}", path.display()))?;
+            let ino = std::fs::metadata(&tmp)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .ino();
             std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
             listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let mut paths = vec![path.clone()];
+            if !scope.is_initial() {
+                // The path stock `wg` knows, as a second name of the same socket.
+                let wg = dir.join(format!("{name}.sock"));
+                if answers(&wg) {
+                    notes.push(format!(
+                        "`wg show {name}` in this namespace cannot see this tunnel: {} belongs to a tunnel of that name in another network namespace (tapir status {name} sees it)",
+                        wg.display()
+                    ));
+                } else {
+                    let link = staging.join("wg");
+                    match std::fs::hard_link(&path, &link)
+                        .and_then(|()| std::fs::rename(&link, &wg))
+                    {
+                        Ok(()) => paths.push(wg),
+                        Err(e) => notes.push(format!(
+                            "`wg show {name}` cannot see this tunnel: {}: {e}",
+                            wg.display()
+                        )),
+                    }
+                }
+            }
             Ok(Self {
                 listener,
-                path: path.clone(),
+                paths,
+                ino,
+                home: (!scope.is_initial()).then(|| home.clone()),
             })
         })();
         let _ = std::fs::remove_dir_all(&staging);
-        result
+        result.map(|s| (s, notes))
     }
 
     /// Serves connections until `stop`, one at a time, each within
@@ -275,12 +326,16 @@ impl ControlSocket {
     /// slow or hostile client holds up only itself and only briefly.
     /// `answer` turns a request into the reply (the tunnel's own thread
     /// computes it); `idle` runs between connections, at least every 250 ms.
+    /// A client in another network namespace (a `wg` there that found this
+    /// socket under a name its own tunnel would have) is refused: it would
+    /// see and change another namespace's tunnel.
     pub fn run(
         &self,
         stop: &dyn Fn() -> bool,
         answer: &mut dyn FnMut(Request) -> String,
         idle: &mut dyn FnMut(),
     ) {
+        let mut refused = 0u64;
         while !stop() {
             idle();
             let ready = tapir_sys::poll::readable(
@@ -291,6 +346,17 @@ impl ControlSocket {
                 continue;
             }
             while let Ok((stream, _)) = self.listener.accept() {
+                let fd = std::os::fd::AsFd::as_fd(&stream);
+                if tapir_sys::netns::peer_is_local(fd) == Some(false) {
+                    refused += 1;
+                    if refused.is_power_of_two() {
+                        eprintln!(
+                            "tapir: refused {refused} control connection(s) from another network namespace (pid {}): this tunnel answers only its own",
+                            peer_pid(&stream).map_or("unknown".into(), |p| p.to_string())
+                        );
+                    }
+                    continue;
+                }
                 let _ = serve_connection(stream, answer);
                 if stop() {
                     return;
@@ -302,7 +368,17 @@ impl ControlSocket {
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        use std::os::unix::fs::MetadataExt;
+        for p in &self.paths {
+            // Only if it is still ours: another tunnel may have taken the name.
+            if std::fs::symlink_metadata(p).is_ok_and(|m| m.ino() == self.ino) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        if let Some(home) = &self.home {
+            // Only once empty: another tunnel of this namespace may be in it.
+            let _ = std::fs::remove_dir(home);
+        }
     }
 }
 
@@ -474,7 +550,9 @@ mod tests {
         let base = std::env::temp_dir().join(format!("tapir-uapi-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         let dir = base.join("wireguard");
-        let c = ControlSocket::bind_in(&dir, "tq0").unwrap();
+        let host = crate::scope::Scope::fake(1, true);
+        let (c, notes) = ControlSocket::bind_in(&dir, &host, "tq0").unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
         let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o755);
         assert_eq!(mode(&dir.join("tq0.sock")), 0o600);
@@ -488,7 +566,7 @@ mod tests {
         assert_eq!(peer_pid(&s), Some(std::process::id() as i32));
         drop(c);
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = ControlSocket::bind_in(&dir, "tq0").unwrap_err();
+        let e = ControlSocket::bind_in(&dir, &host, "tq0").unwrap_err();
         assert!(
             e.contains("writable by group or others") && e.contains("chmod 755"),
             "{e}"
@@ -496,8 +574,43 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::remove_dir(&dir).unwrap();
         std::os::unix::fs::symlink("/tmp", &dir).unwrap();
-        let e = ControlSocket::bind_in(&dir, "tq0").unwrap_err();
+        let e = ControlSocket::bind_in(&dir, &host, "tq0").unwrap_err();
         assert!(e.contains("not a directory"), "{e}");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn another_namespace_gets_its_own_socket_and_wg_a_link_while_the_name_is_free() {
+        let base = std::env::temp_dir().join(format!("tapir-uapi-ns-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let dir = base.join("wireguard");
+        let (one, two) = (
+            crate::scope::Scope::fake(111, false),
+            crate::scope::Scope::fake(222, false),
+        );
+        let (a, notes) = ControlSocket::bind_in(&dir, &one, "tq1").unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+        let own = dir.join("netns-111/tq1.sock");
+        let wg = dir.join("tq1.sock");
+        assert!(answers(&own) && answers(&wg), "both names reach it");
+        // The same name in a second namespace: its own socket, no link.
+        let (b, notes) = ControlSocket::bind_in(&dir, &two, "tq1").unwrap();
+        assert!(answers(&dir.join("netns-222/tq1.sock")));
+        assert!(
+            notes.len() == 1 && notes[0].contains("another network namespace"),
+            "{notes:?}"
+        );
+        // A second tunnel of that name in the first namespace: refused.
+        let e = ControlSocket::bind_in(&dir, &one, "tq1").unwrap_err();
+        assert!(e.contains("already runs in this network namespace"), "{e}");
+        drop(b);
+        assert!(answers(&wg), "the other's going leaves the first's link");
+        drop(a);
+        assert!(!own.exists() && !wg.exists(), "both names gone");
+        assert!(
+            !dir.join("netns-111").exists() && !dir.join("netns-222").exists(),
+            "the namespaces' directories went with their last socket"
+        );
         std::fs::remove_dir_all(&base).unwrap();
     }
 

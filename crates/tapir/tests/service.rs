@@ -38,6 +38,7 @@ impl Env {
 
     fn file(&self, name: &str, text: &str, mode: &str) -> PathBuf {
         let p = self.dir.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, text).unwrap();
         Command::new("chmod")
             .args([mode, p.to_str().unwrap()])
@@ -49,13 +50,22 @@ impl Env {
     /// Nothing of tunnel `name` is left: device, pid file, control socket, process.
     fn assert_clean(&self, name: &str) {
         assert!(!self.ns.has_link(name), "device {name} left behind");
+        let pid_files = Command::new("find")
+            .args([self.dir.join("run").to_str().unwrap(), "-name", "*.pid"])
+            .output()
+            .unwrap();
         assert!(
-            !self.dir.join("run").join(format!("{name}.pid")).exists(),
+            String::from_utf8_lossy(&pid_files.stdout).trim().is_empty(),
             "pid file left behind"
         );
+        let sockets = Command::new("find")
+            .args(["/var/run/wireguard", "-name", &format!("{name}.sock")])
+            .output()
+            .unwrap();
         assert!(
-            !Path::new(&format!("/var/run/wireguard/{name}.sock")).exists(),
-            "control socket left behind"
+            String::from_utf8_lossy(&sockets.stdout).trim().is_empty(),
+            "control socket left behind: {}",
+            String::from_utf8_lossy(&sockets.stdout)
         );
         let out = Command::new("ip")
             .args(["netns", "pids", self.ns.name()])
@@ -66,6 +76,12 @@ impl Env {
             "a process is left in the namespace"
         );
     }
+}
+
+/// A namespace's identity, as tapir names its directories.
+fn netns_id(ns: &Netns) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(ns.path()).unwrap().ino()
 }
 
 fn key() -> String {
@@ -189,9 +205,11 @@ fn up_refuses_a_control_socket_that_someone_else_answers() {
     require_root!();
     let e = env("plant");
     let n = name("tpl");
-    // Someone listens on the tunnel's socket path first.
-    let path = format!("/var/run/wireguard/{n}.sock");
-    let _ = std::fs::create_dir_all("/var/run/wireguard");
+    // Someone listens on the tunnel's socket path first (in a network
+    // namespace other than the host's, it is that namespace's own).
+    let dir = format!("/var/run/wireguard/netns-{}", netns_id(&e.ns));
+    let path = format!("{dir}/{n}.sock");
+    let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::remove_file(&path);
     let planted = std::os::unix::net::UnixListener::bind(&path).unwrap();
     planted.set_nonblocking(true).unwrap();
@@ -210,6 +228,7 @@ fn up_refuses_a_control_socket_that_someone_else_answers() {
     );
     drop(planted);
     let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir(&dir);
     assert!(!e.ns.has_link(&n), "nothing left behind");
     assert!(
         !e.dir.join("run").join(format!("{n}.pid")).exists(),
@@ -241,4 +260,206 @@ fn up_refuses_a_log_directory_others_can_write_to() {
         "{err}"
     );
     e.assert_clean(&n);
+}
+
+#[test]
+fn the_same_name_in_two_namespaces_never_mixes() {
+    require_root!();
+    // One run directory for both, as on a real host: the namespace keeps them apart.
+    let e = env("twons");
+    let other = e._lab.netns("svc2");
+    let n = name("tsn");
+    let (ka, kb) = (key(), key());
+    let conf = |k: &str, port: u16| {
+        e.file(
+            &format!("{n}-{port}/{n}.conf"),
+            &format!("[Interface]\nPrivateKey = {k}\nListenPort = {port}\nAddress = 10.88.3.1/24\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.3.2/32\n"),
+            "600",
+        )
+    };
+    let (ca, cb) = (conf(&ka, 51841), conf(&kb, 51842));
+    let tapir_in = |ns: &Netns, args: &[&str]| {
+        ns.cmd(TAPIR)
+            .args(args)
+            .env("TAPIR_RUN_DIR", e.dir.join("run"))
+            .env("TAPIR_LOG_DIR", e.dir.join("log"))
+            .output()
+            .unwrap()
+    };
+    for (ns, c) in [(&e.ns, &ca), (&other, &cb)] {
+        let out = tapir_in(ns, &["up", c.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "the same name in another namespace is its own tunnel: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let public = |k: &str| {
+        let out = support_pipe(TAPIR, &["pubkey"], k);
+        out.trim().to_owned()
+    };
+    let (pa, pb) = (public(&ka), public(&kb));
+    let status = |ns: &Netns| -> Value {
+        let out = tapir_in(ns, &["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (sa, sb) = (status(&e.ns), status(&other));
+    assert_eq!(sa.as_array().unwrap().len(), 1, "{sa}");
+    assert_eq!(sb.as_array().unwrap().len(), 1, "{sb}");
+    assert_eq!(sa[0]["public_key"], pa.as_str());
+    assert_eq!(sa[0]["listen_port"], 51841);
+    assert_eq!(sb[0]["public_key"], pb.as_str());
+    assert_eq!(sb[0]["listen_port"], 51842);
+    assert_ne!(sa[0]["pid"], sb[0]["pid"]);
+    // Stock wg: in the first namespace it sees the first tunnel; in the
+    // second it may not see its own (the usual path is the first's), but
+    // it never sees the first's.
+    let wg = |ns: &Netns| {
+        let out = ns.cmd("wg").args(["show", &n]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let seen_a = wg(&e.ns);
+    assert!(seen_a.contains(&pa) && seen_a.contains("51841"), "{seen_a}");
+    let seen_b = wg(&other);
+    assert!(
+        !seen_b.contains(&pa),
+        "wg in the second namespace saw the first's tunnel: {seen_b}"
+    );
+    // Down in one leaves the other running.
+    let out = tapir_in(&e.ns, &["down", &n]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!e.ns.has_link(&n));
+    assert!(
+        other.has_link(&n),
+        "down in the first namespace took the second's tunnel"
+    );
+    let sb = status(&other);
+    assert_eq!(sb[0]["running"], true);
+    assert_eq!(sb[0]["public_key"], pb.as_str());
+    let out = tapir_in(&other, &["down", &n]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    e.assert_clean(&n);
+    assert!(!other.has_link(&n));
+}
+
+#[test]
+fn status_sees_tunnels_run_by_hand_and_says_what_to_do_about_a_dead_one() {
+    require_root!();
+    let e = env("dead");
+    let n = name("tsd");
+    let conf = e.file(
+        &format!("{n}.conf"),
+        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51843\nAddress = 10.88.4.1/24\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.4.2/32\n", key()),
+        "600",
+    );
+    // `tapir run` in the foreground, as systemd runs it: no pid file.
+    let mut child =
+        e.ns.cmd(TAPIR)
+            .args(["run", conf.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = e.tapir(&["status", "--json"]);
+        let st: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if st[0]["running"] == true {
+            assert_eq!(st[0]["name"], n.as_str());
+            assert_eq!(st[0]["pid"], child.id());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status never listed {n}: {st}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // down stops it too.
+    let out = e.tapir(&["down", &n]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(child.wait().unwrap().success(), "SIGTERM ends it cleanly");
+    e.assert_clean(&n);
+    // Started with up, then killed outright.
+    let out = e.tapir(&["up", conf.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: Value = serde_json::from_slice(&e.tapir(&["status", "--json"]).stdout).unwrap();
+    let pid = st[0]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while e.ns.has_link(&n) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device outlived its process"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = e.tapir(&["status", &n]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a dead tunnel is not a success: {text}"
+    );
+    assert!(
+        text.contains("NOT RUNNING")
+            && text.contains(&format!("pid {pid}"))
+            && text.contains(&format!("tapir down {n}")),
+        "{text}"
+    );
+    let out = e.tapir(&["down", &n]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("had already exited"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    e.assert_clean(&n);
+}
+
+/// `program args` with `input` on its stdin; its stdout.
+fn support_pipe(program: &str, args: &[&str], input: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned()
 }

@@ -382,7 +382,12 @@ pub fn start(config: &TunnelConfig, tun_path: &Path) -> Result<Started, DevError
         config.peers.len()
     );
     let control = match crate::uapi::ControlSocket::bind(name.as_str()) {
-        Ok(c) => Some(c),
+        Ok((c, notes)) => {
+            for n in notes {
+                eprintln!("tapir: {name}: warning: {n}");
+            }
+            Some(c)
+        }
         Err(why) => {
             eprintln!(
                 "tapir: {name}: warning: no control socket, so wg show will not see this tunnel: {why}"

@@ -224,10 +224,9 @@ pub fn status_json(
     name: &str,
     proc: &Proc,
 ) -> serde_json::Value {
+    // `tapir status` finds a tunnel run by hand through its control socket.
     let run = dir.join("run");
-    std::fs::create_dir_all(&run).unwrap();
     let pid = proc.0.as_ref().unwrap().id();
-    std::fs::write(run.join(format!("{name}.pid")), pid.to_string()).unwrap();
     let out = ns
         .cmd(TAPIR)
         .args(["status", name, "--json"])
@@ -241,7 +240,9 @@ pub fn status_json(
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.as_array().and_then(|a| a.first()).cloned().unwrap_or(v)
+    let v = v.as_array().and_then(|a| a.first()).cloned().unwrap_or(v);
+    assert_eq!(v["pid"], pid, "status names the process that runs {name}");
+    v
 }
 
 /// `tapir status NAME` as text (see [`status_json`]).

@@ -1,0 +1,92 @@
+//! A tunnel's identity is (network namespace, name). Two namespaces may
+//! each run a `wg0`; their pid files, logs, control sockets and status
+//! must never mix.
+//!
+//! In the host's namespace everything stays where the tools look for it
+//! (`/run/tapir/wg0.pid`, `/var/run/wireguard/wg0.sock`). In any other
+//! namespace it moves into a directory of that namespace's own, named by
+//! its identity (`/run/tapir/netns-4026532301/wg0.pid`,
+//! `/var/run/wireguard/netns-4026532301/wg0.sock`). Stock `wg` only looks
+//! in `/var/run/wireguard`, so a tunnel in another namespace also links
+//! its socket there when the name is free, and refuses control
+//! connections from any namespace but its own.
+
+use std::path::{Path, PathBuf};
+
+use tapir_sys::netns;
+
+/// The network namespace this process works in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    id: u64,
+    initial: bool,
+}
+
+impl Scope {
+    /// The calling thread's namespace.
+    pub fn current() -> Result<Self, String> {
+        let id = netns::current().map_err(|e| format!("which network namespace is this: {e}"))?;
+        // Without access to pid 1 (not root), take this for the host's.
+        let initial = netns::initial().map_or(true, |i| i == id);
+        Ok(Self { id, initial })
+    }
+
+    /// A namespace as given (for tests of what depends on it).
+    #[cfg(test)]
+    pub(crate) fn fake(id: u64, initial: bool) -> Self {
+        Self { id, initial }
+    }
+
+    /// Whether this is the host's namespace (the first process's).
+    pub fn is_initial(&self) -> bool {
+        self.initial
+    }
+
+    /// Where this namespace's files under `base` go: `base` itself in the
+    /// host's namespace, `base/netns-ID` in any other.
+    pub fn dir(&self, base: &Path) -> PathBuf {
+        if self.initial {
+            base.to_path_buf()
+        } else {
+            base.join(format!("netns-{}", self.id))
+        }
+    }
+
+    /// Whether process `pid` lives in this namespace.
+    pub fn holds(&self, pid: i32) -> bool {
+        netns::of_pid(pid).is_ok_and(|id| id == self.id)
+    }
+
+    /// The namespace in words, for messages.
+    pub fn describe(&self) -> String {
+        if self.initial {
+            "the host's network namespace".into()
+        } else {
+            match netns::name_of(self.id) {
+                Some(n) => format!("network namespace {n} (netns {})", self.id),
+                None => format!("network namespace {}", self.id),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_keeps_the_usual_places_and_others_get_their_own() {
+        let host = Scope {
+            id: 1,
+            initial: true,
+        };
+        let other = Scope {
+            id: 4026532301,
+            initial: false,
+        };
+        let base = Path::new("/run/tapir");
+        assert_eq!(host.dir(base), base);
+        assert_eq!(other.dir(base), Path::new("/run/tapir/netns-4026532301"));
+        assert!(Scope::current().unwrap().holds(std::process::id() as i32));
+    }
+}
