@@ -44,5 +44,5 @@ pub mod random;
 pub mod tun;
 
 pub use ifname::{IfName, NameError};
-pub use netlink::{Address, Link, LinkState, Netlink, NetlinkError, Route, TunInfo};
+pub use netlink::{Address, Link, LinkState, Netlink, NetlinkError, Route, Rule, TunInfo};
 pub use tun::{DEFAULT_TUN_PATH, Mode, TunDevice, TunError, TunFeatures, TunOptions, offload};

@@ -27,6 +27,7 @@ use netlink_packet_route::{
         RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
         RouteType,
     },
+    rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -278,6 +279,43 @@ pub struct Route {
     pub scope: String,
     /// Metric (`RTA_PRIORITY`).
     pub metric: Option<u32>,
+}
+
+/// A policy routing rule (`ip rule`), with the fields tapir sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// IPv6 (`ip -6 rule`) or IPv4.
+    pub v6: bool,
+    /// Priority (`pref`); the kernel picks one below the first rule if absent.
+    pub priority: Option<u32>,
+    /// The table to look up.
+    pub table: u32,
+    /// Match packets with this firewall mark...
+    pub fwmark: Option<u32>,
+    /// ...or, with `invert`, without it (`not fwmark`).
+    pub invert: bool,
+    /// Ignore routes of this prefix length or shorter (`suppress_prefixlength`).
+    pub suppress_prefixlength: Option<u32>,
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ip {} rule", if self.v6 { "-6" } else { "-4" })?;
+        if let Some(p) = self.priority {
+            write!(f, " pref {p}")?;
+        }
+        if let Some(m) = self.fwmark {
+            write!(f, "{} fwmark {m:#x}", if self.invert { " not" } else { "" })?;
+        }
+        match self.table {
+            254 => write!(f, " table main")?,
+            t => write!(f, " table {t}")?,
+        }
+        if let Some(l) = self.suppress_prefixlength {
+            write!(f, " suppress_prefixlength {l}")?;
+        }
+        Ok(())
+    }
 }
 
 /// A synchronous rtnetlink socket in the calling thread's network namespace.
@@ -688,6 +726,135 @@ impl Netlink {
             || describe_route(dst, via, index),
         )?;
         Ok(())
+    }
+}
+
+impl Netlink {
+    /// The policy routing rules, IPv4 then IPv6, as far as [`Rule`] tells them.
+    pub fn rules(&mut self) -> Result<Vec<Rule>, NetlinkError> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut msg = RuleMessage::default();
+            msg.header.family = family;
+            let answers = self.request(
+                RouteNetlinkMessage::GetRule(msg),
+                NLM_F_DUMP,
+                "RTM_GETRULE",
+                || "(dump)".into(),
+            )?;
+            for m in answers {
+                let RouteNetlinkMessage::NewRule(r) = m else {
+                    continue;
+                };
+                let mut rule = Rule {
+                    v6: r.header.family == AddressFamily::Inet6,
+                    priority: None,
+                    table: u32::from(r.header.table),
+                    fwmark: None,
+                    invert: r.header.flags.contains(RuleFlags::Invert),
+                    suppress_prefixlength: None,
+                };
+                for a in &r.attributes {
+                    match a {
+                        RuleAttribute::Priority(p) => rule.priority = Some(*p),
+                        RuleAttribute::Table(t) => rule.table = *t,
+                        RuleAttribute::FwMark(m) => rule.fwmark = Some(*m),
+                        // The kernel reports "no suppression" as 0xffffffff.
+                        RuleAttribute::SuppressPrefixLen(l) if *l != u32::MAX => {
+                            rule.suppress_prefixlength = Some(*l)
+                        }
+                        _ => {}
+                    }
+                }
+                out.push(rule);
+            }
+        }
+        Ok(out)
+    }
+
+    fn rule_message(rule: &Rule) -> RuleMessage {
+        let mut msg = RuleMessage::default();
+        msg.header.family = if rule.v6 {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        msg.header.table = u8::try_from(rule.table).unwrap_or(0);
+        msg.header.action = RuleAction::ToTable;
+        if rule.invert {
+            msg.header.flags = RuleFlags::Invert;
+        }
+        msg.attributes.push(RuleAttribute::Table(rule.table));
+        if let Some(p) = rule.priority {
+            msg.attributes.push(RuleAttribute::Priority(p));
+        }
+        if let Some(m) = rule.fwmark {
+            msg.attributes.push(RuleAttribute::FwMark(m));
+        }
+        if let Some(l) = rule.suppress_prefixlength {
+            msg.attributes.push(RuleAttribute::SuppressPrefixLen(l));
+        }
+        msg
+    }
+
+    /// `ip rule add ...`.
+    pub fn add_rule(&mut self, rule: &Rule) -> Result<(), NetlinkError> {
+        self.request(
+            RouteNetlinkMessage::NewRule(Self::rule_message(rule)),
+            NLM_F_ACK | NLM_F_CREATE,
+            "RTM_NEWRULE",
+            || rule.to_string(),
+        )?;
+        Ok(())
+    }
+
+    /// `ip rule del ...`: the first rule that matches.
+    pub fn del_rule(&mut self, rule: &Rule) -> Result<(), NetlinkError> {
+        self.request(
+            RouteNetlinkMessage::DelRule(Self::rule_message(rule)),
+            NLM_F_ACK,
+            "RTM_DELRULE",
+            || rule.to_string(),
+        )?;
+        Ok(())
+    }
+
+    /// `ip route add DST dev DEV table TABLE`.
+    pub fn add_route_in(&mut self, index: u32, dst: IpNet, table: u32) -> Result<(), NetlinkError> {
+        let mut msg = Self::route_message(index, dst, None);
+        msg.header.table = u8::try_from(table).unwrap_or(0);
+        msg.attributes.push(RouteAttribute::Table(table));
+        self.request(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            "RTM_NEWROUTE",
+            || format!("{} table {table}", describe_route(dst, None, index)),
+        )?;
+        Ok(())
+    }
+
+    /// Whether routing table `table` holds any route (IPv4 or IPv6).
+    pub fn table_in_use(&mut self, table: u32) -> Result<bool, NetlinkError> {
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut msg = RouteMessage::default();
+            msg.header.address_family = family;
+            let answers = self.request(
+                RouteNetlinkMessage::GetRoute(msg),
+                NLM_F_DUMP,
+                "RTM_GETROUTE",
+                || "(dump)".into(),
+            )?;
+            let used = answers.iter().any(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => {
+                    route_from_message(r).is_some_and(|r| r.table == table)
+                }
+                _ => false,
+            });
+            if used {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 }
 

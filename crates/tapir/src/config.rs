@@ -6,10 +6,8 @@
 //! - tapir's TOML (`*.toml`), with one or more `[[tunnel]]` tables, each with
 //!   its `[[tunnel.peer]]` tables (see [`load_toml`]).
 //!
-//! Every error
-//! names the file, the line and the key; keys that wg-quick knows and tapir
-//! does not act on yet (DNS, Table, PreUp...) are named in a warning, never
-//! silently ignored. Everything is checked here, before any kernel call.
+//! Every error names the file, the line and the key. Everything is checked
+//! here, before any kernel call.
 
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -88,6 +86,69 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     Ok(bits as u64)
 }
 
+/// Which routing table a tunnel's routes go to (wg-quick's `Table`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Table {
+    /// The main table, but default routes (`0.0.0.0/0`, `::/0`) through a
+    /// table of their own with policy rules, as wg-quick does.
+    #[default]
+    Auto,
+    /// No routes at all.
+    Off,
+    /// Every route in this table, and no rules.
+    Id(u32),
+}
+
+fn parse_table(s: &str) -> Result<Table, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "auto" => Ok(Table::Auto),
+        "off" => Ok(Table::Off),
+        "main" => Ok(Table::Id(254)),
+        v => match v.parse::<u32>() {
+            Ok(n) if n > 0 && n != 255 => Ok(Table::Id(n)),
+            _ => Err(format!(
+                "{s:?} is not a routing table: use auto, off, main or a number (1 to 2^32-1, not 255)"
+            )),
+        },
+    }
+}
+
+fn parse_fwmark(s: &str) -> Result<Option<u32>, String> {
+    let t = s.trim().to_ascii_lowercase();
+    if t == "off" || t == "0" {
+        return Ok(None);
+    }
+    let n = match t.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => t.parse::<u32>(),
+    };
+    n.map(Some)
+        .map_err(|_| format!("{s:?} is not a firewall mark: a number (51820 or 0xca6c), or off"))
+}
+
+/// What wg-quick does around a tunnel besides the device: routing table and
+/// mark, hooks, DNS, saving the peers back.
+#[derive(Debug, Clone, Default)]
+pub struct Ops {
+    /// Where routes go.
+    pub table: Table,
+    /// The mark on the tunnel's own packets (and, with default routes, the
+    /// table they use); chosen from 51820 up when a default route needs one.
+    pub fwmark: Option<u32>,
+    /// Shell commands (`%i`: the interface), in wg-quick's order.
+    pub pre_up: Vec<String>,
+    /// After the device, addresses, routes and DNS are set.
+    pub post_up: Vec<String>,
+    /// Before the device goes.
+    pub pre_down: Vec<String>,
+    /// After it went.
+    pub post_down: Vec<String>,
+    /// Name servers and search domains, for resolvconf.
+    pub dns: Vec<String>,
+    /// Write the peers back to the file on down (wg-quick's `SaveConfig`).
+    pub save_config: bool,
+}
+
 /// One tunnel: an interface and its peers.
 #[derive(Debug, Clone)]
 pub struct TunnelConfig {
@@ -117,6 +178,8 @@ pub struct TunnelConfig {
     pub peers: Vec<PeerEntry>,
     /// Things the user should know (unsupported keys, loose permissions).
     pub warnings: Vec<String>,
+    /// Routing table and mark, hooks, DNS, SaveConfig.
+    pub ops: Ops,
 }
 
 /// A `[Peer]` section.
@@ -151,17 +214,6 @@ pub struct ConfigError {
     /// What is wrong.
     pub msg: String,
 }
-
-const UNSUPPORTED: [&str; 8] = [
-    "dns",
-    "table",
-    "preup",
-    "postup",
-    "predown",
-    "postdown",
-    "saveconfig",
-    "fwmark",
-];
 
 /// Reads a wg-quick style file.
 pub fn load(path: &Path) -> Result<TunnelConfig, ConfigError> {
@@ -233,8 +285,9 @@ pub fn parse(
     let mut bridge = None;
     let mut transport = Transport::Udp;
     let mut peers: Vec<PeerEntry> = Vec::new();
-    let mut warnings = Vec::new();
+    let warnings = Vec::new();
     let mut interface_line = None;
+    let mut ops = Ops::default();
     for (i, raw) in text.lines().enumerate() {
         let n = i + 1;
         let line = raw.split('#').next().unwrap_or("").trim();
@@ -359,14 +412,26 @@ pub fn parse(
                 };
                 peers.last_mut().expect("in a [Peer] section").keepalive = (k > 0).then_some(k);
             }
-            (_, k) if UNSUPPORTED.contains(&k) => {
-                warnings.push(format!("{}:{n}: {key} is not supported by tapir yet and is ignored", file.display()));
+            (Section::Interface, "table") => ops.table = parse_table(value).map_err(|m| err(n, key, m))?,
+            (Section::Interface, "fwmark") => ops.fwmark = parse_fwmark(value).map_err(|m| err(n, key, m))?,
+            // Hooks keep the rest of the line, '#' included, as wg-quick does.
+            (Section::Interface, "preup") => ops.pre_up.push(hook_value(raw)),
+            (Section::Interface, "postup") => ops.post_up.push(hook_value(raw)),
+            (Section::Interface, "predown") => ops.pre_down.push(hook_value(raw)),
+            (Section::Interface, "postdown") => ops.post_down.push(hook_value(raw)),
+            (Section::Interface, "dns") => ops.dns.extend(list().map(str::to_owned)),
+            (Section::Interface, "saveconfig") => {
+                ops.save_config = match value.to_ascii_lowercase().as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(err(n, key, format!("{value:?} is not true or false"))),
+                }
             }
             (Section::Interface, _) => {
-                return Err(err(n, key, "unknown key in [Interface]: PrivateKey, PrivateKeyFile, ListenPort, Address, MTU, Mode, MAC, Bridge, Transport".into()))
+                return Err(err(n, key, "not a key of [Interface]; the known keys are PrivateKey, PrivateKeyFile, ListenPort, Address, MTU, DNS, Table, FwMark, PreUp, PostUp, PreDown, PostDown, SaveConfig, Mode, MAC, Bridge, Transport".into()))
             }
             (Section::Peer, _) => {
-                return Err(err(n, key, "unknown key in [Peer]: PublicKey, PresharedKey, Endpoint, AllowedIPs, PersistentKeepalive, Rate".into()))
+                return Err(err(n, key, "not a key of [Peer]; the known keys are PublicKey, PresharedKey, Endpoint, AllowedIPs, PersistentKeepalive, Rate".into()))
             }
         }
     }
@@ -451,7 +516,14 @@ pub fn parse(
         routes: None,
         peers,
         warnings,
+        ops,
     })
+}
+
+/// A hook's command: everything after the first '=' of the raw line,
+/// comments included (a shell command may hold a '#').
+fn hook_value(raw: &str) -> String {
+    raw.split_once('=').map_or("", |(_, v)| v).trim().to_owned()
 }
 
 /// The default MTU for a mode.
@@ -498,8 +570,28 @@ mod toml_schema {
         pub bridge: Option<Spanned<String>>,
         pub transport: Option<Spanned<String>>,
         pub routes: Option<Vec<Spanned<String>>>,
+        pub table: Option<Spanned<TableValue>>,
+        pub fwmark: Option<Spanned<u32>>,
+        #[serde(default)]
+        pub pre_up: Vec<String>,
+        #[serde(default)]
+        pub post_up: Vec<String>,
+        #[serde(default)]
+        pub pre_down: Vec<String>,
+        #[serde(default)]
+        pub post_down: Vec<String>,
+        #[serde(default)]
+        pub dns: Vec<String>,
         #[serde(rename = "peer", default)]
         pub peers: Vec<Spanned<Peer>>,
+    }
+
+    /// `table = "auto"`, `"off"`, `"main"` or a number.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    pub enum TableValue {
+        Number(u32),
+        Name(String),
     }
 
     #[derive(Deserialize)]
@@ -529,6 +621,11 @@ mod toml_schema {
 /// bridge = "br0"                            # tap mode, optional: the tap joins this bridge
 /// transport = "udp"                         # or "tcp": udp2tcp's framing
 /// routes = ["10.1.0.0/16"]                  # optional: default, the peers' allowed IPs
+/// table = "auto"                            # or "off", "main", a number (wg-quick's Table)
+/// fwmark = 51820                            # optional (wg-quick's FwMark)
+/// dns = ["10.77.0.1", "example.internal"]   # optional: through resolvconf
+/// pre_up = ["..."]                          # optional: shell commands, %i is the name;
+/// post_up = ["..."]                         #   also pre_down, post_down
 ///
 /// [[tunnel.peer]]
 /// public_key = "..."
@@ -799,6 +896,23 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
             routes,
             peers,
             warnings,
+            ops: Ops {
+                table: match &t.table {
+                    Some(v) => match v.get_ref() {
+                        toml_schema::TableValue::Number(n) => parse_table(&n.to_string()),
+                        toml_schema::TableValue::Name(n) => parse_table(n),
+                    }
+                    .map_err(|m| err(v.span(), "table", m))?,
+                    None => Table::Auto,
+                },
+                fwmark: t.fwmark.as_ref().map(|m| *m.get_ref()).filter(|m| *m != 0),
+                pre_up: t.pre_up.clone(),
+                post_up: t.post_up.clone(),
+                pre_down: t.pre_down.clone(),
+                post_down: t.post_down.clone(),
+                dns: t.dns.clone(),
+                save_config: false,
+            },
         });
     }
     let mut ports: Vec<u16> = out
@@ -881,10 +995,57 @@ mod tests {
             c.peers[0].endpoint.as_deref(),
             Some("demo.wireguard.com:51820")
         );
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert_eq!(c.ops.dns, ["10.200.100.1"]);
+    }
+
+    #[test]
+    fn reads_wg_quicks_routing_hooks_and_dns() {
+        let c = p(&format!(
+            "[Interface]\nPrivateKey = {A}\nTable = 1234\nFwMark = 0xca6c\nDNS = 10.0.0.1, fd00::1, corp.example\nDNS = 10.0.0.2\n\
+             PreUp = echo pre %i # stays\nPostUp = iptables -A FORWARD -i %i -j ACCEPT; echo two\nPostUp = echo three\n\
+             PreDown = echo pd\nPostDown = echo gone\nSaveConfig = true\n"
+        ))
+        .unwrap();
+        assert_eq!(c.ops.table, Table::Id(1234));
+        assert_eq!(c.ops.fwmark, Some(0xca6c));
         assert_eq!(
-            c.warnings,
-            ["/etc/tapir/tp0.conf:7: DNS is not supported by tapir yet and is ignored"]
+            c.ops.dns,
+            ["10.0.0.1", "fd00::1", "corp.example", "10.0.0.2"]
         );
+        assert_eq!(c.ops.pre_up, ["echo pre %i # stays"]);
+        assert_eq!(
+            c.ops.post_up,
+            [
+                "iptables -A FORWARD -i %i -j ACCEPT; echo two",
+                "echo three"
+            ]
+        );
+        assert_eq!((c.ops.pre_down.len(), c.ops.post_down.len()), (1, 1));
+        assert!(c.ops.save_config);
+        for (text, want) in [
+            ("Table = off", Table::Off),
+            ("Table = auto", Table::Auto),
+            ("Table = main", Table::Id(254)),
+        ] {
+            assert_eq!(
+                p(&format!("[Interface]\nPrivateKey = {A}\n{text}\n"))
+                    .unwrap()
+                    .ops
+                    .table,
+                want
+            );
+        }
+        for (text, want) in [
+            ("Table = local", "is not a routing table"),
+            ("FwMark = blue", "is not a firewall mark"),
+            ("SaveConfig = yes", "is not true or false"),
+        ] {
+            let e = p(&format!("[Interface]\nPrivateKey = {A}\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]
@@ -982,7 +1143,7 @@ mod tests {
             ),
             (
                 "[Interface]\nPrivateKey = KEY\nColor = blue\n",
-                ":3: Color: unknown key in [Interface]",
+                ":3: Color: not a key of [Interface]; the known keys are PrivateKey",
             ),
             (
                 "[Interface]\nPrivateKey = KEY\n[Peer]\nAllowedIPs = 10.0.0.0/8\n",
