@@ -61,6 +61,8 @@ enum Command {
     Run {
         /// The config file.
         file: PathBuf,
+        #[command(flatten)]
+        dirs: DirArgs,
     },
     /// Start the tunnels of a config file in the background; returns once they answer.
     Up {
@@ -385,13 +387,13 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             print!("{}", tapir::echo::format_stats(&name, &report));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { file } => {
+        Command::Run { file, dirs } => {
             let configs = tapir::config::load_any(&file)?;
             for w in configs.iter().flat_map(|c| &c.warnings) {
                 eprintln!("tapir: warning: {w}");
             }
             let shutdown = shutdown_flag()?;
-            tapir::tunnel::run_all(&configs, &cli.tun_path, &shutdown)?;
+            tapir::tunnel::run_all(&configs, &cli.tun_path, &dirs.dirs().run, &shutdown)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Up { file, dirs } => {

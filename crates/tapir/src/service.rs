@@ -154,6 +154,10 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Vec
         .arg("--tun-path")
         .arg(tun_path)
         .arg("run")
+        .arg("--run-dir")
+        .arg(&dirs.run)
+        .arg("--log-dir")
+        .arg(&dirs.log)
         .arg(file)
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
@@ -278,6 +282,11 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
     }
     for p in siblings {
         let _ = std::fs::remove_file(p);
+    }
+    // Routing rules a killed tunnel could not take back (see tunnel::ops).
+    let record = dirs.run_here(&scope).join(format!("{name}.rules"));
+    for r in crate::tunnel::ops::clear_leftovers(&record) {
+        eprintln!("tapir: {name}: removed `{r}`, left by the process that died");
     }
     // A process killed outright leaves its control socket (and, outside
     // the host's namespace, the link that `wg` finds): nobody answers them.

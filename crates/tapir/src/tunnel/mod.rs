@@ -40,6 +40,7 @@ use tapir_sys::{IfName, Mode, Netlink, TunDevice, TunOptions, offload};
 use tapir_wire::vnet::{self, VnetHeader};
 
 pub mod control;
+pub mod ops;
 pub mod tcp;
 use tcp::TcpTransport;
 
@@ -49,7 +50,7 @@ const BATCH: usize = 64;
 /// WireGuard header before and padding and tag after.
 const SLOT: usize = 65536 + 64;
 
-use crate::config::{Transport, TunnelConfig};
+use crate::config::{Table, Transport, TunnelConfig};
 use crate::dev::DevError;
 
 /// Randomness from the kernel (`getrandom(2)`).
@@ -191,6 +192,10 @@ pub struct Started {
     /// Peers whose endpoint is a host name, to look up again on reconnect.
     hostnames: Vec<(PublicKey, String)>,
     bridge: Option<CreatedBridge>,
+    /// Rules, DNS and the down hooks, taken back around the device's going.
+    applied: ops::Applied,
+    /// SaveConfig: the file to write the peers back to on down.
+    save_to: Option<std::path::PathBuf>,
 }
 
 fn bind_udp(port: u16) -> Result<UdpSocket, DevError> {
@@ -260,7 +265,7 @@ fn join_bridge(
 /// Sets a tunnel up: resolves its peers, binds its port, creates and
 /// configures its device. On failure nothing is left: the device is
 /// transient and goes with its descriptor, and a bridge created here is removed.
-pub fn start(config: &TunnelConfig, tun_path: &Path) -> Result<Started, DevError> {
+pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<Started, DevError> {
     let peers = peer_configs(config)?;
     if !crate::caps::has_net_admin() {
         return Err(DevError::Permission(crate::caps::net_admin_missing(
@@ -275,9 +280,21 @@ pub fn start(config: &TunnelConfig, tun_path: &Path) -> Result<Started, DevError
             config.file.display()
         )));
     }
+    // Rules a crashed earlier run of this name left behind go first.
+    let scope = crate::scope::Scope::current().map_err(DevError::Runtime)?;
+    let here = scope.dir(run_dir);
+    for d in [run_dir, here.as_path()] {
+        crate::uapi::ensure_private_dir(d).map_err(DevError::Invalid)?;
+    }
+    let record = here.join(format!("{name}.rules"));
+    for r in ops::clear_leftovers(&record) {
+        eprintln!("tapir: {name}: removed `{r}`, left by an earlier run that did not stop cleanly");
+    }
+    let mut applied = ops::Applied::new(name.as_str(), &config.ops, record);
+    ops::run_hooks("PreUp", &config.ops.pre_up, name.as_str())?;
     let mut rng = OsRandom::new()
         .map_err(|e| DevError::Runtime(format!("randomness from the kernel: {e}")))?;
-    let net = match config.transport {
+    let mut net = match config.transport {
         Transport::Udp => Net::Udp(bind_udp(config.listen_port.unwrap_or(0))?),
         Transport::Tcp => {
             let mut seed = [0u8; 8];
@@ -342,18 +359,41 @@ pub fn start(config: &TunnelConfig, tun_path: &Path) -> Result<Started, DevError
             .flat_map(|p| p.allowed_ips.iter().copied())
             .collect(),
     };
+    // Shortest prefixes last, as wg-quick: the default routes' rules go in
+    // once the more specific routes are there.
+    let mut routes = routes;
+    routes.sort_by_key(|n| std::cmp::Reverse(n.prefix_len()));
     for net in &routes {
-        if net.prefix_len() == 0 && config.routes.is_none() {
-            eprintln!(
-                "tapir: {name}: not routing {net} into the tunnel (a default route needs policy routing, which tapir does not set up yet)"
-            );
-            continue;
-        }
-        match nl.add_route(index, net.trunc(), None) {
+        let added = match config.ops.table {
+            Table::Off => continue,
+            Table::Id(t) => nl.add_route_in(index, net.trunc(), t),
+            Table::Auto if net.prefix_len() == 0 => {
+                applied.default_route(&mut nl, index, net.trunc(), config.ops.fwmark)?;
+                continue;
+            }
+            Table::Auto => nl.add_route(index, net.trunc(), None),
+        };
+        match added {
             Ok(()) => {}
             Err(e) if e.errno() == Some(17) => {} // EEXIST: covered by an address's prefix route
             Err(e) => return Err(e.into()),
         }
+    }
+    // The tunnel's own packets carry the mark: policy routing keeps them
+    // out of the tunnel (and a firewall can tell them apart).
+    if let Some(mark) = applied.mark().or(config.ops.fwmark) {
+        let marked = match &mut net {
+            Net::Udp(s) => socket2::SockRef::from(&*s).set_mark(mark),
+            Net::Tcp(t) => t.set_mark(mark),
+        };
+        marked.map_err(|e| {
+            DevError::Runtime(format!(
+                "{name}: marking the tunnel's socket {mark:#x}: {e}"
+            ))
+        })?;
+    }
+    if let Some(w) = applied.set_dns(&config.ops.dns) {
+        eprintln!("tapir: {name}: warning: {w}");
     }
     let port = match &net {
         Net::Udp(s) => s.local_addr().map(|a| a.port()).unwrap_or(0),
@@ -395,7 +435,10 @@ pub fn start(config: &TunnelConfig, tun_path: &Path) -> Result<Started, DevError
             None
         }
     };
+    ops::run_hooks("PostUp", &config.ops.post_up, name.as_str())?;
     Ok(Started {
+        applied,
+        save_to: config.ops.save_config.then(|| config.file.clone()),
         name: name.clone(),
         dev,
         mode: config.mode,
@@ -424,17 +467,26 @@ pub fn start(config: &TunnelConfig, tun_path: &Path) -> Result<Started, DevError
 pub fn run_all(
     configs: &[TunnelConfig],
     tun_path: &Path,
+    run_dir: &Path,
     shutdown: &AtomicBool,
 ) -> Result<(), DevError> {
     let mut started = Vec::new();
     for c in configs {
-        started.push(start(c, tun_path)?);
+        started.push(start(c, tun_path, run_dir)?);
     }
     // Set up: from here on the process parses what arrives from the network,
     // so it keeps CAP_NET_ADMIN alone (to take a bridge it made down again)
     // and can gain nothing back. Before the threads start: they inherit it.
     // TAPIR_KEEP_CAPS=1 keeps them all (for debugging).
-    if std::env::var_os("TAPIR_KEEP_CAPS").is_none() {
+    let root_at_down = configs.iter().find(|c| {
+        !c.ops.pre_down.is_empty() || !c.ops.post_down.is_empty() || !c.ops.dns.is_empty()
+    });
+    if let Some(c) = root_at_down {
+        eprintln!(
+            "tapir: {}: keeping root's capabilities: its PreDown/PostDown hooks or DNS run at down",
+            c.name
+        );
+    } else if std::env::var_os("TAPIR_KEEP_CAPS").is_none() {
         if let Err(e) = tapir_sys::caps::keep_only_net_admin(true) {
             eprintln!("tapir: warning: could not give up capabilities: {e}");
         }
@@ -1294,6 +1346,8 @@ impl Started {
             port,
             hostnames,
             bridge,
+            mut applied,
+            save_to,
         } = self;
         let tap = mode == Mode::Tap;
         let counters = Counters::default();
@@ -1361,10 +1415,21 @@ impl Started {
                 inbound_loop(&mut ib, Some(&mut ob), &shared, &mut out, &ctl, &stop)
             }
         };
+        if let Some(file) = &save_to {
+            match crate::saveconfig::save(file, &shared.tunnel()) {
+                Ok(()) => eprintln!(
+                    "tapir: {name}: SaveConfig: peers written to {}",
+                    file.display()
+                ),
+                Err(e) => eprintln!("tapir: {name}: SaveConfig: {e}"),
+            }
+        }
+        applied.before_down();
         eprintln!("tapir: {name}: down");
         drop(ib);
         drop(dev);
         drop(bridge);
+        applied.after_down();
         result
     }
 }

@@ -125,11 +125,16 @@ pub struct TcpTransport {
     next_rx: usize,
     /// accept() failed for want of descriptors: the listener rests until then.
     accept_paused_until: Option<Instant>,
+    /// The firewall mark on our connections (policy routing keeps them off the tunnel).
+    mark: Option<u32>,
 }
 
-fn nonblocking_connect(addr: SocketAddr) -> io::Result<TcpStream> {
+fn nonblocking_connect(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_only_v6(false)?;
+    if let Some(m) = mark {
+        socket.set_mark(m)?;
+    }
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
     match socket.connect(&SocketAddr::V6(to_v6(addr)).into()) {
@@ -141,6 +146,16 @@ fn nonblocking_connect(addr: SocketAddr) -> io::Result<TcpStream> {
 }
 
 impl TcpTransport {
+    /// Marks the connections made from now on, and those accepted (the
+    /// listener's mark is inherited), with firewall mark `mark`.
+    pub fn set_mark(&mut self, mark: u32) -> io::Result<()> {
+        if let Some(l) = &self.listener {
+            socket2::SockRef::from(l).set_mark(mark)?;
+        }
+        self.mark = Some(mark);
+        Ok(())
+    }
+
     /// A transport that listens on `[::]:port` when `listen` is given, and
     /// accepts messages of up to `max_message` bytes.
     pub fn new(listen: Option<u16>, max_message: usize, seed: u64) -> io::Result<Self> {
@@ -169,6 +184,7 @@ impl TcpTransport {
             connected: Vec::new(),
             next_rx: 0,
             accept_paused_until: None,
+            mark: None,
         })
     }
 
@@ -229,7 +245,7 @@ impl TcpTransport {
                 continue;
             }
             let addr = self.dials[i].addr;
-            match nonblocking_connect(addr) {
+            match nonblocking_connect(addr, self.mark) {
                 Ok(stream) => {
                     let id = self.insert(stream, addr, now, Some(i), true);
                     self.dials[i].conn = Some(id);

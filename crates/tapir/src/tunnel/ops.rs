@@ -1,0 +1,398 @@
+//! What wg-quick(8) does around a tunnel's device, on Linux:
+//!
+//! ```text
+//!   up:   PreUp ─▶ device, addresses ─▶ routes ─▶ DNS ─▶ PostUp
+//!         routes: Table = auto: allowed IPs into the main table, but a
+//!                 default route (0.0.0.0/0, ::/0) into a table T of its own:
+//!                   ip rule add not fwmark T table T
+//!                   ip rule add table main suppress_prefixlength 0
+//!                 and the tunnel's own packets carry mark T, so they still
+//!                 leave through the underlay; Table = N: every route in N;
+//!                 Table = off: no routes
+//!   down: PreDown ─▶ DNS taken back ─▶ device gone ─▶ rules taken back ─▶ PostDown
+//! ```
+//! The rules are written to a record (`NAME.rules` in the run directory)
+//! before they are added, so that after a crash the next start, `up` or
+//! `down` of that name takes them back. A failed start takes back what it
+//! did, without the down hooks (as wg-quick).
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use ipnet::IpNet;
+use tapir_sys::{Netlink, Rule};
+
+use crate::config::Ops;
+use crate::dev::DevError;
+
+/// The main routing table.
+const MAIN: u32 = 254;
+/// Where wg-quick starts looking for a free table.
+const FIRST_TABLE: u32 = 51820;
+
+/// Runs `cmds` through `/bin/sh -c`, `%i` replaced by `name`, in order;
+/// their output goes where ours goes (the tunnel's log). The first that
+/// fails stops the rest and is the error.
+pub fn run_hooks(stage: &str, cmds: &[String], name: &str) -> Result<(), DevError> {
+    for c in cmds {
+        let cmd = c.replace("%i", name);
+        eprintln!("tapir: {name}: {stage}: {cmd}");
+        let status = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&cmd)
+            .stdin(Stdio::null())
+            .status()
+            .map_err(|e| DevError::Runtime(format!("{stage}: /bin/sh: {e}")))?;
+        if !status.success() {
+            return Err(DevError::Invalid(format!(
+                "{stage} = {cmd}: {status}; fix the command or remove the line"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The record of rules, one per line: `4|6 TABLE FWMARK|- not|- SUPPRESS|-`.
+fn record_line(r: &Rule) -> String {
+    let opt = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
+    format!(
+        "{} {} {} {} {}\n",
+        if r.v6 { 6 } else { 4 },
+        r.table,
+        opt(r.fwmark),
+        if r.invert { "not" } else { "-" },
+        opt(r.suppress_prefixlength)
+    )
+}
+
+fn parse_record_line(line: &str) -> Option<Rule> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let [family, table, mark, invert, suppress] = f.as_slice() else {
+        return None;
+    };
+    let opt = |s: &str| (s != "-").then(|| s.parse().ok()).flatten();
+    Some(Rule {
+        v6: *family == "6",
+        priority: None,
+        table: table.parse().ok()?,
+        fwmark: opt(mark),
+        invert: *invert == "not",
+        suppress_prefixlength: opt(suppress),
+    })
+}
+
+/// Takes back the rules in the record at `path`, left by a tunnel that did
+/// not get to take them back itself; returns what it removed.
+pub fn clear_leftovers(path: &Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    if let Ok(mut nl) = Netlink::open() {
+        for r in text.lines().filter_map(parse_record_line) {
+            if nl.del_rule(&r).is_ok() {
+                removed.push(r.to_string());
+            }
+        }
+    }
+    let _ = std::fs::remove_file(path);
+    removed
+}
+
+/// What was done around one tunnel, taken back on down (or when dropped
+/// unfinished: a failed start).
+pub struct Applied {
+    name: String,
+    rules: Vec<Rule>,
+    record: PathBuf,
+    table: Option<u32>,
+    dns: bool,
+    pre_down: Vec<String>,
+    post_down: Vec<String>,
+    finished: bool,
+}
+
+impl Applied {
+    /// Nothing done yet for tunnel `name`; its rules are recorded at `record`.
+    pub fn new(name: &str, ops: &Ops, record: PathBuf) -> Self {
+        Self {
+            name: name.to_owned(),
+            rules: Vec::new(),
+            record,
+            table: None,
+            dns: false,
+            pre_down: ops.pre_down.clone(),
+            post_down: ops.post_down.clone(),
+            finished: false,
+        }
+    }
+
+    /// The mark the tunnel's own packets must carry: the table of its
+    /// default routes, if it has any.
+    pub fn mark(&self) -> Option<u32> {
+        self.table
+    }
+
+    fn add_rule(&mut self, nl: &mut Netlink, rule: Rule) -> Result<(), DevError> {
+        // Recorded first: a crash right after the kernel took it leaves a
+        // record of it, not a rule nobody knows about.
+        self.rules.push(rule);
+        let text: String = self.rules.iter().map(record_line).collect();
+        if let Err(e) = std::fs::write(&self.record, text) {
+            eprintln!(
+                "tapir: {}: warning: cannot record the routing rules in {} ({e}): after a crash, remove them by hand",
+                self.name,
+                self.record.display()
+            );
+        }
+        nl.add_rule(self.rules.last().expect("just pushed"))
+            .map_err(DevError::from)
+    }
+
+    /// A default route (`net` is `0.0.0.0/0` or `::/0`) into the tunnel,
+    /// as wg-quick does it: into table `fwmark` (or the first free table
+    /// from 51820), with the two rules that keep the tunnel's own packets
+    /// (marked) and the more specific routes of the main table out of it.
+    pub fn default_route(
+        &mut self,
+        nl: &mut Netlink,
+        index: u32,
+        net: IpNet,
+        fwmark: Option<u32>,
+    ) -> Result<(), DevError> {
+        let table = match self.table {
+            Some(t) => t,
+            None => {
+                let t = match fwmark {
+                    Some(m) => m,
+                    None => {
+                        let mut t = FIRST_TABLE;
+                        while nl.table_in_use(t)? {
+                            t += 1;
+                        }
+                        t
+                    }
+                };
+                self.table = Some(t);
+                t
+            }
+        };
+        let v6 = net.addr().is_ipv6();
+        if !self.rules.iter().any(|r| r.v6 == v6) {
+            self.add_rule(
+                nl,
+                Rule {
+                    v6,
+                    priority: None,
+                    table,
+                    fwmark: Some(table),
+                    invert: true,
+                    suppress_prefixlength: None,
+                },
+            )?;
+            self.add_rule(
+                nl,
+                Rule {
+                    v6,
+                    priority: None,
+                    table: MAIN,
+                    fwmark: None,
+                    invert: false,
+                    suppress_prefixlength: Some(0),
+                },
+            )?;
+            if !v6 {
+                valid_mark()
+            }
+        }
+        nl.add_route_in(index, net, table)?;
+        eprintln!(
+            "tapir: {}: {net} through the tunnel: routing table {table}, the tunnel's own packets marked {table:#x}",
+            self.name
+        );
+        Ok(())
+    }
+
+    /// Name servers and search domains through resolvconf, as wg-quick
+    /// does (interface `tun.NAME`). Without resolvconf: a warning saying
+    /// what to install, and nothing changed.
+    pub fn set_dns(&mut self, dns: &[String]) -> Option<String> {
+        if dns.is_empty() {
+            return None;
+        }
+        if which("resolvconf").is_none() {
+            return Some(format!(
+                "DNS = {} not applied: resolvconf is not installed (apt install openresolv, or resolvconf; with systemd-resolved, its resolvconf link)",
+                dns.join(", ")
+            ));
+        }
+        let (servers, search): (Vec<&String>, Vec<&String>) =
+            dns.iter().partition(|d| d.parse::<IpAddr>().is_ok());
+        let mut text: String = servers
+            .iter()
+            .map(|s| format!("nameserver {s}\n"))
+            .collect();
+        if !search.is_empty() {
+            text += &format!(
+                "search {}\n",
+                search
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+        let child = Command::new("resolvconf")
+            .args(["-a", &format!("tun.{}", self.name), "-m", "0", "-x"])
+            .stdin(Stdio::piped())
+            .spawn();
+        let ok = child.and_then(|mut c| {
+            if let Some(mut i) = c.stdin.take() {
+                i.write_all(text.as_bytes())?;
+            }
+            c.wait()
+        });
+        match ok {
+            Ok(s) if s.success() => {
+                self.dns = true;
+                None
+            }
+            Ok(s) => Some(format!("DNS: resolvconf -a tun.{}: {s}", self.name)),
+            Err(e) => Some(format!("DNS: resolvconf: {e}")),
+        }
+    }
+
+    fn unset_dns(&mut self) {
+        if std::mem::take(&mut self.dns) {
+            let _ = Command::new("resolvconf")
+                .args(["-d", &format!("tun.{}", self.name), "-f"])
+                .stdin(Stdio::null())
+                .status();
+        }
+    }
+
+    fn take_back_rules(&mut self) {
+        if self.rules.is_empty() {
+            return;
+        }
+        if let Ok(mut nl) = Netlink::open() {
+            for r in self.rules.iter().rev() {
+                if let Err(e) = nl.del_rule(r) {
+                    eprintln!("tapir: {}: cannot remove `{r}`: {e}", self.name);
+                }
+            }
+        }
+        self.rules.clear();
+        let _ = std::fs::remove_file(&self.record);
+    }
+
+    /// The record's directory, if it is a namespace's own and now empty.
+    fn tidy(&self) {
+        if let Some(dir) = self.record.parent() {
+            if dir
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("netns-"))
+            {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+
+    /// Before the device goes: PreDown, then DNS taken back.
+    pub fn before_down(&mut self) {
+        if let Err(e) = run_hooks("PreDown", &self.pre_down, &self.name) {
+            eprintln!("tapir: {}: {e}", self.name);
+        }
+        self.unset_dns();
+    }
+
+    /// After the device went: the rules taken back, then PostDown.
+    pub fn after_down(&mut self) {
+        self.take_back_rules();
+        if let Err(e) = run_hooks("PostDown", &self.post_down, &self.name) {
+            eprintln!("tapir: {}: {e}", self.name);
+        }
+        self.tidy();
+        self.finished = true;
+    }
+}
+
+impl Drop for Applied {
+    fn drop(&mut self) {
+        if !self.finished {
+            // A start that failed: what it did is taken back, without the
+            // down hooks (it never came up).
+            self.unset_dns();
+            self.take_back_rules();
+            self.tidy();
+        }
+    }
+}
+
+/// As wg-quick: `net.ipv4.conf.all.src_valid_mark = 1`, so that the
+/// reverse-path filter sees the mark of the tunnel's own packets.
+fn valid_mark() {
+    let path = "/proc/sys/net/ipv4/conf/all/src_valid_mark";
+    if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "0") {
+        let _ = std::fs::write(path, "1");
+    }
+}
+
+/// The program `name` on PATH.
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|f| f.is_file())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_reads_back_what_it_wrote() {
+        let rules = [
+            Rule {
+                v6: false,
+                priority: None,
+                table: 51820,
+                fwmark: Some(51820),
+                invert: true,
+                suppress_prefixlength: None,
+            },
+            Rule {
+                v6: true,
+                priority: None,
+                table: MAIN,
+                fwmark: None,
+                invert: false,
+                suppress_prefixlength: Some(0),
+            },
+        ];
+        for r in rules {
+            assert_eq!(parse_record_line(&record_line(&r)), Some(r));
+        }
+        assert_eq!(parse_record_line("garbage"), None);
+    }
+
+    #[test]
+    fn hooks_run_in_order_with_the_name_and_stop_at_the_first_failure() {
+        let dir = std::env::temp_dir().join(format!("tapir-hooks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("log");
+        let cmds = [
+            format!("echo one %i >> {}", log.display()),
+            format!("echo two %i >> {}", log.display()),
+            "exit 3".to_string(),
+            format!("echo never >> {}", log.display()),
+        ];
+        let e = run_hooks("PostUp", &cmds, "tq9").unwrap_err().to_string();
+        assert!(e.contains("PostUp = exit 3") && e.contains("3"), "{e}");
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "one tq9\ntwo tq9\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

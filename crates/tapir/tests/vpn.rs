@@ -1,0 +1,319 @@
+//! A VPN client as wg-quick users expect it: every route through the
+//! tunnel by policy routing, hooks, DNS through resolvconf, SaveConfig;
+//! and after down (or a crash and down) the routing exactly as before.
+//!
+//! ```text
+//!   a (client) 10.200.0.1 ── underlay ── 10.200.0.2 b (server) 10.212.0.1 ── 10.212.0.2 i ("internet")
+//!   10.79.0.2  ═══════════ tapir, AllowedIPs = 0.0.0.0/0, ::/0 ═══ 10.79.0.1   forwards, masquerades
+//! ```
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use netlab::{Netns, require_root};
+use support::*;
+
+fn tapir_in(ns: &Netns, dir: &Path, args: &[&str]) -> Output {
+    ns.cmd(env!("CARGO_BIN_EXE_tapir"))
+        .args(args)
+        .env("TAPIR_RUN_DIR", dir.join("run"))
+        .env("TAPIR_LOG_DIR", dir.join("log"))
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every rule and every route of every table, both families.
+fn routing(ns: &Netns) -> String {
+    [
+        &["-4", "rule"][..],
+        &["-6", "rule"],
+        &["-4", "route", "show", "table", "all"],
+        &["-6", "route", "show", "table", "all"],
+    ]
+    .iter()
+    .map(|args| {
+        let mut a = vec!["-j"];
+        a.extend_from_slice(args);
+        ns.ip(&a)
+    })
+    .collect::<Vec<_>>()
+    .join("\n")
+}
+
+/// ICMP packets seen arriving on `dev` in `ns` (an nftables counter).
+fn icmp_counter(ns: &Netns, dev: &str) -> u64 {
+    let out = ns
+        .cmd("nft")
+        .args(["list", "chain", "inet", "watch", "in"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let _ = dev;
+    text.split("packets ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .expect("the nftables counter")
+}
+
+struct Vpn {
+    bed: Bed,
+    i: Netns,
+    client: PathBuf,
+    server_proc: Proc,
+    name: String,
+}
+
+/// The three namespaces, the server running, the client's file written
+/// with `extra` in its [Interface].
+fn vpn(tag: &str, extra: &str) -> Vpn {
+    let bed = bed(tag);
+    let i = bed.lab.netns("i");
+    bed.lab.veth(&bed.b, "vbi", &i, "vi");
+    bed.b.ip(&["addr", "add", "10.212.0.1/24", "dev", "vbi"]);
+    i.ip(&["addr", "add", "10.212.0.2/24", "dev", "vi"]);
+    // The client reaches the server over the underlay by its default route,
+    // as a laptop does; the "internet" has no way back to the underlay.
+    bed.a.ip(&["route", "add", "default", "via", "10.200.0.2"]);
+    bed.b
+        .cmd("sysctl")
+        .args(["-qw", "net.ipv4.ip_forward=1"])
+        .status()
+        .unwrap();
+    nft(
+        &bed.b,
+        "table ip nat {\n chain post {\n  type nat hook postrouting priority 100; ip saddr 10.79.0.0/24 oifname \"vbi\" masquerade\n }\n}\n\
+         table inet watch {\n chain in {\n  type filter hook prerouting priority 0; iifname \"vb\" meta l4proto { icmp, ipv6-icmp } counter\n }\n}\n",
+    );
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let name = ifname(&format!("v{tag}"));
+    let server = write_private(
+        &bed.dir,
+        "server/srv0.conf",
+        &format!(
+            "[Interface]\nPrivateKey = {kb}\nListenPort = 51890\nAddress = 10.79.0.1/24\n\n\
+             [Peer]\nPublicKey = {pa}\nAllowedIPs = 10.79.0.2/32\n"
+        ),
+    );
+    let server_proc = run_tapir(&bed.b, &server, "srv0");
+    let client = write_private(
+        &bed.dir,
+        &format!("{name}.conf"),
+        &format!(
+            "[Interface]\nPrivateKey = {ka}\nAddress = 10.79.0.2/24, fd79::2/64\n{extra}\n\n\
+             [Peer]\nPublicKey = {pb}\nEndpoint = 10.200.0.2:51890\nAllowedIPs = 0.0.0.0/0, ::/0\n"
+        ),
+    );
+    Vpn {
+        bed,
+        i,
+        client,
+        server_proc,
+        name,
+    }
+}
+
+#[test]
+fn everything_through_the_tunnel_and_the_routing_exactly_as_before_after_down_or_a_crash() {
+    require_root!();
+    let v = vpn("dr", "");
+    let (a, dir) = (&v.bed.a, &v.bed.dir);
+    let before = routing(a);
+    // Without the tunnel the "internet" does not answer (no way back).
+    let out = a
+        .cmd("ping")
+        .args(["-c", "1", "-W", "1", "10.212.0.2"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "the underlay alone reaches 10.212.0.2"
+    );
+    for crash in [false, true] {
+        ok(&tapir_in(a, dir, &["up", v.client.to_str().unwrap()]));
+        let rules = a.ip(&["rule"]) + &a.ip(&["-6", "rule"]);
+        assert!(
+            rules.contains("not from all fwmark 0xca6c lookup 51820")
+                && rules.contains("from all lookup main suppress_prefixlength 0"),
+            "{rules}"
+        );
+        let icmp_before = icmp_counter(&v.bed.b, "vb");
+        ping(a, "10.212.0.2");
+        assert_eq!(
+            icmp_counter(&v.bed.b, "vb"),
+            icmp_before,
+            "ICMP crossed the underlay outside the tunnel"
+        );
+        // The counter counts: the server's underlay address is more
+        // specific than the default route, so it stays on the underlay.
+        ping(a, "10.200.0.2");
+        assert!(
+            icmp_counter(&v.bed.b, "vb") > icmp_before,
+            "the underlay's own traffic is seen"
+        );
+        // The tunnel's own packets still leave through the underlay: the
+        // handshake happened, and goes on happening.
+        let st = ok(&tapir_in(a, dir, &["status", &v.name]));
+        assert!(
+            st.contains("latest handshake") && !st.contains("latest handshake: never"),
+            "{st}"
+        );
+        if crash {
+            let json: serde_json::Value =
+                serde_json::from_str(&ok(&tapir_in(a, dir, &["status", &v.name, "--json"])))
+                    .unwrap();
+            let pid = json[0]["pid"].as_i64().unwrap() as i32;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while a.has_link(&v.name) {
+                assert!(Instant::now() < deadline, "the device outlived its process");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert_ne!(
+                routing(a),
+                before,
+                "a killed tunnel cannot take its rules back"
+            );
+        }
+        let out = ok(&tapir_in(a, dir, &["down", &v.name]));
+        assert!(out.contains("is down"), "{out}");
+        assert_eq!(
+            routing(a),
+            before,
+            "rules and routes after down{}",
+            if crash { " (after a crash)" } else { "" }
+        );
+    }
+    drop(v.server_proc);
+    let _ = &v.i;
+}
+
+#[test]
+fn hooks_run_in_order_and_a_failing_post_up_takes_everything_back() {
+    require_root!();
+    let log = std::env::temp_dir().join(format!("tapir-vpn-hooks-{}", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let l = log.display();
+    let hooks = format!(
+        "PreUp = echo preup %i >> {l}\nPostUp = echo postup %i >> {l}\nPostUp = ip -o link show %i >/dev/null && echo device-there >> {l}\n\
+         PreDown = echo predown %i >> {l}\nPostDown = echo postdown %i >> {l}"
+    );
+    let v = vpn("hk", &hooks);
+    let (a, dir) = (&v.bed.a, &v.bed.dir);
+    let before = routing(a);
+    ok(&tapir_in(a, dir, &["up", v.client.to_str().unwrap()]));
+    ok(&tapir_in(a, dir, &["down", &v.name]));
+    let n = &v.name;
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        format!("preup {n}\npostup {n}\ndevice-there\npredown {n}\npostdown {n}\n")
+    );
+    // A PostUp that fails: up fails with it, and nothing is left.
+    std::fs::remove_file(&log).unwrap();
+    let text = std::fs::read_to_string(&v.client).unwrap().replace(
+        "PostUp = echo postup",
+        "PostUp = false\nPostUp = echo postup",
+    );
+    std::fs::write(&v.client, text).unwrap();
+    let out = tapir_in(a, dir, &["up", v.client.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("PostUp = false"), "{err}");
+    assert!(!a.has_link(n), "the device went with the failed up");
+    assert_eq!(routing(a), before, "the rules went with the failed up");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        format!("preup {n}\n"),
+        "no later hook, and no down hooks for a tunnel that never came up"
+    );
+    std::fs::remove_file(&log).unwrap();
+}
+
+#[test]
+fn dns_goes_through_resolvconf_and_saveconfig_keeps_peers_added_with_wg_set() {
+    require_root!();
+    let v = vpn("dn", "DNS = 10.79.0.1, corp.example\nSaveConfig = true");
+    let (a, dir) = (&v.bed.a, &v.bed.dir);
+    // A resolvconf that writes down how it was called.
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = dir.join("resolvconf.calls");
+    std::fs::write(
+        bin.join("resolvconf"),
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {0}\nif [ \"$1\" = -a ]; then cat >> {0}; fi\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .args(["755", bin.join("resolvconf").to_str().unwrap()])
+        .status()
+        .unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let run = |args: &[&str]| {
+        a.cmd(env!("CARGO_BIN_EXE_tapir"))
+            .args(args)
+            .env("TAPIR_RUN_DIR", dir.join("run"))
+            .env("TAPIR_LOG_DIR", dir.join("log"))
+            .env("PATH", &path)
+            .output()
+            .unwrap()
+    };
+    ok(&run(&["up", v.client.to_str().unwrap()]));
+    let n = &v.name;
+    assert_eq!(
+        std::fs::read_to_string(&calls).unwrap(),
+        format!("-a tun.{n} -m 0 -x\nnameserver 10.79.0.1\nsearch corp.example\n")
+    );
+    // A peer added at run time, as wg-quick users do, kept by SaveConfig.
+    let (_, added) = genkey();
+    let out = a
+        .cmd("wg")
+        .args(["set", n, "peer", &added, "allowed-ips", "10.79.0.9/32"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ok(&run(&["down", n]));
+    assert!(
+        std::fs::read_to_string(&calls)
+            .unwrap()
+            .ends_with(&format!("-d tun.{n} -f\n")),
+        "DNS taken back on down"
+    );
+    let saved = std::fs::read_to_string(&v.client).unwrap();
+    assert!(
+        saved.contains("DNS = 10.79.0.1, corp.example\nSaveConfig = true")
+            && saved.contains(&format!("PublicKey = {added}\nAllowedIPs = 10.79.0.9/32"))
+            && saved.contains("Endpoint = 10.200.0.2:51890"),
+        "{saved}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&v.client).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The saved file comes up again.
+    ok(&run(&["up", v.client.to_str().unwrap()]));
+    ok(&run(&["down", n]));
+}
