@@ -40,6 +40,7 @@ pub mod mmsg;
 pub mod netlink;
 pub mod netns;
 pub mod poll;
+pub mod process;
 pub mod random;
 pub mod tun;
 

@@ -37,7 +37,7 @@ use crate::tun::Mode;
 #[derive(Debug, thiserror::Error)]
 #[error("{op} {target}: {source}{kernel}{hint}",
     kernel = kernel_msg.as_ref().map(|m| format!(" ({m})")).unwrap_or_default(),
-    hint = netlink_hint(source))]
+    hint = netlink_hint(source, kernel_msg.as_deref()))]
 pub struct NetlinkError {
     /// The request, e.g. `RTM_NEWADDR`.
     pub op: &'static str,
@@ -57,7 +57,11 @@ impl NetlinkError {
             .as_ref()
             .map(|m| format!(" ({m})"))
             .unwrap_or_default();
-        format!("{}{kernel}{}", self.source, netlink_hint(&self.source))
+        format!(
+            "{}{kernel}{}",
+            self.source,
+            netlink_hint(&self.source, self.kernel_msg.as_deref())
+        )
     }
 
     /// The errno, if the failure came from the kernel.
@@ -66,11 +70,16 @@ impl NetlinkError {
     }
 }
 
-fn netlink_hint(e: &io::Error) -> &'static str {
+fn netlink_hint(e: &io::Error, kernel: Option<&str>) -> &'static str {
+    let kernel = kernel.unwrap_or("").to_ascii_lowercase();
     match e.raw_os_error() {
         Some(libc::EPERM) => {
             ": changing links, addresses and routes needs CAP_NET_ADMIN; run with sudo"
         }
+        _ if kernel.contains("invalid gateway") || kernel.contains("gateway is not") => {
+            ": the gateway is not on any subnet of the device; give the device an address in the gateway's subnet first (--addr), or route via an address that is on one"
+        }
+        _ if kernel.contains("device is not up") => ": bring the device up first (--up)",
         _ => "",
     }
 }

@@ -203,7 +203,7 @@ pub struct PeerEntry {
 
 /// A configuration error: file, line, key, and what to do.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{}:{line}: {}{msg}", file.display(), key.as_ref().map(|k| format!("{k}: ")).unwrap_or_default())]
+#[error("{}{}: {}{msg}", file.display(), if *line > 0 { format!(":{line}") } else { String::new() }, key.as_ref().map(|k| format!("{k}: ")).unwrap_or_default())]
 pub struct ConfigError {
     /// The file.
     pub file: PathBuf,

@@ -292,10 +292,18 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, shutdown: &AtomicBool) -> Res
             "-t",
             &seconds.to_string(),
         ]))?;
-        for line in out
+        // iperf3's summary: its column header, then the sender's and the
+        // receiver's lines.
+        let summary: Vec<&str> = out
             .lines()
             .filter(|l| l.contains("receiver") || l.contains("sender"))
-        {
+            .collect();
+        if let Some(header) = out.lines().filter(|l| l.contains("[ ID]")).last() {
+            if !summary.is_empty() {
+                println!("   {}", header.trim());
+            }
+        }
+        for line in summary {
             println!("   {}", line.trim());
         }
     } else {

@@ -680,6 +680,17 @@ pub fn parse_addr(s: &str) -> Result<IpNet, String> {
     if let Ok(net) = s.parse::<IpNet>() {
         return Ok(net);
     }
+    if let Some((addr, prefix)) = s.split_once('/') {
+        if let (Ok(a), Ok(p)) = (addr.parse::<IpAddr>(), prefix.parse::<u32>()) {
+            let max = if a.is_ipv4() { 32 } else { 128 };
+            if p > max {
+                return Err(format!(
+                    "{s:?}: the prefix /{p} is too long for an {} address (at most /{max})",
+                    if a.is_ipv4() { "IPv4" } else { "IPv6" }
+                ));
+            }
+        }
+    }
     s.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
         format!(
             "{s:?} is not an address: write it as ADDRESS/PREFIX, e.g. 10.0.0.1/24 or fd00::1/64"
@@ -844,9 +855,13 @@ pub fn plan(
                 ));
             }
         }
-        let exists = addrs
-            .iter()
-            .any(|a| a.index == link.index && a.local.addr() == net.addr());
+        // One that this request deletes first does not count: deleting and
+        // adding it again (another prefix) is one all-or-nothing step.
+        let exists = addrs.iter().any(|a| {
+            a.index == link.index
+                && a.local.addr() == net.addr()
+                && !req.del_addrs.contains(&a.local)
+        });
         if exists || seen.contains(&net.addr()) {
             return invalid(format!("already has address {}", net.addr()));
         }
@@ -1004,11 +1019,7 @@ mod tests {
         );
         assert_eq!(parse_addr("10.0.0.1").unwrap().to_string(), "10.0.0.1/32");
         assert_eq!(parse_addr("fd00::1").unwrap().to_string(), "fd00::1/128");
-        assert!(
-            parse_addr("10.0.0.1/33")
-                .unwrap_err()
-                .contains("not an address")
-        );
+        assert!(parse_addr("10.0.0.1/33").unwrap_err().contains("too long"));
         assert!(parse_addr("tun0").is_err());
         assert_eq!(
             parse_route("default", false).unwrap().to_string(),
@@ -1142,6 +1153,24 @@ mod tests {
                 "already has address 10.0.0.5",
             ),
         ];
+        // Deleted and added again with another prefix, in one request.
+        let again = SetRequest {
+            del_addrs: vec![parse_addr("10.0.0.1/24").unwrap()],
+            add_addrs: vec![(parse_addr("10.0.0.1/16").unwrap(), None)],
+            ..Default::default()
+        };
+        let steps = plan(&again, &link, std::slice::from_ref(&existing), &[]).unwrap();
+        assert_eq!(steps.len(), 2, "delete, then add");
+        assert!(
+            parse_addr("10.0.0.1/33")
+                .unwrap_err()
+                .contains("the prefix /33 is too long for an IPv4 address (at most /32)")
+        );
+        assert!(
+            parse_addr("fd00::1/129")
+                .unwrap_err()
+                .contains("at most /128")
+        );
         for (req, want) in cases {
             let err = plan(&req, &link, std::slice::from_ref(&existing), &[]).unwrap_err();
             let text = err.to_string();

@@ -293,8 +293,9 @@ fn netlink() -> Check {
             "netlink",
             Status::Ok,
             format!(
-                "rtnetlink answers ({} links in this namespace)",
-                links.len()
+                "rtnetlink answers ({} link{} in this namespace)",
+                links.len(),
+                if links.len() == 1 { "" } else { "s" }
             ),
             None,
         ),

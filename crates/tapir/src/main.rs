@@ -18,11 +18,16 @@ use tapir_sys::Mode;
 #[derive(Parser, Debug)]
 #[command(name = "tapir", version, about, propagate_version = true)]
 struct Cli {
-    /// The tun clone device.
-    #[arg(long, global = true, env = "TAPIR_TUN_PATH", default_value = tapir_sys::DEFAULT_TUN_PATH)]
-    tun_path: PathBuf,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where the tun clone device is (for the commands that open it).
+#[derive(clap::Args, Debug)]
+struct TunArgs {
+    /// The tun clone device.
+    #[arg(long, env = "TAPIR_TUN_PATH", default_value = tapir_sys::DEFAULT_TUN_PATH)]
+    tun_path: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -33,6 +38,8 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        tun: TunArgs,
     },
     /// Create, delete, list, show and configure tun/tap devices.
     #[command(subcommand)]
@@ -56,6 +63,8 @@ enum Command {
         /// Our MAC address in tap mode (default: a random locally administered one).
         #[arg(long)]
         mac: Option<String>,
+        #[command(flatten)]
+        tun: TunArgs,
     },
     /// Run tunnels in the foreground: a wg-quick file (NAME.conf gives interface NAME) or a tapir TOML file (*.toml).
     Run {
@@ -63,6 +72,8 @@ enum Command {
         file: PathBuf,
         #[command(flatten)]
         dirs: DirArgs,
+        #[command(flatten)]
+        tun: TunArgs,
     },
     /// Start the tunnels of a config file in the background; returns once they answer.
     Up {
@@ -70,6 +81,8 @@ enum Command {
         file: PathBuf,
         #[command(flatten)]
         dirs: DirArgs,
+        #[command(flatten)]
+        tun: TunArgs,
     },
     /// Stop a tunnel started with up (and every tunnel of its file), taking back everything.
     Down {
@@ -100,6 +113,13 @@ enum Command {
         #[arg(long)]
         tap: bool,
     },
+    /// Print shell completions (source them, or save them where your shell looks).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): tapir man > /usr/local/share/man/man1/tapir.1
+    Man,
     /// Print a new private key (base64, as wg genkey).
     Genkey,
     /// Read a private key on stdin, print its public key (as wg pubkey).
@@ -122,6 +142,8 @@ enum Command {
         /// Bytes of each packet to keep in the pcap file (default: all).
         #[arg(long, short = 's', default_value_t = 0)]
         snaplen: u32,
+        #[command(flatten)]
+        tun: TunArgs,
     },
 }
 
@@ -152,6 +174,8 @@ enum DevCommand {
         /// Succeed if the device already exists with these settings.
         #[arg(long)]
         exist_ok: bool,
+        #[command(flatten)]
+        tun: TunArgs,
     },
     /// Delete a tun/tap device (refuses any other kind of device).
     #[command(alias = "delete")]
@@ -340,8 +364,8 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
 
 fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
     match cli.command {
-        Command::Doctor { json } => {
-            let report = doctor::run(&cli.tun_path);
+        Command::Doctor { json, tun } => {
+            let report = doctor::run(&tun.tun_path);
             if json {
                 print_json(&report)?;
             } else {
@@ -360,6 +384,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             only,
             pcap,
             mac,
+            tun,
         } => {
             let bad = |e: String| anyhow::anyhow!("{e}; nothing was changed");
             let req = tapir::echo::EchoRequest {
@@ -380,27 +405,30 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                     Some(m) => parse_mac(&m)?,
                     None => random_mac()?,
                 },
-                tun_path: cli.tun_path,
+                tun_path: tun.tun_path,
             };
             let shutdown = shutdown_flag()?;
             let report = tapir::echo::run(&req, &shutdown)?;
             print!("{}", tapir::echo::format_stats(&name, &report));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { file, dirs } => {
+        Command::Run { file, dirs, tun } => {
             let configs = tapir::config::load_any(&file)?;
             for w in configs.iter().flat_map(|c| &c.warnings) {
                 eprintln!("tapir: warning: {w}");
             }
             let shutdown = shutdown_flag()?;
-            tapir::tunnel::run_all(&configs, &cli.tun_path, &dirs.dirs().run, &shutdown)?;
+            tapir::tunnel::run_all(&configs, &tun.tun_path, &dirs.dirs().run, &shutdown)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Up { file, dirs } => {
+        Command::Up { file, dirs, tun } => {
             let me = std::env::current_exe().context("finding the tapir binary")?;
-            let names = tapir::service::up(&me, &file, &cli.tun_path, &dirs.dirs())
+            let up = tapir::service::up(&me, &file, &tun.tun_path, &dirs.dirs())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            for n in names {
+            for w in &up.warnings {
+                eprintln!("{w}");
+            }
+            for n in up.names {
                 println!("{n} is up");
             }
             Ok(ExitCode::SUCCESS)
@@ -458,12 +486,25 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                 )),
             }
         }
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "tapir", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .context("writing the manual page")?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Genkey => {
+            warn_if_world_readable_stdout();
             let key = tapir_proto::wg::keys::PrivateKey::from_random(tapir::tunnel::random32()?);
             println!("{}", key.to_base64());
             Ok(ExitCode::SUCCESS)
         }
         Command::Genpsk => {
+            warn_if_world_readable_stdout();
             let key = tapir_proto::wg::keys::PresharedKey::from_random(tapir::tunnel::random32()?);
             println!("{}", key.to_base64());
             Ok(ExitCode::SUCCESS)
@@ -486,6 +527,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             count,
             write,
             snaplen,
+            tun,
         } => {
             let req = tapir::dump::DumpRequest {
                 name: tapir_sys::IfName::new(&name)?,
@@ -493,7 +535,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                 count,
                 write,
                 snaplen,
-                tun_path: cli.tun_path,
+                tun_path: tun.tun_path,
             };
             let shutdown = shutdown_flag()?;
             let seen = tapir::dump::run(&req, &mut std::io::stdout().lock(), &shutdown)?;
@@ -509,6 +551,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             vnet_hdr,
             pi,
             exist_ok,
+            tun,
         }) => {
             let req = AddRequest::new(
                 name.as_deref(),
@@ -517,7 +560,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                 group.as_deref(),
                 (pi, vnet_hdr, multi_queue),
                 exist_ok,
-                cli.tun_path,
+                tun.tun_path,
             )?;
             match dev::add(&req)? {
                 Added::Created(name) => println!("{name}"),
@@ -587,6 +630,20 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                 eprintln!("{name}: {s}");
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// As `wg genkey`: a key written into a file others can read is said so.
+fn warn_if_world_readable_stdout() {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata("/proc/self/fd/1");
+    if let Ok(m) = meta {
+        if m.file_type().is_file() && m.mode() & 0o077 != 0 {
+            eprintln!(
+                "tapir: warning: writing a secret key to a file that group or others can read (mode {:o}): set umask 077 first, or chmod 600 the file",
+                m.mode() & 0o777
+            );
         }
     }
 }

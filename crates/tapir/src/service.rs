@@ -120,10 +120,21 @@ fn query_from(
     Ok(out)
 }
 
+/// What `up` started.
+#[derive(Debug)]
+pub struct Up {
+    /// The tunnels, up and answering.
+    pub names: Vec<String>,
+    /// The warnings they logged while starting, to show at the terminal.
+    pub warnings: Vec<String>,
+}
+
 /// Starts the tunnels of `file` in the background; returns their names once
 /// they answer, or the reason they did not (with nothing left behind).
-pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Vec<String>, String> {
+pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up, String> {
     let configs = config::load_any(file).map_err(|e| e.to_string())?;
+    // The daemon works from /, so it gets the file by its full path.
+    let file = &std::fs::canonicalize(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let scope = Scope::current()?;
     let names: Vec<String> = configs.iter().map(|c| c.name.to_string()).collect();
     for name in &names {
@@ -150,10 +161,16 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Vec
         .open(&log_path)
         .map_err(|e| format!("{}: {e}", log_path.display()))?;
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    // The daemon gets its stdio and nothing else the caller had open, and
+    // does not hold the caller's working directory.
+    if let Err(e) = tapir_sys::process::cloexec_beyond_stdio() {
+        eprintln!("tapir: warning: extra descriptors may reach the tunnel process: {e}");
+    }
     let mut child = Command::new(tapir)
+        .current_dir("/")
+        .arg("run")
         .arg("--tun-path")
         .arg(tun_path)
-        .arg("run")
         .arg("--run-dir")
         .arg(&dirs.run)
         .arg("--log-dir")
@@ -215,7 +232,15 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Vec
             .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{pid}\n").as_bytes()))
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    Ok(names)
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let warnings = text
+        .get(log_start as usize..)
+        .unwrap_or("")
+        .lines()
+        .filter(|l| l.contains("warning:"))
+        .map(str::to_owned)
+        .collect();
+    Ok(Up { names, warnings })
 }
 
 /// The `tapir run` answering on the control socket of tunnel `name` in

@@ -463,3 +463,57 @@ fn support_pipe(program: &str, args: &[&str], input: &str) -> String {
         .unwrap();
     String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned()
 }
+
+#[test]
+fn up_tells_its_warnings_and_the_daemon_keeps_nothing_of_the_caller() {
+    require_root!();
+    let e = env("hand");
+    let n = name("tsh");
+    e.file(
+        &format!("{n}.conf"),
+        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51844\nAddress = 10.88.5.1/24\nDNS = 10.88.5.53\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.5.2/32\n", key()),
+        "600",
+    );
+    // A relative file name, from the caller's directory, with a descriptor
+    // the caller left open (7) and a PATH without resolvconf.
+    let out =
+        e.ns.cmd("sh")
+            .args([
+                "-c",
+                &format!("exec 7</etc/hostname; exec {TAPIR} up {n}.conf"),
+            ])
+            .current_dir(&e.dir)
+            .env("TAPIR_RUN_DIR", e.dir.join("run"))
+            .env("TAPIR_LOG_DIR", e.dir.join("log"))
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    if !Path::new("/usr/bin/resolvconf").exists() && !Path::new("/bin/resolvconf").exists() {
+        assert!(
+            err.contains("warning") && err.contains("DNS = 10.88.5.53 not applied"),
+            "the warning reaches the terminal: {err}"
+        );
+    }
+    let st: Value = serde_json::from_slice(&e.tapir(&["status", "--json"]).stdout).unwrap();
+    let pid = st[0]["pid"].as_i64().unwrap();
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+        Path::new("/"),
+        "the daemon holds the caller's directory"
+    );
+    let leaked = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|f| std::fs::read_link(f.path()).ok())
+        .any(|t| t == Path::new("/etc/hostname"));
+    assert!(!leaked, "the daemon inherited the caller's descriptor 7");
+    let out = e.tapir(&["down", &n]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    e.assert_clean(&n);
+}

@@ -1,0 +1,70 @@
+//! The conventions of a command-line tool: version, completions, manual
+//! page, and no option offered where it means nothing.
+
+use std::process::Command;
+
+const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
+
+fn out(args: &[&str]) -> String {
+    let o = Command::new(TAPIR).args(args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn version_completions_and_manual() {
+    assert_eq!(
+        out(&["--version"]).trim(),
+        format!("tapir {}", env!("CARGO_PKG_VERSION"))
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let text = out(&["completions", shell]);
+        assert!(
+            text.contains("genkey") && text.contains("status"),
+            "{shell}: {text}"
+        );
+    }
+    let man = out(&["man"]);
+    assert!(
+        man.contains(".TH tapir 1") && man.contains("genkey"),
+        "{man}"
+    );
+    // --tun-path belongs to the commands that open the tun device.
+    assert!(!out(&["genkey", "--help"]).contains("--tun-path"));
+    assert!(!out(&["pubkey", "--help"]).contains("--tun-path"));
+    assert!(out(&["run", "--help"]).contains("--tun-path"));
+    assert!(out(&["dev", "add", "--help"]).contains("--tun-path"));
+}
+
+#[test]
+fn genkey_warns_about_a_file_others_can_read() {
+    let dir = std::env::temp_dir().join(format!("tapir-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("k");
+    let o = Command::new("sh")
+        .args([
+            "-c",
+            &format!("umask 022; {TAPIR} genkey > {}", key.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning") && err.contains("umask 077"),
+        "{err}"
+    );
+    let o = Command::new("sh")
+        .args([
+            "-c",
+            &format!("umask 077; {TAPIR} genkey > {}.2", key.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
