@@ -298,7 +298,7 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, shutdown: &AtomicBool) -> Res
             .lines()
             .filter(|l| l.contains("receiver") || l.contains("sender"))
             .collect();
-        if let Some(header) = out.lines().filter(|l| l.contains("[ ID]")).last() {
+        if let Some(header) = out.lines().rfind(|l| l.contains("[ ID]")) {
             if !summary.is_empty() {
                 println!("   {}", header.trim());
             }
