@@ -28,6 +28,7 @@ pub mod dev;
 pub mod doctor;
 pub mod dump;
 pub mod echo;
+pub mod notify;
 pub mod saveconfig;
 pub mod scope;
 pub mod service;

@@ -91,6 +91,11 @@ enum Command {
         #[command(flatten)]
         dirs: DirArgs,
     },
+    /// Apply a changed config file to a running tunnel without dropping anyone (as wg syncconf); also on SIGHUP.
+    Reload {
+        /// The tunnel (interface) name.
+        name: String,
+    },
     /// Show the tunnels started with up: peers, endpoints, handshakes, transfer.
     Status {
         /// One tunnel; default: all.
@@ -418,7 +423,16 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                 eprintln!("tapir: warning: {w}");
             }
             let shutdown = shutdown_flag()?;
-            tapir::tunnel::run_all(&configs, &tun.tun_path, &dirs.dirs().run, &shutdown)?;
+            let reload = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))
+                .context("installing a signal handler")?;
+            tapir::tunnel::run_all(
+                &configs,
+                &tun.tun_path,
+                &dirs.dirs().run,
+                &shutdown,
+                &reload,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Up { file, dirs, tun } => {
@@ -440,6 +454,17 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                     "{name} is down (its process, pid {pid}, had already exited: cleared what it left)"
                 ),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reload { name } => {
+            let r = tapir::service::reload(&name).map_err(|e| anyhow::anyhow!("{e}"))?;
+            for n in &r.notes {
+                eprintln!("tapir: {name}: {n}");
+            }
+            println!(
+                "{name} reloaded: {} peer(s) added, {} removed, {} changed; the others untouched",
+                r.added, r.removed, r.changed
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { name, json, dirs } => {

@@ -129,6 +129,67 @@ pub struct Up {
     pub warnings: Vec<String>,
 }
 
+/// What a reload did (see [`reload`]).
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// Peers added.
+    pub added: u64,
+    /// Peers removed.
+    pub removed: u64,
+    /// Peers changed in place.
+    pub changed: u64,
+    /// What it did not change, and why.
+    pub notes: Vec<String>,
+}
+
+/// Asks tunnel `name` of this namespace to read its config file again and
+/// apply it without dropping anyone (as `wg syncconf`); a file with an
+/// error is refused whole and the tunnel stays as it was.
+pub fn reload(name: &str) -> Result<Reloaded, String> {
+    let scope = Scope::current()?;
+    let path = socket_path(&scope, name);
+    let mut s = UnixStream::connect(&path).map_err(|e| {
+        format!(
+            "{name} does not answer in {} ({}: {e}): is it up?",
+            scope.describe(),
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"tapir-reload=1\n\n")
+        .map_err(|e| e.to_string())?;
+    let mut r = Reloaded::default();
+    let mut error = None;
+    let mut errno = None;
+    for line in BufReader::new(s).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        if line.is_empty() {
+            break;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        match k {
+            "tapir_added" => r.added = v.parse().unwrap_or(0),
+            "tapir_removed" => r.removed = v.parse().unwrap_or(0),
+            "tapir_changed" => r.changed = v.parse().unwrap_or(0),
+            "tapir_note" => r.notes.push(v.to_owned()),
+            "tapir_error" => error = Some(v.to_owned()),
+            "errno" => errno = v.parse::<i32>().ok(),
+            _ => {}
+        }
+    }
+    match (errno, error) {
+        (Some(0), _) => Ok(r),
+        (_, Some(e)) => Err(format!("reload refused, {name} left as it was: {e}")),
+        (Some(95), None) => Err(format!(
+            "{name} does not know reload (an older tapir, or not tapir)"
+        )),
+        (n, None) => Err(format!("{name} answered errno {n:?}")),
+    }
+}
+
 /// Starts the tunnels of `file` in the background; returns their names once
 /// they answer, or the reason they did not (with nothing left behind).
 pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up, String> {

@@ -441,7 +441,7 @@ pub const MAX_LINE: usize = 4096;
 pub const MAX_LINES: usize = 200_000;
 
 /// A request on the control socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Request {
     /// `get=1`: WireGuard's view.
     Get,
@@ -449,6 +449,11 @@ pub enum Request {
     TapirGet,
     /// `set=1` and its lines.
     Set(Vec<String>),
+    /// `tapir-reload=1`: read the config file again and apply it (the
+    /// control thread turns it into [`Request::Apply`]).
+    Reload,
+    /// The peers a reload wants (never read from the socket).
+    Apply(Vec<PeerConfig>),
 }
 
 /// Reads a line of at most [`MAX_LINE`] bytes before `deadline`.
@@ -508,6 +513,7 @@ fn serve_connection(
             "get=1" => Request::Get,
             "tapir-get=1" => Request::TapirGet,
             "set=1" => Request::Set(lines),
+            "tapir-reload=1" => Request::Reload,
             _ => {
                 writer.write_all(format!("errno={EPROTO}\n\n").as_bytes())?;
                 return Ok(());
@@ -538,6 +544,14 @@ pub fn answer(
                 .unwrap_or(0);
             format!("errno={errno}\n\n")
         }
+        Request::Apply(peers) => {
+            let d = crate::tunnel::reload::apply(tunnel, peers);
+            format!(
+                "tapir_added={}\ntapir_removed={}\ntapir_changed={}\nerrno=0\n\n",
+                d.added, d.removed, d.changed
+            )
+        }
+        Request::Reload => format!("errno={EOPNOTSUPP}\n\n"),
     }
 }
 

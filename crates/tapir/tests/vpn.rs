@@ -317,3 +317,199 @@ fn dns_goes_through_resolvconf_and_saveconfig_keeps_peers_added_with_wg_set() {
     ok(&run(&["up", v.client.to_str().unwrap()]));
     ok(&run(&["down", n]));
 }
+
+#[test]
+fn reload_adds_removes_and_changes_peers_without_dropping_the_others() {
+    require_root!();
+    let bed = bed("rl");
+    let c = bed.lab.netns("c");
+    bed.lab.veth(&c, "vc", &bed.b, "vbc");
+    c.ip(&["addr", "add", "10.202.0.1/24", "dev", "vc"]);
+    bed.b.ip(&["addr", "add", "10.202.0.2/24", "dev", "vbc"]);
+    let ((ka, pa), (kb, pb), (kc, pc)) = (genkey(), genkey(), genkey());
+    let (_, pnew) = genkey();
+    let hub = |peers: &str| {
+        format!(
+            "[Interface]\nPrivateKey = {kb}\nListenPort = 51895\nAddress = 10.77.0.2/24\n{peers}"
+        )
+    };
+    let peer_a = format!("\n[Peer]\nPublicKey = {pa}\nAllowedIPs = 10.77.0.1/32\n");
+    let peer_c = |ips: &str| format!("\n[Peer]\nPublicKey = {pc}\nAllowedIPs = {ips}\n");
+    let n = ifname("rlb");
+    let file = write_private(
+        &bed.dir,
+        &format!("{n}.conf"),
+        &hub(&(peer_a.clone() + &peer_c("10.77.0.3/32"))),
+    );
+    let dir = &bed.dir;
+    ok(&tapir_in(&bed.b, dir, &["up", file.to_str().unwrap()]));
+    let spoke = |ns: &Netns, key: &str, addr: &str, via: &str, name: &str| {
+        let f = write_private(
+            dir,
+            &format!("{name}.conf"),
+            &format!(
+                "[Interface]\nPrivateKey = {key}\nAddress = {addr}/24\n\n[Peer]\nPublicKey = {pb}\nEndpoint = {via}:51895\nAllowedIPs = 10.77.0.0/24, 10.77.5.0/24\n"
+            ),
+        );
+        run_tapir(ns, &f, name)
+    };
+    let _ta = spoke(&bed.a, &ka, "10.77.0.1", "10.200.0.2", &ifname("rla"));
+    let _tc = spoke(&c, &kc, "10.77.0.3", "10.202.0.2", &ifname("rlc"));
+    ping(&bed.a, "10.77.0.2");
+    ping(&c, "10.77.0.2");
+    let handshake_a = |ns: &Netns| -> String {
+        let out = ns
+            .cmd("wg")
+            .args(["show", &n, "latest-handshakes"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with(&pa))
+            .unwrap_or("")
+            .to_owned()
+    };
+    let before = handshake_a(&bed.b);
+    // A ping from a runs through every reload below and must lose nothing.
+    let pinger = bed
+        .a
+        .cmd("ping")
+        .args(["-q", "-i", "0.05", "-c", "120", "-W", "1", "10.77.0.2"])
+        .output();
+    let reloads = std::thread::scope(|s| {
+        let h = s.spawn(|| pinger.unwrap());
+        std::thread::sleep(Duration::from_millis(500));
+        // c gains a subnet, a new peer appears.
+        std::fs::write(
+            &file,
+            hub(&(peer_a.clone()
+                + &peer_c("10.77.0.3/32, 10.77.5.0/24")
+                + &format!("\n[Peer]\nPublicKey = {pnew}\nAllowedIPs = 10.77.0.9/32\n"))),
+        )
+        .unwrap();
+        let first = ok(&tapir_in(&bed.b, dir, &["reload", &n]));
+        // A broken file is refused whole.
+        std::fs::write(
+            &file,
+            hub(&(peer_a.clone() + "\n[Peer]\nPublicKey = broken\n")),
+        )
+        .unwrap();
+        let broken = tapir_in(&bed.b, dir, &["reload", &n]);
+        // c goes, by SIGHUP this time.
+        std::fs::write(&file, hub(&peer_a)).unwrap();
+        let st: serde_json::Value =
+            serde_json::from_str(&ok(&tapir_in(&bed.b, dir, &["status", &n, "--json"]))).unwrap();
+        let pid = st[0]["pid"].as_i64().unwrap() as i32;
+        let peers_now = || {
+            let out = bed
+                .b
+                .cmd("wg")
+                .args(["show", &n, "peers"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).lines().count()
+        };
+        let during = (peers_now(), bed.b.ip(&["route", "show", "10.77.5.0/24"]));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while peers_now() != 1 {
+            assert!(Instant::now() < deadline, "SIGHUP did not reload");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (first, broken, during, h.join().unwrap())
+    });
+    let (first, broken, (peers_during, route_during), ping_out) = reloads;
+    assert!(
+        first.contains("1 peer(s) added, 0 removed, 1 changed"),
+        "{first}"
+    );
+    assert!(!broken.status.success());
+    let err = String::from_utf8_lossy(&broken.stderr);
+    assert!(
+        err.contains("refused") && err.contains(&format!("{n}.conf")),
+        "{err}"
+    );
+    assert_eq!(peers_during, 3, "the broken file changed nothing");
+    assert!(
+        route_during.contains("10.77.5.0/24"),
+        "a reload routes new allowed IPs: {route_during}"
+    );
+    let text = String::from_utf8_lossy(&ping_out.stdout);
+    assert!(
+        ping_out.status.success() && text.contains(" 0% packet loss"),
+        "the unchanged peer's ping stopped: {text}"
+    );
+    assert_eq!(
+        handshake_a(&bed.b),
+        before,
+        "the unchanged peer kept its session"
+    );
+    assert!(
+        bed.b
+            .ip(&["route", "show", "10.77.5.0/24"])
+            .trim()
+            .is_empty(),
+        "c's subnet route went with c"
+    );
+    ok(&tapir_in(&bed.b, dir, &["down", &n]));
+}
+
+#[test]
+fn systemd_hears_ready_only_once_the_tunnel_answers_and_reloading_and_stopping() {
+    require_root!();
+    use std::os::unix::net::UnixDatagram;
+    let bed = bed("sd");
+    let (k, _) = genkey();
+    let n = ifname("sdn");
+    let file = write_private(
+        &bed.dir,
+        &format!("{n}.conf"),
+        &format!("[Interface]\nPrivateKey = {k}\nListenPort = 51896\nAddress = 10.77.0.1/24\n"),
+    );
+    let sock_path = bed.dir.join("notify");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut child = bed
+        .a
+        .cmd(env!("CARGO_BIN_EXE_tapir"))
+        .args(["run", file.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let mut next = || {
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1");
+    // At READY the device is there and the control socket answers.
+    assert!(bed.a.has_link(&n));
+    let out = bed.a.cmd("wg").args(["show", &n]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let r = next();
+    assert!(r.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{r}");
+    assert_eq!(next(), "READY=1");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(next(), "STOPPING=1");
+    assert!(child.wait().unwrap().success());
+}

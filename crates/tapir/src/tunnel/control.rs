@@ -11,14 +11,17 @@
 //! a slow or hostile client of the socket, or a slow resolver, costs it
 //! nothing.
 
+use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use tapir_proto::wg::keys::PublicKey;
 
+use super::reload::Reloader;
 use crate::uapi::{self, ControlSocket, Request};
 
 /// What the control thread hands the packet thread.
@@ -85,22 +88,75 @@ impl ControlEnd {
         true
     }
 
-    /// Serves `socket` (if any) and look-ups until `stop`.
-    pub fn run(self, socket: Option<&ControlSocket>, stop: &dyn Fn() -> bool) {
-        let mut answer = |request: Request| {
-            let (tx, rx) = mpsc::channel();
-            if !self.send(Message::Request(request, tx)) {
-                return "errno=5\n\n".to_string(); // EIO: the tunnel is gone
+    /// Asks the packet thread; its answer, or an errno if it is gone or slow.
+    fn ask(&self, request: Request) -> String {
+        let (tx, rx) = mpsc::channel();
+        if !self.send(Message::Request(request, tx)) {
+            return "errno=5\n\n".to_string(); // EIO: the tunnel is gone
+        }
+        // ETIMEDOUT if the packet thread does not answer in time.
+        rx.recv_timeout(uapi::DEADLINE)
+            .unwrap_or_else(|_| "errno=110\n\n".into())
+    }
+
+    /// A reload (see [`super::reload`]): the reply's lines, `errno` last.
+    fn reload(&self, reloader: &RefCell<Reloader>) -> String {
+        crate::notify::reloading();
+        let plan = reloader.borrow().prepare();
+        let reply = match plan {
+            Err(e) => {
+                eprintln!("tapir: reload refused, nothing changed: {e}");
+                format!("tapir_error={}\nerrno=22\n\n", e.replace('\n', " "))
             }
-            // ETIMEDOUT if the packet thread does not answer in time.
-            rx.recv_timeout(uapi::DEADLINE)
-                .unwrap_or_else(|_| "errno=110\n\n".into())
+            Ok(plan) => {
+                let notes = plan.notes.clone();
+                let applied = self.ask(Request::Apply(plan.peers.clone()));
+                let problems = reloader.borrow_mut().finish(plan);
+                let body = applied.strip_suffix("errno=0\n\n").unwrap_or(&applied);
+                let mut out = body.to_owned();
+                for n in notes.iter().chain(&problems) {
+                    eprintln!("tapir: reload: {n}");
+                    out += &format!("tapir_note={n}\n");
+                }
+                eprintln!(
+                    "tapir: reloaded {}: {}",
+                    reloader.borrow().file().display(),
+                    body.trim().replace('\n', ", ")
+                );
+                out + "errno=0\n\n"
+            }
+        };
+        crate::notify::send("READY=1");
+        reply
+    }
+
+    /// Serves `socket` (if any), look-ups and reloads (asked on the socket,
+    /// or by SIGHUP through `reloads`, a count that goes up) until `stop`.
+    pub fn run(
+        self,
+        socket: Option<&ControlSocket>,
+        reloader: Reloader,
+        reloads: &AtomicU64,
+        stop: &dyn Fn() -> bool,
+    ) {
+        let reloader = RefCell::new(reloader);
+        let mut seen = reloads.load(Ordering::Relaxed);
+        let mut answer = |request: Request| match request {
+            Request::Reload => self.reload(&reloader),
+            // Only this thread makes those.
+            Request::Apply(_) => "errno=22\n\n".into(),
+            other => self.ask(other),
         };
         let mut idle = || {
             while let Ok((key, host)) = self.resolve.try_recv() {
                 if let Some(addr) = host.to_socket_addrs().ok().and_then(|mut a| a.next()) {
                     self.send(Message::Resolved(key, addr));
                 }
+            }
+            let now = reloads.load(Ordering::Relaxed);
+            if now != seen {
+                seen = now;
+                self.reload(&reloader);
             }
         };
         match socket {

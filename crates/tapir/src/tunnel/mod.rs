@@ -41,6 +41,7 @@ use tapir_wire::vnet::{self, VnetHeader};
 
 pub mod control;
 pub mod ops;
+pub mod reload;
 pub mod tcp;
 use tcp::TcpTransport;
 
@@ -196,6 +197,8 @@ pub struct Started {
     applied: ops::Applied,
     /// SaveConfig: the file to write the peers back to on down.
     save_to: Option<std::path::PathBuf>,
+    /// What it was started from (a reload compares against it).
+    config: TunnelConfig,
 }
 
 fn bind_udp(port: u16) -> Result<UdpSocket, DevError> {
@@ -439,6 +442,7 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
     Ok(Started {
         applied,
         save_to: config.ops.save_config.then(|| config.file.clone()),
+        config: config.clone(),
         name: name.clone(),
         dev,
         mode: config.mode,
@@ -469,6 +473,7 @@ pub fn run_all(
     tun_path: &Path,
     run_dir: &Path,
     shutdown: &AtomicBool,
+    reload: &AtomicBool,
 ) -> Result<(), DevError> {
     let mut started = Vec::new();
     for c in configs {
@@ -491,12 +496,28 @@ pub fn run_all(
             eprintln!("tapir: warning: could not give up capabilities: {e}");
         }
     }
+    // SIGHUP sets `reload`; every tunnel's control thread sees the count go up.
+    let reloads = AtomicU64::new(0);
+    let all_done = AtomicBool::new(false);
     std::thread::scope(|s| {
+        let reloads = &reloads;
+        let all_done = &all_done;
+        s.spawn(move || {
+            while !all_done.load(Ordering::Relaxed) && !shutdown.load(Ordering::Relaxed) {
+                if reload.swap(false, Ordering::Relaxed) {
+                    reloads.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if shutdown.load(Ordering::Relaxed) {
+                crate::notify::send("STOPPING=1");
+            }
+        });
         let handles: Vec<_> = started
             .into_iter()
             .map(|t| {
                 s.spawn(move || {
-                    let result = t.run(shutdown);
+                    let result = t.run(shutdown, reloads);
                     if result.is_err() {
                         shutdown.store(true, Ordering::Relaxed);
                     }
@@ -504,6 +525,8 @@ pub fn run_all(
                 })
             })
             .collect();
+        // Devices up, sockets bound, packets moving: ready, for systemd.
+        crate::notify::send("READY=1");
         let mut first = Ok(());
         for h in handles {
             let r = h
@@ -513,6 +536,7 @@ pub fn run_all(
                 first = r;
             }
         }
+        all_done.store(true, Ordering::Relaxed);
         first
     })
 }
@@ -1311,18 +1335,19 @@ impl Started {
     /// network, network to device with the timers); over TCP one thread
     /// moves both. The control socket and host-name look-ups run on a
     /// thread of their own for as long.
-    pub fn run(self, shutdown: &AtomicBool) -> Result<(), DevError> {
+    pub fn run(self, shutdown: &AtomicBool, reloads: &AtomicU64) -> Result<(), DevError> {
         let (link, end) =
             control::pair().map_err(|e| DevError::Runtime(format!("control channel: {e}")))?;
         let done = AtomicBool::new(false);
         let mut this = self;
         let control = this.control.take();
+        let reloader = reload::Reloader::new(this.config.clone());
         std::thread::scope(|s| {
             let socket = control.as_ref();
             let done = &done;
             s.spawn(move || {
                 let stop = || shutdown.load(Ordering::Relaxed) || done.load(Ordering::Relaxed);
-                end.run(socket, &stop)
+                end.run(socket, reloader, reloads, &stop)
             });
             let result = this.packet_loop(shutdown, &link);
             done.store(true, Ordering::Relaxed);
@@ -1348,6 +1373,7 @@ impl Started {
             bridge,
             mut applied,
             save_to,
+            config: _,
         } = self;
         let tap = mode == Mode::Tap;
         let counters = Counters::default();

@@ -1,0 +1,268 @@
+//! `tapir reload NAME` and SIGHUP: a changed config applied without
+//! dropping anyone, as `wg syncconf` does, and a little more.
+//!
+//! ```text
+//!   control thread: read the file ─▶ whole and valid? ─no─▶ refused, the tunnel untouched
+//!                                  └─yes─▶ endpoints resolved ─▶ Request::Apply(peers) ─▶ packet thread:
+//!                                            peers added, removed, changed; unchanged ones keep their sessions
+//!                   ─▶ routes of allowed IPs added and removed (tun mode, as at start)
+//!                   ─▶ what a reload cannot change (key, port, addresses...) named: down and up applies it
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use tapir_proto::wg::keys::PresharedKey;
+use tapir_proto::wg::tunnel::{PeerConfig, Tunnel};
+use tapir_sys::{Mode, Netlink};
+
+use crate::config::{self, Table, TunnelConfig};
+
+/// What the control thread keeps to reload a tunnel.
+pub struct Reloader {
+    file: PathBuf,
+    current: TunnelConfig,
+}
+
+/// A reload, prepared: everything read and checked, nothing applied yet.
+pub struct Plan {
+    /// The peers as they should be.
+    pub peers: Vec<PeerConfig>,
+    config: TunnelConfig,
+    /// Changes a reload does not make.
+    pub notes: Vec<String>,
+}
+
+/// What applying the peers did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Peers added, removed, changed; the rest kept as they were.
+    pub added: usize,
+    /// Removed.
+    pub removed: usize,
+    /// Changed (sessions kept).
+    pub changed: usize,
+}
+
+/// The routes a config gives its tunnel's device (those a reload may change).
+fn routes(c: &TunnelConfig) -> Vec<IpNet> {
+    if c.mode != Mode::Tun || c.ops.table == Table::Off {
+        return Vec::new();
+    }
+    match &c.routes {
+        Some(r) => r.clone(),
+        None => c
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().map(IpNet::trunc))
+            .filter(|n| n.prefix_len() > 0)
+            .collect(),
+    }
+}
+
+impl Reloader {
+    /// For the tunnel started from `current`.
+    pub fn new(current: TunnelConfig) -> Self {
+        Self {
+            file: current.file.clone(),
+            current,
+        }
+    }
+
+    /// The file it reloads.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// Reads the file again and checks it whole: an error refuses the
+    /// reload, leaving the tunnel as it is.
+    pub fn prepare(&self) -> Result<Plan, String> {
+        let name = &self.current.name;
+        let all = config::load_any(&self.file).map_err(|e| e.to_string())?;
+        let new = all
+            .into_iter()
+            .find(|c| c.name == *name)
+            .ok_or_else(|| format!("{} no longer describes {name}", self.file.display()))?;
+        let peers = super::peer_configs(&new).map_err(|e| e.to_string())?;
+        let old = &self.current;
+        let mut notes = Vec::new();
+        let mut differs = |what: &str, changed: bool| {
+            if changed {
+                notes.push(format!(
+                    "{what} changed: a reload does not apply it (tapir down {name}, then up)"
+                ));
+            }
+        };
+        differs(
+            "the private key",
+            new.private_key.to_base64() != old.private_key.to_base64(),
+        );
+        differs("ListenPort", new.listen_port != old.listen_port);
+        differs("Address", new.addresses != old.addresses);
+        differs("MTU", new.mtu != old.mtu);
+        differs("Mode", new.mode != old.mode);
+        differs("MAC", new.mac != old.mac);
+        differs("Bridge", new.bridge != old.bridge);
+        differs("Transport", new.transport != old.transport);
+        differs("Table", new.ops.table != old.ops.table);
+        differs("FwMark", new.ops.fwmark != old.ops.fwmark);
+        differs("DNS", new.ops.dns != old.ops.dns);
+        let defaults = |c: &TunnelConfig| {
+            c.peers
+                .iter()
+                .flat_map(|p| p.allowed_ips.iter())
+                .filter(|n| n.prefix_len() == 0)
+                .count()
+        };
+        differs(
+            "A default route (0.0.0.0/0 or ::/0)",
+            defaults(&new) != defaults(old) && new.ops.table == Table::Auto,
+        );
+        Ok(Plan {
+            peers,
+            config: new,
+            notes,
+        })
+    }
+
+    /// After the packet thread applied `plan.peers`: the device's routes
+    /// follow the allowed IPs, and the plan becomes the current config.
+    /// Returns what could not be done.
+    pub fn finish(&mut self, plan: Plan) -> Vec<String> {
+        let mut problems = Vec::new();
+        let (old, new) = (routes(&self.current), routes(&plan.config));
+        if old != new {
+            match route_changes(&self.current, &old, &new) {
+                Ok(()) => {}
+                Err(e) => problems.push(format!("routes: {e}")),
+            }
+        }
+        self.current = plan.config;
+        problems
+    }
+}
+
+fn route_changes(c: &TunnelConfig, old: &[IpNet], new: &[IpNet]) -> Result<(), String> {
+    let mut nl = Netlink::open().map_err(|e| e.to_string())?;
+    let index = nl
+        .link(c.name.as_str())
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{} is gone", c.name))?
+        .index;
+    for net in old.iter().filter(|n| !new.contains(n)) {
+        // A route an address's prefix covers was never ours: leave it.
+        let _ = nl.del_route(index, *net, None);
+    }
+    for net in new.iter().filter(|n| !old.contains(n)) {
+        let r = match c.ops.table {
+            Table::Id(t) => nl.add_route_in(index, *net, t),
+            _ => nl.add_route(index, *net, None),
+        };
+        match r {
+            Ok(()) => {}
+            Err(e) if e.errno() == Some(17) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
+/// Makes the tunnel's peers `want`: new ones added, missing ones removed,
+/// changed ones updated in place; an unchanged peer is not touched, so
+/// its session and counters go on.
+pub fn apply(tunnel: &mut Tunnel, want: Vec<PeerConfig>) -> Applied {
+    let mut done = Applied::default();
+    let gone: Vec<_> = tunnel
+        .peers()
+        .map(|(c, _, _)| c.public)
+        .filter(|k| !want.iter().any(|w| w.public == *k))
+        .collect();
+    for k in gone {
+        tunnel.remove_peer(&k);
+        done.removed += 1;
+    }
+    let psk = |p: &Option<PresharedKey>| p.as_ref().map(PresharedKey::to_base64);
+    for w in want {
+        let have = tunnel
+            .peers()
+            .find(|(c, _, _)| c.public == w.public)
+            .map(|(c, _, _)| c.clone());
+        match have {
+            None => {
+                tunnel.add_peer(w);
+                done.added += 1;
+            }
+            Some(h) => {
+                let same = psk(&h.psk) == psk(&w.psk)
+                    && h.endpoint == w.endpoint
+                    && h.allowed_ips == w.allowed_ips
+                    && h.keepalive == w.keepalive
+                    && h.rate == w.rate;
+                if !same {
+                    tunnel.update_peer(&w.public, |c| *c = w.clone());
+                    done.changed += 1;
+                }
+            }
+        }
+    }
+    done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tapir_proto::wg::keys::PrivateKey;
+
+    fn peer(seed: u8, ip: &str) -> PeerConfig {
+        PeerConfig {
+            public: PrivateKey::from_random([seed; 32]).public_key(),
+            psk: None,
+            endpoint: None,
+            allowed_ips: vec![ip.parse().unwrap()],
+            keepalive: None,
+            rate: None,
+        }
+    }
+
+    #[test]
+    fn adds_removes_and_changes_and_leaves_the_rest_alone() {
+        let mut t = Tunnel::new(
+            PrivateKey::from_random([1; 32]),
+            vec![
+                peer(2, "10.0.0.2/32"),
+                peer(3, "10.0.0.3/32"),
+                peer(4, "10.0.0.4/32"),
+            ],
+        );
+        let mut changed = peer(3, "10.0.0.33/32");
+        changed.keepalive = Some(std::time::Duration::from_secs(25));
+        let done = apply(
+            &mut t,
+            vec![peer(2, "10.0.0.2/32"), changed, peer(5, "10.0.0.5/32")],
+        );
+        assert_eq!(
+            done,
+            Applied {
+                added: 1,
+                removed: 1,
+                changed: 1
+            }
+        );
+        let keys: Vec<_> = t.peers().map(|(c, _, _)| c.public).collect();
+        assert_eq!(keys.len(), 3);
+        assert!(!keys.contains(&PrivateKey::from_random([4; 32]).public_key()));
+        let three = t
+            .peers()
+            .find(|(c, _, _)| c.public == PrivateKey::from_random([3; 32]).public_key())
+            .unwrap()
+            .0
+            .clone();
+        assert_eq!(
+            three.allowed_ips,
+            vec!["10.0.0.33/32".parse::<IpNet>().unwrap()]
+        );
+        // Again: nothing to do.
+        let same: Vec<_> = t.peers().map(|(c, _, _)| c.clone()).collect();
+        assert_eq!(apply(&mut t, same), Applied::default());
+    }
+}
