@@ -534,6 +534,20 @@ pub fn default_mtu(mode: tapir_sys::Mode) -> u32 {
     }
 }
 
+/// A config named without its extension (`/etc/tapir/wg0`, as the systemd
+/// unit names it): `wg0.conf` if it exists, else `wg0.toml`; any other
+/// path as it is.
+pub fn resolve_path(path: &Path) -> PathBuf {
+    if path.exists() || path.extension().is_some() {
+        return path.to_owned();
+    }
+    ["conf", "toml"]
+        .iter()
+        .map(|e| path.with_extension(e))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| path.to_owned())
+}
+
 /// Reads a config file: TOML (`*.toml`, any number of tunnels) or wg-quick
 /// (anything else, one tunnel named after the file). Tunnel names must differ.
 pub fn load_any(path: &Path) -> Result<Vec<TunnelConfig>, ConfigError> {
@@ -997,6 +1011,27 @@ mod tests {
         );
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         assert_eq!(c.ops.dns, ["10.200.100.1"]);
+    }
+
+    #[test]
+    fn a_config_named_without_its_extension_is_found() {
+        let dir = std::env::temp_dir().join(format!("tapir-resolve-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.toml"), "").unwrap();
+        std::fs::write(dir.join("b.conf"), "").unwrap();
+        std::fs::write(dir.join("b.toml"), "").unwrap();
+        assert_eq!(resolve_path(&dir.join("a")), dir.join("a.toml"));
+        assert_eq!(
+            resolve_path(&dir.join("b")),
+            dir.join("b.conf"),
+            ".conf first"
+        );
+        assert_eq!(
+            resolve_path(&dir.join("c")),
+            dir.join("c"),
+            "missing: as given"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -125,6 +125,12 @@ enum Command {
     },
     /// Print the manual page (roff): tapir man > /usr/local/share/man/man1/tapir.1
     Man,
+    /// Install the systemd unit tapir@.service (systemctl enable --now tapir@wg0 runs /etc/tapir/wg0.conf or .toml).
+    InstallUnits {
+        /// Where unit files go.
+        #[arg(long, default_value = "/etc/systemd/system")]
+        dir: PathBuf,
+    },
     /// Print a new private key (base64, as wg genkey).
     Genkey,
     /// Read a private key on stdin, print its public key (as wg pubkey).
@@ -418,6 +424,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { file, dirs, tun } => {
+            let file = tapir::config::resolve_path(&file);
             let configs = tapir::config::load_any(&file)?;
             for w in configs.iter().flat_map(|c| &c.warnings) {
                 eprintln!("tapir: warning: {w}");
@@ -436,6 +443,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Up { file, dirs, tun } => {
+            let file = tapir::config::resolve_path(&file);
             let me = std::env::current_exe().context("finding the tapir binary")?;
             let up = tapir::service::up(&me, &file, &tun.tun_path, &dirs.dirs())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -514,6 +522,20 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "tapir", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::InstallUnits { dir } => {
+            let me = std::env::current_exe()
+                .and_then(std::fs::canonicalize)
+                .context("finding the tapir binary")?;
+            for path in
+                tapir::service::install_units(&dir, &me).map_err(|e| anyhow::anyhow!("{e}"))?
+            {
+                println!("wrote {}", path.display());
+            }
+            println!(
+                "next: put a config in /etc/tapir/NAME.conf (or NAME.toml, mode 600), then: systemctl daemon-reload && systemctl enable --now tapir@NAME"
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Man => {

@@ -760,3 +760,16 @@ mod tests {
         assert_eq!(ago(5, 5), "just now");
     }
 }
+
+/// The systemd unit for tunnels, as shipped in `dist/systemd`.
+const TUNNEL_UNIT: &str = include_str!("../../../dist/systemd/tapir@.service");
+
+/// Writes `tapir@.service` into `dir`, running the binary at `tapir`;
+/// returns the files written.
+pub fn install_units(dir: &Path, tapir: &Path) -> Result<Vec<PathBuf>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = dir.join("tapir@.service");
+    let text = TUNNEL_UNIT.replace("/usr/local/bin/tapir", &tapir.to_string_lossy());
+    std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(vec![path])
+}

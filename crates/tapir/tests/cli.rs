@@ -68,3 +68,31 @@ fn genkey_warns_about_a_file_others_can_read() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_systemd_unit_installs_and_verifies() {
+    let dir = std::env::temp_dir().join(format!("tapir-units-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = out(&["install-units", "--dir", dir.to_str().unwrap()]);
+    assert!(text.contains("systemctl enable --now tapir@NAME"), "{text}");
+    let unit = std::fs::read_to_string(dir.join("tapir@.service")).unwrap();
+    let me = std::fs::canonicalize(TAPIR).unwrap();
+    assert!(
+        unit.contains(&format!("ExecStart={} run /etc/tapir/%i", me.display()))
+            && unit.contains("Type=notify")
+            && unit.contains("CapabilityBoundingSet=CAP_NET_ADMIN"),
+        "{unit}"
+    );
+    // systemd-analyze checks an instance of the template.
+    std::fs::copy(dir.join("tapir@.service"), dir.join("tapir@wg0.service")).unwrap();
+    let o = Command::new("systemd-analyze")
+        .args(["verify", dir.join("tapir@wg0.service").to_str().unwrap()])
+        .output()
+        .expect("systemd-analyze (Debian package systemd)");
+    assert!(
+        o.status.success() && o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
