@@ -748,19 +748,6 @@ pub fn format(tunnels: &[TunnelStatus]) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ago_reads_like_wg() {
-        assert_eq!(ago(100, 112), "12 seconds ago");
-        assert_eq!(ago(0, 3 * 60 + 4), "3 minutes, 4 seconds ago");
-        assert_eq!(ago(0, 86400 + 3600), "1 day, 1 hour ago");
-        assert_eq!(ago(5, 5), "just now");
-    }
-}
-
 /// The systemd unit for tunnels, as shipped in `dist/systemd`.
 const TUNNEL_UNIT: &str = include_str!("../../../dist/systemd/tapir@.service");
 
@@ -772,4 +759,17 @@ pub fn install_units(dir: &Path, tapir: &Path) -> Result<Vec<PathBuf>, String> {
     let text = TUNNEL_UNIT.replace("/usr/local/bin/tapir", &tapir.to_string_lossy());
     std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(vec![path])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ago_reads_like_wg() {
+        assert_eq!(ago(100, 112), "12 seconds ago");
+        assert_eq!(ago(0, 3 * 60 + 4), "3 minutes, 4 seconds ago");
+        assert_eq!(ago(0, 86400 + 3600), "1 day, 1 hour ago");
+        assert_eq!(ago(5, 5), "just now");
+    }
 }
