@@ -118,6 +118,19 @@ enum Command {
         #[arg(long)]
         tap: bool,
     },
+    /// Be wg-quick's userspace WireGuard (as wireguard-go IFNAME): WG_QUICK_USERSPACE_IMPLEMENTATION=tapir-wireguard-go.
+    #[command(name = "wireguard-go")]
+    WireguardGo {
+        /// Stay in the foreground (also WG_PROCESS_FOREGROUND=1).
+        #[arg(short, long)]
+        foreground: bool,
+        /// The interface to create.
+        name: String,
+        #[command(flatten)]
+        tun: TunArgs,
+        #[command(flatten)]
+        dirs: DirArgs,
+    },
     /// Print shell completions (source them, or save them where your shell looks).
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -519,6 +532,25 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                 )),
             }
         }
+        Command::WireguardGo {
+            foreground,
+            name,
+            tun,
+            dirs,
+        } => {
+            let name = tapir_sys::IfName::new(&name)?;
+            if foreground || tapir::tunnel::engine::foreground_from_env() {
+                let shutdown = shutdown_flag()?;
+                tapir::tunnel::engine::run(&name, &tun.tun_path, &shutdown)?;
+            } else {
+                let me = std::env::current_exe().context("finding the tapir binary")?;
+                let scope = tapir::scope::Scope::current().map_err(|e| anyhow::anyhow!("{e}"))?;
+                let log = scope.dir(&dirs.dirs().log).join(format!("{name}.log"));
+                tapir::tunnel::engine::daemonize(&me, &name, &tun.tun_path, &log)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "tapir", &mut std::io::stdout());
@@ -696,7 +728,20 @@ fn warn_if_world_readable_stdout() {
 }
 
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    // Run through a link named tapir-wireguard-go (or wireguard-go), as
+    // wg-quick runs its userspace implementation: `NAME IFNAME`.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let called = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned());
+    if matches!(
+        called.as_deref(),
+        Some("tapir-wireguard-go" | "wireguard-go")
+    ) {
+        args.insert(1, "wireguard-go".into());
+    }
+    let matches = Cli::command().get_matches_from(args);
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),

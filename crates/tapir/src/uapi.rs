@@ -30,10 +30,24 @@ const EPROTO: i32 = 71;
 
 /// The answer to `get=1`.
 pub fn get(tunnel: &Tunnel, private_key: &PrivateKey, listen_port: u16) -> String {
-    let mut out = format!(
-        "private_key={}\nlisten_port={listen_port}\n",
-        private_key.to_hex()
-    );
+    get_with(tunnel, Some(private_key), listen_port, 0)
+}
+
+/// [`get`] of an interface that may have no key yet, and a firewall mark.
+pub fn get_with(
+    tunnel: &Tunnel,
+    private_key: Option<&PrivateKey>,
+    listen_port: u16,
+    fwmark: u32,
+) -> String {
+    let mut out = String::new();
+    if let Some(k) = private_key {
+        out += &format!("private_key={}\n", k.to_hex());
+    }
+    out += &format!("listen_port={listen_port}\n");
+    if fwmark != 0 {
+        out += &format!("fwmark={fwmark}\n");
+    }
     for (config, endpoint, stats) in tunnel.peers() {
         out += &format!("public_key={}\n", config.public.to_hex());
         if let Some(psk) = config.psk.as_ref().filter(|p| !p.is_zero()) {
@@ -122,27 +136,66 @@ pub fn set(
     listen_port: u16,
     lines: &[String],
 ) -> Result<(), i32> {
+    set_with(tunnel, Some(private_key), lines, &|s| {
+        // A running tunnel keeps its key and port (see `Settings`).
+        if s.private_key
+            .as_ref()
+            .is_some_and(|k| k.public_key() != private_key.public_key())
+            || s.listen_port.is_some_and(|p| p != listen_port)
+        {
+            return Err(EOPNOTSUPP);
+        }
+        Ok(())
+    })
+    .map(|_| ())
+}
+
+/// The interface's own settings in a `set`, for the caller to apply.
+#[derive(Debug, Default)]
+pub struct Settings {
+    /// `private_key=`: `Some(None)` clears it (all zeros).
+    pub private_key: Option<PrivateKey>,
+    /// The key was given as all zeros.
+    pub clear_key: bool,
+    /// `listen_port=`.
+    pub listen_port: Option<u16>,
+    /// `fwmark=` (0: off).
+    pub fwmark: Option<u32>,
+}
+
+/// Applies a `set` request's peer changes to `tunnel` and returns its
+/// interface settings; `check` may refuse those first (then nothing is
+/// applied). `own`: the interface's key, if it has one (a peer with its
+/// public key is refused).
+pub fn set_with(
+    tunnel: &mut Tunnel,
+    own: Option<&PrivateKey>,
+    lines: &[String],
+    check: &dyn Fn(&Settings) -> Result<(), i32>,
+) -> Result<Settings, i32> {
+    let mut settings = Settings::default();
     let mut changes: Vec<PeerChange> = Vec::new();
     let mut replace_peers = false;
     for line in lines {
         let (key, value) = line.split_once('=').ok_or(EPROTO)?;
         match key {
             "private_key" => {
-                let k = PrivateKey::from_hex(value).map_err(|_| EINVAL)?;
-                if k.public_key() != private_key.public_key() {
-                    return Err(EOPNOTSUPP);
+                let bytes = decode_hex32(value).map_err(|_| EINVAL)?;
+                if bytes == [0; 32] {
+                    settings.clear_key = true;
+                    settings.private_key = None;
+                } else {
+                    settings.private_key = Some(PrivateKey::from_hex(value).map_err(|_| EINVAL)?);
+                    settings.clear_key = false;
                 }
             }
-            "listen_port" => {
-                let p: u16 = value.parse().map_err(|_| EINVAL)?;
-                if p != listen_port {
-                    return Err(EOPNOTSUPP);
-                }
-            }
+            "listen_port" => settings.listen_port = Some(value.parse().map_err(|_| EINVAL)?),
             "fwmark" => {
-                if value != "0" && !value.is_empty() {
-                    return Err(EOPNOTSUPP);
-                }
+                settings.fwmark = Some(if value.is_empty() {
+                    0
+                } else {
+                    value.parse().map_err(|_| EINVAL)?
+                })
             }
             "replace_peers" => replace_peers = value == "true",
             "public_key" => changes.push(PeerChange {
@@ -151,7 +204,10 @@ pub fn set(
                 public: decode_hex32(value)
                     .ok()
                     .and_then(|k| PublicKey::from_bytes(k).ok())
-                    .filter(|k| *k != private_key.public_key())
+                    .filter(|k| {
+                        let mine = settings.private_key.as_ref().or(own);
+                        mine.is_none_or(|m| *k != m.public_key())
+                    })
                     .ok_or(EINVAL)?,
                 remove: false,
                 update_only: false,
@@ -198,6 +254,7 @@ pub fn set(
             }
         }
     }
+    check(&settings)?;
     if replace_peers {
         let keep: Vec<PublicKey> = changes.iter().map(|c| c.public).collect();
         let all: Vec<PublicKey> = tunnel.peers().map(|(p, _, _)| p.public).collect();
@@ -208,7 +265,7 @@ pub fn set(
     for c in changes {
         apply(tunnel, c);
     }
-    Ok(())
+    Ok(settings)
 }
 
 /// The listening control socket of one interface; removed on drop.
@@ -524,24 +581,56 @@ fn serve_connection(
 }
 
 /// The reply to `request`, computed on the tunnel's own thread.
-pub fn answer(
-    request: Request,
-    tunnel: &mut Tunnel,
-    private_key: &PrivateKey,
-    listen_port: u16,
-    extras: &str,
-) -> String {
+/// The interface a running tunnel answers for: its key and port (fixed
+/// while it runs), and its firewall mark (`wg set NAME fwmark M`, as
+/// wg-quick does for default routes), applied to its sockets by `mark`.
+pub struct Interface<'a> {
+    /// Its private key.
+    pub private_key: &'a PrivateKey,
+    /// Its port.
+    pub listen_port: u16,
+    /// Its mark (0: none).
+    pub fwmark: &'a mut u32,
+    /// Puts a mark on the tunnel's sockets.
+    pub mark: &'a mut dyn FnMut(u32) -> io::Result<()>,
+}
+
+/// The reply to `request`, computed on the tunnel's own thread.
+pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>, extras: &str) -> String {
+    let (private_key, listen_port) = (iface.private_key, iface.listen_port);
     match request {
-        Request::Get => get(tunnel, private_key, listen_port),
+        Request::Get => get_with(tunnel, Some(private_key), listen_port, *iface.fwmark),
         Request::TapirGet => {
-            let standard = get(tunnel, private_key, listen_port);
+            let standard = get_with(tunnel, Some(private_key), listen_port, *iface.fwmark);
             let body = standard.strip_suffix("errno=0\n\n").unwrap_or(&standard);
             format!("{body}{extras}errno=0\n\n")
         }
         Request::Set(lines) => {
-            let errno = set(tunnel, private_key, listen_port, &lines)
-                .err()
-                .unwrap_or(0);
+            let result = set_with(tunnel, Some(private_key), &lines, &|s| {
+                if s.clear_key
+                    || s.private_key
+                        .as_ref()
+                        .is_some_and(|k| k.public_key() != private_key.public_key())
+                    || s.listen_port.is_some_and(|p| p != listen_port)
+                {
+                    // A new key or port for a running tunnel: tapir down/up.
+                    return Err(EOPNOTSUPP);
+                }
+                Ok(())
+            });
+            let errno = match result {
+                Ok(s) => match s.fwmark {
+                    Some(m) if m != *iface.fwmark => match (iface.mark)(m) {
+                        Ok(()) => {
+                            *iface.fwmark = m;
+                            0
+                        }
+                        Err(e) => e.raw_os_error().unwrap_or(EINVAL),
+                    },
+                    _ => 0,
+                },
+                Err(e) => e,
+            };
             format!("errno={errno}\n\n")
         }
         Request::Apply(peers) => {

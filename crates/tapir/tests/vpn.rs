@@ -513,3 +513,100 @@ fn systemd_hears_ready_only_once_the_tunnel_answers_and_reloading_and_stopping()
     assert_eq!(next(), "STOPPING=1");
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn stock_wg_quick_runs_tapir_as_its_userspace_wireguard() {
+    require_root!();
+    let bed = bed("wq");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let b = Side {
+        ns: &bed.b,
+        name: ifname("wqb"),
+        port: 51897,
+        addr: "10.77.0.2",
+    };
+    let _gb = wireguard_go(&bed, &b, &kb, &pa, None, "10.77.0.1/32");
+    // wg-quick takes one executable: tapir through a link of that name.
+    let link = bed.dir.join("tapir-wireguard-go");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_tapir"), &link).unwrap();
+    let name = ifname("wqa");
+    let conf = write_private(
+        &bed.dir,
+        &format!("{name}.conf"),
+        &format!(
+            "[Interface]\nPrivateKey = {ka}\nAddress = 10.77.0.1/24\n\n\
+             [Peer]\nPublicKey = {pb}\nEndpoint = 10.200.0.2:51897\nAllowedIPs = 0.0.0.0/0\nPersistentKeepalive = 25\n"
+        ),
+    );
+    let before = routing(&bed.a);
+    let wg_quick = |verb: &str| {
+        bed.a
+            .cmd("wg-quick")
+            .args([verb, conf.to_str().unwrap()])
+            .env("WG_QUICK_USERSPACE_IMPLEMENTATION", &link)
+            .env("TAPIR_LOG_DIR", bed.dir.join("log"))
+            .output()
+            .expect("wg-quick (Debian package wireguard-tools)")
+    };
+    let up = wg_quick("up");
+    let log = || {
+        Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "cat {}/log/*/*.log {}/log/*.log 2>/dev/null",
+                    bed.dir.display(),
+                    bed.dir.display()
+                ),
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    assert!(
+        up.status.success(),
+        "wg-quick up: {}\nlog: {}",
+        String::from_utf8_lossy(&up.stderr),
+        log()
+    );
+    // Everything through tapir, to wireguard-go.
+    ping(&bed.a, "10.77.0.2");
+    let show = bed.a.cmd("wg").args(["show", &name]).output().unwrap();
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        text.contains(&pb) && text.contains("latest handshake") && text.contains("fwmark: 0xca6c"),
+        "{text}"
+    );
+    let down = wg_quick("down");
+    assert!(
+        down.status.success(),
+        "wg-quick down: {}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let sock = PathBuf::from(format!("/var/run/wireguard/{name}.sock"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sock.exists() || a_netns_sock(&name) {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon outlived its device: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!bed.a.has_link(&name));
+    assert_eq!(
+        routing(&bed.a),
+        before,
+        "wg-quick down left routing as before"
+    );
+}
+
+/// Whether a control socket of that name is left in any namespace's directory.
+fn a_netns_sock(name: &str) -> bool {
+    std::fs::read_dir("/var/run/wireguard")
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.path().join(format!("{name}.sock")).exists())
+        })
+        .unwrap_or(false)
+}

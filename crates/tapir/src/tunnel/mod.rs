@@ -40,6 +40,7 @@ use tapir_sys::{IfName, Mode, Netlink, TunDevice, TunOptions, offload};
 use tapir_wire::vnet::{self, VnetHeader};
 
 pub mod control;
+pub mod engine;
 pub mod ops;
 pub mod reload;
 pub mod tcp;
@@ -265,6 +266,34 @@ fn join_bridge(
     Ok(created)
 }
 
+/// Creates a tunnel's device, not persistent: it, its addresses and its
+/// routes go away with the descriptor, on any exit. With the virtio-net
+/// header the kernel hands us TCP super-packets (TSO) and leaves checksums
+/// to us: fewer reads, and no per-segment TCP work in the sender's kernel.
+/// A tap takes the same offloads for the IP inside its frames.
+fn create_device(
+    nl: &mut Netlink,
+    tun_path: &Path,
+    name: &IfName,
+    mode: Mode,
+) -> Result<(TunDevice, u32), DevError> {
+    let options = TunOptions {
+        vnet_hdr: true,
+        ..TunOptions::new(mode)
+    };
+    let dev = TunDevice::create(tun_path, name, options)?;
+    if let Err(e) = dev.set_offload(offload::CSUM | offload::TSO4 | offload::TSO6) {
+        eprintln!("tapir: {name}: no TSO ({e}): one packet per read");
+    }
+    dev.set_nonblocking(true)
+        .map_err(|e| DevError::Runtime(format!("{name}: {e}")))?;
+    let index = nl
+        .link(name.as_str())?
+        .ok_or_else(|| DevError::NotFound(name.to_string()))?
+        .index;
+    Ok((dev, index))
+}
+
 /// Sets a tunnel up: resolves its peers, binds its port, creates and
 /// configures its device. On failure nothing is left: the device is
 /// transient and goes with its descriptor, and a bridge created here is removed.
@@ -308,26 +337,7 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
             )?))
         }
     };
-    // Not persistent: the device, its addresses and its routes go away with
-    // the descriptor, on any exit.
-    // With the virtio-net header the kernel hands us TCP super-packets (TSO)
-    // and leaves checksums to us: fewer reads, and no per-segment TCP work in
-    // the sender's kernel. A tap takes the same offloads for the IP inside
-    // its frames.
-    let options = TunOptions {
-        vnet_hdr: true,
-        ..TunOptions::new(config.mode)
-    };
-    let dev = TunDevice::create(tun_path, name, options)?;
-    if let Err(e) = dev.set_offload(offload::CSUM | offload::TSO4 | offload::TSO6) {
-        eprintln!("tapir: {name}: no TSO ({e}): one packet per read");
-    }
-    dev.set_nonblocking(true)
-        .map_err(|e| DevError::Runtime(format!("{name}: {e}")))?;
-    let index = nl
-        .link(name.as_str())?
-        .ok_or_else(|| DevError::NotFound(name.to_string()))?
-        .index;
+    let (dev, index) = create_device(&mut nl, tun_path, name, config.mode)?;
     let mut bridge = None;
     if config.mode == Mode::Tap {
         let mac = match config.mac {
@@ -1132,6 +1142,8 @@ struct Control<'a> {
     mode: Mode,
     /// Peers whose endpoint is a host name, to look up again on reconnect.
     hostnames: &'a [(PublicKey, String)],
+    /// The mark on the tunnel's sockets at start (0: none).
+    fwmark: u32,
 }
 
 /// How long the outbound thread waits for the device before it checks for
@@ -1185,6 +1197,7 @@ fn inbound_loop(
     let mut set = PollSet::new();
     let mut next_timer = Instant::now();
     let mut dials_at = None;
+    let mut fwmark = ctl.fwmark;
     while !stop() {
         let now = Instant::now();
         // TCP: keep a connection to every configured endpoint.
@@ -1260,11 +1273,19 @@ fn inbound_loop(
                             }
                             _ => String::new(),
                         };
+                        let mut mark = |m: u32| match &mut out.link {
+                            Link::Udp(s) => socket2::SockRef::from(*s).set_mark(m),
+                            Link::Tcp(tcp) => tcp.set_mark(m),
+                        };
                         let _ = reply.send(crate::uapi::answer(
                             request,
                             &mut t,
-                            ctl.private_key,
-                            ctl.port,
+                            crate::uapi::Interface {
+                                private_key: ctl.private_key,
+                                listen_port: ctl.port,
+                                fwmark: &mut fwmark,
+                                mark: &mut mark,
+                            },
                             &ex,
                         ));
                     }
@@ -1373,7 +1394,7 @@ impl Started {
             bridge,
             mut applied,
             save_to,
-            config: _,
+            config,
         } = self;
         let tap = mode == Mode::Tap;
         let counters = Counters::default();
@@ -1407,6 +1428,7 @@ impl Started {
             port,
             mode,
             hostnames: &hostnames,
+            fwmark: config.ops.fwmark.or(applied.mark()).unwrap_or(0),
         };
         let stopped = AtomicBool::new(false);
         let stop = || shutdown.load(Ordering::Relaxed) || stopped.load(Ordering::Relaxed);
