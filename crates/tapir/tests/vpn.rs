@@ -68,11 +68,13 @@ fn icmp_counter(ns: &Netns, dev: &str) -> u64 {
         .expect("the nftables counter")
 }
 
+/// Fields drop in order: the server ends (and cleans up) before its
+/// namespaces go.
 struct Vpn {
-    bed: Bed,
-    i: Netns,
-    client: PathBuf,
     server_proc: Proc,
+    i: Netns,
+    bed: Bed,
+    client: PathBuf,
     name: String,
 }
 
@@ -101,13 +103,13 @@ fn vpn(tag: &str, extra: &str) -> Vpn {
     let name = ifname(&format!("v{tag}"));
     let server = write_private(
         &bed.dir,
-        "server/srv0.conf",
+        &format!("server/{}.conf", ifname("srv")),
         &format!(
             "[Interface]\nPrivateKey = {kb}\nListenPort = 51890\nAddress = 10.79.0.1/24\n\n\
              [Peer]\nPublicKey = {pa}\nAllowedIPs = 10.79.0.2/32\n"
         ),
     );
-    let server_proc = run_tapir(&bed.b, &server, "srv0");
+    let server_proc = run_tapir(&bed.b, &server, &ifname("srv"));
     let client = write_private(
         &bed.dir,
         &format!("{name}.conf"),
