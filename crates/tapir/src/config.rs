@@ -567,6 +567,30 @@ mod toml_schema {
     pub struct File {
         #[serde(rename = "tunnel", default)]
         pub tunnels: Vec<Tunnel>,
+        #[serde(rename = "device", default)]
+        pub devices: Vec<Spanned<Device>>,
+    }
+
+    /// `[[device]]`: a persistent tun/tap device (see `crate::devices`).
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Device {
+        pub name: Spanned<String>,
+        pub mode: Spanned<String>,
+        pub user: Option<String>,
+        pub group: Option<String>,
+        #[serde(default)]
+        pub multi_queue: bool,
+        #[serde(default)]
+        pub vnet_hdr: bool,
+        #[serde(default)]
+        pub pi: bool,
+        pub mtu: Option<Spanned<u32>>,
+        #[serde(default)]
+        pub addresses: Vec<Spanned<String>>,
+        #[serde(default)]
+        pub routes: Vec<Spanned<String>>,
+        pub up: Option<bool>,
     }
 
     #[derive(Deserialize)]
@@ -663,8 +687,61 @@ pub fn load_toml(path: &Path) -> Result<Vec<TunnelConfig>, ConfigError> {
     result
 }
 
-/// Parses the text of a TOML config (see [`load_toml`]).
+/// Parses the text of a TOML config (see [`load_toml`]): its tunnels,
+/// at least one.
 pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig>, ConfigError> {
+    let (tunnels, devices) = parse_toml_all(path, text, mode)?;
+    if tunnels.is_empty() {
+        return Err(ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            key: None,
+            msg: if devices.is_empty() {
+                "no [[tunnel]]: nothing to run".into()
+            } else {
+                "no [[tunnel]] to run: its [[device]] tables are applied by tapir up".into()
+            },
+        });
+    }
+    Ok(tunnels)
+}
+
+/// What a file declares: its tunnels and its `[[device]]` tables (wg-quick
+/// files have no devices).
+pub fn load_file(
+    path: &Path,
+) -> Result<(Vec<TunnelConfig>, Vec<crate::devices::DeviceConfig>), ConfigError> {
+    if path.extension().is_some_and(|e| e == "toml") {
+        let whole = |msg: String| ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            key: None,
+            msg,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| whole(format!("cannot read: {e}")))?;
+        let mut text =
+            std::fs::read_to_string(path).map_err(|e| whole(format!("cannot read: {e}")))?;
+        let result = parse_toml_all(path, &text, meta.permissions().mode());
+        text.zeroize();
+        let (t, d) = result?;
+        if t.is_empty() && d.is_empty() {
+            return Err(whole(
+                "no [[tunnel]] and no [[device]]: nothing to do".into(),
+            ));
+        }
+        Ok((t, d))
+    } else {
+        load(path).map(|c| (vec![c], Vec::new()))
+    }
+}
+
+/// [`parse_toml`], devices too, and no tunnel needed.
+#[allow(clippy::type_complexity)]
+pub fn parse_toml_all(
+    path: &Path,
+    text: &str,
+    mode: u32,
+) -> Result<(Vec<TunnelConfig>, Vec<crate::devices::DeviceConfig>), ConfigError> {
     // Where each line starts, found once: a file with 10,000 peers would
     // otherwise be scanned from the top for each of them.
     let line_starts: Vec<usize> = std::iter::once(0)
@@ -685,12 +762,66 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
         key: None,
         msg: e.message().to_owned(),
     })?;
-    if file.tunnels.is_empty() {
-        return Err(ConfigError {
-            file: path.to_owned(),
-            line: 0,
-            key: None,
-            msg: "no [[tunnel]]: nothing to run".into(),
+    let mut devices: Vec<crate::devices::DeviceConfig> = Vec::new();
+    for d in &file.devices {
+        let d = d.get_ref();
+        let name =
+            IfName::new(d.name.get_ref()).map_err(|e| err(d.name.span(), "name", e.to_string()))?;
+        if name.is_template() {
+            return Err(err(
+                d.name.span(),
+                "name",
+                "a declared device needs a fixed name, without '%'".into(),
+            ));
+        }
+        if devices.iter().any(|o| o.name == name)
+            || file
+                .tunnels
+                .iter()
+                .any(|t| t.name.get_ref() == name.as_str())
+        {
+            return Err(err(
+                d.name.span(),
+                "name",
+                format!("a second device or tunnel named {name}"),
+            ));
+        }
+        let mode = parse_mode(d.mode.get_ref()).map_err(|e| err(d.mode.span(), "mode", e))?;
+        let mtu = match &d.mtu {
+            Some(m) if !(68..=65535).contains(m.get_ref()) => {
+                return Err(err(
+                    m.span(),
+                    "mtu",
+                    format!("{} is not an MTU (68 to 65535)", m.get_ref()),
+                ));
+            }
+            m => m.as_ref().map(|m| *m.get_ref()),
+        };
+        let mut addresses = Vec::new();
+        for a in &d.addresses {
+            addresses.push(
+                crate::dev::parse_addr(a.get_ref()).map_err(|m| err(a.span(), "addresses", m))?,
+            );
+        }
+        let mut routes = Vec::new();
+        for r in &d.routes {
+            routes.push(
+                crate::dev::parse_route(r.get_ref(), false)
+                    .map_err(|m| err(r.span(), "routes", m))?,
+            );
+        }
+        devices.push(crate::devices::DeviceConfig {
+            name,
+            mode,
+            user: d.user.clone(),
+            group: d.group.clone(),
+            multi_queue: d.multi_queue,
+            vnet_hdr: d.vnet_hdr,
+            pi: d.pi,
+            mtu,
+            addresses,
+            routes,
+            up: d.up.unwrap_or(true),
         });
     }
     let mut out: Vec<TunnelConfig> = Vec::new();
@@ -943,7 +1074,7 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
             msg: format!("two tunnels listen on port {}", w[0]),
         });
     }
-    Ok(out)
+    Ok((out, devices))
 }
 
 /// Reads a private key from a file that only its owner may read.

@@ -25,6 +25,7 @@ pub mod capture;
 pub mod config;
 pub mod demo;
 pub mod dev;
+pub mod devices;
 pub mod doctor;
 pub mod dump;
 pub mod echo;

@@ -84,9 +84,9 @@ enum Command {
         #[command(flatten)]
         tun: TunArgs,
     },
-    /// Stop a tunnel started with up (and every tunnel of its file), taking back everything.
+    /// Stop a tunnel started with up (and every tunnel of its file), taking back everything; or, given a FILE, its tunnels and declared devices.
     Down {
-        /// The tunnel (interface) name.
+        /// The tunnel (interface) name, or a config file.
         name: String,
         #[command(flatten)]
         dirs: DirArgs,
@@ -138,7 +138,7 @@ enum Command {
     },
     /// Print the manual page (roff): tapir man > /usr/local/share/man/man1/tapir.1
     Man,
-    /// Install the systemd unit tapir@.service (systemctl enable --now tapir@wg0 runs /etc/tapir/wg0.conf or .toml).
+    /// Install the systemd units: tapir@.service (systemctl enable --now tapir@wg0 runs /etc/tapir/wg0.conf or .toml) and tapir-devices.service (/etc/tapir/devices.toml at boot).
     InstallUnits {
         /// Where unit files go.
         #[arg(long, default_value = "/etc/systemd/system")]
@@ -460,6 +460,9 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             let me = std::env::current_exe().context("finding the tapir binary")?;
             let up = tapir::service::up(&me, &file, &tun.tun_path, &dirs.dirs())
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
+            for d in &up.devices {
+                println!("{d}");
+            }
             for w in &up.warnings {
                 eprintln!("{w}");
             }
@@ -469,6 +472,15 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Down { name, dirs } => {
+            let path = std::path::Path::new(&name);
+            if path.is_file() {
+                for line in tapir::service::down_file(path, &dirs.dirs())
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                {
+                    println!("{line}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             match tapir::service::down(&name, &dirs.dirs()).map_err(|e| anyhow::anyhow!("{e}"))? {
                 tapir::service::Stopped::Stopped(_) => println!("{name} is down"),
                 tapir::service::Stopped::WasDead(pid) => println!(
@@ -566,7 +578,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                 println!("wrote {}", path.display());
             }
             println!(
-                "next: put a config in /etc/tapir/NAME.conf (or NAME.toml, mode 600), then: systemctl daemon-reload && systemctl enable --now tapir@NAME"
+                "next: put a config in /etc/tapir/NAME.conf (or NAME.toml, mode 600), then: systemctl daemon-reload && systemctl enable --now tapir@NAME\ndevices at boot: declare them in /etc/tapir/devices.toml ([[device]] tables), then: systemctl enable --now tapir-devices"
             );
             Ok(ExitCode::SUCCESS)
         }

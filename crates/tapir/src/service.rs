@@ -127,6 +127,8 @@ pub struct Up {
     pub names: Vec<String>,
     /// The warnings they logged while starting, to show at the terminal.
     pub warnings: Vec<String>,
+    /// What became of each declared device.
+    pub devices: Vec<String>,
 }
 
 /// What a reload did (see [`reload`]).
@@ -193,7 +195,40 @@ pub fn reload(name: &str) -> Result<Reloaded, String> {
 /// Starts the tunnels of `file` in the background; returns their names once
 /// they answer, or the reason they did not (with nothing left behind).
 pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up, String> {
-    let configs = config::load_any(file).map_err(|e| e.to_string())?;
+    let (configs, devices) = config::load_file(file).map_err(|e| e.to_string())?;
+    // Declared devices first (tunnels may use them), rolled back if a later
+    // one fails: a failed up leaves nothing it created.
+    let mut device_lines = Vec::new();
+    let mut created = Vec::new();
+    for d in &devices {
+        match crate::devices::apply(d, tun_path) {
+            Ok(o) => {
+                device_lines.push(match &o {
+                    crate::devices::Outcome::Created => format!("{}: created", d.name),
+                    crate::devices::Outcome::Unchanged => format!("{}: unchanged", d.name),
+                    crate::devices::Outcome::Corrected(what) => {
+                        format!("{}: corrected ({})", d.name, what.join(", "))
+                    }
+                });
+                if o == crate::devices::Outcome::Created {
+                    created.push(d);
+                }
+            }
+            Err(e) => {
+                for c in created {
+                    let _ = crate::devices::remove(c);
+                }
+                return Err(format!("{}: {e}", d.name));
+            }
+        }
+    }
+    if configs.is_empty() {
+        return Ok(Up {
+            names: Vec::new(),
+            warnings: Vec::new(),
+            devices: device_lines,
+        });
+    }
     // The daemon works from /, so it gets the file by its full path.
     let file = &std::fs::canonicalize(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let scope = Scope::current()?;
@@ -301,7 +336,11 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up,
         .filter(|l| l.contains("warning:"))
         .map(str::to_owned)
         .collect();
-    Ok(Up { names, warnings })
+    Ok(Up {
+        names,
+        warnings,
+        devices: device_lines,
+    })
 }
 
 /// The `tapir run` answering on the control socket of tunnel `name` in
@@ -328,6 +367,34 @@ pub enum Stopped {
     Stopped(i32),
     /// It had already died (crashed, or killed): what it left was cleared.
     WasDead(i32),
+}
+
+/// `tapir down FILE`: every tunnel of the file that runs here is stopped
+/// and every device it declares is deleted; returns what was done.
+pub fn down_file(file: &Path, dirs: &Dirs) -> Result<Vec<String>, String> {
+    let (tunnels, devices) = config::load_file(file).map_err(|e| e.to_string())?;
+    let scope = Scope::current()?;
+    let mut done = Vec::new();
+    for t in &tunnels {
+        let name = t.name.as_str();
+        if running_pid(dirs, &scope, name).is_some()
+            || read_pid(&pid_file(dirs, &scope, name)).is_some()
+        {
+            down(name, dirs)?;
+            done.push(format!("{name} is down"));
+        } else {
+            done.push(format!("{name} was not up"));
+        }
+    }
+    for d in &devices {
+        let gone = crate::devices::remove(d).map_err(|e| format!("{}: {e}", d.name))?;
+        done.push(format!(
+            "{}: {}",
+            d.name,
+            if gone { "deleted" } else { "was not there" }
+        ));
+    }
+    Ok(done)
 }
 
 /// Stops the process running tunnel `name` in this network namespace (and
@@ -748,17 +815,31 @@ pub fn format(tunnels: &[TunnelStatus]) -> String {
     out
 }
 
-/// The systemd unit for tunnels, as shipped in `dist/systemd`.
-const TUNNEL_UNIT: &str = include_str!("../../../dist/systemd/tapir@.service");
+/// The systemd units, as shipped in `dist/systemd`: tunnels, and the
+/// oneshot for devices declared in /etc/tapir/devices.toml.
+const UNITS: [(&str, &str); 2] = [
+    (
+        "tapir@.service",
+        include_str!("../../../dist/systemd/tapir@.service"),
+    ),
+    (
+        "tapir-devices.service",
+        include_str!("../../../dist/systemd/tapir-devices.service"),
+    ),
+];
 
-/// Writes `tapir@.service` into `dir`, running the binary at `tapir`;
-/// returns the files written.
+/// Writes the units into `dir`, running the binary at `tapir`; returns
+/// the files written.
 pub fn install_units(dir: &Path, tapir: &Path) -> Result<Vec<PathBuf>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let path = dir.join("tapir@.service");
-    let text = TUNNEL_UNIT.replace("/usr/local/bin/tapir", &tapir.to_string_lossy());
-    std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(vec![path])
+    let mut written = Vec::new();
+    for (name, text) in UNITS {
+        let path = dir.join(name);
+        let text = text.replace("/usr/local/bin/tapir", &tapir.to_string_lossy());
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
 }
 
 #[cfg(test)]

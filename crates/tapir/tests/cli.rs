@@ -94,5 +94,26 @@ fn the_systemd_unit_installs_and_verifies() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // The oneshot for devices declared at boot.
+    let unit = std::fs::read_to_string(dir.join("tapir-devices.service")).unwrap();
+    assert!(
+        unit.contains(&format!(
+            "ExecStart={} up /etc/tapir/devices.toml",
+            me.display()
+        )) && unit.contains("Type=oneshot"),
+        "{unit}"
+    );
+    let o = Command::new("systemd-analyze")
+        .args([
+            "verify",
+            dir.join("tapir-devices.service").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -829,3 +829,130 @@ fn an_unprivileged_owner_can_open_its_device() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `[[device]]` tables: `tapir up FILE` twice changes nothing the second
+/// time, corrects drift, refuses what it cannot correct, leaves no process,
+/// gives what `ip tuntap add` gives, and `tapir down FILE` removes them.
+#[test]
+fn declared_devices_come_up_idempotently_and_go_with_down() {
+    require_root!();
+    let lab = Lab::new();
+    let ns = lab.netns("a");
+    let dir = tempdir("decl");
+    let file = dir.join("devices.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[device]]\nname = \"vmtap0\"\nmode = \"tap\"\nuser = \"{NOBODY}\"\nmulti_queue = true\nvnet_hdr = true\n\
+             mtu = 1400\naddresses = [\"10.98.0.1/24\"]\nroutes = [\"10.98.5.0/24\"]\n\n\
+             [[device]]\nname = \"mine1\"\nmode = \"tun\"\nuser = \"{NOBODY}\"\nup = false\n"
+        ),
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let out = ok(&ns, &["up", f]);
+    assert!(
+        out.contains("vmtap0: created") && out.contains("mine1: created"),
+        "{out}"
+    );
+    let link = |name: &str| ns.ip_json(&["link", "show", name])[0].clone();
+    let tap = link("vmtap0");
+    assert_eq!(tap["mtu"], 1400);
+    assert!(tap["flags"].as_array().unwrap().iter().any(|f| f == "UP"));
+    assert!(ns.ip(&["addr", "show", "vmtap0"]).contains("10.98.0.1/24"));
+    assert!(ns.ip(&["route", "show", "10.98.5.0/24"]).contains("vmtap0"));
+    // What `ip tuntap add` gives for the same words.
+    ns.ip(&[
+        "tuntap",
+        "add",
+        "dev",
+        "iptap0",
+        "mode",
+        "tap",
+        "user",
+        NOBODY,
+        "multi_queue",
+        "vnet_hdr",
+    ]);
+    let info = |v: &Value| v["linkinfo"]["info_data"].clone();
+    let (ours, theirs) = (info(&tap), info(&link("iptap0")));
+    for k in ["type", "pi", "vnet_hdr", "multi_queue", "persist", "user"] {
+        assert_eq!(ours[k], theirs[k], "{k}: {ours} vs {theirs}");
+    }
+    ns.ip(&["link", "del", "iptap0"]);
+    // No process stays behind: the devices are persistent.
+    let pids = std::process::Command::new("ip")
+        .args(["netns", "pids", ns.name()])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&pids.stdout).trim().is_empty());
+    // Again: nothing to do.
+    let out = ok(&ns, &["up", f]);
+    assert!(
+        out.contains("vmtap0: unchanged") && out.contains("mine1: unchanged"),
+        "{out}"
+    );
+    // Drift is corrected.
+    ns.ip(&["link", "set", "vmtap0", "mtu", "1500"]);
+    ns.ip(&["addr", "add", "10.97.0.1/24", "dev", "vmtap0"]);
+    let out = ok(&ns, &["up", f]);
+    assert!(
+        out.contains("vmtap0: corrected (mtu 1500 to 1400, address 10.97.0.1/24 removed)"),
+        "{out}"
+    );
+    // The owner attaches without root (a node of its own with mode 0666, as
+    // many distributions ship /dev/net/tun).
+    let node = dir.join("tun");
+    assert!(
+        std::process::Command::new("mknod")
+            .args([node.to_str().unwrap(), "c", "10", "200"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::process::Command::new("chmod")
+        .args(["0666", node.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let out = ns
+        .cmd("setpriv")
+        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_attach_as_user",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("TAPIR_CHILD_DEV", "mine1")
+        .env("TAPIR_CHILD_TUN_PATH", &node)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("CHILD-ATTACHED mine1 mode=tun persist=true"),
+        "{text}"
+    );
+    // Down removes them; a device of that name with other flags is refused, untouched.
+    let out = ok(&ns, &["down", f]);
+    assert!(
+        out.contains("vmtap0: deleted") && out.contains("mine1: deleted"),
+        "{out}"
+    );
+    assert!(!ns.has_link("vmtap0") && !ns.has_link("mine1"));
+    ok(&ns, &["dev", "add", "vmtap0", "--mode", "tun"]);
+    let e = fails(&ns, &["up", f]);
+    assert!(e.contains("wanted mode tap, has tun"), "{e}");
+    assert!(
+        !ns.has_link("mine1"),
+        "a failed up leaves nothing it created"
+    );
+    assert_eq!(
+        link("vmtap0")["linkinfo"]["info_data"]["type"],
+        "tun",
+        "not clobbered"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
