@@ -131,6 +131,9 @@ enum Command {
         #[command(flatten)]
         dirs: DirArgs,
     },
+    /// Forwarding and masquerade for a guest subnet (nftables, a table of tapir's own), reversibly.
+    #[command(subcommand)]
+    Nat(NatCommand),
     /// Print shell completions (source them, or save them where your shell looks).
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -168,6 +171,38 @@ enum Command {
         snaplen: u32,
         #[command(flatten)]
         tun: TunArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NatCommand {
+    /// Masquerade SOURCE's traffic out of IFACE and forward it (ip_forward on; its value before remembered).
+    Enable {
+        /// The guest subnet (CIDR), e.g. 192.168.77.0/24.
+        #[arg(long)]
+        source: String,
+        /// The interface towards the outside, e.g. eth0.
+        #[arg(long)]
+        out: String,
+        #[command(flatten)]
+        dirs: DirArgs,
+    },
+    /// Undo enable (for SOURCE and IFACE, or everything); forwarding goes back to what it was.
+    Disable {
+        /// The guest subnet (CIDR); with --out, only that entry.
+        #[arg(long, requires = "out")]
+        source: Option<String>,
+        /// The interface towards the outside.
+        #[arg(long, requires = "source")]
+        out: Option<String>,
+        #[command(flatten)]
+        dirs: DirArgs,
+    },
+    /// What is enabled, and whether forwarding is on.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -560,6 +595,69 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                 let log = scope.dir(&dirs.dirs().log).join(format!("{name}.log"));
                 tapir::tunnel::engine::daemonize(&me, &name, &tun.tun_path, &log)
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Nat(cmd) => {
+            let entry = |source: &str, out: String| -> Result<tapir::nat::Entry> {
+                let source = dev::parse_addr(source)
+                    .map_err(|e| anyhow::anyhow!("--source: {e}"))?
+                    .trunc();
+                Ok(tapir::nat::Entry { source, out })
+            };
+            match cmd {
+                NatCommand::Enable { source, out, dirs } => {
+                    let e = entry(&source, out)?;
+                    if tapir::nat::enable(&e, &dirs.dirs().run)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?
+                    {
+                        println!("nat enabled: {} out of {} (forwarding on)", e.source, e.out);
+                    } else {
+                        println!(
+                            "nat already enabled for {} out of {}: nothing changed",
+                            e.source, e.out
+                        );
+                    }
+                }
+                NatCommand::Disable { source, out, dirs } => {
+                    let which = match (source, out) {
+                        (Some(s), Some(o)) => Some(entry(&s, o)?),
+                        _ => None,
+                    };
+                    let gone = tapir::nat::disable(which.as_ref(), &dirs.dirs().run)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    if gone.is_empty() {
+                        println!(
+                            "nat was not enabled{}: nothing to do",
+                            which
+                                .map(|w| format!(" for {} out of {}", w.source, w.out))
+                                .unwrap_or_default()
+                        );
+                    }
+                    for g in gone {
+                        println!("nat disabled: {} out of {}", g.source, g.out);
+                    }
+                }
+                NatCommand::Status { json } => {
+                    let st = tapir::nat::status().map_err(|e| anyhow::anyhow!("{e}"))?;
+                    if json {
+                        print_json(&st)?;
+                    } else {
+                        if st.entries.is_empty() {
+                            println!(
+                                "nat: nothing enabled (tapir nat enable --source CIDR --out IFACE)"
+                            );
+                        }
+                        for e in &st.entries {
+                            println!("nat: {} out of {} (masquerade, forwarded)", e.source, e.out);
+                        }
+                        println!(
+                            "forwarding: IPv4 {}, IPv6 {}",
+                            if st.ipv4_forwarding { "on" } else { "off" },
+                            if st.ipv6_forwarding { "on" } else { "off" }
+                        );
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
