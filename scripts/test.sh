@@ -18,6 +18,8 @@ command -v iperf3 >/dev/null || need+=(iperf3)
 command -v nft >/dev/null || need+=(nftables)
 command -v python3 >/dev/null || need+=(python3)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+[[ -e /usr/lib/ipxe/qemu/pxe-e1000.rom ]] || need+=(ipxe-qemu)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test.sh: missing ${need[*]}; run as root to install them" >&2

@@ -191,6 +191,8 @@ pub struct Link {
     pub kind: Option<String>,
     /// The tun driver's view, for tun/tap devices.
     pub tun: Option<TunInfo>,
+    /// The bridge (or other master) it is a port of (`IFLA_MASTER`).
+    pub master: Option<u32>,
 }
 
 impl Link {
@@ -217,10 +219,12 @@ impl Link {
             address: None,
             kind: None,
             tun: None,
+            master: None,
         };
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::Controller(m) => link.master = Some(*m),
                 LinkAttribute::Mtu(m) => link.mtu = *m,
                 LinkAttribute::Carrier(c) => link.carrier = *c != 0,
                 LinkAttribute::Address(a) => link.address = Some(a.clone()),

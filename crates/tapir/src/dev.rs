@@ -1008,6 +1008,7 @@ mod tests {
             address: None,
             kind: Some("tun".into()),
             tun: Some(TunInfo::default()),
+            master: None,
         }
     }
 

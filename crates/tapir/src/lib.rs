@@ -31,6 +31,7 @@ pub mod dump;
 pub mod echo;
 pub mod nat;
 pub mod notify;
+pub mod qemu;
 pub mod saveconfig;
 pub mod scope;
 pub mod service;

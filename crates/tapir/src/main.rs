@@ -131,6 +131,26 @@ enum Command {
         #[command(flatten)]
         dirs: DirArgs,
     },
+    /// QEMU's script=: bring the tap up, on a bridge (created with --addr if missing) or with --addr on itself.
+    QemuIfup {
+        /// The tap QEMU created.
+        name: String,
+        /// The bridge to put it on.
+        #[arg(long, env = "TAPIR_QEMU_BRIDGE")]
+        bridge: Option<String>,
+        /// The host's address: on a bridge tapir creates, or on the tap without --bridge.
+        #[arg(long, env = "TAPIR_QEMU_ADDR")]
+        addr: Option<String>,
+        #[command(flatten)]
+        dirs: DirArgs,
+    },
+    /// QEMU's downscript=: take the tap off its bridge; a bridge tapir created goes with its last port.
+    QemuIfdown {
+        /// The tap.
+        name: String,
+        #[command(flatten)]
+        dirs: DirArgs,
+    },
     /// Forwarding and masquerade for a guest subnet (nftables, a table of tapir's own), reversibly.
     #[command(subcommand)]
     Nat(NatCommand),
@@ -598,6 +618,31 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::QemuIfup {
+            name,
+            bridge,
+            addr,
+            dirs,
+        } => {
+            let tap = tapir_sys::IfName::new(&name)?;
+            let bridge = bridge.as_deref().map(tapir_sys::IfName::new).transpose()?;
+            let addr = addr
+                .as_deref()
+                .map(dev::parse_addr)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--addr: {e}"))?;
+            for line in tapir::qemu::ifup(&tap, bridge.as_ref(), addr, &dirs.dirs().run)? {
+                eprintln!("tapir: {line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::QemuIfdown { name, dirs } => {
+            let tap = tapir_sys::IfName::new(&name)?;
+            for line in tapir::qemu::ifdown(&tap, &dirs.dirs().run)? {
+                eprintln!("tapir: {line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Nat(cmd) => {
             let entry = |source: &str, out: String| -> Result<tapir::nat::Entry> {
                 let source = dev::parse_addr(source)
@@ -845,11 +890,12 @@ fn main() -> ExitCode {
         .first()
         .and_then(|a| std::path::Path::new(a).file_name())
         .map(|n| n.to_string_lossy().into_owned());
-    if matches!(
-        called.as_deref(),
-        Some("tapir-wireguard-go" | "wireguard-go")
-    ) {
-        args.insert(1, "wireguard-go".into());
+    match called.as_deref() {
+        Some("tapir-wireguard-go" | "wireguard-go") => args.insert(1, "wireguard-go".into()),
+        // QEMU's script= and downscript= (settings from TAPIR_QEMU_*).
+        Some("tapir-qemu-ifup") => args.insert(1, "qemu-ifup".into()),
+        Some("tapir-qemu-ifdown") => args.insert(1, "qemu-ifdown".into()),
+        _ => {}
     }
     let matches = Cli::command().get_matches_from(args);
     let cli = match Cli::from_arg_matches(&matches) {

@@ -136,3 +136,154 @@ fn nat_lets_a_guest_out_as_the_host_and_disable_leaves_everything_as_before() {
     let out = ok(&tapir_in(h, dir, &["nat", "disable"]));
     assert!(out.contains("was not enabled"), "{out}");
 }
+
+/// The links QEMU's script= and downscript= point at.
+fn qemu_links(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (up, down) = (dir.join("tapir-qemu-ifup"), dir.join("tapir-qemu-ifdown"));
+    for l in [&up, &down] {
+        let _ = std::fs::remove_file(l);
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_tapir"), l).unwrap();
+    }
+    (up, down)
+}
+
+#[test]
+fn qemu_ifup_puts_taps_on_a_bridge_it_creates_and_ifdown_takes_it_back() {
+    require_root!();
+    let bed = bed("qif");
+    let h = &bed.b;
+    let dir = &bed.dir;
+    let (up, down) = qemu_links(dir);
+    // As QEMU calls them: the tap's name only, the rest from the environment.
+    let run = |link: &Path, tap: &str| {
+        let out = h
+            .cmd(link)
+            .arg(tap)
+            .env("TAPIR_QEMU_BRIDGE", "br77")
+            .env("TAPIR_QEMU_ADDR", "192.168.77.1/24")
+            .env("TAPIR_RUN_DIR", dir.join("run"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for t in ["qtap0", "qtap1"] {
+        h.ip(&["tuntap", "add", "dev", t, "mode", "tap"]);
+    }
+    let out = run(&up, "qtap0");
+    assert!(
+        out.contains("created bridge br77 with 192.168.77.1/24"),
+        "{out}"
+    );
+    run(&up, "qtap1");
+    let master = |t: &str| h.ip_json(&["link", "show", t])[0]["master"].clone();
+    assert_eq!(master("qtap0"), "br77");
+    assert_eq!(master("qtap1"), "br77");
+    assert!(h.ip(&["addr", "show", "br77"]).contains("192.168.77.1/24"));
+    run(&down, "qtap0");
+    assert!(master("qtap0").is_null(), "off the bridge");
+    assert!(h.has_link("br77"), "the bridge stays while it has a port");
+    run(&down, "qtap1");
+    assert!(
+        !h.has_link("br77"),
+        "the bridge tapir made goes with its last port"
+    );
+    // A bridge that was there before is left there.
+    h.ip(&["link", "add", "br88", "type", "bridge"]);
+    let out = h
+        .cmd(&up)
+        .arg("qtap0")
+        .env("TAPIR_QEMU_BRIDGE", "br88")
+        .env("TAPIR_RUN_DIR", dir.join("run"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    h.cmd(&down)
+        .arg("qtap0")
+        .env("TAPIR_RUN_DIR", dir.join("run"))
+        .status()
+        .unwrap();
+    assert!(h.has_link("br88"), "not ours: left alone");
+    // Without a bridge: the seed's form, the address on the tap itself.
+    let out = h
+        .cmd(env!("CARGO_BIN_EXE_tapir"))
+        .args(["qemu-ifup", "qtap1", "--addr", "10.0.66.1/24"])
+        .env("TAPIR_RUN_DIR", dir.join("run"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(h.ip(&["addr", "show", "qtap1"]).contains("10.0.66.1/24"));
+}
+
+#[test]
+fn a_real_qemu_guest_dhcps_on_the_bridge_and_leaves_nothing() {
+    require_root!();
+    let bed = bed("qemu");
+    let h = &bed.b;
+    let dir = &bed.dir;
+    let (up, down) = qemu_links(dir);
+    let mut qemu = Proc(Some(
+        h.cmd("qemu-system-x86_64")
+            .args([
+                "-nodefaults",
+                "-display",
+                "none",
+                "-m",
+                "64",
+                "-boot",
+                "n",
+                "-no-reboot",
+                "-netdev",
+            ])
+            .arg(format!(
+                "tap,id=n0,ifname=qtap9,script={},downscript={}",
+                up.display(),
+                down.display()
+            ))
+            .args(["-device", "e1000,netdev=n0"])
+            .env("TAPIR_QEMU_BRIDGE", "br99")
+            .env("TAPIR_QEMU_ADDR", "192.168.99.1/24")
+            .env("TAPIR_RUN_DIR", dir.join("run"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 (Debian packages qemu-system-x86 and ipxe-qemu)"),
+    ));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !h.has_link("br99") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "script= never made the bridge"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // iPXE, booting from the network, asks for an address: seen on the bridge.
+    let seen = h
+        .cmd("timeout")
+        .args([
+            "90", "tcpdump", "-i", "br99", "-n", "-c", "1", "udp", "port", "67",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&seen.stdout);
+    assert!(
+        text.contains("0.0.0.0.68 > 255.255.255.255.67") && text.contains("BOOTP/DHCP"),
+        "no DHCP request on br99: {text}{}",
+        String::from_utf8_lossy(&seen.stderr)
+    );
+    // QEMU ends: its downscript takes the tap off, the bridge goes with it.
+    qemu.stop();
+    assert!(!h.has_link("qtap9"), "the tap went with QEMU");
+    assert!(
+        !h.has_link("br99"),
+        "the bridge tapir made went with its last port"
+    );
+}

@@ -1,0 +1,131 @@
+//! `tapir qemu-ifup` and `tapir qemu-ifdown`: QEMU's `script=` and
+//! `downscript=`, the seed's `/etc/qemu-ifup` done reversibly.
+//!
+//! ```text
+//!   QEMU creates tapN ─▶ script=tapir-qemu-ifup tapN
+//!       --bridge BR: BR missing ─▶ created, up, --addr on it, remembered as ours
+//!                    tapN up, a port of BR
+//!       no bridge:   --addr on tapN itself, tapN up (the seed's form)
+//!   QEMU exits ─▶ downscript=tapir-qemu-ifdown tapN
+//!       tapN off its bridge; a bridge tapir created goes once its last port is gone
+//! ```
+//! QEMU passes the tap's name only, so the rest comes from the environment
+//! (`TAPIR_QEMU_BRIDGE`, `TAPIR_QEMU_ADDR`) when tapir is run through links
+//! named `tapir-qemu-ifup` and `tapir-qemu-ifdown` (or a two-line wrapper
+//! script with the flags).
+
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use tapir_sys::{IfName, Netlink};
+
+use crate::dev::DevError;
+
+/// Where tapir remembers the bridges it created (one empty file each).
+fn marks(run_dir: &Path) -> Result<PathBuf, DevError> {
+    let scope = crate::scope::Scope::current().map_err(DevError::Runtime)?;
+    crate::uapi::ensure_private_dir(run_dir).map_err(DevError::Invalid)?;
+    let here = scope.dir(run_dir);
+    crate::uapi::ensure_private_dir(&here).map_err(DevError::Invalid)?;
+    let dir = here.join("bridges");
+    crate::uapi::ensure_private_dir(&dir).map_err(DevError::Invalid)?;
+    Ok(dir)
+}
+
+/// What `ifup` did, in words.
+pub fn ifup(
+    tap: &IfName,
+    bridge: Option<&IfName>,
+    addr: Option<IpNet>,
+    run_dir: &Path,
+) -> Result<Vec<String>, DevError> {
+    let mut nl = Netlink::open()?;
+    let link = nl.link(tap.as_str())?.ok_or_else(|| {
+        DevError::NotFound(format!(
+            "{tap} (QEMU creates the tap before it runs its script=)"
+        ))
+    })?;
+    let mut done = Vec::new();
+    match bridge {
+        Some(br) => {
+            let index = match nl.link(br.as_str())? {
+                Some(l) if l.kind.as_deref() == Some("bridge") => l.index,
+                Some(l) => {
+                    return Err(DevError::Invalid(format!(
+                        "{br} exists and is not a bridge (it is {}): choose another --bridge",
+                        l.kind.as_deref().unwrap_or("a plain interface")
+                    )));
+                }
+                None => {
+                    let i = nl.add_bridge(br.as_str())?;
+                    let made = (|| -> Result<(), DevError> {
+                        std::fs::write(marks(run_dir)?.join(br.as_str()), "")
+                            .map_err(|e| DevError::Runtime(format!("remembering {br}: {e}")))?;
+                        if let Some(a) = addr {
+                            nl.add_address(i, a, None)?;
+                        }
+                        nl.set_up(i, true)?;
+                        Ok(())
+                    })();
+                    if let Err(e) = made {
+                        let _ = nl.del_link(i);
+                        return Err(e);
+                    }
+                    done.push(format!(
+                        "created bridge {br}{}",
+                        addr.map(|a| format!(" with {a}")).unwrap_or_default()
+                    ));
+                    i
+                }
+            };
+            nl.set_master(link.index, Some(index))?;
+            done.push(format!("{tap} is a port of {br}"));
+        }
+        None => {
+            if let Some(a) = addr {
+                let has = nl.addresses(Some(link.index))?.iter().any(|x| x.local == a);
+                if !has {
+                    nl.add_address(link.index, a, None)?;
+                    done.push(format!("{a} on {tap}"));
+                }
+            }
+        }
+    }
+    nl.set_up(link.index, true)?;
+    done.push(format!("{tap} is up"));
+    Ok(done)
+}
+
+/// Takes the tap off its bridge, and removes a bridge tapir created once
+/// its last port is gone. A tap already gone is fine (QEMU may close it first).
+pub fn ifdown(tap: &IfName, run_dir: &Path) -> Result<Vec<String>, DevError> {
+    let mut nl = Netlink::open()?;
+    let mut done = Vec::new();
+    if let Some(link) = nl.link(tap.as_str())? {
+        if link.master.is_some() {
+            nl.set_master(link.index, None)?;
+            done.push(format!("{tap} is off its bridge"));
+        }
+        nl.set_up(link.index, false)?;
+    }
+    // Bridges of ours with no port left, this one's or one whose last
+    // port vanished with its QEMU.
+    let dir = marks(run_dir)?;
+    let links = nl.links()?;
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(br) = links.iter().find(|l| l.name == name) else {
+            let _ = std::fs::remove_file(entry.path());
+            continue;
+        };
+        let ports = links.iter().filter(|l| l.master == Some(br.index)).count();
+        if ports == 0 {
+            nl.del_link(br.index)?;
+            let _ = std::fs::remove_file(entry.path());
+            done.push(format!(
+                "removed bridge {name} (tapir created it; no port left)"
+            ));
+        }
+    }
+    Ok(done)
+}
