@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bucket;
+pub mod dhcp;
 pub mod echo;
 pub mod switch;
 pub mod wg;
