@@ -151,6 +151,9 @@ enum Command {
         #[command(flatten)]
         dirs: DirArgs,
     },
+    /// A guest network: a bridge, NAT and a DHCP server (libvirt's default network without libvirt).
+    #[command(subcommand)]
+    GuestNet(GuestNetCommand),
     /// Forwarding and masquerade for a guest subnet (nftables, a table of tapir's own), reversibly.
     #[command(subcommand)]
     Nat(NatCommand),
@@ -191,6 +194,51 @@ enum Command {
         snaplen: u32,
         #[command(flatten)]
         tun: TunArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GuestNetCommand {
+    /// Create bridge NAME with the subnet's first address, NAT out of --out, DHCP for guests.
+    Up {
+        /// The bridge's name.
+        name: String,
+        /// The guests' subnet, e.g. 192.168.77.0/24.
+        #[arg(long)]
+        subnet: String,
+        /// NAT out of this interface (e.g. eth0); without it, the guests reach the host only.
+        #[arg(long)]
+        out: Option<String>,
+        #[command(flatten)]
+        dirs: DirArgs,
+    },
+    /// Take it all back.
+    Down {
+        /// The bridge's name.
+        name: String,
+        #[command(flatten)]
+        dirs: DirArgs,
+    },
+    /// The bridge, NAT and DHCP leases.
+    Status {
+        /// The bridge's name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        dirs: DirArgs,
+    },
+    /// The DHCP server itself, in the foreground (up starts it).
+    #[command(hide = true)]
+    Serve {
+        /// The bridge.
+        name: String,
+        /// The subnet.
+        #[arg(long)]
+        subnet: String,
+        #[command(flatten)]
+        dirs: DirArgs,
     },
 }
 
@@ -640,6 +688,84 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             let tap = tapir_sys::IfName::new(&name)?;
             for line in tapir::qemu::ifdown(&tap, &dirs.dirs().run)? {
                 eprintln!("tapir: {line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::GuestNet(cmd) => {
+            let e = |e: String| anyhow::anyhow!("{e}");
+            match cmd {
+                GuestNetCommand::Up {
+                    name,
+                    subnet,
+                    out,
+                    dirs,
+                } => {
+                    let name = tapir_sys::IfName::new(&name)?;
+                    let subnet = tapir::guestnet::parse_subnet(&subnet).map_err(e)?;
+                    let me = std::env::current_exe().context("finding the tapir binary")?;
+                    for line in
+                        tapir::guestnet::up(&me, &name, subnet, out.as_deref(), &dirs.dirs())
+                            .map_err(e)?
+                    {
+                        println!("{line}");
+                    }
+                }
+                GuestNetCommand::Down { name, dirs } => {
+                    let name = tapir_sys::IfName::new(&name)?;
+                    for line in tapir::guestnet::down(&name, &dirs.dirs()).map_err(e)? {
+                        println!("{line}");
+                    }
+                    println!("{name} is down");
+                }
+                GuestNetCommand::Status { name, json, dirs } => {
+                    let name = tapir_sys::IfName::new(&name)?;
+                    let st = tapir::guestnet::status(&name, &dirs.dirs()).map_err(e)?;
+                    if json {
+                        print_json(&st)?;
+                    } else {
+                        println!(
+                            "guest network {}: {} on bridge {} ({}), DHCP {}, NAT {}",
+                            st.name,
+                            st.state.subnet,
+                            st.name,
+                            if st.bridge_present {
+                                "present"
+                            } else {
+                                "MISSING"
+                            },
+                            if st.dhcp_running {
+                                "running"
+                            } else {
+                                "NOT RUNNING"
+                            },
+                            st.state
+                                .out
+                                .as_deref()
+                                .map_or("off".to_string(), |o| format!("out of {o}"))
+                        );
+                        if st.leases.is_empty() {
+                            println!("  no leases yet");
+                        }
+                        for l in &st.leases {
+                            println!(
+                                "  {} {} {}{}",
+                                l.ip,
+                                l.mac,
+                                if l.bound { "bound" } else { "offered" },
+                                l.hostname
+                                    .as_deref()
+                                    .map(|h| format!(" ({h})"))
+                                    .unwrap_or_default()
+                            );
+                        }
+                    }
+                }
+                GuestNetCommand::Serve { name, subnet, dirs } => {
+                    let name = tapir_sys::IfName::new(&name)?;
+                    let subnet = tapir::guestnet::parse_subnet(&subnet).map_err(e)?;
+                    let shutdown = shutdown_flag()?;
+                    tapir::guestnet::serve(&name, subnet, &dirs.dirs().run, &shutdown)?;
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

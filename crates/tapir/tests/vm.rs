@@ -287,3 +287,108 @@ fn a_real_qemu_guest_dhcps_on_the_bridge_and_leaves_nothing() {
         "the bridge tapir made went with its last port"
     );
 }
+
+#[test]
+fn a_real_qemu_guest_gets_its_address_from_guest_net_and_down_leaves_nothing() {
+    require_root!();
+    let bed = bed("gnet");
+    let h = &bed.b;
+    let dir = &bed.dir;
+    let (up, down) = qemu_links(dir);
+    let rules_before = ruleset(h);
+    let gnet = |args: &[&str]| tapir_in(h, dir, args);
+    let out = ok(&gnet(&[
+        "guest-net",
+        "up",
+        "gnet0",
+        "--subnet",
+        "192.168.99.0/24",
+        "--out",
+        "vb",
+    ]));
+    assert!(
+        out.contains("bridge gnet0 with 192.168.99.1/24") && out.contains("DHCP on gnet0"),
+        "{out}"
+    );
+    let again = ok(&gnet(&[
+        "guest-net",
+        "up",
+        "gnet0",
+        "--subnet",
+        "192.168.99.0/24",
+        "--out",
+        "vb",
+    ]));
+    assert!(again.contains("already up"), "{again}");
+    let mut qemu = Proc(Some(
+        h.cmd("qemu-system-x86_64")
+            .args([
+                "-nodefaults",
+                "-display",
+                "none",
+                "-m",
+                "64",
+                "-boot",
+                "n",
+                "-no-reboot",
+                "-netdev",
+            ])
+            .arg(format!(
+                "tap,id=n0,ifname=qtap8,script={},downscript={}",
+                up.display(),
+                down.display()
+            ))
+            .args(["-device", "e1000,netdev=n0,mac=52:54:00:12:34:99"])
+            .env("TAPIR_QEMU_BRIDGE", "gnet0")
+            .env("TAPIR_RUN_DIR", dir.join("run"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 (Debian packages qemu-system-x86 and ipxe-qemu)"),
+    ));
+    // iPXE completes DHCP: a bound lease for the guest's MAC, in the subnet.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let lease = loop {
+        let st: serde_json::Value =
+            serde_json::from_str(&ok(&gnet(&["guest-net", "status", "gnet0", "--json"]))).unwrap();
+        let found = st["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["mac"] == "52:54:00:12:34:99" && l["bound"] == true)
+            .cloned();
+        if let Some(l) = found {
+            assert_eq!(st["dhcp_running"], true);
+            break l;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no lease for the guest: {st}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let ip: std::net::Ipv4Addr = lease["ip"].as_str().unwrap().parse().unwrap();
+    assert_eq!(&ip.octets()[..3], &[192, 168, 99], "{lease}");
+    assert_ne!(ip.octets()[3], 1, "not the bridge's own address");
+    let text = ok(&gnet(&["guest-net", "status", "gnet0"]));
+    assert!(
+        text.contains(&format!("{ip} 52:54:00:12:34:99 bound")),
+        "{text}"
+    );
+    qemu.stop();
+    let out = ok(&gnet(&["guest-net", "down", "gnet0"]));
+    assert!(
+        out.contains("DHCP server stopped") && out.contains("bridge gnet0 removed"),
+        "{out}"
+    );
+    assert!(!h.has_link("gnet0") && !h.has_link("qtap8"));
+    assert_eq!(ruleset(h), rules_before, "NAT taken back");
+    let pids = std::process::Command::new("ip")
+        .args(["netns", "pids", h.name()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&pids.stdout).trim().is_empty(),
+        "a process is left"
+    );
+}
