@@ -89,3 +89,37 @@ pub fn keep_only_net_admin(keep_net_admin: bool) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Runs the process as `uid` and `gid` (no supplementary groups) from now
+/// on, keeping `CAP_NET_ADMIN` alone, as [`keep_only_net_admin`] does for
+/// root. Call it before spawning threads: credentials are per thread, and
+/// only libc's wrappers carry them to every thread of the process.
+pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
+    let fail = |op: &str| {
+        let e = io::Error::last_os_error();
+        io::Error::new(e.kind(), format!("{op}: {e}"))
+    };
+    // SAFETY: prctl with integer arguments only: the permitted set
+    // survives the change of uid below.
+    if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) } != 0 {
+        return Err(fail("prctl(PR_SET_KEEPCAPS)"));
+    }
+    // SAFETY: an empty list: no memory is read.
+    if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+        return Err(fail("setgroups"));
+    }
+    // SAFETY: integer arguments only.
+    if unsafe { libc::setresgid(gid, gid, gid) } != 0 {
+        return Err(fail("setresgid"));
+    }
+    // SAFETY: integer arguments only.
+    if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
+        return Err(fail("setresuid"));
+    }
+    // The effective set was emptied by the change of uid: raise NET_ADMIN
+    // again from the permitted set, and drop everything else.
+    keep_only_net_admin(true)?;
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
+    Ok(())
+}

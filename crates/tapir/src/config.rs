@@ -147,6 +147,8 @@ pub struct Ops {
     pub dns: Vec<String>,
     /// Write the peers back to the file on down (wg-quick's `SaveConfig`).
     pub save_config: bool,
+    /// Run as this user once set up (tapir's `User`), keeping CAP_NET_ADMIN.
+    pub user: Option<String>,
 }
 
 /// One tunnel: an interface and its peers.
@@ -288,6 +290,7 @@ pub fn parse(
     let warnings = Vec::new();
     let mut interface_line = None;
     let mut ops = Ops::default();
+    let mut user_line = None;
     for (i, raw) in text.lines().enumerate() {
         let n = i + 1;
         let line = raw.split('#').next().unwrap_or("").trim();
@@ -420,6 +423,11 @@ pub fn parse(
             (Section::Interface, "predown") => ops.pre_down.push(hook_value(raw)),
             (Section::Interface, "postdown") => ops.post_down.push(hook_value(raw)),
             (Section::Interface, "dns") => ops.dns.extend(list().map(str::to_owned)),
+            (Section::Interface, "user") => {
+                crate::users::uid(value).map_err(|m| err(n, key, m))?;
+                ops.user = Some(value.to_owned());
+                user_line = Some(n);
+            }
             (Section::Interface, "saveconfig") => {
                 ops.save_config = match value.to_ascii_lowercase().as_str() {
                     "true" => true,
@@ -428,7 +436,7 @@ pub fn parse(
                 }
             }
             (Section::Interface, _) => {
-                return Err(err(n, key, "not a key of [Interface]; the known keys are PrivateKey, PrivateKeyFile, ListenPort, Address, MTU, DNS, Table, FwMark, PreUp, PostUp, PreDown, PostDown, SaveConfig, Mode, MAC, Bridge, Transport".into()))
+                return Err(err(n, key, "not a key of [Interface]; the known keys are PrivateKey, PrivateKeyFile, ListenPort, Address, MTU, DNS, Table, FwMark, PreUp, PostUp, PreDown, PostDown, SaveConfig, Mode, MAC, Bridge, Transport, User".into()))
             }
             (Section::Peer, _) => {
                 return Err(err(n, key, "not a key of [Peer]; the known keys are PublicKey, PresharedKey, Endpoint, AllowedIPs, PersistentKeepalive, Rate".into()))
@@ -502,6 +510,15 @@ pub fn parse(
             ),
         ));
     }
+    if let Some(line) = user_line {
+        if let Some(what) = root_at_down(&ops) {
+            return Err(err(
+                line,
+                "User",
+                format!("with {what}: it runs at down and needs root; remove one of them"),
+            ));
+        }
+    }
     Ok(TunnelConfig {
         file: file.to_owned(),
         name,
@@ -518,6 +535,20 @@ pub fn parse(
         warnings,
         ops,
     })
+}
+
+/// What in `ops` needs root when the tunnel goes down (so cannot go with
+/// `User`): the down hooks, DNS (resolvconf), SaveConfig (the file is root's).
+pub fn root_at_down(ops: &Ops) -> Option<&'static str> {
+    if !ops.pre_down.is_empty() || !ops.post_down.is_empty() {
+        Some("PreDown/PostDown")
+    } else if !ops.dns.is_empty() {
+        Some("DNS")
+    } else if ops.save_config {
+        Some("SaveConfig")
+    } else {
+        None
+    }
 }
 
 /// A hook's command: everything after the first '=' of the raw line,
@@ -620,6 +651,7 @@ mod toml_schema {
         pub post_down: Vec<String>,
         #[serde(default)]
         pub dns: Vec<String>,
+        pub user: Option<Spanned<String>>,
         #[serde(rename = "peer", default)]
         pub peers: Vec<Spanned<Peer>>,
     }
@@ -1057,6 +1089,20 @@ pub fn parse_toml_all(
                 post_down: t.post_down.clone(),
                 dns: t.dns.clone(),
                 save_config: false,
+                user: match &t.user {
+                    Some(u) => {
+                        crate::users::uid(u.get_ref()).map_err(|m| err(u.span(), "user", m))?;
+                        if !t.pre_down.is_empty() || !t.post_down.is_empty() || !t.dns.is_empty() {
+                            return Err(err(
+                                u.span(),
+                                "user",
+                                "with pre_down/post_down or dns: they run at down and need root; remove one of them".into(),
+                            ));
+                        }
+                        Some(u.get_ref().clone())
+                    }
+                    None => None,
+                },
             },
         });
     }
@@ -1202,7 +1248,21 @@ mod tests {
                 want
             );
         }
+        assert_eq!(
+            p(&format!("[Interface]\nPrivateKey = {A}\nUser = 65534\n"))
+                .unwrap()
+                .ops
+                .user
+                .as_deref(),
+            Some("65534")
+        );
         for (text, want) in [
+            (
+                "User = 65534\nDNS = 10.0.0.1",
+                "User: with DNS: it runs at down and needs root",
+            ),
+            ("User = 65534\nPostDown = true", "with PreDown/PostDown"),
+            ("User = no-such-user-here", "no user named"),
             ("Table = local", "is not a routing table"),
             ("FwMark = blue", "is not a firewall mark"),
             ("SaveConfig = yes", "is not true or false"),

@@ -659,3 +659,93 @@ fn a_running_tunnel_keeps_cap_net_admin_alone_and_still_works() {
         "the control socket is gone"
     );
 }
+
+/// `User = 65534`: after setup the tunnel runs as that user with
+/// CAP_NET_ADMIN alone; traffic, `wg set` and down still work.
+#[test]
+fn a_tunnel_runs_as_its_user_with_net_admin_only() {
+    require_root!();
+    let bed = bed("usr");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let b = Side {
+        ns: &bed.b,
+        name: ifname("usb"),
+        port: 51898,
+        addr: "10.77.0.2",
+    };
+    let _tb = tapir(&bed, &b, &kb, &pa, None, "10.77.0.1/32");
+    let name = ifname("usa");
+    let file = write_private(
+        &bed,
+        &format!("{name}.conf"),
+        &format!(
+            "[Interface]\nPrivateKey = {ka}\nAddress = 10.77.0.1/24\nUser = 65534\n\n\
+             [Peer]\nPublicKey = {pb}\nEndpoint = 10.200.0.2:51898\nAllowedIPs = 10.77.0.2/32\n"
+        ),
+    );
+    let run = |args: &[&str]| {
+        let out = bed
+            .a
+            .cmd(env!("CARGO_BIN_EXE_tapir"))
+            .args(args)
+            .env("TAPIR_RUN_DIR", bed.dir.join("run"))
+            .env("TAPIR_LOG_DIR", bed.dir.join("log"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["up", file.to_str().unwrap()]);
+    let st: serde_json::Value = serde_json::from_str(&run(&["status", &name, "--json"])).unwrap();
+    let pid = st[0]["pid"].as_i64().unwrap();
+    let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        proc_status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(field("Uid:"), "65534 65534 65534 65534", "{proc_status}");
+    assert_eq!(field("CapEff:"), "0000000000001000", "CAP_NET_ADMIN alone");
+    assert_eq!(field("CapPrm:"), "0000000000001000");
+    assert_eq!(field("NoNewPrivs:"), "1");
+    ping(&bed.a, "10.77.0.2");
+    // wg set still reaches it.
+    let (_, other) = genkey();
+    let out = bed
+        .a
+        .cmd("wg")
+        .args(["set", &name, "peer", &other, "allowed-ips", "10.77.0.50/32"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = bed
+        .a
+        .cmd("wg")
+        .args(["show", &name, "peers"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&shown.stdout).contains(&other));
+    run(&["down", &name]);
+    assert!(!bed.a.has_link(&name), "the device went");
+    let sockets = Command::new("find")
+        .args(["/var/run/wireguard", "-name", &format!("{name}.sock")])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&sockets.stdout).trim().is_empty(),
+        "down cleared the control socket the user could not remove"
+    );
+}

@@ -493,10 +493,27 @@ pub fn run_all(
     // so it keeps CAP_NET_ADMIN alone (to take a bridge it made down again)
     // and can gain nothing back. Before the threads start: they inherit it.
     // TAPIR_KEEP_CAPS=1 keeps them all (for debugging).
+    let users: Vec<&String> = configs.iter().filter_map(|c| c.ops.user.as_ref()).collect();
     let root_at_down = configs.iter().find(|c| {
         !c.ops.pre_down.is_empty() || !c.ops.post_down.is_empty() || !c.ops.dns.is_empty()
     });
-    if let Some(c) = root_at_down {
+    if let Some(user) = users.first() {
+        // One process, one user: every tunnel of the file runs as it.
+        if users.iter().any(|u| u != user) || users.len() != configs.len() {
+            return Err(DevError::Invalid(
+                "the tunnels of one file run in one process: give them all the same user, or none"
+                    .into(),
+            ));
+        }
+        let uid = crate::users::uid(user).map_err(DevError::Invalid)?;
+        let gid = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map_or(uid, |u| u.gid.as_raw());
+        tapir_sys::caps::become_user(uid, gid)
+            .map_err(|e| DevError::Permission(format!("running as user {user}: {e}")))?;
+        eprintln!("tapir: running as user {user} (uid {uid}, gid {gid}) with CAP_NET_ADMIN only");
+    } else if let Some(c) = root_at_down {
         eprintln!(
             "tapir: {}: keeping root's capabilities: its PreDown/PostDown hooks or DNS run at down",
             c.name
