@@ -42,7 +42,11 @@ pub fn get_with(
 ) -> String {
     let mut out = String::new();
     if let Some(k) = private_key {
-        out += &format!("private_key={}\n", k.to_hex());
+        // Straight into the reply (wiped once sent), through no other string.
+        let hex = zeroize::Zeroizing::new(k.to_hex());
+        out.push_str("private_key=");
+        out.push_str(&hex);
+        out.push('\n');
     }
     out += &format!("listen_port={listen_port}\n");
     if fwmark != 0 {
@@ -51,7 +55,10 @@ pub fn get_with(
     for (config, endpoint, stats) in tunnel.peers() {
         out += &format!("public_key={}\n", config.public.to_hex());
         if let Some(psk) = config.psk.as_ref().filter(|p| !p.is_zero()) {
-            out += &format!("preshared_key={}\n", psk.to_hex());
+            let hex = zeroize::Zeroizing::new(psk.to_hex());
+            out.push_str("preshared_key=");
+            out.push_str(&hex);
+            out.push('\n');
         }
         if let Some(e) = endpoint {
             out += &format!("endpoint={e}\n");
@@ -576,7 +583,12 @@ fn serve_connection(
                 return Ok(());
             }
         };
-        writer.write_all(answer(request).as_bytes())?;
+        // A reply may hold the private key, a request preshared keys: wiped
+        // once used.
+        let mut reply = answer(request);
+        let sent = writer.write_all(reply.as_bytes());
+        zeroize::Zeroize::zeroize(&mut reply);
+        sent?;
     }
 }
 
@@ -605,7 +617,7 @@ pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>, extra
             let body = standard.strip_suffix("errno=0\n\n").unwrap_or(&standard);
             format!("{body}{extras}errno=0\n\n")
         }
-        Request::Set(lines) => {
+        Request::Set(mut lines) => {
             let result = set_with(tunnel, Some(private_key), &lines, &|s| {
                 if s.clear_key
                     || s.private_key
@@ -631,6 +643,9 @@ pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>, extra
                 },
                 Err(e) => e,
             };
+            for l in &mut lines {
+                zeroize::Zeroize::zeroize(l);
+            }
             format!("errno={errno}\n\n")
         }
         Request::Apply(peers) => {

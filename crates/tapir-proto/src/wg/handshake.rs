@@ -13,7 +13,7 @@
 
 use subtle::ConstantTimeEq;
 use x25519_dalek::{PublicKey as DalekPublic, StaticSecret};
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use super::crypto::{self, LABEL_COOKIE, LABEL_MAC1, TAG_LEN, hash, kdf, mac};
 use super::keys::{PresharedKey, PrivateKey, PublicKey};
@@ -180,12 +180,14 @@ fn initial() -> ([u8; 32], [u8; 32]) {
     (chaining, h)
 }
 
-fn dh(secret: &[u8; 32], public: &[u8; 32]) -> Result<[u8; 32], HandshakeError> {
+/// `DH(secret, public)`, wiped when dropped; an all-zero result (a key of
+/// small order) is refused.
+fn dh(secret: &[u8; 32], public: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, HandshakeError> {
     let shared = StaticSecret::from(*secret).diffie_hellman(&DalekPublic::from(*public));
     if !shared.was_contributory() {
         return Err(HandshakeError::WeakKey);
     }
-    Ok(shared.to_bytes())
+    Ok(Zeroizing::new(shared.to_bytes()))
 }
 
 fn public_of(secret: &[u8; 32]) -> [u8; 32] {
@@ -245,17 +247,19 @@ pub fn write_initiation(
     cookie: Option<&[u8; 16]>,
     out: &mut [u8; INITIATION_LEN],
 ) -> Result<PendingInitiation, HandshakeError> {
-    let static_static = *peer
-        .static_static
-        .get_or_init(|| {
-            let ss = id
-                .private
-                .secret()
-                .diffie_hellman(&DalekPublic::from(peer.public.0));
-            ss.was_contributory().then(|| ss.to_bytes())
-        })
-        .as_ref()
-        .ok_or(HandshakeError::WeakKey)?;
+    let static_static = Zeroizing::new(
+        *peer
+            .static_static
+            .get_or_init(|| {
+                let ss = id
+                    .private
+                    .secret()
+                    .diffie_hellman(&DalekPublic::from(peer.public.0));
+                ss.was_contributory().then(|| ss.to_bytes())
+            })
+            .as_ref()
+            .ok_or(HandshakeError::WeakKey)?,
+    );
     let (mut c, mut h) = initial();
     h = hash(&[&h, &peer.public.0]);
     let e_pub = public_of(&ephemeral);
@@ -266,19 +270,21 @@ pub fn write_initiation(
     h = hash(&[&h, &e_pub]);
     // Never initiate on an all-zero secret (a key of small order).
     let es = dh(&ephemeral, &peer.public.0)?;
-    let [c2, k] = kdf::<2>(&c, &es);
+    let [c2, k] = kdf::<2>(&c, &*es);
     c = c2;
     let st = &mut out[field::INIT_STATIC];
     st[..32].copy_from_slice(&id.public.0);
     crypto::seal(&k, 0, &h, st, 32);
     h = hash(&[&h, &out[field::INIT_STATIC]]);
-    let [c3, k] = kdf::<2>(&c, &static_static);
+    let [c3, k] = kdf::<2>(&c, &*static_static);
     c = c3;
     let ts = &mut out[field::INIT_TIMESTAMP];
     ts[..12].copy_from_slice(&crypto::tai64n(now));
     crypto::seal(&k, 0, &h, ts, 12);
     h = hash(&[&h, &out[field::INIT_TIMESTAMP]]);
     let mac1 = write_macs(out, &peer.mac1_key, cookie);
+    let mut k = k;
+    k.zeroize();
     Ok(PendingInitiation {
         local_index,
         chaining: c,
@@ -302,9 +308,9 @@ pub fn read_initiation(id: &Identity, msg: &[u8]) -> Result<ReceivedInitiation, 
     e_pub.copy_from_slice(&msg[field::INIT_EPHEMERAL]);
     [c] = kdf::<1>(&c, &e_pub);
     h = hash(&[&h, &e_pub]);
-    let our_secret = id.private.secret().to_bytes();
+    let our_secret = Zeroizing::new(id.private.secret().to_bytes());
     let es = dh(&our_secret, &e_pub)?;
-    let [c2, k] = kdf::<2>(&c, &es);
+    let [c2, k] = kdf::<2>(&c, &*es);
     c = c2;
     let mut st = [0u8; 48];
     st.copy_from_slice(&msg[field::INIT_STATIC]);
@@ -315,7 +321,7 @@ pub fn read_initiation(id: &Identity, msg: &[u8]) -> Result<ReceivedInitiation, 
     peer.copy_from_slice(&st[..32]);
     h = hash(&[&h, &msg[field::INIT_STATIC]]);
     let ss = dh(&our_secret, &peer)?;
-    let [c3, k] = kdf::<2>(&c, &ss);
+    let [c3, k] = kdf::<2>(&c, &*ss);
     c = c3;
     let mut ts = [0u8; 28];
     ts.copy_from_slice(&msg[field::INIT_TIMESTAMP]);
@@ -354,8 +360,8 @@ pub fn write_response(
     out[field::RESP_RECEIVER].copy_from_slice(&init.sender_index.to_le_bytes());
     out[field::RESP_EPHEMERAL].copy_from_slice(&e_pub);
     h = hash(&[&h, &e_pub]);
-    [c] = kdf::<1>(&c, &dh(&ephemeral, &init.remote_ephemeral)?);
-    [c] = kdf::<1>(&c, &dh(&ephemeral, &peer.public.0)?);
+    [c] = kdf::<1>(&c, &*dh(&ephemeral, &init.remote_ephemeral)?);
+    [c] = kdf::<1>(&c, &*dh(&ephemeral, &peer.public.0)?);
     let [c2, tau, k] = kdf::<3>(&c, &peer.psk.0);
     c = c2;
     h = hash(&[&h, &tau]);
@@ -363,6 +369,9 @@ pub fn write_response(
     crypto::seal(&k, 0, &h, empty, 0);
     write_macs(out, &peer.mac1_key, cookie);
     let [recv, send] = kdf::<2>(&c, &[]);
+    let (mut c, mut k) = (c, k);
+    c.zeroize();
+    k.zeroize();
     Ok(TransportKeys {
         local_index,
         remote_index: init.sender_index,
@@ -391,9 +400,9 @@ pub fn read_response(
     e_pub.copy_from_slice(&msg[field::RESP_EPHEMERAL]);
     [c] = kdf::<1>(&c, &e_pub);
     h = hash(&[&h, &e_pub]);
-    [c] = kdf::<1>(&c, &dh(&pending.ephemeral, &e_pub)?);
-    let our_secret = id.private.secret().to_bytes();
-    [c] = kdf::<1>(&c, &dh(&our_secret, &e_pub)?);
+    [c] = kdf::<1>(&c, &*dh(&pending.ephemeral, &e_pub)?);
+    let our_secret = Zeroizing::new(id.private.secret().to_bytes());
+    [c] = kdf::<1>(&c, &*dh(&our_secret, &e_pub)?);
     let [c2, tau, k] = kdf::<3>(&c, &peer.psk.0);
     c = c2;
     h = hash(&[&h, &tau]);
@@ -403,6 +412,9 @@ pub fn read_response(
         return Err(HandshakeError::Decrypt);
     }
     let [send, recv] = kdf::<2>(&c, &[]);
+    let (mut c, mut k) = (c, k);
+    c.zeroize();
+    k.zeroize();
     Ok(TransportKeys {
         local_index: pending.local_index,
         remote_index: messages::read_u32(msg, field::RESP_SENDER),

@@ -324,6 +324,13 @@ pub struct Tunnel {
     rated: Vec<usize>,
 }
 
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        // The cookie secret (the keys are wiped by their own types).
+        zeroize::Zeroize::zeroize(&mut self.cookie_secret);
+    }
+}
+
 /// The source (`dst == false`) or destination address of an IP packet.
 fn ip_address(packet: &[u8], dst: bool) -> Option<IpAddr> {
     match packet.first()? >> 4 {
