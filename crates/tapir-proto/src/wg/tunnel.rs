@@ -52,6 +52,9 @@ pub const COOKIE_LIFETIME: Duration = Duration::from_secs(120);
 pub const UNDER_LOAD_PER_SECOND: u32 = 128;
 /// Packets kept per peer while its handshake runs.
 pub const QUEUE_LIMIT: usize = 64;
+/// Bytes kept per peer while its handshake runs: 64 packets of a 1500-byte
+/// MTU, but only one of 64 KiB (the oldest go first).
+pub const QUEUE_BYTES: usize = 96 * 1024;
 
 /// A source of random bytes (the OS in the daemon, a seeded stream in tests).
 pub trait Random {
@@ -883,8 +886,10 @@ impl Tunnel {
             return Sealing::Not(Encapsulated::Invalid);
         }
         if !peer.usable(now) {
-            if peer.queue.len() >= QUEUE_LIMIT {
-                peer.queue.pop_front();
+            let mut bytes: usize = peer.queue.iter().map(Vec::len).sum::<usize>() + len;
+            while !peer.queue.is_empty() && (peer.queue.len() >= QUEUE_LIMIT || bytes > QUEUE_BYTES)
+            {
+                bytes -= peer.queue.pop_front().map_or(0, |q| q.len());
                 peer.stats.drops.queue_full += 1;
             }
             peer.queue.push_back(buf[16..16 + len].to_vec());

@@ -26,8 +26,10 @@ use crate::uapi::{self, ControlSocket, Request};
 
 /// What the control thread hands the packet thread.
 pub enum Message {
-    /// A whole request, and where its reply goes.
-    Request(Request, mpsc::Sender<String>),
+    /// A whole request, where its reply goes, and until when the client
+    /// waits for it: a change asked for is not made after that (the client
+    /// was told it timed out).
+    Request(Request, mpsc::Sender<String>, std::time::Instant),
     /// A peer's host name resolved again.
     Resolved(PublicKey, SocketAddr),
 }
@@ -91,7 +93,8 @@ impl ControlEnd {
     /// Asks the packet thread; its answer, or an errno if it is gone or slow.
     fn ask(&self, request: Request) -> String {
         let (tx, rx) = mpsc::channel();
-        if !self.send(Message::Request(request, tx)) {
+        let deadline = std::time::Instant::now() + uapi::DEADLINE;
+        if !self.send(Message::Request(request, tx, deadline)) {
             return "errno=5\n\n".to_string(); // EIO: the tunnel is gone
         }
         // ETIMEDOUT if the packet thread does not answer in time.

@@ -1283,7 +1283,11 @@ fn inbound_loop(
             while let Ok(m) = ctl.link.messages.try_recv() {
                 let mut t = shared.tunnel();
                 match m {
-                    control::Message::Request(request, reply) => {
+                    control::Message::Request(_, reply, deadline) if Instant::now() > deadline => {
+                        // The client was told it timed out: do not act on it now.
+                        let _ = reply.send("errno=110\n\n".into());
+                    }
+                    control::Message::Request(request, reply, _) => {
                         let ex = match request {
                             crate::uapi::Request::TapirGet => {
                                 extras(&t, &shared.counters, &out.link, ctl.mode, ib.gro_on)

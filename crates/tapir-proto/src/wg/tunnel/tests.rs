@@ -782,3 +782,19 @@ fn halves_seal_and_open_out_of_order_and_a_racing_replay_is_dropped() {
         Decapsulated::Dropped(DropReason::UnknownIndex)
     );
 }
+
+#[test]
+fn packets_waiting_for_a_handshake_are_bounded_in_bytes_too() {
+    let mut p = Pair::new();
+    let big = packet([10, 0, 0, 1], [10, 0, 0, 2], 20_000);
+    for _ in 0..10 {
+        let mut buf = vec![0u8; 16 + big.len() + 32];
+        buf[16..16 + big.len()].copy_from_slice(&big);
+        let r =
+            p.a.encapsulate(p.now, p.wall, &mut p.rng, &mut buf, big.len());
+        assert_eq!(r, Encapsulated::Queued);
+    }
+    let (_, _, stats) = p.a.peers().next().unwrap();
+    // 96 KiB hold four of them: the six oldest went.
+    assert_eq!(stats.drops.queue_full, 6);
+}
