@@ -45,5 +45,7 @@ pub mod random;
 pub mod tun;
 
 pub use ifname::{IfName, NameError};
-pub use netlink::{Address, Link, LinkState, Netlink, NetlinkError, Route, Rule, TunInfo};
+pub use netlink::{
+    Address, Link, LinkState, Netlink, NetlinkError, Route, RouteLookup, Rule, TunInfo,
+};
 pub use tun::{DEFAULT_TUN_PATH, Mode, TunDevice, TunError, TunFeatures, TunOptions, offload};

@@ -294,6 +294,21 @@ pub struct Route {
     pub metric: Option<u32>,
 }
 
+/// The kernel's answer to `ip route get`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteLookup {
+    /// `local`, `unicast`, `unreachable`, `blackhole`, `prohibit`...
+    pub kind: String,
+    /// The device it leaves through.
+    pub oif: Option<u32>,
+    /// The next hop, if not on-link.
+    pub gateway: Option<IpAddr>,
+    /// The source address it would carry.
+    pub source: Option<IpAddr>,
+    /// The table that decided.
+    pub table: u32,
+}
+
 /// A policy routing rule (`ip rule`), with the fields tapir sets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
@@ -844,6 +859,57 @@ impl Netlink {
             || format!("{} table {table}", describe_route(dst, None, index)),
         )?;
         Ok(())
+    }
+
+    /// How the kernel would route a packet to `dst` (`ip route get DST`):
+    /// the kind (`local`, `unicast`, `unreachable`...), the device, the
+    /// gateway, the source address it would use, the table. `None` when
+    /// the kernel has no route at all (ENETUNREACH).
+    pub fn route_to(&mut self, dst: IpAddr) -> Result<Option<RouteLookup>, NetlinkError> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family_of(dst);
+        msg.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::from(dst)));
+        let answers = match self.request(
+            RouteNetlinkMessage::GetRoute(msg),
+            0,
+            "RTM_GETROUTE",
+            || dst.to_string(),
+        ) {
+            Ok(a) => a,
+            Err(e)
+                if matches!(
+                    e.errno(),
+                    Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH)
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(answers.iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewRoute(r) => {
+                let mut l = RouteLookup {
+                    kind: format!("{:?}", r.header.kind).to_lowercase(),
+                    oif: None,
+                    gateway: None,
+                    source: None,
+                    table: u32::from(r.header.table),
+                };
+                for a in &r.attributes {
+                    match a {
+                        RouteAttribute::Oif(i) => l.oif = Some(*i),
+                        RouteAttribute::Gateway(g) => l.gateway = route_addr(g),
+                        RouteAttribute::PrefSource(s) => l.source = route_addr(s),
+                        RouteAttribute::Table(t) => l.table = *t,
+                        _ => {}
+                    }
+                }
+                Some(l)
+            }
+            _ => None,
+        }))
     }
 
     /// Whether routing table `table` holds any route (IPv4 or IPv6).

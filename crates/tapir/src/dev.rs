@@ -342,6 +342,62 @@ pub struct DeviceView {
     pub routes: Vec<RouteView>,
     /// tun attributes this version does not know: type and hex value.
     pub unknown_attributes: Vec<(u16, String)>,
+    /// The processes (of this network namespace) that hold it open.
+    pub holders: Vec<Holder>,
+}
+
+/// A process holding a tun/tap device open.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Holder {
+    /// Its pid.
+    pub pid: i32,
+    /// Its command (`/proc/PID/comm`).
+    pub command: String,
+}
+
+/// Which processes of this network namespace hold which tun/tap devices:
+/// each descriptor of `/dev/net/tun` (or another clone device) says its
+/// device in the `iff:` line of `/proc/PID/fdinfo/FD`.
+pub fn holders() -> Vec<(String, Holder)> {
+    let scope = crate::scope::Scope::current().ok();
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if scope.as_ref().is_some_and(|s| !s.holds(pid)) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            if !target.to_string_lossy().contains("tun") {
+                continue;
+            }
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            if let Some(name) = info.lines().find_map(|l| l.strip_prefix("iff:")) {
+                let command = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+                let h = Holder { pid, command };
+                let name = name.trim().to_owned();
+                if !out.iter().any(|(n, x)| *n == name && *x == h) {
+                    out.push((name, h));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A uid or gid with its name.
@@ -392,9 +448,14 @@ pub struct RouteView {
     pub metric: Option<u32>,
 }
 
-fn view(link: &Link, addrs: &[Address], routes: &[Route]) -> DeviceView {
+fn view(link: &Link, addrs: &[Address], routes: &[Route], held: &[(String, Holder)]) -> DeviceView {
     let tun = link.tun.clone().unwrap_or_default();
     DeviceView {
+        holders: held
+            .iter()
+            .filter(|(n, _)| *n == link.name)
+            .map(|(_, h)| h.clone())
+            .collect(),
         ifname: link.name.clone(),
         ifindex: link.index,
         mode: tun.mode.map_or("unknown", Mode::as_str).into(),
@@ -467,10 +528,11 @@ pub fn list() -> Result<Vec<DeviceView>, DevError> {
     let links = nl.links()?;
     let addrs = nl.addresses(None)?;
     let routes = nl.routes(None)?;
+    let held = holders();
     Ok(links
         .iter()
         .filter(|l| l.is_tun())
-        .map(|l| view(l, &addrs, &routes))
+        .map(|l| view(l, &addrs, &routes, &held))
         .collect())
 }
 
@@ -481,7 +543,7 @@ pub fn show(name: &str) -> Result<DeviceView, DevError> {
     let link = tun_link(&mut nl, &name)?;
     let addrs = nl.addresses(Some(link.index))?;
     let routes = nl.routes(Some(link.index))?;
-    Ok(view(&link, &addrs, &routes))
+    Ok(view(&link, &addrs, &routes, &holders()))
 }
 
 /// One line per device, for `list`.
@@ -514,8 +576,8 @@ pub fn format_list(devs: &[DeviceView]) -> String {
             d.mtu.to_string(),
             match (d.open, d.queues) {
                 (false, _) => "no".into(),
-                (true, Some(n)) => format!("yes({n})"),
-                (true, None) => "yes".into(),
+                (true, Some(n)) => format!("yes({n}){}", holder_words(d)),
+                (true, None) => format!("yes{}", holder_words(d)),
             },
             d.addresses
                 .iter()
@@ -538,6 +600,19 @@ pub fn format_list(devs: &[DeviceView]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// ` by tapir(812),echo(90)`, or nothing.
+fn holder_words(d: &DeviceView) -> String {
+    if d.holders.is_empty() {
+        return String::new();
+    }
+    let who: Vec<String> = d
+        .holders
+        .iter()
+        .map(|h| format!("{}({})", h.command, h.pid))
+        .collect();
+    format!(" by {}", who.join(","))
 }
 
 fn flag_words(d: &DeviceView) -> String {
@@ -597,8 +672,11 @@ pub fn format_show(d: &DeviceView) -> String {
     );
     out += &match (d.open, d.queues) {
         (false, _) => "    open    no: no process has it open\n".to_string(),
-        (true, Some(n)) => format!("    open    yes: {n} queue(s) attached\n"),
-        (true, None) => "    open    yes: a process has it open\n".to_string(),
+        (true, Some(n)) => format!(
+            "    open    yes: {n} queue(s) attached{}\n",
+            holder_words(d)
+        ),
+        (true, None) => format!("    open    yes{}\n", holder_words(d)),
     };
     if d.owner.is_none() && d.group.is_none() && d.persist {
         out += "    note    no owner or group: any user who can open the clone device may attach (tapir dev add --user sets one)\n";

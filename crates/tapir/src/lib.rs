@@ -29,6 +29,7 @@ pub mod devices;
 pub mod doctor;
 pub mod dump;
 pub mod echo;
+pub mod explain;
 pub mod guestnet;
 pub mod nat;
 pub mod notify;

@@ -151,6 +151,14 @@ enum Command {
         #[command(flatten)]
         dirs: DirArgs,
     },
+    /// Say what the kernel does with an address (route, local, device, holder, tunnel peer) or a device.
+    Explain {
+        /// An address (10.0.0.2) or a device (tun0).
+        what: String,
+        /// Print the facts and findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// A guest network: a bridge, NAT and a DHCP server (libvirt's default network without libvirt).
     #[command(subcommand)]
     GuestNet(GuestNetCommand),
@@ -688,6 +696,18 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             let tap = tapir_sys::IfName::new(&name)?;
             for line in tapir::qemu::ifdown(&tap, &dirs.dirs().run)? {
                 eprintln!("tapir: {line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain { what, json } => {
+            let e = match what.parse::<std::net::IpAddr>() {
+                Ok(addr) => tapir::explain::address(addr)?,
+                Err(_) => tapir::explain::device(&tapir_sys::IfName::new(&what)?)?,
+            };
+            if json {
+                print_json(&e)?;
+            } else {
+                print!("{}", tapir::explain::format(&e));
             }
             Ok(ExitCode::SUCCESS)
         }

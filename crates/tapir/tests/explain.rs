@@ -1,0 +1,121 @@
+//! `tapir explain`: in each situation a learner meets, the right cause is
+//! named, and the JSON carries the facts used.
+
+mod support;
+
+use netlab::{Netns, require_root};
+use support::*;
+
+fn explain(ns: &Netns, what: &str) -> (String, serde_json::Value) {
+    let run = |json: bool| {
+        let mut c = ns.cmd(env!("CARGO_BIN_EXE_tapir"));
+        c.args(["explain", what]);
+        if json {
+            c.arg("--json");
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    (run(false), serde_json::from_str(&run(true)).unwrap())
+}
+
+#[test]
+fn explain_names_the_cause_in_each_situation() {
+    require_root!();
+    let bed = bed("expl");
+    let a = &bed.a;
+    a.ip(&["tuntap", "add", "dev", "tun0", "mode", "tun"]);
+    a.ip(&["addr", "add", "10.0.0.1/24", "dev", "tun0"]);
+    a.ip(&["link", "set", "tun0", "up"]);
+    // The device's own address: local, answered through lo.
+    let (text, json) = explain(a, "10.0.0.1");
+    assert!(
+        text.contains("is an address of this host") && text.contains("through lo"),
+        "{text}"
+    );
+    assert_eq!(json["facts"]["route"]["kind"], "local");
+    // Another address of the subnet: routed into tun0, which nobody holds.
+    let (text, json) = explain(a, "10.0.0.2");
+    assert!(
+        text.contains("routed out of tun0") && text.contains("no process holds"),
+        "{text}"
+    );
+    assert_eq!(json["facts"]["route"]["device"], "tun0");
+    assert_eq!(json["facts"]["device"]["open"], false);
+    let (text, _) = explain(a, "tun0");
+    assert!(
+        text.contains("no process holds it") && text.contains("tcpdump on it shows nothing"),
+        "{text}"
+    );
+    // A reader attached: named, with its pid.
+    let mut echo = Proc(Some(
+        a.cmd(env!("CARGO_BIN_EXE_tapir"))
+            .args(["echo", "tun0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let pid = echo.0.as_ref().unwrap().id();
+    wait_for(
+        || {
+            a.ip_json(&["link", "show", "tun0"])[0]["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|f| f != "NO-CARRIER")
+        },
+        "the echo program to attach",
+    );
+    let (text, json) = explain(a, "10.0.0.2");
+    assert!(
+        text.contains(&format!("held by tapir (pid {pid})")),
+        "{text}"
+    );
+    assert_eq!(json["facts"]["device"]["holders"][0]["pid"], pid);
+    let list = a
+        .cmd(env!("CARGO_BIN_EXE_tapir"))
+        .args(["dev", "list"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).contains(&format!("yes by tapir({pid})")));
+    echo.stop();
+    // Down.
+    a.ip(&["link", "set", "tun0", "down"]);
+    let (text, _) = explain(a, "tun0");
+    assert!(text.contains("it is down"), "{text}");
+    // No route at all (a namespace without a default route).
+    let (text, json) = explain(a, "192.0.2.99");
+    assert!(text.contains("no route to 192.0.2.99"), "{text}");
+    assert!(json["facts"]["route"].is_null());
+    // A tapir tunnel: the peer that covers the address, never handshaken.
+    let (_, pb) = genkey();
+    let (ka, _) = genkey();
+    let side = Side {
+        ns: a,
+        name: ifname("ext"),
+        port: 51899,
+        addr: "10.78.0.1",
+    };
+    let _t = tapir(
+        &bed,
+        &side,
+        &ka,
+        &pb,
+        Some("10.200.0.2:51899"),
+        "10.78.0.0/24",
+    );
+    let (text, json) = explain(a, "10.78.0.9");
+    assert!(
+        text.contains("is a tapir tunnel")
+            && text.contains("never completed a handshake")
+            && text.contains(&pb),
+        "{text}"
+    );
+    assert_eq!(json["facts"]["tunnel"]["allowed_ip"], "10.78.0.0/24");
+}
