@@ -29,9 +29,13 @@ fn tun_view(name: &str) -> Option<DeviceView> {
     dev::show(name).ok()
 }
 
-/// The tapir tunnel answering for interface `name`, and which of its peers
-/// covers `addr` (public key, allowed IP, latest handshake), if any.
-fn tunnel_peer(name: &str, addr: IpAddr) -> Option<(Option<(String, String, u64)>, usize)> {
+/// A tunnel's peer that covers an address: its public key (base64), the
+/// allowed IP that covers it, its latest handshake (Unix time, 0: never).
+type Covering = (String, String, u64);
+
+/// The tapir tunnel answering for interface `name`: which of its peers
+/// covers `addr`, if any, and how many peers it has.
+fn tunnel_peer(name: &str, addr: IpAddr) -> Option<(Option<Covering>, usize)> {
     let kv = crate::service::query(name).ok()?;
     let mut peers = 0;
     let mut best: Option<(String, ipnet::IpNet, u64)> = None;
