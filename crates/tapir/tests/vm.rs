@@ -7,28 +7,9 @@
 mod support;
 
 use std::path::Path;
-use std::process::Output;
 
 use netlab::{Netns, require_root};
 use support::*;
-
-fn tapir_in(ns: &Netns, dir: &Path, args: &[&str]) -> Output {
-    ns.cmd(env!("CARGO_BIN_EXE_tapir"))
-        .args(args)
-        .env("TAPIR_RUN_DIR", dir.join("run"))
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn ruleset(ns: &Netns) -> String {
     let out = ns
@@ -147,6 +128,40 @@ fn qemu_links(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     (up, down)
 }
 
+/// A real QEMU guest without disk or KVM, booting from the network (its
+/// iPXE ROM DHCPs), its tap set up and taken down by tapir's links, with
+/// `env` for them.
+fn qemu(h: &Netns, dir: &Path, tap: &str, mac: &str, env: &[(&str, &str)]) -> Proc {
+    let (up, down) = qemu_links(dir);
+    let mut cmd = h.cmd("qemu-system-x86_64");
+    cmd.args([
+        "-nodefaults",
+        "-display",
+        "none",
+        "-m",
+        "64",
+        "-boot",
+        "n",
+        "-no-reboot",
+        "-netdev",
+    ])
+    .arg(format!(
+        "tap,id=n0,ifname={tap},script={},downscript={}",
+        up.display(),
+        down.display()
+    ))
+    .args(["-device", &format!("e1000,netdev=n0,mac={mac}")])
+    .env("TAPIR_RUN_DIR", dir.join("run"))
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc(Some(cmd.spawn().expect(
+        "qemu-system-x86_64 (Debian packages qemu-system-x86 and ipxe-qemu)",
+    )))
+}
+
 #[test]
 fn qemu_ifup_puts_taps_on_a_bridge_it_creates_and_ifdown_takes_it_back() {
     require_root!();
@@ -229,34 +244,16 @@ fn a_real_qemu_guest_dhcps_on_the_bridge_and_leaves_nothing() {
     let bed = bed("qemu");
     let h = &bed.b;
     let dir = &bed.dir;
-    let (up, down) = qemu_links(dir);
-    let mut qemu = Proc(Some(
-        h.cmd("qemu-system-x86_64")
-            .args([
-                "-nodefaults",
-                "-display",
-                "none",
-                "-m",
-                "64",
-                "-boot",
-                "n",
-                "-no-reboot",
-                "-netdev",
-            ])
-            .arg(format!(
-                "tap,id=n0,ifname=qtap9,script={},downscript={}",
-                up.display(),
-                down.display()
-            ))
-            .args(["-device", "e1000,netdev=n0"])
-            .env("TAPIR_QEMU_BRIDGE", "br99")
-            .env("TAPIR_QEMU_ADDR", "192.168.99.1/24")
-            .env("TAPIR_RUN_DIR", dir.join("run"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("qemu-system-x86_64 (Debian packages qemu-system-x86 and ipxe-qemu)"),
-    ));
+    let mut qemu = qemu(
+        h,
+        dir,
+        "qtap9",
+        "52:54:00:12:34:98",
+        &[
+            ("TAPIR_QEMU_BRIDGE", "br99"),
+            ("TAPIR_QEMU_ADDR", "192.168.99.1/24"),
+        ],
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !h.has_link("br99") {
         assert!(
@@ -294,7 +291,6 @@ fn a_real_qemu_guest_gets_its_address_from_guest_net_and_down_leaves_nothing() {
     let bed = bed("gnet");
     let h = &bed.b;
     let dir = &bed.dir;
-    let (up, down) = qemu_links(dir);
     let rules_before = ruleset(h);
     let gnet = |args: &[&str]| tapir_in(h, dir, args);
     let out = ok(&gnet(&[
@@ -320,32 +316,13 @@ fn a_real_qemu_guest_gets_its_address_from_guest_net_and_down_leaves_nothing() {
         "vb",
     ]));
     assert!(again.contains("already up"), "{again}");
-    let mut qemu = Proc(Some(
-        h.cmd("qemu-system-x86_64")
-            .args([
-                "-nodefaults",
-                "-display",
-                "none",
-                "-m",
-                "64",
-                "-boot",
-                "n",
-                "-no-reboot",
-                "-netdev",
-            ])
-            .arg(format!(
-                "tap,id=n0,ifname=qtap8,script={},downscript={}",
-                up.display(),
-                down.display()
-            ))
-            .args(["-device", "e1000,netdev=n0,mac=52:54:00:12:34:99"])
-            .env("TAPIR_QEMU_BRIDGE", "gnet0")
-            .env("TAPIR_RUN_DIR", dir.join("run"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("qemu-system-x86_64 (Debian packages qemu-system-x86 and ipxe-qemu)"),
-    ));
+    let mut qemu = qemu(
+        h,
+        dir,
+        "qtap8",
+        "52:54:00:12:34:99",
+        &[("TAPIR_QEMU_BRIDGE", "gnet0")],
+    );
     // iPXE completes DHCP: a bound lease for the guest's MAC, in the subnet.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     let lease = loop {

@@ -9,31 +9,12 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use netlab::{Netns, require_root};
 use support::*;
-
-fn tapir_in(ns: &Netns, dir: &Path, args: &[&str]) -> Output {
-    ns.cmd(env!("CARGO_BIN_EXE_tapir"))
-        .args(args)
-        .env("TAPIR_RUN_DIR", dir.join("run"))
-        .env("TAPIR_LOG_DIR", dir.join("log"))
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Every rule and every route of every table, both families.
 fn routing(ns: &Netns) -> String {

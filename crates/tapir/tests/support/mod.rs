@@ -481,3 +481,26 @@ pub fn first_reply(ns: &Netns, to: &str, limit: Duration) -> Duration {
     }
     panic!("no reply from {to} within {limit:?}");
 }
+
+/// `tapir ARGS` in `ns`, with run and log directories under `dir`.
+#[allow(dead_code)] // not every test file uses every helper
+pub fn tapir_in(ns: &Netns, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    ns.cmd(TAPIR)
+        .args(args)
+        .env("TAPIR_RUN_DIR", dir.join("run"))
+        .env("TAPIR_LOG_DIR", dir.join("log"))
+        .output()
+        .unwrap()
+}
+
+/// A command's stdout, after checking it succeeded (its output otherwise).
+#[allow(dead_code)]
+pub fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
