@@ -159,6 +159,7 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, shutdown: &AtomicBool) -> Res
         ka.public_key(),
         kb.public_key()
     );
+    println!("   by hand: wg genkey | tee a.key | wg pubkey");
 
     println!(
         "\n==> 3. a tapir tunnel between them (tapir run NAME.conf, a wg-quick file){}{}",
@@ -233,6 +234,11 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, shutdown: &AtomicBool) -> Res
             .map_err(|e| format!("{}: {e}", show(&cmd)))?;
         lab.children.push(child);
     }
+    println!(
+        "   by hand, each tapir run does what these do: ip tuntap add dev tp-a mode {}; ip addr add 10.99.0.1/24 dev tp-a;\n   ip link set tp-a up; then a WireGuard{} daemon on the device (wireguard-go tp-a; wg setconf tp-a FILE)",
+        if kind.tap { "tap" } else { "tun" },
+        if kind.tcp { " (over udp2tcp)" } else { "" }
+    );
     for (ns, dev) in [(&a, "tp-a"), (&b, "tp-b")] {
         wait_link(ns, dev, shutdown).map_err(|e| {
             let log = std::fs::read_to_string(dir.join(format!("{dev}.log"))).unwrap_or_default();

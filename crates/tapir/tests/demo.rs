@@ -51,7 +51,9 @@ fn the_demo_runs_and_leaves_nothing_behind() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("$ ip netns add tapir-demo-"),
+        stdout.contains("$ ip netns add tapir-demo-")
+            && stdout.contains("by hand: wg genkey")
+            && stdout.contains("by hand, each tapir run does what these do: ip tuntap add"),
         "shows the commands: {stdout}"
     );
     assert!(
