@@ -121,7 +121,10 @@ pub fn run(
             break; // stdout closed (| head): stop quietly, as tcpdump does
         }
         if let Some(w) = pcap.as_mut() {
+            // Flushed per packet (tcpdump's -U): the file can be read, or
+            // followed, while the capture runs.
             w.write_packet(ts, data)
+                .and_then(|()| w.flush())
                 .map_err(|e| DevError::Runtime(format!("writing the pcap file: {e}")))?;
         }
     }

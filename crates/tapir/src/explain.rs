@@ -118,6 +118,17 @@ pub fn address(addr: IpAddr) -> Result<Explanation, DevError> {
             "table": route.table,
         }
     });
+    // A local address's route goes through lo: name the device that has it.
+    let dev = if route.kind == "local" {
+        nl.addresses(None)?
+            .iter()
+            .find(|a| a.local.addr() == addr)
+            .and_then(|a| links.iter().find(|l| l.index == a.index))
+            .map(|l| l.name.clone())
+            .or(dev)
+    } else {
+        dev
+    };
     match route.kind.as_str() {
         "local" => {
             findings.push(format!(
