@@ -180,6 +180,17 @@ pub fn address(addr: IpAddr) -> Result<Explanation, DevError> {
                     ));
                 }
             }
+            if tun_view(&name).is_none() && addr.is_ipv4() {
+                guests_hint(
+                    &mut nl,
+                    &links,
+                    &name,
+                    addr,
+                    &mut findings,
+                    &mut next,
+                    &mut facts,
+                )?;
+            }
             if let Some((peer, peers)) = tunnel_peer(&name, addr) {
                 facts["tunnel"] = serde_json::json!({ "peers": peers, "peer": peer.as_ref().map(|p| &p.0), "allowed_ip": peer.as_ref().map(|p| &p.1), "latest_handshake": peer.as_ref().map(|p| p.2) });
                 match peer {
@@ -218,6 +229,62 @@ pub fn address(addr: IpAddr) -> Result<Explanation, DevError> {
         findings,
         next,
     })
+}
+
+/// "Why does my VM not reach the internet?": for an address routed out of
+/// `out` (not a tun/tap), the guest subnets of this host (addresses on
+/// bridges and taps) that cannot reach it, and why: forwarding off, or no
+/// masquerade for them out of `out`.
+fn guests_hint(
+    nl: &mut Netlink,
+    links: &[tapir_sys::Link],
+    out: &str,
+    addr: IpAddr,
+    findings: &mut Vec<String>,
+    next: &mut Vec<String>,
+    facts: &mut serde_json::Value,
+) -> Result<(), DevError> {
+    let guest_links: Vec<&tapir_sys::Link> = links
+        .iter()
+        .filter(|l| l.kind.as_deref() == Some("bridge") || l.is_tun())
+        .filter(|l| l.name != out)
+        .collect();
+    let addrs = nl.addresses(None)?;
+    let subnets: Vec<(String, ipnet::IpNet)> = addrs
+        .iter()
+        .filter(|a| a.local.addr().is_ipv4())
+        .filter_map(|a| {
+            guest_links
+                .iter()
+                .find(|l| l.index == a.index)
+                .map(|l| (l.name.clone(), a.local.trunc()))
+        })
+        .collect();
+    if subnets.is_empty() {
+        return Ok(());
+    }
+    let forwarding =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "1");
+    let nat = crate::nat::entries().unwrap_or_default();
+    facts["guests"] = serde_json::json!({
+        "forwarding": forwarding,
+        "subnets": subnets.iter().map(|(l, n)| format!("{n} on {l}")).collect::<Vec<_>>(),
+        "masquerade": nat.iter().map(|e| format!("{} out of {}", e.source, e.out)).collect::<Vec<_>>(),
+    });
+    for (link, net) in &subnets {
+        if !forwarding {
+            findings.push(format!(
+                "forwarding is off on this host: guests on {link} ({net}) reach the host only, not {addr}"
+            ));
+            next.push(format!("tapir nat enable --source {net} --out {out} (forwarding and masquerade, reversibly)"));
+        } else if !nat.iter().any(|e| e.source == *net && e.out == out) {
+            findings.push(format!(
+                "no masquerade for {net} (on {link}) out of {out}: guests' packets leave with their own addresses, and replies find no way back unless the next hop routes {net} to this host"
+            ));
+            next.push(format!("tapir nat enable --source {net} --out {out}"));
+        }
+    }
+    Ok(())
 }
 
 /// `tapir explain DEV`.

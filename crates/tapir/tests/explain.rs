@@ -93,9 +93,25 @@ fn explain_names_the_cause_in_each_situation() {
     let (text, json) = explain(a, "192.0.2.99");
     assert!(text.contains("no route to 192.0.2.99"), "{text}");
     assert!(json["facts"]["route"].is_null());
+    // Routed elsewhere: out of the veth, no tun/tap in the way.
+    let (text, json) = explain(a, "10.200.0.2");
+    assert!(text.contains("routed out of va"), "{text}");
+    assert!(json["facts"]["device"].is_null());
+    // A VM subnet behind a bridge, no forwarding: the guests cannot get out.
+    a.ip(&["link", "add", "br5", "type", "bridge"]);
+    a.ip(&["addr", "add", "192.168.5.1/24", "dev", "br5"]);
+    a.ip(&["route", "add", "default", "via", "10.200.0.2"]);
+    let (text, json) = explain(a, "198.51.100.1");
+    assert!(
+        text.contains(
+            "forwarding is off on this host: guests on br5 (192.168.5.0/24) reach the host only"
+        ) && text.contains("tapir nat enable --source 192.168.5.0/24 --out va"),
+        "{text}"
+    );
+    assert_eq!(json["facts"]["guests"]["forwarding"], false);
     // A tapir tunnel: the peer that covers the address, never handshaken.
-    let (_, pb) = genkey();
-    let (ka, _) = genkey();
+    let (kb, pb) = genkey();
+    let (ka, pa) = genkey();
     let side = Side {
         ns: a,
         name: ifname("ext"),
@@ -118,4 +134,19 @@ fn explain_names_the_cause_in_each_situation() {
         "{text}"
     );
     assert_eq!(json["facts"]["tunnel"]["allowed_ip"], "10.78.0.0/24");
+    // And once the other end answers: its latest handshake.
+    let b = Side {
+        ns: &bed.b,
+        name: ifname("exb"),
+        port: 51899,
+        addr: "10.78.0.2",
+    };
+    let _tb = tapir(&bed, &b, &kb, &pa, None, "10.78.0.1/32");
+    // The first initiation went before b was there: the retry comes within 5 s.
+    first_reply(a, "10.78.0.2", std::time::Duration::from_secs(15));
+    let (text, _) = explain(a, "10.78.0.2");
+    assert!(
+        text.contains("latest handshake") && !text.contains("never"),
+        "{text}"
+    );
 }

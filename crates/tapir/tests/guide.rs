@@ -1,9 +1,9 @@
 //! `docs/guide.md` is run, so it cannot drift from the tool. Each `## `
 //! section runs in a network namespace of its own, in a directory of its
 //! own; in its ```` ```console ```` blocks, `$ CMD` lines are run through
-//! `sh` (a trailing ` &` runs in the background until the section ends)
-//! and the lines after each are what its output must show, in order; a
-//! `...` in one stands for anything. A ```` ```FORMAT file=NAME ```` block is
+//! `sh` (a trailing ` &` runs in the background until the section ends),
+//! must succeed unless marked `# fails`, and the lines after each are what
+//! its output must show, in order; a `...` in one stands for anything. A ```` ```FORMAT file=NAME ```` block is
 //! written to NAME first.
 
 mod support;
@@ -122,6 +122,12 @@ fn every_example_of_the_guide_does_what_it_shows() {
                     }
                     let out = c.args(["-c", &format!("{cmd} 2>&1")]).output().unwrap();
                     let got = String::from_utf8_lossy(&out.stdout).into_owned();
+                    // A command fails the guide unless it says it fails.
+                    assert!(
+                        out.status.success() || cmd.contains("# fails"),
+                        "guide, section {title:?}: `{cmd}` failed ({}):\n{got}",
+                        out.status
+                    );
                     let mut lines = got.lines();
                     for want in &expect {
                         assert!(
