@@ -568,7 +568,10 @@ fn a_stalled_control_client_does_not_stall_the_packets() {
     // Clients that start a request and never finish it, one after another,
     // and one that sends an endless line.
     let sock = format!("/var/run/wireguard/{}.sock", a.name);
+    let ns_path = bed.a.path();
     let stallers = std::thread::spawn(move || {
+        // From the tunnel's namespace: it refuses clients of any other.
+        tapir_sys::netns::enter(&ns_path).unwrap();
         let mut held = Vec::new();
         for _ in 0..5 {
             let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
