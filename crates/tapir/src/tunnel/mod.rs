@@ -39,11 +39,14 @@ use tapir_sys::poll::PollSet;
 use tapir_sys::{IfName, Mode, Netlink, TunDevice, TunOptions, offload};
 use tapir_wire::vnet::{self, VnetHeader};
 
+pub mod config;
 pub mod control;
 pub mod engine;
 pub mod ops;
 pub mod reload;
+pub mod saveconfig;
 pub mod tcp;
+pub mod uapi;
 use tcp::TcpTransport;
 
 /// Datagrams per system call.

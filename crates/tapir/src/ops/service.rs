@@ -820,11 +820,11 @@ pub fn format(tunnels: &[TunnelStatus]) -> String {
 const UNITS: [(&str, &str); 2] = [
     (
         "tapir@.service",
-        include_str!("../../../dist/systemd/tapir@.service"),
+        include_str!("../../../../dist/systemd/tapir@.service"),
     ),
     (
         "tapir-devices.service",
-        include_str!("../../../dist/systemd/tapir-devices.service"),
+        include_str!("../../../../dist/systemd/tapir-devices.service"),
     ),
 ];
 
