@@ -116,6 +116,34 @@ fn nat_lets_a_guest_out_as_the_host_and_disable_leaves_everything_as_before() {
     // Disabling what is not enabled says so, and succeeds.
     let out = ok(&tapir_in(h, dir, &["nat", "disable"]));
     assert!(out.contains("was not enabled"), "{out}");
+    // IPv6: the same for a guest prefix, with IPv6 forwarding.
+    g.ip(&["addr", "add", "fd77::2/64", "dev", "va", "nodad"]);
+    h.ip(&["addr", "add", "fd77::1/64", "dev", "vb", "nodad"]);
+    g.ip(&["-6", "route", "add", "default", "via", "fd77::1"]);
+    h.ip(&["addr", "add", "fd13::1/64", "dev", "vhi", "nodad"]);
+    i.ip(&["addr", "add", "fd13::2/64", "dev", "vi", "nodad"]);
+    nft(
+        &i,
+        "table inet watch6 {\n chain in {\n  type filter hook input priority 0\n  ip6 saddr fd13::1 icmpv6 type echo-request counter comment \"host6\"\n }\n}\n",
+    );
+    let fwd6_before = sysctl(h, "net.ipv6.conf.all.forwarding");
+    let enable6 = ["nat", "enable", "--source", "fd77::/64", "--out", "vhi"];
+    ok(&tapir_in(h, dir, &enable6));
+    assert_eq!(sysctl(h, "net.ipv6.conf.all.forwarding"), "1");
+    ping_args(g, &["-6", "-c", "3", "-i", "0.2"], "fd13::2");
+    let out = i
+        .cmd("nft")
+        .args(["list", "table", "inet", "watch6"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("packets 0 "),
+        "the internet sees the host's IPv6 address: {text}"
+    );
+    ok(&tapir_in(h, dir, &["nat", "disable"]));
+    assert_eq!(sysctl(h, "net.ipv6.conf.all.forwarding"), fwd6_before);
+    assert_eq!(ruleset(h), rules_before);
 }
 
 /// The links QEMU's script= and downscript= point at.
