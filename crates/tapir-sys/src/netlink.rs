@@ -669,6 +669,16 @@ impl Netlink {
 
     /// Routes of the main table through interface `index` (or all), IPv4 and IPv6.
     pub fn routes(&mut self, index: Option<u32>) -> Result<Vec<Route>, NetlinkError> {
+        Ok(self
+            .all_routes()?
+            .into_iter()
+            .filter(|r| r.table == u32::from(RouteHeader::RT_TABLE_MAIN))
+            .filter(|r| index.is_none_or(|i| r.oif == Some(i)))
+            .collect())
+    }
+
+    /// Every route of every table, IPv4 and IPv6.
+    fn all_routes(&mut self) -> Result<Vec<Route>, NetlinkError> {
         let mut out = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut msg = RouteMessage::default();
@@ -679,16 +689,10 @@ impl Netlink {
                 "RTM_GETROUTE",
                 || "(dump)".into(),
             )?;
-            out.extend(
-                answers
-                    .iter()
-                    .filter_map(|m| match m {
-                        RouteNetlinkMessage::NewRoute(r) => route_from_message(r),
-                        _ => None,
-                    })
-                    .filter(|r| r.table == u32::from(RouteHeader::RT_TABLE_MAIN))
-                    .filter(|r| index.is_none_or(|i| r.oif == Some(i))),
-            );
+            out.extend(answers.iter().filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => route_from_message(r),
+                _ => None,
+            }));
         }
         Ok(out)
     }
@@ -914,26 +918,7 @@ impl Netlink {
 
     /// Whether routing table `table` holds any route (IPv4 or IPv6).
     pub fn table_in_use(&mut self, table: u32) -> Result<bool, NetlinkError> {
-        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            let mut msg = RouteMessage::default();
-            msg.header.address_family = family;
-            let answers = self.request(
-                RouteNetlinkMessage::GetRoute(msg),
-                NLM_F_DUMP,
-                "RTM_GETROUTE",
-                || "(dump)".into(),
-            )?;
-            let used = answers.iter().any(|m| match m {
-                RouteNetlinkMessage::NewRoute(r) => {
-                    route_from_message(r).is_some_and(|r| r.table == table)
-                }
-                _ => false,
-            });
-            if used {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        Ok(self.all_routes()?.iter().any(|r| r.table == table))
     }
 }
 
