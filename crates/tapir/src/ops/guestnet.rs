@@ -12,9 +12,8 @@
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -156,24 +155,12 @@ pub fn up(
         }
         let _ = std::fs::remove_file(&leases_file);
         let log = scope.dir(&dirs.log).join(format!("guest-net-{name}.log"));
-        let logf = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .map_err(|e| format!("{}: {e}", log.display()))?;
-        let _ = tapir_sys::process::cloexec_beyond_stdio();
-        let mut child = Command::new(tapir)
-            .args(["guest-net", "serve", name.as_str(), "--subnet"])
+        let mut cmd = Command::new(tapir);
+        cmd.args(["guest-net", "serve", name.as_str(), "--subnet"])
             .arg(subnet.to_string())
             .arg("--run-dir")
-            .arg(&dirs.run)
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().map_err(|e| e.to_string())?)
-            .stderr(logf)
-            .process_group(0)
-            .spawn()
-            .map_err(|e| format!("starting {}: {e}", tapir.display()))?;
+            .arg(&dirs.run);
+        let (mut child, _) = crate::service::spawn_daemon(cmd, &log)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !leases_file.exists() {
             if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {

@@ -192,6 +192,33 @@ pub fn reload(name: &str) -> Result<Reloaded, String> {
     }
 }
 
+/// Starts `cmd` (tapir itself) as a daemon: its output appended to `log`
+/// (no symbolic link followed), stdin from /dev/null, working from /, with
+/// its stdio and nothing else the caller had open, in a process group of
+/// its own (a Ctrl-C at the terminal that started it does not reach it).
+/// Returns the child and where its output starts in the log.
+pub fn spawn_daemon(mut cmd: Command, log: &Path) -> Result<(std::process::Child, u64), String> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(log)
+        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let start = out.metadata().map(|m| m.len()).unwrap_or(0);
+    if let Err(e) = tapir_sys::process::cloexec_beyond_stdio() {
+        eprintln!("tapir: warning: extra descriptors may reach the background process: {e}");
+    }
+    let child = cmd
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().map_err(|e| e.to_string())?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", cmd.get_program().to_string_lossy()))?;
+    Ok((child, start))
+}
+
 /// Starts the tunnels of `file` in the background; returns their names once
 /// they answer, or the reason they did not (with nothing left behind).
 pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up, String> {
@@ -250,35 +277,16 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up,
     let log_path = dirs
         .log_here(&scope)
         .join(format!("{}.log", names.join("+")));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&log_path)
-        .map_err(|e| format!("{}: {e}", log_path.display()))?;
-    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
-    // The daemon gets its stdio and nothing else the caller had open, and
-    // does not hold the caller's working directory.
-    if let Err(e) = tapir_sys::process::cloexec_beyond_stdio() {
-        eprintln!("tapir: warning: extra descriptors may reach the tunnel process: {e}");
-    }
-    let mut child = Command::new(tapir)
-        .current_dir("/")
-        .arg("run")
+    let mut cmd = Command::new(tapir);
+    cmd.arg("run")
         .arg("--tun-path")
         .arg(tun_path)
         .arg("--run-dir")
         .arg(&dirs.run)
         .arg("--log-dir")
         .arg(&dirs.log)
-        .arg(file)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log)
-        // Its own process group: a Ctrl-C at the terminal that ran `up` does not reach it.
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", tapir.display()))?;
+        .arg(file);
+    let (mut child, log_start) = spawn_daemon(cmd, &log_path)?;
     let pid = child.id() as i32;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

@@ -14,7 +14,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -38,24 +38,11 @@ pub fn daemonize(tapir: &Path, name: &IfName, tun_path: &Path, log: &Path) -> Re
     if let Some(dir) = log.parent() {
         crate::uapi::ensure_private_dir(dir)?;
     }
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(|e| format!("{}: {e}", log.display()))?;
-    let start = out.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = tapir_sys::process::cloexec_beyond_stdio();
-    let mut child = Command::new(tapir)
-        .args(["wireguard-go", "--foreground", "--tun-path"])
+    let mut cmd = Command::new(tapir);
+    cmd.args(["wireguard-go", "--foreground", "--tun-path"])
         .arg(tun_path)
-        .arg(name.as_str())
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().map_err(|e| e.to_string())?)
-        .stderr(out)
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", tapir.display()))?;
+        .arg(name.as_str());
+    let (mut child, start) = crate::service::spawn_daemon(cmd, log)?;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
@@ -78,8 +65,6 @@ pub fn daemonize(tapir: &Path, name: &IfName, tun_path: &Path, log: &Path) -> Re
         std::thread::sleep(Duration::from_millis(25));
     }
 }
-
-use std::os::unix::process::CommandExt;
 
 /// What `wg setconf` has said so far, before the tunnel has a key.
 struct Pending {
