@@ -73,7 +73,12 @@ iperf() {
     kill $sp 2>/dev/null; wait $sp 2>/dev/null
     awk -v b="$bps" 'BEGIN { printf "%.2f", b / 1e9 }'
 }
-rtt() { ip netns exec $a ping -c 200 -i 0.005 -q "$1" 2>/dev/null | sed -n 's|.*= [0-9.]*/\([0-9.]*\)/.*|\1|p'; }
+# rtt DST -> the median of 1000 pings 2 ms apart, in ms (a mean would be
+# the scheduler's outliers as much as the tunnel's own time).
+rtt() {
+    ip netns exec $a ping -c 1000 -i 0.002 "$1" 2>/dev/null | sed -n 's/.*time=\([0-9.]*\).*/\1/p' | sort -n |
+        awk '{ v[NR] = $1 } END { if (NR) printf "%.3f", v[int((NR + 1) / 2)] }'
+}
 
 keys() { "$tapir" genkey; }
 pub() { echo "$1" | "$tapir" pubkey; }
@@ -113,7 +118,7 @@ tapir_pair() {
 setup_tapir() { tapir_pair ""; }
 # The same without UDP segmentation and coalescing, to show what they bring.
 setup_tapir_nouo() { TAPIR_UDP_GSO=off TAPIR_UDP_GRO=off tapir_pair ""; }
-setup_tapir_2t() { TAPIR_THREADS=2 tapir_pair ""; }
+setup_tapir_1t() { TAPIR_THREADS=1 tapir_pair ""; }
 setup_tapir_tap() { tapir_pair "Mode = tap"; }
 setup_tapir_tcp() { tapir_pair "Transport = tcp"; }
 setup_wggo() { DST=10.78.0.2; command -v wireguard-go >/dev/null || { WHY="wireguard-go not installed"; return 1; }; uapi_pair wgg$tag env WG_PROCESS_FOREGROUND=1 wireguard-go -f; }
@@ -199,8 +204,8 @@ setup_tinc() {
     WHY="tinc did not connect: $(tail -1 "$work/tinc-a.log")"; return 1
 }
 
-peers=${PEERS:-"veth tapir tapir_2t tapir_nouo wggo boringtun gotatun openvpn vtun tapir_tap openvpn_tap tinc vtun_ether tapir_tcp openvpn_tcp vtun_tcp"}
-declare -A label=([veth]="raw veth" [tapir]=tapir [tapir_2t]="tapir, a thread per direction" [tapir_nouo]="tapir, no UDP GSO/GRO" [wggo]=wireguard-go [boringtun]=boringtun-cli [gotatun]=gotatun-cli [openvpn]="OpenVPN AES-256-GCM" [vtun]="VTun (no crypto)"
+peers=${PEERS:-"veth tapir tapir_1t tapir_nouo wggo boringtun gotatun openvpn vtun tapir_tap openvpn_tap tinc vtun_ether tapir_tcp openvpn_tcp vtun_tcp"}
+declare -A label=([veth]="raw veth" [tapir]=tapir [tapir_1t]="tapir, one thread" [tapir_nouo]="tapir, no UDP GSO/GRO" [wggo]=wireguard-go [boringtun]=boringtun-cli [gotatun]=gotatun-cli [openvpn]="OpenVPN AES-256-GCM" [vtun]="VTun (no crypto)"
     [tapir_tap]="tapir tap" [openvpn_tap]="OpenVPN tap AES-GCM" [tinc]="tinc switch" [vtun_ether]="VTun ether (no crypto)"
     [tapir_tcp]="tapir TCP" [openvpn_tcp]="OpenVPN TCP AES-GCM" [vtun_tcp]="VTun TCP (no crypto)")
 declare -A one four ms note
@@ -234,13 +239,20 @@ for p in wggo boringtun gotatun openvpn vtun; do
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0) printf "%.2f", a / b; else print "-" }'; }
 printf '\nSame machine, same run; iperf3 TCP %s s per figure; veth MTU 1500.\n\n' "$T"
-printf '| %-22s | %10s | %10s | %10s | %s\n' peer "1 stream" "4 streams" "RTT ms" status
+printf '| %-22s | %10s | %10s | %10s | %s\n' peer "1 stream" "4 streams" "RTT ms p50" status
 printf '|%s|%s|%s|%s|%s\n' "------------------------" "------------" "------------" "------------" "------"
 for p in $peers; do
     printf '| %-22s | %10s | %10s | %10s | %s\n' "${label[$p]}" "${one[$p]:--}" "${four[$p]:--}" "${ms[$p]:--}" "${note[$p]:-ok}"
 done
 printf '\nGbit/s. tapir / best userspace peer (%s, 1 stream): %s; tapir / raw veth: %s\n' \
     "${bestname:-none}" "$(ratio "${one[tapir]:-0}" "$best")" "$(ratio "${one[tapir]:-0}" "${one[veth]:-0}")"
+lo=; loname=
+for p in wggo boringtun gotatun openvpn vtun; do
+    v=${ms[$p]:-}
+    [[ -n $v ]] || continue
+    if [[ -z $lo ]] || awk -v v="$v" -v b="$lo" 'BEGIN { exit !(v < b) }'; then lo=$v; loname=${label[$p]}; fi
+done
+printf 'ping, median: tapir %s ms; the quickest userspace peer (%s) %s ms\n' "${ms[tapir]:--}" "${loname:-none}" "${lo:--}"
 printf 'tapir (sending side) during the 1-stream run: CPU %s of one core, RSS %s\n' "${tapir_cpu:--}" "${tapir_rss:--}"
 # The same comparisons for Ethernet tunnels and for tunnels over TCP.
 best_of() {

@@ -94,6 +94,12 @@ pub struct Batch {
     groups: Vec<(usize, usize)>,
 }
 
+// SAFETY: the raw pointers in `iovs` and `hdrs` point only into the Batch's
+// own heap buffers (`data`, `addrs`, `iovs`, `ctrl`), which do not move when
+// the Batch does, and are used only through `&mut self`: a Batch may move
+// to another thread (or sit behind a Mutex) like the Vecs it is made of.
+unsafe impl Send for Batch {}
+
 fn empty_sockaddr() -> libc::sockaddr_in6 {
     // SAFETY: sockaddr_in6 is a plain C struct of integers; all-zero is valid.
     unsafe { std::mem::zeroed() }

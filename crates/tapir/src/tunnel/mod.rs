@@ -1129,28 +1129,23 @@ impl<'a> Inbound<'a> {
     }
 }
 
-/// Threads per direction over UDP: one each on machines with 4 or more
-/// CPUs; on smaller ones a single thread moves both directions.
+/// Threads per direction over UDP: one each (device to network; network
+/// to device with the timers), or, with `TAPIR_THREADS=1`, one thread for
+/// both.
 ///
-/// Measured on the 2-core development machine (`bench/peers.sh`, three
-/// paired runs, iperf3 and both tunnel ends on the same 2 cores): a thread
-/// per direction moved 3.97 Gbit/s single-stream against 4.41 for one
-/// thread, and ping took 0.21-0.36 ms against 0.13-0.32. There the second
-/// thread only adds wake-ups: the sealing side is busy sealing, its other
-/// direction carries ACKs, and no core is free to open and seal at once.
-/// With cores to spare, each direction gets one, and traffic both ways is
-/// sealed and opened in parallel. `TAPIR_THREADS=1` or `2` chooses.
+/// The inbound thread takes the device half too when the outbound thread
+/// is idle, so the answer to what it writes (a ping's reply, a TCP ACK)
+/// leaves without a wake-up on the other core: ping through a thread per
+/// direction measured 0.125-0.141 ms (median) against 0.155-0.178 before,
+/// the same as one thread. On the 2-core development machine, with iperf3
+/// and both tunnel ends sharing the two cores, one thread still moves
+/// about 13% more one way (the ACK direction's wake-ups cost the busy
+/// side) and both ways at once; `TAPIR_THREADS=1` is for such small,
+/// shared hosts.
 fn threads_per_direction() -> usize {
     match std::env::var("TAPIR_THREADS").as_deref() {
         Ok("1") => 1,
-        Ok("2") => 2,
-        _ => {
-            if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 4 {
-                2
-            } else {
-                1
-            }
-        }
+        _ => 2,
     }
 }
 
@@ -1172,9 +1167,9 @@ const OUTBOUND_IDLE: Duration = Duration::from_millis(250);
 
 /// The device-to-network direction on a thread of its own (UDP).
 fn outbound_loop(
-    ob: &mut Outbound,
+    half: &Mutex<DeviceHalf>,
+    dev: &TunDevice,
     shared: &Shared,
-    out: &mut Outbox,
     stop: &dyn Fn() -> bool,
 ) -> Result<(), DevError> {
     while !stop() {
@@ -1186,10 +1181,11 @@ fn outbound_loop(
             .map_or(OUTBOUND_IDLE, |at| {
                 at.saturating_duration_since(now).min(OUTBOUND_IDLE)
             });
-        let ready = ob
-            .dev
+        let ready = dev
             .wait_readable(timeout)
-            .map_err(|e| DevError::Runtime(format!("{}: {e}", ob.name)))?;
+            .map_err(|e| DevError::Runtime(format!("{}: {e}", dev.name())))?;
+        let mut h = half.lock().unwrap_or_else(|e| e.into_inner());
+        let DeviceHalf(ob, out) = &mut *h;
         let now = Instant::now();
         if ready {
             ob.read_device(shared, out, now, wall())?;
@@ -1200,11 +1196,16 @@ fn outbound_loop(
     Ok(())
 }
 
+/// The device-to-network half with its own outbox: the outbound thread's,
+/// taken by the inbound thread too when it is free (see `inbound_loop`).
+struct DeviceHalf<'a>(Outbound<'a>, Outbox<'a>);
+
 /// The network-to-device direction, the control requests and the timers;
 /// with `ob`, the device-to-network direction too (TCP: one thread).
 fn inbound_loop(
     ib: &mut Inbound,
     mut ob: Option<&mut Outbound>,
+    device_half: Option<&Mutex<DeviceHalf>>,
     shared: &Shared,
     out: &mut Outbox,
     ctl: &Control,
@@ -1276,8 +1277,20 @@ fn inbound_loop(
             }
         };
         if got > 0 {
+            // What is written to the device often has an answer at once (a
+            // ping's reply, a TCP ACK), waiting there when the write
+            // returns: when the outbound thread is not busy, this thread
+            // holds its half across the write and sends the answer itself,
+            // rather than the outbound thread waking for it (a wake-up on
+            // the other core is most of a ping's time in the tunnel).
+            let mut steal = device_half.and_then(|h| h.try_lock().ok());
             ib.open_received(shared, &mut rx, got, out, now, wall_now);
             out.flush(now);
+            if let Some(h) = steal.as_deref_mut() {
+                let DeviceHalf(ob, o) = h;
+                ob.read_device(shared, o, now, wall_now)?;
+                o.flush(now);
+            }
         }
         if set.readable(control_at) {
             // Requests read whole by the control thread: answered from
@@ -1460,31 +1473,35 @@ impl Started {
             Net::Udp(socket) if threads_per_direction() == 1 => {
                 let mut ob = Outbound::new(&dev, &name, tap)?;
                 let mut out = Outbox::new(Link::Udp(&socket), &name, &shared.counters);
-                inbound_loop(&mut ib, Some(&mut ob), &shared, &mut out, &ctl, &stop)
+                inbound_loop(&mut ib, Some(&mut ob), None, &shared, &mut out, &ctl, &stop)
             }
-            Net::Udp(socket) => std::thread::scope(|s| {
-                let outbound = s.spawn(|| {
-                    let r = Outbound::new(&dev, &name, tap).and_then(|mut ob| {
-                        let mut out = Outbox::new(Link::Udp(&socket), &name, &shared.counters);
-                        outbound_loop(&mut ob, &shared, &mut out, &stop)
+            Net::Udp(socket) => Outbound::new(&dev, &name, tap).and_then(|ob| {
+                let half = Mutex::new(DeviceHalf(
+                    ob,
+                    Outbox::new(Link::Udp(&socket), &name, &shared.counters),
+                ));
+                std::thread::scope(|s| {
+                    let outbound = s.spawn(|| {
+                        let r = outbound_loop(&half, &dev, &shared, &stop);
+                        stopped.store(true, Ordering::Relaxed);
+                        r
                     });
+                    let mut out = Outbox::new(Link::Udp(&socket), &name, &shared.counters);
+                    let r =
+                        inbound_loop(&mut ib, None, Some(&half), &shared, &mut out, &ctl, &stop);
                     stopped.store(true, Ordering::Relaxed);
-                    r
-                });
-                let mut out = Outbox::new(Link::Udp(&socket), &name, &shared.counters);
-                let r = inbound_loop(&mut ib, None, &shared, &mut out, &ctl, &stop);
-                stopped.store(true, Ordering::Relaxed);
-                let o = outbound.join().unwrap_or_else(|_| {
-                    Err(DevError::Runtime(
-                        "the outbound packet thread panicked".into(),
-                    ))
-                });
-                r.and(o)
+                    let o = outbound.join().unwrap_or_else(|_| {
+                        Err(DevError::Runtime(
+                            "the outbound packet thread panicked".into(),
+                        ))
+                    });
+                    r.and(o)
+                })
             }),
             Net::Tcp(mut t) => {
                 let mut ob = Outbound::new(&dev, &name, tap)?;
                 let mut out = Outbox::new(Link::Tcp(&mut t), &name, &shared.counters);
-                inbound_loop(&mut ib, Some(&mut ob), &shared, &mut out, &ctl, &stop)
+                inbound_loop(&mut ib, Some(&mut ob), None, &shared, &mut out, &ctl, &stop)
             }
         };
         if let Some(file) = &save_to {
