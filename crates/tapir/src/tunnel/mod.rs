@@ -790,7 +790,13 @@ impl<'a> Outbound<'a> {
         now: Instant,
         wall: Duration,
     ) -> Result<(), DevError> {
-        for _ in 0..BATCH {
+        for i in 0..BATCH {
+            if i == 1 {
+                // The first packet of a wake-up leaves before the next read
+                // (which is, for a lone packet such as a ping, a read that
+                // finds nothing): what follows it still goes in batches.
+                out.flush(now);
+            }
             let n = match self.dev.read(big) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
