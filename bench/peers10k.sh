@@ -55,12 +55,15 @@ for n in 1 10000; do
     t0=$(date +%s.%N)
     ip netns exec $b "$tapir" run "$work/s$n.toml" 2>"$work/s$n.log" & spid=$!; pids+=($spid)
     # Started: the control socket answers.
+    # (from the tunnel's namespace: a tunnel answers no other)
+    up=
     for _ in $(seq 400); do
-        wg show pks >/dev/null 2>&1 && break
+        ip netns exec $b wg show pks >/dev/null 2>&1 && { up=1; break; }
         sleep 0.01
     done
     t1=$(date +%s.%N)
     start[$n]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f ms", (b - a) * 1000 }')
+    [[ -n $up ]] || start[$n]="no answer in ${start[$n]}: $(tail -1 "$work/s$n.log")"
     ip netns exec $a "$tapir" run "$work/pka.conf" 2>"$work/pka.log" & pids+=($!)
     sleep 0.5
     ip netns exec $a ping -c 2 -W 3 -q 10.90.255.254 >/dev/null 2>&1
