@@ -150,3 +150,64 @@ fn explain_names_the_cause_in_each_situation() {
         "{text}"
     );
 }
+
+#[test]
+fn explain_names_the_headers_a_reader_gets_and_a_tunnel_mtu_too_large() {
+    require_root!();
+    let bed = bed("exph");
+    let a = &bed.a;
+    // A reader that opened the device without IFF_NO_PI (as the seed
+    // programs do when they forget it): each read has 4 bytes more.
+    a.ip(&["tuntap", "add", "dev", "tun7", "mode", "tun"]);
+    let mut holder = a.cmd("python3");
+    holder.args([
+        "-c",
+        "import fcntl, os, struct, sys, time\n\
+         fd = os.open('/dev/net/tun', os.O_RDWR)\n\
+         fcntl.ioctl(fd, 0x400454ca, struct.pack('16sH', b'tun7', 0x0001))\n\
+         print('open', flush=True)\n\
+         time.sleep(60)\n",
+    ]);
+    holder.stdout(std::process::Stdio::piped());
+    let mut holder = Proc(Some(holder.spawn().unwrap()));
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.0.as_mut().unwrap().stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "open");
+    let (text, json) = explain(a, "tun7");
+    assert!(
+        text.contains("packet information is on: each read starts with 4 more bytes"),
+        "{text}"
+    );
+    assert!(!text.contains("the vnet header is on"), "{text}");
+    assert_eq!(json["facts"]["pi"], true);
+    drop(holder);
+    // A tapir tunnel reads with the vnet header; given a 1500-byte MTU it
+    // is told that large packets will not fit through a 1500-byte path.
+    let (ka, _) = genkey();
+    let (_, pb) = genkey();
+    let side = Side {
+        ns: a,
+        name: ifname("exm"),
+        port: 51898,
+        addr: "10.79.0.1",
+    };
+    let _t = tapir(&bed, &side, &ka, &pb, None, "10.79.0.2/32");
+    let (text, _) = explain(a, &side.name);
+    assert!(text.contains("the vnet header is on"), "{text}");
+    assert!(
+        !text.contains("is larger than a WireGuard tunnel"),
+        "{text}"
+    );
+    a.ip(&["link", "set", &side.name, "mtu", "1500"]);
+    let (text, _) = explain(a, &side.name);
+    assert!(
+        text.contains(
+            "its MTU 1500 is larger than a WireGuard tunnel over a 1500-byte path carries (1420)"
+        ),
+        "{text}"
+    );
+}
