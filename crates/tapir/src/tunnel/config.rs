@@ -540,12 +540,18 @@ pub fn parse(
 /// What in `ops` needs root when the tunnel goes down (so cannot go with
 /// `User`): the down hooks, DNS (resolvconf), SaveConfig (the file is root's).
 pub fn root_at_down(ops: &Ops) -> Option<&'static str> {
+    caps_at_down(ops).or(ops.save_config.then_some("SaveConfig"))
+}
+
+/// What in `ops` needs root's capabilities, not only its uid, at down: the
+/// down hooks and resolvconf run programs that may do whatever root may.
+/// SaveConfig does not: the file is written by uid 0, its owner, which
+/// giving up capabilities does not prevent.
+pub fn caps_at_down(ops: &Ops) -> Option<&'static str> {
     if !ops.pre_down.is_empty() || !ops.post_down.is_empty() {
         Some("PreDown/PostDown")
     } else if !ops.dns.is_empty() {
         Some("DNS")
-    } else if ops.save_config {
-        Some("SaveConfig")
     } else {
         None
     }

@@ -497,9 +497,9 @@ pub fn run_all(
     // and can gain nothing back. Before the threads start: they inherit it.
     // TAPIR_KEEP_CAPS=1 keeps them all (for debugging).
     let users: Vec<&String> = configs.iter().filter_map(|c| c.ops.user.as_ref()).collect();
-    let root_at_down = configs.iter().find(|c| {
-        !c.ops.pre_down.is_empty() || !c.ops.post_down.is_empty() || !c.ops.dns.is_empty()
-    });
+    let caps_at_down = configs
+        .iter()
+        .find_map(|c| crate::config::caps_at_down(&c.ops).map(|what| (c, what)));
     if let Some(user) = users.first() {
         // One process, one user: every tunnel of the file runs as it.
         if users.iter().any(|u| u != user) || users.len() != configs.len() {
@@ -516,9 +516,9 @@ pub fn run_all(
         tapir_sys::caps::become_user(uid, gid)
             .map_err(|e| DevError::Permission(format!("running as user {user}: {e}")))?;
         eprintln!("tapir: running as user {user} (uid {uid}, gid {gid}) with CAP_NET_ADMIN only");
-    } else if let Some(c) = root_at_down {
+    } else if let Some((c, what)) = caps_at_down {
         eprintln!(
-            "tapir: {}: keeping root's capabilities: its PreDown/PostDown hooks or DNS run at down",
+            "tapir: {}: keeping root's capabilities for what runs at down ({what})",
             c.name
         );
     } else if std::env::var_os("TAPIR_KEEP_CAPS").is_none() {
