@@ -20,7 +20,7 @@
 //! allocated per packet. The transport is a small enum, so the UDP path is
 //! a `sendmmsg` of the batch and TCP's is a copy into connection queues.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -769,13 +769,15 @@ impl<'a> Outbound<'a> {
     }
 
     /// Reads the device until it is empty or a batch's worth was read.
+    /// Returns how many packets (segments of super-packets counted one by
+    /// one) it read.
     fn read_device(
         &mut self,
         shared: &Shared,
         out: &mut Outbox,
         now: Instant,
         wall: Duration,
-    ) -> Result<(), DevError> {
+    ) -> Result<usize, DevError> {
         let mut big = std::mem::take(&mut self.big);
         let result = self.read_device_into(&mut big, shared, out, now, wall);
         self.big = big;
@@ -789,7 +791,8 @@ impl<'a> Outbound<'a> {
         out: &mut Outbox,
         now: Instant,
         wall: Duration,
-    ) -> Result<(), DevError> {
+    ) -> Result<usize, DevError> {
+        let mut read = 0;
         for i in 0..BATCH {
             if i == 1 {
                 // The first packet of a wake-up leaves before the next read
@@ -831,6 +834,7 @@ impl<'a> Outbound<'a> {
                 }
             };
             let l2 = l2.unwrap_or(0);
+            read += count;
             // One routing decision for all the segments: they share their headers.
             let target = shared.tunnel().target(now, packet);
             match target {
@@ -861,7 +865,7 @@ impl<'a> Outbound<'a> {
                 Target::Nowhere(_) => {}
             }
         }
-        Ok(())
+        Ok(read)
     }
 
     /// The `count` segments of one read, all for peer `p`: cut into free
@@ -1139,15 +1143,14 @@ impl<'a> Inbound<'a> {
 /// to device with the timers), or, with `TAPIR_THREADS=1`, one thread for
 /// both.
 ///
-/// The inbound thread takes the device half too when the outbound thread
-/// is idle, so the answer to what it writes (a ping's reply, a TCP ACK)
-/// leaves without a wake-up on the other core: ping through a thread per
-/// direction measured 0.125-0.141 ms (median) against 0.155-0.178 before,
-/// the same as one thread. On the 2-core development machine, with iperf3
-/// and both tunnel ends sharing the two cores, one thread still moves
-/// about 13% more one way (the ACK direction's wake-ups cost the busy
-/// side) and both ways at once; `TAPIR_THREADS=1` is for such small,
-/// shared hosts.
+/// With two, the device is read by the network thread while traffic is
+/// light and by the outbound thread during bursts ([`Turn`]), so a ping
+/// through the tunnel takes what it takes through one thread (median
+/// 0.08-0.10 ms on the 2-core development machine, against 0.10-0.11 with
+/// both threads always waiting on their own descriptor). There, with
+/// iperf3 and both tunnel ends sharing the two cores, one thread still
+/// moved about 10% more (4.56 against 4.19 Gbit/s, the mean of four
+/// alternating runs): `TAPIR_THREADS=1` is for such small, shared hosts.
 fn threads_per_direction() -> usize {
     match std::env::var("TAPIR_THREADS").as_deref() {
         Ok("1") => 1,
@@ -1167,51 +1170,131 @@ struct Control<'a> {
     fwmark: u32,
 }
 
-/// How long the outbound thread waits for the device before it checks for
-/// shutdown.
+/// How long the outbound thread waits (for the device, or for its turn)
+/// before it checks for shutdown.
 const OUTBOUND_IDLE: Duration = Duration::from_millis(250);
 
-/// The device-to-network direction on a thread of its own (UDP).
+/// A wake-up that reads this many packets or more from the device is a
+/// burst: the outbound thread takes the device over.
+const BURST: usize = 8;
+/// The outbound thread gives the device back after this long without a
+/// packet, or after this many wake-ups in a row that read one packet.
+const HANDBACK_IDLE: Duration = Duration::from_millis(20);
+const LIGHT_WAKES: u32 = 32;
+
+/// Which of the two threads reads the device (UDP, a thread per direction).
+///
+/// While traffic is light the network thread does: what it writes to the
+/// device and the answer to it (a ping's reply, a TCP ACK) then stay on one
+/// thread, and no other thread sleeps on the device to be woken on the other
+/// core by every write (a wake-up that cost a ping through the tunnel about
+/// 15 µs here). A burst hands the device to the outbound thread, and the two
+/// directions run side by side; it gives the device back when traffic is
+/// light again.
+struct Turn {
+    /// The outbound thread has the device.
+    outbound: AtomicBool,
+    /// Where the outbound thread waits for its turn.
+    parked: Mutex<()>,
+    wake_outbound: std::sync::Condvar,
+    /// Written by the outbound thread when it gives the device back: the
+    /// network thread polls the other end, to put the device in its poll set.
+    wake_inbound: (
+        std::os::unix::net::UnixStream,
+        std::os::unix::net::UnixStream,
+    ),
+}
+
+impl Turn {
+    fn new() -> io::Result<Self> {
+        let (a, b) = std::os::unix::net::UnixStream::pair()?;
+        a.set_nonblocking(true)?;
+        b.set_nonblocking(true)?;
+        Ok(Self {
+            outbound: AtomicBool::new(false),
+            parked: Mutex::new(()),
+            wake_outbound: std::sync::Condvar::new(),
+            wake_inbound: (a, b),
+        })
+    }
+
+    /// The network thread hands the device over.
+    fn to_outbound(&self) {
+        let _g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.outbound.store(true, Ordering::Release);
+        self.wake_outbound.notify_one();
+    }
+
+    /// The outbound thread gives it back.
+    fn to_inbound(&self) {
+        self.outbound.store(false, Ordering::Release);
+        // A full socket already says "look again".
+        let _ = (&self.wake_inbound.1).write(&[1]);
+    }
+
+    fn drain(&self) {
+        let mut buf = [0u8; 64];
+        while matches!((&self.wake_inbound.0).read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
+/// The device-to-network direction on a thread of its own (UDP), when it
+/// has the device (see [`Turn`]).
 fn outbound_loop(
     half: &Mutex<DeviceHalf>,
+    turn: &Turn,
     dev: &TunDevice,
     shared: &Shared,
     stop: &dyn Fn() -> bool,
 ) -> Result<(), DevError> {
+    let mut light = 0;
     while !stop() {
-        let now = Instant::now();
-        // A rate limit holding packets back wakes it when they are due.
-        let timeout = shared
-            .tunnel()
-            .next_send_release(now)
-            .map_or(OUTBOUND_IDLE, |at| {
-                at.saturating_duration_since(now).min(OUTBOUND_IDLE)
-            });
-        let ready = dev
-            .wait_readable(timeout)
-            .map_err(|e| DevError::Runtime(format!("{}: {e}", dev.name())))?;
-        let mut h = half.lock().unwrap_or_else(|e| e.into_inner());
-        let DeviceHalf(ob, out) = &mut *h;
-        let now = Instant::now();
-        if ready {
-            ob.read_device(shared, out, now, wall())?;
-            out.flush(now);
+        if !turn.outbound.load(Ordering::Acquire) {
+            let g = turn.parked.lock().unwrap_or_else(|e| e.into_inner());
+            if !turn.outbound.load(Ordering::Acquire) {
+                let _ = turn.wake_outbound.wait_timeout(g, OUTBOUND_IDLE);
+            }
+            light = 0;
+            continue;
         }
-        out.transmit(shared, now);
+        let ready = dev
+            .wait_readable(HANDBACK_IDLE)
+            .map_err(|e| DevError::Runtime(format!("{}: {e}", dev.name())))?;
+        let mut read = 0;
+        {
+            let mut h = half.lock().unwrap_or_else(|e| e.into_inner());
+            let DeviceHalf(ob, out) = &mut *h;
+            let now = Instant::now();
+            if ready {
+                read = ob.read_device(shared, out, now, wall())?;
+                out.flush(now);
+            }
+        }
+        light = if read <= 1 { light + 1 } else { 0 };
+        if !ready || light >= LIGHT_WAKES {
+            turn.to_inbound();
+        }
     }
     Ok(())
 }
 
-/// The device-to-network half with its own outbox: the outbound thread's,
-/// taken by the inbound thread too when it is free (see `inbound_loop`).
+/// The device-to-network half with its own outbox: the outbound thread's
+/// while it has the device, the network thread's otherwise (see [`Turn`]).
 struct DeviceHalf<'a>(Outbound<'a>, Outbox<'a>);
+
+/// The device half and whose turn it is, with a thread per direction.
+struct Shifts<'s, 'a> {
+    half: &'s Mutex<DeviceHalf<'a>>,
+    turn: &'s Turn,
+    dev: &'s TunDevice,
+}
 
 /// The network-to-device direction, the control requests and the timers;
 /// with `ob`, the device-to-network direction too (TCP: one thread).
 fn inbound_loop(
     ib: &mut Inbound,
     mut ob: Option<&mut Outbound>,
-    device_half: Option<&Mutex<DeviceHalf>>,
+    shifts: Option<Shifts>,
     shared: &Shared,
     out: &mut Outbox,
     ctl: &Control,
@@ -1243,6 +1326,16 @@ fn inbound_loop(
         }
         set.clear();
         let dev_at = ob.as_ref().map(|o| set.add(o.dev.as_fd(), true, false));
+        // With a thread per direction: the device too while it is this
+        // thread's turn, and the outbound thread's word that it is again.
+        let mut turn_at = None;
+        let mut shift_dev_at = None;
+        if let Some(sh) = &shifts {
+            turn_at = Some(set.add(sh.turn.wake_inbound.0.as_fd(), true, false));
+            if !sh.turn.outbound.load(Ordering::Acquire) {
+                shift_dev_at = Some(set.add(sh.dev.as_fd(), true, false));
+            }
+        }
         let control_at = set.add(ctl.link.wake.as_fd(), true, false);
         let mut timeout = next_timer.saturating_duration_since(now);
         // A rate limit holding packets back wakes the loop when they are due.
@@ -1272,6 +1365,20 @@ fn inbound_loop(
                 out.flush(now);
             }
         }
+        if let Some(sh) = &shifts {
+            if turn_at.is_some_and(|at| set.readable(at)) {
+                sh.turn.drain();
+            }
+            if shift_dev_at.is_some_and(|at| set.readable(at)) {
+                let mut h = sh.half.lock().unwrap_or_else(|e| e.into_inner());
+                let DeviceHalf(ob, o) = &mut *h;
+                let read = ob.read_device(shared, o, now, wall_now)?;
+                o.flush(now);
+                if read >= BURST {
+                    sh.turn.to_outbound();
+                }
+            }
+        }
         let got = match &mut out.link {
             Link::Udp(s) if udp_at.is_some_and(|i| set.readable(i)) => rx
                 .recv(s.as_fd())
@@ -1289,7 +1396,17 @@ fn inbound_loop(
             // holds its half across the write and sends the answer itself,
             // rather than the outbound thread waking for it (a wake-up on
             // the other core is most of a ping's time in the tunnel).
-            let mut steal = device_half.and_then(|h| h.try_lock().ok());
+            // A busy network side (a batch of 64 KiB or more) hands the
+            // device to the outbound thread too: the answers (ACKs) then
+            // leave from there while this thread opens the next batch.
+            if let Some(sh) = &shifts {
+                if !sh.turn.outbound.load(Ordering::Acquire)
+                    && (0..got).map(|i| rx.datagram_mut(i).0.len()).sum::<usize>() >= 65536
+                {
+                    sh.turn.to_outbound();
+                }
+            }
+            let mut steal = shifts.as_ref().and_then(|sh| sh.half.try_lock().ok());
             ib.open_received(shared, &mut rx, got, out, now, wall_now);
             out.flush(now);
             if let Some(h) = steal.as_deref_mut() {
@@ -1297,6 +1414,7 @@ fn inbound_loop(
                 ob.read_device(shared, o, now, wall_now)?;
                 o.flush(now);
             }
+            drop(steal);
         }
         if set.readable(control_at) {
             // Requests read whole by the control thread: answered from
@@ -1486,15 +1604,28 @@ impl Started {
                     ob,
                     Outbox::new(Link::Udp(&socket), &name, &shared.counters),
                 ));
+                let turn = Turn::new()
+                    .map_err(|e| DevError::Runtime(format!("the threads' wake socket: {e}")))?;
                 std::thread::scope(|s| {
                     let outbound = s.spawn(|| {
-                        let r = outbound_loop(&half, &dev, &shared, &stop);
+                        let r = outbound_loop(&half, &turn, &dev, &shared, &stop);
                         stopped.store(true, Ordering::Relaxed);
                         r
                     });
                     let mut out = Outbox::new(Link::Udp(&socket), &name, &shared.counters);
-                    let r =
-                        inbound_loop(&mut ib, None, Some(&half), &shared, &mut out, &ctl, &stop);
+                    let r = inbound_loop(
+                        &mut ib,
+                        None,
+                        Some(Shifts {
+                            half: &half,
+                            turn: &turn,
+                            dev: &dev,
+                        }),
+                        &shared,
+                        &mut out,
+                        &ctl,
+                        &stop,
+                    );
                     stopped.store(true, Ordering::Relaxed);
                     let o = outbound.join().unwrap_or_else(|_| {
                         Err(DevError::Runtime(
