@@ -118,6 +118,8 @@ tapir_pair() {
 setup_tapir() { tapir_pair ""; }
 # The same without UDP segmentation and coalescing, to show what they bring.
 setup_tapir_nouo() { TAPIR_UDP_GSO=off TAPIR_UDP_GRO=off tapir_pair ""; }
+setup_tapir_nogso() { TAPIR_UDP_GSO=off tapir_pair ""; }
+setup_tapir_nogro() { TAPIR_UDP_GRO=off tapir_pair ""; }
 setup_tapir_1t() { TAPIR_THREADS=1 tapir_pair ""; }
 setup_tapir_tap() { tapir_pair "Mode = tap"; }
 setup_tapir_tcp() { tapir_pair "Transport = tcp"; }
@@ -204,8 +206,8 @@ setup_tinc() {
     WHY="tinc did not connect: $(tail -1 "$work/tinc-a.log")"; return 1
 }
 
-peers=${PEERS:-"veth tapir tapir_1t tapir_nouo wggo boringtun gotatun openvpn vtun tapir_tap openvpn_tap tinc vtun_ether tapir_tcp openvpn_tcp vtun_tcp"}
-declare -A label=([veth]="raw veth" [tapir]=tapir [tapir_1t]="tapir, one thread" [tapir_nouo]="tapir, no UDP GSO/GRO" [wggo]=wireguard-go [boringtun]=boringtun-cli [gotatun]=gotatun-cli [openvpn]="OpenVPN AES-256-GCM" [vtun]="VTun (no crypto)"
+peers=${PEERS:-"veth tapir tapir_1t tapir_nogso tapir_nogro tapir_nouo wggo boringtun gotatun openvpn vtun tapir_tap openvpn_tap tinc vtun_ether tapir_tcp openvpn_tcp vtun_tcp"}
+declare -A label=([veth]="raw veth" [tapir]=tapir [tapir_1t]="tapir, one thread" [tapir_nogso]="tapir, no UDP GSO" [tapir_nogro]="tapir, no UDP GRO" [tapir_nouo]="tapir, no UDP GSO/GRO" [wggo]=wireguard-go [boringtun]=boringtun-cli [gotatun]=gotatun-cli [openvpn]="OpenVPN AES-256-GCM" [vtun]="VTun (no crypto)"
     [tapir_tap]="tapir tap" [openvpn_tap]="OpenVPN tap AES-GCM" [tinc]="tinc switch" [vtun_ether]="VTun ether (no crypto)"
     [tapir_tcp]="tapir TCP" [openvpn_tcp]="OpenVPN TCP AES-GCM" [vtun_tcp]="VTun TCP (no crypto)")
 declare -A one four ms note
