@@ -300,7 +300,11 @@ impl TcpTransport {
                 self.conns.len() - 1
             }
         };
-        // A newer connection from the same address (a reconnect) takes over.
+        // A newer connection from the same address (a reconnect) takes over,
+        // authenticated or not: the kernel accepts one with the same address
+        // and port only once the old one is gone on its side (a SYN for a
+        // live connection is answered with an ACK and reset by the sender),
+        // so what it replaces is dead even if its EOF is still unread.
         if let Some(old) = self.by_remote.insert(remote, id) {
             if old != id {
                 self.close(old, now, None);
