@@ -3,18 +3,34 @@
 /// Adds `data` as big-endian 16-bit words to `sum` (an odd last byte is
 /// padded with zero). Fold with [`finish`].
 ///
-/// Eight bytes at a time: two 32-bit words into a 64-bit accumulator
-/// (2^16 = 1 modulo 0xffff, so 32-bit words sum to the same one's-complement
-/// value as their 16-bit halves), folded once at the end. This is the TSO
-/// path's per-segment cost, so it matters.
+/// 64-bit words in the machine's own byte order, four at a time into a
+/// 128-bit accumulator: the one's-complement sum does not depend on byte
+/// order but for a swap of the folded result (RFC 1071, 2(B)), and 2^64 = 1
+/// modulo 0xffff, so the wide sum folds to the same value as the 16-bit
+/// words'. This is the TSO path's per-segment cost (and the check of every
+/// TCP segment before coalescing), so it matters.
 pub fn add(sum: u32, data: &[u8]) -> u32 {
-    let mut acc = u64::from(sum);
-    let mut chunks = data.chunks_exact(8);
+    let mut wide: u128 = 0;
+    let mut chunks = data.chunks_exact(32);
     for c in &mut chunks {
-        let w = u64::from_be_bytes(c.try_into().expect("8 bytes"));
-        acc += (w >> 32) + (w & 0xffff_ffff);
+        let w = |k: usize| u128::from(u64::from_ne_bytes(c[k..k + 8].try_into().expect("8 bytes")));
+        wide += w(0) + w(8) + w(16) + w(24);
     }
-    let mut rest = chunks.remainder().chunks_exact(2);
+    let mut words = chunks.remainder().chunks_exact(8);
+    for c in &mut words {
+        wide += u128::from(u64::from_ne_bytes(c.try_into().expect("8 bytes")));
+    }
+    // 128 -> 64 -> 16 bits, end-around carries, then back to network order.
+    let mut acc = (wide as u64 as u128) + (wide >> 64);
+    while acc > u128::from(u64::MAX) {
+        acc = (acc as u64 as u128) + (acc >> 64);
+    }
+    let mut acc = acc as u64;
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    let mut acc = u64::from(u16::from_be(acc as u16)) + u64::from(sum);
+    let mut rest = words.remainder().chunks_exact(2);
     for c in &mut rest {
         acc += u64::from(u16::from_be_bytes([c[0], c[1]]));
     }
@@ -99,6 +115,29 @@ mod tests {
                 "ones, len {len}"
             );
             assert_eq!(checksum(&vec![0; len]), 0xffff, "zeros, len {len}");
+        }
+        // A running sum carried in, with every length and content above.
+        for len in [0usize, 1, 7, 8, 31, 32, 33, 63, 64, 65, 1420] {
+            let data: Vec<u8> = (0..len)
+                .map(|i| (i as u8).wrapping_mul(151) ^ 0x5a)
+                .collect();
+            for start in [0u32, 1, 0xfffe, 0xffff, 0x1_0000, 0x1_fffe] {
+                let mut with: Vec<u8> = vec![(start >> 8) as u8, start as u8];
+                with.extend_from_slice(&data);
+                // `start` above 0xffff: its carry folds in as one more word.
+                let carry = start >> 16;
+                let expected = finish(add(0, &with) + carry);
+                assert_eq!(
+                    finish(add(start & 0xffff, &data) + carry),
+                    expected,
+                    "len {len} start {start:#x}"
+                );
+                assert_eq!(
+                    finish(add(start, &data)),
+                    expected,
+                    "len {len} start {start:#x}"
+                );
+            }
         }
         // Running sums chain: add(add(0, a), b) == add(0, a ++ b) for even a.
         let (a, b) = ([0xfeu8; 20], [0x7fu8; 33]);

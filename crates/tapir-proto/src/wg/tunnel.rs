@@ -308,8 +308,11 @@ pub struct Tunnel {
     id: Identity,
     peers: Vec<Peer>,
     by_key: HashMap<PublicKey, usize>,
-    /// Our session indices -> peer.
-    by_index: HashMap<u32, usize>,
+    /// Our session indices -> peer. Looked up for every datagram, with the
+    /// index the datagram names: a fast hash, not SipHash (it was 2% of the
+    /// receiving side). Safe from hash flooding because only we insert, and
+    /// what we insert is random.
+    by_index: rustc_hash::FxHashMap<u32, usize>,
     routes: AllowedIps<usize>,
     outgoing: VecDeque<(SocketAddr, Vec<u8>)>,
     cookie_secret: [u8; 32],
@@ -466,7 +469,7 @@ impl Tunnel {
             id,
             peers: Vec::new(),
             by_key: HashMap::new(),
-            by_index: HashMap::new(),
+            by_index: rustc_hash::FxHashMap::default(),
             routes: AllowedIps::new(),
             outgoing: VecDeque::new(),
             cookie_secret: [0; 32],
