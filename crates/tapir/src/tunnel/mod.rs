@@ -1269,6 +1269,10 @@ fn outbound_loop(
                 read = ob.read_device(shared, out, now, wall())?;
                 out.flush(now);
             }
+            // What the packets just read set going (a handshake when a
+            // session is due for renewal) leaves now, not when the network
+            // thread next wakes.
+            out.transmit(shared, now);
         }
         light = if read <= 1 { light + 1 } else { 0 };
         if !ready || light >= LIGHT_WAKES {
