@@ -1419,6 +1419,11 @@ fn inbound_loop(
                 o.flush(now);
             }
             drop(steal);
+            // One thread for both: the same, without a round through poll.
+            if let Some(ob) = ob.as_deref_mut() {
+                ob.read_device(shared, out, now, wall_now)?;
+                out.flush(now);
+            }
         }
         if set.readable(control_at) {
             // Requests read whole by the control thread: answered from
