@@ -106,6 +106,24 @@ fn tapir_to_tapir_with_100_mb_both_ways() {
     });
     // The datapath says which shape it has (scripts/test.sh runs this file
     // with TAPIR_THREADS=1 too).
+    // With a thread per direction, the bulk transfer handed the device to
+    // the outbound thread, and the quiet after it handed it back.
+    if std::env::var("TAPIR_THREADS").as_deref() != Ok("1") {
+        let turns = |c: &serde_json::Value| {
+            (
+                c["device_to_outbound_thread"].as_u64().unwrap(),
+                c["device_back_to_network_thread"].as_u64().unwrap(),
+            )
+        };
+        wait_for(
+            || {
+                let c = status_json(&bed.a, &bed.dir, "tp0", &ta)["counters"].clone();
+                let (out, back) = turns(&c);
+                out >= 1 && back == out
+            },
+            "the device back with the network thread after the transfer",
+        );
+    }
     let status = status_text(&bed.a, &bed.dir, "tp0", &ta);
     let shape = match std::env::var("TAPIR_THREADS").as_deref() {
         Ok("1") => "one thread for both directions",

@@ -599,6 +599,9 @@ struct Counters {
     gso_on: AtomicBool,
     /// UDP coalescing on receive in use.
     gro_udp: AtomicBool,
+    /// The device handed to the outbound thread, and back (see [`Turn`]).
+    turns_out: AtomicU64,
+    turns_back: AtomicU64,
 }
 
 fn add(counter: &AtomicU64, n: usize) {
@@ -1219,15 +1222,17 @@ impl Turn {
     }
 
     /// The network thread hands the device over.
-    fn to_outbound(&self) {
+    fn to_outbound(&self, c: &Counters) {
         let _g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
         self.outbound.store(true, Ordering::Release);
+        add(&c.turns_out, 1);
         self.wake_outbound.notify_one();
     }
 
     /// The outbound thread gives it back.
-    fn to_inbound(&self) {
+    fn to_inbound(&self, c: &Counters) {
         self.outbound.store(false, Ordering::Release);
+        add(&c.turns_back, 1);
         // A full socket already says "look again".
         let _ = (&self.wake_inbound.1).write(&[1]);
     }
@@ -1276,7 +1281,7 @@ fn outbound_loop(
         }
         light = if read <= 1 { light + 1 } else { 0 };
         if !ready || light >= LIGHT_WAKES {
-            turn.to_inbound();
+            turn.to_inbound(&shared.counters);
         }
     }
     Ok(())
@@ -1379,7 +1384,7 @@ fn inbound_loop(
                 let read = ob.read_device(shared, o, now, wall_now)?;
                 o.flush(now);
                 if read >= BURST {
-                    sh.turn.to_outbound();
+                    sh.turn.to_outbound(&shared.counters);
                 }
             }
         }
@@ -1407,7 +1412,7 @@ fn inbound_loop(
                 if !sh.turn.outbound.load(Ordering::Acquire)
                     && (0..got).map(|i| rx.datagram_mut(i).0.len()).sum::<usize>() >= 65536
                 {
-                    sh.turn.to_outbound();
+                    sh.turn.to_outbound(&shared.counters);
                 }
             }
             let mut steal = shifts.as_ref().and_then(|sh| sh.half.try_lock().ok());
@@ -1714,6 +1719,13 @@ fn extras(t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) -> St
             get(&c.udp_refused),
             get(&c.udp_blocked)
         );
+        if threads_per_direction() == 2 {
+            out += &format!(
+                "tapir_device_to_outbound_thread={}\ntapir_device_back_to_network_thread={}\n",
+                get(&c.turns_out),
+                get(&c.turns_back)
+            );
+        }
     }
     if let Link::Tcp(tcp) = link {
         let (open, pending) = tcp.connection_counts();
