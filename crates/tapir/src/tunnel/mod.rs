@@ -19,6 +19,11 @@
 //! Batches hold 64 datagrams of up to 64 KiB, allocated once: nothing is
 //! allocated per packet. The transport is a small enum, so the UDP path is
 //! a `sendmmsg` of the batch and TCP's is a copy into connection queues.
+//!
+//! Threads: over UDP, one for the network side (with the timers) and one for
+//! the device side, which reads the device only during bursts (see
+//! [`Turn`]); over TCP, or with `TAPIR_THREADS=1`, one for both. The control
+//! socket and host-name look-ups have a thread of their own.
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs, UdpSocket};
