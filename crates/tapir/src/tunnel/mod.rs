@@ -21,8 +21,8 @@
 //! a `sendmmsg` of the batch and TCP's is a copy into connection queues.
 //!
 //! Threads: over UDP, one for the network side (with the timers) and one for
-//! the device side, which reads the device only during bursts (see
-//! [`Turn`]); over TCP, or with `TAPIR_THREADS=1`, one for both. The control
+//! the device side, which reads the device only during bursts (`Turn`);
+//! over TCP, or with `TAPIR_THREADS=1`, one for both. The control
 //! socket and host-name look-ups have a thread of their own.
 
 use std::io::{self, Read, Write};
