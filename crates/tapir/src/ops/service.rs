@@ -611,6 +611,7 @@ pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, Stri
                             "mode" => t.mode = Some(v),
                             "transport" => t.transport = Some(v),
                             "datapath" => t.datapath = v,
+                            "public_key" => t.public_key = Some(b64(&v)),
                             "peer" => {
                                 let b = b64(&v);
                                 tapir_peer = t.peers.iter().position(|p| p.public_key == b);
@@ -637,10 +638,6 @@ pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, Stri
                         continue;
                     }
                     match k.as_str() {
-                        "private_key" => {
-                            let key = tapir_proto::wg::keys::PrivateKey::from_hex(&v);
-                            t.public_key = key.ok().map(|k| k.public_key().to_base64());
-                        }
                         "listen_port" => t.listen_port = v.parse().ok(),
                         "public_key" => t.peers.push(PeerStatus {
                             public_key: b64(&v),

@@ -10,7 +10,7 @@
 //! private key, as `wg showconf` needs. In a network namespace other than
 //! the host's, the socket is that namespace's own (see [`crate::scope`]).
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -30,57 +30,88 @@ const EPROTO: i32 = 71;
 
 /// The answer to `get=1`.
 pub fn get(tunnel: &Tunnel, private_key: &PrivateKey, listen_port: u16) -> String {
-    get_with(tunnel, Some(private_key), listen_port, 0)
+    get_with(tunnel, Some(private_key), listen_port, 0, true)
+}
+
+/// Appends `s` to `out`; when `out` must grow, the old buffer is wiped
+/// before it is freed (the reply holds keys: no copy is left behind).
+fn push_wiping(out: &mut String, s: &str) {
+    if out.capacity() - out.len() < s.len() {
+        let mut bigger = String::with_capacity((out.len() + s.len()).max(2 * out.capacity()));
+        bigger.push_str(out);
+        let mut old = std::mem::replace(out, bigger);
+        zeroize::Zeroize::zeroize(&mut old);
+    }
+    out.push_str(s);
 }
 
 /// [`get`] of an interface that may have no key yet, and a firewall mark.
+/// Without `secrets` (tapir's own `tapir-get`, for `tapir status`), the
+/// private key is replaced by `tapir_public_key=` and preshared keys are
+/// left out: what only shows state carries no key.
 pub fn get_with(
     tunnel: &Tunnel,
     private_key: Option<&PrivateKey>,
     listen_port: u16,
     fwmark: u32,
+    secrets: bool,
 ) -> String {
-    let mut out = String::new();
+    let mut out = String::with_capacity(1024);
     if let Some(k) = private_key {
-        // Straight into the reply (wiped once sent), through no other string.
-        let hex = zeroize::Zeroizing::new(k.to_hex());
-        out.push_str("private_key=");
-        out.push_str(&hex);
-        out.push('\n');
+        if secrets {
+            // Straight into the reply (wiped once sent), through no other string.
+            let hex = zeroize::Zeroizing::new(k.to_hex());
+            push_wiping(&mut out, "private_key=");
+            push_wiping(&mut out, &hex);
+            push_wiping(&mut out, "\n");
+        } else {
+            push_wiping(
+                &mut out,
+                &format!("tapir_public_key={}\n", k.public_key().to_hex()),
+            );
+        }
     }
-    out += &format!("listen_port={listen_port}\n");
+    push_wiping(&mut out, &format!("listen_port={listen_port}\n"));
     if fwmark != 0 {
-        out += &format!("fwmark={fwmark}\n");
+        push_wiping(&mut out, &format!("fwmark={fwmark}\n"));
     }
     for (config, endpoint, stats) in tunnel.peers() {
-        out += &format!("public_key={}\n", config.public.to_hex());
-        if let Some(psk) = config.psk.as_ref().filter(|p| !p.is_zero()) {
+        push_wiping(
+            &mut out,
+            &format!("public_key={}\n", config.public.to_hex()),
+        );
+        if let Some(psk) = config.psk.as_ref().filter(|p| secrets && !p.is_zero()) {
             let hex = zeroize::Zeroizing::new(psk.to_hex());
-            out.push_str("preshared_key=");
-            out.push_str(&hex);
-            out.push('\n');
+            push_wiping(&mut out, "preshared_key=");
+            push_wiping(&mut out, &hex);
+            push_wiping(&mut out, "\n");
         }
         if let Some(e) = endpoint {
-            out += &format!("endpoint={e}\n");
+            push_wiping(&mut out, &format!("endpoint={e}\n"));
         }
         let (sec, nsec) = stats
             .last_handshake
             .map_or((0, 0), |d| (d.as_secs(), d.subsec_nanos()));
-        out += &format!(
-            "last_handshake_time_sec={sec}\nlast_handshake_time_nsec={nsec}\ntx_bytes={}\nrx_bytes={}\npersistent_keepalive_interval={}\n",
-            stats.tx_bytes,
-            stats.rx_bytes,
-            config.keepalive.map_or(0, |k| k.as_secs())
+        push_wiping(
+            &mut out,
+            &format!(
+                "last_handshake_time_sec={sec}\nlast_handshake_time_nsec={nsec}\ntx_bytes={}\nrx_bytes={}\npersistent_keepalive_interval={}\n",
+                stats.tx_bytes,
+                stats.rx_bytes,
+                config.keepalive.map_or(0, |k| k.as_secs())
+            ),
         );
         for net in &config.allowed_ips {
-            out += &format!("allowed_ip={net}\n");
+            push_wiping(&mut out, &format!("allowed_ip={net}\n"));
         }
-        out += "protocol_version=1\n";
+        push_wiping(&mut out, "protocol_version=1\n");
     }
-    out + "errno=0\n\n"
+    push_wiping(&mut out, "errno=0\n\n");
+    out
 }
 
 /// A pending change to one peer, applied when the next peer starts or at the end.
+#[derive(Clone)]
 struct PeerChange {
     public: PublicKey,
     remove: bool,
@@ -97,7 +128,7 @@ fn apply(tunnel: &mut Tunnel, c: PeerChange) {
         tunnel.remove_peer(&c.public);
         return;
     }
-    let exists = tunnel.peers().any(|(p, _, _)| p.public == c.public);
+    let exists = tunnel.peer_index(&c.public).is_some();
     let change = |p: &mut PeerConfig| {
         if let Some(psk) = c.psk.clone() {
             p.psk = (!psk.is_zero()).then_some(psk);
@@ -143,7 +174,8 @@ pub fn set(
     listen_port: u16,
     lines: &[String],
 ) -> Result<(), i32> {
-    set_with(tunnel, Some(private_key), lines, &|s| {
+    let own = tunnel.public_key();
+    apply_set(tunnel, Some(own), parse_set(lines)?, &|s| {
         // A running tunnel keeps its key and port (see `Settings`).
         if s.private_key
             .as_ref()
@@ -158,7 +190,7 @@ pub fn set(
 }
 
 /// The interface's own settings in a `set`, for the caller to apply.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Settings {
     /// `private_key=`: `Some(None)` clears it (all zeros).
     pub private_key: Option<PrivateKey>,
@@ -170,51 +202,60 @@ pub struct Settings {
     pub fwmark: Option<u32>,
 }
 
-/// Applies a `set` request's peer changes to `tunnel` and returns its
-/// interface settings; `check` may refuse those first (then nothing is
-/// applied). `own`: the interface's key, if it has one (a peer with its
-/// public key is refused).
-pub fn set_with(
-    tunnel: &mut Tunnel,
-    own: Option<&PrivateKey>,
-    lines: &[String],
-    check: &dyn Fn(&Settings) -> Result<(), i32>,
-) -> Result<Settings, i32> {
-    let mut settings = Settings::default();
-    let mut changes: Vec<PeerChange> = Vec::new();
-    let mut replace_peers = false;
+/// A `set=1` request read whole and checked (on the control thread): the
+/// interface's settings and the changes to its peers, in order.
+#[derive(Clone, Default)]
+pub struct SetRequest {
+    settings: Settings,
+    /// The public key of the `private_key=` given, worked out once.
+    new_public: Option<PublicKey>,
+    changes: Vec<PeerChange>,
+    replace_peers: bool,
+}
+
+impl std::fmt::Debug for SetRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No keys: a request may carry the private key and preshared keys.
+        write!(f, "SetRequest({} peer change(s))", self.changes.len())
+    }
+}
+
+/// Reads a `set` request's lines (after `set=1`): EPROTO for a line that is
+/// not `key=value` or a peer key before any `public_key`, EINVAL for a
+/// value that is wrong (a public key of small order among them). Touches
+/// no tunnel, so the control thread does it, not the packet thread.
+pub fn parse_set<S: AsRef<str>>(lines: &[S]) -> Result<SetRequest, i32> {
+    let mut r = SetRequest::default();
     for line in lines {
-        let (key, value) = line.split_once('=').ok_or(EPROTO)?;
+        let (key, value) = line.as_ref().split_once('=').ok_or(EPROTO)?;
         match key {
             "private_key" => {
-                let bytes = decode_hex32(value).map_err(|_| EINVAL)?;
-                if bytes == [0; 32] {
-                    settings.clear_key = true;
-                    settings.private_key = None;
+                let bytes = zeroize::Zeroizing::new(decode_hex32(value).map_err(|_| EINVAL)?);
+                if *bytes == [0; 32] {
+                    r.settings.clear_key = true;
+                    r.settings.private_key = None;
+                    r.new_public = None;
                 } else {
-                    settings.private_key = Some(PrivateKey::from_hex(value).map_err(|_| EINVAL)?);
-                    settings.clear_key = false;
+                    let k = PrivateKey::from_hex(value).map_err(|_| EINVAL)?;
+                    r.new_public = Some(k.public_key());
+                    r.settings.private_key = Some(k);
+                    r.settings.clear_key = false;
                 }
             }
-            "listen_port" => settings.listen_port = Some(value.parse().map_err(|_| EINVAL)?),
+            "listen_port" => r.settings.listen_port = Some(value.parse().map_err(|_| EINVAL)?),
             "fwmark" => {
-                settings.fwmark = Some(if value.is_empty() {
+                r.settings.fwmark = Some(if value.is_empty() {
                     0
                 } else {
                     value.parse().map_err(|_| EINVAL)?
                 })
             }
-            "replace_peers" => replace_peers = value == "true",
-            "public_key" => changes.push(PeerChange {
-                // Keys of small order (anyone could act as such a peer) and
-                // the interface's own key are refused.
+            "replace_peers" => r.replace_peers = value == "true",
+            "public_key" => r.changes.push(PeerChange {
+                // Keys of small order: anyone could act as such a peer.
                 public: decode_hex32(value)
                     .ok()
                     .and_then(|k| PublicKey::from_bytes(k).ok())
-                    .filter(|k| {
-                        let mine = settings.private_key.as_ref().or(own);
-                        mine.is_none_or(|m| *k != m.public_key())
-                    })
                     .ok_or(EINVAL)?,
                 remove: false,
                 update_only: false,
@@ -225,7 +266,7 @@ pub fn set_with(
                 allowed_ips: Vec::new(),
             }),
             _ => {
-                let c = changes.last_mut().ok_or(EPROTO)?;
+                let c = r.changes.last_mut().ok_or(EPROTO)?;
                 match key {
                     "remove" => c.remove = value == "true",
                     "update_only" => c.update_only = value == "true",
@@ -261,9 +302,41 @@ pub fn set_with(
             }
         }
     }
+    Ok(r)
+}
+
+/// Applies a parsed `set` request's peer changes to `tunnel` and returns
+/// its interface settings; `check` may refuse those first (then nothing is
+/// applied). `own`: the interface's public key, if it has a key. A peer
+/// with the interface's key (its own, or the one the request gives) is
+/// refused; a new key removes a peer that has it (as wireguard-go does).
+/// Each change costs a hash look-up, whatever the number of peers.
+pub fn apply_set(
+    tunnel: &mut Tunnel,
+    own: Option<PublicKey>,
+    request: SetRequest,
+    check: &dyn Fn(&Settings) -> Result<(), i32>,
+) -> Result<Settings, i32> {
+    let SetRequest {
+        settings,
+        new_public,
+        changes,
+        replace_peers,
+    } = request;
+    let mine = if settings.clear_key {
+        None
+    } else {
+        new_public.or(own)
+    };
+    if mine.is_some_and(|m| changes.iter().any(|c| c.public == m)) {
+        return Err(EINVAL);
+    }
     check(&settings)?;
+    if let Some(m) = new_public {
+        tunnel.remove_peer(&m);
+    }
     if replace_peers {
-        let keep: Vec<PublicKey> = changes.iter().map(|c| c.public).collect();
+        let keep: std::collections::HashSet<PublicKey> = changes.iter().map(|c| c.public).collect();
         let all: Vec<PublicKey> = tunnel.peers().map(|(p, _, _)| p.public).collect();
         for p in all.iter().filter(|p| !keep.contains(p)) {
             tunnel.remove_peer(p);
@@ -503,6 +576,9 @@ pub const DEADLINE: Duration = Duration::from_secs(2);
 pub const MAX_LINE: usize = 4096;
 /// The most lines in one request (a `set` for many peers).
 pub const MAX_LINES: usize = 200_000;
+/// The most bytes in one request (10,000 peers with an endpoint and two
+/// allowed IPs each take about 2.5 MB).
+pub const MAX_REQUEST: usize = 32 << 20;
 
 /// A request on the control socket.
 #[derive(Debug, Clone)]
@@ -511,8 +587,8 @@ pub enum Request {
     Get,
     /// `tapir-get=1`: WireGuard's view and tapir's own lines.
     TapirGet,
-    /// `set=1` and its lines.
-    Set(Vec<String>),
+    /// `set=1`, its lines read and checked.
+    Set(SetRequest),
     /// `tapir-reload=1`: read the config file again and apply it (the
     /// control thread turns it into [`Request::Apply`]).
     Reload,
@@ -520,33 +596,87 @@ pub enum Request {
     Apply(Vec<PeerConfig>),
 }
 
-/// Reads a line of at most [`MAX_LINE`] bytes before `deadline`.
-fn read_line_within(
-    reader: &mut BufReader<UnixStream>,
-    deadline: std::time::Instant,
-) -> io::Result<Option<String>> {
-    let left = deadline.saturating_duration_since(std::time::Instant::now());
-    if left.is_zero() {
-        return Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "control request too slow",
-        ));
+/// The lines of one control connection, read into a buffer of fixed size
+/// that is wiped when the connection ends: requests carry keys, and no
+/// copy of one may be left in freed memory (a growing buffer leaves one at
+/// each move).
+struct Lines {
+    stream: UnixStream,
+    buf: zeroize::Zeroizing<Vec<u8>>,
+    start: usize,
+    end: usize,
+    eof: bool,
+}
+
+impl Lines {
+    fn new(stream: UnixStream) -> Self {
+        Self {
+            stream,
+            buf: zeroize::Zeroizing::new(vec![0; 2 * MAX_LINE + 2]),
+            start: 0,
+            end: 0,
+            eof: false,
+        }
     }
-    reader.get_ref().set_read_timeout(Some(left))?;
-    let mut line = String::new();
-    let n = (&mut *reader)
-        .take(MAX_LINE as u64 + 1)
-        .read_line(&mut line)?;
-    if n == 0 {
-        return Ok(None);
+
+    /// The next line, without its line end, read before `deadline`; `None`
+    /// once the client closed its end. A line longer than [`MAX_LINE`] is
+    /// an error.
+    fn next(
+        &mut self,
+        deadline: std::time::Instant,
+    ) -> io::Result<Option<zeroize::Zeroizing<String>>> {
+        loop {
+            let pending = &self.buf[self.start..self.end];
+            let cut = match pending.iter().position(|b| *b == b'\n') {
+                Some(i) => Some((i, i + 1)),
+                None if self.eof && !pending.is_empty() => Some((pending.len(), pending.len())),
+                None if self.eof => return Ok(None),
+                None => None,
+            };
+            if let Some((len, used)) = cut {
+                let text = std::str::from_utf8(&pending[..len])
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::InvalidData, "control request not UTF-8")
+                    })?
+                    .trim_end();
+                // Its exact size: never grown, so never moved.
+                let mut line = zeroize::Zeroizing::new(String::with_capacity(text.len()));
+                line.push_str(text);
+                self.start += used;
+                return Ok(Some(line));
+            }
+            if pending.len() > MAX_LINE {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "control request line too long",
+                ));
+            }
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "control request too slow",
+                ));
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            match self.stream.read(&mut self.buf[self.end..]) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "control request too slow",
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
-    if n > MAX_LINE && !line.ends_with('\n') {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "control request line too long",
-        ));
-    }
-    Ok(Some(line))
 }
 
 fn serve_connection(
@@ -556,35 +686,44 @@ fn serve_connection(
     let deadline = std::time::Instant::now() + DEADLINE;
     stream.set_nonblocking(false)?;
     stream.set_write_timeout(Some(DEADLINE))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut lines_in = Lines::new(stream.try_clone()?);
     let mut writer = stream;
     loop {
-        let Some(first) = read_line_within(&mut reader, deadline)? else {
+        let Some(first) = lines_in.next(deadline)? else {
             return Ok(());
         };
         let mut lines = Vec::new();
-        loop {
-            match read_line_within(&mut reader, deadline)? {
-                None => break,
-                Some(l) if l == "\n" => break,
-                Some(l) => lines.push(l.trim_end().to_owned()),
+        let mut bytes = 0;
+        while let Some(l) = lines_in.next(deadline)? {
+            if l.is_empty() {
+                break;
             }
-            if lines.len() > MAX_LINES {
+            bytes += l.len() + 1;
+            lines.push(l);
+            if lines.len() > MAX_LINES || bytes > MAX_REQUEST {
                 return Err(io::Error::other("request too long"));
             }
         }
-        let request = match first.trim_end() {
+        let request = match first.as_str() {
             "get=1" => Request::Get,
             "tapir-get=1" => Request::TapirGet,
-            "set=1" => Request::Set(lines),
+            // Read and checked here, on the control thread: the packet
+            // thread only applies it.
+            "set=1" => match parse_set(&lines) {
+                Ok(r) => Request::Set(r),
+                Err(errno) => {
+                    writer.write_all(format!("errno={errno}\n\n").as_bytes())?;
+                    continue;
+                }
+            },
             "tapir-reload=1" => Request::Reload,
             _ => {
                 writer.write_all(format!("errno={EPROTO}\n\n").as_bytes())?;
                 return Ok(());
             }
         };
-        // A reply may hold the private key, a request preshared keys: wiped
-        // once used.
+        drop(lines);
+        // A reply may hold the private key: wiped once sent.
         let mut reply = answer(request);
         let sent = writer.write_all(reply.as_bytes());
         zeroize::Zeroize::zeroize(&mut reply);
@@ -611,14 +750,15 @@ pub struct Interface<'a> {
 pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>, extras: &str) -> String {
     let (private_key, listen_port) = (iface.private_key, iface.listen_port);
     match request {
-        Request::Get => get_with(tunnel, Some(private_key), listen_port, *iface.fwmark),
+        Request::Get => get_with(tunnel, Some(private_key), listen_port, *iface.fwmark, true),
         Request::TapirGet => {
-            let standard = get_with(tunnel, Some(private_key), listen_port, *iface.fwmark);
+            let standard = get_with(tunnel, Some(private_key), listen_port, *iface.fwmark, false);
             let body = standard.strip_suffix("errno=0\n\n").unwrap_or(&standard);
             format!("{body}{extras}errno=0\n\n")
         }
-        Request::Set(mut lines) => {
-            let result = set_with(tunnel, Some(private_key), &lines, &|s| {
+        Request::Set(request) => {
+            let own = tunnel.public_key();
+            let result = apply_set(tunnel, Some(own), request, &|s| {
                 if s.clear_key
                     || s.private_key
                         .as_ref()
@@ -643,9 +783,6 @@ pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>, extra
                 },
                 Err(e) => e,
             };
-            for l in &mut lines {
-                zeroize::Zeroize::zeroize(l);
-            }
             format!("errno={errno}\n\n")
         }
         Request::Apply(peers) => {
@@ -836,5 +973,75 @@ mod tests {
             set(&mut t, &key, 51820, &["public_key=zz".into()]),
             Err(EINVAL)
         );
+    }
+
+    #[test]
+    fn the_status_view_carries_no_key() {
+        let (mut t, key, peer) = tunnel();
+        let psk = "42".repeat(32);
+        let lines = [
+            format!("public_key={}", peer.to_hex()),
+            format!("preshared_key={psk}"),
+        ];
+        set(&mut t, &key, 51820, &lines).unwrap();
+        let wg = get_with(&t, Some(&key), 51820, 0, true);
+        assert!(
+            wg.contains(&*key.to_hex()) && wg.contains(&psk),
+            "wg gets what showconf needs"
+        );
+        let status = get_with(&t, Some(&key), 51820, 0, false);
+        assert!(
+            !status.contains(&*key.to_hex()) && !status.contains(&psk),
+            "{status}"
+        );
+        assert!(status.contains(&format!("tapir_public_key={}\n", key.public_key().to_hex())));
+        assert!(status.contains(&format!("public_key={}\n", peer.to_hex())));
+    }
+
+    #[test]
+    fn a_new_key_takes_the_place_of_a_peer_that_had_it() {
+        // As wireguard-go: the interface cannot be its own peer, whichever
+        // came first (the wg-quick engine takes its key after its peers).
+        let (mut t, _, _) = tunnel();
+        let new = PrivateKey::from_random([9; 32]);
+        let lines = [format!("public_key={}", new.public_key().to_hex())];
+        apply_set(&mut t, None, parse_set(&lines).unwrap(), &|_| Ok(())).unwrap();
+        assert_eq!(t.peers().count(), 2);
+        let lines = [format!("private_key={}", &*new.to_hex())];
+        let s = apply_set(&mut t, None, parse_set(&lines).unwrap(), &|_| Ok(())).unwrap();
+        assert!(s.private_key.is_some());
+        assert_eq!(t.peers().count(), 1, "the peer with the new key is gone");
+        // And with the key known, a peer with it is refused.
+        let lines = [format!("public_key={}", new.public_key().to_hex())];
+        let own = Some(new.public_key());
+        assert_eq!(
+            apply_set(&mut t, own, parse_set(&lines).unwrap(), &|_| Ok(())).map(|_| ()),
+            Err(EINVAL)
+        );
+    }
+
+    #[test]
+    fn a_setconf_of_many_peers_is_read_apart_from_the_tunnel_and_replaces_them() {
+        // `wg setconf` of 10,000 peers: read and checked without the tunnel
+        // (the control thread's part), then applied by key look-ups.
+        let (mut t, key, old) = tunnel();
+        let mut lines = vec!["replace_peers=true".to_string()];
+        let keys: Vec<PublicKey> = (0..10_000u32)
+            .map(|i| {
+                let mut b = [7u8; 32];
+                b[1..5].copy_from_slice(&i.to_le_bytes());
+                PrivateKey::from_random(b).public_key()
+            })
+            .collect();
+        for (i, k) in keys.iter().enumerate() {
+            lines.push(format!("public_key={}", k.to_hex()));
+            lines.push(format!("allowed_ip=10.{}.{}.1/32", i / 256, i % 256));
+        }
+        let request = parse_set(&lines).unwrap();
+        assert_eq!(format!("{request:?}"), "SetRequest(10000 peer change(s))");
+        apply_set(&mut t, Some(key.public_key()), request, &|_| Ok(())).unwrap();
+        assert_eq!(t.peers().count(), 10_000);
+        assert!(t.peer_index(&old).is_none(), "replaced");
+        assert!(keys.iter().all(|k| t.peer_index(k).is_some()));
     }
 }
