@@ -554,6 +554,17 @@ fn stock_wg_quick_runs_tapir_as_its_userspace_wireguard() {
     );
     // Everything through tapir, to wireguard-go.
     ping(&bed.a, "10.77.0.2");
+    // The daemon wg-quick started parses datagrams with CAP_NET_ADMIN alone.
+    let pid = engine_pid(&name).unwrap_or_else(|| panic!("no tapir wireguard-go {name} running"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        let v = status
+            .lines()
+            .find_map(|l| l.strip_prefix(set))
+            .unwrap()
+            .trim();
+        assert_eq!(v, "0000000000001000", "{set} of {pid}: {status}");
+    }
     let show = bed.a.cmd("wg").args(["show", &name]).output().unwrap();
     let text = String::from_utf8_lossy(&show.stdout);
     assert!(
@@ -582,6 +593,17 @@ fn stock_wg_quick_runs_tapir_as_its_userspace_wireguard() {
         before,
         "wg-quick down left routing as before"
     );
+}
+
+/// The pid of `tapir wireguard-go ... NAME` (names are unique per test).
+fn engine_pid(name: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        (args.contains(&b"wireguard-go".as_slice()) && args.contains(&name.as_bytes()))
+            .then_some(pid)
+    })
 }
 
 /// Whether a control socket of that name is left in any namespace's directory.

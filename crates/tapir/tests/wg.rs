@@ -670,6 +670,11 @@ fn a_running_tunnel_keeps_cap_net_admin_alone_and_still_works() {
     ]));
     let show = sh(bed.a.cmd("wg").args(["show", &a.name, "allowed-ips"]));
     assert!(show.contains("10.77.0.9/32"), "{show}");
+    // What CAP_NET_ADMIN is kept for: marking the socket (wg-quick's
+    // default routes) is refused without it.
+    sh(bed.a.cmd("wg").args(["set", &a.name, "fwmark", "0x1234"]));
+    let mark = sh(bed.a.cmd("wg").args(["show", &a.name, "fwmark"]));
+    assert_eq!(mark.trim(), "0x1234");
     ping(&bed.a, "10.77.0.2");
     // And shutdown still cleans up.
     ta.stop();

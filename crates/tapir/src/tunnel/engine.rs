@@ -119,11 +119,13 @@ pub fn run(name: &IfName, tun_path: &Path, shutdown: &AtomicBool) -> Result<(), 
             let mut p = pending.borrow_mut();
             let p = &mut *p;
             match request {
-                Request::Get | Request::TapirGet => {
-                    uapi::get_with(&p.tunnel, p.key.as_ref(), p.port, p.fwmark)
+                Request::Get => uapi::get_with(&p.tunnel, p.key.as_ref(), p.port, p.fwmark, true),
+                Request::TapirGet => {
+                    uapi::get_with(&p.tunnel, p.key.as_ref(), p.port, p.fwmark, false)
                 }
-                Request::Set(lines) => {
-                    match uapi::set_with(&mut p.tunnel, p.key.as_ref(), &lines, &|_| Ok(())) {
+                Request::Set(request) => {
+                    let own = p.key.as_ref().map(PrivateKey::public_key);
+                    match uapi::apply_set(&mut p.tunnel, own, request, &|_| Ok(())) {
                         Ok(s) => {
                             if s.clear_key {
                                 p.key = None;
@@ -215,6 +217,9 @@ pub fn run(name: &IfName, tun_path: &Path, shutdown: &AtomicBool) -> Result<(), 
         save_to: None,
         config,
     };
+    // Set up (wg-quick configures addresses and routes itself): from here
+    // on, CAP_NET_ADMIN alone, for `wg set fwmark`.
+    super::keep_only_net_admin();
     // No file to read again: nothing to reload.
     let reloads = std::sync::atomic::AtomicU64::new(0);
     crate::notify::send("READY=1");

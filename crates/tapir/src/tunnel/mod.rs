@@ -483,6 +483,18 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
     })
 }
 
+/// Gives up every capability but CAP_NET_ADMIN (routes and marks at run
+/// time), for good: once set up, the process parses what arrives from the
+/// network. Threads started later inherit it. `TAPIR_KEEP_CAPS=1` keeps
+/// them all (for debugging).
+pub(crate) fn keep_only_net_admin() {
+    if std::env::var_os("TAPIR_KEEP_CAPS").is_none() {
+        if let Err(e) = tapir_sys::caps::keep_only_net_admin(true) {
+            eprintln!("tapir: warning: could not give up capabilities: {e}");
+        }
+    }
+}
+
 /// Starts every tunnel first (dropping those started if one fails), then
 /// runs each on a thread of its own until `shutdown`, or until one fails,
 /// which stops the others.
@@ -526,10 +538,8 @@ pub fn run_all(
             "tapir: {}: keeping root's capabilities for what runs at down ({what})",
             c.name
         );
-    } else if std::env::var_os("TAPIR_KEEP_CAPS").is_none() {
-        if let Err(e) = tapir_sys::caps::keep_only_net_admin(true) {
-            eprintln!("tapir: warning: could not give up capabilities: {e}");
-        }
+    } else {
+        keep_only_net_admin();
     }
     // SIGHUP sets `reload`; every tunnel's control thread sees the count go up.
     let reloads = AtomicU64::new(0);
