@@ -104,7 +104,8 @@ pub struct PeerStatic {
 
 impl Drop for PeerStatic {
     fn drop(&mut self) {
-        if let Some(Some(mut k)) = self.static_static.take() {
+        // In place: `take` would wipe a copy and leave the cell's bytes.
+        if let Some(Some(k)) = self.static_static.get_mut() {
             k.zeroize();
         }
     }
@@ -311,6 +312,8 @@ pub fn read_initiation(id: &Identity, msg: &[u8]) -> Result<ReceivedInitiation, 
     let our_secret = Zeroizing::new(id.private.secret().to_bytes());
     let es = dh(&our_secret, &e_pub)?;
     let [c2, k] = kdf::<2>(&c, &*es);
+    // Wiped on every way out, the failed ones too.
+    let k = Zeroizing::new(k);
     c = c2;
     let mut st = [0u8; 48];
     st.copy_from_slice(&msg[field::INIT_STATIC]);
@@ -322,6 +325,7 @@ pub fn read_initiation(id: &Identity, msg: &[u8]) -> Result<ReceivedInitiation, 
     h = hash(&[&h, &msg[field::INIT_STATIC]]);
     let ss = dh(&our_secret, &peer)?;
     let [c3, k] = kdf::<2>(&c, &*ss);
+    let k = Zeroizing::new(k);
     c = c3;
     let mut ts = [0u8; 28];
     ts.copy_from_slice(&msg[field::INIT_TIMESTAMP]);
@@ -352,6 +356,7 @@ pub fn write_response(
     cookie: Option<&[u8; 16]>,
     out: &mut [u8; RESPONSE_LEN],
 ) -> Result<TransportKeys, HandshakeError> {
+    let ephemeral = Zeroizing::new(ephemeral);
     let (mut c, mut h) = (init.chaining, init.hash);
     let e_pub = public_of(&ephemeral);
     [c] = kdf::<1>(&c, &e_pub);
@@ -404,6 +409,7 @@ pub fn read_response(
     let our_secret = Zeroizing::new(id.private.secret().to_bytes());
     [c] = kdf::<1>(&c, &*dh(&our_secret, &e_pub)?);
     let [c2, tau, k] = kdf::<3>(&c, &peer.psk.0);
+    let k = Zeroizing::new(k);
     c = c2;
     h = hash(&[&h, &tau]);
     let mut empty = [0u8; TAG_LEN];
@@ -412,9 +418,7 @@ pub fn read_response(
         return Err(HandshakeError::Decrypt);
     }
     let [send, recv] = kdf::<2>(&c, &[]);
-    let (mut c, mut k) = (c, k);
     c.zeroize();
-    k.zeroize();
     Ok(TransportKeys {
         local_index: pending.local_index,
         remote_index: messages::read_u32(msg, field::RESP_SENDER),

@@ -599,6 +599,24 @@ mod toml_schema {
     use serde::Deserialize;
     use toml::Spanned;
 
+    /// A key as written in the file: wiped when dropped.
+    #[derive(Deserialize)]
+    #[serde(transparent)]
+    pub struct Secret(Spanned<String>);
+
+    impl Drop for Secret {
+        fn drop(&mut self) {
+            zeroize::Zeroize::zeroize(self.0.get_mut());
+        }
+    }
+
+    impl std::ops::Deref for Secret {
+        type Target = Spanned<String>;
+        fn deref(&self) -> &Spanned<String> {
+            &self.0
+        }
+    }
+
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct File {
@@ -634,7 +652,7 @@ mod toml_schema {
     #[serde(deny_unknown_fields)]
     pub struct Tunnel {
         pub name: Spanned<String>,
-        pub private_key: Option<Spanned<String>>,
+        pub private_key: Option<Secret>,
         pub private_key_file: Option<Spanned<String>>,
         pub listen_port: Option<u16>,
         #[serde(default)]
@@ -674,7 +692,7 @@ mod toml_schema {
     #[serde(deny_unknown_fields)]
     pub struct Peer {
         pub public_key: Spanned<String>,
-        pub preshared_key: Option<Spanned<String>>,
+        pub preshared_key: Option<Secret>,
         pub endpoint: Option<Spanned<String>>,
         #[serde(default)]
         pub allowed_ips: Vec<Spanned<String>>,

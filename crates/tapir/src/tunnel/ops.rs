@@ -18,6 +18,7 @@
 
 use std::io::Write;
 use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -140,7 +141,16 @@ impl Applied {
         // record of it, not a rule nobody knows about.
         self.rules.push(rule);
         let text: String = self.rules.iter().map(record_line).collect();
-        if let Err(e) = std::fs::write(&self.record, text) {
+        // Not through a link (the run directory is root's own, checked at
+        // up; this holds for `tapir run` given another directory too).
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&self.record)
+            .and_then(|mut f| f.write_all(text.as_bytes()));
+        if let Err(e) = written {
             eprintln!(
                 "tapir: {}: warning: cannot record the routing rules in {} ({e}): after a crash, remove them by hand",
                 self.name,
