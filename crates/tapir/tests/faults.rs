@@ -1,4 +1,4 @@
-//! Faults, with figures: loss on the underlay, the underlay down and up,
+//! Faults, with figures: loss and reordering on the underlay, the underlay down and up,
 //! either end killed and restarted, and a flood of garbage and replayed
 //! datagrams, each in namespaces, tapir to tapir:
 //!
@@ -9,8 +9,10 @@
 //! They run one at a time (a lock): each loads the machine, and the others
 //! measure recovery times.
 
+use std::net::{SocketAddr, UdpSocket};
 use std::process::Stdio;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use netlab::{Netns, require_root};
@@ -41,29 +43,144 @@ fn sides<'a>(bed: &'a Bed, tag: &str) -> (Side<'a>, Side<'a>) {
     )
 }
 
+/// What one direction of [`impair`] did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Impaired {
+    passed: u64,
+    dropped: u64,
+    /// Sent after one to three datagrams that came in later.
+    reordered: u64,
+}
+
+/// Forwards datagrams from `rx` to `to` through `tx` until `stop`: 5% of
+/// them dropped and 5% held back and sent after the next one to three, at
+/// random (xorshift from `seed`). There is no netem here to do it in the
+/// kernel.
+fn impair(
+    rx: &UdpSocket,
+    tx: &UdpSocket,
+    to: SocketAddr,
+    seed: u64,
+    stop: &AtomicBool,
+) -> Impaired {
+    let mut rng = seed | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    rx.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let mut held: Option<(Vec<u8>, u64, u64)> = None; // datagram, to let pass, passed it
+    let mut r = Impaired::default();
+    while !stop.load(Ordering::Relaxed) {
+        let n = match rx.recv(&mut buf) {
+            Ok(n) => n,
+            Err(_) => {
+                // Quiet: a held datagram goes now (nothing passed it, or
+                // not all it was to let pass).
+                if let Some((d, _, passed)) = held.take() {
+                    let _ = tx.send_to(&d, to);
+                    r.reordered += u64::from(passed > 0);
+                }
+                continue;
+            }
+        };
+        let roll = next() % 100;
+        if roll < 5 {
+            r.dropped += 1;
+            continue;
+        }
+        if roll < 10 && held.is_none() {
+            held = Some((buf[..n].to_vec(), 1 + next() % 3, 0));
+            continue;
+        }
+        let _ = tx.send_to(&buf[..n], to);
+        r.passed += 1;
+        if let Some((_, left, passed)) = &mut held {
+            *passed += 1;
+            if *passed == *left {
+                let (d, _, _) = held.take().unwrap();
+                let _ = tx.send_to(&d, to);
+                r.reordered += 1;
+            }
+        }
+    }
+    r
+}
+
 #[test]
-fn five_percent_loss_on_the_underlay_loses_nothing_inside() {
+fn five_percent_loss_and_reordering_on_the_underlay_lose_nothing_inside() {
     require_root!();
     let _one = serial();
     let bed = bed("loss");
     let ((ka, pa), (kb, pb)) = (genkey(), genkey());
     let (a, b) = sides(&bed, "ls");
-    let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
-    let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
-    ping(&bed.a, "10.77.0.2");
-    // 5% of the tunnel's datagrams dropped each way, at random.
-    for ns in [&bed.a, &bed.b] {
-        nft(
-            ns,
-            "table inet loss {\n  chain out { type filter hook output priority 0; udp dport 51820 numgen random mod 100 < 5 drop; }\n}\n",
+    // a reaches b only through the impairing relay (in a's namespace):
+    //   tunnel a :51820 ─▶ :51900 relay :51901 ─▶ :51820 tunnel b, and back.
+    let (to_a, to_b) = bed.a.run(|| {
+        (
+            UdpSocket::bind("10.200.0.1:51900").unwrap(),
+            UdpSocket::bind("10.200.0.1:51901").unwrap(),
+        )
+    });
+    let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.1:51900"), "10.77.0.2/32");
+    let _tb = tapir(&bed, &b, &kb, &pa, None, "10.77.0.1/32");
+    let stop = AtomicBool::new(false);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("impairment seed {seed}");
+    let (forth, back, secs) = std::thread::scope(|s| {
+        let forth = s.spawn(|| {
+            impair(
+                &to_a,
+                &to_b,
+                "10.200.0.2:51820".parse().unwrap(),
+                seed,
+                &stop,
+            )
+        });
+        let back = s.spawn(|| {
+            impair(
+                &to_b,
+                &to_a,
+                "10.200.0.1:51820".parse().unwrap(),
+                seed ^ 0x9e37_79b9,
+                &stop,
+            )
+        });
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ping(&bed.a, "10.77.0.2");
+            let start = Instant::now();
+            transfer(&bed.a, &bed.b, "10.77.0.2:5001", 256 << 20);
+            start.elapsed().as_secs_f64()
+        }));
+        stop.store(true, Ordering::Relaxed);
+        let (forth, back) = (forth.join().unwrap(), back.join().unwrap());
+        (
+            forth,
+            back,
+            run.unwrap_or_else(|p| std::panic::resume_unwind(p)),
+        )
+    });
+    eprintln!(
+        "256 MB through 5% loss and 5% reordering each way: {:.0} Mbit/s, sha256 equal; a to b {forth:?}, b to a {back:?}",
+        256.0 * 8.0 * 1.048576 / secs
+    );
+    // The relay did its part: the transfer crossed it, lost and reordered.
+    for (way, r) in [("a to b", forth), ("b to a", back)] {
+        assert!(
+            r.passed > 1000 && r.dropped > 0 && r.reordered > 0,
+            "{way}: {r:?}"
         );
     }
-    let start = Instant::now();
-    transfer(&bed.a, &bed.b, "10.77.0.2:5001", 256 << 20);
-    let secs = start.elapsed().as_secs_f64();
-    eprintln!(
-        "256 MB through 5% loss each way: {:.0} Mbit/s, sha256 equal",
-        256.0 * 8.0 * 1.048576 / secs
+    let crossed = forth.passed + forth.dropped + forth.reordered;
+    assert!(
+        crossed > (256 << 20) / 1500,
+        "the data went through the relay: {forth:?}"
     );
 }
 
