@@ -444,6 +444,118 @@ fn status_sees_tunnels_run_by_hand_and_says_what_to_do_about_a_dead_one() {
         String::from_utf8_lossy(&out.stdout)
     );
     e.assert_clean(&n);
+    // Killed outright again, and up at once, without a down: the stale pid
+    // file and control socket do not block it.
+    let up = e.tapir(&["up", conf.to_str().unwrap()]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let st: Value = serde_json::from_slice(&e.tapir(&["status", "--json"]).stdout).unwrap();
+    let pid = st[0]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while e.ns.has_link(&n) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device outlived its process"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let up = e.tapir(&["up", conf.to_str().unwrap()]);
+    assert!(
+        up.status.success(),
+        "up right after SIGKILL: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let st: Value = serde_json::from_slice(&e.tapir(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(st[0]["running"], true, "{st}");
+    assert_ne!(st[0]["pid"].as_i64().unwrap() as i32, pid, "{st}");
+    let out = e.tapir(&["down", &n]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    e.assert_clean(&n);
+}
+
+/// Links planted where `up` writes its pid file and log: the pid file
+/// replaces its link (the target is untouched), a linked log is refused
+/// before anything starts.
+#[test]
+fn up_never_writes_through_a_planted_link() {
+    require_root!();
+    let e = env("links");
+    let n = name("tln");
+    let conf = e.file(
+        &format!("{n}.conf"),
+        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51834\nAddress = 10.88.4.1/24\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.4.2/32\n", key()),
+        "600",
+    );
+    let victim = e.file("victim", "precious\n", "644");
+    // The namespace's own directories, as up makes them (root's, 0755).
+    let id =
+        e.ns.cmd("stat")
+            .args(["-L", "-c", "%i", "/proc/self/ns/net"])
+            .output()
+            .unwrap();
+    let id = String::from_utf8_lossy(&id.stdout).trim().to_owned();
+    let (run, log) = (
+        e.dir.join("run").join(format!("netns-{id}")),
+        e.dir.join("log").join(format!("netns-{id}")),
+    );
+    for d in [&run, &log] {
+        std::fs::create_dir_all(d).unwrap();
+        Command::new("chmod")
+            .args([
+                "755",
+                d.to_str().unwrap(),
+                d.parent().unwrap().to_str().unwrap(),
+            ])
+            .status()
+            .unwrap();
+    }
+    std::os::unix::fs::symlink(&victim, log.join(format!("{n}.log"))).unwrap();
+    let out = e.tapir(&["up", conf.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && err.contains(&format!("{n}.log")),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    e.assert_clean(&n);
+    std::fs::remove_file(log.join(format!("{n}.log"))).unwrap();
+    let pid_path = run.join(format!("{n}.pid"));
+    std::os::unix::fs::symlink(&victim, &pid_path).unwrap();
+    let out = e.tapir(&["up", conf.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "precious\n",
+        "written through the link"
+    );
+    let meta = std::fs::symlink_metadata(&pid_path).unwrap();
+    assert!(
+        meta.file_type().is_file(),
+        "the link was replaced by the pid file"
+    );
+    let out = e.tapir(&["down", &n]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    e.assert_clean(&n);
 }
 
 /// `program args` with `input` on its stdin; its stdout.

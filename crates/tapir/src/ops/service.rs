@@ -219,6 +219,58 @@ pub fn spawn_daemon(mut cmd: Command, log: &Path) -> Result<(std::process::Child
     Ok((child, start))
 }
 
+/// Waits (3 s at most) for process `pid` to finish exiting, if it is: a
+/// tunnel killed a moment ago may still hold its port while its device is
+/// already gone. Its memory goes first (its command line reads empty), its
+/// descriptors after, one by one, the device's taking a while; and its
+/// threads each exit in turn, the first one (whose state `/proc/PID`
+/// shows) a zombie before the others are done.
+fn wait_while_exiting(pid: i32) {
+    let exiting = || {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            return false;
+        };
+        cmdline.is_empty()
+            && std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|tasks| {
+                    tasks.flatten().any(|t| {
+                        std::fs::read_to_string(t.path().join("stat"))
+                            .ok()
+                            .and_then(|s| {
+                                s.rsplit_once(')')
+                                    .map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+                            })
+                            .unwrap_or(false)
+                    })
+                })
+                .unwrap_or(false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while exiting() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes `pid` to `path` by a new file renamed into place: whatever is at
+/// `path` (a link planted there, say) is replaced, never written through.
+fn write_pid_file(path: &Path, pid: i32) -> std::io::Result<()> {
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}", std::process::id()));
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&staging)
+        .and_then(|mut f| f.write_all(format!("{pid}\n").as_bytes()))
+        .and_then(|()| std::fs::rename(&staging, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&staging);
+    }
+    written
+}
+
 /// Starts the tunnels of `file` in the background; returns their names once
 /// they answer, or the reason they did not (with nothing left behind).
 pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up, String> {
@@ -266,6 +318,11 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up,
                 "{name} is already up in {} (pid {pid}): tapir down {name} first",
                 scope.describe()
             ));
+        }
+    }
+    for name in &names {
+        if let Some(pid) = read_pid(&pid_file(dirs, &scope, name)) {
+            wait_while_exiting(pid);
         }
     }
     for d in [&dirs.run, &dirs.log] {
@@ -325,16 +382,20 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up,
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    for name in &names {
+    for (i, name) in names.iter().enumerate() {
         let path = pid_file(dirs, &scope, name);
-        std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{pid}\n").as_bytes()))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Err(e) = write_pid_file(&path, pid) {
+            // Not up without its record: stopped again, nothing left.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            let _ = child.wait();
+            for n in &names[..i] {
+                let _ = std::fs::remove_file(pid_file(dirs, &scope, n));
+            }
+            return Err(format!(
+                "{}: {e}; the tunnel was stopped again",
+                path.display()
+            ));
+        }
     }
     let text = std::fs::read_to_string(&log_path).unwrap_or_default();
     let warnings = text
@@ -441,6 +502,8 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    // Gone, not going: its port is free for an up right after.
+    wait_while_exiting(pid);
     for p in siblings {
         let _ = std::fs::remove_file(p);
     }
