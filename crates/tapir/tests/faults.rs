@@ -52,15 +52,16 @@ struct Impaired {
     reordered: u64,
 }
 
-/// Forwards datagrams from `rx` to `to` through `tx` until `stop`: 5% of
-/// them dropped and 5% held back and sent after the next one to three, at
-/// random (xorshift from `seed`). There is no netem here to do it in the
-/// kernel.
+/// Forwards datagrams from `rx` to `to` through `tx` until `stop`; while
+/// `on`, 5% of them are dropped and 5% held back and sent after the next
+/// one to three, at random (xorshift from `seed`). There is no netem here
+/// to do it in the kernel.
 fn impair(
     rx: &UdpSocket,
     tx: &UdpSocket,
     to: SocketAddr,
     seed: u64,
+    on: &AtomicBool,
     stop: &AtomicBool,
 ) -> Impaired {
     let mut rng = seed | 1;
@@ -87,7 +88,11 @@ fn impair(
                 continue;
             }
         };
-        let roll = next() % 100;
+        let roll = if on.load(Ordering::Relaxed) {
+            next() % 100
+        } else {
+            99
+        };
         if roll < 5 {
             r.dropped += 1;
             continue;
@@ -127,7 +132,7 @@ fn five_percent_loss_and_reordering_on_the_underlay_lose_nothing_inside() {
     });
     let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.1:51900"), "10.77.0.2/32");
     let _tb = tapir(&bed, &b, &kb, &pa, None, "10.77.0.1/32");
-    let stop = AtomicBool::new(false);
+    let (on, stop) = (AtomicBool::new(false), AtomicBool::new(false));
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -140,6 +145,7 @@ fn five_percent_loss_and_reordering_on_the_underlay_lose_nothing_inside() {
                 &to_b,
                 "10.200.0.2:51820".parse().unwrap(),
                 seed,
+                &on,
                 &stop,
             )
         });
@@ -149,11 +155,14 @@ fn five_percent_loss_and_reordering_on_the_underlay_lose_nothing_inside() {
                 &to_a,
                 "10.200.0.1:51820".parse().unwrap(),
                 seed ^ 0x9e37_79b9,
+                &on,
                 &stop,
             )
         });
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // Up first, then the faults.
             ping(&bed.a, "10.77.0.2");
+            on.store(true, Ordering::Relaxed);
             let start = Instant::now();
             transfer(&bed.a, &bed.b, "10.77.0.2:5001", 256 << 20);
             start.elapsed().as_secs_f64()
