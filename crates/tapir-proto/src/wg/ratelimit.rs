@@ -54,6 +54,17 @@ impl SourceLimiter {
 
     /// Whether a handshake message from `ip` may be processed now.
     pub fn allow(&mut self, now: Instant, ip: IpAddr) -> bool {
+        self.check(now, ip, true)
+    }
+
+    /// [`SourceLimiter::allow`] for the response to a handshake we started:
+    /// its address's bucket applies, the one for all does not (a flood from
+    /// many addresses must not keep our own handshakes from finishing).
+    pub fn allow_own_response(&mut self, now: Instant, ip: IpAddr) -> bool {
+        self.check(now, ip, false)
+    }
+
+    fn check(&mut self, now: Instant, ip: IpAddr, all: bool) -> bool {
         if self
             .last_clean
             .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
@@ -80,8 +91,18 @@ impl SourceLimiter {
         if !take(tokens, last, now, COST, MAX_TOKENS) {
             return false;
         }
+        if !all {
+            return true;
+        }
         let (tokens, last) = self.all.get_or_insert((ALL_MAX_TOKENS, now));
-        take(tokens, last, now, ALL_COST, ALL_MAX_TOKENS)
+        if take(tokens, last, now, ALL_COST, ALL_MAX_TOKENS) {
+            return true;
+        }
+        // Refused for all: the address keeps its token for a later try.
+        if let Some((tokens, _)) = self.buckets.get_mut(&ip) {
+            *tokens = (*tokens + COST).min(MAX_TOKENS);
+        }
+        false
     }
 
     /// Addresses tracked now.
@@ -148,6 +169,11 @@ mod tests {
         }
         let most = (ALL_BURST + ALL_PER_SECOND) as usize;
         assert!((most - 2..=most).contains(&passed), "{passed} passed");
+        // Meanwhile the response to a handshake of ours still gets through.
+        let peer: IpAddr = "192.0.2.7".parse().unwrap();
+        let last = now + Duration::from_micros(19_999 * 50);
+        assert!(!l.allow(last, peer), "the bucket for all is empty");
+        assert!(l.allow_own_response(last, peer));
     }
 
     #[test]

@@ -604,7 +604,7 @@ impl Tunnel {
         };
         let peer = &mut self.peers[idx];
         let before_ips: Vec<IpNet> = peer.config.allowed_ips.iter().map(IpNet::trunc).collect();
-        let before_psk = peer.config.psk.as_ref().map(PresharedKey::to_base64);
+        let before_psk = peer.config.psk.clone();
         let before_endpoint = peer.config.endpoint;
         let before_rate = peer.config.rate;
         change(&mut peer.config);
@@ -614,7 +614,13 @@ impl Tunnel {
             peer.tx_shaper = peer.config.rate.map(Shaper::new);
             peer.rx_shaper = peer.config.rate.map(Shaper::new);
         }
-        if peer.config.psk.as_ref().map(PresharedKey::to_base64) != before_psk {
+        // Compared in place: no copies of the keys in strings.
+        let same_psk = match (peer.config.psk.as_ref(), before_psk.as_ref()) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.0 == b.0,
+            _ => false,
+        };
+        if !same_psk {
             peer.keys = PeerStatic::new(&self.id, *public, peer.config.psk.clone());
         }
         if peer.config.endpoint != before_endpoint {
@@ -658,6 +664,53 @@ impl Tunnel {
         self.rebuild_routes();
         self.reindex();
         true
+    }
+
+    /// Removes every peer whose key is in `gone`, with one rebuild of the
+    /// indices and routes for all of them (a `wg setconf` that replaces
+    /// 10,000 peers, where [`Tunnel::remove_peer`] one by one would rebuild
+    /// 10,000 times). Returns how many it removed.
+    pub fn remove_peers(&mut self, gone: &std::collections::HashSet<PublicKey>) -> usize {
+        let mut next = 0;
+        let moved: Vec<Option<usize>> = self
+            .peers
+            .iter()
+            .map(|p| {
+                (!gone.contains(&p.config.public)).then(|| {
+                    next += 1;
+                    next - 1
+                })
+            })
+            .collect();
+        let removed = self.peers.len() - next;
+        if removed == 0 {
+            return 0;
+        }
+        for p in self
+            .peers
+            .iter()
+            .filter(|p| gone.contains(&p.config.public))
+        {
+            self.switch.forget_port(Port::Peer(p.config.public));
+        }
+        let mut i = 0;
+        self.peers.retain(|_| {
+            i += 1;
+            moved[i - 1].is_some()
+        });
+        self.by_key = self
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.config.public, i))
+            .collect();
+        self.by_index.retain(|_, p| moved[*p].is_some());
+        for p in self.by_index.values_mut() {
+            *p = moved[*p].expect("kept");
+        }
+        self.rebuild_routes();
+        self.reindex();
+        removed
     }
 
     /// After a removal shifted the peer indices.
@@ -1026,7 +1079,23 @@ impl Tunnel {
             }
             // A valid cookie proves the address, not good faith: each
             // address gets 20 handshakes a second, before any Diffie-Hellman.
-            if !self.limiter.allow(now, from.ip()) {
+            // The response to a handshake of ours (its receiver index is a
+            // pending one: a look-up, no Diffie-Hellman) passes the bucket
+            // for all addresses.
+            let receiver = messages::read_u32(msg, field::RESP_RECEIVER);
+            let ours = msg.len() == RESPONSE_LEN
+                && self.by_index.get(&receiver).is_some_and(|&p| {
+                    self.peers[p]
+                        .pending
+                        .as_ref()
+                        .is_some_and(|(pending, _)| pending.local_index == receiver)
+                });
+            let allowed = if ours {
+                self.limiter.allow_own_response(now, from.ip())
+            } else {
+                self.limiter.allow(now, from.ip())
+            };
+            if !allowed {
                 return Decapsulated::Dropped(DropReason::RateLimited);
             }
         }

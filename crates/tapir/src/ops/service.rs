@@ -226,11 +226,20 @@ pub fn spawn_daemon(mut cmd: Command, log: &Path) -> Result<(std::process::Child
 /// threads each exit in turn, the first one (whose state `/proc/PID`
 /// shows) a zombie before the others are done.
 fn wait_while_exiting(pid: i32) {
+    // A kernel thread (a pid used again) has no command line either.
+    let kernel_thread = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let (_, rest) = s.rsplit_once(')')?;
+            rest.split_whitespace().nth(6)?.parse::<u64>().ok()
+        })
+        .is_some_and(|flags| flags & 0x0020_0000 != 0); // PF_KTHREAD
     let exiting = || {
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
             return false;
         };
-        cmdline.is_empty()
+        !kernel_thread
+            && cmdline.is_empty()
             && std::fs::read_dir(format!("/proc/{pid}/task"))
                 .map(|tasks| {
                     tasks.flatten().any(|t| {
@@ -701,6 +710,13 @@ pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, Stri
                         continue;
                     }
                     match k.as_str() {
+                        // A tunnel started by an older tapir still sends it.
+                        "private_key" if t.public_key.is_none() => {
+                            let key = zeroize::Zeroizing::new(v);
+                            t.public_key = tapir_proto::wg::keys::PrivateKey::from_hex(&key)
+                                .ok()
+                                .map(|k| k.public_key().to_base64());
+                        }
                         "listen_port" => t.listen_port = v.parse().ok(),
                         "public_key" => t.peers.push(PeerStatus {
                             public_key: b64(&v),

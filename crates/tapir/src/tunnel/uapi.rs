@@ -123,11 +123,7 @@ struct PeerChange {
     allowed_ips: Vec<IpNet>,
 }
 
-fn apply(tunnel: &mut Tunnel, c: PeerChange) {
-    if c.remove {
-        tunnel.remove_peer(&c.public);
-        return;
-    }
+fn apply(tunnel: &mut Tunnel, c: &PeerChange) {
     let exists = tunnel.peer_index(&c.public).is_some();
     let change = |p: &mut PeerConfig| {
         if let Some(psk) = c.psk.clone() {
@@ -175,7 +171,7 @@ pub fn set(
     lines: &[String],
 ) -> Result<(), i32> {
     let own = tunnel.public_key();
-    apply_set(tunnel, Some(own), parse_set(lines)?, &|s| {
+    apply_set(tunnel, Some(own), &*parse_set(lines)?, &|s| {
         // A running tunnel keeps its key and port (see `Settings`).
         if s.private_key
             .as_ref()
@@ -224,8 +220,16 @@ impl std::fmt::Debug for SetRequest {
 /// not `key=value` or a peer key before any `public_key`, EINVAL for a
 /// value that is wrong (a public key of small order among them). Touches
 /// no tunnel, so the control thread does it, not the packet thread.
-pub fn parse_set<S: AsRef<str>>(lines: &[S]) -> Result<SetRequest, i32> {
-    let mut r = SetRequest::default();
+pub fn parse_set<S: AsRef<str>>(lines: &[S]) -> Result<Box<SetRequest>, i32> {
+    // Built where it stays (on the heap), not moved there with its keys.
+    let mut r = Box::<SetRequest>::default();
+    // Sized once: changes hold preshared keys, and a growing vector would
+    // leave copies of them behind in what it frees.
+    let peers = lines
+        .iter()
+        .filter(|l| l.as_ref().starts_with("public_key="))
+        .count();
+    r.changes.reserve_exact(peers);
     for line in lines {
         let (key, value) = line.as_ref().split_once('=').ok_or(EPROTO)?;
         match key {
@@ -314,15 +318,18 @@ pub fn parse_set<S: AsRef<str>>(lines: &[S]) -> Result<SetRequest, i32> {
 pub fn apply_set(
     tunnel: &mut Tunnel,
     own: Option<PublicKey>,
-    request: SetRequest,
+    request: &SetRequest,
     check: &dyn Fn(&Settings) -> Result<(), i32>,
 ) -> Result<Settings, i32> {
+    // Read in place, keys copied only as clones that wipe themselves: the
+    // request is wiped where it is when its owner drops it.
     let SetRequest {
         settings,
         new_public,
         changes,
         replace_peers,
     } = request;
+    let (new_public, replace_peers) = (*new_public, *replace_peers);
     let mine = if settings.clear_key {
         None
     } else {
@@ -331,21 +338,36 @@ pub fn apply_set(
     if mine.is_some_and(|m| changes.iter().any(|c| c.public == m)) {
         return Err(EINVAL);
     }
-    check(&settings)?;
-    if let Some(m) = new_public {
-        tunnel.remove_peer(&m);
-    }
+    check(settings)?;
+    // Removals in one go (each removal alone rebuilds the peer indices and
+    // routes): the peers a replace leaves out, those removed by name, and
+    // one with the new key.
+    let mut gone: std::collections::HashSet<PublicKey> = new_public.into_iter().collect();
     if replace_peers {
         let keep: std::collections::HashSet<PublicKey> = changes.iter().map(|c| c.public).collect();
-        let all: Vec<PublicKey> = tunnel.peers().map(|(p, _, _)| p.public).collect();
-        for p in all.iter().filter(|p| !keep.contains(p)) {
-            tunnel.remove_peer(p);
+        gone.extend(
+            tunnel
+                .peers()
+                .map(|(p, _, _)| p.public)
+                .filter(|p| !keep.contains(p)),
+        );
+    }
+    // In order, as if one by one: what comes before a peer's removal is
+    // moot, what comes after it adds the peer afresh.
+    let last_removal: std::collections::HashMap<PublicKey, usize> = changes
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.remove)
+        .map(|(i, c)| (c.public, i))
+        .collect();
+    gone.extend(last_removal.keys());
+    tunnel.remove_peers(&gone);
+    for (i, c) in changes.iter().enumerate() {
+        if !c.remove && last_removal.get(&c.public).is_none_or(|&r| i > r) {
+            apply(tunnel, c);
         }
     }
-    for c in changes {
-        apply(tunnel, c);
-    }
-    Ok(settings)
+    Ok(settings.clone())
 }
 
 /// The listening control socket of one interface; removed on drop.
@@ -587,8 +609,9 @@ pub enum Request {
     Get,
     /// `tapir-get=1`: WireGuard's view and tapir's own lines.
     TapirGet,
-    /// `set=1`, its lines read and checked.
-    Set(SetRequest),
+    /// `set=1`, its lines read and checked (boxed: moved from thread to
+    /// thread by its pointer, keys and all staying where they are).
+    Set(Box<SetRequest>),
     /// `tapir-reload=1`: read the config file again and apply it (the
     /// control thread turns it into [`Request::Apply`]).
     Reload,
@@ -635,6 +658,12 @@ impl Lines {
                 None => None,
             };
             if let Some((len, used)) = cut {
+                if len > MAX_LINE {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "control request line too long",
+                    ));
+                }
                 let text = std::str::from_utf8(&pending[..len])
                     .map_err(|_| {
                         io::Error::new(io::ErrorKind::InvalidData, "control request not UTF-8")
@@ -758,7 +787,7 @@ pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>, extra
         }
         Request::Set(request) => {
             let own = tunnel.public_key();
-            let result = apply_set(tunnel, Some(own), request, &|s| {
+            let result = apply_set(tunnel, Some(own), &request, &|s| {
                 if s.clear_key
                     || s.private_key
                         .as_ref()
@@ -1005,17 +1034,17 @@ mod tests {
         let (mut t, _, _) = tunnel();
         let new = PrivateKey::from_random([9; 32]);
         let lines = [format!("public_key={}", new.public_key().to_hex())];
-        apply_set(&mut t, None, parse_set(&lines).unwrap(), &|_| Ok(())).unwrap();
+        apply_set(&mut t, None, &parse_set(&lines).unwrap(), &|_| Ok(())).unwrap();
         assert_eq!(t.peers().count(), 2);
         let lines = [format!("private_key={}", &*new.to_hex())];
-        let s = apply_set(&mut t, None, parse_set(&lines).unwrap(), &|_| Ok(())).unwrap();
+        let s = apply_set(&mut t, None, &parse_set(&lines).unwrap(), &|_| Ok(())).unwrap();
         assert!(s.private_key.is_some());
         assert_eq!(t.peers().count(), 1, "the peer with the new key is gone");
         // And with the key known, a peer with it is refused.
         let lines = [format!("public_key={}", new.public_key().to_hex())];
         let own = Some(new.public_key());
         assert_eq!(
-            apply_set(&mut t, own, parse_set(&lines).unwrap(), &|_| Ok(())).map(|_| ()),
+            apply_set(&mut t, own, &parse_set(&lines).unwrap(), &|_| Ok(())).map(|_| ()),
             Err(EINVAL)
         );
     }
@@ -1039,9 +1068,52 @@ mod tests {
         }
         let request = parse_set(&lines).unwrap();
         assert_eq!(format!("{request:?}"), "SetRequest(10000 peer change(s))");
-        apply_set(&mut t, Some(key.public_key()), request, &|_| Ok(())).unwrap();
+        apply_set(&mut t, Some(key.public_key()), &request, &|_| Ok(())).unwrap();
         assert_eq!(t.peers().count(), 10_000);
         assert!(t.peer_index(&old).is_none(), "replaced");
         assert!(keys.iter().all(|k| t.peer_index(k).is_some()));
+        // Replaced again by one peer: 10,000 removals in one rebuild.
+        let lines = [
+            "replace_peers=true".to_string(),
+            format!("public_key={}", old.to_hex()),
+            "allowed_ip=10.0.0.2/32".into(),
+        ];
+        apply_set(
+            &mut t,
+            Some(key.public_key()),
+            &parse_set(&lines).unwrap(),
+            &|_| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(t.peers().count(), 1);
+        assert!(t.peer_index(&old).is_some());
+    }
+
+    #[test]
+    fn changes_apply_in_order_around_a_removal() {
+        let (mut t, key, peer) = tunnel();
+        let own = Some(key.public_key());
+        // Removed, then given again: added afresh with what follows.
+        let lines = [
+            format!("public_key={}", peer.to_hex()),
+            "remove=true".into(),
+            format!("public_key={}", peer.to_hex()),
+            "allowed_ip=10.0.0.7/32".into(),
+        ];
+        apply_set(&mut t, own, &parse_set(&lines).unwrap(), &|_| Ok(())).unwrap();
+        let text = get(&t, &key, 51820);
+        assert!(
+            text.contains("allowed_ip=10.0.0.7/32") && !text.contains("allowed_ip=10.0.0.2/32"),
+            "{text}"
+        );
+        // Given, then removed: gone.
+        let lines = [
+            format!("public_key={}", peer.to_hex()),
+            "allowed_ip=10.0.0.8/32".into(),
+            format!("public_key={}", peer.to_hex()),
+            "remove=true".into(),
+        ];
+        apply_set(&mut t, own, &parse_set(&lines).unwrap(), &|_| Ok(())).unwrap();
+        assert_eq!(t.peers().count(), 0);
     }
 }
