@@ -265,6 +265,20 @@ mod tests {
     }
 
     #[test]
+    fn no_private_key_has_a_public_key_of_small_order() {
+        // Why `tapir pubkey` (as `wg pubkey`) needs no check of its input:
+        // clamping makes the scalar a multiple of 8 with bit 254 set, so its
+        // multiple of the base point is never of small order, whatever the
+        // 32 bytes given (the odd ones included).
+        let mut inputs = vec![[0u8; 32], [0xff; 32], [1; 32]];
+        inputs.extend(LOW_ORDER);
+        for b in inputs {
+            let public = PrivateKey::from_random(b).public_key();
+            assert_eq!(PublicKey::from_bytes(public.0), Ok(public), "{b:?}");
+        }
+    }
+
+    #[test]
     fn bad_keys_and_secrets_not_shown() {
         assert_eq!(PublicKey::from_base64("abc"), Err(KeyError::Format));
         assert_eq!(
