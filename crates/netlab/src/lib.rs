@@ -186,6 +186,12 @@ fn delete_netns(name: &str) {
             let _ = Command::new("kill").args(["-KILL", pid]).status();
         }
     }
+    // What tunnels killed in it left: their control sockets, in tapir's
+    // directory for this namespace (named by its inode). Removed while the
+    // namespace still exists, so its inode is not yet another's.
+    if let Ok(meta) = std::fs::metadata(Path::new(NETNS_DIR).join(name)) {
+        let _ = std::fs::remove_dir_all(format!("/var/run/wireguard/netns-{}", meta.ino()));
+    }
     let _ = Command::new("ip")
         .args(["netns", "del", name])
         .stderr(Stdio::null())
