@@ -355,6 +355,27 @@ fn the_same_name_in_two_namespaces_never_mixes() {
     assert!(!other.has_link(&n));
 }
 
+/// Kills the running tunnel of `up` named `n` with SIGKILL (no clean-up at
+/// all) and waits for its device to go; returns its pid.
+fn kill_outright(e: &Env, n: &str) -> i32 {
+    let st: Value = serde_json::from_slice(&e.tapir(&["status", "--json"]).stdout).unwrap();
+    let pid = st[0]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while e.ns.has_link(n) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device outlived its process"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    pid
+}
+
 #[test]
 fn status_sees_tunnels_run_by_hand_and_says_what_to_do_about_a_dead_one() {
     require_root!();
@@ -404,21 +425,7 @@ fn status_sees_tunnels_run_by_hand_and_says_what_to_do_about_a_dead_one() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let st: Value = serde_json::from_slice(&e.tapir(&["status", "--json"]).stdout).unwrap();
-    let pid = st[0]["pid"].as_i64().unwrap() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while e.ns.has_link(&n) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the device outlived its process"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let pid = kill_outright(&e, &n);
     let out = e.tapir(&["status", &n]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
@@ -452,21 +459,7 @@ fn status_sees_tunnels_run_by_hand_and_says_what_to_do_about_a_dead_one() {
         "{}",
         String::from_utf8_lossy(&up.stderr)
     );
-    let st: Value = serde_json::from_slice(&e.tapir(&["status", "--json"]).stdout).unwrap();
-    let pid = st[0]["pid"].as_i64().unwrap() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while e.ns.has_link(&n) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the device outlived its process"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let pid = kill_outright(&e, &n);
     let up = e.tapir(&["up", conf.to_str().unwrap()]);
     assert!(
         up.status.success(),

@@ -644,26 +644,8 @@ impl Tunnel {
 
     /// Removes a peer and its sessions.
     pub fn remove_peer(&mut self, public: &PublicKey) -> bool {
-        let Some(idx) = self.by_key.remove(public) else {
-            return false;
-        };
-        self.switch.forget_port(Port::Peer(*public));
-        self.peers.remove(idx);
-        self.by_key = self
-            .peers
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.config.public, i))
-            .collect();
-        self.by_index.retain(|_, p| *p != idx);
-        for p in self.by_index.values_mut() {
-            if *p > idx {
-                *p -= 1;
-            }
-        }
-        self.rebuild_routes();
-        self.reindex();
-        true
+        self.by_key.contains_key(public)
+            && self.remove_peers(&std::collections::HashSet::from([*public])) == 1
     }
 
     /// Removes every peer whose key is in `gone`, with one rebuild of the
