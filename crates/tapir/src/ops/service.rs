@@ -227,12 +227,8 @@ pub fn spawn_daemon(mut cmd: Command, log: &Path) -> Result<(std::process::Child
 /// shows) a zombie before the others are done.
 fn wait_while_exiting(pid: i32) {
     // A kernel thread (a pid used again) has no command line either.
-    let kernel_thread = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let (_, rest) = s.rsplit_once(')')?;
-            rest.split_whitespace().nth(6)?.parse::<u64>().ok()
-        })
+    let kernel_thread = stat_fields(Path::new(&format!("/proc/{pid}/stat")))
+        .and_then(|f| f.get(6)?.parse::<u64>().ok())
         .is_some_and(|flags| flags & 0x0020_0000 != 0); // PF_KTHREAD
     let exiting = || {
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
@@ -243,13 +239,9 @@ fn wait_while_exiting(pid: i32) {
             && std::fs::read_dir(format!("/proc/{pid}/task"))
                 .map(|tasks| {
                     tasks.flatten().any(|t| {
-                        std::fs::read_to_string(t.path().join("stat"))
-                            .ok()
-                            .and_then(|s| {
-                                s.rsplit_once(')')
-                                    .map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
-                            })
-                            .unwrap_or(false)
+                        stat_fields(&t.path().join("stat")).is_some_and(|f| {
+                            f.first().is_some_and(|st| !st.starts_with(['Z', 'X']))
+                        })
                     })
                 })
                 .unwrap_or(false)
@@ -546,13 +538,16 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
 }
 
 fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
+    stat_fields(Path::new(&format!("/proc/{pid}/stat")))
+        .is_some_and(|f| f.first().is_some_and(|st| st.starts_with('Z')))
+}
+
+/// The fields of a `/proc/.../stat` file after the command name (state
+/// first), which may hold spaces and parentheses of its own.
+fn stat_fields(path: &Path) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let (_, rest) = s.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
 /// One peer in `status`.
