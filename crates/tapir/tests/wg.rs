@@ -774,3 +774,65 @@ fn a_tunnel_runs_as_its_user_with_net_admin_only() {
         "down cleared the control socket the user could not remove"
     );
 }
+
+/// An idle tunnel sleeps until there is work: no thread wakes on a fixed
+/// tick (the signal watcher, the control thread and the parked outbound
+/// thread used to, 19 wake-ups a second in all); only the timer wheel's
+/// one-second look remains. A signal, a `wg` request and traffic still
+/// wake it at once.
+#[test]
+fn an_idle_tunnel_sleeps_until_there_is_work() {
+    require_root!();
+    let bed = bed("idle");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let a = Side {
+        ns: &bed.a,
+        name: ifname("tpi"),
+        port: 51820,
+        addr: "10.77.0.1",
+    };
+    let b = Side {
+        ns: &bed.b,
+        name: ifname("tpj"),
+        port: 51820,
+        addr: "10.77.0.2",
+    };
+    let mut ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
+    ping(&bed.a, "10.77.0.2");
+    let pid = ta.0.as_ref().unwrap().id();
+    // Voluntary context switches of all its threads: each is a sleep that
+    // ended.
+    let wakes = || -> u64 {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("status")).ok())
+            .flat_map(|s| {
+                s.lines()
+                    .filter_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .map(|v| v.trim().parse::<u64>().unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    };
+    let before = wakes();
+    std::thread::sleep(Duration::from_secs(4));
+    let idle = wakes() - before;
+    assert!(
+        idle <= 12,
+        "{idle} wake-ups in 4 s of an idle tunnel (about 4 expected: the timers' look each second)"
+    );
+    // Still awake to what matters: a request, traffic, a reload, shutdown.
+    let show = sh(bed.a.cmd("wg").args(["show", &a.name, "peers"]));
+    assert!(show.contains(&pb), "{show}");
+    ping(&bed.a, "10.77.0.2");
+    let started = Instant::now();
+    let err = ta.stop();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "SIGTERM took {:?}: {err}",
+        started.elapsed()
+    );
+    assert!(err.contains("down"), "{err}");
+    assert!(!bed.a.has_link(&a.name), "the device is gone");
+}

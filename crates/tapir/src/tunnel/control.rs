@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   control thread: accept ─▶ read request (deadline, line cap) ─▶ Message::Request ─┐
-//!                   resolve(host) (blocking DNS) ─▶ Message::Resolved ───────────────┤ channel + wake byte
+//!                   resolve(host) (blocking DNS) ─▶ Message::Resolved ───────────────┤ channel + wake bell
 //!   packet thread:  poll(..., wake) ─▶ drain ─▶ answer from the tunnel's state (µs) ◀┘ ─▶ reply channel
 //! ```
 //! The packet thread never reads from a client or waits for DNS: it only
@@ -12,15 +12,14 @@
 //! nothing.
 
 use std::cell::RefCell;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::{Arc, mpsc};
 
 use tapir_proto::wg::keys::PublicKey;
 
+use super::bell::Bell;
 use super::reload::Reloader;
 use crate::uapi::{self, ControlSocket, Request};
 
@@ -38,45 +37,53 @@ pub enum Message {
 pub struct ControlLink {
     /// Messages from the control thread.
     pub messages: mpsc::Receiver<Message>,
-    /// Readable when messages wait: poll it with the device and sockets.
-    pub wake: UnixStream,
+    /// Rung when messages wait (or the control thread stops): poll it with
+    /// the device and sockets.
+    pub wake: Arc<Bell>,
     /// Host names to look up (peer, `host:port`).
-    pub resolve: mpsc::Sender<(PublicKey, String)>,
+    resolve: mpsc::Sender<(PublicKey, String)>,
+    /// The control thread's bell.
+    control: Arc<Bell>,
 }
 
 /// The control thread's end.
 pub struct ControlEnd {
     messages: mpsc::Sender<Message>,
-    wake: UnixStream,
+    wake: Arc<Bell>,
     resolve: mpsc::Receiver<(PublicKey, String)>,
+    /// Rung for a look-up to make, a reload or shutdown to see (by the
+    /// signal watcher), and when the packet threads are done.
+    bell: Arc<Bell>,
 }
 
-/// A connected pair of ends.
-pub fn pair() -> io::Result<(ControlLink, ControlEnd)> {
-    let (a, b) = UnixStream::pair()?;
-    a.set_nonblocking(true)?;
-    b.set_nonblocking(true)?;
+/// A connected pair of ends; `bell` wakes the control thread.
+pub fn pair(bell: Arc<Bell>) -> io::Result<(ControlLink, ControlEnd)> {
+    let wake = Arc::new(Bell::new()?);
     let (tx, rx) = mpsc::channel();
     let (rtx, rrx) = mpsc::channel();
     Ok((
         ControlLink {
             messages: rx,
-            wake: a,
+            wake: Arc::clone(&wake),
             resolve: rtx,
+            control: Arc::clone(&bell),
         },
         ControlEnd {
             messages: tx,
-            wake: b,
+            wake,
             resolve: rrx,
+            bell,
         },
     ))
 }
 
 impl ControlLink {
-    /// Empties the wake socket (the messages themselves are in the channel).
-    pub fn drain_wake(&self) {
-        let mut buf = [0u8; 64];
-        while matches!((&self.wake).read(&mut buf), Ok(n) if n > 0) {}
+    /// Asks the control thread to look `host` up again for peer `key`; the
+    /// answer comes back as [`Message::Resolved`].
+    pub fn resolve(&self, key: PublicKey, host: String) {
+        if self.resolve.send((key, host)).is_ok() {
+            self.control.ring();
+        }
     }
 }
 
@@ -85,8 +92,7 @@ impl ControlEnd {
         if self.messages.send(m).is_err() {
             return false;
         }
-        // A full wake socket already says "messages wait".
-        let _ = (&self.wake).write(&[1]);
+        self.wake.ring();
         true
     }
 
@@ -163,13 +169,18 @@ impl ControlEnd {
             }
         };
         match socket {
-            Some(s) => s.run(stop, &mut answer, &mut idle),
+            Some(s) => s.run(stop, Some(&self.bell), None, &mut answer, &mut idle),
             None => {
                 while !stop() {
                     idle();
-                    std::thread::sleep(Duration::from_millis(250));
+                    if let Err(e) = self.bell.wait(None) {
+                        eprintln!("tapir: control thread: {e}");
+                        break;
+                    }
                 }
             }
         }
+        // The packet thread sleeps until something happens: this is it.
+        self.wake.ring();
     }
 }

@@ -155,7 +155,14 @@ pub fn run(name: &IfName, tun_path: &Path, shutdown: &AtomicBool) -> Result<(), 
             }
         };
         let stop = || keyed.get() || gone.get() || shutdown.load(Ordering::Relaxed);
-        control.run(&stop, &mut answer, &mut idle);
+        // Until keyed: a look for the device every 250 ms (a short phase).
+        control.run(
+            &stop,
+            None,
+            Some(Duration::from_millis(250)),
+            &mut answer,
+            &mut idle,
+        );
     }
     if !keyed.get() {
         eprintln!("tapir: {name}: down");
@@ -222,8 +229,18 @@ pub fn run(name: &IfName, tun_path: &Path, shutdown: &AtomicBool) -> Result<(), 
     super::keep_only_net_admin();
     // No file to read again: nothing to reload.
     let reloads = std::sync::atomic::AtomicU64::new(0);
+    // SIGINT and SIGTERM wake the threads (which sleep until there is work).
+    let bell = std::sync::Arc::new(
+        super::bell::Bell::new()
+            .map_err(|e| DevError::Runtime(format!("{name}: a wake-up socket: {e}")))?,
+    );
+    let _rings = super::bell::ring_on_signals(
+        &bell,
+        &[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM],
+    )
+    .map_err(|e| DevError::Runtime(format!("{name}: installing a signal handler: {e}")))?;
     crate::notify::send("READY=1");
-    match started.run(shutdown, &reloads) {
+    match started.run(shutdown, &reloads, bell) {
         // `wg-quick down` deletes the device: that is the end, not a failure.
         Err(DevError::Runtime(e)) if e.contains("went away") || e.contains("(os error 77)") => {
             eprintln!("tapir: {name}: the device was deleted: down");

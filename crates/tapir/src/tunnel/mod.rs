@@ -23,14 +23,16 @@
 //! Threads: over UDP, one for the network side (with the timers) and one for
 //! the device side, which reads the device only during bursts (`Turn`);
 //! over TCP, or with `TAPIR_THREADS=1`, one for both. The control
-//! socket and host-name look-ups have a thread of their own.
+//! socket and host-name look-ups have a thread of their own. Every thread
+//! sleeps until it has work (a packet, a request, a timer, a signal: see
+//! [`bell`]); an idle tunnel wakes once a second, for its timers.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tapir_proto::wg::keys::{PrivateKey, PublicKey};
@@ -44,6 +46,7 @@ use tapir_sys::poll::PollSet;
 use tapir_sys::{IfName, Mode, Netlink, TunDevice, TunOptions, offload};
 use tapir_wire::vnet::{self, VnetHeader};
 
+pub mod bell;
 pub mod config;
 pub mod control;
 pub mod engine;
@@ -52,6 +55,7 @@ pub mod reload;
 pub mod saveconfig;
 pub mod tcp;
 pub mod uapi;
+use bell::Bell;
 use tcp::TcpTransport;
 
 /// Datagrams per system call.
@@ -541,18 +545,47 @@ pub fn run_all(
     } else {
         keep_only_net_admin();
     }
-    // SIGHUP sets `reload`; every tunnel's control thread sees the count go up.
+    // SIGHUP sets `reload`; every tunnel's control thread sees the count go
+    // up. The threads sleep until there is work: a signal rings the
+    // watcher's bell, and the watcher rings each tunnel's (a reload to
+    // make, or shutdown), as does a tunnel that fails (to stop the others).
     let reloads = AtomicU64::new(0);
     let all_done = AtomicBool::new(false);
+    let runtime = |what: &str, e: io::Error| DevError::Runtime(format!("{what}: {e}"));
+    let signals = Bell::new().map_err(|e| runtime("a wake-up socket", e))?;
+    let _rings = bell::ring_on_signals(
+        &signals,
+        &[
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGHUP,
+        ],
+    )
+    .map_err(|e| runtime("installing a signal handler", e))?;
+    let bells = started
+        .iter()
+        .map(|_| Bell::new().map(Arc::new))
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(|e| runtime("a wake-up socket", e))?;
     std::thread::scope(|s| {
         let reloads = &reloads;
         let all_done = &all_done;
+        let signals = &signals;
+        let watched = &bells;
         s.spawn(move || {
-            while !all_done.load(Ordering::Relaxed) && !shutdown.load(Ordering::Relaxed) {
+            loop {
+                if signals.wait(None).is_err() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 if reload.swap(false, Ordering::Relaxed) {
                     reloads.fetch_add(1, Ordering::Relaxed);
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                for b in watched {
+                    b.ring();
+                }
+                if all_done.load(Ordering::Relaxed) || shutdown.load(Ordering::Relaxed) {
+                    break;
+                }
             }
             if shutdown.load(Ordering::Relaxed) {
                 crate::notify::send("STOPPING=1");
@@ -560,11 +593,13 @@ pub fn run_all(
         });
         let handles: Vec<_> = started
             .into_iter()
-            .map(|t| {
+            .zip(bells.iter().cloned())
+            .map(|(t, bell)| {
                 s.spawn(move || {
-                    let result = t.run(shutdown, reloads);
+                    let result = t.run(shutdown, reloads, bell);
                     if result.is_err() {
                         shutdown.store(true, Ordering::Relaxed);
+                        signals.ring();
                     }
                     result
                 })
@@ -582,6 +617,7 @@ pub fn run_all(
             }
         }
         all_done.store(true, Ordering::Relaxed);
+        signals.ring();
         first
     })
 }
@@ -1188,10 +1224,6 @@ struct Control<'a> {
     fwmark: u32,
 }
 
-/// How long the outbound thread waits (for the device, or for its turn)
-/// before it checks for shutdown.
-const OUTBOUND_IDLE: Duration = Duration::from_millis(250);
-
 /// A wake-up that reads this many packets or more from the device is a
 /// burst: the outbound thread takes the device over.
 const BURST: usize = 8;
@@ -1215,24 +1247,18 @@ struct Turn {
     /// Where the outbound thread waits for its turn.
     parked: Mutex<()>,
     wake_outbound: std::sync::Condvar,
-    /// Written by the outbound thread when it gives the device back: the
-    /// network thread polls the other end, to put the device in its poll set.
-    wake_inbound: (
-        std::os::unix::net::UnixStream,
-        std::os::unix::net::UnixStream,
-    ),
+    /// Rung by the outbound thread when it gives the device back (the
+    /// network thread then puts the device in its poll set), or stops.
+    wake_inbound: Bell,
 }
 
 impl Turn {
     fn new() -> io::Result<Self> {
-        let (a, b) = std::os::unix::net::UnixStream::pair()?;
-        a.set_nonblocking(true)?;
-        b.set_nonblocking(true)?;
         Ok(Self {
             outbound: AtomicBool::new(false),
             parked: Mutex::new(()),
             wake_outbound: std::sync::Condvar::new(),
-            wake_inbound: (a, b),
+            wake_inbound: Bell::new()?,
         })
     }
 
@@ -1248,13 +1274,15 @@ impl Turn {
     fn to_inbound(&self, c: &Counters) {
         self.outbound.store(false, Ordering::Release);
         add(&c.turns_back, 1);
-        // A full socket already says "look again".
-        let _ = (&self.wake_inbound.1).write(&[1]);
+        self.wake_inbound.ring();
     }
 
-    fn drain(&self) {
-        let mut buf = [0u8; 64];
-        while matches!((&self.wake_inbound.0).read(&mut buf), Ok(n) if n > 0) {}
+    /// Wakes the parked outbound thread to see that it is to stop (taking
+    /// the lock, so that the wake-up cannot fall between its look at the
+    /// flag and its wait).
+    fn stop_outbound(&self) {
+        let _g = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.wake_outbound.notify_one();
     }
 }
 
@@ -1271,9 +1299,10 @@ fn outbound_loop(
     let mut last_packet = Instant::now();
     while !stop() {
         if !turn.outbound.load(Ordering::Acquire) {
+            // Parked until its turn, or until it is to stop (see `Turn::stop_outbound`).
             let g = turn.parked.lock().unwrap_or_else(|e| e.into_inner());
-            if !turn.outbound.load(Ordering::Acquire) {
-                let _ = turn.wake_outbound.wait_timeout(g, OUTBOUND_IDLE);
+            if !turn.outbound.load(Ordering::Acquire) && !stop() {
+                let _g = turn.wake_outbound.wait(g);
             }
             light = 0;
             last_packet = Instant::now();
@@ -1319,13 +1348,14 @@ fn outbound_loop(
     Ok(())
 }
 
-/// Sets the flag when dropped, also while unwinding from a panic: the
-/// other packet thread then stops instead of waiting forever.
-struct StopOnDrop<'a>(&'a AtomicBool);
+/// Sets the flag and wakes the other packet thread when dropped, also
+/// while unwinding from a panic: it then stops instead of sleeping forever.
+struct StopOnDrop<'a>(&'a AtomicBool, &'a dyn Fn());
 
 impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
+        (self.1)();
     }
 }
 
@@ -1382,12 +1412,12 @@ fn inbound_loop(
         let mut turn_at = None;
         let mut shift_dev_at = None;
         if let Some(sh) = &shifts {
-            turn_at = Some(set.add(sh.turn.wake_inbound.0.as_fd(), true, false));
+            turn_at = Some(set.add(sh.turn.wake_inbound.fd(), true, false));
             if !sh.turn.outbound.load(Ordering::Acquire) {
                 shift_dev_at = Some(set.add(sh.dev.as_fd(), true, false));
             }
         }
-        let control_at = set.add(ctl.link.wake.as_fd(), true, false);
+        let control_at = set.add(ctl.link.wake.fd(), true, false);
         let mut timeout = next_timer.saturating_duration_since(now);
         // A rate limit holding packets back wakes the loop when they are due.
         if let Some(at) = shared.tunnel().next_release(now) {
@@ -1418,7 +1448,7 @@ fn inbound_loop(
         }
         if let Some(sh) = &shifts {
             if turn_at.is_some_and(|at| set.readable(at)) {
-                sh.turn.drain();
+                sh.turn.wake_inbound.drain();
             }
             if shift_dev_at.is_some_and(|at| set.readable(at)) {
                 let mut h = sh.half.lock().unwrap_or_else(|e| e.into_inner());
@@ -1479,7 +1509,7 @@ fn inbound_loop(
         if set.readable(control_at) {
             // Requests read whole by the control thread: answered from
             // memory, never waiting on a client.
-            ctl.link.drain_wake();
+            ctl.link.wake.drain();
             while let Ok(m) = ctl.link.messages.try_recv() {
                 let mut t = shared.tunnel();
                 match m {
@@ -1541,7 +1571,7 @@ fn inbound_loop(
                 if reresolve_due(last, wall_now, started, last_lookup[i], now) {
                     last_lookup[i] = Some(now);
                     // Looked up on the control thread; the answer comes back as a message.
-                    let _ = ctl.link.resolve.send((*key, host.clone()));
+                    ctl.link.resolve(*key, host.clone());
                 }
             }
             // A peer in the other mode is named once, not per packet.
@@ -1577,9 +1607,14 @@ impl Started {
     /// network, network to device with the timers); over TCP one thread
     /// moves both. The control socket and host-name look-ups run on a
     /// thread of their own for as long.
-    pub fn run(self, shutdown: &AtomicBool, reloads: &AtomicU64) -> Result<(), DevError> {
-        let (link, end) =
-            control::pair().map_err(|e| DevError::Runtime(format!("control channel: {e}")))?;
+    pub fn run(
+        self,
+        shutdown: &AtomicBool,
+        reloads: &AtomicU64,
+        bell: Arc<Bell>,
+    ) -> Result<(), DevError> {
+        let (link, end) = control::pair(Arc::clone(&bell))
+            .map_err(|e| DevError::Runtime(format!("control channel: {e}")))?;
         let done = AtomicBool::new(false);
         let mut this = self;
         let control = this.control.take();
@@ -1593,6 +1628,8 @@ impl Started {
             });
             let result = this.packet_loop(shutdown, &link);
             done.store(true, Ordering::Relaxed);
+            // The control thread sleeps until rung.
+            bell.ring();
             result
         })
     }
@@ -1668,16 +1705,14 @@ impl Started {
                     .map_err(|e| DevError::Runtime(format!("the threads' wake socket: {e}")))?;
                 std::thread::scope(|s| {
                     let outbound = s.spawn(|| {
-                        // A panic here stops the other thread too.
-                        let _stop = StopOnDrop(&stopped);
-                        let r = outbound_loop(&half, &turn, &dev, &shared, &stop);
-                        stopped.store(true, Ordering::Relaxed);
-                        r
+                        // Its end (a panic too) stops the other thread.
+                        let _stop = StopOnDrop(&stopped, &|| turn.wake_inbound.ring());
+                        outbound_loop(&half, &turn, &dev, &shared, &stop)
                     });
                     let mut out = Outbox::new(Link::Udp(&socket), &name, &shared.counters);
-                    // A panic on this thread stops the outbound one, so
-                    // that the scope can end.
-                    let _stop = StopOnDrop(&stopped);
+                    // So does this one's, so that the scope can end.
+                    let stop_outbound = || turn.stop_outbound();
+                    let stop_guard = StopOnDrop(&stopped, &stop_outbound);
                     let r = inbound_loop(
                         &mut ib,
                         None,
@@ -1691,7 +1726,7 @@ impl Started {
                         &ctl,
                         &stop,
                     );
-                    stopped.store(true, Ordering::Relaxed);
+                    drop(stop_guard);
                     let o = outbound.join().unwrap_or_else(|_| {
                         Err(DevError::Runtime(
                             "the outbound packet thread panicked".into(),

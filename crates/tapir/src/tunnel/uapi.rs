@@ -484,24 +484,37 @@ impl ControlSocket {
     /// [`DEADLINE`] in all and with lines of at most [`MAX_LINE`] bytes, so a
     /// slow or hostile client holds up only itself and only briefly.
     /// `answer` turns a request into the reply (the tunnel's own thread
-    /// computes it); `idle` runs between connections, at least every 250 ms.
+    /// computes it); `idle` runs between connections: when `bell` rings,
+    /// and every `tick` if one is given (nothing else wakes this thread).
     /// A client in another network namespace (a `wg` there that found this
     /// socket under a name its own tunnel would have) is refused: it would
     /// see and change another namespace's tunnel.
     pub fn run(
         &self,
         stop: &dyn Fn() -> bool,
+        bell: Option<&super::bell::Bell>,
+        tick: Option<Duration>,
         answer: &mut dyn FnMut(Request) -> String,
         idle: &mut dyn FnMut(),
     ) {
         let mut refused = 0u64;
+        let mut set = tapir_sys::poll::PollSet::new();
         while !stop() {
             idle();
-            let ready = tapir_sys::poll::readable(
-                [std::os::fd::AsFd::as_fd(&self.listener)],
-                Duration::from_millis(250),
-            );
-            if !matches!(ready, Ok([true])) {
+            set.clear();
+            let listening = set.add(std::os::fd::AsFd::as_fd(&self.listener), true, false);
+            let rung = bell.map(|b| set.add(b.fd(), true, false));
+            if set.wait(tick.unwrap_or(super::bell::FOREVER)).is_err() {
+                // Only EINTR is retried inside; anything else would repeat at once.
+                std::thread::sleep(Duration::from_millis(250));
+                continue;
+            }
+            if let (Some(b), Some(i)) = (bell, rung) {
+                if set.readable(i) {
+                    b.drain();
+                }
+            }
+            if !set.readable(listening) {
                 continue;
             }
             while let Ok((stream, _)) = self.listener.accept() {
