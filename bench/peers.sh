@@ -9,7 +9,8 @@
 #   ns a: va 10.201.0.1 ── veth (MTU 1500) ── vb 10.201.0.2 :ns b
 #         tunnel 10.78.0.1 ══════════════════ tunnel 10.78.0.2
 #
-# Prints a table with each figure, tapir's ratio to the best userspace peer and
+# Prints a table with each figure (throughput, ping, and the wake-ups per
+# second of an idle tunnel), tapir's ratio to the best userspace peer and
 # to the raw veth, and tapir's RSS and CPU. A peer that cannot be set up is
 # reported with the reason. Installs what is missing (Debian packages; the two
 # Rust peers with cargo install). SECONDS_PER_RUN (default 10).
@@ -62,6 +63,22 @@ fresh() {
 }
 
 reachable() { ip netns exec $a ping -c 1 -W 2 -q "$1" >/dev/null 2>&1 || ip netns exec $a ping -c 2 -W 3 -q "$1" >/dev/null 2>&1; }
+
+# wakes -> wake-ups per second of the tunnel's processes (both ends, every
+# thread, forked children: voluntary context switches) over IDLE_SECONDS
+# (default 5) without traffic: what an idle tunnel costs a laptop's battery.
+IDLE=${IDLE_SECONDS:-5}
+wakes() {
+    local procs=() p c
+    for p in "${pids[@]}"; do procs+=("$p"); for c in $(pgrep -P "$p"); do procs+=("$c"); done; done
+    ((${#procs[@]})) || return 0
+    count() {
+        for p in "${procs[@]}"; do cat /proc/"$p"/task/*/status 2>/dev/null; done |
+            awk '/^voluntary_ctxt_switches/ { s += $2 } END { print s + 0 }'
+    }
+    local w0 w1; w0=$(count); sleep "$IDLE"; w1=$(count)
+    awk -v a="$w0" -v b="$w1" -v t="$IDLE" 'BEGIN { printf "%.1f", (b - a) / t }'
+}
 
 # iperf STREAMS DST -> Gbit/s (0.00 on failure)
 iperf() {
@@ -210,7 +227,7 @@ peers=${PEERS:-"veth tapir tapir_1t tapir_nogso tapir_nogro tapir_nouo wggo bori
 declare -A label=([veth]="raw veth" [tapir]=tapir [tapir_1t]="tapir, one thread" [tapir_nogso]="tapir, no UDP GSO" [tapir_nogro]="tapir, no UDP GRO" [tapir_nouo]="tapir, no UDP GSO/GRO" [wggo]=wireguard-go [boringtun]=boringtun-cli [gotatun]=gotatun-cli [openvpn]="OpenVPN AES-256-GCM" [vtun]="VTun (no crypto)"
     [tapir_tap]="tapir tap" [openvpn_tap]="OpenVPN tap AES-GCM" [tinc]="tinc switch" [vtun_ether]="VTun ether (no crypto)"
     [tapir_tcp]="tapir TCP" [openvpn_tcp]="OpenVPN TCP AES-GCM" [vtun_tcp]="VTun TCP (no crypto)")
-declare -A one four ms note
+declare -A one four ms idle note
 tapir_rss=; tapir_cpu=
 for p in $peers; do
     echo "measuring ${label[$p]}..." >&2
@@ -228,6 +245,7 @@ for p in $peers; do
         fi
         four[$p]=$(iperf 4 "$DST")
         ms[$p]=$(rtt "$DST")
+        idle[$p]=$(wakes)
     else
         note[$p]="not measured: $WHY"
     fi
@@ -241,10 +259,10 @@ for p in wggo boringtun gotatun openvpn vtun; do
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0) printf "%.2f", a / b; else print "-" }'; }
 printf '\nSame machine, same run; iperf3 TCP %s s per figure; veth MTU 1500.\n\n' "$T"
-printf '| %-22s | %10s | %10s | %10s | %s\n' peer "1 stream" "4 streams" "RTT ms p50" status
-printf '|%s|%s|%s|%s|%s\n' "------------------------" "------------" "------------" "------------" "------"
+printf '| %-22s | %10s | %10s | %10s | %12s | %s\n' peer "1 stream" "4 streams" "RTT ms p50" "idle wakes/s" status
+printf '|%s|%s|%s|%s|%s|%s\n' "------------------------" "------------" "------------" "------------" "--------------" "------"
 for p in $peers; do
-    printf '| %-22s | %10s | %10s | %10s | %s\n' "${label[$p]}" "${one[$p]:--}" "${four[$p]:--}" "${ms[$p]:--}" "${note[$p]:-ok}"
+    printf '| %-22s | %10s | %10s | %10s | %12s | %s\n' "${label[$p]}" "${one[$p]:--}" "${four[$p]:--}" "${ms[$p]:--}" "${idle[$p]:--}" "${note[$p]:-ok}"
 done
 printf '\nGbit/s. tapir / best userspace peer (%s, 1 stream): %s; tapir / raw veth: %s\n' \
     "${bestname:-none}" "$(ratio "${one[tapir]:-0}" "$best")" "$(ratio "${one[tapir]:-0}" "${one[veth]:-0}")"
@@ -255,6 +273,8 @@ for p in wggo boringtun gotatun openvpn vtun; do
     if [[ -z $lo ]] || awk -v v="$v" -v b="$lo" 'BEGIN { exit !(v < b) }'; then lo=$v; loname=${label[$p]}; fi
 done
 printf 'ping, median: tapir %s ms; the quickest userspace peer (%s) %s ms\n' "${ms[tapir]:--}" "${loname:-none}" "${lo:--}"
+printf 'idle, wake-ups per second of both ends: tapir %s; %s\n' "${idle[tapir]:--}" \
+    "$(for p in wggo boringtun gotatun openvpn vtun; do [[ -n ${idle[$p]:-} ]] && printf '%s %s, ' "${label[$p]}" "${idle[$p]}"; done | sed 's/, $//')"
 printf 'tapir (sending side) during the 1-stream run: CPU %s of one core, RSS %s\n' "${tapir_cpu:--}" "${tapir_rss:--}"
 # The same comparisons for Ethernet tunnels and for tunnels over TCP.
 best_of() {
