@@ -98,6 +98,24 @@ fn tapir_to_tapir_with_100_mb_both_ways() {
     let ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
     let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
     ping(&bed.a, "10.77.0.2");
+    let turns = |c: &serde_json::Value| {
+        (
+            c["device_to_outbound_thread"].as_u64().unwrap(),
+            c["device_back_to_network_thread"].as_u64().unwrap(),
+        )
+    };
+    let two_threads = std::env::var("TAPIR_THREADS").as_deref() != Ok("1");
+    // One way only: the sender's other direction is ACKs, and its network
+    // thread keeps the device (a second thread would only contend for it).
+    transfer(&bed.a, &bed.b, "10.77.0.2:5001", 30 << 20);
+    if two_threads {
+        let c = status_json(&bed.a, &bed.dir, "tp0", &ta)["counters"].clone();
+        assert_eq!(
+            turns(&c).0,
+            0,
+            "one busy direction handed the device over: {c}"
+        );
+    }
     // Both ways at once: with a thread per direction, sealing and opening
     // run side by side on each end.
     std::thread::scope(|s| {
@@ -108,13 +126,7 @@ fn tapir_to_tapir_with_100_mb_both_ways() {
     // with TAPIR_THREADS=1 too).
     // With a thread per direction, the bulk transfer handed the device to
     // the outbound thread, and the quiet after it handed it back.
-    if std::env::var("TAPIR_THREADS").as_deref() != Ok("1") {
-        let turns = |c: &serde_json::Value| {
-            (
-                c["device_to_outbound_thread"].as_u64().unwrap(),
-                c["device_back_to_network_thread"].as_u64().unwrap(),
-            )
-        };
+    if two_threads {
         wait_for(
             || {
                 let c = status_json(&bed.a, &bed.dir, "tp0", &ta)["counters"].clone();

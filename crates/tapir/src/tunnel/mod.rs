@@ -1225,22 +1225,36 @@ struct Control<'a> {
 }
 
 /// A wake-up that reads this many packets or more from the device is a
-/// burst: the outbound thread takes the device over.
+/// burst: the outbound thread takes the device over if the network side is
+/// busy too.
 const BURST: usize = 8;
+/// A receive of this many bytes or more makes the network side busy, for
+/// [`HANDBACK_IDLE`].
+const NET_BUSY_BYTES: usize = 65536;
 /// The outbound thread gives the device back after this long without a
-/// packet, or after this many wake-ups in a row that read one packet.
+/// packet or without a busy network side, or after this many wake-ups in
+/// a row that read one packet.
 const HANDBACK_IDLE: Duration = Duration::from_millis(20);
 const LIGHT_WAKES: u32 = 32;
 
 /// Which of the two threads reads the device (UDP, a thread per direction).
 ///
-/// While traffic is light the network thread does: what it writes to the
-/// device and the answer to it (a ping's reply, a TCP ACK) then stay on one
-/// thread, and no other thread sleeps on the device to be woken on the other
-/// core by every write (a wake-up that cost a ping through the tunnel about
-/// 15 µs here). A burst hands the device to the outbound thread, and the two
-/// directions run side by side; it gives the device back when traffic is
-/// light again.
+/// While traffic is light, or heavy in one direction only, the network
+/// thread does: what it writes to the device and the answer to it (a ping's
+/// reply, a TCP ACK) then stay on one thread, and no other thread sleeps on
+/// the device to be woken on the other core by every write (a wake-up that
+/// cost a ping through the tunnel about 15 µs here). When both directions
+/// are busy (a burst from the device while the network side receives 64 KiB
+/// batches) the device goes to the outbound thread, and the two directions
+/// run side by side; it comes back when either is quiet again.
+///
+/// One direction alone gains nothing from the second thread: an upload's
+/// other direction is its ACKs, a few per cent of the work, and sharing the
+/// device cost the sealing thread wake-ups and the lock (2-core development
+/// machine, one stream, two runs each: 4.19 and 4.19 Gbit/s when a burst
+/// alone handed the device over, 4.98 and 5.31 when it takes both
+/// directions; 4 streams 4.53/4.58 against 4.85/4.70; both directions at
+/// once, one stream each way, 4.01/4.12 against 4.04/4.06).
 struct Turn {
     /// The outbound thread has the device.
     outbound: AtomicBool,
@@ -1250,6 +1264,10 @@ struct Turn {
     /// Rung by the outbound thread when it gives the device back (the
     /// network thread then puts the device in its poll set), or stops.
     wake_inbound: Bell,
+    /// When the network side last received a busy batch (µs since `epoch`;
+    /// `u64::MAX`: never).
+    net_busy_at: AtomicU64,
+    epoch: Instant,
 }
 
 impl Turn {
@@ -1259,7 +1277,23 @@ impl Turn {
             parked: Mutex::new(()),
             wake_outbound: std::sync::Condvar::new(),
             wake_inbound: Bell::new()?,
+            net_busy_at: AtomicU64::new(u64::MAX),
+            epoch: Instant::now(),
         })
+    }
+
+    /// The network side received a batch of [`NET_BUSY_BYTES`] or more.
+    fn mark_net_busy(&self, now: Instant) {
+        let at = now.saturating_duration_since(self.epoch).as_micros();
+        self.net_busy_at
+            .store(u64::try_from(at).unwrap_or(u64::MAX - 1), Ordering::Relaxed);
+    }
+
+    /// Whether it did within [`HANDBACK_IDLE`].
+    fn net_busy(&self, now: Instant) -> bool {
+        let at = self.net_busy_at.load(Ordering::Relaxed);
+        let now = now.saturating_duration_since(self.epoch).as_micros();
+        at != u64::MAX && now.saturating_sub(u128::from(at)) < HANDBACK_IDLE.as_micros()
     }
 
     /// The network thread hands the device over.
@@ -1340,7 +1374,10 @@ fn outbound_loop(
         if ready {
             light = if read <= 1 { light + 1 } else { 0 };
         }
-        if now.saturating_duration_since(last_packet) >= HANDBACK_IDLE || light >= LIGHT_WAKES {
+        if now.saturating_duration_since(last_packet) >= HANDBACK_IDLE
+            || light >= LIGHT_WAKES
+            || !turn.net_busy(now)
+        {
             light = 0;
             turn.to_inbound(&shared.counters);
         }
@@ -1455,7 +1492,7 @@ fn inbound_loop(
                 let DeviceHalf(ob, o) = &mut *h;
                 let read = ob.read_device(shared, o, now, wall_now)?;
                 o.flush(now);
-                if read >= BURST {
+                if read >= BURST && sh.turn.net_busy(now) {
                     sh.turn.to_outbound(&shared.counters);
                 }
             }
@@ -1476,19 +1513,15 @@ fn inbound_loop(
             // returns: when the device half is free, this thread holds it
             // across the write and sends the answer itself, rather than
             // after a round through poll or a wake-up of the other thread.
-            // A busy network side (a batch of 64 KiB or more) hands the
-            // device to the outbound thread. The half is still taken here
-            // when it is free, whoever's turn it is: on the 2-core
-            // development machine that measured faster (single stream, three
-            // runs of three: 4.18-4.59 Gbit/s, against 3.63-4.30 when only
-            // the outbound thread reads during its turn, and 4.23 without
-            // the hand-over), though it leaves the outbound thread little
-            // to do in a download; with more cores the other choice may win.
+            // A busy network side (a batch of 64 KiB or more) is noted for
+            // the hand-over (see `Turn`). The half is still taken here when
+            // it is free, whoever's turn it is: on the 2-core development
+            // machine that measured faster (single stream, three runs of
+            // three: 4.18-4.59 Gbit/s, against 3.63-4.30 when only the
+            // outbound thread reads during its turn).
             if let Some(sh) = &shifts {
-                if !sh.turn.outbound.load(Ordering::Acquire)
-                    && (0..got).map(|i| rx.datagram_mut(i).0.len()).sum::<usize>() >= 65536
-                {
-                    sh.turn.to_outbound(&shared.counters);
+                if (0..got).map(|i| rx.datagram_mut(i).0.len()).sum::<usize>() >= NET_BUSY_BYTES {
+                    sh.turn.mark_net_busy(now);
                 }
             }
             let mut steal = shifts.as_ref().and_then(|sh| sh.half.try_lock().ok());
