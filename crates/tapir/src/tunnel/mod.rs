@@ -1252,9 +1252,9 @@ const LIGHT_WAKES: u32 = 32;
 /// other direction is its ACKs, a few per cent of the work, and sharing the
 /// device cost the sealing thread wake-ups and the lock (2-core development
 /// machine, one stream, two runs each: 4.19 and 4.19 Gbit/s when a burst
-/// alone handed the device over, 4.98 and 5.31 when it takes both
-/// directions; 4 streams 4.53/4.58 against 4.85/4.70; both directions at
-/// once, one stream each way, 4.01/4.12 against 4.04/4.06).
+/// alone handed the device over, 5.05 and 5.26 when it takes both
+/// directions; 4 streams 4.53/4.58 against 4.79/5.03; both directions at
+/// once, one stream each way, 4.01/4.12 against 4.25/4.23).
 struct Turn {
     /// The outbound thread has the device.
     outbound: AtomicBool,
