@@ -1262,8 +1262,10 @@ struct Turn {
     parked: Mutex<()>,
     wake_outbound: std::sync::Condvar,
     /// Rung by the outbound thread when it gives the device back (the
-    /// network thread then puts the device in its poll set), or stops.
-    wake_inbound: Bell,
+    /// network thread then puts the device in its poll set), or stops: the
+    /// network thread's one bell, which the control thread rings too (one
+    /// descriptor fewer to poll, each time it sleeps).
+    wake_inbound: Arc<Bell>,
     /// When the network side last received a busy batch (µs since `epoch`;
     /// `u64::MAX`: never).
     net_busy_at: AtomicU64,
@@ -1271,15 +1273,15 @@ struct Turn {
 }
 
 impl Turn {
-    fn new() -> io::Result<Self> {
-        Ok(Self {
+    fn new(wake_inbound: Arc<Bell>) -> Self {
+        Self {
             outbound: AtomicBool::new(false),
             parked: Mutex::new(()),
             wake_outbound: std::sync::Condvar::new(),
-            wake_inbound: Bell::new()?,
+            wake_inbound,
             net_busy_at: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
-        })
+        }
     }
 
     /// The network side received a batch of [`NET_BUSY_BYTES`] or more.
@@ -1445,11 +1447,10 @@ fn inbound_loop(
         set.clear();
         let dev_at = ob.as_ref().map(|o| set.add(o.dev.as_fd(), true, false));
         // With a thread per direction: the device too while it is this
-        // thread's turn, and the outbound thread's word that it is again.
-        let mut turn_at = None;
+        // thread's turn (the outbound thread's word that it is again comes
+        // on the control link's bell, which it shares).
         let mut shift_dev_at = None;
         if let Some(sh) = &shifts {
-            turn_at = Some(set.add(sh.turn.wake_inbound.fd(), true, false));
             if !sh.turn.outbound.load(Ordering::Acquire) {
                 shift_dev_at = Some(set.add(sh.dev.as_fd(), true, false));
             }
@@ -1484,9 +1485,6 @@ fn inbound_loop(
             }
         }
         if let Some(sh) = &shifts {
-            if turn_at.is_some_and(|at| set.readable(at)) {
-                sh.turn.wake_inbound.drain();
-            }
             if shift_dev_at.is_some_and(|at| set.readable(at)) {
                 let mut h = sh.half.lock().unwrap_or_else(|e| e.into_inner());
                 let DeviceHalf(ob, o) = &mut *h;
@@ -1734,8 +1732,7 @@ impl Started {
                     ob,
                     Outbox::new(Link::Udp(&socket), &name, &shared.counters),
                 ));
-                let turn = Turn::new()
-                    .map_err(|e| DevError::Runtime(format!("the threads' wake socket: {e}")))?;
+                let turn = Turn::new(Arc::clone(&link.wake));
                 std::thread::scope(|s| {
                     let outbound = s.spawn(|| {
                         // Its end (a panic too) stops the other thread.
