@@ -83,18 +83,7 @@ fn tapir_to_tapir_with_100_mb_both_ways() {
     require_root!();
     let bed = bed("tt");
     let ((ka, pa), (kb, pb)) = (genkey(), genkey());
-    let a = Side {
-        ns: &bed.a,
-        name: "tp0".into(),
-        port: 51820,
-        addr: "10.77.0.1",
-    };
-    let b = Side {
-        ns: &bed.b,
-        name: "tp0".into(),
-        port: 51820,
-        addr: "10.77.0.2",
-    };
+    let (a, b) = tapir_sides(&bed, "tp0".into(), "tp0".into());
     let ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
     let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
     ping(&bed.a, "10.77.0.2");
@@ -328,6 +317,18 @@ fn forged_replayed_and_truncated_datagrams_change_nothing() {
     ping(&bed.a, "10.77.0.2");
     ping(&bed.b, "10.77.0.1");
     let _ = &bed.lab;
+}
+
+/// The two ends of a tapir-to-tapir test: `a` in namespace a at
+/// 10.77.0.1, `b` in namespace b at 10.77.0.2, both on port 51820.
+fn tapir_sides(bed: &Bed, a: String, b: String) -> (Side<'_>, Side<'_>) {
+    let side = |ns, name, addr| Side {
+        ns,
+        name,
+        port: 51820,
+        addr,
+    };
+    (side(&bed.a, a, "10.77.0.1"), side(&bed.b, b, "10.77.0.2"))
 }
 
 fn write_private(bed: &Bed, name: &str, text: &str) -> PathBuf {
@@ -579,18 +580,7 @@ fn a_stalled_control_client_does_not_stall_the_packets() {
     require_root!();
     let bed = bed("stall");
     let ((ka, pa), (kb, pb)) = (genkey(), genkey());
-    let a = Side {
-        ns: &bed.a,
-        name: ifname("tpx"),
-        port: 51820,
-        addr: "10.77.0.1",
-    };
-    let b = Side {
-        ns: &bed.b,
-        name: ifname("tpy"),
-        port: 51820,
-        addr: "10.77.0.2",
-    };
+    let (a, b) = tapir_sides(&bed, ifname("tpx"), ifname("tpy"));
     let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
     let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
     ping(&bed.a, "10.77.0.2");
@@ -641,18 +631,7 @@ fn a_running_tunnel_keeps_cap_net_admin_alone_and_still_works() {
     require_root!();
     let bed = bed("caps");
     let ((ka, pa), (kb, pb)) = (genkey(), genkey());
-    let a = Side {
-        ns: &bed.a,
-        name: ifname("tpc"),
-        port: 51820,
-        addr: "10.77.0.1",
-    };
-    let b = Side {
-        ns: &bed.b,
-        name: ifname("tpd"),
-        port: 51820,
-        addr: "10.77.0.2",
-    };
+    let (a, b) = tapir_sides(&bed, ifname("tpc"), ifname("tpd"));
     let mut ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
     let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
     ping(&bed.a, "10.77.0.2");
@@ -797,18 +776,7 @@ fn an_idle_tunnel_sleeps_until_there_is_work() {
     require_root!();
     let bed = bed("idle");
     let ((ka, pa), (kb, pb)) = (genkey(), genkey());
-    let a = Side {
-        ns: &bed.a,
-        name: ifname("tpi"),
-        port: 51820,
-        addr: "10.77.0.1",
-    };
-    let b = Side {
-        ns: &bed.b,
-        name: ifname("tpj"),
-        port: 51820,
-        addr: "10.77.0.2",
-    };
+    let (a, b) = tapir_sides(&bed, ifname("tpi"), ifname("tpj"));
     let mut ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
     let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
     ping(&bed.a, "10.77.0.2");
