@@ -92,6 +92,11 @@ pub struct Batch {
     seg: Vec<usize>,
     /// Send: (first slot, count) of each message.
     groups: Vec<(usize, usize)>,
+    /// Receive: the headers are set up for [`Batch::recv`] but for the
+    /// fields the kernel wrote into the first `recv_dirty` (false after a
+    /// send from this batch).
+    recv_ready: bool,
+    recv_dirty: usize,
 }
 
 // SAFETY: the raw pointers in `iovs` and `hdrs` point only into the Batch's
@@ -148,6 +153,8 @@ impl Batch {
             ctrl: vec![[0; CTRL_WORDS]; count],
             seg: vec![0; count],
             groups: Vec::with_capacity(count),
+            recv_ready: false,
+            recv_dirty: 0,
         }
     }
 
@@ -214,6 +221,7 @@ impl Batch {
 
     /// Points the headers at the first `n` slots.
     fn prepare(&mut self, n: usize, lens_from_slots: bool) {
+        self.recv_ready = false;
         let base = self.data.as_mut_ptr();
         for i in 0..n {
             self.iovs[i] = libc::iovec {
@@ -241,12 +249,26 @@ impl Batch {
     /// (0 when none is waiting).
     pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
         let n = self.capacity();
-        self.prepare(n, true);
-        for i in 0..n {
-            let h = &mut self.hdrs[i].msg_hdr;
-            h.msg_control = self.ctrl[i].as_mut_ptr().cast();
-            h.msg_controllen = std::mem::size_of::<[u64; CTRL_WORDS]>() as _;
+        let ctrl_len = std::mem::size_of::<[u64; CTRL_WORDS]>();
+        if self.recv_ready {
+            // A lone datagram (a ping) touches one header, not all 64: the
+            // kernel writes only the lengths and flags of those it filled.
+            for m in &mut self.hdrs[..self.recv_dirty] {
+                m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as _;
+                m.msg_hdr.msg_controllen = ctrl_len as _;
+                m.msg_hdr.msg_flags = 0;
+                m.msg_len = 0;
+            }
+        } else {
+            self.prepare(n, true);
+            for i in 0..n {
+                let h = &mut self.hdrs[i].msg_hdr;
+                h.msg_control = self.ctrl[i].as_mut_ptr().cast();
+                h.msg_controllen = ctrl_len as _;
+            }
+            self.recv_ready = true;
         }
+        self.recv_dirty = 0;
         // SAFETY: the headers point at `n` iovecs, address buffers and slots
         // owned by `self`, valid and unaliased for the call; the kernel writes
         // at most the lengths given.
@@ -268,6 +290,7 @@ impl Batch {
             };
         }
         let got = rc as usize;
+        self.recv_dirty = got;
         for i in 0..got {
             self.seg[i] = gro_size(&self.hdrs[i].msg_hdr).unwrap_or(0);
             self.lens[i] = self.hdrs[i].msg_len as usize;
@@ -634,6 +657,86 @@ mod tests {
             assert!(d.iter().all(|b| *b == i as u8));
         }
         let _ = gro;
+    }
+
+    /// Receives into `inb` until `want` datagrams came: (length, segment
+    /// size, sender) of each.
+    fn receive_all(
+        inb: &mut Batch,
+        rx: &UdpSocket,
+        want: usize,
+    ) -> Vec<(usize, Option<usize>, SocketAddrV6)> {
+        let mut got = Vec::new();
+        for _ in 0..200 {
+            let k = inb.recv(rx.as_fd()).unwrap();
+            for i in 0..k {
+                let seg = inb.segment_size(i);
+                let (d, from) = inb.datagram_mut(i);
+                got.push((d.len(), seg, from));
+            }
+            if got.len() >= want {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        got
+    }
+
+    #[test]
+    fn headers_the_kernel_wrote_are_set_again_before_the_next_receive() {
+        // Only the headers a receive filled are set up again for the next
+        // one: the kernel shortens a header's control length to what it
+        // wrote (0 for a plain datagram), so a coalesced datagram in the
+        // same slot afterwards must still bring its segment size; senders
+        // of both families keep their addresses; a send from the same
+        // batch must leave it fit to receive.
+        let rx = UdpSocket::bind("[::]:0").unwrap();
+        let port = rx.local_addr().unwrap().port();
+        let tx = UdpSocket::bind("[::1]:0").unwrap();
+        let tx4 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(enable_gro(rx.as_fd()));
+        let to = SocketAddrV6::new(Ipv6Addr::LOCALHOST, port, 0, 0);
+        let from = match tx.local_addr().unwrap() {
+            std::net::SocketAddr::V6(a) => a,
+            _ => unreachable!(),
+        };
+        let from4 = match tx4.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => {
+                SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0)
+            }
+            _ => unreachable!(),
+        };
+        let segmented = |out: &mut Batch| {
+            for i in 0..4 {
+                out.slot_mut(i)[..500].fill(i as u8);
+                out.set(i, 500, &to);
+            }
+            let mut on = true;
+            let r = out.send_gso(
+                tx.as_fd(),
+                4,
+                &mut on,
+                std::time::Duration::from_millis(100),
+            );
+            assert_eq!((r.sent, r.messages), (4, 1));
+        };
+        let mut out = Batch::new(8, 2048);
+        let mut inb = Batch::new(8, 65536);
+        segmented(&mut out);
+        assert_eq!(receive_all(&mut inb, &rx, 1), vec![(2000, Some(500), from)]);
+        tx4.send_to(&[7; 100], ("127.0.0.1", port)).unwrap();
+        assert_eq!(receive_all(&mut inb, &rx, 1), vec![(100, None, from4)]);
+        segmented(&mut out);
+        assert_eq!(receive_all(&mut inb, &rx, 1), vec![(2000, Some(500), from)]);
+        // The receiving batch sends (a frame forwarded in place), then receives.
+        inb.slot_mut(0)[..10].fill(1);
+        inb.set(0, 10, &to);
+        assert_eq!(inb.send(tx.as_fd(), 1).unwrap(), 1);
+        assert_eq!(receive_all(&mut inb, &rx, 1), vec![(10, None, from)]);
+        segmented(&mut out);
+        tx4.send_to(&[7; 100], ("127.0.0.1", port)).unwrap();
+        let got = receive_all(&mut inb, &rx, 2);
+        assert_eq!(got, vec![(2000, Some(500), from), (100, None, from4)]);
     }
 
     #[test]
