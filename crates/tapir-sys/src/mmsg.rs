@@ -348,7 +348,7 @@ impl Batch {
             messages,
             ..Sent::default()
         };
-        let deadline = std::time::Instant::now() + patience;
+        let mut patience = Patience::new(patience);
         let mut m = 0;
         while m < messages {
             // SAFETY: the headers point at iovecs, addresses, control
@@ -372,8 +372,8 @@ impl Batch {
             let (start, count) = self.groups[m];
             match e.raw_os_error() {
                 Some(libc::EINTR) => {}
-                Some(libc::EAGAIN) if std::time::Instant::now() < deadline => {
-                    wait_writable(fd, deadline);
+                Some(libc::EAGAIN) if patience.left() => {
+                    wait_writable(fd, patience.deadline());
                 }
                 Some(libc::EAGAIN) => {
                     // Still full after waiting: the rest is dropped, and said so.
@@ -386,7 +386,7 @@ impl Batch {
                     // Segmentation refused by the device: never again on
                     // this socket; this and the following runs one by one.
                     *gso = false;
-                    let rest = self.send_plain(fd, start, n, deadline);
+                    let rest = self.send_plain(fd, start, n, &mut patience);
                     out.sent += rest.sent;
                     out.refused += rest.refused;
                     out.blocked += rest.blocked;
@@ -401,7 +401,7 @@ impl Batch {
                 // a segment above the path MTU) goes one datagram per
                 // message, which the kernel may fragment.
                 Some(libc::EINVAL) | Some(libc::EMSGSIZE) if count > 1 => {
-                    let one = self.send_plain(fd, start, start + count, deadline);
+                    let one = self.send_plain(fd, start, start + count, &mut patience);
                     out.sent += one.sent;
                     out.refused += one.refused;
                     out.blocked += one.blocked;
@@ -451,7 +451,7 @@ impl Batch {
         fd: BorrowedFd<'_>,
         from: usize,
         n: usize,
-        deadline: std::time::Instant,
+        patience: &mut Patience,
     ) -> Sent {
         self.prepare(n, false);
         let mut out = Sent {
@@ -476,9 +476,7 @@ impl Batch {
             }
             match io::Error::last_os_error().raw_os_error() {
                 Some(libc::EINTR) => {}
-                Some(libc::EAGAIN) if std::time::Instant::now() < deadline => {
-                    wait_writable(fd, deadline)
-                }
+                Some(libc::EAGAIN) if patience.left() => wait_writable(fd, patience.deadline()),
                 Some(libc::EAGAIN) | Some(libc::EBADF) => {
                     out.blocked += n - i;
                     return out;
@@ -576,6 +574,34 @@ fn gro_size(h: &libc::msghdr) -> Option<usize> {
         }
     }
     None
+}
+
+/// How long a send may wait for room in a full socket buffer, counted
+/// from the first time it finds it full: a send that never does reads no
+/// clock.
+struct Patience {
+    patience: std::time::Duration,
+    deadline: Option<std::time::Instant>,
+}
+
+impl Patience {
+    fn new(patience: std::time::Duration) -> Self {
+        Self {
+            patience,
+            deadline: None,
+        }
+    }
+
+    fn deadline(&mut self) -> std::time::Instant {
+        *self
+            .deadline
+            .get_or_insert_with(|| std::time::Instant::now() + self.patience)
+    }
+
+    /// Whether there is still time to wait.
+    fn left(&mut self) -> bool {
+        std::time::Instant::now() < self.deadline()
+    }
 }
 
 /// Waits until `fd` is writable or `deadline` passes.

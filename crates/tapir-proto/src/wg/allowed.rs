@@ -9,12 +9,14 @@
 //! one hash probe per distinct length (typically one or two: /32 and /128
 //! for road warriors, plus a few site prefixes), whatever the number of
 //! peers; an insert or a removal is one probe. 10,000 peers with a /32 each
-//! are one table. Tested against a linear longest-prefix model.
+//! are one table. Tested against a linear longest-prefix model. The tables
+//! hash with Fx, not SipHash: their keys are the configured prefixes, not
+//! chosen by whoever sends packets, and a look-up is made twice a packet.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use rustc_hash::FxHashMap as HashMap;
 
 /// One family's tables: (prefix length, masked address -> value), longest first.
 #[derive(Debug, Clone)]
@@ -41,7 +43,7 @@ impl<T> Family<T> {
         let at = match self.tables.binary_search_by(|(l, _)| len.cmp(l)) {
             Ok(i) => i,
             Err(i) => {
-                self.tables.insert(i, (len, HashMap::new()));
+                self.tables.insert(i, (len, HashMap::default()));
                 i
             }
         };
