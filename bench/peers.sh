@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The peer benchmark: iperf3 TCP (1 and 4 streams) and ping RTT through the raw
 # veth, tapir, wireguard-go, boringtun-cli, gotatun-cli, OpenVPN (UDP,
-# AES-256-GCM, p2p TLS) and VTun (UDP, no encryption); then Ethernet tunnels
+# AES-256-GCM, p2p TLS), VTun (UDP, no encryption) and the encrypting floor
+# (bench/floor: not a tunnel, the least encrypting costs); then Ethernet tunnels
 # (tapir tap, OpenVPN dev tap, tinc Mode = switch, VTun type ether) and
 # tunnels over TCP (tapir, OpenVPN proto tcp, VTun proto tcp), measured one
 # after another in one run on the same testbed:
@@ -199,6 +200,20 @@ setup_vtun() { vtun_pair tun udp; }
 setup_vtun_ether() { vtun_pair ether udp; }
 setup_vtun_tcp() { vtun_pair tun tcp; }
 
+# The encrypting floor (bench/floor): poll, read, seal, send; receive, open,
+# write, and nothing else. Not a tunnel (a fixed key, no handshake): the
+# least that encrypting costs, beside VTun that does not encrypt.
+setup_floor() {
+    DST=10.78.0.2
+    (cd bench/floor && cargo build --release --locked -q) || { WHY="bench/floor did not build"; return 1; }
+    local floor=$PWD/bench/floor/target/release/tapir-floor
+    ip netns exec $b "$floor" floor0 5555 10.201.0.1:5555 2>"$work/floor-b.log" & pids+=($!)
+    ip netns exec $a "$floor" floor0 5555 10.201.0.2:5555 2>"$work/floor-a.log" & pids+=($!)
+    for _ in $(seq 50); do ip -n $a link show floor0 >/dev/null 2>&1 && ip -n $b link show floor0 >/dev/null 2>&1 && break; sleep 0.1; done
+    ip -n $a addr add 10.78.0.1/24 dev floor0 && ip -n $b addr add 10.78.0.2/24 dev floor0 || { WHY="no floor0 device: $(tail -1 "$work/floor-a.log")"; return 1; }
+    ip -n $a link set floor0 mtu 1420 up && ip -n $b link set floor0 mtu 1420 up
+}
+
 # tinc 1.0 in switch mode (Ethernet), its default cipher (Blowfish-CBC, SHA1).
 setup_tinc() {
     DST=10.78.0.2
@@ -223,8 +238,8 @@ setup_tinc() {
     WHY="tinc did not connect: $(tail -1 "$work/tinc-a.log")"; return 1
 }
 
-peers=${PEERS:-"veth tapir tapir_1t tapir_nogso tapir_nogro tapir_nouo wggo boringtun gotatun openvpn vtun tapir_tap openvpn_tap tinc vtun_ether tapir_tcp openvpn_tcp vtun_tcp"}
-declare -A label=([veth]="raw veth" [tapir]=tapir [tapir_1t]="tapir, one thread" [tapir_nogso]="tapir, no UDP GSO" [tapir_nogro]="tapir, no UDP GRO" [tapir_nouo]="tapir, no UDP GSO/GRO" [wggo]=wireguard-go [boringtun]=boringtun-cli [gotatun]=gotatun-cli [openvpn]="OpenVPN AES-256-GCM" [vtun]="VTun (no crypto)"
+peers=${PEERS:-"veth tapir tapir_1t tapir_nogso tapir_nogro tapir_nouo wggo boringtun gotatun openvpn vtun floor tapir_tap openvpn_tap tinc vtun_ether tapir_tcp openvpn_tcp vtun_tcp"}
+declare -A label=([veth]="raw veth" [tapir]=tapir [tapir_1t]="tapir, one thread" [tapir_nogso]="tapir, no UDP GSO" [tapir_nogro]="tapir, no UDP GRO" [tapir_nouo]="tapir, no UDP GSO/GRO" [wggo]=wireguard-go [boringtun]=boringtun-cli [gotatun]=gotatun-cli [openvpn]="OpenVPN AES-256-GCM" [vtun]="VTun (no crypto)" [floor]="encrypting floor"
     [tapir_tap]="tapir tap" [openvpn_tap]="OpenVPN tap AES-GCM" [tinc]="tinc switch" [vtun_ether]="VTun ether (no crypto)"
     [tapir_tcp]="tapir TCP" [openvpn_tcp]="OpenVPN TCP AES-GCM" [vtun_tcp]="VTun TCP (no crypto)")
 declare -A one four ms idle note
@@ -273,6 +288,7 @@ for p in wggo boringtun gotatun openvpn vtun; do
     if [[ -z $lo ]] || awk -v v="$v" -v b="$lo" 'BEGIN { exit !(v < b) }'; then lo=$v; loname=${label[$p]}; fi
 done
 printf 'ping, median: tapir %s ms; the quickest userspace peer (%s) %s ms\n' "${ms[tapir]:--}" "${loname:-none}" "${lo:--}"
+[[ -n ${ms[floor]:-} ]] && printf 'ping, median: the encrypting floor (bench/floor, not a tunnel) %s ms; VTun (no crypto) %s ms\n' "${ms[floor]}" "${ms[vtun]:--}"
 printf 'idle, wake-ups per second of both ends: tapir %s; %s\n' "${idle[tapir]:--}" \
     "$(for p in wggo boringtun gotatun openvpn vtun; do [[ -n ${idle[$p]:-} ]] && printf '%s %s, ' "${label[$p]}" "${idle[$p]}"; done | sed 's/, $//')"
 printf 'tapir (sending side) during the 1-stream run: CPU %s of one core, RSS %s\n' "${tapir_cpu:--}" "${tapir_rss:--}"
