@@ -117,6 +117,35 @@ fn wall() -> Duration {
         .unwrap_or_default()
 }
 
+/// The wall clock (handshake timestamps, the time of the last handshake)
+/// reckoned from the monotonic time a packet loop reads anyway: one clock
+/// read per wake-up, not two. The system's clock is read again once a
+/// second, so a step of it shows within one.
+struct WallClock {
+    at: Instant,
+    wall: Duration,
+}
+
+impl WallClock {
+    fn new() -> Self {
+        Self {
+            at: Instant::now(),
+            wall: wall(),
+        }
+    }
+
+    /// The wall clock at `now` (a monotonic time read just before).
+    fn at(&mut self, now: Instant) -> Duration {
+        let since = now.saturating_duration_since(self.at);
+        if since < Duration::from_secs(1) {
+            return self.wall + since;
+        }
+        self.at = now;
+        self.wall = wall();
+        self.wall
+    }
+}
+
 /// Resolves the peers' endpoints (once, at start).
 pub fn peer_configs(config: &TunnelConfig) -> Result<Vec<PeerConfig>, DevError> {
     config
@@ -656,7 +685,10 @@ struct Counters {
 }
 
 fn add(counter: &AtomicU64, n: usize) {
-    counter.fetch_add(n as u64, Ordering::Relaxed);
+    // Most are 0 (nothing refused, nothing blocked): no locked instruction for those.
+    if n > 0 {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 /// How a tunnel's messages travel, as one thread holds it: both
@@ -1333,6 +1365,7 @@ fn outbound_loop(
 ) -> Result<(), DevError> {
     let mut light = 0;
     let mut last_packet = Instant::now();
+    let mut clock = WallClock::new();
     while !stop() {
         if !turn.outbound.load(Ordering::Acquire) {
             // Parked until its turn, or until it is to stop (see `Turn::stop_outbound`).
@@ -1361,7 +1394,7 @@ fn outbound_loop(
             let DeviceHalf(ob, out) = &mut *h;
             let now = Instant::now();
             if ready {
-                read = ob.read_device(shared, out, now, wall())?;
+                read = ob.read_device(shared, out, now, clock.at(now))?;
                 out.flush(now);
             }
             // What the packets just read set going (a handshake when a
@@ -1421,6 +1454,7 @@ fn inbound_loop(
     stop: &dyn Fn() -> bool,
 ) -> Result<(), DevError> {
     let started = wall();
+    let mut clock = WallClock::new();
     let mut last_lookup: Vec<Option<Instant>> = vec![None; ctl.hostnames.len()];
     let mut rx = Batch::new(BATCH, SLOT);
     let mut warned_layer: Vec<(PublicKey, u64)> = Vec::new();
@@ -1428,8 +1462,11 @@ fn inbound_loop(
     let mut next_timer = Instant::now();
     let mut dials_at = None;
     let mut fwmark = ctl.fwmark;
+    // The time read after the last poll: what the loop did since took
+    // microseconds (a batch, a millisecond), its timers are kept in
+    // milliseconds and are never early for it.
+    let mut now = Instant::now();
     while !stop() {
-        let now = Instant::now();
         // TCP: keep a connection to every configured endpoint.
         if let Link::Tcp(t) = &mut out.link {
             if dials_at.is_none_or(|at: Instant| {
@@ -1476,8 +1513,8 @@ fn inbound_loop(
         };
         set.wait(timeout)
             .map_err(|e| DevError::Runtime(format!("poll: {e}")))?;
-        let now = Instant::now();
-        let wall_now = wall();
+        now = Instant::now();
+        let wall_now = clock.at(now);
         if let (Some(ob), Some(at)) = (ob.as_deref_mut(), dev_at) {
             if set.readable(at) {
                 ob.read_device(shared, out, now, wall_now)?;
@@ -1934,6 +1971,19 @@ mod tests {
             Some(t0),
             t0 + Duration::from_secs(30)
         ));
+    }
+
+    #[test]
+    fn the_wall_clock_runs_with_the_monotonic_one_and_is_read_again_each_second() {
+        let mut c = WallClock::new();
+        let (t0, w0) = (c.at, c.wall);
+        let ms = Duration::from_millis;
+        assert_eq!(c.at(t0 + ms(500)), w0 + ms(500));
+        // The system clock stepped by an hour: seen within a second.
+        c.wall = w0 - Duration::from_secs(3600);
+        assert_eq!(c.at(t0 + ms(900)), w0 - Duration::from_secs(3600) + ms(900));
+        assert!(c.at(t0 + ms(1000)).abs_diff(wall()) < ms(1000));
+        assert!(c.at(t0 + ms(1500)).abs_diff(wall()) < ms(1000));
     }
 
     #[test]
