@@ -42,6 +42,7 @@ pub mod netns;
 pub mod poll;
 pub mod process;
 pub mod random;
+pub mod raw;
 pub mod tun;
 
 pub use ifname::{IfName, NameError};

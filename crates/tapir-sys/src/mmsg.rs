@@ -21,6 +21,8 @@ use std::io;
 use std::net::{Ipv6Addr, SocketAddrV6};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+use crate::raw;
+
 /// `UDP_SEGMENT` (linux/udp.h): a send's segment size.
 const UDP_SEGMENT: libc::c_int = 103;
 /// `UDP_GRO` (linux/udp.h): receive coalesced datagrams, with their segment size.
@@ -272,24 +274,12 @@ impl Batch {
         // SAFETY: the headers point at `n` iovecs, address buffers and slots
         // owned by `self`, valid and unaliased for the call; the kernel writes
         // at most the lengths given.
-        let rc = unsafe {
-            libc::recvmmsg(
-                fd.as_raw_fd(),
-                self.hdrs.as_mut_ptr(),
-                n as libc::c_uint,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
+        let rc = unsafe { raw::recvmmsg(fd, self.hdrs.as_mut_ptr(), n, libc::MSG_DONTWAIT) };
+        let got = match rc {
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e) => return Err(e),
         };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock {
-                Ok(0)
-            } else {
-                Err(e)
-            };
-        }
-        let got = rc as usize;
         self.recv_dirty = got;
         for i in 0..got {
             self.seg[i] = gro_size(&self.hdrs[i].msg_hdr).unwrap_or(0);
@@ -353,22 +343,17 @@ impl Batch {
         while m < messages {
             // SAFETY: the headers point at iovecs, addresses, control
             // buffers and slots owned by `self`; the kernel only reads them.
-            let rc = unsafe {
-                libc::sendmmsg(
-                    fd.as_raw_fd(),
-                    self.hdrs[m..].as_mut_ptr(),
-                    (messages - m) as libc::c_uint,
-                    0,
-                )
-            };
-            if rc >= 0 {
-                for g in m..m + rc as usize {
-                    out.sent += self.groups[g].1;
+            let rc = unsafe { raw::sendmmsg(fd, self.hdrs[m..].as_mut_ptr(), messages - m, 0) };
+            let e = match rc {
+                Ok(k) => {
+                    for g in m..m + k {
+                        out.sent += self.groups[g].1;
+                    }
+                    m += k;
+                    continue;
                 }
-                m += rc as usize;
-                continue;
-            }
-            let e = io::Error::last_os_error();
+                Err(e) => e,
+            };
             let (start, count) = self.groups[m];
             match e.raw_os_error() {
                 Some(libc::EINTR) => {}
@@ -461,20 +446,16 @@ impl Batch {
         let mut i = from;
         while i < n {
             // SAFETY: as in `send`.
-            let rc = unsafe {
-                libc::sendmmsg(
-                    fd.as_raw_fd(),
-                    self.hdrs[i..].as_mut_ptr(),
-                    (n - i) as libc::c_uint,
-                    0,
-                )
+            let rc = unsafe { raw::sendmmsg(fd, self.hdrs[i..].as_mut_ptr(), n - i, 0) };
+            let e = match rc {
+                Ok(k) => {
+                    out.sent += k;
+                    i += k;
+                    continue;
+                }
+                Err(e) => e,
             };
-            if rc >= 0 {
-                out.sent += rc as usize;
-                i += rc as usize;
-                continue;
-            }
-            match io::Error::last_os_error().raw_os_error() {
+            match e.raw_os_error() {
                 Some(libc::EINTR) => {}
                 Some(libc::EAGAIN) if patience.left() => wait_writable(fd, patience.deadline()),
                 Some(libc::EAGAIN) | Some(libc::EBADF) => {
@@ -499,31 +480,20 @@ impl Batch {
         let mut sent = 0;
         while sent < n {
             // SAFETY: as in `recv`; the kernel only reads the buffers here.
-            let rc = unsafe {
-                libc::sendmmsg(
-                    fd.as_raw_fd(),
-                    self.hdrs[sent..].as_mut_ptr(),
-                    (n - sent) as libc::c_uint,
-                    0,
-                )
-            };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
+            let rc = unsafe { raw::sendmmsg(fd, self.hdrs[sent..].as_mut_ptr(), n - sent, 0) };
+            match rc {
+                Ok(k) => sent += k,
+                Err(e) => match e.kind() {
+                    io::ErrorKind::Interrupted => {}
                     io::ErrorKind::WouldBlock => return Ok(sent),
                     // A bad descriptor is our bug: report it.
                     _ if e.raw_os_error() == Some(libc::EBADF) => return Err(e),
                     // Anything else fails only the datagram at the head
                     // (EMSGSIZE, an unreachable peer, a firewall's EPERM):
                     // drop it, as UDP may, and go on with the rest.
-                    _ => {
-                        sent += 1;
-                        continue;
-                    }
-                }
+                    _ => sent += 1,
+                },
             }
-            sent += rc as usize;
         }
         Ok(sent)
     }
@@ -613,10 +583,7 @@ fn wait_writable(fd: BorrowedFd<'_>, deadline: std::time::Instant) {
         revents: 0,
     };
     let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-    // SAFETY: poll reads and writes one live local pollfd.
-    unsafe {
-        libc::poll(&mut p, 1, ms);
-    }
+    let _ = raw::poll(std::slice::from_mut(&mut p), ms);
 }
 
 #[cfg(test)]

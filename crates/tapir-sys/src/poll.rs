@@ -16,11 +16,8 @@ pub fn readable<const N: usize>(
         revents: 0,
     });
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: poll reads and writes exactly N pollfd entries of a live local
-    // array; the descriptors are borrowed for the duration of the call.
-    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
+    // The descriptors are borrowed for the duration of the call.
+    if let Err(e) = crate::raw::poll(&mut pfds, ms) {
         return if e.kind() == io::ErrorKind::Interrupted {
             Ok([false; N])
         } else {
@@ -74,16 +71,11 @@ impl PollSet {
         }
         let ms =
             libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: poll reads and writes exactly `len` pollfd entries of a live
-        // Vec; a descriptor closed meanwhile only yields POLLNVAL.
-        let rc = unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
+        // A descriptor closed meanwhile only yields POLLNVAL.
+        match crate::raw::poll(&mut self.fds, ms) {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Whether entry `i` is readable (or has an error or hang-up to read).

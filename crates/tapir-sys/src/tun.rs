@@ -433,23 +433,12 @@ impl TunDevice {
     /// `buf` should hold the MTU plus headers (packet info, vnet header,
     /// Ethernet); a longer packet is truncated by the kernel.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: the kernel writes at most buf.len() bytes into buf, which is
-        // a live, writable slice.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        crate::raw::read(self.fd.as_fd(), buf)
     }
 
     /// Writes one packet (or frame) into the host's network stack.
     pub fn write(&self, packet: &[u8]) -> io::Result<usize> {
-        // SAFETY: the kernel reads at most packet.len() bytes from a live slice.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        crate::raw::write(self.fd.as_fd(), packet)
     }
 
     /// Waits up to `timeout` for a packet to read. `Ok(false)` on timeout or
@@ -463,16 +452,11 @@ impl TunDevice {
         // Rounded up: a timeout under a millisecond must not become a busy loop.
         let ms =
             libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: poll reads and writes one pollfd, a live local, for the call's duration.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            };
-        }
+        let rc = match crate::raw::poll(std::slice::from_mut(&mut pfd), ms) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(false),
+            Err(e) => return Err(e),
+        };
         if rc > 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
             return Err(io::Error::other(format!(
                 "{}: the device went away (deleted while open?)",
