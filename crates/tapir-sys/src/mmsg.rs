@@ -307,7 +307,17 @@ impl Batch {
         patience: std::time::Duration,
     ) -> Sent {
         let n = n.min(self.capacity());
-        self.prepare(n, false);
+        // The iovecs only: `build_group_headers` sets every field of the
+        // headers it sends.
+        self.recv_ready = false;
+        let base = self.data.as_mut_ptr();
+        for i in 0..n {
+            self.iovs[i] = libc::iovec {
+                // SAFETY: i < capacity, so the offset stays inside `data`.
+                iov_base: unsafe { base.add(i * self.slot) }.cast(),
+                iov_len: self.lens[i],
+            };
+        }
         // Runs: same address, same length but for a shorter last one.
         self.groups.clear();
         let mut i = 0;

@@ -69,8 +69,12 @@ impl PollSet {
         for p in &mut self.fds {
             p.revents = 0;
         }
-        let ms =
-            libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+        // In 64-bit arithmetic: `as_micros` is 128-bit, its division a call.
+        let ms = timeout
+            .as_secs()
+            .saturating_mul(1000)
+            .saturating_add(u64::from(timeout.subsec_nanos().div_ceil(1_000_000)));
+        let ms = libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX);
         // A descriptor closed meanwhile only yields POLLNVAL.
         match crate::raw::poll(&mut self.fds, ms) {
             Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),

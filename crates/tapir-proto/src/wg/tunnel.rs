@@ -1561,7 +1561,16 @@ impl Tunnel {
     /// The next datagram to send (handshakes, cookie replies, packets queued
     /// during a handshake, keepalives) into `buf`, which should hold an MTU
     /// plus 32 bytes.
+    #[inline]
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
+        // Most turns of a packet loop have nothing to send: said without a call.
+        if self.outgoing.is_empty() && self.tx_hint.is_empty() {
+            return None;
+        }
+        self.transmit_next(now, buf)
+    }
+
+    fn transmit_next(&mut self, now: Instant, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
         let layer = self.layer;
         if let Some((to, msg)) = self.outgoing.pop_front() {
             let n = msg.len().min(buf.len());

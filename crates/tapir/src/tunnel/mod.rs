@@ -726,10 +726,14 @@ impl<'a> Outbox<'a> {
     }
 
     /// Sends what is queued.
+    #[inline]
     fn flush(&mut self, now: Instant) {
-        if self.pending == 0 {
-            return;
+        if self.pending > 0 {
+            self.send_pending(now);
         }
+    }
+
+    fn send_pending(&mut self, now: Instant) {
         match &mut self.link {
             Link::Udp(socket) => {
                 let was = self.gso_on;
@@ -788,17 +792,19 @@ impl<'a> Outbox<'a> {
     /// Handshakes, cookie replies, keepalives, and packets that waited for
     /// a handshake or a rate limit.
     fn transmit(&mut self, shared: &Shared, now: Instant) {
-        {
-            let mut t = shared.tunnel();
-            loop {
-                let slot = self.tx.slot_mut(self.pending);
-                let Some((to, len)) = t.poll_transmit(now, slot) else {
-                    break;
-                };
-                self.push(to, len, now);
-            }
-        }
+        self.queue_transmit(&mut shared.tunnel(), now);
         self.flush(now);
+    }
+
+    /// What [`Outbox::transmit`] sends, queued (with the tunnel locked).
+    fn queue_transmit(&mut self, t: &mut Tunnel, now: Instant) {
+        loop {
+            let slot = self.tx.slot_mut(self.pending);
+            let Some((to, len)) = t.poll_transmit(now, slot) else {
+                break;
+            };
+            self.push(to, len, now);
+        }
     }
 
     /// A message from `from` authenticated: a TCP connection from there is
@@ -828,9 +834,15 @@ struct Outbound<'a> {
     dev: &'a TunDevice,
     name: &'a IfName,
     tap: bool,
-    rng: OsRandom,
     /// One device read: the vnet header and up to 64 KiB.
     big: Vec<u8>,
+    sealer: Sealer,
+}
+
+/// What sealing the segments of a read takes (apart from the read's
+/// buffer, borrowed alongside).
+struct Sealer {
+    rng: OsRandom,
     /// A segment being flooded.
     scratch: Vec<u8>,
     /// The lengths of the segments cut into the batch.
@@ -845,12 +857,14 @@ impl<'a> Outbound<'a> {
             dev,
             name,
             tap,
-            rng: OsRandom::new()
-                .map_err(|e| DevError::Runtime(format!("randomness from the kernel: {e}")))?,
             big: vec![0u8; vnet::LEN + 65536],
-            scratch: vec![0u8; SLOT],
-            lens: Vec::with_capacity(BATCH),
-            jobs: Vec::with_capacity(BATCH),
+            sealer: Sealer {
+                rng: OsRandom::new()
+                    .map_err(|e| DevError::Runtime(format!("randomness from the kernel: {e}")))?,
+                scratch: vec![0u8; SLOT],
+                lens: Vec::with_capacity(BATCH),
+                jobs: Vec::with_capacity(BATCH),
+            },
         })
     }
 
@@ -864,20 +878,13 @@ impl<'a> Outbound<'a> {
         now: Instant,
         wall: Duration,
     ) -> Result<usize, DevError> {
-        let mut big = std::mem::take(&mut self.big);
-        let result = self.read_device_into(&mut big, shared, out, now, wall);
-        self.big = big;
-        result
-    }
-
-    fn read_device_into(
-        &mut self,
-        big: &mut [u8],
-        shared: &Shared,
-        out: &mut Outbox,
-        now: Instant,
-        wall: Duration,
-    ) -> Result<usize, DevError> {
+        let Self {
+            dev,
+            name,
+            tap,
+            big,
+            sealer,
+        } = self;
         let mut read = 0;
         for i in 0..BATCH {
             if i == 1 {
@@ -886,13 +893,14 @@ impl<'a> Outbound<'a> {
                 // finds nothing): what follows it still goes in batches.
                 out.flush(now);
             }
-            let n = match self.dev.read(big) {
+            let n = match dev.read(big) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // (By its errno: cheaper than decoding the error's kind.)
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => break,
                 Err(e) => {
                     return Err(DevError::Runtime(format!(
                         "{}: reading the device: {e}",
-                        self.name
+                        name
                     )));
                 }
             };
@@ -901,7 +909,7 @@ impl<'a> Outbound<'a> {
             };
             let packet = &mut big[vnet::LEN..n];
             // Where the IP header starts: 0 on a tun, after the Ethernet header on a tap.
-            let l2 = if self.tap {
+            let l2 = if *tap {
                 vnet::ip_offset(packet)
             } else {
                 Some(0)
@@ -925,14 +933,14 @@ impl<'a> Outbound<'a> {
             let target = shared.tunnel().target(now, packet);
             match target {
                 Target::Peer(p) => {
-                    self.seal_segments(shared, out, p, (&hdr, packet, l2, count), now, wall)
+                    sealer.seal_segments(shared, out, p, (&hdr, packet, l2, count), now, wall)
                 }
                 Target::Flood => {
                     // Broadcasts and unknown destinations (tap mode): a
                     // copy for every peer, sealed with the tunnel locked.
                     let mut t = shared.tunnel();
                     for i in 0..count {
-                        let Some(len) = cut(&hdr, packet, l2, i, &mut self.scratch[..SLOT - 64])
+                        let Some(len) = cut(&hdr, packet, l2, i, &mut sealer.scratch[..SLOT - 64])
                         else {
                             break;
                         };
@@ -940,10 +948,10 @@ impl<'a> Outbound<'a> {
                             out.seal_copy(
                                 &mut t,
                                 p,
-                                &self.scratch[..len],
+                                &sealer.scratch[..len],
                                 now,
                                 wall,
-                                &mut self.rng,
+                                &mut sealer.rng,
                             );
                         }
                     }
@@ -953,7 +961,9 @@ impl<'a> Outbound<'a> {
         }
         Ok(read)
     }
+}
 
+impl Sealer {
     /// The `count` segments of one read, all for peer `p`: cut into free
     /// slots, counters taken with the tunnel locked, sealed without it.
     fn seal_segments(
@@ -1073,9 +1083,13 @@ impl<'a> Inbound<'a> {
             if self.gro.push_at(&buf[range.clone()], l2) {
                 return;
             }
-            self.flush_gro();
-            if self.gro.push_at(&buf[range.clone()], l2) {
-                return;
+            // One that does not join the run may start the next (a packet
+            // that joins nothing, such as a ping, is not tried twice).
+            if !self.gro.is_empty() {
+                self.flush_gro();
+                if self.gro.push_at(&buf[range.clone()], l2) {
+                    return;
+                }
             }
         }
         self.flush_gro();
@@ -1089,7 +1103,14 @@ impl<'a> Inbound<'a> {
     /// Writes a coalesced super-packet. A kernel that refuses GSO writes
     /// (EINVAL) turns GRO off for the rest of the run, said once; TCP
     /// resends what was lost.
+    #[inline]
     fn flush_gro(&mut self) {
+        if !self.gro.is_empty() {
+            self.write_gro();
+        }
+    }
+
+    fn write_gro(&mut self) {
         let Some(bytes) = self.gro.flush() else {
             return;
         };
@@ -1192,36 +1213,26 @@ impl<'a> Inbound<'a> {
         self.recs = recs;
     }
 
-    /// Packets that a peer's rate limit held back on arrival, now due.
-    fn release_held(&mut self, shared: &Shared, out: &mut Outbox, now: Instant, wall: Duration) {
+    /// Packets that a peer's rate limit held back on arrival, now due
+    /// (with the tunnel locked; the caller flushes `out` and the GRO run).
+    fn release_held(&mut self, t: &mut Tunnel, out: &mut Outbox, now: Instant, wall: Duration) {
         let mut held = std::mem::take(&mut self.held);
-        {
-            let mut t = shared.tunnel();
-            while let Some(d) = t.poll_received(now, &mut held) {
-                match d {
-                    Decapsulated::Packet(range) => self.deliver(&mut held, range),
-                    Decapsulated::Forward { range, to } => {
-                        out.seal_copy(&mut t, to, &held[range], now, wall, &mut self.rng);
-                    }
-                    Decapsulated::Flood { range, from } => {
-                        for p in (0..t.peer_count()).filter(|&p| p != from) {
-                            out.seal_copy(
-                                &mut t,
-                                p,
-                                &held[range.clone()],
-                                now,
-                                wall,
-                                &mut self.rng,
-                            );
-                        }
-                        self.deliver(&mut held, range);
-                    }
-                    Decapsulated::Nothing | Decapsulated::Dropped(_) => {}
+        while let Some(d) = t.poll_received(now, &mut held) {
+            match d {
+                Decapsulated::Packet(range) => self.deliver(&mut held, range),
+                Decapsulated::Forward { range, to } => {
+                    out.seal_copy(t, to, &held[range], now, wall, &mut self.rng);
                 }
+                Decapsulated::Flood { range, from } => {
+                    for p in (0..t.peer_count()).filter(|&p| p != from) {
+                        out.seal_copy(t, p, &held[range.clone()], now, wall, &mut self.rng);
+                    }
+                    self.deliver(&mut held, range);
+                }
+                Decapsulated::Nothing | Decapsulated::Dropped(_) => {}
             }
         }
         self.held = held;
-        self.flush_gro();
     }
 }
 
@@ -1466,6 +1477,7 @@ fn inbound_loop(
     // microseconds (a batch, a millisecond), its timers are kept in
     // milliseconds and are never early for it.
     let mut now = Instant::now();
+    let mut release_at = shared.tunnel().next_release(now);
     while !stop() {
         // TCP: keep a connection to every configured endpoint.
         if let Link::Tcp(t) = &mut out.link {
@@ -1495,7 +1507,7 @@ fn inbound_loop(
         let control_at = set.add(ctl.link.wake.fd(), true, false);
         let mut timeout = next_timer.saturating_duration_since(now);
         // A rate limit holding packets back wakes the loop when they are due.
-        if let Some(at) = shared.tunnel().next_release(now) {
+        if let Some(at) = release_at {
             timeout = timeout.min(at.saturating_duration_since(now));
         }
         let udp_at = match &mut out.link {
@@ -1663,8 +1675,17 @@ fn inbound_loop(
             t.handle_timeout(now, wall_now, &mut ib.rng);
             next_timer = t.poll_timeout(now);
         }
-        ib.release_held(shared, out, now, wall_now);
-        out.transmit(shared, now);
+        // The loop's tail under one lock: packets a rate limit released,
+        // what waits to go out, and when a rate limit next releases (for
+        // the next wait).
+        release_at = {
+            let mut t = shared.tunnel();
+            ib.release_held(&mut t, out, now, wall_now);
+            out.queue_transmit(&mut t, now);
+            t.next_release(now)
+        };
+        ib.flush_gro();
+        out.flush(now);
     }
     Ok(())
 }
