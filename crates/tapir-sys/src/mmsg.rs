@@ -307,6 +307,10 @@ impl Batch {
         patience: std::time::Duration,
     ) -> Sent {
         let n = n.min(self.capacity());
+        if n == 1 {
+            // A lone datagram (a ping, an ACK): no runs to look for.
+            return self.send_plain(fd, 0, 1, &mut Patience::new(patience));
+        }
         // The iovecs only: `build_group_headers` sets every field of the
         // headers it sends.
         self.recv_ready = false;

@@ -12,7 +12,12 @@
 //! are one table. Tested against a linear longest-prefix model. The tables
 //! hash with Fx, not SipHash: their keys are the configured prefixes, not
 //! chosen by whoever sends packets, and a look-up is made twice a packet.
+//! [`AllowedIps::get`] remembers its last answer until the next change: a
+//! flow's packets out and its packets in (whose source is checked) name
+//! the same peer address, so most look-ups are one comparison (a probe
+//! of a u128 key costs about 70 instructions here).
 
+use std::cell::Cell;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -70,18 +75,22 @@ impl<T> Family<T> {
     }
 }
 
-/// Prefixes of both families, each mapped to a value (a peer).
-#[derive(Debug, Clone)]
-pub struct AllowedIps<T> {
+/// Prefixes of both families, each mapped to a value (a peer index).
+#[derive(Debug)]
+pub struct AllowedIps<T: Copy> {
     v4: Family<T>,
     v6: Family<T>,
+    /// The last address [`AllowedIps::get`] looked up, and its answer;
+    /// forgotten on every change.
+    last: Cell<Option<(IpAddr, Option<T>)>>,
 }
 
-impl<T> Default for AllowedIps<T> {
+impl<T: Copy> Default for AllowedIps<T> {
     fn default() -> Self {
         Self {
             v4: Family::default(),
             v6: Family::default(),
+            last: Cell::new(None),
         }
     }
 }
@@ -93,7 +102,7 @@ fn key(net: &IpNet) -> (bool, u128, u8) {
     }
 }
 
-impl<T> AllowedIps<T> {
+impl<T: Copy> AllowedIps<T> {
     /// An empty table.
     pub fn new() -> Self {
         Self::default()
@@ -101,6 +110,7 @@ impl<T> AllowedIps<T> {
 
     /// Maps `net` (host bits ignored) to `value`; returns the value it had.
     pub fn insert(&mut self, net: &IpNet, value: T) -> Option<T> {
+        self.last.set(None);
         match key(net) {
             (true, a, l) => self.v4.insert(a, l, 32, value),
             (false, a, l) => self.v6.insert(a, l, 128, value),
@@ -109,6 +119,7 @@ impl<T> AllowedIps<T> {
 
     /// Unmaps exactly `net`; returns its value.
     pub fn remove(&mut self, net: &IpNet) -> Option<T> {
+        self.last.set(None);
         match key(net) {
             (true, a, l) => self.v4.remove(a, l, 32),
             (false, a, l) => self.v6.remove(a, l, 128),
@@ -125,6 +136,7 @@ impl<T> AllowedIps<T> {
 
     /// Empties the table.
     pub fn clear(&mut self) {
+        self.last.set(None);
         self.v4.tables.clear();
         self.v6.tables.clear();
     }
@@ -141,6 +153,20 @@ impl<T> AllowedIps<T> {
     /// Whether nothing is mapped.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// [`AllowedIps::lookup`], answered from memory when `ip` is the
+    /// address looked up last.
+    #[inline]
+    pub fn get(&self, ip: IpAddr) -> Option<T> {
+        if let Some((last, value)) = self.last.get() {
+            if last == ip {
+                return value;
+            }
+        }
+        let value = self.lookup(ip).copied();
+        self.last.set(Some((ip, value)));
+        value
     }
 }
 
@@ -196,6 +222,7 @@ mod tests {
         let mut rng = Rng(0x1234_5678_9abc_def1);
         let mut t = AllowedIps::new();
         let mut model: Vec<(IpNet, usize)> = Vec::new();
+        let mut last: Option<IpAddr> = None;
         for step in 0..3000 {
             // Addresses from a small space so that prefixes overlap.
             let v4 = rng.next() % 3 != 0;
@@ -225,6 +252,11 @@ mod tests {
                 assert_eq!(t.insert(&net, step), expected);
                 model.push((net, step));
             }
+            // The address looked up last, again after the change: a
+            // remembered answer must not outlive it.
+            if let Some(ip) = last {
+                assert_eq!(t.get(ip), linear(&model, ip), "step {step}, {ip} again");
+            }
             for _ in 0..5 {
                 let ip: IpAddr = if rng.next() % 3 != 0 {
                     std::net::Ipv4Addr::from(0x0a00_0000 | (rng.next() as u32 & 0x0000_0fff)).into()
@@ -237,6 +269,9 @@ mod tests {
                     linear(&model, ip),
                     "step {step}, {ip}"
                 );
+                assert_eq!(t.get(ip), linear(&model, ip), "step {step}, {ip}");
+                assert_eq!(t.get(ip), linear(&model, ip), "step {step}, {ip} twice");
+                last = Some(ip);
             }
             assert_eq!(t.len(), model.len());
         }

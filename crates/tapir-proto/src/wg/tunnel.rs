@@ -147,6 +147,24 @@ pub enum Port {
 struct Timed {
     session: Session,
     created: Instant,
+    /// `created` plus REJECT_AFTER_TIME, REKEY_AFTER_TIME, and the age at
+    /// which an initiator rekeys on receipt: a packet compares instants
+    /// rather than working out an age.
+    rejects_at: Instant,
+    rekeys_at: Instant,
+    rekeys_on_receipt_at: Instant,
+}
+
+impl Timed {
+    fn new(session: Session, created: Instant) -> Self {
+        Self {
+            session,
+            created,
+            rejects_at: created + REJECT_AFTER_TIME,
+            rekeys_at: created + REKEY_AFTER_TIME,
+            rekeys_on_receipt_at: created + (REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT),
+        }
+    }
 }
 
 struct Peer {
@@ -433,7 +451,7 @@ fn frame_sender(frame: &[u8]) -> Result<Option<IpAddr>, ()> {
 }
 
 fn expired(t: &Timed, now: Instant) -> bool {
-    now.saturating_duration_since(t.created) >= REJECT_AFTER_TIME
+    now >= t.rejects_at
 }
 
 impl Peer {
@@ -706,7 +724,7 @@ impl Tunnel {
     }
 
     fn route(&self, dst: IpAddr) -> Option<usize> {
-        self.routes.lookup(dst).copied()
+        self.routes.get(dst)
     }
 
     /// Test hook: pretends peer `p`'s current session has sent `n` messages.
@@ -954,9 +972,8 @@ impl Tunnel {
         };
         // Whitepaper §6.2: the initiator rekeys after REKEY_AFTER_TIME;
         // either side after REKEY_AFTER_MESSAGES.
-        let rekey = (t.session.initiator
-            && now.saturating_duration_since(t.created) >= REKEY_AFTER_TIME)
-            || t.session.sent() >= REKEY_AFTER_MESSAGES;
+        let rekey =
+            (t.session.initiator && now >= t.rekeys_at) || t.session.sent() >= REKEY_AFTER_MESSAGES;
         peer.sent_data(now, sealed);
         if rekey {
             self.initiate(p, now, wall, rng);
@@ -1142,10 +1159,7 @@ impl Tunnel {
             peer.stats.rx_bytes += INITIATION_LEN as u64;
             peer.stats.tx_bytes += RESPONSE_LEN as u64;
             peer.stats.last_handshake = Some(wall);
-            peer.next.replace(Timed {
-                session: Session::new(&keys),
-                created: now,
-            })
+            peer.next.replace(Timed::new(Session::new(&keys), now))
         };
         self.forget(old_next);
         self.outgoing.push_back((from, resp.to_vec()));
@@ -1184,10 +1198,7 @@ impl Tunnel {
         peer.last_received = Some(now);
         peer.stats.rx_bytes += RESPONSE_LEN as u64;
         peer.stats.last_handshake = Some(wall);
-        let new = Timed {
-            session: Session::new(&keys),
-            created: now,
-        };
+        let new = Timed::new(Session::new(&keys), now);
         let old_prev = peer.previous.take();
         peer.previous = peer.current.replace(new);
         // The initiator confirms the session with data: queued packets, or a keepalive.
@@ -1281,10 +1292,7 @@ impl Tunnel {
                 return Decapsulated::Dropped(DropReason::Session(e));
             }
         };
-        let initiator_age = timed
-            .session
-            .initiator
-            .then(|| now.saturating_duration_since(timed.created));
+        let rekey_on_receipt = timed.session.initiator && now >= timed.rekeys_on_receipt_at;
         if slot == 2 {
             // The initiator's first data message confirms the responder's session.
             let confirmed = peer.next.take();
@@ -1311,11 +1319,9 @@ impl Tunnel {
         // Armed once per silence, as the kernel does: a steady one-way stream
         // still gets a keepalive back every KEEPALIVE_TIMEOUT.
         peer.passive_keepalive_at
-            .get_or_insert(now + KEEPALIVE_TIMEOUT);
+            .get_or_insert_with(|| now + KEEPALIVE_TIMEOUT);
         // Whitepaper §6.2: an initiator whose session nears its end rekeys on receipt.
-        if initiator_age
-            .is_some_and(|age| age >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT)
-        {
+        if rekey_on_receipt {
             self.initiate(p, now, wall, rng);
         }
         let body_at = messages::DATA_HEADER_LEN;
