@@ -62,6 +62,22 @@ impl PollSet {
         self.fds.len() - 1
     }
 
+    /// Whether the set has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.fds.is_empty()
+    }
+
+    /// Leaves entry `i` out of the waits (`true`) or puts it back
+    /// (`false`), keeping its place: poll skips negative descriptors, so a
+    /// left-out entry's descriptor is kept complemented.
+    pub fn set_ignored(&mut self, i: usize, ignored: bool) {
+        if let Some(p) = self.fds.get_mut(i) {
+            if (p.fd < 0) != ignored {
+                p.fd = !p.fd;
+            }
+        }
+    }
+
     /// Waits up to `timeout` (rounded up to a millisecond, so that a
     /// deadline is never polled for in a busy loop) for any descriptor to be
     /// ready. A signal ends the wait early with nothing ready.
@@ -94,5 +110,32 @@ impl PollSet {
         self.fds
             .get(i)
             .is_some_and(|p| p.revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn an_ignored_entry_keeps_its_place_and_reports_nothing_until_put_back() {
+        let (r, mut w) = std::io::pipe().unwrap();
+        let (idle, _keep) = std::io::pipe().unwrap();
+        w.write_all(b"x").unwrap();
+        let mut set = PollSet::new();
+        let quiet = set.add(idle.as_fd(), true, false);
+        let ready = set.add(r.as_fd(), true, false);
+        set.wait(Duration::ZERO).unwrap();
+        assert!(set.readable(ready) && !set.readable(quiet));
+        set.set_ignored(ready, true);
+        set.set_ignored(ready, true); // twice: still left out, not restored
+        set.wait(Duration::ZERO).unwrap();
+        assert!(!set.readable(ready), "left out");
+        set.set_ignored(ready, false);
+        set.wait(Duration::ZERO).unwrap();
+        assert!(set.readable(ready), "back in its place");
+        assert_eq!(set.fds[ready].fd, r.as_raw_fd());
     }
 }

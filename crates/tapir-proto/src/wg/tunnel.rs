@@ -258,6 +258,9 @@ pub enum Received {
 pub struct Opening {
     job: OpenJob,
     local_index: u32,
+    /// Where the session was (peer, slot): [`Tunnel::accept`] looks there
+    /// first, and up the index only if it has moved meanwhile.
+    at: (usize, usize),
 }
 
 impl Opening {
@@ -1243,11 +1246,26 @@ impl Tunnel {
             Ok(job) => Received::Open(Opening {
                 job,
                 local_index: receiver,
+                at: (p, slot),
             }),
             Err(e) => {
                 peer.stats.dropped += 1;
                 Received::Done(Decapsulated::Dropped(DropReason::Session(e)))
             }
+        }
+    }
+
+    /// [`Tunnel::session_of`], looking first at (peer, slot) `at`.
+    fn session_at(&mut self, (p, slot): (usize, usize), index: u32) -> Option<(usize, usize)> {
+        let here = self
+            .peers
+            .get_mut(p)
+            .and_then(|peer| peer.slot(slot))
+            .is_some_and(|t| t.session.local_index == index);
+        if here {
+            Some((p, slot))
+        } else {
+            self.session_of(index)
         }
     }
 
@@ -1275,8 +1293,8 @@ impl Tunnel {
         opened: Result<usize, SessionError>,
         msg: &[u8],
     ) -> Decapsulated {
-        // The session may have gone while the message was opened.
-        let Some((p, slot)) = self.session_of(opening.local_index) else {
+        // The session may have gone (or moved) while the message was opened.
+        let Some((p, slot)) = self.session_at(opening.at, opening.local_index) else {
             return Decapsulated::Dropped(DropReason::UnknownIndex);
         };
         let peer = &mut self.peers[p];
@@ -1338,6 +1356,12 @@ impl Tunnel {
             }
         }
         self.classify(now, p, msg, body_at, plain)
+    }
+
+    /// Whether a peer has a rate limit (and so may hold packets back).
+    #[inline]
+    pub fn has_rates(&self) -> bool {
+        !self.rated.is_empty()
     }
 
     /// Packets that a peer's rate limit held back on arrival, once their

@@ -797,6 +797,7 @@ impl<'a> Outbox<'a> {
     }
 
     /// What [`Outbox::transmit`] sends, queued (with the tunnel locked).
+    #[inline]
     fn queue_transmit(&mut self, t: &mut Tunnel, now: Instant) {
         loop {
             let slot = self.tx.slot_mut(self.pending);
@@ -930,15 +931,24 @@ impl<'a> Outbound<'a> {
             let l2 = l2.unwrap_or(0);
             read += count;
             // One routing decision for all the segments: they share their headers.
-            let target = shared.tunnel().target(now, packet);
-            match target {
+            let mut t = shared.tunnel();
+            match t.target(now, packet) {
                 Target::Peer(p) => {
-                    sealer.seal_segments(shared, out, p, (&hdr, packet, l2, count), now, wall)
+                    // A lone packet keeps the lock from its route to its
+                    // counter (one round trip, not two); the segments of a
+                    // super-packet are cut without it.
+                    let held = if hdr.is_gso() {
+                        drop(t);
+                        None
+                    } else {
+                        Some(t)
+                    };
+                    let segments = (&hdr, &*packet, l2, count);
+                    sealer.seal_segments(shared, held, out, p, segments, now, wall)
                 }
                 Target::Flood => {
                     // Broadcasts and unknown destinations (tap mode): a
                     // copy for every peer, sealed with the tunnel locked.
-                    let mut t = shared.tunnel();
                     for i in 0..count {
                         let Some(len) = cut(&hdr, packet, l2, i, &mut sealer.scratch[..SLOT - 64])
                         else {
@@ -965,10 +975,13 @@ impl<'a> Outbound<'a> {
 
 impl Sealer {
     /// The `count` segments of one read, all for peer `p`: cut into free
-    /// slots, counters taken with the tunnel locked, sealed without it.
+    /// slots, counters taken with the tunnel locked (`held`: already), sealed
+    /// without it.
+    #[allow(clippy::too_many_arguments)]
     fn seal_segments(
         &mut self,
         shared: &Shared,
+        mut held: Option<MutexGuard<'_, Tunnel>>,
         out: &mut Outbox,
         p: usize,
         (hdr, packet, l2, count): (&VnetHeader, &[u8], usize, usize),
@@ -989,7 +1002,7 @@ impl Sealer {
             }
             let complete = self.lens.len() == want;
             {
-                let mut t = shared.tunnel();
+                let mut t = held.take().unwrap_or_else(|| shared.tunnel());
                 for (j, &len) in self.lens.iter().enumerate() {
                     let slot = out.tx.slot_mut(first + j);
                     if let Sealing::Seal { job, to } =
@@ -1140,8 +1153,8 @@ impl<'a> Inbound<'a> {
     ) {
         let mut recs = std::mem::take(&mut self.recs);
         recs.clear();
+        let mut t = shared.tunnel();
         {
-            let mut t = shared.tunnel();
             for i in 0..got {
                 let seg = rx.segment_size(i);
                 let (datagram, from) = rx.datagram_mut(i);
@@ -1170,7 +1183,11 @@ impl<'a> Inbound<'a> {
                 }
             }
         }
-        // The cipher work, with the lock free for the other direction.
+        // The cipher work, with the lock free for the other direction; but
+        // a lone message (a ping, an ACK) keeps it, to be accepted at once
+        // (one lock round trip, not two).
+        let lone = recs.len() == 1;
+        let mut held = lone.then_some(t);
         for r in &mut recs {
             let (slot, _) = rx.slot_with_len(r.i);
             if let Some(o) = &r.opening {
@@ -1178,7 +1195,7 @@ impl<'a> Inbound<'a> {
             }
         }
         {
-            let mut t = shared.tunnel();
+            let mut t = held.take().unwrap_or_else(|| shared.tunnel());
             for r in &mut recs {
                 let Some(opening) = r.opening.take() else {
                     continue;
@@ -1216,6 +1233,9 @@ impl<'a> Inbound<'a> {
     /// Packets that a peer's rate limit held back on arrival, now due
     /// (with the tunnel locked; the caller flushes `out` and the GRO run).
     fn release_held(&mut self, t: &mut Tunnel, out: &mut Outbox, now: Instant, wall: Duration) {
+        if !t.has_rates() {
+            return;
+        }
         let mut held = std::mem::take(&mut self.held);
         while let Some(d) = t.poll_received(now, &mut held) {
             match d {
@@ -1453,6 +1473,18 @@ struct Shifts<'s, 'a> {
     dev: &'s TunDevice,
 }
 
+/// Where the inbound loop's descriptors are in its poll set.
+#[derive(Default)]
+struct Positions {
+    /// The device, when this thread alone moves both directions (TCP, or
+    /// one thread for both).
+    dev: Option<usize>,
+    /// The device shared with the outbound thread (see [`Turn`]).
+    shift_dev: Option<usize>,
+    control: usize,
+    udp: Option<usize>,
+}
+
 /// The network-to-device direction, the control requests and the timers;
 /// with `ob`, the device-to-network direction too (TCP: one thread).
 fn inbound_loop(
@@ -1478,6 +1510,7 @@ fn inbound_loop(
     // milliseconds and are never early for it.
     let mut now = Instant::now();
     let mut release_at = shared.tunnel().next_release(now);
+    let mut at = Positions::default();
     while !stop() {
         // TCP: keep a connection to every configured endpoint.
         if let Link::Tcp(t) = &mut out.link {
@@ -1493,36 +1526,50 @@ fn inbound_loop(
                 t.set_dials(&wanted, now);
             }
         }
-        set.clear();
-        let dev_at = ob.as_ref().map(|o| set.add(o.dev.as_fd(), true, false));
-        // With a thread per direction: the device too while it is this
-        // thread's turn (the outbound thread's word that it is again comes
-        // on the control link's bell, which it shares).
-        let mut shift_dev_at = None;
-        if let Some(sh) = &shifts {
-            if !sh.turn.outbound.load(Ordering::Acquire) {
-                shift_dev_at = Some(set.add(sh.dev.as_fd(), true, false));
-            }
+        // The descriptors to wait on. Over UDP the set is built once and
+        // only the device's entry is left out or put back; over TCP it is
+        // built again each time (connections come and go).
+        let tcp = matches!(out.link, Link::Tcp(_));
+        if tcp || set.is_empty() {
+            set.clear();
+            at = Positions {
+                dev: ob.as_ref().map(|o| set.add(o.dev.as_fd(), true, false)),
+                // With a thread per direction: the device too while it is
+                // this thread's turn (the outbound thread's word that it is
+                // again comes on the control link's bell, which it shares).
+                shift_dev: shifts
+                    .as_ref()
+                    .map(|sh| set.add(sh.dev.as_fd(), true, false)),
+                control: set.add(ctl.link.wake.fd(), true, false),
+                udp: match &out.link {
+                    Link::Udp(s) => Some(set.add(s.as_fd(), true, false)),
+                    Link::Tcp(_) => None,
+                },
+            };
         }
-        let control_at = set.add(ctl.link.wake.fd(), true, false);
+        let shift_dev_at = match (&shifts, at.shift_dev) {
+            (Some(sh), Some(i)) => {
+                let theirs = sh.turn.outbound.load(Ordering::Acquire);
+                set.set_ignored(i, theirs);
+                (!theirs).then_some(i)
+            }
+            _ => None,
+        };
+        let (dev_at, control_at, udp_at) = (at.dev, at.control, at.udp);
         let mut timeout = next_timer.saturating_duration_since(now);
         // A rate limit holding packets back wakes the loop when they are due.
         if let Some(at) = release_at {
             timeout = timeout.min(at.saturating_duration_since(now));
         }
-        let udp_at = match &mut out.link {
-            Link::Udp(s) => Some(set.add(s.as_fd(), true, false)),
-            Link::Tcp(t) => {
-                t.register(&mut set, now);
-                if let Some(at) = t.next_deadline(now) {
-                    timeout = timeout.min(at.saturating_duration_since(now));
-                }
-                if t.has_input() {
-                    timeout = Duration::ZERO;
-                }
-                None
+        if let Link::Tcp(t) = &mut out.link {
+            t.register(&mut set, now);
+            if let Some(at) = t.next_deadline(now) {
+                timeout = timeout.min(at.saturating_duration_since(now));
             }
-        };
+            if t.has_input() {
+                timeout = Duration::ZERO;
+            }
+        }
         set.wait(timeout)
             .map_err(|e| DevError::Runtime(format!("poll: {e}")))?;
         now = Instant::now();

@@ -784,6 +784,40 @@ fn halves_seal_and_open_out_of_order_and_a_racing_replay_is_dropped() {
 }
 
 #[test]
+fn a_message_whose_session_moved_while_it_was_opened_is_still_accepted() {
+    let mut p = Pair::new();
+    // b knows another peer before a: removing it moves a's sessions down a place.
+    let a_at_b = p.b.peers().next().unwrap().0.clone();
+    let other = PeerConfig {
+        public: key(9).public_key(),
+        psk: None,
+        endpoint: None,
+        allowed_ips: vec!["10.9.0.0/24".parse().unwrap()],
+        keepalive: None,
+        rate: None,
+    };
+    p.b = Tunnel::new(key(2), vec![other.clone(), a_at_b]);
+    let first = packet([10, 0, 0, 1], [10, 0, 0, 2], 10);
+    assert_eq!(p.send_a(&first), Encapsulated::Queued);
+    p.run();
+    assert_eq!(p.got_b, vec![first]);
+    let pkt = packet([10, 0, 0, 1], [10, 0, 0, 2], 20);
+    assert!(matches!(p.send_a(&pkt), Encapsulated::Send { .. }));
+    let (_, from, mut msg) = p.link.pop_back().unwrap();
+    let n = msg.len();
+    let Received::Open(o) = p.b.receive(p.now, p.wall, &mut p.rng, from, &mut msg, n) else {
+        panic!("fresh");
+    };
+    let r = o.open(&mut msg);
+    assert!(p.b.remove_peer(&other.public));
+    let Decapsulated::Packet(range) = p.b.accept(p.now, p.wall, &mut p.rng, from, o, r, &msg)
+    else {
+        panic!("the session is still there, one place down");
+    };
+    assert_eq!(msg[range], pkt[..]);
+}
+
+#[test]
 fn packets_waiting_for_a_handshake_are_bounded_in_bytes_too() {
     let mut p = Pair::new();
     let big = packet([10, 0, 0, 1], [10, 0, 0, 2], 20_000);
