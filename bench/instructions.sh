@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# User-space instructions a ping costs each end of a tunnel, counted by
+# callgrind: deterministic, where every timing on a shared VM moves by
+# several per cent from one run to the next. Both ends of each tunnel run
+# under valgrind in their own pair of namespaces; after 50 pings to warm up
+# the counters are zeroed, COUNT pings (INTERVAL apart) pass, and the
+# counts are dumped.
+#
+#   ns a: va 10.201.0.1 ── veth ── vb 10.201.0.2 :ns b
+#         tunnel 10.78.0.1 ═══════ tunnel 10.78.0.2      (a pings b)
+#
+# Tunnels (TUNNELS, default all): tapir, floor (bench/floor: poll, read,
+# seal, send / receive, open, write, and nothing else), vtun (VTun without
+# encryption). Prints instructions a ping at each end (a: sends the request
+# and opens the reply; b: opens the request and sends the reply), and with
+# TOP=N the N functions that cost most at end a. Kernel time is not
+# counted: it is the same system calls for all, and bench/ping.sh times
+# the whole. Installs valgrind if missing.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[[ $(id -u) -eq 0 ]] || { echo "bench/instructions.sh: needs root (network namespaces): sudo $0" >&2; exit 1; }
+COUNT=${COUNT:-500}; INTERVAL=${INTERVAL:-0.01}; TOP=${TOP:-0}
+export PATH="$HOME/.cargo/bin:$PATH"
+need=()
+for pair in valgrind:valgrind vtund:vtun ping:iputils-ping; do
+    command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
+done
+if ((${#need[@]})); then
+    echo "installing ${need[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+cargo build --release --locked -q -p tapir || exit 1
+(cd bench/floor && cargo build --release --locked -q) || exit 1
+tapir=$PWD/target/release/tapir
+floor=$PWD/bench/floor/target/release/tapir-floor
+tag=bi$$
+work=$(mktemp -d)
+pids=(); spaces=()
+cleanup() {
+    local p n
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+    for n in "${spaces[@]}"; do ip netns del "$n" 2>/dev/null; done
+    [[ -n ${KEEP:-} ]] && echo "kept $work" || rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+# One tunnel at a time: callgrind slows each end some fifty times.
+measure() {
+    local t=$1 a=$tag-$1-a b=$tag-$1-b n s out=$work/$1
+    local vg=(valgrind --tool=callgrind --trace-children=yes --callgrind-out-file="$out.%q{TAPIR_END}.%p")
+    ip netns add "$a" && ip netns add "$b" || return 1
+    spaces+=("$a" "$b")
+    for n in "$a" "$b"; do
+        ip -n "$n" link set lo up
+        ip netns exec "$n" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+    done
+    ip -n "$a" link add va type veth peer name vb netns "$b"
+    ip -n "$a" addr add 10.201.0.1/24 dev va && ip -n "$b" addr add 10.201.0.2/24 dev vb
+    ip -n "$a" link set va up && ip -n "$b" link set vb up
+    case $t in
+        tapir)
+            local ka kb
+            ka=$("$tapir" genkey); kb=$("$tapir" genkey)
+            printf '[Interface]\nPrivateKey = %s\nAddress = 10.78.0.1/24\n[Peer]\nPublicKey = %s\nEndpoint = 10.201.0.2:51820\nAllowedIPs = 10.78.0.2/32\n' \
+                "$ka" "$(echo "$kb" | "$tapir" pubkey)" > "$work/a.conf"
+            printf '[Interface]\nPrivateKey = %s\nListenPort = 51820\nAddress = 10.78.0.2/24\n[Peer]\nPublicKey = %s\nAllowedIPs = 10.78.0.1/32\n' \
+                "$kb" "$(echo "$ka" | "$tapir" pubkey)" > "$work/b.conf"
+            chmod 600 "$work"/?.conf
+            for s in b a; do
+                ip netns exec "$tag-$t-$s" env TAPIR_END=$s "${vg[@]}" "$tapir" run "$work/$s.conf" 2>"$work/$t-$s.log" & pids+=($!)
+                sleep 1
+            done ;;
+        floor)
+            ip netns exec "$b" env TAPIR_END=b "${vg[@]}" "$floor" floor0 5555 10.201.0.1:5555 2>"$work/$t-b.log" & pids+=($!)
+            ip netns exec "$a" env TAPIR_END=a "${vg[@]}" "$floor" floor0 5555 10.201.0.2:5555 2>"$work/$t-a.log" & pids+=($!)
+            for _ in $(seq 100); do ip -n "$a" link show floor0 >/dev/null 2>&1 && ip -n "$b" link show floor0 >/dev/null 2>&1 && break; sleep 0.1; done
+            for s in a b; do
+                ip -n "$tag-$t-$s" addr add 10.78.0."$([[ $s == a ]] && echo 1 || echo 2)"/24 dev floor0
+                ip -n "$tag-$t-$s" link set floor0 mtu 1420 up
+            done ;;
+        vtun)
+            local ip side me; ip=$(command -v ip)
+            for side in b a; do
+                if [[ $side == b ]]; then me=10.78.0.2; else me=10.78.0.1; fi
+                cat > "$work/v-$side.conf" <<CONF
+options { port 5000; ip $ip; timeout 10; }
+default { compress no; speed 0; }
+demo {
+  passwd benchsecret; type tun; proto udp; encrypt no; keepalive yes; stat no;
+  up {
+    ip "addr add $me/24 dev %%" ;
+    ip "link set %% mtu 1450 up" ;
+  };
+}
+CONF
+            done
+            ip netns exec "$b" env TAPIR_END=b "${vg[@]}" vtund -s -n -f "$work/v-b.conf" >"$work/$t-b.log" 2>&1 & pids+=($!)
+            sleep 3
+            ip netns exec "$a" env TAPIR_END=a "${vg[@]}" vtund -n -f "$work/v-a.conf" demo 10.201.0.2 >"$work/$t-a.log" 2>&1 & pids+=($!) ;;
+    esac
+    local up=
+    for _ in $(seq 150); do ip netns exec "$a" ping -c 1 -W 1 -q 10.78.0.2 >/dev/null 2>&1 && { up=1; break; }; sleep 0.3; done
+    [[ -n $up ]] || { echo "$t: did not carry a ping"; return 1; }
+    ip netns exec "$a" ping -c 50 -i "$INTERVAL" -q 10.78.0.2 >/dev/null
+    callgrind_control -z >/dev/null 2>&1; sleep 0.5
+    local got
+    got=$(ip netns exec "$a" ping -c "$COUNT" -i "$INTERVAL" -q 10.78.0.2 | sed -n 's/.* \([0-9]*\) received.*/\1/p')
+    sleep 0.3
+    callgrind_control -d >/dev/null 2>&1; sleep 1
+    # Each end's dump of the counted stretch (a forking daemon: the process that moved packets).
+    for s in a b; do
+        local best=0 f n
+        for f in "$out.$s".*.1; do
+            [[ -e $f ]] || continue
+            n=$(callgrind_annotate "$f" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
+            if [[ -n $n ]] && ((n > best)); then best=$n; eval "file_$s=\$f"; fi
+        done
+        eval "ins_$s=$best"
+    done
+    # shellcheck disable=SC2154 # set by eval above
+    local per_b=$((ins_b / got))
+    # VTun's server forks a process per session, which callgrind_control
+    # does not reach: its end b is not counted (end a does the same work).
+    ((per_b > 0)) || per_b=-
+    printf '| %-18s | %8d | %8s | %6d\n' "$2" $((ins_a / got)) "$per_b" "$got"
+    # shellcheck disable=SC2154
+    ((TOP > 0)) && callgrind_annotate --inclusive=yes "$file_a" 2>/dev/null | awk -v n="$got" -v top="$TOP" '
+        /PROGRAM TOTALS/ { on = 1; next } on && /^ *[0-9,]+ / { c = $1; gsub(",", "", c); $1 = ""; $2 = ""; sub(/^ +/, ""); sub(/ \[.*/, ""); sub(/^.*:/, ""); if (!seen[$0]++ && k++ < top) printf "    %8.0f  %s\n", c / n, $0 }' >&2
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+    pids=()
+}
+
+tunnels=${TUNNELS:-"tapir floor vtun"}
+declare -A label=([tapir]=tapir [floor]="encrypting floor" [vtun]="VTun (no crypto)")
+printf '\nuser-space instructions a ping (callgrind), %s pings %s s apart\n\n' "$COUNT" "$INTERVAL"
+printf '| %-18s | %8s | %8s | %6s\n' tunnel "end a" "end b" pings
+printf '|%s|%s|%s|%s\n' "--------------------" "----------" "----------" "------"
+for t in $tunnels; do
+    [[ -n ${label[$t]:-} ]] || { echo "unknown tunnel $t" >&2; continue; }
+    measure "$t" "${label[$t]}"
+done
