@@ -5,6 +5,7 @@
 //!                                       ├─ netlink: links, addresses, routes (rtnetlink)
 //!                                       ├─ netns:   setns for the calling thread
 //!                                       ├─ mmsg, poll: batched UDP (GSO, GRO), waiting on many fds
+//!                                       ├─ raw:     read/write/poll/recvmmsg/sendmmsg, made directly
 //!                                       ├─ caps:    keep CAP_NET_ADMIN only, after set-up
 //!                                       └─ ifname:  interface names, checked before any call
 //! ```
