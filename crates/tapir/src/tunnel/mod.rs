@@ -653,7 +653,10 @@ pub fn run_all(
 
 /// What the directions of a running tunnel share. The tunnel's lock is
 /// held for bookkeeping only (routing, counters, replay windows, timers):
-/// sealing and opening run outside it, on keys the sessions share read-only.
+/// sealing and opening run outside it, on keys the sessions share read-only
+/// (but for a lone message, opened and accepted in one hold of the lock:
+/// the other thread waits at most one small message's opening, and the
+/// message saves a second round trip).
 struct Shared {
     tunnel: Mutex<Tunnel>,
     counters: Counters,
