@@ -176,16 +176,8 @@ pub unsafe fn recvmmsg(
     n: usize,
     flags: libc::c_int,
 ) -> io::Result<usize> {
-    let a = [
-        fd.as_raw_fd() as usize,
-        hdrs as usize,
-        n,
-        flags as usize,
-        0,
-        0,
-    ];
-    // SAFETY: the caller's promise above.
-    result(unsafe { syscall6(libc::SYS_recvmmsg, a) })
+    // SAFETY: the caller's promise above; no timeout (a null fifth argument).
+    unsafe { mmsg(libc::SYS_recvmmsg, fd, hdrs, n, flags) }
 }
 
 /// `sendmmsg(2)` of the `n` headers at `hdrs`.
@@ -201,6 +193,22 @@ pub unsafe fn sendmmsg(
     n: usize,
     flags: libc::c_int,
 ) -> io::Result<usize> {
+    // SAFETY: the caller's promise above (sendmmsg has no fifth argument).
+    unsafe { mmsg(libc::SYS_sendmmsg, fd, hdrs, n, flags) }
+}
+
+/// `recvmmsg` or `sendmmsg` (`nr`) on `n` headers at `hdrs`.
+///
+/// # Safety
+/// As [`recvmmsg`] or [`sendmmsg`] say.
+#[inline(always)]
+unsafe fn mmsg(
+    nr: libc::c_long,
+    fd: BorrowedFd<'_>,
+    hdrs: *mut libc::mmsghdr,
+    n: usize,
+    flags: libc::c_int,
+) -> io::Result<usize> {
     let a = [
         fd.as_raw_fd() as usize,
         hdrs as usize,
@@ -209,8 +217,8 @@ pub unsafe fn sendmmsg(
         0,
         0,
     ];
-    // SAFETY: the caller's promise above.
-    result(unsafe { syscall6(libc::SYS_sendmmsg, a) })
+    // SAFETY: the callers' promise.
+    result(unsafe { syscall6(nr, a) })
 }
 
 #[cfg(test)]
