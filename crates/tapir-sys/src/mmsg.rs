@@ -224,17 +224,8 @@ impl Batch {
     /// Points the headers at the first `n` slots.
     fn prepare(&mut self, n: usize, lens_from_slots: bool) {
         self.recv_ready = false;
-        let base = self.data.as_mut_ptr();
         for i in 0..n {
-            self.iovs[i] = libc::iovec {
-                // SAFETY: i < count, so the offset stays inside `data`.
-                iov_base: unsafe { base.add(i * self.slot) }.cast(),
-                iov_len: if lens_from_slots {
-                    self.slot
-                } else {
-                    self.lens[i]
-                },
-            };
+            self.iovs[i] = self.iovec(i, lens_from_slots);
             let h = &mut self.hdrs[i].msg_hdr;
             h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_in6).cast();
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
@@ -244,6 +235,21 @@ impl Batch {
             h.msg_controllen = 0;
             h.msg_flags = 0;
             self.hdrs[i].msg_len = 0;
+        }
+    }
+
+    /// An iovec for slot `i` (whole, or the length set); `i` < capacity.
+    #[inline]
+    fn iovec(&mut self, i: usize, lens_from_slots: bool) -> libc::iovec {
+        debug_assert!(i < self.capacity());
+        libc::iovec {
+            // SAFETY: i < capacity, so the offset stays inside `data`.
+            iov_base: unsafe { self.data.as_mut_ptr().add(i * self.slot) }.cast(),
+            iov_len: if lens_from_slots {
+                self.slot
+            } else {
+                self.lens[i]
+            },
         }
     }
 
@@ -314,13 +320,8 @@ impl Batch {
         // The iovecs only: `build_group_headers` sets every field of the
         // headers it sends.
         self.recv_ready = false;
-        let base = self.data.as_mut_ptr();
         for i in 0..n {
-            self.iovs[i] = libc::iovec {
-                // SAFETY: i < capacity, so the offset stays inside `data`.
-                iov_base: unsafe { base.add(i * self.slot) }.cast(),
-                iov_len: self.lens[i],
-            };
+            self.iovs[i] = self.iovec(i, false);
         }
         // Runs: same address, same length but for a shorter last one.
         self.groups.clear();

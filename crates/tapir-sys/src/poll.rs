@@ -27,6 +27,17 @@ pub fn readable<const N: usize>(
     Ok(pfds.map(|p| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0))
 }
 
+/// `timeout` in whole milliseconds for poll, rounded up (a deadline under a
+/// millisecond away must not become a busy loop), in 64-bit arithmetic
+/// (`as_micros` is 128-bit, its division a call).
+pub(crate) fn ms_rounded_up(timeout: Duration) -> libc::c_int {
+    let ms = timeout
+        .as_secs()
+        .saturating_mul(1000)
+        .saturating_add(u64::from(timeout.subsec_nanos().div_ceil(1_000_000)));
+    libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+}
+
 /// A reusable set of descriptors to wait on, each for reading and/or
 /// writing; allocated once and refilled every turn of a loop.
 #[derive(Debug, Default)]
@@ -85,12 +96,7 @@ impl PollSet {
         for p in &mut self.fds {
             p.revents = 0;
         }
-        // In 64-bit arithmetic: `as_micros` is 128-bit, its division a call.
-        let ms = timeout
-            .as_secs()
-            .saturating_mul(1000)
-            .saturating_add(u64::from(timeout.subsec_nanos().div_ceil(1_000_000)));
-        let ms = libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX);
+        let ms = ms_rounded_up(timeout);
         // A descriptor closed meanwhile only yields POLLNVAL.
         match crate::raw::poll(&mut self.fds, ms) {
             Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),

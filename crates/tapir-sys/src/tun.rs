@@ -449,9 +449,7 @@ impl TunDevice {
             events: libc::POLLIN,
             revents: 0,
         };
-        // Rounded up: a timeout under a millisecond must not become a busy loop.
-        let ms =
-            libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+        let ms = crate::poll::ms_rounded_up(timeout);
         let rc = match crate::raw::poll(std::slice::from_mut(&mut pfd), ms) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(false),

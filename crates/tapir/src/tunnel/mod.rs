@@ -1157,33 +1157,31 @@ impl<'a> Inbound<'a> {
         let mut recs = std::mem::take(&mut self.recs);
         recs.clear();
         let mut t = shared.tunnel();
-        {
-            for i in 0..got {
-                let seg = rx.segment_size(i);
-                let (datagram, from) = rx.datagram_mut(i);
-                let total = datagram.len();
-                let from = from_v6(SocketAddr::V6(from));
-                let (slot, _) = rx.slot_with_len(i);
-                let step = seg.unwrap_or(total).max(1);
-                let mut at = 0;
-                while at < total {
-                    let len = step.min(total - at);
-                    match t.receive(now, wall, &mut self.rng, from, &mut slot[at..], len) {
-                        Received::Open(opening) => recs.push(Rec {
-                            i,
-                            at,
-                            len,
-                            from,
-                            opening: Some(opening),
-                            opened: Err(SessionError::Malformed),
-                            deliver: None,
-                        }),
-                        // Handshakes and cookies: answered through poll_transmit.
-                        Received::Done(Decapsulated::Dropped(_)) => {}
-                        Received::Done(_) => out.authenticated(from),
-                    }
-                    at += len;
+        for i in 0..got {
+            let seg = rx.segment_size(i);
+            let (datagram, from) = rx.datagram_mut(i);
+            let total = datagram.len();
+            let from = from_v6(SocketAddr::V6(from));
+            let (slot, _) = rx.slot_with_len(i);
+            let step = seg.unwrap_or(total).max(1);
+            let mut at = 0;
+            while at < total {
+                let len = step.min(total - at);
+                match t.receive(now, wall, &mut self.rng, from, &mut slot[at..], len) {
+                    Received::Open(opening) => recs.push(Rec {
+                        i,
+                        at,
+                        len,
+                        from,
+                        opening: Some(opening),
+                        opened: Err(SessionError::Malformed),
+                        deliver: None,
+                    }),
+                    // Handshakes and cookies: answered through poll_transmit.
+                    Received::Done(Decapsulated::Dropped(_)) => {}
+                    Received::Done(_) => out.authenticated(from),
                 }
+                at += len;
             }
         }
         // The cipher work, with the lock free for the other direction; but
