@@ -2,10 +2,10 @@
 //!
 //! In a process with more than one thread (a tunnel has its packet threads
 //! and a control thread) glibc wraps every blocking call (`read`, `write`,
-//! `poll`, `recvmmsg`, `sendmmsg`) in a pthread cancellation point: two
-//! calls that switch the thread's cancel state around the system call, and
-//! the result goes through `errno` in thread-local storage. tapir never
-//! cancels a thread. Measured with callgrind on a ping through a tunnel
+//! `poll`, `epoll_wait`, `recvmmsg`, `sendmmsg`) in a pthread cancellation
+//! point: two calls that switch the thread's cancel state around the system
+//! call, and the result goes through `errno` in thread-local storage. tapir
+//! never cancels a thread. Measured with callgrind on a ping through a tunnel
 //! (`bench/instructions.sh`), calling directly saved about 330 of the
 //! 3,800-4,600 instructions each end then ran for a ping outside the
 //! cipher, and 0.5 µs of CPU a ping (both ends, pinned to one CPU). `rustix`,
@@ -162,6 +162,27 @@ pub fn poll(fds: &mut [libc::pollfd], ms: libc::c_int) -> io::Result<usize> {
         unsafe { syscall6(libc::SYS_ppoll, [a[0], a[1], t, 0, 0, 0]) }
     };
     result(rc)
+}
+
+/// `epoll_pwait(2)` on `epfd` into `events` for up to `ms` milliseconds
+/// (-1: no limit), without a signal mask; how many are filled.
+#[inline]
+pub fn epoll_wait(
+    epfd: BorrowedFd<'_>,
+    events: &mut [libc::epoll_event],
+    ms: libc::c_int,
+) -> io::Result<usize> {
+    let a = [
+        epfd.as_raw_fd() as usize,
+        events.as_mut_ptr() as usize,
+        events.len().min(libc::c_int::MAX as usize),
+        ms as isize as usize,
+        0,
+        8,
+    ];
+    // SAFETY: the kernel writes at most events.len() entries into a live,
+    // exclusively borrowed slice; a null signal mask leaves the thread's be.
+    result(unsafe { syscall6(libc::SYS_epoll_pwait, a) })
 }
 
 /// `recvmmsg(2)` into the `n` headers at `hdrs`, without a timeout.

@@ -1502,7 +1502,12 @@ fn inbound_loop(
     let mut last_lookup: Vec<Option<Instant>> = vec![None; ctl.hostnames.len()];
     let mut rx = Batch::new(BATCH, SLOT);
     let mut warned_layer: Vec<(PublicKey, u64)> = Vec::new();
-    let mut set = PollSet::new();
+    // Over UDP the set is built once and kept by the kernel (epoll); over
+    // TCP, connections come and go, and it is passed whole to each poll.
+    let mut set = match out.link {
+        Link::Udp(_) => PollSet::kept(),
+        Link::Tcp(_) => PollSet::new(),
+    };
     let mut next_timer = Instant::now();
     let mut dials_at = None;
     let mut fwmark = ctl.fwmark;
