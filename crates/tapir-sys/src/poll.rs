@@ -27,10 +27,16 @@ pub fn readable<const N: usize>(
     Ok(pfds.map(|p| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0))
 }
 
-/// `timeout` in whole milliseconds for poll, rounded up (a deadline under a
+/// A timeout that never ends: a wait for it sets no timer in the kernel.
+pub const FOREVER: Duration = Duration::MAX;
+
+/// `timeout` in whole milliseconds for poll (-1 for [`FOREVER`]), rounded up (a deadline under a
 /// millisecond away must not become a busy loop), in 64-bit arithmetic
 /// (`as_micros` is 128-bit, its division a call).
 pub(crate) fn ms_rounded_up(timeout: Duration) -> libc::c_int {
+    if timeout == FOREVER {
+        return -1;
+    }
     let ms = timeout
         .as_secs()
         .saturating_mul(1000)
@@ -198,6 +204,91 @@ impl PollSet {
     }
 }
 
+/// A deadline kept by the kernel (a timerfd) for a loop that waits on a
+/// kept [`PollSet`]: put in the set once, it makes the set readable when
+/// the deadline passes, and the loop waits with no timeout ([`FOREVER`]).
+///
+/// A wait with a timeout arms and cancels a high-resolution timer in the
+/// kernel each time, and reads the clock to do so; a loop whose deadline
+/// rarely changes (a tunnel's timers, at most a second apart) pays for
+/// that at every packet. This one is set again only when the deadline
+/// comes sooner than the one it holds, or after it fired: a later one
+/// costs a wake-up at the earlier time, at which the loop finds nothing
+/// due and sets it again.
+#[derive(Debug)]
+pub struct Deadline {
+    fd: OwnedFd,
+    /// When it fires, as set (`None`: not set).
+    set: Option<std::time::Instant>,
+}
+
+impl Deadline {
+    /// A deadline not yet set.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: timerfd_create takes no pointers.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            // SAFETY: a descriptor just created and owned by nobody else.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            set: None,
+        })
+    }
+
+    /// The descriptor to wait on: readable once the deadline has passed.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Makes sure the descriptor is readable by `at` (`now` is the time
+    /// now): sets it unless it is set for `at` or sooner already. Never
+    /// early: `std::time::Instant` is `CLOCK_MONOTONIC`, the timer's clock,
+    /// and the timer runs from when it is set, after `now`.
+    pub fn ensure(&mut self, at: std::time::Instant, now: std::time::Instant) -> io::Result<()> {
+        if self.set.is_some_and(|set| set <= at) {
+            return Ok(());
+        }
+        // A zero value would disarm it: a deadline already passed fires in a nanosecond.
+        let d = at
+            .saturating_duration_since(now)
+            .max(Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+                tv_nsec: d.subsec_nanos().into(),
+            },
+        };
+        // SAFETY: spec is a live local the kernel reads; no old value asked for.
+        if unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) }
+            != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        self.set = Some(at);
+        Ok(())
+    }
+
+    /// After a wait found the descriptor readable: takes the expiry, so
+    /// that it is not reported again, and forgets the deadline.
+    pub fn fired(&mut self) {
+        let mut n = [0u8; 8];
+        // Nothing to read (a deadline set again since) is fine: EAGAIN.
+        let _ = crate::raw::read(self.fd.as_fd(), &mut n);
+        self.set = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,5 +360,31 @@ mod tests {
         w.write_all(b"x").unwrap();
         set.wait(Duration::ZERO).unwrap();
         assert!(set.readable(first) && set.readable(second));
+    }
+
+    #[test]
+    fn a_deadline_wakes_a_kept_set_when_it_passes_and_keeps_the_sooner_one() {
+        let mut set = PollSet::kept();
+        let mut d = Deadline::new().unwrap();
+        let i = set.add(d.fd(), true, false);
+        let t0 = std::time::Instant::now();
+        // A later deadline than the one set is kept as it is: it wakes at the sooner.
+        d.ensure(t0 + Duration::from_millis(30), t0).unwrap();
+        d.ensure(t0 + Duration::from_secs(60), t0).unwrap();
+        set.wait(Duration::ZERO).unwrap();
+        assert!(!set.readable(i), "not before its time");
+        set.wait(FOREVER).unwrap();
+        assert!(set.readable(i));
+        assert!(t0.elapsed() >= Duration::from_millis(30), "never early");
+        assert!(t0.elapsed() < Duration::from_secs(30), "the sooner one");
+        d.fired();
+        set.wait(Duration::ZERO).unwrap();
+        assert!(!set.readable(i), "taken: not reported again");
+        // A sooner one replaces a later one; a passed one fires at once.
+        let t1 = std::time::Instant::now();
+        d.ensure(t1 + Duration::from_secs(60), t1).unwrap();
+        d.ensure(t1 - Duration::from_millis(1), t1).unwrap();
+        set.wait(Duration::from_secs(5)).unwrap();
+        assert!(set.readable(i) && t1.elapsed() < Duration::from_secs(5));
     }
 }

@@ -42,7 +42,7 @@ use tapir_proto::wg::tunnel::{
     Tunnel,
 };
 use tapir_sys::mmsg::Batch;
-use tapir_sys::poll::PollSet;
+use tapir_sys::poll::{Deadline, FOREVER, PollSet};
 use tapir_sys::{IfName, Mode, Netlink, TunDevice, TunOptions, offload};
 use tapir_wire::vnet::{self, VnetHeader};
 
@@ -1484,6 +1484,8 @@ struct Positions {
     shift_dev: Option<usize>,
     control: usize,
     udp: Option<usize>,
+    /// The timers' deadline, when the kernel keeps it.
+    deadline: Option<usize>,
 }
 
 /// The network-to-device direction, the control requests and the timers;
@@ -1507,6 +1509,13 @@ fn inbound_loop(
     let mut set = match out.link {
         Link::Udp(_) => PollSet::kept(),
         Link::Tcp(_) => PollSet::new(),
+    };
+    // With a kept set, the timers' deadline is kept by the kernel too, and
+    // the loop waits without a timeout (see `Deadline`).
+    let mut deadline = if set.is_kept() {
+        Deadline::new().ok()
+    } else {
+        None
     };
     let mut next_timer = Instant::now();
     let mut dials_at = None;
@@ -1551,6 +1560,7 @@ fn inbound_loop(
                     Link::Udp(s) => Some(set.add(s.as_fd(), true, false)),
                     Link::Tcp(_) => None,
                 },
+                deadline: deadline.as_ref().map(|d| set.add(d.fd(), true, false)),
             };
         }
         let shift_dev_at = match (&shifts, at.shift_dev) {
@@ -1562,10 +1572,20 @@ fn inbound_loop(
             _ => None,
         };
         let (dev_at, control_at, udp_at) = (at.dev, at.control, at.udp);
-        let mut timeout = next_timer.saturating_duration_since(now);
         // A rate limit holding packets back wakes the loop when they are due.
-        if let Some(at) = release_at {
-            timeout = timeout.min(at.saturating_duration_since(now));
+        let due = release_at.map_or(next_timer, |at| at.min(next_timer));
+        let mut timeout = due.saturating_duration_since(now);
+        if let Some(d) = deadline.as_mut() {
+            match d.ensure(due, now) {
+                Ok(()) => timeout = FOREVER,
+                // Not set: out of the set, and the wait's timeout stands in for it.
+                Err(_) => {
+                    deadline = None;
+                    if let Some(i) = at.deadline {
+                        set.set_ignored(i, true);
+                    }
+                }
+            }
         }
         if let Link::Tcp(t) = &mut out.link {
             t.register(&mut set, now);
@@ -1580,6 +1600,11 @@ fn inbound_loop(
             .map_err(|e| DevError::Runtime(format!("poll: {e}")))?;
         now = Instant::now();
         let wall_now = clock.at(now);
+        if let (Some(d), Some(i)) = (deadline.as_mut(), at.deadline) {
+            if set.readable(i) {
+                d.fired();
+            }
+        }
         if let (Some(ob), Some(at)) = (ob.as_deref_mut(), dev_at) {
             if set.readable(at) {
                 ob.read_device(shared, out, now, wall_now)?;
