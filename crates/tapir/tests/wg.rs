@@ -79,6 +79,42 @@ fn wireguard_go_initiates_to_tapir() {
 }
 
 #[test]
+fn a_burst_after_lone_packets_arrives_whole() {
+    require_root!();
+    let bed = bed("lone");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let (a, b) = tapir_sides(&bed, "tl0".into(), "tl0".into());
+    let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
+    // Pings one at a time: each end learns that a wake-up brings one
+    // packet and that its writes have no answer (the pinging end), and
+    // stops reading for more; then 100 requests at once (preload), and
+    // lone ones again. Any packet left unread on the device would be lost
+    // to ping's deadline.
+    let pings = |args: &[&str]| {
+        let out = bed.a.cmd("ping").args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(" 0% packet loss"),
+            "ping {args:?}: {text}"
+        );
+    };
+    pings(&["-c", "40", "-i", "0.01", "-W", "3", "10.77.0.2"]);
+    pings(&[
+        "-c",
+        "150",
+        "-l",
+        "100",
+        "-i",
+        "0.01",
+        "-W",
+        "3",
+        "10.77.0.2",
+    ]);
+    pings(&["-c", "20", "-i", "0.01", "-W", "3", "10.77.0.2"]);
+}
+
+#[test]
 fn tapir_to_tapir_with_100_mb_both_ways() {
     require_root!();
     let bed = bed("tt");

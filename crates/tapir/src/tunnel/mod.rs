@@ -841,6 +841,9 @@ struct Outbound<'a> {
     /// One device read: the vnet header and up to 64 KiB.
     big: Vec<u8>,
     sealer: Sealer,
+    /// Wake-ups in a row that read one packet and then found the device
+    /// empty (a ping, a keepalive): see [`habitual`].
+    lone: u32,
 }
 
 /// What sealing the segments of a read takes (apart from the read's
@@ -869,6 +872,7 @@ impl<'a> Outbound<'a> {
                 lens: Vec::with_capacity(BATCH),
                 jobs: Vec::with_capacity(BATCH),
             },
+            lone: 0,
         })
     }
 
@@ -888,6 +892,7 @@ impl<'a> Outbound<'a> {
             tap,
             big,
             sealer,
+            lone,
         } = self;
         let mut read = 0;
         for i in 0..BATCH {
@@ -896,11 +901,26 @@ impl<'a> Outbound<'a> {
                 // (which is, for a lone packet such as a ping, a read that
                 // finds nothing): what follows it still goes in batches.
                 out.flush(now);
+                // Where wake-ups have found one packet only, that read is
+                // left out: a packet that came meanwhile is seen by the
+                // next wait (the device stays readable).
+                if habitual(*lone) {
+                    *lone += 1;
+                    return Ok(read);
+                }
             }
             let n = match dev.read(big) {
                 Ok(n) => n,
                 // (By its errno: cheaper than decoding the error's kind.)
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    // After how many packets the device was empty.
+                    match i {
+                        0 => {}
+                        1 => *lone = lone.saturating_add(1),
+                        _ => *lone = 0,
+                    }
+                    break;
+                }
                 Err(e) => {
                     return Err(DevError::Runtime(format!(
                         "{}: reading the device: {e}",
@@ -1276,6 +1296,28 @@ fn threads_per_direction() -> usize {
     }
 }
 
+/// Whether a habit that has held `n` times in a row is trusted this time:
+/// from [`HABIT_TRUSTED`] times on, except every [`HABIT_PROBE`]th, which
+/// checks that it still holds.
+///
+/// A wake-up that reads a packet from the device reads again until the
+/// device is empty; for a lone packet (a ping, a keepalive) that second
+/// read is a system call that finds nothing. And the network thread reads
+/// the device after each write to it (see `inbound_loop`), for the answer
+/// a write often has; at the end that sent a ping, there is none. Where
+/// wake-ups keep finding that, the read is left out: the device stays
+/// readable, so what came meanwhile is seen by the next wait, one wait
+/// later. On the 2-core development machine, a ping through a tunnel made
+/// 11.4 system calls instead of 14 (both ends), and took 24.5 µs instead of
+/// 25.3 pinned to one CPU (CPU 20.8 µs against 21.6; 5 alternating runs of
+/// 2,000 pings); one TCP stream moved the same (4.70 against 4.67 Gbit/s,
+/// 5 alternating runs): its wake-ups read several packets.
+fn habitual(n: u32) -> bool {
+    n >= HABIT_TRUSTED && n % HABIT_PROBE != 0
+}
+const HABIT_TRUSTED: u32 = 4;
+const HABIT_PROBE: u32 = 8;
+
 /// What the inbound loop serves besides packets.
 struct Control<'a> {
     link: &'a control::ControlLink,
@@ -1526,6 +1568,8 @@ fn inbound_loop(
     let mut now = Instant::now();
     let mut release_at = shared.tunnel().next_release(now);
     let mut at = Positions::default();
+    // Writes to the device in a row after which it had nothing to read.
+    let mut no_answer = 0u32;
     while !stop() {
         // TCP: keep a connection to every configured endpoint.
         if let Link::Tcp(t) = &mut out.link {
@@ -1649,19 +1693,33 @@ fn inbound_loop(
                     sh.turn.mark_net_busy(now);
                 }
             }
-            let mut steal = shifts.as_ref().and_then(|sh| sh.half.try_lock().ok());
+            // (Left out where it keeps finding nothing: see `habitual`.)
+            let answers = !habitual(no_answer);
+            if !answers {
+                no_answer += 1;
+            }
+            let mut steal = shifts
+                .as_ref()
+                .filter(|_| answers)
+                .and_then(|sh| sh.half.try_lock().ok());
             ib.open_received(shared, &mut rx, got, out, now, wall_now);
             out.flush(now);
+            let mut answered = None;
             if let Some(h) = steal.as_deref_mut() {
                 let DeviceHalf(ob, o) = h;
-                ob.read_device(shared, o, now, wall_now)?;
+                answered = Some(ob.read_device(shared, o, now, wall_now)?);
                 o.flush(now);
             }
             drop(steal);
             // One thread for both: the same, without a round through poll.
-            if let Some(ob) = ob.as_deref_mut() {
-                ob.read_device(shared, out, now, wall_now)?;
+            if let Some(ob) = ob.as_deref_mut().filter(|_| answers) {
+                answered = Some(ob.read_device(shared, out, now, wall_now)?);
                 out.flush(now);
+            }
+            match answered {
+                Some(0) => no_answer = no_answer.saturating_add(1),
+                Some(_) => no_answer = 0,
+                None => {}
             }
         }
         if set.readable(control_at) {
@@ -2083,6 +2141,12 @@ mod tests {
         assert_eq!(c.at(t0 + ms(900)), w0 - Duration::from_secs(3600) + ms(900));
         assert!(c.at(t0 + ms(1000)).abs_diff(wall()) < ms(1000));
         assert!(c.at(t0 + ms(1500)).abs_diff(wall()) < ms(1000));
+    }
+
+    #[test]
+    fn a_habit_is_trusted_after_four_times_and_checked_every_eighth() {
+        let trusted: Vec<u32> = (0..20).filter(|&n| habitual(n)).collect();
+        assert_eq!(trusted, [4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 17, 18, 19]);
     }
 
     #[test]
