@@ -44,6 +44,11 @@ pub(crate) fn ms_rounded_up(timeout: Duration) -> libc::c_int {
     libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
 }
 
+/// What makes an entry readable: data, or an error or hang-up to read.
+const READABLE: libc::c_short = libc::POLLIN | libc::POLLERR | libc::POLLHUP;
+/// What makes it writable: room, or an error to collect.
+const WRITABLE: libc::c_short = libc::POLLOUT | libc::POLLERR | libc::POLLHUP;
+
 /// A reusable set of descriptors to wait on, each for reading and/or
 /// writing; allocated once and refilled every turn of a loop, or, made
 /// with [`PollSet::kept`], built once and kept by the kernel.
@@ -53,6 +58,12 @@ pub struct PollSet {
     /// With [`PollSet::kept`]: the epoll instance that holds the entries
     /// (each by its position), and room for what a wait reports.
     epoll: Option<(OwnedFd, Vec<libc::epoll_event>)>,
+    /// What the last epoll wait reported, as a bit for each of the first
+    /// 64 entries: readable, writable (entries beyond are looked up in
+    /// `got` entries of the wait's room).
+    readable_bits: u64,
+    writable_bits: u64,
+    got: usize,
 }
 
 impl PollSet {
@@ -80,6 +91,9 @@ impl PollSet {
             fds: Vec::new(),
             // SAFETY: a descriptor just created and owned by nobody else.
             epoll: (fd >= 0).then(|| (unsafe { OwnedFd::from_raw_fd(fd) }, Vec::new())),
+            readable_bits: 0,
+            writable_bits: 0,
+            got: 0,
         }
     }
 
@@ -94,6 +108,7 @@ impl PollSet {
             self.set_ignored(i, true);
         }
         self.fds.clear();
+        (self.readable_bits, self.writable_bits, self.got) = (0, 0, 0);
     }
 
     /// Adds `fd`, waited on for reading and/or writing; returns its position.
@@ -113,6 +128,9 @@ impl PollSet {
         let i = self.fds.len() - 1;
         if !self.register(i, libc::EPOLL_CTL_ADD) {
             self.epoll = None;
+        }
+        if let Some((_, events)) = &mut self.epoll {
+            events.resize(i + 1, libc::epoll_event { events: 0, u64: 0 });
         }
         i
     }
@@ -162,26 +180,28 @@ impl PollSet {
     /// deadline is never polled for in a busy loop) for any descriptor to be
     /// ready. A signal ends the wait early with nothing ready.
     pub fn wait(&mut self, timeout: Duration) -> io::Result<()> {
-        for p in &mut self.fds {
-            p.revents = 0;
-        }
         let ms = ms_rounded_up(timeout);
         let r = match &mut self.epoll {
             Some((ep, events)) => {
-                events.resize(
-                    self.fds.len().max(1),
-                    libc::epoll_event { events: 0, u64: 0 },
-                );
                 let r = crate::raw::epoll_wait(ep.as_fd(), events, ms);
-                for e in &events[..*r.as_ref().unwrap_or(&0)] {
-                    if let Some(p) = self.fds.get_mut(e.u64 as usize) {
-                        p.revents = e.events as libc::c_short;
+                self.got = *r.as_ref().unwrap_or(&0);
+                (self.readable_bits, self.writable_bits) = (0, 0);
+                for e in &events[..self.got] {
+                    let (i, ev) = (e.u64, e.events as libc::c_short);
+                    if i < 64 {
+                        self.readable_bits |= u64::from(ev & READABLE != 0) << i;
+                        self.writable_bits |= u64::from(ev & WRITABLE != 0) << i;
                     }
                 }
                 r
             }
-            // A descriptor closed meanwhile only yields POLLNVAL.
-            None => crate::raw::poll(&mut self.fds, ms),
+            None => {
+                for p in &mut self.fds {
+                    p.revents = 0;
+                }
+                // A descriptor closed meanwhile only yields POLLNVAL.
+                crate::raw::poll(&mut self.fds, ms)
+            }
         };
         match r {
             Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
@@ -190,17 +210,33 @@ impl PollSet {
     }
 
     /// Whether entry `i` is readable (or has an error or hang-up to read).
+    #[inline]
     pub fn readable(&self, i: usize) -> bool {
-        self.fds
-            .get(i)
-            .is_some_and(|p| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0)
+        match (&self.epoll, i < 64) {
+            (Some(_), true) => self.readable_bits >> i & 1 != 0,
+            _ => self.ready(i) & READABLE != 0,
+        }
     }
 
     /// Whether entry `i` is writable (or has an error to collect).
+    #[inline]
     pub fn writable(&self, i: usize) -> bool {
-        self.fds
-            .get(i)
-            .is_some_and(|p| p.revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0)
+        match (&self.epoll, i < 64) {
+            (Some(_), true) => self.writable_bits >> i & 1 != 0,
+            _ => self.ready(i) & WRITABLE != 0,
+        }
+    }
+
+    /// What the last wait reported for entry `i` (the `POLL*` bits, which
+    /// are the `EPOLL*` bits).
+    fn ready(&self, i: usize) -> libc::c_short {
+        match &self.epoll {
+            Some((_, events)) => events[..self.got]
+                .iter()
+                .find(|e| e.u64 == i as u64)
+                .map_or(0, |e| e.events as libc::c_short),
+            None => self.fds.get(i).map_or(0, |p| p.revents),
+        }
     }
 }
 

@@ -1395,6 +1395,9 @@ impl Tunnel {
     }
 
     fn next_release_of(&mut self, now: Instant, arriving: bool) -> Option<Instant> {
+        if self.rated.is_empty() {
+            return None;
+        }
         let peers = &mut self.peers;
         self.rated
             .iter()
@@ -1594,10 +1597,17 @@ impl Tunnel {
     #[inline]
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
         // Most turns of a packet loop have nothing to send: said without a call.
-        if self.outgoing.is_empty() && self.tx_hint.is_empty() {
+        if !self.may_transmit() {
             return None;
         }
         self.transmit_next(now, buf)
+    }
+
+    /// Whether [`Tunnel::poll_transmit`] may have something to send (when
+    /// not, a caller need not find room for it).
+    #[inline]
+    pub fn may_transmit(&self) -> bool {
+        !self.outgoing.is_empty() || !self.tx_hint.is_empty()
     }
 
     fn transmit_next(&mut self, now: Instant, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {

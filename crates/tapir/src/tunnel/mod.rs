@@ -802,6 +802,9 @@ impl<'a> Outbox<'a> {
     /// What [`Outbox::transmit`] sends, queued (with the tunnel locked).
     #[inline]
     fn queue_transmit(&mut self, t: &mut Tunnel, now: Instant) {
+        if !t.may_transmit() {
+            return;
+        }
         loop {
             let slot = self.tx.slot_mut(self.pending);
             let Some((to, len)) = t.poll_transmit(now, slot) else {
@@ -1174,6 +1177,10 @@ impl<'a> Inbound<'a> {
         now: Instant,
         wall: Duration,
     ) {
+        if got == 1 && rx.segment_size(0).is_none() {
+            self.open_lone(shared, rx, out, now, wall);
+            return;
+        }
         let mut recs = std::mem::take(&mut self.recs);
         recs.clear();
         let mut t = shared.tunnel();
@@ -1204,11 +1211,8 @@ impl<'a> Inbound<'a> {
                 at += len;
             }
         }
-        // The cipher work, with the lock free for the other direction; but
-        // a lone message (a ping, an ACK) keeps it, to be accepted at once
-        // (one lock round trip, not two).
-        let lone = recs.len() == 1;
-        let mut held = lone.then_some(t);
+        // The cipher work, with the lock free for the other direction.
+        drop(t);
         for r in &mut recs {
             let (slot, _) = rx.slot_with_len(r.i);
             if let Some(o) = &r.opening {
@@ -1216,7 +1220,7 @@ impl<'a> Inbound<'a> {
             }
         }
         {
-            let mut t = held.take().unwrap_or_else(|| shared.tunnel());
+            let mut t = shared.tunnel();
             for r in &mut recs {
                 let Some(opening) = r.opening.take() else {
                     continue;
@@ -1224,20 +1228,10 @@ impl<'a> Inbound<'a> {
                 let (slot, _) = rx.slot_with_len(r.i);
                 let msg = &slot[r.at..r.at + r.len];
                 let d = t.accept(now, wall, &mut self.rng, r.from, opening, r.opened, msg);
-                match d {
-                    Decapsulated::Dropped(_) => continue,
-                    Decapsulated::Packet(range) => r.deliver = Some(range),
-                    Decapsulated::Forward { range, to } => {
-                        out.seal_copy(&mut t, to, &msg[range], now, wall, &mut self.rng);
-                    }
-                    Decapsulated::Flood { range, from } => {
-                        for p in (0..t.peer_count()).filter(|&p| p != from) {
-                            out.seal_copy(&mut t, p, &msg[range.clone()], now, wall, &mut self.rng);
-                        }
-                        r.deliver = Some(range);
-                    }
-                    Decapsulated::Nothing => {}
+                if matches!(d, Decapsulated::Dropped(_)) {
+                    continue;
                 }
+                r.deliver = self.dispatch(&mut t, d, msg, out, now, wall);
                 out.authenticated(r.from);
             }
         }
@@ -1251,6 +1245,72 @@ impl<'a> Inbound<'a> {
         self.recs = recs;
     }
 
+    /// [`Inbound::open_received`] for a lone datagram (a ping, an ACK): the
+    /// tunnel's lock held from its receipt through its opening to its
+    /// acceptance (one round trip, not two: the other thread waits at most
+    /// one small message's opening), and no batch records.
+    fn open_lone(
+        &mut self,
+        shared: &Shared,
+        rx: &mut Batch,
+        out: &mut Outbox,
+        now: Instant,
+        wall: Duration,
+    ) {
+        let (datagram, from) = rx.datagram_mut(0);
+        let len = datagram.len();
+        let from = from_v6(SocketAddr::V6(from));
+        let (slot, _) = rx.slot_with_len(0);
+        let mut t = shared.tunnel();
+        let opening = match t.receive(now, wall, &mut self.rng, from, slot, len) {
+            Received::Open(opening) => opening,
+            Received::Done(Decapsulated::Dropped(_)) => return,
+            Received::Done(_) => return out.authenticated(from),
+        };
+        let opened = opening.open(&mut slot[..len]);
+        let msg = &slot[..len];
+        let d = t.accept(now, wall, &mut self.rng, from, opening, opened, msg);
+        if matches!(d, Decapsulated::Dropped(_)) {
+            return;
+        }
+        let deliver = self.dispatch(&mut t, d, msg, out, now, wall);
+        out.authenticated(from);
+        drop(t);
+        if let Some(range) = deliver {
+            self.deliver(slot, range);
+        }
+        self.flush_gro();
+    }
+
+    /// What an accepted message (`msg`, opened) asks for, with the tunnel
+    /// locked: a packet for another peer sealed for it, a flood for every
+    /// other peer; what is for the device is returned, for the caller to
+    /// deliver.
+    fn dispatch(
+        &mut self,
+        t: &mut Tunnel,
+        d: Decapsulated,
+        msg: &[u8],
+        out: &mut Outbox,
+        now: Instant,
+        wall: Duration,
+    ) -> Option<std::ops::Range<usize>> {
+        match d {
+            Decapsulated::Packet(range) => Some(range),
+            Decapsulated::Forward { range, to } => {
+                out.seal_copy(t, to, &msg[range], now, wall, &mut self.rng);
+                None
+            }
+            Decapsulated::Flood { range, from } => {
+                for p in (0..t.peer_count()).filter(|&p| p != from) {
+                    out.seal_copy(t, p, &msg[range.clone()], now, wall, &mut self.rng);
+                }
+                Some(range)
+            }
+            Decapsulated::Nothing | Decapsulated::Dropped(_) => None,
+        }
+    }
+
     /// Packets that a peer's rate limit held back on arrival, now due
     /// (with the tunnel locked; the caller flushes `out` and the GRO run).
     fn release_held(&mut self, t: &mut Tunnel, out: &mut Outbox, now: Instant, wall: Duration) {
@@ -1259,18 +1319,8 @@ impl<'a> Inbound<'a> {
         }
         let mut held = std::mem::take(&mut self.held);
         while let Some(d) = t.poll_received(now, &mut held) {
-            match d {
-                Decapsulated::Packet(range) => self.deliver(&mut held, range),
-                Decapsulated::Forward { range, to } => {
-                    out.seal_copy(t, to, &held[range], now, wall, &mut self.rng);
-                }
-                Decapsulated::Flood { range, from } => {
-                    for p in (0..t.peer_count()).filter(|&p| p != from) {
-                        out.seal_copy(t, p, &held[range.clone()], now, wall, &mut self.rng);
-                    }
-                    self.deliver(&mut held, range);
-                }
-                Decapsulated::Nothing | Decapsulated::Dropped(_) => {}
+            if let Some(range) = self.dispatch(t, d, &held, out, now, wall) {
+                self.deliver(&mut held, range);
             }
         }
         self.held = held;
@@ -1618,18 +1668,18 @@ fn inbound_loop(
         let (dev_at, control_at, udp_at) = (at.dev, at.control, at.udp);
         // A rate limit holding packets back wakes the loop when they are due.
         let due = release_at.map_or(next_timer, |at| at.min(next_timer));
-        let mut timeout = due.saturating_duration_since(now);
+        let mut timeout = FOREVER;
         if let Some(d) = deadline.as_mut() {
-            match d.ensure(due, now) {
-                Ok(()) => timeout = FOREVER,
+            if d.ensure(due, now).is_err() {
                 // Not set: out of the set, and the wait's timeout stands in for it.
-                Err(_) => {
-                    deadline = None;
-                    if let Some(i) = at.deadline {
-                        set.set_ignored(i, true);
-                    }
+                deadline = None;
+                if let Some(i) = at.deadline {
+                    set.set_ignored(i, true);
                 }
             }
+        }
+        if deadline.is_none() {
+            timeout = due.saturating_duration_since(now);
         }
         if let Link::Tcp(t) = &mut out.link {
             t.register(&mut set, now);
