@@ -1014,6 +1014,23 @@ impl Sealer {
         now: Instant,
         wall: Duration,
     ) {
+        if count == 1 && out.pending < BATCH {
+            // A lone packet (a ping, an ACK): no batch records.
+            let at = out.pending;
+            let slot = out.tx.slot_mut(at);
+            let Some(len) = cut(hdr, packet, l2, 0, &mut slot[16..SLOT - 48]) else {
+                return;
+            };
+            let mut t = held.unwrap_or_else(|| shared.tunnel());
+            let sealing = t.prepare_to(p, now, wall, &mut self.rng, slot, len);
+            drop(t);
+            if let Sealing::Seal { job, to } = sealing {
+                if let Ok(n) = job.seal(out.tx.slot_mut(at), len) {
+                    out.push(to, n, now);
+                }
+            }
+            return;
+        }
         let mut i = 0;
         while i < count {
             let first = out.pending;
