@@ -13,9 +13,18 @@
 # least an encrypting tunnel does, not a tunnel), boringtun (boringtun-cli).
 # Prints the median, 25th and 75th percentiles of each. Installs what is
 # missing, as bench/peers.sh does.
+#
+# PIN=N runs everything (tunnels, pings, the kernel work they cause) on CPU
+# N alone: no wake-up then crosses CPUs, and what is left is each tunnel's
+# own work on the path, which moves far less from run to run (differences
+# of 0.5 µs show) than the unpinned figures, where waking idle virtual
+# CPUs is most of a ping.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [[ $(id -u) -eq 0 ]] || { echo "bench/ping.sh: needs root (network namespaces): sudo $0" >&2; exit 1; }
+if [[ -n ${PIN:-} && -z ${PINNED_TO:-} ]]; then
+    PINNED_TO=$PIN exec taskset -c "$PIN" "$0" "$@"
+fi
 ROUNDS=${ROUNDS:-10}; COUNT=${COUNT:-200}; INTERVAL=${INTERVAL:-0.002}
 export PATH="$HOME/.cargo/bin:$PATH"
 need=()
@@ -155,7 +164,7 @@ for _ in $(seq "$ROUNDS"); do
         ip netns exec "$tag-$k-a" ping -c "$COUNT" -i "$INTERVAL" 10.78.0.2 2>/dev/null | sed -n 's/.*time=\([0-9.]*\).*/\1/p' >> "$work/rtt.$k"
     done
 done
-printf '\nping RTT, ms: %s rounds of %s pings %s s apart to each tunnel in turn, all up at once\n\n' "$ROUNDS" "$COUNT" "$INTERVAL"
+printf '\nping RTT, ms: %s rounds of %s pings %s s apart to each tunnel in turn, all up at once%s\n\n' "$ROUNDS" "$COUNT" "$INTERVAL" "${PINNED_TO:+, all on CPU $PINNED_TO}"
 printf '| %-22s | %6s | %6s | %6s | %6s\n' tunnel p25 median p75 pings
 printf '|%s|%s|%s|%s|%s\n' "------------------------" "--------" "--------" "--------" "------"
 for t in $tunnels; do
