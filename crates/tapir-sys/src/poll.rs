@@ -183,6 +183,10 @@ impl PollSet {
         let ms = ms_rounded_up(timeout);
         let r = match &mut self.epoll {
             Some((ep, events)) => {
+                if events.is_empty() {
+                    // Nothing to wait on but the timeout: epoll wants room for one.
+                    events.push(libc::epoll_event { events: 0, u64: 0 });
+                }
                 let r = crate::raw::epoll_wait(ep.as_fd(), events, ms);
                 self.got = *r.as_ref().unwrap_or(&0);
                 (self.readable_bits, self.writable_bits) = (0, 0);
@@ -369,6 +373,8 @@ mod tests {
     fn a_kept_set_waits_on_the_kernels_copy_and_reports_reads_and_writes() {
         let mut set = PollSet::kept();
         assert!(set.is_kept(), "epoll is in every kernel tapir runs on");
+        // Empty, it waits out its timeout.
+        set.wait(Duration::from_millis(1)).unwrap();
         let (r, mut w) = std::io::pipe().unwrap();
         let rd = set.add(r.as_fd(), true, false);
         let wr = set.add(w.as_fd(), false, true);
