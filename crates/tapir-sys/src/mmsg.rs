@@ -256,6 +256,13 @@ impl Batch {
     /// Receives up to `capacity` datagrams without blocking; returns how many
     /// (0 when none is waiting).
     pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        self.recv_up_to(fd, usize::MAX)
+    }
+
+    /// [`Batch::recv`], but `max` datagrams at most: for one, the kernel
+    /// does not look for a second (which, for a lone datagram, costs it a
+    /// look at an empty queue).
+    pub fn recv_up_to(&mut self, fd: BorrowedFd<'_>, max: usize) -> io::Result<usize> {
         let n = self.capacity();
         let ctrl_len = std::mem::size_of::<[u64; CTRL_WORDS]>();
         if self.recv_ready {
@@ -280,7 +287,14 @@ impl Batch {
         // SAFETY: the headers point at `n` iovecs, address buffers and slots
         // owned by `self`, valid and unaliased for the call; the kernel writes
         // at most the lengths given.
-        let rc = unsafe { raw::recvmmsg(fd, self.hdrs.as_mut_ptr(), n, libc::MSG_DONTWAIT) };
+        let rc = unsafe {
+            raw::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                n.min(max.max(1)),
+                libc::MSG_DONTWAIT,
+            )
+        };
         let got = match rc {
             Ok(got) => got,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
@@ -783,5 +797,34 @@ mod tests {
             0,
             "nothing waiting: no block, no error"
         );
+    }
+
+    #[test]
+    fn a_receive_of_one_leaves_the_rest_for_the_next() {
+        let rx = UdpSocket::bind("[::1]:0").unwrap();
+        let tx = UdpSocket::bind("[::1]:0").unwrap();
+        for i in 0..3u8 {
+            tx.send_to(&[i; 5], rx.local_addr().unwrap()).unwrap();
+        }
+        let mut inb = Batch::new(8, 2048);
+        // Loopback delivers at once, but give the kernel a moment.
+        for _ in 0..100 {
+            if crate::poll::readable([rx.as_fd()], std::time::Duration::from_millis(50)).unwrap()[0]
+            {
+                break;
+            }
+        }
+        assert_eq!(inb.recv_up_to(rx.as_fd(), 1).unwrap(), 1);
+        assert_eq!(inb.datagram_mut(0).0, &[0u8; 5]);
+        let mut got = 0;
+        for _ in 0..100 {
+            got += inb.recv(rx.as_fd()).unwrap();
+            if got == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(got, 2, "the two left waiting, in one receive");
+        assert_eq!(inb.datagram_mut(1).0, &[2u8; 5]);
     }
 }
