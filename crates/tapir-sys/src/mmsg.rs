@@ -776,15 +776,7 @@ mod tests {
         }
         assert_eq!(out.send(tx.as_fd(), 8).unwrap(), 8);
         let mut inb = Batch::new(16, 2048);
-        let mut got = 0;
-        for _ in 0..100 {
-            got += inb.recv(rx.as_fd()).unwrap();
-            if got == 8 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert_eq!(got, 8);
+        assert_eq!(receive(&mut inb, rx.as_fd(), 8), 8);
         let from = tx.local_addr().unwrap();
         for i in 0..8 {
             let (d, a) = inb.datagram_mut(i);
@@ -808,23 +800,25 @@ mod tests {
         }
         let mut inb = Batch::new(8, 2048);
         // Loopback delivers at once, but give the kernel a moment.
-        for _ in 0..100 {
-            if crate::poll::readable([rx.as_fd()], std::time::Duration::from_millis(50)).unwrap()[0]
-            {
-                break;
-            }
-        }
+        let ready = std::time::Duration::from_millis(500);
+        assert!(crate::poll::readable([rx.as_fd()], ready).unwrap()[0]);
         assert_eq!(inb.recv_up_to(rx.as_fd(), 1).unwrap(), 1);
         assert_eq!(inb.datagram_mut(0).0, &[0u8; 5]);
+        assert_eq!(receive(&mut inb, rx.as_fd(), 2), 2, "the two left waiting");
+        assert_eq!(inb.datagram_mut(1).0, &[2u8; 5]);
+    }
+
+    /// Receives into `inb` until `want` datagrams came (or half a second
+    /// passed); how many did.
+    fn receive(inb: &mut Batch, fd: BorrowedFd<'_>, want: usize) -> usize {
         let mut got = 0;
         for _ in 0..100 {
-            got += inb.recv(rx.as_fd()).unwrap();
-            if got == 2 {
+            got += inb.recv(fd).unwrap();
+            if got == want {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        assert_eq!(got, 2, "the two left waiting, in one receive");
-        assert_eq!(inb.datagram_mut(1).0, &[2u8; 5]);
+        got
     }
 }
