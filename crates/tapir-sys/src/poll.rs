@@ -24,15 +24,15 @@ pub fn readable<const N: usize>(
             Err(e)
         };
     }
-    Ok(pfds.map(|p| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0))
+    Ok(pfds.map(|p| p.revents & READABLE != 0))
 }
 
 /// A timeout that never ends: a wait for it sets no timer in the kernel.
 pub const FOREVER: Duration = Duration::MAX;
 
-/// `timeout` in whole milliseconds for poll (-1 for [`FOREVER`]), rounded up (a deadline under a
-/// millisecond away must not become a busy loop), in 64-bit arithmetic
-/// (`as_micros` is 128-bit, its division a call).
+/// `timeout` in whole milliseconds for poll (-1 for [`FOREVER`]), rounded
+/// up (a deadline under a millisecond away must not become a busy loop),
+/// in 64-bit arithmetic (`as_micros` is 128-bit, its division a call).
 pub(crate) fn ms_rounded_up(timeout: Duration) -> libc::c_int {
     if timeout == FOREVER {
         return -1;
@@ -104,8 +104,12 @@ impl PollSet {
 
     /// Empties the set, keeping its memory.
     pub fn clear(&mut self) {
-        for i in 0..self.fds.len() {
-            self.set_ignored(i, true);
+        // A kept set takes its entries out of the kernel's; a polled one
+        // (TCP's, cleared at every turn) has nothing to undo.
+        if self.epoll.is_some() {
+            for i in 0..self.fds.len() {
+                self.set_ignored(i, true);
+            }
         }
         self.fds.clear();
         (self.readable_bits, self.writable_bits, self.got) = (0, 0, 0);
