@@ -760,6 +760,8 @@ impl Tunnel {
     }
 
     /// Starts a handshake with peer `p` unless one is in flight.
+    #[cold]
+    #[inline(never)]
     fn initiate(&mut self, p: usize, now: Instant, wall: Duration, rng: &mut dyn Random) {
         if self.peers[p]
             .pending
@@ -1057,6 +1059,8 @@ impl Tunnel {
         })
     }
 
+    #[cold]
+    #[inline(never)]
     fn receive_handshake(
         &mut self,
         now: Instant,
@@ -1211,6 +1215,8 @@ impl Tunnel {
         Decapsulated::Nothing
     }
 
+    #[cold]
+    #[inline(never)]
     fn receive_cookie(&mut self, now: Instant, msg: &[u8]) -> Decapsulated {
         let receiver = messages::read_u32(msg, field::COOKIE_RECEIVER);
         let Some(&p) = self.by_index.get(&receiver) else {
@@ -1312,17 +1318,7 @@ impl Tunnel {
         };
         let rekey_on_receipt = timed.session.initiator && now >= timed.rekeys_on_receipt_at;
         if slot == 2 {
-            // The initiator's first data message confirms the responder's session.
-            let confirmed = peer.next.take();
-            let old_prev = peer.previous.take();
-            peer.previous = std::mem::replace(&mut peer.current, confirmed);
-            if let Some(t) = old_prev {
-                self.by_index.remove(&t.session.local_index);
-            }
-            // Packets queued while the handshake ran can go now.
-            if !self.peers[p].queue.is_empty() {
-                self.hint(p);
-            }
+            self.confirm_next(p);
         }
         let peer = &mut self.peers[p];
         peer.endpoint = Some(from);
@@ -1356,6 +1352,24 @@ impl Tunnel {
             }
         }
         self.classify(now, p, msg, body_at, plain)
+    }
+
+    /// The initiator's first data message confirms the responder's
+    /// session (the peer's next one): it becomes the current one.
+    #[cold]
+    #[inline(never)]
+    fn confirm_next(&mut self, p: usize) {
+        let peer = &mut self.peers[p];
+        let confirmed = peer.next.take();
+        let old_prev = peer.previous.take();
+        peer.previous = std::mem::replace(&mut peer.current, confirmed);
+        if let Some(t) = old_prev {
+            self.by_index.remove(&t.session.local_index);
+        }
+        // Packets queued while the handshake ran can go now.
+        if !self.peers[p].queue.is_empty() {
+            self.hint(p);
+        }
     }
 
     /// Whether a peer has a rate limit (and so may hold packets back).

@@ -1616,11 +1616,9 @@ fn inbound_loop(
     ctl: &Control,
     stop: &dyn Fn() -> bool,
 ) -> Result<(), DevError> {
-    let started = wall();
     let mut clock = WallClock::new();
-    let mut last_lookup: Vec<Option<Instant>> = vec![None; ctl.hostnames.len()];
+    let mut timers = Timers::new(ctl);
     let mut rx = Batch::new(BATCH, SLOT);
-    let mut warned_layer: Vec<(PublicKey, u64)> = Vec::new();
     // Over UDP the set is built once and kept by the kernel (epoll); over
     // TCP, connections come and go, and it is passed whole to each poll.
     let mut set = match out.link {
@@ -1650,39 +1648,21 @@ fn inbound_loop(
     while !stop() {
         // TCP: keep a connection to every configured endpoint.
         if let Link::Tcp(t) = &mut out.link {
-            if dials_at.is_none_or(|at: Instant| {
-                now.saturating_duration_since(at) >= Duration::from_secs(1)
-            }) {
-                dials_at = Some(now);
-                let wanted: Vec<SocketAddr> = shared
-                    .tunnel()
-                    .peers()
-                    .filter_map(|(c, _, _)| c.endpoint)
-                    .collect();
-                t.set_dials(&wanted, now);
-            }
+            tcp_dial(t, shared, &mut dials_at, now);
         }
         // The descriptors to wait on. Over UDP the set is built once and
         // only the device's entry is left out or put back; over TCP it is
         // built again each time (connections come and go).
         let tcp = matches!(out.link, Link::Tcp(_));
         if tcp || set.is_empty() {
-            set.clear();
-            at = Positions {
-                dev: ob.as_ref().map(|o| set.add(o.dev.as_fd(), true, false)),
-                // With a thread per direction: the device too while it is
-                // this thread's turn (the outbound thread's word that it is
-                // again comes on the control link's bell, which it shares).
-                shift_dev: shifts
-                    .as_ref()
-                    .map(|sh| set.add(sh.dev.as_fd(), true, false)),
-                control: set.add(ctl.link.wake.fd(), true, false),
-                udp: match &out.link {
-                    Link::Udp(s) => Some(set.add(s.as_fd(), true, false)),
-                    Link::Tcp(_) => None,
-                },
-                deadline: deadline.as_ref().map(|d| set.add(d.fd(), true, false)),
-            };
+            at = Positions::fill(
+                &mut set,
+                ob.as_deref().map(|o| o.dev),
+                shifts.as_ref().map(|sh| sh.dev),
+                ctl,
+                &out.link,
+                deadline.as_ref(),
+            );
         }
         let shift_dev_at = match (&shifts, at.shift_dev) {
             (Some(sh), Some(i)) => {
@@ -1709,13 +1689,7 @@ fn inbound_loop(
             timeout = due.saturating_duration_since(now);
         }
         if let Link::Tcp(t) = &mut out.link {
-            t.register(&mut set, now);
-            if let Some(at) = t.next_deadline(now) {
-                timeout = timeout.min(at.saturating_duration_since(now));
-            }
-            if t.has_input() {
-                timeout = Duration::ZERO;
-            }
+            timeout = tcp_register(t, &mut set, now, timeout);
         }
         set.wait(timeout)
             .map_err(|e| DevError::Runtime(format!("poll: {e}")))?;
@@ -1812,93 +1786,13 @@ fn inbound_loop(
             }
         }
         if set.readable(control_at) {
-            // Requests read whole by the control thread: answered from
-            // memory, never waiting on a client.
-            ctl.link.wake.drain();
-            while let Ok(m) = ctl.link.messages.try_recv() {
-                let mut t = shared.tunnel();
-                match m {
-                    control::Message::Request(_, reply, deadline) if Instant::now() > deadline => {
-                        // The client was told it timed out: do not act on it now.
-                        let _ = reply.send("errno=110\n\n".into());
-                    }
-                    control::Message::Request(request, reply, _) => {
-                        let ex = match request {
-                            crate::uapi::Request::TapirGet => {
-                                extras(&t, &shared.counters, &out.link, ctl.mode, ib.gro_on)
-                            }
-                            _ => String::new(),
-                        };
-                        let mut mark = |m: u32| match &mut out.link {
-                            Link::Udp(s) => socket2::SockRef::from(*s).set_mark(m),
-                            Link::Tcp(tcp) => tcp.set_mark(m),
-                        };
-                        let _ = reply.send(crate::uapi::answer(
-                            request,
-                            &mut t,
-                            crate::uapi::Interface {
-                                private_key: ctl.private_key,
-                                listen_port: ctl.port,
-                                fwmark: &mut fwmark,
-                                mark: &mut mark,
-                            },
-                            &ex,
-                        ));
-                    }
-                    control::Message::Resolved(key, addr) => {
-                        t.update_peer(&key, |c| c.endpoint = Some(addr));
-                    }
-                }
-            }
+            serve_control(ctl, shared, out, ib, &mut fwmark);
         }
         if let Link::Tcp(t) = &mut out.link {
-            // Its own deadlines (backoff over, connect or handshake
-            // timed out), as soon as one has passed.
-            if t.next_deadline(now).is_some_and(|at| at <= now) {
-                t.handle_timeout(now);
-            }
-            // A connection (re)opened: handshake over it at once.
-            for addr in t.take_connected() {
-                shared
-                    .tunnel()
-                    .path_opened(now, wall_now, &mut ib.rng, addr);
-            }
+            tcp_after_wait(t, shared, ib, now, wall_now);
         }
         if now >= next_timer {
-            let mut t = shared.tunnel();
-            // Endpoints given as host names are looked up again when the
-            // peer has been unreachable for a while (it may have moved).
-            for (i, (key, host)) in ctl.hostnames.iter().enumerate() {
-                let last = t
-                    .peers()
-                    .find(|(c, _, _)| c.public == *key)
-                    .and_then(|(_, _, s)| s.last_handshake);
-                if reresolve_due(last, wall_now, started, last_lookup[i], now) {
-                    last_lookup[i] = Some(now);
-                    // Looked up on the control thread; the answer comes back as a message.
-                    ctl.link.resolve(*key, host.clone());
-                }
-            }
-            // A peer in the other mode is named once, not per packet.
-            for (c, _, s) in t.peers() {
-                let seen = warned_layer.iter().any(|(k, _)| *k == c.public);
-                if s.drops.wrong_layer > 0 && !seen {
-                    eprintln!(
-                        "tapir: {}: peer {} sends {}: is it in {} mode? (dropped)",
-                        ib.name,
-                        c.public,
-                        if ib.tap {
-                            "IP packets, not Ethernet frames"
-                        } else {
-                            "Ethernet frames, not IP packets"
-                        },
-                        if ib.tap { "tun" } else { "tap" },
-                    );
-                    warned_layer.push((c.public, s.drops.wrong_layer));
-                }
-            }
-            t.handle_timeout(now, wall_now, &mut ib.rng);
-            next_timer = t.poll_timeout(now);
+            next_timer = timers.run(shared, ctl, ib, now, wall_now);
         }
         // The loop's tail under one lock: packets a rate limit released,
         // what waits to go out, and when a rate limit next releases (for
@@ -1913,6 +1807,202 @@ fn inbound_loop(
         out.flush(now);
     }
     Ok(())
+}
+
+impl Positions {
+    /// Empties `set` and puts the loop's descriptors in it.
+    #[inline(never)]
+    fn fill(
+        set: &mut PollSet,
+        dev: Option<&TunDevice>,
+        shift_dev: Option<&TunDevice>,
+        ctl: &Control,
+        link: &Link,
+        deadline: Option<&Deadline>,
+    ) -> Self {
+        set.clear();
+        Positions {
+            dev: dev.map(|d| set.add(d.as_fd(), true, false)),
+            // With a thread per direction: the device too while it is
+            // this thread's turn (the outbound thread's word that it is
+            // again comes on the control link's bell, which it shares).
+            shift_dev: shift_dev.map(|d| set.add(d.as_fd(), true, false)),
+            control: set.add(ctl.link.wake.fd(), true, false),
+            udp: match link {
+                Link::Udp(s) => Some(set.add(s.as_fd(), true, false)),
+                Link::Tcp(_) => None,
+            },
+            deadline: deadline.map(|d| set.add(d.fd(), true, false)),
+        }
+    }
+}
+
+/// TCP: dials every configured endpoint not connected, once a second.
+#[inline(never)]
+fn tcp_dial(t: &mut TcpTransport, shared: &Shared, dials_at: &mut Option<Instant>, now: Instant) {
+    if dials_at
+        .is_none_or(|at: Instant| now.saturating_duration_since(at) >= Duration::from_secs(1))
+    {
+        *dials_at = Some(now);
+        let wanted: Vec<SocketAddr> = shared
+            .tunnel()
+            .peers()
+            .filter_map(|(c, _, _)| c.endpoint)
+            .collect();
+        t.set_dials(&wanted, now);
+    }
+}
+
+/// TCP: its connections into `set`; the wait's timeout, cut to its own
+/// next deadline (and to none when input is buffered).
+#[inline(never)]
+fn tcp_register(
+    t: &mut TcpTransport,
+    set: &mut PollSet,
+    now: Instant,
+    timeout: Duration,
+) -> Duration {
+    t.register(set, now);
+    if t.has_input() {
+        return Duration::ZERO;
+    }
+    t.next_deadline(now)
+        .map_or(timeout, |at| timeout.min(at.saturating_duration_since(now)))
+}
+
+/// TCP after a wait: its own deadlines (backoff over, connect or
+/// handshake timed out), as soon as one has passed; a handshake at once
+/// over a connection (re)opened.
+#[inline(never)]
+fn tcp_after_wait(
+    t: &mut TcpTransport,
+    shared: &Shared,
+    ib: &mut Inbound,
+    now: Instant,
+    wall_now: Duration,
+) {
+    if t.next_deadline(now).is_some_and(|at| at <= now) {
+        t.handle_timeout(now);
+    }
+    for addr in t.take_connected() {
+        shared
+            .tunnel()
+            .path_opened(now, wall_now, &mut ib.rng, addr);
+    }
+}
+
+/// The control requests the control thread read whole, answered from
+/// memory (never waiting on a client). Out of line, as what follows is:
+/// the packet loop's code and stack stay those of its packets (see
+/// [`inbound_loop`]).
+#[cold]
+#[inline(never)]
+fn serve_control(ctl: &Control, shared: &Shared, out: &mut Outbox, ib: &Inbound, fwmark: &mut u32) {
+    // Requests read whole by the control thread: answered from
+    // memory, never waiting on a client.
+    ctl.link.wake.drain();
+    while let Ok(m) = ctl.link.messages.try_recv() {
+        let mut t = shared.tunnel();
+        match m {
+            control::Message::Request(_, reply, deadline) if Instant::now() > deadline => {
+                // The client was told it timed out: do not act on it now.
+                let _ = reply.send("errno=110\n\n".into());
+            }
+            control::Message::Request(request, reply, _) => {
+                let ex = match request {
+                    crate::uapi::Request::TapirGet => {
+                        extras(&t, &shared.counters, &out.link, ctl.mode, ib.gro_on)
+                    }
+                    _ => String::new(),
+                };
+                let mut mark = |m: u32| match &mut out.link {
+                    Link::Udp(s) => socket2::SockRef::from(*s).set_mark(m),
+                    Link::Tcp(tcp) => tcp.set_mark(m),
+                };
+                let _ = reply.send(crate::uapi::answer(
+                    request,
+                    &mut t,
+                    crate::uapi::Interface {
+                        private_key: ctl.private_key,
+                        listen_port: ctl.port,
+                        fwmark,
+                        mark: &mut mark,
+                    },
+                    &ex,
+                ));
+            }
+            control::Message::Resolved(key, addr) => {
+                t.update_peer(&key, |c| c.endpoint = Some(addr));
+            }
+        }
+    }
+}
+
+/// The network thread's timers besides the protocol's: host names looked
+/// up again, a peer in the other mode named once.
+struct Timers {
+    started: Duration,
+    /// When each peer's host name was last looked up.
+    last_lookup: Vec<Option<Instant>>,
+    /// Peers named for sending the other mode's packets, and how many then.
+    warned_layer: Vec<(PublicKey, u64)>,
+}
+
+impl Timers {
+    fn new(ctl: &Control) -> Self {
+        Self {
+            started: wall(),
+            last_lookup: vec![None; ctl.hostnames.len()],
+            warned_layer: Vec::new(),
+        }
+    }
+
+    /// Runs what is due; returns when to run again.
+    #[cold]
+    #[inline(never)]
+    fn run(
+        &mut self,
+        shared: &Shared,
+        ctl: &Control,
+        ib: &mut Inbound,
+        now: Instant,
+        wall_now: Duration,
+    ) -> Instant {
+        let mut t = shared.tunnel();
+        // Endpoints given as host names are looked up again when the
+        // peer has been unreachable for a while (it may have moved).
+        for (i, (key, host)) in ctl.hostnames.iter().enumerate() {
+            let last = t
+                .peers()
+                .find(|(c, _, _)| c.public == *key)
+                .and_then(|(_, _, s)| s.last_handshake);
+            if reresolve_due(last, wall_now, self.started, self.last_lookup[i], now) {
+                self.last_lookup[i] = Some(now);
+                // Looked up on the control thread; the answer comes back as a message.
+                ctl.link.resolve(*key, host.clone());
+            }
+        }
+        // A peer in the other mode is named once, not per packet.
+        for (c, _, s) in t.peers() {
+            let seen = self.warned_layer.iter().any(|(k, _)| *k == c.public);
+            if s.drops.wrong_layer > 0 && !seen {
+                eprintln!(
+                    "tapir: {}: peer {} sends {}: is it in {} mode? (dropped)",
+                    ib.name,
+                    c.public,
+                    if ib.tap {
+                        "IP packets, not Ethernet frames"
+                    } else {
+                        "Ethernet frames, not IP packets"
+                    },
+                    if ib.tap { "tun" } else { "tap" },
+                );
+                self.warned_layer.push((c.public, s.drops.wrong_layer));
+            }
+        }
+        t.handle_timeout(now, wall_now, &mut ib.rng);
+        t.poll_timeout(now)
+    }
 }
 
 impl Started {
