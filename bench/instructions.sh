@@ -16,13 +16,23 @@
 # TOP=N the N functions that cost most at end a. Kernel time is not
 # counted: it is the same system calls for all, and bench/ping.sh times
 # the whole. Installs valgrind if missing.
+#
+# LINES=1 counts instead what a ping touches (valgrind's lackey, every
+# access traced; COUNT defaults to 100; tapir and the floor: VTun's
+# handshake times out that slowed down): the 64-byte lines of code and of
+# data (stack included) touched in at least 80% of the pings, and the 4 KiB
+# pages they lie in. With pings far apart (bench/ping.sh sends them 2 ms
+# apart) each wake-up finds most of them cold, and each costs a miss: on
+# the 2-core development machine a ping's time through a tunnel grew with
+# the lines it touched more than with its instructions.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [[ $(id -u) -eq 0 ]] || { echo "bench/instructions.sh: needs root (network namespaces): sudo $0" >&2; exit 1; }
-COUNT=${COUNT:-500}; INTERVAL=${INTERVAL:-0.01}; TOP=${TOP:-0}
+LINES=${LINES:-}; COUNT=${COUNT:-$([[ -n $LINES ]] && echo 100 || echo 500)}
+INTERVAL=${INTERVAL:-0.01}; TOP=${TOP:-0}
 export PATH="$HOME/.cargo/bin:$PATH"
 need=()
-for pair in valgrind:valgrind vtund:vtun ping:iputils-ping; do
+for pair in valgrind:valgrind vtund:vtun ping:iputils-ping python3:python3-minimal; do
     command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 if ((${#need[@]})); then
@@ -49,6 +59,7 @@ trap cleanup EXIT INT TERM
 measure() {
     local t=$1 a=$tag-$1-a b=$tag-$1-b n s out=$work/$1
     local vg=(valgrind --tool=callgrind --trace-children=yes --callgrind-out-file="$out.%q{TAPIR_END}.%p")
+    [[ -n $LINES ]] && vg=(valgrind --tool=lackey --trace-mem=yes --trace-children=yes --log-file="$out.%q{TAPIR_END}.%p")
     ip netns add "$a" && ip netns add "$b" || return 1
     spaces+=("$a" "$b")
     for n in "$a" "$b"; do
@@ -103,8 +114,16 @@ CONF
     for _ in $(seq 150); do ip netns exec "$a" ping -c 1 -W 1 -q 10.78.0.2 >/dev/null 2>&1 && { up=1; break; }; sleep 0.3; done
     [[ -n $up ]] || { echo "$t: did not carry a ping"; return 1; }
     ip netns exec "$a" ping -c 50 -i "$INTERVAL" -q 10.78.0.2 >/dev/null
-    callgrind_control -z >/dev/null 2>&1; sleep 0.5
     local got
+    if [[ -n $LINES ]]; then
+        # Where each end's trace stands before and after the counted pings.
+        sleep 0.5; wc -c "$out".[ab].* > "$work/$t.from"
+        got=$(ip netns exec "$a" ping -c "$COUNT" -i "$INTERVAL" -q 10.78.0.2 | sed -n 's/.* \([0-9]*\) received.*/\1/p')
+        sleep 0.5; wc -c "$out".[ab].* > "$work/$t.to"
+        footprint "$t" "$2" "$got"
+        return
+    fi
+    callgrind_control -z >/dev/null 2>&1; sleep 0.5
     got=$(ip netns exec "$a" ping -c "$COUNT" -i "$INTERVAL" -q 10.78.0.2 | sed -n 's/.* \([0-9]*\) received.*/\1/p')
     sleep 0.3
     callgrind_control -d >/dev/null 2>&1; sleep 1
@@ -132,11 +151,53 @@ CONF
     pids=()
 }
 
-tunnels=${TUNNELS:-"tapir floor vtun"}
+# LINES=1: the lines and pages touched in most pings, at each end (the
+# process whose trace grew most over the counted stretch).
+footprint() {
+    local t=$1 label=$2 got=$3 s f
+    local row=("$label")
+    for s in a b; do
+        f=$(awk -v s="$s" 'NR == FNR { from[$2] = $1; next } $2 ~ ("\\." s "\\.[0-9]+$") { d = $1 - from[$2]; if (d > best) { best = d; f = $2 } } END { print f }' "$work/$t.from" "$work/$t.to")
+        [[ -n $f ]] || { row+=(- - - -); continue; }
+        row+=($(python3 - "$f" "$(awk -v f="$f" '$2 == f { print $1 }' "$work/$t.from")" "$(awk -v f="$f" '$2 == f { print $1 }' "$work/$t.to")" "$got" <<'PY'
+import sys, collections
+path, start, end, pings = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+with open(path, 'rb') as fh:
+    fh.seek(start)
+    records = fh.read(end - start).decode(errors='replace').splitlines()[1:-1]
+code, data = collections.Counter(), collections.Counter()
+for r in records:
+    kind, _, rest = r.strip().partition(' ')
+    if kind not in ('I', 'L', 'S', 'M'):
+        continue
+    try:
+        addr, size = rest.strip().split(',')
+        addr, size = int(addr, 16), int(size)
+    except ValueError:
+        continue
+    for line in {addr >> 6, (addr + size - 1) >> 6}:
+        (code if kind == 'I' else data)[line] += 1
+hot = lambda c: {l for l, n in c.items() if n >= 0.8 * pings}
+hc, hd = hot(code), hot(data)
+print(len(hc), len(hd), len({l >> 6 for l in hc}), len({l >> 6 for l in hd}))
+PY
+))
+    done
+    printf '| %-18s | %6s | %5s | %5s | %5s | %6s | %5s | %5s | %5s | %6d\n' "${row[@]}" "$got"
+}
+
+# (VTun's handshake times out when every access of its is traced.)
+tunnels=${TUNNELS:-$([[ -n $LINES ]] && echo "tapir floor" || echo "tapir floor vtun")}
 declare -A label=([tapir]=tapir [floor]="encrypting floor" [vtun]="VTun (no crypto)")
-printf '\nuser-space instructions a ping (callgrind), %s pings %s s apart\n\n' "$COUNT" "$INTERVAL"
-printf '| %-18s | %8s | %8s | %6s\n' tunnel "end a" "end b" pings
-printf '|%s|%s|%s|%s\n' "--------------------" "----------" "----------" "------"
+if [[ -n $LINES ]]; then
+    printf '\n64-byte lines and 4 KiB pages a ping touches (lackey: in 80%% of %s pings %s s apart)\n\n' "$COUNT" "$INTERVAL"
+    printf '| %-18s | %6s | %5s | %5s | %5s | %6s | %5s | %5s | %5s | %6s\n' tunnel "a:code" "data" "cpage" "dpage" "b:code" "data" "cpage" "dpage" pings
+    printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s\n' "--------------------" "--------" "-------" "-------" "-------" "--------" "-------" "-------" "-------" "------"
+else
+    printf '\nuser-space instructions a ping (callgrind), %s pings %s s apart\n\n' "$COUNT" "$INTERVAL"
+    printf '| %-18s | %8s | %8s | %6s\n' tunnel "end a" "end b" pings
+    printf '|%s|%s|%s|%s\n' "--------------------" "----------" "----------" "------"
+fi
 for t in $tunnels; do
     [[ -n ${label[$t]:-} ]] || { echo "unknown tunnel $t" >&2; continue; }
     measure "$t" "${label[$t]}"

@@ -11,7 +11,9 @@
 # Tunnels (PINGS, default all): tapir, tapir_tap, tapir_tcp, vtun,
 # vtun_ether, vtun_tcp (VTun without encryption), floor (bench/floor: the
 # least an encrypting tunnel does, not a tunnel), boringtun (boringtun-cli).
-# Prints the median, 25th and 75th percentiles of each. Installs what is
+# Prints the median, 25th and 75th percentiles of each, and the mean of the
+# middle 80% in µs (ping prints whole µs: the median moves in steps of one,
+# the mean of thousands shows differences of a few tenths). Installs what is
 # missing, as bench/peers.sh does.
 #
 # PIN=N runs everything (tunnels, pings, the kernel work they cause) on CPU
@@ -165,10 +167,12 @@ for _ in $(seq "$ROUNDS"); do
     done
 done
 printf '\nping RTT, ms: %s rounds of %s pings %s s apart to each tunnel in turn, all up at once%s\n\n' "$ROUNDS" "$COUNT" "$INTERVAL" "${PINNED_TO:+, all on CPU $PINNED_TO}"
-printf '| %-22s | %6s | %6s | %6s | %6s\n' tunnel p25 median p75 pings
-printf '|%s|%s|%s|%s|%s\n' "------------------------" "--------" "--------" "--------" "------"
+printf '| %-22s | %6s | %6s | %6s | %9s | %6s\n' tunnel p25 median p75 "mean µs" pings
+printf '|%s|%s|%s|%s|%s|%s\n' "------------------------" "--------" "--------" "--------" "----------" "------"
 for t in $tunnels; do
     e=; for x in "${ok[@]}"; do [[ ${x#*:} == "$t" ]] && e=$x; done
     if [[ -z $e ]]; then printf '| %-22s | not measured: did not carry a ping\n' "${label[$t]}"; continue; fi
-    sort -n "$work/rtt.${e%%:*}" | awk -v l="${label[$t]}" '{ v[NR] = $1 } END { printf "| %-22s | %6.3f | %6.3f | %6.3f | %6d\n", l, v[int(NR / 4) + 1], v[int((NR + 1) / 2)], v[int(NR * 3 / 4)], NR }'
+    sort -n "$work/rtt.${e%%:*}" | awk -v l="${label[$t]}" '{ v[NR] = $1 } END {
+        for (i = int(NR / 10) + 1; i <= int(NR * 9 / 10); i++) { sum += v[i]; n++ }
+        printf "| %-22s | %6.3f | %6.3f | %6.3f | %8.2f | %6d\n", l, v[int(NR / 4) + 1], v[int((NR + 1) / 2)], v[int(NR * 3 / 4)], sum / n * 1000, NR }'
 done
