@@ -1634,6 +1634,8 @@ fn inbound_loop(
     };
     let mut next_timer = Instant::now();
     let mut dials_at = None;
+    // TCP's own next deadline, as the last wait was set for.
+    let mut tcp_due = None;
     let mut fwmark = ctl.fwmark;
     // The time read after the last poll: what the loop did since took
     // microseconds (a batch, a millisecond), its timers are kept in
@@ -1689,7 +1691,7 @@ fn inbound_loop(
             timeout = due.saturating_duration_since(now);
         }
         if let Link::Tcp(t) = &mut out.link {
-            timeout = tcp_register(t, &mut set, now, timeout);
+            (timeout, tcp_due) = tcp_register(t, &mut set, now, timeout);
         }
         set.wait(timeout)
             .map_err(|e| DevError::Runtime(format!("poll: {e}")))?;
@@ -1789,7 +1791,7 @@ fn inbound_loop(
             serve_control(ctl, shared, out, ib, &mut fwmark);
         }
         if let Link::Tcp(t) = &mut out.link {
-            tcp_after_wait(t, shared, ib, now, wall_now);
+            tcp_after_wait(t, shared, ib, now, wall_now, tcp_due);
         }
         if now >= next_timer {
             next_timer = timers.run(shared, ctl, ib, now, wall_now);
@@ -1854,20 +1856,22 @@ fn tcp_dial(t: &mut TcpTransport, shared: &Shared, dials_at: &mut Option<Instant
 }
 
 /// TCP: its connections into `set`; the wait's timeout, cut to its own
-/// next deadline (and to none when input is buffered).
+/// next deadline (and to none when input is buffered), and that deadline
+/// (for [`tcp_after_wait`]: what the turn changes is seen by the next).
 #[inline(never)]
 fn tcp_register(
     t: &mut TcpTransport,
     set: &mut PollSet,
     now: Instant,
     timeout: Duration,
-) -> Duration {
+) -> (Duration, Option<Instant>) {
     t.register(set, now);
+    let due = t.next_deadline(now);
     if t.has_input() {
-        return Duration::ZERO;
+        return (Duration::ZERO, due);
     }
-    t.next_deadline(now)
-        .map_or(timeout, |at| timeout.min(at.saturating_duration_since(now)))
+    let timeout = due.map_or(timeout, |at| timeout.min(at.saturating_duration_since(now)));
+    (timeout, due)
 }
 
 /// TCP after a wait: its own deadlines (backoff over, connect or
@@ -1880,8 +1884,9 @@ fn tcp_after_wait(
     ib: &mut Inbound,
     now: Instant,
     wall_now: Duration,
+    due: Option<Instant>,
 ) {
-    if t.next_deadline(now).is_some_and(|at| at <= now) {
+    if due.is_some_and(|at| at <= now) {
         t.handle_timeout(now);
     }
     for addr in t.take_connected() {
