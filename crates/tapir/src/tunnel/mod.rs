@@ -1654,9 +1654,14 @@ fn inbound_loop(
         }
         // The descriptors to wait on. Over UDP the set is built once and
         // only the device's entry is left out or put back; over TCP it is
-        // built again each time (connections come and go).
-        let tcp = matches!(out.link, Link::Tcp(_));
-        if tcp || set.is_empty() {
+        // built again when connections came or went or wait for something
+        // else (writing), and passed whole to each poll.
+        let fresh = set.is_empty()
+            || match &out.link {
+                Link::Tcp(t) => !t.registered_same(now),
+                Link::Udp(_) => false,
+            };
+        if fresh {
             at = Positions::fill(
                 &mut set,
                 ob.as_deref().map(|o| o.dev),
@@ -1691,7 +1696,7 @@ fn inbound_loop(
             timeout = due.saturating_duration_since(now);
         }
         if let Link::Tcp(t) = &mut out.link {
-            (timeout, tcp_due) = tcp_register(t, &mut set, now, timeout);
+            (timeout, tcp_due) = tcp_register(t, fresh.then_some(&mut set), now, timeout);
         }
         set.wait(timeout)
             .map_err(|e| DevError::Runtime(format!("poll: {e}")))?;
@@ -1855,17 +1860,20 @@ fn tcp_dial(t: &mut TcpTransport, shared: &Shared, dials_at: &mut Option<Instant
     }
 }
 
-/// TCP: its connections into `set`; the wait's timeout, cut to its own
-/// next deadline (and to none when input is buffered), and that deadline
-/// (for [`tcp_after_wait`]: what the turn changes is seen by the next).
+/// TCP: its connections into `set` (a fresh one; none: the set holds them
+/// as they are); the wait's timeout, cut to its own next deadline (and to
+/// none when input is buffered), and that deadline (for
+/// [`tcp_after_wait`]: what the turn changes is seen by the next).
 #[inline(never)]
 fn tcp_register(
     t: &mut TcpTransport,
-    set: &mut PollSet,
+    set: Option<&mut PollSet>,
     now: Instant,
     timeout: Duration,
 ) -> (Duration, Option<Instant>) {
-    t.register(set, now);
+    if let Some(set) = set {
+        t.register(set, now);
+    }
     let due = t.next_deadline(now);
     if t.has_input() {
         return (Duration::ZERO, due);

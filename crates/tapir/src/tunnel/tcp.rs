@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -106,6 +106,13 @@ struct Conn {
     readable: bool,
 }
 
+impl Conn {
+    /// Waited on for writing too: connecting, or with bytes to send.
+    fn wants_write(&self) -> bool {
+        self.connecting || self.out_at < self.out.len()
+    }
+}
+
 /// A read of fewer bytes than this that leaves room in the buffer is taken
 /// to have emptied the socket (see [`TcpTransport::receive`]): a few small
 /// messages' worth.
@@ -128,6 +135,9 @@ pub struct TcpTransport {
     /// Poll positions: the listener's, then (conn, position) pairs.
     listener_at: Option<usize>,
     polled: Vec<(usize, usize)>,
+    /// What each of `polled` was put in the set with: its descriptor, and
+    /// whether for writing too.
+    polled_as: Vec<(RawFd, bool)>,
     jitter: u64,
     /// Counters.
     pub stats: TcpStats,
@@ -193,6 +203,7 @@ impl TcpTransport {
             max_message,
             listener_at: None,
             polled: Vec::new(),
+            polled_as: Vec::new(),
             jitter: seed | 1,
             stats: TcpStats::default(),
             connected: Vec::new(),
@@ -368,13 +379,37 @@ impl TcpTransport {
             .filter(|_| !resting)
             .map(|l| set.add(l.as_fd(), true, false));
         self.polled.clear();
+        self.polled_as.clear();
         for (id, c) in self.conns.iter().enumerate() {
             if let Some(c) = c {
-                let write = c.connecting || c.out_at < c.out.len();
+                let write = c.wants_write();
                 let at = set.add(c.stream.as_fd(), true, write);
                 self.polled.push((id, at));
+                self.polled_as.push((c.stream.as_raw_fd(), write));
             }
         }
+    }
+
+    /// Whether [`TcpTransport::register`] would put in a set what it put
+    /// there last: the same listening, the same connections, each waited on
+    /// for the same (then the set can be waited on again as it is).
+    pub fn registered_same(&self, now: Instant) -> bool {
+        let resting = self.accept_paused_until.is_some_and(|t| now < t);
+        if (self.listener.is_some() && !resting) != self.listener_at.is_some() {
+            return false;
+        }
+        let mut k = 0;
+        for (id, c) in self.conns.iter().enumerate() {
+            let Some(c) = c else {
+                continue;
+            };
+            let now_as = (c.stream.as_raw_fd(), c.wants_write());
+            if self.polled.get(k).map(|&(i, _)| i) != Some(id) || self.polled_as[k] != now_as {
+                return false;
+            }
+            k += 1;
+        }
+        k == self.polled.len()
     }
 
     /// Acts on what `set` reported: accepts, finished connects, writes.
