@@ -1619,12 +1619,9 @@ fn inbound_loop(
     let mut clock = WallClock::new();
     let mut timers = Timers::new(ctl);
     let mut rx = Batch::new(BATCH, SLOT);
-    // Over UDP the set is built once and kept by the kernel (epoll); over
-    // TCP, connections come and go, and it is passed whole to each poll.
-    let mut set = match out.link {
-        Link::Udp(_) => PollSet::kept(),
-        Link::Tcp(_) => PollSet::new(),
-    };
+    // The set is kept by the kernel (epoll): over UDP built once, over TCP
+    // built again when its connections change (see below).
+    let mut set = PollSet::kept();
     // With a kept set, the timers' deadline is kept by the kernel too, and
     // the loop waits without a timeout (see `Deadline`).
     let mut deadline = if set.is_kept() {
@@ -1655,7 +1652,7 @@ fn inbound_loop(
         // The descriptors to wait on. Over UDP the set is built once and
         // only the device's entry is left out or put back; over TCP it is
         // built again when connections came or went or wait for something
-        // else (writing), and passed whole to each poll.
+        // else (writing, a connect).
         let fresh = set.is_empty()
             || match &out.link {
                 Link::Tcp(t) => !t.registered_same(now),
