@@ -110,38 +110,57 @@ impl<P: Copy + Eq + Hash> MacTable<P> {
         port: P,
         protected: P,
     ) -> Result<(), Refused> {
-        if port != protected {
-            if let Some(e) = self.entries.get(&src) {
-                if e.port == protected && self.live(e, now) {
-                    return Err(Refused::Protected);
-                }
-            }
-        }
-        self.learn(now, src, port)
+        self.learn_guarded(now, src, port, (port != protected).then_some(protected))
     }
 
     /// Notes that `src` was seen on `port`.
     pub fn learn(&mut self, now: Instant, src: Mac, port: P) -> Result<(), Refused> {
+        self.learn_guarded(now, src, port, None)
+    }
+
+    /// [`MacTable::learn`], refusing to move a live address of `protected`.
+    /// An address seen again where it was (every frame but a station's
+    /// first) is one look-up: hashing an address costs more than the rest.
+    fn learn_guarded(
+        &mut self,
+        now: Instant,
+        src: Mac,
+        port: P,
+        protected: Option<P>,
+    ) -> Result<(), Refused> {
         if is_multicast(&src) {
             return Err(Refused::MulticastSource);
         }
-        if let Some(e) = self.entries.get(&src) {
-            if e.port == port {
-                self.entries.get_mut(&src).expect("present").seen = now;
+        let aging = self.aging;
+        let old = match self.entries.get_mut(&src) {
+            Some(e) if e.port == port => {
+                e.seen = now;
                 return Ok(());
             }
-            // Moved (or expired and reappearing): counts against the new port.
-            let old = e.port;
-            if self.count(port) >= self.cap {
-                return Err(Refused::Cap);
+            Some(e)
+                if Some(e.port) == protected && now.saturating_duration_since(e.seen) < aging =>
+            {
+                return Err(Refused::Protected);
             }
-            self.release(old);
-        } else if self.count(port) >= self.cap {
-            // Make room from this port's own expired entries before refusing.
-            self.expire(now);
-            if self.count(port) >= self.cap {
-                return Err(Refused::Cap);
+            Some(e) => Some(e.port),
+            None => None,
+        };
+        match old {
+            Some(old) => {
+                // Moved (or expired and reappearing): counts against the new port.
+                if self.count(port) >= self.cap {
+                    return Err(Refused::Cap);
+                }
+                self.release(old);
             }
+            None if self.count(port) >= self.cap => {
+                // Make room from this port's own expired entries before refusing.
+                self.expire(now);
+                if self.count(port) >= self.cap {
+                    return Err(Refused::Cap);
+                }
+            }
+            None => {}
         }
         self.entries.insert(src, Entry { port, seen: now });
         *self.per_port.entry(port).or_insert(0) += 1;
