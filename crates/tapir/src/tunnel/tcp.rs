@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -135,9 +135,10 @@ pub struct TcpTransport {
     /// Poll positions: the listener's, then (conn, position) pairs.
     listener_at: Option<usize>,
     polled: Vec<(usize, usize)>,
-    /// What each of `polled` was put in the set with: its descriptor, and
-    /// whether for writing too.
-    polled_as: Vec<(RawFd, bool)>,
+    /// Whether each of `polled` was put in the set for writing too.
+    polled_write: Vec<bool>,
+    /// A connection came or went since the last [`TcpTransport::register`].
+    changed: bool,
     jitter: u64,
     /// Counters.
     pub stats: TcpStats,
@@ -203,7 +204,8 @@ impl TcpTransport {
             max_message,
             listener_at: None,
             polled: Vec::new(),
-            polled_as: Vec::new(),
+            polled_write: Vec::new(),
+            changed: true,
             jitter: seed | 1,
             stats: TcpStats::default(),
             connected: Vec::new(),
@@ -302,6 +304,7 @@ impl TcpTransport {
         dial: Option<usize>,
         connecting: bool,
     ) -> usize {
+        self.changed = true;
         let conn = Conn {
             stream,
             remote,
@@ -356,6 +359,7 @@ impl TcpTransport {
         let Some(conn) = self.conns.get_mut(id).and_then(Option::take) else {
             return;
         };
+        self.changed = true;
         if self.by_remote.get(&conn.remote) == Some(&id) {
             self.by_remote.remove(&conn.remote);
             self.last_remote = None;
@@ -379,15 +383,16 @@ impl TcpTransport {
             .filter(|_| !resting)
             .map(|l| set.add(l.as_fd(), true, false));
         self.polled.clear();
-        self.polled_as.clear();
+        self.polled_write.clear();
         for (id, c) in self.conns.iter().enumerate() {
             if let Some(c) = c {
                 let write = c.wants_write();
                 let at = set.add(c.stream.as_fd(), true, write);
                 self.polled.push((id, at));
-                self.polled_as.push((c.stream.as_raw_fd(), write));
+                self.polled_write.push(write);
             }
         }
+        self.changed = false;
     }
 
     /// Whether [`TcpTransport::register`] would put in a set what it put
@@ -395,21 +400,17 @@ impl TcpTransport {
     /// for the same (then the set can be waited on again as it is).
     pub fn registered_same(&self, now: Instant) -> bool {
         let resting = self.accept_paused_until.is_some_and(|t| now < t);
-        if (self.listener.is_some() && !resting) != self.listener_at.is_some() {
-            return false;
-        }
-        let mut k = 0;
-        for (id, c) in self.conns.iter().enumerate() {
-            let Some(c) = c else {
-                continue;
-            };
-            let now_as = (c.stream.as_raw_fd(), c.wants_write());
-            if self.polled.get(k).map(|&(i, _)| i) != Some(id) || self.polled_as[k] != now_as {
-                return false;
-            }
-            k += 1;
-        }
-        k == self.polled.len()
+        !self.changed
+            && (self.listener.is_some() && !resting) == self.listener_at.is_some()
+            && self
+                .polled
+                .iter()
+                .zip(&self.polled_write)
+                .all(|(&(id, _), &write)| {
+                    self.conns[id]
+                        .as_ref()
+                        .is_some_and(|c| c.wants_write() == write)
+                })
     }
 
     /// Acts on what `set` reported: accepts, finished connects, writes.
@@ -770,6 +771,46 @@ mod tests {
         a.register(&mut set, now);
         set.wait(Duration::from_millis(20)).unwrap();
         a.service(&set, now);
+    }
+
+    #[test]
+    fn a_kept_set_is_built_again_when_connections_come_and_go() {
+        let now = Instant::now();
+        let mut server = TcpTransport::new(Some(0), 2048, 1).unwrap();
+        let port = server.local_port();
+        let mut set = PollSet::kept();
+        server.register(&mut set, now);
+        assert!(server.registered_same(now));
+        // Accepts until `n` connections are open, waiting on `set` as it is.
+        let accept = |server: &mut TcpTransport, set: &mut PollSet, n: usize| {
+            for _ in 0..100 {
+                set.wait(Duration::from_millis(20)).unwrap();
+                server.service(set, now);
+                if server.connection_counts().0 == n {
+                    return;
+                }
+            }
+            panic!("no connection accepted");
+        };
+        let _first = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        accept(&mut server, &mut set, 1);
+        assert!(
+            !server.registered_same(now),
+            "an accepted connection is not in the set"
+        );
+        set.clear();
+        server.register(&mut set, now);
+        assert!(server.registered_same(now));
+        // Closed and replaced before the next look: the same slot, perhaps
+        // the same descriptor number, and still not in the set.
+        server.close(0, now, None);
+        let _second = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        accept(&mut server, &mut set, 1);
+        assert!(server.conns[0].is_some(), "the slot was reused");
+        assert!(!server.registered_same(now));
+        set.clear();
+        server.register(&mut set, now);
+        assert!(server.registered_same(now));
     }
 
     #[test]
