@@ -1363,9 +1363,7 @@ impl Tunnel {
         let confirmed = peer.next.take();
         let old_prev = peer.previous.take();
         peer.previous = std::mem::replace(&mut peer.current, confirmed);
-        if let Some(t) = old_prev {
-            self.by_index.remove(&t.session.local_index);
-        }
+        self.forget(old_prev);
         // Packets queued while the handshake ran can go now.
         if !self.peers[p].queue.is_empty() {
             self.hint(p);
