@@ -801,10 +801,11 @@ mod tests {
         set.clear();
         server.register(&mut set, now);
         assert!(server.registered_same(now));
-        // Closed and replaced before the next look: the same slot, perhaps
-        // the same descriptor number, and still not in the set.
-        server.close(0, now, None);
+        // Closed and replaced before the next look: the same slot and (the
+        // client's socket made first) most likely the same descriptor
+        // number, yet not in the set.
         let _second = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        server.close(0, now, None);
         accept(&mut server, &mut set, 1);
         assert!(server.conns[0].is_some(), "the slot was reused");
         assert!(!server.registered_same(now));
