@@ -105,7 +105,7 @@ impl PollSet {
     /// Empties the set, keeping its memory.
     pub fn clear(&mut self) {
         // A kept set takes its entries out of the kernel's; a polled one
-        // (TCP's, cleared at every turn) has nothing to undo.
+        // (uapi's, a poll fallback) has nothing to undo.
         if self.epoll.is_some() {
             for i in 0..self.fds.len() {
                 self.set_ignored(i, true);
