@@ -81,6 +81,17 @@ pub struct Sent {
     pub messages: usize,
 }
 
+/// A datagram [`Batch::recv_one`] received into slot 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct One {
+    /// Its length (of all its segments, if coalesced).
+    pub len: usize,
+    /// Its sender.
+    pub from: SocketAddrV6,
+    /// The size of the datagrams it joins, if the kernel coalesced it.
+    pub segment: Option<usize>,
+}
+
 /// Reusable buffers for up to `N` datagrams of `slot` bytes.
 pub struct Batch {
     data: Vec<u8>,
@@ -311,6 +322,89 @@ impl Batch {
             }
         }
         Ok(got)
+    }
+
+    /// Receives one datagram into slot 0 without blocking, through none of
+    /// the batch's headers (a lone datagram, a ping, touches its slot and
+    /// a header on the stack only); `None` when none is waiting. Its
+    /// length, sender, and segment size if the kernel coalesced it
+    /// (`UDP_GRO`): [`Batch::set_received_gro`] records such a one in slot
+    /// 0 for the batch's own reading.
+    pub fn recv_one(&mut self, fd: BorrowedFd<'_>) -> io::Result<Option<One>> {
+        let mut from = empty_sockaddr();
+        let mut ctrl = [0u64; CTRL_WORDS];
+        let mut iov = libc::iovec {
+            iov_base: self.data.as_mut_ptr().cast(),
+            iov_len: self.slot,
+        };
+        // SAFETY: msghdr is a plain C struct of integers and pointers; all-zero is valid.
+        let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+        h.msg_name = (&mut from as *mut libc::sockaddr_in6).cast();
+        h.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        h.msg_iov = &mut iov;
+        h.msg_iovlen = 1;
+        h.msg_control = ctrl.as_mut_ptr().cast();
+        h.msg_controllen = std::mem::size_of_val(&ctrl) as _;
+        // SAFETY: the header points at live locals (address, control
+        // buffer, iovec) and at slot 0, `slot` bytes inside `data`.
+        let len = match unsafe { raw::recvmsg(fd, &mut h) } {
+            Ok(len) => len,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if h.msg_namelen as usize != std::mem::size_of::<libc::sockaddr_in6>() {
+            from = empty_sockaddr();
+        }
+        let seg = gro_size(&h).filter(|&s| s > 0 && s < len);
+        Ok(Some(One {
+            len,
+            from: from_sockaddr(&from),
+            segment: seg,
+        }))
+    }
+
+    /// Records slot 0 as what [`Batch::recv_one`] received, for reading it
+    /// as a batch of one ([`Batch::datagram_mut`], [`Batch::segment_size`]).
+    pub fn set_received_one(&mut self, one: &One) {
+        self.set(0, one.len, &one.from);
+        self.seg[0] = one.segment.unwrap_or(0);
+    }
+
+    /// Sends slot `i`'s first `len` bytes to `to` as one datagram, through
+    /// none of the batch's headers (a lone datagram touches its slot and
+    /// the stack only). A full socket buffer is waited out as in
+    /// [`Batch::send_gso`].
+    pub fn send_one(
+        &self,
+        fd: BorrowedFd<'_>,
+        i: usize,
+        len: usize,
+        to: &SocketAddrV6,
+        patience: std::time::Duration,
+    ) -> Sent {
+        let to = to_sockaddr(to);
+        let at = i.min(self.capacity() - 1) * self.slot;
+        let datagram = &self.data[at..at + len.min(self.slot)];
+        let mut patience = Patience::new(patience);
+        let mut out = Sent {
+            messages: 1,
+            ..Sent::default()
+        };
+        loop {
+            match raw::sendto(fd, datagram, &to) {
+                Ok(_) => out.sent = 1,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) if patience.left() => {
+                        wait_writable(fd, patience.deadline());
+                        continue;
+                    }
+                    Some(libc::EAGAIN) | Some(libc::EBADF) => out.blocked = 1,
+                    _ => out.refused = 1,
+                },
+            }
+            return out;
+        }
     }
 
     /// Sends the datagrams set in slots `0..n`, joining runs to one address
@@ -806,6 +900,61 @@ mod tests {
         assert_eq!(inb.datagram_mut(0).0, &[0u8; 5]);
         assert_eq!(receive(&mut inb, rx.as_fd(), 2), 2, "the two left waiting");
         assert_eq!(inb.datagram_mut(1).0, &[2u8; 5]);
+    }
+
+    #[test]
+    fn one_datagram_goes_and_comes_without_the_batch_headers() {
+        let rx = UdpSocket::bind("[::1]:0").unwrap();
+        let tx = UdpSocket::bind("[::1]:0").unwrap();
+        let to = match rx.local_addr().unwrap() {
+            std::net::SocketAddr::V6(a) => a,
+            a => panic!("{a}"),
+        };
+        let mut out = Batch::new(4, 2048);
+        out.slot_mut(2)[..7].copy_from_slice(b"tapir-1");
+        let sent = out.send_one(tx.as_fd(), 2, 7, &to, std::time::Duration::ZERO);
+        assert_eq!((sent.sent, sent.messages, sent.refused), (1, 1, 0));
+        let mut inb = Batch::new(4, 2048);
+        let ready = std::time::Duration::from_millis(500);
+        assert!(crate::poll::readable([rx.as_fd()], ready).unwrap()[0]);
+        let one = inb.recv_one(rx.as_fd()).unwrap().expect("one waiting");
+        assert_eq!(one.len, 7);
+        assert_eq!(one.segment, None);
+        assert_eq!(std::net::SocketAddr::V6(one.from), tx.local_addr().unwrap());
+        assert_eq!(&inb.slot_mut(0)[..7], b"tapir-1");
+        assert_eq!(inb.recv_one(rx.as_fd()).unwrap(), None, "no second");
+        // Recorded, slot 0 reads as a batch of one.
+        inb.set_received_one(&one);
+        let (bytes, from) = inb.datagram_mut(0);
+        assert_eq!((bytes.len(), from), (7, one.from));
+        assert_eq!(inb.segment_size(0), None);
+    }
+
+    #[test]
+    fn one_receive_says_how_a_coalesced_datagram_is_cut() {
+        let rx = UdpSocket::bind("[::1]:0").unwrap();
+        let tx = UdpSocket::bind("[::1]:0").unwrap();
+        assert!(enable_gro(rx.as_fd()), "UDP_GRO (Linux 5.0)");
+        let to = match rx.local_addr().unwrap() {
+            std::net::SocketAddr::V6(a) => a,
+            a => panic!("{a}"),
+        };
+        let mut out = Batch::new(4, 2048);
+        for i in 0..3 {
+            out.slot_mut(i)[..500].fill(i as u8);
+            out.set(i, 500, &to);
+        }
+        let mut on = true;
+        let r = out.send_gso(tx.as_fd(), 3, &mut on, std::time::Duration::ZERO);
+        assert_eq!((r.sent, r.messages), (3, 1));
+        let ready = std::time::Duration::from_millis(500);
+        assert!(crate::poll::readable([rx.as_fd()], ready).unwrap()[0]);
+        let mut inb = Batch::new(4, 65536);
+        let one = inb.recv_one(rx.as_fd()).unwrap().expect("one waiting");
+        assert_eq!((one.len, one.segment), (1500, Some(500)));
+        inb.set_received_one(&one);
+        assert_eq!(inb.segment_size(0), Some(500));
+        assert_eq!(inb.datagram_mut(0).0[1000], 2);
     }
 
     /// Receives into `inb` until `want` datagrams came (or half a second

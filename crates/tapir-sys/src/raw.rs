@@ -185,6 +185,42 @@ pub fn epoll_wait(
     result(unsafe { syscall6(libc::SYS_epoll_pwait, a) })
 }
 
+/// `sendto(2)` of `buf` to `to`: one datagram without a header to fill.
+#[inline]
+pub fn sendto(fd: BorrowedFd<'_>, buf: &[u8], to: &libc::sockaddr_in6) -> io::Result<usize> {
+    let a = [
+        fd.as_raw_fd() as usize,
+        buf.as_ptr() as usize,
+        buf.len(),
+        0,
+        to as *const libc::sockaddr_in6 as usize,
+        std::mem::size_of::<libc::sockaddr_in6>(),
+    ];
+    // SAFETY: the kernel reads at most buf.len() bytes from a live slice
+    // and the address's size from a live sockaddr_in6.
+    result(unsafe { syscall6(libc::SYS_sendto, a) })
+}
+
+/// `recvmsg(2)` into the header at `hdr`, without blocking.
+///
+/// # Safety
+/// `hdr` points at a live header whose buffers, address and control
+/// buffer are valid for writing for the lengths it gives, and unaliased
+/// for the call.
+#[inline]
+pub unsafe fn recvmsg(fd: BorrowedFd<'_>, hdr: *mut libc::msghdr) -> io::Result<usize> {
+    let a = [
+        fd.as_raw_fd() as usize,
+        hdr as usize,
+        libc::MSG_DONTWAIT as usize,
+        0,
+        0,
+        0,
+    ];
+    // SAFETY: the caller's promise above.
+    result(unsafe { syscall6(libc::SYS_recvmsg, a) })
+}
+
 /// `recvmmsg(2)` into the `n` headers at `hdrs`, without a timeout.
 ///
 /// # Safety
