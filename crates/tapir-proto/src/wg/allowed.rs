@@ -77,12 +77,13 @@ impl<T> Family<T> {
 
 /// Prefixes of both families, each mapped to a value (a peer index).
 #[derive(Debug)]
+#[repr(C)]
 pub struct AllowedIps<T: Copy> {
+    /// The last address [`AllowedIps::get`] looked up, and its answer;
+    /// forgotten on every change. (First: a look-up reads it first.)
+    last: Cell<Option<(IpAddr, Option<T>)>>,
     v4: Family<T>,
     v6: Family<T>,
-    /// The last address [`AllowedIps::get`] looked up, and its answer;
-    /// forgotten on every change.
-    last: Cell<Option<(IpAddr, Option<T>)>>,
 }
 
 impl<T: Copy> Default for AllowedIps<T> {

@@ -7,6 +7,7 @@ const WORDS: usize = (WINDOW / 64) as usize + 1;
 /// Remembers which counters arrived, so that a replay or a too-old message
 /// is refused while reordering within [`WINDOW`] is allowed.
 #[derive(Debug, Clone)]
+#[repr(C)]
 pub struct ReplayWindow {
     /// One more than the highest counter accepted (0: none yet).
     next: u64,

@@ -144,15 +144,18 @@ pub enum Port {
     Peer(PublicKey),
 }
 
+/// In this order (`repr(C)`): the deadlines a message compares with and the
+/// session's counters lie together (see [`Session`]).
+#[repr(C)]
 struct Timed {
-    session: Session,
-    created: Instant,
     /// `created` plus REJECT_AFTER_TIME, REKEY_AFTER_TIME, and the age at
     /// which an initiator rekeys on receipt: a packet compares instants
     /// rather than working out an age.
     rejects_at: Instant,
     rekeys_at: Instant,
     rekeys_on_receipt_at: Instant,
+    created: Instant,
+    session: Session,
 }
 
 impl Timed {
@@ -167,32 +170,37 @@ impl Timed {
     }
 }
 
+/// In this order (`repr(C)`): what every data message reads or writes
+/// first (endpoint, timers, counters, the current session's deadlines and
+/// counters), so that a lone packet touches a few adjacent cache lines of
+/// a peer, not one in each of its kilobytes; the handshake's state after.
+#[repr(C)]
 struct Peer {
-    config: PeerConfig,
-    keys: PeerStatic,
     endpoint: Option<SocketAddr>,
+    last_sent: Option<Instant>,
+    last_received: Option<Instant>,
+    last_data_sent: Option<Instant>,
+    last_data_received: Option<Instant>,
+    /// Data arrived: unless we send something first, a keepalive is due then.
+    passive_keepalive_at: Option<Instant>,
+    keepalive_due: bool,
+    stats: PeerStats,
+    queue: VecDeque<Vec<u8>>,
+    /// The rate limit, leaving and arriving.
+    tx_shaper: Option<Shaper>,
+    rx_shaper: Option<Shaper>,
     current: Option<Timed>,
     previous: Option<Timed>,
     /// A responder's session, waiting for the initiator's first data message.
     next: Option<Timed>,
+    config: PeerConfig,
+    keys: PeerStatic,
     pending: Option<(PendingInitiation, Instant)>,
     /// When we began trying to handshake (for REKEY_ATTEMPT_TIME).
     attempt_started: Option<Instant>,
     last_timestamp: [u8; 12],
     last_initiation_received: Option<Instant>,
     cookie: Option<([u8; 16], Instant)>,
-    queue: VecDeque<Vec<u8>>,
-    last_sent: Option<Instant>,
-    last_received: Option<Instant>,
-    last_data_sent: Option<Instant>,
-    last_data_received: Option<Instant>,
-    keepalive_due: bool,
-    /// Data arrived: unless we send something first, a keepalive is due then.
-    passive_keepalive_at: Option<Instant>,
-    stats: PeerStats,
-    /// The rate limit, leaving and arriving.
-    tx_shaper: Option<Shaper>,
-    rx_shaper: Option<Shaper>,
 }
 
 /// What became of a packet from the tun device.
@@ -324,31 +332,33 @@ pub enum DropReason {
     RateLimited,
 }
 
-/// A WireGuard interface.
+/// A WireGuard interface. In this order (`repr(C)`): what every packet
+/// reads first, together.
+#[repr(C)]
 pub struct Tunnel {
-    id: Identity,
+    layer: Layer,
     peers: Vec<Peer>,
-    by_key: HashMap<PublicKey, usize>,
     /// Our session indices -> peer. Looked up for every datagram, with the
     /// index the datagram names: a fast hash, not SipHash (it was 2% of the
     /// receiving side). Safe from hash flooding because only we insert, and
     /// what we insert is random.
     by_index: rustc_hash::FxHashMap<u32, usize>,
-    routes: AllowedIps<usize>,
+    /// Peers with a rate limit (whose queues may hold packets back).
+    rated: Vec<usize>,
     outgoing: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// Peers that may have something for poll_transmit (queued packets,
+    /// a keepalive, a rate limit's backlog), and a flag per peer.
+    tx_hint: Vec<usize>,
+    routes: AllowedIps<usize>,
+    hinted: Vec<bool>,
+    id: Identity,
+    by_key: HashMap<PublicKey, usize>,
     cookie_secret: [u8; 32],
     cookie_secret_at: Option<Instant>,
     load_window: (Option<Instant>, u32),
     under_load_until: Option<Instant>,
     limiter: SourceLimiter,
-    layer: Layer,
     switch: MacTable<Port>,
-    /// Peers that may have something for poll_transmit (queued packets,
-    /// a keepalive, a rate limit's backlog), and a flag per peer.
-    tx_hint: Vec<usize>,
-    hinted: Vec<bool>,
-    /// Peers with a rate limit (whose queues may hold packets back).
-    rated: Vec<usize>,
 }
 
 impl Drop for Tunnel {
