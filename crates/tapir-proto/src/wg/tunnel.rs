@@ -478,6 +478,23 @@ impl Peer {
         self.passive_keepalive_at = None;
     }
 
+    /// A data message of `bytes` from `from` authenticated, its plaintext
+    /// `plain` bytes (0: a keepalive): the peer roams there, and is alive.
+    fn received_data(&mut self, now: Instant, from: SocketAddr, bytes: usize, plain: usize) {
+        self.endpoint = Some(from);
+        self.last_received = Some(now);
+        self.stats.rx_bytes += bytes as u64;
+        // Any authenticated packet, keepalives included, shows the peer is alive.
+        self.last_data_sent = None;
+        if plain > 0 {
+            self.last_data_received = Some(now);
+            // Armed once per silence, as the kernel does: a steady one-way stream
+            // still gets a keepalive back every KEEPALIVE_TIMEOUT.
+            self.passive_keepalive_at
+                .get_or_insert_with(|| now + KEEPALIVE_TIMEOUT);
+        }
+    }
+
     fn usable(&self, now: Instant) -> bool {
         self.current.as_ref().is_some_and(|t| !expired(t, now))
     }
@@ -1044,6 +1061,51 @@ impl Tunnel {
         }
     }
 
+    /// [`Tunnel::decapsulate`] in one pass for the commonest datagram, a
+    /// lone data message for its peer's current session in tun mode (a
+    /// ping, an ACK), opened in place with the tunnel at hand: no opening
+    /// handed out and looked up again. `None` for anything that needs more
+    /// (a handshake message, another session, a rekey due on receipt, a
+    /// rate limit, tap mode): nothing has changed, and
+    /// [`Tunnel::decapsulate`] (or [`Tunnel::receive`]) takes it.
+    pub fn decapsulate_lone(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Option<Decapsulated> {
+        let msg = buf.get_mut(..len)?;
+        if self.layer != Layer::Ip || messages::kind(msg) != Some(Kind::Data) {
+            return None;
+        }
+        let receiver = messages::read_u32(msg, field::DATA_RECEIVER);
+        let &p = self.by_index.get(&receiver)?;
+        let peer = &mut self.peers[p];
+        if peer.rx_shaper.is_some() {
+            return None;
+        }
+        let t = peer
+            .current
+            .as_mut()
+            .filter(|t| t.session.local_index == receiver)?;
+        if expired(t, now) || (t.session.initiator && now >= t.rekeys_on_receipt_at) {
+            return None;
+        }
+        let plain = match t.session.open(msg) {
+            Ok(n) => n,
+            Err(e) => {
+                peer.stats.dropped += 1;
+                return Some(Decapsulated::Dropped(DropReason::Session(e)));
+            }
+        };
+        peer.received_data(now, from, len, plain);
+        if plain == 0 {
+            return Some(Decapsulated::Nothing); // keepalive
+        }
+        Some(self.classify(now, p, msg, messages::DATA_HEADER_LEN, plain))
+    }
+
     /// The first half of [`Tunnel::decapsulate`]: handshakes and cookies are
     /// handled whole; a data message for one of our sessions whose counter
     /// is fresh comes back to be opened.
@@ -1330,20 +1392,10 @@ impl Tunnel {
         if slot == 2 {
             self.confirm_next(p);
         }
-        let peer = &mut self.peers[p];
-        peer.endpoint = Some(from);
-        peer.last_received = Some(now);
-        peer.stats.rx_bytes += msg.len() as u64;
-        // Any authenticated packet, keepalives included, shows the peer is alive.
-        peer.last_data_sent = None;
+        self.peers[p].received_data(now, from, msg.len(), plain);
         if plain == 0 {
             return Decapsulated::Nothing; // keepalive
         }
-        peer.last_data_received = Some(now);
-        // Armed once per silence, as the kernel does: a steady one-way stream
-        // still gets a keepalive back every KEEPALIVE_TIMEOUT.
-        peer.passive_keepalive_at
-            .get_or_insert_with(|| now + KEEPALIVE_TIMEOUT);
         // Whitepaper §6.2: an initiator whose session nears its end rekeys on receipt.
         if rekey_on_receipt {
             self.initiate(p, now, wall, rng);

@@ -1306,17 +1306,21 @@ impl<'a> Inbound<'a> {
         wall: Duration,
     ) {
         let mut t = shared.tunnel();
-        let opening = match t.receive(now, wall, &mut self.rng, from, slot, len) {
-            Received::Open(opening) => opening,
-            Received::Done(Decapsulated::Dropped(_)) => return,
-            Received::Done(_) => return out.authenticated(from),
+        let d = match t.decapsulate_lone(now, from, slot, len) {
+            Some(d) => d,
+            None => match t.receive(now, wall, &mut self.rng, from, slot, len) {
+                Received::Open(opening) => {
+                    let opened = opening.open(&mut slot[..len]);
+                    let msg = &slot[..len];
+                    t.accept(now, wall, &mut self.rng, from, opening, opened, msg)
+                }
+                Received::Done(d) => d,
+            },
         };
-        let opened = opening.open(&mut slot[..len]);
-        let msg = &slot[..len];
-        let d = t.accept(now, wall, &mut self.rng, from, opening, opened, msg);
         if matches!(d, Decapsulated::Dropped(_)) {
             return;
         }
+        let msg = &slot[..len];
         let deliver = self.dispatch(&mut t, d, msg, out, now, wall);
         out.authenticated(from);
         drop(t);
