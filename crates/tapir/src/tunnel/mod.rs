@@ -1308,14 +1308,7 @@ impl<'a> Inbound<'a> {
         let mut t = shared.tunnel();
         let d = match t.decapsulate_lone(now, from, slot, len) {
             Some(d) => d,
-            None => match t.receive(now, wall, &mut self.rng, from, slot, len) {
-                Received::Open(opening) => {
-                    let opened = opening.open(&mut slot[..len]);
-                    let msg = &slot[..len];
-                    t.accept(now, wall, &mut self.rng, from, opening, opened, msg)
-                }
-                Received::Done(d) => d,
-            },
+            None => decapsulate_whole(&mut t, now, wall, &mut self.rng, from, slot, len),
         };
         if matches!(d, Decapsulated::Dropped(_)) {
             return;
@@ -1373,6 +1366,22 @@ impl<'a> Inbound<'a> {
         }
         self.held = held;
     }
+}
+
+/// [`Tunnel::decapsulate`] with the tunnel locked, for what
+/// [`Tunnel::decapsulate_lone`] leaves (handshakes, rekeys, rate limits):
+/// out of line, so that a lone data message's path stays small.
+#[inline(never)]
+fn decapsulate_whole(
+    t: &mut Tunnel,
+    now: Instant,
+    wall: Duration,
+    rng: &mut OsRandom,
+    from: SocketAddr,
+    slot: &mut [u8],
+    len: usize,
+) -> Decapsulated {
+    t.decapsulate(now, wall, rng, from, slot, len)
 }
 
 /// Threads per direction over UDP: one each (device to network; network
