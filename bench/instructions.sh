@@ -21,7 +21,8 @@
 # access traced; COUNT defaults to 100; tapir and the floor: VTun's
 # handshake times out that slowed down): the 64-byte lines of code and of
 # data (stack included) touched in at least 80% of the pings, and the 4 KiB
-# pages they lie in. With pings far apart (bench/ping.sh sends them 2 ms
+# pages they lie in; with TOP=N, the N functions whose lines they are at
+# end a (a data line goes to the function that touched it most). With pings far apart (bench/ping.sh sends them 2 ms
 # apart) each wake-up finds most of them cold, and each costs a miss: on
 # the 2-core development machine a ping's time through a tunnel grew with
 # the lines it touched more than with its instructions.
@@ -159,13 +160,21 @@ footprint() {
     for s in a b; do
         f=$(awk -v s="$s" 'NR == FNR { from[$2] = $1; next } $2 ~ ("\\." s "\\.[0-9]+$") { d = $1 - from[$2]; if (d > best) { best = d; f = $2 } } END { print f }' "$work/$t.from" "$work/$t.to")
         [[ -n $f ]] || { row+=(- - - -); continue; }
-        row+=($(python3 - "$f" "$(awk -v f="$f" '$2 == f { print $1 }' "$work/$t.from")" "$(awk -v f="$f" '$2 == f { print $1 }' "$work/$t.to")" "$got" <<'PY'
-import sys, collections
+        local bin=$tapir top=0
+        [[ $t == floor ]] && bin=$floor
+        [[ $s == a ]] && top=$TOP
+        row+=($(python3 - "$f" "$(awk -v f="$f" '$2 == f { print $1 }' "$work/$t.from")" "$(awk -v f="$f" '$2 == f { print $1 }' "$work/$t.to")" "$got" "$bin" "$top" <<'PY'
+import sys, collections, subprocess, bisect, re
 path, start, end, pings = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+binary, top = sys.argv[5], int(sys.argv[6])
 with open(path, 'rb') as fh:
     fh.seek(start)
     records = fh.read(end - start).decode(errors='replace').splitlines()[1:-1]
 code, data = collections.Counter(), collections.Counter()
+# Which instruction touched each data line (the last 'I' before it), and
+# the first instruction seen in each code line.
+who, first = collections.defaultdict(collections.Counter), {}
+ip = 0
 for r in records:
     kind, _, rest = r.strip().partition(' ')
     if kind not in ('I', 'L', 'S', 'M'):
@@ -175,11 +184,36 @@ for r in records:
         addr, size = int(addr, 16), int(size)
     except ValueError:
         continue
+    if kind == 'I':
+        ip = addr
+        first.setdefault(addr >> 6, addr)
+    elif top:
+        who[addr >> 6][ip] += 1
     for line in {addr >> 6, (addr + size - 1) >> 6}:
         (code if kind == 'I' else data)[line] += 1
 hot = lambda c: {l for l, n in c.items() if n >= 0.8 * pings}
 hc, hd = hot(code), hot(data)
 print(len(hc), len(hd), len({l >> 6 for l in hc}), len({l >> 6 for l in hd}))
+if top:
+    # TOP=N: the functions those lines belong to, by their symbols
+    # (valgrind loads a position-independent program at 0x108000).
+    syms = []
+    nm = subprocess.run(['nm', '-C', '--defined-only', '-n', binary], capture_output=True, text=True).stdout
+    for l in nm.splitlines():
+        p = l.split(' ', 2)
+        if len(p) == 3 and p[1] in 'tTwW':
+            syms.append((int(p[0], 16) + 0x108000, re.sub(r'::h[0-9a-f]{16}$', '', p[2])))
+    starts = [a for a, _ in syms]
+    def name(a):
+        i = bisect.bisect_right(starts, a) - 1
+        if i < 0 or a - starts[i] > 1 << 20:
+            return '(outside the program: libc, the vDSO)'
+        return syms[i][1]
+    c = collections.Counter(name(first.get(l, l << 6)) for l in hc)
+    d = collections.Counter(name(who[l].most_common(1)[0][0]) if who[l] else '?' for l in hd)
+    print('    code  data  (lines touched at end a, by function)', file=sys.stderr)
+    for f in sorted(set(c) | set(d), key=lambda f: -(c[f] + d[f]))[:top]:
+        print('    %4d  %4d  %s' % (c[f], d[f], f[:100]), file=sys.stderr)
 PY
 ))
     done
