@@ -328,7 +328,7 @@ impl Batch {
     /// the batch's headers (a lone datagram, a ping, touches its slot and
     /// a header on the stack only); `None` when none is waiting. Its
     /// length, sender, and segment size if the kernel coalesced it
-    /// (`UDP_GRO`): [`Batch::set_received_gro`] records such a one in slot
+    /// (`UDP_GRO`): [`Batch::set_received_one`] records such a one in slot
     /// 0 for the batch's own reading.
     pub fn recv_one(&mut self, fd: BorrowedFd<'_>) -> io::Result<Option<One>> {
         let mut from = empty_sockaddr();
@@ -337,8 +337,7 @@ impl Batch {
             iov_base: self.data.as_mut_ptr().cast(),
             iov_len: self.slot,
         };
-        // SAFETY: msghdr is a plain C struct of integers and pointers; all-zero is valid.
-        let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+        let mut h = zeroed_mmsghdr().msg_hdr;
         h.msg_name = (&mut from as *mut libc::sockaddr_in6).cast();
         h.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
         h.msg_iov = &mut iov;
@@ -383,8 +382,7 @@ impl Batch {
         patience: std::time::Duration,
     ) -> Sent {
         let to = to_sockaddr(to);
-        let at = i.min(self.capacity() - 1) * self.slot;
-        let datagram = &self.data[at..at + len.min(self.slot)];
+        let datagram = &self.data[i * self.slot..i * self.slot + len.min(self.slot)];
         let mut patience = Patience::new(patience);
         let mut out = Sent {
             messages: 1,
