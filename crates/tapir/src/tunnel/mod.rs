@@ -741,6 +741,10 @@ impl<'a> Outbox<'a> {
     }
 
     fn send_pending(&mut self, now: Instant) {
+        // TCP frames every datagram from the batch's records.
+        if self.pending == 1 && matches!(self.link, Link::Tcp(_)) {
+            self.record_first();
+        }
         match &mut self.link {
             Link::Udp(socket) => {
                 let was = self.gso_on;
@@ -767,15 +771,16 @@ impl<'a> Outbox<'a> {
                     );
                 }
             }
-            Link::Tcp(t) => {
-                if self.pending == 1 {
-                    let (to, len) = self.first;
-                    self.tx.set(0, len, &to);
-                }
-                t.send(&self.tx, self.pending, now)
-            }
+            Link::Tcp(t) => t.send(&self.tx, self.pending, now),
         }
         self.pending = 0;
+    }
+
+    /// Writes the first datagram's length and destination, kept aside
+    /// while it was alone, into the batch's records for slot 0.
+    fn record_first(&mut self) {
+        let (to, len) = self.first;
+        self.tx.set(0, len, &to);
     }
 
     /// Slot `pending` holds a datagram of `len` bytes for `to`: queue it.
@@ -785,8 +790,7 @@ impl<'a> Outbox<'a> {
             0 => self.first = (to, len),
             n => {
                 if n == 1 {
-                    let (to, len) = self.first;
-                    self.tx.set(0, len, &to);
+                    self.record_first();
                 }
                 self.tx.set(n, len, &to);
             }
