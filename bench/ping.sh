@@ -8,9 +8,12 @@
 #   ns N-a: va 10.201.0.1 ── veth ── vb 10.201.0.2 :ns N-b     (one pair per tunnel)
 #           tunnel 10.78.0.1 ═══════ tunnel 10.78.0.2
 #
-# Tunnels (PINGS, default all): tapir, tapir_tap, tapir_tcp, vtun,
+# Tunnels (PINGS, default all; spaces or commas): tapir, tapir_tap, tapir_tcp, vtun,
 # vtun_ether, vtun_tcp (VTun without encryption), floor (bench/floor: the
-# least an encrypting tunnel does, not a tunnel), boringtun (boringtun-cli).
+# least an encrypting tunnel does, not a tunnel), boringtun (boringtun-cli);
+# floor+CHOICE+... is the floor using the kernel as tapir does, one choice
+# at a time (epoll, v6, recvmsg, gro, vnet; floor+tapir: all of them, see
+# bench/floor): what those cost a ping, apart from tapir's own work.
 # Prints the median, 25th and 75th percentiles of each, and the mean of the
 # middle 80% in µs (ping prints whole µs: the median moves in steps of one,
 # the mean of thousands shows differences of a few tenths). Installs what is
@@ -106,10 +109,11 @@ CONF
     ip netns exec "$tag-$k-a" vtund -n -f "$work/v$k-a.conf" demo 10.201.0.2 >"$work/v$k-a.log" 2>&1 & pids+=($!)
 }
 
+# floor K [CHOICES]: the floor, using the kernel as FLOOR_WITH=CHOICES says.
 floor_up() {
     local k=$1 s
-    ip netns exec "$tag-$k-b" "$floor" floor0 5555 10.201.0.1:5555 2>"$work/f$k-b.log" & pids+=($!)
-    ip netns exec "$tag-$k-a" "$floor" floor0 5555 10.201.0.2:5555 2>"$work/f$k-a.log" & pids+=($!)
+    ip netns exec "$tag-$k-b" env FLOOR_WITH="${2:-}" "$floor" floor0 5555 10.201.0.1:5555 2>"$work/f$k-b.log" & pids+=($!)
+    ip netns exec "$tag-$k-a" env FLOOR_WITH="${2:-}" "$floor" floor0 5555 10.201.0.2:5555 2>"$work/f$k-a.log" & pids+=($!)
     for _ in $(seq 50); do ip -n "$tag-$k-a" link show floor0 >/dev/null 2>&1 && ip -n "$tag-$k-b" link show floor0 >/dev/null 2>&1 && break; sleep 0.1; done
     for s in a b; do
         ip -n "$tag-$k-$s" addr add 10.78.0."$([[ $s == a ]] && echo 1 || echo 2)"/24 dev floor0
@@ -135,9 +139,14 @@ boringtun_up() {
     done
 }
 
-tunnels=${PINGS:-"tapir vtun floor boringtun tapir_tap vtun_ether tapir_tcp vtun_tcp"}
+tunnels=${PINGS:-"tapir vtun floor floor+tapir boringtun tapir_tap vtun_ether tapir_tcp vtun_tcp"}
+tunnels=${tunnels//,/ }
 declare -A label=([tapir]=tapir [tapir_tap]="tapir tap" [tapir_tcp]="tapir TCP" [vtun]="VTun (no crypto)"
     [vtun_ether]="VTun ether (no crypto)" [vtun_tcp]="VTun TCP (no crypto)" [floor]="encrypting floor" [boringtun]=boringtun-cli)
+for t in $tunnels; do
+    [[ $t == floor+* ]] && label[$t]="floor ${t#floor}"
+    [[ -n ${label[$t]:-} ]] || { echo "bench/ping.sh: PINGS names an unknown tunnel '$t'; known: ${!label[*]}" >&2; exit 2; }
+done
 up=(); k=0
 for t in $tunnels; do
     k=$((k + 1))
@@ -150,8 +159,8 @@ for t in $tunnels; do
         vtun_ether) vtun_up $k ether udp ;;
         vtun_tcp) vtun_up $k tun tcp ;;
         floor) floor_up $k ;;
+        floor+*) floor_up $k "${t#floor+}" ;;
         boringtun) boringtun_up $k ;;
-        *) echo "unknown tunnel $t" >&2; continue ;;
     esac
     up+=("$k:$t")
 done

@@ -13,17 +13,85 @@
 //! Run: `tapir-floor DEVICE LISTEN_PORT PEER_ADDR:PORT` (a tun device of
 //! that name is created; give it an address and an MTU 32 bytes below the
 //! path's).
+//!
+//! `FLOOR_WITH` (a `+`-separated list) makes the same loop use the kernel
+//! the way tapir does, one choice at a time, so that `bench/ping.sh` can
+//! tell what each costs a ping apart from tapir's own work:
+//! - `epoll`: waits with `epoll_wait` on a kept set of four descriptors
+//!   (the device, the socket, a timerfd and an eventfd, as tapir's packet
+//!   loop: its deadline and its bell), not `poll(2)` on two;
+//! - `v6`: one dual-stack socket (`[::]`, the peer as a v4-mapped address);
+//! - `recvmsg`: receives with `recvmsg(2)`, the sender's address and a
+//!   control buffer (tapir needs both: roaming, and the segment size of a
+//!   coalesced receive), not `recv(2)`;
+//! - `gro`: `UDP_GRO` on the socket (implies `recvmsg`);
+//! - `vnet`: the device with a virtio-net header and TSO offloads (for
+//!   pings only: this floor neither completes checksums nor cuts
+//!   super-packets, so TCP and UDP through it fail).
+//!
+//! `tapir` stands for all five.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 
 /// Counter (8 bytes, after 8 of padding), then the sealed packet and its tag.
 const HEADER: usize = 16;
 const TAG: usize = 16;
+/// The virtio-net header before each packet on a device made with `vnet`.
+const VNET: usize = 10;
+/// `UDP_GRO` (linux/udp.h).
+const UDP_GRO: libc::c_int = 104;
 
-fn tun(name: &str) -> std::io::Result<OwnedFd> {
+/// The kernel-side choices of `FLOOR_WITH`.
+#[derive(Default)]
+struct With {
+    epoll: bool,
+    v6: bool,
+    recvmsg: bool,
+    gro: bool,
+    vnet: bool,
+}
+
+impl With {
+    fn parse(s: &str) -> Result<Self, String> {
+        let mut w = With::default();
+        for word in s.split('+').filter(|w| !w.is_empty()) {
+            match word {
+                "epoll" => w.epoll = true,
+                "v6" => w.v6 = true,
+                "recvmsg" => w.recvmsg = true,
+                "gro" => (w.gro, w.recvmsg) = (true, true),
+                "vnet" => w.vnet = true,
+                "tapir" => {
+                    w = With {
+                        epoll: true,
+                        v6: true,
+                        recvmsg: true,
+                        gro: true,
+                        vnet: true,
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "FLOOR_WITH: unknown choice '{word}' (known: epoll, v6, recvmsg, gro, vnet, tapir)"
+                    ));
+                }
+            }
+        }
+        Ok(w)
+    }
+}
+
+fn check(r: libc::c_int, what: &str) -> RawFd {
+    if r < 0 {
+        panic!("{what}: {}", std::io::Error::last_os_error());
+    }
+    r
+}
+
+fn tun(name: &str, vnet: bool) -> std::io::Result<OwnedFd> {
     // SAFETY: a plain open(2) of a NUL-terminated path.
     let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK) };
     if fd < 0 {
@@ -40,10 +108,27 @@ fn tun(name: &str) -> std::io::Result<OwnedFd> {
     {
         *d = s as libc::c_char;
     }
-    ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    let vnet_flag = if vnet { libc::IFF_VNET_HDR } else { 0 };
+    ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI | vnet_flag) as libc::c_short;
     // SAFETY: TUNSETIFF reads and writes one live ifreq.
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
         return Err(std::io::Error::last_os_error());
+    }
+    if vnet {
+        let size = VNET as libc::c_int;
+        let offloads = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+        // SAFETY: TUNSETVNETHDRSZ reads one live int; TUNSETOFFLOAD takes its flags by value.
+        let ok = unsafe {
+            libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) == 0
+                && libc::ioctl(
+                    fd.as_raw_fd(),
+                    libc::TUNSETOFFLOAD,
+                    offloads as libc::c_ulong,
+                ) == 0
+        };
+        if !ok {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     Ok(fd)
 }
@@ -54,47 +139,178 @@ fn nonce(counter: u64) -> Nonce {
     Nonce::assume_unique_for_key(n)
 }
 
+/// How the loop waits: `poll(2)` on the device and the socket, or an
+/// epoll set that also holds an idle timerfd and eventfd.
+enum Wait {
+    Poll([libc::pollfd; 2]),
+    /// The set, and the two descriptors it holds that never fire (kept
+    /// open: epoll drops a closed one).
+    Epoll(OwnedFd, #[allow(dead_code)] [OwnedFd; 2]),
+}
+
+impl Wait {
+    fn new(epoll: bool, dev: RawFd, socket: RawFd) -> Self {
+        let fds = [dev, socket];
+        if !epoll {
+            return Wait::Poll(fds.map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            }));
+        }
+        // SAFETY: descriptor-creating calls with no pointers but a live
+        // itimerspec (read by timerfd_settime) and live epoll_events (read
+        // by epoll_ctl); each descriptor is owned by nobody else.
+        unsafe {
+            let ep = OwnedFd::from_raw_fd(check(libc::epoll_create1(libc::EPOLL_CLOEXEC), "epoll"));
+            let timer = check(
+                libc::timerfd_create(
+                    libc::CLOCK_MONOTONIC,
+                    libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+                ),
+                "timerfd",
+            );
+            let far = libc::itimerspec {
+                it_interval: libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                },
+                it_value: libc::timespec {
+                    tv_sec: 3600,
+                    tv_nsec: 0,
+                },
+            };
+            check(
+                libc::timerfd_settime(timer, 0, &far, std::ptr::null_mut()),
+                "timerfd",
+            );
+            let bell = check(
+                libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC),
+                "eventfd",
+            );
+            for (i, fd) in [dev, socket, timer, bell].into_iter().enumerate() {
+                let mut ev = libc::epoll_event {
+                    events: libc::EPOLLIN as u32,
+                    u64: i as u64,
+                };
+                check(
+                    libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev),
+                    "epoll_ctl",
+                );
+            }
+            Wait::Epoll(
+                ep,
+                [OwnedFd::from_raw_fd(timer), OwnedFd::from_raw_fd(bell)],
+            )
+        }
+    }
+
+    /// Waits for the device or the socket: whether each is readable.
+    fn wait(&mut self) -> [bool; 2] {
+        match self {
+            Wait::Poll(fds) => {
+                // SAFETY: poll reads and writes two live pollfds.
+                if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+                    return [false; 2];
+                }
+                [fds[0].revents != 0, fds[1].revents != 0]
+            }
+            Wait::Epoll(ep, _) => {
+                let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
+                // SAFETY: epoll_wait writes at most 4 events into a live array.
+                let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), evs.as_mut_ptr(), 4, -1) };
+                let mut ready = [false; 2];
+                for e in &evs[..usize::try_from(n).unwrap_or(0)] {
+                    if let Some(r) = ready.get_mut(e.u64 as usize) {
+                        *r = true;
+                    }
+                }
+                ready
+            }
+        }
+    }
+}
+
+/// One datagram into `buf`: by `recv(2)`, or by `recvmsg(2)` with the
+/// sender's address and a control buffer.
+fn receive(socket: &UdpSocket, buf: &mut [u8], with_msg: bool) -> Option<usize> {
+    if !with_msg {
+        return socket.recv(buf).ok();
+    }
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = [0u64; 8];
+    // SAFETY: sockaddr_in6 and msghdr are plain data; all-zero is valid.
+    let mut from: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+    h.msg_name = (&raw mut from).cast();
+    h.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    h.msg_iov = &mut iov;
+    h.msg_iovlen = 1;
+    h.msg_control = control.as_mut_ptr().cast();
+    h.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: recvmsg writes within the live buffers h points to.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut h, 0) };
+    usize::try_from(n).ok()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let [_, name, port, peer] = &args[..] else {
         eprintln!("usage: tapir-floor DEVICE LISTEN_PORT PEER_ADDR:PORT");
         std::process::exit(2);
     };
-    let dev = tun(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let with = With::parse(&std::env::var("FLOOR_WITH").unwrap_or_default()).unwrap_or_else(|e| {
+        eprintln!("tapir-floor: {e}");
+        std::process::exit(2);
+    });
+    let dev = tun(name, with.vnet).unwrap_or_else(|e| panic!("{name}: {e}"));
     let port: u16 = port.parse().expect("LISTEN_PORT: a port number");
-    let peer: SocketAddr = peer.parse().expect("PEER_ADDR:PORT");
-    let socket = UdpSocket::bind(("0.0.0.0", port)).expect("bind");
+    let mut peer: SocketAddr = peer.parse().expect("PEER_ADDR:PORT");
+    let socket = if with.v6 {
+        if let SocketAddr::V4(a) = peer {
+            peer = SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port());
+        }
+        UdpSocket::bind(("::", port)).expect("bind")
+    } else {
+        UdpSocket::bind(("0.0.0.0", port)).expect("bind")
+    };
     socket.set_nonblocking(true).expect("non-blocking");
+    if with.gro {
+        let on: libc::c_int = 1;
+        let size = std::mem::size_of_val(&on) as libc::socklen_t;
+        // SAFETY: setsockopt reads one live int.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_UDP,
+                UDP_GRO,
+                (&raw const on).cast(),
+                size,
+            )
+        };
+        check(r, "UDP_GRO");
+    }
     let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &[7; 32]).expect("key"));
+    // The packet starts at HEADER; a virtio-net header, when there is
+    // one, comes just before it.
+    let vh = if with.vnet { VNET } else { 0 };
     let mut buf = vec![0u8; HEADER + 65536 + TAG];
     let mut sent: u64 = 0;
-    let mut fds = [
-        libc::pollfd {
-            fd: dev.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: socket.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+    let mut wait = Wait::new(with.epoll, dev.as_raw_fd(), socket.as_raw_fd());
     loop {
-        // SAFETY: poll reads and writes two live pollfds.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
-            continue;
-        }
-        if fds[0].revents != 0 {
+        let [dev_ready, socket_ready] = wait.wait();
+        if dev_ready {
             loop {
-                let room = &mut buf[HEADER..HEADER + 65536];
+                let room = &mut buf[HEADER - vh..HEADER + 65536];
                 // SAFETY: read writes at most room.len() bytes into room.
                 let n =
                     unsafe { libc::read(dev.as_raw_fd(), room.as_mut_ptr().cast(), room.len()) };
-                if n <= 0 {
+                let Some(n) = usize::try_from(n).ok().and_then(|n| n.checked_sub(vh)) else {
                     break;
-                }
-                let n = n as usize;
+                };
                 sent += 1;
                 buf[8..HEADER].copy_from_slice(&sent.to_le_bytes());
                 let packet = &mut buf[HEADER..HEADER + n];
@@ -106,8 +322,8 @@ fn main() {
                 let _ = socket.send_to(&buf[..HEADER + n + TAG], peer);
             }
         }
-        if fds[1].revents != 0 {
-            while let Ok(n) = socket.recv(&mut buf) {
+        if socket_ready {
+            while let Some(n) = receive(&socket, &mut buf, with.recvmsg) {
                 if n < HEADER + TAG {
                     continue;
                 }
@@ -117,8 +333,12 @@ fn main() {
                 else {
                     continue;
                 };
-                // SAFETY: write reads packet.len() bytes from a live slice.
-                unsafe { libc::write(dev.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
+                let len = packet.len();
+                // A virtio-net header of zeros: nothing offloaded.
+                buf[HEADER - vh..HEADER].fill(0);
+                let frame = &buf[HEADER - vh..HEADER + len];
+                // SAFETY: write reads frame.len() bytes from a live slice.
+                unsafe { libc::write(dev.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
             }
         }
     }
