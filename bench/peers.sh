@@ -10,8 +10,8 @@
 #   ns a: va 10.201.0.1 ── veth (MTU 1500) ── vb 10.201.0.2 :ns b
 #         tunnel 10.78.0.1 ══════════════════ tunnel 10.78.0.2
 #
-# Prints a table with each figure (throughput, ping, and the wake-ups per
-# second of an idle tunnel), tapir's ratio to the best userspace peer and
+# Prints a table with each figure (throughput, ping alone and during the
+# 1-stream transfer, and the wake-ups per second of an idle tunnel), tapir's ratio to the best userspace peer and
 # to the raw veth, and tapir's RSS and CPU. A peer that cannot be set up is
 # reported with the reason. Installs what is missing (Debian packages; the two
 # Rust peers with cargo install). SECONDS_PER_RUN (default 10).
@@ -81,13 +81,21 @@ wakes() {
     awk -v a="$w0" -v b="$w1" -v t="$IDLE" 'BEGIN { printf "%.1f", (b - a) / t }'
 }
 
-# iperf STREAMS DST -> Gbit/s (0.00 on failure)
+# iperf STREAMS DST [FILE] -> Gbit/s (0.00 on failure). With FILE, DST is
+# pinged every 10 ms during the transfer (from its second second to its
+# last) and the median written there, in ms: what a ping (a call, a game)
+# waits behind the transfer's queues.
 iperf() {
     ip netns exec $b iperf3 -s -1 -B "$2" >/dev/null 2>&1 & local sp=$!
     sleep 0.3
-    local bps
+    local bps pp=
+    if [[ -n ${3:-} ]]; then
+        (sleep 1; ip netns exec $a ping -c $(((T - 2) * 100)) -i 0.01 "$2" 2>/dev/null | sed -n 's/.*time=\([0-9.]*\).*/\1/p' | sort -n |
+            awk '{ v[NR] = $1 } END { if (NR) printf "%.3f", v[int((NR + 1) / 2)] }' > "$3") & pp=$!
+    fi
     bps=$(timeout $((T + 20)) ip netns exec $a iperf3 -c "$2" -t "$T" -P "$1" -J 2>/dev/null |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"])' 2>/dev/null || echo 0)
+    [[ -n $pp ]] && wait $pp 2>/dev/null
     kill $sp 2>/dev/null; wait $sp 2>/dev/null
     awk -v b="$bps" 'BEGIN { printf "%.2f", b / 1e9 }'
 }
@@ -242,7 +250,7 @@ peers=${PEERS:-"veth tapir tapir_1t tapir_nogso tapir_nogro tapir_nouo wggo bori
 declare -A label=([veth]="raw veth" [tapir]=tapir [tapir_1t]="tapir, one thread" [tapir_nogso]="tapir, no UDP GSO" [tapir_nogro]="tapir, no UDP GRO" [tapir_nouo]="tapir, no UDP GSO/GRO" [wggo]=wireguard-go [boringtun]=boringtun-cli [gotatun]=gotatun-cli [openvpn]="OpenVPN AES-256-GCM" [vtun]="VTun (no crypto)" [floor]="encrypting floor"
     [tapir_tap]="tapir tap" [openvpn_tap]="OpenVPN tap AES-GCM" [tinc]="tinc switch" [vtun_ether]="VTun ether (no crypto)"
     [tapir_tcp]="tapir TCP" [openvpn_tcp]="OpenVPN TCP AES-GCM" [vtun_tcp]="VTun TCP (no crypto)")
-declare -A one four ms idle note
+declare -A one four ms loaded idle note
 tapir_rss=; tapir_cpu=
 for p in $peers; do
     echo "measuring ${label[$p]}..." >&2
@@ -252,7 +260,9 @@ for p in $peers; do
         if [[ $p == tapir ]]; then
             ticks0=$(awk '{print $14 + $15}' /proc/$TAPIR_PID/stat 2>/dev/null || echo 0); t0=$(date +%s.%N)
         fi
-        one[$p]=$(iperf 1 "$DST")
+        rm -f "$work/loaded"
+        one[$p]=$(iperf 1 "$DST" "$work/loaded")
+        loaded[$p]=$(cat "$work/loaded" 2>/dev/null)
         if [[ $p == tapir ]]; then
             ticks1=$(awk '{print $14 + $15}' /proc/$TAPIR_PID/stat 2>/dev/null || echo 0); t1=$(date +%s.%N)
             tapir_cpu=$(awk -v a="$ticks0" -v b="$ticks1" -v s="$t0" -v e="$t1" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.0f%%", (b - a) / hz / (e - s) * 100 }')
@@ -274,11 +284,12 @@ for p in wggo boringtun gotatun openvpn vtun; do
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0) printf "%.2f", a / b; else print "-" }'; }
 printf '\nSame machine, same run; iperf3 TCP %s s per figure; veth MTU 1500.\n\n' "$T"
-printf '| %-22s | %10s | %10s | %10s | %12s | %s\n' peer "1 stream" "4 streams" "RTT ms p50" "idle wakes/s" status
-printf '|%s|%s|%s|%s|%s|%s\n' "------------------------" "------------" "------------" "------------" "--------------" "------"
+printf '| %-22s | %10s | %10s | %10s | %10s | %12s | %s\n' peer "1 stream" "4 streams" "RTT ms p50" "loaded p50" "idle wakes/s" status
+printf '|%s|%s|%s|%s|%s|%s|%s\n' "------------------------" "------------" "------------" "------------" "------------" "--------------" "------"
 for p in $peers; do
-    printf '| %-22s | %10s | %10s | %10s | %12s | %s\n' "${label[$p]}" "${one[$p]:--}" "${four[$p]:--}" "${ms[$p]:--}" "${idle[$p]:--}" "${note[$p]:-ok}"
+    printf '| %-22s | %10s | %10s | %10s | %10s | %12s | %s\n' "${label[$p]}" "${one[$p]:--}" "${four[$p]:--}" "${ms[$p]:--}" "${loaded[$p]:--}" "${idle[$p]:--}" "${note[$p]:-ok}"
 done
+printf '\nloaded p50: the median RTT of pings 10 ms apart during the 1-stream transfer.\n'
 printf '\nGbit/s. tapir / best userspace peer (%s, 1 stream): %s; tapir / raw veth: %s\n' \
     "${bestname:-none}" "$(ratio "${one[tapir]:-0}" "$best")" "$(ratio "${one[tapir]:-0}" "${one[veth]:-0}")"
 lo=; loname=
