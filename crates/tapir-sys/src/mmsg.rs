@@ -64,22 +64,9 @@ fn set_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: lib
 
 /// Reads an int socket option.
 fn get_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most len bytes into a live local.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value)
+    let mut b = [0u8; std::mem::size_of::<libc::c_int>()];
+    raw::getsockopt(fd, level, name, &mut b)?;
+    Ok(libc::c_int::from_ne_bytes(b))
 }
 
 /// Asks for socket buffers of `bytes` each way: past the system's limits
@@ -110,27 +97,16 @@ pub fn set_buffer_sizes(fd: BorrowedFd<'_>, bytes: usize) -> (usize, usize) {
 /// Packets the kernel dropped at this socket since it was made (its
 /// receive buffer full, mostly): `SO_MEMINFO`'s drop count.
 pub fn socket_drops(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    // (The kernel fills what fits of its array: 9 entries or more.)
-    let mut info = [0u32; 16];
-    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
-    // SAFETY: getsockopt writes at most len bytes into a live array.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MEMINFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
+    // (The kernel fills what fits of its array of u32s: 9 entries or more.)
+    let mut b = [0u8; 64];
+    let len = raw::getsockopt(fd, libc::SOL_SOCKET, libc::SO_MEMINFO, &mut b)?;
+    let at = libc::SK_MEMINFO_DROPS as usize * 4;
+    match b.get(at..at + 4).filter(|_| len >= at + 4) {
+        Some(d) => Ok(u64::from(u32::from_ne_bytes(
+            d.try_into().expect("4 bytes"),
+        ))),
+        None => Err(io::Error::from(io::ErrorKind::Unsupported)),
     }
-    let at = libc::SK_MEMINFO_DROPS as usize;
-    if (len as usize) < (at + 1) * std::mem::size_of::<u32>() {
-        return Err(io::Error::from(io::ErrorKind::Unsupported));
-    }
-    Ok(u64::from(info[at]))
 }
 
 /// What a batched send did.

@@ -84,20 +84,9 @@ pub fn peer_is_local(fd: std::os::fd::BorrowedFd<'_>) -> Option<bool> {
 
 /// The cookie of the network namespace that socket `fd` belongs to.
 fn netns_cookie(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a live local.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(cookie)
+    let mut b = [0u8; 8];
+    crate::raw::getsockopt(fd, libc::SOL_SOCKET, libc::SO_NETNS_COOKIE, &mut b).ok()?;
+    Some(u64::from_ne_bytes(b))
 }
 
 #[cfg(test)]

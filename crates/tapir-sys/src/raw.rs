@@ -185,6 +185,32 @@ pub fn epoll_wait(
     result(unsafe { syscall6(libc::SYS_epoll_pwait, a) })
 }
 
+/// `getsockopt(2)` into `buf`: returns how many bytes the kernel wrote
+/// (the option's value in the machine's byte order).
+pub fn getsockopt(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let mut len = libc::socklen_t::try_from(buf.len()).unwrap_or(libc::socklen_t::MAX);
+    // SAFETY: the kernel writes at most len bytes into a live, exclusively
+    // borrowed slice, and the length it wrote into a live local.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(len as usize)
+}
+
 /// `sendto(2)` of `buf` to `to`: one datagram without a header to fill.
 #[inline]
 pub fn sendto(fd: BorrowedFd<'_>, buf: &[u8], to: &libc::sockaddr_in6) -> io::Result<usize> {
