@@ -299,6 +299,14 @@ for p in wggo boringtun gotatun openvpn vtun; do
     if [[ -z $lo ]] || awk -v v="$v" -v b="$lo" 'BEGIN { exit !(v < b) }'; then lo=$v; loname=${label[$p]}; fi
 done
 printf 'ping, median: tapir %s ms; the quickest userspace peer (%s) %s ms\n' "${ms[tapir]:--}" "${loname:-none}" "${lo:--}"
+lo=; loname=
+for p in wggo boringtun gotatun openvpn vtun; do
+    v=${loaded[$p]:-}
+    [[ -n $v ]] || continue
+    if [[ -z $lo ]] || awk -v v="$v" -v b="$lo" 'BEGIN { exit !(v < b) }'; then lo=$v; loname=${label[$p]}; fi
+done
+printf 'ping during the 1-stream transfer, median: tapir %s ms (moving %s Gbit/s); the lowest userspace peer (%s) %s ms (moving %s)\n' \
+    "${loaded[tapir]:--}" "${one[tapir]:--}" "${loname:-none}" "${lo:--}" "$(for p in wggo boringtun gotatun openvpn vtun; do [[ ${label[$p]} == "$loname" ]] && echo "${one[$p]}"; done)"
 [[ -n ${ms[floor]:-} ]] && printf 'ping, median: the encrypting floor (bench/floor, not a tunnel) %s ms; VTun (no crypto) %s ms\n' "${ms[floor]}" "${ms[vtun]:--}"
 printf 'idle, wake-ups per second of both ends: tapir %s; %s\n' "${idle[tapir]:--}" \
     "$(for p in wggo boringtun gotatun openvpn vtun; do [[ -n ${idle[$p]:-} ]] && printf '%s %s, ' "${label[$p]}" "${idle[$p]}"; done | sed 's/, $//')"

@@ -183,5 +183,16 @@ for t in $tunnels; do
     if [[ -z $e ]]; then printf '| %-22s | not measured: did not carry a ping\n' "${label[$t]}"; continue; fi
     sort -n "$work/rtt.${e%%:*}" | awk -v l="${label[$t]}" '{ v[NR] = $1 } END {
         for (i = int(NR / 10) + 1; i <= int(NR * 9 / 10); i++) { sum += v[i]; n++ }
-        printf "| %-22s | %6.3f | %6.3f | %6.3f | %8.2f | %6d\n", l, v[int(NR / 4) + 1], v[int((NR + 1) / 2)], v[int(NR * 3 / 4)], sum / n * 1000, NR }'
+        printf "| %-22s | %6.3f | %6.3f | %6.3f | %8.2f | %6d\n", l, v[int(NR / 4) + 1], v[int((NR + 1) / 2)], v[int(NR * 3 / 4)], sum / n * 1000, NR
+        printf "%.2f", sum / n * 1000 > m }' m="$work/mean.$t"
 done
+# tapir against the others, on the means above.
+mean() { cat "$work/mean.$1" 2>/dev/null; }
+if [[ -n $(mean tapir) ]]; then
+    echo
+    for t in vtun floor+tapir floor boringtun; do
+        [[ -n $(mean "$t") ]] && awk -v a="$(mean tapir)" -v b="$(mean "$t")" -v l="${label[$t]}" \
+            'BEGIN { printf "tapir - %s: %+.2f µs (%+.1f%%)\n", l, a - b, (a - b) / b * 100 }'
+    done
+    [[ -n $(mean floor+tapir) ]] && echo "(floor +tapir: the floor using the kernel as tapir does, so that the difference is tapir's own work)"
+fi
