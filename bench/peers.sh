@@ -292,21 +292,23 @@ done
 printf '\nloaded p50: the median RTT of pings 10 ms apart during the 1-stream transfer.\n'
 printf '\nGbit/s. tapir / best userspace peer (%s, 1 stream): %s; tapir / raw veth: %s\n' \
     "${bestname:-none}" "$(ratio "${one[tapir]:-0}" "$best")" "$(ratio "${one[tapir]:-0}" "${one[veth]:-0}")"
-lo=; loname=
-for p in wggo boringtun gotatun openvpn vtun; do
-    v=${ms[$p]:-}
-    [[ -n $v ]] || continue
-    if [[ -z $lo ]] || awk -v v="$v" -v b="$lo" 'BEGIN { exit !(v < b) }'; then lo=$v; loname=${label[$p]}; fi
-done
-printf 'ping, median: tapir %s ms; the quickest userspace peer (%s) %s ms\n' "${ms[tapir]:--}" "${loname:-none}" "${lo:--}"
-lo=; loname=
-for p in wggo boringtun gotatun openvpn vtun; do
-    v=${loaded[$p]:-}
-    [[ -n $v ]] || continue
-    if [[ -z $lo ]] || awk -v v="$v" -v b="$lo" 'BEGIN { exit !(v < b) }'; then lo=$v; loname=${label[$p]}; fi
-done
+# lowest ARRAY: the userspace peer with the lowest figure in ARRAY (ms,
+# loaded), in $lowp ("none", a key of no array, if none has one).
+lowest() {
+    local -n of=$1
+    local p v lo=
+    lowp=none
+    for p in wggo boringtun gotatun openvpn vtun; do
+        v=${of[$p]:-}
+        [[ -n $v ]] || continue
+        if [[ -z $lo ]] || awk -v v="$v" -v b="$lo" 'BEGIN { exit !(v < b) }'; then lo=$v; lowp=$p; fi
+    done
+}
+lowest ms
+printf 'ping, median: tapir %s ms; the quickest userspace peer (%s) %s ms\n' "${ms[tapir]:--}" "${label[$lowp]:-none}" "${ms[$lowp]:--}"
+lowest loaded
 printf 'ping during the 1-stream transfer, median: tapir %s ms (moving %s Gbit/s); the lowest userspace peer (%s) %s ms (moving %s)\n' \
-    "${loaded[tapir]:--}" "${one[tapir]:--}" "${loname:-none}" "${lo:--}" "$(for p in wggo boringtun gotatun openvpn vtun; do [[ ${label[$p]} == "$loname" ]] && echo "${one[$p]}"; done)"
+    "${loaded[tapir]:--}" "${one[tapir]:--}" "${label[$lowp]:-none}" "${loaded[$lowp]:--}" "${one[$lowp]:--}"
 [[ -n ${ms[floor]:-} ]] && printf 'ping, median: the encrypting floor (bench/floor, not a tunnel) %s ms; VTun (no crypto) %s ms\n' "${ms[floor]}" "${ms[vtun]:--}"
 printf 'idle, wake-ups per second of both ends: tapir %s; %s\n' "${idle[tapir]:--}" \
     "$(for p in wggo boringtun gotatun openvpn vtun; do [[ -n ${idle[$p]:-} ]] && printf '%s %s, ' "${label[$p]}" "${idle[$p]}"; done | sed 's/, $//')"
