@@ -11,7 +11,8 @@
 #         tunnel 10.78.0.1 ══════════════════ tunnel 10.78.0.2
 #
 # Prints a table with each figure (throughput, ping alone and during the
-# 1-stream transfer, and the wake-ups per second of an idle tunnel), tapir's ratio to the best userspace peer and
+# 1-stream transfer, the wake-ups per second of an idle tunnel, and the CPU it
+# takes to carry a stream at a set rate), tapir's ratio to the best userspace peer and
 # to the raw veth, and tapir's RSS and CPU. A peer that cannot be set up is
 # reported with the reason. Installs what is missing (Debian packages; the two
 # Rust peers with cargo install). SECONDS_PER_RUN (default 10).
@@ -69,9 +70,15 @@ reachable() { ip netns exec $a ping -c 1 -W 2 -q "$1" >/dev/null 2>&1 || ip netn
 # thread, forked children: voluntary context switches) over IDLE_SECONDS
 # (default 5) without traffic: what an idle tunnel costs a laptop's battery.
 IDLE=${IDLE_SECONDS:-5}
-wakes() {
-    local procs=() p c
+# tunnel_procs -> the tunnel's processes (both ends, forked children too) in $procs.
+tunnel_procs() {
+    local p c
+    procs=()
     for p in "${pids[@]}"; do procs+=("$p"); for c in $(pgrep -P "$p"); do procs+=("$c"); done; done
+}
+wakes() {
+    local procs p
+    tunnel_procs
     ((${#procs[@]})) || return 0
     count() {
         for p in "${procs[@]}"; do cat /proc/"$p"/task/*/status 2>/dev/null; done |
@@ -81,10 +88,11 @@ wakes() {
     awk -v a="$w0" -v b="$w1" -v t="$IDLE" 'BEGIN { printf "%.1f", (b - a) / t }'
 }
 
-# iperf STREAMS DST [FILE] -> Gbit/s (0.00 on failure). With FILE, DST is
+# iperf STREAMS DST [FILE] [RATE] -> Gbit/s (0.00 on failure). With FILE, DST is
 # pinged every 10 ms during the transfer (from its second second to its
 # last) and the median written there, in ms: what a ping (a call, a game)
-# waits behind the transfer's queues.
+# waits behind the transfer's queues. With RATE (iperf3's -b, 500M), the
+# sender keeps to it.
 iperf() {
     ip netns exec $b iperf3 -s -1 -B "$2" >/dev/null 2>&1 & local sp=$!
     sleep 0.3
@@ -93,7 +101,7 @@ iperf() {
         (sleep 1; ip netns exec $a ping -c $(((T - 2) * 100)) -i 0.01 "$2" 2>/dev/null | sed -n 's/.*time=\([0-9.]*\).*/\1/p' | sort -n |
             awk '{ v[NR] = $1 } END { if (NR) printf "%.3f", v[int((NR + 1) / 2)] }' > "$3") & pp=$!
     fi
-    bps=$(timeout $((T + 20)) ip netns exec $a iperf3 -c "$2" -t "$T" -P "$1" -J 2>/dev/null |
+    bps=$(timeout $((T + 20)) ip netns exec $a iperf3 -c "$2" -t "$T" -P "$1" ${4:+-b "$4"} -J 2>/dev/null |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"])' 2>/dev/null || echo 0)
     [[ -n $pp ]] && wait $pp 2>/dev/null
     kill $sp 2>/dev/null; wait $sp 2>/dev/null
@@ -104,6 +112,25 @@ iperf() {
 rtt() {
     ip netns exec $a ping -c 1000 -i 0.002 "$1" 2>/dev/null | sed -n 's/.*time=\([0-9.]*\).*/\1/p' | sort -n |
         awk '{ v[NR] = $1 } END { if (NR) printf "%.3f", v[int((NR + 1) / 2)] }'
+}
+
+# cost DST -> the CPU the tunnel's processes (both ends) spend to carry one
+# stream at RATE_MBIT (default 500) Mbit/s, in % of one core per Gbit/s
+# carried (what a tunnel costs where the link, not the CPU, sets the rate:
+# a laptop, a server's other work). A peer slower than the rate is
+# measured at its own rate. Empty without processes (the raw veth).
+RATE_MBIT=${RATE_MBIT:-500}
+cost() {
+    local procs p t0 t1 g
+    tunnel_procs
+    ((${#procs[@]})) || return 0
+    ticks() { for p in "${procs[@]}"; do awk '{ print $14 + $15 }' /proc/"$p"/stat 2>/dev/null; done | awk '{ s += $1 } END { print s + 0 }'; }
+    t0=$(ticks)
+    g=$(iperf 1 "$1" "" "${RATE_MBIT}M")
+    t1=$(ticks)
+    # Over the transfer's T seconds: the tunnel idles around it.
+    awk -v a="$t0" -v b="$t1" -v t="$T" -v g="$g" -v hz="$(getconf CLK_TCK)" \
+        'BEGIN { if (g + 0 > 0) printf "%.1f", (b - a) / hz / t * 100 / g }'
 }
 
 keys() { "$tapir" genkey; }
@@ -250,7 +277,7 @@ peers=${PEERS:-"veth tapir tapir_1t tapir_nogso tapir_nogro tapir_nouo wggo bori
 declare -A label=([veth]="raw veth" [tapir]=tapir [tapir_1t]="tapir, one thread" [tapir_nogso]="tapir, no UDP GSO" [tapir_nogro]="tapir, no UDP GRO" [tapir_nouo]="tapir, no UDP GSO/GRO" [wggo]=wireguard-go [boringtun]=boringtun-cli [gotatun]=gotatun-cli [openvpn]="OpenVPN AES-256-GCM" [vtun]="VTun (no crypto)" [floor]="encrypting floor"
     [tapir_tap]="tapir tap" [openvpn_tap]="OpenVPN tap AES-GCM" [tinc]="tinc switch" [vtun_ether]="VTun ether (no crypto)"
     [tapir_tcp]="tapir TCP" [openvpn_tcp]="OpenVPN TCP AES-GCM" [vtun_tcp]="VTun TCP (no crypto)")
-declare -A one four ms loaded idle note
+declare -A one four ms loaded idle cpu note
 tapir_rss=; tapir_cpu=
 for p in $peers; do
     echo "measuring ${label[$p]}..." >&2
@@ -271,6 +298,7 @@ for p in $peers; do
         four[$p]=$(iperf 4 "$DST")
         ms[$p]=$(rtt "$DST")
         idle[$p]=$(wakes)
+        cpu[$p]=$(cost "$DST")
     else
         note[$p]="not measured: $WHY"
     fi
@@ -284,12 +312,13 @@ for p in wggo boringtun gotatun openvpn vtun; do
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0) printf "%.2f", a / b; else print "-" }'; }
 printf '\nSame machine, same run; iperf3 TCP %s s per figure; veth MTU 1500.\n\n' "$T"
-printf '| %-22s | %10s | %10s | %10s | %10s | %12s | %s\n' peer "1 stream" "4 streams" "RTT ms p50" "loaded p50" "idle wakes/s" status
-printf '|%s|%s|%s|%s|%s|%s|%s\n' "------------------------" "------------" "------------" "------------" "------------" "--------------" "------"
+printf '| %-22s | %10s | %10s | %10s | %10s | %12s | %12s | %s\n' peer "1 stream" "4 streams" "RTT ms p50" "loaded p50" "idle wakes/s" "CPU %/Gbit/s" status
+printf '|%s|%s|%s|%s|%s|%s|%s|%s\n' "------------------------" "------------" "------------" "------------" "------------" "--------------" "--------------" "------"
 for p in $peers; do
-    printf '| %-22s | %10s | %10s | %10s | %10s | %12s | %s\n' "${label[$p]}" "${one[$p]:--}" "${four[$p]:--}" "${ms[$p]:--}" "${loaded[$p]:--}" "${idle[$p]:--}" "${note[$p]:-ok}"
+    printf '| %-22s | %10s | %10s | %10s | %10s | %12s | %12s | %s\n' "${label[$p]}" "${one[$p]:--}" "${four[$p]:--}" "${ms[$p]:--}" "${loaded[$p]:--}" "${idle[$p]:--}" "${cpu[$p]:--}" "${note[$p]:-ok}"
 done
 printf '\nloaded p50: the median RTT of pings 10 ms apart during the 1-stream transfer.\n'
+printf 'CPU %%/Gbit/s: the CPU of both ends'"'"' processes carrying one stream at %s Mbit/s (or less, if that is\nmore than the tunnel moves), in %% of one core per Gbit/s carried.\n' "$RATE_MBIT"
 printf '\nGbit/s. tapir / best userspace peer (%s, 1 stream): %s; tapir / raw veth: %s\n' \
     "${bestname:-none}" "$(ratio "${one[tapir]:-0}" "$best")" "$(ratio "${one[tapir]:-0}" "${one[veth]:-0}")"
 # lowest ARRAY: the userspace peer with the lowest figure in ARRAY (ms,
@@ -312,6 +341,9 @@ printf 'ping during the 1-stream transfer, median: tapir %s ms (moving %s Gbit/s
 [[ -n ${ms[floor]:-} ]] && printf 'ping, median: the encrypting floor (bench/floor, not a tunnel) %s ms; VTun (no crypto) %s ms\n' "${ms[floor]}" "${ms[vtun]:--}"
 printf 'idle, wake-ups per second of both ends: tapir %s; %s\n' "${idle[tapir]:--}" \
     "$(for p in wggo boringtun gotatun openvpn vtun; do [[ -n ${idle[$p]:-} ]] && printf '%s %s, ' "${label[$p]}" "${idle[$p]}"; done | sed 's/, $//')"
+lowest cpu
+printf 'CPU per Gbit/s at %s Mbit/s: tapir %s%%; the lowest userspace peer (%s) %s%% (%sx tapir'"'"'s)\n' "$RATE_MBIT" \
+    "${cpu[tapir]:--}" "${label[$lowp]:-none}" "${cpu[$lowp]:--}" "$(ratio "${cpu[$lowp]:-0}" "${cpu[tapir]:-0}")"
 printf 'tapir (sending side) during the 1-stream run: CPU %s of one core, RSS %s\n' "${tapir_cpu:--}" "${tapir_rss:--}"
 # The same comparisons for Ethernet tunnels and for tunnels over TCP.
 best_of() {
