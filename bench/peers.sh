@@ -13,7 +13,8 @@
 # Prints a table with each figure (throughput, ping alone and during the
 # 1-stream transfer, the wake-ups per second of an idle tunnel, and the CPU it
 # takes to carry a stream at a set rate), tapir's ratio to the best userspace peer and
-# to the raw veth, and tapir's RSS and CPU. A peer that cannot be set up is
+# to the raw veth, and tapir's RSS and CPU; then the pings once more, the
+# tunnels up at once and interleaved (bench/ping.sh). A peer that cannot be set up is
 # reported with the reason. Installs what is missing (Debian packages; the two
 # Rust peers with cargo install). SECONDS_PER_RUN (default 10).
 set -uo pipefail
@@ -358,4 +359,16 @@ fi
 if [[ -n ${one[tapir_tcp]:-} ]]; then
     printf 'tcp: tapir TCP / tapir UDP: %s; tapir TCP / best TCP peer (1 stream): %s\n' \
         "$(ratio "${one[tapir_tcp]}" "${one[tapir]:-0}")" "$(ratio "${one[tapir_tcp]}" "$(best_of openvpn_tcp vtun_tcp)")"
+fi
+# The RTT column above is each tunnel at its own moment, one after another,
+# and its medians move by up to 20% run to run (the same tapir binary with
+# its UDP offloads on and off: 0.058 and 0.048-0.050 ms in one run). The
+# fair comparison brings the tunnels up at once and interleaves their
+# pings: bench/ping.sh, here with the peers this run measured (INTERLEAVED=0: not).
+if [[ ${INTERLEAVED:-1} != 0 && -n ${ms[tapir]:-} ]]; then
+    again=tapir
+    for p in vtun floor boringtun; do [[ -n ${ms[$p]:-} ]] && again+=",$p"; done
+    [[ -n ${ms[floor]:-} ]] && again+=",floor+tapir"
+    echo
+    PINGS=$again ROUNDS=${ROUNDS:-10} bench/ping.sh 2>&1 | sed -n '/^ping RTT/,$p'
 fi
