@@ -426,10 +426,30 @@ fn seal(
 }
 
 /// Whether a padded plaintext is an IP packet (a tun peer's data reaching a tap tunnel).
+///
+/// A frame's first bytes are its destination MAC, and one MAC in a few
+/// hundred reads as an IP version and length that fit one frame length a
+/// multiple of 16: taken for IP, every frame of that length to that MAC
+/// was lost (a TCP segment retransmitted at the same size, a stall). So
+/// the packet must also be whole as WireGuard pads it: zeros after the
+/// IP length, an IPv4 header that sums right; and a frame with a usual
+/// EtherType where a frame has one is a frame.
 fn looks_like_padded_ip(plain: &[u8]) -> bool {
+    let Some(n) = ip_len(plain) else {
+        return false;
+    };
+    let v4_header = usize::from(plain[0] & 0xf) * 4;
+    let ethertype = plain.get(12..14).map(|b| u16::from_be_bytes([b[0], b[1]]));
     plain.len() % 16 == 0
-        && ip_len(plain).is_some_and(|n| n + 16 > plain.len() && n >= 20)
-        && (plain[0] >> 4 == 6 || plain[0] & 0xf >= 5)
+        && n + 16 > plain.len()
+        && n >= 20
+        && plain[n..].iter().all(|&b| b == 0)
+        && if plain[0] >> 4 == 6 {
+            n >= 40
+        } else {
+            v4_header >= 20 && tapir_wire::checksum::verify(&plain[..v4_header])
+        }
+        && !matches!(ethertype, Some(0x0800 | 0x86dd | 0x0806 | 0x8100 | 0x88a8))
 }
 
 /// Whether a plaintext that is not IP is an Ethernet frame (a tap peer's
