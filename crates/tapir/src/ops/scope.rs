@@ -8,8 +8,9 @@
 //! its identity (`/run/tapir/netns-4026532301/wg0.pid`,
 //! `/var/run/wireguard/netns-4026532301/wg0.sock`). Stock `wg` only looks
 //! in `/var/run/wireguard`, so a tunnel in another namespace also links
-//! its socket there when the name is free, and refuses control
-//! connections from any namespace but its own.
+//! its socket there when the name is free (and the host's tunnel of that
+//! name takes the link over), and refuses control connections from any
+//! namespace but its own.
 
 use std::path::{Path, PathBuf};
 

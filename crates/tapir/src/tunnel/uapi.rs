@@ -394,7 +394,9 @@ impl ControlSocket {
     /// namespace; in another, `/var/run/wireguard/netns-ID/NAME.sock` and,
     /// if no other namespace's tunnel holds the name, a link at the usual
     /// path for `wg`. A stale socket is replaced; one that another process
-    /// answers on is not. Returns notes for the log (what `wg` cannot see).
+    /// answers on is not, but for such a link answered from another
+    /// namespace, which the host's tunnel of that name takes over (the path
+    /// is the host's). Returns notes for the log (what `wg` cannot see).
     ///
     /// The directories must be root's (ours) and writable by nobody else,
     /// or anyone could plant or swap sockets in them; they are created
@@ -417,14 +419,29 @@ impl ControlSocket {
         let home = scope.dir(dir);
         ensure_private_dir(&home)?;
         let path = home.join(format!("{name}.sock"));
+        let mut notes = Vec::new();
         if path.exists() {
-            if answers(&path) {
-                return Err(format!(
-                    "{} is in use by another process: a tunnel named {name} already runs in this network namespace",
-                    path.display()
-                ));
+            match UnixStream::connect(&path) {
+                // In the host's namespace the usual path may be another
+                // namespace's tunnel's second name (see below): the path is
+                // the host's, so its tunnel of that name takes it over (the
+                // rename below replaces it); the other keeps its own path.
+                Ok(s) if scope.is_initial() && peer_pid(&s).is_some_and(|p| !scope.holds(p)) => {
+                    notes.push(format!(
+                        "{} was the second name of a tunnel named {name} in another network namespace; it is this tunnel's now (`tapir status {name}` in that namespace still sees that one)",
+                        path.display()
+                    ));
+                }
+                Ok(_) => {
+                    return Err(format!(
+                        "{} is in use by another process: a tunnel named {name} already runs in this network namespace",
+                        path.display()
+                    ));
+                }
+                Err(_) => {
+                    let _ = std::fs::remove_file(&path);
+                }
             }
-            let _ = std::fs::remove_file(&path);
         }
         let staging = home.join(format!(".{name}.{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
@@ -435,7 +452,6 @@ impl ControlSocket {
                 .create(&staging)
                 .map_err(|e| format!("{}: {e}", staging.display()))?;
         }
-        let mut notes = Vec::new();
         let result = (|| {
             let tmp = staging.join("sock");
             let listener =
@@ -908,6 +924,46 @@ mod tests {
             !dir.join("netns-111").exists() && !dir.join("netns-222").exists(),
             "the namespaces' directories went with their last socket"
         );
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn the_hosts_tunnel_takes_its_usual_path_back_from_another_namespaces_link() {
+        let base = std::env::temp_dir().join(format!("tapir-uapi-host-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let dir = base.join("wireguard");
+        // A tunnel tq2 in another namespace links the usual path first.
+        let other = crate::scope::Scope::fake(111, false);
+        let (a, _) = ControlSocket::bind_in(&dir, &other, "tq2").unwrap();
+        let wg = dir.join("tq2.sock");
+        assert!(answers(&wg));
+        // The host's tq2 (its namespace is not this process's, so the
+        // process answering there is in another): it takes the path.
+        let host = crate::scope::Scope::fake(1, true);
+        let (h, notes) = ControlSocket::bind_in(&dir, &host, "tq2").unwrap();
+        assert!(
+            notes.len() == 1 && notes[0].contains("another network namespace"),
+            "{notes:?}"
+        );
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(&wg).unwrap().ino(),
+            h.ino,
+            "the path is the host's socket"
+        );
+        assert!(
+            answers(&dir.join("netns-111/tq2.sock")),
+            "the other keeps its own"
+        );
+        drop(a);
+        assert!(answers(&wg), "the other's going leaves the host's socket");
+        // A second host tunnel of that name, where the one answering is in
+        // the same namespace: refused, as before.
+        let same = crate::scope::Scope::fake(tapir_sys::netns::current().unwrap(), true);
+        let e = ControlSocket::bind_in(&dir, &same, "tq2").unwrap_err();
+        assert!(e.contains("already runs in this network namespace"), "{e}");
+        drop(h);
+        assert!(!wg.exists());
         std::fs::remove_dir_all(&base).unwrap();
     }
 
