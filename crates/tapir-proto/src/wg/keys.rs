@@ -63,9 +63,18 @@ pub fn is_low_order(key: &[u8; 32]) -> bool {
 
 impl std::error::Error for KeyError {}
 
-/// 64 lower-case hex digits (the form of WireGuard's userspace API).
+/// 64 lower-case hex digits (the form of WireGuard's userspace API), in
+/// one allocation of the final size: no piece of a key is left behind in
+/// freed memory by a smaller string or a growing one (the caller wipes
+/// the result).
 fn hex32(bytes: &[u8; 32]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(64);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 /// Reads 64 hex digits (the form of WireGuard's userspace API).
@@ -140,6 +149,14 @@ impl PrivateKey {
         StaticSecret::from(self.0)
     }
 }
+
+/// In constant time, and without a copy of either key in another form.
+impl PartialEq for PrivateKey {
+    fn eq(&self, other: &Self) -> bool {
+        subtle::ConstantTimeEq::ct_eq(&self.0[..], &other.0[..]).into()
+    }
+}
+impl Eq for PrivateKey {}
 
 impl std::fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -218,6 +235,14 @@ impl PresharedKey {
         self.0 == [0; 32]
     }
 }
+
+/// In constant time, and without a copy of either key in another form.
+impl PartialEq for PresharedKey {
+    fn eq(&self, other: &Self) -> bool {
+        subtle::ConstantTimeEq::ct_eq(&self.0[..], &other.0[..]).into()
+    }
+}
+impl Eq for PresharedKey {}
 
 impl std::fmt::Debug for PresharedKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

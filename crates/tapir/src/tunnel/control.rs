@@ -120,8 +120,21 @@ impl ControlEnd {
             Ok(plan) => {
                 let notes = plan.notes.clone();
                 let applied = self.ask(Request::Apply(plan.peers.clone()));
+                // The packet thread did not take the peers (it was gone, or
+                // too busy to answer in time, and then does not act on it
+                // later): nothing changed, the routes and the record of the
+                // configuration included, and it says so.
+                let Some(body) = applied.strip_suffix("errno=0\n\n") else {
+                    let errno = applied.trim().rsplit("errno=").next().unwrap_or("5");
+                    let why = match errno {
+                        "110" => "the tunnel did not take the new peers in time",
+                        _ => "the tunnel is gone",
+                    };
+                    eprintln!("tapir: reload failed, nothing changed: {why} (errno {errno})");
+                    crate::notify::send("READY=1");
+                    return format!("tapir_error={why}; nothing changed\nerrno={errno}\n\n");
+                };
                 let problems = reloader.borrow_mut().finish(plan);
-                let body = applied.strip_suffix("errno=0\n\n").unwrap_or(&applied);
                 let mut out = body.to_owned();
                 for n in notes.iter().chain(&problems) {
                     eprintln!("tapir: reload: {n}");
@@ -182,5 +195,66 @@ impl ControlEnd {
         }
         // The packet thread sleeps until something happens: this is it.
         self.wake.ring();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A tunnel's file, and a reloader for it as first read.
+    fn reloader(dir: &std::path::Path) -> (std::path::PathBuf, Reloader) {
+        let file = dir.join("tq9.conf");
+        let key = tapir_proto::wg::keys::PrivateKey::from_random([3; 32]);
+        let peer = tapir_proto::wg::keys::PrivateKey::from_random([4; 32]).public_key();
+        std::fs::write(
+            &file,
+            format!(
+                "[Interface]\nPrivateKey = {}\n\n[Peer]\nPublicKey = {peer}\nAllowedIPs = 10.0.0.2/32\n",
+                key.to_base64()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = crate::config::load_any(&file).unwrap().remove(0);
+        (file, Reloader::new(config))
+    }
+
+    #[test]
+    fn a_reload_the_packet_thread_does_not_take_changes_nothing_and_says_so() {
+        let dir = std::env::temp_dir().join(format!("tapir-control-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (file, r) = reloader(&dir);
+        let r = RefCell::new(r);
+        // The file gains a peer.
+        let more = tapir_proto::wg::keys::PrivateKey::from_random([5; 32]).public_key();
+        let mut text = std::fs::read_to_string(&file).unwrap();
+        text += &format!("\n[Peer]\nPublicKey = {more}\nAllowedIPs = 10.0.0.3/32\n");
+        std::fs::write(&file, text).unwrap();
+        let peers = |r: &RefCell<Reloader>| r.borrow().current().peers.len();
+        assert_eq!(peers(&r), 1);
+
+        // The packet thread is slow: it never answers in time.
+        let (link, end) = pair(Arc::new(Bell::new().unwrap())).unwrap();
+        let reply = end.reload(&r);
+        assert!(
+            reply.contains("tapir_error=the tunnel did not take the new peers in time")
+                && reply.ends_with("\nerrno=110\n\n")
+                && reply.matches("errno=").count() == 1,
+            "{reply}"
+        );
+        assert_eq!(peers(&r), 1, "the configuration on record is the old one");
+
+        // It is gone.
+        drop(link);
+        let reply = end.reload(&r);
+        assert!(
+            reply.contains("tapir_error=the tunnel is gone") && reply.ends_with("\nerrno=5\n\n"),
+            "{reply}"
+        );
+        assert_eq!(peers(&r), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -9,10 +9,11 @@
 //!                   ─▶ what a reload cannot change (key, port, addresses...) named: down and up applies it
 //! ```
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
-use tapir_proto::wg::keys::PresharedKey;
+use tapir_proto::wg::keys::PublicKey;
 use tapir_proto::wg::tunnel::{PeerConfig, Tunnel};
 use tapir_sys::{Mode, Netlink};
 
@@ -74,6 +75,12 @@ impl Reloader {
         &self.file
     }
 
+    /// The configuration in force, as last read or reloaded.
+    #[cfg(test)]
+    pub(crate) fn current(&self) -> &TunnelConfig {
+        &self.current
+    }
+
     /// Reads the file again and checks it whole: an error refuses the
     /// reload, leaving the tunnel as it is.
     pub fn prepare(&self) -> Result<Plan, String> {
@@ -93,10 +100,7 @@ impl Reloader {
                 ));
             }
         };
-        differs(
-            "the private key",
-            new.private_key.to_base64() != old.private_key.to_base64(),
-        );
+        differs("the private key", new.private_key != old.private_key);
         differs("ListenPort", new.listen_port != old.listen_port);
         differs("Address", new.addresses != old.addresses);
         differs("MTU", new.mtu != old.mtu);
@@ -170,30 +174,33 @@ fn route_changes(c: &TunnelConfig, old: &[IpNet], new: &[IpNet]) -> Result<(), S
 /// Makes the tunnel's peers `want`: new ones added, missing ones removed,
 /// changed ones updated in place; an unchanged peer is not touched, so
 /// its session and counters go on.
+///
+/// The packet thread runs it with the tunnel locked: the peers that go
+/// leave in one rebuild of the indices and routes, and each wanted peer is
+/// found by its key, not by a walk over the peers (with 10,000 peers,
+/// half of them going, one rebuild each would have held packets up for
+/// seconds).
 pub fn apply(tunnel: &mut Tunnel, want: Vec<PeerConfig>) -> Applied {
     let mut done = Applied::default();
-    let gone: Vec<_> = tunnel
+    let wanted: HashSet<PublicKey> = want.iter().map(|w| w.public).collect();
+    let gone: HashSet<PublicKey> = tunnel
         .peers()
         .map(|(c, _, _)| c.public)
-        .filter(|k| !want.iter().any(|w| w.public == *k))
+        .filter(|k| !wanted.contains(k))
         .collect();
-    for k in gone {
-        tunnel.remove_peer(&k);
-        done.removed += 1;
-    }
-    let psk = |p: &Option<PresharedKey>| p.as_ref().map(PresharedKey::to_base64);
+    done.removed = tunnel.remove_peers(&gone);
+    let have: HashMap<PublicKey, PeerConfig> = tunnel
+        .peers()
+        .map(|(c, _, _)| (c.public, c.clone()))
+        .collect();
     for w in want {
-        let have = tunnel
-            .peers()
-            .find(|(c, _, _)| c.public == w.public)
-            .map(|(c, _, _)| c.clone());
-        match have {
+        match have.get(&w.public) {
             None => {
                 tunnel.add_peer(w);
                 done.added += 1;
             }
             Some(h) => {
-                let same = psk(&h.psk) == psk(&w.psk)
+                let same = h.psk == w.psk
                     && h.endpoint == w.endpoint
                     && h.allowed_ips == w.allowed_ips
                     && h.keepalive == w.keepalive
@@ -211,7 +218,7 @@ pub fn apply(tunnel: &mut Tunnel, want: Vec<PeerConfig>) -> Applied {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tapir_proto::wg::keys::PrivateKey;
+    use tapir_proto::wg::keys::{PresharedKey, PrivateKey};
 
     fn peer(seed: u8, ip: &str) -> PeerConfig {
         PeerConfig {
@@ -263,6 +270,35 @@ mod tests {
         );
         // Again: nothing to do.
         let same: Vec<_> = t.peers().map(|(c, _, _)| c.clone()).collect();
-        assert_eq!(apply(&mut t, same), Applied::default());
+        assert_eq!(apply(&mut t, same.clone()), Applied::default());
+        // A preshared key given, then another, then the same again.
+        let mut with = same.clone();
+        with[0].psk = Some(PresharedKey::from_random([7; 32]));
+        assert_eq!(apply(&mut t, with.clone()).changed, 1);
+        with[0].psk = Some(PresharedKey::from_random([8; 32]));
+        assert_eq!(apply(&mut t, with.clone()).changed, 1);
+        assert_eq!(apply(&mut t, with), Applied::default());
+    }
+
+    #[test]
+    fn many_peers_go_and_come_in_one_apply() {
+        let all: Vec<_> = (0..3000u32)
+            .map(|i| {
+                let mut key = [0u8; 32];
+                // Past byte 0, which the clamping cuts.
+                key[1..5].copy_from_slice(&i.to_le_bytes());
+                PeerConfig {
+                    public: PrivateKey::from_random(key).public_key(),
+                    ..peer(9, &format!("10.{}.{}.0/24", i / 256, i % 256))
+                }
+            })
+            .collect();
+        let mut t = Tunnel::new(PrivateKey::from_random([1; 32]), all[..2000].to_vec());
+        let done = apply(&mut t, all[1000..].to_vec());
+        assert_eq!((done.added, done.removed, done.changed), (1000, 1000, 0));
+        assert_eq!(t.peer_count(), 2000);
+        let have: HashSet<PublicKey> = t.peers().map(|(c, _, _)| c.public).collect();
+        assert!(!have.contains(&all[999].public) && have.contains(&all[1000].public));
+        assert!(have.contains(&all[2999].public));
     }
 }
