@@ -201,6 +201,10 @@ struct Peer {
     last_timestamp: [u8; 12],
     last_initiation_received: Option<Instant>,
     cookie: Option<([u8; 16], Instant)>,
+    /// Our index and the mac1 of the last response we sent: a peer under
+    /// load answers a response without a valid mac2 with a cookie reply
+    /// to that index, sealed with that mac1 (whitepaper §5.4.7).
+    response_mac1: Option<(u32, [u8; 16])>,
 }
 
 /// What became of a packet from the tun device.
@@ -641,6 +645,7 @@ impl Tunnel {
             last_timestamp: [0; 12],
             last_initiation_received: None,
             cookie: None,
+            response_mac1: None,
             queue: VecDeque::new(),
             last_sent: None,
             last_received: None,
@@ -1250,6 +1255,8 @@ impl Tunnel {
         };
         let old_next = {
             let peer = &mut self.peers[p];
+            let mac1: [u8; 16] = resp[field::RESP_MAC1].try_into().expect("16 bytes");
+            peer.response_mac1 = Some((index, mac1));
             peer.last_timestamp = init.timestamp;
             peer.last_initiation_received = Some(now);
             peer.endpoint = Some(from);
@@ -1315,10 +1322,14 @@ impl Tunnel {
             return Decapsulated::Dropped(DropReason::UnknownIndex);
         };
         let peer = &mut self.peers[p];
-        let Some((pending, _)) = peer.pending.as_ref() else {
-            return Decapsulated::Dropped(DropReason::UnknownIndex);
+        // A reply to our pending initiation, or to our last response (the
+        // peer under load wanted a mac2 on it): each under our index in it.
+        let mac1 = match (&peer.pending, &peer.response_mac1) {
+            (Some((pending, _)), _) if pending.local_index == receiver => pending.mac1,
+            (_, Some((index, mac1))) if *index == receiver => *mac1,
+            _ => return Decapsulated::Dropped(DropReason::UnknownIndex),
         };
-        match handshake::read_cookie_reply(&peer.keys, &pending.mac1, msg) {
+        match handshake::read_cookie_reply(&peer.keys, &mac1, msg) {
             Ok(c) => {
                 peer.cookie = Some((c, now));
                 Decapsulated::Nothing

@@ -453,6 +453,57 @@ fn under_load_a_cookie_is_required_and_works() {
 }
 
 #[test]
+fn under_load_the_initiator_gets_its_cookie_to_the_responder() {
+    // A handshake, keeping b's response to replay to a later.
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    let init = p.link.pop_front().unwrap();
+    p.deliver(init.0, init.1, init.2);
+    let resp = p.link.front().cloned().unwrap();
+    assert_eq!(resp.2.len(), RESPONSE_LEN);
+    p.run();
+    assert_eq!(p.got_b.len(), 1);
+    // The sessions expire; a, which sent last and heard nothing back,
+    // starts a new handshake.
+    p.advance(Duration::from_secs(200));
+    let first = p.link.pop_front().unwrap();
+    assert_eq!(first.2.len(), INITIATION_LEN);
+    p.link.clear();
+    // The response replayed: messages with a valid mac1 put a under load.
+    let flood = |p: &mut Pair| {
+        for _ in 0..200 {
+            p.deliver(resp.0, resp.1, resp.2.clone());
+        }
+        p.link.clear();
+    };
+    flood(&mut p);
+    assert_eq!(
+        p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 2)),
+        Encapsulated::Queued
+    );
+    // b's response has no mac2, so a, under load, answers it with a
+    // cookie reply to b's index in it, which b must take.
+    let drops_before = p.drops.len();
+    p.deliver(first.0, first.1, first.2);
+    p.run();
+    assert_eq!(
+        &p.drops[drops_before..],
+        &[DropReason::Cookie],
+        "a refused b's response for its mac2, and b took the cookie reply"
+    );
+    // a retries; still under load, it lets b's response with a mac2 in.
+    p.advance(Duration::from_millis(5400));
+    let retry = p.link.pop_front().unwrap();
+    assert_eq!(retry.2.len(), INITIATION_LEN);
+    flood(&mut p);
+    let drops_before = p.drops.len();
+    p.deliver(retry.0, retry.1, retry.2);
+    p.run();
+    assert_eq!(&p.drops[drops_before..], &[], "nothing refused");
+    assert_eq!(p.got_b.len(), 2, "the handshake completed under load");
+}
+
+#[test]
 fn one_way_traffic_gets_keepalives_and_no_rehandshakes() {
     let mut p = Pair::new();
     p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
