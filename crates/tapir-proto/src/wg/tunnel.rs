@@ -586,6 +586,15 @@ impl Tunnel {
         self.peers.len()
     }
 
+    /// The peer whose endpoint is `at` (a walk over the peers: for what
+    /// happens once a connection, not once a packet).
+    pub fn peer_at(&self, at: SocketAddr) -> Option<PublicKey> {
+        self.peers
+            .iter()
+            .find(|p| p.endpoint == Some(at))
+            .map(|p| p.config.public)
+    }
+
     /// The index of the peer with key `public`.
     pub fn peer_index(&self, public: &PublicKey) -> Option<usize> {
         self.by_key.get(public).copied()

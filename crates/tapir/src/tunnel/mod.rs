@@ -862,10 +862,14 @@ impl<'a> Outbox<'a> {
     }
 
     /// A message from `from` authenticated: a TCP connection from there is
-    /// a peer's.
-    fn authenticated(&mut self, from: SocketAddr) {
+    /// a peer's (the one `tunnel` now has there), and its only one.
+    fn authenticated(&mut self, from: SocketAddr, tunnel: &Tunnel, now: Instant) {
         if let Link::Tcp(t) = &mut self.link {
-            t.authenticated(from);
+            if t.authenticated(from) {
+                if let Some(peer) = tunnel.peer_at(from) {
+                    t.owned_by(from, peer, now);
+                }
+            }
         }
     }
 }
@@ -1273,7 +1277,7 @@ impl<'a> Inbound<'a> {
                     }),
                     // Handshakes and cookies: answered through poll_transmit.
                     Received::Done(Decapsulated::Dropped(_)) => {}
-                    Received::Done(_) => out.authenticated(from),
+                    Received::Done(_) => out.authenticated(from, &t, now),
                 }
                 at += len;
             }
@@ -1299,7 +1303,7 @@ impl<'a> Inbound<'a> {
                     continue;
                 }
                 r.deliver = self.dispatch(&mut t, d, msg, out, now, wall);
-                out.authenticated(r.from);
+                out.authenticated(r.from, &t, now);
             }
         }
         for r in &recs {
@@ -1337,7 +1341,7 @@ impl<'a> Inbound<'a> {
         }
         let msg = &slot[..len];
         let deliver = self.dispatch(&mut t, d, msg, out, now, wall);
-        out.authenticated(from);
+        out.authenticated(from, &t, now);
         drop(t);
         if let Some(range) = deliver {
             self.deliver(slot, range);
@@ -2320,12 +2324,13 @@ fn extras(t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) -> St
     if let Link::Tcp(tcp) = link {
         let (open, pending) = tcp.connection_counts();
         out += &format!(
-            "tapir_tcp_connections={open}\ntapir_tcp_unauthenticated={pending}\ntapir_tcp_accepted={}\ntapir_tcp_pending_closed={}\ntapir_tcp_bad_frames={}\ntapir_tcp_queue_full={}\ntapir_tcp_no_connection={}\n",
+            "tapir_tcp_connections={open}\ntapir_tcp_unauthenticated={pending}\ntapir_tcp_accepted={}\ntapir_tcp_pending_closed={}\ntapir_tcp_bad_frames={}\ntapir_tcp_queue_full={}\ntapir_tcp_no_connection={}\ntapir_tcp_replaced={}\n",
             tcp.stats.accepted,
             tcp.stats.pending_closed,
             tcp.stats.bad_frames,
             tcp.stats.queue_full,
-            tcp.stats.no_connection
+            tcp.stats.no_connection,
+            tcp.stats.replaced
         );
     }
     let now = Instant::now();

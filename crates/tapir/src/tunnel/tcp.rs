@@ -28,10 +28,36 @@ use tapir_sys::mmsg::Batch;
 use tapir_sys::poll::PollSet;
 use tapir_wire::tcpframe::{self, Deframer};
 
+use tapir_proto::wg::keys::PublicKey;
+
 use super::{from_v6, to_v6};
 
-/// Unauthenticated connections kept at once; beyond it the oldest is closed.
+/// Where a connection comes from, for fairness among the unauthenticated:
+/// an IPv4 address, or an IPv6 /64 (one host's, as a rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    V4([u8; 4]),
+    V6([u8; 8]),
+}
+
+fn source(a: SocketAddr) -> Source {
+    match a {
+        SocketAddr::V4(a) => Source::V4(a.ip().octets()),
+        SocketAddr::V6(a) => {
+            let o = a.ip().octets();
+            Source::V6(o[..8].try_into().expect("8 bytes"))
+        }
+    }
+}
+
+/// Unauthenticated connections kept at once; beyond it the oldest of the
+/// source that holds the most is closed.
 pub const MAX_PENDING: usize = 64;
+/// Unauthenticated connections kept at once from one source (an IPv4
+/// address, an IPv6 /64); beyond it its own oldest is closed. So one host
+/// flooding the listener pushes out only its own connections, and a
+/// client's connection waiting for its handshake stays.
+pub const MAX_PENDING_PER_SOURCE: usize = 8;
 /// How long a connection may stay unauthenticated.
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a connect may take.
@@ -68,6 +94,8 @@ pub struct TcpStats {
     pub queue_full: u64,
     /// Datagrams dropped: no open connection to their destination.
     pub no_connection: u64,
+    /// Accepted connections closed because their peer authenticated on a newer one.
+    pub replaced: u64,
 }
 
 /// Where a dialled endpoint stands.
@@ -100,6 +128,8 @@ struct Conn {
     out_at: usize,
     connecting: bool,
     authenticated: bool,
+    /// The peer that authenticated on it (an accepted connection: its only one).
+    owner: Option<PublicKey>,
     opened: Instant,
     last_rx: Instant,
     dial: Option<usize>,
@@ -313,6 +343,7 @@ impl TcpTransport {
             out_at: 0,
             connecting,
             authenticated: false,
+            owner: None,
             opened: now,
             last_rx: now,
             dial,
@@ -481,25 +512,47 @@ impl TcpTransport {
                 continue;
             }
             self.stats.accepted += 1;
-            // Room for the newcomer: the oldest unauthenticated connection goes.
-            let pending: Vec<(Instant, usize)> = self
-                .conns
-                .iter()
-                .enumerate()
-                .filter_map(|(i, c)| {
-                    c.as_ref()
-                        .filter(|c| !c.authenticated && c.dial.is_none())
-                        .map(|c| (c.opened, i))
-                })
-                .collect();
-            if pending.len() >= MAX_PENDING {
-                if let Some(&(_, oldest)) = pending.iter().min() {
-                    self.stats.pending_closed += 1;
-                    self.close(oldest, now, None);
-                }
+            let from = from_v6(from);
+            if let Some(room) = self.room_for(source(from)) {
+                self.stats.pending_closed += 1;
+                self.close(room, now, None);
             }
-            self.insert(stream, from_v6(from), now, None, false);
+            self.insert(stream, from, now, None, false);
         }
+    }
+
+    /// The unauthenticated connection to close for a newcomer from `from`,
+    /// if one must go: its source's oldest once that source holds
+    /// [`MAX_PENDING_PER_SOURCE`]; otherwise, once [`MAX_PENDING`] wait in
+    /// all, the oldest of the source that holds the most.
+    fn room_for(&self, from: Source) -> Option<usize> {
+        let mut by_source: HashMap<Source, (usize, Instant, usize)> = HashMap::new();
+        let mut all = 0;
+        for (i, c) in self.conns.iter().enumerate() {
+            let Some(c) = c.as_ref().filter(|c| !c.authenticated && c.dial.is_none()) else {
+                continue;
+            };
+            all += 1;
+            let e = by_source
+                .entry(source(c.remote))
+                .or_insert((0, c.opened, i));
+            e.0 += 1;
+            if c.opened < e.1 {
+                (e.1, e.2) = (c.opened, i);
+            }
+        }
+        if let Some(&(n, _, oldest)) = by_source.get(&from) {
+            if n >= MAX_PENDING_PER_SOURCE {
+                return Some(oldest);
+            }
+        }
+        if all < MAX_PENDING {
+            return None;
+        }
+        by_source
+            .values()
+            .max_by_key(|&&(n, opened, _)| (n, std::cmp::Reverse(opened)))
+            .map(|&(_, _, oldest)| oldest)
     }
 
     fn flush(&mut self, id: usize, now: Instant) {
@@ -664,15 +717,48 @@ impl TcpTransport {
             .any(|c| !c.connecting && (c.readable || c.deframer.has_frame()))
     }
 
-    /// The connection `from` carried a message that authenticated.
-    pub fn authenticated(&mut self, from: SocketAddr) {
+    /// The connection `from` carried a message that authenticated; `true`
+    /// the first time (then say whose it is: [`TcpTransport::owned_by`]).
+    pub fn authenticated(&mut self, from: SocketAddr) -> bool {
         if let Some(c) = self.conn_of(from).and_then(|id| self.conns[id].as_mut()) {
             if !c.authenticated {
                 c.authenticated = true;
                 if let Some(d) = c.dial {
                     self.dials[d].failures = 0;
                 }
+                return true;
             }
+        }
+        false
+    }
+
+    /// The accepted connection from `from` is `peer`'s: any other accepted
+    /// connection of that peer is closed. A peer is sent to on its newest
+    /// (its endpoint), so an older one only holds a descriptor; and a peer,
+    /// however valid its key, cannot hold more than one, where it could
+    /// authenticate one every 20 ms and run the process out of descriptors.
+    pub fn owned_by(&mut self, from: SocketAddr, peer: PublicKey, now: Instant) {
+        let Some(id) = self.conn_of(from) else {
+            return;
+        };
+        match self.conns[id].as_mut() {
+            Some(c) if c.dial.is_none() => c.owner = Some(peer),
+            _ => return,
+        }
+        let older: Vec<usize> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|&(i, c)| {
+                i != id
+                    && c.as_ref()
+                        .is_some_and(|c| c.dial.is_none() && c.owner == Some(peer))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        for i in older {
+            self.stats.replaced += 1;
+            self.close(i, now, None);
         }
     }
 
@@ -764,6 +850,72 @@ mod tests {
         assert_eq!(backoff(40, 255), Duration::from_secs(30));
         assert_eq!(backoff(0, 255), Duration::from_millis(1200));
         assert!(backoff(3, 128) > backoff(3, 0));
+    }
+
+    /// A connection to the loopback listener at `port` from address `ip`.
+    fn connect_from(ip: [u8; 4], port: u16) -> TcpStream {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        s.bind(&SocketAddr::from((ip, 0)).into()).unwrap();
+        s.connect(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+            .unwrap();
+        s.into()
+    }
+
+    #[test]
+    fn a_flood_from_one_source_pushes_out_only_its_own_connections() {
+        let now = Instant::now();
+        let mut server = TcpTransport::new(Some(0), 2048, 1).unwrap();
+        let port = server.local_port();
+        let client = connect_from([127, 0, 2, 1], port);
+        let client_addr = client.local_addr().unwrap();
+        for _ in 0..10 {
+            pump(&mut server, now);
+        }
+        // Then one host opens 100 connections and sends nothing.
+        let flood: Vec<TcpStream> = (0..100)
+            .map(|_| connect_from([127, 0, 2, 2], port))
+            .collect();
+        for _ in 0..30 {
+            pump(&mut server, now);
+        }
+        assert_eq!(server.stats.accepted, 101);
+        assert!(server.connected_to(client_addr), "the client's stays");
+        assert_eq!(
+            server.connection_counts(),
+            (1 + MAX_PENDING_PER_SOURCE, 1 + MAX_PENDING_PER_SOURCE)
+        );
+        drop((client, flood));
+    }
+
+    #[test]
+    fn a_peer_keeps_one_accepted_connection_its_newest() {
+        let now = Instant::now();
+        let mut server = TcpTransport::new(Some(0), 2048, 1).unwrap();
+        let port = server.local_port();
+        let conns: Vec<TcpStream> = (1..=3)
+            .map(|i| connect_from([127, 0, 3, i], port))
+            .collect();
+        for _ in 0..10 {
+            pump(&mut server, now);
+        }
+        let addr = |i: usize| conns[i].local_addr().unwrap();
+        let (one, two) = (
+            tapir_proto::wg::keys::PrivateKey::from_random([1; 32]).public_key(),
+            tapir_proto::wg::keys::PrivateKey::from_random([2; 32]).public_key(),
+        );
+        assert!(server.authenticated(addr(0)));
+        server.owned_by(addr(0), one, now);
+        assert!(!server.authenticated(addr(0)), "once");
+        assert!(server.authenticated(addr(1)));
+        server.owned_by(addr(1), two, now);
+        // Peer one again, on its third connection: its first goes.
+        assert!(server.authenticated(addr(2)));
+        server.owned_by(addr(2), one, now);
+        assert!(!server.connected_to(addr(0)));
+        assert!(server.connected_to(addr(1)) && server.connected_to(addr(2)));
+        assert_eq!(server.stats.replaced, 1);
+        assert_eq!(server.connection_counts(), (2, 0));
+        drop(conns);
     }
 
     fn pump(a: &mut TcpTransport, now: Instant) {
@@ -934,8 +1086,9 @@ mod tests {
         let now = Instant::now();
         let mut server = TcpTransport::new(Some(0), 2048, 1).unwrap();
         let port = server.local_port();
+        // Each from an address of its own (127.0.0.0/8 is all loopback).
         let held: Vec<TcpStream> = (0..MAX_PENDING + 10)
-            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .map(|i| connect_from([127, 0, 1, i as u8 + 1], port))
             .collect();
         for _ in 0..30 {
             pump(&mut server, now);
