@@ -1147,16 +1147,24 @@ pub fn parse_toml_all(
     Ok((out, devices))
 }
 
-/// Reads a private key from a file that only its owner may read.
+/// Reads a private key from a file that only its owner may read, and
+/// whose owner is root or this user. What is checked is the file opened,
+/// the one read: a file swapped in after a check of its name is not read.
 pub fn read_key_file(config: &Path, value: &str) -> Result<PrivateKey, String> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
     let path = Path::new(value);
     let path = if path.is_relative() {
         config.parent().unwrap_or(Path::new(".")).join(path)
     } else {
         path.to_owned()
     };
-    let meta =
-        std::fs::metadata(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let mut file = std::fs::File::open(&path).map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a file", path.display()));
+    }
     let mode = meta.permissions().mode();
     if mode & 0o077 != 0 {
         return Err(format!(
@@ -1165,8 +1173,16 @@ pub fn read_key_file(config: &Path, value: &str) -> Result<PrivateKey, String> {
             mode & 0o777
         ));
     }
-    let mut text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(format!(
+            "{} belongs to user {}, not to root or this user ({me}): whoever owns it could change this tunnel's key; chown {me} {0}",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(cannot)?;
     let key = PrivateKey::from_base64(&text).map_err(|e| format!("{}: {e}", path.display()));
     text.zeroize();
     key
@@ -1522,6 +1538,28 @@ mod tests {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = parse(&conf, IfName::new("tp0").unwrap(), text, 0o600).unwrap();
         assert_eq!(c.private_key.to_base64(), A);
+        // Another user's (as root: a test run unprivileged cannot give a file away).
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&key, Some(65534), None).unwrap();
+            let e = parse(&conf, IfName::new("tp0").unwrap(), text, 0o600)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("belongs to user 65534") && e.contains("chown 0"),
+                "{e}"
+            );
+            std::os::unix::fs::chown(&key, Some(0), None).unwrap();
+        }
+        // A directory is no key file.
+        let e = parse(
+            &conf,
+            IfName::new("tp0").unwrap(),
+            "[Interface]\nPrivateKeyFile = .\n",
+            0o600,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("is not a file"), "{e}");
         // An inline key in a file others can read: refused.
         let e = parse(
             &conf,
