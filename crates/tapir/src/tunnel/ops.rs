@@ -36,7 +36,23 @@ const FIRST_TABLE: u32 = 51820;
 /// Runs `cmds` through `/bin/sh -c`, `%i` replaced by `name`, in order;
 /// their output goes where ours goes (the tunnel's log). The first that
 /// fails stops the rest and is the error.
+///
+/// The name goes into the command as it is, as wg-quick puts it; so only
+/// names of wg-quick's characters (`A-Z a-z 0-9 _ = + . -`) run hooks: the
+/// kernel allows `;`, `$` or a backquote in a name, which the shell would
+/// run.
 pub fn run_hooks(stage: &str, cmds: &[String], name: &str) -> Result<(), DevError> {
+    if cmds.is_empty() {
+        return Ok(());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "_=+.-".contains(*c)))
+    {
+        return Err(DevError::Invalid(format!(
+            "{stage}: the tunnel's name {name} has '{c}', which the shell would read in its commands (%i): name it with letters, digits and _=+.- only, or remove the {stage} lines"
+        )));
+    }
     for c in cmds {
         let cmd = c.replace("%i", name);
         eprintln!("tapir: {name}: {stage}: {cmd}");
@@ -403,6 +419,19 @@ mod tests {
         let e = run_hooks("PostUp", &cmds, "tq9").unwrap_err().to_string();
         assert!(e.contains("PostUp = exit 3") && e.contains("3"), "{e}");
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "one tq9\ntwo tq9\n");
+        // A name the shell would read: no command runs.
+        let e = run_hooks("PostUp", &cmds, "tq;touch${IFS}x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("has ';'") && e.contains("remove the PostUp lines"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "one tq9\ntwo tq9\n");
+        assert!(
+            run_hooks("PostUp", &[], "tq;x").is_ok(),
+            "no hooks, no rule"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
