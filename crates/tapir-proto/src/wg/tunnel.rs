@@ -462,29 +462,60 @@ fn looks_like_ethernet(plain: &[u8]) -> bool {
     plain.len() >= 14 && u16::from_be_bytes([plain[12], plain[13]]) >= 0x0600
 }
 
-/// The sender address that a tap peer's frame claims, for the allowed-IPs
-/// check: IPv4 and IPv6 sources, the ARP sender (one VLAN tag skipped).
-/// `Ok(None)`: a frame with no IP sender (other protocols), or an
-/// unspecified one (DHCP, DAD, ARP probes). `Err`: truncated.
-fn frame_sender(frame: &[u8]) -> Result<Option<IpAddr>, ()> {
+/// The addresses a tap peer's frame claims, for the allowed-IPs check:
+/// the IPv4 or IPv6 source, the ARP sender, and the target an IPv6
+/// Neighbor Advertisement announces (what neighbours' caches take). Under
+/// up to two VLAN tags (802.1Q, 802.1ad); a third is refused, as a frame
+/// the check would not see into. An unspecified source claims nothing only
+/// where a host without an address sends: a DHCP client (UDP 68 to 67),
+/// ICMPv6 or hop-by-hop options (duplicate address detection, MLD), an ARP
+/// probe; elsewhere it is claimed, and passes only a peer allowed
+/// everything. `[None, None]`: no IP sender (other protocols). `Err`:
+/// truncated.
+fn frame_claims(frame: &[u8]) -> Result<[Option<IpAddr>; 2], ()> {
+    const VLAN: [u16; 2] = [0x8100, 0x88a8];
     let mut at = 12;
     let mut ethertype = u16::from_be_bytes([frame[12], frame[13]]);
-    if ethertype == 0x8100 {
-        let b = frame.get(16..18).ok_or(())?;
+    for _ in 0..2 {
+        if !VLAN.contains(&ethertype) {
+            break;
+        }
+        let b = frame.get(at + 4..at + 6).ok_or(())?;
         ethertype = u16::from_be_bytes([b[0], b[1]]);
         at += 4;
     }
-    let l3 = &frame[at + 2..];
-    let ip = match ethertype {
-        0x0800 => ip_address(l3, false).ok_or(())?,
-        0x86dd => ip_address(l3, false).ok_or(())?,
+    if VLAN.contains(&ethertype) {
+        return Err(());
+    }
+    let l3 = frame.get(at + 2..).ok_or(())?;
+    match ethertype {
+        0x0800 => {
+            let ip = ip_address(l3, false).ok_or(())?;
+            let header = usize::from(l3[0] & 0xf) * 4;
+            let ports = l3.get(header..header + 4);
+            let dhcp = l3.get(9) == Some(&17) && ports == Some(&[0, 68, 0, 67][..]);
+            Ok([(!(ip.is_unspecified() && dhcp)).then_some(ip), None])
+        }
+        0x86dd => {
+            let ip = ip_address(l3, false).ok_or(())?;
+            let next = *l3.get(6).ok_or(())?;
+            let without_address = ip.is_unspecified() && matches!(next, 0 | 58);
+            // A Neighbor Advertisement (ICMPv6 type 136) and its target.
+            let target = if next == 58 && l3.get(40) == Some(&136) {
+                let t: [u8; 16] = l3.get(48..64).ok_or(())?.try_into().map_err(|_| ())?;
+                Some(IpAddr::from(t))
+            } else {
+                None
+            };
+            Ok([(!without_address).then_some(ip), target])
+        }
         0x0806 => {
             let b: [u8; 4] = l3.get(14..18).ok_or(())?.try_into().map_err(|_| ())?;
-            IpAddr::from(b)
+            let ip = IpAddr::from(b);
+            Ok([(!ip.is_unspecified()).then_some(ip), None])
         }
-        _ => return Ok(None),
-    };
-    Ok((!ip.is_unspecified()).then_some(ip))
+        _ => Ok([None, None]),
+    }
 }
 
 fn expired(t: &Timed, now: Instant) -> bool {
@@ -1613,12 +1644,12 @@ impl Tunnel {
         // Cryptokey routing's promise, for frames: a peer with allowed IPs
         // may only send as those addresses.
         if !self.peers[p].config.allowed_ips.is_empty() {
-            match frame_sender(frame) {
+            match frame_claims(frame) {
                 Err(()) => {
                     self.peers[p].stats.dropped += 1;
                     return Decapsulated::Dropped(DropReason::Malformed);
                 }
-                Ok(Some(ip)) if self.route(ip) != Some(p) => {
+                Ok(claims) if claims.iter().flatten().any(|&ip| self.route(ip) != Some(p)) => {
                     return refuse(self, DropReason::NotAllowed, |d| &mut d.not_allowed);
                 }
                 Ok(_) => {}

@@ -288,6 +288,145 @@ fn allowed_ips_stop_spoofed_senders_in_tap_mode() {
     assert_eq!(d.not_allowed, 1);
 }
 
+/// A frame from `src` to the broadcast address: `types` are the
+/// EtherTypes in order (VLAN tags first, each with VLAN 7), then `l3`.
+fn tagged(src: Mac, types: &[u16], l3: &[u8]) -> Vec<u8> {
+    let mut f = frame(BCAST, src, 14);
+    f.truncate(12);
+    for (i, t) in types.iter().enumerate() {
+        f.extend_from_slice(&t.to_be_bytes());
+        if i + 1 < types.len() {
+            f.extend_from_slice(&[0, 7]);
+        }
+    }
+    f.extend_from_slice(l3);
+    f
+}
+
+/// An IPv4 header from `src`, protocol `proto`, then `rest`.
+fn ipv4(src: [u8; 4], proto: u8, rest: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, proto, 0, 0];
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&[255, 255, 255, 255]);
+    p.extend_from_slice(rest);
+    let len = p.len() as u16;
+    p[2..4].copy_from_slice(&len.to_be_bytes());
+    p
+}
+
+/// An IPv6 header from `src`, next header `next`, then `rest`.
+fn ipv6(src: &str, next: u8, rest: &[u8]) -> Vec<u8> {
+    let src: std::net::Ipv6Addr = src.parse().unwrap();
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&(rest.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[next, 255]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&"ff02::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    p.extend_from_slice(rest);
+    p
+}
+
+/// A Neighbor Advertisement (override flag set) for `target`.
+fn advert(target: &str) -> Vec<u8> {
+    let mut m = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+    m.extend_from_slice(&target.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    m
+}
+
+#[test]
+fn what_a_frame_claims_is_checked_under_tags_and_without_an_address() {
+    let mut n = Net::new(&["10.0.0.1/32", "fd00::1/128"], [Layer::Ethernet; 3]);
+    n.warm_up();
+    let mut passed = 0;
+    let mut check = |n: &mut Net, f: Vec<u8>, passes: bool, what: &str| {
+        n.send(1, &f);
+        n.run();
+        passed += usize::from(passes);
+        assert_eq!(n.tap[0].len(), passed, "{what}: {:?}", n.drops);
+    };
+    let icmp = [8, 0, 0, 0, 0, 0, 0, 0];
+    let own = ipv4([10, 0, 0, 1], 1, &icmp);
+    let other = ipv4([10, 0, 0, 9], 1, &icmp);
+    check(
+        &mut n,
+        tagged(MAC[1], &[0x0800], &own),
+        true,
+        "its own address",
+    );
+    check(
+        &mut n,
+        tagged(MAC[1], &[0x8100, 0x0800], &own),
+        true,
+        "one tag",
+    );
+    check(
+        &mut n,
+        tagged(MAC[1], &[0x8100, 0x0800], &other),
+        false,
+        "another's, one tag",
+    );
+    check(
+        &mut n,
+        tagged(MAC[1], &[0x88a8, 0x8100, 0x0800], &own),
+        true,
+        "two tags",
+    );
+    check(
+        &mut n,
+        tagged(MAC[1], &[0x88a8, 0x8100, 0x0800], &other),
+        false,
+        "another's, QinQ",
+    );
+    check(
+        &mut n,
+        tagged(MAC[1], &[0x8100, 0x8100, 0x8100, 0x0800], &own),
+        false,
+        "three tags",
+    );
+    // No address yet: a DHCP client's discover passes, a ping does not.
+    let discover = ipv4([0, 0, 0, 0], 17, &[0, 68, 0, 67, 0, 8, 0, 0]);
+    check(
+        &mut n,
+        tagged(MAC[1], &[0x0800], &discover),
+        true,
+        "DHCP from 0.0.0.0",
+    );
+    let ping = ipv4([0, 0, 0, 0], 1, &icmp);
+    check(
+        &mut n,
+        tagged(MAC[1], &[0x0800], &ping),
+        false,
+        "a ping from 0.0.0.0",
+    );
+    // IPv6: duplicate address detection from ::, a ping from :: not; an
+    // advertisement for its own address, not for another's.
+    let ns = ipv6("::", 58, &[135, 0, 0, 0, 0, 0, 0, 0]);
+    check(&mut n, tagged(MAC[1], &[0x86dd], &ns), true, "DAD from ::");
+    let ping6 = ipv6("::", 17, &[0; 8]);
+    check(
+        &mut n,
+        tagged(MAC[1], &[0x86dd], &ping6),
+        false,
+        "UDP from ::",
+    );
+    let na = ipv6("fd00::1", 58, &advert("fd00::1"));
+    check(
+        &mut n,
+        tagged(MAC[1], &[0x86dd], &na),
+        true,
+        "advertising its own",
+    );
+    let na = ipv6("fd00::1", 58, &advert("fd00::2"));
+    check(
+        &mut n,
+        tagged(MAC[1], &[0x86dd], &na),
+        false,
+        "advertising another's",
+    );
+    let d = &n.nodes[0].peers().next().unwrap().2.drops;
+    assert_eq!(d.not_allowed, 5, "{:?}", n.drops);
+}
+
 #[test]
 fn a_tun_end_against_a_tap_end_is_named_not_crashed() {
     // Spoke 1 is in tun mode; the hub and spoke 2 in tap mode.
