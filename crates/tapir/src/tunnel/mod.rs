@@ -2159,6 +2159,9 @@ impl Started {
             config,
         } = self;
         let tap = mode == Mode::Tap;
+        // Over TCP a peer's current endpoint is where its connection came
+        // from, a port of the moment: SaveConfig keeps the configured one.
+        let roaming_endpoints = matches!(net, Net::Udp(_));
         let counters = Counters::default();
         // UDP offloads, probed: segmentation on send, coalescing on receive.
         // TAPIR_UDP_GSO=off / TAPIR_UDP_GRO=off turn them off (to measure
@@ -2245,7 +2248,7 @@ impl Started {
             }
         };
         if let Some(file) = &save_to {
-            match crate::saveconfig::save(file, &shared.tunnel()) {
+            match crate::saveconfig::save(file, &shared.tunnel(), roaming_endpoints) {
                 Ok(()) => eprintln!(
                     "tapir: {name}: SaveConfig: peers written to {}",
                     file.display()

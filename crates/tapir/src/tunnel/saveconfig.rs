@@ -23,8 +23,11 @@ fn interface_part(text: &str) -> &str {
     &text[..at]
 }
 
-/// The new text: `text`'s `[Interface]` part, then the tunnel's peers.
-pub fn render(text: &str, tunnel: &Tunnel) -> String {
+/// The new text: `text`'s `[Interface]` part, then the tunnel's peers,
+/// each with its current endpoint (`roaming`: over UDP, where that is
+/// where the peer is) or the configured one (over TCP, where it is where
+/// a connection came from, a port of the moment).
+pub fn render(text: &str, tunnel: &Tunnel, roaming: bool) -> String {
     let mut out = interface_part(text).trim_end().to_owned();
     out.push('\n');
     for (c, current, _) in tunnel.peers() {
@@ -36,7 +39,11 @@ pub fn render(text: &str, tunnel: &Tunnel) -> String {
             let ips: Vec<String> = c.allowed_ips.iter().map(|n| n.to_string()).collect();
             let _ = writeln!(out, "AllowedIPs = {}", ips.join(", "));
         }
-        if let Some(e) = current.or(c.endpoint) {
+        if let Some(e) = if roaming {
+            current.or(c.endpoint)
+        } else {
+            c.endpoint
+        } {
             let _ = writeln!(out, "Endpoint = {e}");
         }
         if let Some(k) = c.keepalive {
@@ -50,11 +57,11 @@ pub fn render(text: &str, tunnel: &Tunnel) -> String {
 }
 
 /// Writes the tunnel's peers back to `file` (see the module's words).
-pub fn save(file: &Path, tunnel: &Tunnel) -> Result<(), String> {
+pub fn save(file: &Path, tunnel: &Tunnel, roaming: bool) -> Result<(), String> {
     let fail = |e: std::io::Error| format!("{}: {e}", file.display());
     let text = std::fs::read_to_string(file).map_err(fail)?;
     let meta = std::fs::metadata(file).map_err(fail)?;
-    let new = render(&text, tunnel);
+    let new = render(&text, tunnel, roaming);
     let mut mode = meta.permissions().mode() & 0o777;
     if tunnel.peers().any(|(c, _, _)| c.psk.is_some()) {
         mode &= 0o700;
@@ -113,7 +120,7 @@ mod tests {
             rate: Some(20_000_000),
         });
         let text = "[Interface]\n# mine\nPrivateKeyFile = /etc/tapir/k\nAddress = 10.0.0.1/24\nSaveConfig = true\n\n[peer]\nPublicKey = old\n";
-        let out = render(text, &t);
+        let out = render(text, &t, true);
         assert!(out.starts_with("[Interface]\n# mine\nPrivateKeyFile = /etc/tapir/k\nAddress = 10.0.0.1/24\nSaveConfig = true\n\n[Peer]\n"), "{out}");
         assert!(!out.contains("PublicKey = old"));
         assert!(out.contains(&format!(
@@ -141,5 +148,40 @@ mod tests {
         .unwrap();
         assert_eq!(back.peers.len(), 2);
         assert_eq!(back.peers[1].rate, Some(20_000_000));
+    }
+
+    #[test]
+    fn a_peer_heard_from_elsewhere_is_saved_there_over_udp_only() {
+        use std::time::{Duration, Instant};
+        let (server, client) = (
+            PrivateKey::from_random([5; 32]),
+            PrivateKey::from_random([6; 32]),
+        );
+        let peer = |k: &PrivateKey, endpoint: Option<&str>| PeerConfig {
+            public: k.public_key(),
+            psk: None,
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
+            allowed_ips: vec!["10.0.0.2/32".parse().unwrap()],
+            keepalive: None,
+            rate: None,
+        };
+        // The server knows the client at a configured address; the client
+        // handshakes from another (over TCP: its connection's port).
+        let mut s = Tunnel::new(server.clone(), vec![peer(&client, Some("192.0.2.7:51820"))]);
+        let mut c = Tunnel::new(client, vec![peer(&server, Some("192.0.2.1:51820"))]);
+        let (now, wall) = (Instant::now(), Duration::from_secs(1_700_000_000));
+        let mut rng = crate::tunnel::OsRandom::new().unwrap();
+        let mut buf = vec![0u8; 2048];
+        buf[16..36].copy_from_slice(&[
+            0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ]);
+        c.encapsulate(now, wall, &mut rng, &mut buf, 20);
+        let (_, n) = c.poll_transmit(now, &mut buf).expect("an initiation");
+        let from = "192.0.2.7:40123".parse().unwrap();
+        s.decapsulate(now, wall, &mut rng, from, &mut buf, n);
+        assert_eq!(s.peers().next().unwrap().1, Some(from));
+        let text = "[Interface]\nListenPort = 51820\n";
+        assert!(render(text, &s, true).contains("Endpoint = 192.0.2.7:40123\n"));
+        assert!(render(text, &s, false).contains("Endpoint = 192.0.2.7:51820\n"));
     }
 }
