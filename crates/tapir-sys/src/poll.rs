@@ -66,6 +66,17 @@ pub struct PollSet {
     got: usize,
 }
 
+fn poll_events(read: bool, write: bool) -> libc::c_short {
+    let mut events = 0;
+    if read {
+        events |= libc::POLLIN;
+    }
+    if write {
+        events |= libc::POLLOUT;
+    }
+    events
+}
+
 impl PollSet {
     /// An empty set, passed whole to `poll(2)` at each wait: for a set
     /// that changes between waits.
@@ -117,16 +128,9 @@ impl PollSet {
 
     /// Adds `fd`, waited on for reading and/or writing; returns its position.
     pub fn add(&mut self, fd: BorrowedFd<'_>, read: bool, write: bool) -> usize {
-        let mut events = 0;
-        if read {
-            events |= libc::POLLIN;
-        }
-        if write {
-            events |= libc::POLLOUT;
-        }
         self.fds.push(libc::pollfd {
             fd: fd.as_raw_fd(),
-            events,
+            events: poll_events(read, write),
             revents: 0,
         });
         let i = self.fds.len() - 1;
@@ -152,6 +156,41 @@ impl PollSet {
         };
         // SAFETY: ev is a live local the kernel reads (ADD) or ignores (DEL).
         unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, p.fd, &mut ev) == 0 }
+    }
+
+    /// Puts `fd` in entry `i`, one left out of the waits
+    /// ([`PollSet::set_ignored`]): a place reused, where a set that only
+    /// grew would be built again (every entry out of the kernel's set and
+    /// in again) to stay small.
+    pub fn reuse(&mut self, i: usize, fd: BorrowedFd<'_>, read: bool, write: bool) {
+        let Some(p) = self.fds.get_mut(i) else {
+            return;
+        };
+        debug_assert!(p.fd < 0, "entry {i} is in use");
+        *p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: poll_events(read, write),
+            revents: 0,
+        };
+        if !self.register(i, libc::EPOLL_CTL_ADD) {
+            self.epoll = None;
+        }
+    }
+
+    /// Changes what entry `i` is waited for (`EPOLL_CTL_MOD`).
+    pub fn modify(&mut self, i: usize, read: bool, write: bool) {
+        let Some(p) = self.fds.get_mut(i) else {
+            return;
+        };
+        p.events = poll_events(read, write);
+        if p.fd >= 0 && !self.register(i, libc::EPOLL_CTL_MOD) {
+            self.epoll = None;
+        }
+    }
+
+    /// How many entries it has, left-out ones included.
+    pub fn len(&self) -> usize {
+        self.fds.len()
     }
 
     /// Whether the set has no entries.

@@ -1715,16 +1715,11 @@ fn inbound_loop(
         if let Link::Tcp(t) = &mut out.link {
             tcp_dial(t, shared, &mut dials_at, now);
         }
-        // The descriptors to wait on. Over UDP the set is built once and
-        // only the device's entry is left out or put back; over TCP it is
-        // built again when connections came or went or wait for something
-        // else (writing, a connect).
-        let fresh = set.is_empty()
-            || match &out.link {
-                Link::Tcp(t) => !t.registered_same(now),
-                Link::Udp(_) => false,
-            };
-        if fresh {
+        // The descriptors to wait on, put in the set once; then only the
+        // device's entry is left out or put back, and over TCP the
+        // connections that came, went or wait for something else (writing,
+        // a connect) go in or out one at a time (`TcpTransport::sync`).
+        if set.is_empty() {
             at = Positions::fill(
                 &mut set,
                 ob.as_deref().map(|o| o.dev),
@@ -1733,6 +1728,9 @@ fn inbound_loop(
                 &out.link,
                 deadline.as_ref(),
             );
+            if let Link::Tcp(t) = &mut out.link {
+                t.forget_places();
+            }
         }
         let shift_dev_at = match (&shifts, at.shift_dev) {
             (Some(sh), Some(i)) => {
@@ -1759,7 +1757,7 @@ fn inbound_loop(
             timeout = due.saturating_duration_since(now);
         }
         if let Link::Tcp(t) = &mut out.link {
-            (timeout, tcp_due) = tcp_register(t, fresh.then_some(&mut set), now, timeout);
+            (timeout, tcp_due) = tcp_register(t, &mut set, now, timeout);
         }
         set.wait(timeout)
             .map_err(|e| DevError::Runtime(format!("poll: {e}")))?;
@@ -1947,20 +1945,18 @@ fn tcp_dial(t: &mut TcpTransport, shared: &Shared, dials_at: &mut Option<Instant
     }
 }
 
-/// TCP: its connections into `set` (a fresh one; none: the set holds them
-/// as they are); the wait's timeout, cut to its own next deadline (and to
+/// TCP: its connections into `set` as they now are (what changed
+/// only); the wait's timeout, cut to its own next deadline (and to
 /// none when input is buffered), and that deadline (for
 /// [`tcp_after_wait`]: what the turn changes is seen by the next).
 #[inline(never)]
 fn tcp_register(
     t: &mut TcpTransport,
-    set: Option<&mut PollSet>,
+    set: &mut PollSet,
     now: Instant,
     timeout: Duration,
 ) -> (Duration, Option<Instant>) {
-    if let Some(set) = set {
-        t.register(set, now);
-    }
+    t.sync(set, now);
     let due = t.next_deadline(now);
     if t.has_input() {
         return (Duration::ZERO, due);

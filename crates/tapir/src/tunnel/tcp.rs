@@ -134,6 +134,8 @@ struct Conn {
     last_rx: Instant,
     dial: Option<usize>,
     readable: bool,
+    /// Its place in the poll set, and whether it waits there for writing.
+    place: Option<(usize, bool)>,
 }
 
 impl Conn {
@@ -162,13 +164,12 @@ pub struct TcpTransport {
     touched: Vec<usize>,
     dials: Vec<Dial>,
     max_message: usize,
-    /// Poll positions: the listener's, then (conn, position) pairs.
+    /// The listener's place in the poll set (each connection keeps its own).
     listener_at: Option<usize>,
-    polled: Vec<(usize, usize)>,
-    /// Whether each of `polled` was put in the set for writing too.
-    polled_write: Vec<bool>,
-    /// A connection came or went since the last [`TcpTransport::register`].
-    changed: bool,
+    /// Places in the poll set of connections closed since the last
+    /// [`TcpTransport::sync`], to take out there; and places free to reuse.
+    released: Vec<usize>,
+    free_places: Vec<usize>,
     jitter: u64,
     /// Counters.
     pub stats: TcpStats,
@@ -233,9 +234,8 @@ impl TcpTransport {
             dials: Vec::new(),
             max_message,
             listener_at: None,
-            polled: Vec::new(),
-            polled_write: Vec::new(),
-            changed: true,
+            released: Vec::new(),
+            free_places: Vec::new(),
             jitter: seed | 1,
             stats: TcpStats::default(),
             connected: Vec::new(),
@@ -334,7 +334,6 @@ impl TcpTransport {
         dial: Option<usize>,
         connecting: bool,
     ) -> usize {
-        self.changed = true;
         let conn = Conn {
             stream,
             remote,
@@ -348,6 +347,7 @@ impl TcpTransport {
             last_rx: now,
             dial,
             readable: false,
+            place: None,
         };
         let id = match self.conns.iter().position(Option::is_none) {
             Some(free) => {
@@ -390,7 +390,9 @@ impl TcpTransport {
         let Some(conn) = self.conns.get_mut(id).and_then(Option::take) else {
             return;
         };
-        self.changed = true;
+        if let Some((place, _)) = conn.place {
+            self.released.push(place);
+        }
         if self.by_remote.get(&conn.remote) == Some(&id) {
             self.by_remote.remove(&conn.remote);
             self.last_remote = None;
@@ -405,43 +407,57 @@ impl TcpTransport {
         }
     }
 
-    /// Adds the listener and every connection to `set`.
-    pub fn register(&mut self, set: &mut PollSet, now: Instant) {
-        let resting = self.accept_paused_until.is_some_and(|t| now < t);
-        self.listener_at = self
-            .listener
-            .as_ref()
-            .filter(|_| !resting)
-            .map(|l| set.add(l.as_fd(), true, false));
-        self.polled.clear();
-        self.polled_write.clear();
-        for (id, c) in self.conns.iter().enumerate() {
-            if let Some(c) = c {
-                let write = c.wants_write();
-                let at = set.add(c.stream.as_fd(), true, write);
-                self.polled.push((id, at));
-                self.polled_write.push(write);
+    /// Brings `set` up to date with the listener and the connections: what
+    /// changed since the last call, and only that, goes in or out (a
+    /// connection that came, went, or waits to write now or no longer), so
+    /// a connection accepted or closed costs one or two system calls, not
+    /// two for every open connection (a flood of connections against a
+    /// server with many peers would otherwise hold its packet thread).
+    pub fn sync(&mut self, set: &mut PollSet, now: Instant) {
+        // Out first: a new connection may have the descriptor number of
+        // one closed since, and must not be taken out in its place.
+        for place in self.released.drain(..) {
+            set.set_ignored(place, true);
+            self.free_places.push(place);
+        }
+        if let Some(l) = &self.listener {
+            let at = *self
+                .listener_at
+                .get_or_insert_with(|| set.add(l.as_fd(), true, false));
+            set.set_ignored(at, self.accept_paused_until.is_some_and(|t| now < t));
+        }
+        let free = &mut self.free_places;
+        for c in self.conns.iter_mut().flatten() {
+            let write = c.wants_write();
+            match c.place {
+                None => {
+                    let at = match free.pop() {
+                        Some(at) => {
+                            set.reuse(at, c.stream.as_fd(), true, write);
+                            at
+                        }
+                        None => set.add(c.stream.as_fd(), true, write),
+                    };
+                    c.place = Some((at, write));
+                }
+                Some((at, was)) if was != write => {
+                    set.modify(at, true, write);
+                    c.place = Some((at, write));
+                }
+                Some(_) => {}
             }
         }
-        self.changed = false;
     }
 
-    /// Whether [`TcpTransport::register`] would put in a set what it put
-    /// there last: the same listening, the same connections, each waited on
-    /// for the same (then the set can be waited on again as it is).
-    pub fn registered_same(&self, now: Instant) -> bool {
-        let resting = self.accept_paused_until.is_some_and(|t| now < t);
-        !self.changed
-            && (self.listener.is_some() && !resting) == self.listener_at.is_some()
-            && self
-                .polled
-                .iter()
-                .zip(&self.polled_write)
-                .all(|(&(id, _), &write)| {
-                    self.conns[id]
-                        .as_ref()
-                        .is_some_and(|c| c.wants_write() == write)
-                })
+    /// The poll set was emptied: everything goes in again at the next
+    /// [`TcpTransport::sync`].
+    pub fn forget_places(&mut self) {
+        self.listener_at = None;
+        self.released.clear();
+        self.free_places.clear();
+        for c in self.conns.iter_mut().flatten() {
+            c.place = None;
+        }
     }
 
     /// Acts on what `set` reported: accepts, finished connects, writes.
@@ -449,8 +465,11 @@ impl TcpTransport {
         if self.listener_at.is_some_and(|i| set.readable(i)) {
             self.accept(now);
         }
-        for k in 0..self.polled.len() {
-            let (id, at) = self.polled[k];
+        for id in 0..self.conns.len() {
+            // Those accepted just now are not in the set yet.
+            let Some((at, _)) = self.conns[id].as_ref().and_then(|c| c.place) else {
+                continue;
+            };
             let (readable, writable) = (set.readable(at), set.writable(at));
             let Some(c) = self.conns.get_mut(id).and_then(Option::as_mut) else {
                 continue;
@@ -920,25 +939,27 @@ mod tests {
 
     fn pump(a: &mut TcpTransport, now: Instant) {
         let mut set = PollSet::new();
-        a.register(&mut set, now);
+        a.forget_places();
+        a.sync(&mut set, now);
         set.wait(Duration::from_millis(20)).unwrap();
         a.service(&set, now);
     }
 
     #[test]
-    fn a_kept_set_is_built_again_when_connections_come_and_go() {
+    fn a_kept_set_follows_connections_one_change_at_a_time() {
         let now = Instant::now();
         let mut server = TcpTransport::new(Some(0), 2048, 1).unwrap();
         let port = server.local_port();
         let mut set = PollSet::kept();
-        server.register(&mut set, now);
-        assert!(server.registered_same(now));
-        // Accepts until `n` connections are open, waiting on `set` as it is.
+        server.sync(&mut set, now);
+        assert_eq!(set.len(), 1, "the listener");
+        // Waits on `set` as it is until `n` connections are open, then syncs.
         let accept = |server: &mut TcpTransport, set: &mut PollSet, n: usize| {
             for _ in 0..100 {
                 set.wait(Duration::from_millis(20)).unwrap();
                 server.service(set, now);
                 if server.connection_counts().0 == n {
+                    server.sync(set, now);
                     return;
                 }
             }
@@ -946,24 +967,44 @@ mod tests {
         };
         let _first = TcpStream::connect(("127.0.0.1", port)).unwrap();
         accept(&mut server, &mut set, 1);
-        assert!(
-            !server.registered_same(now),
-            "an accepted connection is not in the set"
-        );
-        set.clear();
-        server.register(&mut set, now);
-        assert!(server.registered_same(now));
-        // Closed and replaced before the next look: the same slot and (the
+        assert_eq!(set.len(), 2);
+        // Closed and replaced before the next sync: the same slot and (the
         // client's socket made first) most likely the same descriptor
-        // number, yet not in the set.
-        let _second = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        // number; the new one is in the set, in the old one's place.
+        let mut second = TcpStream::connect(("127.0.0.1", port)).unwrap();
         server.close(0, now, None);
         accept(&mut server, &mut set, 1);
         assert!(server.conns[0].is_some(), "the slot was reused");
-        assert!(!server.registered_same(now));
-        set.clear();
-        server.register(&mut set, now);
-        assert!(server.registered_same(now));
+        assert_eq!(set.len(), 2, "and its place in the set");
+        let mut frame = vec![0, 32, 4, 0, 0, 0];
+        frame.resize(2 + 32, 0);
+        second.write_all(&frame).unwrap();
+        let mut rx = Batch::new(8, 4096);
+        let mut got = 0;
+        for _ in 0..50 {
+            set.wait(Duration::from_millis(20)).unwrap();
+            server.service(&set, now);
+            got += server.receive(&mut rx, now);
+            server.sync(&mut set, now);
+            if got > 0 {
+                break;
+            }
+        }
+        assert_eq!(got, 1, "the new connection is waited on");
+        // Many come and go, a few at a time: the set grows to the most
+        // open at once, not with every one.
+        for _ in 0..10 {
+            let three: Vec<TcpStream> = (0..3)
+                .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+                .collect();
+            accept(&mut server, &mut set, 4);
+            for id in 1..server.conns.len() {
+                server.close(id, now, None);
+            }
+            server.sync(&mut set, now);
+            drop(three);
+        }
+        assert_eq!(set.len(), 5, "the listener and four places");
     }
 
     #[test]
