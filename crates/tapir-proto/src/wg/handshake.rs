@@ -123,6 +123,18 @@ impl PeerStatic {
             public,
         }
     }
+
+    /// `DH(our static, its static)`, computed once; a weak key is refused.
+    fn static_static(&self, id: &Identity) -> Result<Zeroizing<[u8; 32]>, HandshakeError> {
+        let ss = self.static_static.get_or_init(|| {
+            let ss = id
+                .private
+                .secret()
+                .diffie_hellman(&DalekPublic::from(self.public.0));
+            ss.was_contributory().then(|| ss.to_bytes())
+        });
+        ss.map(Zeroizing::new).ok_or(HandshakeError::WeakKey)
+    }
 }
 
 /// Keys of one transport session.
@@ -248,19 +260,7 @@ pub fn write_initiation(
     cookie: Option<&[u8; 16]>,
     out: &mut [u8; INITIATION_LEN],
 ) -> Result<PendingInitiation, HandshakeError> {
-    let static_static = Zeroizing::new(
-        *peer
-            .static_static
-            .get_or_init(|| {
-                let ss = id
-                    .private
-                    .secret()
-                    .diffie_hellman(&DalekPublic::from(peer.public.0));
-                ss.was_contributory().then(|| ss.to_bytes())
-            })
-            .as_ref()
-            .ok_or(HandshakeError::WeakKey)?,
-    );
+    let static_static = peer.static_static(id)?;
     let (mut c, mut h) = initial();
     h = hash(&[&h, &peer.public.0]);
     let e_pub = public_of(&ephemeral);
@@ -296,9 +296,15 @@ pub fn write_initiation(
 }
 
 /// Authenticates an initiation sent to `id`. mac1 is checked here; mac2 (under
-/// load) is the caller's business. The caller then finds the peer by
-/// [`ReceivedInitiation::peer`] and checks the timestamp.
-pub fn read_initiation(id: &Identity, msg: &[u8]) -> Result<ReceivedInitiation, HandshakeError> {
+/// load) is the caller's business. `peer_of` finds the sender's key among
+/// the peers, as soon as it is decrypted: an unknown one costs no second
+/// Diffie-Hellman, and a known one's static-static is its kept one. The
+/// caller then checks the timestamp.
+pub fn read_initiation<'p>(
+    id: &Identity,
+    msg: &[u8],
+    peer_of: impl FnOnce(&PublicKey) -> Option<&'p PeerStatic>,
+) -> Result<ReceivedInitiation, HandshakeError> {
     if messages::kind(msg) != Some(messages::Kind::Initiation) {
         return Err(HandshakeError::Malformed);
     }
@@ -323,7 +329,9 @@ pub fn read_initiation(id: &Identity, msg: &[u8]) -> Result<ReceivedInitiation, 
     let mut peer = [0u8; 32];
     peer.copy_from_slice(&st[..32]);
     h = hash(&[&h, &msg[field::INIT_STATIC]]);
-    let ss = dh(&our_secret, &peer)?;
+    let ss = peer_of(&PublicKey(peer))
+        .ok_or(HandshakeError::UnknownPeer)?
+        .static_static(id)?;
     let [c3, k] = kdf::<2>(&c, &*ss);
     let k = Zeroizing::new(k);
     c = c3;

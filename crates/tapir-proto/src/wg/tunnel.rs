@@ -1257,7 +1257,9 @@ impl Tunnel {
         from: SocketAddr,
         msg: &[u8],
     ) -> Decapsulated {
-        let init = match handshake::read_initiation(&self.id, msg) {
+        let (by_key, peers) = (&self.by_key, &self.peers);
+        let peer_of = |k: &PublicKey| by_key.get(k).map(|&p| &peers[p].keys);
+        let init = match handshake::read_initiation(&self.id, msg, peer_of) {
             Ok(i) => i,
             Err(e) => return Decapsulated::Dropped(DropReason::Handshake(e)),
         };

@@ -24,7 +24,12 @@ fn both_sides_derive_the_same_keys() {
         &mut init,
     )
     .unwrap();
-    let received = read_initiation(&b, &init).unwrap();
+    // From a key that is no peer's: refused once it is decrypted.
+    assert_eq!(
+        read_initiation(&b, &init, |k| (*k != a.public()).then_some(&b_a)).err(),
+        Some(HandshakeError::UnknownPeer)
+    );
+    let received = read_initiation(&b, &init, |k| (*k == a.public()).then_some(&b_a)).unwrap();
     assert_eq!(received.peer, a.public());
     assert_eq!(received.sender_index, 0x1111);
     assert_eq!(
@@ -60,20 +65,23 @@ fn forged_and_misdirected_messages_fail() {
     for byte in 0..field::INIT_MAC2.start {
         let mut bad = init;
         bad[byte] ^= 0x10;
-        assert!(read_initiation(&b, &bad).is_err(), "flip in byte {byte}");
+        assert!(
+            read_initiation(&b, &bad, |_| Some(&b_a)).is_err(),
+            "flip in byte {byte}"
+        );
     }
     // Sent to the wrong responder: mac1 fails.
     let c = Identity::new(PrivateKey::from_random([7; 32]));
     assert_eq!(
-        read_initiation(&c, &init).err(),
+        read_initiation(&c, &init, |_| Some(&b_a)).err(),
         Some(HandshakeError::BadMac1)
     );
     assert_eq!(
-        read_initiation(&b, &init[..100]).err(),
+        read_initiation(&b, &init[..100], |_| Some(&b_a)).err(),
         Some(HandshakeError::Malformed)
     );
     // A response with another psk: decryption fails.
-    let received = read_initiation(&b, &init).unwrap();
+    let received = read_initiation(&b, &init, |_| Some(&b_a)).unwrap();
     let wrong_psk = PeerStatic::new(&b, a.public(), Some(PresharedKey::from_random([8; 32])));
     let mut resp = [0u8; RESPONSE_LEN];
     write_response(&wrong_psk, &received, 2, [4; 32], None, &mut resp).unwrap();
@@ -136,7 +144,7 @@ fn cookies_round_trip_and_bind_mac2() {
     )
     .unwrap();
     assert!(verify_mac2(&cookie, &again).is_ok());
-    assert!(read_initiation(&b, &again).is_ok());
+    assert!(read_initiation(&b, &again, |_| Some(&b_a)).is_ok());
     let _ = b_a;
 }
 
@@ -160,7 +168,7 @@ fn low_order_ephemeral_is_refused() {
     let m1 = mac(&b.mac1_key, &[&init[..field::INIT_MAC1.start]]);
     init[field::INIT_MAC1].copy_from_slice(&m1);
     assert_eq!(
-        read_initiation(&b, &init).err(),
+        read_initiation(&b, &init, |_| None).err(),
         Some(HandshakeError::WeakKey)
     );
 }
