@@ -337,94 +337,62 @@ fn advert(target: &str) -> Vec<u8> {
 fn what_a_frame_claims_is_checked_under_tags_and_without_an_address() {
     let mut n = Net::new(&["10.0.0.1/32", "fd00::1/128"], [Layer::Ethernet; 3]);
     n.warm_up();
-    let mut passed = 0;
-    let mut check = |n: &mut Net, f: Vec<u8>, passes: bool, what: &str| {
-        n.send(1, &f);
-        n.run();
-        passed += usize::from(passes);
-        assert_eq!(n.tap[0].len(), passed, "{what}: {:?}", n.drops);
-    };
     let icmp = [8, 0, 0, 0, 0, 0, 0, 0];
     let own = ipv4([10, 0, 0, 1], 1, &icmp);
     let other = ipv4([10, 0, 0, 9], 1, &icmp);
-    check(
-        &mut n,
-        tagged(MAC[1], &[0x0800], &own),
-        true,
-        "its own address",
-    );
-    check(
-        &mut n,
-        tagged(MAC[1], &[0x8100, 0x0800], &own),
-        true,
-        "one tag",
-    );
-    check(
-        &mut n,
-        tagged(MAC[1], &[0x8100, 0x0800], &other),
-        false,
-        "another's, one tag",
-    );
-    check(
-        &mut n,
-        tagged(MAC[1], &[0x88a8, 0x8100, 0x0800], &own),
-        true,
-        "two tags",
-    );
-    check(
-        &mut n,
-        tagged(MAC[1], &[0x88a8, 0x8100, 0x0800], &other),
-        false,
-        "another's, QinQ",
-    );
-    check(
-        &mut n,
-        tagged(MAC[1], &[0x8100, 0x8100, 0x8100, 0x0800], &own),
-        false,
-        "three tags",
-    );
-    // No address yet: a DHCP client's discover passes, a ping does not.
-    let discover = ipv4([0, 0, 0, 0], 17, &[0, 68, 0, 67, 0, 8, 0, 0]);
-    check(
-        &mut n,
-        tagged(MAC[1], &[0x0800], &discover),
-        true,
-        "DHCP from 0.0.0.0",
-    );
-    let ping = ipv4([0, 0, 0, 0], 1, &icmp);
-    check(
-        &mut n,
-        tagged(MAC[1], &[0x0800], &ping),
-        false,
-        "a ping from 0.0.0.0",
-    );
-    // IPv6: duplicate address detection from ::, a ping from :: not; an
-    // advertisement for its own address, not for another's.
-    let ns = ipv6("::", 58, &[135, 0, 0, 0, 0, 0, 0, 0]);
-    check(&mut n, tagged(MAC[1], &[0x86dd], &ns), true, "DAD from ::");
-    let ping6 = ipv6("::", 17, &[0; 8]);
-    check(
-        &mut n,
-        tagged(MAC[1], &[0x86dd], &ping6),
-        false,
-        "UDP from ::",
-    );
-    let na = ipv6("fd00::1", 58, &advert("fd00::1"));
-    check(
-        &mut n,
-        tagged(MAC[1], &[0x86dd], &na),
-        true,
-        "advertising its own",
-    );
-    let na = ipv6("fd00::1", 58, &advert("fd00::2"));
-    check(
-        &mut n,
-        tagged(MAC[1], &[0x86dd], &na),
-        false,
-        "advertising another's",
-    );
+    let (v4, v6, q, ad) = (0x0800, 0x86dd, 0x8100, 0x88a8);
+    let cases: [(&[u16], Vec<u8>, bool, &str); 13] = [
+        (&[v4], own.clone(), true, "its own address"),
+        (&[q, v4], own.clone(), true, "one tag"),
+        (&[q, v4], other.clone(), false, "another's, one tag"),
+        (&[ad, q, v4], own.clone(), true, "two tags"),
+        (&[ad, q, v4], other, false, "another's, QinQ"),
+        (&[q, q, q, v4], own, false, "three tags"),
+        // No address yet: a DHCP client's discover passes, a ping does not.
+        (
+            &[v4],
+            ipv4([0; 4], 17, &[0, 68, 0, 67, 0, 8, 0, 0]),
+            true,
+            "DHCP from 0.0.0.0",
+        ),
+        (&[v4], ipv4([0; 4], 1, &icmp), false, "a ping from 0.0.0.0"),
+        // IPv6: duplicate address detection from ::, UDP from :: not; an
+        // advertisement for its own address, not for another's.
+        (
+            &[v6],
+            ipv6("::", 58, &[135, 0, 0, 0, 0, 0, 0, 0]),
+            true,
+            "DAD from ::",
+        ),
+        (&[v6], ipv6("::", 17, &[0; 8]), false, "UDP from ::"),
+        (
+            &[v6],
+            ipv6("fd00::1", 58, &advert("fd00::1")),
+            true,
+            "advertising its own",
+        ),
+        (
+            &[v6],
+            ipv6("fd00::1", 58, &advert("fd00::2")),
+            false,
+            "advertising another's",
+        ),
+        (
+            &[v6],
+            ipv6("fd00::9", 58, &icmp),
+            false,
+            "another's IPv6 address",
+        ),
+    ];
+    let mut passed = 0;
+    for (types, l3, passes, what) in cases {
+        n.send(1, &tagged(MAC[1], types, &l3));
+        n.run();
+        passed += usize::from(passes);
+        assert_eq!(n.tap[0].len(), passed, "{what}: {:?}", n.drops);
+    }
     let d = &n.nodes[0].peers().next().unwrap().2.drops;
-    assert_eq!(d.not_allowed, 5, "{:?}", n.drops);
+    assert_eq!(d.not_allowed, 6, "{:?}", n.drops);
 }
 
 #[test]
