@@ -737,13 +737,50 @@ impl Lines {
     }
 }
 
+/// Writes all of `bytes` by `deadline`, the connection's, as its reading
+/// is: a client that reads its reply a few bytes at a time holds the
+/// control thread no longer than one that writes its request so. (A
+/// blocking write with a timeout does not do it: the kernel waits afresh
+/// for each piece of buffer the reader frees, so one large write to a
+/// slow reader lasts as long as the reader likes.)
+fn write_by(w: &mut UnixStream, bytes: &[u8], deadline: std::time::Instant) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    let too_slow = || io::Error::new(io::ErrorKind::TimedOut, "control reply read too slowly");
+    w.set_nonblocking(true)?;
+    let mut at = 0;
+    let written = loop {
+        if at == bytes.len() {
+            break Ok(());
+        }
+        match w.write(&bytes[at..]) {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break Err(too_slow());
+                }
+                let mut room = tapir_sys::poll::PollSet::new();
+                room.add(w.as_fd(), false, true);
+                if let Err(e) = room.wait(left) {
+                    break Err(e);
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    // The descriptor is shared with the request reader, which blocks.
+    w.set_nonblocking(false)?;
+    written
+}
+
 fn serve_connection(
     stream: UnixStream,
     answer: &mut dyn FnMut(Request) -> String,
 ) -> io::Result<()> {
     let deadline = std::time::Instant::now() + DEADLINE;
     stream.set_nonblocking(false)?;
-    stream.set_write_timeout(Some(DEADLINE))?;
     let mut lines_in = Lines::new(stream.try_clone()?);
     let mut writer = stream;
     loop {
@@ -770,20 +807,28 @@ fn serve_connection(
             "set=1" => match parse_set(&lines) {
                 Ok(r) => Request::Set(r),
                 Err(errno) => {
-                    writer.write_all(format!("errno={errno}\n\n").as_bytes())?;
+                    write_by(
+                        &mut writer,
+                        format!("errno={errno}\n\n").as_bytes(),
+                        deadline,
+                    )?;
                     continue;
                 }
             },
             "tapir-reload=1" => Request::Reload,
             _ => {
-                writer.write_all(format!("errno={EPROTO}\n\n").as_bytes())?;
+                write_by(
+                    &mut writer,
+                    format!("errno={EPROTO}\n\n").as_bytes(),
+                    deadline,
+                )?;
                 return Ok(());
             }
         };
         drop(lines);
         // A reply may hold the private key: wiped once sent.
         let mut reply = answer(request);
-        let sent = writer.write_all(reply.as_bytes());
+        let sent = write_by(&mut writer, reply.as_bytes(), deadline);
         zeroize::Zeroize::zeroize(&mut reply);
         sent?;
     }
@@ -965,6 +1010,38 @@ mod tests {
         drop(h);
         assert!(!wg.exists());
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_client_reading_its_reply_slowly_holds_the_connection_no_longer_than_the_deadline() {
+        let (server, mut client) = UnixStream::pair().unwrap();
+        client.write_all(b"get=1\n\n").unwrap();
+        // A reading end that takes 4 KiB every 50 ms: each write of the
+        // reply gets somewhere, none waits long.
+        let reader = std::thread::spawn(move || {
+            let mut got = 0usize;
+            let mut buf = [0u8; 4096];
+            loop {
+                std::thread::sleep(Duration::from_millis(50));
+                match client.read(&mut buf) {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got += n,
+                }
+            }
+        });
+        let reply = format!("{}errno=0\n\n", "x".repeat(8 << 20));
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = serve_connection(server, &mut |_| reply.clone());
+            let _ = done_tx.send(r);
+        });
+        // It ends at the connection's deadline (2 s), not when 8 MiB at
+        // 80 KiB a second would be read (100 s).
+        let r = done
+            .recv_timeout(DEADLINE * 5)
+            .expect("the connection outlived its deadline");
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert!(reader.join().unwrap() < 8 << 20);
     }
 
     fn tunnel() -> (Tunnel, PrivateKey, PublicKey) {
