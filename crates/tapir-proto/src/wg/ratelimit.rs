@@ -36,6 +36,19 @@ const MAX_TOKENS: u64 = COST * BURST;
 const ALL_COST: u64 = 1_000_000_000 / ALL_PER_SECOND;
 const ALL_MAX_TOKENS: u64 = ALL_COST * ALL_BURST;
 
+/// The host an address stands for, as one sender: IPv4 in IPv6 is the IPv4
+/// address it is; IPv6 counts by its /64 (one host holds a whole /64), as
+/// in wireguard-go.
+pub fn host_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !0xffff_ffff_ffff_ffff).into()),
+        },
+        v4 => v4,
+    }
+}
+
 /// The per-address buckets, and the one for all.
 #[derive(Debug, Default)]
 pub struct SourceLimiter {
@@ -74,15 +87,7 @@ impl SourceLimiter {
                 now.saturating_duration_since(*last) < Duration::from_secs(1)
             });
         }
-        // IPv4 in IPv6 counts as the IPv4 address it is; IPv6 counts by its
-        // /64 (one host holds a whole /64), as in wireguard-go.
-        let mut ip = match ip {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6((u128::from(v6) & !0xffff_ffff_ffff_ffff).into()),
-            },
-            v4 => v4,
-        };
+        let mut ip = host_of(ip);
         // A full table does not lock newcomers out: they share one bucket.
         if self.buckets.len() >= MAX_SOURCES && !self.buckets.contains_key(&ip) {
             ip = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);

@@ -19,36 +19,18 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
+use tapir_proto::wg::keys::PublicKey;
+use tapir_proto::wg::ratelimit::host_of;
 use tapir_sys::mmsg::Batch;
 use tapir_sys::poll::PollSet;
 use tapir_wire::tcpframe::{self, Deframer};
 
-use tapir_proto::wg::keys::PublicKey;
-
 use super::{from_v6, to_v6};
-
-/// Where a connection comes from, for fairness among the unauthenticated:
-/// an IPv4 address, or an IPv6 /64 (one host's, as a rule).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Source {
-    V4([u8; 4]),
-    V6([u8; 8]),
-}
-
-fn source(a: SocketAddr) -> Source {
-    match a {
-        SocketAddr::V4(a) => Source::V4(a.ip().octets()),
-        SocketAddr::V6(a) => {
-            let o = a.ip().octets();
-            Source::V6(o[..8].try_into().expect("8 bytes"))
-        }
-    }
-}
 
 /// Unauthenticated connections kept at once; beyond it the oldest of the
 /// source that holds the most is closed.
@@ -532,7 +514,7 @@ impl TcpTransport {
             }
             self.stats.accepted += 1;
             let from = from_v6(from);
-            if let Some(room) = self.room_for(source(from)) {
+            if let Some(room) = self.room_for(host_of(from.ip())) {
                 self.stats.pending_closed += 1;
                 self.close(room, now, None);
             }
@@ -544,8 +526,8 @@ impl TcpTransport {
     /// if one must go: its source's oldest once that source holds
     /// [`MAX_PENDING_PER_SOURCE`]; otherwise, once [`MAX_PENDING`] wait in
     /// all, the oldest of the source that holds the most.
-    fn room_for(&self, from: Source) -> Option<usize> {
-        let mut by_source: HashMap<Source, (usize, Instant, usize)> = HashMap::new();
+    fn room_for(&self, from: IpAddr) -> Option<usize> {
+        let mut by_source: HashMap<IpAddr, (usize, Instant, usize)> = HashMap::new();
         let mut all = 0;
         for (i, c) in self.conns.iter().enumerate() {
             let Some(c) = c.as_ref().filter(|c| !c.authenticated && c.dial.is_none()) else {
@@ -553,7 +535,7 @@ impl TcpTransport {
             };
             all += 1;
             let e = by_source
-                .entry(source(c.remote))
+                .entry(host_of(c.remote.ip()))
                 .or_insert((0, c.opened, i));
             e.0 += 1;
             if c.opened < e.1 {
