@@ -1152,6 +1152,7 @@ pub fn parse_toml_all(
 /// check of its name is not read.
 pub fn read_key_file(config: &Path, value: &str) -> Result<PrivateKey, String> {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = Path::new(value);
     let path = if path.is_relative() {
         config.parent().unwrap_or(Path::new(".")).join(path)
@@ -1159,7 +1160,6 @@ pub fn read_key_file(config: &Path, value: &str) -> Result<PrivateKey, String> {
         path.to_owned()
     };
     let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
-    use std::os::unix::fs::OpenOptionsExt;
     // Not blocked by a FIFO put there: refused below as not a file.
     let file = std::fs::OpenOptions::new()
         .read(true)
