@@ -364,6 +364,25 @@ impl TunDevice {
         ))
     }
 
+    /// The device's MTU now (`SIOCGIFMTU`, by name, in this thread's
+    /// network namespace). The tun descriptor does not answer that
+    /// question, any socket does: a Unix one, there whatever the kernel
+    /// leaves out. Three system calls, for a caller that asks now and then.
+    pub fn mtu(&self) -> io::Result<u32> {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        // SAFETY: ifreq is a plain C struct of integers and arrays; all-zero is valid.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        ifr.ifr_name = self.name.to_ifr_name();
+        // SAFETY: SIOCGIFMTU reads the name and writes ifru_mtu of one
+        // struct ifreq through the pointer, which points at a live local.
+        let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFMTU, &mut ifr) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: after SIOCGIFMTU the kernel has written ifru_mtu.
+        Ok(u32::try_from(unsafe { ifr.ifr_ifru.ifru_mtu }).unwrap_or(0))
+    }
+
     /// The size of the virtio-net header this device uses (`TUNGETVNETHDRSZ`):
     /// 10 by default, 12 when set so (QEMU does), whether or not the device
     /// has `IFF_VNET_HDR` on.

@@ -611,6 +611,101 @@ fn ipv6_inside_the_tunnel_with_tso() {
     transfer(&bed.b, &bed.a, "[fd77::1]:5001", 50 << 20);
 }
 
+/// A packet of the tunnel's MTU leaves as one datagram of the MTU plus 32
+/// bytes (padded to 16, but not past the MTU, as the kernel module and
+/// wireguard-go pad), also after the MTU changes under the running tunnel:
+/// over IPv6 at 1500 bytes, 1420 + 32 + 8 + 40 fits exactly, and the 1424
+/// it was once padded to went out as two fragments, which this path drops.
+#[test]
+fn full_size_packets_are_not_padded_past_the_mtu() {
+    require_root!();
+    let bed = bed("pad");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let (na, nb) = (ifname("tpm"), ifname("tpn"));
+    let mut procs = Vec::new();
+    for (ns, key, peer, dev, veth, me, them, at, there) in [
+        (
+            &bed.a,
+            &ka,
+            &pb,
+            &na,
+            "va",
+            "10.77.0.1",
+            "10.77.0.2",
+            "fd78::1",
+            "fd78::2",
+        ),
+        (
+            &bed.b,
+            &kb,
+            &pa,
+            &nb,
+            "vb",
+            "10.77.0.2",
+            "10.77.0.1",
+            "fd78::2",
+            "fd78::1",
+        ),
+    ] {
+        let _ = ns
+            .cmd("sysctl")
+            .args(["-qw", "net.ipv6.conf.all.disable_ipv6=0"])
+            .status();
+        ns.ip(&["addr", "add", &format!("{at}/64"), "dev", veth, "nodad"]);
+        // Fragments dropped before they are put together.
+        nft(
+            ns,
+            "table ip6 nofrag { chain c { type filter hook prerouting priority -450; exthdr frag exists drop; }; }",
+        );
+        // Started at 1500, then lowered as wg-quick does with its userspace
+        // implementations: the tunnel must follow.
+        let conf = write_private(
+            &bed,
+            &format!("{dev}.conf"),
+            &format!(
+                "[Interface]\nPrivateKey = {key}\nListenPort = 51820\nAddress = {me}/24\nMTU = 1500\n\n[Peer]\nPublicKey = {peer}\nEndpoint = [{there}]:51820\nAllowedIPs = {them}/32\n"
+            ),
+        );
+        let child = ns
+            .cmd(TAPIR)
+            .arg("run")
+            .arg(&conf)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        procs.push(Proc(Some(child)));
+        wait_for(|| ns.has_link(dev), "the tunnel");
+        ns.ip(&["link", "set", dev, "mtu", "1420"]);
+    }
+    ping(&bed.a, "10.77.0.2");
+    // The timers read the MTU again within a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    // 1392 bytes of ICMP payload: IPv4 packets of exactly 1420, both ways.
+    let out = bed
+        .a
+        .cmd("ping")
+        .args([
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            "1392",
+            "10.77.0.2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "full-size packets lost (fragmented?): {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 #[test]
 fn a_stalled_control_client_does_not_stall_the_packets() {
     require_root!();

@@ -57,9 +57,45 @@ pub struct Session {
     replay: ReplayWindow,
 }
 
-/// The padded length of a packet of `len` bytes.
-pub fn padded(len: usize) -> usize {
-    len.div_ceil(16) * 16
+/// The padded length of an IP packet of `len` bytes through a tunnel of
+/// MTU `mtu` (0: unknown): a multiple of 16, but never past the MTU, as
+/// the kernel module and wireguard-go pad. Padded past it, a packet of the
+/// MTU (1420 bytes at the usual 1420) left as 1424 + 32 bytes of UDP: over
+/// an IPv6 path of MTU 1500, one byte too many for one datagram, so every
+/// full-size packet went out as two IP fragments, and where fragments are
+/// dropped, not at all.
+pub fn padded(len: usize, mtu: usize) -> usize {
+    if mtu == 0 {
+        return len.div_ceil(16) * 16;
+    }
+    // (A packet over the MTU, read before the MTU was lowered: its last
+    // MTU-sized unit is what wireguard-go pads.)
+    let last = if len > mtu { len % mtu } else { len };
+    len - last + (last.div_ceil(16) * 16).min(mtu)
+}
+
+/// How a plaintext is padded before it is sealed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Padding {
+    /// An IP packet: to a multiple of 16, but not past the MTU; see
+    /// [`padded`].
+    Ip {
+        /// The device's MTU (0: none known).
+        mtu: usize,
+    },
+    /// An Ethernet frame: not at all (a frame carries no length of its
+    /// own, so the receiver takes the plaintext's).
+    None,
+}
+
+impl Padding {
+    /// The padded length of a plaintext of `len` bytes.
+    pub fn len(self, len: usize) -> usize {
+        match self {
+            Padding::Ip { mtu } => padded(len, mtu),
+            Padding::None => len,
+        }
+    }
 }
 
 impl Session {
@@ -87,23 +123,21 @@ impl Session {
         self.next_send = n;
     }
 
-    /// Seals the packet at `buf[16..16 + len]` (0 for a keepalive) into a data
-    /// message at `buf[..n]`, returning `n`.
-    pub fn seal(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SessionError> {
-        self.reserve(true)?.seal(buf, len)
-    }
-
-    /// Seals without padding: for tap mode's Ethernet frames, whose length
-    /// the receiver cannot learn from the frame itself. Needs
-    /// `buf.len() >= 16 + len + 16`.
-    pub fn seal_unpadded(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SessionError> {
-        self.reserve(false)?.seal(buf, len)
+    /// Seals the plaintext at `buf[16..16 + len]` (0 for a keepalive),
+    /// padded as `pad` says, into a data message at `buf[..n]`, returning
+    /// `n`. Needs `buf.len() >= 16 + pad.len(len) + 16`.
+    pub fn seal(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        pad: Padding,
+    ) -> Result<usize, SessionError> {
+        self.reserve(pad)?.seal(buf, len)
     }
 
     /// Takes the next send counter: the message is sealed later with the
-    /// returned job, which needs no access to the session. `pad`: to a
-    /// multiple of 16 (IP packets), or not (Ethernet frames).
-    pub fn reserve(&mut self, pad: bool) -> Result<SealJob, SessionError> {
+    /// returned job, which needs no access to the session.
+    pub fn reserve(&mut self, pad: Padding) -> Result<SealJob, SessionError> {
         if self.next_send >= REJECT_AFTER_MESSAGES {
             return Err(SessionError::Exhausted);
         }
@@ -158,13 +192,13 @@ pub struct SealJob {
     key: Arc<TransportKey>,
     receiver: u32,
     counter: u64,
-    pad: bool,
+    pad: Padding,
 }
 
 impl SealJob {
     /// The sealed length of a packet of `len` bytes.
     pub fn sealed_len(&self, len: usize) -> usize {
-        DATA_HEADER_LEN + if self.pad { padded(len) } else { len } + TAG_LEN
+        DATA_HEADER_LEN + self.pad.len(len) + TAG_LEN
     }
 
     /// Seals the packet at `buf[16..16 + len]` into a data message at
@@ -237,12 +271,41 @@ mod tests {
         (Session::new(&a), Session::new(&b))
     }
 
+    const IP: Padding = Padding::Ip { mtu: 1420 };
+
+    #[test]
+    fn padding_is_to_16_but_never_past_the_mtu() {
+        // As the kernel module and wireguard-go pad (their calculatePaddingSize).
+        for (len, mtu, want) in [
+            (0, 1420, 0),
+            (1, 1420, 16),
+            (33, 1420, 48),
+            (1408, 1420, 1408),
+            (1409, 1420, 1420),
+            (1419, 1420, 1420),
+            // The MTU itself is not a multiple of 16: a full packet stays whole.
+            (1420, 1420, 1420),
+            (1280, 1280, 1280),
+            (1500, 1500, 1500),
+            // Over the MTU (read before it was lowered): its last unit padded.
+            (1421, 1420, 1421 + 15),
+            (2840, 1420, 2840),
+            // No MTU known: to 16 only.
+            (1420, 0, 1424),
+            (33, 0, 48),
+        ] {
+            assert_eq!(padded(len, mtu), want, "len {len}, mtu {mtu}");
+        }
+        assert_eq!(Padding::None.len(33), 33);
+        assert_eq!(Padding::Ip { mtu: 1420 }.len(1420), 1420);
+    }
+
     #[test]
     fn seal_open_pad_replay() {
         let (mut a, mut b) = sessions();
         let mut buf = [0u8; 16 + 48 + 16];
         buf[16..16 + 33].copy_from_slice(&[7; 33]);
-        let n = a.seal(&mut buf, 33).unwrap();
+        let n = a.seal(&mut buf, 33, IP).unwrap();
         assert_eq!(n, 16 + 48 + 16, "padded to 48");
         assert_eq!(messages::read_u32(&buf, field::DATA_RECEIVER), 2);
         let sealed = buf;
@@ -259,14 +322,14 @@ mod tests {
         // A failed open does not consume its counter: the genuine message 5 still arrives.
         let mut keepalive = [0u8; 32];
         for _ in 0..5 {
-            a.seal(&mut keepalive, 0).unwrap();
+            a.seal(&mut keepalive, 0, IP).unwrap();
         }
-        let n = a.seal(&mut keepalive, 0).unwrap();
+        let n = a.seal(&mut keepalive, 0, IP).unwrap();
         assert_eq!(n, 32);
         assert_eq!(messages::read_counter(&keepalive), 6);
         assert_eq!(b.open(&mut keepalive[..n]).unwrap(), 0);
         assert_eq!(
-            a.seal(&mut [0u8; 40], 20),
+            a.seal(&mut [0u8; 40], 20, IP),
             Err(SessionError::BufferTooSmall)
         );
     }

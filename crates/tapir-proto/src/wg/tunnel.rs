@@ -30,7 +30,7 @@ use super::handshake::{self, HandshakeError, Identity, PeerStatic, PendingInitia
 use super::keys::{PresharedKey, PrivateKey, PublicKey};
 use super::messages::{self, COOKIE_LEN, INITIATION_LEN, Kind, RESPONSE_LEN, field};
 use super::ratelimit::SourceLimiter;
-use super::session::{self, OpenJob, SealJob, Session, SessionError};
+use super::session::{OpenJob, Padding, SealJob, Session, SessionError};
 use crate::bucket::{Offer, Shaper};
 use crate::switch::{self, Destination, Mac, MacTable};
 
@@ -341,6 +341,8 @@ pub enum DropReason {
 #[repr(C)]
 pub struct Tunnel {
     layer: Layer,
+    /// The device's MTU, which IP packets are not padded past (0: unknown).
+    mtu: usize,
     peers: Vec<Peer>,
     /// Our session indices -> peer. Looked up for every datagram, with the
     /// index the datagram names: a fast hash, not SipHash (it was 2% of the
@@ -413,20 +415,6 @@ fn macs(frame: &[u8]) -> Option<(Mac, Mac)> {
         return None;
     }
     Some((frame[0..6].try_into().ok()?, frame[6..12].try_into().ok()?))
-}
-
-/// Seals with WireGuard's padding for IP, without it for Ethernet (a frame
-/// carries no length of its own, so the receiver takes the plaintext's).
-fn seal(
-    session: &mut Session,
-    layer: Layer,
-    buf: &mut [u8],
-    len: usize,
-) -> Result<usize, SessionError> {
-    match layer {
-        Layer::Ip => session.seal(buf, len),
-        Layer::Ethernet => session.seal_unpadded(buf, len),
-    }
 }
 
 /// Whether a padded plaintext is an IP packet (a tun peer's data reaching a tap tunnel).
@@ -581,6 +569,7 @@ impl Tunnel {
             under_load_until: None,
             limiter: SourceLimiter::new(),
             layer: Layer::Ip,
+            mtu: 0,
             switch: MacTable::new(switch::DEFAULT_AGING, switch::DEFAULT_CAP),
             tx_hint: Vec::new(),
             hinted: Vec::new(),
@@ -610,6 +599,21 @@ impl Tunnel {
     /// What the tunnel carries.
     pub fn layer(&self) -> Layer {
         self.layer
+    }
+
+    /// The MTU of the device the tunnel's packets come from (0: unknown):
+    /// IP packets are padded to a multiple of 16, but not past it (see
+    /// [`super::session::padded`]). Set it again when the device's MTU changes.
+    pub fn set_mtu(&mut self, mtu: usize) {
+        self.mtu = mtu;
+    }
+
+    /// How a plaintext of this tunnel is padded.
+    fn padding(&self) -> Padding {
+        match self.layer {
+            Layer::Ip => Padding::Ip { mtu: self.mtu },
+            Layer::Ethernet => Padding::None,
+        }
     }
 
     /// How many peers there are (indices for [`Tunnel::encapsulate_to`]).
@@ -1026,15 +1030,14 @@ impl Tunnel {
         buf: &[u8],
         len: usize,
     ) -> Sealing {
-        let layer = self.layer;
+        let pad = self.padding();
         let Some(peer) = self.peers.get_mut(p) else {
             return Sealing::Not(Encapsulated::NoRoute);
         };
         let Some(to) = peer.endpoint else {
             return Sealing::Not(Encapsulated::NoEndpoint);
         };
-        let pad = layer == Layer::Ip;
-        let sealed = 16 + if pad { session::padded(len) } else { len } + 16;
+        let sealed = 16 + pad.len(len) + 16;
         if buf.len() < sealed {
             return Sealing::Not(Encapsulated::Invalid);
         }
@@ -1698,7 +1701,7 @@ impl Tunnel {
         &mut self,
         p: usize,
         now: Instant,
-        layer: Layer,
+        pad: Padding,
         buf: &mut [u8],
     ) -> Option<(SocketAddr, usize)> {
         let peer = &mut self.peers[p];
@@ -1708,9 +1711,9 @@ impl Tunnel {
         }
         let t = peer.current.as_mut().expect("usable");
         if let Some(packet) = peer.queue.pop_front() {
-            if buf.len() >= 16 + session::padded(packet.len()) + 16 {
+            if buf.len() >= 16 + pad.len(packet.len()) + 16 {
                 buf[16..16 + packet.len()].copy_from_slice(&packet);
-                if let Ok(n) = seal(&mut t.session, layer, buf, packet.len()) {
+                if let Ok(n) = t.session.seal(buf, packet.len(), pad) {
                     peer.sent_data(now, n);
                     return Some((to, n));
                 }
@@ -1721,14 +1724,14 @@ impl Tunnel {
             .as_mut()
             .and_then(|s| s.release(now, buf.get_mut(16..)?))
         {
-            if let Ok(n) = seal(&mut t.session, layer, buf, n) {
+            if let Ok(n) = t.session.seal(buf, n, pad) {
                 peer.sent_data(now, n);
                 return Some((to, n));
             }
         }
         if peer.keepalive_due {
             peer.keepalive_due = false;
-            if let Ok(n) = t.session.seal(buf, 0) {
+            if let Ok(n) = t.session.seal(buf, 0, pad) {
                 peer.passive_keepalive_at = None;
                 peer.last_sent = Some(now);
                 peer.stats.tx_bytes += n as u64;
@@ -1758,7 +1761,7 @@ impl Tunnel {
     }
 
     fn transmit_next(&mut self, now: Instant, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
-        let layer = self.layer;
+        let pad = self.padding();
         if let Some((to, msg)) = self.outgoing.pop_front() {
             let n = msg.len().min(buf.len());
             buf[..n].copy_from_slice(&msg[..n]);
@@ -1770,7 +1773,7 @@ impl Tunnel {
         let mut i = 0;
         while i < self.tx_hint.len() {
             let p = self.tx_hint[i];
-            if let Some(out) = self.transmit_one(p, now, layer, buf) {
+            if let Some(out) = self.transmit_one(p, now, pad, buf) {
                 return Some(out);
             }
             let peer = &self.peers[p];

@@ -475,13 +475,15 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
         Mode::Tun => Layer::Ip,
         Mode::Tap => Layer::Ethernet,
     };
-    let tunnel = Tunnel::with_layer(
+    let mut tunnel = Tunnel::with_layer(
         config.private_key.clone(),
         peers,
         layer,
         tapir_proto::switch::DEFAULT_AGING,
         tapir_proto::switch::DEFAULT_CAP,
     );
+    // (Followed from the device from then on: see `Timers::follow_mtu`.)
+    tunnel.set_mtu(config.mtu as usize);
     eprintln!(
         "tapir: {name}: up ({} mode), public key {}, {}, {} peer(s)",
         config.mode,
@@ -2038,6 +2040,8 @@ fn serve_control(ctl: &Control, shared: &Shared, out: &mut Outbox, ib: &Inbound,
 /// up again, a peer in the other mode named once.
 struct Timers {
     started: Duration,
+    /// When the device's MTU was last read (see [`Timers::follow_mtu`]).
+    mtu_read: Option<Instant>,
     /// When each peer's host name was last looked up.
     last_lookup: Vec<Option<Instant>>,
     /// Peers named for sending the other mode's packets, and how many then.
@@ -2048,6 +2052,7 @@ impl Timers {
     fn new(ctl: &Control) -> Self {
         Self {
             started: wall(),
+            mtu_read: None,
             last_lookup: vec![None; ctl.hostnames.len()],
             warned_layer: Vec::new(),
         }
@@ -2065,6 +2070,7 @@ impl Timers {
         wall_now: Duration,
     ) -> Instant {
         let mut t = shared.tunnel();
+        self.follow_mtu(&mut t, ib, now);
         // Endpoints given as host names are looked up again when the
         // peer has been unreachable for a while (it may have moved).
         for (i, (key, host)) in ctl.hostnames.iter().enumerate() {
@@ -2098,6 +2104,27 @@ impl Timers {
         }
         t.handle_timeout(now, wall_now, &mut ib.rng);
         t.poll_timeout(now)
+    }
+
+    /// Tells the tunnel the device's MTU, read again at most once a
+    /// second (the timers run at least that often): packets are padded up
+    /// to it and not past it, and it changes under a running tunnel (`ip
+    /// link set wg0 mtu N`; wg-quick sets it after starting its userspace
+    /// implementation). Read before it changes, a packet of the new MTU
+    /// is padded as the old one allows, for a second at most.
+    fn follow_mtu(&mut self, t: &mut Tunnel, ib: &Inbound, now: Instant) {
+        if self
+            .mtu_read
+            .is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.mtu_read = Some(now);
+        // (Moved to another namespace, the device is not found by name:
+        // the last MTU read stands.)
+        if let Ok(mtu) = ib.dev.mtu() {
+            t.set_mtu(mtu as usize);
+        }
     }
 }
 
