@@ -17,7 +17,7 @@
 //! A call interrupted by a signal fails with `EINTR`, as through glibc.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 /// System call `nr` with six arguments; the kernel's result, which is
 /// `-errno` on failure.
@@ -209,6 +209,20 @@ pub fn getsockopt(
         return Err(io::Error::last_os_error());
     }
     Ok(len as usize)
+}
+
+/// Makes the descriptor `old` name what `new` names (`dup3(2)`), closing
+/// what `old` named, and `new`'s own number: whoever holds `old` uses the
+/// new file from their next call on. For a socket to move to another port
+/// under threads that use it (a socket is bound once). An epoll set that
+/// held `old` has lost it (the file it named is closed): add it again.
+pub fn replace(old: BorrowedFd<'_>, new: OwnedFd) -> io::Result<()> {
+    // SAFETY: both descriptors are open; dup3 keeps `old`'s number open,
+    // naming another file, so what borrows it stays valid.
+    if unsafe { libc::dup3(new.as_raw_fd(), old.as_raw_fd(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `sendto(2)` of `buf` to `to`: one datagram without a header to fill.

@@ -706,6 +706,68 @@ fn full_size_packets_are_not_padded_past_the_mtu() {
     );
 }
 
+/// `wg set NAME listen-port P` moves a running tunnel to P (its peer
+/// follows the first packet from there), a port taken changes nothing, and
+/// `wg syncconf` of a file without ListenPort (which sends `listen_port=0`)
+/// keeps the port, as wg-quick's reload recipe needs.
+#[test]
+fn wg_set_moves_the_listen_port_and_syncconf_keeps_it() {
+    require_root!();
+    let bed = bed("port");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let (a, b) = tapir_sides(&bed, ifname("tpp"), ifname("tpq"));
+    let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
+    ping(&bed.a, "10.77.0.2");
+    let wg = |args: &[&str]| bed.a.cmd("wg").args(args).output().unwrap();
+    let port = || sh(bed.a.cmd("wg").args(["show", &a.name, "listen-port"]));
+    let out = wg(&["set", &a.name, "listen-port", "40123"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(port().trim(), "40123");
+    // The old port is closed; the peer hears from the new one and answers there.
+    ping(&bed.a, "10.77.0.2");
+    assert!(sh(bed.b.cmd("wg").args(["show", &b.name, "endpoints"])).contains("10.200.0.1:40123"));
+    // A port another socket holds: refused, nothing changed.
+    let ns_path = bed.a.path();
+    let holder = std::thread::spawn(move || {
+        tapir_sys::netns::enter(&ns_path).unwrap();
+        UdpSocket::bind("[::]:40200").unwrap()
+    })
+    .join()
+    .unwrap();
+    let out = wg(&["set", &a.name, "listen-port", "40200"]);
+    assert!(!out.status.success());
+    // (wg prints the errno a userspace implementation answers as an
+    // "Unknown error -N": 98 is EADDRINUSE.)
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("-98"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(port().trim(), "40123");
+    drop(holder);
+    // wg-quick's reload recipe, with a file that names no port.
+    let file = write_private(
+        &bed,
+        "sync.conf",
+        &format!(
+            "[Interface]\nPrivateKey = {ka}\n\n[Peer]\nPublicKey = {pb}\nEndpoint = 10.200.0.2:51820\nAllowedIPs = 10.77.0.2/32\n"
+        ),
+    );
+    let out = wg(&["syncconf", &a.name, file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(port().trim(), "40123");
+    ping(&bed.a, "10.77.0.2");
+}
+
 #[test]
 fn a_stalled_control_client_does_not_stall_the_packets() {
     require_root!();

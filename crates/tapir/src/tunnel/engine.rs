@@ -125,7 +125,7 @@ pub fn run(name: &IfName, tun_path: &Path, shutdown: &AtomicBool) -> Result<(), 
                 }
                 Request::Set(request) => {
                     let own = p.key.as_ref().map(PrivateKey::public_key);
-                    match uapi::apply_set(&mut p.tunnel, own, &request, &|_| Ok(())) {
+                    match uapi::apply_set(&mut p.tunnel, own, &request, &mut |_| Ok(())) {
                         Ok(s) => {
                             if s.clear_key {
                                 p.key = None;

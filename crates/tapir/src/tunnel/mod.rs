@@ -259,7 +259,7 @@ pub struct Started {
 const SOCKET_BUFFER: usize = 4 << 20;
 
 fn bind_udp(port: u16) -> Result<UdpSocket, DevError> {
-    let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)).map_err(|e| {
+    udp_socket(port).map_err(|e| {
         DevError::Invalid(format!(
             "cannot listen on UDP port {port}: {e}{}",
             if e.kind() == io::ErrorKind::AddrInUse {
@@ -268,14 +268,34 @@ fn bind_udp(port: u16) -> Result<UdpSocket, DevError> {
                 ""
             }
         ))
-    })?;
-    socket
-        .set_nonblocking(true)
-        .map_err(|e| DevError::Runtime(format!("UDP socket: {e}")))?;
+    })
+}
+
+/// The tunnel's UDP socket on `port` (0: any), both families, not blocking.
+fn udp_socket(port: u16) -> io::Result<UdpSocket> {
+    let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port))?;
+    socket.set_nonblocking(true)?;
     // (Best effort: where neither the capability nor the system's limits
     // allow it, the socket keeps what it has.)
     tapir_sys::mmsg::set_buffer_sizes(socket.as_fd(), SOCKET_BUFFER);
     Ok(socket)
+}
+
+/// `wg set NAME listen-port P` on a running tunnel over UDP: a socket on
+/// `port`, made as the first was (buffers, `mark`, GRO as `gro`), takes the
+/// place of `old` under the same descriptor, which both packet threads use
+/// from their next call on (the poll set must take it again). Received
+/// datagrams still queued on the old socket are lost, as the kernel
+/// module's are.
+fn move_udp(old: &UdpSocket, port: u16, mark: u32, gro: bool) -> io::Result<()> {
+    let new = udp_socket(port)?;
+    if mark != 0 {
+        socket2::SockRef::from(&new).set_mark(mark)?;
+    }
+    if gro {
+        tapir_sys::mmsg::enable_gro(new.as_fd());
+    }
+    tapir_sys::raw::replace(old.as_fd(), std::os::fd::OwnedFd::from(new))
 }
 
 fn bind_tcp(port: Option<u16>, seed: u64) -> Result<TcpTransport, DevError> {
@@ -1702,6 +1722,7 @@ fn inbound_loop(
     // TCP's own next deadline, as the last wait was set for.
     let mut tcp_due = None;
     let mut fwmark = ctl.fwmark;
+    let mut port = ctl.port;
     // The time read after the last poll: what the loop did since took
     // microseconds (a batch, a millisecond), its timers are kept in
     // milliseconds and are never early for it.
@@ -1879,8 +1900,10 @@ fn inbound_loop(
                 None => {}
             }
         }
-        if set.readable(control_at) {
-            serve_control(ctl, shared, out, ib, &mut fwmark);
+        if set.readable(control_at) && serve_control(ctl, shared, out, ib, &mut fwmark, &mut port) {
+            // The socket is another under the same descriptor: the set
+            // is built again (see `move_udp`).
+            set.clear();
         }
         if let Link::Tcp(t) = &mut out.link {
             tcp_after_wait(t, shared, ib, now, wall_now, tcp_due);
@@ -1995,7 +2018,17 @@ fn tcp_after_wait(
 /// [`inbound_loop`]).
 #[cold]
 #[inline(never)]
-fn serve_control(ctl: &Control, shared: &Shared, out: &mut Outbox, ib: &Inbound, fwmark: &mut u32) {
+/// Serves what the control thread passed on; `true` if the socket moved
+/// to another port (the poll set must take it again).
+fn serve_control(
+    ctl: &Control,
+    shared: &Shared,
+    out: &mut Outbox,
+    ib: &Inbound,
+    fwmark: &mut u32,
+    port: &mut u16,
+) -> bool {
+    let mut moved = false;
     // Requests read whole by the control thread: answered from
     // memory, never waiting on a client.
     ctl.link.wake.drain();
@@ -2013,6 +2046,23 @@ fn serve_control(ctl: &Control, shared: &Shared, out: &mut Outbox, ib: &Inbound,
                     }
                     _ => String::new(),
                 };
+                let udp = match &out.link {
+                    Link::Udp(s) => Some(*s),
+                    Link::Tcp(_) => None,
+                };
+                let (listen_port, mark_now) = (*port, *fwmark);
+                let gro = shared.counters.gro_udp.load(Ordering::Relaxed);
+                let mut rebind = |p: u16| {
+                    // (Over TCP: tapir down/up.)
+                    let s = udp.ok_or(libc::EOPNOTSUPP)?;
+                    move_udp(s, p, mark_now, gro).map_err(|e| {
+                        eprintln!("tapir: {}: moving to UDP port {p}: {e}", ib.name);
+                        e.raw_os_error().unwrap_or(libc::EIO)
+                    })?;
+                    eprintln!("tapir: {}: now listening on UDP port {p}", ib.name);
+                    (*port, moved) = (p, true);
+                    Ok(())
+                };
                 let mut mark = |m: u32| match &mut out.link {
                     Link::Udp(s) => socket2::SockRef::from(*s).set_mark(m),
                     Link::Tcp(tcp) => tcp.set_mark(m),
@@ -2022,7 +2072,8 @@ fn serve_control(ctl: &Control, shared: &Shared, out: &mut Outbox, ib: &Inbound,
                     &mut t,
                     crate::uapi::Interface {
                         private_key: ctl.private_key,
-                        listen_port: ctl.port,
+                        listen_port,
+                        rebind: &mut rebind,
                         fwmark,
                         mark: &mut mark,
                     },
@@ -2034,6 +2085,7 @@ fn serve_control(ctl: &Control, shared: &Shared, out: &mut Outbox, ib: &Inbound,
             }
         }
     }
+    moved
 }
 
 /// The network thread's timers besides the protocol's: host names looked

@@ -162,8 +162,8 @@ fn apply(tunnel: &mut Tunnel, c: &PeerChange) {
 
 /// Applies a `set=1` request (its lines after `set=1`). Interface keys that
 /// would need a new socket or identity (`private_key`, `listen_port` with
-/// another value) are refused with EOPNOTSUPP; the whole request is checked
-/// before anything is applied.
+/// another value than 0 or this one) are refused with EOPNOTSUPP; the whole
+/// request is checked before anything is applied.
 pub fn set(
     tunnel: &mut Tunnel,
     private_key: &PrivateKey,
@@ -171,12 +171,12 @@ pub fn set(
     lines: &[String],
 ) -> Result<(), i32> {
     let own = tunnel.public_key();
-    apply_set(tunnel, Some(own), &*parse_set(lines)?, &|s| {
+    apply_set(tunnel, Some(own), &*parse_set(lines)?, &mut |s| {
         // A running tunnel keeps its key and port (see `Settings`).
         if s.private_key
             .as_ref()
             .is_some_and(|k| k.public_key() != private_key.public_key())
-            || s.listen_port.is_some_and(|p| p != listen_port)
+            || s.listen_port.is_some_and(|p| p != 0 && p != listen_port)
         {
             return Err(EOPNOTSUPP);
         }
@@ -319,7 +319,7 @@ pub fn apply_set(
     tunnel: &mut Tunnel,
     own: Option<PublicKey>,
     request: &SetRequest,
-    check: &dyn Fn(&Settings) -> Result<(), i32>,
+    check: &mut dyn FnMut(&Settings) -> Result<(), i32>,
 ) -> Result<Settings, i32> {
     // Read in place, keys copied only as clones that wipe themselves: the
     // request is wiped where it is when its owner drops it.
@@ -835,14 +835,18 @@ fn serve_connection(
 }
 
 /// The reply to `request`, computed on the tunnel's own thread.
-/// The interface a running tunnel answers for: its key and port (fixed
-/// while it runs), and its firewall mark (`wg set NAME fwmark M`, as
-/// wg-quick does for default routes), applied to its sockets by `mark`.
+/// The interface a running tunnel answers for: its key (fixed while it
+/// runs), its port (`wg set NAME listen-port P`: the socket moved there by
+/// `rebind`), and its firewall mark (`wg set NAME fwmark M`, as wg-quick
+/// does for default routes), applied to its sockets by `mark`.
 pub struct Interface<'a> {
     /// Its private key.
     pub private_key: &'a PrivateKey,
     /// Its port.
     pub listen_port: u16,
+    /// Moves the tunnel's socket to another port (an errno if it cannot:
+    /// the port is taken, or the transport cannot).
+    pub rebind: &'a mut dyn FnMut(u16) -> Result<(), i32>,
     /// Its mark (0: none).
     pub fwmark: &'a mut u32,
     /// Puts a mark on the tunnel's sockets.
@@ -861,17 +865,26 @@ pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>, extra
         }
         Request::Set(request) => {
             let own = tunnel.public_key();
-            let result = apply_set(tunnel, Some(own), &request, &|s| {
+            let rebind = iface.rebind;
+            let result = apply_set(tunnel, Some(own), &request, &mut |s| {
                 if s.clear_key
                     || s.private_key
                         .as_ref()
                         .is_some_and(|k| k.public_key() != private_key.public_key())
-                    || s.listen_port.is_some_and(|p| p != listen_port)
                 {
-                    // A new key or port for a running tunnel: tapir down/up.
+                    // A new key for a running tunnel: tapir down/up.
                     return Err(EOPNOTSUPP);
                 }
-                Ok(())
+                // Another port: moved there before anything else changes,
+                // so that a port taken changes nothing. Port 0 ("any", as
+                // `wg setconf` and `wg syncconf` send for a file without
+                // ListenPort) keeps the one the tunnel has: the kernel
+                // module would move to another at random, and its peers
+                // would have to find it again.
+                match s.listen_port {
+                    Some(p) if p != 0 && p != listen_port => rebind(p),
+                    _ => Ok(()),
+                }
             });
             let errno = match result {
                 Ok(s) => match s.fwmark {
@@ -1180,17 +1193,17 @@ mod tests {
         let (mut t, _, _) = tunnel();
         let new = PrivateKey::from_random([9; 32]);
         let lines = [format!("public_key={}", new.public_key().to_hex())];
-        apply_set(&mut t, None, &parse_set(&lines).unwrap(), &|_| Ok(())).unwrap();
+        apply_set(&mut t, None, &parse_set(&lines).unwrap(), &mut |_| Ok(())).unwrap();
         assert_eq!(t.peers().count(), 2);
         let lines = [format!("private_key={}", &*new.to_hex())];
-        let s = apply_set(&mut t, None, &parse_set(&lines).unwrap(), &|_| Ok(())).unwrap();
+        let s = apply_set(&mut t, None, &parse_set(&lines).unwrap(), &mut |_| Ok(())).unwrap();
         assert!(s.private_key.is_some());
         assert_eq!(t.peers().count(), 1, "the peer with the new key is gone");
         // And with the key known, a peer with it is refused.
         let lines = [format!("public_key={}", new.public_key().to_hex())];
         let own = Some(new.public_key());
         assert_eq!(
-            apply_set(&mut t, own, &parse_set(&lines).unwrap(), &|_| Ok(())).map(|_| ()),
+            apply_set(&mut t, own, &parse_set(&lines).unwrap(), &mut |_| Ok(())).map(|_| ()),
             Err(EINVAL)
         );
     }
@@ -1214,7 +1227,7 @@ mod tests {
         }
         let request = parse_set(&lines).unwrap();
         assert_eq!(format!("{request:?}"), "SetRequest(10000 peer change(s))");
-        apply_set(&mut t, Some(key.public_key()), &request, &|_| Ok(())).unwrap();
+        apply_set(&mut t, Some(key.public_key()), &request, &mut |_| Ok(())).unwrap();
         assert_eq!(t.peers().count(), 10_000);
         assert!(t.peer_index(&old).is_none(), "replaced");
         assert!(keys.iter().all(|k| t.peer_index(k).is_some()));
@@ -1228,7 +1241,7 @@ mod tests {
             &mut t,
             Some(key.public_key()),
             &parse_set(&lines).unwrap(),
-            &|_| Ok(()),
+            &mut |_| Ok(()),
         )
         .unwrap();
         assert_eq!(t.peers().count(), 1);
@@ -1246,7 +1259,7 @@ mod tests {
             format!("public_key={}", peer.to_hex()),
             "allowed_ip=10.0.0.7/32".into(),
         ];
-        apply_set(&mut t, own, &parse_set(&lines).unwrap(), &|_| Ok(())).unwrap();
+        apply_set(&mut t, own, &parse_set(&lines).unwrap(), &mut |_| Ok(())).unwrap();
         let text = get(&t, &key, 51820);
         assert!(
             text.contains("allowed_ip=10.0.0.7/32") && !text.contains("allowed_ip=10.0.0.2/32"),
@@ -1259,7 +1272,7 @@ mod tests {
             format!("public_key={}", peer.to_hex()),
             "remove=true".into(),
         ];
-        apply_set(&mut t, own, &parse_set(&lines).unwrap(), &|_| Ok(())).unwrap();
+        apply_set(&mut t, own, &parse_set(&lines).unwrap(), &mut |_| Ok(())).unwrap();
         assert_eq!(t.peers().count(), 0);
     }
 }
