@@ -108,6 +108,34 @@ fn vpn(tag: &str, extra: &str) -> Vpn {
     }
 }
 
+/// Kills the tunnel `name` started with `up` (SIGKILL: nothing taken
+/// back), and waits for its device to go with it.
+fn kill_tunnel(a: &Netns, dir: &std::path::Path, name: &str) {
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&tapir_in(a, dir, &["status", name, "--json"]))).unwrap();
+    let pid = json[0]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.has_link(name) {
+        assert!(Instant::now() < deadline, "the device outlived its process");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The name resolvconf knows a tunnel's DNS by, as wg-quick makes it:
+/// `tun.NAME` where Debian's resolvconf orders interfaces, `NAME` elsewhere.
+fn resolvconf_iface(name: &str) -> String {
+    let order = std::fs::read_to_string("/etc/resolvconf/interface-order").unwrap_or_default();
+    match order.lines().find_map(|l| l.trim().strip_suffix('*')) {
+        Some(p) if !p.is_empty() => format!("{p}.{name}"),
+        _ => name.to_string(),
+    }
+}
+
 #[test]
 fn everything_through_the_tunnel_and_the_routing_exactly_as_before_after_down_or_a_crash() {
     require_root!();
@@ -154,20 +182,7 @@ fn everything_through_the_tunnel_and_the_routing_exactly_as_before_after_down_or
             "{st}"
         );
         if crash {
-            let json: serde_json::Value =
-                serde_json::from_str(&ok(&tapir_in(a, dir, &["status", &v.name, "--json"])))
-                    .unwrap();
-            let pid = json[0]["pid"].as_i64().unwrap() as i32;
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            )
-            .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while a.has_link(&v.name) {
-                assert!(Instant::now() < deadline, "the device outlived its process");
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            kill_tunnel(a, dir, &v.name);
             assert_ne!(
                 routing(a),
                 before,
@@ -207,6 +222,18 @@ fn hooks_run_in_order_and_a_failing_post_up_takes_everything_back() {
         std::fs::read_to_string(&log).unwrap(),
         format!("preup {n}\npostup {n}\ndevice-there\npredown {n}\npostdown {n}\n")
     );
+    // A tunnel killed outright: down runs its down hooks for it (PostDown
+    // is where a firewall rule of PostUp goes away).
+    std::fs::remove_file(&log).unwrap();
+    ok(&tapir_in(a, dir, &["up", v.client.to_str().unwrap()]));
+    kill_tunnel(a, dir, n);
+    let out = ok(&tapir_in(a, dir, &["down", n]));
+    assert!(out.contains("is down"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        format!("preup {n}\npostup {n}\ndevice-there\npredown {n}\npostdown {n}\n")
+    );
+    assert_eq!(routing(a), before, "the rules went with the down");
     // A PostUp that fails: up fails with it, and nothing is left.
     std::fs::remove_file(&log).unwrap();
     let text = std::fs::read_to_string(&v.client).unwrap().replace(
@@ -261,10 +288,22 @@ fn dns_goes_through_resolvconf_and_saveconfig_keeps_peers_added_with_wg_set() {
     };
     ok(&run(&["up", v.client.to_str().unwrap()]));
     let n = &v.name;
+    let iface = resolvconf_iface(n);
     assert_eq!(
         std::fs::read_to_string(&calls).unwrap(),
-        format!("-a tun.{n} -m 0 -x\nnameserver 10.79.0.1\nsearch corp.example\n")
+        format!("-a {iface} -m 0 -x\nnameserver 10.79.0.1\nsearch corp.example\n")
     );
+    // Killed outright: down takes its DNS back for it.
+    kill_tunnel(a, dir, n);
+    ok(&run(&["down", n]));
+    assert!(
+        std::fs::read_to_string(&calls)
+            .unwrap()
+            .ends_with(&format!("-d {iface} -f\n")),
+        "DNS taken back on down after a crash"
+    );
+    std::fs::remove_file(&calls).unwrap();
+    ok(&run(&["up", v.client.to_str().unwrap()]));
     // A peer added at run time, as wg-quick users do, kept by SaveConfig.
     let (_, added) = genkey();
     let out = a
@@ -281,7 +320,7 @@ fn dns_goes_through_resolvconf_and_saveconfig_keeps_peers_added_with_wg_set() {
     assert!(
         std::fs::read_to_string(&calls)
             .unwrap()
-            .ends_with(&format!("-d tun.{n} -f\n")),
+            .ends_with(&format!("-d {iface} -f\n")),
         "DNS taken back on down"
     );
     let saved = std::fs::read_to_string(&v.client).unwrap();

@@ -510,8 +510,8 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
     }
     // Routing rules a killed tunnel could not take back (see tunnel::ops).
     let record = dirs.run_here(&scope).join(format!("{name}.rules"));
-    for r in crate::tunnel::ops::clear_leftovers(&record) {
-        eprintln!("tapir: {name}: removed `{r}`, left by the process that died");
+    for r in crate::tunnel::ops::clear_leftovers(&record, name) {
+        eprintln!("tapir: {name}: {r}, for the process that died");
     }
     // A process killed outright leaves its control socket (and, outside
     // the host's namespace, the link that `wg` finds): nobody answers them.

@@ -398,8 +398,8 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
         crate::uapi::ensure_private_dir(d).map_err(DevError::Invalid)?;
     }
     let record = here.join(format!("{name}.rules"));
-    for r in ops::clear_leftovers(&record) {
-        eprintln!("tapir: {name}: removed `{r}`, left by an earlier run that did not stop cleanly");
+    for r in ops::clear_leftovers(&record, name.as_str()) {
+        eprintln!("tapir: {name}: {r}, for an earlier run that did not stop cleanly");
     }
     let mut applied = ops::Applied::new(name.as_str(), &config.ops, record);
     ops::run_hooks("PreUp", &config.ops.pre_up, name.as_str())?;
@@ -530,6 +530,7 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
         }
     };
     ops::run_hooks("PostUp", &config.ops.post_up, name.as_str())?;
+    applied.up_done();
     Ok(Started {
         applied,
         save_to: config.ops.save_config.then(|| config.file.clone()),

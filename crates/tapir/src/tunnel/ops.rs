@@ -11,10 +11,12 @@
 //!                 Table = off: no routes
 //!   down: PreDown ─▶ DNS taken back ─▶ device gone ─▶ rules taken back ─▶ PostDown
 //! ```
-//! The rules are written to a record (`NAME.rules` in the run directory)
-//! before they are added, so that after a crash the next start, `up` or
-//! `down` of that name takes them back. A failed start takes back what it
-//! did, without the down hooks (as wg-quick).
+//! What is done is written to a record (`NAME.rules` in the run
+//! directory) before it is done (the rules, the resolvconf entry) and, once
+//! the tunnel is up, with its down hooks; so that after a crash the next
+//! start, `up` or `down` of that name takes it back as a down would:
+//! PreDown, rules, DNS, PostDown. A failed start takes back what it did,
+//! without the down hooks (as wg-quick).
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -100,22 +102,90 @@ fn parse_record_line(line: &str) -> Option<Rule> {
     })
 }
 
-/// Takes back the rules in the record at `path`, left by a tunnel that did
-/// not get to take them back itself; returns what it removed.
-pub fn clear_leftovers(path: &Path) -> Vec<String> {
+/// A line of the record that is not a rule: `dns IFACE` (resolvconf's
+/// entry), `hook PreDown|PostDown COMMAND`.
+fn parse_other_line(line: &str) -> Option<(&str, &str)> {
+    let (what, rest) = line.split_once(' ')?;
+    matches!(what, "dns" | "hook").then_some((what, rest))
+}
+
+/// Takes back what the record at `path` holds, left by tunnel `name`,
+/// which did not get to take it back itself, in the order of a down:
+/// PreDown, the rules, the DNS entry, PostDown (the device went with the
+/// process). Returns what it did, in words.
+pub fn clear_leftovers(path: &Path, name: &str) -> Vec<String> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();
     };
-    let mut removed = Vec::new();
+    let mut done = Vec::new();
+    let hooks = |stage: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(parse_other_line)
+            .filter_map(|(w, rest)| {
+                (w == "hook")
+                    .then_some(rest)?
+                    .strip_prefix(stage)?
+                    .strip_prefix(' ')
+            })
+            .map(str::to_owned)
+            .collect()
+    };
+    let run = |stage: &str, done: &mut Vec<String>| {
+        let cmds = hooks(stage);
+        if cmds.is_empty() {
+            return;
+        }
+        match run_hooks(stage, &cmds, name) {
+            Ok(()) => done.push(format!("ran its {stage} ({})", cmds.join("; "))),
+            Err(e) => done.push(format!("ran its {stage}: {e}")),
+        }
+    };
+    run("PreDown", &mut done);
     if let Ok(mut nl) = Netlink::open() {
         for r in text.lines().filter_map(parse_record_line) {
             if nl.del_rule(&r).is_ok() {
-                removed.push(r.to_string());
+                done.push(format!("removed `{r}`"));
             }
         }
     }
+    for (_, iface) in text
+        .lines()
+        .filter_map(parse_other_line)
+        .filter(|(w, _)| *w == "dns")
+    {
+        if unset_resolvconf(iface) {
+            done.push(format!("took its DNS back (resolvconf -d {iface})"));
+        }
+    }
+    run("PostDown", &mut done);
     let _ = std::fs::remove_file(path);
-    removed
+    done
+}
+
+/// `resolvconf -d IFACE -f`; whether it ran and succeeded.
+fn unset_resolvconf(iface: &str) -> bool {
+    Command::new("resolvconf")
+        .args(["-d", iface, "-f"])
+        .stdin(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The name resolvconf knows the tunnel's DNS by, as wg-quick makes it:
+/// the first `PREFIX*` of `/etc/resolvconf/interface-order` (Debian's
+/// resolvconf: `tun.`) before the name, or the name alone (openresolv and
+/// systemd-resolved's resolvconf have no such file).
+fn resolvconf_iface(name: &str, order: Option<&str>) -> String {
+    let prefix = order
+        .into_iter()
+        .flat_map(str::lines)
+        .find_map(|l| {
+            let p = l.trim().strip_suffix('*')?;
+            (!p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+                .then(|| format!("{p}."))
+        })
+        .unwrap_or_default();
+    format!("{prefix}{name}")
 }
 
 /// What was done around one tunnel, taken back on down (or when dropped
@@ -125,9 +195,12 @@ pub struct Applied {
     rules: Vec<Rule>,
     record: PathBuf,
     table: Option<u32>,
-    dns: bool,
+    /// resolvconf's entry for the tunnel's DNS, when it made one.
+    dns: Option<String>,
     pre_down: Vec<String>,
     post_down: Vec<String>,
+    /// The tunnel is up: its down hooks are in the record.
+    up: bool,
     finished: bool,
 }
 
@@ -139,9 +212,10 @@ impl Applied {
             rules: Vec::new(),
             record,
             table: None,
-            dns: false,
+            dns: None,
             pre_down: ops.pre_down.clone(),
             post_down: ops.post_down.clone(),
+            up: false,
             finished: false,
         }
     }
@@ -152,27 +226,53 @@ impl Applied {
         self.table
     }
 
-    fn add_rule(&mut self, nl: &mut Netlink, rule: Rule) -> Result<(), DevError> {
-        // Recorded first: a crash right after the kernel took it leaves a
-        // record of it, not a rule nobody knows about.
-        self.rules.push(rule);
-        let text: String = self.rules.iter().map(record_line).collect();
+    /// Writes the record again: the rules, the DNS entry and, once up,
+    /// the down hooks.
+    fn save_record(&self) {
+        let mut text: String = self.rules.iter().map(record_line).collect();
+        if let Some(iface) = &self.dns {
+            text += &format!("dns {iface}\n");
+        }
+        if self.up {
+            for (stage, cmds) in [("PreDown", &self.pre_down), ("PostDown", &self.post_down)] {
+                for c in cmds {
+                    text += &format!("hook {stage} {c}\n");
+                }
+            }
+        }
         // Not through a link (the run directory is root's own, checked at
         // up; this holds for `tapir run` given another directory too).
         let written = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true)
+            .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&self.record)
             .and_then(|mut f| f.write_all(text.as_bytes()));
         if let Err(e) = written {
             eprintln!(
-                "tapir: {}: warning: cannot record the routing rules in {} ({e}): after a crash, remove them by hand",
+                "tapir: {}: warning: cannot record what the tunnel sets up in {} ({e}): after a crash, take its rules and DNS back by hand",
                 self.name,
                 self.record.display()
             );
         }
+    }
+
+    /// The tunnel is up (PostUp has run): from now on a crash is taken
+    /// back with its down hooks.
+    pub fn up_done(&mut self) {
+        self.up = true;
+        if !self.pre_down.is_empty() || !self.post_down.is_empty() {
+            self.save_record();
+        }
+    }
+
+    fn add_rule(&mut self, nl: &mut Netlink, rule: Rule) -> Result<(), DevError> {
+        // Recorded first: a crash right after the kernel took it leaves a
+        // record of it, not a rule nobody knows about.
+        self.rules.push(rule);
+        self.save_record();
         nl.add_rule(self.rules.last().expect("just pushed"))
             .map_err(DevError::from)
     }
@@ -242,8 +342,9 @@ impl Applied {
     }
 
     /// Name servers and search domains through resolvconf, as wg-quick
-    /// does (interface `tun.NAME`). Without resolvconf: a warning saying
-    /// what to install, and nothing changed.
+    /// does (interface `tun.NAME` with Debian's resolvconf, `NAME` with
+    /// others: see [`resolvconf_iface`]). Without resolvconf: a warning
+    /// saying what to install, and nothing changed.
     pub fn set_dns(&mut self, dns: &[String]) -> Option<String> {
         if dns.is_empty() {
             return None;
@@ -270,8 +371,13 @@ impl Applied {
                     .join(" ")
             );
         }
+        let order = std::fs::read_to_string("/etc/resolvconf/interface-order").ok();
+        let iface = resolvconf_iface(&self.name, order.as_deref());
+        // Recorded first, as the rules are.
+        self.dns = Some(iface.clone());
+        self.save_record();
         let child = Command::new("resolvconf")
-            .args(["-a", &format!("tun.{}", self.name), "-m", "0", "-x"])
+            .args(["-a", &iface, "-m", "0", "-x"])
             .stdin(Stdio::piped())
             .spawn();
         let ok = child.and_then(|mut c| {
@@ -281,36 +387,39 @@ impl Applied {
             c.wait()
         });
         match ok {
-            Ok(s) if s.success() => {
-                self.dns = true;
-                None
+            Ok(s) if s.success() => None,
+            Ok(s) => {
+                self.dns = None;
+                self.save_record();
+                Some(format!("DNS: resolvconf -a {iface}: {s}"))
             }
-            Ok(s) => Some(format!("DNS: resolvconf -a tun.{}: {s}", self.name)),
-            Err(e) => Some(format!("DNS: resolvconf: {e}")),
+            Err(e) => {
+                self.dns = None;
+                self.save_record();
+                Some(format!("DNS: resolvconf: {e}"))
+            }
         }
     }
 
     fn unset_dns(&mut self) {
-        if std::mem::take(&mut self.dns) {
-            let _ = Command::new("resolvconf")
-                .args(["-d", &format!("tun.{}", self.name), "-f"])
-                .stdin(Stdio::null())
-                .status();
+        if let Some(iface) = self.dns.take() {
+            unset_resolvconf(&iface);
         }
     }
 
+    /// The rules taken back, and the record with them (all it holds is
+    /// done with).
     fn take_back_rules(&mut self) {
-        if self.rules.is_empty() {
-            return;
-        }
-        if let Ok(mut nl) = Netlink::open() {
-            for r in self.rules.iter().rev() {
-                if let Err(e) = nl.del_rule(r) {
-                    eprintln!("tapir: {}: cannot remove `{r}`: {e}", self.name);
+        if !self.rules.is_empty() {
+            if let Ok(mut nl) = Netlink::open() {
+                for r in self.rules.iter().rev() {
+                    if let Err(e) = nl.del_rule(r) {
+                        eprintln!("tapir: {}: cannot remove `{r}`: {e}", self.name);
+                    }
                 }
             }
+            self.rules.clear();
         }
-        self.rules.clear();
         let _ = std::fs::remove_file(&self.record);
     }
 
@@ -403,6 +512,24 @@ mod tests {
             assert_eq!(parse_record_line(&record_line(&r)), Some(r));
         }
         assert_eq!(parse_record_line("garbage"), None);
+        assert_eq!(parse_record_line("dns tun.wg0"), None);
+        assert_eq!(parse_other_line("dns tun.wg0"), Some(("dns", "tun.wg0")));
+        assert_eq!(
+            parse_other_line("hook PostDown iptables -D x; echo a b"),
+            Some(("hook", "PostDown iptables -D x; echo a b"))
+        );
+        assert_eq!(parse_other_line("4 254 - - 0"), None);
+    }
+
+    #[test]
+    fn resolvconf_knows_the_dns_by_the_name_wg_quick_gives_it() {
+        // Debian's resolvconf orders interfaces; its first pattern names them.
+        let debian = "# interface-order\nlo.inet6\nlo.inet\nlo.@(dnsmasq|pdnsd)\nlo.!(pdns|pdns-recursor)\nlo\ntun*\ntap*\nhso*\nen*\neth*\n";
+        assert_eq!(resolvconf_iface("wg0", Some(debian)), "tun.wg0");
+        // openresolv, systemd-resolved: no such file.
+        assert_eq!(resolvconf_iface("wg0", None), "wg0");
+        assert_eq!(resolvconf_iface("wg0", Some("lo\neth*\n")), "eth.wg0");
+        assert_eq!(resolvconf_iface("wg0", Some("*\nlo.@(x)*\n")), "wg0");
     }
 
     #[test]
