@@ -251,6 +251,51 @@ fn qemu_ifup_puts_taps_on_a_bridge_it_creates_and_ifdown_takes_it_back() {
         .status()
         .unwrap();
     assert!(h.has_link("br88"), "not ours: left alone");
+    // --addr for a bridge that was there: not put on it, and said so.
+    let out = h
+        .cmd(&up)
+        .arg("qtap0")
+        .env("TAPIR_QEMU_BRIDGE", "br88")
+        .env("TAPIR_QEMU_ADDR", "192.168.88.1/24")
+        .env("TAPIR_RUN_DIR", dir.join("run"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("warning: --addr 192.168.88.1/24 not put on br88"),
+        "{err}"
+    );
+    // Not a tap (a typo for the tap's name): refused, nothing changed, no
+    // bridge made for it.
+    let tapir = |args: &[&str]| {
+        h.cmd(env!("CARGO_BIN_EXE_tapir"))
+            .args(args)
+            .env("TAPIR_RUN_DIR", dir.join("run"))
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["qemu-ifdown", "lo"][..],
+        &["qemu-ifup", "lo", "--bridge", "br89"],
+    ] {
+        let out = tapir(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("lo is not a tap device"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(h.ip(&["link", "show", "lo"]).contains(",UP"), "lo left up");
+    assert!(!h.has_link("br89"));
+    // A tun device cannot be a bridge's port: the bridge made for it goes.
+    h.ip(&["tuntap", "add", "dev", "qtun0", "mode", "tun"]);
+    let out = tapir(&["qemu-ifup", "qtun0", "--bridge", "br90"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("qtun0 cannot be a port of br90"),
+        "{err}"
+    );
+    assert!(!h.has_link("br90"), "the bridge made for it went");
     // Without a bridge: the seed's form, the address on the tap itself.
     let out = h
         .cmd(env!("CARGO_BIN_EXE_tapir"))

@@ -32,6 +32,21 @@ fn marks(run_dir: &Path) -> Result<PathBuf, DevError> {
     Ok(dir)
 }
 
+/// That `link` (named `tap`) is a tun/tap device: QEMU hands these scripts
+/// its tap, and a typo (`eth0`, `lo`) must not take a host's link off the
+/// network or onto a bridge.
+fn a_tap(tap: &IfName, link: &tapir_sys::netlink::Link) -> Result<(), DevError> {
+    if link.is_tun() {
+        return Ok(());
+    }
+    Err(DevError::Invalid(format!(
+        "{tap} is not a tap device (it is {}): give the tap QEMU created (-netdev tap,ifname=...); nothing was changed",
+        link.kind
+            .as_deref()
+            .unwrap_or("a physical or loopback device")
+    )))
+}
+
 /// What `ifup` did, in words.
 pub fn ifup(
     tap: &IfName,
@@ -45,11 +60,23 @@ pub fn ifup(
             "{tap} (QEMU creates the tap before it runs its script=)"
         ))
     })?;
+    a_tap(tap, &link)?;
     let mut done = Vec::new();
     match bridge {
         Some(br) => {
+            let mut created = None;
             let index = match nl.link(br.as_str())? {
-                Some(l) if l.kind.as_deref() == Some("bridge") => l.index,
+                Some(l) if l.kind.as_deref() == Some("bridge") => {
+                    if let Some(a) = addr {
+                        let has = nl.addresses(Some(l.index))?.iter().any(|x| x.local == a);
+                        if !has {
+                            done.push(format!(
+                                "warning: --addr {a} not put on {br}: it was there before, and tapir changes only a bridge it creates (ip addr add {a} dev {br})"
+                            ));
+                        }
+                    }
+                    l.index
+                }
                 Some(l) => {
                     return Err(DevError::Invalid(format!(
                         "{br} exists and is not a bridge (it is {}): choose another --bridge",
@@ -75,10 +102,28 @@ pub fn ifup(
                         "created bridge {br}{}",
                         addr.map(|a| format!(" with {a}")).unwrap_or_default()
                     ));
+                    created = Some(i);
                     i
                 }
             };
-            nl.set_master(link.index, Some(index))?;
+            if let Err(e) = nl.set_master(link.index, Some(index)) {
+                // A bridge made for this port goes with it.
+                if let Some(i) = created {
+                    let _ = nl.del_link(i);
+                    if let Ok(dir) = marks(run_dir) {
+                        let _ = std::fs::remove_file(dir.join(br.as_str()));
+                    }
+                }
+                return Err(DevError::Runtime(format!(
+                    "{tap} cannot be a port of {br}: {}{}",
+                    e.reason(),
+                    if created.is_some() {
+                        format!(" ({br}, created for it, is removed)")
+                    } else {
+                        String::new()
+                    }
+                )));
+            }
             done.push(format!("{tap} is a port of {br}"));
         }
         None => {
@@ -102,6 +147,7 @@ pub fn ifdown(tap: &IfName, run_dir: &Path) -> Result<Vec<String>, DevError> {
     let mut nl = Netlink::open()?;
     let mut done = Vec::new();
     if let Some(link) = nl.link(tap.as_str())? {
+        a_tap(tap, &link)?;
         if link.master.is_some() {
             nl.set_master(link.index, None)?;
             done.push(format!("{tap} is off its bridge"));
