@@ -312,9 +312,51 @@ fn a_vm_behind_a_spokes_bridge_joins_the_segment() {
     drop((h, a));
     let mut b = b;
     b.stop();
+    // The VM's port keeps the bridge tapir created: it goes with its last
+    // port (what qemu-ifdown, or a down, sees first).
+    let vmport = star.s2.ip_json(&["link", "show", "vmport"]);
+    assert_eq!(
+        vmport[0]["master"], "br-tp",
+        "the VM is still on its bridge"
+    );
+    star.s2.ip(&["link", "del", "vmport"]);
+    let out = star
+        .s2
+        .cmd(TAPIR)
+        .args(["qemu-ifdown", "vmtap-gone"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         !star.s2.has_link("br-tp"),
-        "the bridge tapir created is gone on down"
+        "the bridge tapir created goes with its last port"
+    );
+    // A run that crashed leaves its bridge; the next takes it back as its own.
+    let mut b = run_tapir(
+        &star.s2,
+        &star.spoke_conf(2, "Bridge = br-tp"),
+        &star.names[2],
+    );
+    b.kill();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while star.s2.has_link(&star.names[2]) {
+        assert!(Instant::now() < deadline, "the tap outlived its process");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(star.s2.has_link("br-tp"), "left by the crash");
+    let mut b = run_tapir(
+        &star.s2,
+        &star.spoke_conf(2, "Bridge = br-tp"),
+        &star.names[2],
+    );
+    b.stop();
+    assert!(
+        !star.s2.has_link("br-tp"),
+        "the bridge of a run that crashed goes with the next"
     );
 }
 

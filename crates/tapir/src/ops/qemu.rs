@@ -21,15 +21,75 @@ use tapir_sys::{IfName, Netlink};
 
 use crate::dev::DevError;
 
-/// Where tapir remembers the bridges it created (one empty file each).
-fn marks(run_dir: &Path) -> Result<PathBuf, DevError> {
-    let scope = crate::scope::Scope::current().map_err(DevError::Runtime)?;
-    crate::uapi::ensure_private_dir(run_dir).map_err(DevError::Invalid)?;
-    let here = scope.dir(run_dir);
-    crate::uapi::ensure_private_dir(&here).map_err(DevError::Invalid)?;
-    let dir = here.join("bridges");
-    crate::uapi::ensure_private_dir(&dir).map_err(DevError::Invalid)?;
-    Ok(dir)
+/// The bridges tapir created, for `qemu-ifup --bridge` or a tunnel's
+/// `Bridge =`: one empty file each in the namespace's run directory. Such a
+/// bridge goes once it has no port left, whoever sees that first: the last
+/// `qemu-ifdown`, the tunnel that made it going down, or `tapir down` after
+/// that tunnel crashed; a tunnel started again after a crash takes its
+/// bridge back as its own. A bridge that was there before is never one.
+pub(crate) struct BridgeMarks(PathBuf);
+
+impl BridgeMarks {
+    /// The marks of this namespace, their directory made if missing.
+    pub(crate) fn open(run_dir: &Path) -> Result<Self, DevError> {
+        let scope = crate::scope::Scope::current().map_err(DevError::Runtime)?;
+        crate::uapi::ensure_private_dir(run_dir).map_err(DevError::Invalid)?;
+        let here = scope.dir(run_dir);
+        crate::uapi::ensure_private_dir(&here).map_err(DevError::Invalid)?;
+        let dir = here.join("bridges");
+        crate::uapi::ensure_private_dir(&dir).map_err(DevError::Invalid)?;
+        Ok(Self(dir))
+    }
+
+    /// The marks of this namespace, if there are any.
+    pub(crate) fn existing(run_dir: &Path) -> Option<Self> {
+        let scope = crate::scope::Scope::current().ok()?;
+        let dir = scope.dir(run_dir).join("bridges");
+        dir.is_dir().then_some(Self(dir))
+    }
+
+    /// Remembers `name` as made by tapir.
+    pub(crate) fn add(&self, name: &str) -> Result<(), DevError> {
+        std::fs::write(self.0.join(name), "")
+            .map_err(|e| DevError::Runtime(format!("remembering bridge {name}: {e}")))
+    }
+
+    /// Whether tapir made `name`.
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.0.join(name).is_file()
+    }
+
+    /// Forgets `name` (its directory goes once empty).
+    pub(crate) fn forget(&self, name: &str) {
+        let _ = std::fs::remove_file(self.0.join(name));
+        let _ = std::fs::remove_dir(&self.0);
+    }
+
+    /// Removes the remembered bridges that have no port left (and the
+    /// marks of bridges gone); what it removed, in words.
+    pub(crate) fn sweep(&self, nl: &mut Netlink) -> Result<Vec<String>, DevError> {
+        let mut done = Vec::new();
+        let links = nl.links()?;
+        for entry in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(br) = links.iter().find(|l| l.name == name) else {
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            };
+            let ports = links.iter().filter(|l| l.master == Some(br.index)).count();
+            if ports == 0 {
+                nl.del_link(br.index)?;
+                let _ = std::fs::remove_file(entry.path());
+                done.push(format!(
+                    "removed bridge {name} (tapir created it; no port left)"
+                ));
+            }
+        }
+        // (Left empty, the directory goes: a namespace's run directory is
+        // removed once empty.)
+        let _ = std::fs::remove_dir(&self.0);
+        Ok(done)
+    }
 }
 
 /// That `link` (named `tap`) is a tun/tap device: QEMU hands these scripts
@@ -86,8 +146,7 @@ pub fn ifup(
                 None => {
                     let i = nl.add_bridge(br.as_str())?;
                     let made = (|| -> Result<(), DevError> {
-                        std::fs::write(marks(run_dir)?.join(br.as_str()), "")
-                            .map_err(|e| DevError::Runtime(format!("remembering {br}: {e}")))?;
+                        BridgeMarks::open(run_dir)?.add(br.as_str())?;
                         if let Some(a) = addr {
                             nl.add_address(i, a, None)?;
                         }
@@ -110,8 +169,8 @@ pub fn ifup(
                 // A bridge made for this port goes with it.
                 if let Some(i) = created {
                     let _ = nl.del_link(i);
-                    if let Ok(dir) = marks(run_dir) {
-                        let _ = std::fs::remove_file(dir.join(br.as_str()));
+                    if let Ok(m) = BridgeMarks::open(run_dir) {
+                        m.forget(br.as_str());
                     }
                 }
                 return Err(DevError::Runtime(format!(
@@ -156,22 +215,8 @@ pub fn ifdown(tap: &IfName, run_dir: &Path) -> Result<Vec<String>, DevError> {
     }
     // Bridges of ours with no port left, this one's or one whose last
     // port vanished with its QEMU.
-    let dir = marks(run_dir)?;
-    let links = nl.links()?;
-    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(br) = links.iter().find(|l| l.name == name) else {
-            let _ = std::fs::remove_file(entry.path());
-            continue;
-        };
-        let ports = links.iter().filter(|l| l.master == Some(br.index)).count();
-        if ports == 0 {
-            nl.del_link(br.index)?;
-            let _ = std::fs::remove_file(entry.path());
-            done.push(format!(
-                "removed bridge {name} (tapir created it; no port left)"
-            ));
-        }
+    if let Some(m) = BridgeMarks::existing(run_dir) {
+        done.extend(m.sweep(&mut nl)?);
     }
     Ok(done)
 }

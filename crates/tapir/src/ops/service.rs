@@ -513,6 +513,14 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
     for r in crate::tunnel::ops::clear_leftovers(&record, name) {
         eprintln!("tapir: {name}: {r}, for the process that died");
     }
+    // A bridge it made, with its tap gone (see `qemu::BridgeMarks`).
+    if let Some(m) = crate::qemu::BridgeMarks::existing(&dirs.run) {
+        if let Ok(mut nl) = tapir_sys::Netlink::open() {
+            for line in m.sweep(&mut nl).unwrap_or_default() {
+                eprintln!("tapir: {name}: {line}");
+            }
+        }
+    }
     // A process killed outright leaves its control socket (and, outside
     // the host's namespace, the link that `wg` finds): nobody answers them.
     let socket = socket_path(&scope, name);

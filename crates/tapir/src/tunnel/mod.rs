@@ -66,6 +66,7 @@ const SLOT: usize = 65536 + 64;
 
 use crate::config::{Table, Transport, TunnelConfig};
 use crate::dev::DevError;
+use crate::qemu::BridgeMarks;
 
 /// Randomness from the kernel (`getrandom(2)`).
 pub struct OsRandom(());
@@ -205,19 +206,39 @@ enum Net {
     Tcp(Box<TcpTransport>),
 }
 
-/// A bridge this tunnel created; removed when dropped (on down, or when
-/// start fails after creating it).
+/// A bridge this tunnel created (remembered as tapir's: see
+/// [`BridgeMarks`]); removed when dropped (on down, or when start fails
+/// after creating it), after the tunnel's tap, if no other port is left on
+/// it (a VM's tap put there meanwhile keeps it, until its `qemu-ifdown`).
 struct CreatedBridge {
     index: u32,
     name: IfName,
+    marks: BridgeMarks,
 }
 
 impl Drop for CreatedBridge {
     fn drop(&mut self) {
-        if let Ok(mut nl) = Netlink::open() {
-            if let Err(e) = nl.del_link(self.index) {
-                eprintln!("tapir: cannot remove bridge {}: {e}", self.name);
-            }
+        let Ok(mut nl) = Netlink::open() else {
+            return;
+        };
+        let ports: Vec<String> = nl
+            .links()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|l| l.master == Some(self.index))
+            .map(|l| l.name)
+            .collect();
+        if !ports.is_empty() {
+            eprintln!(
+                "tapir: bridge {} kept: {} still on it (it goes with its last port: tapir qemu-ifdown)",
+                self.name,
+                ports.join(", ")
+            );
+            return;
+        }
+        match nl.del_link(self.index) {
+            Ok(()) => self.marks.forget(self.name.as_str()),
+            Err(e) => eprintln!("tapir: cannot remove bridge {}: {e}", self.name),
         }
     }
 }
@@ -313,13 +334,24 @@ fn bind_tcp(port: Option<u16>, seed: u64) -> Result<TcpTransport, DevError> {
 }
 
 /// Puts the tap `index` on bridge `name`, creating the bridge (up) if it is
-/// missing; returns the bridge if it was created here.
+/// missing; returns the bridge if it is this tunnel's: created here, or by
+/// an earlier run of it that crashed (remembered in `run_dir`).
 fn join_bridge(
     nl: &mut Netlink,
     index: u32,
     name: &IfName,
+    run_dir: &Path,
 ) -> Result<Option<CreatedBridge>, DevError> {
+    let marks = BridgeMarks::open(run_dir)?;
     let (bridge_index, created) = match nl.link(name.as_str())? {
+        Some(l) if l.kind.as_deref() == Some("bridge") && marks.has(name.as_str()) => (
+            l.index,
+            Some(CreatedBridge {
+                index: l.index,
+                name: name.clone(),
+                marks,
+            }),
+        ),
         Some(l) if l.kind.as_deref() == Some("bridge") => (l.index, None),
         Some(l) => {
             return Err(DevError::Invalid(format!(
@@ -329,13 +361,13 @@ fn join_bridge(
         }
         None => {
             let i = nl.add_bridge(name.as_str())?;
-            (
-                i,
-                Some(CreatedBridge {
-                    index: i,
-                    name: name.clone(),
-                }),
-            )
+            let made = CreatedBridge {
+                index: i,
+                name: name.clone(),
+                marks,
+            };
+            made.marks.add(name.as_str())?;
+            (i, Some(made))
         }
     };
     if created.is_some() {
@@ -431,7 +463,7 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
         };
         nl.set_mac(index, mac)?;
         if let Some(b) = &config.bridge {
-            bridge = join_bridge(&mut nl, index, b)?;
+            bridge = join_bridge(&mut nl, index, b, run_dir)?;
         }
     }
     nl.set_mtu(index, config.mtu)?;

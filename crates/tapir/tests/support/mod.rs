@@ -75,6 +75,14 @@ impl Proc {
         }
         err
     }
+
+    /// SIGKILL, as a crash: nothing taken back.
+    #[allow(dead_code)] // not every test file uses every helper
+    pub fn kill(&mut self) {
+        let mut c = self.0.take().unwrap();
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }
 
 impl Drop for Proc {
