@@ -365,7 +365,12 @@ fn an_existing_bridge_is_joined_and_left_as_it_was() {
     require_root!();
     let star = star("eb");
     star.lab.bridge(&star.s2, "br-own", &[]);
-    let _h = run_tapir(&star.hub, &star.hub_conf(""), &star.names[0]);
+    // A port of the usual 1500 bytes, more than the tunnel's tap carries.
+    star.s2.ip(&[
+        "link", "add", "dum0", "type", "veth", "peer", "name", "dum1",
+    ]);
+    star.s2.ip(&["link", "set", "dum0", "master", "br-own"]);
+    let mut h = run_tapir(&star.hub, &star.hub_conf(""), &star.names[0]);
     let mut b = run_tapir(
         &star.s2,
         &star.spoke_conf(2, "Bridge = br-own"),
@@ -373,11 +378,28 @@ fn an_existing_bridge_is_joined_and_left_as_it_was() {
     );
     let link = star.s2.ip_json(&["link", "show", &star.names[2]]);
     assert_eq!(link[0]["master"], "br-own");
-    b.stop();
+    let err = b.stop();
+    assert!(
+        err.contains("warning: the tunnel's tap has MTU 1406, less than the other ports of br-own: dum0 (1500)"),
+        "{err}"
+    );
     assert!(
         star.s2.has_link("br-own"),
         "a bridge tapir did not create stays"
     );
+    // Without MAC =, the hub's tap has the same MAC at every start (its
+    // peers' neighbour caches stay right across a restart).
+    h.stop();
+    let conf = star.hub_conf("");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, text.replace("MAC = 02:00:00:00:00:01\n", "")).unwrap();
+    let mac = || star.hub.ip_json(&["link", "show", &star.names[0]])[0]["address"].clone();
+    let mut h = run_tapir(&star.hub, &conf, &star.names[0]);
+    let first = mac();
+    h.stop();
+    let _h = run_tapir(&star.hub, &conf, &star.names[0]);
+    assert_eq!(mac(), first);
+    assert_ne!(first, "02:00:00:00:00:01");
 }
 
 #[test]

@@ -184,6 +184,18 @@ pub fn ifup(
                 )));
             }
             done.push(format!("{tap} is a port of {br}"));
+            // A smaller port (a tunnel's tap) drops the guest's full frames.
+            if let Some((port, mtu)) = nl
+                .links()?
+                .into_iter()
+                .filter(|l| l.master == Some(index) && l.index != link.index && l.mtu < link.mtu)
+                .map(|l| (l.name, l.mtu))
+                .min_by_key(|(_, m)| *m)
+            {
+                done.push(format!(
+                    "warning: {br} has a port of MTU {mtu} ({port}): frames over {mtu} bytes from the guest are dropped there; give it MTU {mtu} (-device virtio-net-pci,host_mtu={mtu}, or in the guest)"
+                ));
+            }
         }
         None => {
             if let Some(a) = addr {

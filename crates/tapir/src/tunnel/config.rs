@@ -168,7 +168,8 @@ pub struct TunnelConfig {
     pub mtu: u32,
     /// tun (IP packets, routed by allowed IPs) or tap (Ethernet frames, switched).
     pub mode: tapir_sys::Mode,
-    /// Tap mode: the device's MAC (random and locally administered if absent).
+    /// Tap mode: the device's MAC (if absent, one made from the key and
+    /// name, the same at every start).
     pub mac: Option<[u8; 6]>,
     /// Tap mode: a Linux bridge to join (created if missing, removed on down if created).
     pub bridge: Option<IfName>,
@@ -711,7 +712,7 @@ mod toml_schema {
 /// addresses = ["10.77.0.1/24"]
 /// mtu = 1420                                # optional (1406 in tap mode)
 /// mode = "tun"                              # or "tap": Ethernet frames, a learning switch
-/// mac = "02:00:00:00:00:01"                 # tap mode, optional: random if absent
+/// mac = "02:00:00:00:00:01"                 # tap mode, optional: made from the key and name if absent
 /// bridge = "br0"                            # tap mode, optional: the tap joins this bridge
 /// transport = "udp"                         # or "tcp": udp2tcp's framing
 /// routes = ["10.1.0.0/16"]                  # optional: default, the peers' allowed IPs

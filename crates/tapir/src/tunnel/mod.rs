@@ -333,6 +333,50 @@ fn bind_tcp(port: Option<u16>, seed: u64) -> Result<TcpTransport, DevError> {
     })
 }
 
+/// A tap tunnel's MAC when none is configured: made from its public key
+/// and name, locally administered and unicast. The same at every start, so
+/// that a restart does not leave the peers' neighbour caches pointing at a
+/// MAC gone (a random one kept a restarted spoke unreachable by IP for the
+/// 20-30 s those take to age), and another for each key and name.
+fn tap_mac(public: &PublicKey, name: &IfName) -> [u8; 6] {
+    let h = tapir_proto::wg::crypto::hash(&[b"tapir tap MAC", &public.0, name.as_str().as_bytes()]);
+    let mut m = [0u8; 6];
+    m.copy_from_slice(&h[..6]);
+    m[0] = (m[0] & 0xfc) | 0x02;
+    m
+}
+
+/// Says so when the tunnel's tap, of MTU `mtu`, is smaller than other
+/// ports of bridge `bridge`: a bridge drops a frame too big for the port it
+/// leaves by (it cannot fragment, nor tell the sender), so hosts behind
+/// those ports that send full frames lose them, silently.
+fn bridge_mtu_note(nl: &mut Netlink, bridge: &IfName, tap: u32, mtu: u32) {
+    let Ok(links) = nl.links() else {
+        return;
+    };
+    let Some(br) = links.iter().find(|l| l.name == bridge.as_str()) else {
+        return;
+    };
+    let bigger: Vec<String> = links
+        .iter()
+        .filter(|l| l.master == Some(br.index) && l.index != tap && l.mtu > mtu)
+        .map(|l| format!("{} ({})", l.name, l.mtu))
+        .collect();
+    if bigger.is_empty() {
+        return;
+    }
+    eprintln!(
+        "tapir: warning: the tunnel's tap has MTU {mtu}, less than the other ports of {bridge}: {}: frames over {mtu} bytes from them are dropped there, silently. Give the hosts on {bridge} MTU {mtu} (a guest: DHCP option 26, or virtio-net host_mtu={mtu}), or set MTU = {} here (the tunnel's datagrams then go out fragmented where the path is smaller)",
+        bigger.join(", "),
+        links
+            .iter()
+            .filter(|l| l.master == Some(br.index))
+            .map(|l| l.mtu)
+            .max()
+            .unwrap_or(mtu),
+    );
+}
+
 /// Puts the tap `index` on bridge `name`, creating the bridge (up) if it is
 /// missing; returns the bridge if it is this tunnel's: created here, or by
 /// an earlier run of it that crashed (remembered in `run_dir`).
@@ -451,22 +495,18 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
     let (dev, index) = create_device(&mut nl, tun_path, name, config.mode)?;
     let mut bridge = None;
     if config.mode == Mode::Tap {
-        let mac = match config.mac {
-            Some(m) => m,
-            None => {
-                let mut m = [0u8; 6];
-                rng.fill(&mut m);
-                // Locally administered, unicast.
-                m[0] = (m[0] & 0xfc) | 0x02;
-                m
-            }
-        };
+        let mac = config
+            .mac
+            .unwrap_or_else(|| tap_mac(&config.private_key.public_key(), name));
         nl.set_mac(index, mac)?;
         if let Some(b) = &config.bridge {
             bridge = join_bridge(&mut nl, index, b, run_dir)?;
         }
     }
     nl.set_mtu(index, config.mtu)?;
+    if let Some(b) = &config.bridge {
+        bridge_mtu_note(&mut nl, b, index, config.mtu);
+    }
     for a in &config.addresses {
         nl.add_address(index, *a, None)?;
     }
@@ -2497,6 +2537,20 @@ fn extras(t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) -> St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tap_mac_is_the_same_for_a_key_and_name_and_locally_administered() {
+        let a = PrivateKey::from_random([1; 32]).public_key();
+        let b = PrivateKey::from_random([2; 32]).public_key();
+        let (n0, n1) = (IfName::new("tap0").unwrap(), IfName::new("tap1").unwrap());
+        let m = tap_mac(&a, &n0);
+        assert_eq!(m, tap_mac(&a, &n0));
+        assert_ne!(m, tap_mac(&a, &n1));
+        assert_ne!(m, tap_mac(&b, &n0));
+        for m in [m, tap_mac(&a, &n1), tap_mac(&b, &n0)] {
+            assert_eq!(m[0] & 0x03, 0x02, "locally administered, unicast: {m:02x?}");
+        }
+    }
 
     #[test]
     fn host_names_are_looked_up_again_only_when_unreachable() {
