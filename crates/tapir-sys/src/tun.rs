@@ -215,7 +215,7 @@ fn open_hint(e: &io::Error) -> &'static str {
 fn ioctl_hint(op: &str, e: &io::Error) -> &'static str {
     match (op, e.raw_os_error()) {
         ("TUNSETIFF", Some(libc::EPERM)) => {
-            " (creating a device needs CAP_NET_ADMIN: run with sudo; to use a device without root, have root create it persistent and owned by you: tapir dev add NAME --user YOU)"
+            " (creating a device, or opening one that belongs to another user or group, needs CAP_NET_ADMIN: run with sudo; to use a device without root, have root create it persistent and owned by you: tapir dev add NAME --user YOU, or see its owner with tapir dev show NAME)"
         }
         ("TUNSETIFF", Some(libc::EBUSY)) => {
             " (the device already exists, or is already attached and not multi-queue)"

@@ -18,10 +18,12 @@ pub enum Link {
     Ethernet,
 }
 
-/// The target address of a neighbour solicitation or advertisement
-/// (bytes 4..20 after the ICMPv6 type, code and checksum).
+/// The target address of a neighbour solicitation or advertisement, from
+/// the ICMPv6 payload as etherparse gives it: after the 8-byte header (type,
+/// code, checksum and the 4 bytes of reserved bits or flags), its first 16
+/// bytes.
 fn nd_target(payload: &[u8]) -> Option<std::net::Ipv6Addr> {
-    <[u8; 16]>::try_from(payload.get(4..20)?)
+    <[u8; 16]>::try_from(payload.get(..16)?)
         .ok()
         .map(std::net::Ipv6Addr::from)
 }
@@ -104,11 +106,19 @@ pub fn summarize(link: Link, data: &[u8]) -> String {
         Some(NetSlice::Ipv4(ip)) => {
             let h = ip.header();
             let _ = write!(out, "IP {} > {}: ", h.source_addr(), h.destination_addr());
+            let fragment = ip.payload().fragmented.then(|| {
+                format!(
+                    "id {}, offset {}{}",
+                    h.identification(),
+                    h.fragments_offset().byte_offset(),
+                    if h.more_fragments() { ", more" } else { "" }
+                )
+            });
             transport(
                 &mut out,
                 &packet,
                 ip.payload().ip_number,
-                ip.payload().fragmented,
+                fragment,
                 ip.payload().payload.len(),
             );
             let _ = write!(out, " (ttl {}, length {})", h.ttl(), h.total_len());
@@ -120,7 +130,7 @@ pub fn summarize(link: Link, data: &[u8]) -> String {
                 &mut out,
                 &packet,
                 ip.payload().ip_number,
-                ip.payload().fragmented,
+                ip.payload().fragmented.then(String::new),
                 ip.payload().payload.len(),
             );
             let _ = write!(
@@ -138,11 +148,19 @@ fn transport(
     out: &mut String,
     packet: &SlicedPacket<'_>,
     proto: IpNumber,
-    fragmented: bool,
+    fragment: Option<String>,
     len: usize,
 ) {
-    if fragmented {
-        let _ = write!(out, "fragment of {:?}, {len} bytes", proto);
+    // A fragment: the protocol and where it goes (IPv4), not decoded (tcpdump
+    // decodes a first fragment's header; its length would be the whole's).
+    if let Some(at) = fragment {
+        let name = proto.keyword_str().unwrap_or("unknown");
+        let at = if at.is_empty() {
+            String::new()
+        } else {
+            format!(" ({at})")
+        };
+        let _ = write!(out, "fragment of {name}{at}, length {len}");
         return;
     }
     match &packet.transport {
@@ -258,5 +276,64 @@ mod tests {
         assert_eq!(summarize(Link::Ip, &[]), "empty packet");
         assert!(summarize(Link::Ethernet, &[0; 5]).starts_with("truncated Ethernet"));
         assert!(summarize(Link::Ip, &[0x45, 0, 0]).starts_with("malformed"));
+    }
+
+    /// An IPv6 packet from `src` to `dst` carrying `icmp`.
+    fn ipv6(src: [u8; 16], dst: [u8; 16], icmp: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+        p.extend_from_slice(&[58, 255]);
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(icmp);
+        p
+    }
+
+    #[test]
+    fn neighbour_discovery_names_its_target_as_tcpdump_does() {
+        let target: std::net::Ipv6Addr = "fe80::146d:d4ff:fe0b:3bb7".parse().unwrap();
+        // Solicitation: type 135, reserved, target, a source link-layer
+        // address option (whose bytes were once read into the target).
+        let mut ns = vec![135, 0, 0, 0, 0, 0, 0, 0];
+        ns.extend_from_slice(&target.octets());
+        ns.extend_from_slice(&[1, 1, 0x16, 0x6d, 0xd4, 0x0b, 0x3b, 0xb7]);
+        let dst: std::net::Ipv6Addr = "ff02::1:ff0b:3bb7".parse().unwrap();
+        let line = summarize(Link::Ip, &ipv6([0; 16], dst.octets(), &ns));
+        assert!(
+            line.contains("neighbor solicitation, who has fe80::146d:d4ff:fe0b:3bb7,"),
+            "{line}"
+        );
+        // Advertisement: type 136, flags (solicited, override), target.
+        let mut na = vec![136, 0, 0, 0, 0x60, 0, 0, 0];
+        na.extend_from_slice(&target.octets());
+        let line = summarize(Link::Ip, &ipv6(target.octets(), [0xff; 16], &na));
+        assert!(
+            line.contains("neighbor advertisement, tgt is fe80::146d:d4ff:fe0b:3bb7,"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_fragment_says_of_what_and_where() {
+        // IPv4, id 0x1234, more fragments, offset 0; then offset 1480, last.
+        let mut first = vec![
+            0x45, 0, 0, 48, 0x12, 0x34, 0x20, 0, 64, 1, 0, 0, 10, 3, 0, 1, 10, 3, 0, 5,
+        ];
+        first.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]);
+        first.extend_from_slice(&[0; 20]);
+        let line = summarize(Link::Ip, &first);
+        assert!(
+            line.starts_with(
+                "IP 10.3.0.1 > 10.3.0.5: fragment of ICMP (id 4660, offset 0, more), length 28"
+            ),
+            "{line}"
+        );
+        let mut last = first.clone();
+        last[6..8].copy_from_slice(&(1480u16 / 8).to_be_bytes());
+        let line = summarize(Link::Ip, &last);
+        assert!(
+            line.contains("fragment of ICMP (id 4660, offset 1480), length 28"),
+            "{line}"
+        );
     }
 }

@@ -194,7 +194,8 @@ enum Command {
         /// Stop after N packets.
         #[arg(long, short = 'c')]
         count: Option<u64>,
-        /// Write the packets to a pcap file (tcpdump -r and Wireshark read it).
+        /// Write the packets to a pcap file (tcpdump -r and Wireshark read it);
+        /// `-`: to standard output instead of the lines (| tcpdump -r -).
         #[arg(long, short = 'w', value_name = "FILE")]
         write: Option<PathBuf>,
         /// Bytes of each packet to keep in the pcap file (default: all).

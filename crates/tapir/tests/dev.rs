@@ -460,7 +460,11 @@ fn add_of_an_existing_device() {
         "--exist-ok does not cover a different device: {e}"
     );
     let e = fails(&a, &["dev", "add", "veth0", "--mode", "tun"]);
-    assert!(e.contains("it is a veth device, not tun/tap"), "{e}");
+    assert!(
+        e.contains("veth0 already exists and is a veth device, not tun/tap: choose another name")
+            && !e.contains("dev del"),
+        "{e}"
+    );
     assert_eq!(snapshot(&a), before);
 }
 

@@ -389,6 +389,59 @@ fn dump_case(mode: &str, extra: &[&str], expect: &str, tcpdump_expect: &str) {
     std::fs::remove_file(pcap).unwrap();
 }
 
+/// `--write -`: the pcap on standard output and no lines, as tcpdump's
+/// `-w -` (for `| tcpdump -r -`); a file named `-` is not made.
+#[test]
+fn dump_writes_pcap_to_standard_output() {
+    require_root!();
+    let lab = Lab::new();
+    let ns = lab_ns(&lab);
+    let ok = |args: &[&str]| assert!(ns.cmd(TAPIR).args(args).status().unwrap().success());
+    ok(&["dev", "add", "d0", "--mode", "tun"]);
+    ns.cmd("sysctl")
+        .args(["-qw", "net.ipv6.conf.d0.disable_ipv6=1"])
+        .status()
+        .unwrap();
+    ok(&["dev", "set", "d0", "--up", "--addr", "10.7.0.1/24"]);
+    let dir = temp("dump-stdout");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dump = {
+        let child = ns
+            .cmd(TAPIR)
+            .args(["dump", "d0", "--count", "2", "--write", "-"])
+            .current_dir(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Running(Some(child))
+    };
+    wait_ready(&ns, "d0", "10.7.0.1");
+    let _ = ns
+        .cmd("ping")
+        .args(["-c", "3", "-i", "0.2", "-W", "1", "10.7.0.2"])
+        .output()
+        .unwrap();
+    let out = dump.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.join("-").exists(), "a file named -");
+    let pcap = dir.join("out.pcap");
+    std::fs::write(&pcap, &out.stdout).unwrap();
+    let recorded = tcpdump_lines(&pcap);
+    assert_eq!(recorded.len(), 2, "{recorded:#?}");
+    assert!(
+        recorded
+            .iter()
+            .all(|l| l.contains("IP 10.7.0.1 > 10.7.0.2: ICMP echo request")),
+        "{recorded:#?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn dump_tun_prints_and_records() {
     require_root!();

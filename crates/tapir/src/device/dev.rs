@@ -231,10 +231,12 @@ pub fn add(req: &AddRequest) -> Result<Added, DevError> {
     if !req.name.is_template() {
         if let Some(link) = nl.link(req.name.as_str())? {
             let Some(info) = link.tun.as_ref().filter(|_| link.is_tun()) else {
-                return Err(DevError::Conflict {
-                    name: req.name.to_string(),
-                    diff: format!("it is a {} device, not tun/tap", kind_of(&link)),
-                });
+                // (Not "delete it first": dev del deletes tun/tap devices only.)
+                return Err(DevError::Invalid(format!(
+                    "{} already exists and is a {} device, not tun/tap: choose another name",
+                    req.name,
+                    kind_of(&link)
+                )));
             };
             let diff = req.differences(info);
             if !diff.is_empty() {

@@ -64,13 +64,18 @@ pub fn pcap_writer(
     path: &Path,
     mode: Mode,
     snaplen: u32,
-) -> Result<PcapWriter<BufWriter<File>>, DevError> {
-    let file = File::create(path).map_err(|e| {
-        DevError::Invalid(format!(
-            "cannot create the pcap file {}: {e}",
-            path.display()
-        ))
-    })?;
+) -> Result<PcapWriter<BufWriter<Box<dyn std::io::Write>>>, DevError> {
+    // `-`: standard output, as tcpdump's `-w -` (for `| tcpdump -r -`).
+    let file: Box<dyn std::io::Write> = if path == Path::new("-") {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(File::create(path).map_err(|e| {
+            DevError::Invalid(format!(
+                "cannot create the pcap file {}: {e}",
+                path.display()
+            ))
+        })?)
+    };
     let linktype = match mode {
         Mode::Tun => LINKTYPE_RAW,
         Mode::Tap => LINKTYPE_ETHERNET,
@@ -141,7 +146,7 @@ pub fn attach(tun_path: &Path, name: &IfName, mode: Option<Mode>) -> Result<Read
     let dev = TunDevice::open(tun_path, name, options).map_err(|e| match e {
         TunError::Ioctl { source, .. } if source.kind() == std::io::ErrorKind::ResourceBusy => {
             DevError::Invalid(format!(
-                "{name} is already open by another program: a single-queue tun/tap device has one reader (create it with --multi-queue to share it)"
+                "{name} is already open by another program: a single-queue tun/tap device has one reader. To watch its packets meanwhile: tcpdump -i {name} (a second queue of a --multi-queue device would not see them: the kernel shares packets out between queues, it does not copy them)"
             ))
         }
         other => DevError::Tun(other),

@@ -1,7 +1,7 @@
 //! `tapir dump`: become a device's reader, print a line per packet, record pcap.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -57,6 +57,7 @@ pub fn run(
         .as_deref()
         .map(|path| capture::pcap_writer(path, reader.mode, req.snaplen))
         .transpose()?;
+    let pcap_to_stdout = req.write.as_deref() == Some(Path::new("-"));
     let dev = &reader.dev;
     eprintln!(
         "tapir dump: reading {} ({}{}{}){}",
@@ -113,24 +114,33 @@ pub fn run(
             time_of_day(ts),
             summary::summarize(link, data)
         );
-        if out
-            .write_all(line.as_bytes())
-            .and_then(|()| out.flush())
-            .is_err()
+        // (With the pcap on standard output, as tcpdump's `-w -`, no lines.)
+        if !pcap_to_stdout
+            && out
+                .write_all(line.as_bytes())
+                .and_then(|()| out.flush())
+                .is_err()
         {
             break; // stdout closed (| head): stop quietly, as tcpdump does
         }
         if let Some(w) = pcap.as_mut() {
             // Flushed per packet (tcpdump's -U): the file can be read, or
             // followed, while the capture runs.
-            w.write_packet(ts, data)
-                .and_then(|()| w.flush())
-                .map_err(|e| DevError::Runtime(format!("writing the pcap file: {e}")))?;
+            match w.write_packet(ts, data).and_then(|()| w.flush()) {
+                Ok(()) => {}
+                // The reader of `-w -` went (| tcpdump -r - -c 5): done.
+                Err(e) if pcap_to_stdout && e.kind() == std::io::ErrorKind::BrokenPipe => break,
+                Err(e) => return Err(DevError::Runtime(format!("writing the pcap file: {e}"))),
+            }
         }
     }
     if let Some(mut w) = pcap {
-        w.flush()
-            .map_err(|e| DevError::Runtime(format!("writing the pcap file: {e}")))?;
+        match w.flush() {
+            Err(e) if !(pcap_to_stdout && e.kind() == std::io::ErrorKind::BrokenPipe) => {
+                return Err(DevError::Runtime(format!("writing the pcap file: {e}")));
+            }
+            _ => {}
+        }
     }
     if let Some(e) = failure {
         return Err(DevError::Runtime(format!(
