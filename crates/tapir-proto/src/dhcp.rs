@@ -79,6 +79,8 @@ pub struct Pool {
     net: Ipv4Net,
     server: Ipv4Addr,
     lease_time: Duration,
+    /// Name servers given to the clients (none: the option left out).
+    dns: Vec<Ipv4Addr>,
     leases: Vec<Lease>,
     declined: Vec<(Ipv4Addr, Instant)>,
 }
@@ -91,9 +93,16 @@ impl Pool {
             net: net.trunc(),
             server,
             lease_time,
+            dns: Vec::new(),
             leases: Vec::new(),
             declined: Vec::new(),
         }
+    }
+
+    /// Gives the clients these name servers (option 6).
+    pub fn with_dns(mut self, dns: Vec<Ipv4Addr>) -> Self {
+        self.dns = dns;
+        self
     }
 
     /// The leases given and not expired at `now` (`bound` ones acknowledged).
@@ -263,6 +272,9 @@ impl Pool {
         o.insert(DhcpOption::SubnetMask(self.net.netmask()));
         o.insert(DhcpOption::BroadcastAddr(self.net.broadcast()));
         o.insert(DhcpOption::Router(vec![self.server]));
+        if !self.dns.is_empty() {
+            o.insert(DhcpOption::DomainNameServer(self.dns.clone()));
+        }
         m.to_vec().unwrap_or_default()
     }
 
@@ -378,6 +390,22 @@ mod tests {
             ));
             assert_eq!(k, MessageType::Nak, "{bad}");
         }
+    }
+
+    #[test]
+    fn name_servers_are_given_when_there_are_some() {
+        let now = Instant::now();
+        let dns = |p: &mut Pool, mac: u8| {
+            let (_, _, offer) = answer(p.handle(
+                now,
+                &client(mac, MessageType::Discover, &[], Ipv4Addr::UNSPECIFIED),
+            ));
+            offer.opts().get(OptionCode::DomainNameServer).cloned()
+        };
+        assert_eq!(dns(&mut pool(24), 1), None);
+        let servers = vec![Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(192, 0, 2, 54)];
+        let mut p = pool(24).with_dns(servers.clone());
+        assert_eq!(dns(&mut p, 1), Some(DhcpOption::DomainNameServer(servers)));
     }
 
     #[test]

@@ -218,6 +218,10 @@ enum GuestNetCommand {
         /// NAT out of this interface (e.g. eth0); without it, the guests reach the host only.
         #[arg(long)]
         out: Option<String>,
+        /// Name servers to give the guests (default, with --out: the host's,
+        /// from /etc/resolv.conf, loopback ones aside).
+        #[arg(long, value_delimiter = ',')]
+        dns: Vec<std::net::Ipv4Addr>,
         #[command(flatten)]
         dirs: DirArgs,
     },
@@ -246,6 +250,9 @@ enum GuestNetCommand {
         /// The subnet.
         #[arg(long)]
         subnet: String,
+        /// Name servers to give.
+        #[arg(long, value_delimiter = ',')]
+        dns: Vec<std::net::Ipv4Addr>,
         #[command(flatten)]
         dirs: DirArgs,
     },
@@ -719,13 +726,14 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                     name,
                     subnet,
                     out,
+                    dns,
                     dirs,
                 } => {
                     let name = tapir_sys::IfName::new(&name)?;
                     let subnet = tapir::guestnet::parse_subnet(&subnet).map_err(e)?;
                     let me = std::env::current_exe().context("finding the tapir binary")?;
                     for line in
-                        tapir::guestnet::up(&me, &name, subnet, out.as_deref(), &dirs.dirs())
+                        tapir::guestnet::up(&me, &name, subnet, out.as_deref(), &dns, &dirs.dirs())
                             .map_err(e)?
                     {
                         println!("{line}");
@@ -781,11 +789,16 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                         }
                     }
                 }
-                GuestNetCommand::Serve { name, subnet, dirs } => {
+                GuestNetCommand::Serve {
+                    name,
+                    subnet,
+                    dns,
+                    dirs,
+                } => {
                     let name = tapir_sys::IfName::new(&name)?;
                     let subnet = tapir::guestnet::parse_subnet(&subnet).map_err(e)?;
                     let shutdown = shutdown_flag()?;
-                    tapir::guestnet::serve(&name, subnet, &dirs.dirs().run, &shutdown)?;
+                    tapir::guestnet::serve(&name, subnet, dns, &dirs.dirs().run, &shutdown)?;
                 }
             }
             Ok(ExitCode::SUCCESS)

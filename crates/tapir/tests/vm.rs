@@ -68,6 +68,12 @@ fn nat_lets_a_guest_out_as_the_host_and_disable_leaves_everything_as_before() {
     );
     let (rules_before, fwd_before) = (ruleset(h), sysctl(h, "net.ipv4.ip_forward"));
     assert_eq!(fwd_before, "0", "a fresh namespace does not forward");
+    // One interface forwards on its own: the global switch overwrites it,
+    // and disable must put it back.
+    h.cmd("sysctl")
+        .args(["-qw", "net.ipv4.conf.vb.forwarding=1"])
+        .status()
+        .unwrap();
     let dir = &bed.dir;
     let enable = [
         "nat",
@@ -113,6 +119,31 @@ fn nat_lets_a_guest_out_as_the_host_and_disable_leaves_everything_as_before() {
     assert!(out.contains("nat disabled"), "{out}");
     assert_eq!(ruleset(h), rules_before, "the ruleset is as before");
     assert_eq!(sysctl(h, "net.ipv4.ip_forward"), fwd_before);
+    assert_eq!(
+        sysctl(h, "net.ipv4.conf.vb.forwarding"),
+        "1",
+        "vb's own setting"
+    );
+    assert_eq!(sysctl(h, "net.ipv4.conf.vhi.forwarding"), "0");
+    // An interface that is not there (yet): accepted, and said.
+    let out = tapir_in(
+        h,
+        dir,
+        &[
+            "nat",
+            "enable",
+            "--source",
+            "192.168.78.0/24",
+            "--out",
+            "nosuch0",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("warning: no interface nosuch0 here (yet)"),
+        "{err}"
+    );
+    ok(&tapir_in(h, dir, &["nat", "disable"]));
     // Disabling what is not enabled says so, and succeeds.
     let out = ok(&tapir_in(h, dir, &["nat", "disable"]));
     assert!(out.contains("was not enabled"), "{out}");
@@ -374,11 +405,17 @@ fn a_real_qemu_guest_gets_its_address_from_guest_net_and_down_leaves_nothing() {
         "192.168.99.0/24",
         "--out",
         "vb",
+        "--dns",
+        "192.0.2.53",
     ]));
     assert!(
-        out.contains("bridge gnet0 with 192.168.99.1/24") && out.contains("DHCP on gnet0"),
+        out.contains("bridge gnet0 with 192.168.99.1/24")
+            && out.contains("DHCP on gnet0")
+            && out.contains("name servers 192.0.2.53"),
         "{out}"
     );
+    let mac = || h.ip_json(&["link", "show", "gnet0"])[0]["address"].clone();
+    let bridge_mac = mac();
     let again = ok(&gnet(&[
         "guest-net",
         "up",
@@ -425,12 +462,36 @@ fn a_real_qemu_guest_gets_its_address_from_guest_net_and_down_leaves_nothing() {
         text.contains(&format!("{ip} 52:54:00:12:34:99 bound")),
         "{text}"
     );
+    assert_eq!(mac(), bridge_mac, "the guests' gateway keeps its MAC");
     qemu.stop();
-    let out = ok(&gnet(&["guest-net", "down", "gnet0"]));
+    assert_eq!(mac(), bridge_mac, "with no port too");
+    // Its DHCP server gone: up says what to do.
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&gnet(&["guest-net", "status", "gnet0", "--json"]))).unwrap();
+    let pid = st["state"]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the DHCP server outlived SIGKILL"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = gnet(&["guest-net", "up", "gnet0", "--subnet", "192.168.99.0/24"]);
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.contains("DHCP server stopped") && out.contains("bridge gnet0 removed"),
-        "{out}"
+        !out.status.success() && err.contains("take it down first (tapir guest-net down gnet0)"),
+        "{err}"
     );
+    let out = ok(&gnet(&["guest-net", "down", "gnet0"]));
+    assert!(out.contains("bridge gnet0 removed"), "{out}");
     assert!(!h.has_link("gnet0") && !h.has_link("qtap8"));
     assert_eq!(ruleset(h), rules_before, "NAT taken back");
     let pids = std::process::Command::new("ip")

@@ -3,10 +3,11 @@
 //! small DHCP server on the bridge; all of it taken back by `down`.
 //!
 //! ```text
-//!   up NAME --subnet S [--out O] ─▶ bridge NAME, S's first address, up
+//!   up NAME --subnet S [--out O] [--dns D] ─▶ bridge NAME (a fixed MAC), S's first address, up
 //!                                ─▶ tapir nat enable --source S --out O
 //!                                ─▶ `tapir guest-net serve` in the background: DHCP on NAME
-//!                                     (leases in the run directory, for status)
+//!                                     (leases in the run directory, for status), the name
+//!                                     servers D or, with NAT, the host's
 //!   qemu-ifup --bridge NAME      ─▶ a booting guest gets an address, nothing set inside it
 //!   down NAME                    ─▶ the server stopped, NAT taken back, the bridge gone
 //! ```
@@ -38,6 +39,9 @@ pub struct State {
     pub out: Option<String>,
     /// Whether `up` enabled the NAT (and `down` takes it back).
     pub nat_ours: bool,
+    /// The name servers the guests are given.
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
     /// The DHCP server's process.
     pub pid: i32,
 }
@@ -108,21 +112,69 @@ fn stop(pid: i32) {
     }
 }
 
-/// Sets the guest network up (see the module's words); what it did.
+/// The name servers of `resolv_conf` (its text) that a guest can reach
+/// through NAT: IPv4, not loopback (systemd-resolved's 127.0.0.53 answers
+/// the host only; then its upstream ones, from `upstream`, the text of
+/// /run/systemd/resolve/resolv.conf).
+pub fn host_name_servers(resolv_conf: &str, upstream: Option<&str>) -> Vec<Ipv4Addr> {
+    let servers = |text: &str| -> Vec<Ipv4Addr> {
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix("nameserver"))
+            .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+            .filter(|a| !a.is_loopback() && !a.is_unspecified())
+            .collect()
+    };
+    let mine = servers(resolv_conf);
+    if mine.is_empty() {
+        upstream.map(servers).unwrap_or_default()
+    } else {
+        mine
+    }
+}
+
+/// A bridge's MAC, fixed at creation: otherwise a bridge takes its ports'
+/// smallest, so the guests' gateway MAC changed as guests came and went
+/// (and was all zeros with none), their ARP entries stale meanwhile.
+fn bridge_mac(name: &IfName) -> [u8; 6] {
+    crate::tunnel::local_mac(&[b"tapir guest-net bridge", name.as_str().as_bytes()])
+}
+
+/// Sets the guest network up (see the module's words); what it did. `dns`:
+/// the name servers to give the guests (none given: with NAT, the host's).
 pub fn up(
     tapir: &Path,
     name: &IfName,
     subnet: Ipv4Net,
     out: Option<&str>,
+    dns: &[Ipv4Addr],
     dirs: &Dirs,
 ) -> Result<Vec<String>, String> {
     let (state_file, leases_file) = files(dirs, name)?;
-    if let Some(s) = read_state(&state_file).filter(|s| alive(s.pid)) {
-        return Ok(vec![format!(
-            "{name} is already up ({}, DHCP pid {}): nothing changed",
-            s.subnet, s.pid
-        )]);
+    match read_state(&state_file) {
+        Some(s) if alive(s.pid) => {
+            return Ok(vec![format!(
+                "{name} is already up ({}, DHCP pid {}): nothing changed",
+                s.subnet, s.pid
+            )]);
+        }
+        Some(s) => {
+            return Err(format!(
+                "{name} is a guest network of tapir's whose DHCP server (pid {}) is gone: take it down first (tapir guest-net down {name}), then up again",
+                s.pid
+            ));
+        }
+        None => {}
     }
+    let dns: Vec<Ipv4Addr> = if !dns.is_empty() || out.is_none() {
+        dns.to_vec()
+    } else {
+        host_name_servers(
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            std::fs::read_to_string("/run/systemd/resolve/resolv.conf")
+                .ok()
+                .as_deref(),
+        )
+    };
     let scope = Scope::current()?;
     for d in [&dirs.run, &dirs.log] {
         crate::uapi::ensure_private_dir(d)?;
@@ -140,6 +192,8 @@ pub fn up(
     // From here, a failure takes back what was done.
     let mut nat_ours = false;
     let result = (|| -> Result<i32, String> {
+        nl.set_mac(index, bridge_mac(name))
+            .map_err(|e| e.to_string())?;
         let addr = IpNet::V4(Ipv4Net::new(server, subnet.prefix_len()).map_err(|e| e.to_string())?);
         nl.add_address(index, addr, None)
             .map_err(|e| e.to_string())?;
@@ -160,6 +214,10 @@ pub fn up(
             .arg(subnet.to_string())
             .arg("--run-dir")
             .arg(&dirs.run);
+        if !dns.is_empty() {
+            let list: Vec<String> = dns.iter().map(Ipv4Addr::to_string).collect();
+            cmd.arg("--dns").arg(list.join(","));
+        }
         let (mut child, _) = crate::service::spawn_daemon(cmd, &log)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !leases_file.exists() {
@@ -180,8 +238,19 @@ pub fn up(
             std::thread::sleep(Duration::from_millis(20));
         }
         done.push(format!(
-            "DHCP on {name}: {subnet}, leases of {} s",
-            LEASE_TIME.as_secs()
+            "DHCP on {name}: {subnet}, leases of {} s, {}",
+            LEASE_TIME.as_secs(),
+            if dns.is_empty() {
+                "no name server (give --dns)".to_string()
+            } else {
+                format!(
+                    "name servers {}",
+                    dns.iter()
+                        .map(Ipv4Addr::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
         ));
         Ok(child.id() as i32)
     })();
@@ -191,6 +260,7 @@ pub fn up(
                 subnet: subnet.to_string(),
                 out: out.map(str::to_owned),
                 nat_ours,
+                dns,
                 pid,
             };
             let text = serde_json::to_string(&state).map_err(|e| e.to_string())?;
@@ -284,6 +354,7 @@ fn mac_text(m: &[u8; 6]) -> String {
 pub fn serve(
     name: &IfName,
     subnet: Ipv4Net,
+    dns: Vec<Ipv4Addr>,
     run_dir: &Path,
     shutdown: &AtomicBool,
 ) -> Result<(), DevError> {
@@ -314,7 +385,7 @@ pub fn serve(
         ))
     })?;
     let sock: std::net::UdpSocket = sock.into();
-    let mut pool = Pool::new(subnet, server, LEASE_TIME);
+    let mut pool = Pool::new(subnet, server, LEASE_TIME).with_dns(dns);
     let start = Instant::now();
     let write = |pool: &Pool| {
         let now = Instant::now();

@@ -129,6 +129,46 @@ fn set_forwarding(v6: bool, value: &str) -> Result<(), String> {
     std::fs::write(sysctl_path(v6), value).map_err(|e| format!("{}: {e}", sysctl_path(v6)))
 }
 
+/// The per-interface settings directory of a family.
+fn conf_dir(v6: bool) -> &'static str {
+    if v6 {
+        "/proc/sys/net/ipv6/conf"
+    } else {
+        "/proc/sys/net/ipv4/conf"
+    }
+}
+
+/// Each interface's forwarding (and `default`'s, for interfaces to come):
+/// the global switch writes them all, so they are remembered with it.
+fn forwarding_per_interface(v6: bool) -> Vec<(String, String)> {
+    let mut found: Vec<(String, String)> = std::fs::read_dir(conf_dir(v6))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let v = std::fs::read_to_string(e.path().join("forwarding")).ok()?;
+            (name != "all").then(|| (name, v.trim().to_owned()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Interfaces that stop taking router advertisements once IPv6 forwarding
+/// is on (`accept_ra` 1), and with them their default route.
+fn ra_takers() -> Vec<String> {
+    forwarding_per_interface(true)
+        .into_iter()
+        .filter(|(name, _)| name != "default" && name != "lo")
+        .filter(|(name, _)| {
+            std::fs::read_to_string(format!("{}/{name}/accept_ra", conf_dir(true)))
+                .is_ok_and(|v| v.trim() == "1")
+        })
+        .map(|(name, _)| name)
+        .collect()
+}
+
 /// Where the earlier forwarding values are kept.
 fn memory(run_dir: &Path) -> Result<PathBuf, String> {
     let scope = crate::scope::Scope::current()?;
@@ -148,14 +188,36 @@ pub fn enable(e: &Entry, run_dir: &Path) -> Result<bool, String> {
         return Ok(false);
     }
     let v6 = e.source.addr().is_ipv6();
-    // The forwarding values from before tapir's first rule, once.
+    // The forwarding values from before tapir's first rule, once: the
+    // global switch, then each interface's, which it overwrites.
     let mem = memory(run_dir)?;
     let mut remembered = std::fs::read_to_string(&mem).unwrap_or_default();
     let key = if v6 { "ipv6" } else { "ipv4" };
     if !remembered.lines().any(|l| l.starts_with(key)) {
         let now = forwarding(v6).ok_or_else(|| format!("cannot read {}", sysctl_path(v6)))?;
         remembered += &format!("{key} {now}\n");
+        for (iface, value) in forwarding_per_interface(v6) {
+            remembered += &format!("{key}.{iface} {value}\n");
+        }
         std::fs::write(&mem, &remembered).map_err(|err| format!("{}: {err}", mem.display()))?;
+    }
+    if tapir_sys::Netlink::open()
+        .and_then(|mut nl| nl.link(&e.out))
+        .is_ok_and(|l| l.is_none())
+    {
+        eprintln!(
+            "tapir: warning: no interface {} here (yet): the NAT applies once one of that name exists",
+            e.out
+        );
+    }
+    if v6 && forwarding(true).as_deref() != Some("1") {
+        let takers = ra_takers();
+        if !takers.is_empty() {
+            eprintln!(
+                "tapir: warning: with IPv6 forwarding on, {} stop taking router advertisements (accept_ra 1), and a default route learnt from them goes when it expires: sysctl -w net.ipv6.conf.IFACE.accept_ra=2 keeps it",
+                takers.join(", ")
+            );
+        }
     }
     let fam = if v6 { "ip6" } else { "ip" };
     let c = e.comment();
@@ -218,11 +280,23 @@ pub fn disable(which: Option<&Entry>, run_dir: &Path) -> Result<Vec<Entry>, Stri
         let Some((key, value)) = line.split_once(' ') else {
             continue;
         };
-        let v6 = key == "ipv6";
+        // `ipv4 V` (the switch), then `ipv4.IFACE V` (each interface's).
+        let (family, iface) = match key.split_once('.') {
+            Some((f, i)) => (f, Some(i)),
+            None => (key, None),
+        };
+        let v6 = family == "ipv6";
         if left.iter().any(|e| e.source.addr().is_ipv6() == v6) {
             keep += &format!("{line}\n");
-        } else {
-            set_forwarding(v6, value)?;
+            continue;
+        }
+        match iface {
+            None => set_forwarding(v6, value)?,
+            // (An interface gone meanwhile: nothing to put back.)
+            Some(i) if !i.contains('/') && i != ".." => {
+                let _ = std::fs::write(format!("{}/{i}/forwarding", conf_dir(v6)), value);
+            }
+            Some(_) => {}
         }
     }
     if keep.is_empty() {

@@ -339,7 +339,14 @@ fn bind_tcp(port: Option<u16>, seed: u64) -> Result<TcpTransport, DevError> {
 /// MAC gone (a random one kept a restarted spoke unreachable by IP for the
 /// 20-30 s those take to age), and another for each key and name.
 fn tap_mac(public: &PublicKey, name: &IfName) -> [u8; 6] {
-    let h = tapir_proto::wg::crypto::hash(&[b"tapir tap MAC", &public.0, name.as_str().as_bytes()]);
+    local_mac(&[b"tapir tap MAC", &public.0, name.as_str().as_bytes()])
+}
+
+/// A locally administered, unicast MAC made from `parts` (a hash of them):
+/// the same for the same parts, and as unlikely as a random one to meet
+/// another.
+pub(crate) fn local_mac(parts: &[&[u8]]) -> [u8; 6] {
+    let h = tapir_proto::wg::crypto::hash(parts);
     let mut m = [0u8; 6];
     m.copy_from_slice(&h[..6]);
     m[0] = (m[0] & 0xfc) | 0x02;
