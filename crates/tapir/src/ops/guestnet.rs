@@ -415,7 +415,7 @@ pub fn serve(
         match sock.recv_from(&mut buf) {
             Ok((n, _from)) => {
                 if let Some(reply) = pool.handle(Instant::now(), &buf[..n]) {
-                    let to = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::BROADCAST, 68));
+                    let to = SocketAddr::V4(reply_to(&reply));
                     if let Err(e) = sock.send_to(&reply, to) {
                         eprintln!("tapir: guest-net {name}: sending a DHCP reply: {e}");
                     }
@@ -444,4 +444,59 @@ pub fn serve(
         }
     }
     Ok(())
+}
+
+/// Where a DHCP reply goes (RFC 2131 4.1, no relay): to a client that has
+/// an address (`ciaddr`: renewing, or asking with DHCPINFORM), at it, where
+/// its socket bound to that address hears it; to one that has none yet,
+/// broadcast.
+fn reply_to(reply: &[u8]) -> SocketAddrV4 {
+    let ciaddr = reply
+        .get(12..16)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(Ipv4Addr::UNSPECIFIED, Ipv4Addr::from);
+    if ciaddr.is_unspecified() {
+        SocketAddrV4::new(Ipv4Addr::BROADCAST, 68)
+    } else {
+        SocketAddrV4::new(ciaddr, 68)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guests_get_the_name_servers_they_can_reach() {
+        let plain = "# comment\nnameserver 192.0.2.53\nnameserver 2001:db8::53\nsearch example\n";
+        assert_eq!(
+            host_name_servers(plain, None),
+            vec![Ipv4Addr::new(192, 0, 2, 53)]
+        );
+        // systemd-resolved's stub: its upstream servers instead.
+        let stub = "nameserver 127.0.0.53\noptions edns0 trust-ad\n";
+        let upstream = "nameserver 198.51.100.1\nnameserver 198.51.100.2\n";
+        assert_eq!(
+            host_name_servers(stub, Some(upstream)),
+            vec![
+                Ipv4Addr::new(198, 51, 100, 1),
+                Ipv4Addr::new(198, 51, 100, 2)
+            ]
+        );
+        assert!(host_name_servers(stub, None).is_empty());
+        assert!(host_name_servers("", None).is_empty());
+    }
+
+    #[test]
+    fn a_reply_goes_to_a_client_with_an_address_at_it_and_broadcast_otherwise() {
+        let mut reply = vec![0u8; 240];
+        reply[0] = 2;
+        assert_eq!(reply_to(&reply), SocketAddrV4::new(Ipv4Addr::BROADCAST, 68));
+        reply[12..16].copy_from_slice(&[192, 168, 77, 5]);
+        assert_eq!(
+            reply_to(&reply),
+            SocketAddrV4::new(Ipv4Addr::new(192, 168, 77, 5), 68)
+        );
+        assert_eq!(reply_to(&[]), SocketAddrV4::new(Ipv4Addr::BROADCAST, 68));
+    }
 }
