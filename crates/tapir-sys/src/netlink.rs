@@ -307,6 +307,8 @@ pub struct RouteLookup {
     pub source: Option<IpAddr>,
     /// The table that decided.
     pub table: u32,
+    /// The route's own MTU (`ip route ... mtu N`), if it has one.
+    pub mtu: Option<u32>,
 }
 
 /// A policy routing rule (`ip rule`), with the fields tapir sets.
@@ -900,6 +902,7 @@ impl Netlink {
                     gateway: None,
                     source: None,
                     table: u32::from(r.header.table),
+                    mtu: None,
                 };
                 for a in &r.attributes {
                     match a {
@@ -907,6 +910,12 @@ impl Netlink {
                         RouteAttribute::Gateway(g) => l.gateway = route_addr(g),
                         RouteAttribute::PrefSource(s) => l.source = route_addr(s),
                         RouteAttribute::Table(t) => l.table = *t,
+                        RouteAttribute::Metrics(m) => {
+                            l.mtu = m.iter().find_map(|m| match m {
+                                netlink_packet_route::route::RouteMetric::Mtu(v) => Some(*v),
+                                _ => None,
+                            })
+                        }
                         _ => {}
                     }
                 }

@@ -611,6 +611,23 @@ fn ipv6_inside_the_tunnel_with_tso() {
     transfer(&bed.b, &bed.a, "[fd77::1]:5001", 50 << 20);
 }
 
+/// Without `MTU =`, as wg-quick: the MTU of the path toward the endpoint
+/// less 80 (1420 on the usual 1500).
+#[test]
+fn without_an_mtu_the_tunnel_takes_the_paths_less_80() {
+    require_root!();
+    let bed = bed("amtu");
+    let ((ka, _), (_, pb)) = (genkey(), genkey());
+    let (a, _) = tapir_sides(&bed, ifname("tpu"), ifname("tpv"));
+    for (veth, want) in [("1400", 1320), ("9000", 8920)] {
+        bed.a.ip(&["link", "set", "va", "mtu", veth]);
+        let mut t = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+        let link = bed.a.ip_json(&["link", "show", &a.name]);
+        assert_eq!(link[0]["mtu"], want, "over a path of {veth}");
+        t.stop();
+    }
+}
+
 /// A packet of the tunnel's MTU leaves as one datagram of the MTU plus 32
 /// bytes (padded to 16, but not past the MTU, as the kernel module and
 /// wireguard-go pad), also after the MTU changes under the running tunnel:

@@ -166,6 +166,10 @@ pub struct TunnelConfig {
     pub addresses: Vec<IpNet>,
     /// MTU.
     pub mtu: u32,
+    /// No MTU given: the tunnel takes the one wg-quick would (see
+    /// `tunnel::auto_mtu`); `mtu` is then the default, for where there is
+    /// no route to go by.
+    pub mtu_auto: bool,
     /// tun (IP packets, routed by allowed IPs) or tap (Ethernet frames, switched).
     pub mode: tapir_sys::Mode,
     /// Tap mode: the device's MAC (if absent, one made from the key and
@@ -527,6 +531,7 @@ pub fn parse(
         listen_port,
         addresses,
         mtu: mtu.unwrap_or(default_mtu(mode_value)),
+        mtu_auto: mtu.is_none(),
         mode: mode_value,
         mac: mac.map(|(_, m)| m),
         bridge: bridge.map(|(_, b)| b),
@@ -710,7 +715,7 @@ mod toml_schema {
 /// private_key_file = "/etc/tapir/tp0.key"   # mode 600, or private_key = "..."
 /// listen_port = 51820
 /// addresses = ["10.77.0.1/24"]
-/// mtu = 1420                                # optional (1406 in tap mode)
+/// mtu = 1420                                # optional: the path's less 80 (94 in tap mode), as wg-quick
 /// mode = "tun"                              # or "tap": Ethernet frames, a learning switch
 /// mac = "02:00:00:00:00:01"                 # tap mode, optional: made from the key and name if absent
 /// bridge = "br0"                            # tap mode, optional: the tap joins this bridge
@@ -1091,6 +1096,7 @@ pub fn parse_toml_all(
             listen_port: t.listen_port,
             addresses,
             mtu,
+            mtu_auto: t.mtu.is_none(),
             mode: dev_mode,
             mac,
             bridge,

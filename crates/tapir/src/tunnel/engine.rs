@@ -197,6 +197,8 @@ pub fn run(name: &IfName, tun_path: &Path, shutdown: &AtomicBool) -> Result<(), 
         listen_port: Some(port),
         addresses: Vec::new(),
         mtu: crate::config::DEFAULT_MTU,
+        // (wg-quick sets the device's itself.)
+        mtu_auto: false,
         mode: Mode::Tun,
         mac: None,
         bridge: None,

@@ -28,7 +28,7 @@
 //! [`bell`]); an idle tunnel wakes once a second, for its timers.
 
 use std::io;
-use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -333,6 +333,42 @@ fn bind_tcp(port: Option<u16>, seed: u64) -> Result<TcpTransport, DevError> {
     })
 }
 
+/// The MTU wg-quick gives a tunnel whose file names none: the largest of
+/// the paths toward its peers' endpoints (a route's own MTU, or its
+/// device's), else the default route's device's, else 1500; less 80 (an
+/// IPv6 and a UDP header, and WireGuard's 32 bytes), and in tap mode 14
+/// more (each frame's Ethernet header). `None` where nothing is known.
+fn auto_mtu(nl: &mut Netlink, endpoints: &[IpAddr], mode: Mode) -> Option<u32> {
+    let links = nl.links().ok()?;
+    let dev_mtu = |oif: Option<u32>| {
+        oif.and_then(|i| links.iter().find(|l| l.index == i))
+            .map(|l| l.mtu)
+    };
+    let mut path = 0;
+    for &ip in endpoints {
+        if let Ok(Some(r)) = nl.route_to(ip) {
+            if let Some(m) = r.mtu.or_else(|| dev_mtu(r.oif)) {
+                path = path.max(m);
+            }
+        }
+    }
+    if path == 0 {
+        path = nl
+            .routes(None)
+            .ok()?
+            .iter()
+            .filter(|r| r.dst.prefix_len() == 0 && r.dst.addr().is_ipv4() && r.table == 254)
+            .find_map(|r| dev_mtu(r.oif))
+            .unwrap_or(1500);
+    }
+    let overhead = match mode {
+        Mode::Tun => 80,
+        Mode::Tap => 80 + 14,
+    };
+    // (The kernel's least for a device with IPv6: 1280.)
+    Some(path.saturating_sub(overhead).max(1280))
+}
+
 /// A tap tunnel's MAC when none is configured: made from its public key
 /// and name, locally administered and unicast. The same at every start, so
 /// that a restart does not leave the peers' neighbour caches pointing at a
@@ -510,9 +546,18 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
             bridge = join_bridge(&mut nl, index, b, run_dir)?;
         }
     }
-    nl.set_mtu(index, config.mtu)?;
+    let endpoints: Vec<IpAddr> = peers
+        .iter()
+        .filter_map(|p| p.endpoint)
+        .map(|e| e.ip().to_canonical())
+        .collect();
+    let mtu = match config.mtu_auto {
+        true => auto_mtu(&mut nl, &endpoints, config.mode).unwrap_or(config.mtu),
+        false => config.mtu,
+    };
+    nl.set_mtu(index, mtu)?;
     if let Some(b) = &config.bridge {
-        bridge_mtu_note(&mut nl, b, index, config.mtu);
+        bridge_mtu_note(&mut nl, b, index, mtu);
     }
     for a in &config.addresses {
         nl.add_address(index, *a, None)?;
@@ -582,7 +627,7 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
         tapir_proto::switch::DEFAULT_CAP,
     );
     // (Followed from the device from then on: see `Timers::follow_mtu`.)
-    tunnel.set_mtu(config.mtu as usize);
+    tunnel.set_mtu(mtu as usize);
     eprintln!(
         "tapir: {name}: up ({} mode), public key {}, {}, {} peer(s)",
         config.mode,
