@@ -679,6 +679,15 @@ impl Netlink {
             .collect())
     }
 
+    /// Routes of table `table`, IPv4 and IPv6.
+    pub fn routes_in(&mut self, table: u32) -> Result<Vec<Route>, NetlinkError> {
+        Ok(self
+            .all_routes()?
+            .into_iter()
+            .filter(|r| r.table == table)
+            .collect())
+    }
+
     /// Every route of every table, IPv4 and IPv6.
     fn all_routes(&mut self) -> Result<Vec<Route>, NetlinkError> {
         let mut out = Vec::new();
@@ -862,6 +871,22 @@ impl Netlink {
             RouteNetlinkMessage::NewRoute(msg),
             NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
             "RTM_NEWROUTE",
+            || format!("{} table {table}", describe_route(dst, None, index)),
+        )?;
+        Ok(())
+    }
+
+    /// `ip route del DST dev DEV table TABLE`.
+    pub fn del_route_in(&mut self, index: u32, dst: IpNet, table: u32) -> Result<(), NetlinkError> {
+        let mut msg = Self::route_message(index, dst, None);
+        msg.header.table = u8::try_from(table).unwrap_or(0);
+        msg.attributes.push(RouteAttribute::Table(table));
+        msg.header.scope = RouteScope::NoWhere;
+        msg.header.protocol = RouteProtocol::Unspec;
+        self.request(
+            RouteNetlinkMessage::DelRoute(msg),
+            NLM_F_ACK,
+            "RTM_DELROUTE",
             || format!("{} table {table}", describe_route(dst, None, index)),
         )?;
         Ok(())

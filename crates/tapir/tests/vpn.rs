@@ -340,6 +340,69 @@ fn dns_goes_through_resolvconf_and_saveconfig_keeps_peers_added_with_wg_set() {
     ok(&run(&["down", n]));
 }
 
+/// A route another device holds: up fails naming it, as wg-quick's does,
+/// and leaves nothing (the tunnel's traffic would have passed it by); an
+/// address's own prefix route covers an allowed IP as before. With
+/// `Table = N`, a reload's routes follow the allowed IPs in table N,
+/// default routes too.
+#[test]
+fn routes_held_elsewhere_are_refused_and_a_reload_follows_in_its_table() {
+    require_root!();
+    let bed = bed("rt");
+    let (a, dir) = (&bed.a, &bed.dir);
+    let ((ka, _), (_, pb)) = (genkey(), genkey());
+    let n = ifname("rtx");
+    a.ip(&["route", "add", "10.123.0.0/16", "dev", "lo"]);
+    let conf = |extra: &str, ips: &str| {
+        write_private(
+            dir,
+            &format!("{n}.conf"),
+            &format!(
+                "[Interface]\nPrivateKey = {ka}\nAddress = 10.124.0.2/24\n{extra}\n[Peer]\nPublicKey = {pb}\nEndpoint = 10.200.0.2:51820\nAllowedIPs = {ips}\n"
+            ),
+        )
+    };
+    let file = conf("", "10.124.0.0/24, 10.123.0.0/16");
+    let out = tapir_in(a, dir, &["up", file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("lo already has the route to 10.123.0.0/16"),
+        "{err}"
+    );
+    assert!(!a.has_link(&n), "nothing left");
+    // Table = 1234: every route there, and a reload follows.
+    let file = conf("Table = 1234", "10.70.0.0/16, 10.71.0.0/16");
+    ok(&tapir_in(a, dir, &["up", file.to_str().unwrap()]));
+    // (A table without routes of a family is "not there" to ip: no error.)
+    let table = || {
+        ["-4", "-6"]
+            .iter()
+            .map(|f| {
+                let out = a
+                    .cmd("ip")
+                    .args([f, "route", "show", "table", "1234"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+            .collect::<String>()
+    };
+    let t = table();
+    assert!(
+        t.contains("10.70.0.0/16 dev") && t.contains("10.71.0.0/16 dev"),
+        "{t}"
+    );
+    conf("Table = 1234", "10.70.0.0/16, ::/0");
+    ok(&tapir_in(a, dir, &["reload", &n]));
+    let t = table();
+    assert!(
+        t.contains("10.70.0.0/16 dev") && !t.contains("10.71.0.0/16") && t.contains("default dev"),
+        "{t}"
+    );
+    ok(&tapir_in(a, dir, &["down", &n]));
+    assert!(table().trim().is_empty(), "{}", table());
+}
+
 #[test]
 fn reload_adds_removes_and_changes_peers_without_dropping_the_others() {
     require_root!();

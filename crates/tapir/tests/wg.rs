@@ -552,14 +552,27 @@ fn wg_show_and_wg_set_work_against_tapir() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "no peer, no traffic");
-    // A request tapir cannot honour is refused, not half-applied.
+    // A request tapir cannot honour (a new private key for a running
+    // tunnel) is refused, not half-applied: the peer it names is not added.
+    let (other, _) = genkey();
+    let key = write_private(&bed, "other.key", &other);
     let out = bed
         .a
         .cmd("wg")
-        .args(["set", &a.name, "listen-port", "4000"])
+        .args([
+            "set",
+            &a.name,
+            "private-key",
+            key.to_str().unwrap(),
+            "peer",
+            &pb,
+            "allowed-ips",
+            "10.77.0.2/32",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
+    assert!(!sh(bed.a.cmd("wg").args(["show", &a.name, "peers"])).contains(&pb));
 }
 
 #[test]

@@ -580,19 +580,13 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
     let mut routes = routes;
     routes.sort_by_key(|n| std::cmp::Reverse(n.prefix_len()));
     for net in &routes {
-        let added = match config.ops.table {
-            Table::Off => continue,
-            Table::Id(t) => nl.add_route_in(index, net.trunc(), t),
+        match config.ops.table {
+            Table::Off => {}
+            Table::Id(t) => ops::add_route(&mut nl, index, name.as_str(), net.trunc(), Some(t))?,
             Table::Auto if net.prefix_len() == 0 => {
                 applied.default_route(&mut nl, index, net.trunc(), config.ops.fwmark)?;
-                continue;
             }
-            Table::Auto => nl.add_route(index, net.trunc(), None),
-        };
-        match added {
-            Ok(()) => {}
-            Err(e) if e.errno() == Some(17) => {} // EEXIST: covered by an address's prefix route
-            Err(e) => return Err(e.into()),
+            Table::Auto => ops::add_route(&mut nl, index, name.as_str(), net.trunc(), None)?,
         }
     }
     // The tunnel's own packets carry the mark: policy routing keeps them

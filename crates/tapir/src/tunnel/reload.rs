@@ -45,7 +45,9 @@ pub struct Applied {
     pub changed: usize,
 }
 
-/// The routes a config gives its tunnel's device (those a reload may change).
+/// The routes a config gives its tunnel's device (those a reload may
+/// change): with `Table = auto` not the default routes, which go through
+/// rules of their own (a change of them is named, not made).
 fn routes(c: &TunnelConfig) -> Vec<IpNet> {
     if c.mode != Mode::Tun || c.ops.table == Table::Off {
         return Vec::new();
@@ -56,7 +58,7 @@ fn routes(c: &TunnelConfig) -> Vec<IpNet> {
             .peers
             .iter()
             .flat_map(|p| p.allowed_ips.iter().map(IpNet::trunc))
-            .filter(|n| n.prefix_len() > 0)
+            .filter(|n| n.prefix_len() > 0 || c.ops.table != Table::Auto)
             .collect(),
     }
 }
@@ -153,22 +155,25 @@ fn route_changes(c: &TunnelConfig, old: &[IpNet], new: &[IpNet]) -> Result<(), S
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("{} is gone", c.name))?
         .index;
+    let table = match c.ops.table {
+        Table::Id(t) => Some(t),
+        _ => None,
+    };
     for net in old.iter().filter(|n| !new.contains(n)) {
-        // A route an address's prefix covers was never ours: leave it.
-        let _ = nl.del_route(index, *net, None);
+        super::ops::del_route(&mut nl, index, *net, table).map_err(|e| e.to_string())?;
     }
+    // Each route that cannot be added is named; the others are added.
+    let mut refused = Vec::new();
     for net in new.iter().filter(|n| !old.contains(n)) {
-        let r = match c.ops.table {
-            Table::Id(t) => nl.add_route_in(index, *net, t),
-            _ => nl.add_route(index, *net, None),
-        };
-        match r {
-            Ok(()) => {}
-            Err(e) if e.errno() == Some(17) => {}
-            Err(e) => return Err(e.to_string()),
+        if let Err(e) = super::ops::add_route(&mut nl, index, c.name.as_str(), *net, table) {
+            refused.push(e.to_string());
         }
     }
-    Ok(())
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(refused.join("; "))
+    }
 }
 
 /// Makes the tunnel's peers `want`: new ones added, missing ones removed,
