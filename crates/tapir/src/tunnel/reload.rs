@@ -105,7 +105,7 @@ impl Reloader {
         differs("the private key", new.private_key != old.private_key);
         differs("ListenPort", new.listen_port != old.listen_port);
         differs("Address", new.addresses != old.addresses);
-        differs("MTU", new.mtu != old.mtu);
+        differs("MTU", new.mtu != old.mtu || new.mtu_auto != old.mtu_auto);
         differs("Mode", new.mode != old.mode);
         differs("MAC", new.mac != old.mac);
         differs("Bridge", new.bridge != old.bridge);
@@ -113,6 +113,18 @@ impl Reloader {
         differs("Table", new.ops.table != old.ops.table);
         differs("FwMark", new.ops.fwmark != old.ops.fwmark);
         differs("DNS", new.ops.dns != old.ops.dns);
+        // The hooks of the run are the ones it started with (its down hooks
+        // included: those run at down).
+        for (key, a, b) in [
+            ("PreUp", &new.ops.pre_up, &old.ops.pre_up),
+            ("PostUp", &new.ops.post_up, &old.ops.post_up),
+            ("PreDown", &new.ops.pre_down, &old.ops.pre_down),
+            ("PostDown", &new.ops.post_down, &old.ops.post_down),
+        ] {
+            differs(key, a != b);
+        }
+        differs("SaveConfig", new.ops.save_config != old.ops.save_config);
+        differs("User", new.ops.user != old.ops.user);
         let defaults = |c: &TunnelConfig| {
             c.peers
                 .iter()
@@ -283,6 +295,37 @@ mod tests {
         with[0].psk = Some(PresharedKey::from_random([8; 32]));
         assert_eq!(apply(&mut t, with.clone()).changed, 1);
         assert_eq!(apply(&mut t, with), Applied::default());
+    }
+
+    #[test]
+    fn what_a_reload_cannot_change_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tapir-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("tq8.conf");
+        let key = PrivateKey::from_random([3; 32]).to_base64();
+        let write = |interface: &str| {
+            std::fs::write(
+                &file,
+                format!("[Interface]\nPrivateKey = {key}\n{interface}\n"),
+            )
+            .unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        write("PostDown = echo old\nMTU = 1400");
+        let r = Reloader::new(crate::config::load_any(&file).unwrap().remove(0));
+        write("PostDown = echo new\nPostUp = true\nSaveConfig = true");
+        let notes = r.prepare().unwrap().notes.join("\n");
+        for what in [
+            "PostDown changed",
+            "PostUp changed",
+            "SaveConfig changed",
+            "MTU changed",
+        ] {
+            assert!(notes.contains(what), "{what}: {notes}");
+        }
+        assert!(!notes.contains("PreUp"), "{notes}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
