@@ -160,6 +160,24 @@ fn everything_through_the_tunnel_and_the_routing_exactly_as_before_after_down_or
                 && rules.contains("from all lookup main suppress_prefixlength 0"),
             "{rules}"
         );
+        // wg-quick's firewall, in tables of the tunnel's own.
+        let tables = || sh(a.cmd("nft").args(["list", "tables"]));
+        let t = tables();
+        assert!(
+            t.contains(&format!("table ip tapir-{}", v.name))
+                && t.contains(&format!("table ip6 tapir-{}", v.name)),
+            "{t}"
+        );
+        let fw = sh(a
+            .cmd("nft")
+            .args(["list", "table", "ip", &format!("tapir-{}", v.name)]));
+        assert!(
+            fw.contains(&format!(
+                "iifname != \"{}\" ip daddr 10.79.0.2 fib saddr type != local drop",
+                v.name
+            )) && fw.contains("meta l4proto udp meta mark set ct mark"),
+            "{fw}"
+        );
         let icmp_before = icmp_counter(&v.bed.b, "vb");
         ping(a, "10.212.0.2");
         assert_eq!(
@@ -197,6 +215,8 @@ fn everything_through_the_tunnel_and_the_routing_exactly_as_before_after_down_or
             "rules and routes after down{}",
             if crash { " (after a crash)" } else { "" }
         );
+        let t = sh(a.cmd("nft").args(["list", "tables"]));
+        assert!(!t.contains("tapir-"), "firewall tables after down: {t}");
     }
     drop(v.server_proc);
     let _ = &v.i;

@@ -53,7 +53,7 @@ pub struct Status {
     pub ipv6_forwarding: bool,
 }
 
-fn nft(script: &str) -> Result<String, String> {
+pub(crate) fn nft(script: &str) -> Result<String, String> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())

@@ -222,7 +222,7 @@ pub fn run(name: &IfName, tun_path: &Path, shutdown: &AtomicBool) -> Result<(), 
         port,
         hostnames: Vec::new(),
         bridge: None,
-        applied: ops::Applied::new(name.as_str(), &config.ops, PathBuf::new()),
+        applied: ops::Applied::new(name.as_str(), &config.ops, PathBuf::new(), "udp"),
         save_to: None,
         config,
     };

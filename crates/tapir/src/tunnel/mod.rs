@@ -520,7 +520,11 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
     for r in ops::clear_leftovers(&record, name.as_str()) {
         eprintln!("tapir: {name}: {r}, for an earlier run that did not stop cleanly");
     }
-    let mut applied = ops::Applied::new(name.as_str(), &config.ops, record);
+    let l4 = match config.transport {
+        Transport::Udp => "udp",
+        Transport::Tcp => "tcp",
+    };
+    let mut applied = ops::Applied::new(name.as_str(), &config.ops, record, l4);
     ops::run_hooks("PreUp", &config.ops.pre_up, name.as_str())?;
     let mut rng = OsRandom::new()
         .map_err(|e| DevError::Runtime(format!("randomness from the kernel: {e}")))?;

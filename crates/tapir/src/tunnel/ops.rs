@@ -103,10 +103,24 @@ fn parse_record_line(line: &str) -> Option<Rule> {
 }
 
 /// A line of the record that is not a rule: `dns IFACE` (resolvconf's
-/// entry), `hook PreDown|PostDown COMMAND`.
+/// entry), `nft FAMILY TABLE` (a table of the tunnel's), `hook
+/// PreDown|PostDown COMMAND`.
 fn parse_other_line(line: &str) -> Option<(&str, &str)> {
     let (what, rest) = line.split_once(' ')?;
-    matches!(what, "dns" | "hook").then_some((what, rest))
+    matches!(what, "dns" | "hook" | "nft").then_some((what, rest))
+}
+
+/// The name of the tunnel's own nftables table (one per family).
+fn firewall_table(name: &str) -> String {
+    format!("tapir-{name}")
+}
+
+/// Deletes nftables table `family_table` (`ip tapir-wg0`); whether it was there.
+fn delete_table(family_table: &str) -> bool {
+    let ok = family_table.split_once(' ').is_some_and(|(f, t)| {
+        matches!(f, "ip" | "ip6") && t.starts_with("tapir-") && !t.contains(['"', ';', ' '])
+    });
+    ok && crate::nat::nft(&format!("delete table {family_table}\n")).is_ok()
 }
 
 /// Takes back what the record at `path` holds, left by tunnel `name`,
@@ -146,6 +160,15 @@ pub fn clear_leftovers(path: &Path, name: &str) -> Vec<String> {
             if nl.del_rule(&r).is_ok() {
                 done.push(format!("removed `{r}`"));
             }
+        }
+    }
+    for (_, table) in text
+        .lines()
+        .filter_map(parse_other_line)
+        .filter(|(w, _)| *w == "nft")
+    {
+        if delete_table(table) {
+            done.push(format!("removed nftables table {table}"));
         }
     }
     for (_, iface) in text
@@ -197,6 +220,10 @@ pub struct Applied {
     table: Option<u32>,
     /// resolvconf's entry for the tunnel's DNS, when it made one.
     dns: Option<String>,
+    /// Its nftables tables (`ip tapir-NAME`), with a default route.
+    tables: Vec<String>,
+    /// The protocol of its own packets (`udp`, `tcp`), for the firewall.
+    l4: &'static str,
     pre_down: Vec<String>,
     post_down: Vec<String>,
     /// The tunnel is up: its down hooks are in the record.
@@ -205,14 +232,17 @@ pub struct Applied {
 }
 
 impl Applied {
-    /// Nothing done yet for tunnel `name`; its rules are recorded at `record`.
-    pub fn new(name: &str, ops: &Ops, record: PathBuf) -> Self {
+    /// Nothing done yet for tunnel `name`, whose own packets are `l4`
+    /// (`udp`, `tcp`); what it does is recorded at `record`.
+    pub fn new(name: &str, ops: &Ops, record: PathBuf, l4: &'static str) -> Self {
         Self {
             name: name.to_owned(),
             rules: Vec::new(),
             record,
             table: None,
             dns: None,
+            tables: Vec::new(),
+            l4,
             pre_down: ops.pre_down.clone(),
             post_down: ops.post_down.clone(),
             up: false,
@@ -232,6 +262,9 @@ impl Applied {
         let mut text: String = self.rules.iter().map(record_line).collect();
         if let Some(iface) = &self.dns {
             text += &format!("dns {iface}\n");
+        }
+        for t in &self.tables {
+            text += &format!("nft {t}\n");
         }
         if self.up {
             for (stage, cmds) in [("PreDown", &self.pre_down), ("PostDown", &self.post_down)] {
@@ -332,6 +365,7 @@ impl Applied {
             if !v6 {
                 valid_mark()
             }
+            self.add_firewall(nl, index, v6, table);
         }
         nl.add_route_in(index, net, table)?;
         eprintln!(
@@ -339,6 +373,55 @@ impl Applied {
             self.name
         );
         Ok(())
+    }
+
+    /// wg-quick's firewall for a default route, in a table of the tunnel's
+    /// own (`ip tapir-NAME`, `ip6 tapir-NAME`): packets for the tunnel's
+    /// addresses that come from elsewhere than the tunnel and not from this
+    /// host are dropped (else, with the whole traffic routed into the
+    /// tunnel, a host on the local network could reach them), and the
+    /// tunnel's own packets' mark is kept in conntrack, so that their
+    /// answers carry it back (the reverse-path filter wants it: see
+    /// `valid_mark`). Without nft: a warning, as the routing works without it.
+    fn add_firewall(&mut self, nl: &mut Netlink, index: u32, v6: bool, mark: u32) {
+        let pf = if v6 { "ip6" } else { "ip" };
+        let t = format!("{pf} {}", firewall_table(&self.name));
+        let mut script = format!(
+            "add table {t}\n\
+             add chain {t} preraw {{ type filter hook prerouting priority -300; }}\n\
+             add chain {t} premangle {{ type filter hook prerouting priority -150; }}\n\
+             add chain {t} postmangle {{ type filter hook postrouting priority -150; }}\n"
+        );
+        let addrs = nl.addresses(Some(index)).unwrap_or_default();
+        for a in addrs.iter().filter(|a| a.local.addr().is_ipv6() == v6) {
+            script += &format!(
+                "add rule {t} preraw iifname != \"{}\" {pf} daddr {} fib saddr type != local drop\n",
+                self.name,
+                a.local.addr()
+            );
+        }
+        let l4 = self.l4;
+        script += &format!(
+            "add rule {t} postmangle meta l4proto {l4} mark {mark} ct mark set mark\n\
+             add rule {t} premangle meta l4proto {l4} meta mark set ct mark\n"
+        );
+        // Recorded first, as the rules are.
+        self.tables.push(t.clone());
+        self.save_record();
+        if let Err(e) = crate::nat::nft(&script) {
+            self.tables.pop();
+            self.save_record();
+            eprintln!(
+                "tapir: {}: warning: no firewall for the default route ({e}): packets for the tunnel's addresses are not kept to the tunnel",
+                self.name
+            );
+        }
+    }
+
+    fn take_back_firewall(&mut self) {
+        for t in std::mem::take(&mut self.tables) {
+            delete_table(&t);
+        }
     }
 
     /// Name servers and search domains through resolvconf, as wg-quick
@@ -407,9 +490,10 @@ impl Applied {
         }
     }
 
-    /// The rules taken back, and the record with them (all it holds is
-    /// done with).
+    /// The rules and firewall taken back, and the record with them (all it
+    /// holds is done with).
     fn take_back_rules(&mut self) {
+        self.take_back_firewall();
         if !self.rules.is_empty() {
             if let Ok(mut nl) = Netlink::open() {
                 for r in self.rules.iter().rev() {
