@@ -624,6 +624,37 @@ fn ipv6_inside_the_tunnel_with_tso() {
     transfer(&bed.b, &bed.a, "[fd77::1]:5001", 50 << 20);
 }
 
+/// Two tunnels of one name in two namespaces: `wg` in the second, which
+/// finds the first's socket under the name, is told the interface is
+/// another's ("Object is remote", where it met a closed connection); once
+/// the first goes, the name is the second's and `wg show` there works.
+#[test]
+fn one_name_in_two_namespaces_wg_is_told_and_the_name_is_handed_over() {
+    require_root!();
+    let bed = bed("twons");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let name = ifname("tpw");
+    let (a, b) = tapir_sides(&bed, name.clone(), name.clone());
+    let mut ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
+    ping(&bed.a, "10.77.0.2");
+    let show = |ns: &netlab::Netns| ns.cmd("wg").args(["show", &name]).output().unwrap();
+    assert!(show(&bed.a).status.success(), "a holds the name");
+    let out = show(&bed.b);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("Object is remote"),
+        "{err}"
+    );
+    ta.stop();
+    let out = show(&bed.b);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(&pa),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Without `MTU =`, as wg-quick: the MTU of the path toward the endpoint
 /// less 80 (1420 on the usual 1500).
 #[test]

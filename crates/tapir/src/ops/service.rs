@@ -532,6 +532,8 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
             let _ = std::fs::remove_file(&wg);
         }
         let _ = std::fs::remove_file(&socket);
+        // The name `wg` knows, to a tunnel of that name elsewhere.
+        crate::uapi::hand_over(Path::new(SOCKET_DIR), name);
     }
     if !scope.is_initial() {
         // This namespace's directories, once empty (logs stay to be read).

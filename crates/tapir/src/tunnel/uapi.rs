@@ -378,6 +378,9 @@ pub struct ControlSocket {
     /// the host's, the link that stock `wg` finds. Each is removed on drop
     /// if it is still this socket.
     paths: Vec<PathBuf>,
+    /// The path stock `wg` knows (`dir/NAME.sock`), which may come to be
+    /// this socket's later (see [`hand_over`]).
+    usual: PathBuf,
     ino: u64,
     /// A namespace's own directory, removed on drop once empty.
     home: Option<PathBuf>,
@@ -386,6 +389,45 @@ pub struct ControlSocket {
 /// Whether a control socket answers at `path`.
 fn answers(path: &Path) -> bool {
     UnixStream::connect(path).is_ok()
+}
+
+/// The path stock `wg` knows for `name` (`dir/NAME.sock`), left free by
+/// a tunnel that went: given to a tunnel of that name in another namespace
+/// that answers (`dir/netns-ID/NAME.sock`), as a second name of its socket,
+/// so that `wg show NAME` there finds it again; the host's tunnel, whose
+/// own path it is, takes it back when it starts. Returns the new holder.
+pub fn hand_over(dir: &Path, name: &str) -> Option<PathBuf> {
+    let wg = dir.join(format!("{name}.sock"));
+    if std::fs::symlink_metadata(&wg).is_ok() {
+        return None;
+    }
+    let mut homes: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("netns-"))
+        })
+        .collect();
+    homes.sort();
+    for home in homes {
+        let sock = home.join(format!("{name}.sock"));
+        if !answers(&sock) {
+            continue;
+        }
+        // Linked beside it, then renamed into place: never half there.
+        let link = home.join(format!(".{name}.handover.{}", std::process::id()));
+        let _ = std::fs::remove_file(&link);
+        if std::fs::hard_link(&sock, &link)
+            .and_then(|()| std::fs::rename(&link, &wg))
+            .is_ok()
+        {
+            return Some(sock);
+        }
+        let _ = std::fs::remove_file(&link);
+    }
+    None
 }
 
 impl ControlSocket {
@@ -488,6 +530,7 @@ impl ControlSocket {
             Ok(Self {
                 listener,
                 paths,
+                usual: dir.join(format!("{name}.sock")),
                 ino,
                 home: (!scope.is_initial()).then(|| home.clone()),
             })
@@ -536,6 +579,11 @@ impl ControlSocket {
             while let Ok((stream, _)) = self.listener.accept() {
                 let fd = std::os::fd::AsFd::as_fd(&stream);
                 if tapir_sys::netns::peer_is_local(fd) == Some(false) {
+                    // Told why (EREMOTE: "Object is remote"), where a
+                    // closed connection left `wg` with a broken pipe or
+                    // "Protocol error". Not waited for: never blocks.
+                    let _ = stream.set_nonblocking(true);
+                    let _ = (&stream).write_all(format!("errno={}\n\n", libc::EREMOTE).as_bytes());
                     refused += 1;
                     if refused.is_power_of_two() {
                         eprintln!(
@@ -557,10 +605,20 @@ impl ControlSocket {
 impl Drop for ControlSocket {
     fn drop(&mut self) {
         use std::os::unix::fs::MetadataExt;
-        for p in &self.paths {
-            // Only if it is still ours: another tunnel may have taken the name.
-            if std::fs::symlink_metadata(p).is_ok_and(|m| m.ino() == self.ino) {
+        let ours = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.ino() == self.ino);
+        // Its own path first, then the usual one (its second name, or its
+        // only one in the host's namespace): each only if it is still this
+        // socket, as another tunnel may have taken the name.
+        for p in self.paths.iter().filter(|p| **p != self.usual) {
+            if ours(p) {
                 let _ = std::fs::remove_file(p);
+            }
+        }
+        if ours(&self.usual) {
+            let _ = std::fs::remove_file(&self.usual);
+            // Free now: to a tunnel of the same name in another namespace.
+            if let (Some(dir), Some(name)) = (self.usual.parent(), self.usual.file_stem()) {
+                hand_over(dir, &name.to_string_lossy());
             }
         }
         if let Some(home) = &self.home {
@@ -1022,6 +1080,33 @@ mod tests {
         assert!(e.contains("already runs in this network namespace"), "{e}");
         drop(h);
         assert!(!wg.exists());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn the_usual_path_goes_to_another_namespaces_tunnel_of_the_name_when_its_holder_goes() {
+        use std::os::unix::fs::MetadataExt;
+        let base = std::env::temp_dir().join(format!("tapir-uapi-hand-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let dir = base.join("wireguard");
+        let (first, _) =
+            ControlSocket::bind_in(&dir, &crate::scope::Scope::fake(111, false), "tq3").unwrap();
+        let (second, notes) =
+            ControlSocket::bind_in(&dir, &crate::scope::Scope::fake(112, false), "tq3").unwrap();
+        assert!(
+            notes.iter().any(|n| n.contains("cannot see this tunnel")),
+            "{notes:?}"
+        );
+        let wg = dir.join("tq3.sock");
+        assert_eq!(std::fs::metadata(&wg).unwrap().ino(), first.ino);
+        drop(first);
+        assert_eq!(
+            std::fs::metadata(&wg).unwrap().ino(),
+            second.ino,
+            "the name went to the other tunnel"
+        );
+        drop(second);
+        assert!(!wg.exists(), "and with it");
         std::fs::remove_dir_all(&base).unwrap();
     }
 
