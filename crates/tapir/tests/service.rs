@@ -163,7 +163,7 @@ fn a_broken_config_fails_with_the_reason_and_leaves_nothing() {
         ),
         (
             format!("[Interface]\nPrivateKey = {good_key}\nListenPort = 51831\n"),
-            "cannot listen on UDP port 51831",
+            ".conf): cannot listen on UDP port 51831",
         ),
         (
             format!(
@@ -187,7 +187,8 @@ fn a_broken_config_fails_with_the_reason_and_leaves_nothing() {
             format!(
                 "[Interface]\nPrivateKey = {good_key}\nAddress = 10.88.0.1/24\n[Peer]\nPublicKey = {PEER}\nEndpoint = no-such-host.invalid:51820\nAllowedIPs = 10.88.0.2/32\n"
             ),
-            "does not resolve",
+            // (Line 6, the Endpoint's, not the [Peer] header's.)
+            ".conf:6: Endpoint no-such-host.invalid:51820 does not resolve",
         ),
     ];
     for (text, want) in cases {

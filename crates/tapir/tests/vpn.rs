@@ -264,7 +264,7 @@ fn hooks_run_in_order_and_a_failing_post_up_takes_everything_back() {
     let out = tapir_in(a, dir, &["up", v.client.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("PostUp = false"), "{err}");
+    assert!(err.contains(&format!("{n}: PostUp = false")), "{err}");
     assert!(!a.has_link(n), "the device went with the failed up");
     assert_eq!(routing(a), before, "the rules went with the failed up");
     assert_eq!(

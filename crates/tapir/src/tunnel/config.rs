@@ -206,6 +206,8 @@ pub struct PeerEntry {
     pub rate: Option<u64>,
     /// Line of its `[Peer]` header, for messages.
     pub line: usize,
+    /// Line of its endpoint (its header's if none), for messages.
+    pub endpoint_line: usize,
 }
 
 /// A configuration error: file, line, key, and what to do.
@@ -324,6 +326,7 @@ pub fn parse(
                         keepalive: None,
                         rate: None,
                         line: n,
+                        endpoint_line: n,
                     });
                     Section::Peer
                 }
@@ -402,7 +405,9 @@ pub fn parse(
                     .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
                     .ok_or_else(|| err(n, key, format!("{value:?} is not HOST:PORT (e.g. vpn.example.org:51820 or [2001:db8::1]:51820)")))?;
                 let _ = (host, port);
-                peers.last_mut().expect("in a [Peer] section").endpoint = Some(value.to_owned());
+                let peer = peers.last_mut().expect("in a [Peer] section");
+                peer.endpoint = Some(value.to_owned());
+                peer.endpoint_line = n;
             }
             (Section::Peer, "allowedips") => {
                 for a in list() {
@@ -1087,6 +1092,7 @@ pub fn parse_toml_all(
                 keepalive: p.persistent_keepalive.filter(|k| *k > 0),
                 rate,
                 line,
+                endpoint_line: p.endpoint.as_ref().map_or(line, |e| line_of(e.span())),
             });
         }
         out.push(TunnelConfig {
@@ -1232,6 +1238,9 @@ mod tests {
             c.peers[0].endpoint.as_deref(),
             Some("demo.wireguard.com:51820")
         );
+        // Where a message about the endpoint points: its own line.
+        assert_eq!((c.peers[0].line, c.peers[0].endpoint_line), (9, 13));
+        assert!(!c.mtu_auto);
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         assert_eq!(c.ops.dns, ["10.200.100.1"]);
     }

@@ -160,9 +160,9 @@ pub fn peer_configs(config: &TunnelConfig) -> Result<Vec<PeerConfig>, DevError> 
                         .and_then(|mut it| it.next())
                         .ok_or_else(|| {
                             DevError::Invalid(format!(
-                                "{}:{}: Endpoint {e} does not resolve",
+                                "{}:{}: Endpoint {e} does not resolve: check the host name, or give an address",
                                 config.file.display(),
-                                p.line
+                                p.endpoint_line
                             ))
                         })?,
                 ),
@@ -278,6 +278,17 @@ pub struct Started {
 /// 0.75-0.95 ms on average (four runs, 10 ms apart) before, 1.5-2.5 ms
 /// after, at 1 or 2 MiB as at 4.
 const SOCKET_BUFFER: usize = 4 << 20;
+
+/// `e`, said of tunnel `config`'s name and file (a port taken, say: which
+/// tunnel of a file with several, and where to change it).
+fn named(config: &TunnelConfig, e: DevError) -> DevError {
+    DevError::Invalid(format!(
+        "{} ({}): {}",
+        config.name,
+        config.file.display(),
+        e.to_string().trim_end_matches("; nothing was changed")
+    ))
+}
 
 fn bind_udp(port: u16) -> Result<UdpSocket, DevError> {
     udp_socket(port).map_err(|e| {
@@ -529,14 +540,16 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
     let mut rng = OsRandom::new()
         .map_err(|e| DevError::Runtime(format!("randomness from the kernel: {e}")))?;
     let mut net = match config.transport {
-        Transport::Udp => Net::Udp(bind_udp(config.listen_port.unwrap_or(0))?),
+        Transport::Udp => {
+            Net::Udp(bind_udp(config.listen_port.unwrap_or(0)).map_err(|e| named(config, e))?)
+        }
         Transport::Tcp => {
             let mut seed = [0u8; 8];
             rng.fill(&mut seed);
-            Net::Tcp(Box::new(bind_tcp(
-                config.listen_port,
-                u64::from_le_bytes(seed),
-            )?))
+            Net::Tcp(Box::new(
+                bind_tcp(config.listen_port, u64::from_le_bytes(seed))
+                    .map_err(|e| named(config, e))?,
+            ))
         }
     };
     let (dev, index) = create_device(&mut nl, tun_path, name, config.mode)?;

@@ -66,7 +66,7 @@ pub fn run_hooks(stage: &str, cmds: &[String], name: &str) -> Result<(), DevErro
             .map_err(|e| DevError::Runtime(format!("{stage}: /bin/sh: {e}")))?;
         if !status.success() {
             return Err(DevError::Invalid(format!(
-                "{stage} = {cmd}: {status}; fix the command or remove the line"
+                "{name}: {stage} = {cmd}: {status}; fix the command or remove the line"
             )));
         }
     }
