@@ -27,6 +27,10 @@ use crate::dev::DevError;
 /// `qemu-ifdown`, the tunnel that made it going down, or `tapir down` after
 /// that tunnel crashed; a tunnel started again after a crash takes its
 /// bridge back as its own. A bridge that was there before is never one.
+/// A mark holds the bridge's interface index: a namespace's directory is
+/// named by the namespace's inode, which the kernel reuses, and a mark of
+/// a namespace gone must not make a later namespace's bridge of that name
+/// tapir's.
 pub(crate) struct BridgeMarks(PathBuf);
 
 impl BridgeMarks {
@@ -48,15 +52,16 @@ impl BridgeMarks {
         dir.is_dir().then_some(Self(dir))
     }
 
-    /// Remembers `name` as made by tapir.
-    pub(crate) fn add(&self, name: &str) -> Result<(), DevError> {
-        std::fs::write(self.0.join(name), "")
+    /// Remembers bridge `name`, interface `index`, as made by tapir.
+    pub(crate) fn add(&self, name: &str, index: u32) -> Result<(), DevError> {
+        std::fs::write(self.0.join(name), format!("{index}\n"))
             .map_err(|e| DevError::Runtime(format!("remembering bridge {name}: {e}")))
     }
 
-    /// Whether tapir made `name`.
-    pub(crate) fn has(&self, name: &str) -> bool {
-        self.0.join(name).is_file()
+    /// Whether tapir made bridge `name`, interface `index`.
+    pub(crate) fn has(&self, name: &str, index: u32) -> bool {
+        std::fs::read_to_string(self.0.join(name))
+            .is_ok_and(|t| t.trim().parse::<u32>().ok() == Some(index))
     }
 
     /// Forgets `name` (its directory goes once empty).
@@ -72,7 +77,11 @@ impl BridgeMarks {
         let links = nl.links()?;
         for entry in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(br) = links.iter().find(|l| l.name == name) else {
+            // Gone, or another of that name since: not tapir's.
+            let Some(br) = links
+                .iter()
+                .find(|l| l.name == name && self.has(&name, l.index))
+            else {
                 let _ = std::fs::remove_file(entry.path());
                 continue;
             };
@@ -146,7 +155,7 @@ pub fn ifup(
                 None => {
                     let i = nl.add_bridge(br.as_str())?;
                     let made = (|| -> Result<(), DevError> {
-                        BridgeMarks::open(run_dir)?.add(br.as_str())?;
+                        BridgeMarks::open(run_dir)?.add(br.as_str(), i)?;
                         if let Some(a) = addr {
                             nl.add_address(i, a, None)?;
                         }

@@ -442,7 +442,7 @@ fn join_bridge(
 ) -> Result<Option<CreatedBridge>, DevError> {
     let marks = BridgeMarks::open(run_dir)?;
     let (bridge_index, created) = match nl.link(name.as_str())? {
-        Some(l) if l.kind.as_deref() == Some("bridge") && marks.has(name.as_str()) => (
+        Some(l) if l.kind.as_deref() == Some("bridge") && marks.has(name.as_str(), l.index) => (
             l.index,
             Some(CreatedBridge {
                 index: l.index,
@@ -464,7 +464,7 @@ fn join_bridge(
                 name: name.clone(),
                 marks,
             };
-            made.marks.add(name.as_str())?;
+            made.marks.add(name.as_str(), i)?;
             (i, Some(made))
         }
     };
