@@ -82,6 +82,11 @@ impl Identity {
     pub fn public(&self) -> PublicKey {
         self.public
     }
+
+    /// Our private key.
+    pub fn private(&self) -> &PrivateKey {
+        &self.private
+    }
 }
 
 /// What we know of a peer for the handshake.

@@ -709,6 +709,35 @@ impl Tunnel {
         }
     }
 
+    /// A new private key (`wg set wg0 private-key FILE`), taken as the
+    /// kernel takes it: a peer that has the new public key goes (a tunnel
+    /// is not its own peer), each peer's handshake keys are made again, and
+    /// every session and handshake in flight is dropped, so that the next
+    /// packet to a peer starts a handshake under the new identity. `false`
+    /// (nothing changed) if it is the key the tunnel has.
+    pub fn set_private_key(&mut self, private: PrivateKey) -> bool {
+        let public = private.public_key();
+        if public == self.id.public() {
+            return false;
+        }
+        self.remove_peer(&public);
+        self.id = Identity::new(private);
+        self.by_index.clear();
+        let id = &self.id;
+        for p in &mut self.peers {
+            p.keys = PeerStatic::new(id, p.config.public, p.config.psk.clone());
+            (p.current, p.previous, p.next, p.pending) = (None, None, None, None);
+            p.attempt_started = None;
+            p.response_mac1 = None;
+        }
+        true
+    }
+
+    /// The private key (for `wg showconf`, SaveConfig).
+    pub fn private_key(&self) -> &PrivateKey {
+        self.id.private()
+    }
+
     /// Changes a peer's configuration in place, keeping its sessions (what
     /// `wg set wg0 peer KEY allowed-ips ...` does). `false` if there is no such peer.
     pub fn update_peer(

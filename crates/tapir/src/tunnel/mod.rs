@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tapir_proto::wg::keys::{PrivateKey, PublicKey};
+use tapir_proto::wg::keys::PublicKey;
 use tapir_proto::wg::session::{SealJob, SessionError};
 use tapir_proto::wg::tunnel::{
     Decapsulated, Encapsulated, Layer, Opening, PeerConfig, Random, Received, Sealing, Target,
@@ -251,7 +251,6 @@ pub struct Started {
     net: Net,
     tunnel: Tunnel,
     control: Option<crate::uapi::ControlSocket>,
-    private_key: PrivateKey,
     port: u16,
     /// Peers whose endpoint is a host name, to look up again on reconnect.
     hostnames: Vec<(PublicKey, String)>,
@@ -676,7 +675,6 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
         net,
         tunnel,
         control,
-        private_key: config.private_key.clone(),
         port,
         hostnames: config
             .peers
@@ -1620,7 +1618,6 @@ const HABIT_PROBE: u32 = 8;
 /// What the inbound loop serves besides packets.
 struct Control<'a> {
     link: &'a control::ControlLink,
-    private_key: &'a PrivateKey,
     port: u16,
     mode: Mode,
     /// Peers whose endpoint is a host name, to look up again on reconnect.
@@ -2207,7 +2204,6 @@ fn serve_control(
                     request,
                     &mut t,
                     crate::uapi::Interface {
-                        private_key: ctl.private_key,
                         listen_port,
                         rebind: &mut rebind,
                         fwmark,
@@ -2361,7 +2357,6 @@ impl Started {
             net,
             tunnel,
             control: _,
-            private_key,
             port,
             hostnames,
             bridge,
@@ -2400,7 +2395,6 @@ impl Started {
             .handshake_all(Instant::now(), wall(), &mut ib.rng);
         let ctl = Control {
             link,
-            private_key: &private_key,
             port,
             mode,
             hostnames: &hostnames,
@@ -2603,8 +2597,8 @@ mod tests {
 
     #[test]
     fn a_tap_mac_is_the_same_for_a_key_and_name_and_locally_administered() {
-        let a = PrivateKey::from_random([1; 32]).public_key();
-        let b = PrivateKey::from_random([2; 32]).public_key();
+        let a = tapir_proto::wg::keys::PrivateKey::from_random([1; 32]).public_key();
+        let b = tapir_proto::wg::keys::PrivateKey::from_random([2; 32]).public_key();
         let (n0, n1) = (IfName::new("tap0").unwrap(), IfName::new("tap1").unwrap());
         let m = tap_mac(&a, &n0);
         assert_eq!(m, tap_mac(&a, &n0));

@@ -893,13 +893,12 @@ fn serve_connection(
 }
 
 /// The reply to `request`, computed on the tunnel's own thread.
-/// The interface a running tunnel answers for: its key (fixed while it
-/// runs), its port (`wg set NAME listen-port P`: the socket moved there by
-/// `rebind`), and its firewall mark (`wg set NAME fwmark M`, as wg-quick
-/// does for default routes), applied to its sockets by `mark`.
+/// The interface a running tunnel answers for, besides its key (the
+/// tunnel's: `wg set NAME private-key FILE` changes it there): its port
+/// (`wg set NAME listen-port P`: the socket moved there by `rebind`), and
+/// its firewall mark (`wg set NAME fwmark M`, as wg-quick does for default
+/// routes), applied to its sockets by `mark`.
 pub struct Interface<'a> {
-    /// Its private key.
-    pub private_key: &'a PrivateKey,
     /// Its port.
     pub listen_port: u16,
     /// Moves the tunnel's socket to another port (an errno if it cannot:
@@ -913,11 +912,23 @@ pub struct Interface<'a> {
 
 /// The reply to `request`, computed on the tunnel's own thread.
 pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>, extras: &str) -> String {
-    let (private_key, listen_port) = (iface.private_key, iface.listen_port);
+    let listen_port = iface.listen_port;
     match request {
-        Request::Get => get_with(tunnel, Some(private_key), listen_port, *iface.fwmark, true),
+        Request::Get => get_with(
+            tunnel,
+            Some(tunnel.private_key()),
+            listen_port,
+            *iface.fwmark,
+            true,
+        ),
         Request::TapirGet => {
-            let standard = get_with(tunnel, Some(private_key), listen_port, *iface.fwmark, false);
+            let standard = get_with(
+                tunnel,
+                Some(tunnel.private_key()),
+                listen_port,
+                *iface.fwmark,
+                false,
+            );
             let body = standard.strip_suffix("errno=0\n\n").unwrap_or(&standard);
             format!("{body}{extras}errno=0\n\n")
         }
@@ -925,12 +936,8 @@ pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>, extra
             let own = tunnel.public_key();
             let rebind = iface.rebind;
             let result = apply_set(tunnel, Some(own), &request, &mut |s| {
-                if s.clear_key
-                    || s.private_key
-                        .as_ref()
-                        .is_some_and(|k| k.public_key() != private_key.public_key())
-                {
-                    // A new key for a running tunnel: tapir down/up.
+                if s.clear_key {
+                    // No key at all: a running tunnel keeps one (tapir down).
                     return Err(EOPNOTSUPP);
                 }
                 // Another port: moved there before anything else changes,
@@ -944,6 +951,16 @@ pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>, extra
                     _ => Ok(()),
                 }
             });
+            // A new key: the peer that has it went in the set (see
+            // `apply_set`), sessions go now (see `Tunnel::set_private_key`).
+            if let Ok(Some(k)) = result.as_ref().map(|s| s.private_key.clone()) {
+                if tunnel.set_private_key(k) {
+                    eprintln!(
+                        "tapir: new private key (public key {}): sessions start again",
+                        tunnel.public_key()
+                    );
+                }
+            }
             let errno = match result {
                 Ok(s) => match s.fwmark {
                     Some(m) if m != *iface.fwmark => match (iface.mark)(m) {

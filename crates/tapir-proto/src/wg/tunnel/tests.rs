@@ -1022,3 +1022,39 @@ fn a_lone_datagram_opened_in_one_pass_comes_to_what_the_two_halves_make_of_it() 
     // and the rest to the other).
     assert!(taken >= 20, "{taken} datagrams took the one-pass path");
 }
+
+#[test]
+fn a_new_private_key_drops_the_sessions_and_handshakes_again_under_it() {
+    let mut p = Pair::new();
+    let ping = packet([10, 0, 0, 1], [10, 0, 0, 2], 100);
+    p.send_a(&ping);
+    p.run();
+    assert_eq!(p.got_b.len(), 1);
+    // The same key: nothing changes.
+    assert!(!p.a.set_private_key(key(1)));
+    assert!(matches!(p.send_a(&ping), Encapsulated::Send { .. }));
+    p.run();
+    assert_eq!(p.got_b.len(), 2);
+    // A new one: b learns it (as its admin would: the peer replaced).
+    let old = key(1).public_key();
+    assert!(p.a.set_private_key(key(3)));
+    assert_eq!(p.a.public_key(), key(3).public_key());
+    let psk = PresharedKey::from_random([7; 32]);
+    p.b.remove_peer(&old);
+    p.b.add_peer(PeerConfig {
+        public: key(3).public_key(),
+        psk: Some(psk),
+        endpoint: None,
+        allowed_ips: vec!["10.0.0.1/32".parse().unwrap()],
+        keepalive: None,
+        rate: None,
+    });
+    // No session left under the old identity: the packet waits for a new
+    // handshake, which b answers.
+    assert_eq!(p.send_a(&ping), Encapsulated::Queued);
+    p.run();
+    assert_eq!(p.got_b.len(), 3, "{:?}", p.drops);
+    // A key that is a peer's: that peer goes (a tunnel is not its own peer).
+    assert!(p.a.set_private_key(key(2)));
+    assert_eq!(p.a.peer_count(), 0);
+}
