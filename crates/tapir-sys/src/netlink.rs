@@ -758,7 +758,25 @@ impl Netlink {
         dst: IpNet,
         via: Option<IpAddr>,
     ) -> Result<(), NetlinkError> {
+        self.delete_route(index, dst, via, None)
+    }
+
+    /// `ip route del DST dev DEV table TABLE`.
+    pub fn del_route_in(&mut self, index: u32, dst: IpNet, table: u32) -> Result<(), NetlinkError> {
+        self.delete_route(index, dst, None, Some(table))
+    }
+
+    fn delete_route(
+        &mut self,
+        index: u32,
+        dst: IpNet,
+        via: Option<IpAddr>,
+        table: Option<u32>,
+    ) -> Result<(), NetlinkError> {
         let mut msg = Self::route_message(index, dst, via);
+        if let Some(t) = table {
+            Self::in_table(&mut msg, t);
+        }
         // Match whatever scope and protocol the route has, as `ip route del` does.
         msg.header.scope = RouteScope::NoWhere;
         msg.header.protocol = RouteProtocol::Unspec;
@@ -766,9 +784,18 @@ impl Netlink {
             RouteNetlinkMessage::DelRoute(msg),
             NLM_F_ACK,
             "RTM_DELROUTE",
-            || describe_route(dst, via, index),
+            || match table {
+                Some(t) => format!("{} table {t}", describe_route(dst, via, index)),
+                None => describe_route(dst, via, index),
+            },
         )?;
         Ok(())
+    }
+
+    /// Puts a route message in table `table`.
+    fn in_table(msg: &mut RouteMessage, table: u32) {
+        msg.header.table = u8::try_from(table).unwrap_or(0);
+        msg.attributes.push(RouteAttribute::Table(table));
     }
 }
 
@@ -865,28 +892,11 @@ impl Netlink {
     /// `ip route add DST dev DEV table TABLE`.
     pub fn add_route_in(&mut self, index: u32, dst: IpNet, table: u32) -> Result<(), NetlinkError> {
         let mut msg = Self::route_message(index, dst, None);
-        msg.header.table = u8::try_from(table).unwrap_or(0);
-        msg.attributes.push(RouteAttribute::Table(table));
+        Self::in_table(&mut msg, table);
         self.request(
             RouteNetlinkMessage::NewRoute(msg),
             NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
             "RTM_NEWROUTE",
-            || format!("{} table {table}", describe_route(dst, None, index)),
-        )?;
-        Ok(())
-    }
-
-    /// `ip route del DST dev DEV table TABLE`.
-    pub fn del_route_in(&mut self, index: u32, dst: IpNet, table: u32) -> Result<(), NetlinkError> {
-        let mut msg = Self::route_message(index, dst, None);
-        msg.header.table = u8::try_from(table).unwrap_or(0);
-        msg.attributes.push(RouteAttribute::Table(table));
-        msg.header.scope = RouteScope::NoWhere;
-        msg.header.protocol = RouteProtocol::Unspec;
-        self.request(
-            RouteNetlinkMessage::DelRoute(msg),
-            NLM_F_ACK,
-            "RTM_DELROUTE",
             || format!("{} table {table}", describe_route(dst, None, index)),
         )?;
         Ok(())

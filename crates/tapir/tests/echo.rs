@@ -333,9 +333,11 @@ fn echo_refuses_a_device_of_another_mode_or_kind() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not tun/tap"));
 }
 
-fn dump_case(mode: &str, extra: &[&str], expect: &str, tcpdump_expect: &str) {
-    let lab = Lab::new();
-    let ns = lab_ns(&lab);
+/// A device `d0` (`mode`, `extra` flags) up at 10.7.0.1/24 in a fresh
+/// namespace, and `tapir dump d0 --count 2 --write WRITE` run there (in
+/// `dir`) while three pings go out unanswered: its output.
+fn dump_two(lab: &Lab, mode: &str, extra: &[&str], write: &str, dir: &std::path::Path) -> Output {
+    let ns = lab_ns(lab);
     let run = |args: &[&str]| {
         let out = ns.cmd(TAPIR).args(args).output().unwrap();
         assert!(
@@ -350,18 +352,15 @@ fn dump_case(mode: &str, extra: &[&str], expect: &str, tcpdump_expect: &str) {
         .status()
         .unwrap();
     run(&["dev", "set", "d0", "--up", "--addr", "10.7.0.1/24"]);
-    let pcap = temp(&format!("dump-{mode}-{}.pcap", extra.len()));
-    let dump = Running::start(
-        &ns,
-        &[
-            "dump",
-            "d0",
-            "--count",
-            "2",
-            "--write",
-            pcap.to_str().unwrap(),
-        ],
-    );
+    let dump = Running(Some(
+        ns.cmd(TAPIR)
+            .args(["dump", "d0", "--count", "2", "--write", write])
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tapir"),
+    ));
     wait_ready(&ns, "d0", "10.7.0.1");
     // Nobody answers: the requests (or the ARP queries) are what the dump sees.
     let _ = ns
@@ -375,6 +374,20 @@ fn dump_case(mode: &str, extra: &[&str], expect: &str, tcpdump_expect: &str) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(ns.has_link("d0"), "a device that existed stays");
+    out
+}
+
+fn dump_case(mode: &str, extra: &[&str], expect: &str, tcpdump_expect: &str) {
+    let lab = Lab::new();
+    let pcap = temp(&format!("dump-{mode}-{}.pcap", extra.len()));
+    let out = dump_two(
+        &lab,
+        mode,
+        extra,
+        pcap.to_str().unwrap(),
+        &std::env::temp_dir(),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{stdout}");
@@ -385,7 +398,6 @@ fn dump_case(mode: &str, extra: &[&str], expect: &str, tcpdump_expect: &str) {
         recorded.iter().all(|l| l.contains(tcpdump_expect)),
         "{recorded:#?}"
     );
-    assert!(ns.has_link("d0"), "a device that existed stays");
     std::fs::remove_file(pcap).unwrap();
 }
 
@@ -395,39 +407,9 @@ fn dump_case(mode: &str, extra: &[&str], expect: &str, tcpdump_expect: &str) {
 fn dump_writes_pcap_to_standard_output() {
     require_root!();
     let lab = Lab::new();
-    let ns = lab_ns(&lab);
-    let ok = |args: &[&str]| assert!(ns.cmd(TAPIR).args(args).status().unwrap().success());
-    ok(&["dev", "add", "d0", "--mode", "tun"]);
-    ns.cmd("sysctl")
-        .args(["-qw", "net.ipv6.conf.d0.disable_ipv6=1"])
-        .status()
-        .unwrap();
-    ok(&["dev", "set", "d0", "--up", "--addr", "10.7.0.1/24"]);
     let dir = temp("dump-stdout");
     std::fs::create_dir_all(&dir).unwrap();
-    let dump = {
-        let child = ns
-            .cmd(TAPIR)
-            .args(["dump", "d0", "--count", "2", "--write", "-"])
-            .current_dir(&dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Running(Some(child))
-    };
-    wait_ready(&ns, "d0", "10.7.0.1");
-    let _ = ns
-        .cmd("ping")
-        .args(["-c", "3", "-i", "0.2", "-W", "1", "10.7.0.2"])
-        .output()
-        .unwrap();
-    let out = dump.wait();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = dump_two(&lab, "tun", &[], "-", &dir);
     assert!(!dir.join("-").exists(), "a file named -");
     let pcap = dir.join("out.pcap");
     std::fs::write(&pcap, &out.stdout).unwrap();
