@@ -320,17 +320,7 @@ fn a_vm_behind_a_spokes_bridge_joins_the_segment() {
         "the VM is still on its bridge"
     );
     star.s2.ip(&["link", "del", "vmport"]);
-    let out = star
-        .s2
-        .cmd(TAPIR)
-        .args(["qemu-ifdown", "vmtap-gone"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sh(star.s2.cmd(TAPIR).args(["qemu-ifdown", "vmtap-gone"]));
     assert!(
         !star.s2.has_link("br-tp"),
         "the bridge tapir created goes with its last port"
@@ -342,11 +332,10 @@ fn a_vm_behind_a_spokes_bridge_joins_the_segment() {
         &star.names[2],
     );
     b.kill();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while star.s2.has_link(&star.names[2]) {
-        assert!(Instant::now() < deadline, "the tap outlived its process");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        || !star.s2.has_link(&star.names[2]),
+        "the tap to go with its process",
+    );
     assert!(star.s2.has_link("br-tp"), "left by the crash");
     let mut b = run_tapir(
         &star.s2,

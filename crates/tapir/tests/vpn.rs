@@ -119,11 +119,7 @@ fn kill_tunnel(a: &Netns, dir: &std::path::Path, name: &str) {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while a.has_link(name) {
-        assert!(Instant::now() < deadline, "the device outlived its process");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(|| !a.has_link(name), "the device to go with its process");
 }
 
 /// The name resolvconf knows a tunnel's DNS by, as wg-quick makes it:
