@@ -347,6 +347,24 @@ fn a_vm_behind_a_spokes_bridge_joins_the_segment() {
         !star.s2.has_link("br-tp"),
         "the bridge of a run that crashed goes with the next"
     );
+    // A start that fails after making the bridge (its own tap still a
+    // port then) takes it back.
+    let out = star
+        .s2
+        .cmd(TAPIR)
+        .args([
+            "run",
+            star.spoke_conf(2, "Bridge = br-tp\nPostUp = false")
+                .to_str()
+                .unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        !star.s2.has_link("br-tp"),
+        "a failed start leaves no bridge"
+    );
 }
 
 #[test]
