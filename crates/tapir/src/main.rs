@@ -591,19 +591,31 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Down { name, dirs } => {
-            let path = std::path::Path::new(&name);
-            if path.is_file() {
-                for line in tapir::service::down_file(path, &dirs.dirs())
+            // A file (as up takes it: its extension may be left out); a
+            // name with a slash is always a file, never an interface.
+            let path = tapir::config::resolve_path(std::path::Path::new(&name));
+            if path.is_file() || name.contains('/') {
+                for line in tapir::service::down_file(&path, &dirs.dirs())
                     .map_err(|e| anyhow::anyhow!("{e}"))?
                 {
                     println!("{line}");
                 }
                 return Ok(ExitCode::SUCCESS);
             }
+            let also = |also: &[String]| {
+                if also.is_empty() {
+                    String::new()
+                } else {
+                    format!(", and {} with it (one process, one file)", also.join(", "))
+                }
+            };
             match tapir::service::down(&name, &dirs.dirs()).map_err(|e| anyhow::anyhow!("{e}"))? {
-                tapir::service::Stopped::Stopped(_) => println!("{name} is down"),
-                tapir::service::Stopped::WasDead(pid) => println!(
-                    "{name} is down (its process, pid {pid}, had already exited: cleared what it left)"
+                tapir::service::Stopped::Stopped(_, others) => {
+                    println!("{name} is down{}", also(&others))
+                }
+                tapir::service::Stopped::WasDead(pid, others) => println!(
+                    "{name} is down{} (its process, pid {pid}, had already exited: cleared what it left)",
+                    also(&others)
                 ),
             }
             Ok(ExitCode::SUCCESS)

@@ -623,3 +623,83 @@ fn up_tells_its_warnings_and_the_daemon_keeps_nothing_of_the_caller() {
     );
     e.assert_clean(&n);
 }
+
+/// A file of two tunnels and a device: `down FILE` (its extension left
+/// out, as up takes it) says each tunnel is down (one process ran both)
+/// and keeps a device a process holds; `down NAME` names the tunnels that
+/// go with it; an up that fails takes back the devices it created.
+#[test]
+fn down_of_a_file_names_each_tunnel_and_keeps_held_devices_and_a_failed_up_takes_its_devices() {
+    require_root!();
+    let e = env("dfile");
+    let (t1, t2, dv) = (name("tf1x"), name("tf2x"), name("tfd"));
+    let text = |port: u16| {
+        format!(
+            "[[device]]\nname = \"{dv}\"\nmode = \"tap\"\n\n\
+             [[tunnel]]\nname = \"{t1}\"\nprivate_key = \"{}\"\nlisten_port = {port}\n\n\
+             [[tunnel]]\nname = \"{t2}\"\nprivate_key = \"{}\"\nlisten_port = {}\n",
+            key(),
+            key(),
+            port + 1
+        )
+    };
+    let file = e.file("two.toml", &text(51841), "600");
+    let stem = file.with_extension("");
+    let ok = |args: &[&str]| {
+        let out = e.tapir(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&["up", file.to_str().unwrap()]);
+    let out = ok(&["down", &t1]);
+    assert!(
+        out.contains(&format!("{t1} is down, and {t2} with it")),
+        "{out}"
+    );
+    ok(&["up", file.to_str().unwrap()]);
+    // A process holds the device (as a VM holds its tap).
+    let holder =
+        e.ns.cmd(TAPIR)
+            .args(["dump", &dv])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+    let mut holder = Guard(holder);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let out = ok(&["down", stem.to_str().unwrap()]);
+    assert!(
+        out.contains(&format!("{t1} is down"))
+            && out.contains(&format!("{t2} is down"))
+            && !out.contains("was not up")
+            && out.contains(&format!("{dv}: kept: tapir")),
+        "{out}"
+    );
+    assert!(e.ns.has_link(&dv), "the held device stays");
+    let _ = holder.0.kill();
+    let _ = holder.0.wait();
+    ok(&["dev", "del", &dv]);
+    // An up whose tunnel cannot start: the device it made goes too.
+    let _port = e.ns.run(|| UdpSocket::bind("0.0.0.0:51851").unwrap());
+    let file = e.file("two.toml", &text(51851), "600");
+    let out = e.tapir(&["up", file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        !e.ns.has_link(&dv),
+        "a failed up leaves no device it created"
+    );
+    e.assert_clean(&t1);
+}
+
+/// Kills the child when dropped (a failed assertion leaves no process).
+struct Guard(std::process::Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -309,108 +309,117 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up,
             devices: device_lines,
         });
     }
-    // The daemon works from /, so it gets the file by its full path.
-    let file = &std::fs::canonicalize(file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let scope = Scope::current()?;
-    let names: Vec<String> = configs.iter().map(|c| c.name.to_string()).collect();
-    for name in &names {
-        if let Some(pid) = running_pid(dirs, &scope, name) {
-            return Err(format!(
-                "{name} is already up in {} (pid {pid}): tapir down {name} first",
-                scope.describe()
-            ));
-        }
-    }
-    for name in &names {
-        if let Some(pid) = read_pid(&pid_file(dirs, &scope, name)) {
-            wait_while_exiting(pid);
-        }
-    }
-    for d in [&dirs.run, &dirs.log] {
-        // Root writes here: a directory someone else owns or can write to
-        // could have links planted in it.
-        crate::uapi::ensure_private_dir(d)?;
-        crate::uapi::ensure_private_dir(&scope.dir(d))?;
-    }
-    let log_path = dirs
-        .log_here(&scope)
-        .join(format!("{}.log", names.join("+")));
-    let mut cmd = Command::new(tapir);
-    cmd.arg("run")
-        .arg("--tun-path")
-        .arg(tun_path)
-        .arg("--run-dir")
-        .arg(&dirs.run)
-        .arg("--log-dir")
-        .arg(&dirs.log)
-        .arg(file);
-    let (mut child, log_start) = spawn_daemon(cmd, &log_path)?;
-    let pid = child.id() as i32;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let why = text
-                .get(log_start as usize..)
-                .unwrap_or("")
-                .trim()
-                .to_owned();
-            return Err(format!("the tunnel did not come up ({status}): {why}"));
-        }
-        // Ready when every tunnel answers, and it is our child answering.
-        let answers: Vec<Result<_, String>> = names
-            .iter()
-            .map(|n| query_from(&scope, n, Some(pid)))
-            .collect();
-        if let Some(Err(e)) = answers.iter().find(|r| {
-            r.as_ref()
-                .is_err_and(|e| e.contains("another process holds"))
-        }) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            let _ = child.wait();
-            return Err(e.clone());
-        }
-        if answers.iter().all(Result::is_ok) {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            let _ = child.wait();
-            return Err(format!(
-                "the tunnel did not answer within 15 s; see {}",
-                log_path.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for (i, name) in names.iter().enumerate() {
-        let path = pid_file(dirs, &scope, name);
-        if let Err(e) = write_pid_file(&path, pid) {
-            // Not up without its record: stopped again, nothing left.
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            let _ = child.wait();
-            for n in &names[..i] {
-                let _ = std::fs::remove_file(pid_file(dirs, &scope, n));
+    // From here a failure takes back the devices this up created too.
+    let started = (|| -> Result<Up, String> {
+        // The daemon works from /, so it gets the file by its full path.
+        let file = &std::fs::canonicalize(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let scope = Scope::current()?;
+        let names: Vec<String> = configs.iter().map(|c| c.name.to_string()).collect();
+        for name in &names {
+            if let Some(pid) = running_pid(dirs, &scope, name) {
+                return Err(format!(
+                    "{name} is already up in {} (pid {pid}): tapir down {name} first",
+                    scope.describe()
+                ));
             }
-            return Err(format!(
-                "{}: {e}; the tunnel was stopped again",
-                path.display()
-            ));
+        }
+        for name in &names {
+            if let Some(pid) = read_pid(&pid_file(dirs, &scope, name)) {
+                wait_while_exiting(pid);
+            }
+        }
+        for d in [&dirs.run, &dirs.log] {
+            // Root writes here: a directory someone else owns or can write to
+            // could have links planted in it.
+            crate::uapi::ensure_private_dir(d)?;
+            crate::uapi::ensure_private_dir(&scope.dir(d))?;
+        }
+        let log_path = dirs
+            .log_here(&scope)
+            .join(format!("{}.log", names.join("+")));
+        let mut cmd = Command::new(tapir);
+        cmd.arg("run")
+            .arg("--tun-path")
+            .arg(tun_path)
+            .arg("--run-dir")
+            .arg(&dirs.run)
+            .arg("--log-dir")
+            .arg(&dirs.log)
+            .arg(file);
+        let (mut child, log_start) = spawn_daemon(cmd, &log_path)?;
+        let pid = child.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let why = text
+                    .get(log_start as usize..)
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned();
+                return Err(format!("the tunnel did not come up ({status}): {why}"));
+            }
+            // Ready when every tunnel answers, and it is our child answering.
+            let answers: Vec<Result<_, String>> = names
+                .iter()
+                .map(|n| query_from(&scope, n, Some(pid)))
+                .collect();
+            if let Some(Err(e)) = answers.iter().find(|r| {
+                r.as_ref()
+                    .is_err_and(|e| e.contains("another process holds"))
+            }) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+                let _ = child.wait();
+                return Err(e.clone());
+            }
+            if answers.iter().all(Result::is_ok) {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+                let _ = child.wait();
+                return Err(format!(
+                    "the tunnel did not answer within 15 s; see {}",
+                    log_path.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for (i, name) in names.iter().enumerate() {
+            let path = pid_file(dirs, &scope, name);
+            if let Err(e) = write_pid_file(&path, pid) {
+                // Not up without its record: stopped again, nothing left.
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+                let _ = child.wait();
+                for n in &names[..i] {
+                    let _ = std::fs::remove_file(pid_file(dirs, &scope, n));
+                }
+                return Err(format!(
+                    "{}: {e}; the tunnel was stopped again",
+                    path.display()
+                ));
+            }
+        }
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let warnings = text
+            .get(log_start as usize..)
+            .unwrap_or("")
+            .lines()
+            .filter(|l| l.contains("warning:"))
+            .map(str::to_owned)
+            .collect();
+        Ok(Up {
+            names,
+            warnings,
+            devices: device_lines,
+        })
+    })();
+    if started.is_err() {
+        for c in created {
+            let _ = crate::devices::remove(c);
         }
     }
-    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-    let warnings = text
-        .get(log_start as usize..)
-        .unwrap_or("")
-        .lines()
-        .filter(|l| l.contains("warning:"))
-        .map(str::to_owned)
-        .collect();
-    Ok(Up {
-        names,
-        warnings,
-        devices: device_lines,
-    })
+    started
 }
 
 /// The `tapir run` answering on the control socket of tunnel `name` in
@@ -433,10 +442,11 @@ fn running_pid(dirs: &Dirs, scope: &Scope, name: &str) -> Option<i32> {
 /// What `down` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stopped {
-    /// The process (pid) ended.
-    Stopped(i32),
+    /// The process (pid) ended, and with it the other tunnels it ran
+    /// (those of its file), named.
+    Stopped(i32, Vec<String>),
     /// It had already died (crashed, or killed): what it left was cleared.
-    WasDead(i32),
+    WasDead(i32, Vec<String>),
 }
 
 /// `tapir down FILE`: every tunnel of the file that runs here is stopped
@@ -445,18 +455,39 @@ pub fn down_file(file: &Path, dirs: &Dirs) -> Result<Vec<String>, String> {
     let (tunnels, devices) = config::load_file(file).map_err(|e| e.to_string())?;
     let scope = Scope::current()?;
     let mut done = Vec::new();
-    for t in &tunnels {
+    // Each tunnel's process, found before any goes: one process runs all
+    // the tunnels of a file, and stopping it takes their pid files with it.
+    let pids: Vec<Option<i32>> = tunnels
+        .iter()
+        .map(|t| {
+            let name = t.name.as_str();
+            running_pid(dirs, &scope, name).or_else(|| read_pid(&pid_file(dirs, &scope, name)))
+        })
+        .collect();
+    let mut stopped = Vec::new();
+    for (t, pid) in tunnels.iter().zip(pids) {
         let name = t.name.as_str();
-        if running_pid(dirs, &scope, name).is_some()
-            || read_pid(&pid_file(dirs, &scope, name)).is_some()
-        {
-            down(name, dirs)?;
-            done.push(format!("{name} is down"));
-        } else {
-            done.push(format!("{name} was not up"));
+        match pid {
+            Some(p) if stopped.contains(&p) => done.push(format!("{name} is down")),
+            Some(p) => {
+                down(name, dirs)?;
+                stopped.push(p);
+                done.push(format!("{name} is down"));
+            }
+            None => done.push(format!("{name} was not up")),
         }
     }
+    // A device a process holds (a VM's tap) is kept, said so: deleting it
+    // would pull it from under that process.
+    let held = crate::dev::holders();
     for d in &devices {
+        if let Some((_, h)) = held.iter().find(|(n, _)| n == d.name.as_str()) {
+            done.push(format!(
+                "{}: kept: {} (pid {}) holds it open (tapir dev del {} deletes it anyway)",
+                d.name, h.command, h.pid, d.name
+            ));
+            continue;
+        }
         let gone = crate::devices::remove(d).map_err(|e| format!("{}: {e}", d.name))?;
         done.push(format!(
             "{}: {}",
@@ -505,6 +536,11 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
     }
     // Gone, not going: its port is free for an up right after.
     wait_while_exiting(pid);
+    let also: Vec<String> = siblings
+        .iter()
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .filter(|n| n != name)
+        .collect();
     for p in siblings {
         let _ = std::fs::remove_file(p);
     }
@@ -541,9 +577,9 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
         let _ = std::fs::remove_dir(scope.dir(Path::new(SOCKET_DIR)));
     }
     Ok(if live.is_some() {
-        Stopped::Stopped(pid)
+        Stopped::Stopped(pid, also)
     } else {
-        Stopped::WasDead(pid)
+        Stopped::WasDead(pid, also)
     })
 }
 
