@@ -24,8 +24,8 @@ use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     route::{
-        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
-        RouteType,
+        RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
+        RouteScope, RouteType,
     },
     rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
 };
@@ -903,15 +903,29 @@ impl Netlink {
     }
 
     /// How the kernel would route a packet to `dst` (`ip route get DST`):
-    /// the kind (`local`, `unicast`, `unreachable`...), the device, the
-    /// gateway, the source address it would use, the table. `None` when
+    /// the kind (`local`, `unicast`, `broadcast`, and for the routes that
+    /// refuse, `blackhole`, `prohibit`, `unreachable`), the device, the
+    /// gateway, the source address it would use, and the table that
+    /// decided (policy rules included, as `ip route get` asks). `None` when
     /// the kernel has no route at all (ENETUNREACH).
     pub fn route_to(&mut self, dst: IpAddr) -> Result<Option<RouteLookup>, NetlinkError> {
         let mut msg = RouteMessage::default();
         msg.header.address_family = family_of(dst);
         msg.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
+        msg.header.flags = RouteFlags::LookupTable;
         msg.attributes
             .push(RouteAttribute::Destination(RouteAddress::from(dst)));
+        // The routes that refuse answer as an errno, which names them.
+        let refused = |kind: &str| {
+            Ok(Some(RouteLookup {
+                kind: kind.to_owned(),
+                oif: None,
+                gateway: None,
+                source: None,
+                table: 0,
+                mtu: None,
+            }))
+        };
         let answers = match self.request(
             RouteNetlinkMessage::GetRoute(msg),
             0,
@@ -919,15 +933,13 @@ impl Netlink {
             || dst.to_string(),
         ) {
             Ok(a) => a,
-            Err(e)
-                if matches!(
-                    e.errno(),
-                    Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH)
-                ) =>
-            {
-                return Ok(None);
-            }
-            Err(e) => return Err(e),
+            Err(e) => match e.errno() {
+                Some(libc::ENETUNREACH) => return Ok(None),
+                Some(libc::EHOSTUNREACH) => return refused("unreachable"),
+                Some(libc::EINVAL) => return refused("blackhole"),
+                Some(libc::EACCES) => return refused("prohibit"),
+                _ => return Err(e),
+            },
         };
         Ok(answers.iter().find_map(|m| match m {
             RouteNetlinkMessage::NewRoute(r) => {

@@ -211,3 +211,60 @@ fn explain_names_the_headers_a_reader_gets_and_a_tunnel_mtu_too_large() {
         "{text}"
     );
 }
+
+/// Routes of other kinds and policy rules: each named for what it does,
+/// the table that decided named too; links that are not tun/tap
+/// explained, not refused; lo down named where a local address needs it.
+#[test]
+fn explain_names_route_kinds_policy_tables_and_other_links() {
+    require_root!();
+    let bed = bed("exk");
+    let a = &bed.a;
+    a.ip(&["route", "add", "blackhole", "10.61.0.0/16"]);
+    a.ip(&["route", "add", "prohibit", "10.62.0.0/16"]);
+    a.ip(&["route", "add", "unreachable", "10.60.0.0/16"]);
+    for (addr, words) in [
+        (
+            "10.61.1.1",
+            "blackhole route: packets to it are dropped silently",
+        ),
+        ("10.62.1.1", "prohibit route: packets to it are refused"),
+        (
+            "10.60.1.1",
+            "unreachable route: packets to it are refused (the sender gets \"No route to host\")",
+        ),
+    ] {
+        let (text, json) = explain(a, addr);
+        assert!(text.contains(words), "{addr}: {text}");
+        assert_ne!(json["facts"]["route"], serde_json::Value::Null);
+    }
+    // A policy rule sends 10.70.0.0/16 to table 100, out of the veth.
+    a.ip(&["route", "add", "10.70.0.0/16", "dev", "va", "table", "100"]);
+    a.ip(&["rule", "add", "to", "10.70.0.0/16", "table", "100"]);
+    let (text, json) = explain(a, "10.70.1.1");
+    assert!(
+        text.contains("routed out of va (table 100, chosen by a policy rule"),
+        "{text}"
+    );
+    assert_eq!(json["facts"]["route"]["table"], 100);
+    // The subnet's broadcast address is sent, not refused.
+    let (text, _) = explain(a, "10.200.0.255");
+    assert!(text.contains("is a broadcast address"), "{text}");
+    // A veth and lo are explained.
+    let (text, json) = explain(a, "va");
+    assert!(
+        text.contains("va is a veth link, up") && text.contains("10.200.0.1/24"),
+        "{text}"
+    );
+    assert_eq!(json["facts"]["kind"], "veth");
+    // lo down: a local address is not answered, and that is said.
+    a.ip(&["link", "set", "lo", "down"]);
+    let (text, _) = explain(a, "10.200.0.1");
+    assert!(
+        text.contains("lo is down") && text.contains("ip link set lo up"),
+        "{text}"
+    );
+    let (text, _) = explain(a, "lo");
+    assert!(text.contains("lo is a loopback link, down"), "{text}");
+    a.ip(&["link", "set", "lo", "up"]);
+}

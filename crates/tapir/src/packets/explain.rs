@@ -129,14 +129,34 @@ pub fn address(addr: IpAddr) -> Result<Explanation, DevError> {
     } else {
         dev
     };
+    let table = |t: u32| match t {
+        254 => " (table 254, main)".to_string(),
+        255 => " (table 255, local)".to_string(),
+        0 => String::new(),
+        t => format!(" (table {t}, chosen by a policy rule: ip rule)"),
+    };
     match route.kind.as_str() {
         "local" => {
+            let lo_up = links.iter().find(|l| l.name == "lo").is_some_and(|l| l.state.up);
             findings.push(format!(
-                "{addr} is an address of this host{}: the kernel answers it itself, through lo; nothing reaches a tun/tap device, so your program reads nothing (and a ping works without it)",
-                dev.as_deref().filter(|d| *d != "lo").map(|d| format!(" (on {d})")).unwrap_or_default()
+                "{addr} is an address of this host{}: the kernel answers it itself, through lo; nothing reaches a tun/tap device, so your program reads nothing{}",
+                dev.as_deref().filter(|d| *d != "lo").map(|d| format!(" (on {d})")).unwrap_or_default(),
+                if lo_up { " (and a ping works without it)" } else { "" }
             ));
+            if !lo_up {
+                findings.push("lo is down: the host cannot reach even its own addresses (a fresh network namespace starts so)".into());
+                next.push("ip link set lo up".into());
+            }
+            // Another address of the same subnet, if it is a tun/tap's.
+            let other = nl
+                .addresses(None)?
+                .into_iter()
+                .find(|a| a.local.addr() == addr && a.peer.is_none())
+                .filter(|a| dev.as_deref().and_then(tun_view).is_some() && a.local.prefix_len() < if addr.is_ipv4() { 31 } else { 127 })
+                .and_then(|a| a.local.hosts().find(|h| *h != addr));
             next.push(format!(
-                "to see packets in your program, send to another address routed into the device (with 10.0.0.1/24 on tun0: ping 10.0.0.2); tapir explain {} shows its routes",
+                "to see packets in your program, send to another address routed into the device{}; tapir explain {} shows its routes",
+                other.map(|o| format!(" (ping {o})")).unwrap_or_default(),
                 dev.as_deref().unwrap_or("DEV")
             ));
         }
@@ -147,9 +167,8 @@ pub fn address(addr: IpAddr) -> Result<Explanation, DevError> {
                 .unwrap_or_default();
             let name = dev.clone().unwrap_or_else(|| "?".into());
             findings.push(format!(
-                "{addr} is routed out of {name}{via} (table {}{}), with source {}",
-                route.table,
-                if route.table == 254 { ", main" } else { "" },
+                "{addr} is routed out of {name}{via}{}, with source {}",
+                table(route.table),
                 route.source.map_or("-".to_string(), |s| s.to_string())
             ));
             if let Some(v) = tun_view(&name) {
@@ -180,7 +199,12 @@ pub fn address(addr: IpAddr) -> Result<Explanation, DevError> {
                     ));
                 }
             }
-            if tun_view(&name).is_none() && addr.is_ipv4() {
+            // (Toward the internet: through a gateway, or out of a plain
+            // link; a host on a guest bridge itself is not that.)
+            let on_guest_link = links
+                .iter()
+                .any(|l| l.name == name && (l.kind.as_deref() == Some("bridge") || l.is_tun()));
+            if tun_view(&name).is_none() && addr.is_ipv4() && (route.gateway.is_some() || !on_guest_link) {
                 guests_hint(
                     &mut nl,
                     &links,
@@ -216,11 +240,34 @@ pub fn address(addr: IpAddr) -> Result<Explanation, DevError> {
                 }
             }
         }
+        "broadcast" => findings.push(format!(
+            "{addr} is a broadcast address{}: what is sent to it goes to every host of that subnet (ping -b {addr})",
+            dev.as_deref().map(|d| format!(" of {d}'s subnet")).unwrap_or_default()
+        )),
+        "multicast" => findings.push(format!(
+            "{addr} is a multicast address: sent out of {} to the hosts that joined the group",
+            dev.as_deref().unwrap_or("the interface the sender chooses")
+        )),
+        "blackhole" | "prohibit" | "unreachable" => {
+            findings.push(format!(
+                "{addr} is covered by a {} route: {}",
+                route.kind,
+                match route.kind.as_str() {
+                    "blackhole" => "packets to it are dropped silently",
+                    "prohibit" => "packets to it are refused (the sender gets \"Permission denied\", an ICMP prohibited)",
+                    _ => "packets to it are refused (the sender gets \"No route to host\")",
+                }
+            ));
+            next.push(format!(
+                "ip route show table all type {} shows it; ip route del that route to send {addr} elsewhere",
+                route.kind
+            ));
+        }
         other => {
             findings.push(format!(
-                "{addr} is routed as {other}: the kernel refuses packets to it"
+                "{addr} is routed as {other}{} (ip route get {addr} shows the same)",
+                table(route.table)
             ));
-            next.push("ip route get shows the same; remove or change that route".into());
         }
     }
     Ok(Explanation {
@@ -244,15 +291,22 @@ fn guests_hint(
     next: &mut Vec<String>,
     facts: &mut serde_json::Value,
 ) -> Result<(), DevError> {
+    // Guests sit behind bridges and taps (a tun, a point-to-point link or a
+    // tapir tunnel is not a guest network), on subnets with room for them.
     let guest_links: Vec<&tapir_sys::Link> = links
         .iter()
-        .filter(|l| l.kind.as_deref() == Some("bridge") || l.is_tun())
+        .filter(|l| {
+            l.kind.as_deref() == Some("bridge")
+                || (l.is_tun()
+                    && l.tun.as_ref().and_then(|t| t.mode) == Some(tapir_sys::Mode::Tap)
+                    && crate::service::query(&l.name).is_err())
+        })
         .filter(|l| l.name != out)
         .collect();
     let addrs = nl.addresses(None)?;
     let subnets: Vec<(String, ipnet::IpNet)> = addrs
         .iter()
-        .filter(|a| a.local.addr().is_ipv4())
+        .filter(|a| a.local.addr().is_ipv4() && a.peer.is_none() && a.local.prefix_len() < 31)
         .filter_map(|a| {
             guest_links
                 .iter()
@@ -287,9 +341,92 @@ fn guests_hint(
     Ok(())
 }
 
+/// `tapir explain DEV` for a link that is not tun/tap (veth, bridge, lo,
+/// a NIC): what it is, its state, its addresses and the routes through it.
+fn other_link(name: &IfName) -> Result<Explanation, DevError> {
+    let mut nl = Netlink::open()?;
+    let link = nl
+        .link(name.as_str())?
+        .ok_or_else(|| DevError::NotFound(format!("{name} (ip link shows the links there are)")))?;
+    let links = nl.links()?;
+    let addrs = nl.addresses(Some(link.index))?;
+    let routes = nl.routes(Some(link.index))?;
+    let kind = link.kind.clone().unwrap_or_else(|| {
+        if name.as_str() == "lo" {
+            "loopback".into()
+        } else {
+            "physical".into()
+        }
+    });
+    let mut findings = vec![format!(
+        "{name} is a {kind} link, {} (operstate {}), MTU {}{}",
+        if link.state.up { "up" } else { "down" },
+        link.operstate,
+        link.mtu,
+        link.master
+            .and_then(|m| links.iter().find(|l| l.index == m))
+            .map(|m| format!(", a port of {}", m.name))
+            .unwrap_or_default()
+    )];
+    let mut next = Vec::new();
+    if !link.state.up {
+        findings
+            .push("it is down: its addresses are not used and nothing is routed out of it".into());
+        next.push(format!("ip link set {name} up"));
+    }
+    if kind == "bridge" {
+        let ports: Vec<String> = links
+            .iter()
+            .filter(|l| l.master == Some(link.index))
+            .map(|l| l.name.clone())
+            .collect();
+        findings.push(if ports.is_empty() {
+            "no port is on it: it reaches no one but this host".into()
+        } else {
+            format!("its ports: {}", ports.join(", "))
+        });
+    }
+    for a in &addrs {
+        findings.push(match a.peer {
+            Some(p) => format!(
+                "{} is the host's address here, with the other end {p} routed out of {name}",
+                a.local.addr()
+            ),
+            None => format!(
+                "{} is the host's address here (answered through lo)",
+                a.local
+            ),
+        });
+    }
+    let routed: Vec<String> = routes.iter().map(|r| r.dst.to_string()).collect();
+    if !routed.is_empty() {
+        findings.push(format!(
+            "routed out of it (main table): {}",
+            routed.join(", ")
+        ));
+    }
+    Ok(Explanation {
+        subject: name.to_string(),
+        facts: serde_json::json!({
+            "kind": kind,
+            "up": link.state.up,
+            "operstate": link.operstate,
+            "mtu": link.mtu,
+            "addresses": addrs.iter().map(|a| a.local.to_string()).collect::<Vec<_>>(),
+            "routes": routed,
+        }),
+        findings,
+        next,
+    })
+}
+
 /// `tapir explain DEV`.
 pub fn device(name: &IfName) -> Result<Explanation, DevError> {
-    let v = dev::show(name.as_str())?;
+    let v = match dev::show(name.as_str()) {
+        Ok(v) => v,
+        Err(DevError::NotTun { .. }) => return other_link(name),
+        Err(e) => return Err(e),
+    };
     let counters = |what: &str| {
         std::fs::read_to_string(format!("/sys/class/net/{name}/statistics/{what}"))
             .ok()
@@ -350,9 +487,16 @@ pub fn device(name: &IfName) -> Result<Explanation, DevError> {
         );
     }
     for a in &v.addresses {
+        let host = a.prefixlen >= if a.local.is_ipv4() { 32 } else { 128 };
         findings.push(format!(
-            "{}/{} is the host's own address here: pinging it is answered by the kernel through lo, never through {name}; the other addresses of the subnet are routed into {name}",
-            a.local, a.prefixlen
+            "{}/{} is the host's own address here: pinging it is answered by the kernel through lo, never through {name}{}",
+            a.local,
+            a.prefixlen,
+            match (&a.peer, host) {
+                (Some(p), _) => format!("; its other end {p} is routed into {name}"),
+                (None, true) => String::new(),
+                (None, false) => format!("; the other addresses of the subnet are routed into {name}"),
+            }
         ));
     }
     if v.routes.is_empty() && !v.addresses.is_empty() {
