@@ -310,6 +310,18 @@ fn echo_on_an_existing_device_takes_back_only_what_it_added() {
     );
     let link = ns.ip(&["link", "show", "dev", "tun5"]);
     assert!(!link.contains(",UP"), "brought down again: {link}");
+    // The address there with another prefix (a peer's /32, left by an
+    // earlier experiment): not added, and said, where it was silent.
+    ns.ip(&["addr", "flush", "dev", "tun5"]);
+    ns.ip(&["addr", "add", "10.5.0.1", "peer", "10.5.0.2", "dev", "tun5"]);
+    let echo = Running::start(&ns, &["echo", "tun5", "--addr", "10.5.0.1/24"]);
+    wait_ready(&ns, "tun5", "10.5.0.1");
+    let out = echo.stop();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: --addr 10.5.0.1/24 not added: tun5 has 10.5.0.1/32 peer 10.5.0.2"),
+        "{err}"
+    );
 }
 
 #[test]

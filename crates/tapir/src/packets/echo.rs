@@ -98,9 +98,21 @@ fn configure(
     };
     let result = (|| {
         for a in addrs {
-            if !existing.iter().any(|e| e.local.addr() == a.addr()) {
-                nl.add_address(link.index, *a, None)?;
-                changes.added.push(*a);
+            match existing.iter().find(|e| e.local.addr() == a.addr()) {
+                None => {
+                    nl.add_address(link.index, *a, None)?;
+                    changes.added.push(*a);
+                }
+                // The same address, otherwise: the kernel holds one per
+                // address, so the other subnet (or peer) stays, said.
+                Some(e) if e.local.prefix_len() != a.prefix_len() || e.peer.is_some() => {
+                    eprintln!(
+                        "tapir echo: warning: --addr {a} not added: {name} has {}{} already, which routes another subnet (tapir dev show {name}; ip addr del it for this one)",
+                        e.local,
+                        e.peer.map(|p| format!(" peer {p}")).unwrap_or_default()
+                    );
+                }
+                Some(_) => {}
             }
         }
         if !link.state.up {
