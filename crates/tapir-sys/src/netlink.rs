@@ -77,7 +77,7 @@ fn netlink_hint(e: &io::Error, kernel: Option<&str>) -> &'static str {
             ": changing links, addresses and routes needs CAP_NET_ADMIN; run with sudo"
         }
         _ if kernel.contains("invalid gateway") || kernel.contains("gateway is not") => {
-            ": the gateway is not on any subnet of the device; give the device an address in the gateway's subnet first (--addr), or route via an address that is on one"
+            ": the gateway is not on a subnet of the device that is up: give the device an address in the gateway's subnet (--addr) and bring it up (--up), or route via an address that is on one"
         }
         _ if kernel.contains("device is not up") => ": bring the device up first (--up)",
         _ => "",

@@ -561,6 +561,21 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             for w in configs.iter().flat_map(|c| &c.warnings) {
                 eprintln!("tapir: warning: {w}");
             }
+            // Devices declared beside the tunnels are up's (and the devices
+            // unit's) to make: said, where run went on without them.
+            if file.extension().is_some_and(|e| e == "toml") {
+                if let Ok((_, devices)) = tapir::config::load_file(&file) {
+                    if !devices.is_empty() {
+                        let names: Vec<&str> = devices.iter().map(|d| d.name.as_str()).collect();
+                        eprintln!(
+                            "tapir: warning: {} declares devices ({}) that run does not make: tapir up {} makes them with the tunnels (or tapir-devices.service, from /etc/tapir/devices.toml)",
+                            file.display(),
+                            names.join(", "),
+                            file.display()
+                        );
+                    }
+                }
+            }
             let shutdown = shutdown_flag()?;
             let reload = Arc::new(AtomicBool::new(false));
             signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))

@@ -497,3 +497,58 @@ fn dump_creates_a_transient_device_and_refuses_a_busy_one() {
         "a transient device goes away with its reader"
     );
 }
+
+/// A user answers pings on a device of their own, made for them by root,
+/// up and with its address: without CAP_NET_ADMIN, nothing needs changing.
+#[test]
+fn echo_runs_as_the_devices_owner_without_the_capability() {
+    require_root!();
+    let lab = Lab::new();
+    let ns = lab_ns(&lab);
+    let dir = temp("echo-user");
+    std::fs::create_dir_all(&dir).unwrap();
+    // A clone device users may open (mode 0666, as many distributions ship it).
+    let node = dir.join("tun");
+    assert!(
+        Command::new("mknod")
+            .args([node.to_str().unwrap(), "c", "10", "200"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    Command::new("chmod")
+        .args(["0666", node.to_str().unwrap()])
+        .status()
+        .unwrap();
+    for args in [
+        &["dev", "add", "utun0", "--mode", "tun", "--user", "65534"][..],
+        &["dev", "set", "utun0", "--up", "--addr", "10.88.1.1/24"],
+    ] {
+        assert!(ns.cmd(TAPIR).args(args).status().unwrap().success());
+    }
+    let echo = Running(Some(
+        ns.cmd("setpriv")
+            .args([
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                TAPIR,
+            ])
+            .args(["echo", "utun0", "--tun-path", node.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    wait_ready(&ns, "utun0", "10.88.1.1");
+    ping(&ns, &["-c", "2", "-i", "0.1", "10.88.1.2"]);
+    let out = echo.stop();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -160,11 +160,9 @@ fn now() -> Duration {
 /// Runs the responder until `shutdown` is set; then takes back what it set
 /// up and returns the counters.
 pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevError> {
-    if !crate::caps::has_net_admin() {
-        return Err(DevError::Permission(crate::caps::net_admin_missing(
-            "configuring a device for tapir echo",
-        )));
-    }
+    // Without CAP_NET_ADMIN, a device of one's own that is up with its
+    // addresses is answered on all the same (attaching is the owner's
+    // right); only a change to it needs the capability, said then.
     let Reader {
         dev,
         mode,
@@ -178,7 +176,15 @@ pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevEr
         .transpose()?;
     let name = dev.name().clone();
     let mut nl = Netlink::open()?;
-    let (changes, subnets) = configure(&mut nl, &name, &req.addrs)?;
+    let (changes, subnets) = configure(&mut nl, &name, &req.addrs).map_err(|e| {
+        if crate::caps::has_net_admin() {
+            e
+        } else {
+            DevError::Permission(crate::caps::net_admin_missing(
+                "configuring a device for tapir echo (its addresses, up)",
+            ))
+        }
+    })?;
     let link = match mode {
         Mode::Tun => Link::Ip,
         Mode::Tap => Link::Ethernet,

@@ -519,11 +519,19 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
     }
     let name = &config.name;
     let mut nl = Netlink::open()?;
-    if nl.link(name.as_str())?.is_some() {
-        return Err(DevError::Invalid(format!(
-            "{name} already exists: another tunnel (or device) has that name; take it down (tapir dev del {name}) or rename {}",
-            config.file.display()
-        )));
+    if let Some(l) = nl.link(name.as_str())? {
+        return Err(DevError::Invalid(if l.is_tun() {
+            format!(
+                "{name} already exists: another tunnel (or tun/tap device) has that name; take it down (tapir down {name}, or tapir dev del {name}) or rename {}",
+                config.file.display()
+            )
+        } else {
+            format!(
+                "{name} already exists and is a {} link, not a tunnel's: name the tunnel otherwise in {}",
+                l.kind.as_deref().unwrap_or("physical or loopback"),
+                config.file.display()
+            )
+        }));
     }
     // Rules a crashed earlier run of this name left behind go first.
     let scope = crate::scope::Scope::current().map_err(DevError::Runtime)?;
