@@ -170,8 +170,13 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff): tapir man > /usr/local/share/man/man1/tapir.1
-    Man,
+    /// Print the manual page (roff), or with --dir write it and one page per
+    /// subcommand there: tapir man --dir /usr/local/share/man/man1
+    Man {
+        /// Write tapir.1 and tapir-SUBCOMMAND.1 (the pages tapir.1 names) into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Install the systemd units: tapir@.service (systemctl enable --now tapir@wg0 runs /etc/tapir/wg0.conf or .toml) and tapir-devices.service (/etc/tapir/devices.toml at boot).
     InstallUnits {
         /// Where unit files go.
@@ -912,10 +917,30 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Man => {
+        Command::Man { dir: None } => {
             clap_mangen::Man::new(Cli::command())
                 .render(&mut std::io::stdout())
                 .context("writing the manual page")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing the manual pages into {}", dir.display()))?;
+            let pages = std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| {
+                            let n = e.file_name().to_string_lossy().into_owned();
+                            n.starts_with("tapir") && n.ends_with(".1")
+                        })
+                        .count()
+                })
+                .unwrap_or(0);
+            println!(
+                "{pages} manual pages in {} (man tapir, man tapir-dev...)",
+                dir.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Genkey => {

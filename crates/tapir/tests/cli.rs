@@ -29,6 +29,17 @@ fn version_completions_and_manual() {
         man.contains(".TH tapir 1") && man.contains("genkey"),
         "{man}"
     );
+    // With --dir, the pages tapir.1 names are there too, with their options.
+    let dir = std::env::temp_dir().join(format!("tapir-man-{}", std::process::id()));
+    let text = out(&["man", "--dir", dir.to_str().unwrap()]);
+    assert!(text.contains("manual pages in"), "{text}");
+    let dev_add = std::fs::read_to_string(dir.join("tapir-dev-add.1")).unwrap();
+    assert!(
+        dev_add.contains("multi\\-queue") || dev_add.contains("multi-queue"),
+        "{dev_add}"
+    );
+    assert!(dir.join("tapir-explain.1").exists() && dir.join("tapir.1").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
     // --tun-path belongs to the commands that open the tun device.
     assert!(!out(&["genkey", "--help"]).contains("--tun-path"));
     assert!(!out(&["pubkey", "--help"]).contains("--tun-path"));
