@@ -168,7 +168,9 @@ pub mod offload {
 pub enum TunError {
     /// The clone device does not exist.
     #[error(
-        "{path} is missing: load the tun module (modprobe tun), create the node (mkdir -p /dev/net && mknod {path} c 10 200), or run in a VM with CONFIG_TUN"
+        "{path} is missing: load the tun module (modprobe tun), create the node (mkdir -p {dir} && mknod {path} c 10 200), or run in a VM with CONFIG_TUN",
+        path = .path.display(),
+        dir = .path.parent().map_or(std::borrow::Cow::Borrowed("/"), |d| d.to_string_lossy())
     )]
     Missing {
         /// The path that was tried.

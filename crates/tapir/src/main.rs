@@ -49,7 +49,7 @@ enum Command {
         /// The device; created (and removed on exit) if it does not exist.
         name: String,
         /// tun or tap, for a device to create (default tun); must match an existing one.
-        #[arg(long)]
+        #[arg(long, value_parser = mode_parser())]
         mode: Option<Mode>,
         /// The host's address on the device (CIDR; repeatable, e.g. one IPv4 and one IPv6).
         #[arg(long = "addr", value_name = "CIDR")]
@@ -194,7 +194,7 @@ enum Command {
         /// The device; a transient one is created if it does not exist.
         name: String,
         /// tun or tap, for a device to create (default tun); must match an existing one.
-        #[arg(long)]
+        #[arg(long, value_parser = mode_parser())]
         mode: Option<Mode>,
         /// Stop after N packets.
         #[arg(long, short = 'c')]
@@ -302,7 +302,7 @@ enum DevCommand {
         /// Name, or a template such as tap%d; default: tun%d or tap%d.
         name: Option<String>,
         /// tun (IP packets) or tap (Ethernet frames).
-        #[arg(long)]
+        #[arg(long, value_parser = mode_parser())]
         mode: Mode,
         /// User (name or uid) allowed to open the device without root.
         #[arg(long)]
@@ -1092,6 +1092,13 @@ fn warn_if_world_readable_stdout() {
             );
         }
     }
+}
+
+/// `tun` or `tap`, offered as such to shell completions.
+fn mode_parser() -> impl clap::builder::TypedValueParser<Value = Mode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["tun", "tap"])
+        .map(|m| if m == "tap" { Mode::Tap } else { Mode::Tun })
 }
 
 fn main() -> ExitCode {

@@ -961,6 +961,12 @@ pub fn install_units(dir: &Path, tapir: &Path) -> Result<Vec<PathBuf>, String> {
     for (name, text) in UNITS {
         let path = dir.join(name);
         let text = text.replace("/usr/local/bin/tapir", &tapir.to_string_lossy());
+        if std::fs::read_to_string(&path).is_ok_and(|old| old != text) {
+            eprintln!(
+                "tapir: {} was there with other text: replaced (local changes belong in a drop-in: systemctl edit {name})",
+                path.display()
+            );
+        }
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
         written.push(path);
     }
