@@ -823,11 +823,33 @@ pub fn parse_toml_all(
         key: Some(key.to_owned()),
         msg,
     };
-    let file: toml_schema::File = toml::from_str(text).map_err(|e| ConfigError {
-        file: path.to_owned(),
-        line: e.span().map_or(0, line_of),
-        key: None,
-        msg: e.message().to_owned(),
+    let file: toml_schema::File = toml::from_str(text).map_err(|e| {
+        // The key of the line at fault (`listen_port = 70000`), or its
+        // table's header (`[tunnel]`), and a word on the usual slips.
+        let line = e.span().map_or(0, line_of);
+        let at = line
+            .checked_sub(1)
+            .and_then(|l| text.lines().nth(l))
+            .unwrap_or("")
+            .trim();
+        let key = at
+            .split_once('=')
+            .map(|(k, _)| k.trim().to_owned())
+            .filter(|k| !k.is_empty() && !k.starts_with('['));
+        let message = e.message().trim_end();
+        let hint = if (at == "[tunnel]" || at == "[device]") && message.contains("expected a sequence") {
+            format!("; write [{at}] with two brackets: each is one table of a list ([[tunnel]] or [[device]])")
+        } else if message.contains("expected u16") {
+            "; a port is 1 to 65535".to_owned()
+        } else {
+            String::new()
+        };
+        ConfigError {
+            file: path.to_owned(),
+            line,
+            key,
+            msg: format!("{message}{hint}"),
+        }
     })?;
     let mut devices: Vec<crate::devices::DeviceConfig> = Vec::new();
     for d in &file.devices {
@@ -1489,10 +1511,17 @@ mod tests {
     fn toml_errors_name_file_line_and_key() {
         let base = format!("[[tunnel]]\nname = \"tp0\"\nprivate_key = \"{A}\"\n");
         let cases = [
-            (format!("{base}listen_port = 99999\n"), "t.toml:4: "),
+            (
+                format!("{base}listen_port = 99999\n"),
+                "t.toml:4: listen_port: invalid value: integer `99999`, expected u16; a port is 1 to 65535",
+            ),
+            (
+                format!("[tunnel]\nname = \"tp0\"\nprivate_key = \"{A}\"\n"),
+                "with two brackets: each is one table of a list",
+            ),
             (
                 format!("{base}colour = \"red\"\n"),
-                "t.toml:4: unknown field `colour`",
+                "t.toml:4: colour: unknown field `colour`",
             ),
             (
                 format!("{base}addresses = [\"10.0.0.1/40\"]\n"),
