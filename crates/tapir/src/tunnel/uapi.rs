@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use tapir_proto::wg::keys::{PresharedKey, PrivateKey, PublicKey, decode_hex32};
@@ -581,9 +581,10 @@ impl ControlSocket {
                 if tapir_sys::netns::peer_is_local(fd) == Some(false) {
                     // Told why (EREMOTE: "Object is remote"), where a
                     // closed connection left `wg` with a broken pipe or
-                    // "Protocol error". Not waited for: never blocks.
-                    let _ = stream.set_nonblocking(true);
-                    let _ = (&stream).write_all(format!("errno={}\n\n", libc::EREMOTE).as_bytes());
+                    // "Protocol error": its request read first (a socket
+                    // closed with data unread resets the connection, and
+                    // the reply with it), for 200 ms at most.
+                    refuse(&stream);
                     refused += 1;
                     if refused.is_power_of_two() {
                         eprintln!(
@@ -600,6 +601,34 @@ impl ControlSocket {
             }
         }
     }
+}
+
+/// Answers a client of another namespace EREMOTE once its request is in
+/// (or 200 ms passed), without serving it.
+fn refuse(stream: &UnixStream) {
+    let deadline = Instant::now() + Duration::from_millis(200);
+    let mut buf = [0u8; 4096];
+    // The last byte read, and what came after it (a request ends "\n\n").
+    let mut seen = Vec::new();
+    let _ = stream.set_nonblocking(false);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match (&*stream).read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                seen.extend_from_slice(&buf[..n]);
+                if seen.windows(2).any(|w| w == b"\n\n") {
+                    break;
+                }
+                seen.drain(..seen.len() - 1);
+            }
+        }
+    }
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+    let _ = (&*stream).write_all(format!("errno={}\n\n", libc::EREMOTE).as_bytes());
 }
 
 impl Drop for ControlSocket {
