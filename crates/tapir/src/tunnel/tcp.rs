@@ -47,6 +47,30 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// An accepted connection with nothing received for this long is closed
 /// (its peer has moved to another, or is gone).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// A connection whose sent data stays unacknowledged this long, or whose
+/// peer answers no keepalive probe for as long, is given up by the kernel
+/// (`TCP_USER_TIMEOUT`, TCP keepalive), and the client dials again. Without
+/// it, a path that died silently (a laptop's new address, a middlebox that
+/// lost the flow) left the tunnel stalled and "connected" until the kernel
+/// gave up on its own, some 15 minutes later; OpenVPN's ping-restart is the
+/// same idea.
+pub const DEAD_AFTER: Duration = Duration::from_secs(30);
+/// Idle this long, a connection is probed (then every [`PROBE_EVERY`]).
+pub const PROBE_AFTER: Duration = Duration::from_secs(15);
+/// See [`PROBE_AFTER`].
+pub const PROBE_EVERY: Duration = Duration::from_secs(5);
+
+/// Sets a connection's liveness checks (see [`DEAD_AFTER`]).
+fn liveness(socket: socket2::SockRef<'_>) -> io::Result<()> {
+    socket.set_tcp_user_timeout(Some(DEAD_AFTER))?;
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(PROBE_AFTER)
+            .with_interval(PROBE_EVERY)
+            .with_retries(3),
+    )
+}
+
 /// Bytes queued per connection before packets are dropped.
 pub const SEND_QUEUE: usize = 512 * 1024;
 /// The first and the longest wait before reconnecting.
@@ -173,6 +197,7 @@ fn nonblocking_connect(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStr
     }
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
+    liveness(socket2::SockRef::from(&socket))?;
     match socket.connect(&SocketAddr::V6(to_v6(addr)).into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -509,7 +534,10 @@ impl TcpTransport {
             }
         }
         for (stream, from) in accepted {
-            if stream.set_nonblocking(true).is_err() || stream.set_nodelay(true).is_err() {
+            if stream.set_nonblocking(true).is_err()
+                || stream.set_nodelay(true).is_err()
+                || liveness(socket2::SockRef::from(&stream)).is_err()
+            {
                 continue;
             }
             self.stats.accepted += 1;
@@ -851,6 +879,26 @@ mod tests {
         assert_eq!(backoff(40, 255), Duration::from_secs(30));
         assert_eq!(backoff(0, 255), Duration::from_millis(1200));
         assert!(backoff(3, 128) > backoff(3, 0));
+    }
+
+    #[test]
+    fn connections_both_ways_give_up_a_silent_peer_in_seconds() {
+        let now = Instant::now();
+        let mut server = TcpTransport::new(Some(0), 2048, 1).unwrap();
+        let port = server.local_port();
+        let dialed = nonblocking_connect(SocketAddr::from(([127, 0, 0, 1], port)), None).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        server.accept(now);
+        let accepted = server.conns.iter().flatten().next().expect("accepted");
+        for s in [
+            socket2::SockRef::from(&dialed),
+            socket2::SockRef::from(&accepted.stream),
+        ] {
+            assert_eq!(s.tcp_user_timeout().unwrap(), Some(DEAD_AFTER));
+            assert!(s.keepalive().unwrap());
+            assert_eq!(s.tcp_keepalive_time().unwrap(), PROBE_AFTER);
+            assert_eq!(s.tcp_keepalive_interval().unwrap(), PROBE_EVERY);
+        }
     }
 
     /// A connection to the loopback listener at `port` from address `ip`.
