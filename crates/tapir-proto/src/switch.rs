@@ -9,11 +9,18 @@
 //! that keep one peer from hurting the others: an entry ages out after
 //! [`MacTable::aging`] without traffic; a multicast source is refused (no
 //! station has one); each port may hold at most [`MacTable::cap`] addresses,
-//! and a frame with a new source beyond that is refused (counted by the
-//! caller), so memory stays bounded whatever a peer sends; an address seen on
-//! another port moves there. Time is an input; nothing here reads a clock.
+//! and a new source beyond that takes the place of the port's oldest
+//! (counted by the caller), so memory stays bounded whatever a peer sends,
+//! and a flood of addresses from one port displaces only that port's own;
+//! an address seen on another port moves there. Time is an input; nothing
+//! here reads a clock.
+//!
+//! A port at its cap evicts rather than refuses: a spoke's one peer, the
+//! hub, carries every address of the network, and a refusing table there
+//! left a spoke that another's flood had filled unable to learn (and so to
+//! take frames from) any station new to it for the aging time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
@@ -61,6 +68,10 @@ struct Entry<P> {
 pub struct MacTable<P> {
     entries: HashMap<Mac, Entry<P>>,
     per_port: HashMap<P, usize>,
+    /// Each port's addresses in the order they were learned there, oldest
+    /// first (the one its cap evicts); an address gone or moved meanwhile
+    /// is skipped when met, and the list compacted once it is twice the cap.
+    order: HashMap<P, VecDeque<Mac>>,
     aging: Duration,
     cap: usize,
 }
@@ -71,6 +82,7 @@ impl<P: Copy + Eq + Hash> MacTable<P> {
         Self {
             entries: HashMap::new(),
             per_port: HashMap::new(),
+            order: HashMap::new(),
             aging,
             cap,
         }
@@ -102,20 +114,47 @@ impl<P: Copy + Eq + Hash> MacTable<P> {
     /// Notes that `src` was seen on `port`. A live address of the
     /// `protected` port (the local tap's stations) is never moved away from
     /// it: a peer sending from our own MAC gets our traffic only if it
-    /// could take it over, so it may not.
+    /// could take it over, so it may not. `Ok(true)`: the port was at its
+    /// cap, and its oldest address made room.
     pub fn learn_unless(
         &mut self,
         now: Instant,
         src: Mac,
         port: P,
         protected: P,
-    ) -> Result<(), Refused> {
+    ) -> Result<bool, Refused> {
         self.learn_guarded(now, src, port, (port != protected).then_some(protected))
     }
 
-    /// Notes that `src` was seen on `port`.
-    pub fn learn(&mut self, now: Instant, src: Mac, port: P) -> Result<(), Refused> {
+    /// Notes that `src` was seen on `port` (see [`MacTable::learn_unless`]).
+    pub fn learn(&mut self, now: Instant, src: Mac, port: P) -> Result<bool, Refused> {
         self.learn_guarded(now, src, port, None)
+    }
+
+    /// Removes `port`'s oldest address still its own; whether there was one.
+    fn evict_oldest(&mut self, port: P) -> bool {
+        let Some(q) = self.order.get_mut(&port) else {
+            return false;
+        };
+        while let Some(mac) = q.pop_front() {
+            if self.entries.get(&mac).is_some_and(|e| e.port == port) {
+                self.entries.remove(&mac);
+                self.release(port);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Puts `src` last in `port`'s order, compacting it when it has grown
+    /// past twice the cap with addresses gone or moved.
+    fn remember(&mut self, src: Mac, port: P) {
+        let q = self.order.entry(port).or_default();
+        q.push_back(src);
+        if q.len() > 2 * self.cap.max(1) {
+            let entries = &self.entries;
+            q.retain(|m| entries.get(m).is_some_and(|e| e.port == port));
+        }
     }
 
     /// [`MacTable::learn`], refusing to move a live address of `protected`.
@@ -127,7 +166,7 @@ impl<P: Copy + Eq + Hash> MacTable<P> {
         src: Mac,
         port: P,
         protected: Option<P>,
-    ) -> Result<(), Refused> {
+    ) -> Result<bool, Refused> {
         if is_multicast(&src) {
             return Err(Refused::MulticastSource);
         }
@@ -135,7 +174,7 @@ impl<P: Copy + Eq + Hash> MacTable<P> {
         let old = match self.entries.get_mut(&src) {
             Some(e) if e.port == port => {
                 e.seen = now;
-                return Ok(());
+                return Ok(false);
             }
             Some(e)
                 if Some(e.port) == protected && now.saturating_duration_since(e.seen) < aging =>
@@ -145,26 +184,24 @@ impl<P: Copy + Eq + Hash> MacTable<P> {
             Some(e) => Some(e.port),
             None => None,
         };
-        match old {
-            Some(old) => {
-                // Moved (or expired and reappearing): counts against the new port.
-                if self.count(port) >= self.cap {
-                    return Err(Refused::Cap);
-                }
-                self.release(old);
+        if let Some(old) = old {
+            // Moved (or expired and reappearing): it counts against the new port.
+            self.entries.remove(&src);
+            self.release(old);
+        }
+        let mut evicted = false;
+        if self.count(port) >= self.cap {
+            // Room from this port's own expired entries first, then from
+            // its oldest live one.
+            self.expire(now);
+            if self.count(port) >= self.cap {
+                evicted = self.evict_oldest(port);
             }
-            None if self.count(port) >= self.cap => {
-                // Make room from this port's own expired entries before refusing.
-                self.expire(now);
-                if self.count(port) >= self.cap {
-                    return Err(Refused::Cap);
-                }
-            }
-            None => {}
         }
         self.entries.insert(src, Entry { port, seen: now });
         *self.per_port.entry(port).or_insert(0) += 1;
-        Ok(())
+        self.remember(src, port);
+        Ok(evicted)
     }
 
     /// Where a frame to `dst` goes.
@@ -198,6 +235,7 @@ impl<P: Copy + Eq + Hash> MacTable<P> {
     pub fn forget_port(&mut self, port: P) {
         self.entries.retain(|_, e| e.port != port);
         self.per_port.remove(&port);
+        self.order.remove(&port);
     }
 
     /// Addresses held by `port` (including ones not yet expired by [`MacTable::expire`]).
@@ -278,20 +316,28 @@ mod tests {
     }
 
     #[test]
-    fn the_cap_holds_per_port_and_frees_with_aging() {
+    fn at_its_cap_a_port_displaces_its_own_oldest_and_no_other_ports() {
         let (mut t, now) = table();
-        t.learn(now, A, 1).unwrap();
-        t.learn(now, B, 1).unwrap();
-        let c = [2, 0, 0, 0, 0, 0xc];
-        assert_eq!(t.learn(now, c, 1), Err(Refused::Cap));
-        // Another port is not hurt by port 1 being full.
-        t.learn(now, c, 2).unwrap();
-        // Known addresses of a full port still refresh.
-        t.learn(now, A, 1).unwrap();
+        assert_eq!(t.learn(now, A, 1), Ok(false));
+        assert_eq!(t.learn(now, B, 1), Ok(false));
+        // Known addresses of a full port refresh, displacing nothing.
+        assert_eq!(t.learn(now, A, 1), Ok(false));
+        let (c, d) = ([2, 0, 0, 0, 0, 0xc], [2, 0, 0, 0, 0, 0xd]);
+        t.learn(now, d, 2).unwrap();
+        // A new one takes the place of port 1's oldest, A.
+        assert_eq!(t.learn(now, c, 1), Ok(true));
         assert_eq!(t.count(1), 2);
-        // Once port 1's entries have aged, it may learn again.
+        assert_eq!(t.lookup(now, &A), Destination::Flood);
+        assert_eq!(t.lookup(now, &c), Destination::Port(1));
+        // Port 2 is not touched by port 1's churn.
+        for i in 0..20 {
+            t.learn(now, [2, 1, 0, 0, 0, i], 1).unwrap();
+        }
+        assert_eq!((t.count(1), t.count(2)), (2, 1));
+        assert_eq!(t.lookup(now, &d), Destination::Port(2));
+        // Expired entries make room before live ones are displaced.
         let later = now + Duration::from_secs(301);
-        t.learn(later, [2, 0, 0, 0, 0, 0xd], 1).unwrap();
+        assert_eq!(t.learn(later, A, 1), Ok(false));
         assert_eq!(t.count(1), 1);
     }
 
@@ -302,11 +348,13 @@ mod tests {
         t.learn(now, A, 2).unwrap();
         assert_eq!(t.lookup(now, &A), Destination::Port(2));
         assert_eq!((t.count(1), t.count(2)), (0, 1));
-        // A move into a full port is refused, and the old entry stays.
+        // A move into a full port displaces that port's oldest.
         t.learn(now, B, 3).unwrap();
         t.learn(now, [2, 0, 0, 0, 0, 0xc], 3).unwrap();
-        assert_eq!(t.learn(now, A, 3), Err(Refused::Cap));
-        assert_eq!(t.lookup(now, &A), Destination::Port(2));
+        assert_eq!(t.learn(now, A, 3), Ok(true));
+        assert_eq!(t.lookup(now, &A), Destination::Port(3));
+        assert_eq!(t.lookup(now, &B), Destination::Flood);
+        assert_eq!((t.count(2), t.count(3)), (0, 2));
     }
 
     #[test]
@@ -337,19 +385,21 @@ mod tests {
         let mut t = MacTable::new(DEFAULT_AGING, DEFAULT_CAP);
         let now = Instant::now();
         let mut x: u64 = 0x1234_5678;
-        let mut refused = 0;
+        let mut evicted = 0;
         for _ in 0..10_000 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             let b = x.to_le_bytes();
             let mac = [b[0] & 0xfe, b[1], b[2], b[3], b[4], b[5]];
-            if t.learn(now, mac, 7u8).is_err() {
-                refused += 1;
+            if t.learn(now, mac, 7u8).unwrap() {
+                evicted += 1;
             }
         }
         assert_eq!(t.count(7), DEFAULT_CAP);
         assert_eq!(t.len(), DEFAULT_CAP);
-        assert_eq!(refused, 10_000 - DEFAULT_CAP);
+        assert_eq!(evicted, 10_000 - DEFAULT_CAP);
+        // The order kept for eviction stays bounded too.
+        assert!(t.order[&7].len() <= 2 * DEFAULT_CAP);
     }
 }

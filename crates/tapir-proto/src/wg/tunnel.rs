@@ -98,6 +98,9 @@ pub struct PeerStats {
     pub dropped: u64,
     /// Packets dropped by a rule (allowed IPs, the switch, the rate...).
     pub drops: Drops,
+    /// Tap mode: learned MACs of the peer that a new one displaced, the
+    /// peer being at its cap (the frame itself goes on).
+    pub macs_evicted: u64,
 }
 
 /// Packets of one peer dropped after they authenticated (or, for `rate_tx`,
@@ -107,8 +110,6 @@ pub struct Drops {
     /// A source address outside the peer's allowed IPs (in tap mode: the
     /// sender address of an IPv4, IPv6 or ARP frame).
     pub not_allowed: u64,
-    /// Tap mode: a frame with a new source MAC beyond the peer's cap.
-    pub mac_cap: u64,
     /// Tap mode: a frame with a broadcast or multicast source MAC.
     pub multicast_source: u64,
     /// Tap mode: a frame addressed to a MAC learned on the peer it came from.
@@ -1693,10 +1694,8 @@ impl Tunnel {
             .switch
             .learn_unless(now, src, Port::Peer(key), Port::Local)
         {
-            Ok(()) => {}
-            Err(switch::Refused::Cap) => {
-                return refuse(self, DropReason::Switch, |d| &mut d.mac_cap);
-            }
+            Ok(false) => {}
+            Ok(true) => self.peers[p].stats.macs_evicted += 1,
             Err(switch::Refused::Protected) => {
                 return refuse(self, DropReason::Switch, |d| &mut d.not_allowed);
             }

@@ -619,7 +619,10 @@ pub struct PeerStatus {
     pub mac_count: Option<u64>,
     /// Tap mode: the MACs learned on this peer (the first 64).
     pub macs: Vec<String>,
-    /// Packets dropped, by rule (`mac_cap`, `not_allowed`, `wrong_layer`, `rate_rx`...).
+    /// Tap mode: its learned MACs that new ones displaced at its cap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub macs_evicted: Option<u64>,
+    /// Packets dropped, by rule (`not_allowed`, `wrong_layer`, `rate_rx`...).
     pub drops: std::collections::BTreeMap<String, u64>,
     /// TCP transport: the connection's state and next retry.
     pub connection: Option<String>,
@@ -733,6 +736,7 @@ pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, Stri
                                 Some(p) => match key {
                                     "rate" => p.rate = v.parse().ok(),
                                     "mac_count" => p.mac_count = v.parse().ok(),
+                                    "macs_evicted" => p.macs_evicted = v.parse().ok(),
                                     "mac" => p.macs.push(v),
                                     "connection" => p.connection = Some(v),
                                     _ => {
@@ -903,12 +907,15 @@ pub fn format(tunnels: &[TunnelStatus]) -> String {
             }
             if let Some(n) = p.mac_count {
                 out += &format!(
-                    "    learned MACs: {n}{}\n",
+                    "    learned MACs: {n}{}{}\n",
                     if p.macs.is_empty() {
                         String::new()
                     } else {
                         format!(" ({})", p.macs.join(", "))
-                    }
+                    },
+                    p.macs_evicted
+                        .map(|e| format!("; {e} displaced at the cap by newer ones"))
+                        .unwrap_or_default()
                 );
             }
             if !p.drops.is_empty() {

@@ -2562,6 +2562,9 @@ fn extras(t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) -> St
         }
         if tap {
             out += &format!("tapir_mac_count={}\n", t.peer_mac_count(&cfg.public));
+            if s.macs_evicted > 0 {
+                out += &format!("tapir_macs_evicted={}\n", s.macs_evicted);
+            }
             for m in t.peer_macs(now, &cfg.public).iter().take(64) {
                 out += &format!("tapir_mac={}\n", tapir_wire::summary::mac(m));
             }
@@ -2569,7 +2572,6 @@ fn extras(t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) -> St
         let dr = &s.drops;
         for (k, v) in [
             ("not_allowed", dr.not_allowed),
-            ("mac_cap", dr.mac_cap),
             ("multicast_source", dr.multicast_source),
             ("loop_back", dr.loop_back),
             ("wrong_layer", dr.wrong_layer),

@@ -240,11 +240,28 @@ fn the_mac_cap_holds_and_other_spokes_keep_working() {
         n.send(1, &frame(BCAST, [2, 1, 0, 0, 0, i], 60));
         n.run();
     }
-    // The cap is 4 in this net: MAC 1 and three more.
+    // The cap is 4 in this net: the hub holds spoke 1's newest four, each
+    // new one displacing its oldest (the frames go on).
     let k1 = n.keys[1];
     assert_eq!(n.nodes[0].peer_mac_count(&k1), 4);
     let stats = n.nodes[0].peers().next().unwrap().2.clone();
-    assert_eq!(stats.drops.mac_cap, 47);
+    assert_eq!(stats.macs_evicted, 47);
+    // Spoke 1's own station, displaced by its flood, is learned again by
+    // its next frame, and reached.
+    n.send(1, &frame(BCAST, MAC[1], 60));
+    n.run();
+    let to_1 = frame(MAC[1], MAC[0], 60);
+    n.tap[1].clear();
+    n.send(0, &to_1);
+    n.run();
+    assert_eq!(n.tap[1], vec![to_1]);
+    // Spoke 2, whose one peer (the hub) carried spoke 1's flood to it, still
+    // learns a station new to it and takes its frames.
+    let newcomer = frame(MAC[2], [2, 9, 9, 9, 9, 9], 60);
+    n.tap[2].clear();
+    n.send(0, &newcomer);
+    n.run();
+    assert_eq!(n.tap[2], vec![newcomer]);
     // Spoke 2 is unaffected.
     let u = frame(MAC[0], MAC[2], 60);
     n.tap[0].clear();
