@@ -654,7 +654,13 @@ impl Tunnel {
     /// Maps peer `idx`'s allowed IPs to it, taking each from the peer that
     /// had it: in WireGuard an allowed IP belongs to one peer, the one it was
     /// given to last. Costs one probe per prefix, whatever the peer count.
+    /// In tap mode allowed IPs route nothing (MACs do): they only filter
+    /// what each peer may claim, and one prefix may be several peers' (the
+    /// link-local fe80::/10 of a segment, say), so none is taken.
     fn claim_allowed_ips(&mut self, idx: usize) {
+        if self.layer == Layer::Ethernet {
+            return;
+        }
         let mine: Vec<IpNet> = self.peers[idx]
             .config
             .allowed_ips
@@ -1684,7 +1690,16 @@ impl Tunnel {
                     self.peers[p].stats.dropped += 1;
                     return Decapsulated::Dropped(DropReason::Malformed);
                 }
-                Ok(claims) if claims.iter().flatten().any(|&ip| self.route(ip) != Some(p)) => {
+                // (Its own list: in tap mode a prefix may be several peers'.)
+                Ok(claims)
+                    if claims.iter().flatten().any(|ip| {
+                        !self.peers[p]
+                            .config
+                            .allowed_ips
+                            .iter()
+                            .any(|n| n.contains(ip))
+                    }) =>
+                {
                     return refuse(self, DropReason::NotAllowed, |d| &mut d.not_allowed);
                 }
                 Ok(_) => {}

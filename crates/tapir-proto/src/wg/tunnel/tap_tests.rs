@@ -305,6 +305,43 @@ fn allowed_ips_stop_spoofed_senders_in_tap_mode() {
     assert_eq!(d.not_allowed, 1);
 }
 
+/// In tap mode allowed IPs only filter, so one prefix may be several
+/// peers' (the segment's link-local fe80::/10): none is taken from the
+/// other, and each may send from it.
+#[test]
+fn in_tap_mode_peers_may_share_an_allowed_prefix() {
+    let mut n = Net::new(&["10.0.0.1/32", "fe80::/10"], [Layer::Ethernet; 3]);
+    let k2 = n.keys[2];
+    assert!(n.nodes[0].update_peer(&k2, |c| c.allowed_ips =
+        vec!["10.0.0.2/32".parse().unwrap(), "fe80::/10".parse().unwrap(),]));
+    let lists: Vec<usize> = n.nodes[0]
+        .peers()
+        .map(|(c, _, _)| c.allowed_ips.len())
+        .collect();
+    assert_eq!(lists, vec![2, 2], "fe80::/10 kept by both");
+    n.warm_up();
+    // An IPv6 echo request from each spoke's link-local address.
+    let from = |mac: Mac, last: u8| {
+        let mut f = frame(BCAST, mac, 14 + 40 + 8);
+        f[12..14].copy_from_slice(&[0x86, 0xdd]);
+        f[14..22].copy_from_slice(&[0x60, 0, 0, 0, 0, 8, 58, 255]);
+        f[22..38].copy_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, last]);
+        f[38..54].copy_from_slice(&[0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        f[54..62].copy_from_slice(&[128, 0, 0, 0, 0, 1, 0, 1]);
+        f
+    };
+    n.send(1, &from(MAC[1], 1));
+    n.run();
+    n.send(2, &from(MAC[2], 2));
+    n.run();
+    assert_eq!(n.tap[0].len(), 2, "{:?}", n.drops);
+    let d: u64 = n.nodes[0]
+        .peers()
+        .map(|(_, _, s)| s.drops.not_allowed)
+        .sum();
+    assert_eq!(d, 0);
+}
+
 /// A frame from `src` to the broadcast address: `types` are the
 /// EtherTypes in order (VLAN tags first, each with VLAN 7), then `l3`.
 fn tagged(src: Mac, types: &[u16], l3: &[u8]) -> Vec<u8> {
