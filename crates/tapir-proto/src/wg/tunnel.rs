@@ -337,6 +337,36 @@ pub enum DropReason {
     RateLimited,
 }
 
+/// Datagrams dropped before any peer could be named for them (a peer's own
+/// drops are in its [`PeerStats`]): what garbage, a client with an unknown
+/// key or a stale session send.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Unattributed {
+    /// Not a WireGuard message.
+    pub malformed: u64,
+    /// A handshake from a key that is no peer's.
+    pub unknown_key: u64,
+    /// A handshake message that did not authenticate (mac1, decryption).
+    pub bad_handshake: u64,
+    /// A message for no session or handshake of ours (an index unknown).
+    pub no_session: u64,
+    /// Handshakes answered with a cookie, under load.
+    pub cookie_replies: u64,
+}
+
+impl Unattributed {
+    fn count(&mut self, why: &DropReason) {
+        match why {
+            DropReason::Malformed => self.malformed += 1,
+            DropReason::Handshake(HandshakeError::UnknownPeer) => self.unknown_key += 1,
+            DropReason::Handshake(_) => self.bad_handshake += 1,
+            DropReason::UnknownIndex => self.no_session += 1,
+            DropReason::Cookie => self.cookie_replies += 1,
+            _ => {}
+        }
+    }
+}
+
 /// A WireGuard interface. In this order (`repr(C)`): what every packet
 /// reads first, together.
 #[repr(C)]
@@ -366,6 +396,7 @@ pub struct Tunnel {
     under_load_until: Option<Instant>,
     limiter: SourceLimiter,
     switch: MacTable<Port>,
+    unattributed: Unattributed,
 }
 
 impl Drop for Tunnel {
@@ -569,6 +600,7 @@ impl Tunnel {
             load_window: (None, 0),
             under_load_until: None,
             limiter: SourceLimiter::new(),
+            unattributed: Unattributed::default(),
             layer: Layer::Ip,
             mtu: 0,
             switch: MacTable::new(switch::DEFAULT_AGING, switch::DEFAULT_CAP),
@@ -615,6 +647,11 @@ impl Tunnel {
             Layer::Ip => Padding::Ip { mtu: self.mtu },
             Layer::Ethernet => Padding::None,
         }
+    }
+
+    /// Datagrams dropped before a peer could be named for them.
+    pub fn unattributed(&self) -> &Unattributed {
+        &self.unattributed
     }
 
     /// How many peers there are (indices for [`Tunnel::encapsulate_to`]).
@@ -1214,6 +1251,22 @@ impl Tunnel {
     /// handled whole; a data message for one of our sessions whose counter
     /// is fresh comes back to be opened.
     pub fn receive(
+        &mut self,
+        now: Instant,
+        wall: Duration,
+        rng: &mut dyn Random,
+        from: SocketAddr,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Received {
+        let r = self.receive_inner(now, wall, rng, from, buf, len);
+        if let Received::Done(Decapsulated::Dropped(why)) = &r {
+            self.unattributed.count(why);
+        }
+        r
+    }
+
+    fn receive_inner(
         &mut self,
         now: Instant,
         wall: Duration,

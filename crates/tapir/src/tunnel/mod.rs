@@ -2554,6 +2554,19 @@ fn extras(t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) -> St
             tcp.stats.replaced
         );
     }
+    // Dropped before a peer could be named (zeros left out).
+    let u = t.unattributed();
+    for (k, v) in [
+        ("dropped_malformed", u.malformed),
+        ("dropped_unknown_key", u.unknown_key),
+        ("dropped_bad_handshake", u.bad_handshake),
+        ("dropped_no_session", u.no_session),
+        ("cookie_replies", u.cookie_replies),
+    ] {
+        if v > 0 {
+            out += &format!("tapir_{k}={v}\n");
+        }
+    }
     let now = Instant::now();
     for (cfg, endpoint, s) in t.peers() {
         out += &format!("tapir_peer={}\n", cfg.public.to_hex());

@@ -1058,3 +1058,41 @@ fn a_new_private_key_drops_the_sessions_and_handshakes_again_under_it() {
     assert!(p.a.set_private_key(key(2)));
     assert_eq!(p.a.peer_count(), 0);
 }
+
+#[test]
+fn what_no_peer_can_be_named_for_is_counted_by_kind() {
+    let mut p = Pair::new();
+    let from: SocketAddr = "192.0.2.99:4000".parse().unwrap();
+    // Garbage, and a data message for no session.
+    let mut junk = vec![9u8; 40];
+    p.a.decapsulate(p.now, p.wall, &mut p.rng, from, &mut junk, 40);
+    let mut data = vec![0u8; 48];
+    data[0] = 4;
+    data[4..8].copy_from_slice(&0x1234_5678u32.to_le_bytes());
+    p.a.decapsulate(p.now, p.wall, &mut p.rng, from, &mut data, 48);
+    // An initiation from a key that is not a's peer (a knows 2 only).
+    let mut stranger = Tunnel::new(
+        key(9),
+        vec![PeerConfig {
+            public: key(1).public_key(),
+            psk: None,
+            endpoint: Some(A_ADDR.parse().unwrap()),
+            allowed_ips: vec!["10.0.0.1/32".parse().unwrap()],
+            keepalive: None,
+            rate: None,
+        }],
+    );
+    let mut buf = vec![0u8; 2048];
+    buf[16..16 + 20].copy_from_slice(&packet([10, 0, 0, 9], [10, 0, 0, 1], 0)[..20]);
+    stranger.encapsulate(p.now, p.wall, &mut p.rng, &mut buf, 20);
+    let (_, n) = stranger
+        .poll_transmit(p.now, &mut buf)
+        .expect("an initiation");
+    p.a.decapsulate(p.now, p.wall, &mut p.rng, from, &mut buf, n);
+    let u = p.a.unattributed();
+    assert_eq!(
+        (u.malformed, u.no_session, u.unknown_key, u.bad_handshake),
+        (1, 1, 1, 0),
+        "{u:?}"
+    );
+}
