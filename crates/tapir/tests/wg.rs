@@ -296,6 +296,14 @@ fn forged_replayed_and_truncated_datagrams_change_nothing() {
     // Still working.
     ping(&bed.a, "10.77.0.2");
     ping(&bed.b, "10.77.0.1");
+    // And counted, by kind, though no peer can be named for them.
+    let st = status_text(&bed.a, &bed.dir, &a.name, &_tp);
+    assert!(
+        st.contains("dropped malformed")
+            && st.contains("dropped bad handshake")
+            && st.contains("dropped no session"),
+        "{st}"
+    );
 
     // Replays of real traffic: record what wireguard-go sends tapir during a
     // ping (handshake and data), then send it all again, twice, and truncated.
