@@ -19,16 +19,20 @@ use std::time::{Duration, Instant};
 
 /// The longest a packet waits in a [`Shaper`]'s queue.
 pub const MAX_DELAY: Duration = Duration::from_millis(100);
-/// The smallest shaper queue, in bytes (a few full-size packets at slow rates).
-pub const MIN_QUEUE: usize = 16 * 1024;
+/// The smallest shaper queue, in bytes: two full-size packets (with their
+/// lengths), so that below about 240 kbit/s, where 100 ms holds less, the
+/// wait is two packets' time (a 16 KiB floor held 1.3 s of packets at
+/// 100 kbit/s).
+pub const MIN_QUEUE: usize = 3 * 1024;
 /// The largest shaper queue, in bytes: beyond 100 ms at 640 Mbit/s, a
 /// shorter delay is held (and more is dropped) rather than more memory.
 pub const MAX_QUEUE: usize = 8 * 1024 * 1024;
 
 /// How long a full bucket lasts at the rate.
 pub const BURST_TIME: Duration = Duration::from_millis(20);
-/// The smallest burst, in bytes.
-pub const MIN_BURST: u64 = 64 * 1024;
+/// The smallest burst, in bytes (a packet larger than the burst passes on a
+/// full bucket, emptying it).
+pub const MIN_BURST: u64 = 16 * 1024;
 
 /// A rate limit.
 #[derive(Debug, Clone)]
@@ -88,10 +92,11 @@ impl TokenBucket {
         Duration::from_micros(micros.min(u64::MAX as u128) as u64)
     }
 
-    /// Spends `bytes` if the bucket holds them.
+    /// Spends `bytes` if the bucket holds them (a packet larger than the
+    /// burst: if the bucket is full, as [`TokenBucket::time_until`] waits).
     pub fn take(&mut self, now: Instant, bytes: usize) -> bool {
         self.refill(now);
-        let need = bytes as u128 * 1_000_000;
+        let need = (bytes as u128 * 1_000_000).min(self.burst as u128 * 1_000_000);
         if self.tokens_micro >= need {
             self.tokens_micro -= need;
             true
@@ -204,7 +209,7 @@ mod tests {
     #[test]
     fn a_shaper_passes_the_burst_queues_the_rest_and_releases_it_at_the_rate() {
         let now = Instant::now();
-        let mut s = Shaper::new(8_000_000); // 1 MB/s: burst 64 KiB, queue 100 kB
+        let mut s = Shaper::new(8_000_000); // 1 MB/s: burst 20 kB, queue 100 kB
         let p = [7u8; 1000];
         let mut passed = 0;
         let mut queued = 0;
@@ -216,7 +221,7 @@ mod tests {
                 Offer::Dropped => dropped += 1,
             }
         }
-        assert_eq!(passed, 65);
+        assert_eq!(passed, 20);
         assert_eq!(queued, 100_000 / 1002);
         assert_eq!(dropped, 200 - passed - queued);
         // Nothing more until tokens come back: 1000 bytes take 1 ms.
@@ -247,7 +252,7 @@ mod tests {
         );
         // A packet offered while others wait queues behind them, even if tokens are there.
         let mut s = Shaper::new(8_000_000);
-        for _ in 0..66 {
+        for _ in 0..21 {
             s.offer(now, &p);
         }
         let later = now + Duration::from_secs(1);
@@ -272,9 +277,30 @@ mod tests {
     fn a_refusal_spends_nothing() {
         let now = Instant::now();
         let mut b = TokenBucket::new(8_000_000);
-        assert!(b.take(now, MIN_BURST as usize - 100));
+        let burst = b.burst() as usize;
+        assert!(b.take(now, burst - 100));
         assert!(!b.take(now, 1000));
         assert!(b.take(now, 100));
+    }
+
+    #[test]
+    fn a_packet_larger_than_the_burst_passes_on_a_full_bucket() {
+        let now = Instant::now();
+        let mut b = TokenBucket::new(100_000); // 12.5 kB/s: the 16 KiB floor
+        assert_eq!(b.burst(), MIN_BURST);
+        assert!(b.take(now, 60_000), "a full bucket lets it through");
+        assert!(!b.take(now, 1));
+        // Then it waits for a full bucket again, as time_until says.
+        let wait = b.time_until(now, 60_000);
+        assert!(b.take(now + wait, 60_000));
+    }
+
+    #[test]
+    fn at_a_slow_rate_the_queue_holds_two_full_packets() {
+        // 100 kbit/s: 100 ms is 1250 bytes, less than one packet.
+        let s = Shaper::new(100_000);
+        assert_eq!(s.limit, MIN_QUEUE);
+        assert!(MIN_QUEUE >= 2 * (1500 + 2) && MIN_QUEUE < 3 * (1500 + 2));
     }
 
     #[test]
@@ -291,7 +317,7 @@ mod tests {
         let bits = passed * 8;
         // 10 s at 20 Mbit/s, plus at most one burst.
         assert!(
-            (199_000_000..=200_000_000 + MIN_BURST * 8).contains(&bits),
+            (199_000_000..=200_000_000 + b.burst() * 8).contains(&bits),
             "{bits}"
         );
     }
