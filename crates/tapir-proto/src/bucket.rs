@@ -298,9 +298,17 @@ mod tests {
     #[test]
     fn at_a_slow_rate_the_queue_holds_two_full_packets() {
         // 100 kbit/s: 100 ms is 1250 bytes, less than one packet.
-        let s = Shaper::new(100_000);
+        let now = Instant::now();
+        let mut s = Shaper::new(100_000);
         assert_eq!(s.limit, MIN_QUEUE);
-        assert!(MIN_QUEUE >= 2 * (1500 + 2) && MIN_QUEUE < 3 * (1500 + 2));
+        let p = [1u8; 1500];
+        // The burst first (16 KiB: ten of them), then two wait, the third goes.
+        let offers: Vec<Offer> = (0..13).map(|_| s.offer(now, &p)).collect();
+        assert_eq!(offers.iter().filter(|o| **o == Offer::Pass).count(), 10);
+        assert_eq!(
+            &offers[10..],
+            &[Offer::Queued, Offer::Queued, Offer::Dropped]
+        );
     }
 
     #[test]
