@@ -649,7 +649,7 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
         tapir_proto::switch::DEFAULT_AGING,
         tapir_proto::switch::DEFAULT_CAP,
     );
-    // (Followed from the device from then on: see `Timers::follow_mtu`.)
+    // (Followed from the device from then on: see `Timers::read_mtu`.)
     tunnel.set_mtu(mtu as usize);
     eprintln!(
         "tapir: {name}: up ({} mode), public key {}, {}, {} peer(s)",
@@ -2237,7 +2237,7 @@ fn serve_control(
 /// up again, a peer in the other mode named once.
 struct Timers {
     started: Duration,
-    /// When the device's MTU was last read (see [`Timers::follow_mtu`]).
+    /// When the device's MTU was last read (see [`Timers::read_mtu`]).
     mtu_read: Option<Instant>,
     /// When each peer's host name was last looked up.
     last_lookup: Vec<Option<Instant>>,
@@ -2266,8 +2266,13 @@ impl Timers {
         now: Instant,
         wall_now: Duration,
     ) -> Instant {
+        // (Read before the tunnel is locked: three system calls the other
+        // thread need not wait for.)
+        let mtu = self.read_mtu(ib, now);
         let mut t = shared.tunnel();
-        self.follow_mtu(&mut t, ib, now);
+        if let Some(m) = mtu {
+            t.set_mtu(m);
+        }
         // Endpoints given as host names are looked up again when the
         // peer has been unreachable for a while (it may have moved).
         for (i, (key, host)) in ctl.hostnames.iter().enumerate() {
@@ -2303,25 +2308,23 @@ impl Timers {
         t.poll_timeout(now)
     }
 
-    /// Tells the tunnel the device's MTU, read again at most once a
-    /// second (the timers run at least that often): packets are padded up
-    /// to it and not past it, and it changes under a running tunnel (`ip
-    /// link set wg0 mtu N`; wg-quick sets it after starting its userspace
-    /// implementation). Read before it changes, a packet of the new MTU
-    /// is padded as the old one allows, for a second at most.
-    fn follow_mtu(&mut self, t: &mut Tunnel, ib: &Inbound, now: Instant) {
+    /// The device's MTU for the tunnel, read again at most once a second
+    /// (the timers run at least that often): packets are padded up to it
+    /// and not past it, and it changes under a running tunnel (`ip link set
+    /// wg0 mtu N`; wg-quick sets it after starting its userspace
+    /// implementation). Read before it changes, a packet of the new MTU is
+    /// padded as the old one allows, for a second at most. `None`: not due,
+    /// or not found (moved to another namespace, the device is not found
+    /// by name: the last MTU read stands).
+    fn read_mtu(&mut self, ib: &Inbound, now: Instant) -> Option<usize> {
         if self
             .mtu_read
             .is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(1))
         {
-            return;
+            return None;
         }
         self.mtu_read = Some(now);
-        // (Moved to another namespace, the device is not found by name:
-        // the last MTU read stands.)
-        if let Ok(mtu) = ib.dev.mtu() {
-            t.set_mtu(mtu as usize);
-        }
+        ib.dev.mtu().ok().map(|m| m as usize)
     }
 }
 

@@ -416,18 +416,23 @@ pub fn hand_over(dir: &Path, name: &str) -> Option<PathBuf> {
         if !answers(&sock) {
             continue;
         }
-        // Linked beside it, then renamed into place: never half there.
-        let link = home.join(format!(".{name}.handover.{}", std::process::id()));
-        let _ = std::fs::remove_file(&link);
-        if std::fs::hard_link(&sock, &link)
-            .and_then(|()| std::fs::rename(&link, &wg))
-            .is_ok()
-        {
+        let via = home.join(format!(".{name}.handover.{}", std::process::id()));
+        if second_name(&sock, &via, &wg).is_ok() {
             return Some(sock);
         }
-        let _ = std::fs::remove_file(&link);
     }
     None
+}
+
+/// Gives socket `sock` the second name `wg`: linked at `via` beside it,
+/// then renamed into place, so that `wg` is never half there.
+fn second_name(sock: &Path, via: &Path, wg: &Path) -> io::Result<()> {
+    let _ = std::fs::remove_file(via);
+    let named = std::fs::hard_link(sock, via).and_then(|()| std::fs::rename(via, wg));
+    if named.is_err() {
+        let _ = std::fs::remove_file(via);
+    }
+    named
 }
 
 impl ControlSocket {
@@ -515,10 +520,7 @@ impl ControlSocket {
                         wg.display()
                     ));
                 } else {
-                    let link = staging.join("wg");
-                    match std::fs::hard_link(&path, &link)
-                        .and_then(|()| std::fs::rename(&link, &wg))
-                    {
+                    match second_name(&path, &staging.join("wg"), &wg) {
                         Ok(()) => paths.push(wg),
                         Err(e) => notes.push(format!(
                             "`wg show {name}` cannot see this tunnel: {}: {e}",
