@@ -437,6 +437,8 @@ fn status_sees_tunnels_run_by_hand_and_says_what_to_do_about_a_dead_one() {
     assert!(
         text.contains("NOT RUNNING")
             && text.contains(&format!("pid {pid}"))
+            && text.contains(&format!("see its log, {}", e.dir.join("log").display()))
+            && text.contains(&format!("{n}.log"))
             && text.contains(&format!("tapir down {n}")),
         "{text}"
     );

@@ -651,6 +651,23 @@ pub struct TunnelStatus {
     pub counters: std::collections::BTreeMap<String, u64>,
     /// Peers.
     pub peers: Vec<PeerStatus>,
+    /// Its log (`tapir up`'s: `NAME.log`, or the names of its file's
+    /// tunnels joined by `+`), where there is one.
+    pub log: Option<PathBuf>,
+}
+
+/// The log of tunnel `name` in `dir`: `NAME.log`, or one for several
+/// tunnels of a file (`a+NAME+b.log`).
+fn log_of(dir: &Path, name: &str) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.extension().is_some_and(|x| x == "log")
+                && p.file_stem()
+                    .is_some_and(|s| s.to_string_lossy().split('+').any(|n| n == name))
+        })
 }
 
 fn b64(hex: &str) -> String {
@@ -715,6 +732,7 @@ pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, Stri
             transport: None,
             counters: Default::default(),
             peers: Vec::new(),
+            log: log_of(&dirs.log_here(&scope), &n),
         };
         if live.is_some() {
             if let Ok(kv) = query_from(&scope, &n, live) {
@@ -847,7 +865,13 @@ pub fn format(tunnels: &[TunnelStatus]) -> String {
             out += &format!(
                 "  state: NOT RUNNING{}\n  what to do: tapir down {} clears what it left; tapir up FILE starts it again\n\n",
                 t.pid
-                    .map(|p| format!(" (its process, pid {p}, has exited: see its log)"))
+                    .map(|p| format!(
+                        " (its process, pid {p}, has exited: see its log{})",
+                        t.log
+                            .as_ref()
+                            .map(|l| format!(", {}", l.display()))
+                            .unwrap_or_default()
+                    ))
                     .unwrap_or_default(),
                 t.name
             );
