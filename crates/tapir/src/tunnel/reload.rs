@@ -63,6 +63,28 @@ fn routes(c: &TunnelConfig) -> Vec<IpNet> {
     }
 }
 
+/// A wg-quick key as the TOML form names it (`ListenPort`: `listen_port`).
+fn toml_key(wg: &str) -> &str {
+    match wg {
+        "ListenPort" => "listen_port",
+        "Address" => "addresses",
+        "MTU" => "mtu",
+        "Mode" => "mode",
+        "MAC" => "mac",
+        "Bridge" => "bridge",
+        "Transport" => "transport",
+        "Table" => "table",
+        "FwMark" => "fwmark",
+        "DNS" => "dns",
+        "PreUp" => "pre_up",
+        "PostUp" => "post_up",
+        "PreDown" => "pre_down",
+        "PostDown" => "post_down",
+        "User" => "user",
+        other => other,
+    }
+}
+
 impl Reloader {
     /// For the tunnel started from `current`.
     pub fn new(current: TunnelConfig) -> Self {
@@ -95,8 +117,11 @@ impl Reloader {
         let peers = super::peer_configs(&new).map_err(|e| e.to_string())?;
         let old = &self.current;
         let mut notes = Vec::new();
+        // Named as the file names them: wg-quick's keys, or the TOML form's.
+        let toml = self.file.extension().is_some_and(|e| e == "toml");
         let mut differs = |what: &str, changed: bool| {
             if changed {
+                let what = if toml { toml_key(what) } else { what };
                 notes.push(format!(
                     "{what} changed: a reload does not apply it (tapir down {name}, then up)"
                 ));
@@ -337,6 +362,34 @@ mod tests {
             assert!(!notes.contains("PreUp"), "{notes}");
             assert!(r.finish(plan).is_empty());
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_toml_files_unapplied_changes_are_named_by_its_own_keys() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tapir-reload-toml-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("t.toml");
+        let key = PrivateKey::from_random([3; 32]).to_base64();
+        let write = |port: u16| {
+            std::fs::write(
+                &file,
+                format!(
+                    "[[tunnel]]\nname = \"tq7\"\nprivate_key = \"{key}\"\nlisten_port = {port}\n"
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        write(51820);
+        let r = Reloader::new(crate::config::load_any(&file).unwrap().remove(0));
+        write(51821);
+        let notes = r.prepare().unwrap().notes.join("\n");
+        assert!(
+            notes.contains("listen_port changed") && !notes.contains("ListenPort"),
+            "{notes}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
