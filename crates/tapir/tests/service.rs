@@ -672,7 +672,12 @@ fn down_of_a_file_names_each_tunnel_and_keeps_held_devices_and_a_failed_up_takes
             .spawn()
             .unwrap();
     let mut holder = Guard(holder);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Held once its carrier is up (a tun/tap has carrier while a process has it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while e.ns.ip(&["link", "show", &dv]).contains("NO-CARRIER") {
+        assert!(std::time::Instant::now() < deadline, "dump never held {dv}");
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
     let out = ok(&["down", stem.to_str().unwrap()]);
     assert!(
         out.contains(&format!("{t1} is down"))
