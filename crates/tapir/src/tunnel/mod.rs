@@ -2487,6 +2487,13 @@ impl Started {
     }
 }
 
+/// `PREFIXkey=value` lines for the counts that are not zero.
+fn put_nonzero(out: &mut String, prefix: &str, counts: &[(&str, u64)]) {
+    for (k, v) in counts.iter().filter(|(_, v)| *v > 0) {
+        out.push_str(&format!("{prefix}{k}={v}\n"));
+    }
+}
+
 /// tapir's own status lines, after WireGuard's (see `uapi::Request::TapirGet`).
 fn extras(t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) -> String {
     let tap = mode == Mode::Tap;
@@ -2557,19 +2564,19 @@ fn extras(t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) -> St
             tcp.stats.replaced
         );
     }
-    // Dropped before a peer could be named (zeros left out).
+    // Dropped before a peer could be named.
     let u = t.unattributed();
-    for (k, v) in [
-        ("dropped_malformed", u.malformed),
-        ("dropped_unknown_key", u.unknown_key),
-        ("dropped_bad_handshake", u.bad_handshake),
-        ("dropped_no_session", u.no_session),
-        ("cookie_replies", u.cookie_replies),
-    ] {
-        if v > 0 {
-            out += &format!("tapir_{k}={v}\n");
-        }
-    }
+    put_nonzero(
+        &mut out,
+        "tapir_",
+        &[
+            ("dropped_malformed", u.malformed),
+            ("dropped_unknown_key", u.unknown_key),
+            ("dropped_bad_handshake", u.bad_handshake),
+            ("dropped_no_session", u.no_session),
+            ("cookie_replies", u.cookie_replies),
+        ],
+    );
     let now = Instant::now();
     for (cfg, endpoint, s) in t.peers() {
         out += &format!("tapir_peer={}\n", cfg.public.to_hex());
@@ -2586,20 +2593,20 @@ fn extras(t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) -> St
             }
         }
         let dr = &s.drops;
-        for (k, v) in [
-            ("not_allowed", dr.not_allowed),
-            ("multicast_source", dr.multicast_source),
-            ("loop_back", dr.loop_back),
-            ("wrong_layer", dr.wrong_layer),
-            ("rate_rx", dr.rate_rx),
-            ("rate_tx", dr.rate_tx),
-            ("queue_full", dr.queue_full),
-            ("invalid", s.dropped),
-        ] {
-            if v > 0 {
-                out += &format!("tapir_drop_{k}={v}\n");
-            }
-        }
+        put_nonzero(
+            &mut out,
+            "tapir_drop_",
+            &[
+                ("not_allowed", dr.not_allowed),
+                ("multicast_source", dr.multicast_source),
+                ("loop_back", dr.loop_back),
+                ("wrong_layer", dr.wrong_layer),
+                ("rate_rx", dr.rate_rx),
+                ("rate_tx", dr.rate_tx),
+                ("queue_full", dr.queue_full),
+                ("invalid", s.dropped),
+            ],
+        );
         if let Link::Tcp(tcp) = link {
             let target = cfg.endpoint.or(endpoint);
             let state = match target.and_then(|a| tcp.dial_state(a)) {

@@ -132,15 +132,16 @@ pub fn clear_leftovers(path: &Path, name: &str) -> Vec<String> {
         return Vec::new();
     };
     let mut done = Vec::new();
-    let hooks = |stage: &str| -> Vec<String> {
+    // The record's lines of one kind (`hook`, `nft`, `dns`), after the kind.
+    let of = |kind: &'static str| {
         text.lines()
             .filter_map(parse_other_line)
-            .filter_map(|(w, rest)| {
-                (w == "hook")
-                    .then_some(rest)?
-                    .strip_prefix(stage)?
-                    .strip_prefix(' ')
-            })
+            .filter(move |(w, _)| *w == kind)
+            .map(|(_, rest)| rest)
+    };
+    let hooks = |stage: &str| -> Vec<String> {
+        of("hook")
+            .filter_map(|rest| rest.strip_prefix(stage)?.strip_prefix(' '))
             .map(str::to_owned)
             .collect()
     };
@@ -162,20 +163,12 @@ pub fn clear_leftovers(path: &Path, name: &str) -> Vec<String> {
             }
         }
     }
-    for (_, table) in text
-        .lines()
-        .filter_map(parse_other_line)
-        .filter(|(w, _)| *w == "nft")
-    {
+    for table in of("nft") {
         if delete_table(table) {
             done.push(format!("removed nftables table {table}"));
         }
     }
-    for (_, iface) in text
-        .lines()
-        .filter_map(parse_other_line)
-        .filter(|(w, _)| *w == "dns")
-    {
+    for iface in of("dns") {
         if unset_resolvconf(iface) {
             done.push(format!("took its DNS back (resolvconf -d {iface})"));
         }
