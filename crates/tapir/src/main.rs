@@ -649,6 +649,12 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                 "{name} reloaded: {} peer(s) added, {} removed, {} changed; the others untouched",
                 r.added, r.removed, r.changed
             );
+            if let Some(p) = r.listen_port {
+                println!("{name} now listens on port {p}");
+            }
+            if r.new_key {
+                println!("{name} has the file's new private key: its sessions start again");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { name, json, dirs } => {

@@ -419,6 +419,104 @@ fn routes_held_elsewhere_are_refused_and_a_reload_follows_in_its_table() {
     assert!(table().trim().is_empty(), "{}", table());
 }
 
+/// A reload makes the key and port the file's, as `wg syncconf` does:
+/// what `wg set` changed goes back, a new ListenPort moves the socket, a
+/// port another socket holds is named and the tunnel keeps its own.
+#[test]
+fn a_reload_makes_the_key_and_port_the_files() {
+    require_root!();
+    let bed = bed("rk");
+    let ((ka, pa), (kb, pb), (k2, p2)) = (genkey(), genkey(), genkey());
+    let n = ifname("rkb");
+    let dir = &bed.dir;
+    let hub = |port: u16| {
+        format!(
+            "[Interface]\nPrivateKey = {kb}\nListenPort = {port}\nAddress = 10.77.0.2/24\n\n[Peer]\nPublicKey = {pa}\nAllowedIPs = 10.77.0.1/32\n"
+        )
+    };
+    let file = write_private(dir, &format!("{n}.conf"), &hub(51896));
+    ok(&tapir_in(&bed.b, dir, &["up", file.to_str().unwrap()]));
+    let na = ifname("rka");
+    let spoke = write_private(
+        dir,
+        &format!("{na}.conf"),
+        &format!(
+            "[Interface]\nPrivateKey = {ka}\nAddress = 10.77.0.1/24\n\n[Peer]\nPublicKey = {pb}\nEndpoint = 10.200.0.2:51896\nAllowedIPs = 10.77.0.0/24\n"
+        ),
+    );
+    let _ta = run_tapir(&bed.a, &spoke, &na);
+    ping(&bed.a, "10.77.0.2");
+    let show = |what: &str| {
+        sh(bed.b.cmd("wg").args(["show", &n, what]))
+            .trim()
+            .to_owned()
+    };
+    let key2 = write_private(dir, "k2", &k2);
+    let out = bed
+        .b
+        .cmd("wg")
+        .args(["set", &n, "listen-port", "40111", "private-key"])
+        .arg(&key2)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        (show("listen-port"), show("public-key")),
+        ("40111".into(), p2)
+    );
+    // The file unchanged: the key and port go back to it, and the peer,
+    // which knows only that key, is reached again (b pings: a learns the port).
+    let text = ok(&tapir_in(&bed.b, dir, &["reload", &n]));
+    assert!(
+        text.contains("now listens on port 51896") && text.contains("new private key"),
+        "{text}"
+    );
+    assert_eq!(
+        (show("listen-port"), show("public-key")),
+        ("51896".into(), pb.clone())
+    );
+    ping(&bed.b, "10.77.0.1");
+    // A new ListenPort in the file moves the socket.
+    std::fs::write(&file, hub(51897)).unwrap();
+    let text = ok(&tapir_in(&bed.b, dir, &["reload", &n]));
+    assert!(
+        text.contains("now listens on port 51897") && !text.contains("key"),
+        "{text}"
+    );
+    assert_eq!(show("listen-port"), "51897");
+    ping(&bed.b, "10.77.0.1");
+    ping(&bed.a, "10.77.0.2");
+    // One held by another socket: named, the tunnel keeps its port and the
+    // rest of the reload happens.
+    let ns_path = bed.b.path();
+    let holder = std::thread::spawn(move || {
+        tapir_sys::netns::enter(&ns_path).unwrap();
+        std::net::UdpSocket::bind("[::]:51898").unwrap()
+    })
+    .join()
+    .unwrap();
+    std::fs::write(
+        &file,
+        hub(51898).replace("10.77.0.1/32", "10.77.0.1/32, 10.77.6.0/24"),
+    )
+    .unwrap();
+    let out = tapir_in(&bed.b, dir, &["reload", &n]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("ListenPort = 51898 not applied: Address already in use"),
+        "{err}"
+    );
+    assert!(ok(&out).contains("1 changed"), "{}", ok(&out));
+    assert_eq!(show("listen-port"), "51897");
+    drop(holder);
+    ok(&tapir_in(&bed.b, dir, &["down", &n]));
+}
+
 #[test]
 fn reload_adds_removes_and_changes_peers_without_dropping_the_others() {
     require_root!();

@@ -140,6 +140,10 @@ pub struct Reloaded {
     pub removed: u64,
     /// Peers changed in place.
     pub changed: u64,
+    /// The port it moved to, as the file gives it.
+    pub listen_port: Option<u16>,
+    /// The private key is the file's new one: sessions start again.
+    pub new_key: bool,
     /// What it did not change, and why.
     pub notes: Vec<String>,
 }
@@ -176,6 +180,8 @@ pub fn reload(name: &str) -> Result<Reloaded, String> {
             "tapir_added" => r.added = v.parse().unwrap_or(0),
             "tapir_removed" => r.removed = v.parse().unwrap_or(0),
             "tapir_changed" => r.changed = v.parse().unwrap_or(0),
+            "tapir_listen_port" => r.listen_port = v.parse().ok(),
+            "tapir_private_key" => r.new_key = true,
             "tapir_note" => r.notes.push(v.to_owned()),
             "tapir_error" => error = Some(v.to_owned()),
             "errno" => errno = v.parse::<i32>().ok(),

@@ -118,8 +118,8 @@ impl ControlEnd {
                 format!("tapir_error={}\nerrno=22\n\n", e.replace('\n', " "))
             }
             Ok(plan) => {
-                let notes = plan.notes.clone();
-                let applied = self.ask(Request::Apply(plan.peers.clone()));
+                let mut notes = plan.notes.clone();
+                let applied = self.ask(Request::Apply(Box::new(plan.reapply())));
                 // The packet thread did not take the peers (it was gone, or
                 // too busy to answer in time, and then does not act on it
                 // later): nothing changed, the routes and the record of the
@@ -134,17 +134,24 @@ impl ControlEnd {
                     crate::notify::send("READY=1");
                     return format!("tapir_error={why}; nothing changed\nerrno={errno}\n\n");
                 };
+                // A port the packet thread could not move to is said as the file says it.
+                let mut out = String::new();
+                for line in body.lines() {
+                    match line.strip_prefix("tapir_listen_port_errno=") {
+                        Some(e) => notes.push(plan.port_refused(e.parse().unwrap_or(libc::EIO))),
+                        None => out += &format!("{line}\n"),
+                    }
+                }
                 let problems = reloader.borrow_mut().finish(plan);
-                let mut out = body.to_owned();
+                eprintln!(
+                    "tapir: reloaded {}: {}",
+                    reloader.borrow().file().display(),
+                    out.trim().replace('\n', ", ")
+                );
                 for n in notes.iter().chain(&problems) {
                     eprintln!("tapir: reload: {n}");
                     out += &format!("tapir_note={n}\n");
                 }
-                eprintln!(
-                    "tapir: reloaded {}: {}",
-                    reloader.borrow().file().display(),
-                    body.trim().replace('\n', ", ")
-                );
                 out + "errno=0\n\n"
             }
         };

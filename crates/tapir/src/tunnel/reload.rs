@@ -3,10 +3,11 @@
 //!
 //! ```text
 //!   control thread: read the file ─▶ whole and valid? ─no─▶ refused, the tunnel untouched
-//!                                  └─yes─▶ endpoints resolved ─▶ Request::Apply(peers) ─▶ packet thread:
+//!                                  └─yes─▶ endpoints resolved ─▶ Request::Apply(peers, key, port) ─▶ packet thread:
+//!                                            port and key as the file's (a `wg set` undone, as `wg syncconf` does);
 //!                                            peers added, removed, changed; unchanged ones keep their sessions
 //!                   ─▶ routes of allowed IPs added and removed (tun mode, as at start)
-//!                   ─▶ what a reload cannot change (key, port, addresses...) named: down and up applies it
+//!                   ─▶ what a reload cannot change (addresses, MTU, hooks...) named: down and up applies it
 //! ```
 
 use std::collections::{HashMap, HashSet};
@@ -18,6 +19,7 @@ use tapir_proto::wg::tunnel::{PeerConfig, Tunnel};
 use tapir_sys::{Mode, Netlink};
 
 use crate::config::{self, Table, TunnelConfig};
+use crate::uapi::Reapply;
 
 /// What the control thread keeps to reload a tunnel.
 pub struct Reloader {
@@ -32,6 +34,41 @@ pub struct Plan {
     config: TunnelConfig,
     /// Changes a reload does not make.
     pub notes: Vec<String>,
+}
+
+impl Plan {
+    /// What the packet thread is asked to make of the tunnel: the peers,
+    /// the key and the port (compared there with what runs, so that a key
+    /// or port changed by `wg set` goes back to the file's, as
+    /// `wg syncconf` would have it).
+    pub fn reapply(&self) -> Reapply {
+        Reapply {
+            peers: self.peers.clone(),
+            private_key: self.config.private_key.clone(),
+            listen_port: self.config.listen_port,
+        }
+    }
+
+    /// What to say when the packet thread could not move to the file's
+    /// port (`errno`), named as the file names it.
+    pub fn port_refused(&self, errno: i32) -> String {
+        let key = if self.config.file.extension().is_some_and(|e| e == "toml") {
+            toml_key("ListenPort")
+        } else {
+            "ListenPort"
+        };
+        let port = self.config.listen_port.unwrap_or(0);
+        if errno == libc::EOPNOTSUPP {
+            return format!(
+                "{key} changed: over TCP a reload does not move the listener (tapir down {0}, then up)",
+                self.config.name
+            );
+        }
+        format!(
+            "{key} = {port} not applied: {}; the tunnel keeps its port",
+            std::io::Error::from_raw_os_error(errno)
+        )
+    }
 }
 
 /// What applying the peers did.
@@ -127,8 +164,6 @@ impl Reloader {
                 ));
             }
         };
-        differs("the private key", new.private_key != old.private_key);
-        differs("ListenPort", new.listen_port != old.listen_port);
         differs("Address", new.addresses != old.addresses);
         differs("MTU", new.mtu != old.mtu || new.mtu_auto != old.mtu_auto);
         differs("Mode", new.mode != old.mode);
@@ -372,11 +407,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("t.toml");
         let key = PrivateKey::from_random([3; 32]).to_base64();
-        let write = |port: u16| {
+        let write = |mark: u16| {
             std::fs::write(
                 &file,
                 format!(
-                    "[[tunnel]]\nname = \"tq7\"\nprivate_key = \"{key}\"\nlisten_port = {port}\n"
+                    "[[tunnel]]\nname = \"tq7\"\nprivate_key = \"{key}\"\nlisten_port = {mark}\nfwmark = {mark}\n"
                 ),
             )
             .unwrap();
@@ -385,10 +420,19 @@ mod tests {
         write(51820);
         let r = Reloader::new(crate::config::load_any(&file).unwrap().remove(0));
         write(51821);
-        let notes = r.prepare().unwrap().notes.join("\n");
+        let plan = r.prepare().unwrap();
+        let notes = plan.notes.join("\n");
         assert!(
-            notes.contains("listen_port changed") && !notes.contains("ListenPort"),
+            notes.contains("fwmark changed") && !notes.contains("FwMark"),
             "{notes}"
+        );
+        // The port is the packet thread's to move (it may be refused).
+        assert!(!notes.contains("listen_port"), "{notes}");
+        assert_eq!(plan.reapply().listen_port, Some(51821));
+        let refused = plan.port_refused(libc::EADDRINUSE);
+        assert!(
+            refused.starts_with("listen_port = 51821 not applied: Address already in use"),
+            "{refused}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

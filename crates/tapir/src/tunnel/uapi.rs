@@ -733,8 +733,21 @@ pub enum Request {
     /// `tapir-reload=1`: read the config file again and apply it (the
     /// control thread turns it into [`Request::Apply`]).
     Reload,
-    /// The peers a reload wants (never read from the socket).
-    Apply(Vec<PeerConfig>),
+    /// What a reload wants (never read from the socket).
+    Apply(Box<Reapply>),
+}
+
+/// What a reload asks of the packet thread, as `wg syncconf` would: the
+/// peers, and the key and port as the file gives them, compared there with
+/// what runs (a `wg set` since the last reload included).
+#[derive(Debug, Clone)]
+pub struct Reapply {
+    /// The peers as they should be.
+    pub peers: Vec<PeerConfig>,
+    /// The interface's key.
+    pub private_key: PrivateKey,
+    /// Its port; none keeps the one in use (as `listen_port=0` does).
+    pub listen_port: Option<u16>,
 }
 
 /// The lines of one control connection, read into a buffer of fixed size
@@ -941,6 +954,18 @@ pub struct Interface<'a> {
     pub mark: &'a mut dyn FnMut(u32) -> io::Result<()>,
 }
 
+/// Gives the tunnel key `k`, if it is new (`false` if not), and says so.
+fn new_key(tunnel: &mut Tunnel, k: PrivateKey) -> bool {
+    let changed = tunnel.set_private_key(k);
+    if changed {
+        eprintln!(
+            "tapir: new private key (public key {}): sessions start again",
+            tunnel.public_key()
+        );
+    }
+    changed
+}
+
 /// The reply to `request`, computed on the tunnel's own thread.
 pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>, extras: &str) -> String {
     let listen_port = iface.listen_port;
@@ -985,12 +1010,7 @@ pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>, extra
             // A new key: the peer that has it went in the set (see
             // `apply_set`), sessions go now (see `Tunnel::set_private_key`).
             if let Ok(Some(k)) = result.as_ref().map(|s| s.private_key.clone()) {
-                if tunnel.set_private_key(k) {
-                    eprintln!(
-                        "tapir: new private key (public key {}): sessions start again",
-                        tunnel.public_key()
-                    );
-                }
+                new_key(tunnel, k);
             }
             let errno = match result {
                 Ok(s) => match s.fwmark {
@@ -1007,10 +1027,29 @@ pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>, extra
             };
             format!("errno={errno}\n\n")
         }
-        Request::Apply(peers) => {
+        Request::Apply(r) => {
+            let Reapply {
+                peers,
+                private_key,
+                listen_port: port,
+            } = *r;
+            // The port first, as `wg syncconf` sets it: one that cannot be
+            // taken is said (the reload goes on, and the next one tries again).
+            let mut out = String::new();
+            if let Some(p) = port.filter(|&p| p != 0 && p != listen_port) {
+                match (iface.rebind)(p) {
+                    Ok(()) => out += &format!("tapir_listen_port={p}\n"),
+                    Err(e) => out += &format!("tapir_listen_port_errno={e}\n"),
+                }
+            }
+            // The key before the peers: a peer that has it goes (see
+            // `Tunnel::set_private_key`), and sessions start again.
+            if new_key(tunnel, private_key) {
+                out += "tapir_private_key=changed\n";
+            }
             let d = crate::tunnel::reload::apply(tunnel, peers);
             format!(
-                "tapir_added={}\ntapir_removed={}\ntapir_changed={}\nerrno=0\n\n",
+                "tapir_added={}\ntapir_removed={}\ntapir_changed={}\n{out}errno=0\n\n",
                 d.added, d.removed, d.changed
             )
         }
