@@ -615,12 +615,23 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             // name with a slash is always a file, never an interface.
             let path = tapir::config::resolve_path(std::path::Path::new(&name));
             if path.is_file() || name.contains('/') {
+                let mut failed = false;
                 for line in tapir::service::down_file(&path, &dirs.dirs())
                     .map_err(|e| anyhow::anyhow!("{e}"))?
                 {
-                    println!("{line}");
+                    match line {
+                        Ok(l) => println!("{l}"),
+                        Err(e) => {
+                            eprintln!("tapir: {e}");
+                            failed = true;
+                        }
+                    }
                 }
-                return Ok(ExitCode::SUCCESS);
+                return Ok(if failed {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                });
             }
             let also = |also: &[String]| {
                 if also.is_empty() {

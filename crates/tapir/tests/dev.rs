@@ -960,3 +960,143 @@ fn declared_devices_come_up_idempotently_and_go_with_down() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A declaration the kernel refuses part of leaves nothing it created,
+/// mistakes it can see in the file are refused before anything is made,
+/// an owner it cannot take away is said so (not "corrected"), and `down`
+/// keeps a device open in a process of another namespace and goes on past
+/// a device it cannot delete.
+#[test]
+fn declared_devices_fail_whole_and_down_keeps_what_is_held() {
+    require_root!();
+    let lab = Lab::new();
+    let ns = lab.netns("a");
+    let dir = tempdir("decl2");
+    let write = |name: &str, text: &str| {
+        let f = dir.join(name);
+        std::fs::write(&f, text).unwrap();
+        f.to_str().unwrap().to_owned()
+    };
+    // Seen in the file: nothing is made.
+    let twice = write(
+        "twice.toml",
+        "[[device]]\nname = \"bd0\"\nmode = \"tun\"\naddresses = [\"10.70.0.1/24\", \"10.70.0.1/16\"]\n",
+    );
+    let e = fails(&ns, &["up", &twice]);
+    assert!(e.contains("given twice") && e.contains("twice.toml"), "{e}");
+    let big = write(
+        "big.toml",
+        "[[device]]\nname = \"bd0\"\nmode = \"tap\"\nmtu = 65535\n",
+    );
+    let e = fails(&ns, &["up", &big]);
+    assert!(e.contains("at most 65521"), "{e}");
+    let v6 = write(
+        "v6.toml",
+        "[[device]]\nname = \"bd0\"\nmode = \"tun\"\nmtu = 1200\naddresses = [\"fd70::1/64\"]\n",
+    );
+    let e = fails(&ns, &["up", &v6]);
+    assert!(e.contains("1280"), "{e}");
+    // Refused by the kernel once the device is there (a route lo holds):
+    // the device goes again.
+    ns.ip(&["link", "set", "lo", "up"]);
+    ns.ip(&["route", "add", "10.99.7.0/24", "dev", "lo"]);
+    let taken = write(
+        "taken.toml",
+        "[[device]]\nname = \"bd0\"\nmode = \"tun\"\nroutes = [\"10.99.7.0/24\"]\n",
+    );
+    let e = fails(&ns, &["up", &taken]);
+    assert!(!e.contains("bd0: bd0:"), "named once: {e}");
+    assert!(!ns.has_link("bd0"), "a failed up leaves nothing it created");
+    // An owner the file does not declare stays, and is said to.
+    let owned = write(
+        "owned.toml",
+        &format!("[[device]]\nname = \"bd1\"\nmode = \"tap\"\nuser = \"{NOBODY}\"\n"),
+    );
+    ok(&ns, &["up", &owned]);
+    let plain = write(
+        "plain.toml",
+        "[[device]]\nname = \"bd1\"\nmode = \"tap\"\n\n[[device]]\nname = \"bd2\"\nmode = \"tun\"\n",
+    );
+    let out = ok(&ns, &["up", &plain]);
+    assert!(
+        out.contains(&format!("bd1: unchanged; user {NOBODY} kept")) && !out.contains("corrected"),
+        "{out}"
+    );
+    assert_eq!(info_data(&ns, "bd1")["user"], "nobody");
+    // Held by this process, which is of the host's namespace: kept.
+    let path = ns.path();
+    let held = std::thread::spawn(move || {
+        tapir_sys::netns::enter(&path).unwrap();
+        let name = tapir_sys::IfName::new("bd1").unwrap();
+        tapir_sys::TunDevice::open(
+            std::path::Path::new("/dev/net/tun"),
+            &name,
+            tapir_sys::TunOptions::new(tapir_sys::Mode::Tap),
+        )
+        .unwrap()
+    })
+    .join()
+    .unwrap();
+    // bd2 is a bridge by now: it cannot go, and the others are still taken down.
+    ns.ip(&["link", "del", "bd2"]);
+    ns.ip(&["link", "add", "bd2", "type", "bridge"]);
+    let r = tapir(&ns, &["down", &plain]);
+    assert!(!r.ok, "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains("bd1: kept: a process of another network namespace holds it open"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stderr.contains("bd2"), "{}", r.stderr);
+    assert!(ns.has_link("bd1") && ns.has_link("bd2"));
+    drop(held);
+    let out = ok(&ns, &["down", &owned]);
+    assert!(out.contains("bd1: deleted"), "{out}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A multi-queue device whose one queue its holder detached is still open:
+/// show says so, and del warns as it does for attached queues.
+#[test]
+fn a_detached_queue_is_still_an_open_device() {
+    require_root!();
+    let lab = Lab::new();
+    let ns = lab.netns("a");
+    ok(
+        &ns,
+        &["dev", "add", "mq0", "--mode", "tap", "--multi-queue"],
+    );
+    // TUNSETIFF (IFF_TAP | IFF_NO_PI | IFF_MULTI_QUEUE), then TUNSETQUEUE
+    // with IFF_DETACH_QUEUE; held until its standard input closes.
+    let script = "import fcntl, os, struct, sys\n\
+        fd = os.open('/dev/net/tun', os.O_RDWR)\n\
+        fcntl.ioctl(fd, 0x400454ca, struct.pack('16sH22x', b'mq0', 0x0002 | 0x1000 | 0x0100))\n\
+        fcntl.ioctl(fd, 0x400454d9, struct.pack('16sH22x', b'', 0x0400))\n\
+        print('ready', flush=True)\n\
+        sys.stdin.read()\n";
+    let mut child = ns
+        .cmd("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let out = ok(&ns, &["dev", "show", "mq0"]);
+    assert!(
+        out.contains("yes: 0 queue(s) attached, 1 detached"),
+        "{out}"
+    );
+    let r = tapir(&ns, &["dev", "del", "mq0"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("had 1 queue(s) open"), "{}", r.stderr);
+    drop(child.stdin.take());
+    child.wait().unwrap();
+}

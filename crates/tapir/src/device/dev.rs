@@ -282,6 +282,18 @@ fn is_open(link: &Link) -> bool {
     }
 }
 
+/// Whether tun/tap device `name` is open in a process, of any namespace
+/// (`false` if there is no such device).
+pub fn is_held(name: &str) -> bool {
+    let Ok(name) = IfName::new(name) else {
+        return false;
+    };
+    Netlink::open()
+        .ok()
+        .and_then(|mut nl| tun_link(&mut nl, &name).ok())
+        .is_some_and(|l| is_open(&l))
+}
+
 /// `tapir dev del`: removes a tun/tap device, and nothing else.
 pub fn del(name: &str) -> Result<Deleted, DevError> {
     let name = IfName::new(name)?;
@@ -291,8 +303,12 @@ pub fn del(name: &str) -> Result<Deleted, DevError> {
     nl.del_link(link.index)?;
     Ok(Deleted {
         name: link.name.clone(),
+        // Detached queues are open too (IFF_DETACH_QUEUE): their holder
+        // loses the device all the same.
         attached_queues: if is_open(&link) {
-            link.tun.and_then(|t| t.queues).unwrap_or(1)
+            link.tun
+                .and_then(|t| Some(t.queues? + t.disabled_queues.unwrap_or(0)))
+                .unwrap_or(1)
         } else {
             0
         },
@@ -675,7 +691,11 @@ pub fn format_show(d: &DeviceView) -> String {
     out += &match (d.open, d.queues) {
         (false, _) => "    open    no: no process has it open\n".to_string(),
         (true, Some(n)) => format!(
-            "    open    yes: {n} queue(s) attached{}\n",
+            "    open    yes: {n} queue(s) attached{}{}\n",
+            match d.disabled_queues {
+                Some(k) if k > 0 => format!(", {k} detached (IFF_DETACH_QUEUE)"),
+                _ => String::new(),
+            },
             holder_words(d)
         ),
         (true, None) => format!("    open    yes{}\n", holder_words(d)),
@@ -858,6 +878,9 @@ impl std::fmt::Display for Step {
     }
 }
 
+/// The largest MTU the kernel gives a tap (its `max_mtu`).
+pub const TAP_MAX_MTU: u32 = 65535 - 14;
+
 /// Turns a request into steps with their undos, checked against the device
 /// as it is now. Fails, changing nothing, on anything the kernel would refuse
 /// for a reason we can see beforehand.
@@ -873,6 +896,12 @@ pub fn plan(
         if !(68..=65535).contains(&mtu) {
             return invalid(format!(
                 "MTU {mtu} is out of range: use 68 to 65535 (1280 or more for IPv6)"
+            ));
+        }
+        let tap = link.tun.as_ref().and_then(|t| t.mode) == Some(Mode::Tap);
+        if tap && mtu > TAP_MAX_MTU {
+            return invalid(format!(
+                "MTU {mtu} is too large for a tap: at most {TAP_MAX_MTU} (65535 less its 14-byte Ethernet header)"
             ));
         }
         let has_v6 = addrs

@@ -57,8 +57,10 @@ pub enum Outcome {
     Corrected(Vec<String>),
 }
 
-/// Makes device `d` as declared (see the module's words).
-pub fn apply(d: &DeviceConfig, tun_path: &Path) -> Result<Outcome, DevError> {
+/// Makes device `d` as declared (see the module's words); says also what
+/// differs and cannot be corrected (an owner the file does not declare:
+/// the kernel cannot take one away).
+pub fn apply(d: &DeviceConfig, tun_path: &Path) -> Result<(Outcome, Vec<String>), DevError> {
     let req = AddRequest::new(
         Some(d.name.as_str()),
         d.mode,
@@ -69,6 +71,7 @@ pub fn apply(d: &DeviceConfig, tun_path: &Path) -> Result<Outcome, DevError> {
         tun_path.to_owned(),
     )?;
     let mut fixed = Vec::new();
+    let mut kept = Vec::new();
     let created = match dev::add(&req) {
         Ok(Added::Created(_)) => true,
         Ok(Added::Existed(_)) => false,
@@ -87,17 +90,61 @@ pub fn apply(d: &DeviceConfig, tun_path: &Path) -> Result<Outcome, DevError> {
                     diff: format!("{diff}, and it cannot be corrected: {e}"),
                 }
             })?;
-            if let Some(uid) = req.owner {
-                dev.set_owner(uid)?;
+            let info = Netlink::open()?
+                .link(d.name.as_str())?
+                .and_then(|l| l.tun)
+                .ok_or_else(|| DevError::NotFound(d.name.to_string()))?;
+            let id = |v: Option<u32>| v.map_or("none".to_string(), |n| n.to_string());
+            for (what, want, has) in [
+                ("user", req.owner, info.owner),
+                ("group", req.group, info.group),
+            ] {
+                match want {
+                    _ if want == has => {}
+                    Some(v) => {
+                        if what == "user" {
+                            dev.set_owner(v)?;
+                        } else {
+                            dev.set_group(v)?;
+                        }
+                        fixed.push(format!("{what} {} to {v}", id(has)));
+                    }
+                    None => kept.push(format!(
+                        "{what} {} kept, though the file declares none: the kernel cannot take it away (tapir dev del {1}, then up again, to have none)",
+                        id(has),
+                        d.name
+                    )),
+                }
             }
-            if let Some(gid) = req.group {
-                dev.set_group(gid)?;
-            }
-            fixed.push(diff.replace("wanted", "set"));
             false
         }
         Err(e) => return Err(e),
     };
+    // A device created here and not configured as declared goes again:
+    // a failed up leaves nothing it created.
+    match configure(d, &mut fixed) {
+        Ok(()) => {}
+        Err(e) => {
+            if created {
+                let _ = dev::del(d.name.as_str());
+            }
+            return Err(e);
+        }
+    }
+    let outcome = if created {
+        Outcome::Created
+    } else if fixed.is_empty() {
+        Outcome::Unchanged
+    } else {
+        Outcome::Corrected(fixed)
+    };
+    Ok((outcome, kept))
+}
+
+/// Gives device `d` (there, with its flags) the MTU, addresses, routes and
+/// state declared, all or nothing (see `dev set`); says what it changed in
+/// `fixed`.
+fn configure(d: &DeviceConfig, fixed: &mut Vec<String>) -> Result<(), DevError> {
     let mut nl = Netlink::open()?;
     let link = nl
         .link(d.name.as_str())?
@@ -147,13 +194,7 @@ pub fn apply(d: &DeviceConfig, tun_path: &Path) -> Result<Outcome, DevError> {
     if !set.is_empty() {
         dev::set(d.name.as_str(), &set)?;
     }
-    Ok(if created {
-        Outcome::Created
-    } else if fixed.is_empty() {
-        Outcome::Unchanged
-    } else {
-        Outcome::Corrected(fixed)
-    })
+    Ok(())
 }
 
 /// `tapir down FILE` for a device: deleted (`false` if it was not there).

@@ -288,14 +288,15 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up,
     let mut created = Vec::new();
     for d in &devices {
         match crate::devices::apply(d, tun_path) {
-            Ok(o) => {
-                device_lines.push(match &o {
+            Ok((o, kept)) => {
+                let line = match &o {
                     crate::devices::Outcome::Created => format!("{}: created", d.name),
                     crate::devices::Outcome::Unchanged => format!("{}: unchanged", d.name),
                     crate::devices::Outcome::Corrected(what) => {
                         format!("{}: corrected ({})", d.name, what.join(", "))
                     }
-                });
+                };
+                device_lines.push(kept.iter().fold(line, |l, k| l + "; " + k));
                 if o == crate::devices::Outcome::Created {
                     created.push(d);
                 }
@@ -304,7 +305,10 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up,
                 for c in created {
                     let _ = crate::devices::remove(c);
                 }
-                return Err(format!("{}: {e}", d.name));
+                // Named once (`dev set`'s errors name it already).
+                let e = e.to_string();
+                let named = e.starts_with(&format!("{}: ", d.name));
+                return Err(if named { e } else { format!("{}: {e}", d.name) });
             }
         }
     }
@@ -456,8 +460,10 @@ pub enum Stopped {
 }
 
 /// `tapir down FILE`: every tunnel of the file that runs here is stopped
-/// and every device it declares is deleted; returns what was done.
-pub fn down_file(file: &Path, dirs: &Dirs) -> Result<Vec<String>, String> {
+/// and every device it declares is deleted; returns what was done, one
+/// line a tunnel or device, an error for those that could not be taken
+/// down (the others are taken down all the same).
+pub fn down_file(file: &Path, dirs: &Dirs) -> Result<Vec<Result<String, String>>, String> {
     let (tunnels, devices) = config::load_file(file).map_err(|e| e.to_string())?;
     let scope = Scope::current()?;
     let mut done = Vec::new();
@@ -473,33 +479,43 @@ pub fn down_file(file: &Path, dirs: &Dirs) -> Result<Vec<String>, String> {
     let mut stopped = Vec::new();
     for (t, pid) in tunnels.iter().zip(pids) {
         let name = t.name.as_str();
-        match pid {
-            Some(p) if stopped.contains(&p) => done.push(format!("{name} is down")),
-            Some(p) => {
-                down(name, dirs)?;
+        done.push(match pid {
+            Some(p) if stopped.contains(&p) => Ok(format!("{name} is down")),
+            Some(p) => down(name, dirs).map(|_| {
                 stopped.push(p);
-                done.push(format!("{name} is down"));
-            }
-            None => done.push(format!("{name} was not up")),
-        }
+                format!("{name} is down")
+            }),
+            None => Ok(format!("{name} was not up")),
+        });
     }
     // A device a process holds (a VM's tap) is kept, said so: deleting it
-    // would pull it from under that process.
+    // would pull it from under that process. The kernel says whether one is
+    // open; /proc says who, in this namespace (a holder may have moved on
+    // to another after opening it, as container runtimes do).
     let held = crate::dev::holders();
     for d in &devices {
         if let Some((_, h)) = held.iter().find(|(n, _)| n == d.name.as_str()) {
-            done.push(format!(
+            done.push(Ok(format!(
                 "{}: kept: {} (pid {}) holds it open (tapir dev del {} deletes it anyway)",
                 d.name, h.command, h.pid, d.name
-            ));
+            )));
             continue;
         }
-        let gone = crate::devices::remove(d).map_err(|e| format!("{}: {e}", d.name))?;
-        done.push(format!(
-            "{}: {}",
-            d.name,
-            if gone { "deleted" } else { "was not there" }
-        ));
+        if crate::dev::is_held(d.name.as_str()) {
+            done.push(Ok(format!(
+                "{}: kept: a process of another network namespace holds it open (tapir dev del {} deletes it anyway)",
+                d.name, d.name
+            )));
+            continue;
+        }
+        done.push(match crate::devices::remove(d) {
+            Ok(gone) => Ok(format!(
+                "{}: {}",
+                d.name,
+                if gone { "deleted" } else { "was not there" }
+            )),
+            Err(e) => Err(format!("{}: {e}", d.name)),
+        });
     }
     Ok(done)
 }

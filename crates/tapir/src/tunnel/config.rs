@@ -886,11 +886,44 @@ pub fn parse_toml_all(
             }
             m => m.as_ref().map(|m| *m.get_ref()),
         };
-        let mut addresses = Vec::new();
+        if let Some(m) = &d.mtu {
+            if mode == tapir_sys::Mode::Tap && *m.get_ref() > crate::dev::TAP_MAX_MTU {
+                return Err(err(
+                    m.span(),
+                    "mtu",
+                    format!(
+                        "{} is too large for a tap: at most {} (65535 less its Ethernet header)",
+                        m.get_ref(),
+                        crate::dev::TAP_MAX_MTU
+                    ),
+                ));
+            }
+        }
+        let mut addresses: Vec<IpNet> = Vec::new();
         for a in &d.addresses {
-            addresses.push(
-                crate::dev::parse_addr(a.get_ref()).map_err(|m| err(a.span(), "addresses", m))?,
-            );
+            let net =
+                crate::dev::parse_addr(a.get_ref()).map_err(|m| err(a.span(), "addresses", m))?;
+            if let Some(o) = addresses.iter().find(|o| o.addr() == net.addr()) {
+                return Err(err(
+                    a.span(),
+                    "addresses",
+                    format!(
+                        "{} is given twice ({o} and {net}): a device has an address once",
+                        net.addr()
+                    ),
+                ));
+            }
+            if net.addr().is_ipv6() && mtu.is_some_and(|m| m < 1280) {
+                return Err(err(
+                    a.span(),
+                    "addresses",
+                    format!(
+                        "{net} is IPv6, which needs an MTU of 1280 or more (mtu = {})",
+                        mtu.unwrap_or(0)
+                    ),
+                ));
+            }
+            addresses.push(net);
         }
         let mut routes = Vec::new();
         for r in &d.routes {
