@@ -70,16 +70,24 @@ pub fn name_of(id: u64) -> Option<String> {
 /// (`SO_NETNS_COOKIE`, Linux 5.14) is the client's. `None` when the kernel
 /// cannot tell.
 pub fn peer_is_local(fd: std::os::fd::BorrowedFd<'_>) -> Option<bool> {
-    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
     let theirs = netns_cookie(fd)?;
+    Some(cookie().ok()? == theirs)
+}
+
+/// The calling thread's network namespace's cookie (`SO_NETNS_COOKIE`,
+/// Linux 5.14): unlike its inode, which the kernel gives again to a later
+/// namespace once this one is gone, never the same for two namespaces
+/// while the machine runs.
+pub fn cookie() -> io::Result<u64> {
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
     // SAFETY: socket takes constants and returns a new descriptor or -1.
     let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
-        return None;
+        return Err(io::Error::last_os_error());
     }
     // SAFETY: raw is a descriptor just returned to us and owned by nobody else.
     let probe = unsafe { OwnedFd::from_raw_fd(raw) };
-    Some(netns_cookie(probe.as_fd())? == theirs)
+    netns_cookie(probe.as_fd()).ok_or_else(|| io::Error::other("SO_NETNS_COOKIE unsupported"))
 }
 
 /// The cookie of the network namespace that socket `fd` belongs to.
@@ -107,5 +115,6 @@ mod tests {
         assert_eq!(peer_is_local(client.as_fd()), Some(true));
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(current().unwrap(), current().unwrap());
+        assert_eq!(cookie().unwrap(), cookie().unwrap());
     }
 }

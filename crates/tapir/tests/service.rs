@@ -79,9 +79,18 @@ impl Env {
 }
 
 /// A namespace's identity, as tapir names its directories.
-fn netns_id(ns: &Netns) -> u64 {
+/// The name of `ns`'s own directories under tapir's (`netns-INODE-COOKIE`).
+fn netns_dir(ns: &Netns) -> String {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(ns.path()).unwrap().ino()
+    let ino = std::fs::metadata(ns.path()).unwrap().ino();
+    let path = ns.path();
+    let cookie = std::thread::spawn(move || {
+        tapir_sys::netns::enter(&path).unwrap();
+        tapir_sys::netns::cookie().unwrap()
+    })
+    .join()
+    .unwrap();
+    format!("netns-{ino}-{cookie}")
 }
 
 fn key() -> String {
@@ -208,7 +217,7 @@ fn up_refuses_a_control_socket_that_someone_else_answers() {
     let n = name("tpl");
     // Someone listens on the tunnel's socket path first (in a network
     // namespace other than the host's, it is that namespace's own).
-    let dir = format!("/var/run/wireguard/netns-{}", netns_id(&e.ns));
+    let dir = format!("/var/run/wireguard/{}", netns_dir(&e.ns));
     let path = format!("{dir}/{n}.sock");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::remove_file(&path);
@@ -496,16 +505,8 @@ fn up_never_writes_through_a_planted_link() {
     );
     let victim = e.file("victim", "precious\n", "644");
     // The namespace's own directories, as up makes them (root's, 0755).
-    let id =
-        e.ns.cmd("stat")
-            .args(["-L", "-c", "%i", "/proc/self/ns/net"])
-            .output()
-            .unwrap();
-    let id = String::from_utf8_lossy(&id.stdout).trim().to_owned();
-    let (run, log) = (
-        e.dir.join("run").join(format!("netns-{id}")),
-        e.dir.join("log").join(format!("netns-{id}")),
-    );
+    let own = netns_dir(&e.ns);
+    let (run, log) = (e.dir.join("run").join(&own), e.dir.join("log").join(&own));
     for d in [&run, &log] {
         std::fs::create_dir_all(d).unwrap();
         Command::new("chmod")
@@ -709,4 +710,85 @@ impl Drop for Guard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// What tapir acts on as root (a pid to signal, rules to take back, hooks
+/// to run) comes only from its own records: not from one a gone namespace
+/// left under an inode the kernel gave again (planted here where the inode
+/// alone would have led), not from one another user owns or could have
+/// put there.
+#[test]
+fn records_of_a_gone_namespace_or_of_another_user_are_not_acted_on() {
+    require_root!();
+    let e = env("trust");
+    let n = name("ttr");
+    let marker = e.dir.join("hook-ran");
+    let run = e.dir.join("run");
+    let record = format!("hook PostDown touch {}\n", marker.display());
+    let plant = |dir: &Path, owner: &str| {
+        std::fs::create_dir_all(dir).unwrap();
+        for (f, text) in [
+            (format!("{n}.pid"), "999999\n"),
+            (format!("{n}.rules"), &record),
+        ] {
+            let p = dir.join(f);
+            std::fs::write(&p, text).unwrap();
+            Command::new("chown")
+                .args([owner, p.to_str().unwrap()])
+                .status()
+                .unwrap();
+        }
+    };
+    // Where a namespace of this inode kept its records before.
+    let ino = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(e.ns.path()).unwrap().ino()
+    };
+    plant(&run.join(format!("netns-{ino}")), "root");
+    let out = e.tapir(&["status", &n]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("NOT RUNNING"), "{text}");
+    let out = e.tapir(&["down", &n]);
+    assert!(!out.status.success());
+    assert!(!marker.exists(), "a gone namespace's hook ran");
+    // In this namespace's own directory, but another user's record.
+    let own = run.join(netns_dir(&e.ns));
+    plant(&own, "65534");
+    let out = e.tapir(&["down", &n]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!marker.exists(), "another user's hook ran as root: {err}");
+    assert!(err.contains("not a file tapir wrote"), "{err}");
+    // Root's record, but in a directory another user may write to.
+    plant(&own, "root");
+    Command::new("chmod")
+        .args(["777", own.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let out = e.tapir(&["down", &n]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("only we may write"),
+        "{err}"
+    );
+    assert!(!marker.exists());
+    // Sound: acted on (the hook of a process that died runs at down).
+    Command::new("chmod")
+        .args(["755", own.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let out = e.tapir(&["down", &n]);
+    assert!(marker.exists(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A directory above tapir's that another user owns (who could move
+    // tapir's aside and put one of theirs in its place): refused.
+    Command::new("chown")
+        .args(["65534", e.dir.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let out = e.tapir(&["status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("belongs to uid 65534"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&e.dir).unwrap();
 }

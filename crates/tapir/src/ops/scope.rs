@@ -5,8 +5,8 @@
 //! In the host's namespace everything stays where the tools look for it
 //! (`/run/tapir/wg0.pid`, `/var/run/wireguard/wg0.sock`). In any other
 //! namespace it moves into a directory of that namespace's own, named by
-//! its identity (`/run/tapir/netns-4026532301/wg0.pid`,
-//! `/var/run/wireguard/netns-4026532301/wg0.sock`). Stock `wg` only looks
+//! its identity (`/run/tapir/netns-4026532301-132365/wg0.pid`,
+//! `/var/run/wireguard/netns-4026532301-132365/wg0.sock`). Stock `wg` only looks
 //! in `/var/run/wireguard`, so a tunnel in another namespace also links
 //! its socket there when the name is free (and the host's tunnel of that
 //! name takes the link over), and refuses control connections from any
@@ -20,6 +20,8 @@ use tapir_sys::netns;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scope {
     id: u64,
+    /// Its cookie, where the kernel tells it (see [`Scope::dir`]).
+    cookie: Option<u64>,
     initial: bool,
 }
 
@@ -29,13 +31,22 @@ impl Scope {
         let id = netns::current().map_err(|e| format!("which network namespace is this: {e}"))?;
         // Without access to pid 1 (not root), take this for the host's.
         let initial = netns::initial().map_or(true, |i| i == id);
-        Ok(Self { id, initial })
+        let cookie = netns::cookie().ok();
+        Ok(Self {
+            id,
+            cookie,
+            initial,
+        })
     }
 
     /// A namespace as given (for tests of what depends on it).
     #[cfg(test)]
     pub(crate) fn fake(id: u64, initial: bool) -> Self {
-        Self { id, initial }
+        Self {
+            id,
+            cookie: None,
+            initial,
+        }
     }
 
     /// Whether this is the host's namespace (the first process's).
@@ -44,12 +55,20 @@ impl Scope {
     }
 
     /// Where this namespace's files under `base` go: `base` itself in the
-    /// host's namespace, `base/netns-ID` in any other.
+    /// host's namespace, `base/netns-ID-COOKIE` in any other. The inode
+    /// (ID, as `lsns` shows it) alone would not do: the kernel gives it
+    /// again to a namespace made after this one is gone, which would then
+    /// find this one's records (rules to take back, hooks to run, bridges
+    /// to delete) as its own; the cookie is never given again while the
+    /// machine runs, and /run goes with a reboot.
     pub fn dir(&self, base: &Path) -> PathBuf {
         if self.initial {
             base.to_path_buf()
         } else {
-            base.join(format!("netns-{}", self.id))
+            match self.cookie {
+                Some(c) => base.join(format!("netns-{}-{c}", self.id)),
+                None => base.join(format!("netns-{}", self.id)),
+            }
         }
     }
 
@@ -79,15 +98,20 @@ mod tests {
     fn the_host_keeps_the_usual_places_and_others_get_their_own() {
         let host = Scope {
             id: 1,
+            cookie: Some(3),
             initial: true,
         };
         let other = Scope {
             id: 4026532301,
+            cookie: Some(132365),
             initial: false,
         };
         let base = Path::new("/run/tapir");
         assert_eq!(host.dir(base), base);
-        assert_eq!(other.dir(base), Path::new("/run/tapir/netns-4026532301"));
+        assert_eq!(
+            other.dir(base),
+            Path::new("/run/tapir/netns-4026532301-132365")
+        );
         assert!(Scope::current().unwrap().holds(std::process::id() as i32));
     }
 }

@@ -38,7 +38,7 @@ pub struct Dirs {
 
 impl Dirs {
     /// This network namespace's pid files: `run` itself in the host's
-    /// namespace, `run/netns-ID` in another (see [`crate::scope`]).
+    /// namespace, `run/netns-INODE-COOKIE` in another (see [`crate::scope`]).
     fn run_here(&self, scope: &Scope) -> PathBuf {
         scope.dir(&self.run)
     }
@@ -69,7 +69,8 @@ fn alive(scope: &Scope, pid: i32) -> bool {
 }
 
 fn read_pid(path: &Path) -> Option<i32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    // Only one tapir wrote (its pid is signalled).
+    crate::uapi::read_own_file(path).ok()??.trim().parse().ok()
 }
 
 /// The control socket of tunnel `name` in this namespace.
@@ -525,7 +526,10 @@ pub fn down_file(file: &Path, dirs: &Dirs) -> Result<Vec<Result<String, String>>
 /// files and a control socket nobody answers on.
 pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
     let scope = Scope::current()?;
+    crate::uapi::trusted_dir(&dirs.run_here(&scope))?;
     let path = pid_file(dirs, &scope, name);
+    // A pid file tapir did not write is said, not passed over.
+    crate::uapi::read_own_file(&path)?;
     let recorded = read_pid(&path);
     let live = running_pid(dirs, &scope, name);
     let Some(pid) = live.or(recorded) else {
@@ -703,6 +707,7 @@ fn b64(hex: &str) -> String {
 /// control socket (`tapir run`).
 pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, String> {
     let scope = Scope::current()?;
+    crate::uapi::trusted_dir(&dirs.run_here(&scope))?;
     let listed = |dir: PathBuf, suffix: &str| -> Vec<String> {
         std::fs::read_dir(dir)
             .map(|d| {

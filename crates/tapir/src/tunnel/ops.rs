@@ -128,8 +128,16 @@ fn delete_table(family_table: &str) -> bool {
 /// PreDown, the rules, the DNS entry, PostDown (the device went with the
 /// process). Returns what it did, in words.
 pub fn clear_leftovers(path: &Path, name: &str) -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Vec::new();
+    // Only a record tapir wrote, in a directory nobody else could put one
+    // in: its hooks run as root.
+    let trusted = path
+        .parent()
+        .map_or(Ok(()), crate::uapi::trusted_dir)
+        .and_then(|()| crate::uapi::read_own_file(path));
+    let text = match trusted {
+        Ok(Some(text)) => text,
+        Ok(None) => return Vec::new(),
+        Err(e) => return vec![e],
     };
     let mut done = Vec::new();
     // The record's lines of one kind (`hook`, `nft`, `dns`), after the kind.

@@ -393,7 +393,7 @@ fn answers(path: &Path) -> bool {
 
 /// The path stock `wg` knows for `name` (`dir/NAME.sock`), left free by
 /// a tunnel that went: given to a tunnel of that name in another namespace
-/// that answers (`dir/netns-ID/NAME.sock`), as a second name of its socket,
+/// that answers (`dir/netns-INODE-COOKIE/NAME.sock`), as a second name of its socket,
 /// so that `wg show NAME` there finds it again; the host's tunnel, whose
 /// own path it is, takes it back when it starts. Returns the new holder.
 pub fn hand_over(dir: &Path, name: &str) -> Option<PathBuf> {
@@ -438,7 +438,7 @@ fn second_name(sock: &Path, via: &Path, wg: &Path) -> io::Result<()> {
 impl ControlSocket {
     /// Binds the control socket of tunnel `name` in this network namespace
     /// (see [`crate::scope`]): `/var/run/wireguard/NAME.sock` in the host's
-    /// namespace; in another, `/var/run/wireguard/netns-ID/NAME.sock` and,
+    /// namespace; in another, `/var/run/wireguard/netns-INODE-COOKIE/NAME.sock` and,
     /// if no other namespace's tunnel holds the name, a link at the usual
     /// path for `wg`. A stale socket is replaced; one that another process
     /// answers on is not, but for such a link answered from another
@@ -700,7 +700,106 @@ pub fn ensure_private_dir(dir: &std::path::Path) -> Result<(), String> {
             meta.mode() & 0o777
         ));
     }
+    trusted_ancestors(dir)
+}
+
+/// Checks, before anything in `dir` is read and acted on (a pid to signal,
+/// rules to take back, hooks to run as root), that nobody else could have
+/// put it there: `dir` (if it exists) is root's or ours and closed to
+/// others, and so is each directory above it, as [`ensure_private_dir`]
+/// makes them.
+pub fn trusted_dir(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return trusted_ancestors(dir);
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    let owner_ok = meta.uid() == me || meta.uid() == 0;
+    if !meta.is_dir() || !owner_ok || meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} is not a directory of ours that only we may write (uid {}, mode {:o}): tapir does not act on what it holds; remove it",
+            dir.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        ));
+    }
+    trusted_ancestors(dir)
+}
+
+/// Each directory above `dir` (the path resolved) belongs to root or us,
+/// and is closed to others unless sticky (as /tmp is: there others cannot
+/// move or replace what is ours).
+fn trusted_ancestors(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    // The deepest part that exists, resolved (/var/run is a link to /run).
+    let mut existing = dir;
+    let real = loop {
+        match existing.canonicalize() {
+            Ok(r) => break r,
+            Err(_) => match existing.parent() {
+                Some(p) => existing = p,
+                None => return Ok(()),
+            },
+        }
+    };
+    let start = if existing == dir {
+        real.parent()
+    } else {
+        Some(real.as_path())
+    };
+    for a in start.into_iter().flat_map(std::path::Path::ancestors) {
+        let m = std::fs::metadata(a).map_err(|e| format!("{}: {e}", a.display()))?;
+        let owner_ok = m.uid() == 0 || m.uid() == me;
+        let open = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
+        if !owner_ok || open {
+            return Err(format!(
+                "{} is above tapir's directory {} and {}: someone else could move in what tapir acts on; use a directory under one that is root's (as /run is)",
+                a.display(),
+                dir.display(),
+                if owner_ok {
+                    format!("writable by others (mode {:o})", m.mode() & 0o7777)
+                } else {
+                    format!("belongs to uid {}", m.uid())
+                }
+            ));
+        }
+    }
     Ok(())
+}
+
+/// The text of record `path` (a pid file, a crash record) if tapir wrote
+/// it: a regular file of root's or ours that nobody else may write, read
+/// without following a link; `Ok(None)` if there is none.
+pub fn read_own_file(path: &std::path::Path) -> Result<Option<String>, String> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let m = f
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    let owner_ok = m.uid() == me || m.uid() == 0;
+    if !m.is_file() || !owner_ok || m.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} is not a file tapir wrote (uid {}, mode {:o}): not acted on; look at it, then remove it",
+            path.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        ));
+    }
+    let mut text = String::new();
+    (&f).take(1 << 20)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Some(text))
 }
 
 /// The pid of the process at the other end of `stream` (`SO_PEERCRED`).
