@@ -121,6 +121,19 @@ fn up_status_down_leaves_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(e.ns.has_link(&n), "up returns once the device exists");
+    let log = e
+        .dir
+        .join("log")
+        .join(netns_dir(&e.ns))
+        .join(format!("{n}.log"));
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(&log).unwrap().mode() & 0o777,
+            0o600,
+            "hooks' output is in the log"
+        );
+    }
     let out = e.tapir(&["status", "--json"]);
     let st: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(st[0]["name"], n.as_str());

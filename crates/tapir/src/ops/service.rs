@@ -205,9 +205,11 @@ pub fn reload(name: &str) -> Result<Reloaded, String> {
 /// its own (a Ctrl-C at the terminal that started it does not reach it).
 /// Returns the child and where its output starts in the log.
 pub fn spawn_daemon(mut cmd: Command, log: &Path) -> Result<(std::process::Child, u64), String> {
+    // 0600: what hooks print goes there too.
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(log)
         .map_err(|e| format!("{}: {e}", log.display()))?;

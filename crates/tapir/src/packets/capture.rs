@@ -69,7 +69,7 @@ pub fn pcap_writer(
     let file: Box<dyn std::io::Write> = if path == Path::new("-") {
         Box::new(std::io::stdout())
     } else {
-        Box::new(File::create(path).map_err(|e| {
+        Box::new(create_private(path).map_err(|e| {
             DevError::Invalid(format!(
                 "cannot create the pcap file {}: {e}",
                 path.display()
@@ -82,6 +82,42 @@ pub fn pcap_writer(
     };
     PcapWriter::new(BufWriter::new(file), linktype, snaplen)
         .map_err(|e| DevError::Runtime(format!("cannot write the pcap file: {e}")))
+}
+
+/// Opens `path` to write a capture into, as root may be asked to in a
+/// directory others can write to: a new file is 0600 (packets are private);
+/// a symbolic link is not followed, and an existing file someone else owns
+/// is not written into (they could read what it captures, or it is not
+/// theirs to lose); one of ours is emptied, as tcpdump's `-w` does.
+fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => std::io::Error::other(
+                "it is a symbolic link, which a capture does not follow: give the file's own path",
+            ),
+            _ => e,
+        })?;
+    let m = f.metadata()?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !m.is_file() {
+        return Err(std::io::Error::other(
+            "not a regular file: give a file's path, or - for standard output",
+        ));
+    }
+    if m.uid() != me {
+        return Err(std::io::Error::other(format!(
+            "it belongs to uid {}, not to us (uid {me}): not written into; remove it or choose another name",
+            m.uid()
+        )));
+    }
+    f.set_len(0)?;
+    Ok(f)
 }
 
 /// Waits (up to 200 ms at a time, so that `shutdown` is seen) for the next
@@ -182,5 +218,39 @@ mod tests {
         f(true, 12).reset_for_write(&mut p);
         assert_eq!(&p[..4], &[0xff; 4], "packet info kept");
         assert_eq!(&p[4..], &[0; 12], "vnet header zeroed");
+    }
+
+    #[test]
+    fn a_capture_file_is_private_and_never_reached_through_a_link() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("tapir-capture-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let new = dir.join("new.pcap");
+        create_private(&new).unwrap();
+        assert_eq!(std::fs::metadata(&new).unwrap().mode() & 0o777, 0o600);
+        // Ours and not empty: emptied, as tcpdump -w does.
+        std::fs::write(&new, "old").unwrap();
+        create_private(&new).unwrap();
+        assert_eq!(std::fs::metadata(&new).unwrap().len(), 0);
+        // A link planted where the capture goes: refused, its target untouched.
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let link = dir.join("link.pcap");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let e = create_private(&link).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        // Someone else's file (as root: the case that matters).
+        if nix::unistd::geteuid().is_root() {
+            let theirs = dir.join("theirs.pcap");
+            std::fs::write(&theirs, "theirs").unwrap();
+            std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o666)).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+            let e = create_private(&theirs).unwrap_err().to_string();
+            assert!(e.contains("belongs to uid 65534"), "{e}");
+            assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "theirs");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
