@@ -805,3 +805,70 @@ fn records_of_a_gone_namespace_or_of_another_user_are_not_acted_on() {
     );
     std::fs::remove_dir_all(&e.dir).unwrap();
 }
+
+/// Hooks run as root: from a file another user owns or may write to, or
+/// in a directory of theirs, the tunnel does not start (that user would
+/// have root at its next start), and nothing of it is left.
+#[test]
+fn hooks_run_only_from_a_file_nobody_else_could_write() {
+    require_root!();
+    let e = env("hooks");
+    let n = name("thk");
+    let marker = e.dir.join("hook-ran");
+    // (The key in a file of its own: this one's mode changes below.)
+    let keyfile = e.file("hooks.key", &key(), "600");
+    let text = format!(
+        "[Interface]\nPrivateKeyFile = {}\nListenPort = 51836\nAddress = 10.88.6.1/24\nPostUp = touch {}\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.6.2/32\n",
+        keyfile.display(),
+        marker.display()
+    );
+    let conf = e.file(&format!("{n}.conf"), &text, "600");
+    let path = conf.to_str().unwrap();
+    let chown = |who: &str, p: &Path| {
+        Command::new("chown")
+            .args([who, p.to_str().unwrap()])
+            .status()
+            .unwrap();
+    };
+    chown("65534", &conf);
+    let out = e.tapir(&["up", path]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("belongs to uid 65534"),
+        "{err}"
+    );
+    chown("root", &conf);
+    Command::new("chmod").args(["620", path]).status().unwrap();
+    let out = e.tapir(&["up", path]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("writable by group or others"),
+        "{err}"
+    );
+    Command::new("chmod").args(["600", path]).status().unwrap();
+    chown("65534", &e.dir);
+    let out = e.tapir(&["up", path]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("belongs to uid 65534"),
+        "{err}"
+    );
+    assert!(!marker.exists(), "a hook ran");
+    e.assert_clean(&n);
+    // Root's file in root's directory: it starts, and its hook runs.
+    chown("root", &e.dir);
+    let out = e.tapir(&["up", path]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(marker.exists());
+    let out = e.tapir(&["down", &n]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    e.assert_clean(&n);
+}

@@ -224,6 +224,50 @@ pub struct ConfigError {
     pub msg: String,
 }
 
+/// Refuses hooks (PreUp, PostUp, PreDown, PostDown: shell commands, run
+/// with our privileges, root's as a rule) from a file that someone else
+/// could have written: one another user owns or may write to, or in a
+/// directory where they could put another in its place. Such a user
+/// would have root at the tunnel's next start.
+pub fn hooks_are_ours(c: &TunnelConfig) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let o = &c.ops;
+    let stage = [
+        ("PreUp", &o.pre_up),
+        ("PostUp", &o.post_up),
+        ("PreDown", &o.pre_down),
+        ("PostDown", &o.post_down),
+    ]
+    .into_iter()
+    .find(|(_, cmds)| !cmds.is_empty())
+    .map(|(s, _)| s);
+    let Some(stage) = stage else {
+        return Ok(());
+    };
+    let file = &c.file;
+    let m = std::fs::metadata(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    let why = if m.uid() != me && m.uid() != 0 {
+        Some(format!("belongs to uid {}", m.uid()))
+    } else if m.mode() & 0o022 != 0 {
+        Some(format!(
+            "is writable by group or others (mode {:o})",
+            m.mode() & 0o777
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        return Err(format!(
+            "{}: its {stage} runs as uid {me}, and the file {why}, who could make it run anything: chown root:root {0}; chmod go-w {0}",
+            file.display()
+        ));
+    }
+    // Its directory, and each above it.
+    crate::uapi::trusted_above(file)
+        .map_err(|e| format!("{}: its {stage} runs as uid {me}, and {e}", file.display()))
+}
+
 /// Reads a wg-quick style file.
 pub fn load(path: &Path) -> Result<TunnelConfig, ConfigError> {
     let err = |line, key: Option<&str>, msg: String| ConfigError {

@@ -517,6 +517,7 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
             "running a tunnel",
         )));
     }
+    config::hooks_are_ours(config).map_err(DevError::Invalid)?;
     let name = &config.name;
     let mut nl = Netlink::open()?;
     if let Some(l) = nl.link(name.as_str())? {

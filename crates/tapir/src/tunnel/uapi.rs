@@ -700,7 +700,7 @@ pub fn ensure_private_dir(dir: &std::path::Path) -> Result<(), String> {
             meta.mode() & 0o777
         ));
     }
-    trusted_ancestors(dir)
+    trusted_above(dir)
 }
 
 /// Checks, before anything in `dir` is read and acted on (a pid to signal,
@@ -711,7 +711,7 @@ pub fn ensure_private_dir(dir: &std::path::Path) -> Result<(), String> {
 pub fn trusted_dir(dir: &std::path::Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::symlink_metadata(dir) else {
-        return trusted_ancestors(dir);
+        return trusted_above(dir);
     };
     let me = nix::unistd::geteuid().as_raw();
     let owner_ok = meta.uid() == me || meta.uid() == 0;
@@ -723,13 +723,13 @@ pub fn trusted_dir(dir: &std::path::Path) -> Result<(), String> {
             meta.mode() & 0o7777
         ));
     }
-    trusted_ancestors(dir)
+    trusted_above(dir)
 }
 
 /// Each directory above `dir` (the path resolved) belongs to root or us,
 /// and is closed to others unless sticky (as /tmp is: there others cannot
 /// move or replace what is ours).
-fn trusted_ancestors(dir: &std::path::Path) -> Result<(), String> {
+pub fn trusted_above(dir: &std::path::Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let me = nix::unistd::geteuid().as_raw();
     // The deepest part that exists, resolved (/var/run is a link to /run).
@@ -754,7 +754,7 @@ fn trusted_ancestors(dir: &std::path::Path) -> Result<(), String> {
         let open = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
         if !owner_ok || open {
             return Err(format!(
-                "{} is above tapir's directory {} and {}: someone else could move in what tapir acts on; use a directory under one that is root's (as /run is)",
+                "{}, above {}, {}: someone else could put something of theirs where tapir reads and acts on it; use directories of root's (as /run and /etc are)",
                 a.display(),
                 dir.display(),
                 if owner_ok {
