@@ -38,6 +38,35 @@ fn last_cap() -> u32 {
         .unwrap_or(40)
 }
 
+/// Drops every capability but `CAP_NET_ADMIN` (if `keep_net_admin`) from
+/// the bounding set, so that nothing can gain them back. Takes
+/// CAP_SETPCAP: without it (EPERM) the set stays as it is, and the
+/// effective and permitted sets are what hold the process back.
+fn shrink_bounding_set(keep_net_admin: bool) -> io::Result<()> {
+    for cap in 0..=last_cap() {
+        if keep_net_admin && cap == CAP_NET_ADMIN {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments only. EINVAL for a
+        // capability this kernel lacks is harmless.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINVAL) => {}
+                Some(libc::EPERM) => break,
+                _ => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("prctl(PR_CAPBSET_DROP): {e}"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Keeps `CAP_NET_ADMIN` only (or nothing, if `keep_net_admin` is false);
 /// returns the first failing step.
 pub fn keep_only_net_admin(keep_net_admin: bool) -> io::Result<()> {
@@ -49,23 +78,7 @@ pub fn keep_only_net_admin(keep_net_admin: bool) -> io::Result<()> {
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(fail("prctl(PR_SET_NO_NEW_PRIVS)"));
     }
-    for cap in 0..=last_cap() {
-        if keep_net_admin && cap == CAP_NET_ADMIN {
-            continue;
-        }
-        // SAFETY: prctl with integer arguments only. EINVAL for a
-        // capability this kernel lacks is harmless; EPERM (no
-        // CAP_SETPCAP) leaves the bounding set as it is, and the capset
-        // below still empties the effective and permitted sets.
-        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-        if rc != 0 {
-            match io::Error::last_os_error().raw_os_error() {
-                Some(libc::EINVAL) => {}
-                Some(libc::EPERM) => break,
-                _ => return Err(fail("prctl(PR_CAPBSET_DROP)")),
-            }
-        }
-    }
+    shrink_bounding_set(keep_net_admin)?;
     let mut header = CapHeader {
         version: CAP_V3,
         pid: 0,
@@ -99,6 +112,9 @@ pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
         let e = io::Error::last_os_error();
         io::Error::new(e.kind(), format!("{op}: {e}"))
     };
+    // While CAP_SETPCAP is still ours (the change of uid empties the
+    // effective set, and with it the right to shrink the bounding set).
+    shrink_bounding_set(true)?;
     // SAFETY: prctl with integer arguments only: the permitted set
     // survives the change of uid below.
     if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) } != 0 {

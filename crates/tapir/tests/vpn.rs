@@ -356,6 +356,40 @@ fn dns_goes_through_resolvconf_and_saveconfig_keeps_peers_added_with_wg_set() {
     ok(&run(&["down", n]));
 }
 
+/// SaveConfig into a file another user owns, 0600 (as an admin's file
+/// may be): written at down, its owner and mode kept (the tunnel, which
+/// gives up root's other capabilities, failed to open it and said so only
+/// in its log).
+#[test]
+fn saveconfig_writes_a_file_another_user_owns() {
+    require_root!();
+    let v = vpn("sv", "SaveConfig = true");
+    let (a, dir) = (&v.bed.a, &v.bed.dir);
+    std::os::unix::fs::chown(&v.client, Some(65534), Some(65534)).unwrap();
+    ok(&tapir_in(a, dir, &["up", v.client.to_str().unwrap()]));
+    let n = &v.name;
+    let (_, added) = genkey();
+    let out = a
+        .cmd("wg")
+        .args(["set", n, "peer", &added, "allowed-ips", "10.79.0.9/32"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ok(&tapir_in(a, dir, &["down", n]));
+    let saved = std::fs::read_to_string(&v.client).unwrap();
+    assert!(
+        saved.contains(&format!("PublicKey = {added}\nAllowedIPs = 10.79.0.9/32")),
+        "{saved}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(&v.client).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o777), (65534, 0o600));
+}
+
 /// A route another device holds: up fails naming it, as wg-quick's does,
 /// and leaves nothing (the tunnel's traffic would have passed it by); an
 /// address's own prefix route covers an allowed IP as before. With

@@ -1034,6 +1034,7 @@ fn a_tunnel_runs_as_its_user_with_net_admin_only() {
     assert_eq!(field("Uid:"), "65534 65534 65534 65534", "{proc_status}");
     assert_eq!(field("CapEff:"), "0000000000001000", "CAP_NET_ADMIN alone");
     assert_eq!(field("CapPrm:"), "0000000000001000");
+    assert_eq!(field("CapBnd:"), "0000000000001000", "nothing to gain back");
     assert_eq!(field("NoNewPrivs:"), "1");
     ping(&bed.a, "10.77.0.2");
     // wg set still reaches it.

@@ -550,6 +550,12 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
                 .collect()
         })
         .unwrap_or_default();
+    // What it logs while it stops, read after (a SaveConfig that failed).
+    let log = log_of(&dirs.log_here(&scope), name);
+    let log_start = log
+        .as_ref()
+        .and_then(|l| std::fs::metadata(l).ok())
+        .map_or(0, |m| m.len());
     if live.is_some() {
         kill(Pid::from_raw(pid), Signal::SIGTERM)
             .map_err(|e| format!("signalling pid {pid}: {e}"))?;
@@ -603,6 +609,23 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
         // This namespace's directories, once empty (logs stay to be read).
         let _ = std::fs::remove_dir(dirs.run_here(&scope));
         let _ = std::fs::remove_dir(scope.dir(Path::new(SOCKET_DIR)));
+    }
+    // Down, but what was changed at run time is not saved: said, and an error.
+    let unsaved: Vec<String> = log
+        .and_then(|l| std::fs::read(l).ok())
+        .map(|t| {
+            String::from_utf8_lossy(t.get(log_start as usize..).unwrap_or_default())
+                .lines()
+                .filter(|l| l.contains("SaveConfig:") && !l.contains("peers written"))
+                .map(|l| l.trim_start_matches("tapir: ").to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !unsaved.is_empty() {
+        return Err(format!(
+            "{name} is down, but its peers were not saved: {}",
+            unsaved.join("; ")
+        ));
     }
     Ok(if live.is_some() {
         Stopped::Stopped(pid, also)

@@ -565,7 +565,7 @@ pub fn parse(
         ));
     }
     if let Some(line) = user_line {
-        if let Some(what) = root_at_down(&ops) {
+        if let Some(what) = caps_at_down(&ops) {
             return Err(err(
                 line,
                 "User",
@@ -592,21 +592,19 @@ pub fn parse(
     })
 }
 
-/// What in `ops` needs root when the tunnel goes down (so cannot go with
-/// `User`): the down hooks, DNS (resolvconf), SaveConfig (the file is root's).
-pub fn root_at_down(ops: &Ops) -> Option<&'static str> {
-    caps_at_down(ops).or(ops.save_config.then_some("SaveConfig"))
-}
-
-/// What in `ops` needs root's capabilities, not only its uid, at down: the
-/// down hooks and resolvconf run programs that may do whatever root may.
-/// SaveConfig does not: the file is written by uid 0, its owner, which
-/// giving up capabilities does not prevent.
+/// What in `ops` needs root's capabilities, not only its uid, at down (so
+/// cannot go with `User`): the down hooks and resolvconf run programs that
+/// may do whatever root may; SaveConfig writes a file that may be another
+/// user's, mode 0600, which takes root's CAP_DAC_OVERRIDE (uid 0 without
+/// it failed to save).
 pub fn caps_at_down(ops: &Ops) -> Option<&'static str> {
     if !ops.pre_down.is_empty() || !ops.post_down.is_empty() {
         Some("PreDown/PostDown")
     } else if !ops.dns.is_empty() {
         Some("DNS")
+    } else if ops.save_config {
+        // The file may be another user's, 0600: root's DAC override.
+        Some("SaveConfig")
     } else {
         None
     }
