@@ -24,3 +24,16 @@ pub fn cloexec_beyond_stdio() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Restores SIGPIPE's default action (the Rust runtime ignores it), as a
+/// command whose output goes to a pipe wants: `tapir status | head` ends
+/// quietly when head has read enough, as `ip` and `wg` do, instead of
+/// failing on EPIPE at the next write. Not for a process that writes to
+/// sockets peers may close (the tunnel): one closed would end it.
+pub fn default_sigpipe() {
+    // SAFETY: signal with a constant signal and the default disposition;
+    // no handler of ours is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

@@ -585,13 +585,15 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             let reload = Arc::new(AtomicBool::new(false));
             signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))
                 .context("installing a signal handler")?;
-            tapir::tunnel::run_all(
-                &configs,
-                &tun.tun_path,
-                &dirs.dirs().run,
-                &shutdown,
-                &reload,
-            )?;
+            let dirs = dirs.dirs();
+            let names: Vec<&str> = configs.iter().map(|c| c.name.as_str()).collect();
+            let pid_files = tapir::service::OwnPidFiles::of(&dirs, &names);
+            let result =
+                tapir::tunnel::run_all(&configs, &tun.tun_path, &dirs.run, &shutdown, &reload);
+            // Stopped (by SIGTERM too, not only by tapir down): the pid
+            // files up wrote for this process go with it.
+            pid_files.forget();
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Up { file, dirs, tun } => {
@@ -676,10 +678,11 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             } else {
                 print!("{}", tapir::service::format(&st));
             }
-            // As `systemctl status`: 3 when a tunnel asked about is not running.
+            // As `systemctl status`: 3 when a tunnel asked about is not
+            // running (one that runs but would not answer a user does).
             let dead: Vec<&str> = st
                 .iter()
-                .filter(|t| !t.running)
+                .filter(|t| !t.running && t.unanswered.is_none())
                 .map(|t| t.name.as_str())
                 .collect();
             if dead.is_empty() {
@@ -1138,6 +1141,22 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    // Commands that print and end: quiet at a closed pipe (`| head`).
+    if matches!(
+        cli.command,
+        Command::Doctor { .. }
+            | Command::Dev(_)
+            | Command::Status { .. }
+            | Command::Explain { .. }
+            | Command::Completions { .. }
+            | Command::Man { .. }
+            | Command::Genkey
+            | Command::Pubkey
+            | Command::Genpsk
+            | Command::Dump { .. }
+    ) {
+        tapir_sys::process::default_sigpipe();
+    }
     match run(cli, &matches) {
         Ok(code) => code,
         Err(e) => {

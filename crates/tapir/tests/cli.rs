@@ -128,3 +128,28 @@ fn the_systemd_unit_installs_and_verifies() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Output into a pipe already closed (`tapir status | head` once head has
+/// read enough): the command ends quietly by SIGPIPE, as `ip` and `wg` do,
+/// not with a panic and its backtrace.
+#[test]
+fn a_closed_pipe_ends_a_listing_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    for args in [
+        &["completions", "bash"][..],
+        &["genkey"],
+        &["status", "--json"],
+    ] {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        drop(read);
+        let o = Command::new(TAPIR)
+            .args(args)
+            .env("TAPIR_RUN_DIR", std::env::temp_dir().join("tapir-pipe-run"))
+            .stdout(std::process::Stdio::from(write))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(o.status.signal(), Some(libc::SIGPIPE), "{args:?}: {err}");
+    }
+}

@@ -872,3 +872,105 @@ fn hooks_run_only_from_a_file_nobody_else_could_write() {
     );
     e.assert_clean(&n);
 }
+
+/// A config reached through a symbolic link is named after the link, as
+/// wg-quick names it (up waited for the link's name while the daemon made
+/// the target's, and failed after 15 s).
+#[test]
+fn a_linked_config_is_named_after_the_link() {
+    require_root!();
+    let e = env("link");
+    let n = name("tlk");
+    let real = e.file(
+        "real/site-a.conf",
+        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51837\nAddress = 10.88.7.1/24\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.7.2/32\n", key()),
+        "600",
+    );
+    let link = e.dir.join(format!("{n}.conf"));
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let out = e.tapir(&["up", link.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(e.ns.has_link(&n) && !e.ns.has_link("site-a"));
+    let out = e.tapir(&["down", &n]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    e.assert_clean(&n);
+    // Stopped by SIGTERM, not by down: it leaves nothing either (its pid
+    // file stayed, and status said NOT RUNNING).
+    let out = e.tapir(&["up", link.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: Value = serde_json::from_slice(&e.tapir(&["status", "--json"]).stdout).unwrap();
+    let pid = st[0]["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(std::time::Instant::now() < deadline, "still running");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    e.assert_clean(&n);
+}
+
+/// A user who is not root, in the tunnel's namespace: status finds the
+/// tunnel where root's up put it (it said "not up in the host's network
+/// namespace", then "NOT RUNNING"), and says it runs but answers root only.
+#[test]
+fn a_user_sees_that_a_tunnel_runs() {
+    require_root!();
+    let e = env("user");
+    let n = name("tus");
+    let conf = e.file(
+        &format!("{n}.conf"),
+        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51838\nAddress = 10.88.8.1/24\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.8.2/32\n", key()),
+        "600",
+    );
+    let out = e.tapir(&["up", conf.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out =
+        e.ns.cmd("setpriv")
+            .args([
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                TAPIR,
+                "status",
+                &n,
+            ])
+            .env("TAPIR_RUN_DIR", e.dir.join("run"))
+            .env("TAPIR_LOG_DIR", e.dir.join("log"))
+            .output()
+            .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("state: running (pid") && text.contains("as root"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = e.tapir(&["down", &n]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    e.assert_clean(&n);
+}

@@ -29,9 +29,21 @@ impl Scope {
     /// The calling thread's namespace.
     pub fn current() -> Result<Self, String> {
         let id = netns::current().map_err(|e| format!("which network namespace is this: {e}"))?;
-        // Without access to pid 1 (not root), take this for the host's.
-        let initial = netns::initial().map_or(true, |i| i == id);
         let cookie = netns::cookie().ok();
+        // Without access to pid 1 (not root, or root without its
+        // capabilities): another namespace if tapir made it a directory
+        // (a tunnel ran there), else taken for the host's.
+        let initial = netns::initial().map_or_else(
+            |_| {
+                let own = format!("netns-{id}-{}", cookie.unwrap_or(0));
+                let run = std::env::var_os("TAPIR_RUN_DIR").map(PathBuf::from);
+                ![Path::new("/run/tapir"), Path::new("/var/run/wireguard")]
+                    .into_iter()
+                    .chain(run.as_deref())
+                    .any(|base| base.join(&own).is_dir())
+            },
+            |i| i == id,
+        );
         Ok(Self {
             id,
             cookie,
@@ -73,8 +85,13 @@ impl Scope {
     }
 
     /// Whether process `pid` lives in this namespace.
+    /// (A process we may not inspect, not being root, is taken for one of
+    /// this namespace: what it holds is then asked of it, and refused.)
     pub fn holds(&self, pid: i32) -> bool {
-        netns::of_pid(pid).is_ok_and(|id| id == self.id)
+        match netns::of_pid(pid) {
+            Ok(id) => id == self.id,
+            Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+        }
     }
 
     /// The namespace in words, for messages.

@@ -53,6 +53,37 @@ fn pid_file(dirs: &Dirs, scope: &Scope, name: &str) -> PathBuf {
     dirs.run_here(scope).join(format!("{name}.pid"))
 }
 
+/// The pid files `up` wrote for this process's tunnels `names`: found
+/// before the process gives up its capabilities (without them it cannot
+/// tell its namespace from the host's), taken away as it ends.
+pub struct OwnPidFiles(Vec<PathBuf>, Option<PathBuf>);
+
+impl OwnPidFiles {
+    /// Where they are.
+    pub fn of(dirs: &Dirs, names: &[&str]) -> Self {
+        let Ok(scope) = Scope::current() else {
+            return Self(Vec::new(), None);
+        };
+        let paths = names.iter().map(|n| pid_file(dirs, &scope, n)).collect();
+        let dir = (!scope.is_initial()).then(|| dirs.run_here(&scope));
+        Self(paths, dir)
+    }
+
+    /// Removes those that hold this process's pid (stopped by SIGTERM,
+    /// not by `tapir down`, they stayed), and this namespace's directory
+    /// once empty.
+    pub fn forget(self) {
+        for path in &self.0 {
+            if read_pid(path) == Some(std::process::id() as i32) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        if let Some(dir) = self.1 {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
 /// Whether `pid` is a running `tapir run` (not some later process that was
 /// given the same pid after ours died) in this network namespace.
 fn alive(scope: &Scope, pid: i32) -> bool {
@@ -324,8 +355,10 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up,
     }
     // From here a failure takes back the devices this up created too.
     let started = (|| -> Result<Up, String> {
-        // The daemon works from /, so it gets the file by its full path.
-        let file = &std::fs::canonicalize(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        // The daemon works from /, so it gets the file by its full path;
+        // a link is not resolved: the tunnel is named after the file as
+        // given (wg0.conf -> real/site-a.conf runs wg0, as wg-quick does).
+        let file = &std::path::absolute(file).map_err(|e| format!("{}: {e}", file.display()))?;
         let scope = Scope::current()?;
         let names: Vec<String> = configs.iter().map(|c| c.name.to_string()).collect();
         for name in &names {
@@ -705,6 +738,10 @@ pub struct TunnelStatus {
     /// Its log (`tapir up`'s: `NAME.log`, or the names of its file's
     /// tunnels joined by `+`), where there is one.
     pub log: Option<PathBuf>,
+    /// Why a process that runs did not answer (its control socket is
+    /// root's: a user gets EACCES).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unanswered: Option<String>,
 }
 
 /// The log of tunnel `name` in `dir`: `NAME.log`, or one for several
@@ -785,9 +822,14 @@ pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, Stri
             counters: Default::default(),
             peers: Vec::new(),
             log: log_of(&dirs.log_here(&scope), &n),
+            unanswered: None,
         };
         if live.is_some() {
-            if let Ok(kv) = query_from(&scope, &n, live) {
+            let answer = query_from(&scope, &n, live);
+            if let Err(e) = &answer {
+                t.unanswered = Some(e.clone());
+            }
+            if let Ok(kv) = answer {
                 t.running = true;
                 // tapir's lines come after WireGuard's; `tapir_peer` selects the peer.
                 let mut tapir_peer: Option<usize> = None;
@@ -913,6 +955,17 @@ pub fn format(tunnels: &[TunnelStatus]) -> String {
     let mut out = String::new();
     for t in tunnels {
         out += &format!("tunnel: {}\n", t.name);
+        if let (false, Some(pid), Some(why)) = (t.running, t.pid, &t.unanswered) {
+            out += &format!(
+                "  state: running (pid {pid}), but it did not answer: {why}{}\n\n",
+                if why.contains("ermission denied") {
+                    " (its control socket is root's: tapir status as root shows it all)"
+                } else {
+                    ""
+                }
+            );
+            continue;
+        }
         if !t.running {
             out += &format!(
                 "  state: NOT RUNNING{}\n  what to do: tapir down {} clears what it left; tapir up FILE starts it again\n\n",
