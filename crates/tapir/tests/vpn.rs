@@ -202,6 +202,15 @@ fn everything_through_the_tunnel_and_the_routing_exactly_as_before_after_down_or
                 before,
                 "a killed tunnel cannot take its rules back"
             );
+            // An up takes them back first, and says so where it was asked.
+            let again = tapir_in(a, dir, &["up", v.client.to_str().unwrap()]);
+            let err = String::from_utf8_lossy(&again.stderr);
+            assert!(
+                again.status.success()
+                    && err.contains("for an earlier run that did not stop cleanly"),
+                "{err}"
+            );
+            kill_tunnel(a, dir, &v.name);
         }
         let out = ok(&tapir_in(a, dir, &["down", &v.name]));
         assert!(out.contains("is down"), "{out}");

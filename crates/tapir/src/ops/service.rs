@@ -451,7 +451,9 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up,
             .get(log_start as usize..)
             .unwrap_or("")
             .lines()
-            .filter(|l| l.contains("warning:"))
+            // And what it took back for an earlier run that died (rules,
+            // hooks run): done as root, so said where up was asked.
+            .filter(|l| l.contains("warning:") || l.contains("for an earlier run"))
             .map(str::to_owned)
             .collect();
         Ok(Up {
