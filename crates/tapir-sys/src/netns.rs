@@ -90,6 +90,50 @@ pub fn cookie() -> io::Result<u64> {
     netns_cookie(probe.as_fd()).ok_or_else(|| io::Error::other("SO_NETNS_COOKIE unsupported"))
 }
 
+/// Whether the calling thread's user namespace owns its network namespace
+/// (or is an ancestor of the one that does): whether its capabilities,
+/// CAP_NET_ADMIN among them, count there. `unshare -Ur` (or a rootless
+/// container without a network namespace of its own) gives every
+/// capability in a new user namespace that owns nothing: the kernel then
+/// refuses each change with EPERM. `None` when the kernel cannot tell
+/// (no `NS_GET_USERNS`, Linux 4.9).
+pub fn caps_count_here() -> Option<bool> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::fs::MetadataExt;
+    /// `NS_GET_USERNS` and `NS_GET_PARENT` (linux/nsfs.h): `_IO(0xb7, 1)`, `_IO(0xb7, 2)`.
+    const NS_GET_USERNS: libc::c_ulong = 0xb701;
+    const NS_GET_PARENT: libc::c_ulong = 0xb702;
+    let ours = std::fs::metadata("/proc/thread-self/ns/user").ok()?.ino();
+    let net = File::open("/proc/thread-self/ns/net").ok()?;
+    // SAFETY: NS_GET_USERNS takes no argument and returns a new descriptor
+    // (or -1) of the namespace's owning user namespace.
+    let raw = unsafe { libc::ioctl(net.as_raw_fd(), NS_GET_USERNS) };
+    if raw < 0 {
+        // EPERM: its owner is outside our user namespace: not ours.
+        return match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EPERM) => Some(false),
+            _ => None,
+        };
+    }
+    // SAFETY: raw is a descriptor just returned to us and owned by nobody else.
+    let mut owner = unsafe { OwnedFd::from_raw_fd(raw) };
+    // Up from the owner: ours on the way (ours owns it, or an ancestor of
+    // its owner does), or EPERM past what we may see (not ours).
+    for _ in 0..64 {
+        if File::from(owner.try_clone().ok()?).metadata().ok()?.ino() == ours {
+            return Some(true);
+        }
+        // SAFETY: as above, NS_GET_PARENT on a user namespace descriptor.
+        let raw = unsafe { libc::ioctl(owner.as_raw_fd(), NS_GET_PARENT) };
+        if raw < 0 {
+            return Some(false);
+        }
+        // SAFETY: as above.
+        owner = unsafe { OwnedFd::from_raw_fd(raw) };
+    }
+    Some(false)
+}
+
 /// The cookie of the network namespace that socket `fd` belongs to.
 fn netns_cookie(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
     let mut b = [0u8; 8];
@@ -116,5 +160,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(current().unwrap(), current().unwrap());
         assert_eq!(cookie().unwrap(), cookie().unwrap());
+        // Root of the host, or any user: the namespace we are in is ours.
+        assert_ne!(caps_count_here(), Some(false));
     }
 }

@@ -616,6 +616,71 @@ fn doctor_passes_here() {
     assert_eq!(ok(&ns, &["dev", "list", "--json"]).trim(), "[]");
 }
 
+/// Where capabilities are missing or do not count, doctor says which case
+/// it is: a user namespace that owns nothing here (it said all was well),
+/// root without CAP_NET_ADMIN (it said "run with sudo"), a user (a
+/// warning: opening one's own device needs nothing); and it never advises
+/// removing a path that is not the clone device's own (it said
+/// `rm /dev/null && mknod /dev/null c 10 200`).
+#[test]
+fn doctor_names_what_is_missing_and_why() {
+    require_root!();
+    let lab = Lab::new();
+    let ns = lab.netns("a");
+    let run = |pre: &[&str], args: &[&str]| {
+        let mut cmd = ns.cmd(pre[0]);
+        cmd.args(&pre[1..]).arg(TAPIR).args(args);
+        run_output(cmd.output().unwrap())
+    };
+    let r = run(&["unshare", "-Ur"], &["doctor"]);
+    assert!(
+        !r.ok
+            && r.stdout.contains("FAIL  CAP_NET_ADMIN")
+            && r.stdout.contains("does not own this network namespace"),
+        "{}",
+        r.stdout
+    );
+    let r = run(&["unshare", "-Urn"], &["doctor"]);
+    assert!(r.stdout.contains("ok    CAP_NET_ADMIN"), "{}", r.stdout);
+    let r = run(
+        &[
+            "setpriv",
+            "--bounding-set",
+            "-net_admin",
+            "--inh-caps",
+            "-net_admin",
+        ],
+        &["doctor"],
+    );
+    assert!(
+        !r.ok && r.stdout.contains("though root") && !r.stdout.contains("sudo"),
+        "{}",
+        r.stdout
+    );
+    let r = run(
+        &[
+            "setpriv",
+            "--reuid",
+            NOBODY,
+            "--regid",
+            NOBODY,
+            "--clear-groups",
+        ],
+        &["doctor"],
+    );
+    assert!(
+        r.ok && r.stdout.contains("warn  CAP_NET_ADMIN") && !r.stdout.contains("FAIL"),
+        "{}",
+        r.stdout
+    );
+    let r = run(&["env"], &["doctor", "--tun-path", "/dev/null"]);
+    assert!(
+        !r.ok && !r.stdout.contains("rm /dev/null") && r.stdout.contains("--tun-path /dev/net/tun"),
+        "{}",
+        r.stdout
+    );
+}
+
 #[test]
 fn list_and_show_report_what_the_kernel_has() {
     require_root!();

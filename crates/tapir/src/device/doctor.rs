@@ -112,14 +112,22 @@ fn clone_device(path: &Path) -> Check {
             );
         }
     };
+    // Remaking the node is advice for the clone device's own place only:
+    // another path given by mistake (/dev/null) is not to be removed.
+    let usual = path == Path::new("/dev/net/tun");
+    let remake = |what: String| {
+        if usual {
+            format!("rm {shown} && mknod {shown} c 10 200 && chmod 0666 {shown}")
+        } else {
+            format!("{what}: give --tun-path /dev/net/tun (the tun driver's clone device)")
+        }
+    };
     if !meta.file_type().is_char_device() {
         return check(
             NAME,
             Status::Fail,
             format!("{shown} is not a character device"),
-            Some(format!(
-                "rm {shown} && mknod {shown} c 10 200 && chmod 0666 {shown}"
-            )),
+            Some(remake(format!("{shown} is not the clone device"))),
         );
     }
     let (major, minor) = (
@@ -131,9 +139,7 @@ fn clone_device(path: &Path) -> Check {
             NAME,
             Status::Fail,
             format!("{shown} is device {major}:{minor}, not the tun device 10:200"),
-            Some(format!(
-                "rm {shown} && mknod {shown} c 10 200 && chmod 0666 {shown}"
-            )),
+            Some(remake(format!("{shown} is another device"))),
         );
     }
     let mode = meta.mode() & 0o777;
@@ -167,15 +173,30 @@ fn clone_device(path: &Path) -> Check {
 }
 
 fn capabilities() -> Check {
+    let root = nix::unistd::geteuid().is_root();
     match caps::effective() {
-        Some(c) if c & (1 << caps::CAP_NET_ADMIN) != 0 => {
-            check("CAP_NET_ADMIN", Status::Ok, "held: may create devices and change links, addresses and routes", None)
-        }
-        Some(_) => check(
+        Some(c) if c & (1 << caps::CAP_NET_ADMIN) != 0 => match tapir_sys::netns::caps_count_here() {
+            Some(false) => check(
+                "CAP_NET_ADMIN",
+                Status::Fail,
+                "held in a user namespace that does not own this network namespace (unshare -U, a rootless container): the kernel refuses every change here with EPERM",
+                Some("run as root of the host, or in a network namespace of this user namespace's own (unshare -Urn, or a container with its own network)".into()),
+            ),
+            _ => check("CAP_NET_ADMIN", Status::Ok, "held: may create devices and change links, addresses and routes", None),
+        },
+        // Root without it: taken away by whoever started it.
+        Some(_) if root => check(
             "CAP_NET_ADMIN",
             Status::Fail,
-            "not held: cannot create, delete or configure devices",
-            Some("run with sudo, or have root create a device for you: sudo tapir dev add NAME --user $USER".into()),
+            "not held, though root: the capability was taken away (a container without it, or a bounding set): cannot create, delete or configure devices",
+            Some("give it back: docker run --cap-add NET_ADMIN, systemd AmbientCapabilities=CAP_NET_ADMIN, or start without a reduced bounding set (capsh --print shows it)".into()),
+        ),
+        // A user: devices root made for them are theirs to open.
+        Some(_) => check(
+            "CAP_NET_ADMIN",
+            Status::Warn,
+            "not held (not root): cannot create, delete or configure devices, but may open devices made for this user",
+            Some("to create or configure: sudo; to use one without root: sudo tapir dev add NAME --user $USER, then open it as yourself".into()),
         ),
         None => check("CAP_NET_ADMIN", Status::Warn, "cannot read /proc/self/status", Some("mount /proc".into())),
     }
@@ -237,12 +258,12 @@ fn features(path: &Path) -> Vec<Check> {
 
 fn offloads(path: &Path) -> Check {
     const NAME: &str = "offloads";
-    if !caps::has_net_admin() {
+    if !caps::has_net_admin() || tapir_sys::netns::caps_count_here() == Some(false) {
         return check(
             NAME,
             Status::Warn,
-            "not probed: needs CAP_NET_ADMIN to create a test device",
-            Some("run tapir doctor as root".into()),
+            "not probed: needs CAP_NET_ADMIN here to create a test device",
+            Some("run tapir doctor as root of the host (see CAP_NET_ADMIN above)".into()),
         );
     }
     let options = TunOptions {
