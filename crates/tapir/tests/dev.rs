@@ -529,6 +529,18 @@ fn without_cap_net_admin_the_capability_is_named() {
     let r = tapir_as_nobody(&ns, &["dev", "list"]);
     assert!(r.ok && r.stdout.contains("tun0"), "{}", r.stderr);
     assert_eq!(snapshot(&ns), before);
+    // Its owner deletes a device as `ip tuntap del` and `tunctl -d` let it.
+    for flags in [
+        &["--mode", "tap"][..],
+        &["--mode", "tun", "--multi-queue", "--vnet-hdr"],
+    ] {
+        let mut args = vec!["dev", "add", "own1", "--user", NOBODY];
+        args.extend_from_slice(flags);
+        ok(&ns, &args);
+        let r = tapir_as_nobody(&ns, &["dev", "del", "own1"]);
+        assert!(r.ok, "{flags:?}: {}", r.stderr);
+        assert!(!ns.has_link("own1"), "{flags:?}");
+    }
 }
 
 #[test]

@@ -297,21 +297,65 @@ pub fn is_held(name: &str) -> bool {
 /// `tapir dev del`: removes a tun/tap device, and nothing else.
 pub fn del(name: &str) -> Result<Deleted, DevError> {
     let name = IfName::new(name)?;
-    require_net_admin("deleting a tun/tap device")?;
+    if !caps::has_net_admin() {
+        return del_as_owner(&name);
+    }
     let mut nl = Netlink::open()?;
     let link = tun_link(&mut nl, &name)?;
     nl.del_link(link.index)?;
     Ok(Deleted {
         name: link.name.clone(),
-        // Detached queues are open too (IFF_DETACH_QUEUE): their holder
-        // loses the device all the same.
-        attached_queues: if is_open(&link) {
-            link.tun
-                .and_then(|t| Some(t.queues? + t.disabled_queues.unwrap_or(0)))
-                .unwrap_or(1)
-        } else {
-            0
-        },
+        attached_queues: open_queues(&link),
+    })
+}
+
+/// How many queues processes have open: detached ones too
+/// (IFF_DETACH_QUEUE), whose holder loses the device all the same.
+fn open_queues(link: &Link) -> u32 {
+    if is_open(link) {
+        link.tun
+            .as_ref()
+            .and_then(|t| Some(t.queues? + t.disabled_queues.unwrap_or(0)))
+            .unwrap_or(1)
+    } else {
+        0
+    }
+}
+
+/// `dev del` without CAP_NET_ADMIN, as `tunctl -d` and `ip tuntap del` do
+/// it for a device's owner (or group): attached to, made not persistent,
+/// and so gone once closed. Anyone else is told what it takes.
+fn del_as_owner(name: &IfName) -> Result<Deleted, DevError> {
+    let missing = || DevError::Permission(caps::net_admin_missing("deleting a tun/tap device"));
+    let mut nl = Netlink::open()?;
+    let link = tun_link(&mut nl, name)?;
+    let Some(info) = link.tun.as_ref() else {
+        return Err(missing());
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    let groups = nix::unistd::getgroups().unwrap_or_default();
+    let in_group =
+        |g: u32| nix::unistd::getegid().as_raw() == g || groups.iter().any(|x| x.as_raw() == g);
+    let mine = info.owner == Some(me) || info.group.is_some_and(in_group);
+    let Some(mode) = info.mode.filter(|_| mine) else {
+        return Err(missing());
+    };
+    let options = TunOptions {
+        mode,
+        packet_info: info.packet_info,
+        vnet_hdr: info.vnet_hdr,
+        multi_queue: info.multi_queue,
+    };
+    let dev = TunDevice::open(std::path::Path::new(tapir_sys::DEFAULT_TUN_PATH), name, options).map_err(|e| {
+        DevError::Invalid(format!(
+            "{name} is yours, but cannot be attached to delete it ({e}): a process holds it; close it there, or have root delete it (sudo tapir dev del {name})"
+        ))
+    })?;
+    dev.set_persist(false)?;
+    drop(dev);
+    Ok(Deleted {
+        name: link.name.clone(),
+        attached_queues: open_queues(&link),
     })
 }
 
