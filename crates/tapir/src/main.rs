@@ -1088,12 +1088,22 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                 &del_addrs,
                 &del_routes,
             )?;
-            let steps = dev::set(&name, &req)?;
+            let (steps, gone) = dev::set(&name, &req)?;
             if steps.is_empty() {
                 eprintln!("{name}: nothing to change");
             }
             for s in steps {
                 eprintln!("{name}: {s}");
+            }
+            for a in gone {
+                eprintln!(
+                    "{name}: address {a} went with it ({})",
+                    if a.addr().is_ipv4() {
+                        "a secondary address goes with its primary; net.ipv4.conf.DEV.promote_secondaries=1 keeps it"
+                    } else {
+                        "the kernel drops IPv6 addresses of a link that goes down"
+                    }
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

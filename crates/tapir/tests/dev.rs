@@ -1177,3 +1177,62 @@ fn a_detached_queue_is_still_an_open_device() {
     drop(child.stdin.take());
     child.wait().unwrap();
 }
+
+/// Deleting a primary IPv4 address takes the secondaries of its prefix
+/// with it: `dev set` says so, and a declaration puts back the declared
+/// one it took (it said "corrected" and left the device with no address).
+#[test]
+fn what_goes_with_a_primary_address_is_said_and_put_back() {
+    require_root!();
+    let lab = Lab::new();
+    let ns = lab.netns("a");
+    ok(&ns, &["dev", "add", "sc0", "--mode", "tun"]);
+    ok(
+        &ns,
+        &[
+            "dev",
+            "set",
+            "sc0",
+            "--addr",
+            "10.77.0.1/24",
+            "--addr",
+            "10.77.0.2/24",
+        ],
+    );
+    let r = tapir(&ns, &["dev", "set", "sc0", "--del-addr", "10.77.0.1/24"]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("address 10.77.0.2/24 went with it"),
+        "{}",
+        r.stderr
+    );
+    let dir = tempdir("second");
+    let file = dir.join("d.toml");
+    std::fs::write(
+        &file,
+        "[[device]]\nname = \"sc0\"\nmode = \"tun\"\naddresses = [\"10.90.0.1/24\"]\n",
+    )
+    .unwrap();
+    ok(
+        &ns,
+        &[
+            "dev",
+            "set",
+            "sc0",
+            "--addr",
+            "10.90.0.5/24",
+            "--addr",
+            "10.90.0.1/24",
+        ],
+    );
+    let out = ok(&ns, &["up", file.to_str().unwrap()]);
+    assert!(out.contains("address 10.90.0.5/24 removed"), "{out}");
+    let addrs = ns.ip(&["-4", "addr", "show", "sc0"]);
+    assert!(
+        addrs.contains("10.90.0.1/24") && !addrs.contains("10.90.0.5"),
+        "{addrs}"
+    );
+    let out = ok(&ns, &["up", file.to_str().unwrap()]);
+    assert!(out.contains("sc0: unchanged"), "{out}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

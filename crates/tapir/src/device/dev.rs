@@ -1087,7 +1087,7 @@ pub fn restore(nl: &mut Netlink, index: u32, addrs: &[Address], routes: &[Route]
 
 /// `tapir dev set`: applies the request, all of it or none of it.
 /// Returns the steps that were applied (empty if there was nothing to change).
-pub fn set(name: &str, req: &SetRequest) -> Result<Vec<Step>, DevError> {
+pub fn set(name: &str, req: &SetRequest) -> Result<(Vec<Step>, Vec<IpNet>), DevError> {
     let name = IfName::new(name)?;
     if req.is_empty() {
         return Err(DevError::Invalid(
@@ -1139,7 +1139,30 @@ pub fn set(name: &str, req: &SetRequest) -> Result<Vec<Step>, DevError> {
         }
         applied.push(pair);
     }
-    Ok(steps.into_iter().map(|(s, _)| s).collect())
+    let steps: Vec<Step> = steps.into_iter().map(|(s, _)| s).collect();
+    let gone = also_gone(&mut nl, link.index, &addrs, &steps);
+    Ok((steps, gone))
+}
+
+/// The addresses of `before` that are gone from device `index` though
+/// `steps` deleted none of them: a primary IPv4 address takes the
+/// secondaries of its prefix with it (unless
+/// `net.ipv4.conf.DEV.promote_secondaries` is 1), a link going down its
+/// IPv6 addresses. Said, so that nothing goes unseen.
+pub fn also_gone(nl: &mut Netlink, index: u32, before: &[Address], steps: &[Step]) -> Vec<IpNet> {
+    let Ok(now) = nl.addresses(Some(index)) else {
+        return Vec::new();
+    };
+    before
+        .iter()
+        .filter(|a| a.index == index && !now.iter().any(|n| n.local == a.local))
+        .filter(|a| {
+            !steps
+                .iter()
+                .any(|s| matches!(s, Step::DelAddr(x, _) if *x == a.local))
+        })
+        .map(|a| a.local)
+        .collect()
 }
 
 #[cfg(test)]

@@ -143,8 +143,18 @@ pub fn apply(d: &DeviceConfig, tun_path: &Path) -> Result<(Outcome, Vec<String>)
 
 /// Gives device `d` (there, with its flags) the MTU, addresses, routes and
 /// state declared, all or nothing (see `dev set`); says what it changed in
-/// `fixed`.
+/// `fixed`. A change can take more with it (a primary address its
+/// secondaries, going down the IPv6 addresses): looked at again once, and
+/// what it took put back.
 fn configure(d: &DeviceConfig, fixed: &mut Vec<String>) -> Result<(), DevError> {
+    if pass(d, fixed)? {
+        pass(d, fixed)?;
+    }
+    Ok(())
+}
+
+/// One look and one `dev set`; whether it changed anything.
+fn pass(d: &DeviceConfig, fixed: &mut Vec<String>) -> Result<bool, DevError> {
     let mut nl = Netlink::open()?;
     let link = nl
         .link(d.name.as_str())?
@@ -191,10 +201,11 @@ fn configure(d: &DeviceConfig, fixed: &mut Vec<String>) -> Result<(), DevError> 
         set.up = Some(d.up);
         fixed.push(if d.up { "set up" } else { "set down" }.into());
     }
-    if !set.is_empty() {
-        dev::set(d.name.as_str(), &set)?;
+    if set.is_empty() {
+        return Ok(false);
     }
-    Ok(())
+    dev::set(d.name.as_str(), &set)?;
+    Ok(true)
 }
 
 /// `tapir down FILE` for a device: deleted (`false` if it was not there).
