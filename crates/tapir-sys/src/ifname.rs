@@ -31,7 +31,8 @@ pub enum NameError {
         /// The first refused character.
         ch: char,
     },
-    /// `.` and `..` are reserved (they would clash with directory entries in sysfs).
+    /// `.` and `..` are reserved (they would clash with directory entries in
+    /// sysfs), and so are `all` and `default` (net.ipv4.conf.all, .default).
     #[error("interface name {0:?} is reserved: choose another name")]
     Reserved(String),
     /// A template may hold `%d` at most once and no other `%` sequence.
@@ -61,7 +62,7 @@ impl IfName {
                 len: name.len(),
             });
         }
-        if name == "." || name == ".." {
+        if matches!(name, "." | ".." | "all" | "default") {
             return Err(NameError::Reserved(name.to_owned()));
         }
         if let Some(ch) = name
@@ -181,6 +182,11 @@ mod tests {
         }
         assert!(matches!(IfName::new("."), Err(NameError::Reserved(_))));
         assert!(matches!(IfName::new(".."), Err(NameError::Reserved(_))));
+        assert!(matches!(IfName::new("all"), Err(NameError::Reserved(_))));
+        assert!(matches!(
+            IfName::new("default"),
+            Err(NameError::Reserved(_))
+        ));
         for bad in ["tap%s", "t%d%d", "tap%", "%%d"] {
             assert!(
                 matches!(IfName::new(bad), Err(NameError::BadTemplate(_))),

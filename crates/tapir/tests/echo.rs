@@ -550,5 +550,42 @@ fn echo_runs_as_the_devices_owner_without_the_capability() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // What the user cannot open is named for what it is: a device that is
+    // not there, or one that is someone else's (both were "creating a
+    // device, or opening one that belongs to another user").
+    assert!(
+        ns.cmd(TAPIR)
+            .args(["dev", "add", "rtun0", "--mode", "tun", "--user", "0"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    for (dev, want) in [
+        ("nosuch0", "there is no device nosuch0"),
+        ("rtun0", "rtun0 belongs to user 0"),
+    ] {
+        let out = ns
+            .cmd("setpriv")
+            .args([
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                TAPIR,
+            ])
+            .args([
+                "dump",
+                dev,
+                "--count",
+                "1",
+                "--tun-path",
+                node.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{err}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

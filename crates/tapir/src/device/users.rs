@@ -5,7 +5,7 @@ use nix::unistd::{Gid, Group, Uid, User};
 /// Resolves a user name or numeric uid.
 pub fn uid(spec: &str) -> Result<u32, String> {
     if let Ok(n) = spec.parse::<u32>() {
-        return Ok(n);
+        return valid(n, "uid");
     }
     match User::from_name(spec) {
         Ok(Some(u)) => Ok(u.uid.as_raw()),
@@ -19,7 +19,7 @@ pub fn uid(spec: &str) -> Result<u32, String> {
 /// Resolves a group name or numeric gid.
 pub fn gid(spec: &str) -> Result<u32, String> {
     if let Ok(n) = spec.parse::<u32>() {
-        return Ok(n);
+        return valid(n, "gid");
     }
     match Group::from_name(spec) {
         Ok(Some(g)) => Ok(g.gid.as_raw()),
@@ -27,6 +27,18 @@ pub fn gid(spec: &str) -> Result<u32, String> {
             "no group named {spec:?}: give an existing group name or a numeric gid"
         )),
         Err(e) => Err(format!("cannot look up group {spec:?}: {e}")),
+    }
+}
+
+/// `n`, unless it is 4294967295: -1, which the kernel takes for "none"
+/// and refuses as an owner.
+fn valid(n: u32, what: &str) -> Result<u32, String> {
+    if n == u32::MAX {
+        Err(format!(
+            "{what} {n} is -1, which means none, not an owner: give a real {what} (or leave the option out for none)"
+        ))
+    } else {
+        Ok(n)
     }
 }
 
@@ -54,6 +66,8 @@ mod tests {
     fn names_and_numbers() {
         assert_eq!(uid("root"), Ok(0));
         assert_eq!(uid("1234"), Ok(1234));
+        assert!(uid("4294967295").unwrap_err().contains("is -1"));
+        assert!(gid("4294967295").unwrap_err().contains("is -1"));
         assert_eq!(gid("root"), Ok(0));
         assert_eq!(user_name(0).as_deref(), Some("root"));
         let e = uid("no-such-user-tapir").unwrap_err();

@@ -149,6 +149,7 @@ pub fn attach(tun_path: &Path, name: &IfName, mode: Option<Mode>) -> Result<Read
     } else {
         nl.link(name.as_str())?
     };
+    let existing_info = existing.as_ref().and_then(|l| l.tun.clone());
     let (options, created) = match existing {
         Some(link) => {
             let Some(info) = link.tun.as_ref().filter(|_| link.is_tun()) else {
@@ -179,6 +180,32 @@ pub fn attach(tun_path: &Path, name: &IfName, mode: Option<Mode>) -> Result<Read
         }
         None => (TunOptions::new(mode.unwrap_or(Mode::Tun)), true),
     };
+    if created && !crate::caps::has_net_admin() {
+        // Not "one that belongs to another user": there is none.
+        return Err(DevError::Permission(format!(
+            "there is no device {name} here, and creating one needs CAP_NET_ADMIN: run this with sudo; or have root make it yours (sudo tapir dev add {name} --mode tun|tap --user $USER)"
+        )));
+    }
+    if let Some(info) = existing_info
+        .as_ref()
+        .filter(|_| !crate::caps::has_net_admin())
+    {
+        let me = nix::unistd::geteuid().as_raw();
+        let groups = nix::unistd::getgroups().unwrap_or_default();
+        // The kernel's rule: its owner, or a member of its group.
+        let ours = info.owner == Some(me)
+            || info.group.is_some_and(|g| {
+                nix::unistd::getegid().as_raw() == g || groups.iter().any(|x| x.as_raw() == g)
+            });
+        if !ours {
+            let who = |v: Option<u32>| v.map_or("none".to_string(), |n| n.to_string());
+            return Err(DevError::Permission(format!(
+                "{name} belongs to user {} and group {}, not to us (uid {me}): only they, or root, may open it (run this with sudo; or have root give it to you: sudo tapir dev add {name} ... --user $USER)",
+                who(info.owner),
+                who(info.group)
+            )));
+        }
+    }
     let dev = TunDevice::open(tun_path, name, options).map_err(|e| match e {
         TunError::Ioctl { source, .. } if source.kind() == std::io::ErrorKind::ResourceBusy => {
             DevError::Invalid(format!(
