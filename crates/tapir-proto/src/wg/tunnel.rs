@@ -42,6 +42,19 @@ pub const REKEY_AFTER_TIME: Duration = Duration::from_secs(120);
 pub const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
 /// Whitepaper §6.1.
 pub const REKEY_ATTEMPT_TIME: Duration = Duration::from_secs(90);
+
+/// Initiations of a handshake that gets no answer, before it is given up
+/// (when the next retry is due), as the kernel and wireguard-go count
+/// them: the first and 19 retries (their `attempts > MAX_TIMER_HANDSHAKES`,
+/// REKEY_ATTEMPT_TIME / REKEY_TIMEOUT = 18, lets one more through), so
+/// about 100 s.
+pub const MAX_INITIATIONS: u8 = 20;
+
+/// A handshake is given up this long after its first initiation at the
+/// latest, however its retries went (20 of 5 s and the most jitter).
+pub const GIVE_UP_AFTER: Duration = Duration::from_secs(
+    (MAX_INITIATIONS as u64 + 1) * REKEY_TIMEOUT.as_secs() + REKEY_TIMEOUT.as_secs(),
+);
 /// Whitepaper §6.1.
 pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Whitepaper §6.1.
@@ -197,8 +210,10 @@ struct Peer {
     config: PeerConfig,
     keys: PeerStatic,
     pending: Option<(PendingInitiation, Instant)>,
-    /// When we began trying to handshake (for REKEY_ATTEMPT_TIME).
+    /// When we began trying to handshake (for GIVE_UP_AFTER).
     attempt_started: Option<Instant>,
+    /// Initiations sent since then.
+    attempts: u8,
     last_timestamp: [u8; 12],
     last_initiation_received: Option<Instant>,
     cookie: Option<([u8; 16], Instant)>,
@@ -730,6 +745,7 @@ impl Tunnel {
             next: None,
             pending: None,
             attempt_started: None,
+            attempts: 0,
             last_timestamp: [0; 12],
             last_initiation_received: None,
             cookie: None,
@@ -829,6 +845,20 @@ impl Tunnel {
         if rate_changed {
             self.reindex();
         }
+        true
+    }
+
+    /// Sends to peer `public` at `addr` from now on, as `wg set ... endpoint`
+    /// does: its configured endpoint and the one it roamed to both become
+    /// `addr`, even where the configured one was `addr` already (the peer
+    /// roamed away from it). `false` if there is no such peer.
+    pub fn set_endpoint(&mut self, public: &PublicKey, addr: SocketAddr) -> bool {
+        let Some(&idx) = self.by_key.get(public) else {
+            return false;
+        };
+        let peer = &mut self.peers[idx];
+        peer.config.endpoint = Some(addr);
+        peer.endpoint = Some(addr);
         true
     }
 
@@ -968,7 +998,11 @@ impl Tunnel {
         // Jitter the retry by up to a third of a second (whitepaper §6.1).
         let jitter = Duration::from_millis(u64::from(u16::from_le_bytes(random(rng))) % 334);
         peer.pending = Some((pending, now + jitter));
-        peer.attempt_started.get_or_insert(now);
+        if peer.attempt_started.is_none() {
+            peer.attempt_started = Some(now);
+            peer.attempts = 0;
+        }
+        peer.attempts = peer.attempts.saturating_add(1);
         peer.last_sent = Some(now);
         peer.stats.tx_bytes += INITIATION_LEN as u64;
         self.outgoing.push_back((to, msg.to_vec()));
@@ -1901,10 +1935,14 @@ impl Tunnel {
                     gone.push(slot.take());
                 }
             }
-            if peer
-                .attempt_started
-                .is_some_and(|s| now.saturating_duration_since(s) >= REKEY_ATTEMPT_TIME)
-            {
+            let due = peer
+                .pending
+                .as_ref()
+                .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= REKEY_TIMEOUT);
+            if peer.attempt_started.is_some_and(|s| {
+                (due && peer.attempts >= MAX_INITIATIONS)
+                    || now.saturating_duration_since(s) >= GIVE_UP_AFTER
+            }) {
                 // Give up; drop what waited for this handshake.
                 if let Some((old, _)) = peer.pending.take() {
                     self.by_index.remove(&old.local_index);
@@ -1966,7 +2004,7 @@ impl Tunnel {
                 at(t.created + REJECT_AFTER_TIME * 3);
             }
             if let Some(s) = peer.attempt_started {
-                at(s + REKEY_ATTEMPT_TIME);
+                at(s + GIVE_UP_AFTER);
             }
             match &peer.pending {
                 Some((_, sent)) => at(*sent + REKEY_TIMEOUT),

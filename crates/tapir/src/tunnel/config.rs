@@ -458,7 +458,8 @@ pub fn parse(
                     let net = a.parse::<IpNet>().or_else(|_| a.parse::<IpAddr>().map(IpNet::from)).map_err(|_| {
                         err(n, key, format!("{a:?} is not an address range (e.g. 10.0.0.2/32 or fd00::/64)"))
                     })?;
-                    peers.last_mut().expect("in a [Peer] section").allowed_ips.push(net);
+                    // As the kernel keeps it: host bits cleared (10.0.0.5/24 is 10.0.0.0/24).
+                    peers.last_mut().expect("in a [Peer] section").allowed_ips.push(net.trunc());
                 }
             }
             (Section::Peer, "persistentkeepalive") => {
@@ -1175,7 +1176,7 @@ pub fn parse_toml_all(
                             format!("{v:?} is not an address range (e.g. 10.0.0.2/32)"),
                         )
                     })?;
-                allowed_ips.push(net);
+                allowed_ips.push(net.trunc());
             }
             let rate = match &p.rate {
                 Some(r) => Some(parse_rate(r.get_ref()).map_err(|e| err(r.span(), "rate", e))?),

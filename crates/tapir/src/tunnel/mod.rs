@@ -2047,7 +2047,9 @@ fn inbound_loop(
                 None => {}
             }
         }
-        if set.readable(control_at) && serve_control(ctl, shared, out, ib, &mut fwmark, &mut port) {
+        if set.readable(control_at)
+            && serve_control(ctl, shared, out, ib, &mut timers, &mut fwmark, &mut port)
+        {
             // The socket is another under the same descriptor: the set
             // is built again (see `move_udp`).
             set.clear();
@@ -2172,6 +2174,7 @@ fn serve_control(
     shared: &Shared,
     out: &mut Outbox,
     ib: &Inbound,
+    timers: &mut Timers,
     fwmark: &mut u32,
     port: &mut u16,
 ) -> bool {
@@ -2187,6 +2190,11 @@ fn serve_control(
                 let _ = reply.send("errno=110\n\n".into());
             }
             control::Message::Request(request, reply, _) => {
+                // Endpoints given: their host names are not looked up again.
+                let given: Vec<PublicKey> = match &request {
+                    crate::uapi::Request::Set(r) => r.endpoints_given().collect(),
+                    _ => Vec::new(),
+                };
                 let ex = match request {
                     crate::uapi::Request::TapirGet => {
                         extras(&t, &shared.counters, &out.link, ctl.mode, ib.gro_on)
@@ -2214,7 +2222,7 @@ fn serve_control(
                     Link::Udp(s) => socket2::SockRef::from(*s).set_mark(m),
                     Link::Tcp(tcp) => tcp.set_mark(m),
                 };
-                let _ = reply.send(crate::uapi::answer(
+                let answer = crate::uapi::answer(
                     request,
                     &mut t,
                     crate::uapi::Interface {
@@ -2224,11 +2232,18 @@ fn serve_control(
                         mark: &mut mark,
                     },
                     &ex,
-                ));
+                );
+                if answer == "errno=0\n\n" {
+                    for k in &given {
+                        timers.pin(k);
+                    }
+                }
+                let _ = reply.send(answer);
             }
-            control::Message::Resolved(key, addr) => {
+            control::Message::Resolved(key, addr) if timers.looks_up(&key) => {
                 t.update_peer(&key, |c| c.endpoint = Some(addr));
             }
+            control::Message::Resolved(..) => {}
         }
     }
     moved
@@ -2240,8 +2255,9 @@ struct Timers {
     started: Duration,
     /// When the device's MTU was last read (see [`Timers::read_mtu`]).
     mtu_read: Option<Instant>,
-    /// When each peer's host name was last looked up.
-    last_lookup: Vec<Option<Instant>>,
+    /// Peers whose endpoint is a host name, looked up again while they
+    /// are unreachable, and when each was last looked up.
+    lookups: Vec<(PublicKey, String, Option<Instant>)>,
     /// Peers named for sending the other mode's packets, and how many then.
     warned_layer: Vec<(PublicKey, u64)>,
 }
@@ -2251,9 +2267,25 @@ impl Timers {
         Self {
             started: wall(),
             mtu_read: None,
-            last_lookup: vec![None; ctl.hostnames.len()],
+            lookups: ctl
+                .hostnames
+                .iter()
+                .map(|(k, h)| (*k, h.clone(), None))
+                .collect(),
             warned_layer: Vec::new(),
         }
+    }
+
+    /// Peer `key`'s endpoint was given (`wg set ... endpoint`): its host
+    /// name is no longer looked up (a later answer would undo the user's
+    /// choice, where wireguard-go and wg-quick look a name up once).
+    fn pin(&mut self, key: &PublicKey) {
+        self.lookups.retain(|(k, _, _)| k != key);
+    }
+
+    /// Whether an answer for `key`'s host name is still wanted.
+    fn looks_up(&self, key: &PublicKey) -> bool {
+        self.lookups.iter().any(|(k, _, _)| k == key)
     }
 
     /// Runs what is due; returns when to run again.
@@ -2276,13 +2308,13 @@ impl Timers {
         }
         // Endpoints given as host names are looked up again when the
         // peer has been unreachable for a while (it may have moved).
-        for (i, (key, host)) in ctl.hostnames.iter().enumerate() {
+        for (key, host, looked) in &mut self.lookups {
             let last = t
                 .peers()
                 .find(|(c, _, _)| c.public == *key)
                 .and_then(|(_, _, s)| s.last_handshake);
-            if reresolve_due(last, wall_now, self.started, self.last_lookup[i], now) {
-                self.last_lookup[i] = Some(now);
+            if reresolve_due(last, wall_now, self.started, *looked, now) {
+                *looked = Some(now);
                 // Looked up on the control thread; the answer comes back as a message.
                 ctl.link.resolve(*key, host.clone());
             }

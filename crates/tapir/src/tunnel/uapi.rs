@@ -146,6 +146,12 @@ fn apply(tunnel: &mut Tunnel, c: &PeerChange) {
     };
     if exists {
         tunnel.update_peer(&c.public, change);
+        // Given: sent there now, though the peer roamed from it (the
+        // configured endpoint alone would not change, and nor would where
+        // packets go).
+        if let Some(e) = c.endpoint {
+            tunnel.set_endpoint(&c.public, e);
+        }
     } else if !c.update_only {
         let mut p = PeerConfig {
             public: c.public,
@@ -207,6 +213,16 @@ pub struct SetRequest {
     new_public: Option<PublicKey>,
     changes: Vec<PeerChange>,
     replace_peers: bool,
+}
+
+impl SetRequest {
+    /// The peers it gives an endpoint.
+    pub fn endpoints_given(&self) -> impl Iterator<Item = PublicKey> + '_ {
+        self.changes
+            .iter()
+            .filter(|c| c.endpoint.is_some())
+            .map(|c| c.public)
+    }
 }
 
 impl std::fmt::Debug for SetRequest {
@@ -295,7 +311,10 @@ pub fn parse_set<S: AsRef<str>>(lines: &[S]) -> Result<Box<SetRequest>, i32> {
                         c.keepalive = Some(value.parse().map_err(|_| EINVAL)?)
                     }
                     "replace_allowed_ips" => c.replace_allowed_ips = value == "true",
-                    "allowed_ip" => c.allowed_ips.push(value.parse().map_err(|_| EINVAL)?),
+                    // Host bits cleared, as the kernel and wireguard-go keep it.
+                    "allowed_ip" => c
+                        .allowed_ips
+                        .push(value.parse::<IpNet>().map_err(|_| EINVAL)?.trunc()),
                     "protocol_version" => {
                         if value != "1" {
                             return Err(EINVAL);
@@ -344,13 +363,10 @@ pub fn apply_set(
     // one with the new key.
     let mut gone: std::collections::HashSet<PublicKey> = new_public.into_iter().collect();
     if replace_peers {
-        let keep: std::collections::HashSet<PublicKey> = changes.iter().map(|c| c.public).collect();
-        gone.extend(
-            tunnel
-                .peers()
-                .map(|(p, _, _)| p.public)
-                .filter(|p| !keep.contains(p)),
-        );
+        // All of them, as the kernel and wireguard-go do: a peer the file
+        // names again comes back afresh, with nothing the file leaves out
+        // (an old preshared key, endpoint or keepalive, its sessions).
+        gone.extend(tunnel.peers().map(|(p, _, _)| p.public));
     }
     // In order, as if one by one: what comes before a peer's removal is
     // moot, what comes after it adds the peer afresh.
@@ -612,6 +628,8 @@ fn refuse(stream: &UnixStream) {
     let mut buf = [0u8; 4096];
     // The last byte read, and what came after it (a request ends "\n\n").
     let mut seen = Vec::new();
+    // Its first bytes: a `set` is answered with a negative errno.
+    let mut first = Vec::new();
     let _ = stream.set_nonblocking(false);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -621,6 +639,9 @@ fn refuse(stream: &UnixStream) {
         match (&*stream).read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                if first.len() < 6 {
+                    first.extend_from_slice(&buf[..n.min(6 - first.len())]);
+                }
                 seen.extend_from_slice(&buf[..n]);
                 if seen.windows(2).any(|w| w == b"\n\n") {
                     break;
@@ -630,7 +651,12 @@ fn refuse(stream: &UnixStream) {
         }
     }
     let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
-    let _ = (&*stream).write_all(format!("errno={}\n\n", libc::EREMOTE).as_bytes());
+    let sign = if first.starts_with(b"set=1\n") {
+        "-"
+    } else {
+        ""
+    };
+    let _ = (&*stream).write_all(format!("errno={sign}{}\n\n", libc::EREMOTE).as_bytes());
 }
 
 impl Drop for ControlSocket {
@@ -1010,7 +1036,7 @@ fn serve_connection(
                 Err(errno) => {
                     write_by(
                         &mut writer,
-                        format!("errno={errno}\n\n").as_bytes(),
+                        format!("errno=-{errno}\n\n").as_bytes(),
                         deadline,
                     )?;
                     continue;
@@ -1027,11 +1053,29 @@ fn serve_connection(
             }
         };
         drop(lines);
+        let set = matches!(request, Request::Set(_));
         // A reply may hold the private key: wiped once sent.
         let mut reply = answer(request);
+        if set {
+            reply = set_errno(reply);
+        }
         let sent = write_by(&mut writer, reply.as_bytes(), deadline);
         zeroize::Zeroize::zeroize(&mut reply);
         sent?;
+    }
+}
+
+/// A `set` reply's errno as `wg` reads it: negative (`errno=-98`, as
+/// wireguard-go and the kernel's -errno), where a `get` reply's is
+/// positive; `wg` printed a positive one as "Unknown error -98".
+fn set_errno(reply: String) -> String {
+    match reply
+        .strip_prefix("errno=")
+        .and_then(|r| r.strip_suffix("\n\n"))
+        .and_then(|n| n.parse::<i32>().ok())
+    {
+        Some(n) if n > 0 => format!("errno=-{n}\n\n"),
+        _ => reply,
     }
 }
 
@@ -1358,6 +1402,41 @@ mod tests {
         assert!(text.contains("persistent_keepalive_interval=25\n"));
         assert!(text.contains("allowed_ip=10.0.0.2/32\n"));
         assert!(text.ends_with("errno=0\n\n"));
+    }
+
+    /// As the kernel and wireguard-go: allowed IPs without their host bits
+    /// (wg-quick routes what `wg show` says, and `ip route` refuses
+    /// 10.1.0.5/24); `replace_peers` (wg setconf) makes every peer afresh,
+    /// keeping nothing the file leaves out; a set's errno negative.
+    #[test]
+    fn set_as_the_kernel_sets() {
+        let (mut t, key, peer) = tunnel();
+        let lines = [
+            format!("public_key={}", peer.to_hex()),
+            format!("preshared_key={}", "11".repeat(32)),
+            "allowed_ip=10.1.0.5/24".into(),
+        ];
+        set(&mut t, &key, 51820, &lines).unwrap();
+        let text = get(&t, &key, 51820);
+        assert!(text.contains("allowed_ip=10.1.0.0/24\n"), "{text}");
+        assert!(text.contains(&format!("preshared_key={}", "11".repeat(32))));
+        // setconf of a file that names the peer without key, endpoint or keepalive.
+        let lines = [
+            "replace_peers=true".to_string(),
+            format!("public_key={}", peer.to_hex()),
+            "allowed_ip=10.0.0.2/32".into(),
+        ];
+        set(&mut t, &key, 51820, &lines).unwrap();
+        let text = get(&t, &key, 51820);
+        assert!(
+            !text.contains("preshared_key=")
+                && !text.contains("endpoint=")
+                && text.contains("persistent_keepalive_interval=0\n")
+                && !text.contains("10.1.0.0/24"),
+            "{text}"
+        );
+        assert_eq!(set_errno("errno=98\n\n".into()), "errno=-98\n\n");
+        assert_eq!(set_errno("errno=0\n\n".into()), "errno=0\n\n");
     }
 
     #[test]
