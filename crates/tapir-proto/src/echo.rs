@@ -16,8 +16,12 @@
 //!
 //! Which destinations are served: in tun mode, every unicast address routed
 //! into the device except the host's own (as the classic program does); in
-//! tap mode, every address of the configured subnets except the host's own
-//! and, for IPv4, the network and broadcast addresses. `only` narrows either.
+//! tap mode, every address of the configured subnets except the host's own;
+//! in both, for IPv4, never a subnet's network or broadcast address (a reply
+//! must come from an address of the replier's own, RFC 1122 §3.2.2.6).
+//! `only` narrows either. A duplicate address detection probe is never
+//! answered: on a tap it is the host (or a guest on its bridge) taking an
+//! address for itself, which echo gives up (see [`Responder::set_subnets`]).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -161,6 +165,20 @@ impl Responder {
         &self.config
     }
 
+    /// The host's addresses now (they change while echo runs: one the host
+    /// takes is no longer served).
+    pub fn set_subnets(&mut self, subnets: Vec<IpNet>) {
+        self.config.subnets = subnets;
+    }
+
+    /// Whether `addr` is an IPv4 subnet's network or broadcast address.
+    fn subnet_edge(&self, addr: IpAddr) -> bool {
+        self.config.subnets.iter().any(|n| {
+            matches!(n, IpNet::V4(v) if v.prefix_len() < 31
+                && (addr == IpAddr::V4(v.network()) || addr == IpAddr::V4(v.broadcast())))
+        })
+    }
+
     /// Whether we answer for `addr`.
     pub fn serves(&self, addr: IpAddr) -> bool {
         let c = &self.config;
@@ -172,19 +190,16 @@ impl Responder {
                 return false;
             }
         }
-        if c.subnets.iter().any(|n| n.addr() == addr) {
+        if c.subnets.iter().any(|n| n.addr() == addr) || self.subnet_edge(addr) {
             return false;
         }
-        if !c.only.is_empty() {
-            return c.only.contains(&addr);
+        // `only` narrows, never widens.
+        if !c.only.is_empty() && !c.only.contains(&addr) {
+            return false;
         }
         match c.link {
             Link::Ip => true,
-            Link::Ethernet => c.subnets.iter().any(|n| {
-                n.contains(&addr)
-                    && !(matches!(n, IpNet::V4(v) if v.prefix_len() < 31
-                        && (addr == IpAddr::V4(v.network()) || addr == IpAddr::V4(v.broadcast()))))
-            }),
+            Link::Ethernet => c.subnets.iter().any(|n| n.contains(&addr)),
         }
     }
 
@@ -280,7 +295,14 @@ impl Responder {
             return Outcome::Ignored(Ignored::BadChecksum);
         }
         let (src, dst) = (v4(ip, 12), v4(ip, 16));
-        if !self.serves(IpAddr::V4(dst)) || src.is_broadcast() || src.is_multicast() {
+        // Nor to a source a reply cannot go back to (0.0.0.0), or would go
+        // to many (a broadcast address).
+        if !self.serves(IpAddr::V4(dst))
+            || src.is_broadcast()
+            || src.is_multicast()
+            || src.is_unspecified()
+            || self.subnet_edge(IpAddr::V4(src))
+        {
             return Outcome::Ignored(Ignored::NotForUs);
         }
         let ip = &mut buf[at..at + total];
@@ -396,6 +418,11 @@ impl Responder {
         if be16(arp, 6) != 1 {
             return Outcome::Ignored(Ignored::NotEcho);
         }
+        // A request sent to another station (a unicast ARP on a bridge) is
+        // theirs to answer.
+        if buf[0..6] != [0xff; 6] && buf[0..6] != self.config.mac {
+            return Outcome::Ignored(Ignored::NotForUs);
+        }
         let sender_ip = v4(arp, 14);
         let target_ip = v4(arp, 24);
         // A gratuitous ARP announces; it asks nothing.
@@ -443,20 +470,35 @@ impl Responder {
         if target.is_multicast() || !self.serves(IpAddr::V6(target)) {
             return Some(Outcome::Ignored(Ignored::NotForUs));
         }
+        // Sent to the target's solicited-node group or to the target itself
+        // (§7.1.1 says which; one to all nodes is not a solicitation for it).
+        let t = target.octets();
+        let solicited = [
+            0xff02,
+            0,
+            0,
+            0,
+            0,
+            1,
+            0xff00 | u16::from(t[13]),
+            u16::from_be_bytes([t[14], t[15]]),
+        ];
+        let to = Ipv6Addr::from(dst);
+        if to != Ipv6Addr::from(solicited) && to != target {
+            return Some(Outcome::Ignored(Ignored::NotForUs));
+        }
+        // A duplicate address detection probe (from ::) is someone taking
+        // the address for itself, here the host or a guest on its bridge:
+        // given up, not defended (defended, the host's new address failed).
+        if Ipv6Addr::from(src).is_unspecified() {
+            return Some(Outcome::Ignored(Ignored::NotForUs));
+        }
         if buf.len() < MIN_BUFFER {
             return Some(Outcome::Ignored(Ignored::Malformed));
         }
-        let dad = Ipv6Addr::from(src).is_unspecified();
-        // A DAD probe (from ::) is answered to all nodes, unsolicited (§7.2.4).
-        let (reply_dst, flags): ([u8; 16], u8) = if dad {
-            (Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1).octets(), 0x20)
-        } else {
-            (src, 0x60)
-        };
+        let (reply_dst, flags): ([u8; 16], u8) = (src, 0x60);
         let mac = self.config.mac;
-        let eth_dst = if dad {
-            [0x33, 0x33, 0, 0, 0, 1]
-        } else {
+        let eth_dst = {
             let mut m = [0u8; 6];
             m.copy_from_slice(&buf[6..12]);
             m

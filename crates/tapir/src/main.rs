@@ -557,7 +557,8 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             };
             let shutdown = shutdown_flag()?;
             let report = tapir::echo::run(&req, &shutdown)?;
-            print!("{}", tapir::echo::format_stats(&name, &report));
+            // On stderr: stdout may be the capture (--pcap -).
+            eprint!("{}", tapir::echo::format_stats(&report));
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { file, dirs, tun } => {
@@ -1005,7 +1006,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             };
             let shutdown = shutdown_flag()?;
             let seen = tapir::dump::run(&req, &mut std::io::stdout().lock(), &shutdown)?;
-            eprintln!("{seen} packets captured");
+            eprintln!("{seen} packet{} captured", if seen == 1 { "" } else { "s" });
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev(DevCommand::Add {

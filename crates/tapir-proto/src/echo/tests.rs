@@ -99,6 +99,23 @@ fn tun_ipv4_echo() {
     assert_eq!(out, Outcome::Reply(req.len()));
     check_v4_reply(&req, &rep);
     assert_eq!(r.stats().echo_replies, 1);
+    // Not to a subnet's broadcast or network address (the reply would come
+    // from it, RFC 1122 §3.2.2.6), nor from 0.0.0.0 or a broadcast source.
+    for (at, addr) in [
+        (16, [10, 0, 0, 255]),
+        (16, [10, 0, 0, 0]),
+        (12, [0, 0, 0, 0]),
+        (12, [10, 0, 0, 255]),
+    ] {
+        let mut p = req.clone();
+        p[at..at + 4].copy_from_slice(&addr);
+        fix_ipv4_header(&mut p);
+        assert_eq!(
+            run(&mut r, &p).0,
+            Outcome::Ignored(Ignored::NotForUs),
+            "{at} {addr:?}"
+        );
+    }
 }
 
 #[test]
@@ -166,6 +183,20 @@ fn tap_answers_arp_for_served_addresses() {
     let mut only = tap(&["10.1.0.1/24"]);
     only.config.only = vec!["10.1.0.9".parse().unwrap()];
     assert_eq!(run(&mut only, &req).0, Outcome::Ignored(Ignored::NotForUs));
+    // `only` narrows, never widens: not the broadcast, nor outside the subnet.
+    only.config.only = vec!["10.1.0.255".parse().unwrap(), "10.2.0.3".parse().unwrap()];
+    assert_eq!(
+        run(&mut only, &bcast).0,
+        Outcome::Ignored(Ignored::NotForUs)
+    );
+    assert_eq!(
+        run(&mut only, &outside).0,
+        Outcome::Ignored(Ignored::NotForUs)
+    );
+    // A request sent to another station's MAC is theirs.
+    let mut unicast = req.clone();
+    unicast[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 0x77]);
+    assert_eq!(run(&mut r, &unicast).0, Outcome::Ignored(Ignored::NotForUs));
 }
 
 #[test]
@@ -192,15 +223,26 @@ fn tap_answers_neighbour_solicitations() {
     assert!(icmp6_ok(ip));
     assert_eq!(r.stats().nd_replies, 1);
 
-    // A DAD probe (from ::) is answered to all nodes, unsolicited.
+    // A DAD probe (from ::) is someone taking the address: not defended
+    // (the host's address added while echo ran failed its DAD).
     let mut dad = req.clone();
     dad[14 + 8..14 + 24].fill(0);
     fix_icmp6(&mut dad[14..]);
-    let (out, rep) = run(&mut r, &dad);
-    assert_eq!(out, Outcome::Reply(86));
-    assert_eq!(&rep[0..6], &[0x33, 0x33, 0, 0, 0, 1]);
-    assert_eq!(rep[14 + 44], 0x20);
-    assert!(icmp6_ok(&rep[14..]));
+    assert_eq!(run(&mut r, &dad).0, Outcome::Ignored(Ignored::NotForUs));
+    // Nor a solicitation sent to all nodes rather than to the target's
+    // solicited-node group or the target.
+    let mut all = req.clone();
+    all[14 + 24..14 + 40]
+        .copy_from_slice(&"ff02::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    fix_icmp6(&mut all[14..]);
+    assert_eq!(run(&mut r, &all).0, Outcome::Ignored(Ignored::NotForUs));
+    // An address the host takes while echo runs is no longer served.
+    let target: std::net::Ipv6Addr = <[u8; 16]>::try_from(&req[14 + 48..14 + 64]).unwrap().into();
+    r.set_subnets(vec![
+        "fd01::1/64".parse().unwrap(),
+        format!("{target}/64").parse().unwrap(),
+    ]);
+    assert_eq!(run(&mut r, &req).0, Outcome::Ignored(Ignored::NotForUs));
 
     // Hop limit other than 255: not a valid solicitation.
     let mut hops = req.clone();

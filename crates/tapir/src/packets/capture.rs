@@ -168,6 +168,15 @@ pub fn attach(tun_path: &Path, name: &IfName, mode: Option<Mode>) -> Result<Read
                     "{name} is a {has} device, not {want}: drop --mode or use another name"
                 )));
             }
+            // Attached beside a program that holds it, this would be one
+            // more queue, and the kernel shares packets out between queues:
+            // it would take that program's packets (a ping lost 3 of 4).
+            let held = info.queues.unwrap_or(0) + info.disabled_queues.unwrap_or(0);
+            if info.multi_queue && held > 0 {
+                return Err(DevError::Invalid(format!(
+                    "{name} is open in another program ({held} queue(s)): attached beside it, this would be another queue of a multi-queue device, which takes packets from the others rather than seeing a copy. To watch its packets meanwhile: tcpdump -i {name}"
+                )));
+            }
             (
                 TunOptions {
                     mode: has,

@@ -38,8 +38,10 @@ pub struct EchoRequest {
 }
 
 /// What an echo run did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EchoReport {
+    /// The device (a template's, as the kernel named it).
+    pub name: String,
     /// Counters.
     pub stats: Stats,
     /// Packets that could not be written back.
@@ -47,8 +49,8 @@ pub struct EchoReport {
 }
 
 /// Formats the counters as `tapir echo` prints them on exit.
-pub fn format_stats(name: &str, r: &EchoReport) -> String {
-    let s = r.stats;
+pub fn format_stats(r: &EchoReport) -> String {
+    let (name, s) = (&r.name, r.stats);
     format!(
         "{name}: {} received, {} echo replies, {} ARP replies, {} neighbour advertisements; \
          ignored: {} not for us, {} fragments, {} not echo, {} malformed, {} bad checksum; {} write errors\n",
@@ -207,7 +209,16 @@ pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevEr
     let prefix = framing.prefix_len();
     let mut write_errors = 0;
     let mut failure = None;
+    let mut looked = std::time::Instant::now();
     while !shutdown.load(Ordering::Relaxed) {
+        // The host's addresses, again each second: one it takes while echo
+        // runs is its own from then on, not served (its DAD failed).
+        if looked.elapsed() >= Duration::from_secs(1) {
+            looked = std::time::Instant::now();
+            if let Ok(a) = nl.addresses(Some(changes.index)) {
+                responder.set_subnets(a.into_iter().map(|a| a.local).collect());
+            }
+        }
         let n = match capture::next_packet(&dev, &mut buf) {
             Ok(Some(n)) => n,
             Ok(None) => continue,
@@ -220,7 +231,7 @@ pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevEr
             continue;
         }
         if let Some(w) = pcap.as_mut() {
-            let _ = w.write_packet(now(), &buf[prefix..n]);
+            record(w, &buf[prefix..n])?;
         }
         let (head, packet) = buf.split_at_mut(prefix);
         if let tapir_proto::echo::Outcome::Reply(len) = responder.handle(packet, n - prefix) {
@@ -229,7 +240,7 @@ pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevEr
                 write_errors += 1;
             }
             if let Some(w) = pcap.as_mut() {
-                let _ = w.write_packet(now(), &buf[prefix..prefix + len]);
+                record(w, &buf[prefix..prefix + len])?;
             }
         }
     }
@@ -246,9 +257,21 @@ pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevEr
         )));
     }
     Ok(EchoReport {
+        name: name.to_string(),
         stats: responder.stats(),
         write_errors,
     })
+}
+
+/// Writes a packet to the capture and flushes it, as dump does (tcpdump's
+/// `-U`): the file is whole while echo runs, and after it is killed.
+fn record<W: std::io::Write>(
+    w: &mut tapir_wire::pcap::PcapWriter<W>,
+    packet: &[u8],
+) -> Result<(), DevError> {
+    w.write_packet(now(), packet)
+        .and_then(|()| w.flush())
+        .map_err(|e| DevError::Runtime(format!("writing the pcap file: {e}")))
 }
 
 #[cfg(test)]
