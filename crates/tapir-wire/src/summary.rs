@@ -57,22 +57,42 @@ pub fn summarize(link: Link, data: &[u8]) -> String {
     let packet = match parsed {
         Ok(p) => p,
         Err(e) => {
-            let _ = write!(out, "malformed ({e}), length {}", data.len());
+            let _ = write!(
+                out,
+                "malformed ({}), length {}",
+                short_error(&e.to_string()),
+                data.len()
+            );
             return out;
         }
     };
-    match &packet.net {
-        None => {
-            let ether_type = data
-                .get(12..14)
-                .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+    // VLAN tags, outer first, as tcpdump shows them.
+    for ext in &packet.link_exts {
+        if let etherparse::LinkExtSlice::Vlan(v) = ext {
             let _ = write!(
                 out,
-                "ethertype {:#06x} ({:?}), length {}",
-                ether_type,
-                EtherType(ether_type),
-                data.len()
+                "vlan {}, p {}, ",
+                v.vlan_identifier(),
+                v.priority_code_point().value()
             );
+        }
+    }
+    match &packet.net {
+        None => {
+            // The type after the tags (the frame's own if it has none).
+            let at = 12 + 4 * packet.link_exts.len();
+            let ether_type = data
+                .get(at..at + 2)
+                .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+            let _ = if ether_type < 0x0600 {
+                // A length, not a type: an 802.3 frame (LLC: STP, and such).
+                write!(out, "802.3 LLC, length {}", data.len())
+            } else {
+                match ether_type_name(EtherType(ether_type)) {
+                    Some(name) => write!(out, "{name}, length {}", data.len()),
+                    None => write!(out, "ethertype {ether_type:#06x}, length {}", data.len()),
+                }
+            };
         }
         Some(NetSlice::Arp(arp)) => match arp.to_packet().try_eth_ipv4() {
             Ok(a) => {
@@ -126,11 +146,27 @@ pub fn summarize(link: Link, data: &[u8]) -> String {
         Some(NetSlice::Ipv6(ip)) => {
             let h = ip.header();
             let _ = write!(out, "IP6 {} > {}: ", h.source_addr(), h.destination_addr());
+            // Where a fragment goes, from its fragment header, as for IPv4.
+            let fragment = ip.payload().fragmented.then(|| {
+                ip.extensions()
+                    .clone()
+                    .into_iter()
+                    .find_map(|e| match e {
+                        etherparse::Ipv6ExtensionSlice::Fragment(f) => Some(format!(
+                            "id {}, offset {}{}",
+                            f.identification(),
+                            f.fragment_offset().byte_offset(),
+                            if f.more_fragments() { ", more" } else { "" }
+                        )),
+                        _ => None,
+                    })
+                    .unwrap_or_default()
+            });
             transport(
                 &mut out,
                 &packet,
                 ip.payload().ip_number,
-                ip.payload().fragmented.then(String::new),
+                fragment,
                 ip.payload().payload.len(),
             );
             let _ = write!(
@@ -144,6 +180,79 @@ pub fn summarize(link: Link, data: &[u8]) -> String {
     out
 }
 
+/// The name of an ethertype no decoder here takes, where it has one.
+fn ether_type_name(t: EtherType) -> Option<&'static str> {
+    Some(match t.0 {
+        0x8035 => "RARP",
+        0x8100 => "802.1Q",
+        0x88a8 => "802.1ad",
+        0x8847 => "MPLS unicast",
+        0x8848 => "MPLS multicast",
+        0x8863 => "PPPoE discovery",
+        0x8864 => "PPPoE session",
+        0x888e => "EAPOL",
+        0x88cc => "LLDP",
+        0x88e5 => "MACsec",
+        0x88f7 => "PTP",
+        0x8906 => "FCoE",
+        0x9000 => "Loopback",
+        _ => return None,
+    })
+}
+
+/// A parser's error in a few words: its first clause (etherparse's say
+/// what was needed at length).
+fn short_error(e: &str) -> String {
+    let first = e.split([':', '(']).next().unwrap_or(e).trim();
+    first.chars().take(60).collect()
+}
+
+/// An ICMP (v4) message other than echo, as tcpdump names them.
+fn icmp4_words(kind: u8, code: u8, rest: [u8; 4]) -> String {
+    let mtu = u16::from_be_bytes([rest[2], rest[3]]);
+    match (kind, code) {
+        (3, 0) => "net unreachable".into(),
+        (3, 1) => "host unreachable".into(),
+        (3, 2) => "protocol unreachable".into(),
+        (3, 3) => "port unreachable".into(),
+        (3, 4) => format!("unreachable - need to frag (mtu {mtu})"),
+        (3, 5) => "unreachable - source route failed".into(),
+        (3, 6 | 7) => "unreachable - unknown net or host".into(),
+        (3, 9 | 10) => "unreachable - admin prohibited".into(),
+        (3, 13) => "unreachable - admin prohibited filter".into(),
+        (3, c) => format!("unreachable, code {c}"),
+        (4, _) => "source quench".into(),
+        (5, c) => format!("redirect, code {c}"),
+        (11, 0) => "time exceeded in-transit".into(),
+        (11, 1) => "ip reassembly time exceeded".into(),
+        (12, _) => "parameter problem".into(),
+        (13, _) => "time stamp request".into(),
+        (14, _) => "time stamp reply".into(),
+        (t, c) => format!("type {t} code {c}"),
+    }
+}
+
+/// An ICMPv6 message other than echo and neighbour discovery, by name.
+fn icmp6_words(kind: u8, code: u8, rest: [u8; 4]) -> String {
+    match (kind, code) {
+        (1, 0) => "destination unreachable, no route".into(),
+        (1, 1) => "destination unreachable, administratively prohibited".into(),
+        (1, 3) => "destination unreachable, unreachable address".into(),
+        (1, 4) => "destination unreachable, unreachable port".into(),
+        (1, c) => format!("destination unreachable, code {c}"),
+        (2, _) => format!("packet too big, mtu {}", u32::from_be_bytes(rest)),
+        (3, 0) => "time exceeded in-transit".into(),
+        (3, 1) => "ip reassembly time exceeded".into(),
+        (4, c) => format!("parameter problem, code {c}"),
+        (130, _) => "multicast listener query".into(),
+        (131, _) => "multicast listener report".into(),
+        (132, _) => "multicast listener done".into(),
+        (137, _) => "redirect".into(),
+        (143, _) => "multicast listener report v2".into(),
+        (t, c) => format!("type {t} code {c}"),
+    }
+}
+
 fn transport(
     out: &mut String,
     packet: &SlicedPacket<'_>,
@@ -154,7 +263,11 @@ fn transport(
     // A fragment: the protocol and where it goes (IPv4), not decoded (tcpdump
     // decodes a first fragment's header; its length would be the whole's).
     if let Some(at) = fragment {
-        let name = proto.keyword_str().unwrap_or("unknown");
+        let name = match proto.0 {
+            1 => "ICMP",
+            58 => "ICMP6",
+            _ => proto.keyword_str().unwrap_or("unknown"),
+        };
         let at = if at.is_empty() {
             String::new()
         } else {
@@ -172,9 +285,14 @@ fn transport(
                 Icmpv4Type::EchoReply(e) => {
                     write!(out, "ICMP echo reply, id {}, seq {}", e.id, e.seq)
                 }
-                Icmpv4Type::DestinationUnreachable(d) => write!(out, "ICMP unreachable ({d:?})"),
-                Icmpv4Type::TimeExceeded(c) => write!(out, "ICMP time exceeded ({c:?})"),
-                _ => write!(out, "ICMP type {} code {}", icmp.type_u8(), icmp.code_u8()),
+                _ => {
+                    let rest = icmp.bytes5to8();
+                    write!(
+                        out,
+                        "ICMP {}",
+                        icmp4_words(icmp.type_u8(), icmp.code_u8(), rest)
+                    )
+                }
             };
             let _ = write!(out, ", length {len}");
         }
@@ -196,12 +314,14 @@ fn transport(
                 },
                 Icmpv6Type::RouterSolicitation => write!(out, "ICMP6, router solicitation"),
                 Icmpv6Type::RouterAdvertisement(_) => write!(out, "ICMP6, router advertisement"),
-                _ => write!(
-                    out,
-                    "ICMP6, type {} code {}",
-                    icmp.type_u8(),
-                    icmp.code_u8()
-                ),
+                _ => {
+                    let rest = icmp.bytes5to8();
+                    write!(
+                        out,
+                        "ICMP6, {}",
+                        icmp6_words(icmp.type_u8(), icmp.code_u8(), rest)
+                    )
+                }
             };
             let _ = write!(out, ", length {len}");
         }
@@ -335,5 +455,57 @@ mod tests {
             line.contains("fragment of ICMP (id 4660, offset 1480), length 28"),
             "{line}"
         );
+        // IPv6: a fragment header (next header 58, offset 1448, more, id 7).
+        let mut frag = vec![58, 0];
+        frag.extend_from_slice(&((1448u16 / 8) << 3 | 1).to_be_bytes());
+        frag.extend_from_slice(&7u32.to_be_bytes());
+        frag.extend_from_slice(&[0; 16]);
+        let mut p = ipv6([0; 16], [1; 16], &frag);
+        p[6] = 44;
+        let line = summarize(Link::Ip, &p);
+        assert!(
+            line.contains("fragment of ICMP6 (id 7, offset 1448, more)"),
+            "{line}"
+        );
+    }
+
+    /// What tcpdump names, named (it printed Rust's debug text, or the
+    /// number twice); VLAN tags shown; 802.3 lengths not taken for types.
+    #[test]
+    fn icmp_errors_vlans_and_other_frames_in_words() {
+        let mut icmp = vec![
+            0x45, 0, 0, 36, 0, 0, 0, 0, 64, 1, 0, 0, 10, 3, 0, 1, 10, 3, 0, 5,
+        ];
+        icmp.extend_from_slice(&[3, 4, 0, 0, 0, 0, 0x05, 0x78]);
+        icmp.extend_from_slice(&[0; 8]);
+        let line = summarize(Link::Ip, &icmp);
+        assert!(
+            line.contains("ICMP unreachable - need to frag (mtu 1400)"),
+            "{line}"
+        );
+        icmp[20..22].copy_from_slice(&[11, 0]);
+        let line = summarize(Link::Ip, &icmp);
+        assert!(line.contains("ICMP time exceeded in-transit"), "{line}");
+        let too_big = [2, 0, 0, 0, 0, 0, 0x05, 0x00, 0, 0, 0, 0];
+        let line = summarize(Link::Ip, &ipv6([0; 16], [1; 16], &too_big));
+        assert!(line.contains("ICMP6, packet too big, mtu 1280"), "{line}");
+        let eth = |rest: &[u8]| {
+            let mut f = vec![0xff; 6];
+            f.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+            f.extend_from_slice(rest);
+            f
+        };
+        let mut tagged = eth(&[0x81, 0, 0x20, 5, 0x08, 0x06]);
+        tagged.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 10, 1, 0, 1]);
+        tagged.extend_from_slice(&[0, 0, 0, 0, 0, 0, 10, 1, 0, 9]);
+        let line = summarize(Link::Ethernet, &tagged);
+        assert!(
+            line.contains("vlan 5, p 1, ARP, Request who-has 10.1.0.9"),
+            "{line}"
+        );
+        let line = summarize(Link::Ethernet, &eth(&[0x88, 0xcc, 0, 0]));
+        assert!(line.ends_with("LLDP, length 16"), "{line}");
+        let line = summarize(Link::Ethernet, &eth(&[0x00, 0x26, 0x42, 0x42, 3]));
+        assert!(line.ends_with("802.3 LLC, length 17"), "{line}");
     }
 }

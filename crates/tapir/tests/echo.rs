@@ -370,6 +370,13 @@ fn echo_refuses_a_device_of_another_mode_or_kind() {
     assert!(err.contains("tap3 is a tap device, not tun"), "{err}");
     let out = ns.cmd(TAPIR).args(["echo", "lo"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("not tun/tap"));
+    // Not "physical", and the way to watch it.
+    let out = ns.cmd(TAPIR).args(["dump", "lo"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("lo is a loopback") && err.contains("tcpdump -i lo"),
+        "{err}"
+    );
 }
 
 /// A device `d0` (`mode`, `extra` flags) up at 10.7.0.1/24 in a fresh

@@ -153,10 +153,16 @@ pub fn attach(tun_path: &Path, name: &IfName, mode: Option<Mode>) -> Result<Read
     let (options, created) = match existing {
         Some(link) => {
             let Some(info) = link.tun.as_ref().filter(|_| link.is_tun()) else {
-                return Err(DevError::NotTun {
-                    name: name.to_string(),
-                    kind: link.kind.clone().unwrap_or_else(|| "physical".into()),
-                });
+                let kind = match &link.kind {
+                    Some(k) => k.clone(),
+                    None if link.address.as_deref().is_none_or(|a| a.iter().all(|b| *b == 0)) => {
+                        "loopback or other non-Ethernet".into()
+                    }
+                    None => "physical".into(),
+                };
+                return Err(DevError::Invalid(format!(
+                    "{name} is a {kind} link, not tun/tap: tapir dump and echo read tun/tap devices; to watch {name}: tcpdump -i {name}"
+                )));
             };
             let Some(has) = info.mode else {
                 return Err(DevError::Invalid(format!(

@@ -29,9 +29,16 @@ pub struct DumpRequest {
     pub tun_path: PathBuf,
 }
 
-/// `HH:MM:SS.micro` of a time since the epoch, UTC.
+/// `HH:MM:SS.micro` of a time since the epoch, in local time as tcpdump
+/// shows it (`TZ`, /etc/localtime), so that the two line up.
 pub fn time_of_day(ts: Duration) -> String {
-    let secs = ts.as_secs() % 86_400;
+    let offset = tapir_sys::localtime::utc_offset(ts.as_secs() as i64);
+    time_of_day_at(ts, offset)
+}
+
+/// `HH:MM:SS.micro` of `ts` at `offset` seconds east of UTC.
+fn time_of_day_at(ts: Duration, offset: i64) -> String {
+    let secs = (ts.as_secs() as i64 + offset).rem_euclid(86_400) as u64;
     format!(
         "{:02}:{:02}:{:02}.{:06}",
         secs / 3600,
@@ -156,10 +163,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn time_of_day_is_utc_with_microseconds() {
-        assert_eq!(
-            time_of_day(Duration::new(86_400 * 3 + 3723, 4_567_000)),
-            "01:02:03.004567"
-        );
+    fn time_of_day_is_local_with_microseconds() {
+        let t = Duration::new(86_400 * 3 + 3723, 4_567_000);
+        assert_eq!(time_of_day_at(t, 0), "01:02:03.004567");
+        assert_eq!(time_of_day_at(t, -5 * 3600), "20:02:03.004567");
+        assert_eq!(time_of_day_at(t, 5 * 3600 + 1800), "06:32:03.004567");
     }
 }
