@@ -155,7 +155,11 @@ pub fn attach(tun_path: &Path, name: &IfName, mode: Option<Mode>) -> Result<Read
             let Some(info) = link.tun.as_ref().filter(|_| link.is_tun()) else {
                 let kind = match &link.kind {
                     Some(k) => k.clone(),
-                    None if link.address.as_deref().is_none_or(|a| a.iter().all(|b| *b == 0)) => {
+                    None if link
+                        .address
+                        .as_deref()
+                        .is_none_or(|a| a.iter().all(|b| *b == 0)) =>
+                    {
                         "loopback or other non-Ethernet".into()
                     }
                     None => "physical".into(),
