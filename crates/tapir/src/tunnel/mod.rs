@@ -155,9 +155,8 @@ pub fn peer_configs(config: &TunnelConfig) -> Result<Vec<PeerConfig>, DevError> 
         .map(|p| {
             let endpoint = match &p.endpoint {
                 Some(e) => Some(
-                    e.to_socket_addrs()
-                        .ok()
-                        .and_then(|mut it| it.next())
+                    crate::uapi::scoped_endpoint(e)
+                        .or_else(|| e.to_socket_addrs().ok().and_then(|mut it| it.next()))
                         .ok_or_else(|| {
                             DevError::Invalid(format!(
                                 "{}:{}: Endpoint {e} does not resolve: check the host name, or give an address",
@@ -695,8 +694,8 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
             .iter()
             .filter_map(|p| {
                 let e = p.endpoint.as_ref()?;
-                e.parse::<SocketAddr>()
-                    .is_err()
+                crate::uapi::scoped_endpoint(e)
+                    .is_none()
                     .then(|| (p.public_key, e.clone()))
             })
             .collect(),

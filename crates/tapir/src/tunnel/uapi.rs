@@ -110,6 +110,35 @@ pub fn get_with(
     out
 }
 
+/// An endpoint as an address and port, an IPv6 link-local one with its
+/// zone by number or by interface name as `wg` writes it
+/// (`[fe80::1%eth0]:51820`, which the standard parser refuses).
+pub fn scoped_endpoint(text: &str) -> Option<SocketAddr> {
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Some(a);
+    }
+    let (host, port) = text.strip_prefix('[')?.split_once("]:")?;
+    let (ip, zone) = host.split_once('%')?;
+    let ip: std::net::Ipv6Addr = ip.parse().ok()?;
+    let scope = match zone.parse::<u32>() {
+        Ok(n) => n,
+        Err(_) => {
+            let name = tapir_sys::IfName::new(zone).ok()?;
+            tapir_sys::Netlink::open()
+                .ok()?
+                .link(name.as_str())
+                .ok()??
+                .index
+        }
+    };
+    Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+        ip,
+        port.parse().ok()?,
+        0,
+        scope,
+    )))
+}
+
 /// A pending change to one peer, applied when the next peer starts or at the end.
 #[derive(Clone)]
 struct PeerChange {
@@ -297,9 +326,7 @@ pub fn parse_set<S: AsRef<str>>(lines: &[S]) -> Result<Box<SetRequest>, i32> {
                     }
                     "endpoint" => {
                         let host = value.trim_start_matches('[').replace("]:", "|");
-                        let addr = value
-                            .parse::<SocketAddr>()
-                            .ok()
+                        let addr = scoped_endpoint(value)
                             .or_else(|| {
                                 let (h, p) = host.split_once('|')?;
                                 Some(SocketAddr::new(h.parse().ok()?, p.parse().ok()?))
@@ -1437,6 +1464,28 @@ mod tests {
         );
         assert_eq!(set_errno("errno=98\n\n".into()), "errno=-98\n\n");
         assert_eq!(set_errno("errno=0\n\n".into()), "errno=0\n\n");
+    }
+
+    /// Link-local endpoints with their zone, by number or by name as `wg
+    /// showconf` writes them (set refused them: "Unknown error -22").
+    #[test]
+    fn link_local_endpoints_keep_their_zone() {
+        let scope = |t: &str| match scoped_endpoint(t) {
+            Some(SocketAddr::V6(a)) => Some(a.scope_id()),
+            _ => None,
+        };
+        assert_eq!(scope("[fe80::1%7]:51820"), Some(7));
+        assert_eq!(scope("[fe80::1%lo]:51820"), Some(1), "lo is index 1");
+        assert_eq!(scope("[fe80::1%nosuch0]:51820"), None);
+        assert_eq!(scope("[fe80::1%lo]:x"), None);
+        let (mut t, key, peer) = tunnel();
+        let lines = [
+            format!("public_key={}", peer.to_hex()),
+            "endpoint=[fe80::e032:28ff:fe1e:4e26%lo]:51831".into(),
+        ];
+        set(&mut t, &key, 51820, &lines).unwrap();
+        let (_, live, _) = t.peers().next().unwrap();
+        assert_eq!(live, scoped_endpoint("[fe80::e032:28ff:fe1e:4e26%1]:51831"));
     }
 
     #[test]
