@@ -28,12 +28,42 @@ const UDP_SEGMENT: libc::c_int = 103;
 /// `UDP_GRO` (linux/udp.h): receive coalesced datagrams, with their segment size.
 const UDP_GRO: libc::c_int = 104;
 /// Control buffer per message, in u64 words (aligned for cmsghdr): room for
-/// one `cmsghdr` and an int.
-const CTRL_WORDS: usize = 4;
+/// a `UDP_GRO` or `UDP_SEGMENT` message (an int) and an `IPV6_PKTINFO` one
+/// (an `in6_pktinfo`), 24 + 40 bytes.
+const CTRL_WORDS: usize = 8;
 /// The most datagrams one GSO send may carry (the kernel's UDP_MAX_SEGMENTS).
 const GSO_MAX_SEGMENTS: usize = 64;
 /// The most bytes one GSO send may carry (a UDP datagram's payload limit).
 const GSO_MAX_BYTES: usize = 65507;
+
+/// The local end of a datagram: the address it came to (or is to leave
+/// from) and its interface, as `IPV6_PKTINFO` gives them (an IPv4 address
+/// v4-mapped, on a dual-stack socket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Local {
+    /// The address.
+    pub addr: Ipv6Addr,
+    /// Its interface's index.
+    pub ifindex: u32,
+}
+
+/// Asks the kernel for each datagram's local address and interface, or
+/// not any more (`IPV6_RECVPKTINFO`: for IPv4 datagrams too, v4-mapped),
+/// so that an answer can leave from the address it was sent to; `false`
+/// where it cannot.
+pub fn set_pktinfo(fd: BorrowedFd<'_>, on: bool) -> bool {
+    set_int(
+        fd,
+        libc::IPPROTO_IPV6,
+        libc::IPV6_RECVPKTINFO,
+        i32::from(on),
+    )
+}
+
+/// Whether datagrams come with their local address ([`set_pktinfo`]).
+pub fn pktinfo(fd: BorrowedFd<'_>) -> bool {
+    get_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO).is_ok_and(|v| v != 0)
+}
 
 /// Asks the kernel to coalesce received datagrams (`UDP_GRO`); `false` where it cannot.
 pub fn enable_gro(fd: BorrowedFd<'_>) -> bool {
@@ -120,6 +150,9 @@ pub struct Sent {
     pub blocked: usize,
     /// Messages (system-call entries) used: fewer than `sent` with GSO.
     pub messages: usize,
+    /// A datagram could not leave from the local address it was given (it
+    /// is gone): it went from the kernel's choice.
+    pub stale_local: bool,
 }
 
 /// A datagram [`Batch::recv_one`] received into slot 0.
@@ -131,6 +164,8 @@ pub struct One {
     pub from: SocketAddrV6,
     /// The size of the datagrams it joins, if the kernel coalesced it.
     pub segment: Option<usize>,
+    /// Where it came to (with [`enable_pktinfo`]).
+    pub local: Option<Local>,
 }
 
 /// Reusable buffers for up to `N` datagrams of `slot` bytes.
@@ -144,6 +179,9 @@ pub struct Batch {
     ctrl: Vec<[u64; CTRL_WORDS]>,
     /// Received: the segment size of a coalesced (GRO) datagram, 0 if none.
     seg: Vec<usize>,
+    /// The local end of each datagram: where it came to (received), where
+    /// it is to leave from (sent; none: the kernel's choice).
+    locals: Vec<Option<Local>>,
     /// Send: (first slot, count) of each message.
     groups: Vec<(usize, usize)>,
     /// Receive: the headers are set up for [`Batch::recv`] but for the
@@ -206,6 +244,7 @@ impl Batch {
             hdrs: vec![zeroed_mmsghdr(); count],
             ctrl: vec![[0; CTRL_WORDS]; count],
             seg: vec![0; count],
+            locals: vec![None; count],
             groups: Vec::with_capacity(count),
             recv_ready: false,
             recv_dirty: 0,
@@ -218,6 +257,18 @@ impl Batch {
     pub fn segment_size(&self, i: usize) -> Option<usize> {
         let s = self.seg[i];
         (s > 0 && s < self.lens[i]).then_some(s)
+    }
+
+    /// Datagram `i`'s local end: where it came to (after a receive), or
+    /// where it is to leave from (as set for a send).
+    pub fn local(&self, i: usize) -> Option<Local> {
+        self.locals[i]
+    }
+
+    /// Sends datagram `i` (as set) from `local`, not from the address the
+    /// kernel would choose.
+    pub fn set_local(&mut self, i: usize, local: Option<Local>) {
+        self.locals[i] = local;
     }
 
     /// How many datagrams it holds.
@@ -267,10 +318,12 @@ impl Batch {
         )
     }
 
-    /// Marks slot `i` as a datagram of `len` bytes for `to`.
+    /// Marks slot `i` as a datagram of `len` bytes for `to` (from where the
+    /// kernel chooses, until [`Batch::set_local`]).
     pub fn set(&mut self, i: usize, len: usize, to: &SocketAddrV6) {
         self.lens[i] = len.min(self.slot);
         self.addrs[i] = to_sockaddr(to);
+        self.locals[i] = None;
     }
 
     /// Points the headers at the first `n` slots.
@@ -286,6 +339,9 @@ impl Batch {
             h.msg_control = std::ptr::null_mut();
             h.msg_controllen = 0;
             h.msg_flags = 0;
+            if !lens_from_slots {
+                write_cmsgs(&mut self.ctrl[i], h, None, self.locals[i]);
+            }
             self.hdrs[i].msg_len = 0;
         }
     }
@@ -354,7 +410,9 @@ impl Batch {
         };
         self.recv_dirty = got;
         for i in 0..got {
-            self.seg[i] = gro_size(&self.hdrs[i].msg_hdr).unwrap_or(0);
+            let (seg, local) = read_cmsgs(&self.hdrs[i].msg_hdr);
+            self.seg[i] = seg.unwrap_or(0);
+            self.locals[i] = local;
             self.lens[i] = self.hdrs[i].msg_len as usize;
             if self.hdrs[i].msg_hdr.msg_namelen as usize
                 != std::mem::size_of::<libc::sockaddr_in6>()
@@ -395,11 +453,12 @@ impl Batch {
         if h.msg_namelen as usize != std::mem::size_of::<libc::sockaddr_in6>() {
             from = empty_sockaddr();
         }
-        let seg = gro_size(&h).filter(|&s| s > 0 && s < len);
+        let (seg, local) = read_cmsgs(&h);
         Ok(Some(One {
             len,
             from: from_sockaddr(&from),
-            segment: seg,
+            segment: seg.filter(|&s| s > 0 && s < len),
+            local,
         }))
     }
 
@@ -408,6 +467,7 @@ impl Batch {
     pub fn set_received_one(&mut self, one: &One) {
         self.set(0, one.len, &one.from);
         self.seg[0] = one.segment.unwrap_or(0);
+        self.locals[0] = one.local;
     }
 
     /// Sends slot `i`'s first `len` bytes to `to` as one datagram, through
@@ -420,6 +480,7 @@ impl Batch {
         i: usize,
         len: usize,
         to: &SocketAddrV6,
+        from: Option<Local>,
         patience: std::time::Duration,
     ) -> Sent {
         let to = to_sockaddr(to);
@@ -429,8 +490,13 @@ impl Batch {
             messages: 1,
             ..Sent::default()
         };
+        let mut from = from;
         loop {
-            match raw::sendto(fd, datagram, &to) {
+            let rc = match from {
+                None => raw::sendto(fd, datagram, &to),
+                Some(l) => send_from(fd, datagram, &to, l),
+            };
+            match rc {
                 Ok(_) => out.sent = 1,
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EINTR) => continue,
@@ -439,6 +505,13 @@ impl Batch {
                         continue;
                     }
                     Some(libc::EAGAIN) | Some(libc::EBADF) => out.blocked = 1,
+                    // The local address is gone (or no longer routes there):
+                    // from where the kernel chooses, and said.
+                    _ if from.is_some() => {
+                        from = None;
+                        out.stale_local = true;
+                        continue;
+                    }
                     _ => out.refused = 1,
                 },
             }
@@ -481,6 +554,7 @@ impl Batch {
                 while i + count < n
                     && count < GSO_MAX_SEGMENTS
                     && same_addr(&self.addrs[i + count], &to)
+                    && self.locals[i + count] == self.locals[i]
                     && self.lens[i + count] <= size
                     && total + self.lens[i + count] <= GSO_MAX_BYTES
                 {
@@ -544,6 +618,18 @@ impl Batch {
                     out.refused += n - start;
                     return out;
                 }
+                // From a local address that is gone: every datagram from it
+                // goes from the kernel's choice instead, this one again.
+                _ if self.locals[start].is_some() => {
+                    let gone = self.locals[start];
+                    for l in &mut self.locals[..n] {
+                        if *l == gone {
+                            *l = None;
+                        }
+                    }
+                    out.stale_local = true;
+                    self.build_group_headers();
+                }
                 // A run the path cannot carry segmented (EINVAL, EMSGSIZE:
                 // a segment above the path MTU) goes one datagram per
                 // message, which the kernel may fragment.
@@ -582,12 +668,8 @@ impl Batch {
             h.msg_iov = unsafe { iovs.add(start) };
             h.msg_iovlen = count as _;
             h.msg_flags = 0;
-            if count > 1 {
-                write_segment_cmsg(&mut self.ctrl[g], h, self.lens[start] as u16);
-            } else {
-                h.msg_control = std::ptr::null_mut();
-                h.msg_controllen = 0;
-            }
+            let segment = (count > 1).then_some(self.lens[start] as u16);
+            write_cmsgs(&mut self.ctrl[g], h, segment, self.locals[start]);
             self.hdrs[g].msg_len = 0;
         }
     }
@@ -623,6 +705,14 @@ impl Batch {
                 Some(libc::EAGAIN) | Some(libc::EBADF) => {
                     out.blocked += n - i;
                     return out;
+                }
+                // From a local address that is gone: again from the kernel's choice.
+                _ if self.locals[i].is_some() => {
+                    self.locals[i] = None;
+                    out.stale_local = true;
+                    let h = &mut self.hdrs[i].msg_hdr;
+                    h.msg_control = std::ptr::null_mut();
+                    h.msg_controllen = 0;
                 }
                 _ => {
                     out.refused += 1;
@@ -667,45 +757,118 @@ fn same_addr(a: &libc::sockaddr_in6, b: &libc::sockaddr_in6) -> bool {
         && a.sin6_scope_id == b.sin6_scope_id
 }
 
-/// Puts a `UDP_SEGMENT` control message with `size` into `buf` and points `h` at it.
-fn write_segment_cmsg(buf: &mut [u64; CTRL_WORDS], h: &mut libc::msghdr, size: u16) {
+/// Puts a `UDP_SEGMENT` control message with `segment` (if any) and an
+/// `IPV6_PKTINFO` one with `from` (if any) into `buf` and points `h` at
+/// them; with neither, `h` has no control data.
+fn write_cmsgs(
+    buf: &mut [u64; CTRL_WORDS],
+    h: &mut libc::msghdr,
+    segment: Option<u16>,
+    from: Option<Local>,
+) {
     // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+    let (seg_space, info_space) = unsafe {
+        (
+            libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize,
+            libc::CMSG_SPACE(std::mem::size_of::<libc::in6_pktinfo>() as u32) as usize,
+        )
+    };
+    let space = segment.map_or(0, |_| seg_space) + from.map_or(0, |_| info_space);
+    if space == 0 {
+        h.msg_control = std::ptr::null_mut();
+        h.msg_controllen = 0;
+        return;
+    }
     debug_assert!(space <= std::mem::size_of_val(buf));
     *buf = [0; CTRL_WORDS];
     h.msg_control = buf.as_mut_ptr().cast();
     h.msg_controllen = space as _;
     // SAFETY: msg_control points at `space` zeroed, u64-aligned bytes owned
-    // by `buf`, so CMSG_FIRSTHDR is non-null and its header and the u16 of
-    // data after it lie inside `buf`.
+    // by `buf`, room for the messages counted into `space`: CMSG_FIRSTHDR
+    // and CMSG_NXTHDR (for the second) return headers inside it, and the
+    // data written after each (a u16, an in6_pktinfo) fits its CMSG_SPACE.
     unsafe {
-        let c = libc::CMSG_FIRSTHDR(h);
-        (*c).cmsg_level = libc::SOL_UDP;
-        (*c).cmsg_type = UDP_SEGMENT;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        if let Some(size) = segment {
+            (*c).cmsg_level = libc::SOL_UDP;
+            (*c).cmsg_type = UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+        if let Some(l) = from {
+            (*c).cmsg_level = libc::IPPROTO_IPV6;
+            (*c).cmsg_type = libc::IPV6_PKTINFO;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in6_pktinfo>() as u32) as _;
+            let info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: l.addr.octets(),
+                },
+                ipi6_ifindex: l.ifindex,
+            };
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::in6_pktinfo>(), info);
+        }
     }
 }
 
-/// The `UDP_GRO` segment size in a received message's control data.
-fn gro_size(h: &libc::msghdr) -> Option<usize> {
+/// Sends `datagram` to `to` from local address `from` (`sendmsg` with an
+/// `IPV6_PKTINFO` control message).
+fn send_from(
+    fd: BorrowedFd<'_>,
+    datagram: &[u8],
+    to: &libc::sockaddr_in6,
+    from: Local,
+) -> io::Result<usize> {
+    let mut ctrl = [0u64; CTRL_WORDS];
+    let mut iov = libc::iovec {
+        iov_base: datagram.as_ptr().cast_mut().cast(),
+        iov_len: datagram.len(),
+    };
+    let mut to = *to;
+    let mut h = zeroed_mmsghdr().msg_hdr;
+    h.msg_name = (&mut to as *mut libc::sockaddr_in6).cast();
+    h.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    h.msg_iov = &mut iov;
+    h.msg_iovlen = 1;
+    write_cmsgs(&mut ctrl, &mut h, None, Some(from));
+    // SAFETY: the header points at live locals (address, iovec over the
+    // datagram, control buffer); the kernel only reads them.
+    unsafe { raw::sendmsg(fd, &h) }
+}
+
+/// The `UDP_GRO` segment size and the `IPV6_PKTINFO` local end in a
+/// received message's control data.
+fn read_cmsgs(h: &libc::msghdr) -> (Option<usize>, Option<Local>) {
+    let (mut seg, mut local) = (None, None);
     if h.msg_control.is_null() || h.msg_controllen == 0 {
-        return None;
+        return (seg, local);
     }
     // SAFETY: the kernel filled msg_control with msg_controllen bytes of
     // well-formed control messages; CMSG_FIRSTHDR/NXTHDR stay within them
-    // and return null at the end; the data of a UDP_GRO message is an int.
+    // and return null at the end; the data of a UDP_GRO message is an int,
+    // of an IPV6_PKTINFO one an in6_pktinfo (its length checked).
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(h);
         while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
+            let (level, kind) = ((*c).cmsg_level, (*c).cmsg_type);
+            if level == libc::SOL_UDP && kind == UDP_GRO {
                 let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
-                return usize::try_from(v).ok();
+                seg = usize::try_from(v).ok();
+            } else if level == libc::IPPROTO_IPV6
+                && kind == libc::IPV6_PKTINFO
+                && (*c).cmsg_len as usize
+                    >= libc::CMSG_LEN(std::mem::size_of::<libc::in6_pktinfo>() as u32) as usize
+            {
+                let i = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in6_pktinfo>());
+                local = Some(Local {
+                    addr: Ipv6Addr::from(i.ipi6_addr.s6_addr),
+                    ifindex: i.ipi6_ifindex,
+                });
             }
             c = libc::CMSG_NXTHDR(h, c);
         }
     }
-    None
+    (seg, local)
 }
 
 /// How long a send may wait for room in a full socket buffer, counted
@@ -753,6 +916,91 @@ mod tests {
     use super::*;
     use std::net::UdpSocket;
     use std::os::fd::AsFd;
+
+    /// A datagram's local address comes with it, and an answer can leave
+    /// from it: on loopback, one to 127.0.0.2 answered from 127.0.0.2,
+    /// where the kernel would choose 127.0.0.1; through the batch's
+    /// headers too.
+    #[test]
+    fn answers_leave_from_the_address_written_to() {
+        let server = UdpSocket::bind("[::]:0").unwrap();
+        server.set_nonblocking(true).unwrap();
+        assert!(!pktinfo(server.as_fd()));
+        assert!(set_pktinfo(server.as_fd(), true));
+        assert!(pktinfo(server.as_fd()));
+        let port = server.local_addr().unwrap().port();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let mut b = Batch::new(4, 2048);
+        for batch in [false, true] {
+            client.send_to(b"hi", ("127.0.0.2", port)).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let (local, from) = if batch {
+                assert_eq!(b.recv(server.as_fd()).unwrap(), 1);
+                (b.local(0), b.datagram_mut(0).1)
+            } else {
+                let one = b.recv_one(server.as_fd()).unwrap().unwrap();
+                (one.local, one.from)
+            };
+            let local = local.expect("IPV6_PKTINFO");
+            assert_eq!(local.addr, "::ffff:127.0.0.2".parse::<Ipv6Addr>().unwrap());
+            b.slot_mut(0)[..3].copy_from_slice(b"ok!");
+            if batch {
+                b.set(0, 3, &from);
+                b.set(1, 3, &from);
+                b.set_local(0, Some(local));
+                b.set_local(1, Some(local));
+                let mut gso = true;
+                let sent = b.send_gso(server.as_fd(), 2, &mut gso, std::time::Duration::ZERO);
+                assert_eq!(sent.sent, 2, "{sent:?}");
+            } else {
+                let sent = b.send_one(
+                    server.as_fd(),
+                    0,
+                    3,
+                    &from,
+                    Some(local),
+                    std::time::Duration::ZERO,
+                );
+                assert_eq!(sent.sent, 1, "{sent:?}");
+            }
+            let mut buf = [0u8; 16];
+            let (n, src) = client.recv_from(&mut buf).unwrap();
+            assert_eq!(
+                (&buf[..n], src.ip().to_string()),
+                (&b"ok!"[..], "127.0.0.2".into())
+            );
+            if batch {
+                client.recv_from(&mut buf).unwrap();
+            }
+        }
+        // A local address that is not the host's: sent from the kernel's
+        // choice instead, and said.
+        let gone = Local {
+            addr: "::ffff:192.0.2.77".parse().unwrap(),
+            ifindex: 0,
+        };
+        let to = SocketAddrV6::new(
+            "::ffff:127.0.0.1".parse().unwrap(),
+            client.local_addr().unwrap().port(),
+            0,
+            0,
+        );
+        let sent = b.send_one(
+            server.as_fd(),
+            0,
+            3,
+            &to,
+            Some(gone),
+            std::time::Duration::ZERO,
+        );
+        assert!(sent.sent == 1 && sent.stale_local, "{sent:?}");
+        let mut buf = [0u8; 16];
+        let (_, src) = client.recv_from(&mut buf).unwrap();
+        assert_eq!(src.ip().to_string(), "127.0.0.1");
+    }
 
     #[test]
     fn a_full_receive_buffer_drops_and_the_drops_are_counted() {
@@ -1005,7 +1253,7 @@ mod tests {
         };
         let mut out = Batch::new(4, 2048);
         out.slot_mut(2)[..7].copy_from_slice(b"tapir-1");
-        let sent = out.send_one(tx.as_fd(), 2, 7, &to, std::time::Duration::ZERO);
+        let sent = out.send_one(tx.as_fd(), 2, 7, &to, None, std::time::Duration::ZERO);
         assert_eq!((sent.sent, sent.messages, sent.refused), (1, 1, 0));
         let mut inb = Batch::new(4, 2048);
         let ready = std::time::Duration::from_millis(500);

@@ -241,6 +241,19 @@ pub fn sendto(fd: BorrowedFd<'_>, buf: &[u8], to: &libc::sockaddr_in6) -> io::Re
     result(unsafe { syscall6(libc::SYS_sendto, a) })
 }
 
+/// `sendmsg(2)` of the message at `hdr` (one datagram with its control
+/// messages).
+///
+/// # Safety
+/// `hdr` points at a live header whose buffers, address and control
+/// buffer are valid for reading for the lengths it gives.
+#[inline]
+pub unsafe fn sendmsg(fd: BorrowedFd<'_>, hdr: *const libc::msghdr) -> io::Result<usize> {
+    let a = [fd.as_raw_fd() as usize, hdr as usize, 0, 0, 0, 0];
+    // SAFETY: the caller's promise above.
+    result(unsafe { syscall6(libc::SYS_sendmsg, a) })
+}
+
 /// `recvmsg(2)` into the header at `hdr`, without blocking.
 ///
 /// # Safety

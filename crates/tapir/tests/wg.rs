@@ -1119,3 +1119,50 @@ fn an_idle_tunnel_sleeps_until_there_is_work() {
     assert!(err.contains("down"), "{err}");
     assert!(!bed.a.has_link(&a.name), "the device is gone");
 }
+
+/// A host with two addresses answers from the one it was written to, as
+/// the kernel's WireGuard does ("sticky sockets"): behind a stateful
+/// firewall (or NAT) that lets in only replies to what went out, a peer
+/// that writes to the second address and gets answers from the first is
+/// cut off (8 of 8 pings lost).
+#[test]
+fn answers_leave_from_the_address_the_peer_wrote_to() {
+    require_root!();
+    let bed = bed("sticky");
+    bed.b.ip(&["addr", "add", "10.200.0.22/24", "dev", "vb"]);
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let (a, b) = tapir_sides(&bed, ifname("tsa"), ifname("tsb"));
+    // a's side: UDP from b only as a reply to what a sent (conntrack).
+    nft(
+        &bed.a,
+        "table inet fw {\n chain in {\n  type filter hook input priority 0;\n  udp sport 51820 ct state established accept\n  udp sport 51820 counter drop\n }\n}\n",
+    );
+    let _tb = tapir(&bed, &b, &kb, &pa, None, "10.77.0.1/32");
+    let _ta = tapir(
+        &bed,
+        &a,
+        &ka,
+        &pb,
+        Some("10.200.0.22:51820"),
+        "10.77.0.2/32",
+    );
+    ping(&bed.a, "10.77.0.2");
+    let dropped = sh(bed.a.cmd("nft").args(["list", "table", "inet", "fw"]));
+    assert!(dropped.contains("counter packets 0 "), "{dropped}");
+    // The address goes: answers leave from where the kernel chooses, and
+    // once a writes to that one, the tunnel goes on.
+    bed.b.ip(&["addr", "del", "10.200.0.22/24", "dev", "vb"]);
+    let out = bed
+        .a
+        .cmd("wg")
+        .args(["set", &a.name, "peer", &pb, "endpoint", "10.200.0.2:51820"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ping(&bed.a, "10.77.0.2");
+    ping(&bed.b, "10.77.0.1");
+}

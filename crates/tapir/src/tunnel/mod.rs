@@ -27,6 +27,7 @@
 //! sleeps until it has work (a packet, a request, a timer, a signal: see
 //! [`bell`]); an idle tunnel wakes once a second, for its timers.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs, UdpSocket};
 use std::os::fd::AsFd;
@@ -41,7 +42,7 @@ use tapir_proto::wg::tunnel::{
     Decapsulated, Encapsulated, Layer, Opening, PeerConfig, Random, Received, Sealing, Target,
     Tunnel,
 };
-use tapir_sys::mmsg::Batch;
+use tapir_sys::mmsg::{Batch, Local};
 use tapir_sys::poll::{Deadline, FOREVER, PollSet};
 use tapir_sys::{IfName, Mode, Netlink, TunDevice, TunOptions, offload};
 use tapir_wire::vnet::{self, VnetHeader};
@@ -304,6 +305,12 @@ fn bind_udp(port: u16) -> Result<UdpSocket, DevError> {
     })
 }
 
+/// Whether environment variable `var` turns something off (`off` or `0`:
+/// to measure what it is worth, or to get round a kernel that misbehaves).
+fn off(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "off" || v == "0")
+}
+
 /// The tunnel's UDP socket on `port` (0: any), both families, not blocking.
 fn udp_socket(port: u16) -> io::Result<UdpSocket> {
     let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port))?;
@@ -311,6 +318,8 @@ fn udp_socket(port: u16) -> io::Result<UdpSocket> {
     // (Best effort: where neither the capability nor the system's limits
     // allow it, the socket keeps what it has.)
     tapir_sys::mmsg::set_buffer_sizes(socket.as_fd(), SOCKET_BUFFER);
+    // (Each datagram's local address is asked for where the host has more
+    // than one: see `Outbox::check_sources`.)
     Ok(socket)
 }
 
@@ -322,6 +331,8 @@ fn udp_socket(port: u16) -> io::Result<UdpSocket> {
 /// module's are.
 fn move_udp(old: &UdpSocket, port: u16, mark: u32, gro: bool) -> io::Result<()> {
     let new = udp_socket(port)?;
+    // As the old one asked (see `Outbox::check_sources`).
+    tapir_sys::mmsg::set_pktinfo(new.as_fd(), tapir_sys::mmsg::pktinfo(old.as_fd()));
     if mark != 0 {
         socket2::SockRef::from(&new).set_mark(mark)?;
     }
@@ -847,6 +858,28 @@ pub fn run_all(
 struct Shared {
     tunnel: Mutex<Tunnel>,
     counters: Counters,
+    sources: Sources,
+}
+
+/// Where each peer's datagrams came to (the local address and interface),
+/// so that what goes back leaves from there, as the kernel's WireGuard
+/// does: on a host with several addresses, a peer that wrote to one and
+/// got answers from another was cut off by its stateful firewall or NAT.
+/// Learned by the receiving thread from authenticated datagrams; each
+/// sending [`Outbox`] keeps a copy, taken again when `version` moves.
+#[derive(Default)]
+struct Sources {
+    map: Mutex<HashMap<SocketAddr, Local>>,
+    version: AtomicU64,
+}
+
+/// An [`Outbox`]'s copy of [`Sources`], and the last look-up (a batch
+/// goes mostly to one peer).
+#[derive(Default)]
+struct SourceCache {
+    map: HashMap<SocketAddr, Local>,
+    version: u64,
+    last: Option<(SocketAddr, Option<Local>)>,
 }
 
 impl Shared {
@@ -897,26 +930,103 @@ struct Outbox<'a> {
     /// kept in `first` until a second datagram joins it (a lone datagram
     /// leaves by `sendto`, without the batch's headers and records).
     pending: usize,
-    first: (SocketAddrV6, usize),
+    first: (SocketAddrV6, usize, Option<Local>),
     gso_on: bool,
     name: &'a IfName,
     counters: &'a Counters,
+    sources: &'a Sources,
+    cache: SourceCache,
+    /// Whether datagrams come with their local address (the host has more
+    /// than one: see [`Outbox::check_sources`]); `None` before the first look.
+    sticky: Option<bool>,
 }
 
 /// How long a send waits for room in a full socket buffer before dropping.
 const SEND_PATIENCE: Duration = Duration::from_millis(20);
 
 impl<'a> Outbox<'a> {
-    fn new(link: Link<'a>, name: &'a IfName, counters: &'a Counters) -> Self {
+    fn new(link: Link<'a>, name: &'a IfName, counters: &'a Counters, sources: &'a Sources) -> Self {
         Self {
             link,
             tx: Batch::new(BATCH, SLOT),
             pending: 0,
-            first: (SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0), 0),
+            first: (SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0), 0, None),
             gso_on: counters.gso_on.load(Ordering::Relaxed),
             name,
             counters,
+            sources,
+            cache: SourceCache::default(),
+            sticky: None,
         }
+    }
+
+    /// Whether answers must be told where to leave from: where the host
+    /// (this namespace) has more than one global address of a family,
+    /// outside the tunnel's own device `tunnel`, a peer may write to any
+    /// of them, and an answer from the kernel's choice can come from
+    /// another. Looked at once a second (addresses come and go); only then
+    /// are datagrams asked for their local address, which costs a ping
+    /// about 0.5 µs at each end, and answers sent with it.
+    fn check_sources(&mut self, nl: &mut Netlink, tunnel: &str) {
+        let Link::Udp(socket) = &self.link else {
+            return;
+        };
+        let want = !off("TAPIR_STICKY_SOURCE") && {
+            let index = nl.link(tunnel).ok().flatten().map(|l| l.index);
+            let addrs = nl.addresses(None).unwrap_or_default();
+            let count = |v4: bool| {
+                addrs
+                    .iter()
+                    .filter(|a| a.scope == "global" && Some(a.index) != index)
+                    .filter(|a| a.local.addr().is_ipv4() == v4)
+                    .count()
+            };
+            count(true) > 1 || count(false) > 1
+        };
+        if self.sticky != Some(want) {
+            tapir_sys::mmsg::set_pktinfo(socket.as_fd(), want);
+            if self.sticky.is_some() && !want {
+                self.forget_sources();
+            }
+            self.sticky = Some(want);
+        }
+    }
+
+    /// Where a datagram for `to` leaves from: where `to`'s last came to.
+    #[inline]
+    fn source_for(&mut self, to: SocketAddr) -> Option<Local> {
+        let version = self.sources.version.load(Ordering::Acquire);
+        let c = &mut self.cache;
+        if version != c.version {
+            c.map = self
+                .sources
+                .map
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            c.version = version;
+            c.last = None;
+        }
+        match c.last {
+            Some((a, l)) if a == to => l,
+            _ => {
+                let l = c.map.get(&to).copied();
+                c.last = Some((to, l));
+                l
+            }
+        }
+    }
+
+    /// Datagrams could not leave from where they came to (the address is
+    /// gone): the kernel chooses again, for every peer, until they write.
+    #[cold]
+    fn forget_sources(&mut self) {
+        self.sources
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.sources.version.fetch_add(1, Ordering::Release);
     }
 
     /// Sends what is queued.
@@ -935,9 +1045,10 @@ impl<'a> Outbox<'a> {
         match &mut self.link {
             Link::Udp(socket) => {
                 let was = self.gso_on;
-                let (to, len) = self.first;
+                let (to, len, from) = self.first;
                 let r = if self.pending == 1 {
-                    self.tx.send_one(socket.as_fd(), 0, len, &to, SEND_PATIENCE)
+                    self.tx
+                        .send_one(socket.as_fd(), 0, len, &to, from, SEND_PATIENCE)
                 } else {
                     self.tx.send_gso(
                         socket.as_fd(),
@@ -951,6 +1062,9 @@ impl<'a> Outbox<'a> {
                 add(&c.udp_messages, r.messages);
                 add(&c.udp_refused, r.refused);
                 add(&c.udp_blocked, r.blocked);
+                if r.stale_local {
+                    self.forget_sources();
+                }
                 if was && !self.gso_on && c.gso_on.swap(false, Ordering::Relaxed) {
                     eprintln!(
                         "tapir: {}: the kernel refuses segmented UDP sends (EIO): UDP GSO off, one datagram per message",
@@ -966,20 +1080,26 @@ impl<'a> Outbox<'a> {
     /// Writes the first datagram's length and destination, kept aside
     /// while it was alone, into the batch's records for slot 0.
     fn record_first(&mut self) {
-        let (to, len) = self.first;
+        let (to, len, from) = self.first;
         self.tx.set(0, len, &to);
+        self.tx.set_local(0, from);
     }
 
     /// Slot `pending` holds a datagram of `len` bytes for `to`: queue it.
     fn push(&mut self, to: SocketAddr, len: usize, now: Instant) {
+        let from = match self.link {
+            Link::Udp(_) => self.source_for(to),
+            Link::Tcp(_) => None,
+        };
         let to = to_v6(to);
         match self.pending {
-            0 => self.first = (to, len),
+            0 => self.first = (to, len, from),
             n => {
                 if n == 1 {
                     self.record_first();
                 }
                 self.tx.set(n, len, &to);
+                self.tx.set_local(n, from);
             }
         }
         self.pending += 1;
@@ -1032,11 +1152,32 @@ impl<'a> Outbox<'a> {
 
     /// A message from `from` authenticated: a TCP connection from there is
     /// a peer's (the one `tunnel` now has there), and its only one.
-    fn authenticated(&mut self, from: SocketAddr, tunnel: &Tunnel, now: Instant) {
-        if let Link::Tcp(t) = &mut self.link {
-            if t.authenticated(from) {
-                if let Some(peer) = tunnel.peer_at(from) {
-                    t.owned_by(from, peer, now);
+    fn authenticated(
+        &mut self,
+        from: SocketAddr,
+        local: Option<Local>,
+        tunnel: &Tunnel,
+        now: Instant,
+    ) {
+        match &mut self.link {
+            Link::Tcp(t) => {
+                if t.authenticated(from) {
+                    if let Some(peer) = tunnel.peer_at(from) {
+                        t.owned_by(from, peer, now);
+                    }
+                }
+            }
+            // Where `from` wrote to, for what goes back (see [`Sources`]):
+            // the shared map only when it changes.
+            Link::Udp(_) => {
+                if local.is_some() && self.source_for(from) != local {
+                    let mut m = self.sources.map.lock().unwrap_or_else(|e| e.into_inner());
+                    match local {
+                        Some(l) => m.insert(from, l),
+                        None => m.remove(&from),
+                    };
+                    drop(m);
+                    self.sources.version.fetch_add(1, Ordering::Release);
                 }
             }
         }
@@ -1415,10 +1556,11 @@ impl<'a> Inbound<'a> {
         wall: Duration,
     ) {
         if got == 1 && rx.segment_size(0).is_none() {
+            let local = rx.local(0);
             let (datagram, from) = rx.datagram_mut(0);
             let len = datagram.len();
             let from = from_v6(SocketAddr::V6(from));
-            self.open_lone(shared, rx.slot_mut(0), len, from, out, now, wall);
+            self.open_lone(shared, rx.slot_mut(0), len, (from, local), out, now, wall);
             return;
         }
         let mut recs = std::mem::take(&mut self.recs);
@@ -1426,6 +1568,7 @@ impl<'a> Inbound<'a> {
         let mut t = shared.tunnel();
         for i in 0..got {
             let seg = rx.segment_size(i);
+            let local = rx.local(i);
             let (datagram, from) = rx.datagram_mut(i);
             let total = datagram.len();
             let from = from_v6(SocketAddr::V6(from));
@@ -1446,7 +1589,7 @@ impl<'a> Inbound<'a> {
                     }),
                     // Handshakes and cookies: answered through poll_transmit.
                     Received::Done(Decapsulated::Dropped(_)) => {}
-                    Received::Done(_) => out.authenticated(from, &t, now),
+                    Received::Done(_) => out.authenticated(from, local, &t, now),
                 }
                 at += len;
             }
@@ -1472,7 +1615,7 @@ impl<'a> Inbound<'a> {
                     continue;
                 }
                 r.deliver = self.dispatch(&mut t, d, msg, out, now, wall);
-                out.authenticated(r.from, &t, now);
+                out.authenticated(r.from, rx.local(r.i), &t, now);
             }
         }
         for r in &recs {
@@ -1495,7 +1638,7 @@ impl<'a> Inbound<'a> {
         shared: &Shared,
         slot: &mut [u8],
         len: usize,
-        from: SocketAddr,
+        (from, local): (SocketAddr, Option<Local>),
         out: &mut Outbox,
         now: Instant,
         wall: Duration,
@@ -1510,7 +1653,7 @@ impl<'a> Inbound<'a> {
         }
         let msg = &slot[..len];
         let deliver = self.dispatch(&mut t, d, msg, out, now, wall);
-        out.authenticated(from, &t, now);
+        out.authenticated(from, local, &t, now);
         drop(t);
         if let Some(range) = deliver {
             self.deliver(slot, range);
@@ -1966,7 +2109,7 @@ fn inbound_loop(
                     match rx.recv_one(s.as_fd()) {
                         Ok(None) => 0,
                         Ok(Some(one)) if one.segment.is_none() => {
-                            lone = Some((one.len, from_v6(SocketAddr::V6(one.from))));
+                            lone = Some((one.len, (from_v6(SocketAddr::V6(one.from)), one.local)));
                             1
                         }
                         Ok(Some(one)) => {
@@ -2057,7 +2200,7 @@ fn inbound_loop(
             tcp_after_wait(t, shared, ib, now, wall_now, tcp_due);
         }
         if now >= next_timer {
-            next_timer = timers.run(shared, ctl, ib, now, wall_now);
+            next_timer = timers.run(shared, ctl, ib, out, now, wall_now);
         }
         // The loop's tail under one lock: packets a rate limit released,
         // what waits to go out, and when a rate limit next releases (for
@@ -2295,12 +2438,19 @@ impl Timers {
         shared: &Shared,
         ctl: &Control,
         ib: &mut Inbound,
+        out: &mut Outbox,
         now: Instant,
         wall_now: Duration,
     ) -> Instant {
-        // (Read before the tunnel is locked: three system calls the other
-        // thread need not wait for.)
+        // (Read before the tunnel is locked: system calls the other thread
+        // need not wait for.)
         let mtu = self.read_mtu(ib, now);
+        if mtu.is_some() {
+            // At the same pace: the host's addresses (see `check_sources`).
+            if let Ok(mut nl) = Netlink::open() {
+                out.check_sources(&mut nl, ib.name.as_str());
+            }
+        }
         let mut t = shared.tunnel();
         if let Some(m) = mtu {
             t.set_mtu(m);
@@ -2420,7 +2570,6 @@ impl Started {
         // UDP offloads, probed: segmentation on send, coalescing on receive.
         // TAPIR_UDP_GSO=off / TAPIR_UDP_GRO=off turn them off (to measure
         // what they bring, or to rule them out).
-        let off = |var: &str| std::env::var(var).is_ok_and(|v| v == "off" || v == "0");
         if let Net::Udp(s) = &net {
             counters.gso_on.store(
                 !off("TAPIR_UDP_GSO") && tapir_sys::mmsg::gso_supported(s.as_fd()),
@@ -2434,6 +2583,7 @@ impl Started {
         let shared = Shared {
             tunnel: Mutex::new(tunnel),
             counters,
+            sources: Sources::default(),
         };
         let mut ib = Inbound::new(&dev, &name, tap, &shared.counters)?;
         // Fresh sessions with every peer we know where to find (a restart
@@ -2453,13 +2603,14 @@ impl Started {
         let result = match net {
             Net::Udp(socket) if threads_per_direction() == 1 => {
                 let mut ob = Outbound::new(&dev, &name, tap)?;
-                let mut out = Outbox::new(Link::Udp(&socket), &name, &shared.counters);
+                let mut out =
+                    Outbox::new(Link::Udp(&socket), &name, &shared.counters, &shared.sources);
                 inbound_loop(&mut ib, Some(&mut ob), None, &shared, &mut out, &ctl, &stop)
             }
             Net::Udp(socket) => Outbound::new(&dev, &name, tap).and_then(|ob| {
                 let half = Mutex::new(DeviceHalf(
                     ob,
-                    Outbox::new(Link::Udp(&socket), &name, &shared.counters),
+                    Outbox::new(Link::Udp(&socket), &name, &shared.counters, &shared.sources),
                 ));
                 let turn = Turn::new(Arc::clone(&link.wake));
                 std::thread::scope(|s| {
@@ -2468,7 +2619,8 @@ impl Started {
                         let _stop = StopOnDrop(&stopped, &|| turn.wake_inbound.ring());
                         outbound_loop(&half, &turn, &dev, &shared, &stop)
                     });
-                    let mut out = Outbox::new(Link::Udp(&socket), &name, &shared.counters);
+                    let mut out =
+                        Outbox::new(Link::Udp(&socket), &name, &shared.counters, &shared.sources);
                     // So does this one's, so that the scope can end.
                     let stop_outbound = || turn.stop_outbound();
                     let stop_guard = StopOnDrop(&stopped, &stop_outbound);
@@ -2496,7 +2648,8 @@ impl Started {
             }),
             Net::Tcp(mut t) => {
                 let mut ob = Outbound::new(&dev, &name, tap)?;
-                let mut out = Outbox::new(Link::Tcp(&mut t), &name, &shared.counters);
+                let mut out =
+                    Outbox::new(Link::Tcp(&mut t), &name, &shared.counters, &shared.sources);
                 inbound_loop(&mut ib, Some(&mut ob), None, &shared, &mut out, &ctl, &stop)
             }
         };
