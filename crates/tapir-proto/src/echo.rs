@@ -343,7 +343,19 @@ impl Responder {
                         return Err(Ignored::Malformed);
                     }
                 }
-                44 => return Err(Ignored::Fragment),
+                // A fragment header: an atomic fragment (offset 0, no
+                // more to come) is the whole packet, processed as such
+                // (RFC 6946); a real fragment is not answered.
+                44 => {
+                    let Some(h) = ip.get(off..off + 8).filter(|_| off + 8 <= end) else {
+                        return Err(Ignored::Malformed);
+                    };
+                    if u16::from_be_bytes([h[2], h[3]]) & 0xfff9 != 0 {
+                        return Err(Ignored::Fragment);
+                    }
+                    next = h[0];
+                    off += 8;
+                }
                 p => return Ok((off, p)),
             }
         }

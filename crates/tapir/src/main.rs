@@ -196,15 +196,15 @@ enum Command {
         /// tun or tap, for a device to create (default tun); must match an existing one.
         #[arg(long, value_parser = mode_parser())]
         mode: Option<Mode>,
-        /// Stop after N packets.
-        #[arg(long, short = 'c')]
+        /// Stop after N packets (1 or more).
+        #[arg(long, short = 'c', value_parser = clap::value_parser!(u64).range(1..))]
         count: Option<u64>,
         /// Write the packets to a pcap file (tcpdump -r and Wireshark read it);
         /// `-`: to standard output instead of the lines (| tcpdump -r -).
         #[arg(long, short = 'w', value_name = "FILE")]
         write: Option<PathBuf>,
         /// Bytes of each packet to keep in the pcap file (default: all).
-        #[arg(long, short = 's', default_value_t = 0)]
+        #[arg(long, short = 's', default_value_t = 0, requires = "write")]
         snaplen: u32,
         #[command(flatten)]
         tun: TunArgs,

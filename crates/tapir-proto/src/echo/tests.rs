@@ -454,6 +454,14 @@ fn ipv6_extension_headers() {
     // A fragment header: ignored.
     let frag = with_ext(44, [58, 0, 0, 1, 0, 0, 0, 7]);
     assert_eq!(run(&mut r, &frag).0, Outcome::Ignored(Ignored::Fragment));
+    let later = with_ext(44, [58, 0, 0x05, 0xa8, 0, 0, 0, 7]);
+    assert_eq!(run(&mut r, &later).0, Outcome::Ignored(Ignored::Fragment));
+    // An atomic fragment (offset 0, no more): the whole packet, answered
+    // (RFC 6946), the reply without the header.
+    let atomic = with_ext(44, [58, 0, 0, 0, 0, 0, 0, 7]);
+    let (out, rep) = run(&mut r, &atomic);
+    assert_eq!(out, Outcome::Reply(base.len()));
+    assert!(icmp6_ok(&rep));
     // An extension header running past the packet: malformed.
     let mut bad = with_ext(60, [58, 9, 0, 0, 0, 0, 0, 0]);
     bad.truncate(48 + 8);
