@@ -974,3 +974,47 @@ fn a_user_sees_that_a_tunnel_runs() {
     );
     e.assert_clean(&n);
 }
+
+/// Ups of one tunnel at once: one starts it, the others wait for it and
+/// say it is up (they raced, and the loser's error held the winner's log
+/// lines); down leaves no lock behind.
+#[test]
+fn ups_at_once_start_one_tunnel_and_the_others_say_so() {
+    require_root!();
+    let e = env("race");
+    let n = name("trc");
+    let conf = e.file(
+        &format!("{n}.conf"),
+        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51839\nAddress = 10.88.9.1/24\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.9.2/32\n", key()),
+        "600",
+    );
+    let path = conf.to_str().unwrap();
+    let outs: Vec<Output> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..3).map(|_| s.spawn(|| e.tapir(&["up", path]))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = outs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(ok, 1, "{outs:#?}");
+    for o in outs.iter().filter(|o| !o.status.success()) {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("is already up") && !err.contains("up (tun mode)"),
+            "{err}"
+        );
+    }
+    let out = e.tapir(&["down", &n]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    e.assert_clean(&n);
+    let locks = Command::new("find")
+        .args([e.dir.join("run").to_str().unwrap(), "-name", "*.lock"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&locks.stdout).trim().is_empty(),
+        "a lock left behind"
+    );
+}

@@ -76,10 +76,29 @@ impl OwnPidFiles {
         for path in &self.0 {
             if read_pid(path) == Some(std::process::id() as i32) {
                 let _ = std::fs::remove_file(path);
+                if let (Some(dir), Some(name)) = (path.parent(), path.file_stem()) {
+                    remove_locks(dir, &name.to_string_lossy());
+                }
             }
         }
         if let Some(dir) = self.1 {
             let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Removes the lock files `up` left for tunnel `name` in `dir` (its own,
+/// or its file's: `a+NAME+b.lock`).
+fn remove_locks(dir: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for p in entries.flatten().map(|e| e.path()) {
+        let ours = p.extension().is_some_and(|x| x == "lock")
+            && p.file_stem()
+                .is_some_and(|s| s.to_string_lossy().split('+').any(|n| n == name));
+        if ours {
+            let _ = std::fs::remove_file(p);
         }
     }
 }
@@ -361,6 +380,26 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up,
         let file = &std::path::absolute(file).map_err(|e| format!("{}: {e}", file.display()))?;
         let scope = Scope::current()?;
         let names: Vec<String> = configs.iter().map(|c| c.name.to_string()).collect();
+        for d in [&dirs.run, &dirs.log] {
+            // Root writes here: a directory someone else owns or can write to
+            // could have links planted in it.
+            crate::uapi::ensure_private_dir(d)?;
+            crate::uapi::ensure_private_dir(&scope.dir(d))?;
+        }
+        // One up of these tunnels at a time, here: a second waits for the
+        // first and then finds them up (two raced, and the loser's error
+        // held the winner's log lines). Released when this returns.
+        let lock_path = dirs
+            .run_here(&scope)
+            .join(format!("{}.lock", names.join("+")));
+        let _lock = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&lock_path)
+            .and_then(|f| tapir_sys::process::lock(&f).map(|()| f))
+            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
         for name in &names {
             if let Some(pid) = running_pid(dirs, &scope, name) {
                 return Err(format!(
@@ -373,12 +412,6 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up,
             if let Some(pid) = read_pid(&pid_file(dirs, &scope, name)) {
                 wait_while_exiting(pid);
             }
-        }
-        for d in [&dirs.run, &dirs.log] {
-            // Root writes here: a directory someone else owns or can write to
-            // could have links planted in it.
-            crate::uapi::ensure_private_dir(d)?;
-            crate::uapi::ensure_private_dir(&scope.dir(d))?;
         }
         let log_path = dirs
             .log_here(&scope)
@@ -613,6 +646,7 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
     for p in siblings {
         let _ = std::fs::remove_file(p);
     }
+    remove_locks(&dirs.run_here(&scope), name);
     // Routing rules a killed tunnel could not take back (see tunnel::ops).
     let record = dirs.run_here(&scope).join(format!("{name}.rules"));
     for r in crate::tunnel::ops::clear_leftovers(&record, name) {
