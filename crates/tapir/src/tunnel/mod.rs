@@ -180,6 +180,21 @@ pub fn peer_configs(config: &TunnelConfig) -> Result<Vec<PeerConfig>, DevError> 
         .collect()
 }
 
+/// The peers whose endpoint is a host name, with it (looked up again
+/// while they are unreachable).
+pub(crate) fn host_names(config: &TunnelConfig) -> Vec<(PublicKey, String)> {
+    config
+        .peers
+        .iter()
+        .filter_map(|p| {
+            let e = p.endpoint.as_ref()?;
+            crate::uapi::scoped_endpoint(e)
+                .is_none()
+                .then(|| (p.public_key, e.clone()))
+        })
+        .collect()
+}
+
 /// How often an unreachable peer's host name is looked up again.
 pub const RERESOLVE_EVERY: Duration = Duration::from_secs(30);
 /// How long without a handshake counts as "reconnecting".
@@ -700,16 +715,7 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
         tunnel,
         control,
         port,
-        hostnames: config
-            .peers
-            .iter()
-            .filter_map(|p| {
-                let e = p.endpoint.as_ref()?;
-                crate::uapi::scoped_endpoint(e)
-                    .is_none()
-                    .then(|| (p.public_key, e.clone()))
-            })
-            .collect(),
+        hostnames: host_names(config),
         bridge,
     })
 }
@@ -2335,6 +2341,10 @@ fn serve_control(
                 // Endpoints given: their host names are not looked up again.
                 let given: Vec<PublicKey> = match &request {
                     crate::uapi::Request::Set(r) => r.endpoints_given().collect(),
+                    crate::uapi::Request::Apply(r) => {
+                        timers.reload_lookups(&r.host_names);
+                        Vec::new()
+                    }
                     _ => Vec::new(),
                 };
                 let ex = match request {
@@ -2416,6 +2426,22 @@ impl Timers {
                 .collect(),
             warned_layer: Vec::new(),
         }
+    }
+
+    /// A reload's host names: new ones looked up as due, one no longer
+    /// there (an address now, or the peer gone) not any more.
+    fn reload_lookups(&mut self, names: &[(PublicKey, String)]) {
+        let old = std::mem::take(&mut self.lookups);
+        self.lookups = names
+            .iter()
+            .map(|(k, h)| {
+                let looked = old
+                    .iter()
+                    .find(|(ok, oh, _)| ok == k && oh == h)
+                    .and_then(|(_, _, l)| *l);
+                (*k, h.clone(), looked)
+            })
+            .collect();
     }
 
     /// Peer `key`'s endpoint was given (`wg set ... endpoint`): its host
@@ -2817,6 +2843,32 @@ fn extras(t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) -> St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Host names to look up again follow `wg set` (an endpoint given is
+    /// not looked up over) and reloads (a name changed or gone is not
+    /// looked up any more; one unchanged keeps when it was last looked up).
+    #[test]
+    fn host_names_follow_wg_set_and_reloads() {
+        let k = |n: u8| tapir_proto::wg::keys::PrivateKey::from_random([n; 32]).public_key();
+        let (a, b) = (k(1), k(2));
+        let at = Instant::now();
+        let mut t = Timers {
+            started: Duration::ZERO,
+            mtu_read: None,
+            lookups: vec![
+                (a, "a.example:51820".into(), Some(at)),
+                (b, "b.example:51820".into(), None),
+            ],
+            warned_layer: Vec::new(),
+        };
+        t.pin(&b);
+        assert!(t.looks_up(&a) && !t.looks_up(&b));
+        t.reload_lookups(&[(a, "a.example:51820".into()), (b, "c.example:51820".into())]);
+        assert_eq!(t.lookups[0].2, Some(at), "unchanged: its last look-up kept");
+        assert!(t.looks_up(&b), "a new name in the file is looked up");
+        t.reload_lookups(&[(b, "c.example:51820".into())]);
+        assert!(!t.looks_up(&a), "an address now (or gone): not looked up");
+    }
 
     #[test]
     fn a_tap_mac_is_the_same_for_a_key_and_name_and_locally_administered() {

@@ -46,6 +46,7 @@ impl Plan {
             peers: self.peers.clone(),
             private_key: self.config.private_key.clone(),
             listen_port: self.config.listen_port,
+            host_names: super::host_names(&self.config),
         }
     }
 

@@ -900,6 +900,8 @@ pub struct Reapply {
     pub private_key: PrivateKey,
     /// Its port; none keeps the one in use (as `listen_port=0` does).
     pub listen_port: Option<u16>,
+    /// The peers whose endpoint the file gives as a host name, with it.
+    pub host_names: Vec<(PublicKey, String)>,
 }
 
 /// The lines of one control connection, read into a buffer of fixed size
@@ -1202,6 +1204,7 @@ pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>, extra
                 peers,
                 private_key,
                 listen_port: port,
+                ..
             } = *r;
             // The port first, as `wg syncconf` sets it: one that cannot be
             // taken is said (the reload goes on, and the next one tries again).
