@@ -222,10 +222,20 @@ fn the_client_backs_off_while_the_server_is_away_and_says_so() {
     let bed = bed("boff");
     let (ta, tb, na, _) = tapir_pair(&bed, "bo", "tun");
     ping(&bed.a, "10.77.0.2");
+    let tx = |st: &serde_json::Value| st["peers"][0]["tx_bytes"].as_u64().unwrap();
+    let before = tx(&status_json(&bed.a, &bed.dir, &na, &ta));
     let mut tb = tb;
     tb.stop();
-    std::thread::sleep(Duration::from_millis(2500));
+    // A ping meanwhile makes a handshake that has no connection to go on:
+    // not sent, so not counted as sent.
+    let _ = bed
+        .a
+        .cmd("ping")
+        .args(["-c", "1", "-W", "1", "10.77.0.2"])
+        .output();
+    std::thread::sleep(Duration::from_millis(1500));
     let st = status_json(&bed.a, &bed.dir, &na, &ta);
+    assert_eq!(tx(&st), before, "{st}");
     let c = st["peers"][0]["connection"]
         .as_str()
         .unwrap_or("")

@@ -862,6 +862,15 @@ impl Tunnel {
         true
     }
 
+    /// `bytes` for `to` were not sent after all (a transport dropped them
+    /// before they left): the peer's transfer count leaves them out, as
+    /// the kernel counts only what it sent.
+    pub fn not_sent(&mut self, to: SocketAddr, bytes: usize) {
+        if let Some(p) = self.peers.iter_mut().find(|p| p.endpoint == Some(to)) {
+            p.stats.tx_bytes = p.stats.tx_bytes.saturating_sub(bytes as u64);
+        }
+    }
+
     /// Removes a peer and its sessions.
     pub fn remove_peer(&mut self, public: &PublicKey) -> bool {
         self.by_key.contains_key(public)

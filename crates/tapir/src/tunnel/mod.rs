@@ -2215,6 +2215,25 @@ fn inbound_loop(
             let mut t = shared.tunnel();
             ib.release_held(&mut t, out, now, wall_now);
             out.queue_transmit(&mut t, now);
+            // What the TCP transport dropped (no connection yet, a full
+            // queue) was not sent: not counted as sent.
+            // (Runs to one peer as one: a peer is found by a walk.)
+            if let Link::Tcp(tcp) = &mut out.link {
+                let mut run: Option<(SocketAddr, usize)> = None;
+                for (to, n) in tcp.unsent.drain(..) {
+                    match &mut run {
+                        Some((a, m)) if *a == to => *m += n,
+                        _ => {
+                            if let Some((a, m)) = run.replace((to, n)) {
+                                t.not_sent(a, m);
+                            }
+                        }
+                    }
+                }
+                if let Some((a, m)) = run {
+                    t.not_sent(a, m);
+                }
+            }
             t.next_release(now)
         };
         ib.flush_gro();

@@ -187,6 +187,10 @@ pub struct TcpTransport {
     accept_paused_until: Option<Instant>,
     /// The firewall mark on our connections (policy routing keeps them off the tunnel).
     mark: Option<u32>,
+    /// Datagrams dropped here, not sent: (destination, bytes), for the
+    /// peer's transfer count to leave out (as the kernel counts only what
+    /// it sent).
+    pub unsent: Vec<(SocketAddr, usize)>,
 }
 
 fn nonblocking_connect(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
@@ -238,6 +242,7 @@ impl TcpTransport {
             by_remote: HashMap::new(),
             last_remote: None,
             touched: Vec::new(),
+            unsent: Vec::new(),
             dials: Vec::new(),
             max_message,
             listener_at: None,
@@ -619,10 +624,12 @@ impl TcpTransport {
             let to = from_v6(SocketAddr::V6(to));
             let Some(id) = self.conn_of(to) else {
                 self.stats.no_connection += 1;
+                self.unsent.push((to, bytes.len()));
                 continue;
             };
             let Some(c) = self.conns[id].as_mut().filter(|c| !c.connecting) else {
                 self.stats.no_connection += 1;
+                self.unsent.push((to, bytes.len()));
                 continue;
             };
             let Some(header) = tcpframe::header(bytes.len()) else {
@@ -630,6 +637,7 @@ impl TcpTransport {
             };
             if c.out.len() - c.out_at + 2 + bytes.len() > SEND_QUEUE {
                 self.stats.queue_full += 1;
+                self.unsent.push((to, bytes.len()));
                 continue;
             }
             c.out.extend_from_slice(&header);
