@@ -36,6 +36,17 @@ impl Env {
             .unwrap()
     }
 
+    /// `tapir ARGS` that must succeed (its stderr shown if not).
+    fn ok(&self, args: &[&str]) -> Output {
+        let out = self.tapir(args);
+        assert!(
+            out.status.success(),
+            "tapir {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     fn file(&self, name: &str, text: &str, mode: &str) -> PathBuf {
         let p = self.dir.join(name);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -93,6 +104,15 @@ fn netns_dir(ns: &Netns) -> String {
     format!("netns-{ino}-{cookie}")
 }
 
+/// A one-peer tunnel's file: port `port`, addresses in 10.88.`net`.0/24,
+/// `extra` lines in its [Interface].
+fn tunnel_text(port: u16, net: u8, extra: &str) -> String {
+    format!(
+        "[Interface]\nPrivateKey = {}\nListenPort = {port}\nAddress = 10.88.{net}.1/24\n{extra}[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.{net}.2/32\n",
+        key()
+    )
+}
+
 fn key() -> String {
     let out = Command::new(TAPIR).arg("genkey").output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
@@ -109,17 +129,8 @@ fn up_status_down_leaves_nothing() {
     require_root!();
     let e = env("cycle");
     let n = name("tsu");
-    let conf = e.file(
-        &format!("{n}.conf"),
-        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51830\nAddress = 10.88.0.1/24\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.0.2/32\n", key()),
-        "600",
-    );
-    let out = e.tapir(&["up", conf.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let conf = e.file(&format!("{n}.conf"), &tunnel_text(51830, 0, ""), "600");
+    e.ok(&["up", conf.to_str().unwrap()]);
     assert!(e.ns.has_link(&n), "up returns once the device exists");
     let log = e
         .dir
@@ -151,12 +162,7 @@ fn up_status_down_leaves_nothing() {
     let again = e.tapir(&["up", conf.to_str().unwrap()]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already up"));
-    let out = e.tapir(&["down", &n]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e.ok(&["down", &n]);
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists()
             || std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -236,11 +242,7 @@ fn up_refuses_a_control_socket_that_someone_else_answers() {
     let _ = std::fs::remove_file(&path);
     let planted = std::os::unix::net::UnixListener::bind(&path).unwrap();
     planted.set_nonblocking(true).unwrap();
-    let conf = e.file(
-        &format!("{n}.conf"),
-        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51831\nAddress = 10.88.1.1/24\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.1.2/32\n", key()),
-        "600",
-    );
+    let conf = e.file(&format!("{n}.conf"), &tunnel_text(51831, 1, ""), "600");
     let out = e.tapir(&["up", conf.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "up trusted a planted socket");
@@ -270,11 +272,7 @@ fn up_refuses_a_log_directory_others_can_write_to() {
         .args(["1777", log.to_str().unwrap()])
         .status()
         .unwrap();
-    let conf = e.file(
-        &format!("{n}.conf"),
-        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51832\nAddress = 10.88.2.1/24\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.2.2/32\n", key()),
-        "600",
-    );
+    let conf = e.file(&format!("{n}.conf"), &tunnel_text(51832, 2, ""), "600");
     let out = e.tapir(&["up", conf.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success());
@@ -404,11 +402,7 @@ fn status_sees_tunnels_run_by_hand_and_says_what_to_do_about_a_dead_one() {
     require_root!();
     let e = env("dead");
     let n = name("tsd");
-    let conf = e.file(
-        &format!("{n}.conf"),
-        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51843\nAddress = 10.88.4.1/24\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.4.2/32\n", key()),
-        "600",
-    );
+    let conf = e.file(&format!("{n}.conf"), &tunnel_text(51843, 4, ""), "600");
     // `tapir run` in the foreground, as systemd runs it: no pid file.
     let mut child =
         e.ns.cmd(TAPIR)
@@ -433,21 +427,11 @@ fn status_sees_tunnels_run_by_hand_and_says_what_to_do_about_a_dead_one() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     // down stops it too.
-    let out = e.tapir(&["down", &n]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e.ok(&["down", &n]);
     assert!(child.wait().unwrap().success(), "SIGTERM ends it cleanly");
     e.assert_clean(&n);
     // Started with up, then killed outright.
-    let out = e.tapir(&["up", conf.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e.ok(&["up", conf.to_str().unwrap()]);
     let pid = kill_outright(&e, &n);
     let out = e.tapir(&["status", &n]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -464,12 +448,7 @@ fn status_sees_tunnels_run_by_hand_and_says_what_to_do_about_a_dead_one() {
             && text.contains(&format!("tapir down {n}")),
         "{text}"
     );
-    let out = e.tapir(&["down", &n]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = e.ok(&["down", &n]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("had already exited"),
         "{}",
@@ -494,12 +473,7 @@ fn status_sees_tunnels_run_by_hand_and_says_what_to_do_about_a_dead_one() {
     let st: Value = serde_json::from_slice(&e.tapir(&["status", "--json"]).stdout).unwrap();
     assert_eq!(st[0]["running"], true, "{st}");
     assert_ne!(st[0]["pid"].as_i64().unwrap() as i32, pid, "{st}");
-    let out = e.tapir(&["down", &n]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e.ok(&["down", &n]);
     e.assert_clean(&n);
 }
 
@@ -511,11 +485,7 @@ fn up_never_writes_through_a_planted_link() {
     require_root!();
     let e = env("links");
     let n = name("tln");
-    let conf = e.file(
-        &format!("{n}.conf"),
-        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51834\nAddress = 10.88.4.1/24\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.4.2/32\n", key()),
-        "600",
-    );
+    let conf = e.file(&format!("{n}.conf"), &tunnel_text(51834, 4, ""), "600");
     let victim = e.file("victim", "precious\n", "644");
     // The namespace's own directories, as up makes them (root's, 0755).
     let own = netns_dir(&e.ns);
@@ -543,12 +513,7 @@ fn up_never_writes_through_a_planted_link() {
     std::fs::remove_file(log.join(format!("{n}.log"))).unwrap();
     let pid_path = run.join(format!("{n}.pid"));
     std::os::unix::fs::symlink(&victim, &pid_path).unwrap();
-    let out = e.tapir(&["up", conf.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e.ok(&["up", conf.to_str().unwrap()]);
     assert_eq!(
         std::fs::read_to_string(&victim).unwrap(),
         "precious\n",
@@ -559,12 +524,7 @@ fn up_never_writes_through_a_planted_link() {
         meta.file_type().is_file(),
         "the link was replaced by the pid file"
     );
-    let out = e.tapir(&["down", &n]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e.ok(&["down", &n]);
     e.assert_clean(&n);
 }
 
@@ -593,7 +553,7 @@ fn up_tells_its_warnings_and_the_daemon_keeps_nothing_of_the_caller() {
     let n = name("tsh");
     e.file(
         &format!("{n}.conf"),
-        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51844\nAddress = 10.88.5.1/24\nDNS = 10.88.5.53\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.5.2/32\n", key()),
+        &tunnel_text(51844, 5, "DNS = 10.88.5.53\n"),
         "600",
     );
     // A relative file name, from the caller's directory, with a descriptor
@@ -631,12 +591,7 @@ fn up_tells_its_warnings_and_the_daemon_keeps_nothing_of_the_caller() {
         .filter_map(|f| std::fs::read_link(f.path()).ok())
         .any(|t| t == Path::new("/etc/hostname"));
     assert!(!leaked, "the daemon inherited the caller's descriptor 7");
-    let out = e.tapir(&["down", &n]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e.ok(&["down", &n]);
     e.assert_clean(&n);
 }
 
@@ -857,19 +812,9 @@ fn hooks_run_only_from_a_file_nobody_else_could_write() {
     e.assert_clean(&n);
     // Root's file in root's directory: it starts, and its hook runs.
     chown("root", &e.dir);
-    let out = e.tapir(&["up", path]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e.ok(&["up", path]);
     assert!(marker.exists());
-    let out = e.tapir(&["down", &n]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e.ok(&["down", &n]);
     e.assert_clean(&n);
 }
 
@@ -881,35 +826,16 @@ fn a_linked_config_is_named_after_the_link() {
     require_root!();
     let e = env("link");
     let n = name("tlk");
-    let real = e.file(
-        "real/site-a.conf",
-        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51837\nAddress = 10.88.7.1/24\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.7.2/32\n", key()),
-        "600",
-    );
+    let real = e.file("real/site-a.conf", &tunnel_text(51837, 7, ""), "600");
     let link = e.dir.join(format!("{n}.conf"));
     std::os::unix::fs::symlink(&real, &link).unwrap();
-    let out = e.tapir(&["up", link.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e.ok(&["up", link.to_str().unwrap()]);
     assert!(e.ns.has_link(&n) && !e.ns.has_link("site-a"));
-    let out = e.tapir(&["down", &n]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e.ok(&["down", &n]);
     e.assert_clean(&n);
     // Stopped by SIGTERM, not by down: it leaves nothing either (its pid
     // file stayed, and status said NOT RUNNING).
-    let out = e.tapir(&["up", link.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e.ok(&["up", link.to_str().unwrap()]);
     let st: Value = serde_json::from_slice(&e.tapir(&["status", "--json"]).stdout).unwrap();
     let pid = st[0]["pid"].as_i64().unwrap() as i32;
     nix::sys::signal::kill(
@@ -933,17 +859,8 @@ fn a_user_sees_that_a_tunnel_runs() {
     require_root!();
     let e = env("user");
     let n = name("tus");
-    let conf = e.file(
-        &format!("{n}.conf"),
-        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51838\nAddress = 10.88.8.1/24\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.8.2/32\n", key()),
-        "600",
-    );
-    let out = e.tapir(&["up", conf.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let conf = e.file(&format!("{n}.conf"), &tunnel_text(51838, 8, ""), "600");
+    e.ok(&["up", conf.to_str().unwrap()]);
     let out =
         e.ns.cmd("setpriv")
             .args([
@@ -966,12 +883,7 @@ fn a_user_sees_that_a_tunnel_runs() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = e.tapir(&["down", &n]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e.ok(&["down", &n]);
     e.assert_clean(&n);
 }
 
@@ -983,11 +895,7 @@ fn ups_at_once_start_one_tunnel_and_the_others_say_so() {
     require_root!();
     let e = env("race");
     let n = name("trc");
-    let conf = e.file(
-        &format!("{n}.conf"),
-        &format!("[Interface]\nPrivateKey = {}\nListenPort = 51839\nAddress = 10.88.9.1/24\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.88.9.2/32\n", key()),
-        "600",
-    );
+    let conf = e.file(&format!("{n}.conf"), &tunnel_text(51839, 9, ""), "600");
     let path = conf.to_str().unwrap();
     let outs: Vec<Output> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..3).map(|_| s.spawn(|| e.tapir(&["up", path]))).collect();
@@ -1002,12 +910,7 @@ fn ups_at_once_start_one_tunnel_and_the_others_say_so() {
             "{err}"
         );
     }
-    let out = e.tapir(&["down", &n]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e.ok(&["down", &n]);
     e.assert_clean(&n);
     let locks = Command::new("find")
         .args([e.dir.join("run").to_str().unwrap(), "-name", "*.lock"])
