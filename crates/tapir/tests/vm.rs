@@ -238,11 +238,7 @@ fn qemu_ifup_puts_taps_on_a_bridge_it_creates_and_ifdown_takes_it_back() {
             .env("TAPIR_RUN_DIR", dir.join("run"))
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ok(&out);
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     for t in ["qtap0", "qtap1"] {
@@ -334,11 +330,7 @@ fn qemu_ifup_puts_taps_on_a_bridge_it_creates_and_ifdown_takes_it_back() {
         .env("TAPIR_RUN_DIR", dir.join("run"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     assert!(h.ip(&["addr", "show", "qtap1"]).contains("10.0.66.1/24"));
 }
 

@@ -336,11 +336,7 @@ fn dns_goes_through_resolvconf_and_saveconfig_keeps_peers_added_with_wg_set() {
         .args(["set", n, "peer", &added, "allowed-ips", "10.79.0.9/32"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     ok(&run(&["down", n]));
     assert!(
         std::fs::read_to_string(&calls)
@@ -383,11 +379,7 @@ fn saveconfig_writes_a_file_another_user_owns() {
         .args(["set", n, "peer", &added, "allowed-ips", "10.79.0.9/32"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     ok(&tapir_in(a, dir, &["down", n]));
     let saved = std::fs::read_to_string(&v.client).unwrap();
     assert!(
@@ -502,11 +494,7 @@ fn a_reload_makes_the_key_and_port_the_files() {
         .arg(&key2)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     assert_eq!(
         (show("listen-port"), show("public-key")),
         ("40111".into(), p2)
@@ -734,11 +722,7 @@ fn systemd_hears_ready_only_once_the_tunnel_answers_and_reloading_and_stopping()
     // At READY the device is there and the control socket answers.
     assert!(bed.a.has_link(&n));
     let out = bed.a.cmd("wg").args(["show", &n]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGHUP,

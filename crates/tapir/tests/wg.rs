@@ -831,11 +831,7 @@ fn wg_set_moves_the_listen_port_and_syncconf_keeps_it() {
     let wg = |args: &[&str]| bed.a.cmd("wg").args(args).output().unwrap();
     let port = || sh(bed.a.cmd("wg").args(["show", &a.name, "listen-port"]));
     let out = wg(&["set", &a.name, "listen-port", "40123"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     assert_eq!(port().trim(), "40123");
     // The old port is closed; the peer hears from the new one and answers there.
     ping(&bed.a, "10.77.0.2");
@@ -868,11 +864,7 @@ fn wg_set_moves_the_listen_port_and_syncconf_keeps_it() {
         ),
     );
     let out = wg(&["syncconf", &a.name, file.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     assert_eq!(port().trim(), "40123");
     ping(&bed.a, "10.77.0.2");
 }
@@ -1010,11 +1002,7 @@ fn a_tunnel_runs_as_its_user_with_net_admin_only() {
             .env("TAPIR_LOG_DIR", bed.dir.join("log"))
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ok(&out);
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     run(&["up", file.to_str().unwrap()]);
@@ -1045,11 +1033,7 @@ fn a_tunnel_runs_as_its_user_with_net_admin_only() {
         .args(["set", &name, "peer", &other, "allowed-ips", "10.77.0.50/32"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     let shown = bed
         .a
         .cmd("wg")
@@ -1158,11 +1142,7 @@ fn answers_leave_from_the_address_the_peer_wrote_to() {
         .args(["set", &a.name, "peer", &pb, "endpoint", "10.200.0.2:51820"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     ping(&bed.a, "10.77.0.2");
     ping(&bed.b, "10.77.0.1");
 }
