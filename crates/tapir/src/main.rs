@@ -96,7 +96,7 @@ enum Command {
         /// The tunnel (interface) name.
         name: String,
     },
-    /// Show the tunnels started with up: peers, endpoints, handshakes, transfer.
+    /// Show this namespace's tunnels (started with up or run): peers, endpoints, handshakes, transfer.
     Status {
         /// One tunnel; default: all.
         name: Option<String>,
@@ -148,6 +148,9 @@ enum Command {
     QemuIfdown {
         /// The tap.
         name: String,
+        /// The address qemu-ifup put on the tap (without --bridge): taken off.
+        #[arg(long, env = "TAPIR_QEMU_ADDR")]
+        addr: Option<String>,
         #[command(flatten)]
         dirs: DirArgs,
     },
@@ -753,9 +756,14 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::QemuIfdown { name, dirs } => {
+        Command::QemuIfdown { name, addr, dirs } => {
             let tap = tapir_sys::IfName::new(&name)?;
-            for line in tapir::qemu::ifdown(&tap, &dirs.dirs().run)? {
+            let addr = addr
+                .as_deref()
+                .map(dev::parse_addr)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--addr: {e}"))?;
+            for line in tapir::qemu::ifdown(&tap, addr, &dirs.dirs().run)? {
                 eprintln!("tapir: {line}");
             }
             Ok(ExitCode::SUCCESS)

@@ -332,6 +332,18 @@ fn qemu_ifup_puts_taps_on_a_bridge_it_creates_and_ifdown_takes_it_back() {
         .unwrap();
     ok(&out);
     assert!(h.ip(&["addr", "show", "qtap1"]).contains("10.0.66.1/24"));
+    // And down takes it off again (with the same settings QEMU's
+    // downscript= gets: it stayed on a persistent tap).
+    let out = h
+        .cmd(env!("CARGO_BIN_EXE_tapir"))
+        .args(["qemu-ifdown", "qtap1"])
+        .env("TAPIR_QEMU_ADDR", "10.0.66.1/24")
+        .env("TAPIR_RUN_DIR", dir.join("run"))
+        .output()
+        .unwrap();
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("10.0.66.1/24 off qtap1"));
+    assert!(!h.ip(&["addr", "show", "qtap1"]).contains("10.0.66.1"));
 }
 
 #[test]

@@ -223,7 +223,7 @@ pub fn ifup(
 
 /// Takes the tap off its bridge, and removes a bridge tapir created once
 /// its last port is gone. A tap already gone is fine (QEMU may close it first).
-pub fn ifdown(tap: &IfName, run_dir: &Path) -> Result<Vec<String>, DevError> {
+pub fn ifdown(tap: &IfName, addr: Option<IpNet>, run_dir: &Path) -> Result<Vec<String>, DevError> {
     let mut nl = Netlink::open()?;
     let mut done = Vec::new();
     if let Some(link) = nl.link(tap.as_str())? {
@@ -231,6 +231,15 @@ pub fn ifdown(tap: &IfName, run_dir: &Path) -> Result<Vec<String>, DevError> {
         if link.master.is_some() {
             nl.set_master(link.index, None)?;
             done.push(format!("{tap} is off its bridge"));
+        }
+        // The address ifup put on the tap itself (a persistent tap keeps
+        // what is left on it).
+        if let Some(a) = addr.filter(|_| link.master.is_none()) {
+            let has = nl.addresses(Some(link.index))?.iter().any(|x| x.local == a);
+            if has {
+                nl.del_address(link.index, a, None)?;
+                done.push(format!("{a} off {tap}"));
+            }
         }
         nl.set_up(link.index, false)?;
     }

@@ -882,10 +882,18 @@ pub fn parse_toml_all(
         let message = e.message().trim_end();
         let hint = if (at == "[tunnel]" || at == "[device]") && message.contains("expected a sequence") {
             format!("; write [{at}] with two brackets: each is one table of a list ([[tunnel]] or [[device]])")
-        } else if message.contains("expected u16") {
-            "; a port is 1 to 65535".to_owned()
         } else {
-            String::new()
+            // Each number key's range, in words (serde's say the type).
+            match key.as_deref() {
+                Some("listen_port") => "; a port is 1 to 65535".to_owned(),
+                Some("persistent_keepalive") => {
+                    "; seconds between keepalives, 1 to 65535 (0 or none: off)".to_owned()
+                }
+                Some("mtu") => "; an MTU, 68 to 65535".to_owned(),
+                Some("fwmark") | Some("table") => "; a number, 1 to 4294967295".to_owned(),
+                _ if message.contains("expected u16") => "; a number, 0 to 65535".to_owned(),
+                _ => String::new(),
+            }
         };
         ConfigError {
             file: path.to_owned(),
@@ -1594,6 +1602,13 @@ mod tests {
             (
                 format!("[tunnel]\nname = \"tp0\"\nprivate_key = \"{A}\"\n"),
                 "with two brackets: each is one table of a list",
+            ),
+            // Not "a port" for a keepalive (it said so).
+            (
+                format!(
+                    "{base}[[tunnel.peer]]\npublic_key = \"{C}\"\npersistent_keepalive = 70000\n"
+                ),
+                "persistent_keepalive: invalid value: integer `70000`, expected u16; seconds between keepalives",
             ),
             (
                 format!("{base}colour = \"red\"\n"),

@@ -146,7 +146,7 @@ impl ControlEnd {
                 eprintln!(
                     "tapir: reloaded {}: {}",
                     reloader.borrow().file().display(),
-                    out.trim().replace('\n', ", ")
+                    in_words(&out)
                 );
                 for n in notes.iter().chain(&problems) {
                     eprintln!("tapir: reload: {n}");
@@ -205,8 +205,38 @@ impl ControlEnd {
     }
 }
 
+/// A reload's reply lines (`tapir_added=1` ...) in words for the log.
+fn in_words(reply: &str) -> String {
+    let mut words = Vec::new();
+    let (mut added, mut removed, mut changed) = ("0", "0", "0");
+    for (k, v) in reply.lines().filter_map(|l| l.split_once('=')) {
+        match k {
+            "tapir_added" => added = v,
+            "tapir_removed" => removed = v,
+            "tapir_changed" => changed = v,
+            "tapir_listen_port" => words.push(format!("now on port {v}")),
+            "tapir_private_key" => words.push("a new private key".into()),
+            _ => {}
+        }
+    }
+    words.insert(
+        0,
+        format!("{added} peer(s) added, {removed} removed, {changed} changed"),
+    );
+    words.join("; ")
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_reload_is_logged_in_words() {
+        assert_eq!(
+            in_words("tapir_added=1\ntapir_removed=0\ntapir_changed=2\ntapir_listen_port=51900\n"),
+            "1 peer(s) added, 0 removed, 2 changed; now on port 51900"
+        );
+    }
+
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 

@@ -631,9 +631,11 @@ impl ControlSocket {
                     // the reply with it), for 200 ms at most.
                     refuse(&stream);
                     refused += 1;
-                    if refused.is_power_of_two() {
+                    // Once: a plain `wg show` in any namespace asks every
+                    // tunnel it finds, and filled the log.
+                    if refused == 1 {
                         eprintln!(
-                            "tapir: refused {refused} control connection(s) from another network namespace (pid {}): this tunnel answers only its own",
+                            "tapir: refused a control connection from another network namespace (pid {}): this tunnel answers only its own (wg show there finds it, but not its details; further ones are not logged)",
                             peer_pid(&stream).map_or("unknown".into(), |p| p.to_string())
                         );
                     }
