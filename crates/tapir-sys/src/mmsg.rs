@@ -800,11 +800,17 @@ fn write_cmsgs(
             (*c).cmsg_level = libc::IPPROTO_IPV6;
             (*c).cmsg_type = libc::IPV6_PKTINFO;
             (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in6_pktinfo>() as u32) as _;
+            // The source address only, as the kernel's WireGuard sets it:
+            // an interface too would pin the way out, and where the route
+            // back leaves by another, the kernel would take the peer for
+            // on-link there (and ARP for it). A link-local address means
+            // nothing without its interface.
+            let link_local = l.addr.segments()[0] & 0xffc0 == 0xfe80;
             let info = libc::in6_pktinfo {
                 ipi6_addr: libc::in6_addr {
                     s6_addr: l.addr.octets(),
                 },
-                ipi6_ifindex: l.ifindex,
+                ipi6_ifindex: if link_local { l.ifindex } else { 0 },
             };
             std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::in6_pktinfo>(), info);
         }

@@ -909,12 +909,25 @@ impl Netlink {
     /// decided (policy rules included, as `ip route get` asks). `None` when
     /// the kernel has no route at all (ENETUNREACH).
     pub fn route_to(&mut self, dst: IpAddr) -> Result<Option<RouteLookup>, NetlinkError> {
+        self.route_marked(dst, 0)
+    }
+
+    /// [`Netlink::route_to`] for a packet carrying firewall mark `mark`
+    /// (0: none), as policy rules see it (`ip route get DST mark M`).
+    pub fn route_marked(
+        &mut self,
+        dst: IpAddr,
+        mark: u32,
+    ) -> Result<Option<RouteLookup>, NetlinkError> {
         let mut msg = RouteMessage::default();
         msg.header.address_family = family_of(dst);
         msg.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
         msg.header.flags = RouteFlags::LookupTable;
         msg.attributes
             .push(RouteAttribute::Destination(RouteAddress::from(dst)));
+        if mark != 0 {
+            msg.attributes.push(RouteAttribute::Mark(mark));
+        }
         // The routes that refuse answer as an errno, which names them.
         let refused = |kind: &str| {
             Ok(Some(RouteLookup {

@@ -1146,3 +1146,56 @@ fn answers_leave_from_the_address_the_peer_wrote_to() {
     ping(&bed.a, "10.77.0.2");
     ping(&bed.b, "10.77.0.1");
 }
+
+/// Where the way back to the peer leaves by another interface than the
+/// one its datagram came in on, answers take the kernel's choice, as the
+/// kernel's WireGuard does (from the address it wrote to, but pinned to
+/// that interface, the kernel took the peer for on-link there and asked
+/// ARP for it: no handshake ever completed).
+#[test]
+fn answers_take_the_way_back_the_routes_give() {
+    require_root!();
+    let lab = netlab::Lab::new();
+    let (c, r, s) = (lab.netns("c"), lab.netns("r"), lab.netns("s"));
+    lab.veth(&s, "s1", &r, "r1");
+    lab.veth(&s, "s2", &r, "r2");
+    lab.veth(&c, "c3", &r, "r3");
+    for (ns, addr, dev) in [
+        (&s, "10.7.1.1/24", "s1"),
+        (&s, "10.7.2.1/24", "s2"),
+        (&r, "10.7.1.254/24", "r1"),
+        (&r, "10.7.2.254/24", "r2"),
+        (&r, "10.7.3.254/24", "r3"),
+        (&c, "10.7.3.10/24", "c3"),
+    ] {
+        ns.ip(&["addr", "add", addr, "dev", dev]);
+    }
+    s.ip(&["route", "add", "default", "via", "10.7.2.254"]);
+    c.ip(&["route", "add", "default", "via", "10.7.3.254"]);
+    for k in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"] {
+        assert!(r.cmd("sysctl").args(["-qw", k]).status().unwrap().success());
+    }
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("wg-asym-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ((ks, ps), (kc, pc)) = (genkey(), genkey());
+    let (ns_, nc) = (ifname("tas"), ifname("tac"));
+    let server = support::write_private(
+        &dir,
+        &format!("{ns_}.conf"),
+        &format!(
+            "[Interface]\nPrivateKey = {ks}\nListenPort = 51830\nAddress = 10.77.0.2/24\n\n[Peer]\nPublicKey = {pc}\nAllowedIPs = 10.77.0.1/32\n"
+        ),
+    );
+    let client = support::write_private(
+        &dir,
+        &format!("{nc}.conf"),
+        &format!(
+            "[Interface]\nPrivateKey = {kc}\nAddress = 10.77.0.1/24\n\n[Peer]\nPublicKey = {ps}\nEndpoint = 10.7.1.1:51830\nAllowedIPs = 10.77.0.2/32\n"
+        ),
+    );
+    let _s = run_tapir(&s, &server, &ns_);
+    let _c = run_tapir(&c, &client, &nc);
+    ping(&c, "10.77.0.2");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -879,6 +879,17 @@ struct Sources {
     version: AtomicU64,
 }
 
+/// Whether the route to `to` (for packets marked `mark`) leaves by the
+/// interface `local` came in on: only then does an answer from `local`
+/// go back the way it came.
+#[cold]
+fn routes_back_through(to: SocketAddr, local: &Local, mark: u32) -> bool {
+    Netlink::open()
+        .ok()
+        .and_then(|mut nl| nl.route_marked(to.ip(), mark).ok().flatten())
+        .is_some_and(|r| r.oif == Some(local.ifindex))
+}
+
 /// An [`Outbox`]'s copy of [`Sources`], and the last look-up (a batch
 /// goes mostly to one peer).
 #[derive(Default)]
@@ -886,6 +897,22 @@ struct SourceCache {
     map: HashMap<SocketAddr, Local>,
     version: u64,
     last: Option<(SocketAddr, Option<Local>)>,
+    /// Where an answer from where the datagram came to would not go back
+    /// that way (the receiving side's, see [`Outbox::authenticated`]).
+    declined: HashMap<SocketAddr, Local>,
+}
+
+/// The most peer addresses [`Sources`] keeps: a peer that roams through
+/// NAT ports leaves one behind at each, so past this many they are
+/// forgotten at once (and learned again from the next datagrams).
+const SOURCES_MAX: usize = 4096;
+
+/// `map`, emptied first if it is full.
+fn bounded(map: &mut HashMap<SocketAddr, Local>) -> &mut HashMap<SocketAddr, Local> {
+    if map.len() >= SOURCES_MAX {
+        map.clear();
+    }
+    map
 }
 
 impl Shared {
@@ -1027,6 +1054,7 @@ impl<'a> Outbox<'a> {
     /// gone): the kernel chooses again, for every peer, until they write.
     #[cold]
     fn forget_sources(&mut self) {
+        self.cache.declined.clear();
         self.sources
             .map
             .lock()
@@ -1175,16 +1203,31 @@ impl<'a> Outbox<'a> {
             }
             // Where `from` wrote to, for what goes back (see [`Sources`]):
             // the shared map only when it changes.
-            Link::Udp(_) => {
-                if local.is_some() && self.source_for(from) != local {
-                    let mut m = self.sources.map.lock().unwrap_or_else(|e| e.into_inner());
-                    match local {
-                        Some(l) => m.insert(from, l),
-                        None => m.remove(&from),
-                    };
-                    drop(m);
-                    self.sources.version.fetch_add(1, Ordering::Release);
+            Link::Udp(socket) => {
+                let socket: &UdpSocket = socket;
+                let Some(l) = local else {
+                    return;
+                };
+                if self.source_for(from) == local || self.cache.declined.get(&from) == Some(&l) {
+                    return;
                 }
+                // As the kernel's WireGuard: only where the route back
+                // leaves by the interface it came in on (else an answer
+                // from there takes the other way, or none). Decided once
+                // for each (peer address, local end).
+                let mark = socket2::SockRef::from(socket).mark().unwrap_or(0);
+                let stick = routes_back_through(from, &l, mark);
+                if !stick {
+                    bounded(&mut self.cache.declined).insert(from, l);
+                }
+                let mut m = self.sources.map.lock().unwrap_or_else(|e| e.into_inner());
+                if stick {
+                    bounded(&mut m).insert(from, l);
+                } else {
+                    m.remove(&from);
+                }
+                drop(m);
+                self.sources.version.fetch_add(1, Ordering::Release);
             }
         }
     }
