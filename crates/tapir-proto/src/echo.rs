@@ -182,24 +182,29 @@ impl Responder {
     /// Whether we answer for `addr`.
     pub fn serves(&self, addr: IpAddr) -> bool {
         let c = &self.config;
-        if addr.is_multicast() || addr.is_unspecified() || addr.is_loopback() {
-            return false;
-        }
-        if let IpAddr::V4(a) = addr {
-            if a.is_broadcast() {
-                return false;
-            }
-        }
-        if c.subnets.iter().any(|n| n.addr() == addr) || self.subnet_edge(addr) {
-            return false;
-        }
         // `only` narrows, never widens.
-        if !c.only.is_empty() && !c.only.contains(&addr) {
-            return false;
+        self.never_served(addr).is_none() && (c.only.is_empty() || c.only.contains(&addr))
+    }
+
+    /// Why `addr` is never answered for, whatever `only` says (`None`: it
+    /// may be).
+    pub fn never_served(&self, addr: IpAddr) -> Option<&'static str> {
+        let c = &self.config;
+        let broadcast = matches!(addr, IpAddr::V4(a) if a.is_broadcast());
+        if addr.is_multicast() || addr.is_unspecified() || addr.is_loopback() || broadcast {
+            return Some("not a unicast address");
+        }
+        if c.subnets.iter().any(|n| n.addr() == addr) {
+            return Some("the host's own address (the kernel answers it)");
+        }
+        if self.subnet_edge(addr) {
+            return Some("a subnet's network or broadcast address");
         }
         match c.link {
-            Link::Ip => true,
-            Link::Ethernet => c.subnets.iter().any(|n| n.contains(&addr)),
+            Link::Ethernet if !c.subnets.iter().any(|n| n.contains(&addr)) => {
+                Some("outside the tap's subnets (a tap's hosts are those of its subnets)")
+            }
+            _ => None,
         }
     }
 

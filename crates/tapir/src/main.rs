@@ -670,7 +670,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                 println!("{name} now listens on port {p}");
             }
             if r.new_key {
-                println!("{name} has the file's new private key: its sessions start again");
+                println!("{name} has the file's private key now: its sessions start again");
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -370,6 +370,30 @@ fn echo_refuses_a_device_of_another_mode_or_kind() {
     assert!(err.contains("tap3 is a tap device, not tun"), "{err}");
     let out = ns.cmd(TAPIR).args(["echo", "lo"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("not tun/tap"));
+    // An --only address that can never be answered: refused, nothing left.
+    for (only, why) in [
+        ("10.4.0.255", "network or broadcast"),
+        ("10.4.0.1", "own address"),
+        ("192.168.1.1", "outside the tap's subnets"),
+    ] {
+        let out = ns
+            .cmd(TAPIR)
+            .args([
+                "echo",
+                "tap4",
+                "--mode",
+                "tap",
+                "--addr",
+                "10.4.0.1/24",
+                "--only",
+                only,
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "{only}: {err}");
+        assert!(!ns.has_link("tap4"), "the device it made went");
+    }
     // Not "physical", and the way to watch it.
     let out = ns.cmd(TAPIR).args(["dump", "lo"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -503,7 +503,8 @@ fn a_reload_makes_the_key_and_port_the_files() {
     // which knows only that key, is reached again (b pings: a learns the port).
     let text = ok(&tapir_in(&bed.b, dir, &["reload", &n]));
     assert!(
-        text.contains("now listens on port 51896") && text.contains("new private key"),
+        text.contains("now listens on port 51896")
+            && text.contains("has the file's private key now"),
         "{text}"
     );
     assert_eq!(

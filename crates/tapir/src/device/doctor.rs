@@ -263,7 +263,10 @@ fn offloads(path: &Path) -> Check {
             NAME,
             Status::Warn,
             "not probed: needs CAP_NET_ADMIN here to create a test device",
-            Some("run tapir doctor as root of the host (see CAP_NET_ADMIN above)".into()),
+            Some(
+                "run tapir doctor with CAP_NET_ADMIN in this namespace (see CAP_NET_ADMIN above)"
+                    .into(),
+            ),
         );
     }
     let options = TunOptions {

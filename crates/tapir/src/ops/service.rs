@@ -76,29 +76,10 @@ impl OwnPidFiles {
         for path in &self.0 {
             if read_pid(path) == Some(std::process::id() as i32) {
                 let _ = std::fs::remove_file(path);
-                if let (Some(dir), Some(name)) = (path.parent(), path.file_stem()) {
-                    remove_locks(dir, &name.to_string_lossy());
-                }
             }
         }
         if let Some(dir) = self.1 {
             let _ = std::fs::remove_dir(dir);
-        }
-    }
-}
-
-/// Removes the lock files `up` left for tunnel `name` in `dir` (its own,
-/// or its file's: `a+NAME+b.lock`).
-fn remove_locks(dir: &Path, name: &str) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for p in entries.flatten().map(|e| e.path()) {
-        let ours = p.extension().is_some_and(|x| x == "lock")
-            && p.file_stem()
-                .is_some_and(|s| s.to_string_lossy().split('+').any(|n| n == name));
-        if ours {
-            let _ = std::fs::remove_file(p);
         }
     }
 }
@@ -386,20 +367,14 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up,
             crate::uapi::ensure_private_dir(d)?;
             crate::uapi::ensure_private_dir(&scope.dir(d))?;
         }
-        // One up of these tunnels at a time, here: a second waits for the
-        // first and then finds them up (two raced, and the loser's error
-        // held the winner's log lines). Released when this returns.
-        let lock_path = dirs
-            .run_here(&scope)
-            .join(format!("{}.lock", names.join("+")));
-        let _lock = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&lock_path)
+        // One up at a time in this namespace: a second waits for the first
+        // and then finds its tunnels up (two raced, and the loser's error
+        // held the winner's log lines). The lock is the run directory's
+        // own (no file to leave behind); released when this returns.
+        let here = dirs.run_here(&scope);
+        let _lock = std::fs::File::open(&here)
             .and_then(|f| tapir_sys::process::lock(&f).map(|()| f))
-            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+            .map_err(|e| format!("{}: {e}", here.display()))?;
         for name in &names {
             if let Some(pid) = running_pid(dirs, &scope, name) {
                 return Err(format!(
@@ -646,7 +621,6 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
     for p in siblings {
         let _ = std::fs::remove_file(p);
     }
-    remove_locks(&dirs.run_here(&scope), name);
     // Routing rules a killed tunnel could not take back (see tunnel::ops).
     let record = dirs.run_here(&scope).join(format!("{name}.rules"));
     for r in crate::tunnel::ops::clear_leftovers(&record, name) {

@@ -90,12 +90,14 @@ pub fn pcap_writer(
 /// is not written into (they could read what it captures, or it is not
 /// theirs to lose); one of ours is emptied, as tcpdump's `-w` does.
 fn create_private(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    // A named pipe (a live Wireshark: `mkfifo p; wireshark -k -i p`, or
+    // `-w >(tcpdump -r -)`) waits for its reader, as tcpdump's -w does.
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) => std::io::Error::other(
@@ -105,9 +107,14 @@ fn create_private(path: &Path) -> std::io::Result<File> {
         })?;
     let m = f.metadata()?;
     let me = nix::unistd::geteuid().as_raw();
+    // A pipe or a device (/dev/null) is written as it is: a reader set it
+    // up to be written to, and there is nothing in it to lose.
+    if m.file_type().is_fifo() || m.file_type().is_char_device() {
+        return Ok(f);
+    }
     if !m.is_file() {
         return Err(std::io::Error::other(
-            "not a regular file: give a file's path, or - for standard output",
+            "not a regular file, a pipe or a device: give a file's path, or - for standard output",
         ));
     }
     if m.uid() != me {
@@ -287,6 +294,26 @@ mod tests {
         let e = create_private(&link).unwrap_err().to_string();
         assert!(e.contains("symbolic link"), "{e}");
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        // A device, and a pipe with its reader (a live Wireshark).
+        create_private(Path::new("/dev/null")).unwrap();
+        let fifo = dir.join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(fifo).unwrap())
+        };
+        {
+            use std::io::Write;
+            let mut w = create_private(&fifo).unwrap();
+            w.write_all(b"pcap").unwrap();
+        }
+        assert_eq!(reader.join().unwrap(), b"pcap");
         // Someone else's file (as root: the case that matters).
         if nix::unistd::geteuid().is_root() {
             let theirs = dir.join("theirs.pcap");

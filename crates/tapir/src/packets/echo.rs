@@ -197,6 +197,20 @@ pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevEr
         subnets,
         only: req.only.clone(),
     });
+    // An --only address that can never be answered is refused, not
+    // silently never answered.
+    if let Some((a, why)) = req
+        .only
+        .iter()
+        .find_map(|a| Some((a, responder.never_served(*a)?)))
+    {
+        if !created {
+            undo(&mut nl, &changes);
+        }
+        return Err(DevError::Invalid(format!(
+            "--only {a}: {why}, so it would never be answered: give an address of the device's subnets, not its own"
+        )));
+    }
     eprintln!(
         "{name}: answering pings ({mode}{}); Ctrl-C to stop",
         if link == Link::Ethernet {

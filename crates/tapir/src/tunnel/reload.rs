@@ -278,13 +278,24 @@ pub fn apply(tunnel: &mut Tunnel, want: Vec<PeerConfig>) -> Applied {
         .peers()
         .map(|(c, _, _)| (c.public, c.clone()))
         .collect();
-    for w in want {
+    for mut w in want {
         match have.get(&w.public) {
             None => {
                 tunnel.add_peer(w);
                 done.added += 1;
             }
             Some(h) => {
+                // What the file leaves out stays as it runs (set with `wg
+                // set`, say), as `wg syncconf` leaves it.
+                if w.endpoint.is_none() {
+                    w.endpoint = h.endpoint;
+                }
+                if w.keepalive.is_none() {
+                    w.keepalive = h.keepalive;
+                }
+                if w.psk.is_none() {
+                    w.psk = h.psk.clone();
+                }
                 let same = h.psk == w.psk
                     && h.endpoint == w.endpoint
                     && h.allowed_ips == w.allowed_ips
@@ -362,7 +373,23 @@ mod tests {
         assert_eq!(apply(&mut t, with.clone()).changed, 1);
         with[0].psk = Some(PresharedKey::from_random([8; 32]));
         assert_eq!(apply(&mut t, with.clone()).changed, 1);
-        assert_eq!(apply(&mut t, with), Applied::default());
+        assert_eq!(apply(&mut t, with.clone()), Applied::default());
+        // What the file leaves out (an endpoint, a keepalive, a key set with
+        // `wg set`) stays as it runs, as `wg syncconf` leaves it.
+        t.update_peer(&with[0].public, |c| {
+            c.endpoint = Some("192.0.2.9:51821".parse().unwrap());
+            c.keepalive = Some(std::time::Duration::from_secs(9));
+        });
+        let mut bare = with.clone();
+        bare[0].psk = None;
+        assert_eq!(apply(&mut t, bare), Applied::default());
+        let (c, _, _) = t
+            .peers()
+            .find(|(c, _, _)| c.public == with[0].public)
+            .unwrap();
+        assert_eq!(c.endpoint, Some("192.0.2.9:51821".parse().unwrap()));
+        assert_eq!(c.keepalive, Some(std::time::Duration::from_secs(9)));
+        assert!(c.psk.is_some());
     }
 
     #[test]
