@@ -816,6 +816,20 @@ fn hooks_run_only_from_a_file_nobody_else_could_write() {
     assert!(marker.exists());
     e.ok(&["down", &n]);
     e.assert_clean(&n);
+    // Through a link another user owns (who could point it at a file of
+    // theirs between the reading and the check): refused.
+    let links = e.dir.join("links");
+    std::fs::create_dir_all(&links).unwrap();
+    let link = links.join(format!("{n}.conf"));
+    std::os::unix::fs::symlink(&conf, &link).unwrap();
+    Command::new("chown")
+        .args(["-h", "65534", link.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let out = e.tapir(&["up", link.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("the link"), "{err}");
+    e.assert_clean(&n);
 }
 
 /// A config reached through a symbolic link is named after the link, as

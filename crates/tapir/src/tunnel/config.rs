@@ -263,6 +263,24 @@ pub fn hooks_are_ours(c: &TunnelConfig) -> Result<(), String> {
             file.display()
         ));
     }
+    // Reached through a link: the link too, and the directory it is in
+    // (whoever may replace the link chooses the file).
+    let link = std::fs::symlink_metadata(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    if link.file_type().is_symlink() {
+        if link.uid() != me && link.uid() != 0 {
+            return Err(format!(
+                "{}: its {stage} runs as uid {me}, and the link {0} belongs to uid {}, who could point it elsewhere: make the link root's, or give the file's own path",
+                file.display(),
+                link.uid()
+            ));
+        }
+        let dir = file
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        crate::uapi::trusted_dir_and_above(dir)
+            .map_err(|e| format!("{}: its {stage} runs as uid {me}, and {e}", file.display()))?;
+    }
     // Its directory, and each above it.
     crate::uapi::trusted_above(file)
         .map_err(|e| format!("{}: its {stage} runs as uid {me}, and {e}", file.display()))

@@ -785,8 +785,6 @@ pub fn trusted_dir(dir: &std::path::Path) -> Result<(), String> {
 /// and is closed to others unless sticky (as /tmp is: there others cannot
 /// move or replace what is ours).
 pub fn trusted_above(dir: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let me = nix::unistd::geteuid().as_raw();
     // The deepest part that exists, resolved (/var/run is a link to /run).
     let mut existing = dir;
     let real = loop {
@@ -803,7 +801,28 @@ pub fn trusted_above(dir: &std::path::Path) -> Result<(), String> {
     } else {
         Some(real.as_path())
     };
-    for a in start.into_iter().flat_map(std::path::Path::ancestors) {
+    match start {
+        Some(s) => trusted_chain(s, dir),
+        None => Ok(()),
+    }
+}
+
+/// Directory `dir` (not resolved: a link's own directory) and each above
+/// it, as [`trusted_above`] checks them.
+pub fn trusted_dir_and_above(dir: &std::path::Path) -> Result<(), String> {
+    let real = dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    trusted_chain(&real, dir)
+}
+
+/// `start` and each directory above it: root's or ours, and closed to
+/// others unless sticky; `named` for the message.
+fn trusted_chain(start: &std::path::Path, named: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let dir = named;
+    for a in start.ancestors() {
         let m = std::fs::metadata(a).map_err(|e| format!("{}: {e}", a.display()))?;
         let owner_ok = m.uid() == 0 || m.uid() == me;
         let open = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
