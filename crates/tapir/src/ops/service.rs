@@ -491,8 +491,25 @@ fn socket_owner(scope: &Scope, name: &str) -> Option<i32> {
 /// run` by hand or by systemd).
 fn running_pid(dirs: &Dirs, scope: &Scope, name: &str) -> Option<i32> {
     read_pid(&pid_file(dirs, scope, name))
-        .filter(|&p| alive(scope, p))
+        .filter(|&p| alive(scope, p) && may_run(p, name))
         .or_else(|| socket_owner(scope, name))
+}
+
+/// Whether `tapir run` process `pid` may be the one running tunnel `name`:
+/// its file is `NAME.conf` (or a TOML file, which may name several). A pid
+/// the kernel gave again to another tunnel's process, whose file is named
+/// otherwise, is not (down would have stopped that one).
+fn may_run(pid: i32, name: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let file = cmdline
+        .split(|&b| b == 0)
+        .rfind(|a| !a.is_empty())
+        .map(|a| Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(a)));
+    file.is_some_and(|f| {
+        f.extension().is_some_and(|x| x == "toml") || f.file_stem().is_some_and(|s| s == name)
+    })
 }
 
 /// What `down` did.
@@ -1121,6 +1138,22 @@ pub fn install_units(dir: &Path, tapir: &Path) -> Result<Vec<PathBuf>, String> {
 
 #[cfg(test)]
 mod tests {
+
+    /// A pid of another tunnel's process (the kernel gives pids again) is
+    /// not taken for this tunnel's: its file is named otherwise.
+    #[test]
+    fn a_process_runs_the_tunnel_its_file_names() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 5", "/etc/tapir/wg7.conf"])
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        assert!(may_run(pid, "wg7"));
+        assert!(!may_run(pid, "wg8"));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     use super::*;
 
     #[test]
