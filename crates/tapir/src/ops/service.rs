@@ -1144,10 +1144,16 @@ mod tests {
     #[test]
     fn a_process_runs_the_tunnel_its_file_names() {
         let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 5", "/etc/tapir/wg7.conf"])
+            .args(["-c", "sleep 5; true", "/etc/tapir/wg7.conf"])
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
+        // (Until it has run sh, its command line is still ours.)
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"sh\0")) {
+            assert!(Instant::now() < deadline, "sh did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert!(may_run(pid, "wg7"));
         assert!(!may_run(pid, "wg8"));
         let _ = child.kill();
