@@ -1986,7 +1986,19 @@ impl Tunnel {
             if (persistent || passive) && peer.usable(now) {
                 peer.keepalive_due = true;
                 peer.passive_keepalive_at = None;
+                // A keepalive keeps the key fresh as data does (whitepaper
+                // §6.2; the kernel's keep_key_fresh): the initiator rekeys
+                // after REKEY_AFTER_TIME (a tunnel of keepalives alone
+                // rekeyed only when its session ran out, at 180 s).
+                let stale = peer.pending.is_none()
+                    && peer
+                        .current
+                        .as_ref()
+                        .is_some_and(|t| t.session.initiator && now >= t.rekeys_at);
                 self.hint(p);
+                if stale {
+                    self.initiate(p, now, wall, rng);
+                }
             } else if passive {
                 // The session ran out first: nothing to keep alive.
                 peer.passive_keepalive_at = None;
