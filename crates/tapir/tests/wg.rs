@@ -1199,3 +1199,66 @@ fn answers_take_the_way_back_the_routes_give() {
     ping(&c, "10.77.0.2");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A host with two uplinks whose default route moves to the other (the
+/// first one's way gone): its answers stop leaving from the first one's
+/// address once a handshake goes unanswered, as the kernel's WireGuard
+/// drops its source then (it never got through again).
+#[test]
+fn a_host_whose_route_moves_to_its_other_uplink_gets_through_again() {
+    require_root!();
+    let lab = netlab::Lab::new();
+    let (a, r, b) = (lab.netns("a"), lab.netns("r"), lab.netns("b"));
+    lab.veth(&a, "e0", &r, "r0");
+    lab.veth(&a, "e1", &r, "r1");
+    lab.veth(&b, "eb", &r, "rb");
+    for (ns, addr, dev) in [
+        (&a, "10.1.1.2/24", "e0"),
+        (&a, "10.1.3.2/24", "e1"),
+        (&r, "10.1.1.1/24", "r0"),
+        (&r, "10.1.3.1/24", "r1"),
+        (&r, "10.1.2.1/24", "rb"),
+        (&b, "10.1.2.2/24", "eb"),
+    ] {
+        ns.ip(&["addr", "add", addr, "dev", dev]);
+    }
+    a.ip(&["route", "add", "default", "via", "10.1.1.1"]);
+    b.ip(&["route", "add", "default", "via", "10.1.2.1"]);
+    assert!(
+        r.cmd("sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("wg-uplink-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let (na, nb) = (ifname("tua"), ifname("tub"));
+    let fa = support::write_private(
+        &dir,
+        &format!("{na}.conf"),
+        &format!(
+            "[Interface]\nPrivateKey = {ka}\nAddress = 10.77.0.1/24\n\n[Peer]\nPublicKey = {pb}\nEndpoint = 10.1.2.2:51830\nAllowedIPs = 10.77.0.2/32\nPersistentKeepalive = 2\n"
+        ),
+    );
+    let fb = support::write_private(
+        &dir,
+        &format!("{nb}.conf"),
+        &format!(
+            "[Interface]\nPrivateKey = {kb}\nListenPort = 51830\nAddress = 10.77.0.2/24\n\n[Peer]\nPublicKey = {pa}\nAllowedIPs = 10.77.0.1/32\n"
+        ),
+    );
+    let _b = run_tapir(&b, &fb, &nb);
+    let _a = run_tapir(&a, &fa, &na);
+    // Both ways, so that each side has heard the other (a from b at 10.1.1.2).
+    ping(&a, "10.77.0.2");
+    ping(&b, "10.77.0.1");
+    // The default route moves to e1, and e0's way is gone.
+    a.ip(&["route", "replace", "default", "via", "10.1.3.1"]);
+    r.ip(&["link", "set", "r0", "down"]);
+    let took = first_reply(&a, "10.77.0.2", Duration::from_secs(40));
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

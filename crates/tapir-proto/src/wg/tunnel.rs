@@ -398,6 +398,8 @@ pub struct Tunnel {
     /// Peers with a rate limit (whose queues may hold packets back).
     rated: Vec<usize>,
     outgoing: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// See [`Tunnel::take_doubtful`].
+    doubtful: Vec<SocketAddr>,
     /// Peers that may have something for poll_transmit (queued packets,
     /// a keepalive, a rate limit's backlog), and a flag per peer.
     tx_hint: Vec<usize>,
@@ -610,6 +612,7 @@ impl Tunnel {
             by_index: rustc_hash::FxHashMap::default(),
             routes: AllowedIps::new(),
             outgoing: VecDeque::new(),
+            doubtful: Vec::new(),
             cookie_secret: [0; 32],
             cookie_secret_at: None,
             load_window: (None, 0),
@@ -869,6 +872,12 @@ impl Tunnel {
         if let Some(p) = self.peers.iter_mut().find(|p| p.endpoint == Some(to)) {
             p.stats.tx_bytes = p.stats.tx_bytes.saturating_sub(bytes as u64);
         }
+    }
+
+    /// The endpoints of peers whose handshake went unanswered (a retry) or
+    /// that fell silent, since the last call: a path in doubt.
+    pub fn take_doubtful(&mut self) -> std::vec::Drain<'_, SocketAddr> {
+        self.doubtful.drain(..)
     }
 
     /// Removes a peer and its sessions.
@@ -1977,6 +1986,14 @@ impl Tunnel {
             if retry || silent {
                 if silent {
                     self.peers[p].last_data_sent = None;
+                }
+                // The way to the peer is in doubt: a caller that sends from
+                // a chosen local address chooses again (the kernel's
+                // WireGuard clears its source then too).
+                if let Some(e) = self.peers[p].endpoint {
+                    if self.doubtful.len() < self.peers.len().max(64) {
+                        self.doubtful.push(e);
+                    }
                 }
                 self.initiate(p, now, wall, rng);
             } else if persistent && !self.peers[p].usable(now) && self.peers[p].endpoint.is_some() {

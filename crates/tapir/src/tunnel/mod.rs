@@ -1050,6 +1050,17 @@ impl<'a> Outbox<'a> {
         }
     }
 
+    /// What goes to `to` leaves from the kernel's choice, until it writes
+    /// again (and what it wrote to is checked again).
+    fn forget_source(&mut self, to: SocketAddr) {
+        self.cache.declined.remove(&to);
+        let mut m = self.sources.map.lock().unwrap_or_else(|e| e.into_inner());
+        if m.remove(&to).is_some() {
+            drop(m);
+            self.sources.version.fetch_add(1, Ordering::Release);
+        }
+    }
+
     /// Datagrams could not leave from where they came to (the address is
     /// gone): the kernel chooses again, for every peer, until they write.
     #[cold]
@@ -2575,6 +2586,13 @@ impl Timers {
             }
         }
         t.handle_timeout(now, wall_now, &mut ib.rng);
+        // A handshake unanswered, a peer silent: answers to it leave from
+        // the kernel's choice again (see `Sources`), as in the kernel's
+        // WireGuard (a host whose default route moved to its other uplink
+        // kept sending from the first, and never got through again).
+        for to in t.take_doubtful() {
+            out.forget_source(to);
+        }
         t.poll_timeout(now)
     }
 

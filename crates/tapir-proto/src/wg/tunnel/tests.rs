@@ -214,8 +214,12 @@ fn a_lost_initiation_is_retried_with_jitter() {
     p.link.clear(); // lost
     p.advance(Duration::from_secs(4));
     assert!(p.link.is_empty(), "not before REKEY_TIMEOUT");
+    assert_eq!(p.a.take_doubtful().count(), 0, "nothing in doubt yet");
     p.advance(Duration::from_millis(1400));
     assert_eq!(p.link.len(), 1, "retried after 5 s plus jitter");
+    // The way to b is in doubt now (a sender with a chosen source drops it).
+    let doubtful: Vec<SocketAddr> = p.a.take_doubtful().collect();
+    assert_eq!(doubtful, vec![B_ADDR.parse::<SocketAddr>().unwrap()]);
     p.run();
     assert_eq!(p.got_b.len(), 1);
 }
