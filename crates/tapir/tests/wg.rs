@@ -1147,6 +1147,67 @@ fn answers_leave_from_the_address_the_peer_wrote_to() {
     ping(&bed.b, "10.77.0.1");
 }
 
+/// Namespaces joined through router `r` (forwarding, no reverse-path
+/// filter): `links` are (namespace, its device, the router's device), and
+/// `addrs` (namespace, CIDR, device) and `defaults` (namespace, gateway)
+/// what each gets.
+fn routed(
+    lab: &netlab::Lab,
+    r: &netlab::Netns,
+    links: &[(&netlab::Netns, &str, &str)],
+    addrs: &[(&netlab::Netns, &str, &str)],
+    defaults: &[(&netlab::Netns, &str)],
+) {
+    for (ns, dev, rdev) in links {
+        lab.veth(ns, dev, r, rdev);
+    }
+    for (ns, addr, dev) in addrs {
+        ns.ip(&["addr", "add", addr, "dev", dev]);
+    }
+    for (ns, via) in defaults {
+        ns.ip(&["route", "add", "default", "via", via]);
+    }
+    for k in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"] {
+        assert!(r.cmd("sysctl").args(["-qw", k]).status().unwrap().success());
+    }
+}
+
+/// A tapir server on `server` (port 51830, 10.77.0.2) and a client on
+/// `client` (10.77.0.1) that writes to it at `endpoint` (`extra` in its
+/// [Peer]), both running; and the directory of their files.
+fn server_and_client(
+    server: &netlab::Netns,
+    client: &netlab::Netns,
+    endpoint: &str,
+    extra: &str,
+) -> (Proc, Proc, std::path::PathBuf) {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "wg-sc-{}-{}",
+        client.name(),
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ((ks, ps), (kc, pc)) = (genkey(), genkey());
+    let (ns_, nc) = (ifname("tsv"), ifname("tcl"));
+    let fs = support::write_private(
+        &dir,
+        &format!("{ns_}.conf"),
+        &format!(
+            "[Interface]\nPrivateKey = {ks}\nListenPort = 51830\nAddress = 10.77.0.2/24\n\n[Peer]\nPublicKey = {pc}\nAllowedIPs = 10.77.0.1/32\n"
+        ),
+    );
+    let fc = support::write_private(
+        &dir,
+        &format!("{nc}.conf"),
+        &format!(
+            "[Interface]\nPrivateKey = {kc}\nAddress = 10.77.0.1/24\n\n[Peer]\nPublicKey = {ps}\nEndpoint = {endpoint}\nAllowedIPs = 10.77.0.2/32\n{extra}"
+        ),
+    );
+    let s = run_tapir(server, &fs, &ns_);
+    let c = run_tapir(client, &fc, &nc);
+    (s, c, dir)
+}
+
 /// Where the way back to the peer leaves by another interface than the
 /// one its datagram came in on, answers take the kernel's choice, as the
 /// kernel's WireGuard does (from the address it wrote to, but pinned to
@@ -1157,45 +1218,21 @@ fn answers_take_the_way_back_the_routes_give() {
     require_root!();
     let lab = netlab::Lab::new();
     let (c, r, s) = (lab.netns("c"), lab.netns("r"), lab.netns("s"));
-    lab.veth(&s, "s1", &r, "r1");
-    lab.veth(&s, "s2", &r, "r2");
-    lab.veth(&c, "c3", &r, "r3");
-    for (ns, addr, dev) in [
-        (&s, "10.7.1.1/24", "s1"),
-        (&s, "10.7.2.1/24", "s2"),
-        (&r, "10.7.1.254/24", "r1"),
-        (&r, "10.7.2.254/24", "r2"),
-        (&r, "10.7.3.254/24", "r3"),
-        (&c, "10.7.3.10/24", "c3"),
-    ] {
-        ns.ip(&["addr", "add", addr, "dev", dev]);
-    }
-    s.ip(&["route", "add", "default", "via", "10.7.2.254"]);
-    c.ip(&["route", "add", "default", "via", "10.7.3.254"]);
-    for k in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"] {
-        assert!(r.cmd("sysctl").args(["-qw", k]).status().unwrap().success());
-    }
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("wg-asym-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ((ks, ps), (kc, pc)) = (genkey(), genkey());
-    let (ns_, nc) = (ifname("tas"), ifname("tac"));
-    let server = support::write_private(
-        &dir,
-        &format!("{ns_}.conf"),
-        &format!(
-            "[Interface]\nPrivateKey = {ks}\nListenPort = 51830\nAddress = 10.77.0.2/24\n\n[Peer]\nPublicKey = {pc}\nAllowedIPs = 10.77.0.1/32\n"
-        ),
+    routed(
+        &lab,
+        &r,
+        &[(&s, "s1", "r1"), (&s, "s2", "r2"), (&c, "c3", "r3")],
+        &[
+            (&s, "10.7.1.1/24", "s1"),
+            (&s, "10.7.2.1/24", "s2"),
+            (&r, "10.7.1.254/24", "r1"),
+            (&r, "10.7.2.254/24", "r2"),
+            (&r, "10.7.3.254/24", "r3"),
+            (&c, "10.7.3.10/24", "c3"),
+        ],
+        &[(&s, "10.7.2.254"), (&c, "10.7.3.254")],
     );
-    let client = support::write_private(
-        &dir,
-        &format!("{nc}.conf"),
-        &format!(
-            "[Interface]\nPrivateKey = {kc}\nAddress = 10.77.0.1/24\n\n[Peer]\nPublicKey = {ps}\nEndpoint = 10.7.1.1:51830\nAllowedIPs = 10.77.0.2/32\n"
-        ),
-    );
-    let _s = run_tapir(&s, &server, &ns_);
-    let _c = run_tapir(&c, &client, &nc);
+    let (_s, _c, dir) = server_and_client(&s, &c, "10.7.1.1:51830", "");
     ping(&c, "10.77.0.2");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -1209,49 +1246,21 @@ fn a_host_whose_route_moves_to_its_other_uplink_gets_through_again() {
     require_root!();
     let lab = netlab::Lab::new();
     let (a, r, b) = (lab.netns("a"), lab.netns("r"), lab.netns("b"));
-    lab.veth(&a, "e0", &r, "r0");
-    lab.veth(&a, "e1", &r, "r1");
-    lab.veth(&b, "eb", &r, "rb");
-    for (ns, addr, dev) in [
-        (&a, "10.1.1.2/24", "e0"),
-        (&a, "10.1.3.2/24", "e1"),
-        (&r, "10.1.1.1/24", "r0"),
-        (&r, "10.1.3.1/24", "r1"),
-        (&r, "10.1.2.1/24", "rb"),
-        (&b, "10.1.2.2/24", "eb"),
-    ] {
-        ns.ip(&["addr", "add", addr, "dev", dev]);
-    }
-    a.ip(&["route", "add", "default", "via", "10.1.1.1"]);
-    b.ip(&["route", "add", "default", "via", "10.1.2.1"]);
-    assert!(
-        r.cmd("sysctl")
-            .args(["-qw", "net.ipv4.ip_forward=1"])
-            .status()
-            .unwrap()
-            .success()
+    routed(
+        &lab,
+        &r,
+        &[(&a, "e0", "r0"), (&a, "e1", "r1"), (&b, "eb", "rb")],
+        &[
+            (&a, "10.1.1.2/24", "e0"),
+            (&a, "10.1.3.2/24", "e1"),
+            (&r, "10.1.1.1/24", "r0"),
+            (&r, "10.1.3.1/24", "r1"),
+            (&r, "10.1.2.1/24", "rb"),
+            (&b, "10.1.2.2/24", "eb"),
+        ],
+        &[(&a, "10.1.1.1"), (&b, "10.1.2.1")],
     );
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("wg-uplink-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
-    let (na, nb) = (ifname("tua"), ifname("tub"));
-    let fa = support::write_private(
-        &dir,
-        &format!("{na}.conf"),
-        &format!(
-            "[Interface]\nPrivateKey = {ka}\nAddress = 10.77.0.1/24\n\n[Peer]\nPublicKey = {pb}\nEndpoint = 10.1.2.2:51830\nAllowedIPs = 10.77.0.2/32\nPersistentKeepalive = 2\n"
-        ),
-    );
-    let fb = support::write_private(
-        &dir,
-        &format!("{nb}.conf"),
-        &format!(
-            "[Interface]\nPrivateKey = {kb}\nListenPort = 51830\nAddress = 10.77.0.2/24\n\n[Peer]\nPublicKey = {pa}\nAllowedIPs = 10.77.0.1/32\n"
-        ),
-    );
-    let _b = run_tapir(&b, &fb, &nb);
-    let _a = run_tapir(&a, &fa, &na);
+    let (_b, _a, dir) = server_and_client(&b, &a, "10.1.2.2:51830", "PersistentKeepalive = 2\n");
     // Both ways, so that each side has heard the other (a from b at 10.1.1.2).
     ping(&a, "10.77.0.2");
     ping(&b, "10.77.0.1");
