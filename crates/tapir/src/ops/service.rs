@@ -785,6 +785,26 @@ fn log_of(dir: &Path, name: &str) -> Option<PathBuf> {
         })
 }
 
+/// An endpoint as `wg show` writes it: a link-local address's zone by
+/// its interface's name (`[fe80::1%eth0]:51820`), not its number.
+fn zone_by_name(endpoint: String) -> String {
+    let Ok(std::net::SocketAddr::V6(a)) = endpoint.parse::<std::net::SocketAddr>() else {
+        return endpoint;
+    };
+    if a.scope_id() == 0 {
+        return endpoint;
+    }
+    let name = tapir_sys::Netlink::open()
+        .ok()
+        .and_then(|mut nl| nl.links().ok())
+        .and_then(|links| links.into_iter().find(|l| l.index == a.scope_id()))
+        .map(|l| l.name);
+    match name {
+        Some(n) => format!("[{}%{n}]:{}", a.ip(), a.port()),
+        None => endpoint,
+    }
+}
+
 fn b64(hex: &str) -> String {
     tapir_proto::wg::keys::decode_hex32(hex)
         .map(|k| tapir_proto::wg::keys::PublicKey(k).to_base64())
@@ -911,7 +931,7 @@ pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, Stri
                                 continue;
                             };
                             match k.as_str() {
-                                "endpoint" => p.endpoint = Some(v),
+                                "endpoint" => p.endpoint = Some(zone_by_name(v)),
                                 "allowed_ip" => p.allowed_ips.push(v),
                                 "last_handshake_time_sec" => {
                                     p.latest_handshake = v.parse().ok().filter(|s| *s > 0)
@@ -1138,6 +1158,17 @@ pub fn install_units(dir: &Path, tapir: &Path) -> Result<Vec<PathBuf>, String> {
 
 #[cfg(test)]
 mod tests {
+
+    /// A link-local endpoint's zone by name, as `wg show` writes it.
+    #[test]
+    fn a_zone_is_named_as_wg_names_it() {
+        assert_eq!(
+            zone_by_name("[fe80::1%1]:51820".into()),
+            "[fe80::1%lo]:51820"
+        );
+        assert_eq!(zone_by_name("192.0.2.1:51820".into()), "192.0.2.1:51820");
+        assert_eq!(zone_by_name("[fd00::1]:51820".into()), "[fd00::1]:51820");
+    }
 
     /// A pid of another tunnel's process (the kernel gives pids again) is
     /// not taken for this tunnel's: its file is named otherwise.
