@@ -329,6 +329,19 @@ fn a_vm_behind_a_spokes_bridge_joins_the_segment() {
         &star.spoke_conf(2, "Bridge = br-tp"),
         &star.names[2],
     );
+    // (Its tap comes first, its bridge and the record of it a moment
+    // later: killed in between, there is no bridge to leave. It answers
+    // `wg` once all is set up.)
+    wait_for(
+        || {
+            star.s2
+                .cmd("wg")
+                .args(["show", &star.names[2]])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        },
+        "the tunnel to be set up",
+    );
     b.kill();
     wait_for(
         || !star.s2.has_link(&star.names[2]),
