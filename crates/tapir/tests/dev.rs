@@ -669,17 +669,7 @@ fn doctor_names_what_is_missing_and_why() {
         "{}",
         r.stdout
     );
-    let r = run(
-        &[
-            "setpriv",
-            "--reuid",
-            NOBODY,
-            "--regid",
-            NOBODY,
-            "--clear-groups",
-        ],
-        &["doctor"],
-    );
+    let r = tapir_as_nobody(&ns, &["doctor"]);
     assert!(
         r.ok && r.stdout.contains("warn  CAP_NET_ADMIN") && !r.stdout.contains("FAIL"),
         "{}",

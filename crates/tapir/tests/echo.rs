@@ -49,6 +49,20 @@ impl Drop for Running {
 }
 
 /// Waits (bounded) until `dev` is up, has carrier (a reader) and `addr`.
+/// tapir run as user and group 65534 (nobody), without capabilities.
+fn as_nobody(ns: &Netns) -> Command {
+    let mut c = ns.cmd("setpriv");
+    c.args([
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
+        TAPIR,
+    ]);
+    c
+}
+
 fn wait_ready(ns: &Netns, dev: &str, addr: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -608,15 +622,7 @@ fn echo_runs_as_the_devices_owner_without_the_capability() {
         assert!(ns.cmd(TAPIR).args(args).status().unwrap().success());
     }
     let echo = Running(Some(
-        ns.cmd("setpriv")
-            .args([
-                "--reuid",
-                "65534",
-                "--regid",
-                "65534",
-                "--clear-groups",
-                TAPIR,
-            ])
+        as_nobody(&ns)
             .args(["echo", "utun0", "--tun-path", node.to_str().unwrap()])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -645,16 +651,7 @@ fn echo_runs_as_the_devices_owner_without_the_capability() {
         ("nosuch0", "there is no device nosuch0"),
         ("rtun0", "rtun0 belongs to user 0"),
     ] {
-        let out = ns
-            .cmd("setpriv")
-            .args([
-                "--reuid",
-                "65534",
-                "--regid",
-                "65534",
-                "--clear-groups",
-                TAPIR,
-            ])
+        let out = as_nobody(&ns)
             .args([
                 "dump",
                 dev,

@@ -311,7 +311,7 @@ pub fn del(name: &str) -> Result<Deleted, DevError> {
 
 /// How many queues processes have open: detached ones too
 /// (IFF_DETACH_QUEUE), whose holder loses the device all the same.
-fn open_queues(link: &Link) -> u32 {
+pub fn open_queues(link: &Link) -> u32 {
     if is_open(link) {
         link.tun
             .as_ref()
@@ -320,6 +320,20 @@ fn open_queues(link: &Link) -> u32 {
     } else {
         0
     }
+}
+
+/// Whether this process may attach to a device without CAP_NET_ADMIN:
+/// the kernel's rule, its owner or a member of its group.
+pub fn ours(info: &tapir_sys::netlink::TunInfo) -> bool {
+    let me = nix::unistd::geteuid().as_raw();
+    let in_group = |g: u32| {
+        nix::unistd::getegid().as_raw() == g
+            || nix::unistd::getgroups()
+                .unwrap_or_default()
+                .iter()
+                .any(|x| x.as_raw() == g)
+    };
+    info.owner == Some(me) || info.group.is_some_and(in_group)
 }
 
 /// `dev del` without CAP_NET_ADMIN, as `tunctl -d` and `ip tuntap del` do
@@ -332,12 +346,7 @@ fn del_as_owner(name: &IfName) -> Result<Deleted, DevError> {
     let Some(info) = link.tun.as_ref() else {
         return Err(missing());
     };
-    let me = nix::unistd::geteuid().as_raw();
-    let groups = nix::unistd::getgroups().unwrap_or_default();
-    let in_group =
-        |g: u32| nix::unistd::getegid().as_raw() == g || groups.iter().any(|x| x.as_raw() == g);
-    let mine = info.owner == Some(me) || info.group.is_some_and(in_group);
-    let Some(mode) = info.mode.filter(|_| mine) else {
+    let Some(mode) = info.mode.filter(|_| ours(info)) else {
         return Err(missing());
     };
     let options = TunOptions {

@@ -591,8 +591,7 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
     crate::uapi::trusted_dir(&dirs.run_here(&scope))?;
     let path = pid_file(dirs, &scope, name);
     // A pid file tapir did not write is said, not passed over.
-    crate::uapi::read_own_file(&path)?;
-    let recorded = read_pid(&path);
+    let recorded = crate::uapi::read_own_file(&path)?.and_then(|t| t.trim().parse().ok());
     let live = running_pid(dirs, &scope, name);
     let Some(pid) = live.or(recorded) else {
         return Err(format!(

@@ -156,7 +156,6 @@ pub fn attach(tun_path: &Path, name: &IfName, mode: Option<Mode>) -> Result<Read
     } else {
         nl.link(name.as_str())?
     };
-    let existing_info = existing.as_ref().and_then(|l| l.tun.clone());
     let (options, created) = match existing {
         Some(link) => {
             let Some(info) = link.tun.as_ref().filter(|_| link.is_tun()) else {
@@ -188,10 +187,20 @@ pub fn attach(tun_path: &Path, name: &IfName, mode: Option<Mode>) -> Result<Read
             // Attached beside a program that holds it, this would be one
             // more queue, and the kernel shares packets out between queues:
             // it would take that program's packets (a ping lost 3 of 4).
-            let held = info.queues.unwrap_or(0) + info.disabled_queues.unwrap_or(0);
+            let held = crate::dev::open_queues(&link);
             if info.multi_queue && held > 0 {
                 return Err(DevError::Invalid(format!(
                     "{name} is open in another program ({held} queue(s)): attached beside it, this would be another queue of a multi-queue device, which takes packets from the others rather than seeing a copy. To watch its packets meanwhile: tcpdump -i {name}"
+                )));
+            }
+            // Without CAP_NET_ADMIN, only its owner (or group) may attach.
+            if !crate::caps::has_net_admin() && !crate::dev::ours(info) {
+                let me = nix::unistd::geteuid().as_raw();
+                let who = |v: Option<u32>| v.map_or("none".to_string(), |n| n.to_string());
+                return Err(DevError::Permission(format!(
+                    "{name} belongs to user {} and group {}, not to us (uid {me}): only they, or root, may open it (run this with sudo; or have root give it to you: sudo tapir dev add {name} ... --user $USER)",
+                    who(info.owner),
+                    who(info.group)
                 )));
             }
             (
@@ -211,26 +220,6 @@ pub fn attach(tun_path: &Path, name: &IfName, mode: Option<Mode>) -> Result<Read
         return Err(DevError::Permission(format!(
             "there is no device {name} here, and creating one needs CAP_NET_ADMIN: run this with sudo; or have root make it yours (sudo tapir dev add {name} --mode tun|tap --user $USER)"
         )));
-    }
-    if let Some(info) = existing_info
-        .as_ref()
-        .filter(|_| !crate::caps::has_net_admin())
-    {
-        let me = nix::unistd::geteuid().as_raw();
-        let groups = nix::unistd::getgroups().unwrap_or_default();
-        // The kernel's rule: its owner, or a member of its group.
-        let ours = info.owner == Some(me)
-            || info.group.is_some_and(|g| {
-                nix::unistd::getegid().as_raw() == g || groups.iter().any(|x| x.as_raw() == g)
-            });
-        if !ours {
-            let who = |v: Option<u32>| v.map_or("none".to_string(), |n| n.to_string());
-            return Err(DevError::Permission(format!(
-                "{name} belongs to user {} and group {}, not to us (uid {me}): only they, or root, may open it (run this with sudo; or have root give it to you: sudo tapir dev add {name} ... --user $USER)",
-                who(info.owner),
-                who(info.group)
-            )));
-        }
     }
     let dev = TunDevice::open(tun_path, name, options).map_err(|e| match e {
         TunError::Ioctl { source, .. } if source.kind() == std::io::ErrorKind::ResourceBusy => {

@@ -247,7 +247,7 @@ pub fn hooks_are_ours(c: &TunnelConfig) -> Result<(), String> {
     let file = &c.file;
     let m = std::fs::metadata(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let me = nix::unistd::geteuid().as_raw();
-    let why = if m.uid() != me && m.uid() != 0 {
+    let why = if !crate::uapi::root_or_us(m.uid()) {
         Some(format!("belongs to uid {}", m.uid()))
     } else if m.mode() & 0o022 != 0 {
         Some(format!(
@@ -267,7 +267,7 @@ pub fn hooks_are_ours(c: &TunnelConfig) -> Result<(), String> {
     // (whoever may replace the link chooses the file).
     let link = std::fs::symlink_metadata(file).map_err(|e| format!("{}: {e}", file.display()))?;
     if link.file_type().is_symlink() {
-        if link.uid() != me && link.uid() != 0 {
+        if !crate::uapi::root_or_us(link.uid()) {
             return Err(format!(
                 "{}: its {stage} runs as uid {me}, and the link {0} belongs to uid {}, who could point it elsewhere: make the link root's, or give the file's own path",
                 file.display(),

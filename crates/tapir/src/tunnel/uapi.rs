@@ -758,6 +758,11 @@ pub fn ensure_private_dir(dir: &std::path::Path) -> Result<(), String> {
     trusted_above(dir)
 }
 
+/// Whether `uid` is root's or this process's (whose files tapir may act on).
+pub fn root_or_us(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
 /// Checks, before anything in `dir` is read and acted on (a pid to signal,
 /// rules to take back, hooks to run as root), that nobody else could have
 /// put it there: `dir` (if it exists) is root's or ours and closed to
@@ -768,8 +773,7 @@ pub fn trusted_dir(dir: &std::path::Path) -> Result<(), String> {
     let Ok(meta) = std::fs::symlink_metadata(dir) else {
         return trusted_above(dir);
     };
-    let me = nix::unistd::geteuid().as_raw();
-    let owner_ok = meta.uid() == me || meta.uid() == 0;
+    let owner_ok = root_or_us(meta.uid());
     if !meta.is_dir() || !owner_ok || meta.mode() & 0o022 != 0 {
         return Err(format!(
             "{} is not a directory of ours that only we may write (uid {}, mode {:o}): tapir does not act on what it holds; remove it",
@@ -820,11 +824,10 @@ pub fn trusted_dir_and_above(dir: &std::path::Path) -> Result<(), String> {
 /// others unless sticky; `named` for the message.
 fn trusted_chain(start: &std::path::Path, named: &std::path::Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
-    let me = nix::unistd::geteuid().as_raw();
     let dir = named;
     for a in start.ancestors() {
         let m = std::fs::metadata(a).map_err(|e| format!("{}: {e}", a.display()))?;
-        let owner_ok = m.uid() == 0 || m.uid() == me;
+        let owner_ok = root_or_us(m.uid());
         let open = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
         if !owner_ok || open {
             return Err(format!(
@@ -859,8 +862,7 @@ pub fn read_own_file(path: &std::path::Path) -> Result<Option<String>, String> {
     let m = f
         .metadata()
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let me = nix::unistd::geteuid().as_raw();
-    let owner_ok = m.uid() == me || m.uid() == 0;
+    let owner_ok = root_or_us(m.uid());
     if !m.is_file() || !owner_ok || m.mode() & 0o022 != 0 {
         return Err(format!(
             "{} is not a file tapir wrote (uid {}, mode {:o}): not acted on; look at it, then remove it",
