@@ -189,6 +189,8 @@ pub struct Batch {
     /// send from this batch).
     recv_ready: bool,
     recv_dirty: usize,
+    /// The slots the last send dropped (refused or blocked), in order.
+    dropped: Vec<usize>,
 }
 
 // SAFETY: the raw pointers in `iovs` and `hdrs` point only into the Batch's
@@ -248,7 +250,15 @@ impl Batch {
             groups: Vec::with_capacity(count),
             recv_ready: false,
             recv_dirty: 0,
+            dropped: Vec::with_capacity(count),
         }
+    }
+
+    /// The slots whose datagrams the last [`Batch::send_one`] or
+    /// [`Batch::send_gso`] dropped (the kernel refused them, or the socket
+    /// buffer stayed full): what was counted as going out and did not.
+    pub fn dropped(&self) -> &[usize] {
+        &self.dropped
     }
 
     /// For datagram `i` after [`Batch::recv`] on a socket with `UDP_GRO`:
@@ -475,7 +485,7 @@ impl Batch {
     /// the stack only). A full socket buffer is waited out as in
     /// [`Batch::send_gso`].
     pub fn send_one(
-        &self,
+        &mut self,
         fd: BorrowedFd<'_>,
         i: usize,
         len: usize,
@@ -491,6 +501,7 @@ impl Batch {
             ..Sent::default()
         };
         let mut from = from;
+        self.dropped.clear();
         loop {
             let rc = match from {
                 None => raw::sendto(fd, datagram, &to),
@@ -515,6 +526,9 @@ impl Batch {
                     _ => out.refused = 1,
                 },
             }
+            if out.sent == 0 {
+                self.dropped.push(i);
+            }
             return out;
         }
     }
@@ -533,6 +547,7 @@ impl Batch {
         patience: std::time::Duration,
     ) -> Sent {
         let n = n.min(self.capacity());
+        self.dropped.clear();
         if n == 1 {
             // A lone datagram (a ping, an ACK): no runs to look for.
             return self.send_plain(fd, 0, 1, &mut Patience::new(patience));
@@ -601,6 +616,7 @@ impl Batch {
                     for g in m..messages {
                         out.blocked += self.groups[g].1;
                     }
+                    self.dropped.extend(start..n);
                     return out;
                 }
                 Some(libc::EIO) if count > 1 => {
@@ -616,6 +632,7 @@ impl Batch {
                 }
                 Some(libc::EBADF) => {
                     out.refused += n - start;
+                    self.dropped.extend(start..n);
                     return out;
                 }
                 // From a local address that is gone: every datagram from it
@@ -649,6 +666,7 @@ impl Batch {
                 // UDP may, and counted.
                 _ => {
                     out.refused += count;
+                    self.dropped.extend(start..start + count);
                     m += 1;
                 }
             }
@@ -704,6 +722,7 @@ impl Batch {
                 Some(libc::EAGAIN) if patience.left() => wait_writable(fd, patience.deadline()),
                 Some(libc::EAGAIN) | Some(libc::EBADF) => {
                     out.blocked += n - i;
+                    self.dropped.extend(i..n);
                     return out;
                 }
                 // From a local address that is gone: again from the kernel's choice.
@@ -716,6 +735,7 @@ impl Batch {
                 }
                 _ => {
                     out.refused += 1;
+                    self.dropped.push(i);
                     i += 1;
                 }
             }
@@ -1247,6 +1267,35 @@ mod tests {
         assert_eq!(inb.datagram_mut(0).0, &[0u8; 5]);
         assert_eq!(receive(&mut inb, rx.as_fd(), 2), 2, "the two left waiting");
         assert_eq!(inb.datagram_mut(1).0, &[2u8; 5]);
+    }
+
+    #[test]
+    fn what_the_kernel_refuses_is_named_by_its_slot() {
+        let rx = UdpSocket::bind("[::1]:0").unwrap();
+        let tx = UdpSocket::bind("[::1]:0").unwrap();
+        let to = match rx.local_addr().unwrap() {
+            std::net::SocketAddr::V6(a) => a,
+            a => panic!("{a}"),
+        };
+        // Port 0: refused (EINVAL) before anything leaves.
+        let nowhere = SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0);
+        let patience = std::time::Duration::from_millis(100);
+        let mut out = Batch::new(8, 2048);
+        for (i, dest) in [to, to, nowhere, nowhere, to, nowhere].iter().enumerate() {
+            out.set(i, 100, dest);
+        }
+        for gso in [true, false] {
+            let mut on = gso;
+            let r = out.send_gso(tx.as_fd(), 6, &mut on, patience);
+            assert_eq!((r.sent, r.refused, r.blocked), (3, 3, 0), "gso {gso}");
+            assert_eq!(out.dropped(), &[2, 3, 5], "gso {gso}");
+        }
+        let r = out.send_one(tx.as_fd(), 3, 100, &nowhere, None, patience);
+        assert_eq!((r.sent, r.refused), (0, 1));
+        assert_eq!(out.dropped(), &[3]);
+        let r = out.send_one(tx.as_fd(), 1, 100, &to, None, patience);
+        assert_eq!((r.sent, r.refused), (1, 0));
+        assert!(out.dropped().is_empty());
     }
 
     #[test]

@@ -1147,6 +1147,41 @@ fn answers_leave_from_the_address_the_peer_wrote_to() {
     ping(&bed.b, "10.77.0.1");
 }
 
+/// A datagram the kernel refuses (here a firewall's drop on output: EPERM)
+/// never left: `wg show`'s transfer leaves it out, as the kernel's
+/// WireGuard counts only what it sent.
+#[test]
+fn what_the_kernel_refuses_to_send_is_not_counted_as_sent() {
+    require_root!();
+    let bed = bed("refused");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let (a, b) = tapir_sides(&bed, ifname("tra"), ifname("trb"));
+    let _tb = tapir(&bed, &b, &kb, &pa, None, "10.77.0.1/32");
+    let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    ping(&bed.a, "10.77.0.2");
+    let sent = || {
+        let out = sh(bed.a.cmd("wg").args(["show", &a.name, "transfer"]));
+        let tx = out.split_whitespace().nth(2).map(str::parse::<u64>);
+        tx.and_then(Result::ok).unwrap_or_else(|| panic!("{out}"))
+    };
+    let before = sent();
+    nft(
+        &bed.a,
+        "table inet out { chain out { type filter hook output priority 0; udp dport 51820 drop; }; }",
+    );
+    let lost = bed
+        .a
+        .cmd("ping")
+        .args(["-c", "3", "-i", "0.2", "-W", "1", "10.77.0.2"])
+        .output()
+        .unwrap();
+    assert!(!lost.status.success(), "the firewall let the pings through");
+    assert_eq!(sent(), before, "refused datagrams counted as sent");
+    nft(&bed.a, "delete table inet out");
+    ping(&bed.a, "10.77.0.2");
+    assert!(sent() > before);
+}
+
 /// Namespaces joined through router `r` (forwarding, no reverse-path
 /// filter): `links` are (namespace, its device, the router's device), and
 /// `addrs` (namespace, CIDR, device) and `defaults` (namespace, gateway)

@@ -972,7 +972,15 @@ struct Outbox<'a> {
     /// Whether datagrams come with their local address (the host has more
     /// than one: see [`Outbox::check_sources`]); `None` before the first look.
     sticky: Option<bool>,
+    /// Datagrams counted as sent to a peer that did not leave (refused by
+    /// the kernel, a full buffer; over TCP no connection, a full queue):
+    /// taken off the peer's transfer at the next [`Outbox::queue_transmit`].
+    unsent: Vec<(SocketAddr, usize)>,
 }
+
+/// At most this many unsent datagrams wait to be taken off a transfer
+/// (more are forgotten: the count is then high, never the memory).
+const UNSENT_KEPT: usize = 4096;
 
 /// How long a send waits for room in a full socket buffer before dropping.
 const SEND_PATIENCE: Duration = Duration::from_millis(20);
@@ -990,6 +998,7 @@ impl<'a> Outbox<'a> {
             sources,
             cache: SourceCache::default(),
             sticky: None,
+            unsent: Vec::new(),
         }
     }
 
@@ -1110,6 +1119,20 @@ impl<'a> Outbox<'a> {
                 if r.stale_local {
                     self.forget_sources();
                 }
+                if r.refused + r.blocked > 0 {
+                    for &i in self.tx.dropped() {
+                        let (to, len) = match self.pending {
+                            1 => (to, len),
+                            _ => {
+                                let (bytes, to) = self.tx.outgoing(i);
+                                (to, bytes.len())
+                            }
+                        };
+                        if self.unsent.len() < UNSENT_KEPT {
+                            self.unsent.push((from_v6(SocketAddr::V6(to)), len));
+                        }
+                    }
+                }
                 if was && !self.gso_on && c.gso_on.swap(false, Ordering::Relaxed) {
                     eprintln!(
                         "tapir: {}: the kernel refuses segmented UDP sends (EIO): UDP GSO off, one datagram per message",
@@ -1117,7 +1140,12 @@ impl<'a> Outbox<'a> {
                     );
                 }
             }
-            Link::Tcp(t) => t.send(&self.tx, self.pending, now),
+            Link::Tcp(t) => {
+                t.send(&self.tx, self.pending, now);
+                let room = UNSENT_KEPT.saturating_sub(self.unsent.len());
+                let n = t.unsent.len().min(room);
+                self.unsent.extend(t.unsent.drain(..).take(n));
+            }
         }
         self.pending = 0;
     }
@@ -1183,6 +1211,9 @@ impl<'a> Outbox<'a> {
     /// What [`Outbox::transmit`] sends, queued (with the tunnel locked).
     #[inline]
     fn queue_transmit(&mut self, t: &mut Tunnel, now: Instant) {
+        if !self.unsent.is_empty() {
+            self.settle_unsent(t);
+        }
         if !t.may_transmit() {
             return;
         }
@@ -1192,6 +1223,26 @@ impl<'a> Outbox<'a> {
                 break;
             };
             self.push(to, len, now);
+        }
+    }
+
+    /// Takes what did not leave off the transfers it was counted in. (Runs
+    /// to one peer as one: a peer is found by a walk.)
+    #[cold]
+    fn settle_unsent(&mut self, t: &mut Tunnel) {
+        let mut run: Option<(SocketAddr, usize)> = None;
+        for (to, n) in self.unsent.drain(..) {
+            match &mut run {
+                Some((a, m)) if *a == to => *m += n,
+                _ => {
+                    if let Some((a, m)) = run.replace((to, n)) {
+                        t.not_sent(a, m);
+                    }
+                }
+            }
+        }
+        if let Some((a, m)) = run {
+            t.not_sent(a, m);
         }
     }
 
@@ -2269,29 +2320,20 @@ fn inbound_loop(
             let mut t = shared.tunnel();
             ib.release_held(&mut t, out, now, wall_now);
             out.queue_transmit(&mut t, now);
-            // What the TCP transport dropped (no connection yet, a full
-            // queue) was not sent: not counted as sent.
-            // (Runs to one peer as one: a peer is found by a walk.)
-            if let Link::Tcp(tcp) = &mut out.link {
-                let mut run: Option<(SocketAddr, usize)> = None;
-                for (to, n) in tcp.unsent.drain(..) {
-                    match &mut run {
-                        Some((a, m)) if *a == to => *m += n,
-                        _ => {
-                            if let Some((a, m)) = run.replace((to, n)) {
-                                t.not_sent(a, m);
-                            }
-                        }
-                    }
-                }
-                if let Some((a, m)) = run {
-                    t.not_sent(a, m);
+            // What the device half's outbox could not send, while the
+            // outbound thread (which settles it otherwise) is parked.
+            if let Some(Ok(mut h)) = shifts.as_ref().map(|sh| sh.half.try_lock()) {
+                if !h.1.unsent.is_empty() {
+                    h.1.settle_unsent(&mut t);
                 }
             }
             t.next_release(now)
         };
         ib.flush_gro();
         out.flush(now);
+        if !out.unsent.is_empty() {
+            out.settle_unsent(&mut shared.tunnel());
+        }
     }
     Ok(())
 }
