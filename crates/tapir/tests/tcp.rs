@@ -216,6 +216,31 @@ fn a_reset_connection_and_a_restarted_server_recover_within_5_s() {
     assert!(took < Duration::from_secs(5), "resumed after {took:?}");
 }
 
+/// The client's address changes (a new lease, a moved laptop): its
+/// connection, from an address the host no longer has, is given up within
+/// a second or two and dialed again from the new one, not after
+/// `TCP_USER_TIMEOUT`'s 30 s of unanswered segments (UDP takes 3 s).
+#[test]
+fn a_client_whose_address_goes_reconnects_from_its_new_one_in_seconds() {
+    require_root!();
+    let bed = bed("addr");
+    // The second address takes over the subnet's route when the first goes.
+    let _ = bed
+        .a
+        .cmd("sysctl")
+        .args(["-qw", "net.ipv4.conf.va.promote_secondaries=1"])
+        .status();
+    bed.a.ip(&["addr", "add", "10.200.0.11/24", "dev", "va"]);
+    let (ta, _tb, na, _) = tapir_pair(&bed, "ad", "tun");
+    ping(&bed.a, "10.77.0.2");
+    bed.a.ip(&["addr", "del", "10.200.0.1/24", "dev", "va"]);
+    let took = first_reply(&bed.a, "10.77.0.2", Duration::from_secs(40));
+    eprintln!("after the address went: first reply {took:?}");
+    assert!(took < Duration::from_secs(8), "resumed after {took:?}");
+    let st = status_json(&bed.a, &bed.dir, &na, &ta);
+    assert_eq!(st["peers"][0]["connection"], "connected", "{st}");
+}
+
 #[test]
 fn the_client_backs_off_while_the_server_is_away_and_says_so() {
     require_root!();

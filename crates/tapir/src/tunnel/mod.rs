@@ -334,7 +334,7 @@ fn udp_socket(port: u16) -> io::Result<UdpSocket> {
     // allow it, the socket keeps what it has.)
     tapir_sys::mmsg::set_buffer_sizes(socket.as_fd(), SOCKET_BUFFER);
     // (Each datagram's local address is asked for where the host has more
-    // than one: see `Outbox::check_sources`.)
+    // than one: see `Outbox::check_addresses`.)
     Ok(socket)
 }
 
@@ -346,7 +346,7 @@ fn udp_socket(port: u16) -> io::Result<UdpSocket> {
 /// module's are.
 fn move_udp(old: &UdpSocket, port: u16, mark: u32, gro: bool) -> io::Result<()> {
     let new = udp_socket(port)?;
-    // As the old one asked (see `Outbox::check_sources`).
+    // As the old one asked (see `Outbox::check_addresses`).
     tapir_sys::mmsg::set_pktinfo(new.as_fd(), tapir_sys::mmsg::pktinfo(old.as_fd()));
     if mark != 0 {
         socket2::SockRef::from(&new).set_mark(mark)?;
@@ -970,7 +970,7 @@ struct Outbox<'a> {
     sources: &'a Sources,
     cache: SourceCache,
     /// Whether datagrams come with their local address (the host has more
-    /// than one: see [`Outbox::check_sources`]); `None` before the first look.
+    /// than one: see [`Outbox::check_addresses`]); `None` before the first look.
     sticky: Option<bool>,
     /// Datagrams counted as sent to a peer that did not leave (refused by
     /// the kernel, a full buffer; over TCP no connection, a full queue):
@@ -1009,9 +1009,20 @@ impl<'a> Outbox<'a> {
     /// another. Looked at once a second (addresses come and go); only then
     /// are datagrams asked for their local address, which costs a ping
     /// about 0.5 µs at each end, and answers sent with it.
-    fn check_sources(&mut self, nl: &mut Netlink, tunnel: &str) {
-        let Link::Udp(socket) = &self.link else {
-            return;
+    ///
+    /// Over TCP, a connection from an address the host no longer has is
+    /// closed (and dialed again) at once, rather than when its segments
+    /// have gone unanswered for `TCP_USER_TIMEOUT`.
+    fn check_addresses(&mut self, nl: &mut Netlink, tunnel: &str, now: Instant) {
+        let socket = match &mut self.link {
+            Link::Udp(socket) => *socket,
+            Link::Tcp(t) => {
+                if let Ok(addrs) = nl.addresses(None) {
+                    let ips: Vec<IpAddr> = addrs.iter().map(|a| a.local.addr()).collect();
+                    t.close_orphans(&ips, now);
+                }
+                return;
+            }
         };
         let want = !off("TAPIR_STICKY_SOURCE") && {
             let index = nl.link(tunnel).ok().flatten().map(|l| l.index);
@@ -2587,9 +2598,9 @@ impl Timers {
         // need not wait for.)
         let mtu = self.read_mtu(ib, now);
         if mtu.is_some() {
-            // At the same pace: the host's addresses (see `check_sources`).
+            // At the same pace: the host's addresses (see `Outbox::check_addresses`).
             if let Ok(mut nl) = Netlink::open() {
-                out.check_sources(&mut nl, ib.name.as_str());
+                out.check_addresses(&mut nl, ib.name.as_str(), now);
             }
         }
         let mut t = shared.tunnel();

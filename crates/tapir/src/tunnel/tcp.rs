@@ -129,6 +129,8 @@ struct Dial {
 struct Conn {
     stream: TcpStream,
     remote: SocketAddr,
+    /// Its local address (as the host names it: IPv4 unmapped).
+    local: Option<IpAddr>,
     deframer: Deframer,
     out: Vec<u8>,
     out_at: usize,
@@ -346,9 +348,11 @@ impl TcpTransport {
         dial: Option<usize>,
         connecting: bool,
     ) -> usize {
+        let local = stream.local_addr().ok().map(|a| a.ip().to_canonical());
         let conn = Conn {
             stream,
             remote,
+            local,
             deframer: Deframer::new(self.max_message),
             out: Vec::new(),
             out_at: 0,
@@ -797,6 +801,28 @@ impl TcpTransport {
             self.stats.replaced += 1;
             self.close(i, now, None);
         }
+    }
+
+    /// Closes every connection from a local address the host no longer has
+    /// (`addresses`, all of the host's): nothing it sends can leave, and it
+    /// would wait for [`DEAD_AFTER`] to be given up. A dialed one is dialed
+    /// again, from an address the host has. Returns how many it closed.
+    pub fn close_orphans(&mut self, addresses: &[IpAddr], now: Instant) -> usize {
+        if addresses.is_empty() {
+            return 0;
+        }
+        let mut closed = 0;
+        for id in 0..self.conns.len() {
+            let gone = self.conns[id]
+                .as_ref()
+                .and_then(|c| c.local)
+                .filter(|ip| !addresses.contains(ip));
+            if let Some(ip) = gone {
+                self.close(id, now, Some(format!("its local address {ip} went away")));
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// Endpoints whose connection opened since the last call (the tunnel
