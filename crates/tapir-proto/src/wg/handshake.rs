@@ -380,7 +380,7 @@ pub fn write_response(
     h = hash(&[&h, &e_pub]);
     [c] = kdf::<1>(&c, &*dh(&ephemeral, &init.remote_ephemeral)?);
     [c] = kdf::<1>(&c, &*dh(&ephemeral, &peer.public.0)?);
-    let [c2, tau, k] = kdf::<3>(&c, &peer.psk.0);
+    let [c2, tau, k] = kdf::<3>(&c, &*peer.psk.0);
     c = c2;
     h = hash(&[&h, &tau]);
     let empty = &mut out[field::RESP_EMPTY];
@@ -421,7 +421,7 @@ pub fn read_response(
     [c] = kdf::<1>(&c, &*dh(&pending.ephemeral, &e_pub)?);
     let our_secret = Zeroizing::new(id.private.secret().to_bytes());
     [c] = kdf::<1>(&c, &*dh(&our_secret, &e_pub)?);
-    let [c2, tau, k] = kdf::<3>(&c, &peer.psk.0);
+    let [c2, tau, k] = kdf::<3>(&c, &*peer.psk.0);
     let k = Zeroizing::new(k);
     c = c2;
     h = hash(&[&h, &tau]);

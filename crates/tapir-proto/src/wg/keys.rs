@@ -79,21 +79,32 @@ fn hex32(bytes: &[u8; 32]) -> String {
 
 /// Reads 64 hex digits (the form of WireGuard's userspace API).
 pub fn decode_hex32(text: &str) -> Result<[u8; 32], KeyError> {
+    let mut out = [0u8; 32];
+    decode_hex32_into(text, &mut out).map(|()| out)
+}
+
+/// [`decode_hex32`] into `out` (a private key's own place: no copy of it
+/// is returned through the stack).
+fn decode_hex32_into(text: &str, out: &mut [u8; 32]) -> Result<(), KeyError> {
     let text = text.trim().as_bytes();
     if text.len() != 64 {
         return Err(KeyError::Format);
     }
-    let mut out = [0u8; 32];
     for (i, pair) in text.chunks(2).enumerate() {
         let s = std::str::from_utf8(pair).map_err(|_| KeyError::Format)?;
         out[i] = u8::from_str_radix(s, 16).map_err(|_| KeyError::Format)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 fn decode32(text: &str) -> Result<[u8; 32], KeyError> {
-    let text = text.trim();
     let mut out = [0u8; 32];
+    decode32_into(text, &mut out).map(|()| out)
+}
+
+/// [`decode32`] into `out` (as [`decode_hex32_into`]).
+fn decode32_into(text: &str, out: &mut [u8; 32]) -> Result<(), KeyError> {
+    let text = text.trim();
     // Decode into a buffer we can wipe: the text may be a private key.
     let mut buf = [0u8; 33];
     let n = STANDARD
@@ -102,35 +113,45 @@ fn decode32(text: &str) -> Result<[u8; 32], KeyError> {
     let ok = n == 32;
     out.copy_from_slice(&buf[..32]);
     buf.zeroize();
-    if ok { Ok(out) } else { Err(KeyError::Format) }
+    if ok { Ok(()) } else { Err(KeyError::Format) }
 }
 
 /// A private key. Zeroized on drop; its `Debug` shows nothing of it.
+///
+/// Its bytes live in a box of their own: the configurations and tunnels
+/// that hold a key move from function to function by value, and each move
+/// of the bytes themselves would leave a copy in a stack frame that no
+/// drop wipes (a running tunnel had 36 copies on its stacks; now the key
+/// is copied only where it is used, see [`scrub_stack`]).
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
-pub struct PrivateKey([u8; 32]);
+pub struct PrivateKey(Box<[u8; 32]>);
 
 impl PrivateKey {
     /// A key from 32 random bytes, clamped as `wg genkey` does.
     pub fn from_random(mut bytes: [u8; 32]) -> Self {
-        bytes[0] &= 248;
-        bytes[31] &= 127;
-        bytes[31] |= 64;
-        Self(bytes)
+        let mut key = Self(Box::new(bytes));
+        bytes.zeroize();
+        key.0[0] &= 248;
+        key.0[31] &= 127;
+        key.0[31] |= 64;
+        key
     }
 
     /// Reads the base64 form.
     pub fn from_base64(text: &str) -> Result<Self, KeyError> {
-        decode32(text).map(Self)
+        let mut key = Self(Box::new([0; 32]));
+        decode32_into(text, &mut key.0).map(|()| key)
     }
 
     /// Reads the hex form of WireGuard's control socket.
     pub fn from_hex(text: &str) -> Result<Self, KeyError> {
-        decode_hex32(text).map(Self)
+        let mut key = Self(Box::new([0; 32]));
+        decode_hex32_into(text, &mut key.0).map(|()| key)
     }
 
     /// The base64 form (for `tapir genkey` only: never log it).
     pub fn to_base64(&self) -> String {
-        STANDARD.encode(self.0)
+        STANDARD.encode(&self.0[..])
     }
 
     /// Lower-case hex, for WireGuard's root-only control socket (`wg showconf`
@@ -146,7 +167,7 @@ impl PrivateKey {
 
     /// The key as x25519-dalek's secret, for Diffie-Hellman.
     pub(crate) fn secret(&self) -> StaticSecret {
-        StaticSecret::from(self.0)
+        StaticSecret::from(*self.0)
     }
 }
 
@@ -205,24 +226,29 @@ impl std::fmt::Display for PublicKey {
     }
 }
 
-/// A preshared key (`wg genpsk`). Zeroized on drop.
+/// A preshared key (`wg genpsk`). Zeroized on drop; boxed as
+/// [`PrivateKey`] is, so that the peers' configurations move without
+/// copying it.
 #[derive(Clone, Default, Zeroize, ZeroizeOnDrop)]
-pub struct PresharedKey(pub(crate) [u8; 32]);
+pub struct PresharedKey(pub(crate) Box<[u8; 32]>);
 
 impl PresharedKey {
     /// From 32 random bytes.
-    pub fn from_random(bytes: [u8; 32]) -> Self {
-        Self(bytes)
+    pub fn from_random(mut bytes: [u8; 32]) -> Self {
+        let key = Self(Box::new(bytes));
+        bytes.zeroize();
+        key
     }
 
     /// Reads the base64 form.
     pub fn from_base64(text: &str) -> Result<Self, KeyError> {
-        decode32(text).map(Self)
+        let mut key = Self::default();
+        decode32_into(text, &mut key.0).map(|()| key)
     }
 
     /// The base64 form (for `tapir genpsk` only).
     pub fn to_base64(&self) -> String {
-        STANDARD.encode(self.0)
+        STANDARD.encode(&self.0[..])
     }
 
     /// Lower-case hex, for the root-only control socket.
@@ -232,7 +258,7 @@ impl PresharedKey {
 
     /// Whether it is all zeros (no preshared key).
     pub fn is_zero(&self) -> bool {
-        self.0 == [0; 32]
+        *self.0 == [0; 32]
     }
 }
 
