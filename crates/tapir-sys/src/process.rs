@@ -53,3 +53,34 @@ pub fn lock(file: &std::fs::File) -> io::Result<()> {
         }
     }
 }
+
+/// Makes the program `cmd` starts get SIGTERM when this thread ends (the
+/// process killed, even by SIGKILL), as a helper process must not outlive
+/// the one that started it and would clean it up (`PR_SET_PDEATHSIG`). A
+/// parent gone before the child set it makes the start fail.
+pub fn dies_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid is async-signal-safe and reads no memory of ours.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec; it calls
+    // only prctl and getppid (async-signal-safe), allocates nothing and
+    // touches no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGTERM as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}

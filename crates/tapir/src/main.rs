@@ -108,8 +108,8 @@ enum Command {
     },
     /// The lab: two namespaces, a tapir tunnel between them, a ping and a throughput figure; all removed after.
     Demo {
-        /// Seconds of the throughput measurement.
-        #[arg(long, default_value_t = 5)]
+        /// Seconds of the throughput measurement (1 to 60).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=60))]
         seconds: u64,
         /// The same lab with the tunnel over TCP (as through a network that blocks UDP).
         #[arg(long)]
@@ -700,19 +700,33 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             }
         }
         Command::Demo { seconds, tcp, tap } => {
-            let shutdown = shutdown_flag()?;
+            // Which signal asked it to stop (0: none): a closed terminal's
+            // SIGHUP too, which would otherwise leave the lab behind.
+            let signal = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            for sig in [
+                signal_hook::consts::SIGINT,
+                signal_hook::consts::SIGTERM,
+                signal_hook::consts::SIGHUP,
+            ] {
+                signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize)
+                    .context("installing a signal handler")?;
+            }
             let me = std::env::current_exe().context("finding the tapir binary")?;
             let kind = tapir::demo::Kind { tcp, tap };
-            match tapir::demo::run(&me, seconds.clamp(1, 60), kind, &shutdown) {
+            let result = tapir::demo::run(&me, seconds, kind, &signal);
+            let sig = signal.load(std::sync::atomic::Ordering::Relaxed);
+            if sig != 0 {
+                let name = nix::sys::signal::Signal::try_from(sig as i32)
+                    .map_or_else(|_| sig.to_string(), |s| s.as_str().to_owned());
+                eprintln!("tapir: demo interrupted ({name}): everything it created is removed");
+                return Ok(ExitCode::from(128 + sig as u8));
+            }
+            match result {
                 Ok(()) => {
                     println!(
                         "\ndemo done: the tunnel carried a ping and a bulk transfer; nothing is left behind"
                     );
                     Ok(ExitCode::SUCCESS)
-                }
-                Err(e) if shutdown.load(std::sync::atomic::Ordering::Relaxed) => {
-                    eprintln!("tapir: demo {e}: everything it created is removed");
-                    Ok(ExitCode::from(130))
                 }
                 Err(e) => Err(anyhow::anyhow!(
                     "demo: {e}; everything it created is removed"

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tapir_proto::wg::keys::PrivateKey;
@@ -45,18 +45,40 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let mut left = Vec::new();
         for ns in &self.namespaces {
-            let _ = Command::new("ip")
+            let deleted = Command::new("ip")
                 .args(["netns", "del", ns])
                 .stderr(Stdio::null())
-                .status();
+                .status()
+                .is_ok_and(|s| s.success());
+            if !deleted && Path::new("/run/netns").join(ns).exists() {
+                left.push(ns.as_str());
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-        println!(
-            "\n==> cleaned up: namespaces {} removed",
-            self.namespaces.join(" and ")
-        );
+        if !left.is_empty() {
+            eprintln!(
+                "tapir: demo: could not remove namespace {}: ip netns del {}",
+                left.join(" and "),
+                left.join("; ip netns del ")
+            );
+        } else if !self.namespaces.is_empty() {
+            println!(
+                "\n==> cleaned up: namespaces {} removed",
+                self.namespaces.join(" and ")
+            );
+        }
     }
+}
+
+/// A program the demo starts: in a process group of its own, so that a
+/// Ctrl-C at the terminal reaches the demo alone (which ends it in its
+/// turn, by its pid), and ended with the demo if the demo is killed.
+fn started(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    tapir_sys::process::dies_with_parent(cmd);
+    cmd.process_group(0).stdin(Stdio::null())
 }
 
 fn show(cmd: &Command) -> String {
@@ -65,22 +87,61 @@ fn show(cmd: &Command) -> String {
     parts.join(" ")
 }
 
-fn step(cmd: &mut Command) -> Result<String, String> {
+/// Runs `cmd` to its end and returns what it printed; a signal to the demo
+/// ends it at once (by its pid) and the step with "interrupted".
+fn step(cmd: &mut Command, signal: &AtomicUsize) -> Result<String, String> {
     println!("$ {}", show(cmd));
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
+    let mut child = started(cmd)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| format!("{}: {e}", show(cmd)))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        return Err(format!(
-            "{} failed: {}{}",
-            show(cmd),
-            String::from_utf8_lossy(&out.stderr),
-            stdout
-        ));
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    std::thread::scope(|s| {
+        let out = s.spawn(move || read_all(stdout));
+        let err = s.spawn(move || read_all(stderr));
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                break status;
+            }
+            if check(signal).is_err() {
+                end(&mut child);
+                return Err("interrupted".to_string());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stdout = out.join().unwrap_or_default();
+        let stderr = err.join().unwrap_or_default();
+        if !status.success() {
+            return Err(format!("{} failed: {stderr}{stdout}", show(cmd)));
+        }
+        Ok(stdout)
+    })
+}
+
+/// What a program wrote to `pipe`, to its end.
+fn read_all(pipe: Option<impl Read>) -> String {
+    let mut text = Vec::new();
+    if let Some(mut p) = pipe {
+        let _ = p.read_to_end(&mut text);
     }
-    Ok(stdout)
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+/// Ends a program the demo started: SIGTERM, then SIGKILL after 3 s.
+fn end(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn has(program: &str) -> bool {
@@ -88,8 +149,9 @@ fn has(program: &str) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(program).is_file()))
 }
 
-fn check(shutdown: &AtomicBool) -> Result<(), String> {
-    if shutdown.load(Ordering::Relaxed) {
+/// Whether a signal (its number in `signal`, 0 for none) asked the demo to stop.
+fn check(signal: &AtomicUsize) -> Result<(), String> {
+    if signal.load(Ordering::Relaxed) != 0 {
         Err("interrupted".into())
     } else {
         Ok(())
@@ -105,8 +167,11 @@ pub struct Kind {
     pub tap: bool,
 }
 
-/// Runs the demo. `tapir` is the path of this binary (for the tunnel processes).
-pub fn run(tapir: &Path, seconds: u64, kind: Kind, shutdown: &AtomicBool) -> Result<(), String> {
+/// Runs the demo. `tapir` is the path of this binary (for the tunnel
+/// processes); `signal` is set to the number of a signal that asks it to
+/// stop (SIGINT, SIGTERM, SIGHUP), which it then does within a moment,
+/// taking down what it made.
+pub fn run(tapir: &Path, seconds: u64, kind: Kind, signal: &AtomicUsize) -> Result<(), String> {
     if !crate::caps::has_net_admin() {
         return Err(crate::caps::net_admin_missing(
             "the demo (it creates network namespaces)",
@@ -136,18 +201,38 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, shutdown: &AtomicBool) -> Res
 
     println!("==> 1. two network namespaces, joined by a veth pair");
     for ns in [&a, &b] {
-        step(Command::new("ip").args(["netns", "add", ns]))?;
+        // Recorded first: a signal may end the step after the kernel made it.
         lab.namespaces.push(ns.clone());
-        step(Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]))?;
+        step(Command::new("ip").args(["netns", "add", ns]), signal)?;
+        step(
+            Command::new("ip").args(["-n", ns, "link", "set", "lo", "up"]),
+            signal,
+        )?;
     }
-    step(Command::new("ip").args([
-        "link", "add", "veth-a", "netns", &a, "type", "veth", "peer", "name", "veth-b", "netns", &b,
-    ]))?;
-    step(Command::new("ip").args(["-n", &a, "addr", "add", "10.200.0.1/24", "dev", "veth-a"]))?;
-    step(Command::new("ip").args(["-n", &b, "addr", "add", "10.200.0.2/24", "dev", "veth-b"]))?;
-    step(Command::new("ip").args(["-n", &a, "link", "set", "veth-a", "up"]))?;
-    step(Command::new("ip").args(["-n", &b, "link", "set", "veth-b", "up"]))?;
-    check(shutdown)?;
+    step(
+        Command::new("ip").args([
+            "link", "add", "veth-a", "netns", &a, "type", "veth", "peer", "name", "veth-b",
+            "netns", &b,
+        ]),
+        signal,
+    )?;
+    step(
+        Command::new("ip").args(["-n", &a, "addr", "add", "10.200.0.1/24", "dev", "veth-a"]),
+        signal,
+    )?;
+    step(
+        Command::new("ip").args(["-n", &b, "addr", "add", "10.200.0.2/24", "dev", "veth-b"]),
+        signal,
+    )?;
+    step(
+        Command::new("ip").args(["-n", &a, "link", "set", "veth-a", "up"]),
+        signal,
+    )?;
+    step(
+        Command::new("ip").args(["-n", &b, "link", "set", "veth-b", "up"]),
+        signal,
+    )?;
+    check(signal)?;
 
     println!("\n==> 2. a key pair for each end (tapir genkey | tee a.key | tapir pubkey)");
     let random =
@@ -226,8 +311,7 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, shutdown: &AtomicBool) -> Res
         println!("$ {} 2> {} &", show(&cmd), log_path.display());
         let log =
             std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
-        let child = cmd
-            .stdin(Stdio::null())
+        let child = started(&mut cmd)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -239,8 +323,8 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, shutdown: &AtomicBool) -> Res
         if kind.tap { "tap" } else { "tun" },
         if kind.tcp { " (over udp2tcp)" } else { "" }
     );
-    for (ns, dev) in [(&a, "tp-a"), (&b, "tp-b")] {
-        wait_link(ns, dev, shutdown).map_err(|e| {
+    for (i, (ns, dev)) in [(&a, "tp-a"), (&b, "tp-b")].into_iter().enumerate() {
+        wait_link(ns, dev, &mut lab.children[i], signal).map_err(|e| {
             let log = std::fs::read_to_string(dir.join(format!("{dev}.log"))).unwrap_or_default();
             format!("{e}; its log: {}", log.trim())
         })?;
@@ -248,19 +332,22 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, shutdown: &AtomicBool) -> Res
 
     println!("\n==> 4. ping through the tunnel");
     if has("ping") {
-        let out = step(Command::new("ip").args([
-            "netns",
-            "exec",
-            &a,
-            "ping",
-            "-c",
-            "3",
-            "-i",
-            "0.2",
-            "-W",
-            "3",
-            "10.99.0.2",
-        ]))?;
+        let out = step(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                &a,
+                "ping",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "3",
+                "10.99.0.2",
+            ]),
+            signal,
+        )?;
         for line in out
             .lines()
             .filter(|l| l.contains("packet loss") || l.starts_with("rtt"))
@@ -269,10 +356,10 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, shutdown: &AtomicBool) -> Res
         }
     } else {
         println!("   (ping is not installed: a built-in UDP echo through the tunnel instead)");
-        let rtts = udp_echo(&a, &b)?;
+        let rtts = udp_echo(&a, &b, signal)?;
         println!("   3 echoes, round trips {rtts:?}");
     }
-    check(shutdown)?;
+    check(signal)?;
 
     println!("\n==> 5. throughput through the tunnel, {seconds} s");
     if has("iperf3") {
@@ -280,24 +367,26 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, shutdown: &AtomicBool) -> Res
         server.args(["netns", "exec", &b, "iperf3", "-s", "-1", "-B", "10.99.0.2"]);
         println!("$ {} &", show(&server));
         lab.children.push(
-            server
-                .stdin(Stdio::null())
+            started(&mut server)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .map_err(|e| e.to_string())?,
         );
         std::thread::sleep(Duration::from_millis(300));
-        let out = step(Command::new("ip").args([
-            "netns",
-            "exec",
-            &a,
-            "iperf3",
-            "-c",
-            "10.99.0.2",
-            "-t",
-            &seconds.to_string(),
-        ]))?;
+        let out = step(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                &a,
+                "iperf3",
+                "-c",
+                "10.99.0.2",
+                "-t",
+                &seconds.to_string(),
+            ]),
+            signal,
+        )?;
         // iperf3's summary: its column header, then the sender's and the
         // receiver's lines.
         let summary: Vec<&str> = out
@@ -314,10 +403,10 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, shutdown: &AtomicBool) -> Res
         }
     } else {
         println!("   (iperf3 is not installed: a built-in TCP bulk transfer instead)");
-        let gbps = bulk(&a, &b, Duration::from_secs(seconds))?;
+        let gbps = bulk(&a, &b, Duration::from_secs(seconds), signal)?;
         println!("   {gbps:.2} Gbit/s from A to B through the tunnel");
     }
-    check(shutdown)?;
+    check(signal)?;
     drop(lab);
     Ok(())
 }
@@ -340,10 +429,14 @@ fn write_private(path: &Path, text: &str) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn wait_link(ns: &str, dev: &str, shutdown: &AtomicBool) -> Result<(), String> {
+/// Waits for `dev` to appear in `ns`, made by `tunnel` (which must not end first).
+fn wait_link(ns: &str, dev: &str, tunnel: &mut Child, signal: &AtomicUsize) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        check(shutdown)?;
+        check(signal)?;
+        if let Ok(Some(status)) = tunnel.try_wait() {
+            return Err(format!("the tunnel {dev} did not start ({status})"));
+        }
         let ok = Command::new("ip")
             .args(["-n", ns, "link", "show", "dev", dev])
             .stdout(Stdio::null())
@@ -374,16 +467,44 @@ fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T, String> + Send) -> Res
     })
 }
 
-fn udp_echo(a: &str, b: &str) -> Result<Vec<Duration>, String> {
+/// How often a blocking step of the built-in tools looks for a signal.
+const GLANCE: Duration = Duration::from_millis(100);
+
+/// Whether an I/O error is a timeout of a socket's own (`GLANCE`).
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// A datagram on `sock` within `limit`, or an error (a signal: "interrupted").
+fn recv_within(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    limit: Duration,
+    signal: &AtomicUsize,
+) -> Result<(usize, std::net::SocketAddr), String> {
+    sock.set_read_timeout(Some(GLANCE))
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + limit;
+    loop {
+        check(signal)?;
+        match sock.recv_from(buf) {
+            Err(e) if timed_out(&e) && Instant::now() < deadline => {}
+            r => return r.map_err(|e| e.to_string()),
+        }
+    }
+}
+
+fn udp_echo(a: &str, b: &str, signal: &AtomicUsize) -> Result<Vec<Duration>, String> {
     std::thread::scope(|s| {
         let server = s.spawn(|| {
             in_ns(b, || {
                 let sock = UdpSocket::bind("10.99.0.2:7").map_err(|e| e.to_string())?;
-                sock.set_read_timeout(Some(Duration::from_secs(10)))
-                    .map_err(|e| e.to_string())?;
                 let mut buf = [0u8; 64];
                 for _ in 0..3 {
-                    let (n, from) = sock.recv_from(&mut buf).map_err(|e| e.to_string())?;
+                    let (n, from) = recv_within(&sock, &mut buf, Duration::from_secs(10), signal)?;
                     sock.send_to(&buf[..n], from).map_err(|e| e.to_string())?;
                 }
                 Ok(())
@@ -392,16 +513,19 @@ fn udp_echo(a: &str, b: &str) -> Result<Vec<Duration>, String> {
         std::thread::sleep(Duration::from_millis(200));
         let rtts = in_ns(a, || {
             let sock = UdpSocket::bind("10.99.0.1:0").map_err(|e| e.to_string())?;
-            sock.set_read_timeout(Some(Duration::from_secs(5)))
-                .map_err(|e| e.to_string())?;
             let mut out = Vec::new();
             for i in 0..3u8 {
                 let t = Instant::now();
                 sock.send_to(&[i; 32], "10.99.0.2:7")
                     .map_err(|e| e.to_string())?;
                 let mut buf = [0u8; 64];
-                sock.recv_from(&mut buf)
-                    .map_err(|e| format!("no echo through the tunnel: {e}"))?;
+                recv_within(&sock, &mut buf, Duration::from_secs(5), signal).map_err(|e| {
+                    if check(signal).is_err() {
+                        e
+                    } else {
+                        format!("no echo through the tunnel: {e}")
+                    }
+                })?;
                 out.push(t.elapsed());
             }
             Ok(out)
@@ -411,7 +535,7 @@ fn udp_echo(a: &str, b: &str) -> Result<Vec<Duration>, String> {
     })
 }
 
-fn bulk(a: &str, b: &str, duration: Duration) -> Result<f64, String> {
+fn bulk(a: &str, b: &str, duration: Duration, signal: &AtomicUsize) -> Result<f64, String> {
     std::thread::scope(|s| {
         let (tx, rx) = std::sync::mpsc::channel();
         let server = s.spawn(move || {
@@ -422,6 +546,7 @@ fn bulk(a: &str, b: &str, duration: Duration) -> Result<f64, String> {
                 l.set_nonblocking(true).map_err(|e| e.to_string())?;
                 let deadline = Instant::now() + Duration::from_secs(10);
                 let mut c = loop {
+                    check(signal)?;
                     match l.accept() {
                         Ok((c, _)) => break c,
                         Err(e)
@@ -434,14 +559,21 @@ fn bulk(a: &str, b: &str, duration: Duration) -> Result<f64, String> {
                     }
                 };
                 c.set_nonblocking(false).map_err(|e| e.to_string())?;
-                c.set_read_timeout(Some(Duration::from_secs(10)))
+                c.set_read_timeout(Some(GLANCE))
                     .map_err(|e| e.to_string())?;
                 let mut buf = vec![0u8; 1 << 16];
                 let mut total = 0u64;
+                // Ten seconds without a byte is a broken tunnel.
+                let mut last = Instant::now();
                 loop {
+                    check(signal)?;
                     match c.read(&mut buf) {
                         Ok(0) => return Ok(total),
-                        Ok(n) => total += n as u64,
+                        Ok(n) => {
+                            total += n as u64;
+                            last = Instant::now();
+                        }
+                        Err(e) if timed_out(&e) && last.elapsed() < Duration::from_secs(10) => {}
                         Err(e) => return Err(e.to_string()),
                     }
                 }
@@ -460,6 +592,7 @@ fn bulk(a: &str, b: &str, duration: Duration) -> Result<f64, String> {
                 .map_err(|e| e.to_string())?;
             let chunk = vec![0x5au8; 1 << 16];
             while started.elapsed() < duration {
+                check(signal)?;
                 c.write_all(&chunk).map_err(|e| e.to_string())?;
             }
             Ok(())
