@@ -49,6 +49,7 @@ pub mod tun;
 
 pub use ifname::{IfName, NameError};
 pub use netlink::{
-    Address, Link, LinkState, Netlink, NetlinkError, Route, RouteLookup, Rule, TunInfo,
+    Address, Link, LinkState, MAIN_TABLE, Netlink, NetlinkError, RefusingRule, Route, RouteLookup,
+    Rule, TunInfo,
 };
 pub use tun::{DEFAULT_TUN_PATH, Mode, TunDevice, TunError, TunFeatures, TunOptions, offload};

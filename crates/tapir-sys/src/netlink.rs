@@ -275,6 +275,11 @@ pub struct Address {
     pub scope: String,
 }
 
+/// The main routing table (`ip route` without `table`).
+pub const MAIN_TABLE: u32 = 254;
+/// The kernel's table of the host's own and broadcast addresses.
+const LOCAL_TABLE: u32 = 255;
+
 /// A route, as `ip route` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -292,6 +297,47 @@ pub struct Route {
     pub scope: String,
     /// Metric (`RTA_PRIORITY`).
     pub metric: Option<u32>,
+    /// `unicast`, `local`, `broadcast`, `blackhole`, `unreachable`, `prohibit`...
+    pub kind: String,
+    /// The paths of a multipath route (`nexthop via G dev D` each): gateway
+    /// and interface index; empty for a route of one path.
+    pub nexthops: Vec<(Option<IpAddr>, u32)>,
+}
+
+impl Route {
+    /// Whether it sends packets out of interface `index` (alone, or as one
+    /// of its paths).
+    pub fn through(&self, index: u32) -> bool {
+        self.oif == Some(index) || self.nexthops.iter().any(|h| h.1 == index)
+    }
+
+    /// The gateway toward interface `index` (of its path there).
+    pub fn gateway_on(&self, index: u32) -> Option<IpAddr> {
+        if self.oif == Some(index) {
+            return self.gateway;
+        }
+        self.nexthops
+            .iter()
+            .find(|h| h.1 == index)
+            .and_then(|h| h.0)
+    }
+}
+
+/// A policy rule that refuses instead of looking up a table (`ip rule add
+/// ... prohibit`), as far as `explain` tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusingRule {
+    /// IPv6 or IPv4.
+    pub v6: bool,
+    /// Priority (`pref`).
+    pub priority: Option<u32>,
+    /// `blackhole`, `unreachable` or `prohibit`.
+    pub action: String,
+    /// The destinations it applies to (`to PREFIX`); `None`: all.
+    pub to: Option<IpNet>,
+    /// Whether it matches on more than the destination (source, mark,
+    /// interface, ports...), so that it may not apply to every packet.
+    pub narrowed: bool,
 }
 
 /// The kernel's answer to `ip route get`.
@@ -679,6 +725,23 @@ impl Netlink {
             .collect())
     }
 
+    /// Routes that send packets out of interface `index` (of any: `None`),
+    /// in every table but the kernel's local one: through it alone, or as
+    /// one path of a multipath route.
+    pub fn routes_out_of(&mut self, index: Option<u32>) -> Result<Vec<Route>, NetlinkError> {
+        Ok(self
+            .all_routes()?
+            .into_iter()
+            .filter(|r| r.table != LOCAL_TABLE && r.kind == "unicast")
+            .filter(|r| index.is_none_or(|i| r.through(i)))
+            .collect())
+    }
+
+    /// Every route of every table (`ip route show table all`), IPv4 and IPv6.
+    pub fn routes_all(&mut self) -> Result<Vec<Route>, NetlinkError> {
+        self.all_routes()
+    }
+
     /// Routes of table `table`, IPv4 and IPv6.
     pub fn routes_in(&mut self, table: u32) -> Result<Vec<Route>, NetlinkError> {
         Ok(self
@@ -842,6 +905,63 @@ impl Netlink {
         Ok(out)
     }
 
+    /// The policy rules that refuse (`blackhole`, `unreachable`,
+    /// `prohibit`) instead of naming a table, IPv4 then IPv6.
+    pub fn refusing_rules(&mut self) -> Result<Vec<RefusingRule>, NetlinkError> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut msg = RuleMessage::default();
+            msg.header.family = family;
+            let answers = self.request(
+                RouteNetlinkMessage::GetRule(msg),
+                NLM_F_DUMP,
+                "RTM_GETRULE",
+                || "(dump)".into(),
+            )?;
+            for m in answers {
+                let RouteNetlinkMessage::NewRule(r) = m else {
+                    continue;
+                };
+                let action = match r.header.action {
+                    RuleAction::Blackhole => "blackhole",
+                    RuleAction::Unreachable => "unreachable",
+                    RuleAction::Prohibit => "prohibit",
+                    _ => continue,
+                };
+                let mut rule = RefusingRule {
+                    v6: r.header.family == AddressFamily::Inet6,
+                    priority: None,
+                    action: action.into(),
+                    to: None,
+                    narrowed: r.header.src_len > 0
+                        || r.header.tos > 0
+                        || r.header.flags.contains(RuleFlags::Invert),
+                };
+                for a in &r.attributes {
+                    match a {
+                        RuleAttribute::Priority(p) => rule.priority = Some(*p),
+                        RuleAttribute::Destination(d) => {
+                            rule.to = IpNet::new(*d, r.header.dst_len).ok();
+                        }
+                        RuleAttribute::Source(_)
+                        | RuleAttribute::Iifname(_)
+                        | RuleAttribute::Oifname(_)
+                        | RuleAttribute::UidRange(_)
+                        | RuleAttribute::IpProtocol(_)
+                        | RuleAttribute::SourcePortRange(_)
+                        | RuleAttribute::DestinationPortRange(_)
+                        | RuleAttribute::Realm(_)
+                        | RuleAttribute::TunId(_) => rule.narrowed = true,
+                        RuleAttribute::FwMark(m) if *m != 0 => rule.narrowed = true,
+                        _ => {}
+                    }
+                }
+                out.push(rule);
+            }
+        }
+        Ok(out)
+    }
+
     fn rule_message(rule: &Rule) -> RuleMessage {
         let mut msg = RuleMessage::default();
         msg.header.family = if rule.v6 {
@@ -919,6 +1039,25 @@ impl Netlink {
         dst: IpAddr,
         mark: u32,
     ) -> Result<Option<RouteLookup>, NetlinkError> {
+        self.route_lookup(dst, mark, None)
+    }
+
+    /// [`Netlink::route_to`] out of interface `oif` (`ip route get DST oif
+    /// DEV`): a link-local address with its zone.
+    pub fn route_out_of(
+        &mut self,
+        dst: IpAddr,
+        oif: u32,
+    ) -> Result<Option<RouteLookup>, NetlinkError> {
+        self.route_lookup(dst, 0, Some(oif))
+    }
+
+    fn route_lookup(
+        &mut self,
+        dst: IpAddr,
+        mark: u32,
+        oif: Option<u32>,
+    ) -> Result<Option<RouteLookup>, NetlinkError> {
         let mut msg = RouteMessage::default();
         msg.header.address_family = family_of(dst);
         msg.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
@@ -927,6 +1066,9 @@ impl Netlink {
             .push(RouteAttribute::Destination(RouteAddress::from(dst)));
         if mark != 0 {
             msg.attributes.push(RouteAttribute::Mark(mark));
+        }
+        if let Some(i) = oif {
+            msg.attributes.push(RouteAttribute::Oif(i));
         }
         // The routes that refuse answer as an errno, which names them.
         let refused = |kind: &str| {
@@ -1046,6 +1188,7 @@ fn route_from_message(msg: &RouteMessage) -> Option<Route> {
     let mut oif = None;
     let mut table = u32::from(h.table);
     let mut metric = None;
+    let mut nexthops = Vec::new();
     for attr in &msg.attributes {
         match attr {
             RouteAttribute::Destination(a) => dst = route_addr(a),
@@ -1053,6 +1196,18 @@ fn route_from_message(msg: &RouteMessage) -> Option<Route> {
             RouteAttribute::Oif(i) => oif = Some(*i),
             RouteAttribute::Table(t) => table = *t,
             RouteAttribute::Priority(p) => metric = Some(*p),
+            RouteAttribute::MultiPath(hops) => {
+                nexthops = hops
+                    .iter()
+                    .map(|h| {
+                        let via = h.attributes.iter().find_map(|a| match a {
+                            RouteAttribute::Gateway(g) => route_addr(g),
+                            _ => None,
+                        });
+                        (via, h.interface_index)
+                    })
+                    .collect();
+            }
             _ => {}
         }
     }
@@ -1069,6 +1224,8 @@ fn route_from_message(msg: &RouteMessage) -> Option<Route> {
         protocol: format!("{:?}", h.protocol).to_lowercase(),
         scope: scope_name(format!("{:?}", h.scope)),
         metric,
+        kind: format!("{:?}", h.kind).to_lowercase(),
+        nexthops,
     })
 }
 

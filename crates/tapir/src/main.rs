@@ -783,10 +783,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Explain { what, json } => {
-            let e = match what.parse::<std::net::IpAddr>() {
-                Ok(addr) => tapir::explain::address(addr)?,
-                Err(_) => tapir::explain::device(&tapir_sys::IfName::new(&what)?)?,
-            };
+            let e = tapir::explain::explain(&what)?;
             if json {
                 print_json(&e)?;
             } else {

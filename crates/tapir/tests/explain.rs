@@ -226,12 +226,15 @@ fn explain_names_route_kinds_policy_tables_and_other_links() {
     for (addr, words) in [
         (
             "10.61.1.1",
-            "blackhole route: packets to it are dropped silently",
+            "blackhole route (10.61.0.0/16 in table 254): packets to it are dropped silently",
         ),
-        ("10.62.1.1", "prohibit route: packets to it are refused"),
+        (
+            "10.62.1.1",
+            "prohibit route (10.62.0.0/16 in table 254): packets to it are refused",
+        ),
         (
             "10.60.1.1",
-            "unreachable route: packets to it are refused (the sender gets \"No route to host\")",
+            "unreachable route (10.60.0.0/16 in table 254): packets to it are refused (the sender gets \"No route to host\")",
         ),
     ] {
         let (text, json) = explain(a, addr);
@@ -266,5 +269,130 @@ fn explain_names_route_kinds_policy_tables_and_other_links() {
     );
     let (text, _) = explain(a, "lo");
     assert!(text.contains("lo is a loopback link, down"), "{text}");
+    // ...and a loopback address has no route at all then.
+    let (text, _) = explain(a, "127.0.0.1");
+    assert!(
+        text.contains("lo is down") && text.contains("ip link set lo up"),
+        "{text}"
+    );
     a.ip(&["link", "set", "lo", "up"]);
+}
+
+/// `tapir explain WHAT` that fails: its message.
+fn refused(ns: &Netns, what: &str) -> String {
+    let out = ns
+        .cmd(env!("CARGO_BIN_EXE_tapir"))
+        .args(["explain", what])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{what} was taken");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn explain_tells_rules_paths_zones_ports_and_down_links_as_the_kernel_does() {
+    require_root!();
+    let bed = bed("exr");
+    let a = &bed.a;
+    // A policy rule that refuses, not a route: the rule is named.
+    a.ip(&[
+        "rule",
+        "add",
+        "to",
+        "10.63.0.0/16",
+        "prohibit",
+        "pref",
+        "100",
+    ]);
+    a.ip(&[
+        "rule",
+        "add",
+        "to",
+        "10.64.0.0/16",
+        "unreachable",
+        "pref",
+        "101",
+    ]);
+    let (text, _) = explain(a, "10.63.1.1");
+    assert!(
+        text.contains("a policy rule refuses it") && text.contains("ip rule del pref 100"),
+        "{text}"
+    );
+    let (text, _) = explain(a, "10.64.1.1");
+    assert!(
+        text.contains("a policy rule refuses it") && text.contains("ip rule del pref 101"),
+        "{text}"
+    );
+    // Two paths: said to be one of them; each device lists the route.
+    a.ip(&[
+        "link", "add", "exv0", "type", "veth", "peer", "name", "exv1",
+    ]);
+    a.ip(&["addr", "add", "10.66.0.1/24", "dev", "exv0"]);
+    a.ip(&["link", "set", "exv0", "up"]);
+    a.ip(&["link", "set", "exv1", "up"]);
+    a.ip(&[
+        "route",
+        "add",
+        "192.0.2.0/24",
+        "nexthop",
+        "via",
+        "10.200.0.2",
+        "dev",
+        "va",
+        "nexthop",
+        "via",
+        "10.66.0.2",
+        "dev",
+        "exv0",
+    ]);
+    let (text, _) = explain(a, "192.0.2.9");
+    assert!(text.contains("one of the 2 paths"), "{text}");
+    let (text, _) = explain(a, "exv0");
+    assert!(
+        text.contains("192.0.2.0/24 via 10.66.0.2 (one path of several)"),
+        "{text}"
+    );
+    // A route in another table (wg-quick's) is listed with its table.
+    a.ip(&["route", "add", "default", "dev", "exv0", "table", "51821"]);
+    let (text, _) = explain(a, "exv0");
+    assert!(text.contains("default (table 51821)"), "{text}");
+    // Forms that are not an address or a device.
+    assert!(refused(a, "10.66.0.0/24").contains("is a subnet"));
+    assert!(refused(a, "10.66.0.1:80").contains("has a port"));
+    assert!(refused(a, "fe80::1%nosuch").contains("no link named nosuch"));
+    // Link-local: without its zone it names no link; with it, the route.
+    let (text, _) = explain(a, "fe80::1");
+    assert!(text.contains("means nothing without the link"), "{text}");
+    let (text, _) = explain(a, "fe80::1%exv0");
+    assert!(text.contains("routed out of exv0"), "{text}");
+    // IPv4 written as IPv6.
+    let (text, _) = explain(a, "::ffff:10.66.0.5");
+    assert!(
+        text.contains("the IPv4 address 10.66.0.5") && text.contains("routed out of exv0"),
+        "{text}"
+    );
+    // A down tap with an address: nothing routed into it, its address the host's still.
+    a.ip(&["tuntap", "add", "dev", "ext0", "mode", "tap"]);
+    a.ip(&["addr", "add", "10.67.0.1/24", "dev", "ext0"]);
+    let (text, _) = explain(a, "ext0");
+    assert!(
+        text.contains("it is down: nothing is routed into it")
+            && !text.contains("routed into ext0")
+            && !text.contains("but its addresses' own subnets"),
+        "{text}"
+    );
+    let (text, _) = explain(a, "10.67.0.1");
+    assert!(
+        text.contains("ext0 is down: the host still answers") && !text.contains("ping 10.67.0.2"),
+        "{text}"
+    );
+    // A bridge port: its addresses are not reached from the link.
+    a.ip(&["link", "add", "exbr", "type", "bridge"]);
+    a.ip(&["link", "set", "ext0", "master", "exbr"]);
+    let (text, _) = explain(a, "ext0");
+    assert!(
+        text.contains("it is a port of exbr") && text.contains("put them on exbr"),
+        "{text}"
+    );
+    a.ip(&["link", "del", "ext0"]);
 }

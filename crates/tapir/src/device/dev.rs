@@ -18,8 +18,8 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 use serde::Serialize;
 use tapir_sys::{
-    Address, IfName, Link, Mode, NameError, Netlink, NetlinkError, Route, TunDevice, TunError,
-    TunInfo, TunOptions,
+    Address, IfName, Link, MAIN_TABLE, Mode, NameError, Netlink, NetlinkError, Route, TunDevice,
+    TunError, TunInfo, TunOptions,
 };
 
 use crate::{caps, users};
@@ -41,7 +41,7 @@ pub enum DevError {
     NotFound(String),
     /// The device is not a tun/tap device.
     #[error(
-        "{name} is a {kind} device, not tun/tap: tapir dev only changes tun/tap devices (use ip link for others)"
+        "{name} is a {kind} device, not tun/tap: tapir dev works on tun/tap devices only (ip link for others; tapir explain {name} describes any link)"
     )]
     NotTun {
         /// Its name.
@@ -409,7 +409,7 @@ pub struct DeviceView {
     pub disabled_queues: Option<u32>,
     /// Addresses.
     pub addresses: Vec<AddrView>,
-    /// Routes of the main table through this device.
+    /// Routes through this device, of every table but the local one.
     pub routes: Vec<RouteView>,
     /// tun attributes this version does not know: type and hex value.
     pub unknown_attributes: Vec<(u16, String)>,
@@ -517,6 +517,11 @@ pub struct RouteView {
     pub scope: String,
     /// Metric.
     pub metric: Option<u32>,
+    /// Its table, when not the main one (a policy rule sends packets
+    /// there: wg-quick's full tunnels use one).
+    pub table: Option<u32>,
+    /// One of the paths of a multipath route.
+    pub multipath: bool,
 }
 
 fn view(link: &Link, addrs: &[Address], routes: &[Route], held: &[(String, Holder)]) -> DeviceView {
@@ -572,17 +577,19 @@ fn view(link: &Link, addrs: &[Address], routes: &[Route], held: &[(String, Holde
             .collect(),
         routes: routes
             .iter()
-            .filter(|r| r.oif == Some(link.index))
+            .filter(|r| r.through(link.index))
             .map(|r| RouteView {
                 dst: if r.dst.prefix_len() == 0 {
                     "default".into()
                 } else {
                     r.dst.to_string()
                 },
-                via: r.gateway,
+                via: r.gateway_on(link.index),
                 protocol: r.protocol.clone(),
                 scope: r.scope.clone(),
                 metric: r.metric,
+                table: (r.table != MAIN_TABLE).then_some(r.table),
+                multipath: !r.nexthops.is_empty(),
             })
             .collect(),
         unknown_attributes: tun
@@ -598,7 +605,7 @@ pub fn list() -> Result<Vec<DeviceView>, DevError> {
     let mut nl = Netlink::open()?;
     let links = nl.links()?;
     let addrs = nl.addresses(None)?;
-    let routes = nl.routes(None)?;
+    let routes = nl.routes_out_of(None)?;
     let held = holders();
     Ok(links
         .iter()
@@ -613,7 +620,7 @@ pub fn show(name: &str) -> Result<DeviceView, DevError> {
     let mut nl = Netlink::open()?;
     let link = tun_link(&mut nl, &name)?;
     let addrs = nl.addresses(Some(link.index))?;
-    let routes = nl.routes(Some(link.index))?;
+    let routes = nl.routes_out_of(Some(link.index))?;
     Ok(view(&link, &addrs, &routes, &holders()))
 }
 
@@ -764,8 +771,14 @@ pub fn format_show(d: &DeviceView) -> String {
     }
     for r in &d.routes {
         let via = r.via.map(|g| format!(" via {g}")).unwrap_or_default();
+        let table = r.table.map(|t| format!(" table {t}")).unwrap_or_default();
+        let multipath = if r.multipath {
+            " (one path of several)"
+        } else {
+            ""
+        };
         out += &format!(
-            "    route   {}{via} proto {} scope {}\n",
+            "    route   {}{via}{table} proto {} scope {}{multipath}\n",
             r.dst, r.protocol, r.scope
         );
     }

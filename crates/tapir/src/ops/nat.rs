@@ -20,7 +20,8 @@ use std::process::{Command, Stdio};
 use ipnet::IpNet;
 use serde::Serialize;
 
-const TABLE: &str = "tapir_nat";
+/// nftables table of tapir nat's rules (inet family).
+pub(crate) const TABLE: &str = "tapir_nat";
 
 /// One enabled source subnet and its way out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

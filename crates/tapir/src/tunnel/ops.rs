@@ -31,7 +31,7 @@ use crate::config::Ops;
 use crate::dev::DevError;
 
 /// The main routing table.
-const MAIN: u32 = 254;
+const MAIN: u32 = tapir_sys::MAIN_TABLE;
 /// Where wg-quick starts looking for a free table.
 const FIRST_TABLE: u32 = 51820;
 
