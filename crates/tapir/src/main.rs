@@ -97,6 +97,9 @@ enum Command {
         name: String,
     },
     /// Show this namespace's tunnels (started with up or run): peers, endpoints, handshakes, transfer.
+    #[command(
+        after_help = "Exit status: 0 when the tunnels asked about run, 3 when one does not (as systemctl status), 1 on an error."
+    )]
     Status {
         /// One tunnel; default: all.
         name: Option<String>,

@@ -751,8 +751,8 @@ pub struct TunnelStatus {
     pub public_key: Option<String>,
     /// UDP port.
     pub listen_port: Option<u16>,
-    /// How packets move.
-    pub datapath: String,
+    /// How packets move (`None`: not running).
+    pub datapath: Option<String>,
     /// tun or tap.
     pub mode: Option<String>,
     /// udp or tcp.
@@ -766,7 +766,6 @@ pub struct TunnelStatus {
     pub log: Option<PathBuf>,
     /// Why a process that runs did not answer (its control socket is
     /// root's: a user gets EACCES).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub unanswered: Option<String>,
 }
 
@@ -814,6 +813,9 @@ fn b64(hex: &str) -> String {
 /// namespace: those with a pid file (`tapir up`) and those answering on a
 /// control socket (`tapir run`).
 pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, String> {
+    if let Some(n) = name {
+        tapir_sys::IfName::new(n).map_err(|e| e.to_string())?;
+    }
     let scope = Scope::current()?;
     crate::uapi::trusted_dir(&dirs.run_here(&scope))?;
     let listed = |dir: PathBuf, suffix: &str| -> Vec<String> {
@@ -862,7 +864,7 @@ pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, Stri
             running: false,
             public_key: None,
             listen_port: None,
-            datapath: String::new(),
+            datapath: None,
             mode: None,
             transport: None,
             counters: Default::default(),
@@ -884,7 +886,7 @@ pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, Stri
                         match key {
                             "mode" => t.mode = Some(v),
                             "transport" => t.transport = Some(v),
-                            "datapath" => t.datapath = v,
+                            "datapath" => t.datapath = Some(v),
                             "public_key" => t.public_key = Some(b64(&v)),
                             "peer" => {
                                 let b = b64(&v);
@@ -1035,7 +1037,7 @@ pub fn format(tunnels: &[TunnelStatus]) -> String {
             t.mode.as_deref().unwrap_or("tun"),
             t.transport.as_deref().unwrap_or("udp"),
             t.listen_port.unwrap_or(0),
-            t.datapath
+            t.datapath.as_deref().unwrap_or("?")
         );
         let counters: Vec<String> = t
             .counters
