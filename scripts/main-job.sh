@@ -16,7 +16,7 @@ command -v ip >/dev/null || {
 
 echo "==> building tapir"
 cargo build --release --locked -q -p tapir
-tapir=$PWD/target/release/tapir
+tapir=${CARGO_TARGET_DIR:-$PWD/target}/release/tapir
 
 step() {
     echo
