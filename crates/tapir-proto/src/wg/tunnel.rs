@@ -535,11 +535,20 @@ fn frame_claims(frame: &[u8]) -> Result<[Option<IpAddr>; 2], ()> {
         }
         0x86dd => {
             let ip = ip_address(l3, false).ok_or(())?;
-            let next = *l3.get(6).ok_or(())?;
-            let without_address = ip.is_unspecified() && matches!(next, 0 | 58);
-            // A Neighbor Advertisement (ICMPv6 type 136) and its target.
-            let target = if next == 58 && l3.get(40) == Some(&136) {
-                let t: [u8; 16] = l3.get(48..64).ok_or(())?.try_into().map_err(|_| ())?;
+            let (upper, at) = ipv6_upper(l3)?;
+            let icmp = if upper == 58 { l3.get(at) } else { None };
+            // Without an address: duplicate address detection's neighbour
+            // solicitation and the MLD reports sent meanwhile, nothing else.
+            let without_address =
+                ip.is_unspecified() && matches!(icmp, Some(&(135 | 131 | 132 | 143)));
+            // A Neighbor Advertisement (ICMPv6 type 136) and its target,
+            // behind whatever extension headers come first.
+            let target = if icmp == Some(&136) {
+                let t: [u8; 16] = l3
+                    .get(at + 8..at + 24)
+                    .ok_or(())?
+                    .try_into()
+                    .map_err(|_| ())?;
                 Some(IpAddr::from(t))
             } else {
                 None
@@ -553,6 +562,38 @@ fn frame_claims(frame: &[u8]) -> Result<[Option<IpAddr>; 2], ()> {
         }
         _ => Ok([None, None]),
     }
+}
+
+/// The upper-layer protocol of IPv6 packet `ip` and where its header
+/// starts, past the extension headers (hop-by-hop, routing, destination
+/// options, a first fragment's header). A later fragment, ESP or an
+/// unknown header ends the walk there: its protocol is reported, with
+/// nothing of an upper layer to read. `Err`: an extension header cut short.
+fn ipv6_upper(ip: &[u8]) -> Result<(u8, usize), ()> {
+    let mut next = *ip.get(6).ok_or(())?;
+    let mut at = 40;
+    for _ in 0..8 {
+        match next {
+            // Hop-by-hop, routing, destination options: length in 8-octet
+            // units past the first 8.
+            0 | 43 | 60 => {
+                let h = ip.get(at..at + 2).ok_or(())?;
+                next = h[0];
+                at += 8 + usize::from(h[1]) * 8;
+            }
+            44 => {
+                let h = ip.get(at..at + 8).ok_or(())?;
+                let offset = u16::from_be_bytes([h[2], h[3]]) >> 3;
+                if offset != 0 {
+                    return Ok((44, at));
+                }
+                next = h[0];
+                at += 8;
+            }
+            _ => return Ok((next, at)),
+        }
+    }
+    Err(())
 }
 
 fn expired(t: &Timed, now: Instant) -> bool {

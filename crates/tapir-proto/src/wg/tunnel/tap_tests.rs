@@ -395,7 +395,16 @@ fn what_a_frame_claims_is_checked_under_tags_and_without_an_address() {
     let own = ipv4([10, 0, 0, 1], 1, &icmp);
     let other = ipv4([10, 0, 0, 9], 1, &icmp);
     let (v4, v6, q, ad) = (0x0800, 0x86dd, 0x8100, 0x88a8);
-    let cases: [(&[u16], Vec<u8>, bool, &str); 13] = [
+    // Behind a hop-by-hop header (router alert) or destination options.
+    let behind = |header: u8, upper: &[u8]| {
+        let mut m = vec![58, 0, 5, 2, 0, 0, 1, 0];
+        if header == 60 {
+            m = vec![58, 0, 1, 4, 0, 0, 0, 0];
+        }
+        m.extend_from_slice(upper);
+        m
+    };
+    let cases: [(&[u16], Vec<u8>, bool, &str); 17] = [
         (&[v4], own.clone(), true, "its own address"),
         (&[q, v4], own.clone(), true, "one tag"),
         (&[q, v4], other.clone(), false, "another's, one tag"),
@@ -437,6 +446,30 @@ fn what_a_frame_claims_is_checked_under_tags_and_without_an_address() {
             false,
             "another's IPv6 address",
         ),
+        (
+            &[v6],
+            ipv6("fd00::1", 0, &behind(0, &advert("fd00::2"))),
+            false,
+            "advertising another's behind a hop-by-hop header",
+        ),
+        (
+            &[v6],
+            ipv6("fd00::1", 60, &behind(60, &advert("fd00::1"))),
+            true,
+            "advertising its own behind destination options",
+        ),
+        (
+            &[v6],
+            ipv6("::", 58, &[128, 0, 0, 0, 0, 0, 0, 0]),
+            false,
+            "a ping from ::",
+        ),
+        (
+            &[v6],
+            ipv6("::", 0, &behind(0, &[143, 0, 0, 0, 0, 0, 0, 0])),
+            true,
+            "an MLD report from ::",
+        ),
     ];
     let mut passed = 0;
     for (types, l3, passes, what) in cases {
@@ -446,7 +479,7 @@ fn what_a_frame_claims_is_checked_under_tags_and_without_an_address() {
         assert_eq!(n.tap[0].len(), passed, "{what}: {:?}", n.drops);
     }
     let d = &n.nodes[0].peers().next().unwrap().2.drops;
-    assert_eq!(d.not_allowed, 6, "{:?}", n.drops);
+    assert_eq!(d.not_allowed, 8, "{:?}", n.drops);
 }
 
 #[test]
