@@ -136,6 +136,9 @@ pub struct Drops {
     pub rate_tx: u64,
     /// Leaving while a handshake runs and the queue was full.
     pub queue_full: u64,
+    /// Tap mode: a frame to one MAC, this peer's by the switch, for an IP
+    /// address outside the peer's allowed IPs: not sent to it.
+    pub not_theirs: u64,
 }
 
 /// What a tunnel's data carries.
@@ -436,6 +439,26 @@ fn ip_address(packet: &[u8], dst: bool) -> Option<IpAddr> {
             let b: [u8; 16] = packet.get(at..at + 16)?.try_into().ok()?;
             Some(IpAddr::from(b))
         }
+        _ => None,
+    }
+}
+
+/// The destination of a frame sent to one MAC (not a group) that carries
+/// IPv4 or IPv6, under up to two VLAN tags.
+fn frame_unicast_destination(frame: &[u8]) -> Option<IpAddr> {
+    if frame.first()? & 1 != 0 {
+        return None;
+    }
+    let mut at = 12;
+    let mut ethertype = u16::from_be_bytes(frame.get(12..14)?.try_into().ok()?);
+    for _ in 0..2 {
+        if ethertype == 0x8100 || ethertype == 0x88a8 {
+            ethertype = u16::from_be_bytes(frame.get(at + 4..at + 6)?.try_into().ok()?);
+            at += 4;
+        }
+    }
+    match ethertype {
+        0x0800 | 0x86dd => ip_address(frame.get(at + 2..)?, true),
         _ => None,
     }
 }
@@ -1127,6 +1150,22 @@ impl Tunnel {
         }
     }
 
+    /// Tap mode: whether `frame` may go to peer `p`. A frame to one MAC that
+    /// carries IP goes only to a peer whose allowed IPs (when it has any)
+    /// hold its destination, as a tun tunnel routes by them: a peer that
+    /// takes over another's MAC gets none of the other's traffic. Counted
+    /// against `p` when not.
+    fn theirs(&mut self, p: usize, frame: &[u8]) -> bool {
+        let peer = &mut self.peers[p];
+        let ok = peer.config.allowed_ips.is_empty()
+            || frame_unicast_destination(frame)
+                .is_none_or(|ip| peer.config.allowed_ips.iter().any(|n| n.contains(&ip)));
+        if !ok {
+            peer.stats.drops.not_theirs += 1;
+        }
+        ok
+    }
+
     /// Where a packet (tun) or frame (tap) read from the device goes, by its
     /// headers alone: the allowed-IPs lookup, or the switch (learning its
     /// source as local). The segments of one TSO super-packet share their
@@ -1150,8 +1189,9 @@ impl Tunnel {
                 // What leaves through the tap was sent from this side.
                 let _ = self.switch.learn(now, src, Port::Local);
                 match self.switch.lookup(now, &dst) {
-                    Destination::Port(Port::Peer(k)) => match self.by_key.get(&k) {
-                        Some(&p) => Target::Peer(p),
+                    Destination::Port(Port::Peer(k)) => match self.by_key.get(&k).copied() {
+                        Some(p) if self.theirs(p, packet) => Target::Peer(p),
+                        Some(_) => Target::Nowhere(Encapsulated::NoRoute),
                         None => Target::Flood,
                     },
                     Destination::Port(Port::Local) => Target::Nowhere(Encapsulated::NoRoute),
@@ -1174,6 +1214,12 @@ impl Tunnel {
         buf: &mut [u8],
         len: usize,
     ) -> Encapsulated {
+        if self.layer == Layer::Ethernet
+            && p < self.peers.len()
+            && !self.theirs(p, buf.get(16..16 + len).unwrap_or_default())
+        {
+            return Encapsulated::NoRoute;
+        }
         match self.prepare_to(p, now, wall, rng, buf, len) {
             Sealing::Seal { job, to } => match job.seal(buf, len) {
                 Ok(len) => Encapsulated::Send { to, len },

@@ -2948,6 +2948,7 @@ fn extras(t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) -> St
                 ("rate_rx", dr.rate_rx),
                 ("rate_tx", dr.rate_tx),
                 ("queue_full", dr.queue_full),
+                ("not_theirs", dr.not_theirs),
                 ("invalid", s.dropped),
             ],
         );

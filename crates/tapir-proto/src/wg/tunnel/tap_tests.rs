@@ -605,3 +605,48 @@ fn arriving_traffic_over_the_rate_waits_and_comes_out_in_order() {
     let dropped = (70 - direct - held) as u64;
     assert_eq!(n.nodes[0].peers().next().unwrap().2.drops.rate_rx, dropped);
 }
+
+/// An IPv4 frame from MAC `src` to MAC `dst`, addresses `from` to `to`.
+fn ipv4_frame(dst: Mac, src: Mac, from: [u8; 4], to: [u8; 4]) -> Vec<u8> {
+    let mut l3 = ipv4(from, 17, &[0, 9, 0, 9, 0, 8, 0, 0]);
+    l3[16..20].copy_from_slice(&to);
+    let mut f = tagged(src, &[0x0800], &l3);
+    f[0..6].copy_from_slice(&dst);
+    f
+}
+
+#[test]
+fn a_spoke_that_takes_anothers_mac_gets_none_of_its_traffic() {
+    // Spoke 1 may use 10.0.0.1 alone; spoke 2 is 10.0.0.2 (unrestricted).
+    let mut n = Net::new(&["10.0.0.1/32"], [Layer::Ethernet; 3]);
+    n.warm_up();
+    // Spoke 1 sends as spoke 2's MAC (from its own address): the hub's
+    // switch moves that MAC to spoke 1.
+    n.send(
+        1,
+        &ipv4_frame(MAC[0], MAC[2], [10, 0, 0, 1], [10, 0, 0, 100]),
+    );
+    n.run();
+    assert_eq!(n.tap[0].len(), 1, "{:?}", n.drops);
+    // The hub writes to spoke 2's MAC and address: not to spoke 1.
+    let to_victim = ipv4_frame(MAC[2], MAC[0], [10, 0, 0, 100], [10, 0, 0, 2]);
+    assert_eq!(n.send(0, &to_victim), Encapsulated::NoRoute);
+    n.run();
+    assert!(n.tap[1].is_empty(), "spoke 1 got spoke 2's traffic");
+    let (_, _, s) = n.nodes[0].peers().next().unwrap();
+    assert_eq!(s.drops.not_theirs, 1);
+    // What is for spoke 1's own address still reaches it, whatever MAC.
+    n.send(
+        0,
+        &ipv4_frame(MAC[2], MAC[0], [10, 0, 0, 100], [10, 0, 0, 1]),
+    );
+    n.run();
+    assert_eq!(n.tap[1].len(), 1);
+    // A broadcast frame is not held to a destination.
+    n.send(
+        0,
+        &tagged(MAC[0], &[0x0800], &ipv4([10, 0, 0, 100], 17, &[0; 8])),
+    );
+    n.run();
+    assert_eq!(n.tap[1].len(), 2);
+}
