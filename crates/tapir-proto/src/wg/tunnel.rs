@@ -741,6 +741,12 @@ impl Tunnel {
         self.peers.len()
     }
 
+    /// The public key of peer `p` (an index is good only while the tunnel
+    /// stays locked: a removal shifts those after it).
+    pub fn peer_key(&self, p: usize) -> Option<PublicKey> {
+        self.peers.get(p).map(|peer| peer.config.public)
+    }
+
     /// The peer whose endpoint is `at` (a walk over the peers: for what
     /// happens once a connection, not once a packet).
     pub fn peer_at(&self, at: SocketAddr) -> Option<PublicKey> {

@@ -1445,15 +1445,18 @@ impl<'a> Outbound<'a> {
                 Target::Peer(p) => {
                     // A lone packet keeps the lock from its route to its
                     // counter (one round trip, not two); the segments of a
-                    // super-packet are cut without it.
-                    let held = if hdr.is_gso() {
+                    // super-packet are cut without it, and their peer is
+                    // found again by its key (a removal meanwhile shifts
+                    // the indices: they must not be sealed for another).
+                    let (held, key) = if hdr.is_gso() {
+                        let key = t.peer_key(p);
                         drop(t);
-                        None
+                        (None, key)
                     } else {
-                        Some(t)
+                        (Some(t), None)
                     };
                     let segments = (&hdr, &*packet, l2, count);
-                    sealer.seal_segments(shared, held, out, p, segments, now, wall)
+                    sealer.seal_segments(shared, held, out, (p, key), segments, now, wall)
                 }
                 Target::Flood => {
                     // Broadcasts and unknown destinations (tap mode): a
@@ -1485,14 +1488,15 @@ impl<'a> Outbound<'a> {
 impl Sealer {
     /// The `count` segments of one read, all for peer `p`: cut into free
     /// slots, counters taken with the tunnel locked (`held`: already), sealed
-    /// without it.
+    /// without it. With `key`, the lock was let go since `p` was found: the
+    /// peer is looked up again by its key each time it is taken.
     #[allow(clippy::too_many_arguments)]
     fn seal_segments(
         &mut self,
         shared: &Shared,
         mut held: Option<MutexGuard<'_, Tunnel>>,
         out: &mut Outbox,
-        p: usize,
+        (p, key): (usize, Option<PublicKey>),
         (hdr, packet, l2, count): (&VnetHeader, &[u8], usize, usize),
         now: Instant,
         wall: Duration,
@@ -1505,6 +1509,9 @@ impl Sealer {
                 return;
             };
             let mut t = held.unwrap_or_else(|| shared.tunnel());
+            let Some(p) = key.map_or(Some(p), |k| t.peer_index(&k)) else {
+                return;
+            };
             let sealing = t.prepare_to(p, now, wall, &mut self.rng, slot, len);
             drop(t);
             if let Sealing::Seal { job, to } = sealing {
@@ -1529,6 +1536,9 @@ impl Sealer {
             let complete = self.lens.len() == want;
             {
                 let mut t = held.take().unwrap_or_else(|| shared.tunnel());
+                let Some(p) = key.map_or(Some(p), |k| t.peer_index(&k)) else {
+                    return;
+                };
                 for (j, &len) in self.lens.iter().enumerate() {
                     let slot = out.tx.slot_mut(first + j);
                     if let Sealing::Seal { job, to } =
