@@ -1721,7 +1721,10 @@ impl<'a> Inbound<'a> {
                     }),
                     // Handshakes and cookies: answered through poll_transmit.
                     Received::Done(Decapsulated::Dropped(_)) => {}
-                    Received::Done(_) => out.authenticated(from, local, &t, now),
+                    Received::Done(_) if proves_a_peer(&slot[at..at + len]) => {
+                        out.authenticated(from, local, &t, now)
+                    }
+                    Received::Done(_) => {}
                 }
                 at += len;
             }
@@ -1785,7 +1788,9 @@ impl<'a> Inbound<'a> {
         }
         let msg = &slot[..len];
         let deliver = self.dispatch(&mut t, d, msg, out, now, wall);
-        out.authenticated(from, local, &t, now);
+        if proves_a_peer(msg) {
+            out.authenticated(from, local, &t, now);
+        }
         drop(t);
         if let Some(range) = deliver {
             self.deliver(slot, range);
@@ -1836,6 +1841,13 @@ impl<'a> Inbound<'a> {
         }
         self.held = held;
     }
+}
+
+/// Whether a message the tunnel took shows that its sender holds a peer's
+/// key: a handshake or data, not a cookie reply (whose key is derived from
+/// our public key, and which anyone who saw our handshake can make).
+fn proves_a_peer(msg: &[u8]) -> bool {
+    msg.first() != Some(&3)
 }
 
 /// [`Tunnel::decapsulate`] with the tunnel locked, for what
