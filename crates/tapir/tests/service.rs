@@ -935,3 +935,52 @@ fn ups_at_once_start_one_tunnel_and_the_others_say_so() {
         "a lock left behind"
     );
 }
+
+/// Ten thousand routed allowed IPs: `up` makes a route for each (it read
+/// every table again for each route, and gave up after 15 s), a reload
+/// gives a prefix inside another peer's wider one a route of its own (it
+/// was skipped as covered, and left routeless when the wider one went),
+/// and `down` takes them all back.
+#[test]
+fn ten_thousand_routes_come_and_go_and_a_covered_prefix_keeps_its_own() {
+    require_root!();
+    let e = env("routes");
+    let n = name("trt");
+    let pubkey = || support_pipe(TAPIR, &["pubkey"], &key()).trim().to_owned();
+    let (p2, p3) = (pubkey(), pubkey());
+    let many: Vec<String> = (0..10_000)
+        .map(|i| format!("10.90.{}.{}/32", i / 250, 1 + i % 250))
+        .collect();
+    let text = |wide: bool, narrow: bool| {
+        format!(
+            "{}[Peer]\nPublicKey = {p2}\nAllowedIPs = 10.89.0.2/32{}\n[Peer]\nPublicKey = {p3}\nAllowedIPs = 10.89.0.3/32{}\n",
+            tunnel_text(51840, 5, "").replace(
+                "AllowedIPs = 10.88.5.2/32",
+                &format!("AllowedIPs = {}", many.join(", "))
+            ),
+            if wide { ", 10.251.0.0/16" } else { "" },
+            if narrow { ", 10.251.0.2/32" } else { "" },
+        )
+    };
+    let conf = e.file(&format!("{n}.conf"), &text(false, false), "600");
+    e.ok(&["up", conf.to_str().unwrap()]);
+    let routes = |what: &[&str]| {
+        let mut args = vec!["route", "show"];
+        args.extend_from_slice(what);
+        args.extend_from_slice(&["dev", &n]);
+        e.ns.cmd("ip").args(&args).output().unwrap().stdout
+    };
+    let count = String::from_utf8_lossy(&routes(&[])).lines().count();
+    assert!(count >= 10_002, "{count} routes");
+    // The wider prefix (one peer's) listed before the narrower (another's).
+    e.file(&format!("{n}.conf"), &text(true, true), "600");
+    e.ok(&["reload", &n]);
+    e.file(&format!("{n}.conf"), &text(false, true), "600");
+    e.ok(&["reload", &n]);
+    assert!(
+        !routes(&["10.251.0.2/32"]).is_empty(),
+        "10.251.0.2/32 has no route once 10.251.0.0/16 went"
+    );
+    e.ok(&["down", &n]);
+    e.assert_clean(&n);
+}

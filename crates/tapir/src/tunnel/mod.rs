@@ -634,14 +634,15 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
     // once the more specific routes are there.
     let mut routes = routes;
     routes.sort_by_key(|n| std::cmp::Reverse(n.prefix_len()));
+    let mut book = ops::DeviceRoutes::read(&mut nl, index)?;
     for net in &routes {
         match config.ops.table {
             Table::Off => {}
-            Table::Id(t) => ops::add_route(&mut nl, index, name.as_str(), net.trunc(), Some(t))?,
+            Table::Id(t) => book.add(&mut nl, name.as_str(), net.trunc(), Some(t))?,
             Table::Auto if net.prefix_len() == 0 => {
                 applied.default_route(&mut nl, index, net.trunc(), config.ops.fwmark)?;
             }
-            Table::Auto => ops::add_route(&mut nl, index, name.as_str(), net.trunc(), None)?,
+            Table::Auto => book.add(&mut nl, name.as_str(), net.trunc(), None)?,
         }
     }
     // The tunnel's own packets carry the mark: policy routing keeps them

@@ -551,70 +551,108 @@ impl Drop for Applied {
     }
 }
 
-/// The route to `net` through the tunnel's device `index` (named `dev`),
-/// in `table` (`None`: main), as wg-quick adds it: not where a route of the
-/// device already covers `net` in main (its address's prefix route), and
-/// refused, naming the holder, where another device has that very route
-/// (traffic for `net` would pass the tunnel by; wg-quick fails the same).
-pub fn add_route(
-    nl: &mut Netlink,
+/// The routes through the tunnel's device, read once (one dump of every
+/// table) and kept as [`DeviceRoutes::add`] and [`DeviceRoutes::del`]
+/// change them: a dump for each route made 10,000 allowed IPs take
+/// minutes (quadratic), and `up` gave up on them.
+pub struct DeviceRoutes {
     index: u32,
-    dev: &str,
-    net: IpNet,
-    table: Option<u32>,
-) -> Result<(), DevError> {
-    if table.is_none() && nl.routes(Some(index))?.iter().any(|r| r.dst.contains(&net)) {
-        return Ok(());
-    }
-    let added = match table {
-        Some(t) => nl.add_route_in(index, net, t),
-        None => nl.add_route(index, net, None),
-    };
-    match added {
-        Err(e) if e.errno() == Some(libc::EEXIST) => {
-            let t = table.unwrap_or(MAIN);
-            let holder = nl
-                .routes_in(t)?
-                .into_iter()
-                .find(|r| r.dst == net)
-                .and_then(|r| r.oif)
-                .and_then(|i| nl.links().ok()?.into_iter().find(|l| l.index == i))
-                .map_or_else(|| "another route".to_string(), |l| l.name);
-            Err(DevError::Invalid(format!(
-                "AllowedIPs {net}: {holder} already has the route to {net}{} (ip route show {net}{}), so its traffic would not go through {dev}: remove that route, or leave {net} out of AllowedIPs (Table = off adds no routes)",
-                if t == MAIN {
-                    String::new()
-                } else {
-                    format!(" in table {t}")
-                },
-                if t == MAIN {
-                    String::new()
-                } else {
-                    format!(" table {t}")
-                },
-            )))
-        }
-        other => other.map_err(DevError::from),
-    }
+    /// The kernel's own routes through the device in main: its addresses'
+    /// subnets, which cover the allowed IPs inside them.
+    kernel: Vec<IpNet>,
+    /// The other routes through the device: (prefix, table).
+    added: std::collections::HashSet<(IpNet, u32)>,
 }
 
-/// Takes back the route to `net` that [`add_route`] added (one a route of
-/// the kernel's, an address's prefix, covered is left alone).
-pub fn del_route(
-    nl: &mut Netlink,
-    index: u32,
-    net: IpNet,
-    table: Option<u32>,
-) -> Result<(), DevError> {
-    let t = table.unwrap_or(MAIN);
-    let ours = nl
-        .routes_in(t)?
-        .iter()
-        .any(|r| r.dst == net && r.oif == Some(index) && r.protocol != "kernel");
-    if ours {
-        nl.del_route_in(index, net, t)?;
+impl DeviceRoutes {
+    /// The routes through device `index` now.
+    pub fn read(nl: &mut Netlink, index: u32) -> Result<Self, DevError> {
+        let all = nl.routes_all()?;
+        let through = |r: &&tapir_sys::Route| r.oif == Some(index);
+        Ok(Self {
+            index,
+            kernel: all
+                .iter()
+                .filter(through)
+                .filter(|r| r.table == MAIN && r.protocol == "kernel")
+                .map(|r| r.dst)
+                .collect(),
+            added: all
+                .iter()
+                .filter(through)
+                .filter(|r| r.protocol != "kernel")
+                .map(|r| (r.dst, r.table))
+                .collect(),
+        })
     }
-    Ok(())
+
+    /// The route to `net` through the device (named `dev`), in `table`
+    /// (`None`: main), as wg-quick adds it: not where an address's subnet
+    /// on the device covers `net` already, nor twice; and refused, naming
+    /// the holder, where another device has that very route (traffic for
+    /// `net` would pass the tunnel by; wg-quick fails the same).
+    pub fn add(
+        &mut self,
+        nl: &mut Netlink,
+        dev: &str,
+        net: IpNet,
+        table: Option<u32>,
+    ) -> Result<(), DevError> {
+        let t = table.unwrap_or(MAIN);
+        if (table.is_none() && self.kernel.iter().any(|k| k.contains(&net)))
+            || self.added.contains(&(net, t))
+        {
+            return Ok(());
+        }
+        let added = match table {
+            Some(t) => nl.add_route_in(self.index, net, t),
+            None => nl.add_route(self.index, net, None),
+        };
+        match added {
+            Ok(()) => {
+                self.added.insert((net, t));
+                Ok(())
+            }
+            Err(e) if e.errno() == Some(libc::EEXIST) => {
+                let holder = nl
+                    .routes_in(t)?
+                    .into_iter()
+                    .find(|r| r.dst == net)
+                    .and_then(|r| r.oif)
+                    .and_then(|i| nl.links().ok()?.into_iter().find(|l| l.index == i))
+                    .map_or_else(|| "another route".to_string(), |l| l.name);
+                Err(DevError::Invalid(format!(
+                    "AllowedIPs {net}: {holder} already has the route to {net}{} (ip route show {net}{}), so its traffic would not go through {dev}: remove that route, or leave {net} out of AllowedIPs (Table = off adds no routes)",
+                    if t == MAIN {
+                        String::new()
+                    } else {
+                        format!(" in table {t}")
+                    },
+                    if t == MAIN {
+                        String::new()
+                    } else {
+                        format!(" table {t}")
+                    },
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Takes back the route to `net` that [`DeviceRoutes::add`] added (an
+    /// address's subnet, the kernel's, is left alone).
+    pub fn del(
+        &mut self,
+        nl: &mut Netlink,
+        net: IpNet,
+        table: Option<u32>,
+    ) -> Result<(), DevError> {
+        let t = table.unwrap_or(MAIN);
+        if self.added.remove(&(net, t)) {
+            nl.del_route_in(self.index, net, t)?;
+        }
+        Ok(())
+    }
 }
 
 /// As wg-quick: `net.ipv4.conf.all.src_valid_mark = 1`, so that the

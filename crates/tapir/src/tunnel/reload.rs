@@ -239,13 +239,16 @@ fn route_changes(c: &TunnelConfig, old: &[IpNet], new: &[IpNet]) -> Result<(), S
         Table::Id(t) => Some(t),
         _ => None,
     };
-    for net in old.iter().filter(|n| !new.contains(n)) {
-        super::ops::del_route(&mut nl, index, *net, table).map_err(|e| e.to_string())?;
+    let mut book = super::ops::DeviceRoutes::read(&mut nl, index).map_err(|e| e.to_string())?;
+    let (old_set, new_set): (HashSet<&IpNet>, HashSet<&IpNet>) =
+        (old.iter().collect(), new.iter().collect());
+    for net in old.iter().filter(|n| !new_set.contains(n)) {
+        book.del(&mut nl, *net, table).map_err(|e| e.to_string())?;
     }
     // Each route that cannot be added is named; the others are added.
     let mut refused = Vec::new();
-    for net in new.iter().filter(|n| !old.contains(n)) {
-        if let Err(e) = super::ops::add_route(&mut nl, index, c.name.as_str(), *net, table) {
+    for net in new.iter().filter(|n| !old_set.contains(n)) {
+        if let Err(e) = book.add(&mut nl, c.name.as_str(), *net, table) {
             refused.push(e.to_string());
         }
     }
