@@ -792,15 +792,21 @@ impl Tunnel {
             .iter()
             .map(IpNet::trunc)
             .collect();
+        // What each previous owner loses, taken from its list at once (one
+        // pass per owner, not one per prefix).
+        let mut taken: HashMap<usize, std::collections::HashSet<IpNet>> = HashMap::new();
         for net in mine {
             if let Some(prev) = self.routes.insert(&net, idx) {
                 if prev != idx {
-                    self.peers[prev]
-                        .config
-                        .allowed_ips
-                        .retain(|n| n.trunc() != net);
+                    taken.entry(prev).or_default().insert(net);
                 }
             }
+        }
+        for (prev, nets) in taken {
+            self.peers[prev]
+                .config
+                .allowed_ips
+                .retain(|n| !nets.contains(&n.trunc()));
         }
     }
 
@@ -905,7 +911,8 @@ impl Tunnel {
         if peer.config.endpoint != before_endpoint {
             peer.endpoint = peer.config.endpoint;
         }
-        let after: Vec<IpNet> = peer.config.allowed_ips.iter().map(IpNet::trunc).collect();
+        let after: std::collections::HashSet<IpNet> =
+            peer.config.allowed_ips.iter().map(IpNet::trunc).collect();
         for net in before_ips.iter().filter(|n| !after.contains(n)) {
             match self.routes.remove(net) {
                 Some(owner) if owner != idx => {

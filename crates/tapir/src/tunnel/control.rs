@@ -25,13 +25,46 @@ use crate::uapi::{self, ControlSocket, Request};
 
 /// What the control thread hands the packet thread.
 pub enum Message {
-    /// A whole request, where its reply goes, and until when the client
-    /// waits for it: a change asked for is not made after that (the client
-    /// was told it timed out).
-    Request(Request, mpsc::Sender<String>, std::time::Instant),
+    /// A whole request, where its reply goes, and who has it (see
+    /// [`Taken`]): a change the client was told timed out is not made.
+    Request(Request, mpsc::Sender<String>, Taken),
     /// A peer's host name resolved again.
     Resolved(PublicKey, SocketAddr),
 }
+
+/// Whether a request is the packet thread's to carry out, or was given up
+/// by the control thread (its client told it timed out): whichever says so
+/// first. Once the packet thread has it, its answer is waited for, however
+/// long the work takes (a change of 100,000 allowed IPs is made and said,
+/// not made and said to have failed).
+#[derive(Clone, Default)]
+pub struct Taken(Arc<std::sync::atomic::AtomicU8>);
+
+impl Taken {
+    const WAITING: u8 = 0;
+    const TAKEN: u8 = 1;
+    const GIVEN_UP: u8 = 2;
+
+    /// The packet thread takes the request: `false` if it was given up.
+    pub fn take(&self) -> bool {
+        self.swap_from_waiting(Self::TAKEN)
+    }
+
+    /// The control thread gives the request up: `false` if the packet
+    /// thread has it already.
+    fn give_up(&self) -> bool {
+        self.swap_from_waiting(Self::GIVEN_UP)
+    }
+
+    fn swap_from_waiting(&self, to: u8) -> bool {
+        self.0
+            .compare_exchange(Self::WAITING, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+/// How long a request the packet thread has taken may take at most.
+const WORK_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The packet thread's end.
 pub struct ControlLink {
@@ -99,13 +132,19 @@ impl ControlEnd {
     /// Asks the packet thread; its answer, or an errno if it is gone or slow.
     fn ask(&self, request: Request) -> String {
         let (tx, rx) = mpsc::channel();
-        let deadline = std::time::Instant::now() + uapi::DEADLINE;
-        if !self.send(Message::Request(request, tx, deadline)) {
+        let taken = Taken::default();
+        if !self.send(Message::Request(request, tx, taken.clone())) {
             return "errno=5\n\n".to_string(); // EIO: the tunnel is gone
         }
-        // ETIMEDOUT if the packet thread does not answer in time.
-        rx.recv_timeout(uapi::DEADLINE)
-            .unwrap_or_else(|_| "errno=110\n\n".into())
+        // ETIMEDOUT if the packet thread does not take it in time; once
+        // taken, its answer.
+        match rx.recv_timeout(uapi::DEADLINE) {
+            Ok(reply) => reply,
+            Err(_) if taken.give_up() => "errno=110\n\n".into(),
+            Err(_) => rx
+                .recv_timeout(WORK_LIMIT)
+                .unwrap_or_else(|_| "errno=110\n\n".into()),
+        }
     }
 
     /// A reload (see [`super::reload`]): the reply's lines, `errno` last.
@@ -293,5 +332,20 @@ mod tests {
         );
         assert_eq!(peers(&r), 1);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod taken_tests {
+    use super::Taken;
+
+    #[test]
+    fn a_request_is_either_taken_or_given_up_never_both() {
+        let t = Taken::default();
+        assert!(t.take());
+        assert!(!t.give_up(), "taken: its answer is waited for");
+        let t = Taken::default();
+        assert!(t.give_up());
+        assert!(!t.take(), "given up: not carried out");
     }
 }

@@ -2482,7 +2482,7 @@ fn serve_control(
     while let Ok(m) = ctl.link.messages.try_recv() {
         let mut t = shared.tunnel();
         match m {
-            control::Message::Request(_, reply, deadline) if Instant::now() > deadline => {
+            control::Message::Request(_, reply, taken) if !taken.take() => {
                 // The client was told it timed out: do not act on it now.
                 let _ = reply.send("errno=110\n\n".into());
             }

@@ -167,8 +167,10 @@ fn apply(tunnel: &mut Tunnel, c: &PeerChange) {
         if c.replace_allowed_ips {
             p.allowed_ips.clear();
         }
+        // (A set: a list of 100,000 prefixes is checked in linear time.)
+        let mut have: std::collections::HashSet<IpNet> = p.allowed_ips.iter().copied().collect();
         for net in &c.allowed_ips {
-            if !p.allowed_ips.contains(net) {
+            if have.insert(*net) {
                 p.allowed_ips.push(*net);
             }
         }
