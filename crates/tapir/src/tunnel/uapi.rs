@@ -891,10 +891,10 @@ pub fn peer_pid(stream: &UnixStream) -> Option<i32> {
 pub const DEADLINE: Duration = Duration::from_secs(2);
 /// The longest request line (a key, `=`, a value: far less is used).
 pub const MAX_LINE: usize = 4096;
-/// The most lines in one request (a `set` for many peers).
-pub const MAX_LINES: usize = 200_000;
-/// The most bytes in one request (10,000 peers with an endpoint and two
-/// allowed IPs each take about 2.5 MB).
+/// The most lines in one request (a `set` for many peers: 10,000 peers
+/// with 20 allowed IPs each take 250,000 lines and 4 MB).
+pub const MAX_LINES: usize = 1_500_000;
+/// The most bytes in one request.
 pub const MAX_REQUEST: usize = 32 << 20;
 
 /// A request on the control socket.
@@ -1070,15 +1070,30 @@ fn serve_connection(
         };
         let mut lines = Vec::new();
         let mut bytes = 0;
+        let mut too_long = false;
         while let Some(l) = lines_in.next(deadline)? {
             if l.is_empty() {
                 break;
             }
             bytes += l.len() + 1;
-            lines.push(l);
-            if lines.len() > MAX_LINES || bytes > MAX_REQUEST {
-                return Err(io::Error::other("request too long"));
+            // Past the limits the rest is read (within the deadline) and
+            // dropped, so that the client hears why, not a closed socket.
+            if too_long || lines.len() >= MAX_LINES || bytes > MAX_REQUEST {
+                if !too_long {
+                    lines = Vec::new();
+                }
+                too_long = true;
+                continue;
             }
+            lines.push(l);
+        }
+        if too_long {
+            eprintln!(
+                "tapir: a control request of more than {MAX_LINES} lines or {} MiB was refused, nothing changed (E2BIG)",
+                MAX_REQUEST >> 20
+            );
+            write_by(&mut writer, b"errno=-7\n\n", deadline)?;
+            continue;
         }
         let request = match first.as_str() {
             "get=1" => Request::Get,
@@ -1425,6 +1440,34 @@ mod tests {
             .expect("the connection outlived its deadline");
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
         assert!(reader.join().unwrap() < 8 << 20);
+    }
+
+    #[test]
+    fn a_request_over_the_limits_is_read_to_its_end_and_refused_with_e2big() {
+        let (server, mut client) = UnixStream::pair().unwrap();
+        let served = std::thread::spawn(move || {
+            let mut asked = 0;
+            let _ = serve_connection(server, &mut |_| {
+                asked += 1;
+                "errno=0\n\n".into()
+            });
+            asked
+        });
+        // 33 MiB of 4,000-byte lines: past MAX_REQUEST. The client writes
+        // it all (no SIGPIPE, no EPIPE) and hears why.
+        let line = format!("x={}\n", "a".repeat(3998));
+        client.write_all(b"set=1\n").unwrap();
+        let mut sent = 0;
+        while sent <= MAX_REQUEST + (1 << 20) {
+            client.write_all(line.as_bytes()).unwrap();
+            sent += line.len();
+        }
+        client.write_all(b"\nget=1\n\n").unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("errno=-7\n\n"), "{reply:.60}");
+        assert_eq!(served.join().unwrap(), 1, "only the get was answered");
     }
 
     fn tunnel() -> (Tunnel, PrivateKey, PublicKey) {
