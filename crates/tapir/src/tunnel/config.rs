@@ -200,7 +200,7 @@ pub struct PeerEntry {
     pub endpoint: Option<String>,
     /// Allowed IPs.
     pub allowed_ips: Vec<IpNet>,
-    /// Persistent keepalive, seconds.
+    /// Persistent keepalive, seconds (`Some(0)`: off, as the file says).
     pub keepalive: Option<u16>,
     /// Rate limit in bits per second, each direction.
     pub rate: Option<u64>,
@@ -486,7 +486,9 @@ pub fn parse(
                 } else {
                     value.parse::<u16>().map_err(|_| err(n, key, format!("{value:?} is not a number of seconds (or off)")))?
                 };
-                peers.last_mut().expect("in a [Peer] section").keepalive = (k > 0).then_some(k);
+                // 0 and off kept as given: a reload turns the keepalive off
+                // (where a file without the key leaves it as it runs).
+                peers.last_mut().expect("in a [Peer] section").keepalive = Some(k);
             }
             (Section::Interface, "table") => ops.table = parse_table(value).map_err(|m| err(n, key, m))?,
             (Section::Interface, "fwmark") => ops.fwmark = parse_fwmark(value).map_err(|m| err(n, key, m))?,
@@ -1213,7 +1215,7 @@ pub fn parse_toml_all(
                 psk,
                 endpoint: p.endpoint.as_ref().map(|e| e.get_ref().clone()),
                 allowed_ips,
-                keepalive: p.persistent_keepalive.filter(|k| *k > 0),
+                keepalive: p.persistent_keepalive,
                 rate,
                 line,
                 endpoint_line: p.endpoint.as_ref().map_or(line, |e| line_of(e.span())),

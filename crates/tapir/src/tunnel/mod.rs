@@ -173,7 +173,10 @@ pub fn peer_configs(config: &TunnelConfig) -> Result<Vec<PeerConfig>, DevError> 
                 psk: p.psk.clone(),
                 endpoint,
                 allowed_ips: p.allowed_ips.clone(),
-                keepalive: p.keepalive.map(|k| Duration::from_secs(k.into())),
+                keepalive: p
+                    .keepalive
+                    .filter(|&k| k > 0)
+                    .map(|k| Duration::from_secs(k.into())),
                 rate: p.rate,
             })
         })

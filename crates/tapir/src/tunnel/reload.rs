@@ -152,7 +152,14 @@ impl Reloader {
             .into_iter()
             .find(|c| c.name == *name)
             .ok_or_else(|| format!("{} no longer describes {name}", self.file.display()))?;
-        let peers = super::peer_configs(&new).map_err(|e| e.to_string())?;
+        let mut peers = super::peer_configs(&new).map_err(|e| e.to_string())?;
+        // A keepalive the file turns off (0, off) travels as a zero
+        // interval, for `apply` to tell it from one the file leaves out.
+        for (p, c) in peers.iter_mut().zip(&new.peers) {
+            if c.keepalive == Some(0) {
+                p.keepalive = Some(std::time::Duration::ZERO);
+            }
+        }
         let old = &self.current;
         let mut notes = Vec::new();
         // Named as the file names them: wg-quick's keys, or the TOML form's.
@@ -268,8 +275,23 @@ fn route_changes(c: &TunnelConfig, old: &[IpNet], new: &[IpNet]) -> Result<(), S
 /// found by its key, not by a walk over the peers (with 10,000 peers,
 /// half of them going, one rebuild each would have held packets up for
 /// seconds).
-pub fn apply(tunnel: &mut Tunnel, want: Vec<PeerConfig>) -> Applied {
+pub fn apply(tunnel: &mut Tunnel, mut want: Vec<PeerConfig>) -> Applied {
     let mut done = Applied::default();
+    // In tun mode a prefix is one peer's, the last the file gives it to (as
+    // `wg syncconf` leaves it): the others are wanted without it, so that
+    // a peer that lost it is not "changed" at the next reload and takes it
+    // back (the owner flipped at each reload of an unchanged file).
+    if tunnel.layer() == tapir_proto::wg::tunnel::Layer::Ip {
+        let mut last: HashMap<IpNet, usize> = HashMap::new();
+        for (i, w) in want.iter().enumerate() {
+            for net in &w.allowed_ips {
+                last.insert(net.trunc(), i);
+            }
+        }
+        for (i, w) in want.iter_mut().enumerate() {
+            w.allowed_ips.retain(|n| last.get(&n.trunc()) == Some(&i));
+        }
+    }
     let wanted: HashSet<PublicKey> = want.iter().map(|w| w.public).collect();
     let gone: HashSet<PublicKey> = tunnel
         .peers()
@@ -282,6 +304,11 @@ pub fn apply(tunnel: &mut Tunnel, want: Vec<PeerConfig>) -> Applied {
         .map(|(c, _, _)| (c.public, c.clone()))
         .collect();
     for mut w in want {
+        // (A zero keepalive: the file turns it off; none: it says nothing.)
+        let off = w.keepalive.is_some_and(|k| k.is_zero());
+        if off {
+            w.keepalive = None;
+        }
         match have.get(&w.public) {
             None => {
                 tunnel.add_peer(w);
@@ -293,7 +320,7 @@ pub fn apply(tunnel: &mut Tunnel, want: Vec<PeerConfig>) -> Applied {
                 if w.endpoint.is_none() {
                     w.endpoint = h.endpoint;
                 }
-                if w.keepalive.is_none() {
+                if w.keepalive.is_none() && !off {
                     w.keepalive = h.keepalive;
                 }
                 if w.psk.is_none() {
@@ -327,6 +354,30 @@ mod tests {
             allowed_ips: vec![ip.parse().unwrap()],
             keepalive: None,
             rate: None,
+        }
+    }
+
+    #[test]
+    fn a_prefix_two_peers_list_stays_the_last_ones_reload_after_reload() {
+        let mut t = Tunnel::new(PrivateKey::from_random([1; 32]), vec![]);
+        let mut a = peer(2, "10.0.0.2/32");
+        a.allowed_ips.push("10.250.0.1/32".parse().unwrap());
+        let b = peer(3, "10.250.0.1/32");
+        let file = vec![a.clone(), b.clone()];
+        assert_eq!(apply(&mut t, file.clone()).added, 2);
+        let owner = |t: &Tunnel| {
+            t.peers()
+                .find(|(c, _, _)| {
+                    c.allowed_ips
+                        .iter()
+                        .any(|n| n.to_string() == "10.250.0.1/32")
+                })
+                .map(|(c, _, _)| c.public)
+        };
+        assert_eq!(owner(&t), Some(b.public));
+        for _ in 0..3 {
+            assert_eq!(apply(&mut t, file.clone()), Applied::default());
+            assert_eq!(owner(&t), Some(b.public));
         }
     }
 
@@ -393,6 +444,16 @@ mod tests {
         assert_eq!(c.endpoint, Some("192.0.2.9:51821".parse().unwrap()));
         assert_eq!(c.keepalive, Some(std::time::Duration::from_secs(9)));
         assert!(c.psk.is_some());
+        // A keepalive the file turns off (PersistentKeepalive = 0 or off:
+        // a zero interval here) goes off, as wg syncconf turns it off.
+        let mut off = with.clone();
+        off[0].keepalive = Some(std::time::Duration::ZERO);
+        assert_eq!(apply(&mut t, off).changed, 1);
+        let (c, _, _) = t
+            .peers()
+            .find(|(c, _, _)| c.public == with[0].public)
+            .unwrap();
+        assert_eq!(c.keepalive, None);
     }
 
     #[test]
