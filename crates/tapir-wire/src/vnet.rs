@@ -291,6 +291,22 @@ impl Coalescer {
             return false;
         };
         let hl = ip_len + tcp_len;
+        // The packet as its IP header sizes it: an Ethernet frame's padding
+        // (a short segment's, to 60 bytes) is not payload; one shorter than
+        // its header says, or an IPv4 header whose checksum is wrong (the
+        // joined packet's is computed afresh), never joins.
+        let total = if v4 {
+            usize::from(u16::from_be_bytes([packet[2], packet[3]]))
+        } else {
+            40 + usize::from(u16::from_be_bytes([packet[4], packet[5]]))
+        };
+        if total < hl || total > packet.len() {
+            return false;
+        }
+        let packet = &packet[..total];
+        if v4 && checksum::finish(checksum::add(0, &packet[..ip_len])) != 0 {
+            return false;
+        }
         let payload = packet.len() - hl;
         let flags = packet[ip_len + 13];
         // ACK, with PSH allowed (it ends the run); nothing else (SYN, FIN, RST, URG, ECE, CWR).
@@ -520,6 +536,38 @@ mod tests {
         assert_eq!(ip_offset(&[0xff; 14]), None);
         let vlan = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x81, 0, 0, 5, 0x08, 0];
         assert_eq!(ip_offset(&vlan), Some(18));
+    }
+
+    #[test]
+    fn a_padded_frame_joins_without_its_padding_and_a_bad_ip_header_not_at_all() {
+        // 1001 bytes as 1000 + 1: the second frame is 55 bytes, padded to 60.
+        let p = super_packet(false, 1001, 0x18);
+        let mut frame = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
+        frame.extend_from_slice(&p);
+        let hdr = VnetHeader {
+            gso_type: GSO_TCPV4,
+            gso_size: 1000,
+            ..Default::default()
+        };
+        let cut = |i: usize| {
+            let mut out = [0u8; 2000];
+            let n = segment_at(&hdr, &frame, 14, i, &mut out).unwrap();
+            out[..n].to_vec()
+        };
+        let (first, mut second) = (cut(0), cut(1));
+        assert_eq!(second.len(), 55);
+        second.resize(60, 0);
+        let mut c = Coalescer::new();
+        assert!(c.push_at(&first, 14));
+        assert!(c.push_at(&second, 14), "padding is not the segment's");
+        let joined = c.flush().unwrap().to_vec();
+        assert_eq!(joined.len() - LEN, 14 + 40 + 1001, "the padding joined the stream");
+        assert_eq!(&joined[LEN + 54..], &p[40..]);
+        // A wrong IPv4 header checksum: written alone, for the kernel to drop.
+        let mut bad = cut(1);
+        bad[14 + 10] ^= 0xff;
+        assert!(c.push_at(&first, 14));
+        assert!(!c.push_at(&bad, 14));
     }
 
     #[test]
