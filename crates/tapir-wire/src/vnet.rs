@@ -561,7 +561,11 @@ mod tests {
         assert!(c.push_at(&first, 14));
         assert!(c.push_at(&second, 14), "padding is not the segment's");
         let joined = c.flush().unwrap().to_vec();
-        assert_eq!(joined.len() - LEN, 14 + 40 + 1001, "the padding joined the stream");
+        assert_eq!(
+            joined.len() - LEN,
+            14 + 40 + 1001,
+            "the padding joined the stream"
+        );
         assert_eq!(&joined[LEN + 54..], &p[40..]);
         // A wrong IPv4 header checksum: written alone, for the kernel to drop.
         let mut bad = cut(1);

@@ -414,6 +414,9 @@ pub struct Tunnel {
     cookie_secret_at: Option<Instant>,
     load_window: (Option<Instant>, u32),
     under_load_until: Option<Instant>,
+    /// Messages come over a transport that has proven their source address
+    /// (TCP's handshake did): under load no cookie is asked for.
+    sources_proven: bool,
     limiter: SourceLimiter,
     switch: MacTable<Port>,
     unattributed: Unattributed,
@@ -681,6 +684,7 @@ impl Tunnel {
             cookie_secret_at: None,
             load_window: (None, 0),
             under_load_until: None,
+            sources_proven: false,
             limiter: SourceLimiter::new(),
             unattributed: Unattributed::default(),
             layer: Layer::Ip,
@@ -714,6 +718,16 @@ impl Tunnel {
     /// What the tunnel carries.
     pub fn layer(&self) -> Layer {
         self.layer
+    }
+
+    /// Messages arrive over a transport that proves where they come from
+    /// (TCP: a connection is accepted only after the peer answered at its
+    /// address). Under load, a cookie reply is what proves an address over
+    /// UDP; over such a transport it proves nothing more and costs the
+    /// initiator 5 s (and a reconnect loses its cookie, bound to the port):
+    /// handshakes are then only rate-limited per address.
+    pub fn set_sources_proven(&mut self, proven: bool) {
+        self.sources_proven = proven;
     }
 
     /// The MTU of the device the tunnel's packets come from (0: unknown):
@@ -1455,7 +1469,7 @@ impl Tunnel {
         }
         if self.note_handshake_load(now) {
             let cookie = self.cookie_for(now, rng, from);
-            if handshake::verify_mac2(&cookie, msg).is_err() {
+            if !self.sources_proven && handshake::verify_mac2(&cookie, msg).is_err() {
                 let mut reply = [0u8; COOKIE_LEN];
                 if handshake::write_cookie_reply(&self.id, msg, &cookie, random(rng), &mut reply)
                     .is_ok()

@@ -681,6 +681,7 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
     );
     // (Followed from the device from then on: see `Timers::read_mtu`.)
     tunnel.set_mtu(mtu as usize);
+    tunnel.set_sources_proven(matches!(net, Net::Tcp(_)));
     eprintln!(
         "tapir: {name}: up ({} mode), public key {}, {}, {} peer(s)",
         config.mode,

@@ -461,6 +461,44 @@ fn under_load_a_cookie_is_required_and_works() {
     );
 }
 
+/// Over a transport that proved the sender's address (TCP), load asks for
+/// no cookie: the first initiation is answered, though the responder is
+/// under load (a client that reconnected lost its cookie, and waited 5 s
+/// for each new one).
+#[test]
+fn under_load_proven_sources_need_no_cookie() {
+    for proven in [false, true] {
+        let mut p = Pair::new();
+        p.b.set_sources_proven(proven);
+        p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+        let first = p.link.pop_front().unwrap();
+        p.advance(Duration::from_millis(5400));
+        let retry = p.link.pop_front().expect("a retried");
+        // The first initiation, replayed 200 times from elsewhere: b is
+        // under load (and that address's handshakes over their rate).
+        let elsewhere: SocketAddr = "192.0.2.99:40000".parse().unwrap();
+        for _ in 0..200 {
+            p.deliver(first.0, elsewhere, first.2.clone());
+        }
+        p.link.clear();
+        p.advance(Duration::from_millis(30));
+        p.link.clear();
+        let drops = p.drops.len();
+        p.deliver(retry.0, retry.1, retry.2);
+        if proven {
+            assert_eq!(p.drops.len(), drops, "{:?}", &p.drops[drops..]);
+            p.run();
+            assert_eq!(p.got_b.len(), 1, "the handshake completed under load");
+        } else {
+            assert_eq!(
+                p.drops[drops..],
+                [DropReason::Cookie],
+                "over UDP: a cookie first"
+            );
+        }
+    }
+}
+
 #[test]
 fn under_load_the_initiator_gets_its_cookie_to_the_responder() {
     // A handshake, keeping b's response to replay to a later.
