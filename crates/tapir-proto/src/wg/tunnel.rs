@@ -755,6 +755,11 @@ impl Tunnel {
         self.peers.len()
     }
 
+    /// The counters of peer `p`.
+    pub fn peer_stats(&self, p: usize) -> Option<&PeerStats> {
+        self.peers.get(p).map(|peer| &peer.stats)
+    }
+
     /// The public key of peer `p` (an index is good only while the tunnel
     /// stays locked: a removal shifts those after it).
     pub fn peer_key(&self, p: usize) -> Option<PublicKey> {

@@ -2562,7 +2562,7 @@ struct Timers {
     mtu_read: Option<Instant>,
     /// Peers whose endpoint is a host name, looked up again while they
     /// are unreachable, and when each was last looked up.
-    lookups: Vec<(PublicKey, String, Option<Instant>)>,
+    lookups: HashMap<PublicKey, (String, Option<Instant>)>,
     /// Peers named for sending the other mode's packets, and how many then.
     warned_layer: Vec<(PublicKey, u64)>,
 }
@@ -2575,7 +2575,7 @@ impl Timers {
             lookups: ctl
                 .hostnames
                 .iter()
-                .map(|(k, h)| (*k, h.clone(), None))
+                .map(|(k, h)| (*k, (h.clone(), None)))
                 .collect(),
             warned_layer: Vec::new(),
         }
@@ -2588,11 +2588,8 @@ impl Timers {
         self.lookups = names
             .iter()
             .map(|(k, h)| {
-                let looked = old
-                    .iter()
-                    .find(|(ok, oh, _)| ok == k && oh == h)
-                    .and_then(|(_, _, l)| *l);
-                (*k, h.clone(), looked)
+                let looked = old.get(k).filter(|(oh, _)| oh == h).and_then(|(_, l)| *l);
+                (*k, (h.clone(), looked))
             })
             .collect();
     }
@@ -2601,12 +2598,12 @@ impl Timers {
     /// name is no longer looked up (a later answer would undo the user's
     /// choice, where wireguard-go and wg-quick look a name up once).
     fn pin(&mut self, key: &PublicKey) {
-        self.lookups.retain(|(k, _, _)| k != key);
+        self.lookups.remove(key);
     }
 
     /// Whether an answer for `key`'s host name is still wanted.
     fn looks_up(&self, key: &PublicKey) -> bool {
-        self.lookups.iter().any(|(k, _, _)| k == key)
+        self.lookups.contains_key(key)
     }
 
     /// Runs what is due; returns when to run again.
@@ -2636,11 +2633,13 @@ impl Timers {
         }
         // Endpoints given as host names are looked up again when the
         // peer has been unreachable for a while (it may have moved).
-        for (key, host, looked) in &mut self.lookups {
+        // (Each found by its key: a walk for each of 10,000 host names took
+        // most of the packet thread's time.)
+        for (key, (host, looked)) in &mut self.lookups {
             let last = t
-                .peers()
-                .find(|(c, _, _)| c.public == *key)
-                .and_then(|(_, _, s)| s.last_handshake);
+                .peer_index(key)
+                .and_then(|p| t.peer_stats(p))
+                .and_then(|s| s.last_handshake);
             if reresolve_due(last, wall_now, self.started, *looked, now) {
                 *looked = Some(now);
                 // Looked up on the control thread; the answer comes back as a message.
@@ -3016,16 +3015,16 @@ mod tests {
         let mut t = Timers {
             started: Duration::ZERO,
             mtu_read: None,
-            lookups: vec![
-                (a, "a.example:51820".into(), Some(at)),
-                (b, "b.example:51820".into(), None),
-            ],
+            lookups: HashMap::from([
+                (a, ("a.example:51820".into(), Some(at))),
+                (b, ("b.example:51820".into(), None)),
+            ]),
             warned_layer: Vec::new(),
         };
         t.pin(&b);
         assert!(t.looks_up(&a) && !t.looks_up(&b));
         t.reload_lookups(&[(a, "a.example:51820".into()), (b, "c.example:51820".into())]);
-        assert_eq!(t.lookups[0].2, Some(at), "unchanged: its last look-up kept");
+        assert_eq!(t.lookups[&a].1, Some(at), "unchanged: its last look-up kept");
         assert!(t.looks_up(&b), "a new name in the file is looked up");
         t.reload_lookups(&[(b, "c.example:51820".into())]);
         assert!(!t.looks_up(&a), "an address now (or gone): not looked up");
