@@ -1566,6 +1566,10 @@ impl Tunnel {
             peer.last_initiation_received = Some(now);
             peer.endpoint = Some(from);
             peer.last_received = Some(now);
+            // Any authenticated message shows the peer is alive (the kernel's
+            // wg_timers_any_authenticated_packet_received): no rehandshake
+            // for data sent before it.
+            peer.last_data_sent = None;
             peer.last_sent = Some(now);
             peer.stats.rx_bytes += INITIATION_LEN as u64;
             peer.stats.tx_bytes += RESPONSE_LEN as u64;
@@ -1607,6 +1611,7 @@ impl Tunnel {
         peer.attempt_started = None;
         peer.endpoint = Some(from);
         peer.last_received = Some(now);
+        peer.last_data_sent = None;
         peer.stats.rx_bytes += RESPONSE_LEN as u64;
         peer.stats.last_handshake = Some(wall);
         let new = Timed::new(Session::new(&keys), now);
@@ -1761,6 +1766,14 @@ impl Tunnel {
         let confirmed = peer.next.take();
         let old_prev = peer.previous.take();
         peer.previous = std::mem::replace(&mut peer.current, confirmed);
+        // A handshake is complete: one of ours still in flight is not
+        // retried (the kernel's wg_timers_handshake_complete).
+        let ours = peer.pending.take();
+        peer.attempt_started = None;
+        peer.attempts = 0;
+        if let Some((old, _)) = ours {
+            self.by_index.remove(&old.local_index);
+        }
         self.forget(old_prev);
         // Packets queued while the handshake ran can go now.
         if !self.peers[p].queue.is_empty() {

@@ -3024,7 +3024,11 @@ mod tests {
         t.pin(&b);
         assert!(t.looks_up(&a) && !t.looks_up(&b));
         t.reload_lookups(&[(a, "a.example:51820".into()), (b, "c.example:51820".into())]);
-        assert_eq!(t.lookups[&a].1, Some(at), "unchanged: its last look-up kept");
+        assert_eq!(
+            t.lookups[&a].1,
+            Some(at),
+            "unchanged: its last look-up kept"
+        );
         assert!(t.looks_up(&b), "a new name in the file is looked up");
         t.reload_lookups(&[(b, "c.example:51820".into())]);
         assert!(!t.looks_up(&a), "an address now (or gone): not looked up");

@@ -186,6 +186,35 @@ impl Pair {
     }
 }
 
+/// Both ends start a handshake at once and b's is lost: once a's completes
+/// (b the responder, its session confirmed by a's data), b stops retrying
+/// its own, as the kernel does (wg_timers_handshake_complete); it went on
+/// sending initiations to a peer whose session worked.
+#[test]
+fn a_handshake_completed_as_responder_ends_our_own_retries() {
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    let init_a = p.link.pop_front().unwrap();
+    p.deliver(init_a.0, init_a.1, init_a.2);
+    // b, its session not yet confirmed, has something for a: it initiates
+    // too, and that initiation is lost.
+    assert_eq!(
+        p.send_b(&packet([10, 0, 0, 2], [10, 0, 0, 1], 1)),
+        Encapsulated::Queued
+    );
+    p.link
+        .retain(|(to_b, _, b)| *to_b || b.len() != INITIATION_LEN);
+    p.run();
+    assert_eq!((p.got_a.len(), p.got_b.len()), (1, 1), "{:?}", p.drops);
+    p.advance(Duration::from_millis(5500));
+    let retries = p
+        .link
+        .iter()
+        .filter(|(to_b, _, b)| !to_b && b.len() == INITIATION_LEN)
+        .count();
+    assert_eq!(retries, 0, "b retried a handshake it no longer needs");
+}
+
 #[test]
 fn handshake_then_data_both_ways() {
     let mut p = Pair::new();
