@@ -1430,3 +1430,21 @@ fn a_hundred_thousand_allowed_ips_move_in_one_request() {
         }
     }
 }
+
+/// With net.ipv6.bindv6only=1 (a host's choice), the tunnel's one socket
+/// still takes IPv4 too, as wireguard-go's two do (it took IPv6 alone, and
+/// every IPv4 peer's datagrams were refused).
+#[test]
+fn ipv4_peers_get_through_where_sockets_default_to_ipv6_only() {
+    require_root!();
+    let bed = bed("v6only");
+    for ns in [&bed.a, &bed.b] {
+        sh(ns.cmd("sysctl").args(["-qw", "net.ipv6.bindv6only=1"]));
+    }
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    let (a, b) = tapir_sides(&bed, ifname("t6a"), ifname("t6b"));
+    let _tb = tapir(&bed, &b, &kb, &pa, None, "10.77.0.1/32");
+    let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    ping(&bed.a, "10.77.0.2");
+    ping(&bed.b, "10.77.0.1");
+}

@@ -331,7 +331,17 @@ fn off(var: &str) -> bool {
 
 /// The tunnel's UDP socket on `port` (0: any), both families, not blocking.
 fn udp_socket(port: u16) -> io::Result<UdpSocket> {
-    let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port))?;
+    // One socket for both families, whatever net.ipv6.bindv6only says
+    // (with it set, a plain [::] socket took IPv6 alone, and every IPv4
+    // peer was refused).
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    socket.set_only_v6(false)?;
+    socket.bind(&std::net::SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    let socket = UdpSocket::from(socket);
     socket.set_nonblocking(true)?;
     // (Best effort: where neither the capability nor the system's limits
     // allow it, the socket keeps what it has.)
