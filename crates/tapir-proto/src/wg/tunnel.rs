@@ -201,6 +201,9 @@ struct Peer {
     /// Data arrived: unless we send something first, a keepalive is due then.
     passive_keepalive_at: Option<Instant>,
     keepalive_due: bool,
+    /// A persistent keepalive was just turned on: the first goes at once
+    /// (as the kernel's and wireguard-go's `wg set ... persistent-keepalive`).
+    keepalive_turned_on: bool,
     stats: PeerStats,
     queue: VecDeque<Vec<u8>>,
     /// The rate limit, leaving and arriving.
@@ -855,6 +858,7 @@ impl Tunnel {
             last_data_received: None,
             keepalive_due: false,
             passive_keepalive_at: None,
+            keepalive_turned_on: false,
             stats: PeerStats::default(),
             tx_shaper: config.rate.map(Shaper::new),
             rx_shaper: config.rate.map(Shaper::new),
@@ -911,7 +915,11 @@ impl Tunnel {
         let before_psk = peer.config.psk.clone();
         let before_endpoint = peer.config.endpoint;
         let before_rate = peer.config.rate;
+        let before_keepalive = peer.config.keepalive;
         change(&mut peer.config);
+        if before_keepalive.is_none() && peer.config.keepalive.is_some() {
+            peer.keepalive_turned_on = true;
+        }
         peer.config.public = *public;
         let rate_changed = peer.config.rate != before_rate;
         if rate_changed {
@@ -1506,7 +1514,7 @@ impl Tunnel {
             }
         }
         if msg.len() == INITIATION_LEN {
-            self.receive_initiation(now, wall, rng, from, msg)
+            self.receive_initiation(now, rng, from, msg)
         } else {
             self.receive_response(now, wall, from, msg)
         }
@@ -1515,7 +1523,6 @@ impl Tunnel {
     fn receive_initiation(
         &mut self,
         now: Instant,
-        wall: Duration,
         rng: &mut dyn Random,
         from: SocketAddr,
         msg: &[u8],
@@ -1573,7 +1580,8 @@ impl Tunnel {
             peer.last_sent = Some(now);
             peer.stats.rx_bytes += INITIATION_LEN as u64;
             peer.stats.tx_bytes += RESPONSE_LEN as u64;
-            peer.stats.last_handshake = Some(wall);
+            // (The handshake's time is taken when the initiator's first
+            // message confirms it: see `confirm_next`.)
             peer.next.replace(Timed::new(Session::new(&keys), now))
         };
         self.forget(old_next);
@@ -1731,7 +1739,7 @@ impl Tunnel {
         };
         let rekey_on_receipt = timed.session.initiator && now >= timed.rekeys_on_receipt_at;
         if slot == 2 {
-            self.confirm_next(p);
+            self.confirm_next(p, wall);
         }
         self.peers[p].received_data(now, from, msg.len(), plain);
         if plain == 0 {
@@ -1761,8 +1769,12 @@ impl Tunnel {
     /// session (the peer's next one): it becomes the current one.
     #[cold]
     #[inline(never)]
-    fn confirm_next(&mut self, p: usize) {
+    fn confirm_next(&mut self, p: usize, wall: Duration) {
         let peer = &mut self.peers[p];
+        // Complete only now (the kernel and wireguard-go take its time
+        // here): a response answered with nothing, a wrong preshared key
+        // say, is no handshake.
+        peer.stats.last_handshake = Some(wall);
         let confirmed = peer.next.take();
         let old_prev = peer.previous.take();
         peer.previous = std::mem::replace(&mut peer.current, confirmed);
@@ -2110,10 +2122,17 @@ impl Tunnel {
             let silent = peer.last_data_sent.is_some_and(|t| {
                 now.saturating_duration_since(t) >= KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
             }) && peer.pending.is_none();
+            // Counted from the last authenticated message either way, as
+            // the kernel's timer is reset by both.
             let persistent = peer.config.keepalive.is_some_and(|k| {
-                peer.last_sent
-                    .is_none_or(|t| now.saturating_duration_since(t) >= k)
+                peer.keepalive_turned_on
+                    || peer
+                        .last_sent
+                        .max(peer.last_received)
+                        .is_none_or(|t| now.saturating_duration_since(t) >= k)
             });
+            self.peers[p].keepalive_turned_on = false;
+            let peer = &self.peers[p];
             let passive = peer.passive_keepalive_at.is_some_and(|at| now >= at);
             if retry || silent {
                 if silent {
@@ -2187,7 +2206,10 @@ impl Tunnel {
             // Keepalives fire only where they can be sent: a known endpoint,
             // and (passive ones) a usable session.
             if let (Some(k), Some(_)) = (peer.config.keepalive, peer.endpoint) {
-                at(peer.last_sent.map_or(now, |t| t + k));
+                match peer.last_sent.max(peer.last_received) {
+                    Some(t) if !peer.keepalive_turned_on => at(t + k),
+                    _ => at(now),
+                }
             }
             if let Some(t) = peer.passive_keepalive_at.filter(|_| peer.usable(now)) {
                 at(t);

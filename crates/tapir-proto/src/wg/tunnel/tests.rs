@@ -215,6 +215,58 @@ fn a_handshake_completed_as_responder_ends_our_own_retries() {
     assert_eq!(retries, 0, "b retried a handshake it no longer needs");
 }
 
+/// The responder's latest handshake is the time the initiator's first
+/// message confirmed it, as the kernel and wireguard-go say: a response
+/// that led nowhere (a preshared key that differs) is none.
+#[test]
+fn the_responder_counts_a_handshake_once_it_is_confirmed() {
+    let handshake_of_b = |p: &Pair| p.b.peers().next().unwrap().2.last_handshake;
+    let mut p = Pair::new();
+    p.b.update_peer(&p.a.public_key(), |c| {
+        c.psk = Some(PresharedKey::from_random([8; 32]))
+    });
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    p.run();
+    assert!(p.got_b.is_empty());
+    assert_eq!(handshake_of_b(&p), None, "answered, never completed");
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    p.run();
+    assert_eq!(p.got_b.len(), 1);
+    assert_eq!(handshake_of_b(&p), Some(p.wall));
+}
+
+/// A persistent keepalive counts from the last authenticated message
+/// either way, as the kernel's timer does: a peer that hears from the
+/// other every half second sends none of its own (only the passive one
+/// that answers data); and one turned on with `wg set` goes at once.
+#[test]
+fn persistent_keepalives_count_from_any_traffic_and_start_at_once() {
+    let keepalives = |p: &Pair| {
+        p.link
+            .iter()
+            .filter(|(to_b, _, b)| *to_b && b.len() == 32)
+            .count()
+    };
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    p.run();
+    let b_key = p.b.public_key();
+    p.a.update_peer(&b_key, |c| c.keepalive = Some(Duration::from_secs(5)));
+    p.advance(Duration::from_millis(10));
+    assert_eq!(keepalives(&p), 1, "turned on: the first at once");
+    p.run();
+    let mut sent = 0;
+    for _ in 0..40 {
+        p.send_b(&packet([10, 0, 0, 2], [10, 0, 0, 1], 1));
+        p.advance(Duration::from_millis(500));
+        sent += keepalives(&p);
+        p.run();
+    }
+    // 20 s of hearing b: the passive keepalives alone (one per 10 s).
+    assert!(sent <= 2, "{sent} keepalives while b was heard every 0.5 s");
+}
+
 #[test]
 fn handshake_then_data_both_ways() {
     let mut p = Pair::new();
