@@ -501,6 +501,7 @@ impl Batch {
             ..Sent::default()
         };
         let mut from = from;
+        let mut suspect = false;
         self.dropped.clear();
         loop {
             let rc = match from {
@@ -508,7 +509,14 @@ impl Batch {
                 Some(l) => send_from(fd, datagram, &to, l),
             };
             match rc {
-                Ok(_) => out.sent = 1,
+                // Refused from the address it was given and taken from the
+                // kernel's choice: that address is gone (or no longer
+                // routes there), and said. (Refused both ways, it was not
+                // the address: a firewall, no route to the peer.)
+                Ok(_) => {
+                    out.sent = 1;
+                    out.stale_local = suspect;
+                }
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EINTR) => continue,
                     Some(libc::EAGAIN) if patience.left() => {
@@ -516,11 +524,9 @@ impl Batch {
                         continue;
                     }
                     Some(libc::EAGAIN) | Some(libc::EBADF) => out.blocked = 1,
-                    // The local address is gone (or no longer routes there):
-                    // from where the kernel chooses, and said.
                     _ if from.is_some() => {
                         from = None;
-                        out.stale_local = true;
+                        suspect = true;
                         continue;
                     }
                     _ => out.refused = 1,
@@ -591,6 +597,9 @@ impl Batch {
         };
         let mut patience = Patience::new(patience);
         let mut m = 0;
+        // A run refused from its local address, sent again without it: if
+        // that goes, the address is gone (see `send_one`).
+        let mut suspect = false;
         while m < messages {
             // SAFETY: the headers point at iovecs, addresses, control
             // buffers and slots owned by `self`; the kernel only reads them.
@@ -601,6 +610,8 @@ impl Batch {
                         out.sent += self.groups[g].1;
                     }
                     m += k;
+                    out.stale_local |= suspect && k > 0;
+                    suspect = false;
                     continue;
                 }
                 Err(e) => e,
@@ -628,6 +639,7 @@ impl Batch {
                     out.refused += rest.refused;
                     out.blocked += rest.blocked;
                     out.messages = m + rest.messages;
+                    out.stale_local |= rest.stale_local;
                     return out;
                 }
                 Some(libc::EBADF) => {
@@ -644,18 +656,20 @@ impl Batch {
                             *l = None;
                         }
                     }
-                    out.stale_local = true;
+                    suspect = true;
                     self.build_group_headers();
                 }
                 // A run the path cannot carry segmented (EINVAL, EMSGSIZE:
                 // a segment above the path MTU) goes one datagram per
                 // message, which the kernel may fragment.
                 Some(libc::EINVAL) | Some(libc::EMSGSIZE) if count > 1 => {
+                    suspect = false;
                     let one = self.send_plain(fd, start, start + count, &mut patience);
                     out.sent += one.sent;
                     out.refused += one.refused;
                     out.blocked += one.blocked;
                     out.messages += one.messages;
+                    out.stale_local |= one.stale_local;
                     // The plain send reused the headers: set the runs' again.
                     self.prepare(n, false);
                     self.build_group_headers();
@@ -665,6 +679,7 @@ impl Batch {
                 // (an unreachable peer, a firewall's EPERM): dropped, as
                 // UDP may, and counted.
                 _ => {
+                    suspect = false;
                     out.refused += count;
                     self.dropped.extend(start..start + count);
                     m += 1;
@@ -706,6 +721,8 @@ impl Batch {
             ..Sent::default()
         };
         let mut i = from;
+        // As in `send_gso`.
+        let mut suspect = false;
         while i < n {
             // SAFETY: as in `send`.
             let rc = unsafe { raw::sendmmsg(fd, self.hdrs[i..].as_mut_ptr(), n - i, 0) };
@@ -713,6 +730,8 @@ impl Batch {
                 Ok(k) => {
                     out.sent += k;
                     i += k;
+                    out.stale_local |= suspect && k > 0;
+                    suspect = false;
                     continue;
                 }
                 Err(e) => e,
@@ -728,12 +747,13 @@ impl Batch {
                 // From a local address that is gone: again from the kernel's choice.
                 _ if self.locals[i].is_some() => {
                     self.locals[i] = None;
-                    out.stale_local = true;
+                    suspect = true;
                     let h = &mut self.hdrs[i].msg_hdr;
                     h.msg_control = std::ptr::null_mut();
                     h.msg_controllen = 0;
                 }
                 _ => {
+                    suspect = false;
                     out.refused += 1;
                     self.dropped.push(i);
                     i += 1;
@@ -1026,6 +1046,25 @@ mod tests {
         let mut buf = [0u8; 16];
         let (_, src) = client.recv_from(&mut buf).unwrap();
         assert_eq!(src.ip().to_string(), "127.0.0.1");
+        // Refused from the kernel's choice too (port 0): not the address's
+        // fault, and not said to be (every peer's would be forgotten).
+        let nowhere = SocketAddrV6::new("::ffff:127.0.0.1".parse().unwrap(), 0, 0, 0);
+        let sent = b.send_one(
+            server.as_fd(),
+            0,
+            3,
+            &nowhere,
+            Some(gone),
+            std::time::Duration::ZERO,
+        );
+        assert!(sent.refused == 1 && !sent.stale_local, "{sent:?}");
+        b.set(0, 3, &nowhere);
+        b.set_local(0, Some(gone));
+        b.set(1, 3, &nowhere);
+        b.set_local(1, Some(gone));
+        let mut gso = true;
+        let sent = b.send_gso(server.as_fd(), 2, &mut gso, std::time::Duration::ZERO);
+        assert!(sent.refused == 2 && !sent.stale_local, "{sent:?}");
     }
 
     #[test]
