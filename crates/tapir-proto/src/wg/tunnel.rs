@@ -1480,7 +1480,26 @@ impl Tunnel {
         if let Err(e) = handshake::verify_mac1(&self.id, msg) {
             return Decapsulated::Dropped(DropReason::Handshake(e));
         }
-        if self.note_handshake_load(now) {
+        // The response to a handshake of ours (its receiver index is a
+        // pending one: a look-up, no Diffie-Hellman) does not count toward
+        // the load (a hub that starts with more peers than the threshold
+        // would be put under load by their answers, and hear them only
+        // after a cookie and 5 s), and passes the bucket for all addresses;
+        // under a load from elsewhere it needs its cookie, as the kernel's.
+        let receiver = messages::read_u32(msg, field::RESP_RECEIVER);
+        let ours = msg.len() == RESPONSE_LEN
+            && self.by_index.get(&receiver).is_some_and(|&p| {
+                self.peers[p]
+                    .pending
+                    .as_ref()
+                    .is_some_and(|(pending, _)| pending.local_index == receiver)
+            });
+        let loaded = if ours {
+            self.under_load_until.is_some_and(|u| now < u)
+        } else {
+            self.note_handshake_load(now)
+        };
+        if loaded {
             let cookie = self.cookie_for(now, rng, from);
             if !self.sources_proven && handshake::verify_mac2(&cookie, msg).is_err() {
                 let mut reply = [0u8; COOKIE_LEN];
@@ -1493,17 +1512,6 @@ impl Tunnel {
             }
             // A valid cookie proves the address, not good faith: each
             // address gets 20 handshakes a second, before any Diffie-Hellman.
-            // The response to a handshake of ours (its receiver index is a
-            // pending one: a look-up, no Diffie-Hellman) passes the bucket
-            // for all addresses.
-            let receiver = messages::read_u32(msg, field::RESP_RECEIVER);
-            let ours = msg.len() == RESPONSE_LEN
-                && self.by_index.get(&receiver).is_some_and(|&p| {
-                    self.peers[p]
-                        .pending
-                        .as_ref()
-                        .is_some_and(|(pending, _)| pending.local_index == receiver)
-                });
             let allowed = if ours {
                 self.limiter.allow_own_response(now, from.ip())
             } else {

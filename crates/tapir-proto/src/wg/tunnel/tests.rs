@@ -1272,3 +1272,90 @@ fn keepalives_alone_keep_the_key_fresh() {
     let at = first_rekey.expect("no rekey in 130 s");
     assert!((118..=126).contains(&at), "rekeyed at {at} s");
 }
+
+/// A hub that starts with more peers than the load threshold (128
+/// handshakes a second) initiates to all of them at once: their answers
+/// to its own handshakes do not put it under load, so none is answered
+/// with a cookie (each waited 5 s for a retry).
+#[test]
+fn a_hub_hears_the_answers_to_its_own_handshakes_without_cookies() {
+    let n = 200u16;
+    let addr = |i: u16| -> SocketAddr {
+        format!("198.51.100.{}:{}", i % 250, 40000 + i)
+            .parse()
+            .unwrap()
+    };
+    let hub_key = PrivateKey::from_random([9; 32]);
+    let keys: Vec<PrivateKey> = (0..n)
+        .map(|i| {
+            let mut b = [0u8; 32];
+            b[1..3].copy_from_slice(&i.to_le_bytes());
+            b[3] = 0x5a;
+            PrivateKey::from_random(b)
+        })
+        .collect();
+    let mut hub = Tunnel::new(
+        hub_key.clone(),
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| PeerConfig {
+                public: k.public_key(),
+                psk: None,
+                endpoint: Some(addr(i as u16)),
+                allowed_ips: vec![],
+                keepalive: None,
+                rate: None,
+            })
+            .collect(),
+    );
+    let mut spokes: Vec<Tunnel> = keys
+        .iter()
+        .map(|k| {
+            Tunnel::new(
+                k.clone(),
+                vec![PeerConfig {
+                    public: hub_key.public_key(),
+                    psk: None,
+                    endpoint: None,
+                    allowed_ips: vec![],
+                    keepalive: None,
+                    rate: None,
+                }],
+            )
+        })
+        .collect();
+    let (now, wall) = (Instant::now(), Duration::from_secs(1_700_000_000));
+    let mut rng = Rng(7);
+    hub.handshake_all(now, wall, &mut rng);
+    let mut buf = [0u8; 2048];
+    let mut initiations = Vec::new();
+    while let Some((to, len)) = hub.poll_transmit(now, &mut buf) {
+        initiations.push((to, buf[..len].to_vec()));
+    }
+    assert_eq!(initiations.len(), usize::from(n));
+    let hub_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+    let mut cookies = 0;
+    for (to, mut msg) in initiations {
+        let i = (0..n).find(|&i| addr(i) == to).unwrap();
+        let spoke = &mut spokes[usize::from(i)];
+        let len = msg.len();
+        spoke.decapsulate(now, wall, &mut rng, hub_addr, &mut msg, len);
+        let (_, rlen) = spoke.poll_transmit(now, &mut buf).expect("a response");
+        let mut resp = buf[..rlen].to_vec();
+        match hub.decapsulate(now, wall, &mut rng, to, &mut resp, rlen) {
+            Decapsulated::Dropped(DropReason::Cookie) => cookies += 1,
+            Decapsulated::Dropped(other) => panic!("{other:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        cookies, 0,
+        "answers to the hub's own handshakes met cookies"
+    );
+    assert_eq!(
+        hub.peers()
+            .filter(|(_, _, s)| s.last_handshake.is_some())
+            .count(),
+        usize::from(n)
+    );
+}
