@@ -1750,12 +1750,13 @@ impl Tunnel {
             self.confirm_next(p, wall);
         }
         self.peers[p].received_data(now, from, msg.len(), plain);
-        if plain == 0 {
-            return Decapsulated::Nothing; // keepalive
-        }
-        // Whitepaper §6.2: an initiator whose session nears its end rekeys on receipt.
+        // Whitepaper §6.2: an initiator whose session nears its end rekeys
+        // on receipt, of a keepalive too (the kernel's keep_key_fresh).
         if rekey_on_receipt {
             self.initiate(p, now, wall, rng);
+        }
+        if plain == 0 {
+            return Decapsulated::Nothing; // keepalive
         }
         let body_at = messages::DATA_HEADER_LEN;
         let peer = &mut self.peers[p];

@@ -1359,3 +1359,29 @@ fn a_hub_hears_the_answers_to_its_own_handshakes_without_cookies() {
         usize::from(n)
     );
 }
+
+/// An initiator whose session nears its end rekeys when a keepalive
+/// arrives, as for data (the kernel's keep_key_fresh on receipt): a
+/// tunnel kept up by the other end's keepalives alone lost its session at
+/// 180 s and waited for a new handshake.
+#[test]
+fn a_keepalive_received_near_the_end_of_a_session_rekeys_too() {
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    p.run();
+    let a_key = p.a.public_key();
+    p.b.update_peer(&a_key, |c| c.keepalive = Some(Duration::from_secs(1)));
+    let handshake = |p: &Pair| p.a.peers().next().unwrap().2.last_handshake;
+    let first = handshake(&p);
+    let mut rekeyed_at = None;
+    for s in 1..=175u64 {
+        p.advance(Duration::from_secs(1));
+        p.run();
+        if handshake(&p) != first {
+            rekeyed_at = Some(s);
+            break;
+        }
+    }
+    let at = rekeyed_at.expect("a never rekeyed before its session ran out");
+    assert!((160..=170).contains(&at), "rekeyed at {at} s");
+}
