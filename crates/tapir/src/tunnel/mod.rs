@@ -316,6 +316,8 @@ fn bind_udp(port: u16) -> Result<UdpSocket, DevError> {
             "cannot listen on UDP port {port}: {e}{}",
             if e.kind() == io::ErrorKind::AddrInUse {
                 " (another program uses it: choose another ListenPort)"
+            } else if e.raw_os_error() == Some(libc::EAFNOSUPPORT) {
+                " (the kernel runs without IPv6, ipv6.disable=1 on its command line: tapir's one socket for both families needs it; disable_ipv6 in sysctl is enough to keep IPv6 off)"
             } else {
                 ""
             }
@@ -377,6 +379,8 @@ fn bind_tcp(port: Option<u16>, seed: u64) -> Result<TcpTransport, DevError> {
             port.unwrap_or(0),
             if e.kind() == io::ErrorKind::AddrInUse {
                 " (another program uses it: choose another ListenPort)"
+            } else if e.raw_os_error() == Some(libc::EAFNOSUPPORT) {
+                " (the kernel runs without IPv6, ipv6.disable=1 on its command line: tapir's one socket for both families needs it; disable_ipv6 in sysctl is enough to keep IPv6 off)"
             } else {
                 ""
             }
