@@ -866,41 +866,28 @@ impl Netlink {
     /// The policy routing rules, IPv4 then IPv6, as far as [`Rule`] tells them.
     pub fn rules(&mut self) -> Result<Vec<Rule>, NetlinkError> {
         let mut out = Vec::new();
-        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            let mut msg = RuleMessage::default();
-            msg.header.family = family;
-            let answers = self.request(
-                RouteNetlinkMessage::GetRule(msg),
-                NLM_F_DUMP,
-                "RTM_GETRULE",
-                || "(dump)".into(),
-            )?;
-            for m in answers {
-                let RouteNetlinkMessage::NewRule(r) = m else {
-                    continue;
-                };
-                let mut rule = Rule {
-                    v6: r.header.family == AddressFamily::Inet6,
-                    priority: None,
-                    table: u32::from(r.header.table),
-                    fwmark: None,
-                    invert: r.header.flags.contains(RuleFlags::Invert),
-                    suppress_prefixlength: None,
-                };
-                for a in &r.attributes {
-                    match a {
-                        RuleAttribute::Priority(p) => rule.priority = Some(*p),
-                        RuleAttribute::Table(t) => rule.table = *t,
-                        RuleAttribute::FwMark(m) => rule.fwmark = Some(*m),
-                        // The kernel reports "no suppression" as 0xffffffff.
-                        RuleAttribute::SuppressPrefixLen(l) if *l != u32::MAX => {
-                            rule.suppress_prefixlength = Some(*l)
-                        }
-                        _ => {}
+        for r in self.rule_messages()? {
+            let mut rule = Rule {
+                v6: r.header.family == AddressFamily::Inet6,
+                priority: None,
+                table: u32::from(r.header.table),
+                fwmark: None,
+                invert: r.header.flags.contains(RuleFlags::Invert),
+                suppress_prefixlength: None,
+            };
+            for a in &r.attributes {
+                match a {
+                    RuleAttribute::Priority(p) => rule.priority = Some(*p),
+                    RuleAttribute::Table(t) => rule.table = *t,
+                    RuleAttribute::FwMark(m) => rule.fwmark = Some(*m),
+                    // The kernel reports "no suppression" as 0xffffffff.
+                    RuleAttribute::SuppressPrefixLen(l) if *l != u32::MAX => {
+                        rule.suppress_prefixlength = Some(*l)
                     }
+                    _ => {}
                 }
-                out.push(rule);
             }
+            out.push(rule);
         }
         Ok(out)
     }
@@ -908,6 +895,49 @@ impl Netlink {
     /// The policy rules that refuse (`blackhole`, `unreachable`,
     /// `prohibit`) instead of naming a table, IPv4 then IPv6.
     pub fn refusing_rules(&mut self) -> Result<Vec<RefusingRule>, NetlinkError> {
+        let mut out = Vec::new();
+        for r in self.rule_messages()? {
+            let action = match r.header.action {
+                RuleAction::Blackhole => "blackhole",
+                RuleAction::Unreachable => "unreachable",
+                RuleAction::Prohibit => "prohibit",
+                _ => continue,
+            };
+            let mut rule = RefusingRule {
+                v6: r.header.family == AddressFamily::Inet6,
+                priority: None,
+                action: action.into(),
+                to: None,
+                narrowed: r.header.src_len > 0
+                    || r.header.tos > 0
+                    || r.header.flags.contains(RuleFlags::Invert),
+            };
+            for a in &r.attributes {
+                match a {
+                    RuleAttribute::Priority(p) => rule.priority = Some(*p),
+                    RuleAttribute::Destination(d) => {
+                        rule.to = IpNet::new(*d, r.header.dst_len).ok();
+                    }
+                    RuleAttribute::Source(_)
+                    | RuleAttribute::Iifname(_)
+                    | RuleAttribute::Oifname(_)
+                    | RuleAttribute::UidRange(_)
+                    | RuleAttribute::IpProtocol(_)
+                    | RuleAttribute::SourcePortRange(_)
+                    | RuleAttribute::DestinationPortRange(_)
+                    | RuleAttribute::Realm(_)
+                    | RuleAttribute::TunId(_) => rule.narrowed = true,
+                    RuleAttribute::FwMark(m) if *m != 0 => rule.narrowed = true,
+                    _ => {}
+                }
+            }
+            out.push(rule);
+        }
+        Ok(out)
+    }
+
+    /// Every policy rule as the kernel dumps it, IPv4 then IPv6.
+    fn rule_messages(&mut self) -> Result<Vec<RuleMessage>, NetlinkError> {
         let mut out = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut msg = RuleMessage::default();
@@ -918,46 +948,10 @@ impl Netlink {
                 "RTM_GETRULE",
                 || "(dump)".into(),
             )?;
-            for m in answers {
-                let RouteNetlinkMessage::NewRule(r) = m else {
-                    continue;
-                };
-                let action = match r.header.action {
-                    RuleAction::Blackhole => "blackhole",
-                    RuleAction::Unreachable => "unreachable",
-                    RuleAction::Prohibit => "prohibit",
-                    _ => continue,
-                };
-                let mut rule = RefusingRule {
-                    v6: r.header.family == AddressFamily::Inet6,
-                    priority: None,
-                    action: action.into(),
-                    to: None,
-                    narrowed: r.header.src_len > 0
-                        || r.header.tos > 0
-                        || r.header.flags.contains(RuleFlags::Invert),
-                };
-                for a in &r.attributes {
-                    match a {
-                        RuleAttribute::Priority(p) => rule.priority = Some(*p),
-                        RuleAttribute::Destination(d) => {
-                            rule.to = IpNet::new(*d, r.header.dst_len).ok();
-                        }
-                        RuleAttribute::Source(_)
-                        | RuleAttribute::Iifname(_)
-                        | RuleAttribute::Oifname(_)
-                        | RuleAttribute::UidRange(_)
-                        | RuleAttribute::IpProtocol(_)
-                        | RuleAttribute::SourcePortRange(_)
-                        | RuleAttribute::DestinationPortRange(_)
-                        | RuleAttribute::Realm(_)
-                        | RuleAttribute::TunId(_) => rule.narrowed = true,
-                        RuleAttribute::FwMark(m) if *m != 0 => rule.narrowed = true,
-                        _ => {}
-                    }
-                }
-                out.push(rule);
-            }
+            out.extend(answers.into_iter().filter_map(|m| match m {
+                RouteNetlinkMessage::NewRule(r) => Some(r),
+                _ => None,
+            }));
         }
         Ok(out)
     }

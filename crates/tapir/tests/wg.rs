@@ -375,6 +375,27 @@ fn tapir_sides(bed: &Bed, a: String, b: String) -> (Side<'_>, Side<'_>) {
     (side(&bed.a, a, "10.77.0.1"), side(&bed.b, b, "10.77.0.2"))
 }
 
+/// `tapir run` in namespace a of tunnel `name` with key `key`, port 51820,
+/// 10.77.0.1/24 and no peer, once its device is there.
+fn peerless(bed: &Bed, name: &str, key: &str) -> Proc {
+    let conf = write_private(
+        bed,
+        &format!("{name}.conf"),
+        &format!("[Interface]\nPrivateKey = {key}\nListenPort = 51820\nAddress = 10.77.0.1/24\n"),
+    );
+    let tp = Proc(Some(
+        bed.a
+            .cmd(TAPIR)
+            .arg("run")
+            .arg(&conf)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    wait_for(|| bed.a.has_link(name), "the tapir interface");
+    tp
+}
+
 fn write_private(bed: &Bed, name: &str, text: &str) -> PathBuf {
     let path = bed.dir.join(name);
     std::fs::write(&path, text).unwrap();
@@ -501,21 +522,7 @@ fn wg_show_and_wg_set_work_against_tapir() {
         addr: "10.77.0.2",
     };
     // tapir starts with no peer at all.
-    let conf = write_private(
-        &bed,
-        &format!("{}.conf", a.name),
-        &format!("[Interface]\nPrivateKey = {ka}\nListenPort = 51820\nAddress = 10.77.0.1/24\n"),
-    );
-    let _tp = Proc(Some(
-        bed.a
-            .cmd(TAPIR)
-            .arg("run")
-            .arg(&conf)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ));
-    wait_for(|| bed.a.has_link(&a.name), "the tapir interface");
+    let _tp = peerless(&bed, &a.name, &ka);
     let _wg = wireguard_go(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
     // wg show sees the interface, and no peer yet.
     let dump = sh(bed.a.cmd("wg").args(["show", &a.name, "dump"]));
@@ -1374,21 +1381,7 @@ fn a_hundred_thousand_allowed_ips_move_in_one_request() {
     let (ka, _) = genkey();
     let ((_, p1), (_, p2)) = (genkey(), genkey());
     let name = ifname("tbs");
-    let conf = write_private(
-        &bed,
-        &format!("{name}.conf"),
-        &format!("[Interface]\nPrivateKey = {ka}\nListenPort = 51820\nAddress = 10.77.0.1/24\n"),
-    );
-    let _tp = Proc(Some(
-        bed.a
-            .cmd(TAPIR)
-            .arg("run")
-            .arg(&conf)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ));
-    wait_for(|| bed.a.has_link(&name), "the tapir interface");
+    let _tp = peerless(&bed, &name, &ka);
     let many: Vec<String> = (0..100_000u32)
         .map(|i| {
             format!(
