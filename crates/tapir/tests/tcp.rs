@@ -132,6 +132,11 @@ fn a_tapir_tcp_client_reaches_wireguard_go_behind_tcp2udp() {
 
 /// tapir to tapir over TCP port 443 with all UDP dropped in both namespaces.
 fn tapir_pair(bed: &Bed, tag: &str, mode: &str) -> (Proc, Proc, String, String) {
+    tapir_pair_to(bed, tag, mode, "10.200.0.2:443")
+}
+
+/// [`tapir_pair`] with the client connecting to `endpoint` (the server's port 443).
+fn tapir_pair_to(bed: &Bed, tag: &str, mode: &str, endpoint: &str) -> (Proc, Proc, String, String) {
     let ((ka, pa), (kb, pb)) = (genkey(), genkey());
     // Control sockets share one directory: names unique across tests.
     let (na, nb) = (ifname(&format!("{tag}a")), ifname(&format!("{tag}b")));
@@ -148,7 +153,7 @@ fn tapir_pair(bed: &Bed, tag: &str, mode: &str) -> (Proc, Proc, String, String) 
         &ka,
         &format!("Mode = {mode}\nAddress = 10.77.0.1/24"),
         &pb,
-        &format!("Endpoint = 10.200.0.2:443\n{}", allowed("10.77.0.2")),
+        &format!("Endpoint = {endpoint}\n{}", allowed("10.77.0.2")),
     );
     let fb = conf(
         bed,
@@ -239,6 +244,26 @@ fn a_client_whose_address_goes_reconnects_from_its_new_one_in_seconds() {
     assert!(took < Duration::from_secs(8), "resumed after {took:?}");
     let st = status_json(&bed.a, &bed.dir, &na, &ta);
     assert_eq!(st["peers"][0]["connection"], "connected", "{st}");
+}
+
+/// A server reached on an address on no interface (an `ip route add
+/// local` range, AnyIP) keeps its connections: only an address the host
+/// had and lost closes one (each was closed at the next look, and the
+/// tunnel flapped).
+#[test]
+fn a_connection_to_an_address_on_no_interface_stays() {
+    require_root!();
+    let bed = bed("anyip");
+    bed.b
+        .ip(&["route", "add", "local", "192.168.78.0/24", "dev", "lo"]);
+    bed.a
+        .ip(&["route", "add", "192.168.78.0/24", "via", "10.200.0.2"]);
+    let (_ta, tb, _na, nb) = tapir_pair_to(&bed, "an", "tun", "192.168.78.5:443");
+    ping(&bed.a, "10.77.0.2");
+    std::thread::sleep(Duration::from_millis(3500));
+    ping(&bed.a, "10.77.0.2");
+    let st = status_json(&bed.b, &bed.dir, &nb, &tb);
+    assert_eq!(st["counters"]["tcp_accepted"], 1, "{st}");
 }
 
 #[test]

@@ -991,6 +991,9 @@ struct Outbox<'a> {
     /// Whether datagrams come with their local address (the host has more
     /// than one: see [`Outbox::check_addresses`]); `None` before the first look.
     sticky: Option<bool>,
+    /// The host's interface addresses at the last look (TCP: see
+    /// [`TcpTransport::close_orphans`]).
+    host_addresses: Vec<IpAddr>,
     /// Datagrams counted as sent to a peer that did not leave (refused by
     /// the kernel, a full buffer; over TCP no connection, a full queue):
     /// taken off the peer's transfer at the next [`Outbox::queue_transmit`].
@@ -1017,6 +1020,7 @@ impl<'a> Outbox<'a> {
             sources,
             cache: SourceCache::default(),
             sticky: None,
+            host_addresses: Vec::new(),
             unsent: Vec::new(),
         }
     }
@@ -1038,7 +1042,8 @@ impl<'a> Outbox<'a> {
             Link::Tcp(t) => {
                 if let Ok(addrs) = nl.addresses(None) {
                     let ips: Vec<IpAddr> = addrs.iter().map(|a| a.local.addr()).collect();
-                    t.close_orphans(&ips, now);
+                    t.close_orphans(&self.host_addresses, &ips, now);
+                    self.host_addresses = ips;
                 }
                 return;
             }

@@ -803,12 +803,15 @@ impl TcpTransport {
         }
     }
 
-    /// Closes every connection from a local address the host no longer has
-    /// (`addresses`, all of the host's): nothing it sends can leave, and it
-    /// would wait for [`DEAD_AFTER`] to be given up. A dialed one is dialed
-    /// again, from an address the host has. Returns how many it closed.
-    pub fn close_orphans(&mut self, addresses: &[IpAddr], now: Instant) -> usize {
-        if addresses.is_empty() {
+    /// Closes every connection from a local address the host had on an
+    /// interface at the last look (`before`) and has no longer (`now_has`):
+    /// nothing it sends can leave, and it would wait for [`DEAD_AFTER`] to be
+    /// given up. A dialed one is dialed again, from an address the host has.
+    /// Addresses on no interface (the rest of 127/8, `ip route add local`
+    /// ranges) are never in `before`: their connections stay. Returns how
+    /// many it closed.
+    pub fn close_orphans(&mut self, before: &[IpAddr], now_has: &[IpAddr], now: Instant) -> usize {
+        if now_has.is_empty() {
             return 0;
         }
         let mut closed = 0;
@@ -816,7 +819,7 @@ impl TcpTransport {
             let gone = self.conns[id]
                 .as_ref()
                 .and_then(|c| c.local)
-                .filter(|ip| !addresses.contains(ip));
+                .filter(|ip| before.contains(ip) && !now_has.contains(ip));
             if let Some(ip) = gone {
                 self.close(id, now, Some(format!("its local address {ip} went away")));
                 closed += 1;
