@@ -1524,7 +1524,14 @@ impl Tunnel {
         if msg.len() == INITIATION_LEN {
             self.receive_initiation(now, rng, from, msg)
         } else {
-            self.receive_response(now, wall, from, msg)
+            let d = self.receive_response(now, wall, from, msg);
+            // One that claimed to answer ours and did not (a forgery made
+            // from our initiation's index: it cost a Diffie-Hellman) counts
+            // after all: a flood of them puts the tunnel under load.
+            if ours && matches!(d, Decapsulated::Dropped(_)) {
+                self.note_handshake_load(now);
+            }
+            d
         }
     }
 

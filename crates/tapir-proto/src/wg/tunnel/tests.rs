@@ -1385,3 +1385,39 @@ fn a_keepalive_received_near_the_end_of_a_session_rekeys_too() {
     let at = rekeyed_at.expect("a never rekeyed before its session ran out");
     assert!((160..=170).contains(&at), "rekeyed at {at} s");
 }
+
+/// Forged answers to a handshake of ours (its index read off our
+/// initiation, a valid mac1 from our public key, the rest random) each
+/// cost a Diffie-Hellman before they fail: a flood of them puts the
+/// tunnel under load as any other handshake flood (they were never asked
+/// for a cookie).
+#[test]
+fn forged_answers_to_our_handshake_count_toward_the_load() {
+    let mut p = Pair::new();
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 1));
+    let init = p.link.pop_front().unwrap();
+    let index: [u8; 4] = init.2[field::INIT_SENDER].try_into().unwrap();
+    let mac1_key = crate::wg::crypto::hash(&[crate::wg::crypto::LABEL_MAC1, &p.a.public_key().0]);
+    let forger: SocketAddr = "198.51.100.9:5555".parse().unwrap();
+    let mut rng = Rng(3);
+    let mut cookies = 0;
+    for _ in 0..300 {
+        let mut msg = [0u8; RESPONSE_LEN];
+        msg[0] = 2;
+        msg[field::RESP_RECEIVER].copy_from_slice(&index);
+        msg[field::RESP_EPHEMERAL].copy_from_slice(&random::<32>(&mut rng));
+        let m1 = crate::wg::crypto::mac(&mac1_key, &[&msg[..field::RESP_MAC1.start]]);
+        msg[field::RESP_MAC1].copy_from_slice(&m1);
+        let n = msg.len();
+        let mut buf = msg.to_vec();
+        if let Decapsulated::Dropped(DropReason::Cookie) =
+            p.a.decapsulate(p.now, p.wall, &mut p.rng, forger, &mut buf, n)
+        {
+            cookies += 1;
+        }
+    }
+    assert!(
+        cookies > 100,
+        "{cookies} of 300 forged answers met a cookie"
+    );
+}
