@@ -567,9 +567,10 @@ fn frame_claims(frame: &[u8]) -> Result<[Option<IpAddr>; 2], ()> {
             let (upper, at) = ipv6_upper(l3)?;
             let icmp = if upper == 58 { l3.get(at) } else { None };
             // Without an address: duplicate address detection's neighbour
-            // solicitation and the MLD reports sent meanwhile, nothing else.
+            // solicitation, the MLD reports sent meanwhile, and router
+            // solicitations (RFC 4861 allows ::), nothing else.
             let without_address =
-                ip.is_unspecified() && matches!(icmp, Some(&(135 | 131 | 132 | 143)));
+                ip.is_unspecified() && matches!(icmp, Some(&(133 | 135 | 131 | 132 | 143)));
             // A Neighbor Advertisement (ICMPv6 type 136) and its target,
             // behind whatever extension headers come first.
             let target = if icmp == Some(&136) {
@@ -1193,17 +1194,14 @@ impl Tunnel {
     /// Tap mode: whether `frame` may go to peer `p`. A frame to one MAC that
     /// carries IP goes only to a peer whose allowed IPs (when it has any)
     /// hold its destination, as a tun tunnel routes by them: a peer that
-    /// takes over another's MAC gets none of the other's traffic. Counted
-    /// against `p` when not.
-    fn theirs(&mut self, p: usize, frame: &[u8]) -> bool {
-        let peer = &mut self.peers[p];
-        let ok = peer.config.allowed_ips.is_empty()
+    /// takes over another's MAC gets none of the other's traffic. (Counted
+    /// as `not_theirs` where the switch sent it to `p`, not where a flood
+    /// passes `p` by.)
+    fn theirs(&self, p: usize, frame: &[u8]) -> bool {
+        let allowed = &self.peers[p].config.allowed_ips;
+        allowed.is_empty()
             || frame_unicast_destination(frame)
-                .is_none_or(|ip| peer.config.allowed_ips.iter().any(|n| n.contains(&ip)));
-        if !ok {
-            peer.stats.drops.not_theirs += 1;
-        }
-        ok
+                .is_none_or(|ip| allowed.iter().any(|n| n.contains(&ip)))
     }
 
     /// Where a packet (tun) or frame (tap) read from the device goes, by its
@@ -1231,7 +1229,10 @@ impl Tunnel {
                 match self.switch.lookup(now, &dst) {
                     Destination::Port(Port::Peer(k)) => match self.by_key.get(&k).copied() {
                         Some(p) if self.theirs(p, packet) => Target::Peer(p),
-                        Some(_) => Target::Nowhere(Encapsulated::NoRoute),
+                        Some(p) => {
+                            self.peers[p].stats.drops.not_theirs += 1;
+                            Target::Nowhere(Encapsulated::NoRoute)
+                        }
                         None => Target::Flood,
                     },
                     Destination::Port(Port::Local) => Target::Nowhere(Encapsulated::NoRoute),
@@ -1988,8 +1989,12 @@ impl Tunnel {
             Destination::Port(Port::Peer(k)) if k == key => {
                 refuse(self, DropReason::Switch, |d| &mut d.loop_back)
             }
-            Destination::Port(Port::Peer(k)) => match self.by_key.get(&k) {
-                Some(&to) => Decapsulated::Forward { range, to },
+            Destination::Port(Port::Peer(k)) => match self.by_key.get(&k).copied() {
+                Some(to) if self.theirs(to, frame) => Decapsulated::Forward { range, to },
+                Some(to) => {
+                    self.peers[to].stats.drops.not_theirs += 1;
+                    Decapsulated::Nothing
+                }
                 None => Decapsulated::Flood { range, from: p },
             },
             Destination::Flood => Decapsulated::Flood { range, from: p },

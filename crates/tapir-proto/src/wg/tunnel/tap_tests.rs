@@ -404,7 +404,7 @@ fn what_a_frame_claims_is_checked_under_tags_and_without_an_address() {
         m.extend_from_slice(upper);
         m
     };
-    let cases: [(&[u16], Vec<u8>, bool, &str); 17] = [
+    let cases: [(&[u16], Vec<u8>, bool, &str); 18] = [
         (&[v4], own.clone(), true, "its own address"),
         (&[q, v4], own.clone(), true, "one tag"),
         (&[q, v4], other.clone(), false, "another's, one tag"),
@@ -469,6 +469,12 @@ fn what_a_frame_claims_is_checked_under_tags_and_without_an_address() {
             ipv6("::", 0, &behind(0, &[143, 0, 0, 0, 0, 0, 0, 0])),
             true,
             "an MLD report from ::",
+        ),
+        (
+            &[v6],
+            ipv6("::", 58, &[133, 0, 0, 0, 0, 0, 0, 0]),
+            true,
+            "a router solicitation from ::",
         ),
     ];
     let mut passed = 0;
@@ -649,4 +655,15 @@ fn a_spoke_that_takes_anothers_mac_gets_none_of_its_traffic() {
     );
     n.run();
     assert_eq!(n.tap[1].len(), 2);
+    // Flooded to a MAC nobody learned: not to spoke 1, and not counted
+    // against it (a flood passes it by).
+    let unknown = [2, 0, 0, 0, 0, 0xee];
+    n.send(
+        0,
+        &ipv4_frame(unknown, MAC[0], [10, 0, 0, 100], [10, 0, 0, 2]),
+    );
+    n.run();
+    assert_eq!(n.tap[1].len(), 2);
+    let (_, _, s) = n.nodes[0].peers().next().unwrap();
+    assert_eq!(s.drops.not_theirs, 1);
 }
