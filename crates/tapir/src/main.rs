@@ -98,7 +98,7 @@ enum Command {
     },
     /// Show this namespace's tunnels (started with up or run): peers, endpoints, handshakes, transfer.
     #[command(
-        after_help = "Exit status: 0 when the tunnels asked about run, 3 when one does not (as systemctl status), 1 on an error."
+        after_help = "Exit status: 0 when the tunnels asked about run; 3 when one has a record but no longer runs (it crashed: tapir down NAME clears what it left), as systemctl status says of a dead unit; 1 when NAME is not up at all, or on an error."
     )]
     Status {
         /// One tunnel; default: all.
@@ -721,7 +721,13 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             if sig != 0 {
                 let name = nix::sys::signal::Signal::try_from(sig as i32)
                     .map_or_else(|_| sig.to_string(), |s| s.as_str().to_owned());
-                eprintln!("tapir: demo interrupted ({name}): everything it created is removed");
+                // (Not eprintln!: after SIGHUP the terminal answers EIO.)
+                let _ = std::io::Write::write_fmt(
+                    &mut std::io::stderr(),
+                    format_args!(
+                        "tapir: demo interrupted ({name}): everything it created is removed\n"
+                    ),
+                );
                 return Ok(ExitCode::from(128 + sig as u8));
             }
             match result {

@@ -19,6 +19,24 @@ use std::time::{Duration, Instant};
 
 use tapir_proto::wg::keys::PrivateKey;
 
+/// `println!` that goes on where the terminal is gone: a hung-up terminal
+/// answers writes with EIO, and `println!` would panic in the middle of
+/// the clean-up that SIGHUP asked for.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// [`say!`] for standard error.
+macro_rules! say_err {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 /// Everything the demo created, removed on drop (also on error or Ctrl-C).
 struct Lab {
     namespaces: Vec<String>,
@@ -58,13 +76,13 @@ impl Drop for Lab {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         if !left.is_empty() {
-            eprintln!(
+            say_err!(
                 "tapir: demo: could not remove namespace {}: ip netns del {}",
                 left.join(" and "),
                 left.join("; ip netns del ")
             );
         } else if !self.namespaces.is_empty() {
-            println!(
+            say!(
                 "\n==> cleaned up: namespaces {} removed",
                 self.namespaces.join(" and ")
             );
@@ -90,7 +108,7 @@ fn show(cmd: &Command) -> String {
 /// Runs `cmd` to its end and returns what it printed; a signal to the demo
 /// ends it at once (by its pid) and the step with "interrupted".
 fn step(cmd: &mut Command, signal: &AtomicUsize) -> Result<String, String> {
-    println!("$ {}", show(cmd));
+    say!("$ {}", show(cmd));
     let mut child = started(cmd)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -199,8 +217,14 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, signal: &AtomicUsize) -> Resu
         dir: dir.clone(),
     };
 
-    println!("==> 1. two network namespaces, joined by a veth pair");
+    say!("==> 1. two network namespaces, joined by a veth pair");
     for ns in [&a, &b] {
+        // Not one of another demo's (a pid used again, its lab left by a kill).
+        if Path::new("/run/netns").join(ns).exists() {
+            return Err(format!(
+                "a namespace {ns} exists already (left by an earlier demo that was killed?): ip netns del {ns}"
+            ));
+        }
         // Recorded first: a signal may end the step after the kernel made it.
         lab.namespaces.push(ns.clone());
         step(Command::new("ip").args(["netns", "add", ns]), signal)?;
@@ -234,19 +258,19 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, signal: &AtomicUsize) -> Resu
     )?;
     check(signal)?;
 
-    println!("\n==> 2. a key pair for each end (tapir genkey | tee a.key | tapir pubkey)");
+    say!("\n==> 2. a key pair for each end (tapir genkey | tee a.key | tapir pubkey)");
     let random =
         || crate::tunnel::random32().map_err(|e| format!("randomness from the kernel: {e}"));
     let ka = PrivateKey::from_random(random()?);
     let kb = PrivateKey::from_random(random()?);
-    println!(
+    say!(
         "   A's public key {}\n   B's public key {}",
         ka.public_key(),
         kb.public_key()
     );
-    println!("   by hand: wg genkey | tee a.key | wg pubkey");
+    say!("   by hand: wg genkey | tee a.key | wg pubkey");
 
-    println!(
+    say!(
         "\n==> 3. a tapir tunnel between them (tapir run NAME.conf, a wg-quick file){}{}",
         if kind.tap {
             ", in tap mode (Ethernet frames)"
@@ -293,14 +317,14 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, signal: &AtomicUsize) -> Resu
     ] {
         let path = dir.join(file);
         write_private(&path, &text)?;
-        println!("   {} (PrivateKey shown as ...):", path.display());
+        say!("   {} (PrivateKey shown as ...):", path.display());
         for line in text.lines() {
             let shown = if line.starts_with("PrivateKey") {
                 "PrivateKey = ...".to_string()
             } else {
                 line.to_string()
             };
-            println!("     {shown}");
+            say!("     {shown}");
         }
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns])
@@ -308,7 +332,7 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, signal: &AtomicUsize) -> Resu
             .arg("run")
             .arg(&path);
         let log_path = path.with_extension("log");
-        println!("$ {} 2> {} &", show(&cmd), log_path.display());
+        say!("$ {} 2> {} &", show(&cmd), log_path.display());
         let log =
             std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
         let child = started(&mut cmd)
@@ -318,7 +342,7 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, signal: &AtomicUsize) -> Resu
             .map_err(|e| format!("{}: {e}", show(&cmd)))?;
         lab.children.push(child);
     }
-    println!(
+    say!(
         "   by hand, each tapir run does what these do: ip tuntap add dev tp-a mode {}; ip addr add 10.99.0.1/24 dev tp-a;\n   ip link set tp-a up; then a WireGuard{} daemon on the device (wireguard-go tp-a; wg setconf tp-a FILE)",
         if kind.tap { "tap" } else { "tun" },
         if kind.tcp { " (over udp2tcp)" } else { "" }
@@ -330,7 +354,7 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, signal: &AtomicUsize) -> Resu
         })?;
     }
 
-    println!("\n==> 4. ping through the tunnel");
+    say!("\n==> 4. ping through the tunnel");
     if has("ping") {
         let out = step(
             Command::new("ip").args([
@@ -352,20 +376,20 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, signal: &AtomicUsize) -> Resu
             .lines()
             .filter(|l| l.contains("packet loss") || l.starts_with("rtt"))
         {
-            println!("   {line}");
+            say!("   {line}");
         }
     } else {
-        println!("   (ping is not installed: a built-in UDP echo through the tunnel instead)");
+        say!("   (ping is not installed: a built-in UDP echo through the tunnel instead)");
         let rtts = udp_echo(&a, &b, signal)?;
-        println!("   3 echoes, round trips {rtts:?}");
+        say!("   3 echoes, round trips {rtts:?}");
     }
     check(signal)?;
 
-    println!("\n==> 5. throughput through the tunnel, {seconds} s");
+    say!("\n==> 5. throughput through the tunnel, {seconds} s");
     if has("iperf3") {
         let mut server = Command::new("ip");
         server.args(["netns", "exec", &b, "iperf3", "-s", "-1", "-B", "10.99.0.2"]);
-        println!("$ {} &", show(&server));
+        say!("$ {} &", show(&server));
         lab.children.push(
             started(&mut server)
                 .stdout(Stdio::null())
@@ -395,16 +419,16 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, signal: &AtomicUsize) -> Resu
             .collect();
         if let Some(header) = out.lines().rfind(|l| l.contains("[ ID]")) {
             if !summary.is_empty() {
-                println!("   {}", header.trim());
+                say!("   {}", header.trim());
             }
         }
         for line in summary {
-            println!("   {}", line.trim());
+            say!("   {}", line.trim());
         }
     } else {
-        println!("   (iperf3 is not installed: a built-in TCP bulk transfer instead)");
+        say!("   (iperf3 is not installed: a built-in TCP bulk transfer instead)");
         let gbps = bulk(&a, &b, Duration::from_secs(seconds), signal)?;
-        println!("   {gbps:.2} Gbit/s from A to B through the tunnel");
+        say!("   {gbps:.2} Gbit/s from A to B through the tunnel");
     }
     check(signal)?;
     drop(lab);
