@@ -1261,24 +1261,11 @@ impl<'a> Outbox<'a> {
         }
     }
 
-    /// Takes what did not leave off the transfers it was counted in. (Runs
-    /// to one peer as one: a peer is found by a walk.)
+    /// Takes what did not leave off the transfers it was counted in.
     #[cold]
     fn settle_unsent(&mut self, t: &mut Tunnel) {
-        let mut run: Option<(SocketAddr, usize)> = None;
-        for (to, n) in self.unsent.drain(..) {
-            match &mut run {
-                Some((a, m)) if *a == to => *m += n,
-                _ => {
-                    if let Some((a, m)) = run.replace((to, n)) {
-                        t.not_sent(a, m);
-                    }
-                }
-            }
-        }
-        if let Some((a, m)) = run {
-            t.not_sent(a, m);
-        }
+        t.not_sent_all(&self.unsent);
+        self.unsent.clear();
     }
 
     /// A message from `from` authenticated: a TCP connection from there is
