@@ -675,6 +675,27 @@ impl Peer {
 impl Tunnel {
     /// An interface with our private key and its peers.
     pub fn new(private: PrivateKey, peers: Vec<PeerConfig>) -> Self {
+        Self::with_layer(
+            private,
+            peers,
+            Layer::Ip,
+            switch::DEFAULT_AGING,
+            switch::DEFAULT_CAP,
+        )
+    }
+
+    /// An interface that carries `layer`, with the switch's aging time and
+    /// per-peer cap of learned MACs (used in tap mode only). The layer is
+    /// set before the peers come: in tap mode a prefix may be several
+    /// peers' (made with the layer still IP, each shared prefix went to
+    /// the last peer alone, and the fe80::/10 every peer needs with it).
+    pub fn with_layer(
+        private: PrivateKey,
+        peers: Vec<PeerConfig>,
+        layer: Layer,
+        aging: Duration,
+        mac_cap: usize,
+    ) -> Self {
         let id = Identity::new(private);
         let mut t = Self {
             id,
@@ -691,9 +712,9 @@ impl Tunnel {
             sources_proven: false,
             limiter: SourceLimiter::new(),
             unattributed: Unattributed::default(),
-            layer: Layer::Ip,
+            layer,
             mtu: 0,
-            switch: MacTable::new(switch::DEFAULT_AGING, switch::DEFAULT_CAP),
+            switch: MacTable::new(aging, mac_cap),
             tx_hint: Vec::new(),
             hinted: Vec::new(),
             rated: Vec::new(),
@@ -701,21 +722,6 @@ impl Tunnel {
         for p in peers {
             t.add_peer(p);
         }
-        t
-    }
-
-    /// An interface that carries `layer`, with the switch's aging time and
-    /// per-peer cap of learned MACs (used in tap mode only).
-    pub fn with_layer(
-        private: PrivateKey,
-        peers: Vec<PeerConfig>,
-        layer: Layer,
-        aging: Duration,
-        mac_cap: usize,
-    ) -> Self {
-        let mut t = Self::new(private, peers);
-        t.layer = layer;
-        t.switch = MacTable::new(aging, mac_cap);
         t
     }
 

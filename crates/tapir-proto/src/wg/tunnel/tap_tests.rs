@@ -667,3 +667,27 @@ fn a_spoke_that_takes_anothers_mac_gets_none_of_its_traffic() {
     let (_, _, s) = n.nodes[0].peers().next().unwrap();
     assert_eq!(s.drops.not_theirs, 1);
 }
+
+#[test]
+fn peers_that_share_a_prefix_from_the_start_keep_it_in_tap_mode() {
+    let cfg = |seed: u8, ips: &[&str]| PeerConfig {
+        public: key(seed).public_key(),
+        psk: None,
+        endpoint: None,
+        allowed_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+        keepalive: None,
+        rate: None,
+    };
+    let t = Tunnel::with_layer(
+        key(1),
+        vec![
+            cfg(2, &["10.0.0.2/32", "fe80::/10"]),
+            cfg(3, &["10.0.0.3/32", "fe80::/10"]),
+        ],
+        Layer::Ethernet,
+        Duration::from_secs(300),
+        4,
+    );
+    let lists: Vec<usize> = t.peers().map(|(c, _, _)| c.allowed_ips.len()).collect();
+    assert_eq!(lists, vec![2, 2], "fe80::/10 kept by both");
+}
