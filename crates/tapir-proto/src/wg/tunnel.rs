@@ -1261,9 +1261,13 @@ impl Tunnel {
                 match self.switch.lookup(now, &dst) {
                     Destination::Port(Port::Peer(k)) => match self.by_key.get(&k).copied() {
                         Some(p) if self.theirs(p, packet) => Target::Peer(p),
+                        // Not its address (a peer took the station's MAC
+                        // with a frame of its own): flooded as to a MAC
+                        // nobody learned, so the station still gets it
+                        // wherever it is, and each peer only what is its.
                         Some(p) => {
                             self.peers[p].stats.drops.not_theirs += 1;
-                            Target::Nowhere(Encapsulated::NoRoute)
+                            Target::Flood
                         }
                         None => Target::Flood,
                     },
@@ -2023,9 +2027,10 @@ impl Tunnel {
             }
             Destination::Port(Port::Peer(k)) => match self.by_key.get(&k).copied() {
                 Some(to) if self.theirs(to, frame) => Decapsulated::Forward { range, to },
+                // (As in `target`.)
                 Some(to) => {
                     self.peers[to].stats.drops.not_theirs += 1;
-                    Decapsulated::Nothing
+                    Decapsulated::Flood { range, from: p }
                 }
                 None => Decapsulated::Flood { range, from: p },
             },

@@ -634,11 +634,14 @@ fn a_spoke_that_takes_anothers_mac_gets_none_of_its_traffic() {
     );
     n.run();
     assert_eq!(n.tap[0].len(), 1, "{:?}", n.drops);
-    // The hub writes to spoke 2's MAC and address: not to spoke 1.
+    // The hub writes to spoke 2's MAC and address: not to spoke 1, which
+    // took the MAC, but flooded, so that spoke 2 still gets it (one frame
+    // from a thief no longer cuts the station off).
     let to_victim = ipv4_frame(MAC[2], MAC[0], [10, 0, 0, 100], [10, 0, 0, 2]);
-    assert_eq!(n.send(0, &to_victim), Encapsulated::NoRoute);
+    assert_eq!(n.send(0, &to_victim), Encapsulated::Flood);
     n.run();
     assert!(n.tap[1].is_empty(), "spoke 1 got spoke 2's traffic");
+    assert_eq!(n.tap[2], vec![to_victim], "spoke 2 still gets its own");
     let (_, _, s) = n.nodes[0].peers().next().unwrap();
     assert_eq!(s.drops.not_theirs, 1);
     // What is for spoke 1's own address still reaches it, whatever MAC.
