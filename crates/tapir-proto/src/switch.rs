@@ -59,6 +59,10 @@ pub enum Destination<P> {
     Flood,
 }
 
+/// How long after a protected port's station was last heard a peer may
+/// not take its address (see [`MacTable::learn_unless`]).
+pub const PROTECTED_FOR: Duration = Duration::from_secs(10);
+
 struct Entry<P> {
     port: P,
     seen: Instant,
@@ -111,11 +115,14 @@ impl<P: Copy + Eq + Hash> MacTable<P> {
         }
     }
 
-    /// Notes that `src` was seen on `port`. A live address of the
-    /// `protected` port (the local tap's stations) is never moved away from
-    /// it: a peer sending from our own MAC gets our traffic only if it
-    /// could take it over, so it may not. `Ok(true)`: the port was at its
-    /// cap, and its oldest address made room.
+    /// Notes that `src` was seen on `port`. An address the `protected`
+    /// port (the local tap's stations) was heard from in the last
+    /// [`PROTECTED_FOR`] is not moved away from it: a peer sending from our
+    /// own MAC gets our traffic only if it could take it over, so it may
+    /// not while the station speaks; one quiet longer may have moved (a VM
+    /// migrated to a spoke: its old neighbours lost it for the whole aging
+    /// time, 300 s). `Ok(true)`: the port was at its cap, and its oldest
+    /// address made room.
     pub fn learn_unless(
         &mut self,
         now: Instant,
@@ -170,14 +177,14 @@ impl<P: Copy + Eq + Hash> MacTable<P> {
         if is_multicast(&src) {
             return Err(Refused::MulticastSource);
         }
-        let aging = self.aging;
+        let hold = self.aging.min(PROTECTED_FOR);
         let old = match self.entries.get_mut(&src) {
             Some(e) if e.port == port => {
                 e.seen = now;
                 return Ok(false);
             }
             Some(e)
-                if Some(e.port) == protected && now.saturating_duration_since(e.seen) < aging =>
+                if Some(e.port) == protected && now.saturating_duration_since(e.seen) < hold =>
             {
                 return Err(Refused::Protected);
             }
@@ -363,10 +370,15 @@ mod tests {
         t.learn(now, A, 0).unwrap();
         assert_eq!(t.learn_unless(now, A, 1, 0), Err(Refused::Protected));
         assert_eq!(t.lookup(now, &A), Destination::Port(0));
-        // Once it has aged out, it is free again.
-        let later = now + Duration::from_secs(301);
-        t.learn_unless(later, A, 1, 0).unwrap();
-        assert_eq!(t.lookup(later, &A), Destination::Port(1));
+        // Heard again locally: still its.
+        let soon = now + PROTECTED_FOR - Duration::from_secs(1);
+        t.learn(soon, A, 0).unwrap();
+        let later = soon + PROTECTED_FOR - Duration::from_secs(1);
+        assert_eq!(t.learn_unless(later, A, 1, 0), Err(Refused::Protected));
+        // Quiet for PROTECTED_FOR (it moved): free, long before it ages out.
+        let moved = later + Duration::from_secs(2);
+        t.learn_unless(moved, A, 1, 0).unwrap();
+        assert_eq!(t.lookup(moved, &A), Destination::Port(1));
     }
 
     #[test]

@@ -136,6 +136,9 @@ pub struct Drops {
     pub rate_tx: u64,
     /// Leaving while a handshake runs and the queue was full.
     pub queue_full: u64,
+    /// Tap mode: a frame from a MAC of this side's own stations, heard from
+    /// here within the last 10 s (see `switch::PROTECTED_FOR`).
+    pub local_mac: u64,
     /// Tap mode: a frame to one MAC, this peer's by the switch, for an IP
     /// address outside the peer's allowed IPs: not sent to it.
     pub not_theirs: u64,
@@ -2014,7 +2017,7 @@ impl Tunnel {
             Ok(false) => {}
             Ok(true) => self.peers[p].stats.macs_evicted += 1,
             Err(switch::Refused::Protected) => {
-                return refuse(self, DropReason::Switch, |d| &mut d.not_allowed);
+                return refuse(self, DropReason::Switch, |d| &mut d.local_mac);
             }
             Err(_) => {
                 return refuse(self, DropReason::Switch, |d| &mut d.multicast_source);

@@ -2981,6 +2981,7 @@ fn extras(t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) -> St
                 ("rate_tx", dr.rate_tx),
                 ("queue_full", dr.queue_full),
                 ("not_theirs", dr.not_theirs),
+                ("local_mac", dr.local_mac),
                 ("invalid", s.dropped),
             ],
         );
