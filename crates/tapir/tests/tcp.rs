@@ -219,6 +219,14 @@ fn a_reset_connection_and_a_restarted_server_recover_within_5_s() {
     let took = first_reply(&bed.a, "10.77.0.2", Duration::from_secs(15));
     eprintln!("after a server restart: first reply {took:?} after it was up");
     assert!(took < Duration::from_secs(5), "resumed after {took:?}");
+    // The client's log tells the story, as OpenVPN's does.
+    let mut ta = ta;
+    let log = ta.stop();
+    assert!(
+        log.contains("connection to 10.200.0.2:443 lost")
+            && log.contains("connected to 10.200.0.2:443 (after"),
+        "{log}"
+    );
 }
 
 /// The client's address changes (a new lease, a moved laptop): its

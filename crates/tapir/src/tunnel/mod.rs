@@ -2466,6 +2466,9 @@ fn tcp_after_wait(
             .tunnel()
             .path_opened(now, wall_now, &mut ib.rng, addr);
     }
+    for line in t.events.drain(..) {
+        eprintln!("tapir: {}: {line}", ib.name);
+    }
 }
 
 /// The control requests the control thread read whole, answered from

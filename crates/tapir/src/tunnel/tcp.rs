@@ -193,7 +193,13 @@ pub struct TcpTransport {
     /// peer's transfer count to leave out (as the kernel counts only what
     /// it sent).
     pub unsent: Vec<(SocketAddr, usize)>,
+    /// What the log should say of the dialed connections (lost, connected
+    /// again, the first failure of a series), for the tunnel to print.
+    pub events: Vec<String>,
 }
+
+/// At most this many log lines wait in [`TcpTransport::events`].
+const EVENTS_KEPT: usize = 64;
 
 fn nonblocking_connect(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
@@ -245,6 +251,7 @@ impl TcpTransport {
             last_remote: None,
             touched: Vec::new(),
             unsent: Vec::new(),
+            events: Vec::new(),
             dials: Vec::new(),
             max_message,
             listener_at: None,
@@ -323,6 +330,11 @@ impl TcpTransport {
                     self.dials[i].state = DialState::Connecting;
                 }
                 Err(e) => {
+                    if self.dials[i].failures == 0 {
+                        self.event(format!(
+                            "cannot connect to {addr}: {e}; trying again, each wait longer (tapir status shows the attempts)"
+                        ));
+                    }
                     self.dials[i].last_error = Some(e.to_string());
                     self.wait(i, now);
                 }
@@ -415,11 +427,34 @@ impl TcpTransport {
         }
         if let Some(d) = conn.dial.filter(|&d| d < self.dials.len()) {
             if self.dials[d].conn == Some(id) {
+                // Said once a series: a connection lost, or the first of
+                // the attempts that fail (as OpenVPN logs a restart).
+                if self.dials[d].failures == 0 {
+                    let said = why.as_deref().unwrap_or("closed by the other end");
+                    let line = if conn.connecting {
+                        format!(
+                            "cannot connect to {}: {said}; trying again, each wait longer (tapir status shows the attempts)",
+                            conn.remote
+                        )
+                    } else {
+                        format!(
+                            "connection to {} lost: {said}; connecting again",
+                            conn.remote
+                        )
+                    };
+                    self.event(line);
+                }
                 if why.is_some() {
                     self.dials[d].last_error = why;
                 }
                 self.wait(d, now);
             }
+        }
+    }
+
+    fn event(&mut self, line: String) {
+        if self.events.len() < EVENTS_KEPT {
+            self.events.push(line);
         }
     }
 
@@ -498,6 +533,12 @@ impl TcpTransport {
                         if let Some(d) = c.dial {
                             self.dials[d].state = DialState::Open;
                             self.dials[d].last_error = None;
+                            let tries = self.dials[d].failures;
+                            self.event(if tries > 0 {
+                                format!("connected to {remote} (after {} attempts)", tries + 1)
+                            } else {
+                                format!("connected to {remote}")
+                            });
                         }
                         self.connected.push(remote);
                     }
