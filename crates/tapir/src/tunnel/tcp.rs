@@ -908,6 +908,10 @@ impl TcpTransport {
                 Some(c.opened + CONNECT_TIMEOUT)
             } else if c.dial.is_none() && !c.authenticated {
                 Some(c.opened + HANDSHAKE_DEADLINE)
+            } else if c.dial.is_none() {
+                // (An accepted connection gone idle is closed then: without
+                // this deadline, only when another happened to fall due.)
+                Some(c.last_rx + IDLE_TIMEOUT)
             } else {
                 None
             }
@@ -1247,5 +1251,22 @@ mod tests {
         server.handle_timeout(now + HANDSHAKE_DEADLINE);
         assert_eq!(server.connection_counts(), (0, 0));
         drop(held);
+    }
+
+    #[test]
+    fn an_idle_accepted_connection_has_a_deadline_of_its_own() {
+        let now = Instant::now();
+        let mut server = TcpTransport::new(Some(0), 2048, 1).unwrap();
+        let port = server.local_port();
+        let client = connect_from([127, 0, 2, 1], port);
+        for _ in 0..5 {
+            pump(&mut server, now);
+        }
+        let from = from_v6(client.local_addr().unwrap());
+        assert!(server.authenticated(from));
+        // Nothing else is due: the wait must still end for it.
+        assert_eq!(server.next_deadline(now), Some(now + IDLE_TIMEOUT));
+        server.handle_timeout(now + IDLE_TIMEOUT);
+        assert_eq!(server.connection_counts().0, 0);
     }
 }
