@@ -396,11 +396,20 @@ fn an_existing_bridge_is_joined_and_left_as_it_was() {
     );
     let link = star.s2.ip_json(&["link", "show", &star.names[2]]);
     assert_eq!(link[0]["master"], "br-own");
+    // A port that comes later (a VM's) is named too, once.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    star.s2.ip(&[
+        "link", "add", "dum2", "type", "veth", "peer", "name", "dum3",
+    ]);
+    star.s2.ip(&["link", "set", "dum2", "master", "br-own"]);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
     let err = b.stop();
     assert!(
         err.contains("warning: the tunnel's tap has MTU 1406, less than the other ports of br-own: dum0 (1500)"),
         "{err}"
     );
+    assert_eq!(err.matches("dum2 (1500)").count(), 1, "{err}");
+    assert_eq!(err.matches("dum0 (1500)").count(), 1, "{err}");
     assert!(
         star.s2.has_link("br-own"),
         "a bridge tapir did not create stays"

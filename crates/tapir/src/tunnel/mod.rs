@@ -448,18 +448,33 @@ pub(crate) fn local_mac(parts: &[&[u8]]) -> [u8; 6] {
 /// ports of bridge `bridge`: a bridge drops a frame too big for the port it
 /// leaves by (it cannot fragment, nor tell the sender), so hosts behind
 /// those ports that send full frames lose them, silently.
-fn bridge_mtu_note(nl: &mut Netlink, bridge: &IfName, tap: u32, mtu: u32) {
+///
+/// Looked at once a second while the tunnel runs (a VM's port comes
+/// later): each port is named once (`warned`, by index and MTU).
+fn bridge_mtu_note(
+    nl: &mut Netlink,
+    bridge: &IfName,
+    tap: &str,
+    mtu: u32,
+    warned: &mut Vec<(u32, u32)>,
+) {
     let Ok(links) = nl.links() else {
         return;
     };
     let Some(br) = links.iter().find(|l| l.name == bridge.as_str()) else {
         return;
     };
-    let bigger: Vec<String> = links
+    let ports: Vec<&tapir_sys::Link> = links
         .iter()
-        .filter(|l| l.master == Some(br.index) && l.index != tap && l.mtu > mtu)
+        .filter(|l| l.master == Some(br.index) && l.name != tap && l.mtu > mtu)
+        .collect();
+    warned.retain(|w| ports.iter().any(|l| (l.index, l.mtu) == *w));
+    let bigger: Vec<String> = ports
+        .iter()
+        .filter(|l| !warned.contains(&(l.index, l.mtu)))
         .map(|l| format!("{} ({})", l.name, l.mtu))
         .collect();
+    warned.extend(ports.iter().map(|l| (l.index, l.mtu)));
     if bigger.is_empty() {
         return;
     }
@@ -628,9 +643,6 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
         false => config.mtu,
     };
     nl.set_mtu(index, mtu)?;
-    if let Some(b) = &config.bridge {
-        bridge_mtu_note(&mut nl, b, index, mtu);
-    }
     for a in &config.addresses {
         nl.add_address(index, *a, None)?;
     }
@@ -1935,6 +1947,8 @@ struct Control<'a> {
     hostnames: &'a [(PublicKey, String)],
     /// The mark on the tunnel's sockets at start (0: none).
     fwmark: u32,
+    /// The bridge the tap is a port of (`Bridge =`).
+    bridge: Option<&'a IfName>,
 }
 
 /// A wake-up that reads this many packets or more from the device is a
@@ -2574,6 +2588,8 @@ struct Timers {
     lookups: HashMap<PublicKey, (String, Option<Instant>)>,
     /// Peers named for sending the other mode's packets, and how many then.
     warned_layer: Vec<(PublicKey, u64)>,
+    /// Ports of the tap's bridge named for an MTU over the tap's.
+    warned_ports: Vec<(u32, u32)>,
 }
 
 impl Timers {
@@ -2587,6 +2603,7 @@ impl Timers {
                 .map(|(k, h)| (*k, (h.clone(), None)))
                 .collect(),
             warned_layer: Vec::new(),
+            warned_ports: Vec::new(),
         }
     }
 
@@ -2630,10 +2647,15 @@ impl Timers {
         // (Read before the tunnel is locked: system calls the other thread
         // need not wait for.)
         let mtu = self.read_mtu(ib, now);
-        if mtu.is_some() {
-            // At the same pace: the host's addresses (see `Outbox::check_addresses`).
+        if let Some(m) = mtu {
+            // At the same pace: the host's addresses (see
+            // `Outbox::check_addresses`), and the bridge's ports.
             if let Ok(mut nl) = Netlink::open() {
                 out.check_addresses(&mut nl, ib.name.as_str(), now);
+                if let Some(b) = ctl.bridge {
+                    let tap = ib.name.as_str();
+                    bridge_mtu_note(&mut nl, b, tap, m as u32, &mut self.warned_ports);
+                }
             }
         }
         let mut t = shared.tunnel();
@@ -2791,6 +2813,7 @@ impl Started {
             mode,
             hostnames: &hostnames,
             fwmark: config.ops.fwmark.or(applied.mark()).unwrap_or(0),
+            bridge: config.bridge.as_ref(),
         };
         let stopped = AtomicBool::new(false);
         let stop = || shutdown.load(Ordering::Relaxed) || stopped.load(Ordering::Relaxed);
