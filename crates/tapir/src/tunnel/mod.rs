@@ -3053,6 +3053,7 @@ mod tests {
                 (b, ("b.example:51820".into(), None)),
             ]),
             warned_layer: Vec::new(),
+            warned_ports: Vec::new(),
         };
         t.pin(&b);
         assert!(t.looks_up(&a) && !t.looks_up(&b));
