@@ -474,7 +474,11 @@ fn bridge_mtu_note(
         .filter(|l| !warned.contains(&(l.index, l.mtu)))
         .map(|l| format!("{} ({})", l.name, l.mtu))
         .collect();
-    warned.extend(ports.iter().map(|l| (l.index, l.mtu)));
+    for l in &ports {
+        if !warned.contains(&(l.index, l.mtu)) {
+            warned.push((l.index, l.mtu));
+        }
+    }
     if bigger.is_empty() {
         return;
     }
