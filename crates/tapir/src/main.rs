@@ -732,8 +732,10 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             }
             match result {
                 Ok(()) => {
-                    println!(
-                        "\ndemo done: the tunnel carried a ping and a bulk transfer; nothing is left behind"
+                    // (`tapir demo | head`: a closed pipe is no failure.)
+                    let _ = std::io::Write::write_all(
+                        &mut std::io::stdout(),
+                        b"\ndemo done: the tunnel carried a ping and a bulk transfer; nothing is left behind\n",
                     );
                     Ok(ExitCode::SUCCESS)
                 }
