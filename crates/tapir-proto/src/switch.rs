@@ -59,8 +59,10 @@ pub enum Destination<P> {
     Flood,
 }
 
-/// How long after a protected port's station was last heard a peer may
-/// not take its address (see [`MacTable::learn_unless`]).
+/// How long after a protected port's station was last heard a trusted peer
+/// (one without allowed IPs: nothing it sends is filtered anyway) may not
+/// take its address (see [`MacTable::learn_unless`]): a station that moved
+/// to its side is relearned then, not after the aging time.
 pub const PROTECTED_FOR: Duration = Duration::from_secs(10);
 
 struct Entry<P> {
@@ -116,21 +118,24 @@ impl<P: Copy + Eq + Hash> MacTable<P> {
     }
 
     /// Notes that `src` was seen on `port`. An address the `protected`
-    /// port (the local tap's stations) was heard from in the last
-    /// [`PROTECTED_FOR`] is not moved away from it: a peer sending from our
-    /// own MAC gets our traffic only if it could take it over, so it may
-    /// not while the station speaks; one quiet longer may have moved (a VM
-    /// migrated to a spoke: its old neighbours lost it for the whole aging
-    /// time, 300 s). `Ok(true)`: the port was at its cap, and its oldest
-    /// address made room.
+    /// port (the local tap's stations) was heard from within `hold` is not
+    /// moved away from it: a peer sending from our own MAC would take our
+    /// stations' traffic into the tunnel. `Ok(true)`: the port was at its
+    /// cap, and its oldest address made room.
     pub fn learn_unless(
         &mut self,
         now: Instant,
         src: Mac,
         port: P,
         protected: P,
+        hold: Duration,
     ) -> Result<bool, Refused> {
-        self.learn_guarded(now, src, port, (port != protected).then_some(protected))
+        self.learn_guarded(
+            now,
+            src,
+            port,
+            (port != protected).then_some((protected, hold)),
+        )
     }
 
     /// Notes that `src` was seen on `port` (see [`MacTable::learn_unless`]).
@@ -172,19 +177,20 @@ impl<P: Copy + Eq + Hash> MacTable<P> {
         now: Instant,
         src: Mac,
         port: P,
-        protected: Option<P>,
+        protected: Option<(P, Duration)>,
     ) -> Result<bool, Refused> {
         if is_multicast(&src) {
             return Err(Refused::MulticastSource);
         }
-        let hold = self.aging.min(PROTECTED_FOR);
         let old = match self.entries.get_mut(&src) {
             Some(e) if e.port == port => {
                 e.seen = now;
                 return Ok(false);
             }
             Some(e)
-                if Some(e.port) == protected && now.saturating_duration_since(e.seen) < hold =>
+                if protected.is_some_and(|(p, hold)| {
+                    e.port == p && now.saturating_duration_since(e.seen) < hold
+                }) =>
             {
                 return Err(Refused::Protected);
             }
@@ -368,16 +374,28 @@ mod tests {
     fn a_protected_ports_live_addresses_cannot_be_taken() {
         let (mut t, now) = table();
         t.learn(now, A, 0).unwrap();
-        assert_eq!(t.learn_unless(now, A, 1, 0), Err(Refused::Protected));
+        let aging = Duration::from_secs(300);
+        assert_eq!(
+            t.learn_unless(now, A, 1, 0, PROTECTED_FOR),
+            Err(Refused::Protected)
+        );
         assert_eq!(t.lookup(now, &A), Destination::Port(0));
         // Heard again locally: still its.
         let soon = now + PROTECTED_FOR - Duration::from_secs(1);
         t.learn(soon, A, 0).unwrap();
         let later = soon + PROTECTED_FOR - Duration::from_secs(1);
-        assert_eq!(t.learn_unless(later, A, 1, 0), Err(Refused::Protected));
-        // Quiet for PROTECTED_FOR (it moved): free, long before it ages out.
+        assert_eq!(
+            t.learn_unless(later, A, 1, 0, PROTECTED_FOR),
+            Err(Refused::Protected)
+        );
+        // Quiet for the hold: a port held to the aging time still may not
+        // take it, one held to PROTECTED_FOR may (it moved there).
         let moved = later + Duration::from_secs(2);
-        t.learn_unless(moved, A, 1, 0).unwrap();
+        assert_eq!(
+            t.learn_unless(moved, A, 1, 0, aging),
+            Err(Refused::Protected)
+        );
+        t.learn_unless(moved, A, 1, 0, PROTECTED_FOR).unwrap();
         assert_eq!(t.lookup(moved, &A), Destination::Port(1));
     }
 

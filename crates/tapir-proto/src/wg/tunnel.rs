@@ -453,7 +453,8 @@ fn ip_address(packet: &[u8], dst: bool) -> Option<IpAddr> {
 }
 
 /// The destination of a frame sent to one MAC (not a group) that carries
-/// IPv4 or IPv6, under up to two VLAN tags.
+/// IPv4 or IPv6 (or the target of an ARP message), under up to two VLAN
+/// tags.
 fn frame_unicast_destination(frame: &[u8]) -> Option<IpAddr> {
     if frame.first()? & 1 != 0 {
         return None;
@@ -468,6 +469,12 @@ fn frame_unicast_destination(frame: &[u8]) -> Option<IpAddr> {
     }
     match ethertype {
         0x0800 | 0x86dd => ip_address(frame.get(at + 2..)?, true),
+        // ARP: the target protocol address (an answer to the station's
+        // question goes to the station, not to a peer that took its MAC).
+        0x0806 => {
+            let b: [u8; 4] = frame.get(at + 2 + 24..at + 2 + 28)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
         _ => None,
     }
 }
@@ -1001,12 +1008,13 @@ impl Tunnel {
             }
             return;
         }
-        let at: HashMap<SocketAddr, usize> = self
-            .peers
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| p.endpoint.map(|e| (e, i)))
-            .collect();
+        // (The first peer at an endpoint, as the walk finds it.)
+        let mut at: HashMap<SocketAddr, usize> = HashMap::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            if let Some(e) = p.endpoint {
+                at.entry(e).or_insert(i);
+            }
+        }
         for &(to, bytes) in unsent {
             if let Some(&i) = at.get(&to) {
                 take(&mut self.peers[i], bytes);
@@ -2010,9 +2018,18 @@ impl Tunnel {
                 Ok(_) => {}
             }
         }
+        // A peer held to its allowed IPs may not take this side's stations
+        // while they live (it would take their traffic from the host and
+        // its LAN into the tunnel); one without, after 10 s of quiet (the
+        // station moved there).
+        let hold = if self.peers[p].config.allowed_ips.is_empty() {
+            switch::PROTECTED_FOR
+        } else {
+            self.switch.aging()
+        };
         match self
             .switch
-            .learn_unless(now, src, Port::Peer(key), Port::Local)
+            .learn_unless(now, src, Port::Peer(key), Port::Local, hold)
         {
             Ok(false) => {}
             Ok(true) => self.peers[p].stats.macs_evicted += 1,

@@ -694,3 +694,49 @@ fn peers_that_share_a_prefix_from_the_start_keep_it_in_tap_mode() {
     let lists: Vec<usize> = t.peers().map(|(c, _, _)| c.allowed_ips.len()).collect();
     assert_eq!(lists, vec![2, 2], "fe80::/10 kept by both");
 }
+
+/// A station of the hub's own side, quiet for 20 s: a spoke held to its
+/// allowed IPs may not take its MAC (it would take the station's traffic
+/// from the hub's host and LAN into the tunnel), a spoke without may (the
+/// station moved there). And a unicast ARP to a taken MAC follows the
+/// station's address, not the MAC.
+#[test]
+fn only_a_trusted_spoke_takes_a_quiet_station_of_the_hub() {
+    let mut n = Net::new(&["10.0.0.1/32"], [Layer::Ethernet; 3]);
+    n.warm_up();
+    let station: Mac = [2, 0, 0, 0, 0, 0x5a];
+    n.send(0, &frame(BCAST, station, 60));
+    n.run();
+    n.now += Duration::from_secs(20);
+    // Spoke 1 (10.0.0.1 only) sends from the station's MAC: refused.
+    n.send(
+        1,
+        &ipv4_frame(MAC[0], station, [10, 0, 0, 1], [10, 0, 0, 100]),
+    );
+    n.run();
+    let local_mac = |n: &Net| n.nodes[0].peers().next().unwrap().2.drops.local_mac;
+    assert_eq!(local_mac(&n), 1);
+    // Spoke 2 (no allowed IPs): the station moved there.
+    let before = n.tap[0].len();
+    n.send(2, &frame(MAC[0], station, 60));
+    n.run();
+    assert_eq!(n.tap[0].len(), before + 1, "{:?}", n.drops);
+    // Spoke 1 takes spoke 2's MAC with a frame of its own; a unicast ARP
+    // to that MAC for spoke 2's address is flooded, not sent to spoke 1.
+    n.send(
+        1,
+        &ipv4_frame(MAC[0], MAC[2], [10, 0, 0, 1], [10, 0, 0, 100]),
+    );
+    n.run();
+    let got = n.tap[1].len();
+    let mut arp = arp(MAC[0], [10, 0, 0, 100]);
+    arp[0..6].copy_from_slice(&MAC[2]);
+    arp[38..42].copy_from_slice(&[10, 0, 0, 2]);
+    assert_eq!(n.send(0, &arp), Encapsulated::Flood);
+    n.run();
+    assert_eq!(
+        n.tap[1].len(),
+        got,
+        "spoke 1 got an ARP for spoke 2's address"
+    );
+}
