@@ -392,18 +392,28 @@ fn garbage_slow_and_half_open_connections_leave_the_listener_serving() {
 
 /// iperf3 from `ns` to `server` for `secs`; received Mbit/s.
 fn iperf(ns: &Netns, server: &str, reverse: bool, secs: u32) -> f64 {
-    let mut cmd = ns.cmd("iperf3");
-    cmd.args(["-c", server, "-t", &secs.to_string(), "-J"]);
-    if reverse {
-        cmd.arg("-R");
+    // The server may still be closing the last test ("the server is busy
+    // running a test"): asked again, a few times. Any other error is said.
+    for _ in 0..20 {
+        let mut cmd = ns.cmd("iperf3");
+        cmd.args(["-c", server, "-t", &secs.to_string(), "-J"]);
+        if reverse {
+            cmd.arg("-R");
+        }
+        let out = cmd.output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("iperf3: {}", String::from_utf8_lossy(&out.stdout)));
+        if let Some(e) = v["error"].as_str() {
+            assert!(e.contains("busy"), "iperf3: {e}");
+            std::thread::sleep(Duration::from_millis(250));
+            continue;
+        }
+        return v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e6;
     }
-    let out = cmd.output().unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("iperf3: {}", String::from_utf8_lossy(&out.stdout)));
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0)
-        / 1e6
+    panic!("iperf3: the server stayed busy");
 }
 
 /// One server tunnel with two peers, over UDP and over TCP: peer a limited
