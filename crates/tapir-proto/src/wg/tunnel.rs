@@ -459,24 +459,42 @@ fn frame_unicast_destination(frame: &[u8]) -> Option<IpAddr> {
     if frame.first()? & 1 != 0 {
         return None;
     }
-    let mut at = 12;
-    let mut ethertype = u16::from_be_bytes(frame.get(12..14)?.try_into().ok()?);
-    for _ in 0..2 {
-        if ethertype == 0x8100 || ethertype == 0x88a8 {
-            ethertype = u16::from_be_bytes(frame.get(at + 4..at + 6)?.try_into().ok()?);
-            at += 4;
-        }
-    }
+    let (ethertype, l3) = frame_payload(frame).ok()?;
     match ethertype {
-        0x0800 | 0x86dd => ip_address(frame.get(at + 2..)?, true),
+        0x0800 | 0x86dd => ip_address(l3, true),
         // ARP: the target protocol address (an answer to the station's
         // question goes to the station, not to a peer that took its MAC).
         0x0806 => {
-            let b: [u8; 4] = frame.get(at + 2 + 24..at + 2 + 28)?.try_into().ok()?;
+            let b: [u8; 4] = l3.get(24..28)?.try_into().ok()?;
             Some(IpAddr::from(b))
         }
         _ => None,
     }
+}
+
+/// A frame's EtherType and what follows it, under up to two VLAN tags
+/// (802.1Q, 802.1ad). `Err`: cut short, or a third tag.
+fn frame_payload(frame: &[u8]) -> Result<(u16, &[u8]), ()> {
+    const VLAN: [u16; 2] = [0x8100, 0x88a8];
+    let ethertype_at = |at: usize| {
+        frame
+            .get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .ok_or(())
+    };
+    let mut at = 12;
+    let mut ethertype = ethertype_at(at)?;
+    for _ in 0..2 {
+        if !VLAN.contains(&ethertype) {
+            break;
+        }
+        at += 4;
+        ethertype = ethertype_at(at)?;
+    }
+    if VLAN.contains(&ethertype) {
+        return Err(());
+    }
+    Ok((ethertype, frame.get(at + 2..).ok_or(())?))
 }
 
 /// The real length of the IP packet at the start of a padded plaintext:
@@ -549,21 +567,7 @@ fn looks_like_ethernet(plain: &[u8]) -> bool {
 /// everything. `[None, None]`: no IP sender (other protocols). `Err`:
 /// truncated.
 fn frame_claims(frame: &[u8]) -> Result<[Option<IpAddr>; 2], ()> {
-    const VLAN: [u16; 2] = [0x8100, 0x88a8];
-    let mut at = 12;
-    let mut ethertype = u16::from_be_bytes([frame[12], frame[13]]);
-    for _ in 0..2 {
-        if !VLAN.contains(&ethertype) {
-            break;
-        }
-        let b = frame.get(at + 4..at + 6).ok_or(())?;
-        ethertype = u16::from_be_bytes([b[0], b[1]]);
-        at += 4;
-    }
-    if VLAN.contains(&ethertype) {
-        return Err(());
-    }
-    let l3 = frame.get(at + 2..).ok_or(())?;
+    let (ethertype, l3) = frame_payload(frame)?;
     match ethertype {
         0x0800 => {
             let ip = ip_address(l3, false).ok_or(())?;
