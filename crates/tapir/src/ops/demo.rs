@@ -46,23 +46,7 @@ struct Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for c in &mut self.children {
-            // Ours, by pid: SIGTERM first so tapir takes its tunnel down cleanly.
-            if let Ok(pid) = i32::try_from(c.id()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(3);
-        for c in &mut self.children {
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        end(&mut self.children);
         let mut left = Vec::new();
         for ns in &self.namespaces {
             let deleted = Command::new("ip")
@@ -123,7 +107,7 @@ fn step(cmd: &mut Command, signal: &AtomicUsize) -> Result<String, String> {
                 break status;
             }
             if check(signal).is_err() {
-                end(&mut child);
+                end(std::slice::from_mut(&mut child));
                 return Err("interrupted".to_string());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -146,20 +130,26 @@ fn read_all(pipe: Option<impl Read>) -> String {
     String::from_utf8_lossy(&text).into_owned()
 }
 
-/// Ends a program the demo started: SIGTERM, then SIGKILL after 3 s.
-fn end(child: &mut Child) {
-    if let Ok(pid) = i32::try_from(child.id()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+/// Ends programs the demo started, by pid: SIGTERM first (so that tapir
+/// takes its tunnel down cleanly), then SIGKILL for any still running 3 s
+/// later.
+fn end(children: &mut [Child]) {
+    for c in children.iter() {
+        if let Ok(pid) = i32::try_from(c.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(3);
-    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    for c in children.iter_mut() {
+        while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 fn has(program: &str) -> bool {
