@@ -990,16 +990,12 @@ impl Tunnel {
         true
     }
 
-    /// `bytes` for `to` were not sent after all (a transport dropped them
-    /// before they left): the peer's transfer count leaves them out, as
-    /// the kernel counts only what it sent.
-    pub fn not_sent(&mut self, to: SocketAddr, bytes: usize) {
-        self.not_sent_all(&[(to, bytes)]);
-    }
-
-    /// [`Tunnel::not_sent`] for many: the peers found by one map of their
-    /// endpoints where there are more than a few (a walk over 10,000 peers
-    /// for each of 4,096 refused datagrams held the tunnel's lock).
+    /// Each `(to, bytes)`: bytes for `to` were not sent after all (a
+    /// transport dropped them before they left): the peer's transfer count
+    /// leaves them out, as the kernel counts only what it sent. The peers
+    /// are found by one map of their endpoints where there are more than a
+    /// few (a walk over 10,000 peers for each of 4,096 refused datagrams
+    /// held the tunnel's lock).
     pub fn not_sent_all(&mut self, unsent: &[(SocketAddr, usize)]) {
         let take = |p: &mut Peer, bytes: usize| {
             p.stats.tx_bytes = p.stats.tx_bytes.saturating_sub(bytes as u64);
