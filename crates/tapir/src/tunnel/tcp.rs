@@ -139,7 +139,6 @@ struct Conn {
     /// The peer that authenticated on it (an accepted connection: its only one).
     owner: Option<PublicKey>,
     opened: Instant,
-    last_rx: Instant,
     dial: Option<usize>,
     readable: bool,
     /// Its place in the poll set, and whether it waits there for writing.
@@ -377,7 +376,6 @@ impl TcpTransport {
             authenticated: false,
             owner: None,
             opened: now,
-            last_rx: now,
             dial,
             readable: false,
             place: None,
@@ -735,7 +733,6 @@ impl TcpTransport {
                             slot[..m.len()].copy_from_slice(m);
                             let len = m.len();
                             rx.set_received(k, len, &to_v6(c.remote));
-                            c.last_rx = now;
                             k += 1;
                             if k == cap {
                                 break 'conn;
