@@ -172,7 +172,9 @@ pub fn address(addr: IpAddr, zone: Option<(u32, String)>) -> Result<Explanation,
     }
     let mut nl = Netlink::open()?;
     let link_local = matches!(addr, IpAddr::V6(a) if a.is_unicast_link_local());
-    let own = nl.addresses(None)?.iter().any(|a| a.local.addr() == addr);
+    // The host's addresses, read once for every question below.
+    let addrs = nl.addresses(None)?;
+    let own = addrs.iter().any(|a| a.local.addr() == addr);
     if link_local && zone.is_none() && !own {
         // Every link has fe80::/64: without a zone the kernel takes the
         // first that fits, and a program must say which.
@@ -219,7 +221,7 @@ pub fn address(addr: IpAddr, zone: Option<(u32, String)>) -> Result<Explanation,
             .find(|l| l.name == "lo")
             .is_some_and(|l| !l.state.up);
         let on_lo = addr.is_loopback()
-            || nl.addresses(None)?.iter().any(|a| {
+            || addrs.iter().any(|a| {
                 a.local.addr() == addr && links.iter().any(|l| l.index == a.index && l.name == "lo")
             });
         if lo_down && on_lo {
@@ -266,7 +268,7 @@ pub fn address(addr: IpAddr, zone: Option<(u32, String)>) -> Result<Explanation,
     });
     // A local address's route goes through lo: name the device that has it.
     let dev = if route.kind == "local" {
-        nl.addresses(None)?
+        addrs
             .iter()
             .find(|a| a.local.addr() == addr)
             .and_then(|a| links.iter().find(|l| l.index == a.index))
@@ -303,9 +305,8 @@ pub fn address(addr: IpAddr, zone: Option<(u32, String)>) -> Result<Explanation,
             // Another address of the same subnet, if it is an up tun/tap's
             // (not the subnet's first: in IPv6 the router anycast address,
             // which the host answers itself while it forwards).
-            let other = nl
-                .addresses(None)?
-                .into_iter()
+            let other = addrs
+                .iter()
                 .find(|a| a.local.addr() == addr && a.peer.is_none())
                 .filter(|a| view.as_ref().is_some_and(|v| v.up) && a.local.prefix_len() < if addr.is_ipv4() { 31 } else { 127 })
                 .and_then(|a| a.local.hosts().find(|h| *h != addr && *h != a.local.network()));
@@ -464,8 +465,7 @@ pub fn address(addr: IpAddr, zone: Option<(u32, String)>) -> Result<Explanation,
             }
         }
         "anycast" => {
-            let on = nl
-                .addresses(None)?
+            let on = addrs
                 .iter()
                 .find(|a| a.local.network() == addr)
                 .and_then(|a| links.iter().find(|l| l.index == a.index))
