@@ -9,7 +9,8 @@
 #           tunnel 10.78.0.1 ═══════ tunnel 10.78.0.2
 #
 # Tunnels (PINGS, default all; spaces or commas): tapir, tapir_tap, tapir_tcp, vtun,
-# vtun_ether, vtun_tcp (VTun without encryption), floor (bench/floor: the
+# vtun_ether, vtun_tcp (VTun without encryption), tapir_alt (the tapir binary
+# at TAPIR_ALT, to compare two builds in one run), floor (bench/floor: the
 # least an encrypting tunnel does, not a tunnel), boringtun (boringtun-cli);
 # floor+CHOICE+... is the floor using the kernel as tapir does, one choice
 # at a time (epoll, v6, recvmsg, gro, vnet; floor+tapir: all of them, see
@@ -72,9 +73,9 @@ pair() {
     ip -n "$a" link set va up && ip -n "$b" link set vb up
 }
 
-# tapir K EXTRA: a tapir pair with extra [Interface] lines.
+# tapir K EXTRA [BINARY]: a tapir pair with extra [Interface] lines.
 tapir_up() {
-    local k=$1 ka kb
+    local k=$1 ka kb tapir=${3:-$tapir}
     ka=$("$tapir" genkey); kb=$("$tapir" genkey)
     printf '[Interface]\nPrivateKey = %s\nAddress = 10.78.0.1/24\n%b\n[Peer]\nPublicKey = %s\nEndpoint = 10.201.0.2:51820\nAllowedIPs = 10.78.0.2/32\n' \
         "$ka" "$2" "$(echo "$kb" | "$tapir" pubkey)" > "$work/t$k-a.conf"
@@ -142,8 +143,10 @@ boringtun_up() {
 tunnels=${PINGS:-"tapir vtun floor floor+tapir boringtun tapir_tap vtun_ether tapir_tcp vtun_tcp"}
 tunnels=${tunnels//,/ }
 declare -A label=([tapir]=tapir [tapir_tap]="tapir tap" [tapir_tcp]="tapir TCP" [vtun]="VTun (no crypto)"
-    [vtun_ether]="VTun ether (no crypto)" [vtun_tcp]="VTun TCP (no crypto)" [floor]="encrypting floor" [boringtun]=boringtun-cli)
+    [vtun_ether]="VTun ether (no crypto)" [vtun_tcp]="VTun TCP (no crypto)" [floor]="encrypting floor" [boringtun]=boringtun-cli
+    [tapir_alt]="tapir (TAPIR_ALT)")
 for t in $tunnels; do
+    [[ $t == tapir_alt && ! -x ${TAPIR_ALT:-} ]] && { echo "bench/ping.sh: tapir_alt needs TAPIR_ALT, the path of another tapir binary to compare" >&2; exit 2; }
     [[ $t == floor+* ]] && label[$t]="floor ${t#floor}"
     [[ -n ${label[$t]:-} ]] || { echo "bench/ping.sh: PINGS names an unknown tunnel '$t'; known: ${!label[*]}" >&2; exit 2; }
 done
@@ -155,6 +158,7 @@ for t in $tunnels; do
         tapir) tapir_up $k "" ;;
         tapir_tap) tapir_up $k "Mode = tap" ;;
         tapir_tcp) tapir_up $k "Transport = tcp" ;;
+        tapir_alt) tapir_up $k "" "$TAPIR_ALT" ;;
         vtun) vtun_up $k tun udp ;;
         vtun_ether) vtun_up $k ether udp ;;
         vtun_tcp) vtun_up $k tun tcp ;;
@@ -190,7 +194,7 @@ done
 mean() { cat "$work/mean.$1" 2>/dev/null; }
 if [[ -n $(mean tapir) ]]; then
     echo
-    for t in vtun floor+tapir floor boringtun; do
+    for t in tapir_alt vtun floor+tapir floor boringtun; do
         [[ -n $(mean "$t") ]] && awk -v a="$(mean tapir)" -v b="$(mean "$t")" -v l="${label[$t]}" \
             'BEGIN { printf "tapir - %s: %+.2f µs (%+.1f%%)\n", l, a - b, (a - b) / b * 100 }'
     done

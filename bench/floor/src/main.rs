@@ -29,7 +29,21 @@
 //!   pings only: this floor neither completes checksums nor cuts
 //!   super-packets, so TCP and UDP through it fail).
 //!
-//! `tapir` stands for all five.
+//! `tapir` stands for all five. And alternatives, to tell where a cost
+//! lies (each against the plain floor, `bench/ping.sh` pinned, 40 rounds):
+//! - `epoll2`, `epoll3`: epoll with the device and the socket alone, or
+//!   with the timerfd too (epoll itself costs what four cost: ~0.8 µs);
+//! - `poll3`, `poll4`: `poll(2)` on three or four (each idle descriptor
+//!   costs ~0.2 µs: it is looked at and waited on at every call);
+//! - `sig`: `ppoll(2)` on two, a signal unblocked only in the wait and a
+//!   POSIX timer that would send it (a bell and a deadline without
+//!   descriptors: the signal mask costs ~0.5 µs);
+//! - `timeout`: `poll(2)` on two with a timeout (a timer armed at each
+//!   wait: ~0.7 µs);
+//! - `recvfrom`: `recvfrom(2)` with the sender's address (~0.15 µs over
+//!   `recv`); `recvmsg0`: `recvmsg(2)` without a control buffer (the same
+//!   as with one: what `recvmsg` costs is its header, ~0.4 µs over
+//!   `recvfrom`).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -52,6 +66,20 @@ struct With {
     recvmsg: bool,
     gro: bool,
     vnet: bool,
+    /// `poll(2)` on the four descriptors `epoll` keeps.
+    poll4: bool,
+    /// `ppoll(2)` on the device and the socket, a signal unblocked only
+    /// in the wait, and an idle POSIX timer that would send it.
+    sig: bool,
+    /// `poll(2)` with a timeout of a second (a high-resolution timer armed
+    /// and cancelled at each wait), not none.
+    timeout: bool,
+    /// `recvfrom(2)` with the sender's address, no control buffer.
+    recvfrom: bool,
+    /// `recvmsg(2)` with the sender's address and no control buffer.
+    recvmsg0: bool,
+    /// Idle descriptors in the set beyond the device and the socket (2 unless said).
+    idle: Option<usize>,
 }
 
 impl With {
@@ -64,6 +92,14 @@ impl With {
                 "recvmsg" => w.recvmsg = true,
                 "gro" => (w.gro, w.recvmsg) = (true, true),
                 "vnet" => w.vnet = true,
+                "poll4" => w.poll4 = true,
+                "sig" => w.sig = true,
+                "timeout" => w.timeout = true,
+                "recvfrom" => w.recvfrom = true,
+                "recvmsg0" => (w.recvmsg, w.recvmsg0) = (true, true),
+                "poll3" => (w.poll4, w.idle) = (true, Some(1)),
+                "epoll2" => (w.epoll, w.idle) = (true, Some(0)),
+                "epoll3" => (w.epoll, w.idle) = (true, Some(1)),
                 "tapir" => {
                     w = With {
                         epoll: true,
@@ -71,6 +107,12 @@ impl With {
                         recvmsg: true,
                         gro: true,
                         vnet: true,
+                        poll4: false,
+                        idle: None,
+                        sig: false,
+                        timeout: false,
+                        recvfrom: false,
+                        recvmsg0: false,
                     }
                 }
                 _ => {
@@ -142,21 +184,83 @@ fn nonce(counter: u64) -> Nonce {
 /// How the loop waits: `poll(2)` on the device and the socket, or an
 /// epoll set that also holds an idle timerfd and eventfd.
 enum Wait {
-    Poll([libc::pollfd; 2]),
+    Poll(
+        Vec<libc::pollfd>,
+        #[allow(dead_code)] Vec<OwnedFd>,
+        libc::c_int,
+    ),
     /// The set, and the two descriptors it holds that never fire (kept
     /// open: epoll drops a closed one).
     Epoll(OwnedFd, #[allow(dead_code)] [OwnedFd; 2]),
+    Sig([libc::pollfd; 2], libc::sigset_t),
+}
+
+extern "C" fn nothing(_: libc::c_int) {}
+
+/// The `sig` wait: the signal blocked but in `ppoll`, and a timer armed
+/// an hour away that would send it to this thread.
+fn sig_wait(dev: RawFd, socket: RawFd) -> Wait {
+    // SAFETY: plain data set up by libc's own calls; the handler does nothing.
+    unsafe {
+        let sig = libc::SIGRTMIN();
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
+        check(libc::sigaction(sig, &sa, std::ptr::null_mut()), "sigaction");
+        let mut block: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut block);
+        libc::sigaddset(&mut block, sig);
+        let mut during: libc::sigset_t = std::mem::zeroed();
+        check(
+            libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut during),
+            "sigmask",
+        );
+        libc::sigdelset(&mut during, sig);
+        let mut ev: libc::sigevent = std::mem::zeroed();
+        ev.sigev_notify = libc::SIGEV_THREAD_ID;
+        ev.sigev_signo = sig;
+        ev.sigev_notify_thread_id = libc::gettid();
+        let mut id: libc::timer_t = std::mem::zeroed();
+        check(
+            libc::timer_create(libc::CLOCK_MONOTONIC, &mut ev, &mut id),
+            "timer_create",
+        );
+        let far = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: 3600,
+                tv_nsec: 0,
+            },
+        };
+        check(
+            libc::timer_settime(id, 0, &far, std::ptr::null_mut()),
+            "timer_settime",
+        );
+        let fds = [dev, socket].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        Wait::Sig(fds, during)
+    }
 }
 
 impl Wait {
-    fn new(epoll: bool, dev: RawFd, socket: RawFd) -> Self {
+    fn new(epoll: bool, poll4: bool, idle: usize, dev: RawFd, socket: RawFd) -> Self {
         let fds = [dev, socket];
-        if !epoll {
-            return Wait::Poll(fds.map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            }));
+        if !epoll && !poll4 {
+            return Wait::Poll(
+                fds.map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .to_vec(),
+                Vec::new(),
+                -1,
+            );
         }
         // SAFETY: descriptor-creating calls with no pointers but a live
         // itimerspec (read by timerfd_settime) and live epoll_events (read
@@ -188,7 +292,25 @@ impl Wait {
                 libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC),
                 "eventfd",
             );
-            for (i, fd) in [dev, socket, timer, bell].into_iter().enumerate() {
+            if poll4 {
+                return Wait::Poll(
+                    [dev, socket, timer, bell][..2 + idle]
+                        .iter()
+                        .map(|&fd| libc::pollfd {
+                            fd,
+                            events: libc::POLLIN,
+                            revents: 0,
+                        })
+                        .collect(),
+                    vec![OwnedFd::from_raw_fd(timer), OwnedFd::from_raw_fd(bell)],
+                    -1,
+                );
+            }
+            for (i, fd) in [dev, socket, timer, bell]
+                .into_iter()
+                .take(2 + idle)
+                .enumerate()
+            {
                 let mut ev = libc::epoll_event {
                     events: libc::EPOLLIN as u32,
                     u64: i as u64,
@@ -208,9 +330,16 @@ impl Wait {
     /// Waits for the device or the socket: whether each is readable.
     fn wait(&mut self) -> [bool; 2] {
         match self {
-            Wait::Poll(fds) => {
-                // SAFETY: poll reads and writes two live pollfds.
-                if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            Wait::Poll(fds, _, ms) => {
+                // SAFETY: poll reads and writes the live pollfds.
+                if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, *ms) } < 0 {
+                    return [false; 2];
+                }
+                [fds[0].revents != 0, fds[1].revents != 0]
+            }
+            Wait::Sig(fds, during) => {
+                // SAFETY: ppoll reads and writes two live pollfds and reads a live mask.
+                if unsafe { libc::ppoll(fds.as_mut_ptr(), 2, std::ptr::null(), &*during) } < 0 {
                     return [false; 2];
                 }
                 [fds[0].revents != 0, fds[1].revents != 0]
@@ -233,7 +362,16 @@ impl Wait {
 
 /// One datagram into `buf`: by `recv(2)`, or by `recvmsg(2)` with the
 /// sender's address and a control buffer.
-fn receive(socket: &UdpSocket, buf: &mut [u8], with_msg: bool) -> Option<usize> {
+fn receive(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    with_msg: bool,
+    from_too: bool,
+    no_control: bool,
+) -> Option<usize> {
+    if from_too {
+        return socket.recv_from(buf).ok().map(|(n, _)| n);
+    }
     if !with_msg {
         return socket.recv(buf).ok();
     }
@@ -251,6 +389,10 @@ fn receive(socket: &UdpSocket, buf: &mut [u8], with_msg: bool) -> Option<usize> 
     h.msg_iovlen = 1;
     h.msg_control = control.as_mut_ptr().cast();
     h.msg_controllen = std::mem::size_of_val(&control);
+    if no_control {
+        h.msg_control = std::ptr::null_mut();
+        h.msg_controllen = 0;
+    }
     // SAFETY: recvmsg writes within the live buffers h points to.
     let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut h, 0) };
     usize::try_from(n).ok()
@@ -299,7 +441,20 @@ fn main() {
     let vh = if with.vnet { VNET } else { 0 };
     let mut buf = vec![0u8; HEADER + 65536 + TAG];
     let mut sent: u64 = 0;
-    let mut wait = Wait::new(with.epoll, dev.as_raw_fd(), socket.as_raw_fd());
+    let mut wait = if with.sig {
+        sig_wait(dev.as_raw_fd(), socket.as_raw_fd())
+    } else {
+        Wait::new(
+            with.epoll,
+            with.poll4,
+            with.idle.unwrap_or(2),
+            dev.as_raw_fd(),
+            socket.as_raw_fd(),
+        )
+    };
+    if let (true, Wait::Poll(_, _, ms)) = (with.timeout, &mut wait) {
+        *ms = 1000;
+    }
     loop {
         let [dev_ready, socket_ready] = wait.wait();
         if dev_ready {
@@ -323,7 +478,13 @@ fn main() {
             }
         }
         if socket_ready {
-            while let Some(n) = receive(&socket, &mut buf, with.recvmsg) {
+            while let Some(n) = receive(
+                &socket,
+                &mut buf,
+                with.recvmsg,
+                with.recvfrom,
+                with.recvmsg0,
+            ) {
                 if n < HEADER + TAG {
                     continue;
                 }
