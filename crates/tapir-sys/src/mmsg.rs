@@ -67,7 +67,16 @@ pub fn pktinfo(fd: BorrowedFd<'_>) -> bool {
 
 /// Asks the kernel to coalesce received datagrams (`UDP_GRO`); `false` where it cannot.
 pub fn enable_gro(fd: BorrowedFd<'_>) -> bool {
-    set_int(fd, libc::SOL_UDP, UDP_GRO, 1)
+    set_gro(fd, true)
+}
+
+/// Turns `UDP_GRO` on or off; `false` where the kernel refused. Off, the
+/// datagrams that arrive from then on are handed over one by one, but
+/// those already waiting that it coalesced stay whole and no longer come
+/// with their segment size (the kernel gives it only while the option is
+/// on): see [`Batch::recv_plain`].
+pub fn set_gro(fd: BorrowedFd<'_>, on: bool) -> bool {
+    set_int(fd, libc::SOL_UDP, UDP_GRO, i32::from(on))
 }
 
 /// Whether the kernel knows `UDP_SEGMENT` for this socket (it refuses an
@@ -267,6 +276,12 @@ impl Batch {
     pub fn segment_size(&self, i: usize) -> Option<usize> {
         let s = self.seg[i];
         (s > 0 && s < self.lens[i]).then_some(s)
+    }
+
+    /// Records datagram `i` as coalesced from datagrams of `size` bytes,
+    /// where the kernel did not say so (see [`set_gro`]).
+    pub fn set_segment_size(&mut self, i: usize, size: usize) {
+        self.seg[i] = size;
     }
 
     /// Datagram `i`'s local end: where it came to (after a receive), or
@@ -469,6 +484,29 @@ impl Batch {
             from: from_sockaddr(&from),
             segment: seg.filter(|&s| s > 0 && s < len),
             local,
+        }))
+    }
+
+    /// [`Batch::recv_one`] by `recvfrom(2)`: no control messages, so
+    /// neither a segment size nor the local address. Only for a socket
+    /// that asks for neither: without `IPV6_RECVPKTINFO`, and without
+    /// `UDP_GRO` since before the datagrams now waiting arrived (one the
+    /// kernel coalesced would come whole, its segment size untold).
+    pub fn recv_plain(&mut self, fd: BorrowedFd<'_>) -> io::Result<Option<One>> {
+        let mut from = empty_sockaddr();
+        let (len, from_len) = match raw::recvfrom(fd, &mut self.data[..self.slot], &mut from) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if from_len != std::mem::size_of::<libc::sockaddr_in6>() {
+            from = empty_sockaddr();
+        }
+        Ok(Some(One {
+            len,
+            from: from_sockaddr(&from),
+            segment: None,
+            local: None,
         }))
     }
 
@@ -1390,6 +1428,57 @@ mod tests {
         inb.set_received_one(&one);
         assert_eq!(inb.segment_size(0), Some(500));
         assert_eq!(inb.datagram_mut(0).0[1000], 2);
+    }
+
+    /// What `recv_plain` and turning `UDP_GRO` off rely on: with the option
+    /// off, a datagram the kernel coalesced while it was on still comes
+    /// whole and no longer says its segment size (by `recvmsg` too), and
+    /// those sent after come one by one, to `recvfrom` with their sender.
+    #[test]
+    fn with_gro_turned_off_what_waits_stays_coalesced_and_what_comes_is_not() {
+        let rx = UdpSocket::bind("[::1]:0").unwrap();
+        let tx = UdpSocket::bind("[::1]:0").unwrap();
+        assert!(enable_gro(rx.as_fd()), "UDP_GRO (Linux 5.0)");
+        let to = match rx.local_addr().unwrap() {
+            std::net::SocketAddr::V6(a) => a,
+            a => panic!("{a}"),
+        };
+        let mut out = Batch::new(4, 2048);
+        let send3 = |out: &mut Batch| {
+            for i in 0..3 {
+                out.slot_mut(i)[..500].fill(i as u8);
+                out.set(i, 500, &to);
+            }
+            let mut on = true;
+            let r = out.send_gso(tx.as_fd(), 3, &mut on, std::time::Duration::ZERO);
+            assert_eq!((r.sent, r.messages), (3, 1));
+        };
+        let ready = std::time::Duration::from_millis(500);
+        send3(&mut out);
+        assert!(crate::poll::readable([rx.as_fd()], ready).unwrap()[0]);
+        assert!(set_gro(rx.as_fd(), false));
+        let mut inb = Batch::new(4, 65536);
+        let one = inb.recv_one(rx.as_fd()).unwrap().expect("one waiting");
+        assert_eq!(
+            (one.len, one.segment),
+            (1500, None),
+            "whole, its size untold"
+        );
+        send3(&mut out);
+        assert!(crate::poll::readable([rx.as_fd()], ready).unwrap()[0]);
+        for i in 0..3u8 {
+            let one = inb.recv_plain(rx.as_fd()).unwrap().expect("one waiting");
+            assert_eq!((one.len, one.segment, one.local), (500, None, None));
+            assert_eq!(std::net::SocketAddr::V6(one.from), tx.local_addr().unwrap());
+            assert_eq!(inb.slot_mut(0)[499], i);
+        }
+        assert_eq!(inb.recv_plain(rx.as_fd()).unwrap(), None, "no fourth");
+        // On again: coalesced, and said so.
+        assert!(set_gro(rx.as_fd(), true));
+        send3(&mut out);
+        assert!(crate::poll::readable([rx.as_fd()], ready).unwrap()[0]);
+        let one = inb.recv_one(rx.as_fd()).unwrap().expect("one waiting");
+        assert_eq!((one.len, one.segment), (1500, Some(500)));
     }
 
     /// Receives into `inb` until `want` datagrams came (or half a second

@@ -84,13 +84,15 @@ fn a_burst_after_lone_packets_arrives_whole() {
     let bed = bed("lone");
     let ((ka, pa), (kb, pb)) = (genkey(), genkey());
     let (a, b) = tapir_sides(&bed, "tl0".into(), "tl0".into());
-    let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
-    let _tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
+    let ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    let tb = tapir(&bed, &b, &kb, &pa, Some("10.200.0.1:51820"), "10.77.0.1/32");
     // Pings one at a time: each end learns that a wake-up brings one
     // packet and that its writes have no answer (the pinging end), and
-    // stops reading for more; then 100 requests at once (preload), and
-    // lone ones again. Any packet left unread on the device would be lost
-    // to ping's deadline.
+    // stops reading for more, and receives by recvfrom with UDP GRO off
+    // (lone mode); then 100 requests at once (preload), a bulk transfer
+    // (GRO on again), and lone ones again. Any packet left unread on the
+    // device would be lost to ping's deadline; a coalesced datagram read
+    // as one would not open.
     let pings = |args: &[&str]| {
         let out = bed.a.cmd("ping").args(args).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
@@ -99,7 +101,16 @@ fn a_burst_after_lone_packets_arrives_whole() {
             "ping {args:?}: {text}"
         );
     };
-    pings(&["-c", "40", "-i", "0.01", "-W", "3", "10.77.0.2"]);
+    let lone_modes = || {
+        [(&bed.a, &ta), (&bed.b, &tb)].map(|(ns, t)| {
+            status_json(ns, &bed.dir, "tl0", t)["counters"]["udp_lone_mode"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+    };
+    pings(&["-c", "100", "-i", "0.01", "-W", "3", "10.77.0.2"]);
+    let [la, lb] = lone_modes();
+    assert!(la >= 1 && lb >= 1, "lone mode on each end: {la}, {lb}");
     pings(&[
         "-c",
         "150",
@@ -111,7 +122,21 @@ fn a_burst_after_lone_packets_arrives_whole() {
         "3",
         "10.77.0.2",
     ]);
-    pings(&["-c", "20", "-i", "0.01", "-W", "3", "10.77.0.2"]);
+    transfer(&bed.a, &bed.b, "10.77.0.2:5001", 20 << 20);
+    pings(&["-c", "100", "-i", "0.01", "-W", "3", "10.77.0.2"]);
+    let [la2, lb2] = lone_modes();
+    assert!(
+        la2 > la && lb2 > lb,
+        "lone mode left for the burst and taken again: {la2}, {lb2}"
+    );
+    for (ns, t) in [(&bed.a, &ta), (&bed.b, &tb)] {
+        let st = status_json(ns, &bed.dir, "tl0", t);
+        let drops = &st["peers"][0]["drops"];
+        assert!(
+            drops["invalid"].is_null(),
+            "datagrams that did not open: {st}"
+        );
+    }
 }
 
 #[test]

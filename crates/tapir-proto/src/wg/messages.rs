@@ -97,6 +97,52 @@ pub fn kind(datagram: &[u8]) -> Option<Kind> {
     }
 }
 
+/// The size of the messages `datagram` joins, where it is several of one
+/// size back to back (the last may be shorter), as the kernel coalesces
+/// them (`UDP_GRO`), for a receive that was not told so: handshake
+/// messages by their fixed length; data messages by their first 8 bytes
+/// (type and receiver index, the same in each message of a session; at
+/// any other place 2^-64 likely), found again at every multiple of the
+/// size. `None` for anything else, a lone message among them.
+pub fn coalesced_size(datagram: &[u8]) -> Option<usize> {
+    let len = datagram.len();
+    let head = datagram.get(..8)?;
+    if head[1..4] != [0, 0, 0] {
+        return None;
+    }
+    // Whether every multiple of `size` begins a message of `min` bytes at
+    // least with the first `mark` bytes of the first.
+    let joins = |size: usize, mark: usize, min: usize| {
+        size < len
+            && (size..len)
+                .step_by(size)
+                .all(|at| datagram[at..].starts_with(&head[..mark]) && len - at >= min)
+    };
+    let fixed = match head[0] {
+        TYPE_INITIATION => INITIATION_LEN,
+        TYPE_RESPONSE => RESPONSE_LEN,
+        TYPE_COOKIE => COOKIE_LEN,
+        TYPE_DATA => {
+            // The smallest size at which the first 8 bytes come again, and
+            // at each of its multiples.
+            let mut from = DATA_MIN_LEN;
+            while from + DATA_MIN_LEN <= len {
+                let at = datagram[from..len - DATA_MIN_LEN + 8]
+                    .windows(8)
+                    .position(|w| w == head)?;
+                let size = from + at;
+                if joins(size, 8, DATA_MIN_LEN) {
+                    return Some(size);
+                }
+                from = size + 1;
+            }
+            return None;
+        }
+        _ => return None,
+    };
+    (len % fixed == 0 && joins(fixed, 4, fixed)).then_some(fixed)
+}
+
 /// Reads a little-endian u32 field.
 pub fn read_u32(buf: &[u8], range: std::ops::Range<usize>) -> u32 {
     let mut b = [0u8; 4];
@@ -134,5 +180,103 @@ mod tests {
         assert_eq!(kind(&d[..31]), None);
         assert_eq!(kind(&[]), None);
         assert_eq!(kind(&[9, 0, 0, 0]), None);
+    }
+
+    /// Bytes that look like ciphertext (xorshift from `seed`).
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A data message of `len` bytes for receiver `index`, counter `n`.
+    fn data(index: u32, n: u64, len: usize) -> Vec<u8> {
+        let mut m = noise(n ^ u64::from(index) << 32, len);
+        write_type(&mut m, TYPE_DATA);
+        m[field::DATA_RECEIVER].copy_from_slice(&index.to_le_bytes());
+        m[field::DATA_COUNTER].copy_from_slice(&n.to_le_bytes());
+        m
+    }
+
+    #[test]
+    fn coalesced_data_messages_are_told_apart_by_their_size() {
+        for size in [32, 33, 48, 100, 128, 1452, 1500] {
+            for count in 2..6 {
+                for last in [size, (size - 1).max(32), 32] {
+                    let mut d = Vec::new();
+                    for n in 0..count {
+                        let len = if n + 1 == count { last } else { size };
+                        d.extend(data(0xdead_beef, 7 + n as u64, len));
+                    }
+                    assert_eq!(
+                        coalesced_size(&d),
+                        Some(size),
+                        "{count} of {size}, the last {last}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_lone_message_is_not_taken_for_several() {
+        for seed in 0..2000u64 {
+            let len = 32 + (seed as usize * 37) % 1500;
+            assert_eq!(
+                coalesced_size(&data(seed as u32, seed, len)),
+                None,
+                "seed {seed}"
+            );
+        }
+        // Its own first bytes inside it once (a keepalive's worth from the
+        // end), but not at the multiples of that place: one message.
+        let mut m = data(5, 1, 200);
+        let head = m[..8].to_vec();
+        m[90..98].copy_from_slice(&head);
+        assert_eq!(coalesced_size(&m), None);
+        // ... where the rest is too short for a message: one message.
+        let mut m = data(5, 1, 100);
+        m[80..88].copy_from_slice(&head);
+        assert_eq!(coalesced_size(&m), None);
+        // Two sessions' messages (a rekey between them): not one run.
+        let mut d = data(1, 1, 100);
+        d.extend(data(2, 1, 100));
+        assert_eq!(coalesced_size(&d), None);
+        // Too short, not WireGuard.
+        assert_eq!(coalesced_size(&data(1, 1, 63)), None);
+        assert_eq!(coalesced_size(&[4, 0, 0]), None);
+        let mut x = data(1, 1, 100);
+        x.extend(data(1, 2, 100));
+        x[1] = 1;
+        assert_eq!(coalesced_size(&x), None);
+    }
+
+    #[test]
+    fn coalesced_handshake_messages_are_told_apart_by_their_length() {
+        for (t, len) in [
+            (TYPE_INITIATION, INITIATION_LEN),
+            (TYPE_RESPONSE, RESPONSE_LEN),
+            (TYPE_COOKIE, COOKIE_LEN),
+        ] {
+            let mut one = noise(len as u64, len);
+            write_type(&mut one, t);
+            assert_eq!(coalesced_size(&one), None);
+            let two = [one.clone(), one.clone()].concat();
+            assert_eq!(coalesced_size(&two), Some(len));
+            assert_eq!(coalesced_size(&two[..len * 2 - 1]), None);
+            let three = [one.clone(), one.clone(), one.clone()].concat();
+            assert_eq!(coalesced_size(&three), Some(len));
+        }
+        let mut i = vec![0; INITIATION_LEN];
+        write_type(&mut i, TYPE_INITIATION);
+        let mut r = vec![0; INITIATION_LEN];
+        write_type(&mut r, TYPE_RESPONSE);
+        assert_eq!(coalesced_size(&[i, r].concat()), None);
     }
 }

@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tapir_proto::wg::keys::PublicKey;
+use tapir_proto::wg::messages;
 use tapir_proto::wg::session::{SealJob, SessionError};
 use tapir_proto::wg::tunnel::{
     Decapsulated, Encapsulated, Layer, Opening, PeerConfig, Random, Received, Sealing, Target,
@@ -973,6 +974,8 @@ struct Counters {
     /// The device handed to the outbound thread, and back (see [`Turn`]).
     turns_out: AtomicU64,
     turns_back: AtomicU64,
+    /// Times receives turned to `recvfrom` (see [`LoneMode`]).
+    lone_mode: AtomicU64,
 }
 
 fn add(counter: &AtomicU64, n: usize) {
@@ -1942,6 +1945,50 @@ fn habitual(n: u32) -> bool {
 const HABIT_TRUSTED: u32 = 4;
 const HABIT_PROBE: u32 = 8;
 
+/// Lone datagrams received by `recvfrom(2)` rather than `recvmsg(2)`,
+/// which costs the kernel more (a ping through a tunnel, pinned to one
+/// CPU: 0.4 µs more; its control messages cost nothing, its header does):
+/// where receives keep finding one datagram ([`LONE_MODE_AFTER`] in a
+/// row) and no control message is wanted (no local addresses: see
+/// `Outbox::check_addresses`). `recvfrom` cannot say that the kernel
+/// coalesced a datagram, so `UDP_GRO` goes off meanwhile, and on again at
+/// the first receive that finds several (bulk traffic, which GRO is for).
+#[derive(Default)]
+struct LoneMode {
+    /// `recvfrom` in use, and GRO off where it was on.
+    on: bool,
+    /// GRO went off, and the datagrams waiting then (any of them
+    /// coalesced, its segment size now untold) may not all be received:
+    /// receives are batches until one finds the socket empty, and a
+    /// datagram in them is split where it bears the marks of several
+    /// ([`messages::coalesced_size`]).
+    suspect: bool,
+}
+const LONE_MODE_AFTER: u32 = 64;
+
+impl LoneMode {
+    /// Whether it may start or go on: lone receives in a row, and no local
+    /// addresses wanted.
+    fn fits(lone_in: u32, sticky: Option<bool>) -> bool {
+        lone_in >= LONE_MODE_AFTER && sticky == Some(false)
+    }
+
+    fn enter(&mut self, s: &UdpSocket, gro: bool, c: &Counters) {
+        if gro && !tapir_sys::mmsg::set_gro(s.as_fd(), false) {
+            return;
+        }
+        (self.on, self.suspect) = (true, gro);
+        add(&c.lone_mode, 1);
+    }
+
+    fn leave(&mut self, s: &UdpSocket, gro: bool, c: &Counters) {
+        if gro && !tapir_sys::mmsg::set_gro(s.as_fd(), true) {
+            c.gro_udp.store(false, Ordering::Relaxed);
+        }
+        *self = LoneMode::default();
+    }
+}
+
 /// What the inbound loop serves besides packets.
 struct Control<'a> {
     link: &'a control::ControlLink,
@@ -2195,6 +2242,7 @@ fn inbound_loop(
     // receives in a row that found one datagram.
     let mut no_answer = 0u32;
     let mut lone_in = 0u32;
+    let mut lone_mode = LoneMode::default();
     while !stop() {
         // TCP: keep a connection to every configured endpoint.
         if let Link::Tcp(t) = &mut out.link {
@@ -2275,11 +2323,34 @@ fn inbound_loop(
         let mut lone = None;
         let got = match &mut out.link {
             Link::Udp(s) if udp_at.is_some_and(|i| set.readable(i)) => {
+                let gro = shared.counters.gro_udp.load(Ordering::Relaxed);
+                let fits = LoneMode::fits(lone_in, out.sticky);
+                if lone_mode.on && !fits {
+                    lone_mode.leave(s, gro, &shared.counters);
+                } else if !lone_mode.on && fits && habitual(lone_in) {
+                    lone_mode.enter(s, gro, &shared.counters);
+                }
                 // Where receives keep finding one datagram, the kernel is
                 // not asked to look for a second (see `habitual`), and the
                 // batch's headers are left alone.
-                let got = if habitual(lone_in) {
-                    match rx.recv_one(s.as_fd()) {
+                let got = if lone_mode.suspect {
+                    let got = rx
+                        .recv_up_to(s.as_fd(), BATCH)
+                        .map_err(|e| DevError::Runtime(format!("UDP receive: {e}")))?;
+                    for i in 0..got {
+                        if let Some(size) = messages::coalesced_size(rx.datagram_mut(i).0) {
+                            rx.set_segment_size(i, size);
+                        }
+                    }
+                    lone_mode.suspect = got == BATCH;
+                    got
+                } else if habitual(lone_in) {
+                    let one = if lone_mode.on {
+                        rx.recv_plain(s.as_fd())
+                    } else {
+                        rx.recv_one(s.as_fd())
+                    };
+                    match one {
                         Ok(None) => 0,
                         Ok(Some(one)) if one.segment.is_none() => {
                             lone = Some((one.len, (from_v6(SocketAddr::V6(one.from)), one.local)));
@@ -2302,6 +2373,9 @@ fn inbound_loop(
                         lone_in = lone_in.wrapping_add(1)
                     }
                     _ => lone_in = 0,
+                }
+                if lone_mode.on && lone_in == 0 {
+                    lone_mode.leave(s, gro, &shared.counters);
                 }
                 got
             }
@@ -2366,8 +2440,10 @@ fn inbound_loop(
             && serve_control(ctl, shared, out, ib, &mut timers, &mut fwmark, &mut port)
         {
             // The socket is another under the same descriptor: the set
-            // is built again (see `move_udp`).
+            // is built again (see `move_udp`), and the new socket
+            // receives as a new one does.
             set.clear();
+            lone_mode = LoneMode::default();
         }
         if let Link::Tcp(t) = &mut out.link {
             tcp_after_wait(t, shared, ib, now, wall_now, tcp_due);
@@ -2950,6 +3026,7 @@ fn extras(t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) -> St
         if let Ok(n) = tapir_sys::mmsg::socket_drops(s.as_fd()) {
             out += &format!("tapir_udp_receive_buffer_drops={n}\n");
         }
+        out += &format!("tapir_udp_lone_mode={}\n", get(&c.lone_mode));
         if threads_per_direction() == 2 {
             out += &format!(
                 "tapir_device_to_outbound_thread={}\ntapir_device_back_to_network_thread={}\n",
