@@ -953,6 +953,47 @@ fn a_stalled_control_client_does_not_stall_the_packets() {
 }
 
 #[test]
+fn idle_control_clients_do_not_hold_up_another() {
+    require_root!();
+    let bed = bed("idlec");
+    let ((ka, _), (_, pb)) = (genkey(), genkey());
+    let (a, _b) = tapir_sides(&bed, ifname("tpi"), ifname("tpj"));
+    let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    let sock = format!("/var/run/wireguard/{}.sock", a.name);
+    let ns_path = bed.a.path();
+    // Ten clients that start a request and never finish it, held for 8 s:
+    // served one after another, each had 2 s, and a `wg show` waited 20 s.
+    let released = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let holder = {
+        let released = released.clone();
+        std::thread::spawn(move || {
+            tapir_sys::netns::enter(&ns_path).unwrap();
+            let held: Vec<_> = (0..10)
+                .map(|_| {
+                    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+                    s.write_all(b"get=1\n").unwrap();
+                    s
+                })
+                .collect();
+            ready_tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_secs(8));
+            released.store(true, std::sync::atomic::Ordering::SeqCst);
+            drop(held);
+        })
+    };
+    ready.recv().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let show = sh(bed.a.cmd("wg").args(["show", &a.name, "dump"]));
+    assert!(
+        !released.load(std::sync::atomic::Ordering::SeqCst),
+        "wg show answered only once the idle clients were gone"
+    );
+    assert!(show.contains(&pb), "{show}");
+    holder.join().unwrap();
+}
+
+#[test]
 fn a_running_tunnel_keeps_cap_net_admin_alone_and_still_works() {
     require_root!();
     let bed = bed("caps");

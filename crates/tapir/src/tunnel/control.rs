@@ -2,14 +2,16 @@
 //! status`) and host-name look-ups, kept off the packet path.
 //!
 //! ```text
-//!   control thread: accept ─▶ read request (deadline, line cap) ─▶ Message::Request ─┐
+//!   a thread per connection: read request (deadline, line cap) ─▶ control thread ─┐
+//!   control thread: accept; Message::Request ───────────────────────────────────────┤
 //!                   resolve(host) (blocking DNS) ─▶ Message::Resolved ───────────────┤ channel + wake bell
 //!   packet thread:  poll(..., wake) ─▶ drain ─▶ answer from the tunnel's state (µs) ◀┘ ─▶ reply channel
 //! ```
 //! The packet thread never reads from a client or waits for DNS: it only
-//! answers from memory what the control thread has already read whole, so
-//! a slow or hostile client of the socket, or a slow resolver, costs it
-//! nothing.
+//! answers from memory what has already been read whole, so a slow or
+//! hostile client of the socket, or a slow resolver, costs it nothing; and
+//! a client costs other clients nothing either (each has a thread, up to
+//! [`crate::uapi::CLIENT_THREADS`]).
 
 use std::cell::RefCell;
 use std::io;

@@ -15,6 +15,8 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -586,36 +588,49 @@ impl ControlSocket {
         result.map(|s| (s, notes))
     }
 
-    /// Serves connections until `stop`, one at a time, each within
-    /// [`DEADLINE`] in all and with lines of at most [`MAX_LINE`] bytes, so a
-    /// slow or hostile client holds up only itself and only briefly.
-    /// `answer` turns a request into the reply (the tunnel's own thread
-    /// computes it); `idle` runs between connections: when `bell` rings,
-    /// and every `tick` if one is given (nothing else wakes this thread).
-    /// A client in another network namespace (a `wg` there that found this
-    /// socket under a name its own tunnel would have) is refused: it would
-    /// see and change another namespace's tunnel.
+    /// Serves connections until `stop`, each on a thread of its own (up to
+    /// [`CLIENT_THREADS`] at once; past them, one at a time on this one),
+    /// within [`DEADLINE`] in all and with lines of at most [`MAX_LINE`]
+    /// bytes, so a slow or hostile client holds up only itself: ten that
+    /// never finished a request held a `wg show` up for 20 s when they were
+    /// served one after another. The connections' threads read requests
+    /// and write replies; `answer`, which turns a request into the reply
+    /// (the tunnel's own thread computes it), runs here, one request at a
+    /// time. `idle` runs between: when `bell` rings, and every `tick` if
+    /// one is given (nothing else wakes this thread). A client in another
+    /// network namespace (a `wg` there that found this socket under a name
+    /// its own tunnel would have) is refused: it would see and change
+    /// another namespace's tunnel.
     pub fn run(
         &self,
         stop: &dyn Fn() -> bool,
-        bell: Option<&super::bell::Bell>,
+        bell: Option<&Arc<super::bell::Bell>>,
         tick: Option<Duration>,
         answer: &mut dyn FnMut(Request) -> String,
         idle: &mut dyn FnMut(),
     ) {
-        let mut refused = 0u64;
+        // The connections' threads hand requests over here, and ring.
+        let own_bell = match bell {
+            Some(b) => Some(Arc::clone(b)),
+            None => super::bell::Bell::new().ok().map(Arc::new),
+        };
+        let (jobs_tx, jobs) = mpsc::channel();
+        let shared = Arc::new(ClientCounts::default());
         let mut set = tapir_sys::poll::PollSet::new();
         while !stop() {
             idle();
+            while let Ok(Job(request, reply)) = jobs.try_recv() {
+                let _ = reply.send(answer(request));
+            }
             set.clear();
             let listening = set.add(std::os::fd::AsFd::as_fd(&self.listener), true, false);
-            let rung = bell.map(|b| set.add(b.fd(), true, false));
+            let rung = own_bell.as_ref().map(|b| set.add(b.fd(), true, false));
             if set.wait(tick.unwrap_or(super::bell::FOREVER)).is_err() {
                 // Only EINTR is retried inside; anything else would repeat at once.
                 std::thread::sleep(Duration::from_millis(250));
                 continue;
             }
-            if let (Some(b), Some(i)) = (bell, rung) {
+            if let (Some(b), Some(i)) = (&own_bell, rung) {
                 if set.readable(i) {
                     b.drain();
                 }
@@ -624,32 +639,123 @@ impl ControlSocket {
                 continue;
             }
             while let Ok((stream, _)) = self.listener.accept() {
-                let fd = std::os::fd::AsFd::as_fd(&stream);
-                if tapir_sys::netns::peer_is_local(fd) == Some(false) {
-                    // Told why (EREMOTE: "Object is remote"), where a
-                    // closed connection left `wg` with a broken pipe or
-                    // "Protocol error": its request read first (a socket
-                    // closed with data unread resets the connection, and
-                    // the reply with it), for 200 ms at most.
-                    refuse(&stream);
-                    refused += 1;
-                    // Once: a plain `wg show` in any namespace asks every
-                    // tunnel it finds, and filled the log.
-                    if refused == 1 {
-                        eprintln!(
-                            "tapir: refused a control connection from another network namespace (pid {}): this tunnel answers only its own (wg show there finds it, but not its details; further ones are not logged)",
-                            peer_pid(&stream).map_or("unknown".into(), |p| p.to_string())
-                        );
+                let stream = match &own_bell {
+                    Some(b) if shared.threads.load(Ordering::Acquire) < CLIENT_THREADS => {
+                        match Client::spawn(stream, &jobs_tx, b, &shared) {
+                            Ok(()) => continue,
+                            Err(stream) => stream,
+                        }
                     }
-                    continue;
-                }
-                let _ = serve_connection(stream, answer);
+                    _ => stream,
+                };
+                serve_or_refuse(stream, &shared.refused, answer);
                 if stop() {
                     return;
                 }
             }
         }
     }
+}
+
+/// At most this many control connections are served at once on threads
+/// of their own; more are served one at a time on the control thread.
+pub const CLIENT_THREADS: usize = 16;
+
+/// A request from a connection's thread, and where its reply goes.
+struct Job(Request, mpsc::Sender<String>);
+
+/// What the control thread and its connections' threads count together.
+#[derive(Default)]
+struct ClientCounts {
+    /// Connections' threads running.
+    threads: AtomicUsize,
+    /// Connections refused (another network namespace).
+    refused: AtomicU64,
+}
+
+/// A connection's thread: it reads the requests and writes the replies;
+/// the control thread answers them.
+struct Client {
+    jobs: mpsc::Sender<Job>,
+    bell: Arc<super::bell::Bell>,
+    counts: Arc<ClientCounts>,
+}
+
+impl Client {
+    /// Serves `stream` on a thread of its own; the stream back if no
+    /// thread could be made.
+    fn spawn(
+        stream: UnixStream,
+        jobs: &mpsc::Sender<Job>,
+        bell: &Arc<super::bell::Bell>,
+        counts: &Arc<ClientCounts>,
+    ) -> Result<(), UnixStream> {
+        let c = Client {
+            jobs: jobs.clone(),
+            bell: Arc::clone(bell),
+            counts: Arc::clone(counts),
+        };
+        counts.threads.fetch_add(1, Ordering::AcqRel);
+        // The stream comes back through the slot if the thread is not made.
+        let slot = Arc::new(Mutex::new(Some(stream)));
+        let theirs = Arc::clone(&slot);
+        let made = std::thread::Builder::new()
+            .name("tapir-control".into())
+            .spawn(move || {
+                let stream = theirs.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(stream) = stream {
+                    c.serve(stream);
+                }
+                c.counts.threads.fetch_sub(1, Ordering::AcqRel);
+            });
+        match made {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                counts.threads.fetch_sub(1, Ordering::AcqRel);
+                let back = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                back.map_or(Ok(()), Err)
+            }
+        }
+    }
+
+    fn serve(&self, stream: UnixStream) {
+        let mut ask = |request: Request| {
+            let (tx, rx) = mpsc::channel();
+            if self.jobs.send(Job(request, tx)).is_err() {
+                return "errno=5\n\n".to_string(); // EIO: the tunnel is going
+            }
+            self.bell.ring();
+            rx.recv().unwrap_or_else(|_| "errno=5\n\n".to_string())
+        };
+        serve_or_refuse(stream, &self.counts.refused, &mut ask);
+    }
+}
+
+/// Serves one connection, or refuses it if it comes from another network
+/// namespace.
+fn serve_or_refuse(
+    stream: UnixStream,
+    refused: &AtomicU64,
+    answer: &mut dyn FnMut(Request) -> String,
+) {
+    let fd = std::os::fd::AsFd::as_fd(&stream);
+    if tapir_sys::netns::peer_is_local(fd) == Some(false) {
+        // Told why (EREMOTE: "Object is remote"), where a closed
+        // connection left `wg` with a broken pipe or "Protocol error": its
+        // request read first (a socket closed with data unread resets the
+        // connection, and the reply with it), for 200 ms at most.
+        refuse(&stream);
+        // Once: a plain `wg show` in any namespace asks every tunnel it
+        // finds, and filled the log.
+        if refused.fetch_add(1, Ordering::Relaxed) == 0 {
+            eprintln!(
+                "tapir: refused a control connection from another network namespace (pid {}): this tunnel answers only its own (wg show there finds it, but not its details; further ones are not logged)",
+                peer_pid(&stream).map_or("unknown".into(), |p| p.to_string())
+            );
+        }
+        return;
+    }
+    let _ = serve_connection(stream, answer);
 }
 
 /// Answers a client of another namespace EREMOTE once its request is in
