@@ -427,7 +427,7 @@ impl Applied {
 
     /// Name servers and search domains through resolvconf, as wg-quick
     /// does (interface `tun.NAME` with Debian's resolvconf, `NAME` with
-    /// others: see [`resolvconf_iface`]). Without resolvconf: a warning
+    /// others: see `resolvconf_iface`). Without resolvconf: a warning
     /// saying what to install, and nothing changed.
     pub fn set_dns(&mut self, dns: &[String]) -> Option<String> {
         if dns.is_empty() {
