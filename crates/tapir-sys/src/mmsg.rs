@@ -173,7 +173,7 @@ pub struct One {
     pub from: SocketAddrV6,
     /// The size of the datagrams it joins, if the kernel coalesced it.
     pub segment: Option<usize>,
-    /// Where it came to (with [`enable_pktinfo`]).
+    /// Where it came to (with [`set_pktinfo`]).
     pub local: Option<Local>,
 }
 

@@ -122,7 +122,7 @@ fn decode32_into(text: &str, out: &mut [u8; 32]) -> Result<(), KeyError> {
 /// that hold a key move from function to function by value, and each move
 /// of the bytes themselves would leave a copy in a stack frame that no
 /// drop wipes (a running tunnel had 36 copies on its stacks; now the key
-/// is copied only where it is used, see [`scrub_stack`]).
+/// is copied only where it is used).
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct PrivateKey(Box<[u8; 32]>);
 

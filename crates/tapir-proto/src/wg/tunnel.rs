@@ -1215,7 +1215,7 @@ impl Tunnel {
 
     /// Encrypts the IP packet at `buf[16..16 + len]` for the peer whose allowed
     /// IPs hold its destination. `buf` needs room for the header before and
-    /// padding and tag after (see [`session`]).
+    /// padding and tag after (see [`crate::wg::session`]).
     pub fn encapsulate(
         &mut self,
         now: Instant,
