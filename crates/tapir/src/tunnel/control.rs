@@ -200,6 +200,28 @@ impl ControlEnd {
         reply
     }
 
+    /// A thread that looks host names up one after another and hands each
+    /// answer to the packet thread; it ends when the returned end goes (or
+    /// the packet thread does). `None` if no thread could be made.
+    fn resolver(&self) -> Option<mpsc::Sender<(PublicKey, String)>> {
+        let (tx, rx) = mpsc::channel::<(PublicKey, String)>();
+        let (messages, wake) = (self.messages.clone(), Arc::clone(&self.wake));
+        std::thread::Builder::new()
+            .name("tapir-resolve".into())
+            .spawn(move || {
+                for (key, host) in rx {
+                    if let Some(addr) = look_up(&host) {
+                        if messages.send(Message::Resolved(key, addr)).is_err() {
+                            return;
+                        }
+                        wake.ring();
+                    }
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    }
+
     /// Serves `socket` (if any), look-ups and reloads (asked on the socket,
     /// or by SIGHUP through `reloads`, a count that goes up) until `stop`.
     pub fn run(
@@ -217,10 +239,22 @@ impl ControlEnd {
             Request::Apply(_) => "errno=22\n\n".into(),
             other => self.ask(other),
         };
+        // Host names are looked up on a thread of their own: a resolver
+        // that does not answer holds each look-up for 10 s or more, and
+        // with them every request of the socket when they ran here. (No
+        // thread: here, as before.)
+        let lookups = self.resolver();
         let mut idle = || {
             while let Ok((key, host)) = self.resolve.try_recv() {
-                if let Some(addr) = host.to_socket_addrs().ok().and_then(|mut a| a.next()) {
-                    self.send(Message::Resolved(key, addr));
+                match &lookups {
+                    Some(l) => {
+                        let _ = l.send((key, host));
+                    }
+                    None => {
+                        if let Some(addr) = look_up(&host) {
+                            self.send(Message::Resolved(key, addr));
+                        }
+                    }
                 }
             }
             let now = reloads.load(Ordering::Relaxed);
@@ -244,6 +278,11 @@ impl ControlEnd {
         // The packet thread sleeps until something happens: this is it.
         self.wake.ring();
     }
+}
+
+/// `host:port`'s first address (blocking: the system's resolver).
+fn look_up(host: &str) -> Option<SocketAddr> {
+    host.to_socket_addrs().ok().and_then(|mut a| a.next())
 }
 
 /// A reload's reply lines (`tapir_added=1` ...) in words for the log.
@@ -333,6 +372,33 @@ mod tests {
             "{reply}"
         );
         assert_eq!(peers(&r), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_host_name_looked_up_again_reaches_the_packet_thread() {
+        let dir = std::env::temp_dir().join(format!("tapir-resolve-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (_, r) = reloader(&dir);
+        let (link, end) = pair(Arc::new(Bell::new().unwrap())).unwrap();
+        let key = tapir_proto::wg::keys::PrivateKey::from_random([6; 32]).public_key();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| end.run(None, r, &AtomicU64::new(0), &|| stop.load(Ordering::SeqCst)));
+            link.resolve(key, "127.0.0.1:51820".into());
+            // The packet thread's bell rings, and the answer waits.
+            tapir_sys::poll::readable([link.wake.fd()], std::time::Duration::from_secs(5)).unwrap();
+            let m = link
+                .messages
+                .recv_timeout(std::time::Duration::from_secs(5));
+            assert!(
+                matches!(m, Ok(Message::Resolved(k, a)) if k == key && a == "127.0.0.1:51820".parse().unwrap()),
+                "no answer"
+            );
+            stop.store(true, Ordering::SeqCst);
+            link.control.ring();
+        });
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
