@@ -57,6 +57,10 @@ pub const GIVE_UP_AFTER: Duration = Duration::from_secs(
 );
 /// Whitepaper §6.1.
 pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes one [`Tunnel::handle_timeout`] starts at most (64: 3-6 ms
+/// of work); more wait for its next pass, at once. 10,000 peers due at
+/// once held a tunnel's packets for 964 ms.
+pub const INITIATIONS_PER_PASS: usize = 64;
 /// Whitepaper §6.1.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a cookie stays valid.
@@ -409,6 +413,9 @@ pub struct Tunnel {
     outgoing: VecDeque<(SocketAddr, Vec<u8>)>,
     /// See [`Tunnel::take_doubtful`].
     doubtful: Vec<SocketAddr>,
+    /// Handshakes [`Tunnel::handle_timeout`] left for its next pass (more
+    /// were due than [`INITIATIONS_PER_PASS`]).
+    initiations_left: bool,
     /// Peers that may have something for poll_transmit (queued packets,
     /// a keepalive, a rate limit's backlog), and a flag per peer.
     tx_hint: Vec<usize>,
@@ -719,6 +726,7 @@ impl Tunnel {
             routes: AllowedIps::new(),
             outgoing: VecDeque::new(),
             doubtful: Vec::new(),
+            initiations_left: false,
             cookie_secret: [0; 32],
             cookie_secret_at: None,
             load_window: (None, 0),
@@ -1124,19 +1132,21 @@ impl Tunnel {
         }
     }
 
-    /// Starts a handshake with peer `p` unless one is in flight.
+    /// Starts a handshake with peer `p` unless one is in flight; whether
+    /// it did (an initiation is two Diffie-Hellman operations and more:
+    /// 50-100 µs).
     #[cold]
     #[inline(never)]
-    fn initiate(&mut self, p: usize, now: Instant, wall: Duration, rng: &mut dyn Random) {
+    fn initiate(&mut self, p: usize, now: Instant, wall: Duration, rng: &mut dyn Random) -> bool {
         if self.peers[p]
             .pending
             .as_ref()
             .is_some_and(|(_, at)| now.saturating_duration_since(*at) < REKEY_TIMEOUT)
         {
-            return;
+            return false;
         }
         let Some(to) = self.peers[p].endpoint else {
-            return;
+            return false;
         };
         if let Some((old, _)) = self.peers[p].pending.take() {
             self.by_index.remove(&old.local_index);
@@ -1159,7 +1169,7 @@ impl Tunnel {
         ) else {
             // A key of small order: never a handshake with it.
             self.by_index.remove(&index);
-            return;
+            return false;
         };
         // Jitter the retry by up to a third of a second (whitepaper §6.1).
         let jitter = Duration::from_millis(u64::from(u16::from_le_bytes(random(rng))) % 334);
@@ -1172,6 +1182,7 @@ impl Tunnel {
         peer.last_sent = Some(now);
         peer.stats.tx_bytes += INITIATION_LEN as u64;
         self.outgoing.push_back((to, msg.to_vec()));
+        true
     }
 
     /// Handshakes with every peer that has an endpoint, at start: a tunnel
@@ -2164,6 +2175,11 @@ impl Tunnel {
     /// expiry of old sessions. Call it at [`Tunnel::poll_timeout`] or sooner.
     pub fn handle_timeout(&mut self, now: Instant, wall: Duration, rng: &mut dyn Random) {
         self.switch.expire(now);
+        // Handshakes this pass may still start: the rest wait for the next
+        // (which `poll_timeout` makes at once), so that a thousand peers due
+        // together do not hold the caller's packets for 100 ms.
+        let mut budget = INITIATIONS_PER_PASS;
+        self.initiations_left = false;
         for p in 0..self.peers.len() {
             let peer = &mut self.peers[p];
             // Expire sessions three times older than REJECT_AFTER_TIME.
@@ -2209,9 +2225,16 @@ impl Tunnel {
                         .max(peer.last_received)
                         .is_none_or(|t| now.saturating_duration_since(t) >= k)
             });
-            self.peers[p].keepalive_turned_on = false;
+            let keepalive_was_turned_on = std::mem::take(&mut self.peers[p].keepalive_turned_on);
             let peer = &self.peers[p];
             let passive = peer.passive_keepalive_at.is_some_and(|at| now >= at);
+            let wanted = persistent && !peer.usable(now) && peer.endpoint.is_some();
+            if (retry || silent || wanted) && budget == 0 {
+                // Left as it is, due again at the next pass.
+                self.initiations_left = true;
+                self.peers[p].keepalive_turned_on |= keepalive_was_turned_on;
+                continue;
+            }
             if retry || silent {
                 if silent {
                     self.peers[p].last_data_sent = None;
@@ -2224,9 +2247,9 @@ impl Tunnel {
                         self.doubtful.push(e);
                     }
                 }
-                self.initiate(p, now, wall, rng);
-            } else if persistent && !self.peers[p].usable(now) && self.peers[p].endpoint.is_some() {
-                self.initiate(p, now, wall, rng);
+                budget -= usize::from(self.initiate(p, now, wall, rng));
+            } else if wanted {
+                budget -= usize::from(self.initiate(p, now, wall, rng));
             }
             let peer = &mut self.peers[p];
             if (persistent || passive) && peer.usable(now) {
@@ -2261,6 +2284,9 @@ impl Tunnel {
     /// timers armed by traffic meanwhile (all of them 5 s or more out) and
     /// the MAC table's aging are seen in time.
     pub fn poll_timeout(&self, now: Instant) -> Instant {
+        if self.initiations_left {
+            return now;
+        }
         let mut next = now + Duration::from_secs(1);
         let mut at = |t: Instant| next = next.min(t);
         for peer in &self.peers {

@@ -1421,3 +1421,58 @@ fn forged_answers_to_our_handshake_count_toward_the_load() {
         "{cookies} of 300 forged answers met a cookie"
     );
 }
+
+/// Peers due for a handshake together (here 200 with a persistent
+/// keepalive and no session, as after `wg syncconf` on a hub) are
+/// initiated a slice at a time, the next slice at once: one pass for
+/// 10,000 held the tunnel's packets for 964 ms.
+#[test]
+fn handshakes_due_together_start_a_slice_at_a_time() {
+    let n = 200u16;
+    let peers = (0..n)
+        .map(|i| {
+            let mut b = [0u8; 32];
+            b[1..3].copy_from_slice(&i.to_le_bytes());
+            b[3] = 0x6b;
+            PeerConfig {
+                public: PrivateKey::from_random(b).public_key(),
+                psk: None,
+                endpoint: Some(
+                    format!("198.51.100.{}:{}", i % 250, 40000 + i)
+                        .parse()
+                        .unwrap(),
+                ),
+                allowed_ips: vec![],
+                keepalive: Some(Duration::from_secs(25)),
+                rate: None,
+            }
+        })
+        .collect();
+    let mut hub = Tunnel::new(PrivateKey::from_random([10; 32]), peers);
+    let (now, wall) = (Instant::now(), Duration::from_secs(1_700_000_000));
+    let mut rng = Rng(9);
+    let mut buf = [0u8; 2048];
+    let mut slices = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..10 {
+        hub.handle_timeout(now, wall, &mut rng);
+        let mut sent = 0;
+        while let Some((to, _)) = hub.poll_transmit(now, &mut buf) {
+            assert!(seen.insert(to), "a second initiation to {to}");
+            sent += 1;
+        }
+        slices.push(sent);
+        if hub.poll_timeout(now) > now {
+            break;
+        }
+    }
+    let per = INITIATIONS_PER_PASS;
+    assert_eq!(
+        slices,
+        [per, per, per, usize::from(n) - 3 * per],
+        "{slices:?}"
+    );
+    // None due again until their retry.
+    hub.handle_timeout(now, wall, &mut rng);
+    assert!(hub.poll_transmit(now, &mut buf).is_none());
+}
