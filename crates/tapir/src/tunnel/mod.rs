@@ -52,6 +52,7 @@ pub mod bell;
 pub mod config;
 pub mod control;
 pub mod engine;
+mod host;
 pub mod ops;
 pub mod reload;
 pub mod saveconfig;
@@ -1044,40 +1045,29 @@ impl<'a> Outbox<'a> {
         }
     }
 
-    /// Whether answers must be told where to leave from: where the host
-    /// (this namespace) has more than one global address of a family,
-    /// outside the tunnel's own device `tunnel`, a peer may write to any
-    /// of them, and an answer from the kernel's choice can come from
-    /// another. Looked at once a second (addresses come and go); only then
-    /// are datagrams asked for their local address, which costs a ping
-    /// about 0.5 µs at each end, and answers sent with it.
+    /// Takes what the host watcher saw ([`host::Seen`]).
+    ///
+    /// Over UDP, whether answers must be told where to leave from: where
+    /// the host (this namespace) has more than one global address of a
+    /// family, outside the tunnel's own device, a peer may write to any of
+    /// them, and an answer from the kernel's choice can come from another.
+    /// Only then are datagrams asked for their local address, which costs
+    /// a ping about 0.5 µs at each end, and answers sent with it.
     ///
     /// Over TCP, a connection from an address the host no longer has is
     /// closed (and dialed again) at once, rather than when its segments
     /// have gone unanswered for `TCP_USER_TIMEOUT`.
-    fn check_addresses(&mut self, nl: &mut Netlink, tunnel: &str, now: Instant) {
+    fn take_host(&mut self, seen: &host::Seen, now: Instant) {
         let socket = match &mut self.link {
             Link::Udp(socket) => *socket,
             Link::Tcp(t) => {
-                if let Ok(addrs) = nl.addresses(None) {
-                    let ips: Vec<IpAddr> = addrs.iter().map(|a| a.local.addr()).collect();
-                    t.close_orphans(&self.host_addresses, &ips, now);
-                    self.host_addresses = ips;
-                }
+                t.close_orphans(&self.host_addresses, &seen.addresses, now);
+                self.host_addresses.clone_from(&seen.addresses);
                 return;
             }
         };
-        let want = !off("TAPIR_STICKY_SOURCE") && {
-            let index = nl.link(tunnel).ok().flatten().map(|l| l.index);
-            let addrs = nl.addresses(None).unwrap_or_default();
-            let count = |v4: bool| {
-                addrs
-                    .iter()
-                    .filter(|a| a.scope == "global" && Some(a.index) != index)
-                    .filter(|a| a.local.addr().is_ipv4() == v4)
-                    .count()
-            };
-            count(true) > 1 || count(false) > 1
+        let Some(want) = seen.sticky else {
+            return;
         };
         if self.sticky != Some(want) {
             tapir_sys::mmsg::set_pktinfo(socket.as_fd(), want);
@@ -1998,8 +1988,8 @@ struct Control<'a> {
     hostnames: &'a [(PublicKey, String)],
     /// The mark on the tunnel's sockets at start (0: none).
     fwmark: u32,
-    /// The bridge the tap is a port of (`Bridge =`).
-    bridge: Option<&'a IfName>,
+    /// What the host watcher saw (see [`host`]).
+    host: &'a host::HostFacts,
 }
 
 /// A wake-up that reads this many packets or more from the device is a
@@ -2661,29 +2651,26 @@ fn serve_control(
 /// up again, a peer in the other mode named once.
 struct Timers {
     started: Duration,
-    /// When the device's MTU was last read (see [`Timers::read_mtu`]).
-    mtu_read: Option<Instant>,
+    /// The version of the host watcher's facts last taken (see [`host`]).
+    host_seen: u64,
     /// Peers whose endpoint is a host name, looked up again while they
     /// are unreachable, and when each was last looked up.
     lookups: HashMap<PublicKey, (String, Option<Instant>)>,
     /// Peers named for sending the other mode's packets, and how many then.
     warned_layer: Vec<(PublicKey, u64)>,
-    /// Ports of the tap's bridge named for an MTU over the tap's.
-    warned_ports: Vec<(u32, u32)>,
 }
 
 impl Timers {
     fn new(ctl: &Control) -> Self {
         Self {
             started: wall(),
-            mtu_read: None,
+            host_seen: 0,
             lookups: ctl
                 .hostnames
                 .iter()
                 .map(|(k, h)| (*k, (h.clone(), None)))
                 .collect(),
             warned_layer: Vec::new(),
-            warned_ports: Vec::new(),
         }
     }
 
@@ -2724,22 +2711,13 @@ impl Timers {
         now: Instant,
         wall_now: Duration,
     ) -> Instant {
-        // (Read before the tunnel is locked: system calls the other thread
-        // need not wait for.)
-        let mtu = self.read_mtu(ib, now);
-        if let Some(m) = mtu {
-            // At the same pace: the host's addresses (see
-            // `Outbox::check_addresses`), and the bridge's ports.
-            if let Ok(mut nl) = Netlink::open() {
-                out.check_addresses(&mut nl, ib.name.as_str(), now);
-                if let Some(b) = ctl.bridge {
-                    let tap = ib.name.as_str();
-                    bridge_mtu_note(&mut nl, b, tap, m as u32, &mut self.warned_ports);
-                }
-            }
+        // What the host watcher saw change (its own thread looks).
+        let seen = ctl.host.take(&mut self.host_seen);
+        if let Some(s) = &seen {
+            out.take_host(s, now);
         }
         let mut t = shared.tunnel();
-        if let Some(m) = mtu {
+        if let Some(m) = seen.and_then(|s| s.mtu) {
             t.set_mtu(m);
         }
         // Endpoints given as host names are looked up again when the
@@ -2784,25 +2762,6 @@ impl Timers {
             out.forget_source(to);
         }
         t.poll_timeout(now)
-    }
-
-    /// The device's MTU for the tunnel, read again at most once a second
-    /// (the timers run at least that often): packets are padded up to it
-    /// and not past it, and it changes under a running tunnel (`ip link set
-    /// wg0 mtu N`; wg-quick sets it after starting its userspace
-    /// implementation). Read before it changes, a packet of the new MTU is
-    /// padded as the old one allows, for a second at most. `None`: not due,
-    /// or not found (moved to another namespace, the device is not found
-    /// by name: the last MTU read stands).
-    fn read_mtu(&mut self, ib: &Inbound, now: Instant) -> Option<usize> {
-        if self
-            .mtu_read
-            .is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(1))
-        {
-            return None;
-        }
-        self.mtu_read = Some(now);
-        ib.dev.mtu().ok().map(|m| m as usize)
     }
 }
 
@@ -2887,69 +2846,90 @@ impl Started {
         shared
             .tunnel()
             .handshake_all(Instant::now(), wall(), &mut ib.rng);
+        // The host around the tunnel, watched on a thread of its own (see
+        // `host`); looked at once before the packets.
+        let host_facts = host::HostFacts::default();
+        let mut watch = host::Watch::new(&name, config.bridge.as_ref(), matches!(net, Net::Tcp(_)));
+        watch.look(&host_facts);
+        let watch_bell =
+            Bell::new().map_err(|e| DevError::Runtime(format!("a wake-up socket: {e}")))?;
+        let watch_done = AtomicBool::new(false);
         let ctl = Control {
             link,
             port,
             mode,
             hostnames: &hostnames,
             fwmark: config.ops.fwmark.or(applied.mark()).unwrap_or(0),
-            bridge: config.bridge.as_ref(),
+            host: &host_facts,
         };
         let stopped = AtomicBool::new(false);
         let stop = || shutdown.load(Ordering::Relaxed) || stopped.load(Ordering::Relaxed);
-        let result = match net {
-            Net::Udp(socket) if threads_per_direction() == 1 => {
-                let mut ob = Outbound::new(&dev, &name, tap)?;
-                let mut out =
-                    Outbox::new(Link::Udp(&socket), &name, &shared.counters, &shared.sources);
-                inbound_loop(&mut ib, Some(&mut ob), None, &shared, &mut out, &ctl, &stop)
-            }
-            Net::Udp(socket) => Outbound::new(&dev, &name, tap).and_then(|ob| {
-                let half = Mutex::new(DeviceHalf(
-                    ob,
-                    Outbox::new(Link::Udp(&socket), &name, &shared.counters, &shared.sources),
-                ));
-                let turn = Turn::new(Arc::clone(&link.wake));
-                std::thread::scope(|s| {
-                    let outbound = s.spawn(|| {
-                        // Its end (a panic too) stops the other thread.
-                        let _stop = StopOnDrop(&stopped, &|| turn.wake_inbound.ring());
-                        outbound_loop(&half, &turn, &dev, &shared, &stop)
-                    });
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                watch.run(&host_facts, &watch_bell, &|| {
+                    watch_done.load(Ordering::Relaxed)
+                })
+            });
+            // However the packets end (a panic too), the watcher does.
+            let _watch_stop = StopOnDrop(&watch_done, &|| watch_bell.ring());
+            match net {
+                Net::Udp(socket) if threads_per_direction() == 1 => {
+                    let mut ob = Outbound::new(&dev, &name, tap)?;
                     let mut out =
                         Outbox::new(Link::Udp(&socket), &name, &shared.counters, &shared.sources);
-                    // So does this one's, so that the scope can end.
-                    let stop_outbound = || turn.stop_outbound();
-                    let stop_guard = StopOnDrop(&stopped, &stop_outbound);
-                    let r = inbound_loop(
-                        &mut ib,
-                        None,
-                        Some(Shifts {
-                            half: &half,
-                            turn: &turn,
-                            dev: &dev,
-                        }),
-                        &shared,
-                        &mut out,
-                        &ctl,
-                        &stop,
-                    );
-                    drop(stop_guard);
-                    let o = outbound.join().unwrap_or_else(|_| {
-                        Err(DevError::Runtime(
-                            "the outbound packet thread panicked".into(),
-                        ))
-                    });
-                    r.and(o)
-                })
-            }),
-            Net::Tcp(mut t) => {
-                let mut ob = Outbound::new(&dev, &name, tap)?;
-                let mut out =
-                    Outbox::new(Link::Tcp(&mut t), &name, &shared.counters, &shared.sources);
-                inbound_loop(&mut ib, Some(&mut ob), None, &shared, &mut out, &ctl, &stop)
+                    inbound_loop(&mut ib, Some(&mut ob), None, &shared, &mut out, &ctl, &stop)
+                }
+                Net::Udp(socket) => Outbound::new(&dev, &name, tap).and_then(|ob| {
+                    let half = Mutex::new(DeviceHalf(
+                        ob,
+                        Outbox::new(Link::Udp(&socket), &name, &shared.counters, &shared.sources),
+                    ));
+                    let turn = Turn::new(Arc::clone(&link.wake));
+                    std::thread::scope(|s| {
+                        let outbound = s.spawn(|| {
+                            // Its end (a panic too) stops the other thread.
+                            let _stop = StopOnDrop(&stopped, &|| turn.wake_inbound.ring());
+                            outbound_loop(&half, &turn, &dev, &shared, &stop)
+                        });
+                        let mut out = Outbox::new(
+                            Link::Udp(&socket),
+                            &name,
+                            &shared.counters,
+                            &shared.sources,
+                        );
+                        // So does this one's, so that the scope can end.
+                        let stop_outbound = || turn.stop_outbound();
+                        let stop_guard = StopOnDrop(&stopped, &stop_outbound);
+                        let r = inbound_loop(
+                            &mut ib,
+                            None,
+                            Some(Shifts {
+                                half: &half,
+                                turn: &turn,
+                                dev: &dev,
+                            }),
+                            &shared,
+                            &mut out,
+                            &ctl,
+                            &stop,
+                        );
+                        drop(stop_guard);
+                        let o = outbound.join().unwrap_or_else(|_| {
+                            Err(DevError::Runtime(
+                                "the outbound packet thread panicked".into(),
+                            ))
+                        });
+                        r.and(o)
+                    })
+                }),
+                Net::Tcp(mut t) => {
+                    let mut ob = Outbound::new(&dev, &name, tap)?;
+                    let mut out =
+                        Outbox::new(Link::Tcp(&mut t), &name, &shared.counters, &shared.sources);
+                    inbound_loop(&mut ib, Some(&mut ob), None, &shared, &mut out, &ctl, &stop)
+                }
             }
-        };
+        });
         if let Some(file) = &save_to {
             match crate::saveconfig::save(file, &shared.tunnel(), roaming_endpoints) {
                 Ok(()) => eprintln!(
@@ -3128,13 +3108,12 @@ mod tests {
         let at = Instant::now();
         let mut t = Timers {
             started: Duration::ZERO,
-            mtu_read: None,
+            host_seen: 0,
             lookups: HashMap::from([
                 (a, ("a.example:51820".into(), Some(at))),
                 (b, ("b.example:51820".into(), None)),
             ]),
             warned_layer: Vec::new(),
-            warned_ports: Vec::new(),
         };
         t.pin(&b);
         assert!(t.looks_up(&a) && !t.looks_up(&b));
