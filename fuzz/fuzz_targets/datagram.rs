@@ -34,6 +34,11 @@ fuzz_target!(|data: &[u8]| {
     let mut rng = Counter(0);
     // The input is split into several datagrams at 0xff bytes.
     for chunk in data.split(|&b| b == 0xff) {
+        // Told apart as a coalesced run where a receive was not told so
+        // (lone mode): a size inside it, or nothing.
+        if let Some(size) = tapir_proto::wg::messages::coalesced_size(chunk) {
+            assert!(size >= 32 && size < chunk.len(), "size {size} of {}", chunk.len());
+        }
         let mut buf = chunk.to_vec();
         let n = buf.len();
         let out = t.decapsulate(now, Duration::from_secs(1), &mut rng, "198.51.100.1:1".parse().unwrap(), &mut buf, n);

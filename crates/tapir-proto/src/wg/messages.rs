@@ -98,49 +98,80 @@ pub fn kind(datagram: &[u8]) -> Option<Kind> {
 }
 
 /// The size of the messages `datagram` joins, where it is several of one
-/// size back to back (the last may be shorter), as the kernel coalesces
-/// them (`UDP_GRO`), for a receive that was not told so: handshake
-/// messages by their fixed length; data messages by their first 8 bytes
-/// (type and receiver index, the same in each message of a session; at
-/// any other place 2^-64 likely), found again at every multiple of the
-/// size. `None` for anything else, a lone message among them.
+/// size back to back as a sender's segmentation or the kernel's coalescing
+/// (`UDP_GRO`) make them (the last may be shorter, and of another kind), for
+/// a receive that was not told so. Each message but the last starts as the
+/// first does: its type and, for data, its receiver index (the same in
+/// each message of a session: in ciphertext 2^-64 likely); the last is any
+/// message of its length. Data is also taken with one handshake message
+/// after it (a rekey's initiation sent with the data before it), by that
+/// message's fixed length. `None` for anything else: a lone message, and
+/// a run that crosses from one session to the next (its messages do not
+/// open, as before).
 pub fn coalesced_size(datagram: &[u8]) -> Option<usize> {
-    let len = datagram.len();
-    let head = datagram.get(..8)?;
+    let d = datagram;
+    let len = d.len();
+    let head = d.get(..8)?;
     if head[1..4] != [0, 0, 0] {
         return None;
     }
-    // Whether every multiple of `size` begins a message of `min` bytes at
-    // least with the first `mark` bytes of the first.
-    let joins = |size: usize, mark: usize, min: usize| {
-        size < len
-            && (size..len)
-                .step_by(size)
-                .all(|at| datagram[at..].starts_with(&head[..mark]) && len - at >= min)
+    // Whether a message of `n` bytes can start at `at`.
+    let message = |at: usize, n: usize| {
+        d.get(at..at + 4).is_some_and(|h| {
+            h[1..] == [0, 0, 0]
+                && match h[0] {
+                    TYPE_INITIATION => n == INITIATION_LEN,
+                    TYPE_RESPONSE => n == RESPONSE_LEN,
+                    TYPE_COOKIE => n == COOKIE_LEN,
+                    TYPE_DATA => n >= DATA_MIN_LEN,
+                    _ => false,
+                }
+        })
+    };
+    // Whether `d` is messages of `size` bytes, each but the last starting
+    // with the first's `mark` bytes.
+    let run = |size: usize, mark: usize| {
+        if size >= len || !message(0, size) {
+            return false;
+        }
+        let mut at = size;
+        while len - at > size {
+            if !d[at..].starts_with(&head[..mark]) {
+                return false;
+            }
+            at += size;
+        }
+        message(at, len - at)
     };
     let fixed = match head[0] {
         TYPE_INITIATION => INITIATION_LEN,
         TYPE_RESPONSE => RESPONSE_LEN,
         TYPE_COOKIE => COOKIE_LEN,
         TYPE_DATA => {
-            // The smallest size at which the first 8 bytes come again, and
-            // at each of its multiples.
+            // The first 8 bytes again: a run of one session's messages.
             let mut from = DATA_MIN_LEN;
-            while from + DATA_MIN_LEN <= len {
-                let at = datagram[from..len - DATA_MIN_LEN + 8]
-                    .windows(8)
-                    .position(|w| w == head)?;
+            while from + 8 <= len {
+                let Some(at) = d[from..].windows(8).position(|w| w == head) else {
+                    break;
+                };
                 let size = from + at;
-                if joins(size, 8, DATA_MIN_LEN) {
+                if run(size, 8) {
                     return Some(size);
                 }
                 from = size + 1;
             }
-            return None;
+            // One data message and a handshake message after it.
+            return [INITIATION_LEN, RESPONSE_LEN, COOKIE_LEN]
+                .into_iter()
+                .filter_map(|n| {
+                    len.checked_sub(n)
+                        .filter(|&size| size >= n.max(DATA_MIN_LEN))
+                })
+                .find(|&size| message(size, len - size));
         }
         _ => return None,
     };
-    (len % fixed == 0 && joins(fixed, 4, fixed)).then_some(fixed)
+    run(fixed, 4).then_some(fixed)
 }
 
 /// Reads a little-endian u32 field.
@@ -245,8 +276,9 @@ mod tests {
         m[80..88].copy_from_slice(&head);
         assert_eq!(coalesced_size(&m), None);
         // Two sessions' messages (a rekey between them): not one run.
-        let mut d = data(1, 1, 100);
-        d.extend(data(2, 1, 100));
+        let mut d = data(1, 1000, 100);
+        d.extend(data(2, 1000, 100));
+        d.extend(data(2, 1001, 100));
         assert_eq!(coalesced_size(&d), None);
         // Too short, not WireGuard.
         assert_eq!(coalesced_size(&data(1, 1, 63)), None);
@@ -255,6 +287,43 @@ mod tests {
         x.extend(data(1, 2, 100));
         x[1] = 1;
         assert_eq!(coalesced_size(&x), None);
+    }
+
+    #[test]
+    fn a_run_of_data_may_end_in_a_handshake_message_or_another_sessions_data() {
+        let mut init = noise(1, INITIATION_LEN);
+        write_type(&mut init, TYPE_INITIATION);
+        let mut resp = noise(2, RESPONSE_LEN);
+        write_type(&mut resp, TYPE_RESPONSE);
+        for tail in [&init, &resp] {
+            for count in 1..4 {
+                let mut d = Vec::new();
+                for n in 0..count {
+                    d.extend(data(7, n, 1060));
+                }
+                d.extend(tail.iter());
+                assert_eq!(
+                    coalesced_size(&d),
+                    Some(1060),
+                    "{count} then {}",
+                    tail.len()
+                );
+            }
+        }
+        // The last of a run from the next session.
+        let mut d = data(7, 1, 500);
+        d.extend(data(7, 2, 500));
+        d.extend(data(9, 1, 300));
+        assert_eq!(coalesced_size(&d), Some(500));
+        // A handshake message cannot follow shorter data (each but the
+        // last is as long as the first, the last no longer).
+        let mut d = data(7, 1, 100);
+        d.extend(init.iter());
+        assert_eq!(coalesced_size(&d), None);
+        // Handshake runs may end in data.
+        let mut d = [init.clone(), init.clone()].concat();
+        d.extend(data(3, 1, 100));
+        assert_eq!(coalesced_size(&d), Some(INITIATION_LEN));
     }
 
     #[test]

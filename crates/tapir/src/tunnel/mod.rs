@@ -1949,12 +1949,18 @@ struct LoneMode {
     on: bool,
     /// GRO went off, and the datagrams waiting then (any of them
     /// coalesced, its segment size now untold) may not all be received:
-    /// receives are batches until one finds the socket empty, and a
-    /// datagram in them is split where it bears the marks of several
-    /// ([`messages::coalesced_size`]).
-    suspect: bool,
+    /// receives are batches until one finds the socket empty, and not
+    /// before this time; a datagram in them is split where it bears the
+    /// marks of several ([`messages::coalesced_size`]).
+    suspect_until: Option<Instant>,
 }
 const LONE_MODE_AFTER: u32 = 64;
+/// How long after GRO went off receives stay suspect at least: the kernel
+/// decides whether to cut a coalesced datagram when it queues it, looking
+/// at the option without the socket's lock, so one that passed the look
+/// as the option went off can be queued after a receive found the socket
+/// empty (a microsecond's window; longer where a virtual CPU is held up).
+const SUSPECT_FOR: Duration = Duration::from_millis(10);
 
 impl LoneMode {
     /// Whether it may start or go on: lone receives in a row, and no local
@@ -1963,11 +1969,12 @@ impl LoneMode {
         lone_in >= LONE_MODE_AFTER && sticky == Some(false)
     }
 
-    fn enter(&mut self, s: &UdpSocket, gro: bool, c: &Counters) {
+    fn enter(&mut self, s: &UdpSocket, gro: bool, c: &Counters, now: Instant) {
         if gro && !tapir_sys::mmsg::set_gro(s.as_fd(), false) {
             return;
         }
-        (self.on, self.suspect) = (true, gro);
+        self.on = true;
+        self.suspect_until = gro.then(|| now + SUSPECT_FOR);
         add(&c.lone_mode, 1);
     }
 
@@ -2318,12 +2325,12 @@ fn inbound_loop(
                 if lone_mode.on && !fits {
                     lone_mode.leave(s, gro, &shared.counters);
                 } else if !lone_mode.on && fits && habitual(lone_in) {
-                    lone_mode.enter(s, gro, &shared.counters);
+                    lone_mode.enter(s, gro, &shared.counters, now);
                 }
                 // Where receives keep finding one datagram, the kernel is
                 // not asked to look for a second (see `habitual`), and the
                 // batch's headers are left alone.
-                let got = if lone_mode.suspect {
+                let got = if let Some(until) = lone_mode.suspect_until {
                     let got = rx
                         .recv_up_to(s.as_fd(), BATCH)
                         .map_err(|e| DevError::Runtime(format!("UDP receive: {e}")))?;
@@ -2332,7 +2339,9 @@ fn inbound_loop(
                             rx.set_segment_size(i, size);
                         }
                     }
-                    lone_mode.suspect = got == BATCH;
+                    if got < BATCH && now >= until {
+                        lone_mode.suspect_until = None;
+                    }
                     got
                 } else if habitual(lone_in) {
                     let one = if lone_mode.on {
