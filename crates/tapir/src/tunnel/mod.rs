@@ -23,9 +23,11 @@
 //! Threads: over UDP, one for the network side (with the timers) and one for
 //! the device side, which reads the device only during bursts (`Turn`);
 //! over TCP, or with `TAPIR_THREADS=1`, one for both. The control
-//! socket and host-name look-ups have a thread of their own. Every thread
+//! socket, host-name look-ups and the look at the host ([`host`]: MTU,
+//! addresses, bridge ports) have threads of their own. Every thread
 //! sleeps until it has work (a packet, a request, a timer, a signal: see
-//! [`bell`]); an idle tunnel wakes once a second, for its timers.
+//! [`bell`]); an idle tunnel wakes twice a second, for its timers and the
+//! host's look.
 
 use std::collections::HashMap;
 use std::io;
