@@ -765,6 +765,11 @@ fn stock_wg_quick_runs_tapir_as_its_userspace_wireguard() {
              [Peer]\nPublicKey = {pb}\nEndpoint = 10.200.0.2:51897\nAllowedIPs = 0.0.0.0/0\nPersistentKeepalive = 25\n"
         ),
     );
+    // A path of 1300 bytes: wg-quick sets the tunnel's MTU 80 below it,
+    // from `wg show NAME endpoints`, asked right after its `wg setconf`
+    // (a request answered EIO there left the MTU at 1420).
+    bed.a.ip(&["link", "set", "va", "mtu", "1300"]);
+    bed.b.ip(&["link", "set", "vb", "mtu", "1300"]);
     let before = routing(&bed.a);
     let wg_quick = |verb: &str| {
         bed.a
@@ -796,6 +801,8 @@ fn stock_wg_quick_runs_tapir_as_its_userspace_wireguard() {
         String::from_utf8_lossy(&up.stderr),
         log()
     );
+    let mtu = sh(bed.a.cmd("cat").arg(format!("/sys/class/net/{name}/mtu")));
+    assert_eq!(mtu.trim(), "1220", "the tunnel's MTU");
     // Everything through tapir, to wireguard-go.
     ping(&bed.a, "10.77.0.2");
     // The daemon wg-quick started parses datagrams with CAP_NET_ADMIN alone.

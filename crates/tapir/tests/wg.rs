@@ -994,6 +994,46 @@ fn idle_control_clients_do_not_hold_up_another() {
 }
 
 #[test]
+fn a_stream_of_control_clients_does_not_starve_another() {
+    require_root!();
+    let bed = bed("flood");
+    let ((ka, _), (_, pb)) = (genkey(), genkey());
+    let (a, _b) = tapir_sides(&bed, ifname("tpf"), ifname("tpg"));
+    let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    let sock = format!("/var/run/wireguard/{}.sock", a.name);
+    // 24 clients asking again and again for 6 s: more than the threads
+    // (16), so some are served on the control thread, one after another;
+    // the threads' own requests waited until the stream stopped.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..24)
+        .map(|_| {
+            let (sock, ns_path, done) = (sock.clone(), bed.a.path(), done.clone());
+            std::thread::spawn(move || {
+                tapir_sys::netns::enter(&ns_path).unwrap();
+                let until = Instant::now() + Duration::from_secs(6);
+                while Instant::now() < until {
+                    if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&sock) {
+                        let _ = s.write_all(b"get=1\n\n");
+                        let _ = std::io::Read::read_to_end(&mut s, &mut Vec::new());
+                    }
+                }
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let show = sh(bed.a.cmd("wg").args(["show", &a.name, "dump"]));
+    assert!(
+        !done.load(std::sync::atomic::Ordering::SeqCst),
+        "wg show answered only once the stream of clients stopped"
+    );
+    assert!(show.contains(&pb), "{show}");
+    for c in clients {
+        c.join().unwrap();
+    }
+}
+
+#[test]
 fn a_running_tunnel_keeps_cap_net_admin_alone_and_still_works() {
     require_root!();
     let bed = bed("caps");

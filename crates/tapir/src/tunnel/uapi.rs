@@ -431,6 +431,39 @@ pub struct ControlSocket {
     ino: u64,
     /// A namespace's own directory, removed on drop once empty.
     home: Option<PathBuf>,
+    /// Requests from the connections' threads, kept from one [`ControlSocket::run`]
+    /// to the next (a tunnel of `wireguard-go`'s kind serves its first
+    /// requests before it has a key, the rest after).
+    jobs: Jobs,
+}
+
+/// Requests the connections' threads hand over, and the bell they ring.
+#[derive(Debug)]
+struct Jobs {
+    tx: mpsc::Sender<Job>,
+    rx: Mutex<mpsc::Receiver<Job>>,
+    bell: Option<Arc<super::bell::Bell>>,
+    counts: Arc<ClientCounts>,
+}
+
+impl Jobs {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::channel();
+        Self {
+            tx,
+            rx: Mutex::new(rx),
+            bell: super::bell::Bell::new().ok().map(Arc::new),
+            counts: Arc::default(),
+        }
+    }
+
+    /// Answers the requests waiting.
+    fn answer(&self, answer: &mut dyn FnMut(Request) -> String) {
+        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+        while let Ok(Job(request, reply)) = rx.try_recv() {
+            let _ = reply.send(answer(request));
+        }
+    }
 }
 
 /// Whether a control socket answers at `path`.
@@ -582,6 +615,7 @@ impl ControlSocket {
                 usual: dir.join(format!("{name}.sock")),
                 ino,
                 home: (!scope.is_initial()).then(|| home.clone()),
+                jobs: Jobs::new(),
             })
         })();
         let _ = std::fs::remove_dir_all(&staging);
@@ -609,46 +643,47 @@ impl ControlSocket {
         answer: &mut dyn FnMut(Request) -> String,
         idle: &mut dyn FnMut(),
     ) {
-        // The connections' threads hand requests over here, and ring.
-        let own_bell = match bell {
-            Some(b) => Some(Arc::clone(b)),
-            None => super::bell::Bell::new().ok().map(Arc::new),
-        };
-        let (jobs_tx, jobs) = mpsc::channel();
-        let shared = Arc::new(ClientCounts::default());
+        let jobs = &self.jobs;
         let mut set = tapir_sys::poll::PollSet::new();
         while !stop() {
             idle();
-            while let Ok(Job(request, reply)) = jobs.try_recv() {
-                let _ = reply.send(answer(request));
-            }
+            jobs.answer(answer);
             set.clear();
             let listening = set.add(std::os::fd::AsFd::as_fd(&self.listener), true, false);
-            let rung = own_bell.as_ref().map(|b| set.add(b.fd(), true, false));
+            let rung = bell.map(|b| set.add(b.fd(), true, false));
+            let rung_jobs = jobs.bell.as_ref().map(|b| set.add(b.fd(), true, false));
             if set.wait(tick.unwrap_or(super::bell::FOREVER)).is_err() {
                 // Only EINTR is retried inside; anything else would repeat at once.
                 std::thread::sleep(Duration::from_millis(250));
                 continue;
             }
-            if let (Some(b), Some(i)) = (&own_bell, rung) {
-                if set.readable(i) {
-                    b.drain();
+            for (b, i) in [(bell, rung), (jobs.bell.as_ref(), rung_jobs)] {
+                if let (Some(b), Some(i)) = (b, i) {
+                    if set.readable(i) {
+                        b.drain();
+                    }
                 }
             }
             if !set.readable(listening) {
                 continue;
             }
-            while let Ok((stream, _)) = self.listener.accept() {
-                let stream = match &own_bell {
-                    Some(b) if shared.threads.load(Ordering::Acquire) < CLIENT_THREADS => {
-                        match Client::spawn(stream, &jobs_tx, b, &shared) {
+            // A few at a time, the threads' requests answered between: a
+            // steady stream of connections kept them waiting for as long.
+            for _ in 0..ACCEPTS_PER_PASS {
+                let Ok((stream, _)) = self.listener.accept() else {
+                    break;
+                };
+                let stream = match &jobs.bell {
+                    Some(b) if jobs.counts.threads.load(Ordering::Acquire) < CLIENT_THREADS => {
+                        match Client::spawn(stream, &jobs.tx, b, &jobs.counts) {
                             Ok(()) => continue,
                             Err(stream) => stream,
                         }
                     }
                     _ => stream,
                 };
-                serve_or_refuse(stream, &shared.refused, answer);
+                serve_or_refuse(stream, &jobs.counts.refused, answer);
+                jobs.answer(answer);
                 if stop() {
                     return;
                 }
@@ -660,12 +695,15 @@ impl ControlSocket {
 /// At most this many control connections are served at once on threads
 /// of their own; more are served one at a time on the control thread.
 pub const CLIENT_THREADS: usize = 16;
+/// Connections taken between two looks at the threads' requests.
+const ACCEPTS_PER_PASS: usize = 8;
 
 /// A request from a connection's thread, and where its reply goes.
+#[derive(Debug)]
 struct Job(Request, mpsc::Sender<String>);
 
 /// What the control thread and its connections' threads count together.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct ClientCounts {
     /// Connections' threads running.
     threads: AtomicUsize,
@@ -702,11 +740,12 @@ impl Client {
         let made = std::thread::Builder::new()
             .name("tapir-control".into())
             .spawn(move || {
+                // Counted out however it ends (a panic too).
+                let _out = CountedOut(&c.counts.threads);
                 let stream = theirs.lock().unwrap_or_else(|e| e.into_inner()).take();
                 if let Some(stream) = stream {
                     c.serve(stream);
                 }
-                c.counts.threads.fetch_sub(1, Ordering::AcqRel);
             });
         match made {
             Ok(_) => Ok(()),
@@ -728,6 +767,15 @@ impl Client {
             rx.recv().unwrap_or_else(|_| "errno=5\n\n".to_string())
         };
         serve_or_refuse(stream, &self.counts.refused, &mut ask);
+    }
+}
+
+/// Takes one off a count when dropped.
+struct CountedOut<'a>(&'a AtomicUsize);
+
+impl Drop for CountedOut<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -1234,7 +1282,13 @@ fn serve_connection(
         if set {
             reply = set_errno(reply);
         }
-        let sent = write_by(&mut writer, reply.as_bytes(), deadline);
+        // The reply has its own time (the request may have waited for the
+        // control thread, behind others).
+        let sent = write_by(
+            &mut writer,
+            reply.as_bytes(),
+            std::time::Instant::now() + DEADLINE,
+        );
         zeroize::Zeroize::zeroize(&mut reply);
         sent?;
     }
