@@ -78,19 +78,19 @@ impl<'a> Watch<'a> {
         }
     }
 
-    /// Looks once, and publishes what changed.
-    pub fn look(&mut self, facts: &HostFacts) {
+    /// Looks once, and publishes what changed; whether anything did.
+    pub fn look(&mut self, facts: &HostFacts) -> bool {
         if self.nl.is_none() {
             self.nl = Netlink::open().ok();
         }
         let Some(nl) = self.nl.as_mut() else {
-            return;
+            return false;
         };
         let link = match nl.link(self.name.as_str()) {
             Ok(l) => l,
             Err(_) => {
                 self.nl = None;
-                return;
+                return false;
             }
         };
         let mut seen = self.last.clone();
@@ -118,14 +118,24 @@ impl<'a> Watch<'a> {
         if let (Some(b), Some(m)) = (self.bridge, seen.mtu) {
             super::bridge_mtu_note(nl, b, self.name.as_str(), m as u32, &mut self.warned_ports);
         }
-        if seen != self.last {
-            facts.publish(&seen);
-            self.last = seen;
+        if seen == self.last {
+            return false;
         }
+        facts.publish(&seen);
+        self.last = seen;
+        true
     }
 
-    /// Looks once a second until `stop` (`bell` rings it in).
-    pub fn run(&mut self, facts: &HostFacts, bell: &Bell, stop: &dyn Fn() -> bool) {
+    /// Looks once a second until `stop` (`bell` rings it in), calling
+    /// `changed` when something did (to wake the packet thread: it takes
+    /// the change at once, not at its next timer).
+    pub fn run(
+        &mut self,
+        facts: &HostFacts,
+        bell: &Bell,
+        stop: &dyn Fn() -> bool,
+        changed: &dyn Fn(),
+    ) {
         while !stop() {
             if bell.wait(Some(Duration::from_secs(1))).is_err() {
                 std::thread::sleep(Duration::from_secs(1));
@@ -133,7 +143,9 @@ impl<'a> Watch<'a> {
             if stop() {
                 break;
             }
-            self.look(facts);
+            if self.look(facts) {
+                changed();
+            }
         }
     }
 }

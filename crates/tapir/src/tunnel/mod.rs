@@ -2437,6 +2437,9 @@ fn inbound_loop(
                 None => {}
             }
         }
+        if set.readable(control_at) {
+            timers.take_host(shared, ctl, out, now);
+        }
         if set.readable(control_at)
             && serve_control(ctl, shared, out, ib, &mut timers, &mut fwmark, &mut port)
         {
@@ -2685,6 +2688,18 @@ impl Timers {
         }
     }
 
+    /// What the host watcher saw change (its own thread looks, and rings
+    /// the control link's bell when something did).
+    fn take_host(&mut self, shared: &Shared, ctl: &Control, out: &mut Outbox, now: Instant) {
+        let Some(seen) = ctl.host.take(&mut self.host_seen) else {
+            return;
+        };
+        out.take_host(&seen, now);
+        if let Some(m) = seen.mtu {
+            shared.tunnel().set_mtu(m);
+        }
+    }
+
     /// A reload's host names: new ones looked up as due, one no longer
     /// there (an address now, or the peer gone) not any more.
     fn reload_lookups(&mut self, names: &[(PublicKey, String)]) {
@@ -2722,15 +2737,8 @@ impl Timers {
         now: Instant,
         wall_now: Duration,
     ) -> Instant {
-        // What the host watcher saw change (its own thread looks).
-        let seen = ctl.host.take(&mut self.host_seen);
-        if let Some(s) = &seen {
-            out.take_host(s, now);
-        }
+        self.take_host(shared, ctl, out, now);
         let mut t = shared.tunnel();
-        if let Some(m) = seen.and_then(|s| s.mtu) {
-            t.set_mtu(m);
-        }
         // Endpoints given as host names are looked up again when the
         // peer has been unreachable for a while (it may have moved).
         // (Each found by its key: a walk for each of 10,000 host names took
@@ -2873,13 +2881,17 @@ impl Started {
             fwmark: config.ops.fwmark.or(applied.mark()).unwrap_or(0),
             host: &host_facts,
         };
+        let packets_wake = Arc::clone(&ctl.link.wake);
         let stopped = AtomicBool::new(false);
         let stop = || shutdown.load(Ordering::Relaxed) || stopped.load(Ordering::Relaxed);
         let result = std::thread::scope(|s| {
             s.spawn(|| {
-                watch.run(&host_facts, &watch_bell, &|| {
-                    watch_done.load(Ordering::Relaxed)
-                })
+                watch.run(
+                    &host_facts,
+                    &watch_bell,
+                    &|| watch_done.load(Ordering::Relaxed),
+                    &|| packets_wake.ring(),
+                )
             });
             // However the packets end (a panic too), the watcher does.
             let _watch_stop = StopOnDrop(&watch_done, &|| watch_bell.ring());
