@@ -2230,9 +2230,13 @@ impl Tunnel {
             let passive = peer.passive_keepalive_at.is_some_and(|at| now >= at);
             let wanted = persistent && !peer.usable(now) && peer.endpoint.is_some();
             if (retry || silent || wanted) && budget == 0 {
-                // Left as it is, due again at the next pass.
+                // Left as it is, due again at the next pass (its expired
+                // sessions gone now all the same).
                 self.initiations_left = true;
                 self.peers[p].keepalive_turned_on |= keepalive_was_turned_on;
+                for t in gone {
+                    self.forget(t);
+                }
                 continue;
             }
             if retry || silent {
@@ -2309,7 +2313,13 @@ impl Tunnel {
             }
             // Keepalives fire only where they can be sent: a known endpoint,
             // and (passive ones) a usable session.
-            if let (Some(k), Some(_)) = (peer.config.keepalive, peer.endpoint) {
+            // (Not while a handshake for want of a session is in flight:
+            // its retry is the next thing; a keepalive of 1 s to a peer that
+            // did not answer spun the loop until then.)
+            let waits_for_handshake = peer.pending.is_some() && !peer.usable(now);
+            if let (Some(k), Some(_), false) =
+                (peer.config.keepalive, peer.endpoint, waits_for_handshake)
+            {
                 match peer.last_sent.max(peer.last_received) {
                     Some(t) if !peer.keepalive_turned_on => at(t + k),
                     _ => at(now),

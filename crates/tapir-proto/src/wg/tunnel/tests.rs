@@ -1476,3 +1476,32 @@ fn handshakes_due_together_start_a_slice_at_a_time() {
     hub.handle_timeout(now, wall, &mut rng);
     assert!(hub.poll_transmit(now, &mut buf).is_none());
 }
+
+/// A persistent keepalive shorter than the handshake's retry, to a peer
+/// that does not answer: the next timer is the retry, not the keepalive
+/// already past (a keepalive of 1 s spun a tunnel's loop at 84% of a core
+/// until the retry).
+#[test]
+fn a_short_keepalive_to_a_silent_peer_waits_for_the_retry() {
+    let peer = PeerConfig {
+        public: PrivateKey::from_random([11; 32]).public_key(),
+        psk: None,
+        endpoint: Some("198.51.100.9:51820".parse().unwrap()),
+        allowed_ips: vec![],
+        keepalive: Some(Duration::from_secs(1)),
+        rate: None,
+    };
+    let mut t = Tunnel::new(PrivateKey::from_random([12; 32]), vec![peer]);
+    let (now, wall) = (Instant::now(), Duration::from_secs(1_700_000_000));
+    let mut rng = Rng(3);
+    let mut buf = [0u8; 2048];
+    t.handle_timeout(now, wall, &mut rng);
+    assert!(t.poll_transmit(now, &mut buf).is_some(), "an initiation");
+    let later = now + Duration::from_millis(1500);
+    let next = t.poll_timeout(later);
+    assert!(
+        next > later,
+        "next timer {:?} after the initiation: at once, again and again",
+        next - now
+    );
+}
