@@ -209,7 +209,29 @@ impl ControlEnd {
         std::thread::Builder::new()
             .name("tapir-resolve".into())
             .spawn(move || {
-                for (key, host) in rx {
+                // A peer asked for again while it waits is looked up once
+                // (a dead name takes 15 s, and is asked for every 30 s).
+                let mut queue = std::collections::VecDeque::new();
+                let mut waiting = std::collections::HashMap::new();
+                loop {
+                    if queue.is_empty() {
+                        let Ok((key, host)) = rx.recv() else {
+                            return;
+                        };
+                        queue.push_back(key);
+                        waiting.insert(key, host);
+                    }
+                    while let Ok((key, host)) = rx.try_recv() {
+                        if waiting.insert(key, host).is_none() {
+                            queue.push_back(key);
+                        }
+                    }
+                    let Some(key) = queue.pop_front() else {
+                        continue;
+                    };
+                    let Some(host) = waiting.remove(&key) else {
+                        continue;
+                    };
                     if let Some(addr) = look_up(&host) {
                         if messages.send(Message::Resolved(key, addr)).is_err() {
                             return;
