@@ -197,6 +197,18 @@ enum Wait {
 
 extern "C" fn nothing(_: libc::c_int) {}
 
+/// A timer an hour away, not repeating: one that never fires in a run.
+const AN_HOUR: libc::itimerspec = libc::itimerspec {
+    it_interval: libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    },
+    it_value: libc::timespec {
+        tv_sec: 3600,
+        tv_nsec: 0,
+    },
+};
+
 /// The `sig` wait: the signal blocked but in `ppoll`, and a timer armed
 /// an hour away that would send it to this thread.
 fn sig_wait(dev: RawFd, socket: RawFd) -> Wait {
@@ -224,16 +236,7 @@ fn sig_wait(dev: RawFd, socket: RawFd) -> Wait {
             libc::timer_create(libc::CLOCK_MONOTONIC, &mut ev, &mut id),
             "timer_create",
         );
-        let far = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: 3600,
-                tv_nsec: 0,
-            },
-        };
+        let far = AN_HOUR;
         check(
             libc::timer_settime(id, 0, &far, std::ptr::null_mut()),
             "timer_settime",
@@ -274,16 +277,7 @@ impl Wait {
                 ),
                 "timerfd",
             );
-            let far = libc::itimerspec {
-                it_interval: libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: 0,
-                },
-                it_value: libc::timespec {
-                    tv_sec: 3600,
-                    tv_nsec: 0,
-                },
-            };
+            let far = AN_HOUR;
             check(
                 libc::timerfd_settime(timer, 0, &far, std::ptr::null_mut()),
                 "timerfd",

@@ -1403,8 +1403,9 @@ mod tests {
         assert_eq!(inb.segment_size(0), None);
     }
 
-    #[test]
-    fn one_receive_says_how_a_coalesced_datagram_is_cut() {
+    /// A receiving socket with `UDP_GRO` on loopback, a sending one, and
+    /// the receiver's address.
+    fn gro_pair() -> (UdpSocket, UdpSocket, SocketAddrV6) {
         let rx = UdpSocket::bind("[::1]:0").unwrap();
         let tx = UdpSocket::bind("[::1]:0").unwrap();
         assert!(enable_gro(rx.as_fd()), "UDP_GRO (Linux 5.0)");
@@ -1412,14 +1413,25 @@ mod tests {
             std::net::SocketAddr::V6(a) => a,
             a => panic!("{a}"),
         };
-        let mut out = Batch::new(4, 2048);
+        (rx, tx, to)
+    }
+
+    /// Three datagrams of 500 bytes (0s, 1s, 2s) in one segmented send.
+    fn send_three(out: &mut Batch, tx: &UdpSocket, to: &SocketAddrV6) {
         for i in 0..3 {
             out.slot_mut(i)[..500].fill(i as u8);
-            out.set(i, 500, &to);
+            out.set(i, 500, to);
         }
         let mut on = true;
         let r = out.send_gso(tx.as_fd(), 3, &mut on, std::time::Duration::ZERO);
         assert_eq!((r.sent, r.messages), (3, 1));
+    }
+
+    #[test]
+    fn one_receive_says_how_a_coalesced_datagram_is_cut() {
+        let (rx, tx, to) = gro_pair();
+        let mut out = Batch::new(4, 2048);
+        send_three(&mut out, &tx, &to);
         let ready = std::time::Duration::from_millis(500);
         assert!(crate::poll::readable([rx.as_fd()], ready).unwrap()[0]);
         let mut inb = Batch::new(4, 65536);
@@ -1436,23 +1448,9 @@ mod tests {
     /// those sent after come one by one, to `recvfrom` with their sender.
     #[test]
     fn with_gro_turned_off_what_waits_stays_coalesced_and_what_comes_is_not() {
-        let rx = UdpSocket::bind("[::1]:0").unwrap();
-        let tx = UdpSocket::bind("[::1]:0").unwrap();
-        assert!(enable_gro(rx.as_fd()), "UDP_GRO (Linux 5.0)");
-        let to = match rx.local_addr().unwrap() {
-            std::net::SocketAddr::V6(a) => a,
-            a => panic!("{a}"),
-        };
+        let (rx, tx, to) = gro_pair();
         let mut out = Batch::new(4, 2048);
-        let send3 = |out: &mut Batch| {
-            for i in 0..3 {
-                out.slot_mut(i)[..500].fill(i as u8);
-                out.set(i, 500, &to);
-            }
-            let mut on = true;
-            let r = out.send_gso(tx.as_fd(), 3, &mut on, std::time::Duration::ZERO);
-            assert_eq!((r.sent, r.messages), (3, 1));
-        };
+        let send3 = |out: &mut Batch| send_three(out, &tx, &to);
         let ready = std::time::Duration::from_millis(500);
         send3(&mut out);
         assert!(crate::poll::readable([rx.as_fd()], ready).unwrap()[0]);
