@@ -1942,7 +1942,7 @@ const HABIT_PROBE: u32 = 8;
 /// CPU: 0.4 µs more; its control messages cost nothing, its header does):
 /// where receives keep finding one datagram ([`LONE_MODE_AFTER`] in a
 /// row) and no control message is wanted (no local addresses: see
-/// `Outbox::check_addresses`). `recvfrom` cannot say that the kernel
+/// `Outbox::take_host`). `recvfrom` cannot say that the kernel
 /// coalesced a datagram, so `UDP_GRO` goes off meanwhile, and on again at
 /// the first receive that finds several (bulk traffic, which GRO is for).
 #[derive(Default)]
@@ -2438,16 +2438,15 @@ fn inbound_loop(
             }
         }
         if set.readable(control_at) {
+            // (The host watcher rings this bell too.)
             timers.take_host(shared, ctl, out, now);
-        }
-        if set.readable(control_at)
-            && serve_control(ctl, shared, out, ib, &mut timers, &mut fwmark, &mut port)
-        {
-            // The socket is another under the same descriptor: the set
-            // is built again (see `move_udp`), and the new socket
-            // receives as a new one does.
-            set.clear();
-            lone_mode = LoneMode::default();
+            if serve_control(ctl, shared, out, ib, &mut timers, &mut fwmark, &mut port) {
+                // The socket is another under the same descriptor: the set
+                // is built again (see `move_udp`), and the new socket
+                // receives as a new one does.
+                set.clear();
+                lone_mode = LoneMode::default();
+            }
         }
         if let Link::Tcp(t) = &mut out.link {
             tcp_after_wait(t, shared, ib, now, wall_now, tcp_due);
