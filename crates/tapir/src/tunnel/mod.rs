@@ -353,7 +353,7 @@ fn udp_socket(port: u16) -> io::Result<UdpSocket> {
     // allow it, the socket keeps what it has.)
     tapir_sys::mmsg::set_buffer_sizes(socket.as_fd(), SOCKET_BUFFER);
     // (Each datagram's local address is asked for where the host has more
-    // than one: see `Outbox::check_addresses`.)
+    // than one: see `Outbox::take_host`.)
     Ok(socket)
 }
 
@@ -365,7 +365,7 @@ fn udp_socket(port: u16) -> io::Result<UdpSocket> {
 /// module's are.
 fn move_udp(old: &UdpSocket, port: u16, mark: u32, gro: bool) -> io::Result<()> {
     let new = udp_socket(port)?;
-    // As the old one asked (see `Outbox::check_addresses`).
+    // As the old one asked (see `Outbox::take_host`).
     tapir_sys::mmsg::set_pktinfo(new.as_fd(), tapir_sys::mmsg::pktinfo(old.as_fd()));
     if mark != 0 {
         socket2::SockRef::from(&new).set_mark(mark)?;
@@ -1011,7 +1011,7 @@ struct Outbox<'a> {
     sources: &'a Sources,
     cache: SourceCache,
     /// Whether datagrams come with their local address (the host has more
-    /// than one: see [`Outbox::check_addresses`]); `None` before the first look.
+    /// than one: see [`Outbox::take_host`]); `None` before the first look.
     sticky: Option<bool>,
     /// The host's interface addresses at the last look (TCP: see
     /// [`TcpTransport::close_orphans`]).
