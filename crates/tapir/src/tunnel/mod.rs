@@ -23,7 +23,7 @@
 //! Threads: over UDP, one for the network side (with the timers) and one for
 //! the device side, which reads the device only during bursts (`Turn`);
 //! over TCP, or with `TAPIR_THREADS=1`, one for both. The control
-//! socket, host-name look-ups and the look at the host ([`host`]: MTU,
+//! socket, host-name look-ups and the look at the host (`host`: MTU,
 //! addresses, bridge ports) have threads of their own. Every thread
 //! sleeps until it has work (a packet, a request, a timer, a signal: see
 //! [`bell`]); an idle tunnel wakes twice a second, for its timers and the
@@ -713,7 +713,7 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
         tapir_proto::switch::DEFAULT_AGING,
         tapir_proto::switch::DEFAULT_CAP,
     );
-    // (Followed from the device from then on: see `Timers::read_mtu`.)
+    // (Followed from the device from then on: see `host`.)
     tunnel.set_mtu(mtu as usize);
     tunnel.set_sources_proven(matches!(net, Net::Tcp(_)));
     eprintln!(
