@@ -150,9 +150,15 @@ impl ControlEnd {
     }
 
     /// A reload (see [`super::reload`]): the reply's lines, `errno` last.
-    fn reload(&self, reloader: &RefCell<Reloader>) -> String {
+    /// Its file is read and its host names looked up on a thread of its
+    /// own, waited for until `stop`: a resolver that does not answer held
+    /// a SIGTERM 16 s.
+    fn reload(&self, reloader: &RefCell<Reloader>, stop: &dyn Fn() -> bool) -> String {
         crate::notify::reloading();
-        let plan = reloader.borrow().prepare();
+        let r = reloader.borrow().clone();
+        let plan = until_stopped(move || r.prepare(), stop).unwrap_or_else(|| {
+            Err("the tunnel is stopping (the file's host names were still being looked up)".into())
+        });
         let reply = match plan {
             Err(e) => {
                 eprintln!("tapir: reload refused, nothing changed: {e}");
@@ -256,7 +262,7 @@ impl ControlEnd {
         let reloader = RefCell::new(reloader);
         let mut seen = reloads.load(Ordering::Relaxed);
         let mut answer = |request: Request| match request {
-            Request::Reload => self.reload(&reloader),
+            Request::Reload => self.reload(&reloader, stop),
             // Only this thread makes those.
             Request::Apply(_) => "errno=22\n\n".into(),
             other => self.ask(other),
@@ -282,7 +288,7 @@ impl ControlEnd {
             let now = reloads.load(Ordering::Relaxed);
             if now != seen {
                 seen = now;
-                self.reload(&reloader);
+                self.reload(&reloader, stop);
             }
         };
         match socket {
@@ -299,6 +305,29 @@ impl ControlEnd {
         }
         // The packet thread sleeps until something happens: this is it.
         self.wake.ring();
+    }
+}
+
+/// `work` on a thread of its own, its result once done; `None` if `stop`
+/// came first (or no thread could be made): the thread is left to end
+/// alone.
+fn until_stopped<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+    stop: &dyn Fn() -> bool,
+) -> Option<T> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("tapir-reload".into())
+        .spawn(move || {
+            let _ = tx.send(work());
+        })
+        .ok()?;
+    loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            Ok(t) => return Some(t),
+            Err(mpsc::RecvTimeoutError::Timeout) if !stop() => {}
+            Err(_) => return None,
+        }
     }
 }
 
@@ -377,7 +406,7 @@ mod tests {
 
         // The packet thread is slow: it never answers in time.
         let (link, end) = pair(Arc::new(Bell::new().unwrap())).unwrap();
-        let reply = end.reload(&r);
+        let reply = end.reload(&r, &|| false);
         assert!(
             reply.contains("tapir_error=the tunnel did not take the new peers in time")
                 && reply.ends_with("\nerrno=110\n\n")
@@ -388,13 +417,33 @@ mod tests {
 
         // It is gone.
         drop(link);
-        let reply = end.reload(&r);
+        let reply = end.reload(&r, &|| false);
         assert!(
             reply.contains("tapir_error=the tunnel is gone") && reply.ends_with("\nerrno=5\n\n"),
             "{reply}"
         );
         assert_eq!(peers(&r), 1);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn work_left_to_its_thread_when_the_tunnel_stops() {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = Arc::clone(&done);
+        let asked = std::time::Instant::now();
+        let stop = || asked.elapsed() > std::time::Duration::from_millis(200);
+        let r = until_stopped(
+            move || {
+                std::thread::sleep(std::time::Duration::from_secs(3));
+                d.store(true, Ordering::SeqCst);
+            },
+            &stop,
+        );
+        assert!(
+            r.is_none() && !done.load(Ordering::SeqCst),
+            "waited for the work"
+        );
+        assert_eq!(until_stopped(|| 7, &|| false), Some(7));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::config::{self, Table, TunnelConfig};
 use crate::uapi::Reapply;
 
 /// What the control thread keeps to reload a tunnel.
+#[derive(Clone)]
 pub struct Reloader {
     file: PathBuf,
     current: TunnelConfig,
