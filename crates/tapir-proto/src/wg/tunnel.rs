@@ -211,6 +211,9 @@ struct Peer {
     /// A persistent keepalive was just turned on: the first goes at once
     /// (as the kernel's and wireguard-go's `wg set ... persistent-keepalive`).
     keepalive_turned_on: bool,
+    /// A handshake asked for at start ([`Tunnel::handshake_all`]), made at
+    /// the next timer pass.
+    handshake_soon: bool,
     stats: PeerStats,
     queue: VecDeque<Vec<u8>>,
     /// The rate limit, leaving and arriving.
@@ -888,6 +891,7 @@ impl Tunnel {
             keepalive_due: false,
             passive_keepalive_at: None,
             keepalive_turned_on: false,
+            handshake_soon: false,
             stats: PeerStats::default(),
             tx_shaper: config.rate.map(Shaper::new),
             rx_shaper: config.rate.map(Shaper::new),
@@ -1188,12 +1192,13 @@ impl Tunnel {
     /// Handshakes with every peer that has an endpoint, at start: a tunnel
     /// that restarted has no sessions, and a peer that still holds the old
     /// ones would otherwise send into the void until its own timer (15 s)
-    /// gives up on them.
-    pub fn handshake_all(&mut self, now: Instant, wall: Duration, rng: &mut dyn Random) {
-        for p in 0..self.peers.len() {
-            if self.peers[p].endpoint.is_some() {
-                self.initiate(p, now, wall, rng);
-            }
+    /// gives up on them. Made by the timers ([`Tunnel::handle_timeout`],
+    /// at once), [`INITIATIONS_PER_PASS`] at a time: 10,000 took a second
+    /// before the first packet.
+    pub fn handshake_all(&mut self) {
+        for peer in self.peers.iter_mut().filter(|p| p.endpoint.is_some()) {
+            peer.handshake_soon = true;
+            self.initiations_left = true;
         }
     }
 
@@ -2228,7 +2233,8 @@ impl Tunnel {
             let keepalive_was_turned_on = std::mem::take(&mut self.peers[p].keepalive_turned_on);
             let peer = &self.peers[p];
             let passive = peer.passive_keepalive_at.is_some_and(|at| now >= at);
-            let wanted = persistent && !peer.usable(now) && peer.endpoint.is_some();
+            let wanted =
+                (persistent && !peer.usable(now) && peer.endpoint.is_some()) || peer.handshake_soon;
             if (retry || silent || wanted) && budget == 0 {
                 // Left as it is, due again at the next pass (its expired
                 // sessions gone now all the same).
@@ -2255,6 +2261,7 @@ impl Tunnel {
             } else if wanted {
                 budget -= usize::from(self.initiate(p, now, wall, rng));
             }
+            self.peers[p].handshake_soon = false;
             let peer = &mut self.peers[p];
             if (persistent || passive) && peer.usable(now) {
                 peer.keepalive_due = true;

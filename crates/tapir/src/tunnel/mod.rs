@@ -2860,10 +2860,9 @@ impl Started {
         };
         let mut ib = Inbound::new(&dev, &name, tap, &shared.counters)?;
         // Fresh sessions with every peer we know where to find (a restart
-        // is over for them as soon as this completes).
-        shared
-            .tunnel()
-            .handshake_all(Instant::now(), wall(), &mut ib.rng);
+        // is over for them once they complete), started by the timers'
+        // first passes, a slice at a time, with packets between.
+        shared.tunnel().handshake_all();
         // The host around the tunnel, watched on a thread of its own (see
         // `host`); looked at once before the packets.
         let host_facts = host::HostFacts::default();
