@@ -1193,13 +1193,13 @@ impl Tunnel {
     /// that restarted has no sessions, and a peer that still holds the old
     /// ones would otherwise send into the void until its own timer (15 s)
     /// gives up on them. Made by the timers ([`Tunnel::handle_timeout`],
-    /// at once), [`INITIATIONS_PER_PASS`] at a time: 10,000 took a second
-    /// before the first packet.
+    /// at once), [`INITIATIONS_PER_PASS`] at a time: 10,000 at once would
+    /// hold the first packet about a second.
     pub fn handshake_all(&mut self) {
         for peer in self.peers.iter_mut().filter(|p| p.endpoint.is_some()) {
             peer.handshake_soon = true;
-            self.initiations_left = true;
         }
+        self.initiations_left = self.peers.iter().any(|p| p.handshake_soon);
     }
 
     /// The path to `addr` has just been (re)established (a TCP connection

@@ -3,7 +3,8 @@
 //! Each look is netlink requests and dumps that grow with the host (5,000
 //! addresses: 4.5 ms; a bridge among 1,000 links: 14-22 ms), which held
 //! the packet thread's packets for as long when it made them. The packet
-//! thread now takes what changed, when its timers run ([`HostFacts::take`]).
+//! thread now takes what changed ([`HostFacts::take`]) when the watcher
+//! rings it, and at its timers.
 
 use std::net::IpAddr;
 use std::sync::Mutex;
