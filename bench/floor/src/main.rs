@@ -19,7 +19,8 @@
 //! tell what each costs a ping apart from tapir's own work:
 //! - `epoll`: waits with `epoll_wait` on a kept set of four descriptors
 //!   (the device, the socket, a timerfd and an eventfd, as tapir's packet
-//!   loop: its deadline and its bell), not `poll(2)` on two;
+//!   loop did over UDP until it took `spare`: its deadline and its bell),
+//!   not `poll(2)` on two;
 //! - `v6`: one dual-stack socket (`[::]`, the peer as a v4-mapped address);
 //! - `recvmsg`: receives with `recvmsg(2)`, the sender's address and a
 //!   control buffer (tapir needs both: roaming, and the segment size of a
@@ -29,7 +30,14 @@
 //!   pings only: this floor neither completes checksums nor cuts
 //!   super-packets, so TCP and UDP through it fail).
 //!
-//! `tapir` stands for all five. And alternatives, to tell where a cost
+//! - `spare`: `poll(2)` on the two and a third entry of -1, which the
+//!   kernel skips: tapir's wait when no signal came (its bell and its
+//!   deadline come as a signal that fills the spare entry; see
+//!   `tapir_sys::interrupt`).
+//!
+//! `tapir` stands for what tapir's packet loop does for a lone datagram
+//! (a ping): `spare`, `v6`, `vnet`, and `recvfrom` (lone datagrams are
+//! received so, with GRO off: its lone mode). And alternatives, to tell where a cost
 //! lies (each against the plain floor, `bench/ping.sh` pinned, 40 rounds):
 //! - `epoll2`, `epoll3`: epoll with the device and the socket alone, or
 //!   with the timerfd too (epoll itself costs what four cost: ~0.8 µs);
@@ -78,6 +86,8 @@ struct With {
     recvfrom: bool,
     /// `recvmsg(2)` with the sender's address and no control buffer.
     recvmsg0: bool,
+    /// `poll(2)` with a third entry of -1.
+    spare: bool,
     /// Idle descriptors in the set beyond the device and the socket (2 unless said).
     idle: Option<usize>,
 }
@@ -96,28 +106,23 @@ impl With {
                 "sig" => w.sig = true,
                 "timeout" => w.timeout = true,
                 "recvfrom" => w.recvfrom = true,
+                "spare" => w.spare = true,
                 "recvmsg0" => (w.recvmsg, w.recvmsg0) = (true, true),
                 "poll3" => (w.poll4, w.idle) = (true, Some(1)),
                 "epoll2" => (w.epoll, w.idle) = (true, Some(0)),
                 "epoll3" => (w.epoll, w.idle) = (true, Some(1)),
                 "tapir" => {
                     w = With {
-                        epoll: true,
+                        spare: true,
                         v6: true,
-                        recvmsg: true,
-                        gro: true,
                         vnet: true,
-                        poll4: false,
-                        idle: None,
-                        sig: false,
-                        timeout: false,
-                        recvfrom: false,
-                        recvmsg0: false,
+                        recvfrom: true,
+                        ..With::default()
                     }
                 }
                 _ => {
                     return Err(format!(
-                        "FLOOR_WITH: unknown choice '{word}' (known: epoll, v6, recvmsg, gro, vnet, tapir)"
+                        "FLOOR_WITH: unknown choice '{word}' (known: epoll, v6, recvmsg, gro, vnet, spare, tapir)"
                     ));
                 }
             }
@@ -251,16 +256,17 @@ fn sig_wait(dev: RawFd, socket: RawFd) -> Wait {
 }
 
 impl Wait {
-    fn new(epoll: bool, poll4: bool, idle: usize, dev: RawFd, socket: RawFd) -> Self {
-        let fds = [dev, socket];
+    fn new(epoll: bool, poll4: bool, idle: usize, spare: bool, dev: RawFd, socket: RawFd) -> Self {
         if !epoll && !poll4 {
+            let fds: &[RawFd] = if spare { &[dev, socket, -1] } else { &[dev, socket] };
             return Wait::Poll(
-                fds.map(|fd| libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                })
-                .to_vec(),
+                fds.iter()
+                    .map(|&fd| libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    })
+                    .collect(),
                 Vec::new(),
                 -1,
             );
@@ -442,6 +448,7 @@ fn main() {
             with.epoll,
             with.poll4,
             with.idle.unwrap_or(2),
+            with.spare,
             dev.as_raw_fd(),
             socket.as_raw_fd(),
         )

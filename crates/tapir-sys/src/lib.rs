@@ -37,6 +37,7 @@
 
 pub mod caps;
 pub mod ifname;
+pub mod interrupt;
 pub mod localtime;
 pub mod mmsg;
 pub mod netlink;

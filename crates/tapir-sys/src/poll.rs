@@ -64,6 +64,9 @@ pub struct PollSet {
     readable_bits: u64,
     writable_bits: u64,
     got: usize,
+    /// With [`PollSet::interruptible`]: entry 0 is the spare a signal
+    /// fills (see [`crate::interrupt`]).
+    spare: Option<crate::interrupt::Spare>,
 }
 
 fn poll_events(read: bool, write: bool) -> libc::c_short {
@@ -105,7 +108,34 @@ impl PollSet {
             readable_bits: 0,
             writable_bits: 0,
             got: 0,
+            spare: None,
         }
+    }
+
+    /// An empty set passed whole to `poll(2)` at each wait, whose waits a
+    /// signal to the calling thread ends ([`crate::interrupt::interrupt`],
+    /// [`crate::interrupt::Alarm`]), also one sent before the wait began
+    /// (after the previous one ended): for a loop that waits on a few
+    /// descriptors, with its news and deadline told by signal rather than
+    /// by descriptors of their own (see [`crate::interrupt`] for why). To
+    /// be waited on by the thread that made it.
+    pub fn interruptible() -> io::Result<Self> {
+        crate::interrupt::this_thread()?;
+        Ok(Self {
+            fds: vec![crate::interrupt::Spare::entry()],
+            spare: Some(crate::interrupt::Spare::new()),
+            ..Self::default()
+        })
+    }
+
+    /// Whether a signal ends its waits (see [`PollSet::interruptible`]).
+    pub fn is_interruptible(&self) -> bool {
+        self.spare.is_some()
+    }
+
+    /// Entries before the caller's: the spare of an interruptible set.
+    fn first(&self) -> usize {
+        usize::from(self.spare.is_some())
     }
 
     /// Whether the kernel keeps the set (see [`PollSet::kept`]).
@@ -122,7 +152,7 @@ impl PollSet {
                 self.set_ignored(i, true);
             }
         }
-        self.fds.clear();
+        self.fds.truncate(self.first());
         (self.readable_bits, self.writable_bits, self.got) = (0, 0, 0);
     }
 
@@ -190,12 +220,12 @@ impl PollSet {
 
     /// How many entries it has, left-out ones included.
     pub fn len(&self) -> usize {
-        self.fds.len()
+        self.fds.len() - self.first()
     }
 
     /// Whether the set has no entries.
     pub fn is_empty(&self) -> bool {
-        self.fds.is_empty()
+        self.len() == 0
     }
 
     /// Leaves entry `i` out of the waits (`true`) or puts it back
@@ -247,7 +277,10 @@ impl PollSet {
                     p.revents = 0;
                 }
                 // A descriptor closed meanwhile only yields POLLNVAL.
-                crate::raw::poll(&mut self.fds, ms)
+                match &mut self.spare {
+                    Some(spare) => spare.wait(&mut self.fds, ms),
+                    None => crate::raw::poll(&mut self.fds, ms),
+                }
             }
         };
         match r {
@@ -410,6 +443,33 @@ mod tests {
             );
             assert_eq!(set.is_kept(), kept);
         }
+    }
+
+    #[test]
+    fn an_interruptible_set_counts_and_reports_only_its_callers_entries_and_a_signal_ends_it() {
+        let mut set = PollSet::interruptible().unwrap();
+        assert!(set.is_interruptible() && !set.is_kept());
+        assert!(set.is_empty());
+        let (r, mut w) = std::io::pipe().unwrap();
+        let (idle, _keep) = std::io::pipe().unwrap();
+        let quiet = set.add(idle.as_fd(), true, false);
+        let ready = set.add(r.as_fd(), true, false);
+        assert_eq!(set.len(), 2);
+        w.write_all(b"x").unwrap();
+        set.wait(FOREVER).unwrap();
+        assert!(set.readable(ready) && !set.readable(quiet));
+        set.clear();
+        assert!(set.is_empty());
+        let idle_at = set.add(idle.as_fd(), true, false);
+        let tid = crate::interrupt::this_thread().unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(30));
+                crate::interrupt::interrupt(tid);
+            });
+            set.wait(FOREVER).unwrap();
+        });
+        assert!(!set.readable(idle_at));
     }
 
     #[test]

@@ -138,17 +138,27 @@ pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
 /// have events.
 #[inline]
 pub fn poll(fds: &mut [libc::pollfd], ms: libc::c_int) -> io::Result<usize> {
-    let a = [
-        fds.as_mut_ptr() as usize,
-        fds.len(),
-        ms as isize as usize,
-        0,
-        0,
-        0,
-    ];
+    // SAFETY: a live, exclusively borrowed slice of fds.len() entries.
+    unsafe { poll_raw(fds.as_mut_ptr(), fds.len(), ms) }
+}
+
+/// [`poll`] on `n` entries from `fds`, for a caller that holds a pointer
+/// into them besides (see `interrupt::Spare`).
+///
+/// # Safety
+/// `fds` must point at `n` live entries that nothing else reads or
+/// writes for the duration of the call but through pointers derived from
+/// `fds` (a signal handler of the calling thread).
+#[inline]
+pub(crate) unsafe fn poll_raw(
+    fds: *mut libc::pollfd,
+    n: usize,
+    ms: libc::c_int,
+) -> io::Result<usize> {
+    let a = [fds as usize, n, ms as isize as usize, 0, 0, 0];
     #[cfg(not(target_arch = "aarch64"))]
-    // SAFETY: the kernel reads and writes exactly fds.len() entries of a
-    // live, exclusively borrowed slice.
+    // SAFETY: the kernel reads and writes exactly n entries from fds, live
+    // for the call (the caller's promise).
     let rc = unsafe { syscall6(libc::SYS_poll, a) };
     // aarch64 has no `poll`: `ppoll` with the timeout as a timespec.
     #[cfg(target_arch = "aarch64")]

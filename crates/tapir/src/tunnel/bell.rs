@@ -6,13 +6,21 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Both ends of a non-blocking socket pair: rung at one, polled at the other.
+/// Both ends of a non-blocking socket pair: rung at one, polled at the
+/// other; or, while a thread has said it listens
+/// ([`Bell::interrupts_this_thread`]), a signal to that thread, which
+/// then needs no descriptor for it (see `tapir_sys::interrupt`).
 #[derive(Debug)]
 pub struct Bell {
     polled: UnixStream,
     rung: UnixStream,
+    /// Rings so far.
+    rings: AtomicU64,
+    /// The thread a ring interrupts (0: none; the socket is written).
+    thread: AtomicI32,
 }
 
 impl Bell {
@@ -21,13 +29,44 @@ impl Bell {
         let (polled, rung) = UnixStream::pair()?;
         polled.set_nonblocking(true)?;
         rung.set_nonblocking(true)?;
-        Ok(Self { polled, rung })
+        Ok(Self {
+            polled,
+            rung,
+            rings: AtomicU64::new(0),
+            thread: AtomicI32::new(0),
+        })
     }
 
-    /// Wakes the thread polling [`Bell::fd`]. A full socket already says
-    /// "look again", so it never blocks.
+    /// Wakes the thread polling [`Bell::fd`], or the one it interrupts. A
+    /// full socket already says "look again", so it never blocks.
     pub fn ring(&self) {
-        let _ = (&self.rung).write(&[1]);
+        // Counted before the look at the thread, which counts after it
+        // says it listens: one of the two sees the other (SeqCst).
+        self.rings.fetch_add(1, Ordering::SeqCst);
+        match self.thread.load(Ordering::SeqCst) {
+            0 => {
+                let _ = (&self.rung).write(&[1]);
+            }
+            tid => {
+                tapir_sys::interrupt::interrupt(tid);
+            }
+        }
+    }
+
+    /// Rings so far: a thread that is interrupted looks for news when
+    /// this has moved.
+    pub fn rings(&self) -> u64 {
+        self.rings.load(Ordering::SeqCst)
+    }
+
+    /// Rings interrupt the calling thread from now on (its waits made
+    /// with `tapir_sys::poll::PollSet::interruptible`), until the guard
+    /// goes; the socket is no longer written meanwhile. What was rung
+    /// before shows in [`Bell::rings`].
+    pub fn interrupts_this_thread(&self) -> io::Result<Interrupting<'_>> {
+        let tid = tapir_sys::interrupt::this_thread()?;
+        self.thread.store(tid, Ordering::SeqCst);
+        Ok(Interrupting(self))
     }
 
     /// What to poll for reading.
@@ -52,6 +91,15 @@ impl Bell {
         tapir_sys::poll::readable([self.fd()], timeout.unwrap_or(FOREVER))?;
         self.drain();
         Ok(())
+    }
+}
+
+/// While it lives, a bell's rings interrupt the thread that made it.
+pub struct Interrupting<'a>(&'a Bell);
+
+impl Drop for Interrupting<'_> {
+    fn drop(&mut self) {
+        self.0.thread.store(0, Ordering::SeqCst);
     }
 }
 
@@ -116,6 +164,34 @@ mod tests {
             bell.ring();
         }
         bell.wait(None).unwrap();
+    }
+
+    #[test]
+    fn rings_interrupt_the_thread_that_listens_and_write_the_socket_after() {
+        let bell = Bell::new().unwrap();
+        bell.ring();
+        let mut set = tapir_sys::poll::PollSet::interruptible().unwrap();
+        let listening = bell.interrupts_this_thread().unwrap();
+        // Rung before: counted, and in the socket.
+        assert_eq!(bell.rings(), 1);
+        bell.drain();
+        let (idle, _w) = std::io::pipe().unwrap();
+        set.add(idle.as_fd(), true, false);
+        std::thread::scope(|s| {
+            let t = Instant::now();
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                bell.ring();
+            });
+            set.wait(tapir_sys::poll::FOREVER).unwrap();
+            assert!(t.elapsed() >= Duration::from_millis(40));
+        });
+        assert_eq!(bell.rings(), 2);
+        // Not written: a wait on the socket sleeps.
+        assert!(!tapir_sys::poll::readable([bell.fd()], Duration::ZERO).unwrap()[0]);
+        drop(listening);
+        bell.ring();
+        assert!(tapir_sys::poll::readable([bell.fd()], Duration::ZERO).unwrap()[0]);
     }
 
     #[test]
