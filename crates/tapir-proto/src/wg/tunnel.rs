@@ -1117,7 +1117,19 @@ impl Tunnel {
 
     /// The peers' public keys, endpoints and statistics.
     pub fn peers(&self) -> impl Iterator<Item = (&PeerConfig, Option<SocketAddr>, &PeerStats)> {
-        self.peers.iter().map(|p| (&p.config, p.endpoint, &p.stats))
+        self.peers_in(0..self.peers.len())
+    }
+
+    /// [`Tunnel::peers`] by index, `which` (cut to the peers there are):
+    /// for what goes through them a slice at a time.
+    pub fn peers_in(
+        &self,
+        which: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = (&PeerConfig, Option<SocketAddr>, &PeerStats)> {
+        let end = which.end.min(self.peers.len());
+        self.peers[which.start.min(end)..end]
+            .iter()
+            .map(|p| (&p.config, p.endpoint, &p.stats))
     }
 
     fn new_index(&mut self, rng: &mut dyn Random, peer: usize) -> u32 {

@@ -12,6 +12,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -58,6 +59,19 @@ pub fn get_with(
     fwmark: u32,
     secrets: bool,
 ) -> String {
+    let mut out = get_head(private_key, listen_port, fwmark, secrets);
+    get_peers(&mut out, tunnel, 0..tunnel.peer_count(), secrets);
+    push_wiping(&mut out, "errno=0\n\n");
+    out
+}
+
+/// The interface's lines of [`get_with`]'s reply.
+pub fn get_head(
+    private_key: Option<&PrivateKey>,
+    listen_port: u16,
+    fwmark: u32,
+    secrets: bool,
+) -> String {
     let mut out = String::with_capacity(1024);
     if let Some(k) = private_key {
         if secrets {
@@ -77,25 +91,28 @@ pub fn get_with(
     if fwmark != 0 {
         push_wiping(&mut out, &format!("fwmark={fwmark}\n"));
     }
-    for (config, endpoint, stats) in tunnel.peers() {
-        push_wiping(
-            &mut out,
-            &format!("public_key={}\n", config.public.to_hex()),
-        );
+    out
+}
+
+/// The lines of peers `which` (by index) of [`get_with`]'s reply, added
+/// to `out` (a reply can be made a slice of peers at a time).
+pub fn get_peers(out: &mut String, tunnel: &Tunnel, which: Range<usize>, secrets: bool) {
+    for (config, endpoint, stats) in tunnel.peers_in(which) {
+        push_wiping(out, &format!("public_key={}\n", config.public.to_hex()));
         if let Some(psk) = config.psk.as_ref().filter(|p| secrets && !p.is_zero()) {
             let hex = zeroize::Zeroizing::new(psk.to_hex());
-            push_wiping(&mut out, "preshared_key=");
-            push_wiping(&mut out, &hex);
-            push_wiping(&mut out, "\n");
+            push_wiping(out, "preshared_key=");
+            push_wiping(out, &hex);
+            push_wiping(out, "\n");
         }
         if let Some(e) = endpoint {
-            push_wiping(&mut out, &format!("endpoint={e}\n"));
+            push_wiping(out, &format!("endpoint={e}\n"));
         }
         let (sec, nsec) = stats
             .last_handshake
             .map_or((0, 0), |d| (d.as_secs(), d.subsec_nanos()));
         push_wiping(
-            &mut out,
+            out,
             &format!(
                 "last_handshake_time_sec={sec}\nlast_handshake_time_nsec={nsec}\ntx_bytes={}\nrx_bytes={}\npersistent_keepalive_interval={}\n",
                 stats.tx_bytes,
@@ -104,12 +121,15 @@ pub fn get_with(
             ),
         );
         for net in &config.allowed_ips {
-            push_wiping(&mut out, &format!("allowed_ip={net}\n"));
+            push_wiping(out, &format!("allowed_ip={net}\n"));
         }
-        push_wiping(&mut out, "protocol_version=1\n");
+        push_wiping(out, "protocol_version=1\n");
     }
-    push_wiping(&mut out, "errno=0\n\n");
-    out
+}
+
+/// Ends a reply that [`push_wiping`] built: `errno=0` and the blank line.
+pub fn push_end(out: &mut String) {
+    push_wiping(out, "errno=0\n\n");
 }
 
 /// An endpoint as an address and port, an IPv6 link-local one with its
@@ -1308,7 +1328,6 @@ fn set_errno(reply: String) -> String {
     }
 }
 
-/// The reply to `request`, computed on the tunnel's own thread.
 /// The interface a running tunnel answers for, besides its key (the
 /// tunnel's: `wg set NAME private-key FILE` changes it there): its port
 /// (`wg set NAME listen-port P`: the socket moved there by `rebind`), and
@@ -1338,28 +1357,13 @@ fn new_key(tunnel: &mut Tunnel, k: PrivateKey) -> bool {
     changed
 }
 
-/// The reply to `request`, computed on the tunnel's own thread.
-pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>, extras: &str) -> String {
+/// The reply to a change (`set=1`, a reload's), made on the tunnel's own
+/// thread. Statuses (`get=1`, `tapir-get=1`) are answered there a slice of
+/// peers at a time, between packets (`get_head`, `get_peers`), not here.
+pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>) -> String {
     let listen_port = iface.listen_port;
     match request {
-        Request::Get => get_with(
-            tunnel,
-            Some(tunnel.private_key()),
-            listen_port,
-            *iface.fwmark,
-            true,
-        ),
-        Request::TapirGet => {
-            let standard = get_with(
-                tunnel,
-                Some(tunnel.private_key()),
-                listen_port,
-                *iface.fwmark,
-                false,
-            );
-            let body = standard.strip_suffix("errno=0\n\n").unwrap_or(&standard);
-            format!("{body}{extras}errno=0\n\n")
-        }
+        Request::Get | Request::TapirGet => format!("errno={EINVAL}\n\n"),
         Request::Set(request) => {
             let own = tunnel.public_key();
             let rebind = iface.rebind;
