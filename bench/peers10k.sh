@@ -8,6 +8,12 @@
 #
 # The 9,999 idle peers have random public keys (they never speak); the
 # server routes the /16 through its address's prefix route (routes = []).
+# Then, with the 10,000 peers, pings through the active peer (1,000, 2 ms
+# apart), quiet and while `wg show` and `tapir status` of the server run
+# in a loop: what the statuses of 10,000 peers cost its packets. The
+# tunnel processes are then on CPU 1, the status commands on CPU 0, so
+# that the commands' own work (formatting 10,000 peers) does not take the
+# tunnel's CPU: what shows is the tunnel's.
 # SECONDS_PER_RUN (default 10).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -64,7 +70,7 @@ for n in 1 10000; do
     t1=$(date +%s.%N)
     start[$n]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f ms", (b - a) * 1000 }')
     [[ -n $up ]] || start[$n]="no answer in ${start[$n]}: $(tail -1 "$work/s$n.log")"
-    ip netns exec $a "$tapir" run "$work/pka.conf" 2>"$work/pka.log" & pids+=($!)
+    ip netns exec $a "$tapir" run "$work/pka.conf" 2>"$work/pka.log" & apid=$!; pids+=($apid)
     sleep 0.5
     ip netns exec $a ping -c 2 -W 3 -q 10.90.255.254 >/dev/null 2>&1
     ip netns exec $b iperf3 -s -1 -B 10.90.255.254 >/dev/null 2>&1 & sp=$!
@@ -74,9 +80,23 @@ for n in 1 10000; do
     wait $sp 2>/dev/null
     gbps[$n]=$(awk -v b="$bps" 'BEGIN { printf "%.2f", b / 1e9 }')
     rss[$n]=$(awk '/VmRSS/ {printf "%.1f MiB", $2 / 1024}' /proc/$spid/status 2>/dev/null)
+    if ((n == 10000)); then
+        taskset -a -p -c 1 "$spid" >/dev/null; taskset -a -p -c 1 "$apid" >/dev/null
+        rtt() { ip netns exec $a taskset -c 1 ping -c 1000 -i 0.002 -q 10.90.255.254 | awk -F'[/ ]' '/^rtt/ { printf "mean %.3f ms, max %.3f ms", $8, $9 }'; }
+        quiet=$(rtt)
+        ( end=$((SECONDS + 4)); k=0
+          while ((SECONDS < end)); do
+              taskset -c 0 ip netns exec $b wg show pks dump >/dev/null
+              taskset -c 0 ip netns exec $b "$tapir" status pks >/dev/null 2>&1
+              k=$((k + 1))
+          done; echo $k >"$work/statuses" ) & lp=$!
+        showing=$(rtt)
+        wait $lp
+    fi
 done
 stop_all
 printf '\nSame machine, same run; iperf3 TCP %s s, one stream, through the one active peer.\n\n' "$T"
 printf '| peers | start (socket answers) | RSS after the transfer | Gbit/s |\n|---|---|---|---|\n'
 for n in 1 10000; do printf '| %s | %s | %s | %s |\n' "$n" "${start[$n]}" "${rss[$n]}" "${gbps[$n]}"; done
 awk -v a="${gbps[10000]}" -v b="${gbps[1]}" 'BEGIN { if (b > 0) printf "\n10,000 peers / 1 peer: %.2f\n", a / b }'
+printf '\nPing through the 10,000-peer tunnel (1,000 pings 2 ms apart): quiet %s; while wg show and tapir status loop (%s pairs) %s\n' "$quiet" "$(cat "$work/statuses" 2>/dev/null)" "$showing"
