@@ -394,6 +394,63 @@ impl std::fmt::Display for Rule {
     }
 }
 
+/// Word of changes to the links and addresses of the calling thread's
+/// network namespace (the kernel's `RTNLGRP_LINK` and `RTNLGRP_IPV4_IFADDR`
+/// / `RTNLGRP_IPV6_IFADDR` messages): for a watcher that looks at the host
+/// again when something changed, rather than on a tick. The messages
+/// themselves are not read, only that they came: a look after them is a
+/// fresh dump (a message lost to a full buffer, `ENOBUFS`, is a change too).
+pub struct Changes {
+    socket: Socket,
+    buf: Vec<u8>,
+}
+
+impl Changes {
+    /// Joins the groups, non-blocking.
+    pub fn open() -> Result<Self, NetlinkError> {
+        let err = |source| NetlinkError {
+            op: "socket(NETLINK_ROUTE) for link and address changes",
+            target: String::new(),
+            source,
+            kernel_msg: None,
+        };
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(err)?;
+        socket.bind_auto().map_err(err)?;
+        for group in [
+            libc::RTNLGRP_LINK,
+            libc::RTNLGRP_IPV4_IFADDR,
+            libc::RTNLGRP_IPV6_IFADDR,
+        ] {
+            socket.add_membership(group).map_err(err)?;
+        }
+        socket.set_non_blocking(true).map_err(err)?;
+        Ok(Self {
+            socket,
+            buf: vec![0; 16 * 1024],
+        })
+    }
+
+    /// What to wait on: readable when word of a change came.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.socket)
+    }
+
+    /// Reads what came; whether anything did (a change, or word of some
+    /// lost: `ENOBUFS`). `Err` if the socket failed otherwise.
+    pub fn take(&mut self) -> io::Result<bool> {
+        let mut any = false;
+        loop {
+            match self.socket.recv(&mut &mut self.buf[..], 0) {
+                Ok(_) => any = true,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => any = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(any),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 /// A synchronous rtnetlink socket in the calling thread's network namespace.
 pub struct Netlink {
     socket: Socket,

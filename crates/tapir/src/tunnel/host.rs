@@ -1,15 +1,21 @@
-//! The host around a running tunnel, watched on a thread of its own once a
-//! second: the device's MTU, the namespace's addresses, the bridge's ports.
-//! Each look is netlink requests and dumps that grow with the host (5,000
-//! addresses: 4.5 ms; a bridge among 1,000 links: 14-22 ms), which held
-//! the packet thread's packets for as long when it made them. The packet
-//! thread now takes what changed ([`HostFacts::take`]) when the watcher
-//! rings it, and at its timers.
+//! The host around a running tunnel, watched on a thread of its own: the
+//! device's MTU, the namespace's addresses, the bridge's ports. Each look
+//! is netlink requests and dumps that grow with the host (5,000 addresses:
+//! 4.5 ms; a bridge among 1,000 links: 14-22 ms), which held the packet
+//! thread's packets for as long when it made them. The packet thread now
+//! takes what changed ([`HostFacts::take`]) when the watcher rings it, and
+//! at its timers.
+//!
+//! The watcher looks when the kernel says a link or an address changed
+//! (`tapir_sys::netlink::Changes`), at most [`LOOKS_PER_SECOND`] times a
+//! second, and sleeps otherwise: a look once a second woke an idle tunnel
+//! as often as its timers. Where the kernel's word cannot be had, it looks
+//! once a second.
 
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tapir_sys::{IfName, Netlink};
 
@@ -65,7 +71,13 @@ pub(super) struct Watch<'a> {
     last: Seen,
     /// Ports of the tap's bridge named for an MTU over the tap's.
     warned_ports: Vec<(u32, u32)>,
+    /// The kernel's word of changes, heard from before the first look.
+    changes: Option<tapir_sys::netlink::Changes>,
 }
+
+/// Looks after changes, at most: a burst of them (5,000 addresses added)
+/// is seen by one look, not 5,000.
+pub(super) const LOOKS_PER_SECOND: u32 = 10;
 
 impl<'a> Watch<'a> {
     pub fn new(name: &'a IfName, bridge: Option<&'a IfName>, tcp: bool) -> Self {
@@ -76,6 +88,7 @@ impl<'a> Watch<'a> {
             nl: None,
             last: Seen::default(),
             warned_ports: Vec::new(),
+            changes: tapir_sys::netlink::Changes::open().ok(),
         }
     }
 
@@ -127,9 +140,10 @@ impl<'a> Watch<'a> {
         true
     }
 
-    /// Looks once a second until `stop` (`bell` rings it in), calling
-    /// `changed` when something did (to wake the packet thread: it takes
-    /// the change at once, not at its next timer).
+    /// Looks when the host changed (or once a second, without word of
+    /// changes) until `stop` (`bell` rings it in), calling `changed` when
+    /// what it sees did (to wake the packet thread: it takes the change at
+    /// once, not at its next timer).
     pub fn run(
         &mut self,
         facts: &HostFacts,
@@ -137,15 +151,47 @@ impl<'a> Watch<'a> {
         stop: &dyn Fn() -> bool,
         changed: &dyn Fn(),
     ) {
+        let gap = Duration::from_secs(1) / LOOKS_PER_SECOND;
+        let mut looked = Instant::now();
         while !stop() {
-            if bell.wait(Some(Duration::from_secs(1))).is_err() {
-                std::thread::sleep(Duration::from_secs(1));
+            let heard = match &self.changes {
+                Some(c) => tapir_sys::poll::readable([bell.fd(), c.fd()], tapir_sys::poll::FOREVER)
+                    .map(|r| r[1]),
+                None => {
+                    tapir_sys::poll::readable([bell.fd()], Duration::from_secs(1)).map(|_| true)
+                }
+            };
+            bell.drain();
+            if heard.is_err() {
+                std::thread::sleep(gap);
             }
             if stop() {
                 break;
             }
-            if self.look(facts) {
-                changed();
+            let look = match &mut self.changes {
+                None => true,
+                Some(_) if !heard.unwrap_or(true) => false,
+                Some(c) => {
+                    // What comes until the gap is over is seen by the same look.
+                    let wait = gap.saturating_sub(looked.elapsed());
+                    if !wait.is_zero() && bell.wait(Some(wait)).is_ok() && stop() {
+                        break;
+                    }
+                    match c.take() {
+                        Ok(any) => any,
+                        Err(_) => {
+                            // Back to looking once a second.
+                            self.changes = None;
+                            true
+                        }
+                    }
+                }
+            };
+            if look {
+                looked = Instant::now();
+                if self.look(facts) {
+                    changed();
+                }
             }
         }
     }

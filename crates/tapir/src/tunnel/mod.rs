@@ -26,8 +26,9 @@
 //! socket, host-name look-ups and the look at the host (`host`: MTU,
 //! addresses, bridge ports) have threads of their own. Every thread
 //! sleeps until it has work (a packet, a request, a timer, a signal: see
-//! [`bell`]); an idle tunnel wakes twice a second, for its timers and the
-//! host's look.
+//! [`bell`]); an idle tunnel wakes about once a second, for its timers
+//! (the host's watcher waits for the kernel's word that a link or an
+//! address changed).
 
 use std::collections::HashMap;
 use std::io;
@@ -3018,14 +3019,17 @@ impl Started {
         let stopped = AtomicBool::new(false);
         let stop = || shutdown.load(Ordering::Relaxed) || stopped.load(Ordering::Relaxed);
         let result = std::thread::scope(|s| {
-            s.spawn(|| {
-                watch.run(
-                    &host_facts,
-                    &watch_bell,
-                    &|| watch_done.load(Ordering::Relaxed),
-                    &|| packets_wake.ring(),
-                )
-            });
+            std::thread::Builder::new()
+                .name("tapir-host".into())
+                .spawn_scoped(s, || {
+                    watch.run(
+                        &host_facts,
+                        &watch_bell,
+                        &|| watch_done.load(Ordering::Relaxed),
+                        &|| packets_wake.ring(),
+                    )
+                })
+                .map_err(|e| DevError::Runtime(format!("a thread to watch the host: {e}")))?;
             // However the packets end (a panic too), the watcher does.
             let _watch_stop = StopOnDrop(&watch_done, &|| watch_bell.ring());
             match net {
