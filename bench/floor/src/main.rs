@@ -30,6 +30,8 @@
 //!   pings only: this floor neither completes checksums nor cuts
 //!   super-packets, so TCP and UDP through it fail).
 //!
+//! - `vnethdr`: the virtio-net header without the offloads (the device
+//!   then gets packets checksummed and cut to its MTU, as without one);
 //! - `spare`: `poll(2)` on the two and a third entry of -1, which the
 //!   kernel skips: tapir's wait when no signal came (its bell and its
 //!   deadline come as a signal that fills the spare entry; see
@@ -88,6 +90,8 @@ struct With {
     recvmsg0: bool,
     /// `poll(2)` with a third entry of -1.
     spare: bool,
+    /// The virtio-net header without the offloads.
+    vnethdr: bool,
     /// Idle descriptors in the set beyond the device and the socket (2 unless said).
     idle: Option<usize>,
 }
@@ -107,6 +111,7 @@ impl With {
                 "timeout" => w.timeout = true,
                 "recvfrom" => w.recvfrom = true,
                 "spare" => w.spare = true,
+                "vnethdr" => w.vnethdr = true,
                 "recvmsg0" => (w.recvmsg, w.recvmsg0) = (true, true),
                 "poll3" => (w.poll4, w.idle) = (true, Some(1)),
                 "epoll2" => (w.epoll, w.idle) = (true, Some(0)),
@@ -122,7 +127,7 @@ impl With {
                 }
                 _ => {
                     return Err(format!(
-                        "FLOOR_WITH: unknown choice '{word}' (known: epoll, v6, recvmsg, gro, vnet, spare, tapir)"
+                        "FLOOR_WITH: unknown choice '{word}' (known: epoll, v6, recvmsg, gro, vnet, vnethdr, spare, tapir)"
                     ));
                 }
             }
@@ -138,7 +143,7 @@ fn check(r: libc::c_int, what: &str) -> RawFd {
     r
 }
 
-fn tun(name: &str, vnet: bool) -> std::io::Result<OwnedFd> {
+fn tun(name: &str, vnet: bool, offloads: bool) -> std::io::Result<OwnedFd> {
     // SAFETY: a plain open(2) of a NUL-terminated path.
     let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK) };
     if fd < 0 {
@@ -163,7 +168,11 @@ fn tun(name: &str, vnet: bool) -> std::io::Result<OwnedFd> {
     }
     if vnet {
         let size = VNET as libc::c_int;
-        let offloads = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+        let offloads = if offloads {
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6
+        } else {
+            0
+        };
         // SAFETY: TUNSETVNETHDRSZ reads one live int; TUNSETOFFLOAD takes its flags by value.
         let ok = unsafe {
             libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) == 0
@@ -408,7 +417,7 @@ fn main() {
         eprintln!("tapir-floor: {e}");
         std::process::exit(2);
     });
-    let dev = tun(name, with.vnet).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let dev = tun(name, with.vnet || with.vnethdr, !with.vnethdr).unwrap_or_else(|e| panic!("{name}: {e}"));
     let port: u16 = port.parse().expect("LISTEN_PORT: a port number");
     let mut peer: SocketAddr = peer.parse().expect("PEER_ADDR:PORT");
     let socket = if with.v6 {
@@ -438,7 +447,7 @@ fn main() {
     let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &[7; 32]).expect("key"));
     // The packet starts at HEADER; a virtio-net header, when there is
     // one, comes just before it.
-    let vh = if with.vnet { VNET } else { 0 };
+    let vh = if with.vnet || with.vnethdr { VNET } else { 0 };
     let mut buf = vec![0u8; HEADER + 65536 + TAG];
     let mut sent: u64 = 0;
     let mut wait = if with.sig {
