@@ -36,7 +36,7 @@ use std::cell::Cell;
 use std::io;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI32, Ordering, compiler_fence};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The signal that interrupts.
 pub const SIGNAL: libc::c_int = libc::SIGURG;
@@ -242,20 +242,7 @@ impl Alarm {
         if self.set.is_some_and(|set| set <= at && set > now) {
             return Ok(());
         }
-        // A zero value would disarm it: a deadline already passed fires in a nanosecond.
-        let d = at
-            .saturating_duration_since(now)
-            .max(Duration::from_nanos(1));
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
-                tv_nsec: d.subsec_nanos().into(),
-            },
-        };
+        let spec = crate::poll::once_at(at, now);
         // SAFETY: a timer this value made; spec is a live local the kernel
         // reads; no old value asked for.
         if unsafe { libc::timer_settime(self.id, 0, &spec, std::ptr::null_mut()) } != 0 {
@@ -277,6 +264,7 @@ impl Drop for Alarm {
 mod tests {
     use super::*;
     use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+    use std::time::Duration;
 
     fn entry(fd: BorrowedFd<'_>) -> libc::pollfd {
         libc::pollfd {

@@ -320,6 +320,27 @@ impl PollSet {
     }
 }
 
+/// A timer's setting that fires once, at `at` (`now` is the time now),
+/// for `timerfd_settime` and `timer_settime`: never early
+/// (`std::time::Instant` is `CLOCK_MONOTONIC`, and the timer runs from
+/// when it is set, after `now`), and a deadline already passed fires in a
+/// nanosecond (a zero value would disarm it).
+pub(crate) fn once_at(at: std::time::Instant, now: std::time::Instant) -> libc::itimerspec {
+    let d = at
+        .saturating_duration_since(now)
+        .max(Duration::from_nanos(1));
+    libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: d.subsec_nanos().into(),
+        },
+    }
+}
+
 /// A deadline kept by the kernel (a timerfd) for a loop that waits on a
 /// kept [`PollSet`]: put in the set once, it makes the set readable when
 /// the deadline passes, and the loop waits with no timeout ([`FOREVER`]).
@@ -371,20 +392,7 @@ impl Deadline {
         if self.set.is_some_and(|set| set <= at) {
             return Ok(());
         }
-        // A zero value would disarm it: a deadline already passed fires in a nanosecond.
-        let d = at
-            .saturating_duration_since(now)
-            .max(Duration::from_nanos(1));
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
-                tv_nsec: d.subsec_nanos().into(),
-            },
-        };
+        let spec = crate::poll::once_at(at, now);
         // SAFETY: spec is a live local the kernel reads; no old value asked for.
         if unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) }
             != 0
