@@ -32,10 +32,9 @@
 //! if it had not come; `poll(2)` never restarts, so a sleeping wait ends.
 //! A program that handles `SIGURG` itself must not use this module.
 
-use std::cell::Cell;
 use std::io;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicI32, Ordering, compiler_fence};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, Ordering, compiler_fence};
 use std::time::Instant;
 
 /// The signal that interrupts.
@@ -46,18 +45,20 @@ pub const SIGNAL: libc::c_int = libc::SIGURG;
 static READY: AtomicI32 = AtomicI32::new(-1);
 
 thread_local! {
-    /// Signals handled on this thread (wrapping).
-    static COUNT: Cell<u64> = const { Cell::new(0) };
+    /// Signals handled on this thread (wrapping). Atomic, with the handler
+    /// of this thread its only other user: what it writes is then
+    /// ordered for the thread's own reads by the compiler fences alone.
+    static COUNT: AtomicU64 = const { AtomicU64::new(0) };
     /// While a wait is armed: its spare entry's descriptor.
-    static ARMED: Cell<*mut libc::c_int> = const { Cell::new(std::ptr::null_mut()) };
+    static ARMED: AtomicPtr<libc::c_int> = const { AtomicPtr::new(std::ptr::null_mut()) };
 }
 
 extern "C" fn on_signal(_: libc::c_int) {
     // Async-signal-safe: thread-locals with constant initialisers and no
     // destructor are plain memory; nothing here calls out or sets errno.
-    let _ = COUNT.try_with(|c| c.set(c.get().wrapping_add(1)));
+    let _ = COUNT.try_with(|c| c.fetch_add(1, Ordering::Relaxed));
     let _ = ARMED.try_with(|a| {
-        let p = a.get();
+        let p = a.load(Ordering::Relaxed);
         if !p.is_null() {
             // SAFETY: an armed pointer is to a live entry of the wait this
             // thread is about to make (see `Spare::wait`), disarmed before
@@ -134,7 +135,7 @@ pub fn interrupt(tid: i32) -> bool {
 
 /// Signals handled on the calling thread so far.
 pub fn count() -> u64 {
-    COUNT.with(Cell::get)
+    COUNT.with(|c| c.load(Ordering::Relaxed))
 }
 
 /// A `poll(2)` set with a spare entry that a signal to its thread fills
@@ -143,12 +144,17 @@ pub fn count() -> u64 {
 pub struct Spare {
     /// The count when the last wait ended (what was looked at since).
     seen: u64,
+    /// Not `Send`: the count and the arming are the thread's that made it.
+    _thread: std::marker::PhantomData<*const ()>,
 }
 
 impl Spare {
     /// For the calling thread, which must be one [`this_thread`] set up.
     pub fn new() -> Self {
-        Self { seen: count() }
+        Self {
+            seen: count(),
+            _thread: std::marker::PhantomData,
+        }
     }
 
     /// The entry to put first in the set.
@@ -161,9 +167,9 @@ impl Spare {
     }
 
     /// `poll(2)` on `fds`, whose first entry is the spare, for up to `ms`
-    /// milliseconds (-1: no limit), unless a signal came since the last
-    /// wait ended: then at once, with nothing ready (as an interrupted wait
-    /// returns). A signal after this returns counts for the next.
+    /// milliseconds (-1: no limit), or, if a signal came since the last
+    /// wait ended, without waiting (what is ready is reported). A signal
+    /// after this returns counts for the next.
     pub fn wait(&mut self, fds: &mut [libc::pollfd], ms: libc::c_int) -> io::Result<usize> {
         let Some(first) = fds.first_mut() else {
             return Ok(0);
@@ -174,18 +180,17 @@ impl Spare {
         // exclusively borrowed for this call; the pointer to its `fd` is
         // taken from it, and the kernel is given the same base.
         let spare = unsafe { &raw mut (*base).fd };
-        ARMED.with(|a| a.set(spare));
+        ARMED.with(|a| a.store(spare, Ordering::Relaxed));
         compiler_fence(Ordering::SeqCst);
-        let r = if count() != self.seen {
-            Ok(0)
-        } else {
-            // SAFETY: the kernel reads and writes fds.len() entries from
-            // `base`, live for the call; the handler writes only the
-            // spare's descriptor, through a pointer derived from it.
-            unsafe { crate::raw::poll_raw(base, fds.len(), ms) }
-        };
+        // A signal since the last wait: no sleep, but a look at what is
+        // ready (the packets are not left for another turn).
+        let ms = if count() != self.seen { 0 } else { ms };
+        // SAFETY: the kernel reads and writes fds.len() entries from
+        // `base`, live for the call; the handler writes only the spare's
+        // descriptor, through a pointer derived from it.
+        let r = unsafe { crate::raw::poll_raw(base, fds.len(), ms) };
         compiler_fence(Ordering::SeqCst);
-        ARMED.with(|a| a.set(std::ptr::null_mut()));
+        ARMED.with(|a| a.store(std::ptr::null_mut(), Ordering::Relaxed));
         compiler_fence(Ordering::SeqCst);
         self.seen = count();
         match r {
@@ -310,9 +315,9 @@ mod tests {
         // And while armed: the handler fills the spare, and poll returns.
         let ready = READY.load(Ordering::Relaxed);
         let mut armed = [Spare::entry(), entry(r.as_fd())];
-        ARMED.with(|a| a.set(&raw mut armed[0].fd));
+        ARMED.with(|a| a.store(&raw mut armed[0].fd, Ordering::Relaxed));
         assert!(interrupt(tid));
-        ARMED.with(|a| a.set(std::ptr::null_mut()));
+        ARMED.with(|a| a.store(std::ptr::null_mut(), Ordering::Relaxed));
         assert_eq!(armed[0].fd, ready);
         let n = crate::raw::poll(&mut armed, 5_000).unwrap();
         assert_eq!((n, armed[0].revents & libc::POLLIN), (1, libc::POLLIN));

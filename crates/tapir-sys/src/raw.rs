@@ -163,11 +163,12 @@ pub(crate) unsafe fn poll_raw(
     // aarch64 has no `poll`: `ppoll` with the timeout as a timespec.
     #[cfg(target_arch = "aarch64")]
     let rc = {
-        let ts = libc::timespec {
+        let mut ts = libc::timespec {
             tv_sec: (ms / 1000) as libc::time_t,
             tv_nsec: ((ms % 1000) * 1_000_000) as libc::c_long,
         };
-        let t = if ms < 0 { 0 } else { &ts as *const _ as usize };
+        // (ppoll writes the time left back.)
+        let t = if ms < 0 { 0 } else { &raw mut ts as usize };
         // SAFETY: as above; the timespec (or none) is a live local, no signal mask.
         unsafe { syscall6(libc::SYS_ppoll, [a[0], a[1], t, 0, 0, 0]) }
     };

@@ -81,7 +81,8 @@ impl Bell {
     }
 
     /// A second ringing end, for a signal handler to write to
-    /// (`signal_hook::low_level::pipe`).
+    /// (`signal_hook::low_level::pipe`). It writes the socket only: not
+    /// for a bell whose thread listens ([`Bell::interrupts_this_thread`]).
     pub fn ringer(&self) -> io::Result<UnixStream> {
         self.rung.try_clone()
     }

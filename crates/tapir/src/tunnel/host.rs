@@ -94,17 +94,23 @@ impl<'a> Watch<'a> {
 
     /// Looks once, and publishes what changed; whether anything did.
     pub fn look(&mut self, facts: &HostFacts) -> bool {
+        self.look_whole(facts).0
+    }
+
+    /// [`Watch::look`], and whether all of the host could be looked at
+    /// (if not, to look again soon: no word of a change may come).
+    fn look_whole(&mut self, facts: &HostFacts) -> (bool, bool) {
         if self.nl.is_none() {
             self.nl = Netlink::open().ok();
         }
         let Some(nl) = self.nl.as_mut() else {
-            return false;
+            return (false, false);
         };
         let link = match nl.link(self.name.as_str()) {
             Ok(l) => l,
             Err(_) => {
                 self.nl = None;
-                return false;
+                return (false, false);
             }
         };
         let mut seen = self.last.clone();
@@ -112,13 +118,14 @@ impl<'a> Watch<'a> {
             seen.mtu = Some(l.mtu as usize);
         }
         let addrs = nl.addresses(None);
+        let whole = addrs.is_ok();
         if self.tcp {
             if let Ok(a) = &addrs {
                 seen.addresses = a.iter().map(|a| a.local.addr()).collect();
             }
-        } else {
+        } else if let Ok(addrs) = addrs {
+            // (Not counted from a dump that failed: the last count stands.)
             let index = link.as_ref().map(|l| l.index);
-            let addrs = addrs.unwrap_or_default();
             let count = |v4: bool| {
                 addrs
                     .iter()
@@ -133,11 +140,11 @@ impl<'a> Watch<'a> {
             super::bridge_mtu_note(nl, b, self.name.as_str(), m as u32, &mut self.warned_ports);
         }
         if seen == self.last {
-            return false;
+            return (false, whole);
         }
         facts.publish(&seen);
         self.last = seen;
-        true
+        (true, whole)
     }
 
     /// Looks when the host changed (or once a second, without word of
@@ -151,25 +158,33 @@ impl<'a> Watch<'a> {
         stop: &dyn Fn() -> bool,
         changed: &dyn Fn(),
     ) {
-        let gap = Duration::from_secs(1) / LOOKS_PER_SECOND;
+        let second = Duration::from_secs(1);
+        // The least time between two looks: longer while looks find
+        // nothing new (links and addresses of others coming and going),
+        // up to a second; the shortest again after one that did.
+        let shortest = second / LOOKS_PER_SECOND;
+        let mut gap = shortest;
         let mut looked = Instant::now();
+        // A look that could not see everything is made again in a second.
+        let mut again = false;
         while !stop() {
             let heard = match &self.changes {
-                Some(c) => tapir_sys::poll::readable([bell.fd(), c.fd()], tapir_sys::poll::FOREVER)
-                    .map(|r| r[1]),
-                None => {
-                    tapir_sys::poll::readable([bell.fd()], Duration::from_secs(1)).map(|_| true)
+                Some(c) if !again => {
+                    tapir_sys::poll::readable([bell.fd(), c.fd()], tapir_sys::poll::FOREVER)
+                        .map(|r| r[1])
                 }
+                _ => tapir_sys::poll::readable([bell.fd()], second).map(|_| true),
             };
             bell.drain();
             if heard.is_err() {
-                std::thread::sleep(gap);
+                std::thread::sleep(second);
             }
             if stop() {
                 break;
             }
             let look = match &mut self.changes {
                 None => true,
+                Some(_) if again => true,
                 Some(_) if !heard.unwrap_or(true) => false,
                 Some(c) => {
                     // What comes until the gap is over is seen by the same look.
@@ -189,8 +204,13 @@ impl<'a> Watch<'a> {
             };
             if look {
                 looked = Instant::now();
-                if self.look(facts) {
+                let (seen, whole) = self.look_whole(facts);
+                again = !whole;
+                if seen {
                     changed();
+                    gap = shortest;
+                } else {
+                    gap = (gap * 2).min(second);
                 }
             }
         }

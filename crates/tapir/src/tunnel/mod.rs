@@ -2317,8 +2317,11 @@ fn inbound_loop(
         if deadline.is_none() && alarm.is_none() {
             timeout = due.saturating_duration_since(now);
         }
-        if served.showing.is_some() {
-            // Its next slice after a look at the packets.
+        if served.showing.is_some() || (listening.is_some() && ctl.link.wake.rings() != rings_seen)
+        {
+            // A status's next slice after a look at the packets; or rings
+            // not yet looked at (made before this thread listened, which
+            // interrupted nothing).
             timeout = Duration::ZERO;
         }
         if let Link::Tcp(t) = &mut out.link {
@@ -2737,6 +2740,8 @@ struct Served {
 /// `wg show` 3.7 ms and a `tapir status` 7-9 ms, which held the packet
 /// thread as long; a slice holds it about 0.1 ms.
 const SHOW_SLICE: usize = 128;
+/// And bytes (a tap peer's status has a line for each of up to 64 MACs).
+const SHOW_SLICE_BYTES: usize = 32 * 1024;
 
 /// A `wg show` (`get=1`) or a `tapir status` (`tapir-get=1`) being
 /// answered a slice of peers at a time, with packets between (see
@@ -2754,6 +2759,8 @@ struct Showing {
     own_lines: bool,
     /// The next peer (by index).
     next: usize,
+    /// The reply went.
+    sent: bool,
 }
 
 impl Showing {
@@ -2764,17 +2771,21 @@ impl Showing {
             tapir,
             own_lines: false,
             next: 0,
+            sent: false,
         }
     }
 
     /// Adds the next slice; `true` when the reply is whole and sent.
     fn slice(&mut self, t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) -> bool {
-        let which = self.next..(self.next + SHOW_SLICE).min(t.peer_count());
-        self.next = which.end;
-        if self.own_lines {
-            extras_peers(&mut self.out, t, link, mode == Mode::Tap, which);
-        } else {
-            crate::uapi::get_peers(&mut self.out, t, which, !self.tapir);
+        let (end, grown) = ((self.next + SHOW_SLICE).min(t.peer_count()), self.out.len());
+        while self.next < end && self.out.len() - grown < SHOW_SLICE_BYTES {
+            let one = self.next..self.next + 1;
+            if self.own_lines {
+                extras_peers(&mut self.out, t, link, mode == Mode::Tap, one);
+            } else {
+                crate::uapi::get_peers(&mut self.out, t, one, !self.tapir);
+            }
+            self.next += 1;
         }
         if self.next < t.peer_count() {
             return false;
@@ -2786,6 +2797,7 @@ impl Showing {
         }
         crate::uapi::push_end(&mut self.out);
         let _ = self.reply.send(std::mem::take(&mut self.out));
+        self.sent = true;
         true
     }
 }
@@ -2793,6 +2805,10 @@ impl Showing {
 impl Drop for Showing {
     fn drop(&mut self) {
         zeroize::Zeroize::zeroize(&mut self.out);
+        if !self.sent {
+            // The tunnel stopped before the reply was whole.
+            let _ = self.reply.send(format!("errno={}\n\n", libc::EIO));
+        }
     }
 }
 
