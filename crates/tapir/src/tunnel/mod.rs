@@ -5,7 +5,8 @@
 //! ```text
 //!   TunnelConfig ─▶ resolve endpoints ─▶ bind UDP or TCP [::]:port ─▶ create tun/tap (transient)
 //!                ─▶ MAC, bridge, MTU, addresses, up, routes ─▶ loop:
-//!     poll(device, transport fds, control socket; until the next timer)
+//!     wait: UDP: poll(device, socket), woken by a signal for control and timers;
+//!           TCP: epoll(device, connections, control bell, timerfd)
 //!     device: read (TSO super-packets, vnet header) ─▶ segment into tx slots ─▶ encapsulate
 //!             (tap: flood = one sealed copy per peer) ─▶ tx batch
 //!     transport: rx batch (recvmmsg, or whole frames from TCP connections)
