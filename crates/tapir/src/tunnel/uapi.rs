@@ -127,7 +127,7 @@ pub fn get_peers(out: &mut String, tunnel: &Tunnel, which: Range<usize>, secrets
     }
 }
 
-/// Ends a reply that [`push_wiping`] built: `errno=0` and the blank line.
+/// Ends a reply built by `get_head` and `get_peers`: `errno=0` and the blank line.
 pub fn push_end(out: &mut String) {
     push_wiping(out, "errno=0\n\n");
 }
