@@ -394,6 +394,22 @@ impl std::fmt::Display for Rule {
     }
 }
 
+/// A bound rtnetlink socket; `op` names it in an error.
+fn route_socket(op: &'static str) -> Result<Socket, NetlinkError> {
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(|e| socket_error(op, e))?;
+    socket.bind_auto().map_err(|e| socket_error(op, e))?;
+    Ok(socket)
+}
+
+fn socket_error(op: &'static str, source: io::Error) -> NetlinkError {
+    NetlinkError {
+        op,
+        target: String::new(),
+        source,
+        kernel_msg: None,
+    }
+}
+
 /// Word of changes to the links and addresses of the calling thread's
 /// network namespace (the kernel's `RTNLGRP_LINK` and `RTNLGRP_IPV4_IFADDR`
 /// / `RTNLGRP_IPV6_IFADDR` messages): for a watcher that looks at the host
@@ -408,14 +424,9 @@ pub struct Changes {
 impl Changes {
     /// Joins the groups, non-blocking.
     pub fn open() -> Result<Self, NetlinkError> {
-        let err = |source| NetlinkError {
-            op: "socket(NETLINK_ROUTE) for link and address changes",
-            target: String::new(),
-            source,
-            kernel_msg: None,
-        };
-        let mut socket = Socket::new(NETLINK_ROUTE).map_err(err)?;
-        socket.bind_auto().map_err(err)?;
+        let op = "socket(NETLINK_ROUTE) for link and address changes";
+        let socket = route_socket(op)?;
+        let err = |source| socket_error(op, source);
         for group in [
             libc::RTNLGRP_LINK,
             libc::RTNLGRP_IPV4_IFADDR,
@@ -463,15 +474,11 @@ const NLMSGERR_ATTR_MSG: u16 = 1;
 impl Netlink {
     /// Opens an rtnetlink socket.
     pub fn open() -> Result<Self, NetlinkError> {
-        let err = |source| NetlinkError {
-            op: "socket(NETLINK_ROUTE)",
-            target: String::new(),
-            source,
-            kernel_msg: None,
-        };
-        let mut socket = Socket::new(NETLINK_ROUTE).map_err(err)?;
-        socket.bind_auto().map_err(err)?;
-        socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
+        let op = "socket(NETLINK_ROUTE)";
+        let socket = route_socket(op)?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(|source| socket_error(op, source))?;
         // Extended acks carry the kernel's explanation ("Nexthop device is not up");
         // capped acks keep error messages short. Both are best effort.
         let _ = socket.set_ext_ack(true);
