@@ -61,7 +61,7 @@ pub fn get_with(
 ) -> String {
     let mut out = get_head(private_key, listen_port, fwmark, secrets);
     get_peers(&mut out, tunnel, 0..tunnel.peer_count(), secrets);
-    push_wiping(&mut out, "errno=0\n\n");
+    push_end(&mut out);
     out
 }
 
