@@ -13,7 +13,8 @@
 # in a loop: what the statuses of 10,000 peers cost its packets. The
 # tunnel processes are then on CPU 1, the status commands on CPU 0, so
 # that the commands' own work (formatting 10,000 peers) does not take the
-# tunnel's CPU: what shows is the tunnel's.
+# tunnel's CPU: what shows is the tunnel's. Likewise while `wg set`
+# removes an idle peer and gives it back, in a loop: what changes cost.
 # SECONDS_PER_RUN (default 10).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,8 +23,11 @@ T=${SECONDS_PER_RUN:-10}
 for pair in iperf3:iperf3 python3:python3 ping:iputils-ping wg:wireguard-tools; do
     command -v "${pair%%:*}" >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pair#*:}" >/dev/null
 done
-cargo build --release --locked -q -p tapir || exit 1
-tapir=$PWD/target/release/tapir
+# TAPIR: another build of tapir to measure (default: this tree's, built).
+if [[ -n ${TAPIR:-} ]]; then tapir=$(realpath "$TAPIR"); else
+    cargo build --release --locked -q -p tapir || exit 1
+    tapir=$PWD/target/release/tapir
+fi
 tag=pk$$; a=$tag-a; b=$tag-b
 work=$(mktemp -d)
 pids=()
@@ -92,6 +96,19 @@ for n in 1 10000; do
           done; echo $k >"$work/statuses" ) & lp=$!
         showing=$(rtt)
         wait $lp
+        # Changes: an idle peer removed and given back, one `wg set` each.
+        mapfile -t idle < <(awk -F'"' '/^public_key/ { if (++n > 1) print $2 }' "$work/s$n.toml" | head -200)
+        mapfile -t ips < <(awk -F'"' '/^allowed_ips/ { if (++n > 1) print $2 }' "$work/s$n.toml" | head -200)
+        ( end=$((SECONDS + 4)); k=0
+          while ((SECONDS < end)); do
+              j=$((k % ${#idle[@]}))
+              taskset -c 0 ip netns exec $b wg set pks peer "${idle[j]}" remove
+              taskset -c 0 ip netns exec $b wg set pks peer "${idle[j]}" allowed-ips "${ips[j]}"
+              k=$((k + 1))
+          done; echo $k >"$work/changes" ) & lp=$!
+        changing=$(rtt)
+        wait $lp
+        left=$(ip netns exec $b wg show pks peers | wc -l)
     fi
 done
 stop_all
@@ -100,3 +117,4 @@ printf '| peers | start (socket answers) | RSS after the transfer | Gbit/s |\n|-
 for n in 1 10000; do printf '| %s | %s | %s | %s |\n' "$n" "${start[$n]}" "${rss[$n]}" "${gbps[$n]}"; done
 awk -v a="${gbps[10000]}" -v b="${gbps[1]}" 'BEGIN { if (b > 0) printf "\n10,000 peers / 1 peer: %.2f\n", a / b }'
 printf '\nPing through the 10,000-peer tunnel (1,000 pings 2 ms apart): quiet %s; while wg show and tapir status loop (%s pairs) %s\n' "$quiet" "$(cat "$work/statuses" 2>/dev/null)" "$showing"
+printf 'while an idle peer is removed and given back by wg set in a loop (%s pairs; %s peers after) %s\n' "$(cat "$work/changes" 2>/dev/null)" "$left" "$changing"

@@ -135,6 +135,22 @@ impl<T: Copy> AllowedIps<T> {
         }
     }
 
+    /// The value of exactly `net` (host bits ignored), for tests that
+    /// compare two tables prefix by prefix.
+    #[cfg(test)]
+    pub(crate) fn exact(&self, net: &IpNet) -> Option<T> {
+        let (family, addr, len, bits) = match key(net) {
+            (true, a, l) => (&self.v4, a, l, 32),
+            (false, a, l) => (&self.v6, a, l, 128),
+        };
+        let at = mask(addr, len, bits);
+        family
+            .tables
+            .iter()
+            .find(|(l, _)| *l == len)
+            .and_then(|(_, t)| t.get(&at).copied())
+    }
+
     /// Empties the table.
     pub fn clear(&mut self) {
         self.last.set(None);

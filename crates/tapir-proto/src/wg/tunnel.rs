@@ -796,7 +796,7 @@ impl Tunnel {
     }
 
     /// The public key of peer `p` (an index is good only while the tunnel
-    /// stays locked: a removal shifts those after it).
+    /// stays locked: a removal moves peers to other indices).
     pub fn peer_key(&self, p: usize) -> Option<PublicKey> {
         self.peers.get(p).map(|peer| peer.config.public)
     }
@@ -1046,11 +1046,27 @@ impl Tunnel {
             && self.remove_peers(&std::collections::HashSet::from([*public])) == 1
     }
 
-    /// Removes every peer whose key is in `gone`, with one rebuild of the
-    /// indices and routes for all of them (a `wg setconf` that replaces
-    /// 10,000 peers, where [`Tunnel::remove_peer`] one by one would rebuild
-    /// 10,000 times). Returns how many it removed.
+    /// Removes every peer whose key is in `gone`. Returns how many it
+    /// removed. A few (a `wg set ... remove`, a peer replaced by a new key)
+    /// go one at a time, the last peer taking each one's place, at a cost
+    /// that does not grow with the peers left; many (a `wg setconf` that
+    /// replaces 10,000 peers) with one rebuild of the indices and routes
+    /// for all of them, which keeps the order of the rest.
     pub fn remove_peers(&mut self, gone: &std::collections::HashSet<PublicKey>) -> usize {
+        let found = gone.iter().filter(|k| self.by_key.contains_key(k)).count();
+        if found == 0 {
+            return 0;
+        }
+        // One at a time walks the sessions, the send hints and the MACs
+        // once a removal; the rebuild walks the peers once.
+        if found.saturating_mul(16) <= self.peers.len() {
+            for k in gone {
+                if let Some(&idx) = self.by_key.get(k) {
+                    self.remove_at(idx);
+                }
+            }
+            return found;
+        }
         let mut next = 0;
         let moved: Vec<Option<usize>> = self
             .peers
@@ -1062,10 +1078,6 @@ impl Tunnel {
                 })
             })
             .collect();
-        let removed = self.peers.len() - next;
-        if removed == 0 {
-            return 0;
-        }
         for p in self
             .peers
             .iter()
@@ -1090,17 +1102,119 @@ impl Tunnel {
         }
         self.rebuild_routes();
         self.reindex();
-        removed
+        found
     }
 
-    /// After a removal shifted the peer indices.
+    /// Removes peer `idx`, the last peer taking its place (so the order of
+    /// the peers changes, as the order of wireguard-go's does; the kernel's
+    /// list keeps it): its key, its routes (tun mode: each of its allowed
+    /// IPs is its own), its sessions and its send hints are dropped, and the
+    /// last peer's are renamed. A hash probe per allowed IP of either, and
+    /// a walk over our sessions, the peers with something to send and the
+    /// learned MACs, none of which grows with idle peers.
+    fn remove_at(&mut self, idx: usize) {
+        let last = self.peers.len() - 1;
+        let peer = self.peers.swap_remove(idx);
+        self.hinted.swap_remove(idx);
+        self.by_key.remove(&peer.config.public);
+        self.switch.forget_port(Port::Peer(peer.config.public));
+        let routed = self.layer == Layer::Ip;
+        if routed {
+            for net in &peer.config.allowed_ips {
+                match self.routes.remove(net) {
+                    Some(owner) if owner != idx => {
+                        self.routes.insert(net, owner);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let rename = |p: &mut usize| {
+            if *p == last {
+                *p = idx;
+            }
+        };
+        self.by_index.retain(|_, p| {
+            let keep = *p != idx;
+            rename(p);
+            keep
+        });
+        for list in [&mut self.tx_hint, &mut self.rated] {
+            list.retain(|&p| p != idx);
+            list.iter_mut().for_each(rename);
+        }
+        if idx == last {
+            return;
+        }
+        let moved = &self.peers[idx];
+        self.by_key.insert(moved.config.public, idx);
+        if routed {
+            for net in &moved.config.allowed_ips {
+                self.routes.insert(net, idx);
+            }
+        }
+    }
+
+    /// After a removal shifted the peer indices (tun mode: in tap mode
+    /// allowed IPs route nothing, see [`Tunnel::claim_allowed_ips`]).
     fn rebuild_routes(&mut self) {
         self.routes.clear();
+        if self.layer == Layer::Ethernet {
+            return;
+        }
         for (i, p) in self.peers.iter().enumerate() {
             for n in &p.config.allowed_ips {
                 self.routes.insert(n, i);
             }
         }
+    }
+
+    /// Test hook: panics unless every index of peers says what the peers
+    /// themselves say (their keys, their allowed IPs in tun mode, their
+    /// sessions and handshakes, their send hints and rates).
+    #[cfg(test)]
+    fn check_indices(&self) {
+        let n = self.peers.len();
+        assert_eq!(self.by_key.len(), n, "one key each");
+        for (i, p) in self.peers.iter().enumerate() {
+            assert_eq!(self.by_key.get(&p.config.public), Some(&i), "key of {i}");
+        }
+        if self.layer == Layer::Ip {
+            let mut nets = std::collections::HashSet::new();
+            for (i, p) in self.peers.iter().enumerate() {
+                for net in &p.config.allowed_ips {
+                    assert_eq!(self.routes.exact(net), Some(i), "{net} of {i}");
+                    nets.insert(net.trunc());
+                }
+            }
+            assert_eq!(self.routes.len(), nets.len(), "no route of a peer gone");
+        } else {
+            assert!(self.routes.is_empty(), "tap mode routes nothing");
+        }
+        let mut held = 0;
+        for (i, p) in self.peers.iter().enumerate() {
+            let sessions = [&p.current, &p.previous, &p.next]
+                .into_iter()
+                .flatten()
+                .map(|t| t.session.local_index);
+            for index in sessions.chain(p.pending.as_ref().map(|(h, _)| h.local_index)) {
+                assert_eq!(self.by_index.get(&index), Some(&i), "index {index} of {i}");
+                held += 1;
+            }
+        }
+        assert_eq!(self.by_index.len(), held, "no index of a session gone");
+        assert_eq!(self.hinted.len(), n);
+        let hints: std::collections::HashSet<usize> = self.tx_hint.iter().copied().collect();
+        assert_eq!(hints.len(), self.tx_hint.len(), "each hint once");
+        for (i, &h) in self.hinted.iter().enumerate() {
+            assert_eq!(h, hints.contains(&i), "hint of {i}");
+        }
+        let mut rated = self.rated.clone();
+        rated.sort_unstable();
+        let want: Vec<usize> = (0..n)
+            .filter(|&i| self.peers[i].config.rate.is_some())
+            .collect();
+        assert_eq!(rated, want, "the peers with a rate");
     }
 
     fn route(&self, dst: IpAddr) -> Option<usize> {

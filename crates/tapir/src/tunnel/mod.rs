@@ -1470,7 +1470,7 @@ impl<'a> Outbound<'a> {
                     // A lone packet keeps the lock from its route to its
                     // counter (one round trip, not two); the segments of a
                     // super-packet are cut without it, and their peer is
-                    // found again by its key (a removal meanwhile shifts
+                    // found again by its key (a removal meanwhile moves
                     // the indices: they must not be sealed for another).
                     let (held, key) = if hdr.is_gso() {
                         let key = t.peer_key(p);

@@ -272,10 +272,11 @@ fn route_changes(c: &TunnelConfig, old: &[IpNet], new: &[IpNet]) -> Result<(), S
 /// its session and counters go on.
 ///
 /// The packet thread runs it with the tunnel locked: the peers that go
-/// leave in one rebuild of the indices and routes, and each wanted peer is
-/// found by its key, not by a walk over the peers (with 10,000 peers,
-/// half of them going, one rebuild each would have held packets up for
-/// seconds).
+/// leave together (many in one rebuild of the indices and routes, a few
+/// one at a time at a cost that does not grow with the peers: see
+/// `Tunnel::remove_peers`), and each wanted peer is found by its key, not
+/// by a walk over the peers (with 10,000 peers, half of them going, one
+/// rebuild each would have held packets up for seconds).
 pub fn apply(tunnel: &mut Tunnel, mut want: Vec<PeerConfig>) -> Applied {
     let mut done = Applied::default();
     // In tun mode a prefix is one peer's, the last the file gives it to (as

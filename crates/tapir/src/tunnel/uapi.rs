@@ -409,9 +409,9 @@ pub fn apply_set(
         return Err(EINVAL);
     }
     check(settings)?;
-    // Removals in one go (each removal alone rebuilds the peer indices and
-    // routes): the peers a replace leaves out, those removed by name, and
-    // one with the new key.
+    // Removals in one go (a few leave one at a time, many in one rebuild
+    // of the peer indices and routes: `Tunnel::remove_peers`): the peers
+    // a replace leaves out, those removed by name, and one with the new key.
     let mut gone: std::collections::HashSet<PublicKey> = new_public.into_iter().collect();
     if replace_peers {
         // All of them, as the kernel and wireguard-go do: a peer the file

@@ -978,6 +978,92 @@ fn halves_seal_and_open_out_of_order_and_a_racing_replay_is_dropped() {
     );
 }
 
+/// Peers removed one at a time (the last peer taking each one's place)
+/// and many at once leave every index true (keys, routes, sessions and
+/// handshakes in flight, send hints, rates), in tun and tap mode, and the
+/// sessions of the peer that moved go on working both ways.
+#[test]
+fn removing_peers_keeps_every_index_true() {
+    let extra = |i: u8| PeerConfig {
+        public: key(100 + i).public_key(),
+        psk: None,
+        endpoint: Some(SocketAddr::from(([192, 0, 2, 100 + i], 51820))),
+        allowed_ips: vec![
+            format!("10.1.{i}.0/24").parse().unwrap(),
+            format!("fd00::{i:x}/128").parse().unwrap(),
+        ],
+        keepalive: None,
+        rate: (i % 3 == 0).then_some(1_000_000),
+    };
+    let exchange = |p: &mut Pair, n: usize| {
+        let to_b = packet([10, 0, 0, 1], [10, 0, 0, 2], n);
+        p.send_a(&to_b);
+        p.run();
+        assert_eq!(p.got_b.last(), Some(&to_b), "{:?}", p.drops);
+        let to_a = packet([10, 0, 0, 2], [10, 0, 0, 1], n);
+        p.send_b(&to_a);
+        p.run();
+        assert_eq!(p.got_a.last(), Some(&to_a), "{:?}", p.drops);
+    };
+    let mut p = Pair::new();
+    let a_at_b = p.b.peers().next().unwrap().0.clone();
+    // a last, after 40 others: the first removal moves it.
+    let mut peers: Vec<PeerConfig> = (0..40).map(extra).collect();
+    peers.push(a_at_b);
+    p.b = Tunnel::new(key(2), peers);
+    p.b.check_indices();
+    exchange(&mut p, 1);
+    // Handshakes in flight and packets queued for every fourth of the others.
+    for i in (0..40).step_by(4) {
+        let pkt = packet([10, 0, 0, 2], [10, 1, i, 1], 1);
+        let mut buf = vec![0u8; 2048];
+        buf[16..16 + pkt.len()].copy_from_slice(&pkt);
+        let r =
+            p.b.encapsulate(p.now, p.wall, &mut p.rng, &mut buf, pkt.len());
+        assert_eq!(r, Encapsulated::Queued);
+    }
+    p.collect();
+    p.link.clear();
+    p.b.check_indices();
+    let mut left: Vec<u8> = (0..40).collect();
+    let mut rng = Rng(7);
+    for round in 0..30 {
+        let at = usize::from(random::<1>(&mut rng)[0]) % left.len();
+        let gone = left.swap_remove(at);
+        assert!(p.b.remove_peer(&key(100 + gone).public_key()));
+        assert!(!p.b.remove_peer(&key(100 + gone).public_key()), "once");
+        p.b.check_indices();
+        exchange(&mut p, round + 2);
+    }
+    assert_eq!(p.b.peer_count(), 11);
+    // Many at once: the rebuild.
+    let gone: std::collections::HashSet<PublicKey> =
+        left.iter().map(|&i| key(100 + i).public_key()).collect();
+    assert_eq!(p.b.remove_peers(&gone), 10);
+    p.b.check_indices();
+    exchange(&mut p, 40);
+    assert_eq!(p.b.peer_count(), 1);
+
+    // Tap mode: no routes, the same indices.
+    let mut t = Tunnel::with_layer(
+        key(3),
+        (0..40).map(extra).collect(),
+        Layer::Ethernet,
+        switch::DEFAULT_AGING,
+        switch::DEFAULT_CAP,
+    );
+    t.check_indices();
+    for i in [39, 0, 17, 5] {
+        assert!(t.remove_peer(&key(100 + i).public_key()));
+        t.check_indices();
+    }
+    let gone: std::collections::HashSet<PublicKey> =
+        (20..35).map(|i| key(100 + i).public_key()).collect();
+    assert_eq!(t.remove_peers(&gone), 15);
+    t.check_indices();
+    assert_eq!(t.peer_count(), 21);
+}
+
 #[test]
 fn a_message_whose_session_moved_while_it_was_opened_is_still_accepted() {
     let mut p = Pair::new();
