@@ -13,17 +13,16 @@
 //! a client costs other clients nothing either (each has a thread, up to
 //! [`crate::uapi::CLIENT_THREADS`]).
 
-use std::cell::RefCell;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 
 use tapir_proto::wg::keys::PublicKey;
 
 use super::bell::Bell;
 use super::reload::Reloader;
-use crate::uapi::{self, ControlSocket, Request};
+use crate::uapi::{self, ControlSocket, Reply, Request};
 
 /// What the control thread hands the packet thread.
 pub enum Message {
@@ -83,8 +82,7 @@ pub struct ControlLink {
 
 /// The control thread's end.
 pub struct ControlEnd {
-    messages: mpsc::Sender<Message>,
-    wake: Arc<Bell>,
+    to: ToPacket,
     resolve: mpsc::Receiver<(PublicKey, String)>,
     /// Rung for a look-up to make, a reload or shutdown to see (by the
     /// signal watcher), and when the packet threads are done.
@@ -104,8 +102,7 @@ pub fn pair(bell: Arc<Bell>) -> io::Result<(ControlLink, ControlEnd)> {
             control: Arc::clone(&bell),
         },
         ControlEnd {
-            messages: tx,
-            wake,
+            to: ToPacket { messages: tx, wake },
             resolve: rrx,
             bell,
         },
@@ -122,7 +119,15 @@ impl ControlLink {
     }
 }
 
-impl ControlEnd {
+/// The way to the packet thread, which the control thread and the reload
+/// thread share.
+struct ToPacket {
+    messages: mpsc::Sender<Message>,
+    /// The packet thread's bell.
+    wake: Arc<Bell>,
+}
+
+impl ToPacket {
     fn send(&self, m: Message) -> bool {
         if self.messages.send(m).is_err() {
             return false;
@@ -153,9 +158,9 @@ impl ControlEnd {
     /// Its file is read and its host names looked up on a thread of its
     /// own, waited for until `stop`: a resolver that does not answer held
     /// a SIGTERM 16 s.
-    fn reload(&self, reloader: &RefCell<Reloader>, stop: &dyn Fn() -> bool) -> String {
+    fn reload(&self, reloader: &mut Reloader, stop: &dyn Fn() -> bool) -> String {
         crate::notify::reloading();
-        let r = reloader.borrow().clone();
+        let r = reloader.clone();
         let plan = until_stopped(move || r.prepare(), stop).unwrap_or_else(|| {
             Err("the tunnel is stopping (the file's host names were still being looked up)".into())
         });
@@ -189,10 +194,10 @@ impl ControlEnd {
                         None => out += &format!("{line}\n"),
                     }
                 }
-                let problems = reloader.borrow_mut().finish(plan);
+                let problems = reloader.finish(plan);
                 eprintln!(
                     "tapir: reloaded {}: {}",
-                    reloader.borrow().file().display(),
+                    reloader.file().display(),
                     in_words(&out)
                 );
                 for n in notes.iter().chain(&problems) {
@@ -205,13 +210,15 @@ impl ControlEnd {
         crate::notify::send("READY=1");
         reply
     }
+}
 
+impl ControlEnd {
     /// A thread that looks host names up one after another and hands each
     /// answer to the packet thread; it ends when the returned end goes (or
     /// the packet thread does). `None` if no thread could be made.
     fn resolver(&self) -> Option<mpsc::Sender<(PublicKey, String)>> {
         let (tx, rx) = mpsc::channel::<(PublicKey, String)>();
-        let (messages, wake) = (self.messages.clone(), Arc::clone(&self.wake));
+        let (messages, wake) = (self.to.messages.clone(), Arc::clone(&self.to.wake));
         std::thread::Builder::new()
             .name("tapir-resolve".into())
             .spawn(move || {
@@ -252,59 +259,104 @@ impl ControlEnd {
 
     /// Serves `socket` (if any), look-ups and reloads (asked on the socket,
     /// or by SIGHUP through `reloads`, a count that goes up) until `stop`.
+    /// Reloads run on a thread of their own, one after another: a reload
+    /// waits for its file's host names (a resolver that does not answer
+    /// holds it for 10 s or more), and requests that come meanwhile are
+    /// answered meanwhile (a `wg show` waited for it when it ran here).
     pub fn run(
         self,
         socket: Option<&ControlSocket>,
         reloader: Reloader,
         reloads: &AtomicU64,
-        stop: &dyn Fn() -> bool,
+        stop: &(dyn Fn() -> bool + Sync),
     ) {
-        let reloader = RefCell::new(reloader);
-        let mut seen = reloads.load(Ordering::Relaxed);
-        let mut answer = |request: Request| match request {
-            Request::Reload => self.reload(&reloader, stop),
-            // Only this thread makes those.
-            Request::Apply(_) => "errno=22\n\n".into(),
-            other => self.ask(other),
+        let reloader = Mutex::new(reloader);
+        let to = &self.to;
+        let reload_once = || {
+            to.reload(
+                &mut reloader.lock().unwrap_or_else(|e| e.into_inner()),
+                stop,
+            )
         };
-        // Host names are looked up on a thread of their own: a resolver
-        // that does not answer holds each look-up for 10 s or more, and
-        // with them every request of the socket when they ran here. (No
-        // thread: here, as before.)
-        let lookups = self.resolver();
-        let mut idle = || {
-            while let Ok((key, host)) = self.resolve.try_recv() {
-                match &lookups {
-                    Some(l) => {
-                        let _ = l.send((key, host));
+        let reload_now = |reply: Option<Reply>| {
+            let r = reload_once();
+            if let Some(reply) = reply {
+                reply.send(r);
+            }
+        };
+        std::thread::scope(|s| {
+            let (tx, rx) = mpsc::channel::<Option<Reply>>();
+            let reload_once = &reload_once;
+            let on_thread = std::thread::Builder::new()
+                .name("tapir-reloads".into())
+                .spawn_scoped(s, move || {
+                    while let Ok(first) = rx.recv() {
+                        // Those asked for meanwhile share one: the file as it is now.
+                        let waiting: Vec<Reply> = std::iter::once(first)
+                            .chain(rx.try_iter())
+                            .flatten()
+                            .collect();
+                        let r = reload_once();
+                        for reply in waiting {
+                            reply.send(r.clone());
+                        }
                     }
-                    None => {
-                        if let Some(addr) = look_up(&host) {
-                            self.send(Message::Resolved(key, addr));
+                })
+                .is_ok();
+            // (No thread: here, as before.)
+            let reload = |reply: Option<Reply>| {
+                if !on_thread {
+                    reload_now(reply);
+                } else if let Err(mpsc::SendError(reply)) = tx.send(reply) {
+                    reload_now(reply);
+                }
+            };
+            let mut seen = reloads.load(Ordering::Relaxed);
+            let mut answer = |request: Request, reply: Reply| match request {
+                Request::Reload => reload(Some(reply)),
+                // Only this thread makes those.
+                Request::Apply(_) => reply.send("errno=22\n\n".into()),
+                other => reply.send(to.ask(other)),
+            };
+            // Host names are looked up on a thread of their own: a resolver
+            // that does not answer holds each look-up for 10 s or more, and
+            // with them every request of the socket when they ran here. (No
+            // thread: here, as before.)
+            let lookups = self.resolver();
+            let mut idle = || {
+                while let Ok((key, host)) = self.resolve.try_recv() {
+                    match &lookups {
+                        Some(l) => {
+                            let _ = l.send((key, host));
+                        }
+                        None => {
+                            if let Some(addr) = look_up(&host) {
+                                to.send(Message::Resolved(key, addr));
+                            }
+                        }
+                    }
+                }
+                let now = reloads.load(Ordering::Relaxed);
+                if now != seen {
+                    seen = now;
+                    reload(None);
+                }
+            };
+            match socket {
+                Some(s) => s.run(stop, Some(&self.bell), None, &mut answer, &mut idle),
+                None => {
+                    while !stop() {
+                        idle();
+                        if let Err(e) = self.bell.wait(None) {
+                            eprintln!("tapir: control thread: {e}");
+                            break;
                         }
                     }
                 }
             }
-            let now = reloads.load(Ordering::Relaxed);
-            if now != seen {
-                seen = now;
-                self.reload(&reloader, stop);
-            }
-        };
-        match socket {
-            Some(s) => s.run(stop, Some(&self.bell), None, &mut answer, &mut idle),
-            None => {
-                while !stop() {
-                    idle();
-                    if let Err(e) = self.bell.wait(None) {
-                        eprintln!("tapir: control thread: {e}");
-                        break;
-                    }
-                }
-            }
-        }
+        });
         // The packet thread sleeps until something happens: this is it.
-        self.wake.ring();
+        self.to.wake.ring();
     }
 }
 
@@ -394,19 +446,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tapir-control-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let (file, r) = reloader(&dir);
-        let r = RefCell::new(r);
+        let (file, mut r) = reloader(&dir);
         // The file gains a peer.
         let more = tapir_proto::wg::keys::PrivateKey::from_random([5; 32]).public_key();
         let mut text = std::fs::read_to_string(&file).unwrap();
         text += &format!("\n[Peer]\nPublicKey = {more}\nAllowedIPs = 10.0.0.3/32\n");
         std::fs::write(&file, text).unwrap();
-        let peers = |r: &RefCell<Reloader>| r.borrow().current().peers.len();
+        let peers = |r: &Reloader| r.current().peers.len();
         assert_eq!(peers(&r), 1);
 
         // The packet thread is slow: it never answers in time.
         let (link, end) = pair(Arc::new(Bell::new().unwrap())).unwrap();
-        let reply = end.reload(&r, &|| false);
+        let reply = end.to.reload(&mut r, &|| false);
         assert!(
             reply.contains("tapir_error=the tunnel did not take the new peers in time")
                 && reply.ends_with("\nerrno=110\n\n")
@@ -417,12 +468,136 @@ mod tests {
 
         // It is gone.
         drop(link);
-        let reply = end.reload(&r, &|| false);
+        let reply = end.to.reload(&mut r, &|| false);
         assert!(
             reply.contains("tapir_error=the tunnel is gone") && reply.ends_with("\nerrno=5\n\n"),
             "{reply}"
         );
         assert_eq!(peers(&r), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A whole request over a control socket, and its whole reply (an
+    /// error after 10 s: the reply never came).
+    fn request(path: &std::path::Path, text: &str) -> io::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(path)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        s.write_all(text.as_bytes())?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"\n\n") {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&got).into_owned())
+    }
+
+    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool, &'a Bell);
+
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+            self.1.ring();
+        }
+    }
+
+    /// A reload waits on a thread of its own (for its file's host names;
+    /// here for its file, a named pipe that nobody writes yet): a request
+    /// asked meanwhile is answered meanwhile, and the reload's own reply
+    /// comes once it is done. (The control thread waited for the reload,
+    /// and a `wg show` with it, 14.5 s with a resolver that did not answer.)
+    #[test]
+    fn requests_are_answered_while_a_reload_waits() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = std::env::temp_dir().join(format!("tapir-reloading-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (file, r) = reloader(&dir);
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .args(["-m", "600"])
+            .arg(&file)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let host = crate::scope::Scope::fake(1, true);
+        let (socket, _) = ControlSocket::bind_in(&dir.join("wg"), &host, "tq9").unwrap();
+        let path = dir.join("wg").join("tq9.sock");
+        let (link, end) = pair(Arc::new(Bell::new().unwrap())).unwrap();
+        let control = Arc::clone(&link.control);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                end.run(Some(&socket), r, &AtomicU64::new(0), &|| {
+                    stop.load(Ordering::SeqCst)
+                })
+            });
+            // The packet thread: every request answered at once.
+            let stop = &stop;
+            s.spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let wait = std::time::Duration::from_millis(50);
+                    let _ = tapir_sys::poll::readable([link.wake.fd()], wait);
+                    link.wake.drain();
+                    while let Ok(m) = link.messages.try_recv() {
+                        if let Message::Request(request, reply, taken) = m {
+                            if taken.take() {
+                                let _ = reply.send(match request {
+                                    Request::Apply(_) => "tapir_added=0\ntapir_removed=0\ntapir_changed=0\nerrno=0\n\n".into(),
+                                    _ => "listen_port=7\nerrno=0\n\n".to_string(),
+                                });
+                            }
+                        }
+                    }
+                }
+            });
+            // Everything stops when this goes, also on a failed assertion.
+            let _stop = StopOnDrop(stop, &control);
+            let reloading = s.spawn(|| request(&path, "tapir-reload=1\n\n"));
+            // The reload reads the pipe: a writer can open it (and the
+            // reader then waits for its text).
+            let started = std::time::Instant::now();
+            let writer = loop {
+                match std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&file)
+                {
+                    Ok(w) => break w,
+                    Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                        assert!(
+                            started.elapsed().as_secs() < 10,
+                            "the reload never read its file"
+                        );
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            let shown = request(&path, "get=1\n\n");
+            let waiting = !reloading.is_finished();
+            // The reload goes on, whatever came of it.
+            {
+                use std::io::Write;
+                let mut w = writer;
+                w.write_all(text.as_bytes()).unwrap();
+            }
+            let reloaded = reloading.join().unwrap();
+            let shown = shown.expect("answered while the reload waits");
+            assert_eq!(shown, "listen_port=7\nerrno=0\n\n");
+            assert!(waiting, "the reload waited for its file");
+            let reloaded = reloaded.unwrap();
+            assert!(
+                reloaded.ends_with("\nerrno=0\n\n") && reloaded.contains("tapir_added=0"),
+                "{reloaded}"
+            );
+        });
+        drop(socket);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

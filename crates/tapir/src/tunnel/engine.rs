@@ -115,10 +115,10 @@ pub fn run(name: &IfName, tun_path: &Path, shutdown: &AtomicBool) -> Result<(), 
     let keyed = Cell::new(false);
     let gone = Cell::new(false);
     {
-        let mut answer = |request: Request| {
+        let mut answer = |request: Request, reply: uapi::Reply| {
             let mut p = pending.borrow_mut();
             let p = &mut *p;
-            match request {
+            reply.send(match request {
                 Request::Get => uapi::get_with(&p.tunnel, p.key.as_ref(), p.port, p.fwmark, true),
                 Request::TapirGet => {
                     uapi::get_with(&p.tunnel, p.key.as_ref(), p.port, p.fwmark, false)
@@ -146,7 +146,7 @@ pub fn run(name: &IfName, tun_path: &Path, shutdown: &AtomicBool) -> Result<(), 
                     }
                 }
                 Request::Reload | Request::Apply(_) => "errno=95\n\n".into(),
-            }
+            })
         };
         let mut idle = || {
             // The device deleted before it got a key.

@@ -477,11 +477,11 @@ impl Jobs {
         }
     }
 
-    /// Answers the requests waiting.
-    fn answer(&self, answer: &mut dyn FnMut(Request) -> String) {
+    /// Hands the requests waiting to `answer`.
+    fn answer(&self, answer: &mut dyn FnMut(Request, Reply)) {
         let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
         while let Ok(Job(request, reply)) = rx.try_recv() {
-            let _ = reply.send(answer(request));
+            answer(request, Reply(reply));
         }
     }
 }
@@ -660,7 +660,7 @@ impl ControlSocket {
         stop: &dyn Fn() -> bool,
         bell: Option<&Arc<super::bell::Bell>>,
         tick: Option<Duration>,
-        answer: &mut dyn FnMut(Request) -> String,
+        answer: &mut dyn FnMut(Request, Reply),
         idle: &mut dyn FnMut(),
     ) {
         let jobs = &self.jobs;
@@ -702,7 +702,12 @@ impl ControlSocket {
                     }
                     _ => stream,
                 };
-                serve_or_refuse(stream, &jobs.counts.refused, answer);
+                // (Here, a reply sent later is waited for.)
+                serve_or_refuse(stream, &jobs.counts.refused, &mut |request| {
+                    let (tx, rx) = mpsc::channel();
+                    answer(request, Reply(tx));
+                    rx.recv().unwrap_or_else(|_| "errno=5\n\n".to_string())
+                });
                 jobs.answer(answer);
                 if stop() {
                     return;
@@ -721,6 +726,19 @@ const ACCEPTS_PER_PASS: usize = 8;
 /// A request from a connection's thread, and where its reply goes.
 #[derive(Debug)]
 struct Job(Request, mpsc::Sender<String>);
+
+/// Where the reply to one request goes: sent at once, or later from
+/// another thread (a reload, which waits for host names, while the
+/// control thread answers other requests).
+#[derive(Debug)]
+pub struct Reply(mpsc::Sender<String>);
+
+impl Reply {
+    /// Sends the reply (dropped if the client is gone).
+    pub fn send(self, reply: String) {
+        let _ = self.0.send(reply);
+    }
+}
 
 /// What the control thread and its connections' threads count together.
 #[derive(Debug, Default)]
