@@ -14,7 +14,8 @@
 # tunnel processes are then on CPU 1, the status commands on CPU 0, so
 # that the commands' own work (formatting 10,000 peers) does not take the
 # tunnel's CPU: what shows is the tunnel's. Likewise while `wg set`
-# removes an idle peer and gives it back, in a loop: what changes cost.
+# removes an idle peer and gives it back, and while `wg syncconf` gives
+# the whole configuration again, in a loop: what changes cost.
 # SECONDS_PER_RUN (default 10).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -109,6 +110,16 @@ for n in 1 10000; do
         changing=$(rtt)
         wait $lp
         left=$(ip netns exec $b wg show pks peers | wc -l)
+        # The whole configuration again, unchanged: what a `wg syncconf`
+        # of 10,000 peers costs.
+        ip netns exec $b wg showconf pks >"$work/pks.conf"
+        ( end=$((SECONDS + 4)); k=0
+          while ((SECONDS < end)); do
+              taskset -c 0 ip netns exec $b wg syncconf pks "$work/pks.conf"
+              k=$((k + 1))
+          done; echo $k >"$work/syncs" ) & lp=$!
+        syncing=$(rtt)
+        wait $lp
     fi
 done
 stop_all
@@ -118,3 +129,4 @@ for n in 1 10000; do printf '| %s | %s | %s | %s |\n' "$n" "${start[$n]}" "${rss
 awk -v a="${gbps[10000]}" -v b="${gbps[1]}" 'BEGIN { if (b > 0) printf "\n10,000 peers / 1 peer: %.2f\n", a / b }'
 printf '\nPing through the 10,000-peer tunnel (1,000 pings 2 ms apart): quiet %s; while wg show and tapir status loop (%s pairs) %s\n' "$quiet" "$(cat "$work/statuses" 2>/dev/null)" "$showing"
 printf 'while an idle peer is removed and given back by wg set in a loop (%s pairs; %s peers after) %s\n' "$(cat "$work/changes" 2>/dev/null)" "$left" "$changing"
+printf 'while wg syncconf gives the 10,000 peers again, unchanged, in a loop (%s times) %s\n' "$(cat "$work/syncs" 2>/dev/null)" "$syncing"

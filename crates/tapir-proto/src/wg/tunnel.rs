@@ -801,6 +801,13 @@ impl Tunnel {
         self.peers.get(p).map(|peer| peer.config.public)
     }
 
+    /// The configuration of the peer with key `public`, and the endpoint
+    /// it is sent to now (where it roamed, or the configured one).
+    pub fn peer_config(&self, public: &PublicKey) -> Option<(&PeerConfig, Option<SocketAddr>)> {
+        let p = &self.peers[*self.by_key.get(public)?];
+        Some((&p.config, p.endpoint))
+    }
+
     /// The peer whose endpoint is `at` (a walk over the peers: for what
     /// happens once a connection, not once a packet).
     pub fn peer_at(&self, at: SocketAddr) -> Option<PublicKey> {

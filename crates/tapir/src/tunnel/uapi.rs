@@ -174,7 +174,51 @@ struct PeerChange {
     allowed_ips: Vec<IpNet>,
 }
 
+/// Whether change `c` leaves an existing peer as it is (a `wg syncconf`
+/// of an unchanged file gives every peer again): then nothing is done, a
+/// look-up and a comparison instead of the peer's routes taken apart and
+/// made again (10,000 peers held the packet thread 5.2 ms so). Allowed IPs
+/// in another order, or a given endpoint the peer roamed away from, are
+/// changes.
+fn changes_nothing(tunnel: &Tunnel, c: &PeerChange) -> bool {
+    /// Longer lists take the usual way (the comparison here is quadratic).
+    const SHORT: usize = 64;
+    let Some((p, now_at)) = tunnel.peer_config(&c.public) else {
+        return false;
+    };
+    let psk = match (&c.psk, &p.psk) {
+        (None, _) => true,
+        (Some(k), had) if k.is_zero() => had.is_none(),
+        (Some(k), Some(had)) => k == had,
+        (Some(_), None) => false,
+    };
+    let endpoint = c
+        .endpoint
+        .is_none_or(|e| p.endpoint == Some(e) && now_at == Some(e));
+    let keepalive = c
+        .keepalive
+        .is_none_or(|k| p.keepalive == (k > 0).then(|| Duration::from_secs(k.into())));
+    let ips = if c.allowed_ips.len() > SHORT || p.allowed_ips.len() > SHORT {
+        false
+    } else if c.replace_allowed_ips {
+        // The list as the change would make it: each prefix once, in order.
+        let mut kept = c
+            .allowed_ips
+            .iter()
+            .enumerate()
+            .filter(|&(i, n)| !c.allowed_ips[..i].contains(n))
+            .map(|(_, n)| n);
+        p.allowed_ips.iter().all(|n| kept.next() == Some(n)) && kept.next().is_none()
+    } else {
+        c.allowed_ips.iter().all(|n| p.allowed_ips.contains(n))
+    };
+    psk && endpoint && keepalive && ips
+}
+
 fn apply(tunnel: &mut Tunnel, c: &PeerChange) {
+    if changes_nothing(tunnel, c) {
+        return;
+    }
     let exists = tunnel.peer_index(&c.public).is_some();
     let change = |p: &mut PeerConfig| {
         if let Some(psk) = c.psk.clone() {
@@ -1898,6 +1942,141 @@ mod tests {
         .unwrap();
         assert_eq!(t.peers().count(), 1);
         assert!(t.peer_index(&old).is_some());
+    }
+
+    /// A change that changes nothing is left undone (a `wg syncconf` of an
+    /// unchanged file), and any difference is a change: each field alone,
+    /// allowed IPs in another order, a duplicate, an endpoint the peer
+    /// roamed away from.
+    #[test]
+    fn a_change_that_changes_nothing_is_told_from_every_change() {
+        let (mut t, _, peer) = tunnel();
+        let psk = PresharedKey::from_random([9; 32]);
+        t.update_peer(&peer, |c| {
+            c.psk = Some(psk.clone());
+            c.allowed_ips.push("10.0.1.0/24".parse().unwrap());
+        });
+        let same = PeerChange {
+            public: peer,
+            remove: false,
+            update_only: false,
+            psk: Some(psk.clone()),
+            endpoint: Some("192.0.2.2:51820".parse().unwrap()),
+            keepalive: Some(25),
+            replace_allowed_ips: true,
+            allowed_ips: vec![
+                "10.0.0.2/32".parse().unwrap(),
+                "10.0.1.0/24".parse().unwrap(),
+            ],
+        };
+        let with = |f: &dyn Fn(&mut PeerChange)| {
+            let mut c = same.clone();
+            f(&mut c);
+            c
+        };
+        let nothing = [
+            same.clone(),
+            with(&|c| c.psk = None),
+            with(&|c| c.endpoint = None),
+            with(&|c| c.keepalive = None),
+            with(&|c| c.allowed_ips.push("10.0.0.2/32".parse().unwrap())),
+            with(&|c| (c.replace_allowed_ips, c.allowed_ips) = (false, vec![])),
+            with(&|c| {
+                c.replace_allowed_ips = false;
+                c.allowed_ips.truncate(1);
+            }),
+        ];
+        for c in &nothing {
+            assert!(changes_nothing(&t, c));
+        }
+        let changes = [
+            with(&|c| c.psk = Some(PresharedKey::from_random([8; 32]))),
+            with(&|c| c.psk = Some(PresharedKey::from_random([0; 32]))),
+            with(&|c| c.endpoint = Some("192.0.2.3:51820".parse().unwrap())),
+            with(&|c| c.keepalive = Some(0)),
+            with(&|c| c.keepalive = Some(26)),
+            with(&|c| c.allowed_ips.reverse()),
+            with(&|c| c.allowed_ips.pop().map(|_| ()).unwrap_or(())),
+            with(&|c| c.allowed_ips.push("10.0.2.0/24".parse().unwrap())),
+            with(&|c| c.allowed_ips = vec![]),
+            with(&|c| {
+                c.replace_allowed_ips = false;
+                c.allowed_ips = vec!["10.0.2.0/24".parse().unwrap()];
+            }),
+            with(&|c| c.public = PrivateKey::from_random([5; 32]).public_key()),
+        ];
+        for (i, c) in changes.iter().enumerate() {
+            assert!(!changes_nothing(&t, c), "change {i}");
+            // And each does change the peer when applied.
+            let mut u = tunnel().0;
+            u.update_peer(&peer, |p| {
+                p.psk = Some(psk.clone());
+                p.allowed_ips.push("10.0.1.0/24".parse().unwrap());
+            });
+            let before = get(&u, &PrivateKey::from_random([1; 32]), 51820);
+            apply(&mut u, c);
+            assert_ne!(
+                get(&u, &PrivateKey::from_random([1; 32]), 51820),
+                before,
+                "change {i}"
+            );
+        }
+        // The peer roams (answers a handshake from another address): its
+        // configured endpoint given again is a change (sent there now).
+        let (mut t, _, peer) = tunnel();
+        let mut u = Tunnel::new(
+            PrivateKey::from_random([2; 32]),
+            vec![PeerConfig {
+                public: PrivateKey::from_random([1; 32]).public_key(),
+                psk: None,
+                endpoint: None,
+                allowed_ips: vec!["10.0.0.1/32".parse().unwrap()],
+                keepalive: None,
+                rate: None,
+            }],
+        );
+        let (now, wall) = (
+            std::time::Instant::now(),
+            Duration::from_secs(1_700_000_000),
+        );
+        let mut rng = super::super::OsRandom::new().unwrap();
+        let mut buf = vec![0u8; 2048];
+        // An IPv4 header alone, 10.0.0.1 to 10.0.0.2.
+        let ip = [
+            0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
+        buf[16..36].copy_from_slice(&ip);
+        t.encapsulate(now, wall, &mut rng, &mut buf, 20);
+        let (_, n) = t.poll_transmit(now, &mut buf).expect("an initiation");
+        u.decapsulate(
+            now,
+            wall,
+            &mut rng,
+            "192.0.2.1:51820".parse().unwrap(),
+            &mut buf,
+            n,
+        );
+        let (_, n) = u.poll_transmit(now, &mut buf).expect("a response");
+        let elsewhere: SocketAddr = "192.0.2.9:51820".parse().unwrap();
+        t.decapsulate(now, wall, &mut rng, elsewhere, &mut buf, n);
+        let configured = "192.0.2.2:51820".parse().unwrap();
+        assert_eq!(
+            t.peer_config(&peer).map(|(c, at)| (c.endpoint, at)),
+            Some((Some(configured), Some(elsewhere))),
+            "roamed"
+        );
+        let given = |e: SocketAddr| PeerChange {
+            endpoint: Some(e),
+            psk: None,
+            keepalive: None,
+            replace_allowed_ips: false,
+            allowed_ips: vec![],
+            ..same.clone()
+        };
+        assert!(!changes_nothing(&t, &given(configured)));
+        assert!(!changes_nothing(&t, &given(elsewhere)), "not configured");
+        apply(&mut t, &given(configured));
+        assert!(changes_nothing(&t, &given(configured)));
     }
 
     #[test]
