@@ -244,6 +244,12 @@ impl<P: Copy + Eq + Hash> MacTable<P> {
         }
     }
 
+    /// When [`MacTable::expire`] next forgets an address (none: the
+    /// table is empty). A walk over the addresses.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.entries.values().map(|e| e.seen + self.aging).min()
+    }
+
     /// Forgets every address of `port` (a removed peer).
     pub fn forget_port(&mut self, port: P) {
         self.entries.retain(|_, e| e.port != port);
@@ -313,9 +319,17 @@ mod tests {
     #[test]
     fn entries_age_out_and_are_refreshed_by_traffic() {
         let (mut t, now) = table();
+        assert_eq!(t.next_expiry(), None, "nothing to age");
         t.learn(now, A, 1).unwrap();
+        assert_eq!(t.next_expiry(), Some(now + Duration::from_secs(300)));
         let later = now + Duration::from_secs(200);
+        t.learn(now + Duration::from_secs(100), B, 2).unwrap();
         t.learn(later, A, 1).unwrap();
+        assert_eq!(
+            t.next_expiry(),
+            Some(now + Duration::from_secs(400)),
+            "B's, the older now"
+        );
         // 300 s after the first sighting but only 100 s after the second: alive.
         assert_eq!(
             t.lookup(now + Duration::from_secs(300), &A),

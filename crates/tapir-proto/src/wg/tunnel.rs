@@ -2422,18 +2422,31 @@ impl Tunnel {
         }
     }
 
-    /// When [`Tunnel::handle_timeout`] next has work: the earliest timer of
-    /// any peer (a handshake retry or give-up, a keepalive, a rehandshake
-    /// after silence, a session's expiry), and at most a second away, so that
-    /// timers armed by traffic meanwhile (all of them 5 s or more out) and
-    /// the MAC table's aging are seen in time.
+    /// When [`Tunnel::handle_timeout`] next has work: [`Tunnel::next_deadline`],
+    /// and at most a second away, so that timers armed by traffic meanwhile
+    /// (all of them 5 s or more out) are seen in time by a caller that does
+    /// not look again after traffic.
     pub fn poll_timeout(&self, now: Instant) -> Instant {
+        let second = now + Duration::from_secs(1);
+        self.next_deadline(now).map_or(second, |t| t.min(second))
+    }
+
+    /// When [`Tunnel::handle_timeout`] next has work, as the tunnel stands:
+    /// the earliest timer of any peer (a handshake retry or give-up, a
+    /// keepalive, a rehandshake after silence, a session's expiry) or of
+    /// the MAC table's aging; none if nothing is armed. Traffic and changes
+    /// arm timers (none less than 5 s out, but a keepalive turned on): a
+    /// caller asks again after them.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
         if self.initiations_left {
-            return now;
+            return Some(now);
         }
-        let mut next = now + Duration::from_secs(1);
-        let mut at = |t: Instant| next = next.min(t);
+        let mut next = self.switch.next_expiry();
+        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         for peer in &self.peers {
+            if peer.handshake_soon {
+                at(now);
+            }
             for t in [&peer.current, &peer.previous, &peer.next]
                 .into_iter()
                 .flatten()
@@ -2469,7 +2482,7 @@ impl Tunnel {
                 at(t);
             }
         }
-        next.max(now)
+        next.map(|t| t.max(now))
     }
 }
 

@@ -219,9 +219,21 @@ pub fn reresolve_due(
     last_try: Option<Instant>,
     now: Instant,
 ) -> bool {
+    now >= reresolve_at(last_handshake, wall_now, started, last_try, now)
+}
+
+/// When [`reresolve_due`] comes to say yes, as things stand (`wall_now`
+/// and `now` the same moment by the two clocks).
+pub fn reresolve_at(
+    last_handshake: Option<Duration>,
+    wall_now: Duration,
+    started: Duration,
+    last_try: Option<Instant>,
+    now: Instant,
+) -> Instant {
     let since = last_handshake.unwrap_or(started);
-    wall_now.saturating_sub(since) >= RERESOLVE_AFTER
-        && last_try.is_none_or(|t| now.saturating_duration_since(t) >= RERESOLVE_EVERY)
+    let unreachable = now + (since + RERESOLVE_AFTER).saturating_sub(wall_now);
+    last_try.map_or(unreachable, |t| unreachable.max(t + RERESOLVE_EVERY))
 }
 
 /// How a tunnel's messages travel.
@@ -981,6 +993,17 @@ struct Counters {
     turns_back: AtomicU64,
     /// Times receives turned to `recvfrom` (see [`LoneMode`]).
     lone_mode: AtomicU64,
+}
+
+impl Counters {
+    /// Datagrams sent, refused and blocked: what both packet threads sent,
+    /// or tried to, so far.
+    fn sends(&self) -> u64 {
+        [&self.udp_sent, &self.udp_refused, &self.udp_blocked]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 fn add(counter: &AtomicU64, n: usize) {
@@ -2250,6 +2273,11 @@ fn inbound_loop(
         None
     };
     let mut next_timer = Instant::now();
+    // Packets, requests or news since the timers last ran, and the sends
+    // counted then: they run again within a second of what armed new
+    // timers, and otherwise sleep until the next one (see `TIMERS_AFTER`).
+    let mut active = true;
+    let mut sent_seen = 0;
     let mut dials_at = None;
     // TCP's own next deadline, as the last wait was set for.
     let mut tcp_due = None;
@@ -2300,6 +2328,10 @@ fn inbound_loop(
             _ => None,
         };
         let (dev_at, control_at, udp_at) = (at.dev, at.control, at.udp);
+        if active || shared.counters.sends() != sent_seen {
+            active = true;
+            next_timer = next_timer.min(now + TIMERS_AFTER);
+        }
         // A rate limit holding packets back wakes the loop when they are due.
         let due = release_at.map_or(next_timer, |at| at.min(next_timer));
         let mut timeout = FOREVER;
@@ -2339,12 +2371,14 @@ fn inbound_loop(
         }
         if let (Some(ob), Some(at)) = (ob.as_deref_mut(), dev_at) {
             if set.readable(at) {
+                active = true;
                 ob.read_device(shared, out, now, wall_now)?;
                 out.flush(now);
             }
         }
         if let Some(sh) = &shifts {
             if shift_dev_at.is_some_and(|at| set.readable(at)) {
+                active = true;
                 let mut h = sh.half.lock().unwrap_or_else(|e| e.into_inner());
                 let DeviceHalf(ob, o) = &mut *h;
                 let read = ob.read_device(shared, o, now, wall_now)?;
@@ -2424,6 +2458,7 @@ fn inbound_loop(
             }
         };
         if got > 0 {
+            active = true;
             // What is written to the device often has an answer at once (a
             // ping's reply, a TCP ACK), waiting there when the write
             // returns: when the device half is free, this thread holds it
@@ -2488,6 +2523,7 @@ fn inbound_loop(
             }
         };
         if news || served.showing.is_some() {
+            active = true;
             // (The host watcher rings this bell too.)
             timers.take_host(shared, ctl, out, now);
             if serve_control(ctl, shared, out, ib, &mut timers, &mut served) {
@@ -2501,8 +2537,13 @@ fn inbound_loop(
         if let Link::Tcp(t) = &mut out.link {
             tcp_after_wait(t, shared, ib, now, wall_now, tcp_due);
         }
-        if now >= next_timer {
+        let timed = now >= next_timer;
+        if timed {
+            // (They see what came before them this turn; what comes after
+            // is news for the next.)
             next_timer = timers.run(shared, ctl, ib, out, now, wall_now);
+            // Over TCP the connections' own timers keep the second.
+            active = matches!(out.link, Link::Tcp(_));
         }
         // The loop's tail under one lock: packets a rate limit released,
         // what waits to go out, and when a rate limit next releases (for
@@ -2518,12 +2559,24 @@ fn inbound_loop(
                     h.1.settle_unsent(&mut t);
                 }
             }
+            // What the timers queued leaves below, with what waited for
+            // a handshake they completed: the timers that sets going
+            // (a rehandshake if data goes unanswered) are taken in here,
+            // and those sends are not news for the next wait.
+            if timed {
+                if let Some(d) = t.next_deadline(now) {
+                    next_timer = next_timer.min(d);
+                }
+            }
             t.next_release(now)
         };
         ib.flush_gro();
         out.flush(now);
         if !out.unsent.is_empty() {
             out.settle_unsent(&mut shared.tunnel());
+        }
+        if timed {
+            sent_seen = shared.counters.sends();
         }
     }
     Ok(())
@@ -2556,6 +2609,15 @@ impl Positions {
         }
     }
 }
+
+/// After packets, requests or news, the timers run again within this: the
+/// timers those armed are 5 s or more out (but a keepalive turned on, due
+/// at once), and a second's delay lets a busy tunnel walk its peers once a
+/// second, not once a packet. With nothing since, they sleep until their
+/// next deadline (an idle tunnel woke once a second for nothing).
+const TIMERS_AFTER: Duration = Duration::from_secs(1);
+/// With no timer armed at all, the timers look once in this all the same.
+const IDLE_LOOK: Duration = Duration::from_secs(60);
 
 /// TCP: dials every configured endpoint not connected, once a second.
 #[inline(never)]
@@ -2895,6 +2957,7 @@ impl Timers {
         // peer has been unreachable for a while (it may have moved).
         // (Each found by its key: a walk for each of 10,000 host names took
         // most of the packet thread's time.)
+        let mut lookup_at: Option<Instant> = None;
         for (key, (host, looked)) in &mut self.lookups {
             let last = t
                 .peer_index(key)
@@ -2905,6 +2968,8 @@ impl Timers {
                 // Looked up on the control thread; the answer comes back as a message.
                 ctl.link.resolve(*key, host.clone());
             }
+            let at = reresolve_at(last, wall_now, self.started, *looked, now);
+            lookup_at = Some(lookup_at.map_or(at, |l| l.min(at)));
         }
         // A peer in the other mode is named once, not per packet.
         for (c, _, s) in t.peers() {
@@ -2932,7 +2997,12 @@ impl Timers {
         for to in t.take_doubtful() {
             out.forget_source(to);
         }
-        t.poll_timeout(now)
+        // (Nothing armed: until traffic or a change comes, which look again.)
+        [t.next_deadline(now), lookup_at]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(now + IDLE_LOOK)
     }
 }
 

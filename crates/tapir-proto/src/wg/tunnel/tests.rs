@@ -698,6 +698,45 @@ fn an_allowed_ip_belongs_to_the_peer_it_was_given_to_last() {
     assert_eq!(t.route("10.9.1.1".parse().unwrap()), Some(1));
 }
 
+/// With nothing armed there is no deadline at all (the caller sleeps
+/// until traffic or a change, which it asks about again); traffic arms
+/// the timers it should, and each fires when it says.
+#[test]
+fn next_deadline_is_none_until_something_is_armed() {
+    let mut p = Pair::new();
+    assert_eq!(p.a.next_deadline(p.now), None);
+    assert_eq!(p.a.poll_timeout(p.now), p.now + Duration::from_secs(1));
+    p.send_a(&packet([10, 0, 0, 1], [10, 0, 0, 2], 10));
+    // The handshake's retry, 5 s (and jitter) out.
+    let retry = p.a.next_deadline(p.now).expect("a handshake in flight");
+    assert!(retry >= p.now + REKEY_TIMEOUT, "{:?}", retry - p.now);
+    p.run();
+    assert_eq!(p.got_b.len(), 1);
+    // a sent data and heard nothing back yet: a rehandshake 15 s out,
+    // unless an answer comes; b got data: a keepalive 10 s out.
+    let a_due = p.a.next_deadline(p.now).expect("data unanswered");
+    assert_eq!(a_due, p.now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT);
+    let b_due = p.b.next_deadline(p.now).expect("a keepalive owed");
+    assert_eq!(b_due, p.now + KEEPALIVE_TIMEOUT);
+    // Nothing happens before b's deadline, its keepalive at it.
+    p.now = b_due - Duration::from_millis(1);
+    p.b.handle_timeout(p.now, p.wall, &mut p.rng);
+    p.collect();
+    assert!(p.link.is_empty(), "not early");
+    p.now = b_due;
+    p.b.handle_timeout(p.now, p.wall, &mut p.rng);
+    p.collect();
+    assert_eq!(p.link.len(), 1, "b's keepalive");
+    p.run();
+    // The keepalive answered a's data: what is left is the sessions' end.
+    let expiry = p.a.next_deadline(p.now).expect("a session");
+    assert!(
+        expiry > p.now + Duration::from_secs(500),
+        "{:?}",
+        expiry - p.now
+    );
+}
+
 #[test]
 fn poll_timeout_names_the_next_timer_and_it_fires_then() {
     let mut p = Pair::new();
