@@ -259,10 +259,12 @@ impl ControlEnd {
 
     /// Serves `socket` (if any), look-ups and reloads (asked on the socket,
     /// or by SIGHUP through `reloads`, a count that goes up) until `stop`.
-    /// Reloads run on a thread of their own, one after another: a reload
-    /// waits for its file's host names (a resolver that does not answer
-    /// holds it for 10 s or more), and requests that come meanwhile are
-    /// answered meanwhile (a `wg show` waited for it when it ran here).
+    /// Reloads run on a thread of their own, and the changes (`wg set`)
+    /// with them, in the order they came: a reload waits for its file's
+    /// host names (a resolver that does not answer holds it for 10 s or
+    /// more), and a status asked meanwhile is answered meanwhile (a `wg
+    /// show` waited for it when it ran here), while a change asked after a
+    /// reload is made after it, as before, not undone by it.
     pub fn run(
         self,
         socket: Option<&ControlSocket>,
@@ -285,17 +287,32 @@ impl ControlEnd {
             }
         };
         std::thread::scope(|s| {
-            let (tx, rx) = mpsc::channel::<Option<Reply>>();
+            let (tx, rx) = mpsc::channel::<Ordered>();
             let reload_once = &reload_once;
             let on_thread = std::thread::Builder::new()
                 .name("tapir-reloads".into())
                 .spawn_scoped(s, move || {
-                    while let Ok(first) = rx.recv() {
-                        // Those asked for meanwhile share one: the file as it is now.
-                        let waiting: Vec<Reply> = std::iter::once(first)
-                            .chain(rx.try_iter())
-                            .flatten()
-                            .collect();
+                    let mut next = None;
+                    while let Some(work) = next.take().or_else(|| rx.recv().ok()) {
+                        let first = match work {
+                            Ordered::Change(request, reply) => {
+                                reply.send(to.ask(request));
+                                continue;
+                            }
+                            Ordered::Reload(first) => first,
+                        };
+                        // Those asked for meanwhile (up to a change) share
+                        // one: the file as it is now.
+                        let mut waiting: Vec<Reply> = first.into_iter().collect();
+                        while let Ok(w) = rx.try_recv() {
+                            match w {
+                                Ordered::Reload(reply) => waiting.extend(reply),
+                                change => {
+                                    next = Some(change);
+                                    break;
+                                }
+                            }
+                        }
                         let r = reload_once();
                         for reply in waiting {
                             reply.send(r.clone());
@@ -304,19 +321,27 @@ impl ControlEnd {
                 })
                 .is_ok();
             // (No thread: here, as before.)
-            let reload = |reply: Option<Reply>| {
-                if !on_thread {
-                    reload_now(reply);
-                } else if let Err(mpsc::SendError(reply)) = tx.send(reply) {
-                    reload_now(reply);
+            let ordered = |work: Ordered| {
+                let work = if on_thread {
+                    match tx.send(work) {
+                        Ok(()) => return,
+                        Err(mpsc::SendError(work)) => work,
+                    }
+                } else {
+                    work
+                };
+                match work {
+                    Ordered::Reload(reply) => reload_now(reply),
+                    Ordered::Change(request, reply) => reply.send(to.ask(request)),
                 }
             };
             let mut seen = reloads.load(Ordering::Relaxed);
             let mut answer = |request: Request, reply: Reply| match request {
-                Request::Reload => reload(Some(reply)),
+                Request::Reload => ordered(Ordered::Reload(Some(reply))),
                 // Only this thread makes those.
                 Request::Apply(_) => reply.send("errno=22\n\n".into()),
-                other => reply.send(to.ask(other)),
+                request @ Request::Set(_) => ordered(Ordered::Change(request, reply)),
+                status => reply.send(to.ask(status)),
             };
             // Host names are looked up on a thread of their own: a resolver
             // that does not answer holds each look-up for 10 s or more, and
@@ -339,7 +364,7 @@ impl ControlEnd {
                 let now = reloads.load(Ordering::Relaxed);
                 if now != seen {
                     seen = now;
-                    reload(None);
+                    ordered(Ordered::Reload(None));
                 }
             };
             match socket {
@@ -358,6 +383,14 @@ impl ControlEnd {
         // The packet thread sleeps until something happens: this is it.
         self.to.wake.ring();
     }
+}
+
+/// What the reload thread does, in the order asked: a reload (its reply,
+/// if it was asked on the socket), or a change to make after the reloads
+/// asked before it.
+enum Ordered {
+    Reload(Option<Reply>),
+    Change(Request, Reply),
 }
 
 /// `work` on a thread of its own, its result once done; `None` if `stop`
@@ -506,8 +539,9 @@ mod tests {
     }
 
     /// A reload waits on a thread of its own (for its file's host names;
-    /// here for its file, a named pipe that nobody writes yet): a request
-    /// asked meanwhile is answered meanwhile, and the reload's own reply
+    /// here for its file, a named pipe that nobody writes yet): a status
+    /// asked meanwhile is answered meanwhile, a change asked meanwhile is
+    /// made after the reload (not undone by it), and the reload's own reply
     /// comes once it is done. (The control thread waited for the reload,
     /// and a `wg show` with it, 14.5 s with a resolver that did not answer.)
     #[test]
@@ -531,6 +565,8 @@ mod tests {
         let (link, end) = pair(Arc::new(Bell::new().unwrap())).unwrap();
         let control = Arc::clone(&link.control);
         let stop = std::sync::atomic::AtomicBool::new(false);
+        // What the packet thread was asked, in order.
+        let asked = Mutex::new(Vec::new());
         std::thread::scope(|s| {
             s.spawn(|| {
                 end.run(Some(&socket), r, &AtomicU64::new(0), &|| {
@@ -538,7 +574,7 @@ mod tests {
                 })
             });
             // The packet thread: every request answered at once.
-            let stop = &stop;
+            let (stop, asked) = (&stop, &asked);
             s.spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     let wait = std::time::Duration::from_millis(50);
@@ -547,6 +583,12 @@ mod tests {
                     while let Ok(m) = link.messages.try_recv() {
                         if let Message::Request(request, reply, taken) = m {
                             if taken.take() {
+                                let what = match &request {
+                                    Request::Apply(_) => "apply",
+                                    Request::Set(_) => "set",
+                                    _ => "get",
+                                };
+                                asked.lock().unwrap().push(what);
                                 let _ = reply.send(match request {
                                     Request::Apply(_) => "tapir_added=0\ntapir_removed=0\ntapir_changed=0\nerrno=0\n\n".into(),
                                     _ => "listen_port=7\nerrno=0\n\n".to_string(),
@@ -580,7 +622,9 @@ mod tests {
                 }
             };
             let shown = request(&path, "get=1\n\n");
-            let waiting = !reloading.is_finished();
+            let setting = s.spawn(|| request(&path, "set=1\n\n"));
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let waiting = !reloading.is_finished() && !setting.is_finished();
             // The reload goes on, whatever came of it.
             {
                 use std::io::Write;
@@ -588,9 +632,15 @@ mod tests {
                 w.write_all(text.as_bytes()).unwrap();
             }
             let reloaded = reloading.join().unwrap();
+            let set = setting.join().unwrap();
             let shown = shown.expect("answered while the reload waits");
             assert_eq!(shown, "listen_port=7\nerrno=0\n\n");
-            assert!(waiting, "the reload waited for its file");
+            assert!(
+                waiting,
+                "the reload, and the change after it, waited for its file"
+            );
+            assert_eq!(set.unwrap(), "listen_port=7\nerrno=0\n\n");
+            assert_eq!(*asked.lock().unwrap(), ["get", "apply", "set"]);
             let reloaded = reloaded.unwrap();
             assert!(
                 reloaded.ends_with("\nerrno=0\n\n") && reloaded.contains("tapir_added=0"),
