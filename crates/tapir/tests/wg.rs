@@ -1225,6 +1225,43 @@ fn an_idle_tunnel_sleeps_until_there_is_work() {
     assert!(!bed.a.has_link(&a.name), "the device is gone");
 }
 
+/// The timers of an idle tunnel sleep until their next deadline, where
+/// they looked once a second: a handshake that nobody answers is still
+/// retried on time, 5 s (and up to a third of a second) apart, though no
+/// packet, request or news wakes the tunnel meanwhile.
+#[test]
+fn an_idle_tunnel_retries_an_unanswered_handshake_on_time() {
+    require_root!();
+    let bed = bed("retry");
+    let ((ka, _), (_, pb)) = (genkey(), genkey());
+    let (a, _) = tapir_sides(&bed, ifname("tpr"), ifname("tps"));
+    // The peer's address takes the initiations and answers none.
+    let silent = bed.b.run(|| UdpSocket::bind("10.200.0.2:51820").unwrap());
+    silent
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let _ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    // The first at start (a restarted tunnel handshakes at once), then
+    // the retries.
+    let started = Instant::now();
+    let mut at = Vec::new();
+    let mut buf = [0u8; 2048];
+    while started.elapsed() < Duration::from_millis(11_600) && at.len() < 3 {
+        if let Ok((n, _)) = silent.recv_from(&mut buf) {
+            assert_eq!((n, buf[0]), (148, 1), "an initiation");
+            at.push(Instant::now());
+        }
+    }
+    assert_eq!(at.len(), 3, "initiations in 11.6 s: {at:?}");
+    for w in at.windows(2) {
+        let gap = w[1] - w[0];
+        assert!(
+            gap >= Duration::from_millis(4_900) && gap < Duration::from_millis(5_800),
+            "retried {gap:?} after the last (5 s and up to 333 ms of jitter)"
+        );
+    }
+}
+
 /// A host with two addresses answers from the one it was written to, as
 /// the kernel's WireGuard does ("sticky sockets"): behind a stateful
 /// firewall (or NAT) that lets in only replies to what went out, a peer

@@ -1117,8 +1117,9 @@ impl Tunnel {
     /// list keeps it): its key, its routes (tun mode: each of its allowed
     /// IPs is its own), its sessions and its send hints are dropped, and the
     /// last peer's are renamed. A hash probe per allowed IP of either, and
-    /// a walk over our sessions, the peers with something to send and the
-    /// learned MACs, none of which grows with idle peers.
+    /// a walk over our sessions, the peers with something to send and (tap
+    /// mode) the learned MACs, none of which grows with idle peers in tun
+    /// mode.
     fn remove_at(&mut self, idx: usize) {
         let last = self.peers.len() - 1;
         let peer = self.peers.swap_remove(idx);

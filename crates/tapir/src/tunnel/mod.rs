@@ -2616,7 +2616,10 @@ impl Positions {
 /// second, not once a packet. With nothing since, they sleep until their
 /// next deadline (an idle tunnel woke once a second for nothing).
 const TIMERS_AFTER: Duration = Duration::from_secs(1);
-/// With no timer armed at all, the timers look once in this all the same.
+/// The timers look at least this often all the same: a bound on how late
+/// a timer armed where nothing wakes the loop would be (none is known), and
+/// on a host name's look-up after the machine slept (the monotonic clock
+/// stood still while the wall clock ran).
 const IDLE_LOOK: Duration = Duration::from_secs(60);
 
 /// TCP: dials every configured endpoint not connected, once a second.
@@ -2997,12 +3000,12 @@ impl Timers {
         for to in t.take_doubtful() {
             out.forget_source(to);
         }
-        // (Nothing armed: until traffic or a change comes, which look again.)
+        // At most IDLE_LOOK away all the same (nothing armed: until traffic
+        // or a change comes, which look again).
         [t.next_deadline(now), lookup_at]
             .into_iter()
             .flatten()
-            .min()
-            .unwrap_or(now + IDLE_LOOK)
+            .fold(now + IDLE_LOOK, Instant::min)
     }
 }
 

@@ -173,6 +173,32 @@ impl Net {
     }
 }
 
+/// A spoke removed at the hub takes its MACs with it; the other spoke,
+/// moved into its place, keeps its own, its sessions and its unicast.
+#[test]
+fn a_removed_spoke_takes_its_macs_and_the_moved_one_keeps_its_own() {
+    let mut n = Net::new(&[], [Layer::Ethernet; 3]);
+    n.warm_up();
+    let (one, two) = (n.keys[1], n.keys[2]);
+    assert_eq!(n.nodes[0].peer_index(&two), Some(1));
+    assert_eq!(n.nodes[0].peer_mac_count(&one), 1);
+    assert!(n.nodes[0].remove_peer(&one));
+    n.nodes[0].check_indices();
+    assert_eq!(n.nodes[0].peer_index(&two), Some(0), "moved into the place");
+    assert_eq!(n.nodes[0].peer_mac_count(&one), 0, "its MAC forgotten");
+    assert_eq!(n.nodes[0].peer_mac_count(&two), 1);
+    // The hub's tap to spoke 2's MAC: straight to it, on its old session.
+    let u = frame(MAC[2], MAC[0], 100);
+    assert!(matches!(n.send(0, &u), Encapsulated::Send { .. }));
+    n.run();
+    assert_eq!(n.tap[2], vec![u]);
+    // And back.
+    let back = frame(MAC[0], MAC[2], 100);
+    n.send(2, &back);
+    n.run();
+    assert_eq!(n.tap[0], vec![back], "{:?}", n.drops);
+}
+
 #[test]
 fn a_broadcast_floods_to_every_member_but_its_sender() {
     let mut n = Net::new(&[], [Layer::Ethernet; 3]);
