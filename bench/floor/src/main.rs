@@ -426,6 +426,46 @@ fn receive(
     usize::try_from(n).ok()
 }
 
+/// The packet read into `buf[HEADER..HEADER + n]`: sealed in place with
+/// the next counter and sent to `peer`.
+#[inline]
+fn seal_and_send(
+    buf: &mut [u8],
+    n: usize,
+    sent: &mut u64,
+    key: &LessSafeKey,
+    socket: &UdpSocket,
+    peer: SocketAddr,
+) {
+    *sent += 1;
+    buf[8..HEADER].copy_from_slice(&sent.to_le_bytes());
+    let packet = &mut buf[HEADER..HEADER + n];
+    let Ok(tag) = key.seal_in_place_separate_tag(nonce(*sent), Aad::empty(), packet) else {
+        return;
+    };
+    buf[HEADER + n..HEADER + n + TAG].copy_from_slice(tag.as_ref());
+    let _ = socket.send_to(&buf[..HEADER + n + TAG], peer);
+}
+
+/// The `n` bytes received into `buf`: opened in place and written to the
+/// device (after a virtio-net header of zeros, `vh` bytes: nothing
+/// offloaded).
+#[inline]
+fn open_and_write(buf: &mut [u8], n: usize, key: &LessSafeKey, dev: RawFd, vh: usize) {
+    if n < HEADER + TAG {
+        return;
+    }
+    let counter = u64::from_le_bytes(buf[8..HEADER].try_into().expect("8 bytes"));
+    let Ok(packet) = key.open_in_place(nonce(counter), Aad::empty(), &mut buf[HEADER..n]) else {
+        return;
+    };
+    let len = packet.len();
+    buf[HEADER - vh..HEADER].fill(0);
+    let frame = &buf[HEADER - vh..HEADER + len];
+    // SAFETY: write reads frame.len() bytes from a live slice.
+    unsafe { libc::write(dev, frame.as_ptr().cast(), frame.len()) };
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let [_, name, port, peer] = &args[..] else {
@@ -499,15 +539,7 @@ fn main() {
                 let Some(n) = usize::try_from(n).ok().and_then(|n| n.checked_sub(vh)) else {
                     break;
                 };
-                sent += 1;
-                buf[8..HEADER].copy_from_slice(&sent.to_le_bytes());
-                let packet = &mut buf[HEADER..HEADER + n];
-                let Ok(tag) = key.seal_in_place_separate_tag(nonce(sent), Aad::empty(), packet)
-                else {
-                    continue;
-                };
-                buf[HEADER + n..HEADER + n + TAG].copy_from_slice(tag.as_ref());
-                let _ = socket.send_to(&buf[..HEADER + n + TAG], peer);
+                seal_and_send(&mut buf, n, &mut sent, &key, &socket, peer);
             }
         }
         if socket_ready {
@@ -518,21 +550,7 @@ fn main() {
                 with.recvfrom,
                 with.recvmsg0,
             ) {
-                if n < HEADER + TAG {
-                    continue;
-                }
-                let counter = u64::from_le_bytes(buf[8..HEADER].try_into().expect("8 bytes"));
-                let Ok(packet) =
-                    key.open_in_place(nonce(counter), Aad::empty(), &mut buf[HEADER..n])
-                else {
-                    continue;
-                };
-                let len = packet.len();
-                // A virtio-net header of zeros: nothing offloaded.
-                buf[HEADER - vh..HEADER].fill(0);
-                let frame = &buf[HEADER - vh..HEADER + len];
-                // SAFETY: write reads frame.len() bytes from a live slice.
-                unsafe { libc::write(dev.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+                open_and_write(&mut buf, n, &key, dev.as_raw_fd(), vh);
             }
         }
     }
@@ -566,39 +584,16 @@ fn blocking(
                 let room = &mut buf[HEADER - vh..HEADER + 65536];
                 // SAFETY: read writes at most room.len() bytes into room.
                 let n = unsafe { libc::read(fd, room.as_mut_ptr().cast(), room.len()) };
-                let Some(n) = usize::try_from(n).ok().and_then(|n| n.checked_sub(vh)) else {
-                    continue;
-                };
-                sent += 1;
-                buf[8..HEADER].copy_from_slice(&sent.to_le_bytes());
-                let packet = &mut buf[HEADER..HEADER + n];
-                let Ok(tag) = key.seal_in_place_separate_tag(nonce(sent), Aad::empty(), packet)
-                else {
-                    continue;
-                };
-                buf[HEADER + n..HEADER + n + TAG].copy_from_slice(tag.as_ref());
-                let _ = socket.send_to(&buf[..HEADER + n + TAG], peer);
+                if let Some(n) = usize::try_from(n).ok().and_then(|n| n.checked_sub(vh)) {
+                    seal_and_send(&mut buf, n, &mut sent, key, socket, peer);
+                }
             }
         });
         let mut buf = vec![0u8; HEADER + 65536 + TAG];
         loop {
-            let Some(n) = receive(socket, &mut buf, with.recvmsg, with.recvfrom, with.recvmsg0)
-            else {
-                continue;
-            };
-            if n < HEADER + TAG {
-                continue;
+            if let Some(n) = receive(socket, &mut buf, with.recvmsg, with.recvfrom, with.recvmsg0) {
+                open_and_write(&mut buf, n, key, fd, vh);
             }
-            let counter = u64::from_le_bytes(buf[8..HEADER].try_into().expect("8 bytes"));
-            let Ok(packet) = key.open_in_place(nonce(counter), Aad::empty(), &mut buf[HEADER..n])
-            else {
-                continue;
-            };
-            let len = packet.len();
-            buf[HEADER - vh..HEADER].fill(0);
-            let frame = &buf[HEADER - vh..HEADER + len];
-            // SAFETY: write reads frame.len() bytes from a live slice.
-            unsafe { libc::write(fd, frame.as_ptr().cast(), frame.len()) };
         }
     })
 }
