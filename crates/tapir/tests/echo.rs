@@ -637,6 +637,30 @@ fn echo_runs_as_the_devices_owner_without_the_capability() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A device given to nobody in particular is open to any user, as the
+    // kernel has it (tapir refused: "belongs to user none and group none").
+    for args in [
+        &["dev", "add", "otun0", "--mode", "tun"][..],
+        &["dev", "set", "otun0", "--up", "--addr", "10.88.2.1/24"],
+    ] {
+        assert!(ns.cmd(TAPIR).args(args).status().unwrap().success());
+    }
+    let echo = Running(Some(
+        as_nobody(&ns)
+            .args(["echo", "otun0", "--tun-path", node.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    wait_ready(&ns, "otun0", "10.88.2.1");
+    ping(&ns, &["-c", "2", "-i", "0.1", "10.88.2.2"]);
+    let out = echo.stop();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // What the user cannot open is named for what it is: a device that is
     // not there, or one that is someone else's (both were "creating a
     // device, or opening one that belongs to another user").
@@ -647,9 +671,20 @@ fn echo_runs_as_the_devices_owner_without_the_capability() {
             .unwrap()
             .success()
     );
+    // Its owner, but not in its group: the kernel wants both.
+    assert!(
+        ns.cmd(TAPIR)
+            .args([
+                "dev", "add", "gtun0", "--mode", "tun", "--user", "65534", "--group", "0"
+            ])
+            .status()
+            .unwrap()
+            .success()
+    );
     for (dev, want) in [
         ("nosuch0", "there is no device nosuch0"),
         ("rtun0", "rtun0 belongs to user 0"),
+        ("gtun0", "gtun0 belongs to user 65534 and group 0"),
     ] {
         let out = as_nobody(&ns)
             .args([

@@ -322,23 +322,29 @@ pub fn open_queues(link: &Link) -> u32 {
     }
 }
 
-/// Whether this process may attach to a device without CAP_NET_ADMIN:
-/// the kernel's rule, its owner or a member of its group.
+/// Whether this process may attach to a device without CAP_NET_ADMIN.
 pub fn ours(info: &tapir_sys::netlink::TunInfo) -> bool {
-    let me = nix::unistd::geteuid().as_raw();
-    let in_group = |g: u32| {
-        nix::unistd::getegid().as_raw() == g
-            || nix::unistd::getgroups()
-                .unwrap_or_default()
-                .iter()
-                .any(|x| x.as_raw() == g)
-    };
-    info.owner == Some(me) || info.group.is_some_and(in_group)
+    let groups: Vec<u32> = nix::unistd::getgroups()
+        .unwrap_or_default()
+        .iter()
+        .map(|g| g.as_raw())
+        .chain([nix::unistd::getegid().as_raw()])
+        .collect();
+    may_attach(info, nix::unistd::geteuid().as_raw(), &groups)
+}
+
+/// The kernel's rule (`tun_not_capable`): the owner, where one is set, must
+/// be `uid`, and the group, where one is set, must be among `groups`; a
+/// device with neither is open to anyone who can open the clone device.
+fn may_attach(info: &tapir_sys::netlink::TunInfo, uid: u32, groups: &[u32]) -> bool {
+    info.owner.is_none_or(|o| o == uid) && info.group.is_none_or(|g| groups.contains(&g))
 }
 
 /// `dev del` without CAP_NET_ADMIN, as `tunctl -d` and `ip tuntap del` do
 /// it for a device's owner (or group): attached to, made not persistent,
-/// and so gone once closed. Anyone else is told what it takes.
+/// and so gone once closed. Anyone else is told what it takes, also for a
+/// device with neither owner nor group, which the kernel would let anyone
+/// attach to and so delete: a device nobody was given is root's to delete.
 fn del_as_owner(name: &IfName) -> Result<Deleted, DevError> {
     let missing = || DevError::Permission(caps::net_admin_missing("deleting a tun/tap device"));
     let mut nl = Netlink::open()?;
@@ -346,7 +352,8 @@ fn del_as_owner(name: &IfName) -> Result<Deleted, DevError> {
     let Some(info) = link.tun.as_ref() else {
         return Err(missing());
     };
-    let Some(mode) = info.mode.filter(|_| ours(info)) else {
+    let given = info.owner.is_some() || info.group.is_some();
+    let Some(mode) = info.mode.filter(|_| given && ours(info)) else {
         return Err(missing());
     };
     let options = TunOptions {
@@ -1191,6 +1198,26 @@ pub fn also_gone(nl: &mut Netlink, index: u32, before: &[Address], steps: &[Step
 mod tests {
     use super::*;
     use tapir_sys::LinkState;
+
+    #[test]
+    fn who_may_attach_is_the_kernels_rule() {
+        use tapir_sys::netlink::TunInfo;
+        let dev = |owner, group| TunInfo {
+            owner,
+            group,
+            ..TunInfo::default()
+        };
+        // Neither set: anyone (the helper's `dump` as nobody was refused).
+        assert!(may_attach(&dev(None, None), 65534, &[65534]));
+        assert!(may_attach(&dev(Some(1000), None), 1000, &[]));
+        assert!(!may_attach(&dev(Some(1000), None), 1001, &[1000]));
+        assert!(may_attach(&dev(None, Some(27)), 1001, &[5, 27]));
+        assert!(!may_attach(&dev(None, Some(27)), 1001, &[5]));
+        // Both set: the owner and in the group, not either.
+        assert!(may_attach(&dev(Some(1000), Some(27)), 1000, &[27]));
+        assert!(!may_attach(&dev(Some(1000), Some(27)), 1000, &[5]));
+        assert!(!may_attach(&dev(Some(1000), Some(27)), 1001, &[27]));
+    }
 
     fn tun0(up: bool) -> Link {
         Link {

@@ -193,12 +193,13 @@ pub fn attach(tun_path: &Path, name: &IfName, mode: Option<Mode>) -> Result<Read
                     "{name} is open in another program ({held} queue(s)): attached beside it, this would be another queue of a multi-queue device, which takes packets from the others rather than seeing a copy. To watch its packets meanwhile: tcpdump -i {name}"
                 )));
             }
-            // Without CAP_NET_ADMIN, only its owner (or group) may attach.
+            // Without CAP_NET_ADMIN, the kernel's rule: its owner and group,
+            // where set, must be ours.
             if !crate::caps::has_net_admin() && !crate::dev::ours(info) {
                 let me = nix::unistd::geteuid().as_raw();
                 let who = |v: Option<u32>| v.map_or("none".to_string(), |n| n.to_string());
                 return Err(DevError::Permission(format!(
-                    "{name} belongs to user {} and group {}, not to us (uid {me}): only they, or root, may open it (run this with sudo; or have root give it to you: sudo tapir dev add {name} ... --user $USER)",
+                    "{name} belongs to user {} and group {}, and we are uid {me}: the kernel lets attach only its owner, where one is set, and a member of its group, where one is set, or root (run this with sudo; or have root give it to you: sudo tapir dev add {name} ... --user $USER)",
                     who(info.owner),
                     who(info.group)
                 )));
