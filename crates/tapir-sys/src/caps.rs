@@ -1,10 +1,12 @@
 //! Giving up capabilities: after a tunnel is set up, the process keeps
-//! `CAP_NET_ADMIN` alone, in its effective, permitted and bounding sets, and
-//! can never gain more (`no_new_privs`), while it parses what arrives from
-//! the network for the rest of its life.
+//! `CAP_NET_ADMIN` (routes, marks) and `CAP_NET_BIND_SERVICE` (a port under
+//! 1024 given later by `wg set` or a reload, as root's WireGuard takes it)
+//! alone, in its effective, permitted and bounding sets, and can never gain
+//! more (`no_new_privs`), while it parses what arrives from the network for
+//! the rest of its life.
 //!
 //! ```text
-//!   PR_SET_NO_NEW_PRIVS ─▶ PR_CAPBSET_DROP (every cap but NET_ADMIN) ─▶ capset(NET_ADMIN only)
+//!   PR_SET_NO_NEW_PRIVS ─▶ PR_CAPBSET_DROP (every cap but those two) ─▶ capset(those two, where held)
 //! ```
 //! Capabilities are per thread: call this before spawning the threads that
 //! should run with it (they inherit the calling thread's sets).
@@ -13,6 +15,10 @@ use std::io;
 
 /// `CAP_NET_ADMIN`.
 pub const CAP_NET_ADMIN: u32 = 12;
+/// `CAP_NET_BIND_SERVICE`.
+pub const CAP_NET_BIND_SERVICE: u32 = 10;
+/// What a running tunnel keeps.
+const KEPT: [u32; 2] = [CAP_NET_ADMIN, CAP_NET_BIND_SERVICE];
 /// `_LINUX_CAPABILITY_VERSION_3`.
 const CAP_V3: u32 = 0x2008_0522;
 
@@ -38,13 +44,13 @@ fn last_cap() -> u32 {
         .unwrap_or(40)
 }
 
-/// Drops every capability but `CAP_NET_ADMIN` (if `keep_net_admin`) from
-/// the bounding set, so that nothing can gain them back. Takes
-/// CAP_SETPCAP: without it (EPERM) the set stays as it is, and the
-/// effective and permitted sets are what hold the process back.
-fn shrink_bounding_set(keep_net_admin: bool) -> io::Result<()> {
+/// Drops every capability but the network's two (if `keep`) from the
+/// bounding set, so that nothing can gain them back. Takes CAP_SETPCAP:
+/// without it (EPERM) the set stays as it is, and the effective and
+/// permitted sets are what hold the process back.
+fn shrink_bounding_set(keep: bool) -> io::Result<()> {
     for cap in 0..=last_cap() {
-        if keep_net_admin && cap == CAP_NET_ADMIN {
+        if keep && KEPT.contains(&cap) {
             continue;
         }
         // SAFETY: prctl with integer arguments only. EINVAL for a
@@ -67,9 +73,9 @@ fn shrink_bounding_set(keep_net_admin: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// Keeps `CAP_NET_ADMIN` only (or nothing, if `keep_net_admin` is false);
-/// returns the first failing step.
-pub fn keep_only_net_admin(keep_net_admin: bool) -> io::Result<()> {
+/// Keeps `CAP_NET_ADMIN` and `CAP_NET_BIND_SERVICE` only, those of the two
+/// it holds (or nothing, if `keep` is false); returns the first failing step.
+pub fn keep_only_network(keep: bool) -> io::Result<()> {
     let fail = |op: &str| {
         let e = io::Error::last_os_error();
         io::Error::new(e.kind(), format!("{op}: {e}"))
@@ -78,16 +84,34 @@ pub fn keep_only_net_admin(keep_net_admin: bool) -> io::Result<()> {
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(fail("prctl(PR_SET_NO_NEW_PRIVS)"));
     }
-    shrink_bounding_set(keep_net_admin)?;
+    shrink_bounding_set(keep)?;
     let mut header = CapHeader {
         version: CAP_V3,
         pid: 0,
     };
     let mut data = [CapData::default(); 2];
-    if keep_net_admin {
-        data[0].effective = 1 << CAP_NET_ADMIN;
-        data[0].permitted = 1 << CAP_NET_ADMIN;
+    // SAFETY: capget writes a v3 header's two data structs into live
+    // locals with the kernel's layout (repr(C), three u32 each).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(fail("capget"));
     }
+    // Only what is permitted now can stay (capset refuses more).
+    let wanted: u32 = if keep {
+        KEPT.iter().map(|c| 1u32 << c).sum()
+    } else {
+        0
+    };
+    let held = data[0].permitted & wanted;
+    data = [CapData::default(); 2];
+    data[0].effective = held;
+    data[0].permitted = held;
     // SAFETY: capset reads a v3 header and two data structs, both live
     // locals with the kernel's layout (repr(C), three u32 each).
     let rc = unsafe {
@@ -104,8 +128,8 @@ pub fn keep_only_net_admin(keep_net_admin: bool) -> io::Result<()> {
 }
 
 /// Runs the process as `uid` and `gid` (no supplementary groups) from now
-/// on, keeping `CAP_NET_ADMIN` alone, as [`keep_only_net_admin`] does for
-/// root. Call it before spawning threads: credentials are per thread, and
+/// on, keeping `CAP_NET_ADMIN` and `CAP_NET_BIND_SERVICE` alone, as
+/// [`keep_only_network`] does for root. Call it before spawning threads: credentials are per thread, and
 /// only libc's wrappers carry them to every thread of the process.
 pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
     let fail = |op: &str| {
@@ -132,9 +156,9 @@ pub fn become_user(uid: u32, gid: u32) -> io::Result<()> {
     if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
         return Err(fail("setresuid"));
     }
-    // The effective set was emptied by the change of uid: raise NET_ADMIN
+    // The effective set was emptied by the change of uid: raise the two
     // again from the permitted set, and drop everything else.
-    keep_only_net_admin(true)?;
+    keep_only_network(true)?;
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
     Ok(())

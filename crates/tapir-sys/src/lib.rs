@@ -6,7 +6,7 @@
 //!                                       ├─ netns:   setns for the calling thread
 //!                                       ├─ mmsg, poll: batched UDP (GSO, GRO), waiting on many fds
 //!                                       ├─ raw:     read/write/poll/recvmmsg/sendmmsg, made directly
-//!                                       ├─ caps:    keep CAP_NET_ADMIN only, after set-up
+//!                                       ├─ caps:    keep CAP_NET_ADMIN and CAP_NET_BIND_SERVICE only, after set-up
 //!                                       └─ ifname:  interface names, checked before any call
 //! ```
 //!

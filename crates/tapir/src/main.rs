@@ -665,9 +665,15 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             for n in &r.notes {
                 eprintln!("tapir: {name}: {n}");
             }
+            for n in &r.failed {
+                eprintln!("tapir: {name}: error: {n}");
+            }
             println!(
-                "{name} reloaded: {} peer(s) added, {} removed, {} changed; the others untouched",
-                r.added, r.removed, r.changed
+                "{name} reloaded{}: {} peer(s) added, {} removed, {} changed; the others untouched",
+                if r.failed.is_empty() { "" } else { " in part" },
+                r.added,
+                r.removed,
+                r.changed
             );
             if let Some(p) = r.listen_port {
                 println!("{name} now listens on port {p}");
@@ -675,7 +681,12 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             if r.new_key {
                 println!("{name} has the file's private key now: its sessions start again");
             }
-            Ok(ExitCode::SUCCESS)
+            // As `wg syncconf` refused: a script sees that not all was made.
+            Ok(if r.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Status { name, json, dirs } => {
             let st = tapir::service::status(name.as_deref(), &dirs.dirs())

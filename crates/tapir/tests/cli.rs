@@ -91,7 +91,7 @@ fn the_systemd_unit_installs_and_verifies() {
     assert!(
         unit.contains(&format!("ExecStart={} run /etc/tapir/%i", me.display()))
             && unit.contains("Type=notify")
-            && unit.contains("CapabilityBoundingSet=CAP_NET_ADMIN"),
+            && unit.contains("CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE"),
         "{unit}"
     );
     // systemd-analyze checks an instance of the template.

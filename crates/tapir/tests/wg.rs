@@ -850,7 +850,8 @@ fn full_size_packets_are_not_padded_past_the_mtu() {
 /// `wg set NAME listen-port P` moves a running tunnel to P (its peer
 /// follows the first packet from there), a port taken changes nothing, and
 /// `wg syncconf` of a file without ListenPort (which sends `listen_port=0`)
-/// keeps the port, as wg-quick's reload recipe needs.
+/// keeps the port, as wg-quick's reload recipe needs; `wg set listen-port 0`
+/// moves to one at random.
 #[test]
 fn wg_set_moves_the_listen_port_and_syncconf_keeps_it() {
     require_root!();
@@ -898,6 +899,12 @@ fn wg_set_moves_the_listen_port_and_syncconf_keeps_it() {
     let out = wg(&["syncconf", &a.name, file.to_str().unwrap()]);
     ok(&out);
     assert_eq!(port().trim(), "40123");
+    ping(&bed.a, "10.77.0.2");
+    // `wg set NAME listen-port 0` asks for one at random, as of the kernel
+    // (it kept the port and said nothing).
+    ok(&wg(&["set", &a.name, "listen-port", "0"]));
+    let moved: u16 = port().trim().parse().unwrap();
+    assert!(moved != 40123 && moved != 0, "{moved}");
     ping(&bed.a, "10.77.0.2");
 }
 
@@ -1034,7 +1041,7 @@ fn a_stream_of_control_clients_does_not_starve_another() {
 }
 
 #[test]
-fn a_running_tunnel_keeps_cap_net_admin_alone_and_still_works() {
+fn a_running_tunnel_keeps_the_network_capabilities_alone_and_still_works() {
     require_root!();
     let bed = bed("caps");
     let ((ka, pa), (kb, pb)) = (genkey(), genkey());
@@ -1051,9 +1058,10 @@ fn a_running_tunnel_keeps_cap_net_admin_alone_and_still_works() {
             .map(|v| v.trim().to_owned())
             .unwrap()
     };
-    // Bit 12: CAP_NET_ADMIN, and nothing else, in every set; no way back.
+    // Bits 12 and 10: CAP_NET_ADMIN and CAP_NET_BIND_SERVICE, and nothing
+    // else, in every set; no way back.
     for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
-        assert_eq!(field(set), "0000000000001000", "{set} of {pid}: {status}");
+        assert_eq!(field(set), "0000000000001400", "{set} of {pid}: {status}");
     }
     assert_eq!(field("NoNewPrivs:"), "1");
     // wg set still changes the tunnel, and traffic still flows.
@@ -1073,6 +1081,11 @@ fn a_running_tunnel_keeps_cap_net_admin_alone_and_still_works() {
     sh(bed.a.cmd("wg").args(["set", &a.name, "fwmark", "0x1234"]));
     let mark = sh(bed.a.cmd("wg").args(["show", &a.name, "fwmark"]));
     assert_eq!(mark.trim(), "0x1234");
+    // And CAP_NET_BIND_SERVICE for a port under 1024, which root's WireGuard
+    // takes (it was "Permission denied"); the peer follows the move.
+    sh(bed.a.cmd("wg").args(["set", &a.name, "listen-port", "443"]));
+    let port = sh(bed.a.cmd("wg").args(["show", &a.name, "listen-port"]));
+    assert_eq!(port.trim(), "443");
     ping(&bed.a, "10.77.0.2");
     // And shutdown still cleans up.
     ta.stop();
@@ -1084,9 +1097,10 @@ fn a_running_tunnel_keeps_cap_net_admin_alone_and_still_works() {
 }
 
 /// `User = 65534`: after setup the tunnel runs as that user with
-/// CAP_NET_ADMIN alone; traffic, `wg set` and down still work.
+/// CAP_NET_ADMIN and CAP_NET_BIND_SERVICE alone; traffic, `wg set` (a port
+/// under 1024 too) and down still work.
 #[test]
-fn a_tunnel_runs_as_its_user_with_net_admin_only() {
+fn a_tunnel_runs_as_its_user_with_the_network_capabilities_only() {
     require_root!();
     let bed = bed("usr");
     let ((ka, pa), (kb, pb)) = (genkey(), genkey());
@@ -1133,9 +1147,13 @@ fn a_tunnel_runs_as_its_user_with_net_admin_only() {
             .join(" ")
     };
     assert_eq!(field("Uid:"), "65534 65534 65534 65534", "{proc_status}");
-    assert_eq!(field("CapEff:"), "0000000000001000", "CAP_NET_ADMIN alone");
-    assert_eq!(field("CapPrm:"), "0000000000001000");
-    assert_eq!(field("CapBnd:"), "0000000000001000", "nothing to gain back");
+    assert_eq!(
+        field("CapEff:"),
+        "0000000000001400",
+        "the network's two alone"
+    );
+    assert_eq!(field("CapPrm:"), "0000000000001400");
+    assert_eq!(field("CapBnd:"), "0000000000001400", "nothing to gain back");
     assert_eq!(field("NoNewPrivs:"), "1");
     ping(&bed.a, "10.77.0.2");
     // wg set still reaches it.
@@ -1154,6 +1172,20 @@ fn a_tunnel_runs_as_its_user_with_net_admin_only() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&shown.stdout).contains(&other));
+    // A port under 1024, as that user.
+    ok(&bed
+        .a
+        .cmd("wg")
+        .args(["set", &name, "listen-port", "853"])
+        .output()
+        .unwrap());
+    let port = bed
+        .a
+        .cmd("wg")
+        .args(["show", &name, "listen-port"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&port.stdout).trim(), "853");
     run(&["down", &name]);
     assert!(!bed.a.has_link(&name), "the device went");
     let sockets = Command::new("find")

@@ -178,6 +178,9 @@ pub struct Reloaded {
     pub new_key: bool,
     /// What it did not change, and why.
     pub notes: Vec<String>,
+    /// What it could not make (a port held by another socket, a route),
+    /// the rest being made.
+    pub failed: Vec<String>,
 }
 
 /// Asks tunnel `name` of this namespace to read its config file again and
@@ -215,6 +218,7 @@ pub fn reload(name: &str) -> Result<Reloaded, String> {
             "tapir_listen_port" => r.listen_port = v.parse().ok(),
             "tapir_private_key" => r.new_key = true,
             "tapir_note" => r.notes.push(v.to_owned()),
+            "tapir_failed" => r.failed.push(v.to_owned()),
             "tapir_error" => error = Some(v.to_owned()),
             "errno" => errno = v.parse::<i32>().ok(),
             _ => {}

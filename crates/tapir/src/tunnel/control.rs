@@ -170,7 +170,7 @@ impl ToPacket {
                 format!("tapir_error={}\nerrno=22\n\n", e.replace('\n', " "))
             }
             Ok(plan) => {
-                let mut notes = plan.notes.clone();
+                let notes = plan.notes.clone();
                 let applied = self.ask(Request::Apply(Box::new(plan.reapply())));
                 // The packet thread did not take the peers (it was gone, or
                 // too busy to answer in time, and then does not act on it
@@ -186,23 +186,31 @@ impl ToPacket {
                     crate::notify::send("READY=1");
                     return format!("tapir_error={why}; nothing changed\nerrno={errno}\n\n");
                 };
-                // A port the packet thread could not move to is said as the file says it.
+                // A port the packet thread could not move to is said as the
+                // file says it: with routes it could not make, what failed
+                // of a reload that happened for the rest (`tapir reload`
+                // exits 1); the notes name what a reload does not change.
                 let mut out = String::new();
+                let mut failed = Vec::new();
                 for line in body.lines() {
                     match line.strip_prefix("tapir_listen_port_errno=") {
-                        Some(e) => notes.push(plan.port_refused(e.parse().unwrap_or(libc::EIO))),
+                        Some(e) => failed.push(plan.port_refused(e.parse().unwrap_or(libc::EIO))),
                         None => out += &format!("{line}\n"),
                     }
                 }
-                let problems = reloader.finish(plan);
+                failed.extend(reloader.finish(plan));
                 eprintln!(
                     "tapir: reloaded {}: {}",
                     reloader.file().display(),
                     in_words(&out)
                 );
-                for n in notes.iter().chain(&problems) {
+                for n in &notes {
                     eprintln!("tapir: reload: {n}");
                     out += &format!("tapir_note={n}\n");
+                }
+                for n in &failed {
+                    eprintln!("tapir: reload: {n}");
+                    out += &format!("tapir_failed={n}\n");
                 }
                 out + "errno=0\n\n"
             }

@@ -226,8 +226,9 @@ pub fn run(name: &IfName, tun_path: &Path, shutdown: &AtomicBool) -> Result<(), 
         config,
     };
     // Set up (wg-quick configures addresses and routes itself): from here
-    // on, CAP_NET_ADMIN alone, for `wg set fwmark`.
-    super::keep_only_net_admin();
+    // on, CAP_NET_ADMIN and CAP_NET_BIND_SERVICE alone, for `wg set fwmark`
+    // and `wg set listen-port 443`.
+    super::keep_only_network();
     // No file to read again: nothing to reload.
     let reloads = std::sync::atomic::AtomicU64::new(0);
     // SIGINT and SIGTERM wake the threads (which sleep until there is work).

@@ -377,8 +377,10 @@ fn udp_socket(port: u16) -> io::Result<UdpSocket> {
 /// from their next call on (the poll set must take it again). Received
 /// datagrams still queued on the old socket are lost, as the kernel
 /// module's are.
-fn move_udp(old: &UdpSocket, port: u16, mark: u32, gro: bool) -> io::Result<()> {
+fn move_udp(old: &UdpSocket, port: u16, mark: u32, gro: bool) -> io::Result<u16> {
     let new = udp_socket(port)?;
+    // Port 0: where the kernel put it.
+    let port = new.local_addr()?.port();
     // As the old one asked (see `Outbox::take_host`).
     tapir_sys::mmsg::set_pktinfo(new.as_fd(), tapir_sys::mmsg::pktinfo(old.as_fd()));
     if mark != 0 {
@@ -387,7 +389,8 @@ fn move_udp(old: &UdpSocket, port: u16, mark: u32, gro: bool) -> io::Result<()> 
     if gro {
         tapir_sys::mmsg::enable_gro(new.as_fd());
     }
-    tapir_sys::raw::replace(old.as_fd(), std::os::fd::OwnedFd::from(new))
+    tapir_sys::raw::replace(old.as_fd(), std::os::fd::OwnedFd::from(new))?;
+    Ok(port)
 }
 
 fn bind_tcp(port: Option<u16>, seed: u64) -> Result<TcpTransport, DevError> {
@@ -774,12 +777,13 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
 }
 
 /// Gives up every capability but CAP_NET_ADMIN (routes and marks at run
-/// time), for good: once set up, the process parses what arrives from the
-/// network. Threads started later inherit it. `TAPIR_KEEP_CAPS=1` keeps
-/// them all (for debugging).
-pub(crate) fn keep_only_net_admin() {
+/// time) and CAP_NET_BIND_SERVICE (a port under 1024 given later), for
+/// good: once set up, the process parses what arrives from the network.
+/// Threads started later inherit it. `TAPIR_KEEP_CAPS=1` keeps them all
+/// (for debugging).
+pub(crate) fn keep_only_network() {
     if std::env::var_os("TAPIR_KEEP_CAPS").is_none() {
-        if let Err(e) = tapir_sys::caps::keep_only_net_admin(true) {
+        if let Err(e) = tapir_sys::caps::keep_only_network(true) {
             eprintln!("tapir: warning: could not give up capabilities: {e}");
         }
     }
@@ -800,8 +804,9 @@ pub fn run_all(
         started.push(start(c, tun_path, run_dir)?);
     }
     // Set up: from here on the process parses what arrives from the network,
-    // so it keeps CAP_NET_ADMIN alone (to take a bridge it made down again)
-    // and can gain nothing back. Before the threads start: they inherit it.
+    // so it keeps CAP_NET_ADMIN (to take a bridge it made down again) and
+    // CAP_NET_BIND_SERVICE (a port under 1024 given later) alone, and can
+    // gain nothing back. Before the threads start: they inherit it.
     // TAPIR_KEEP_CAPS=1 keeps them all (for debugging).
     let users: Vec<&String> = configs.iter().filter_map(|c| c.ops.user.as_ref()).collect();
     let caps_at_down = configs
@@ -822,14 +827,16 @@ pub fn run_all(
             .map_or(uid, |u| u.gid.as_raw());
         tapir_sys::caps::become_user(uid, gid)
             .map_err(|e| DevError::Permission(format!("running as user {user}: {e}")))?;
-        eprintln!("tapir: running as user {user} (uid {uid}, gid {gid}) with CAP_NET_ADMIN only");
+        eprintln!(
+            "tapir: running as user {user} (uid {uid}, gid {gid}) with CAP_NET_ADMIN and CAP_NET_BIND_SERVICE only"
+        );
     } else if let Some((c, what)) = caps_at_down {
         eprintln!(
             "tapir: {}: keeping root's capabilities for what runs at down ({what})",
             c.name
         );
     } else {
-        keep_only_net_admin();
+        keep_only_network();
     }
     // SIGHUP sets `reload`; every tunnel's control thread sees the count go
     // up. The threads sleep until there is work: a signal rings the
@@ -2754,7 +2761,7 @@ fn serve_control(
                 let mut rebind = |p: u16| {
                     // (Over TCP: tapir down/up.)
                     let s = udp.ok_or(libc::EOPNOTSUPP)?;
-                    move_udp(s, p, mark_now, gro).map_err(|e| {
+                    let p = move_udp(s, p, mark_now, gro).map_err(|e| {
                         eprintln!("tapir: {}: moving to UDP port {p}: {e}", ib.name);
                         e.raw_os_error().unwrap_or(libc::EIO)
                     })?;

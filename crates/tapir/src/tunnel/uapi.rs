@@ -301,6 +301,16 @@ pub struct Settings {
     pub fwmark: Option<u32>,
 }
 
+impl Settings {
+    /// Whether these come from a whole configuration (`wg setconf`, `wg
+    /// syncconf`, which always give the key and the mark, and port 0 for a
+    /// file without ListenPort), not from `wg set`, which gives only what
+    /// it is told.
+    fn whole_config(&self) -> bool {
+        (self.private_key.is_some() || self.clear_key) && self.fwmark.is_some()
+    }
+}
+
 /// A `set=1` request read whole and checked (on the control thread): the
 /// interface's settings and the changes to its peers, in order.
 #[derive(Clone, Default)]
@@ -1435,12 +1445,14 @@ pub fn answer(request: Request, tunnel: &mut Tunnel, iface: Interface<'_>) -> St
                     return Err(EOPNOTSUPP);
                 }
                 // Another port: moved there before anything else changes,
-                // so that a port taken changes nothing. Port 0 ("any", as
-                // `wg setconf` and `wg syncconf` send for a file without
-                // ListenPort) keeps the one the tunnel has: the kernel
-                // module would move to another at random, and its peers
-                // would have to find it again.
+                // so that a port taken changes nothing. Port 0 from `wg set
+                // listen-port 0` moves to one at random, as the kernel's;
+                // from a whole file without ListenPort (`wg setconf`, `wg
+                // syncconf`) it keeps the one the tunnel has, where the
+                // kernel module would move to another at random, and its
+                // peers would have to find it again.
                 match s.listen_port {
+                    Some(0) if !s.whole_config() => rebind(0),
                     Some(p) if p != 0 && p != listen_port => rebind(p),
                     _ => Ok(()),
                 }
