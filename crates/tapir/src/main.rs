@@ -589,6 +589,9 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                 }
             }
             let shutdown = shutdown_flag()?;
+            // A PreUp or PostUp that hangs is ended by a stop (tapir down, or
+            // Ctrl-C), and the start taken back: it held the process.
+            tapir::tunnel::ops::stop_up_hooks_on(Arc::clone(&shutdown));
             let reload = Arc::new(AtomicBool::new(false));
             signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))
                 .context("installing a signal handler")?;
@@ -606,7 +609,12 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
         Command::Up { file, dirs, tun } => {
             let file = tapir::config::resolve_path(&file);
             let me = std::env::current_exe().context("finding the tapir binary")?;
-            let up = tapir::service::up(&me, &file, &tun.tun_path, &dirs.dirs())
+            // Ctrl-C, or a closed terminal, while it waits: the tunnel is
+            // stopped and takes back what it did (it stayed, with no record).
+            let stop = shutdown_flag()?;
+            signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&stop))
+                .context("installing a signal handler")?;
+            let up = tapir::service::up(&me, &file, &tun.tun_path, &dirs.dirs(), &stop)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             for d in &up.devices {
                 println!("{d}");

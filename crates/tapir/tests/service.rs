@@ -2,7 +2,8 @@
 
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use netlab::{Lab, Netns, require_root};
 use serde_json::Value;
@@ -983,4 +984,90 @@ fn ten_thousand_routes_come_and_go_and_a_covered_prefix_keeps_its_own() {
     );
     e.ok(&["down", &n]);
     e.assert_clean(&n);
+}
+
+/// Whether a process whose command line is `cmd` runs in `ns`.
+fn runs_in(ns: &Netns, cmd: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns.name()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .any(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(cmd))
+                .unwrap_or(false)
+        })
+}
+
+/// A PostUp that outlasts up's limit is waited for, as wg-quick waits for
+/// it (up failed at 15 s, then hung until the hook ended); one that hangs
+/// is ended, its processes with it, by Ctrl-C at up or by `tapir down`,
+/// and the tunnel taken back (the hook's processes were left running, and
+/// the daemon with no pid file after a Ctrl-C).
+#[test]
+fn a_slow_post_up_is_waited_for_and_a_hanging_one_ended_by_a_stop() {
+    require_root!();
+    let e = env("slowhook");
+    let n = name("tsh");
+    let up = |conf: &Path| {
+        let mut c = e.ns.cmd(TAPIR);
+        c.args(["up", conf.to_str().unwrap()])
+            .env("TAPIR_RUN_DIR", e.dir.join("run"))
+            .env("TAPIR_LOG_DIR", e.dir.join("log"))
+            .env("TAPIR_UP_LIMIT", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let conf = e.file(
+        &format!("{n}.conf"),
+        &tunnel_text(51837, 7, "PostUp = sleep 2.5\n"),
+        "600",
+    );
+    let out = up(&conf).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("waiting for `") && err.contains("sleep 2.5"),
+        "{err}"
+    );
+    e.ok(&["down", &n]);
+    e.assert_clean(&n);
+    let conf = e.file(
+        &format!("{n}.conf"),
+        &tunnel_text(51837, 7, "PostUp = sleep 3171\n"),
+        "600",
+    );
+    for how in ["ctrl-c", "down"] {
+        let child = up(&conf).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !runs_in(&e.ns, "sleep 3171") {
+            assert!(Instant::now() < deadline, "{how}: the hook never ran");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let started = Instant::now();
+        if how == "ctrl-c" {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            )
+            .unwrap();
+        } else {
+            e.ok(&["down", &n]);
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{how}: {err}");
+        if how == "ctrl-c" {
+            assert!(err.contains("interrupted"), "{err}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{how}: up returned {:?} after",
+            started.elapsed()
+        );
+        e.assert_clean(&n);
+    }
 }

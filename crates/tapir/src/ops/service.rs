@@ -17,6 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::{Signal, kill};
@@ -183,6 +184,57 @@ pub struct Reloaded {
     pub failed: Vec<String>,
 }
 
+/// How long `up` waits for a tunnel to answer while it runs no command:
+/// 15 s, or `TAPIR_UP_LIMIT` seconds.
+fn up_limit() -> Duration {
+    let secs = std::env::var("TAPIR_UP_LIMIT")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    Duration::from_secs(secs.unwrap_or(15))
+}
+
+/// Stops a daemon `up` started and waits for it to take back what it did
+/// (its hooks are ended within 3 s); killed after 20 s.
+fn end_daemon(child: &mut std::process::Child) {
+    let pid = Pid::from_raw(child.id() as i32);
+    let _ = kill(pid, Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = kill(pid, Signal::SIGKILL);
+    let _ = child.wait();
+}
+
+/// A process `pid` runs (its pid and command line), if any: a hook.
+fn command_of_child(pid: i32) -> Option<(i32, String)> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let n: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{n}/stat")).ok()?;
+        // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        let ppid: i32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        if ppid != pid {
+            return None;
+        }
+        let cmdline = std::fs::read(format!("/proc/{n}/cmdline")).unwrap_or_default();
+        let words: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|w| !w.is_empty())
+            .map(|w| String::from_utf8_lossy(w).into_owned())
+            .collect();
+        Some((n, words.join(" ")))
+    })
+}
+
 /// Asks tunnel `name` of this namespace to read its config file again and
 /// apply it without dropping anyone (as `wg syncconf`); a file with an
 /// error is refused whole and the tunnel stays as it was.
@@ -318,7 +370,13 @@ fn write_pid_file(path: &Path, pid: i32) -> std::io::Result<()> {
 
 /// Starts the tunnels of `file` in the background; returns their names once
 /// they answer, or the reason they did not (with nothing left behind).
-pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up, String> {
+pub fn up(
+    tapir: &Path,
+    file: &Path,
+    tun_path: &Path,
+    dirs: &Dirs,
+    stop: &AtomicBool,
+) -> Result<Up, String> {
     let (configs, devices) = config::load_file(file).map_err(|e| e.to_string())?;
     // Declared devices first (tunnels may use them), rolled back if a later
     // one fails: a failed up leaves nothing it created.
@@ -406,7 +464,12 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up,
             .arg(file);
         let (mut child, log_start) = spawn_daemon(cmd, &log_path)?;
         let pid = child.id() as i32;
-        let deadline = Instant::now() + Duration::from_secs(15);
+        // 15 s to answer, counted from the last moment it waited for a
+        // command of its own (a hook, resolvconf): those have no time
+        // limit, as with wg-quick.
+        let limit = up_limit();
+        let mut deadline = Instant::now() + limit;
+        let mut waited_for = None;
         loop {
             if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
                 let text = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -426,20 +489,41 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up,
                 r.as_ref()
                     .is_err_and(|e| e.contains("another process holds"))
             }) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-                let _ = child.wait();
+                end_daemon(&mut child);
                 return Err(e.clone());
             }
             if answers.iter().all(Result::is_ok) {
                 break;
             }
+            // Ctrl-C (or a closed terminal): the tunnel stops, and takes
+            // back what it did, a hook that hangs included.
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                end_daemon(&mut child);
+                return Err(
+                    "interrupted: the tunnel was stopped, and what it had set up taken back".into(),
+                );
+            }
             if Instant::now() > deadline {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-                let _ = child.wait();
-                return Err(format!(
-                    "the tunnel did not answer within 15 s; see {}",
-                    log_path.display()
-                ));
+                match command_of_child(pid) {
+                    Some(running) => {
+                        if waited_for.as_ref() != Some(&running) {
+                            eprintln!(
+                                "tapir: waiting for `{}` (pid {}), which the tunnel runs as it comes up: as with wg-quick, its hooks have no time limit (Ctrl-C stops it and takes the tunnel back)",
+                                running.1, running.0
+                            );
+                        }
+                        waited_for = Some(running);
+                        deadline = Instant::now() + limit;
+                    }
+                    None => {
+                        end_daemon(&mut child);
+                        return Err(format!(
+                            "the tunnel did not answer within {} s; see {}",
+                            limit.as_secs(),
+                            log_path.display()
+                        ));
+                    }
+                }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -447,8 +531,7 @@ pub fn up(tapir: &Path, file: &Path, tun_path: &Path, dirs: &Dirs) -> Result<Up,
             let path = pid_file(dirs, &scope, name);
             if let Err(e) = write_pid_file(&path, pid) {
                 // Not up without its record: stopped again, nothing left.
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-                let _ = child.wait();
+                end_daemon(&mut child);
                 for n in &names[..i] {
                     let _ = std::fs::remove_file(pid_file(dirs, &scope, n));
                 }

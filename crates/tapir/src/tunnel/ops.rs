@@ -21,8 +21,12 @@
 use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use tapir_sys::{Netlink, Rule};
@@ -35,9 +39,37 @@ const MAIN: u32 = tapir_sys::MAIN_TABLE;
 /// Where wg-quick starts looking for a free table.
 const FIRST_TABLE: u32 = 51820;
 
-/// Runs `cmds` through `/bin/sh -c`, `%i` replaced by `name`, in order;
+/// Set by SIGINT and SIGTERM in a tunnel's process (see
+/// [`stop_up_hooks_on`]).
+static STOP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+/// From now on, a PreUp or PostUp that runs when `flag` is set is stopped,
+/// and with it the start, which takes back what it did (a `tapir down`, or
+/// `up` given up at the terminal, while a PostUp hangs).
+pub fn stop_up_hooks_on(flag: Arc<AtomicBool>) {
+    let _ = STOP.set(flag);
+}
+
+fn stopping() -> bool {
+    STOP.get().is_some_and(|f| f.load(Ordering::Relaxed))
+}
+
+/// The shell of the hooks: bash, as wg-quick's (its manual's
+/// `PostUp = wg set %i private-key <(...)` needs it), or `/bin/sh` where
+/// there is none.
+fn shell() -> &'static str {
+    ["/bin/bash", "/usr/bin/bash"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("/bin/sh")
+}
+
+/// Runs `cmds` through bash (`-c`), `%i` replaced by `name`, in order;
 /// their output goes where ours goes (the tunnel's log). The first that
-/// fails stops the rest and is the error.
+/// fails stops the rest and is the error. Each runs in a process group of
+/// its own: a PreUp or PostUp still running when the tunnel is asked to
+/// stop is ended, group and all (SIGTERM, SIGKILL 3 s later), and is the
+/// error; the down hooks run to their end, as wg-quick's do.
 ///
 /// The name goes into the command as it is, as wg-quick puts it; so only
 /// names of wg-quick's characters (`A-Z a-z 0-9 _ = + . -`) run hooks: the
@@ -55,15 +87,34 @@ pub fn run_hooks(stage: &str, cmds: &[String], name: &str) -> Result<(), DevErro
             "{stage}: the tunnel's name {name} has '{c}', which the shell would read in its commands (%i): name it with letters, digits and _=+.- only, or remove the {stage} lines"
         )));
     }
+    let sh = shell();
+    let stoppable = matches!(stage, "PreUp" | "PostUp");
     for c in cmds {
         let cmd = c.replace("%i", name);
+        if stoppable && stopping() {
+            return Err(DevError::Invalid(format!(
+                "{name}: {stage} = {cmd}: not run: the tunnel was asked to stop"
+            )));
+        }
         eprintln!("tapir: {name}: {stage}: {cmd}");
-        let status = Command::new("/bin/sh")
+        let mut child = Command::new(sh)
             .arg("-c")
             .arg(&cmd)
             .stdin(Stdio::null())
-            .status()
-            .map_err(|e| DevError::Runtime(format!("{stage}: /bin/sh: {e}")))?;
+            .process_group(0)
+            .spawn()
+            .map_err(|e| DevError::Runtime(format!("{stage}: {sh}: {e}")))?;
+        let status = if stoppable {
+            wait_unless_stopped(&mut child)
+        } else {
+            child.wait().map(Some)
+        }
+        .map_err(|e| DevError::Runtime(format!("{stage}: waiting for {sh}: {e}")))?;
+        let Some(status) = status else {
+            return Err(DevError::Invalid(format!(
+                "{name}: {stage} = {cmd}: stopped, its processes with it: the tunnel was asked to stop while it ran"
+            )));
+        };
         if !status.success() {
             return Err(DevError::Invalid(format!(
                 "{name}: {stage} = {cmd}: {status}; fix the command or remove the line"
@@ -71,6 +122,32 @@ pub fn run_hooks(stage: &str, cmds: &[String], name: &str) -> Result<(), DevErro
         }
     }
     Ok(())
+}
+
+/// Waits for a hook; if the tunnel is asked to stop first, ends its process
+/// group (SIGTERM, SIGKILL 3 s later) and says `None`.
+fn wait_unless_stopped(child: &mut Child) -> std::io::Result<Option<ExitStatus>> {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    let tick = Duration::from_millis(10);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if stopping() {
+            let group = Pid::from_raw(child.id() as i32);
+            let _ = killpg(group, Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while child.try_wait()?.is_none() && Instant::now() < deadline {
+                std::thread::sleep(tick);
+            }
+            // What is left of the group: the shell, or what it started.
+            let _ = killpg(group, Signal::SIGKILL);
+            child.wait()?;
+            return Ok(None);
+        }
+        std::thread::sleep(tick);
+    }
 }
 
 /// The record of rules, one per line: `4|6 TABLE FWMARK|- not|- SUPPRESS|-`.
