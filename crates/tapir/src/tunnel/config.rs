@@ -522,10 +522,21 @@ pub fn parse(
         return Err(err(0, "", "no [Interface] section".into()));
     };
     let private_key = private_key.ok_or_else(|| {
+        // wg-quick(8)'s way of keeping the key out of the file: a tunnel
+        // here has its key from the start.
+        let by_hook = ops
+            .post_up
+            .iter()
+            .chain(&ops.pre_up)
+            .any(|h| h.contains("private-key"));
         err(
             interface_line,
             "PrivateKey",
-            "missing: give PrivateKey (from wg genkey or tapir genkey) or PrivateKeyFile".into(),
+            if by_hook {
+                "missing: a tapir tunnel starts with its key, and cannot wait for a hook's `wg set %i private-key ...`: give PrivateKeyFile = PATH (a root-only file: the key stays out of this one), or PrivateKey".into()
+            } else {
+                "missing: give PrivateKey (from wg genkey or tapir genkey) or PrivateKeyFile".into()
+            },
         )
     })?;
     for (line, what, k) in [
@@ -1571,6 +1582,10 @@ mod tests {
             (
                 "[Interface]\nAddress = 10.0.0.1/24\n",
                 ":1: PrivateKey: missing",
+            ),
+            (
+                "[Interface]\nPostUp = wg set %i private-key <(pass wg0)\n",
+                ":1: PrivateKey: missing: a tapir tunnel starts with its key, and cannot wait for a hook's",
             ),
             ("[Interfaces]\n", ":1: unknown section [interfaces]"),
             (
