@@ -861,6 +861,27 @@ impl Netlink {
         msg
     }
 
+    /// `ip route add DST via GW dev DEV onlink`: the gateway taken to be on
+    /// the link with no route to it, as the peer of a point-to-point
+    /// address is (whose IPv6 route the kernel makes only once the device
+    /// is up and the address checked: "No route to host" before).
+    pub fn add_route_onlink(
+        &mut self,
+        index: u32,
+        dst: IpNet,
+        via: IpAddr,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = Self::route_message(index, dst, Some(via));
+        msg.header.flags = RouteFlags::Onlink;
+        self.request(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            "RTM_NEWROUTE",
+            || format!("{} onlink", describe_route(dst, Some(via), index)),
+        )?;
+        Ok(())
+    }
+
     /// `ip route add DST [via GW] dev DEV` (main table, protocol boot).
     pub fn add_route(
         &mut self,

@@ -1226,3 +1226,38 @@ fn what_goes_with_a_primary_address_is_said_and_put_back() {
     assert!(out.contains("sc0: unchanged"), "{out}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// An IPv6 address with a peer and a route via that peer in one `dev set`
+/// (it failed every time, "No route to host": the kernel makes its route to
+/// the peer only once the address is checked): the route is made on the
+/// link; on a device that is down, what to do is said.
+#[test]
+fn an_ipv6_peer_and_a_route_via_it_in_one_set() {
+    require_root!();
+    let lab = Lab::new();
+    let ns = lab.netns("a");
+    let set = [
+        "--addr",
+        "fd01::1",
+        "--peer",
+        "fd01::2",
+        "--route",
+        "fd02::/64",
+        "--via",
+        "fd01::2",
+    ];
+    ok(&ns, &["dev", "add", "tun6", "--mode", "tun"]);
+    ok(&ns, &[&["dev", "set", "tun6", "--up"][..], &set].concat());
+    let routes = ns.ip_json(&["-6", "route", "show", "dev", "tun6"]);
+    assert!(
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["dst"] == "fd02::/64" && r["gateway"] == "fd01::2"),
+        "{routes}"
+    );
+    ok(&ns, &["dev", "add", "tun7", "--mode", "tun"]);
+    let e = fails(&ns, &[&["dev", "set", "tun7"][..], &set].concat());
+    assert!(e.contains("--up") && e.contains("as it was"), "{e}");
+}

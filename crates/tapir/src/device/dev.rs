@@ -921,13 +921,21 @@ pub enum Step {
 }
 
 impl Step {
-    fn apply(&self, nl: &mut Netlink, index: u32) -> Result<(), NetlinkError> {
+    /// Applies the step to device `index`, whose point-to-point peers (as
+    /// they will be) are `peers`: an IPv6 route via one of them is made
+    /// `onlink`, since the kernel's route to such a peer comes only once the
+    /// device is up and the address checked (`--addr fd01::1 --peer fd01::2
+    /// --route fd02::/64 --via fd01::2` in one `dev set` failed).
+    fn apply(&self, nl: &mut Netlink, index: u32, peers: &[IpAddr]) -> Result<(), NetlinkError> {
         match *self {
             Step::Up(up) => nl.set_up(index, up),
             Step::Mtu(mtu) => nl.set_mtu(index, mtu),
             Step::Promisc(on) => nl.set_promisc(index, on),
             Step::AddAddr(a, p) => nl.add_address(index, a, p),
             Step::DelAddr(a, p) => nl.del_address(index, a, p),
+            Step::AddRoute(d, Some(v @ IpAddr::V6(_))) if peers.contains(&v) => {
+                nl.add_route_onlink(index, d, v)
+            }
             Step::AddRoute(d, v) => nl.add_route(index, d, v),
             Step::DelRoute(d, v) => nl.del_route(index, d, v),
         }
@@ -1129,13 +1137,22 @@ pub fn set(name: &str, req: &SetRequest) -> Result<(Vec<Step>, Vec<IpNet>), DevE
     let addrs = nl.addresses(Some(link.index))?;
     let routes = nl.routes(Some(link.index))?;
     let steps = plan(req, &link, &addrs, &routes)?;
+    let peers: Vec<IpAddr> = addrs
+        .iter()
+        .filter(|a| a.index == link.index)
+        .filter_map(|a| a.peer.map(|p| p.addr()))
+        .chain(steps.iter().filter_map(|(s, _)| match s {
+            Step::AddAddr(_, p) => *p,
+            _ => None,
+        }))
+        .collect();
     let mut applied: Vec<&(Step, Step)> = Vec::new();
     for pair in &steps {
-        if let Err(source) = pair.0.apply(&mut nl, link.index) {
+        if let Err(source) = pair.0.apply(&mut nl, link.index, &peers) {
             let mut undone = Vec::new();
             let mut failed = Vec::new();
             for (step, undo) in applied.iter().rev() {
-                match undo.apply(&mut nl, link.index) {
+                match undo.apply(&mut nl, link.index, &peers) {
                     Ok(()) => undone.push(step.to_string()),
                     Err(e) => failed.push(format!("{step} (undo failed: {e})")),
                 }
