@@ -134,7 +134,7 @@ enum Command {
         #[command(flatten)]
         dirs: DirArgs,
     },
-    /// QEMU's script=: bring the tap up, on a bridge (created with --addr if missing) or with --addr on itself.
+    /// QEMU's script=: bring the tap up, on a bridge (created if missing, with --addr on it if given) or with --addr on itself.
     QemuIfup {
         /// The tap QEMU created.
         name: String,

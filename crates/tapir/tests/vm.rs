@@ -262,6 +262,36 @@ fn qemu_ifup_puts_taps_on_a_bridge_it_creates_and_ifdown_takes_it_back() {
         !h.has_link("br77"),
         "the bridge tapir made goes with its last port"
     );
+    // Made without --addr, given one by a later ifup: tapir's bridge, so it
+    // takes it (a warning said the bridge "was there before").
+    let ifup = |tap: &str, addr: Option<&str>| {
+        let mut c = h.cmd(&up);
+        c.arg(tap)
+            .env("TAPIR_QEMU_BRIDGE", "br79")
+            .env("TAPIR_RUN_DIR", dir.join("run"));
+        if let Some(a) = addr {
+            c.env("TAPIR_QEMU_ADDR", a);
+        }
+        let out = c.output().unwrap();
+        ok(&out);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let out = ifup("qtap0", None);
+    assert!(out.contains("created bridge br79\n"), "{out}");
+    let out = ifup("qtap1", Some("192.168.79.1/24"));
+    assert!(
+        out.contains("put 192.168.79.1/24 on br79 (tapir created it)") && !out.contains("warning"),
+        "{out}"
+    );
+    assert!(h.ip(&["addr", "show", "br79"]).contains("192.168.79.1/24"));
+    for t in ["qtap0", "qtap1"] {
+        h.cmd(&down)
+            .arg(t)
+            .env("TAPIR_RUN_DIR", dir.join("run"))
+            .status()
+            .unwrap();
+    }
+    assert!(!h.has_link("br79"));
     // A bridge that was there before is left there.
     h.ip(&["link", "add", "br88", "type", "bridge"]);
     let out = h

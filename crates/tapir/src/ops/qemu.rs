@@ -138,7 +138,15 @@ pub fn ifup(
                 Some(l) if l.kind.as_deref() == Some("bridge") => {
                     if let Some(a) = addr {
                         let has = nl.addresses(Some(l.index))?.iter().any(|x| x.local == a);
-                        if !has {
+                        let ours = BridgeMarks::existing(run_dir)
+                            .is_some_and(|m| m.has(br.as_str(), l.index));
+                        if has {
+                        } else if ours {
+                            // Made by an earlier qemu-ifup without --addr:
+                            // tapir's, and its addresses go with it.
+                            nl.add_address(l.index, a, None)?;
+                            done.push(format!("put {a} on {br} (tapir created it)"));
+                        } else {
                             done.push(format!(
                                 "warning: --addr {a} not put on {br}: it was there before, and tapir changes only a bridge it creates (ip addr add {a} dev {br})"
                             ));
