@@ -460,6 +460,37 @@ fn a_real_qemu_guest_gets_its_address_from_guest_net_and_down_leaves_nothing() {
         "vb",
     ]));
     assert!(again.contains("already up"), "{again}");
+    // Asked otherwise while up: the difference named, nothing changed (the
+    // new subnet was dropped unsaid, "nothing changed").
+    let out = gnet(&[
+        "guest-net",
+        "up",
+        "gnet0",
+        "--subnet",
+        "192.168.98.0/24",
+        "--out",
+        "vb",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("not as asked: its subnet is 192.168.99.0/24, not 192.168.98.0/24"),
+        "{err}"
+    );
+    // Another on a subnet in use, a guest network's or the host's own
+    // link's: refused, naming what holds it (two bridges held 192.168.99.1/24).
+    for (subnet, holder) in [
+        ("192.168.99.128/25", "192.168.99.1/24 on gnet0"),
+        ("10.200.0.0/16", "10.200.0.2/24 on vb"),
+    ] {
+        let out = gnet(&["guest-net", "up", "gnet1", "--subnet", subnet]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(&format!("is in use here ({holder})")),
+            "{subnet}: {err}"
+        );
+        assert!(!h.has_link("gnet1"));
+    }
     let mut qemu = qemu(
         h,
         dir,

@@ -139,6 +139,49 @@ fn bridge_mac(name: &IfName) -> [u8; 6] {
     crate::tunnel::local_mac(&[b"tapir guest-net bridge", name.as_str().as_bytes()])
 }
 
+/// What in this namespace already reaches into `subnet`, or it into: an
+/// address of an interface (a guest network's too), or a route of the main
+/// table other than a default one. libvirt refuses such a network too.
+fn in_use(nl: &mut Netlink, subnet: Ipv4Net) -> Result<Option<String>, String> {
+    let overlaps = |n: &IpNet| match n.trunc() {
+        IpNet::V4(n) => n.contains(&subnet.network()) || subnet.contains(&n.network()),
+        IpNet::V6(_) => false,
+    };
+    let links = nl.links().map_err(|e| e.to_string())?;
+    let dev = |i: u32| {
+        links
+            .iter()
+            .find(|l| l.index == i)
+            .map_or_else(|| format!("interface {i}"), |l| l.name.to_string())
+    };
+    if let Some(a) = nl
+        .addresses(None)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|a| overlaps(&a.local) && a.scope != "host")
+    {
+        return Ok(Some(format!("{} on {}", a.local, dev(a.index))));
+    }
+    Ok(nl
+        .routes(None)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|r| {
+            r.table == tapir_sys::MAIN_TABLE
+                && r.kind == "unicast"
+                && r.dst.prefix_len() > 0
+                && overlaps(&r.dst)
+        })
+        .map(|r| {
+            let via = r.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+            let on = r
+                .oif
+                .map(|i| format!(" dev {}", dev(i)))
+                .unwrap_or_default();
+            format!("the route {}{via}{on}", r.dst)
+        }))
+}
+
 /// Sets the guest network up (see the module's words); what it did. `dns`:
 /// the name servers to give the guests (none given: with NAT, the host's).
 pub fn up(
@@ -152,6 +195,28 @@ pub fn up(
     let (state_file, leases_file) = files(dirs, name)?;
     match read_state(&state_file) {
         Some(s) if alive(s.pid) => {
+            // Up as asked: nothing to do. Otherwise the difference is
+            // named, not dropped unsaid (as `dev add` and [[device]] do).
+            let mut differs = Vec::new();
+            if s.subnet != subnet.to_string() {
+                differs.push(format!("its subnet is {}, not {subnet}", s.subnet));
+            }
+            if s.out.as_deref() != out {
+                differs.push(match (&s.out, out) {
+                    (Some(was), Some(o)) => format!("its NAT goes out of {was}, not {o}"),
+                    (Some(was), None) => format!("it has NAT out of {was}, not none"),
+                    _ => "it has no NAT".to_string(),
+                });
+            }
+            if !dns.is_empty() && s.dns != dns {
+                differs.push("its guests have other name servers".to_string());
+            }
+            if !differs.is_empty() {
+                return Err(format!(
+                    "{name} is already up, not as asked: {}; to change it: tapir guest-net down {name}, then up again",
+                    differs.join(", ")
+                ));
+            }
             return Ok(vec![format!(
                 "{name} is already up ({}, DHCP pid {}): nothing changed",
                 s.subnet, s.pid
@@ -185,6 +250,11 @@ pub fn up(
     if nl.link(name.as_str()).map_err(|e| e.to_string())?.is_some() {
         return Err(format!(
             "{name} already exists: choose another name for the guest network"
+        ));
+    }
+    if let Some(what) = in_use(&mut nl, subnet)? {
+        return Err(format!(
+            "--subnet {subnet} is in use here ({what}): a bridge on it would take the host's own traffic or answer beside it; choose another subnet"
         ));
     }
     let mut done = Vec::new();
