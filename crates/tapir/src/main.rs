@@ -574,11 +574,20 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                 eprintln!("tapir: warning: {w}");
             }
             // Devices declared beside the tunnels are up's (and the devices
-            // unit's) to make: said, where run went on without them.
+            // unit's) to make: said, where run went on without them (not
+            // where up made them: it said so under up too).
             if file.extension().is_some_and(|e| e == "toml") {
                 if let Ok((_, devices)) = tapir::config::load_file(&file) {
-                    if !devices.is_empty() {
-                        let names: Vec<&str> = devices.iter().map(|d| d.name.as_str()).collect();
+                    let mut nl = tapir_sys::Netlink::open().ok();
+                    let names: Vec<&str> = devices
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .filter(|n| {
+                            !nl.as_mut()
+                                .is_some_and(|nl| nl.link(n).is_ok_and(|l| l.is_some()))
+                        })
+                        .collect();
+                    if !names.is_empty() {
                         eprintln!(
                             "tapir: warning: {} declares devices ({}) that run does not make: tapir up {} makes them with the tunnels (or tapir-devices.service, from /etc/tapir/devices.toml)",
                             file.display(),
