@@ -80,6 +80,9 @@ fn netlink_hint(e: &io::Error, kernel: Option<&str>) -> &'static str {
             ": the gateway is not on a subnet of the device that is up: give the device an address in the gateway's subnet (--addr) and bring it up (--up), or route via an address that is on one"
         }
         _ if kernel.contains("device is not up") => ": bring the device up first (--up)",
+        _ if kernel.contains("ipv6 is disabled") => {
+            ": IPv6 is off for this device (sysctl net.ipv6.conf.default.disable_ipv6 = 1, or .all): set it to 0 (sysctl -w net.ipv6.conf.default.disable_ipv6=0) before the device is made, or give IPv4 addresses only"
+        }
         _ => "",
     }
 }

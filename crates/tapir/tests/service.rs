@@ -219,6 +219,10 @@ fn a_broken_config_fails_with_the_reason_and_leaves_nothing() {
             // (Line 6, the Endpoint's, not the [Peer] header's.)
             ".conf:6: Endpoint no-such-host.invalid:51820 does not resolve",
         ),
+        (
+            format!("[Interface]\nPrivateKey = {good_key}\nAddress = fd05::1/64\nPostUp = false\n"),
+            "PostUp = false: exit status: 1",
+        ),
     ];
     for (text, want) in cases {
         let conf = e.file(&format!("{n}.conf"), &text, "600");
@@ -226,8 +230,48 @@ fn a_broken_config_fails_with_the_reason_and_leaves_nothing() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{text}");
         assert!(err.contains(want), "{text:?}: {err}");
+        // Not quoted from the log: that it was up a moment, before the
+        // PostUp (it said "did not come up" and "up (tun mode)" at once).
+        assert!(!err.contains(": up ("), "{err}");
         e.assert_clean(&n);
     }
+    // IPv6 off: the address named, and what to do.
+    let sysctl = |v: &str| {
+        e.ns.cmd("sysctl")
+            .args(["-qw", &format!("net.ipv6.conf.default.disable_ipv6={v}")])
+            .status()
+            .unwrap()
+    };
+    assert!(sysctl("1").success());
+    let conf = e.file(
+        &format!("{n}.conf"),
+        &format!("[Interface]\nPrivateKey = {good_key}\nAddress = fd05::1/64\n"),
+        "600",
+    );
+    let out = e.tapir(&["up", conf.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("address fd05::1/64: ")
+            && err.contains("disable_ipv6=0"),
+        "{err}"
+    );
+    e.assert_clean(&n);
+    assert!(sysctl("0").success());
+    // A run directory that cannot be: the setting named.
+    let out =
+        e.ns.cmd(TAPIR)
+            .args(["up", conf.to_str().unwrap()])
+            .env("TAPIR_RUN_DIR", "/proc/nope")
+            .env("TAPIR_LOG_DIR", e.dir.join("log"))
+            .output()
+            .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("the run directory (--run-dir, TAPIR_RUN_DIR): /proc/nope"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -241,10 +241,7 @@ pub fn up(
         )
     };
     let scope = Scope::current()?;
-    for d in [&dirs.run, &dirs.log] {
-        crate::uapi::ensure_private_dir(d)?;
-        crate::uapi::ensure_private_dir(&scope.dir(d))?;
-    }
+    dirs.ensure(&scope)?;
     let server = subnet.hosts().next().ok_or("--subnet: no host addresses")?;
     let mut nl = Netlink::open().map_err(|e| e.to_string())?;
     if nl.link(name.as_str()).map_err(|e| e.to_string())?.is_some() {

@@ -38,6 +38,22 @@ pub struct Dirs {
 }
 
 impl Dirs {
+    /// Makes (or checks) the run and log directories and this namespace's
+    /// own in them: root writes there, and a directory someone else owns
+    /// or can write to could have links planted in it. An error names the
+    /// setting that gave the directory.
+    pub fn ensure(&self, scope: &Scope) -> Result<(), String> {
+        for (d, what) in [
+            (&self.run, "run directory (--run-dir, TAPIR_RUN_DIR)"),
+            (&self.log, "log directory (--log-dir, TAPIR_LOG_DIR)"),
+        ] {
+            let named = |e: String| format!("the {what}: {e}");
+            crate::uapi::ensure_private_dir(d).map_err(named)?;
+            crate::uapi::ensure_private_dir(&scope.dir(d)).map_err(named)?;
+        }
+        Ok(())
+    }
+
     /// This network namespace's pid files: `run` itself in the host's
     /// namespace, `run/netns-INODE-COOKIE` in another (see [`crate::scope`]).
     fn run_here(&self, scope: &Scope) -> PathBuf {
@@ -423,12 +439,7 @@ pub fn up(
         let file = &std::path::absolute(file).map_err(|e| format!("{}: {e}", file.display()))?;
         let scope = Scope::current()?;
         let names: Vec<String> = configs.iter().map(|c| c.name.to_string()).collect();
-        for d in [&dirs.run, &dirs.log] {
-            // Root writes here: a directory someone else owns or can write to
-            // could have links planted in it.
-            crate::uapi::ensure_private_dir(d)?;
-            crate::uapi::ensure_private_dir(&scope.dir(d))?;
-        }
+        dirs.ensure(&scope)?;
         // One up at a time in this namespace: a second waits for the first
         // and then finds its tunnels up (two raced, and the loser's error
         // held the winner's log lines). The lock is the run directory's
@@ -473,12 +484,23 @@ pub fn up(
         loop {
             if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
                 let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-                let why = text
+                // Without the lines that said a tunnel of it was up (before
+                // its PostUp, or another of the file, failed): it is not.
+                let why: Vec<&str> = text
                     .get(log_start as usize..)
                     .unwrap_or("")
                     .trim()
-                    .to_owned();
-                return Err(format!("the tunnel did not come up ({status}): {why}"));
+                    .lines()
+                    .filter(|l| {
+                        !names
+                            .iter()
+                            .any(|n| l.starts_with(&format!("tapir: {n}: up (")))
+                    })
+                    .collect();
+                return Err(format!(
+                    "the tunnel did not come up ({status}): {}",
+                    why.join("\n")
+                ));
             }
             // Ready when every tunnel answers, and it is our child answering.
             let answers: Vec<Result<_, String>> = names

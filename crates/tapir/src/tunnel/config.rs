@@ -51,6 +51,15 @@ fn parse_transport(s: &str) -> Result<Transport, String> {
     }
 }
 
+/// What is said of an address a list gives twice (the kernel refuses the
+/// second: "File exists", from deep in the start).
+fn twice(first: &IpNet, again: &IpNet) -> String {
+    format!(
+        "{} is given twice ({first} and {again}): a device has an address once",
+        again.addr()
+    )
+}
+
 fn parse_mode(s: &str) -> Result<tapir_sys::Mode, String> {
     s.to_ascii_lowercase()
         .parse()
@@ -436,7 +445,11 @@ pub fn parse(
             }
             (Section::Interface, "address") => {
                 for a in list() {
-                    addresses.push(crate::dev::parse_addr(a).map_err(|m| err(n, key, m))?);
+                    let net = crate::dev::parse_addr(a).map_err(|m| err(n, key, m))?;
+                    if let Some(o) = addresses.iter().find(|o: &&IpNet| o.addr() == net.addr()) {
+                        return Err(err(n, key, twice(o, &net)));
+                    }
+                    addresses.push(net);
                 }
             }
             (Section::Interface, "mtu") => {
@@ -986,14 +999,7 @@ pub fn parse_toml_all(
             let net =
                 crate::dev::parse_addr(a.get_ref()).map_err(|m| err(a.span(), "addresses", m))?;
             if let Some(o) = addresses.iter().find(|o| o.addr() == net.addr()) {
-                return Err(err(
-                    a.span(),
-                    "addresses",
-                    format!(
-                        "{} is given twice ({o} and {net}): a device has an address once",
-                        net.addr()
-                    ),
-                ));
+                return Err(err(a.span(), "addresses", twice(o, &net)));
             }
             if net.addr().is_ipv6() && mtu.is_some_and(|m| m < 1280) {
                 return Err(err(
@@ -1081,11 +1087,14 @@ pub fn parse_toml_all(
                 ));
             }
         };
-        let mut addresses = Vec::new();
+        let mut addresses: Vec<IpNet> = Vec::new();
         for a in &t.addresses {
-            addresses.push(
-                crate::dev::parse_addr(a.get_ref()).map_err(|m| err(a.span(), "addresses", m))?,
-            );
+            let net =
+                crate::dev::parse_addr(a.get_ref()).map_err(|m| err(a.span(), "addresses", m))?;
+            if let Some(o) = addresses.iter().find(|o| o.addr() == net.addr()) {
+                return Err(err(a.span(), "addresses", twice(o, &net)));
+            }
+            addresses.push(net);
         }
         let dev_mode = match &t.mode {
             Some(m) => parse_mode(m.get_ref()).map_err(|e| err(m.span(), "mode", e))?,
@@ -1587,6 +1596,10 @@ mod tests {
                 "[Interface]\nPostUp = wg set %i private-key <(pass wg0)\n",
                 ":1: PrivateKey: missing: a tapir tunnel starts with its key, and cannot wait for a hook's",
             ),
+            (
+                "[Interface]\nPrivateKey = KEY\nAddress = 10.1.1.1/24, fd00::1/64, 10.1.1.1/24\n",
+                ":3: Address: 10.1.1.1 is given twice (10.1.1.1/24 and 10.1.1.1/24)",
+            ),
             ("[Interfaces]\n", ":1: unknown section [interfaces]"),
             (
                 "[Interface]\nPrivateKey = KEY\n[Peer]\nPublicKey = OWN\n",
@@ -1652,6 +1665,10 @@ mod tests {
             (
                 format!("{base}addresses = [\"10.0.0.1/40\"]\n"),
                 "t.toml:4: addresses: ",
+            ),
+            (
+                format!("{base}addresses = [\"10.1.2.1/24\", \"10.1.2.1/24\"]\n"),
+                "t.toml:4: addresses: 10.1.2.1 is given twice",
             ),
             (
                 format!("{base}[[tunnel.peer]]\npublic_key = \"x\"\n"),

@@ -669,7 +669,9 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
     };
     nl.set_mtu(index, mtu)?;
     for a in &config.addresses {
-        nl.add_address(index, *a, None)?;
+        // Named as the file gives it (it was the netlink request alone).
+        nl.add_address(index, *a, None)
+            .map_err(|e| DevError::Invalid(format!("{}: address {a}: {}", name, e.reason())))?;
     }
     nl.set_up(index, true)?;
     // In tap mode the tunnel is a link: its subnet is on-link through the
