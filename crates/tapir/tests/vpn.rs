@@ -302,15 +302,53 @@ fn dns_goes_through_resolvconf_and_saveconfig_keeps_peers_added_with_wg_set() {
         .status()
         .unwrap();
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
-    let run = |args: &[&str]| {
+    let run_with = |path: &str, args: &[&str]| {
         a.cmd(env!("CARGO_BIN_EXE_tapir"))
             .args(args)
             .env("TAPIR_RUN_DIR", dir.join("run"))
             .env("TAPIR_LOG_DIR", dir.join("log"))
-            .env("PATH", &path)
+            .env("PATH", path)
             .output()
             .unwrap()
     };
+    let run = |args: &[&str]| run_with(&path, args);
+    // Without resolvconf, or with one that fails, the tunnel does not start
+    // and nothing is left, as with wg-quick (it came up with a warning, the
+    // host's queries going to its old name servers, past the tunnel).
+    let name = v.client.file_stem().unwrap().to_str().unwrap();
+    let failing = dir.join("failing");
+    std::fs::create_dir_all(&failing).unwrap();
+    std::fs::write(failing.join("resolvconf"), "#!/bin/sh\nexit 3\n").unwrap();
+    Command::new("chmod")
+        .args(["755", failing.join("resolvconf").to_str().unwrap()])
+        .status()
+        .unwrap();
+    // Everything of the PATH but resolvconf (`ip` runs tapir in the
+    // namespace, `nft` keeps the default route's packets).
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    for d in std::env::var("PATH").unwrap().split(':') {
+        for entry in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            if name == "resolvconf" {
+                continue;
+            }
+            for to in [&empty, &failing] {
+                if !to.join(&name).exists() {
+                    let _ = std::os::unix::fs::symlink(entry.path(), to.join(&name));
+                }
+            }
+        }
+    }
+    for (p, want) in [
+        (&empty, "resolvconf is not installed"),
+        (&failing, "DNS: resolvconf -a"),
+    ] {
+        let out = run_with(p.to_str().unwrap(), &["up", v.client.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{err}");
+        assert!(!a.has_link(name), "{want}: the device was left");
+    }
     ok(&run(&["up", v.client.to_str().unwrap()]));
     let n = &v.name;
     let iface = resolvconf_iface(n);

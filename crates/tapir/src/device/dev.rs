@@ -1052,7 +1052,10 @@ pub fn plan(
                 && a.local.addr() == net.addr()
                 && !req.del_addrs.contains(&a.local)
         });
-        if exists || seen.contains(&net.addr()) {
+        if seen.contains(&net.addr()) {
+            return invalid(format!("--addr {} is given twice", net.addr()));
+        }
+        if exists {
             return invalid(format!("already has address {}", net.addr()));
         }
         seen.push(net.addr());
@@ -1353,6 +1356,17 @@ mod tests {
             ),
             (
                 SetRequest {
+                    add_addrs: vec![
+                        (parse_addr("10.3.0.1/24").unwrap(), None),
+                        (parse_addr("10.3.0.1/24").unwrap(), None),
+                    ],
+                    ..Default::default()
+                },
+                // (It said the device already had it.)
+                "--addr 10.3.0.1 is given twice",
+            ),
+            (
+                SetRequest {
                     add_addrs: vec![(
                         parse_addr("10.0.0.9/24").unwrap(),
                         Some("fd00::1".parse().unwrap()),
@@ -1384,16 +1398,6 @@ mod tests {
                     ..Default::default()
                 },
                 "same family",
-            ),
-            (
-                SetRequest {
-                    add_addrs: vec![
-                        (parse_addr("10.0.0.5/24").unwrap(), None),
-                        (parse_addr("10.0.0.5/24").unwrap(), None),
-                    ],
-                    ..Default::default()
-                },
-                "already has address 10.0.0.5",
             ),
         ];
         // Deleted and added again with another prefix, in one request.

@@ -303,13 +303,19 @@ pub fn load(path: &Path) -> Result<TunnelConfig, ConfigError> {
         key: key.map(str::to_owned),
         msg,
     };
-    let stem = path.file_stem().and_then(|s| s.to_str()).ok_or_else(|| {
-        err(
-            0,
-            None,
-            "cannot name the interface after this file: call it NAME.conf".into(),
-        )
-    })?;
+    // NAME.conf, as wg-quick takes it (qh2.txt ran qh2, and `.conf` an
+    // interface named `.conf`).
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .filter(|_| path.extension().is_some_and(|e| e == "conf"))
+        .ok_or_else(|| {
+            err(
+                0,
+                None,
+                "cannot name the interface after this file: call it NAME.conf (a wg-quick file; the interface is NAME) or NAME.toml (tapir's)".into(),
+            )
+        })?;
     let name = IfName::new(stem).map_err(|e| {
         err(
             0,
@@ -684,7 +690,7 @@ pub fn resolve_path(path: &Path) -> PathBuf {
 }
 
 /// Reads a config file: TOML (`*.toml`, any number of tunnels) or wg-quick
-/// (anything else, one tunnel named after the file). Tunnel names must differ.
+/// (`NAME.conf`, one tunnel named NAME). Tunnel names must differ.
 pub fn load_any(path: &Path) -> Result<Vec<TunnelConfig>, ConfigError> {
     if path.extension().is_some_and(|e| e == "toml") {
         load_toml(path)
@@ -1637,6 +1643,25 @@ mod tests {
         assert!(t[0].routes.is_none());
         assert_eq!(t[1].routes.as_ref().unwrap()[0].to_string(), "10.9.0.0/16");
         assert_eq!(t[1].mtu, 1380);
+    }
+
+    #[test]
+    fn only_name_dot_conf_names_a_tunnel() {
+        let dir = std::env::temp_dir().join(format!("tapir-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = format!("[Interface]\nPrivateKey = {A}\n");
+        for f in ["qh2.txt", ".conf", "wg0"] {
+            let p = dir.join(f);
+            std::fs::write(&p, &text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let e = load_any(&p).unwrap_err().to_string();
+            assert!(e.contains("call it NAME.conf"), "{f}: {e}");
+        }
+        let p = dir.join("wg.0.conf");
+        std::fs::write(&p, &text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(load_any(&p).unwrap()[0].name.as_str(), "wg.0");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -714,9 +714,9 @@ pub fn start(config: &TunnelConfig, tun_path: &Path, run_dir: &Path) -> Result<S
             ))
         })?;
     }
-    if let Some(w) = applied.set_dns(&config.ops.dns) {
-        eprintln!("tapir: {name}: warning: {w}");
-    }
+    applied
+        .set_dns(&config.ops.dns)
+        .map_err(|e| DevError::Invalid(format!("{name}: {e}")))?;
     let port = match &net {
         Net::Udp(s) => s.local_addr().map(|a| a.port()).unwrap_or(0),
         Net::Tcp(t) => t.local_port(),

@@ -504,15 +504,17 @@ impl Applied {
 
     /// Name servers and search domains through resolvconf, as wg-quick
     /// does (interface `tun.NAME` with Debian's resolvconf, `NAME` with
-    /// others: see `resolvconf_iface`). Without resolvconf: a warning
-    /// saying what to install, and nothing changed.
-    pub fn set_dns(&mut self, dns: &[String]) -> Option<String> {
+    /// others: see `resolvconf_iface`). Without resolvconf, or where it
+    /// fails, the error (the tunnel does not start, as wg-quick's does
+    /// not): up without its name servers, the host's queries would go where
+    /// they went before, past the tunnel.
+    pub fn set_dns(&mut self, dns: &[String]) -> Result<(), String> {
         if dns.is_empty() {
-            return None;
+            return Ok(());
         }
         if which("resolvconf").is_none() {
-            return Some(format!(
-                "DNS = {} not applied: resolvconf is not installed (apt install openresolv, or resolvconf; with systemd-resolved, its resolvconf link)",
+            return Err(format!(
+                "DNS = {}: resolvconf is not installed, and without it the host would go on asking its old name servers, past the tunnel: apt install openresolv (or resolvconf; with systemd-resolved, its resolvconf link), or remove the DNS line",
                 dns.join(", ")
             ));
         }
@@ -543,21 +545,23 @@ impl Applied {
             .spawn();
         let ok = child.and_then(|mut c| {
             if let Some(mut i) = c.stdin.take() {
-                i.write_all(text.as_bytes())?;
+                // One that exits without reading it says why by its status
+                // (a broken pipe said nothing).
+                let _ = i.write_all(text.as_bytes());
             }
             c.wait()
         });
         match ok {
-            Ok(s) if s.success() => None,
+            Ok(s) if s.success() => Ok(()),
             Ok(s) => {
                 self.dns = None;
                 self.save_record();
-                Some(format!("DNS: resolvconf -a {iface}: {s}"))
+                Err(format!("DNS: resolvconf -a {iface}: {s}"))
             }
             Err(e) => {
                 self.dns = None;
                 self.save_record();
-                Some(format!("DNS: resolvconf: {e}"))
+                Err(format!("DNS: resolvconf: {e}"))
             }
         }
     }

@@ -670,7 +670,7 @@ impl ControlSocket {
                 let wg = dir.join(format!("{name}.sock"));
                 if answers(&wg) {
                     notes.push(format!(
-                        "`wg show {name}` in this namespace cannot see this tunnel: {} belongs to a tunnel of that name in another network namespace (tapir status {name} sees it)",
+                        "`wg show {name}` and `wg set {name}` here reach the tunnel of that name in another network namespace, not this one: {} is its socket (wg looks only there; tapir status {name} sees this one; name it otherwise to use wg with it)",
                         wg.display()
                     ));
                 } else {
@@ -1632,7 +1632,9 @@ mod tests {
         let (second, notes) =
             ControlSocket::bind_in(&dir, &crate::scope::Scope::fake(112, false), "tq3").unwrap();
         assert!(
-            notes.iter().any(|n| n.contains("cannot see this tunnel")),
+            notes
+                .iter()
+                .any(|n| n.contains("reach the tunnel of that name in another")),
             "{notes:?}"
         );
         let wg = dir.join("tq3.sock");
