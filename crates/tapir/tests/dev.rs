@@ -385,7 +385,7 @@ fn a_failed_set_leaves_the_device_as_it_was() {
     for (args, want) in [
         (
             &["--up", "--addr", "10.7.2.1/24", "--addr", "10.7.2.1/24"][..],
-            "already has address 10.7.2.1",
+            "--addr 10.7.2.1 is given twice",
         ),
         (
             &["--mtu", "1400", "--del-addr", "10.99.0.1/24"],

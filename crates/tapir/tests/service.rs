@@ -1075,7 +1075,7 @@ fn runs_in(ns: &Netns, cmd: &str) -> bool {
 fn a_slow_post_up_is_waited_for_and_a_hanging_one_ended_by_a_stop() {
     require_root!();
     let e = env("slowhook");
-    let n = name("tsh");
+    let n = name("tsw");
     let up = |conf: &Path| {
         let mut c = e.ns.cmd(TAPIR);
         c.args(["up", conf.to_str().unwrap()])
