@@ -318,7 +318,16 @@ fn dns_goes_through_resolvconf_and_saveconfig_keeps_peers_added_with_wg_set() {
     let name = v.client.file_stem().unwrap().to_str().unwrap();
     let failing = dir.join("failing");
     std::fs::create_dir_all(&failing).unwrap();
-    std::fs::write(failing.join("resolvconf"), "#!/bin/sh\nexit 3\n").unwrap();
+    // (Writing down its calls: the failed -a is taken back with -d.)
+    let failed_calls = dir.join("failing.calls");
+    std::fs::write(
+        failing.join("resolvconf"),
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {}\n[ \"$1\" = -a ] && exit 3\nexit 0\n",
+            failed_calls.display()
+        ),
+    )
+    .unwrap();
     Command::new("chmod")
         .args(["755", failing.join("resolvconf").to_str().unwrap()])
         .status()
@@ -349,6 +358,12 @@ fn dns_goes_through_resolvconf_and_saveconfig_keeps_peers_added_with_wg_set() {
         assert!(!out.status.success() && err.contains(want), "{err}");
         assert!(!a.has_link(name), "{want}: the device was left");
     }
+    let iface = resolvconf_iface(name);
+    assert_eq!(
+        std::fs::read_to_string(&failed_calls).unwrap(),
+        format!("-a {iface} -m 0 -x\n-d {iface} -f\n"),
+        "the failed -a is taken back"
+    );
     ok(&run(&["up", v.client.to_str().unwrap()]));
     let n = &v.name;
     let iface = resolvconf_iface(n);

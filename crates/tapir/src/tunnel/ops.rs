@@ -551,18 +551,16 @@ impl Applied {
             }
             c.wait()
         });
+        // Failed, it stays recorded: the start's undoing runs `resolvconf -d
+        // -f` for it, which takes back whatever part of `-a` was done (an
+        // entry written under /run before /etc/resolv.conf could not be,
+        // exclusive and first, would otherwise wait for the next
+        // `resolvconf -u` to send the host's queries to the tunnel's
+        // servers), and is harmless where nothing was.
         match ok {
             Ok(s) if s.success() => Ok(()),
-            Ok(s) => {
-                self.dns = None;
-                self.save_record();
-                Err(format!("DNS: resolvconf -a {iface}: {s}"))
-            }
-            Err(e) => {
-                self.dns = None;
-                self.save_record();
-                Err(format!("DNS: resolvconf: {e}"))
-            }
+            Ok(s) => Err(format!("DNS: resolvconf -a {iface}: {s}")),
+            Err(e) => Err(format!("DNS: resolvconf: {e}")),
         }
     }
 
