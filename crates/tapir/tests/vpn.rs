@@ -743,6 +743,30 @@ fn reload_adds_removes_and_changes_peers_without_dropping_the_others() {
             .is_empty(),
         "c's subnet route went with c"
     );
+    // A new peer's route another device holds: the reload says so and
+    // exits 1; once that device lets go, the same file made again makes it
+    // (the route was counted as made, and the next reload did nothing).
+    bed.b.ip(&["route", "add", "10.77.8.0/24", "dev", "vbc"]);
+    let (_, pz) = genkey();
+    std::fs::write(
+        &file,
+        hub(&(peer_a.clone() + &format!("\n[Peer]\nPublicKey = {pz}\nAllowedIPs = 10.77.8.0/24\n"))),
+    )
+    .unwrap();
+    let out = tapir_in(&bed.b, dir, &["reload", &n]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && err.contains("routes:") && err.contains("10.77.8.0/24"),
+        "{err}"
+    );
+    bed.b.ip(&["route", "del", "10.77.8.0/24", "dev", "vbc"]);
+    ok(&tapir_in(&bed.b, dir, &["reload", &n]));
+    assert!(
+        bed.b
+            .ip(&["route", "show", "10.77.8.0/24"])
+            .contains(&format!("dev {n}")),
+        "the second reload made the route"
+    );
     ok(&tapir_in(&bed.b, dir, &["down", &n]));
 }
 

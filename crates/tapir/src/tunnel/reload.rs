@@ -26,6 +26,9 @@ use crate::uapi::Reapply;
 pub struct Reloader {
     file: PathBuf,
     current: TunnelConfig,
+    /// The device's routes, where a reload could not make them all (else
+    /// they are `current`'s): the next one makes what is missing.
+    made: Option<Vec<IpNet>>,
 }
 
 /// A reload, prepared: everything read and checked, nothing applied yet.
@@ -130,6 +133,7 @@ impl Reloader {
         Self {
             file: current.file.clone(),
             current,
+            made: None,
         }
     }
 
@@ -217,11 +221,15 @@ impl Reloader {
     /// Returns what could not be done.
     pub fn finish(&mut self, plan: Plan) -> Vec<String> {
         let mut problems = Vec::new();
-        let (old, new) = (routes(&self.current), routes(&plan.config));
+        let old = self.made.take().unwrap_or_else(|| routes(&self.current));
+        let new = routes(&plan.config);
         if old != new {
-            match route_changes(&self.current, &old, &new) {
-                Ok(()) => {}
-                Err(e) => problems.push(format!("routes: {e}")),
+            let (now, refused) = route_changes(&self.current, &old, &new);
+            if !refused.is_empty() {
+                // Recorded as they are: the next reload tries again (it
+                // found the file unchanged and said all was well).
+                problems.push(format!("routes: {}", refused.join("; ")));
+                self.made = Some(now);
             }
         }
         // What the tunnel runs by now: the new peers and routes, and what a
@@ -236,35 +244,44 @@ impl Reloader {
     }
 }
 
-fn route_changes(c: &TunnelConfig, old: &[IpNet], new: &[IpNet]) -> Result<(), String> {
-    let mut nl = Netlink::open().map_err(|e| e.to_string())?;
-    let index = nl
-        .link(c.name.as_str())
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("{} is gone", c.name))?
-        .index;
+/// Moves the device's routes from `old` to `new`: the routes there after,
+/// and what could not be done, each named (the others are done).
+fn route_changes(c: &TunnelConfig, old: &[IpNet], new: &[IpNet]) -> (Vec<IpNet>, Vec<String>) {
+    let mut nl = match Netlink::open() {
+        Ok(nl) => nl,
+        Err(e) => return (old.to_vec(), vec![e.to_string()]),
+    };
+    let index = match nl.link(c.name.as_str()) {
+        Ok(Some(l)) => l.index,
+        Ok(None) => return (old.to_vec(), vec![format!("{} is gone", c.name)]),
+        Err(e) => return (old.to_vec(), vec![e.to_string()]),
+    };
     let table = match c.ops.table {
         Table::Id(t) => Some(t),
         _ => None,
     };
-    let mut book = super::ops::DeviceRoutes::read(&mut nl, index).map_err(|e| e.to_string())?;
+    let mut book = match super::ops::DeviceRoutes::read(&mut nl, index) {
+        Ok(b) => b,
+        Err(e) => return (old.to_vec(), vec![e.to_string()]),
+    };
     let (old_set, new_set): (HashSet<&IpNet>, HashSet<&IpNet>) =
         (old.iter().collect(), new.iter().collect());
-    for net in old.iter().filter(|n| !new_set.contains(n)) {
-        book.del(&mut nl, *net, table).map_err(|e| e.to_string())?;
-    }
-    // Each route that cannot be added is named; the others are added.
-    let mut refused = Vec::new();
-    for net in new.iter().filter(|n| !old_set.contains(n)) {
-        if let Err(e) = book.add(&mut nl, c.name.as_str(), *net, table) {
+    let (mut now, mut refused) = (Vec::new(), Vec::new());
+    for net in old {
+        if new_set.contains(net) {
+            now.push(*net);
+        } else if let Err(e) = book.del(&mut nl, *net, table) {
             refused.push(e.to_string());
+            now.push(*net);
         }
     }
-    if refused.is_empty() {
-        Ok(())
-    } else {
-        Err(refused.join("; "))
+    for net in new.iter().filter(|n| !old_set.contains(n)) {
+        match book.add(&mut nl, c.name.as_str(), *net, table) {
+            Ok(()) => now.push(*net),
+            Err(e) => refused.push(e.to_string()),
+        }
     }
+    (now, refused)
 }
 
 /// Makes the tunnel's peers `want`: new ones added, missing ones removed,
