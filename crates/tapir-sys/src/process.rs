@@ -38,19 +38,55 @@ pub fn default_sigpipe() {
     }
 }
 
-/// Takes an exclusive lock on `file` (`flock`), waiting for whoever holds
-/// it; it goes with the descriptor.
-pub fn lock(file: &std::fs::File) -> io::Result<()> {
+/// The fields of a `/proc/PID/stat` file (or a task's) after the command
+/// name, the state first, then ppid, pgrp...: the name may hold spaces and
+/// parentheses of its own.
+pub fn stat_fields(path: &std::path::Path) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let (_, rest) = s.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// How long process `pid` has run: its start in `/proc/PID/stat` (clock
+/// ticks after boot) against `/proc/uptime`.
+pub fn age(pid: i32) -> Option<std::time::Duration> {
+    let fields = stat_fields(std::path::Path::new(&format!("/proc/{pid}/stat")))?;
+    let start: u64 = fields.get(19)?.parse().ok()?;
+    // SAFETY: sysconf with a constant name; no memory passed.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = u64::try_from(ticks).ok().filter(|&t| t > 0)?;
+    let up: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let started = start as f64 / ticks as f64;
+    Some(std::time::Duration::from_secs_f64((up - started).max(0.0)))
+}
+
+/// The processes there are: the numbered entries of `/proc`.
+pub fn pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Takes an exclusive lock on `file` (`flock`) if no one holds it:
+/// `Ok(false)` if someone does.
+pub fn try_lock(file: &std::fs::File) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
-    loop {
-        // SAFETY: flock on a descriptor `file` keeps open; no memory passed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
+    // SAFETY: flock on a descriptor `file` keeps open; no memory passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) | Some(libc::EINTR) => Ok(false),
+        _ => Err(e),
     }
 }
 

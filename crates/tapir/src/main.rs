@@ -620,9 +620,19 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             let me = std::env::current_exe().context("finding the tapir binary")?;
             // Ctrl-C, or a closed terminal, while it waits: the tunnel is
             // stopped and takes back what it did (it stayed, with no record).
-            let stop = shutdown_flag()?;
-            signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&stop))
-                .context("installing a signal handler")?;
+            // A second one ends up at once (where it waits on something
+            // that does not look at the flag: a name's look-up).
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [
+                signal_hook::consts::SIGINT,
+                signal_hook::consts::SIGTERM,
+                signal_hook::consts::SIGHUP,
+            ] {
+                signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))
+                    .context("installing a signal handler")?;
+                signal_hook::flag::register(sig, Arc::clone(&stop))
+                    .context("installing a signal handler")?;
+            }
             let up = tapir::service::up(&me, &file, &tun.tun_path, &dirs.dirs(), &stop)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             for d in &up.devices {

@@ -1081,35 +1081,41 @@ fn a_slow_post_up_is_waited_for_and_a_hanging_one_ended_by_a_stop() {
         c.args(["up", conf.to_str().unwrap()])
             .env("TAPIR_RUN_DIR", e.dir.join("run"))
             .env("TAPIR_LOG_DIR", e.dir.join("log"))
-            .env("TAPIR_UP_LIMIT", "1")
+            .env("TAPIR_UP_LIMIT", "2")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         c
     };
     let conf = e.file(
         &format!("{n}.conf"),
-        &tunnel_text(51837, 7, "PostUp = sleep 2.5\n"),
+        &tunnel_text(51837, 7, "PostUp = sleep 3.5\n"),
         "600",
     );
     let out = up(&conf).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains("waiting for `") && err.contains("sleep 2.5"),
+        err.contains("waiting for `") && err.contains("sleep 3.5"),
         "{err}"
     );
     e.ok(&["down", &n]);
     e.assert_clean(&n);
-    let conf = e.file(
-        &format!("{n}.conf"),
-        &tunnel_text(51837, 7, "PostUp = sleep 3171\n"),
-        "600",
-    );
-    for how in ["ctrl-c", "down"] {
+    // A hanging PostUp of two processes (the shell stays: its whole group
+    // must go), and a hanging PreUp, before the tunnel has a socket.
+    for (how, hook, sleep) in [
+        ("ctrl-c", "PostUp = sleep 3171; true", "sleep 3171"),
+        ("down", "PostUp = sleep 3172; true", "sleep 3172"),
+        ("down", "PreUp = sleep 3173; true", "sleep 3173"),
+    ] {
+        let conf = e.file(
+            &format!("{n}.conf"),
+            &tunnel_text(51837, 7, &format!("{hook}\n")),
+            "600",
+        );
         let child = up(&conf).spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !runs_in(&e.ns, "sleep 3171") {
-            assert!(Instant::now() < deadline, "{how}: the hook never ran");
+        while !runs_in(&e.ns, sleep) {
+            assert!(Instant::now() < deadline, "{hook}: the hook never ran");
             std::thread::sleep(Duration::from_millis(50));
         }
         let started = Instant::now();
@@ -1124,13 +1130,13 @@ fn a_slow_post_up_is_waited_for_and_a_hanging_one_ended_by_a_stop() {
         }
         let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{how}: {err}");
+        assert!(!out.status.success(), "{hook}: {err}");
         if how == "ctrl-c" {
             assert!(err.contains("interrupted"), "{err}");
         }
         assert!(
             started.elapsed() < Duration::from_secs(10),
-            "{how}: up returned {:?} after",
+            "{hook}: up returned {:?} after",
             started.elapsed()
         );
         e.assert_clean(&n);

@@ -27,6 +27,7 @@ use serde::Serialize;
 use crate::config;
 use crate::scope::Scope;
 use crate::uapi::SOCKET_DIR;
+use tapir_sys::process::stat_fields;
 
 /// Where pid and log files go.
 #[derive(Debug, Clone)]
@@ -200,6 +201,108 @@ pub struct Reloaded {
     pub failed: Vec<String>,
 }
 
+/// Waits until every tunnel of `names` answers on its control socket, and
+/// it is `child` answering; or says why not (its log's words if it ended).
+/// The tunnel has `up_limit()` to answer, counted from the last moment it
+/// was seen running a command of its own (a hook, resolvconf): those have
+/// no time limit, as with wg-quick. `stop` (Ctrl-C) stops it, and it takes
+/// back what it did.
+fn wait_ready(
+    child: &mut std::process::Child,
+    scope: &Scope,
+    names: &[String],
+    log_path: &Path,
+    log_start: u64,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    let pid = child.id() as i32;
+    let limit = up_limit();
+    let mut deadline = Instant::now() + limit;
+    let mut look = Instant::now();
+    let (mut running, mut said_of) = (None, None);
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            let text = std::fs::read_to_string(log_path).unwrap_or_default();
+            // Without the lines that said a tunnel of it was up (before
+            // its PostUp, or another of the file, failed): it is not.
+            let why: Vec<&str> = text
+                .get(log_start as usize..)
+                .unwrap_or("")
+                .trim()
+                .lines()
+                .filter(|l| {
+                    !names
+                        .iter()
+                        .any(|n| l.starts_with(&format!("tapir: {n}: up (")))
+                })
+                .collect();
+            return Err(format!(
+                "the tunnel did not come up ({status}): {}",
+                why.join("\n")
+            ));
+        }
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(format!(
+                "interrupted: {}",
+                match end_daemon(child) {
+                    true => "the tunnel was stopped, and what it had set up taken back",
+                    false =>
+                        "the tunnel did not stop in time and was killed: tapir down NAME clears what it left",
+                }
+            ));
+        }
+        // A command of its own running (looked for four times a second):
+        // the clock starts again, one that runs past the limit is named,
+        // and the tunnel is not asked meanwhile (it answers once done;
+        // each question waited 2 s for it).
+        if Instant::now() >= look {
+            look = Instant::now() + Duration::from_millis(250);
+            running = command_of_child(pid);
+            if let Some((child, cmd)) = &running {
+                let long = tapir_sys::process::age(*child).is_some_and(|a| a >= limit);
+                if long && said_of != Some(*child) {
+                    eprintln!(
+                        "tapir: waiting for `{cmd}` (pid {child}), which the tunnel runs as it comes up: as with wg-quick, its hooks have no time limit (Ctrl-C stops it and takes the tunnel back)"
+                    );
+                    said_of = Some(*child);
+                }
+                deadline = Instant::now() + limit;
+            }
+        }
+        if running.is_none() {
+            // Ready when every tunnel answers, and it is our child answering.
+            let answers: Vec<Result<_, String>> = names
+                .iter()
+                .map(|n| query_from(scope, n, Some(pid)))
+                .collect();
+            if let Some(Err(e)) = answers.iter().find(|r| {
+                r.as_ref()
+                    .is_err_and(|e| e.contains("another process holds"))
+            }) {
+                end_daemon(child);
+                return Err(e.clone());
+            }
+            if answers.iter().all(Result::is_ok) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            // (A question may have waited past a command that began.)
+            if command_of_child(pid).is_some() {
+                look = Instant::now();
+                continue;
+            }
+            end_daemon(child);
+            return Err(format!(
+                "the tunnel did not answer within {} s; see {}",
+                limit.as_secs(),
+                log_path.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// How long `up` waits for a tunnel to answer while it runs no command:
 /// 15 s, or `TAPIR_UP_LIMIT` seconds.
 fn up_limit() -> Duration {
@@ -210,32 +313,27 @@ fn up_limit() -> Duration {
 }
 
 /// Stops a daemon `up` started and waits for it to take back what it did
-/// (its hooks are ended within 3 s); killed after 20 s.
-fn end_daemon(child: &mut std::process::Child) {
+/// (its hooks are ended within 3 s): true; killed after 20 s: false.
+fn end_daemon(child: &mut std::process::Child) -> bool {
     let pid = Pid::from_raw(child.id() as i32);
     let _ = kill(pid, Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if !matches!(child.try_wait(), Ok(None)) {
-            return;
+            return true;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = kill(pid, Signal::SIGKILL);
     let _ = child.wait();
+    false
 }
 
 /// A process `pid` runs (its pid and command line), if any: a hook.
 fn command_of_child(pid: i32) -> Option<(i32, String)> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let n: i32 = e.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{n}/stat")).ok()?;
-        // pid (comm) state ppid ...: comm may hold spaces and parentheses.
-        let ppid: i32 = stat
-            .rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(1)?
+    tapir_sys::process::pids().into_iter().find_map(|n| {
+        let ppid: i32 = stat_fields(Path::new(&format!("/proc/{n}/stat")))?
+            .get(1)?
             .parse()
             .ok()?;
         if ppid != pid {
@@ -445,9 +543,23 @@ pub fn up(
         // held the winner's log lines). The lock is the run directory's
         // own (no file to leave behind); released when this returns.
         let here = dirs.run_here(&scope);
-        let _lock = std::fs::File::open(&here)
-            .and_then(|f| tapir_sys::process::lock(&f).map(|()| f))
-            .map_err(|e| format!("{}: {e}", here.display()))?;
+        let lock = std::fs::File::open(&here).map_err(|e| format!("{}: {e}", here.display()))?;
+        let mut said = false;
+        while !tapir_sys::process::try_lock(&lock)
+            .map_err(|e| format!("{}: {e}", here.display()))?
+        {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err("interrupted while another tapir up of this namespace ran".into());
+            }
+            if !said {
+                eprintln!(
+                    "tapir: waiting for another tapir up in {} to finish (Ctrl-C gives up)",
+                    scope.describe()
+                );
+                said = true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         for name in &names {
             if let Some(pid) = running_pid(dirs, &scope, name) {
                 return Err(format!(
@@ -475,94 +587,33 @@ pub fn up(
             .arg(file);
         let (mut child, log_start) = spawn_daemon(cmd, &log_path)?;
         let pid = child.id() as i32;
-        // 15 s to answer, counted from the last moment it waited for a
-        // command of its own (a hook, resolvconf): those have no time
-        // limit, as with wg-quick.
-        let limit = up_limit();
-        let mut deadline = Instant::now() + limit;
-        let mut waited_for = None;
-        loop {
-            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-                // Without the lines that said a tunnel of it was up (before
-                // its PostUp, or another of the file, failed): it is not.
-                let why: Vec<&str> = text
-                    .get(log_start as usize..)
-                    .unwrap_or("")
-                    .trim()
-                    .lines()
-                    .filter(|l| {
-                        !names
-                            .iter()
-                            .any(|n| l.starts_with(&format!("tapir: {n}: up (")))
-                    })
-                    .collect();
-                return Err(format!(
-                    "the tunnel did not come up ({status}): {}",
-                    why.join("\n")
-                ));
-            }
-            // Ready when every tunnel answers, and it is our child answering.
-            let answers: Vec<Result<_, String>> = names
-                .iter()
-                .map(|n| query_from(&scope, n, Some(pid)))
-                .collect();
-            if let Some(Err(e)) = answers.iter().find(|r| {
-                r.as_ref()
-                    .is_err_and(|e| e.contains("another process holds"))
-            }) {
-                end_daemon(&mut child);
-                return Err(e.clone());
-            }
-            if answers.iter().all(Result::is_ok) {
-                break;
-            }
-            // Ctrl-C (or a closed terminal): the tunnel stops, and takes
-            // back what it did, a hook that hangs included.
-            if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                end_daemon(&mut child);
-                return Err(
-                    "interrupted: the tunnel was stopped, and what it had set up taken back".into(),
-                );
-            }
-            if Instant::now() > deadline {
-                match command_of_child(pid) {
-                    Some(running) => {
-                        if waited_for.as_ref() != Some(&running) {
-                            eprintln!(
-                                "tapir: waiting for `{}` (pid {}), which the tunnel runs as it comes up: as with wg-quick, its hooks have no time limit (Ctrl-C stops it and takes the tunnel back)",
-                                running.1, running.0
-                            );
-                        }
-                        waited_for = Some(running);
-                        deadline = Instant::now() + limit;
-                    }
-                    None => {
-                        end_daemon(&mut child);
-                        return Err(format!(
-                            "the tunnel did not answer within {} s; see {}",
-                            limit.as_secs(),
-                            log_path.display()
-                        ));
-                    }
+        // Its records at once: `tapir down NAME` finds it while it starts
+        // (a PreUp that hangs); gone again if it does not come up (the
+        // tunnel takes those holding its pid as it ends, and so does this).
+        let records: Vec<PathBuf> = names.iter().map(|n| pid_file(dirs, &scope, n)).collect();
+        let forget = || {
+            for path in &records {
+                if read_pid(path) == Some(pid) {
+                    let _ = std::fs::remove_file(path);
                 }
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        for (i, name) in names.iter().enumerate() {
-            let path = pid_file(dirs, &scope, name);
-            if let Err(e) = write_pid_file(&path, pid) {
+        };
+        for path in &records {
+            if let Err(e) = write_pid_file(path, pid) {
                 // Not up without its record: stopped again, nothing left.
                 end_daemon(&mut child);
-                for n in &names[..i] {
-                    let _ = std::fs::remove_file(pid_file(dirs, &scope, n));
-                }
+                forget();
                 return Err(format!(
                     "{}: {e}; the tunnel was stopped again",
                     path.display()
                 ));
             }
         }
+        let ready = wait_ready(&mut child, &scope, &names, &log_path, log_start, stop);
+        if ready.is_err() {
+            forget();
+        }
+        ready?;
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
         let warnings = text
             .get(log_start as usize..)
@@ -727,8 +778,27 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
     if live.is_some() {
         kill(Pid::from_raw(pid), Signal::SIGTERM)
             .map_err(|e| format!("signalling pid {pid}: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // 10 s to stop, counted from the last moment it was seen running a
+        // command of its own (a PreDown or PostDown, resolvconf): hooks have
+        // no time limit, as with wg-quick (a PostDown past 10 s was cut off).
+        let limit = Duration::from_secs(10);
+        let (mut deadline, mut look) = (Instant::now() + limit, Instant::now());
+        let mut said = false;
         while alive(&scope, pid) {
+            if Instant::now() >= look {
+                look = Instant::now() + Duration::from_millis(250);
+                if let Some((child, cmd)) = command_of_child(pid) {
+                    deadline = Instant::now() + limit;
+                    let long =
+                        tapir_sys::process::age(child).is_some_and(|a| a >= Duration::from_secs(2));
+                    if !said && long {
+                        said = true;
+                        eprintln!(
+                            "tapir: {name}: waiting for `{cmd}` (pid {child}), which it runs as it stops: as with wg-quick, its hooks have no time limit"
+                        );
+                    }
+                }
+            }
             if Instant::now() > deadline {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 break;
@@ -805,14 +875,6 @@ pub fn down(name: &str, dirs: &Dirs) -> Result<Stopped, String> {
 fn is_zombie(pid: i32) -> bool {
     stat_fields(Path::new(&format!("/proc/{pid}/stat")))
         .is_some_and(|f| f.first().is_some_and(|st| st.starts_with('Z')))
-}
-
-/// The fields of a `/proc/.../stat` file after the command name (state
-/// first), which may hold spaces and parentheses of its own.
-fn stat_fields(path: &Path) -> Option<Vec<String>> {
-    let s = std::fs::read_to_string(path).ok()?;
-    let (_, rest) = s.rsplit_once(')')?;
-    Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
 /// One peer in `status`.

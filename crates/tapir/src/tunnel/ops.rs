@@ -124,8 +124,19 @@ pub fn run_hooks(stage: &str, cmds: &[String], name: &str) -> Result<(), DevErro
     Ok(())
 }
 
+/// Whether a process of group `pgid` lives (not a zombie).
+fn group_lives(pgid: i32) -> bool {
+    use tapir_sys::process::{pids, stat_fields};
+    pids().into_iter().any(|n| {
+        stat_fields(Path::new(&format!("/proc/{n}/stat"))).is_some_and(|f| {
+            f.first().is_some_and(|st| st != "Z")
+                && f.get(2).and_then(|g| g.parse().ok()) == Some(pgid)
+        })
+    })
+}
+
 /// Waits for a hook; if the tunnel is asked to stop first, ends its process
-/// group (SIGTERM, SIGKILL 3 s later) and says `None`.
+/// group (SIGTERM, SIGKILL to what lives of it 3 s later) and says `None`.
 fn wait_unless_stopped(child: &mut Child) -> std::io::Result<Option<ExitStatus>> {
     use nix::sys::signal::{Signal, killpg};
     use nix::unistd::Pid;
@@ -135,14 +146,20 @@ fn wait_unless_stopped(child: &mut Child) -> std::io::Result<Option<ExitStatus>>
             return Ok(Some(status));
         }
         if stopping() {
-            let group = Pid::from_raw(child.id() as i32);
+            // The shell is not reaped meanwhile: a zombie, it keeps its
+            // group's id from being given to another group before the
+            // SIGKILL. Each of the group has the 3 s to end (`a; b`: the
+            // shell ends at once, `b` may have a trap to run).
+            let pgid = child.id() as i32;
+            let group = Pid::from_raw(pgid);
             let _ = killpg(group, Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(3);
-            while child.try_wait()?.is_none() && Instant::now() < deadline {
+            while group_lives(pgid) && Instant::now() < deadline {
                 std::thread::sleep(tick);
             }
-            // What is left of the group: the shell, or what it started.
-            let _ = killpg(group, Signal::SIGKILL);
+            if group_lives(pgid) {
+                let _ = killpg(group, Signal::SIGKILL);
+            }
             child.wait()?;
             return Ok(None);
         }
