@@ -284,6 +284,33 @@ fn qemu_ifup_puts_taps_on_a_bridge_it_creates_and_ifdown_takes_it_back() {
         "{out}"
     );
     assert!(h.ip(&["addr", "show", "br79"]).contains("192.168.79.1/24"));
+    // Another address for it, or a subnet the host uses: refused (they
+    // were stacked on the bridge; two held the host's own subnet).
+    for (bridge, addr, want) in [
+        (
+            "br79",
+            "192.168.80.1/24",
+            "br79 has 192.168.79.1/24 already",
+        ),
+        (
+            "br81",
+            "10.200.0.9/24",
+            "10.200.0.0/24 is in use here (10.200.0.2/24 on vb)",
+        ),
+    ] {
+        let out = h
+            .cmd(&up)
+            .arg("qtap0")
+            .env("TAPIR_QEMU_BRIDGE", bridge)
+            .env("TAPIR_QEMU_ADDR", addr)
+            .env("TAPIR_RUN_DIR", dir.join("run"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{err}");
+    }
+    assert!(!h.ip(&["addr", "show", "br79"]).contains("192.168.80.1"));
+    assert!(!h.has_link("br81"));
     for t in ["qtap0", "qtap1"] {
         h.cmd(&down)
             .arg(t)
@@ -491,6 +518,25 @@ fn a_real_qemu_guest_gets_its_address_from_guest_net_and_down_leaves_nothing() {
         );
         assert!(!h.has_link("gnet1"));
     }
+    // A route around the subnet (a VPN's half of everything, a wider
+    // network elsewhere) leaves it free; one into it does not.
+    h.ip(&["route", "add", "172.16.0.0/12", "via", "10.200.0.1"]);
+    h.ip(&["route", "add", "172.21.5.0/24", "via", "10.200.0.1"]);
+    ok(&gnet(&[
+        "guest-net",
+        "up",
+        "gnet1",
+        "--subnet",
+        "172.20.0.0/24",
+    ]));
+    ok(&gnet(&["guest-net", "down", "gnet1"]));
+    let out = gnet(&["guest-net", "up", "gnet1", "--subnet", "172.21.0.0/16"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("(the route 172.21.5.0/24 via 10.200.0.1 dev vb)"),
+        "{err}"
+    );
+    assert!(!h.has_link("gnet1"));
     let mut qemu = qemu(
         h,
         dir,

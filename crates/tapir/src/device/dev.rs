@@ -921,8 +921,8 @@ pub enum Step {
 }
 
 impl Step {
-    /// Applies the step to device `index`, whose point-to-point peers (as
-    /// they will be) are `peers`: an IPv6 route via one of them is made
+    /// Applies the step to device `index`, the peers of whose addresses this
+    /// set adds are `peers`: an IPv6 route via one of them is made
     /// `onlink`, since the kernel's route to such a peer comes only once the
     /// device is up and the address checked (`--addr fd01::1 --peer fd01::2
     /// --route fd02::/64 --via fd01::2` in one `dev set` failed).
@@ -1140,14 +1140,15 @@ pub fn set(name: &str, req: &SetRequest) -> Result<(Vec<Step>, Vec<IpNet>), DevE
     let addrs = nl.addresses(Some(link.index))?;
     let routes = nl.routes(Some(link.index))?;
     let steps = plan(req, &link, &addrs, &routes)?;
-    let peers: Vec<IpAddr> = addrs
+    // The peers of addresses this set adds: those whose route the kernel
+    // has yet to make (an address there already has it, on a device that is
+    // up; one down takes no onlink route either).
+    let peers: Vec<IpAddr> = steps
         .iter()
-        .filter(|a| a.index == link.index)
-        .filter_map(|a| a.peer.map(|p| p.addr()))
-        .chain(steps.iter().filter_map(|(s, _)| match s {
+        .filter_map(|(s, _)| match s {
             Step::AddAddr(_, p) => *p,
             _ => None,
-        }))
+        })
         .collect();
     let mut applied: Vec<&(Step, Step)> = Vec::new();
     for pair in &steps {

@@ -139,12 +139,18 @@ fn bridge_mac(name: &IfName) -> [u8; 6] {
     crate::tunnel::local_mac(&[b"tapir guest-net bridge", name.as_str().as_bytes()])
 }
 
-/// What in this namespace already reaches into `subnet`, or it into: an
-/// address of an interface (a guest network's too), or a route of the main
-/// table other than a default one. libvirt refuses such a network too.
-fn in_use(nl: &mut Netlink, subnet: Ipv4Net) -> Result<Option<String>, String> {
+/// What in this namespace already uses `subnet`: an address of an
+/// interface (a guest network's too) in it or around it, or a route of the
+/// main table to it or to a part of it (libvirt refuses a route to the same
+/// network). A route around it (a VPN's 0.0.0.0/1, a 10.0.0.0/8 elsewhere)
+/// is not: the bridge's own route, more specific, wins.
+pub(crate) fn in_use(nl: &mut Netlink, subnet: Ipv4Net) -> Result<Option<String>, String> {
     let overlaps = |n: &IpNet| match n.trunc() {
         IpNet::V4(n) => n.contains(&subnet.network()) || subnet.contains(&n.network()),
+        IpNet::V6(_) => false,
+    };
+    let inside = |n: &IpNet| match n.trunc() {
+        IpNet::V4(n) => subnet.contains(&n.network()),
         IpNet::V6(_) => false,
     };
     let links = nl.links().map_err(|e| e.to_string())?;
@@ -170,7 +176,7 @@ fn in_use(nl: &mut Netlink, subnet: Ipv4Net) -> Result<Option<String>, String> {
             r.table == tapir_sys::MAIN_TABLE
                 && r.kind == "unicast"
                 && r.dst.prefix_len() > 0
-                && overlaps(&r.dst)
+                && inside(&r.dst)
         })
         .map(|r| {
             let via = r.gateway.map(|g| format!(" via {g}")).unwrap_or_default();

@@ -116,6 +116,20 @@ fn a_tap(tap: &IfName, link: &tapir_sys::netlink::Link) -> Result<(), DevError> 
     )))
 }
 
+/// That `addr`'s subnet is not in use here already (two bridges held one
+/// address, as with guest-net before it checked).
+fn free(nl: &mut Netlink, addr: IpNet) -> Result<(), DevError> {
+    let IpNet::V4(v4) = addr.trunc() else {
+        return Ok(());
+    };
+    match crate::guestnet::in_use(nl, v4).map_err(DevError::Runtime)? {
+        Some(what) => Err(DevError::Invalid(format!(
+            "--addr {addr}: {v4} is in use here ({what}): choose another subnet; nothing was changed"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// What `ifup` did, in words.
 pub fn ifup(
     tap: &IfName,
@@ -137,13 +151,23 @@ pub fn ifup(
             let index = match nl.link(br.as_str())? {
                 Some(l) if l.kind.as_deref() == Some("bridge") => {
                     if let Some(a) = addr {
-                        let has = nl.addresses(Some(l.index))?.iter().any(|x| x.local == a);
+                        let on = nl.addresses(Some(l.index))?;
+                        let has = on.iter().any(|x| x.local == a);
                         let ours = BridgeMarks::existing(run_dir)
                             .is_some_and(|m| m.has(br.as_str(), l.index));
+                        let other = on
+                            .iter()
+                            .find(|x| x.local.addr().is_ipv4() == a.addr().is_ipv4());
                         if has {
+                        } else if let (true, Some(o)) = (ours, other) {
+                            return Err(DevError::Invalid(format!(
+                                "{br} has {} already (an earlier qemu-ifup made it): give its VMs that --addr, or none, or another --bridge",
+                                o.local
+                            )));
                         } else if ours {
                             // Made by an earlier qemu-ifup without --addr:
                             // tapir's, and its addresses go with it.
+                            free(&mut nl, a)?;
                             nl.add_address(l.index, a, None)?;
                             done.push(format!("put {a} on {br} (tapir created it)"));
                         } else {
@@ -161,6 +185,9 @@ pub fn ifup(
                     )));
                 }
                 None => {
+                    if let Some(a) = addr {
+                        free(&mut nl, a)?;
+                    }
                     let i = nl.add_bridge(br.as_str())?;
                     let made = (|| -> Result<(), DevError> {
                         BridgeMarks::open(run_dir)?.add(br.as_str(), i)?;
@@ -218,6 +245,7 @@ pub fn ifup(
             if let Some(a) = addr {
                 let has = nl.addresses(Some(link.index))?.iter().any(|x| x.local == a);
                 if !has {
+                    free(&mut nl, a)?;
                     nl.add_address(link.index, a, None)?;
                     done.push(format!("{a} on {tap}"));
                 }

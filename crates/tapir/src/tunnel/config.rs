@@ -676,15 +676,21 @@ pub fn default_mtu(mode: tapir_sys::Mode) -> u32 {
 }
 
 /// A config named without its extension (`/etc/tapir/wg0`, as the systemd
-/// unit names it): `wg0.conf` if it exists, else `wg0.toml`; any other
-/// path as it is.
+/// unit names it): `wg0.conf` if it exists, else `wg0.toml` (appended:
+/// `wg.0` is `wg.0.conf`, not `wg.conf`), before a file `wg0` itself,
+/// which names no tunnel; any other path as it is.
 pub fn resolve_path(path: &Path) -> PathBuf {
-    if path.exists() || path.extension().is_some() {
+    if path.extension().is_some_and(|e| e == "conf" || e == "toml") {
         return path.to_owned();
     }
     ["conf", "toml"]
         .iter()
-        .map(|e| path.with_extension(e))
+        .map(|e| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(".");
+            name.push(e);
+            PathBuf::from(name)
+        })
         .find(|p| p.exists())
         .unwrap_or_else(|| path.to_owned())
 }
@@ -1415,6 +1421,13 @@ mod tests {
             dir.join("c"),
             "missing: as given"
         );
+        // A dotted name (it looked for wg.conf), and a file of the bare
+        // name beside NAME.conf (it was taken, and refused).
+        std::fs::write(dir.join("wg.0.conf"), "").unwrap();
+        std::fs::write(dir.join("d"), "").unwrap();
+        std::fs::write(dir.join("d.conf"), "").unwrap();
+        assert_eq!(resolve_path(&dir.join("wg.0")), dir.join("wg.0.conf"));
+        assert_eq!(resolve_path(&dir.join("d")), dir.join("d.conf"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
