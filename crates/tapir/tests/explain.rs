@@ -149,6 +149,33 @@ fn explain_names_the_cause_in_each_situation() {
         text.contains("latest handshake") && !text.contains("never"),
         "{text}"
     );
+    // A tap-mode tunnel is an Ethernet segment: frames go by MAC, and
+    // allowed IPs (none here) are no routes (it said the tunnel drops what
+    // no peer's allowed IPs cover, and to add them, which cut the peer off).
+    let tap = ifname("exq");
+    let file = write_private(
+        &bed.dir,
+        &format!("{tap}.conf"),
+        &format!(
+            "[Interface]\nPrivateKey = {}\nMode = tap\nAddress = 10.79.0.1/24\n\n[Peer]\nPublicKey = {}\nEndpoint = 10.200.0.2:51898\n",
+            genkey().0,
+            genkey().1
+        ),
+    );
+    let _t = run_tapir(a, &file, &tap);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let (text, json) = explain(a, "10.79.0.7");
+        if json["facts"]["tunnel"]["mode"] == "tap" {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        text.contains("in tap mode") && !text.contains("drops") && !text.contains("allowed-ips"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -385,9 +385,17 @@ pub fn address(addr: IpAddr, zone: Option<(u32, String)>) -> Result<Explanation,
                     &mut facts,
                 )?;
             }
+            let tap = tun_view(&name).is_some_and(|v| v.mode == "tap");
             if let Some((peer, peers)) = tunnel_peer(&name, addr) {
-                facts["tunnel"] = serde_json::json!({ "peers": peers, "peer": peer.as_ref().map(|p| &p.0), "allowed_ip": peer.as_ref().map(|p| &p.1), "latest_handshake": peer.as_ref().map(|p| p.2) });
+                facts["tunnel"] = serde_json::json!({ "peers": peers, "peer": peer.as_ref().map(|p| &p.0), "allowed_ip": peer.as_ref().map(|p| &p.1), "latest_handshake": peer.as_ref().map(|p| p.2), "mode": if tap { "tap" } else { "tun" } });
                 match peer {
+                    // An Ethernet segment: frames go by MAC, and allowed
+                    // IPs only bound what a peer may send from (it said the
+                    // tunnel drops it, and to add it to a peer's allowed
+                    // IPs, which cut that peer off from the rest).
+                    _ if tap => findings.push(format!(
+                        "{name} is a tapir tunnel in tap mode, an Ethernet segment of its {peers} peer(s): a frame to {addr} goes to the peer that {addr}'s MAC was learned from (to every peer until it is known); allowed IPs only bound what addresses a peer may send from"
+                    )),
                     Some((key, net, 0)) => {
                         findings.push(format!("{name} is a tapir tunnel; peer {key} covers {addr} (allowed IP {net}) but has never completed a handshake"));
                         next.push(format!("check that peer's Endpoint and that UDP reaches it (tapir status {})", sh(&name)));
