@@ -336,6 +336,10 @@ enum DevCommand {
     Del {
         /// The device.
         name: String,
+        /// Delete it even while a program holds it open (it then gets
+        /// errors on read and write).
+        #[arg(long)]
+        force: bool,
     },
     /// List the tun/tap devices of this network namespace.
     #[command(alias = "ls")]
@@ -1106,8 +1110,8 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Dev(DevCommand::Del { name }) => {
-            let gone = dev::del(&name)?;
+        Command::Dev(DevCommand::Del { name, force }) => {
+            let gone = dev::del(&name, force)?;
             if gone.attached_queues > 0 {
                 eprintln!(
                     "note: {} had {} queue(s) open; the programs holding them now get errors on read and write",

@@ -1124,7 +1124,8 @@ fn declared_devices_fail_whole_and_down_keeps_what_is_held() {
 }
 
 /// A multi-queue device whose one queue its holder detached is still open:
-/// show says so, and del warns as it does for attached queues.
+/// show says so, and del refuses it, and with --force warns, as it does for
+/// attached queues.
 #[test]
 fn a_detached_queue_is_still_an_open_device() {
     require_root!();
@@ -1161,7 +1162,15 @@ fn a_detached_queue_is_still_an_open_device() {
         out.contains("yes: 0 queue(s) attached, 1 detached"),
         "{out}"
     );
-    let r = tapir(&ns, &["dev", "del", "mq0"]);
+    // Held, it is not deleted unasked, as `ip tuntap del` refuses it (it
+    // went, and its holder's reads failed), and who holds it is named.
+    let e = fails(&ns, &["dev", "del", "mq0"]);
+    assert!(
+        e.contains(&format!("mq0 is open in python3({})", child.id())) && e.contains("--force"),
+        "{e}"
+    );
+    assert!(ns.has_link("mq0"));
+    let r = tapir(&ns, &["dev", "del", "mq0", "--force"]);
     assert!(r.ok, "{}", r.stderr);
     assert!(r.stderr.contains("had 1 queue(s) open"), "{}", r.stderr);
     drop(child.stdin.take());

@@ -295,13 +295,32 @@ pub fn is_held(name: &str) -> bool {
 }
 
 /// `tapir dev del`: removes a tun/tap device, and nothing else.
-pub fn del(name: &str) -> Result<Deleted, DevError> {
+pub fn del(name: &str, force: bool) -> Result<Deleted, DevError> {
     let name = IfName::new(name)?;
     if !caps::has_net_admin() {
         return del_as_owner(&name);
     }
     let mut nl = Netlink::open()?;
     let link = tun_link(&mut nl, &name)?;
+    // One a program holds (a VM's tap, a tunnel's device) is not pulled
+    // from under it unasked, as `ip tuntap del` refuses it ("Device or
+    // resource busy"): it went, and the program with it.
+    let open = open_queues(&link);
+    if open > 0 && !force {
+        let who: Vec<String> = holders()
+            .into_iter()
+            .filter(|(n, _)| *n == link.name)
+            .map(|(_, h)| format!("{}({})", h.command, h.pid))
+            .collect();
+        return Err(DevError::Invalid(format!(
+            "{name} is open in {} ({open} queue(s)): stop that program first (a tunnel: tapir down), or delete it from under it with --force",
+            if who.is_empty() {
+                "another program".to_string()
+            } else {
+                who.join(", ")
+            }
+        )));
+    }
     nl.del_link(link.index)?;
     Ok(Deleted {
         name: link.name.clone(),

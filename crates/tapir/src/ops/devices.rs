@@ -126,7 +126,7 @@ pub fn apply(d: &DeviceConfig, tun_path: &Path) -> Result<(Outcome, Vec<String>)
         Ok(()) => {}
         Err(e) => {
             if created {
-                let _ = dev::del(d.name.as_str());
+                let _ = dev::del(d.name.as_str(), true);
             }
             return Err(e);
         }
@@ -210,7 +210,7 @@ fn pass(d: &DeviceConfig, fixed: &mut Vec<String>) -> Result<bool, DevError> {
 
 /// `tapir down FILE` for a device: deleted (`false` if it was not there).
 pub fn remove(d: &DeviceConfig) -> Result<bool, DevError> {
-    match dev::del(d.name.as_str()) {
+    match dev::del(d.name.as_str(), true) {
         Ok(_) => Ok(true),
         Err(DevError::NotFound(_)) => Ok(false),
         Err(e) => Err(e),
