@@ -1005,6 +1005,18 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
             {
                 println!("wrote {}", path.display());
             }
+            // The unit hides these (PrivateTmp=, ProtectHome=): a binary
+            // there would not start under it (203/EXEC).
+            if ["/tmp", "/var/tmp", "/home", "/root", "/run/user"]
+                .iter()
+                .any(|d| me.starts_with(d))
+            {
+                eprintln!(
+                    "tapir: warning: the units run {}, which the service does not see (PrivateTmp=, ProtectHome=): install it first (install -m 755 {} /usr/local/bin/tapir), then run /usr/local/bin/tapir install-units",
+                    me.display(),
+                    me.display()
+                );
+            }
             println!(
                 "next: put a config in /etc/tapir/NAME.conf (or NAME.toml, mode 600), then: systemctl daemon-reload && systemctl enable --now tapir@NAME\ndevices at boot: declare them in /etc/tapir/devices.toml ([[device]] tables), then: systemctl enable --now tapir-devices"
             );

@@ -1,6 +1,7 @@
 //! The conventions of a command-line tool: version, completions, manual
 //! page, and no option offered where it means nothing.
 
+use std::path::Path;
 use std::process::Command;
 
 const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
@@ -93,6 +94,27 @@ fn the_systemd_unit_installs_and_verifies() {
             && unit.contains("Type=notify")
             && unit.contains("CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE"),
         "{unit}"
+    );
+    // A binary where the service cannot see it (PrivateTmp=, ProtectHome=):
+    // said (the unit would not start, 203/EXEC); one elsewhere: nothing.
+    let warned = |bin: &Path| {
+        let o = Command::new(bin)
+            .args([
+                "install-units",
+                "--dir",
+                dir.join("again").to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        String::from_utf8_lossy(&o.stderr).contains("which the service does not see")
+    };
+    let copy = dir.join("tapir-copy");
+    std::fs::copy(TAPIR, &copy).unwrap();
+    assert!(copy.starts_with("/tmp") && warned(&copy));
+    assert_eq!(
+        warned(Path::new(TAPIR)),
+        me.starts_with("/tmp") || me.starts_with("/root") || me.starts_with("/home")
     );
     // systemd-analyze checks an instance of the template.
     std::fs::copy(dir.join("tapir@.service"), dir.join("tapir@wg0.service")).unwrap();
