@@ -124,6 +124,9 @@ struct Dial {
     /// What the log last said of it: up (`Some(true)`), down, or nothing
     /// yet; it speaks once a change, not once an attempt.
     said_up: Option<bool>,
+    /// Whether the log said that an attempt failed since the last change
+    /// (the first of a series is said, and every tenth after).
+    said_failing: bool,
 }
 
 struct Conn {
@@ -311,6 +314,7 @@ impl TcpTransport {
                     conn: None,
                     last_error: None,
                     said_up: None,
+                    said_failing: false,
                 });
             }
         }
@@ -333,16 +337,31 @@ impl TcpTransport {
                     self.dials[i].state = DialState::Connecting;
                 }
                 Err(e) => {
-                    if self.dials[i].said_up != Some(false) {
-                        self.dials[i].said_up = Some(false);
-                        self.event(format!(
-                            "cannot connect to {addr}: {e}; trying again, each wait longer (tapir status shows the attempts)"
-                        ));
-                    }
+                    self.attempt_failed(i, &e.to_string());
                     self.dials[i].last_error = Some(e.to_string());
                     self.wait(i, now);
                 }
             }
+        }
+    }
+
+    /// An attempt of dial `d` failed: said if it is the first since the
+    /// last change (a connection lost, or up), and every tenth after (after
+    /// a loss, the attempts that failed were never said).
+    fn attempt_failed(&mut self, d: usize, why: &str) {
+        let dial = &mut self.dials[d];
+        dial.said_up = Some(false);
+        let addr = dial.addr;
+        if !dial.said_failing {
+            dial.said_failing = true;
+            self.event(format!(
+                "cannot connect to {addr}: {why}; trying again, each wait longer (tapir status shows the attempts)"
+            ));
+        } else if dial.failures > 0 && dial.failures % 10 == 0 {
+            let n = dial.failures;
+            self.event(format!(
+                "still cannot connect to {addr} after {n} attempts: {why}; trying again"
+            ));
         }
     }
 
@@ -432,21 +451,16 @@ impl TcpTransport {
             if self.dials[d].conn == Some(id) {
                 // Said once a change: a connection lost, or the first of
                 // the attempts that fail (as OpenVPN logs a restart).
-                if self.dials[d].said_up != Some(false) {
+                let said = why.as_deref().unwrap_or("closed by the other end");
+                if conn.connecting {
+                    self.attempt_failed(d, said);
+                } else if self.dials[d].said_up != Some(false) {
                     self.dials[d].said_up = Some(false);
-                    let said = why.as_deref().unwrap_or("closed by the other end");
-                    let line = if conn.connecting {
-                        format!(
-                            "cannot connect to {}: {said}; trying again, each wait longer (tapir status shows the attempts)",
-                            conn.remote
-                        )
-                    } else {
-                        format!(
-                            "connection to {} lost: {said}; connecting again",
-                            conn.remote
-                        )
-                    };
-                    self.event(line);
+                    self.dials[d].said_failing = false;
+                    self.event(format!(
+                        "connection to {} lost: {said}; connecting again",
+                        conn.remote
+                    ));
                 }
                 if why.is_some() {
                     self.dials[d].last_error = why;
@@ -539,6 +553,7 @@ impl TcpTransport {
                             self.dials[d].last_error = None;
                             if self.dials[d].said_up != Some(true) {
                                 self.dials[d].said_up = Some(true);
+                                self.dials[d].said_failing = false;
                                 self.event(format!("connected to {remote}"));
                             }
                         }
@@ -1211,6 +1226,48 @@ mod tests {
         );
         assert_eq!(failures, 1);
         assert!(err.is_some_and(|e| e.contains("refused")), "{err:?}");
+    }
+
+    #[test]
+    fn a_lost_connections_failing_attempts_are_said() {
+        let now = Instant::now();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = listener.local_addr().unwrap();
+        let mut client = TcpTransport::new(None, 2048, 5).unwrap();
+        client.set_dials(&[target], now);
+        for _ in 0..20 {
+            pump(&mut client, now);
+        }
+        let (accepted, _) = listener.accept().unwrap();
+        drop((accepted, listener));
+        let mut rx = Batch::new(8, 4096);
+        for _ in 0..20 {
+            pump(&mut client, now);
+            client.receive(&mut rx, now);
+        }
+        // Attempts far enough apart that each is due (30 s at most).
+        for k in 1..=12u64 {
+            let t = now + Duration::from_secs(40 * k);
+            client.handle_timeout(t);
+            for _ in 0..3 {
+                pump(&mut client, t);
+                client.receive(&mut rx, t);
+            }
+        }
+        let said: Vec<&str> = client.events.iter().map(String::as_str).collect();
+        let find = |what: &str| said.iter().position(|l| l.starts_with(what));
+        let (up, lost, failing, still) = (
+            find("connected to"),
+            find("connection to"),
+            find("cannot connect to"),
+            find("still cannot connect to"),
+        );
+        // (After the loss nothing more was said, however long it lasted.)
+        assert!(
+            up < lost && lost < failing && failing < still && still.is_some(),
+            "{said:?}"
+        );
+        assert_eq!(said.len(), 4, "{said:?}");
     }
 
     #[test]
