@@ -559,6 +559,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<ExitCode> {
                     .collect::<Result<_, _>>()
                     .map_err(bad)?,
                 pcap,
+                mac_given: mac.is_some(),
                 mac: match mac {
                     Some(m) => parse_mac(&m)?,
                     None => random_mac()?,

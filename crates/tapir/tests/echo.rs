@@ -408,6 +408,51 @@ fn echo_refuses_a_device_of_another_mode_or_kind() {
         assert!(!out.status.success() && err.contains(why), "{only}: {err}");
         assert!(!ns.has_link("tap4"), "the device it made went");
     }
+    // --mac on a tun: refused (it was taken and ignored), nothing left.
+    let out = ns
+        .cmd(TAPIR)
+        .args([
+            "echo",
+            "tun4",
+            "--mode",
+            "tun",
+            "--mac",
+            "02:00:00:00:00:01",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--mac is for tap mode"),
+        "{err}"
+    );
+    assert!(!ns.has_link("tun4"));
+    // On a tun, an --only address no route sends there: said (it was
+    // silently never answered).
+    let echo = Running(Some(
+        ns.cmd(TAPIR)
+            .args([
+                "echo",
+                "tun5",
+                "--mode",
+                "tun",
+                "--addr",
+                "10.5.0.1/24",
+                "--only",
+                "192.168.5.5",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    wait_ready(&ns, "tun5", "10.5.0.1");
+    let out = echo.stop();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: --only 192.168.5.5: no route sends it to tun5"),
+        "{err}"
+    );
     // Not "physical", and the way to watch it.
     let out = ns.cmd(TAPIR).args(["dump", "lo"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -33,6 +33,8 @@ pub struct EchoRequest {
     pub pcap: Option<PathBuf>,
     /// Our MAC in tap mode.
     pub mac: [u8; 6],
+    /// Whether `mac` was asked for (`--mac`), not made up.
+    pub mac_given: bool,
     /// The clone device.
     pub tun_path: PathBuf,
 }
@@ -171,6 +173,14 @@ pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevEr
         framing,
         created,
     } = capture::attach(&req.tun_path, &req.name, req.mode)?;
+    // (Taken and ignored before.)
+    // (A device made for this run goes with its descriptor.)
+    if mode == Mode::Tun && req.mac_given {
+        return Err(DevError::Invalid(format!(
+            "--mac is for tap mode: {} is a tun device, which carries IP packets, not Ethernet frames, and has no MAC",
+            req.name
+        )));
+    }
     let mut pcap = req
         .pcap
         .as_deref()
@@ -210,6 +220,19 @@ pub fn run(req: &EchoRequest, shutdown: &AtomicBool) -> Result<EchoReport, DevEr
         return Err(DevError::Invalid(format!(
             "--only {a}: {why}, so it would never be answered: give an address of the device's subnets, not its own"
         )));
+    }
+    // On a tun, what a route sends to it: one no route sends there is not
+    // answered until one does (said, where it was silently never answered).
+    if link == Link::Ip {
+        for a in &req.only {
+            let to = nl.route_to(*a).ok().flatten().and_then(|r| r.oif);
+            if to != Some(changes.index) {
+                eprintln!(
+                    "warning: --only {a}: no route sends it to {name} yet, so pings to it do not come here: add one (tapir dev set {name} --route {a}/{})",
+                    if a.is_ipv4() { 32 } else { 128 }
+                );
+            }
+        }
     }
     eprintln!(
         "{name}: answering pings ({mode}{}); Ctrl-C to stop",

@@ -1032,6 +1032,14 @@ pub fn parse_toml_all(
                     .map_err(|m| err(r.span(), "routes", m))?,
             );
         }
+        if let (Some(false), Some(r)) = (d.up, d.routes.first()) {
+            // (It was the kernel's "Network is down" at up, the file unnamed.)
+            return Err(err(
+                r.span(),
+                "routes",
+                "a device that stays down (up = false) can have no routes: the kernel refuses them; set up = true, or remove routes".into(),
+            ));
+        }
         devices.push(crate::devices::DeviceConfig {
             name,
             mode,
@@ -1656,6 +1664,21 @@ mod tests {
         assert!(t[0].routes.is_none());
         assert_eq!(t[1].routes.as_ref().unwrap()[0].to_string(), "10.9.0.0/16");
         assert_eq!(t[1].mtu, 1380);
+    }
+
+    #[test]
+    fn a_device_that_stays_down_takes_no_routes() {
+        let text = "[[device]]\nname = \"qvm1\"\nmode = \"tun\"\naddresses = [\"10.97.0.1/30\"]\nroutes = [\"10.97.8.0/24\"]\nup = false\n";
+        let e = parse_toml_all(Path::new("d.toml"), text, 0o600)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("d.toml:5: routes: a device that stays down"),
+            "{e}"
+        );
+        let up = text.replace("up = false", "up = true");
+        assert!(parse_toml_all(Path::new("d.toml"), &up, 0o600).is_ok());
     }
 
     #[test]
