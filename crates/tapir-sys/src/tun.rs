@@ -162,16 +162,31 @@ pub mod offload {
     pub const USO6: u32 = libc::TUN_F_USO6;
 }
 
+/// What to do about a clone device that is not there: the driver's own
+/// node made where it belongs; for another path, the driver's first (it
+/// said `mkdir -p / && mknod /nonexistent ...` alone).
+fn missing_fix(path: &std::path::Path) -> String {
+    if path == std::path::Path::new(DEFAULT_TUN_PATH) {
+        "load the tun module (modprobe tun), create the node (mkdir -p /dev/net && mknod /dev/net/tun c 10 200), or run in a VM with CONFIG_TUN".into()
+    } else {
+        let mkdir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty() && *d != std::path::Path::new("/"))
+            .map(|d| format!("mkdir -p {} && ", d.display()))
+            .unwrap_or_default();
+        format!(
+            "give the tun driver's clone device, /dev/net/tun (--tun-path, TAPIR_TUN_PATH), or leave it out; or make one there (modprobe tun, then {mkdir}mknod {} c 10 200)",
+            path.display()
+        )
+    }
+}
+
 /// A failure of the tun side, with the operation, the device and what to do.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TunError {
     /// The clone device does not exist.
-    #[error(
-        "{path} is missing: load the tun module (modprobe tun), create the node (mkdir -p {dir} && mknod {path} c 10 200), or run in a VM with CONFIG_TUN",
-        path = .path.display(),
-        dir = .path.parent().map_or(std::borrow::Cow::Borrowed("/"), |d| d.to_string_lossy())
-    )]
+    #[error("{path} is missing: {fix}", path = .path.display(), fix = missing_fix(.path))]
     Missing {
         /// The path that was tried.
         path: PathBuf,

@@ -675,6 +675,20 @@ fn doctor_names_what_is_missing_and_why() {
         "{}",
         r.stdout
     );
+    // (It ended "everything tapir needs is here" under its warnings.)
+    assert!(
+        r.stdout.trim_end().ends_with("within the warnings above"),
+        "{}",
+        r.stdout
+    );
+    // A clone device path that is not there: not made there (it said
+    // `mkdir -p / && mknod /nonexistent ...`).
+    let r = run(&["env"], &["doctor", "--tun-path", "/nonexistent"]);
+    assert!(
+        !r.ok && !r.stdout.contains("mkdir -p / ") && r.stdout.contains("--tun-path /dev/net/tun"),
+        "{}",
+        r.stdout
+    );
     let r = run(&["env"], &["doctor", "--tun-path", "/dev/null"]);
     assert!(
         !r.ok && !r.stdout.contains("rm /dev/null") && r.stdout.contains("--tun-path /dev/net/tun"),

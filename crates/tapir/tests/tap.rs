@@ -476,7 +476,7 @@ fn a_tun_peer_against_a_tap_hub_is_named_in_status() {
         .output();
     let text = status_text(&star.hub, &star.dir, &star.names[0], &h);
     assert!(
-        text.contains("wrong layer") && text.contains("is it in tun mode?"),
+        text.contains("of the other mode (tun/tap)") && text.contains("is it in tun mode?"),
         "{text}"
     );
 }

@@ -100,16 +100,15 @@ fn clone_device(path: &Path) -> Check {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(_) => {
-            return check(
-                NAME,
-                Status::Fail,
-                format!("{shown} is missing"),
-                Some(format!(
-                    "modprobe tun, or mkdir -p {0} && mknod {shown} c 10 200 && chmod 0666 {shown}",
-                    path.parent()
-                        .map_or("/dev/net".into(), |p| p.display().to_string())
-                )),
-            );
+            // The node is made where the driver's is, not at any path given
+            // (it said `mkdir -p / && mknod /nonexistent ...`).
+            let fix = if path == Path::new("/dev/net/tun") {
+                "modprobe tun, or mkdir -p /dev/net && mknod /dev/net/tun c 10 200 && chmod 0666 /dev/net/tun".to_string()
+            } else {
+                "give --tun-path /dev/net/tun (the tun driver's clone device), or leave it out"
+                    .to_string()
+            };
+            return check(NAME, Status::Fail, format!("{shown} is missing"), Some(fix));
         }
     };
     // Remaking the node is advice for the clone device's own place only:
@@ -383,7 +382,10 @@ pub fn format(report: &Report) -> String {
             out += &format!("      {:<width$}  fix: {fix}\n", "");
         }
     }
-    out += if report.ok {
+    let warned = report.checks.iter().any(|c| c.status == Status::Warn);
+    out += if report.ok && warned {
+        "everything tapir needs is here, within the warnings above\n"
+    } else if report.ok {
         "everything tapir needs is here\n"
     } else {
         "something tapir needs is missing: see FAIL above\n"

@@ -90,7 +90,7 @@ impl BridgeMarks {
                 nl.del_link(br.index)?;
                 let _ = std::fs::remove_file(entry.path());
                 done.push(format!(
-                    "removed bridge {name} (tapir created it; no port left)"
+                    "removed bridge {name}: tapir created it (for a tunnel's Bridge or a qemu-ifup, this one's or another's), and it has no port left"
                 ));
             }
         }

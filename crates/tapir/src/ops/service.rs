@@ -1267,10 +1267,14 @@ pub fn format(tunnels: &[TunnelStatus]) -> String {
                 );
             }
             if !p.drops.is_empty() {
+                // Counted first: "wrong layer 3" read as OSI layer 3.
                 let d: Vec<String> = p
                     .drops
                     .iter()
-                    .map(|(k, v)| format!("{} {v}", k.replace('_', " ")))
+                    .map(|(k, v)| match k.as_str() {
+                        "wrong_layer" => format!("{v} of the other mode (tun/tap)"),
+                        _ => format!("{v} {}", k.replace('_', " ")),
+                    })
                     .collect();
                 out += &format!("    dropped: {}\n", d.join(", "));
                 if p.drops.contains_key("wrong_layer") {
