@@ -1308,7 +1308,51 @@ fn serve_connection(
 ) -> io::Result<()> {
     let deadline = std::time::Instant::now() + DEADLINE;
     stream.set_nonblocking(false)?;
-    let mut lines_in = Lines::new(stream.try_clone()?);
+    let lines_in = Lines::new(stream.try_clone()?);
+    let mut writer = stream.try_clone()?;
+    match serve_requests(lines_in, stream, answer, deadline) {
+        // A line that is no line of the protocol (not UTF-8, past
+        // MAX_LINE): the client hears why before the close (it heard
+        // nothing, or a reset), as of an over-long request.
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            let errno = if e.to_string().contains("too long") {
+                7
+            } else {
+                EPROTO
+            };
+            let _ = write_by(
+                &mut writer,
+                format!("errno=-{errno}\n\n").as_bytes(),
+                deadline,
+            );
+            // What it still sends is read and dropped (until the deadline,
+            // 64 MiB at most): closed with it unread, the socket would be
+            // reset, and the answer lost with it.
+            let _ = writer.shutdown(std::net::Shutdown::Write);
+            let mut sink = [0u8; 16384];
+            let mut left: usize = 64 << 20;
+            while left > 0 {
+                let wait = deadline.saturating_duration_since(std::time::Instant::now());
+                if wait.is_zero() || writer.set_read_timeout(Some(wait)).is_err() {
+                    break;
+                }
+                match writer.read(&mut sink) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+            Err(e)
+        }
+        other => other,
+    }
+}
+
+fn serve_requests(
+    mut lines_in: Lines,
+    stream: UnixStream,
+    answer: &mut dyn FnMut(Request) -> String,
+    deadline: std::time::Instant,
+) -> io::Result<()> {
     let mut writer = stream;
     loop {
         let Some(first) = lines_in.next(deadline)? else {
@@ -1708,6 +1752,35 @@ mod tests {
         client.read_to_string(&mut reply).unwrap();
         assert!(reply.starts_with("errno=-7\n\n"), "{reply:.60}");
         assert_eq!(served.join().unwrap(), 1, "only the get was answered");
+    }
+
+    #[test]
+    fn a_line_that_is_no_line_of_the_protocol_is_answered_before_the_close() {
+        // Not UTF-8, and one line of 1 MiB: each heard nothing (a close, or
+        // a reset) where an over-long request hears E2BIG.
+        for (input, want) in [
+            (b"set=1\n\xff\xfe=\xff\n\n".to_vec(), "errno=-71\n\n"),
+            (
+                [
+                    b"set=1\npublic_key=".to_vec(),
+                    vec![b'a'; 1 << 20],
+                    b"\n\n".to_vec(),
+                ]
+                .concat(),
+                "errno=-7\n\n",
+            ),
+        ] {
+            let (server, mut client) = UnixStream::pair().unwrap();
+            let served = std::thread::spawn(move || {
+                let _ = serve_connection(server, &mut |_| "errno=0\n\n".into());
+            });
+            client.write_all(&input).unwrap();
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut reply = String::new();
+            client.read_to_string(&mut reply).unwrap();
+            assert_eq!(reply, want);
+            served.join().unwrap();
+        }
     }
 
     fn tunnel() -> (Tunnel, PrivateKey, PublicKey) {
