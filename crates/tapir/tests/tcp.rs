@@ -211,6 +211,9 @@ fn a_reset_connection_and_a_restarted_server_recover_within_5_s() {
     assert!(took < Duration::from_secs(5), "resumed after {took:?}");
     let st = status_json(&bed.a, &bed.dir, &na, &ta);
     assert_eq!(st["peers"][0]["connection"], "connected", "{st}");
+    assert_eq!(st["peers"][0]["connection_state"], "connected", "{st}");
+    // It only connects out: no port (it said 0).
+    assert!(st["listen_port"].is_null(), "{st}");
     // The server restarted: the client reconnects and handshakes again.
     let mut tb = tb;
     tb.stop();
@@ -303,6 +306,19 @@ fn the_client_backs_off_while_the_server_is_away_and_says_so() {
         .to_owned();
     assert!(
         c.starts_with("reconnecting in") && c.contains("attempt") && c.contains("refused"),
+        "{st}"
+    );
+    // And in fields, for a script (only words before).
+    let p = &st["peers"][0];
+    assert!(
+        p["connection_state"] == "reconnecting"
+            && p["connection_attempt"].as_u64().is_some_and(|n| n >= 1)
+            && p["connection_retry_ms"]
+                .as_u64()
+                .is_some_and(|n| n <= 30_000)
+            && p["connection_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("refused")),
         "{st}"
     );
 }

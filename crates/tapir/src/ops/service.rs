@@ -905,8 +905,21 @@ pub struct PeerStatus {
     pub macs_evicted: Option<u64>,
     /// Packets dropped, by rule (`not_allowed`, `wrong_layer`, `rate_rx`...).
     pub drops: std::collections::BTreeMap<String, u64>,
-    /// TCP transport: the connection's state and next retry.
+    /// TCP transport: the connection's state and next retry, in words.
     pub connection: Option<String>,
+    /// TCP transport: `connected`, `connecting`, `reconnecting`,
+    /// `accepted` (the peer's connection) or `waiting` (to be contacted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_state: Option<String>,
+    /// TCP transport, reconnecting: the attempt to come (1 the first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_attempt: Option<u32>,
+    /// TCP transport, reconnecting: milliseconds to the next attempt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_retry_ms: Option<u64>,
+    /// TCP transport, reconnecting: the last attempt's error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_error: Option<String>,
 }
 
 /// One tunnel in `status`.
@@ -920,7 +933,7 @@ pub struct TunnelStatus {
     pub running: bool,
     /// Our public key.
     pub public_key: Option<String>,
-    /// UDP port.
+    /// Its port (UDP or TCP); none for a TCP tunnel that only connects out.
     pub listen_port: Option<u16>,
     /// How packets move (`None`: not running).
     pub datapath: Option<String>,
@@ -1070,6 +1083,10 @@ pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, Stri
                                     "macs_evicted" => p.macs_evicted = v.parse().ok(),
                                     "mac" => p.macs.push(v),
                                     "connection" => p.connection = Some(v),
+                                    "connection_state" => p.connection_state = Some(v),
+                                    "connection_attempt" => p.connection_attempt = v.parse().ok(),
+                                    "connection_retry_ms" => p.connection_retry_ms = v.parse().ok(),
+                                    "connection_error" => p.connection_error = Some(v),
                                     _ => {
                                         if let Some(rule) = key.strip_prefix("drop_") {
                                             p.drops.insert(rule.to_owned(), v.parse().unwrap_or(0));
@@ -1093,7 +1110,8 @@ pub fn status(name: Option<&str>, dirs: &Dirs) -> Result<Vec<TunnelStatus>, Stri
                                 .ok()
                                 .map(|k| k.public_key().to_base64());
                         }
-                        "listen_port" => t.listen_port = v.parse().ok(),
+                        // 0: none (a TCP tunnel that only connects out).
+                        "listen_port" => t.listen_port = v.parse().ok().filter(|&p: &u16| p != 0),
                         "public_key" => t.peers.push(PeerStatus {
                             public_key: b64(&v),
                             ..Default::default()
@@ -1207,7 +1225,8 @@ pub fn format(tunnels: &[TunnelStatus]) -> String {
             t.public_key.as_deref().unwrap_or("?"),
             t.mode.as_deref().unwrap_or("tun"),
             t.transport.as_deref().unwrap_or("udp"),
-            t.listen_port.unwrap_or(0),
+            t.listen_port
+                .map_or("none (connects out only)".to_string(), |p| p.to_string()),
             t.datapath.as_deref().unwrap_or("?")
         );
         let counters: Vec<String> = t

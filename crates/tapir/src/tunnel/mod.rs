@@ -3348,20 +3348,38 @@ fn extras_peers(
         );
         if let Link::Tcp(tcp) = link {
             let target = cfg.endpoint.or(endpoint);
-            let state = match target.and_then(|a| tcp.dial_state(a)) {
-                Some((tcp::DialState::Open, _, _)) => "connected".to_string(),
-                Some((tcp::DialState::Connecting, _, _)) => "connecting".to_string(),
-                Some((tcp::DialState::Waiting { until }, failures, err)) => format!(
-                    "reconnecting in {:.1} s (attempt {}{})",
-                    until.saturating_duration_since(now).as_secs_f64(),
-                    failures + 1,
-                    err.map(|e| format!(", last: {e}")).unwrap_or_default()
-                ),
-                None if endpoint.is_some_and(|a| tcp.connected_to(a)) => {
-                    "connected (accepted)".into()
+            // In words, and in fields for a script (`status --json`).
+            let (state, word) = match target.and_then(|a| tcp.dial_state(a)) {
+                Some((tcp::DialState::Open, _, _)) => ("connected".to_string(), "connected"),
+                Some((tcp::DialState::Connecting, _, _)) => {
+                    ("connecting".to_string(), "connecting")
                 }
-                None => "no connection (waits to be contacted)".into(),
+                Some((tcp::DialState::Waiting { until }, failures, err)) => {
+                    let wait = until.saturating_duration_since(now);
+                    out.push_str(&format!(
+                        "tapir_connection_attempt={}\ntapir_connection_retry_ms={}\n",
+                        failures + 1,
+                        wait.as_millis()
+                    ));
+                    if let Some(e) = err {
+                        out.push_str(&format!("tapir_connection_error={e}\n"));
+                    }
+                    (
+                        format!(
+                            "reconnecting in {:.1} s (attempt {}{})",
+                            wait.as_secs_f64(),
+                            failures + 1,
+                            err.map(|e| format!(", last: {e}")).unwrap_or_default()
+                        ),
+                        "reconnecting",
+                    )
+                }
+                None if endpoint.is_some_and(|a| tcp.connected_to(a)) => {
+                    ("connected (accepted)".into(), "accepted")
+                }
+                None => ("no connection (waits to be contacted)".into(), "waiting"),
             };
+            out.push_str(&format!("tapir_connection_state={word}\n"));
             out.push_str(&format!("tapir_connection={state}\n"));
         }
     }
