@@ -605,7 +605,10 @@ fn dump_creates_a_transient_device_and_refuses_a_busy_one() {
     }
     let second = ns.cmd(TAPIR).args(["dump", "t9"]).output().unwrap();
     assert!(!second.status.success());
-    assert!(String::from_utf8_lossy(&second.stderr).contains("already open by another program"));
+    // Its holder named (it said "another program").
+    let holder = format!("already open in tapir({})", dump.0.as_ref().unwrap().id());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains(&holder), "{err}");
     let out = dump.stop();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("0 packets captured"));

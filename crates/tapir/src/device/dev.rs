@@ -307,18 +307,9 @@ pub fn del(name: &str, force: bool) -> Result<Deleted, DevError> {
     // resource busy"): it went, and the program with it.
     let open = open_queues(&link);
     if open > 0 && !force {
-        let who: Vec<String> = holders()
-            .into_iter()
-            .filter(|(n, _)| *n == link.name)
-            .map(|(_, h)| format!("{}({})", h.command, h.pid))
-            .collect();
         return Err(DevError::Invalid(format!(
             "{name} is open in {} ({open} queue(s)): stop that program first (a tunnel: tapir down), or delete it from under it with --force",
-            if who.is_empty() {
-                "another program".to_string()
-            } else {
-                who.join(", ")
-            }
+            holders_named(&link.name)
         )));
     }
     nl.del_link(link.index)?;
@@ -450,6 +441,21 @@ pub struct Holder {
     pub pid: i32,
     /// Its command (`/proc/PID/comm`).
     pub command: String,
+}
+
+/// The programs of this namespace that hold device `name`, as `dev list`
+/// names them (`tapir(11750)`), or "another program".
+pub fn holders_named(name: &str) -> String {
+    let who: Vec<String> = holders()
+        .into_iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, h)| format!("{}({})", h.command, h.pid))
+        .collect();
+    if who.is_empty() {
+        "another program".into()
+    } else {
+        who.join(", ")
+    }
 }
 
 /// Which processes of this network namespace hold which tun/tap devices:

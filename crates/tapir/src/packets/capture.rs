@@ -190,7 +190,8 @@ pub fn attach(tun_path: &Path, name: &IfName, mode: Option<Mode>) -> Result<Read
             let held = crate::dev::open_queues(&link);
             if info.multi_queue && held > 0 {
                 return Err(DevError::Invalid(format!(
-                    "{name} is open in another program ({held} queue(s)): attached beside it, this would be another queue of a multi-queue device, which takes packets from the others rather than seeing a copy. To watch its packets meanwhile: tcpdump -i {name}"
+                    "{name} is open in {} ({held} queue(s)): attached beside it, this would be another queue of a multi-queue device, which takes packets from the others rather than seeing a copy. To watch its packets meanwhile: tcpdump -i {name}",
+                    crate::dev::holders_named(name.as_str())
                 )));
             }
             // Without CAP_NET_ADMIN, the kernel's rule: its owner and group,
@@ -225,7 +226,8 @@ pub fn attach(tun_path: &Path, name: &IfName, mode: Option<Mode>) -> Result<Read
     let dev = TunDevice::open(tun_path, name, options).map_err(|e| match e {
         TunError::Ioctl { source, .. } if source.kind() == std::io::ErrorKind::ResourceBusy => {
             DevError::Invalid(format!(
-                "{name} is already open by another program: a single-queue tun/tap device has one reader. To watch its packets meanwhile: tcpdump -i {name} (a second queue of a --multi-queue device would not see them: the kernel shares packets out between queues, it does not copy them)"
+                "{name} is already open in {}: a single-queue tun/tap device has one reader. To watch its packets meanwhile: tcpdump -i {name} (a second queue of a --multi-queue device would not see them: the kernel shares packets out between queues, it does not copy them)",
+                crate::dev::holders_named(name.as_str())
             ))
         }
         other => DevError::Tun(other),
