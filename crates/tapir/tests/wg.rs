@@ -976,13 +976,17 @@ fn idle_control_clients_do_not_hold_up_another() {
         let released = released.clone();
         std::thread::spawn(move || {
             tapir_sys::netns::enter(&ns_path).unwrap();
-            let held: Vec<_> = (0..10)
+            let mut held: Vec<_> = (0..10)
                 .map(|_| {
                     let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
                     s.write_all(b"get=1\n").unwrap();
                     s
                 })
                 .collect();
+            // And a hundred that send nothing, past the 16 threads: served
+            // one after another on the control thread, each had its 2 s
+            // (200 held a `wg show` 28 s).
+            held.extend((0..100).map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap()));
             ready_tx.send(()).unwrap();
             std::thread::sleep(Duration::from_secs(8));
             released.store(true, std::sync::atomic::Ordering::SeqCst);

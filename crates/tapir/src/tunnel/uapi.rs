@@ -719,17 +719,54 @@ impl ControlSocket {
     ) {
         let jobs = &self.jobs;
         let mut set = tapir_sys::poll::PollSet::new();
+        // Connections past the threads' that have sent nothing yet: waited
+        // for here, each until it has (then served) or its DEADLINE passes,
+        // where each held this thread its 2 s in turn (200 idle ones held
+        // a `wg show` 28 s).
+        let mut parked: std::collections::VecDeque<(UnixStream, Instant)> =
+            std::collections::VecDeque::new();
+        let serve_here = |stream: UnixStream, answer: &mut dyn FnMut(Request, Reply)| {
+            // (Here, a reply sent later is waited for.)
+            serve_or_refuse(stream, &jobs.counts.refused, &mut |request| {
+                let (tx, rx) = mpsc::channel();
+                answer(request, Reply(tx));
+                rx.recv().unwrap_or_else(|_| "errno=5\n\n".to_string())
+            });
+        };
         while !stop() {
             idle();
             jobs.answer(answer);
+            let now = Instant::now();
+            parked.retain(|(_, since)| now.duration_since(*since) < DEADLINE);
             set.clear();
             let listening = set.add(std::os::fd::AsFd::as_fd(&self.listener), true, false);
             let rung = bell.map(|b| set.add(b.fd(), true, false));
             let rung_jobs = jobs.bell.as_ref().map(|b| set.add(b.fd(), true, false));
-            if set.wait(tick.unwrap_or(super::bell::FOREVER)).is_err() {
+            let first_parked = set.len();
+            for (s, _) in &parked {
+                set.add(std::os::fd::AsFd::as_fd(s), true, false);
+            }
+            let wait = match (parked.front(), tick) {
+                (Some((_, since)), t) => {
+                    let left = DEADLINE.saturating_sub(now.duration_since(*since));
+                    t.map_or(left, |t| t.min(left))
+                }
+                (None, t) => t.unwrap_or(super::bell::FOREVER),
+            };
+            if set.wait(wait).is_err() {
                 // Only EINTR is retried inside; anything else would repeat at once.
                 std::thread::sleep(Duration::from_millis(250));
                 continue;
+            }
+            // Those that sent something (or closed): served, oldest first.
+            let ready: Vec<usize> = (0..parked.len())
+                .filter(|&i| set.readable(first_parked + i))
+                .collect();
+            for i in ready.into_iter().rev() {
+                if let Some((stream, _)) = parked.remove(i) {
+                    serve_here(stream, answer);
+                    jobs.answer(answer);
+                }
             }
             for (b, i) in [(bell, rung), (jobs.bell.as_ref(), rung_jobs)] {
                 if let (Some(b), Some(i)) = (b, i) {
@@ -756,12 +793,19 @@ impl ControlSocket {
                     }
                     _ => stream,
                 };
-                // (Here, a reply sent later is waited for.)
-                serve_or_refuse(stream, &jobs.counts.refused, &mut |request| {
-                    let (tx, rx) = mpsc::channel();
-                    answer(request, Reply(tx));
-                    rx.recv().unwrap_or_else(|_| "errno=5\n\n".to_string())
-                });
+                // Nothing to read yet: parked (at most PARKED, the oldest
+                // going first), not waited for here.
+                let mut one = tapir_sys::poll::PollSet::new();
+                one.add(std::os::fd::AsFd::as_fd(&stream), true, false);
+                let has_data = one.wait(Duration::ZERO).is_ok() && one.readable(0);
+                if !has_data {
+                    if parked.len() >= PARKED {
+                        parked.pop_front();
+                    }
+                    parked.push_back((stream, Instant::now()));
+                    continue;
+                }
+                serve_here(stream, answer);
                 jobs.answer(answer);
                 if stop() {
                     return;
@@ -774,6 +818,9 @@ impl ControlSocket {
 /// At most this many control connections are served at once on threads
 /// of their own; more are served one at a time on the control thread.
 pub const CLIENT_THREADS: usize = 16;
+/// Connections past the threads' waited for on the control thread until
+/// they send their request (beyond, the oldest is closed).
+const PARKED: usize = 1024;
 /// Connections taken between two looks at the threads' requests.
 const ACCEPTS_PER_PASS: usize = 8;
 
