@@ -2761,8 +2761,15 @@ fn serve_control(
                 let (listen_port, mark_now) = (*port, *fwmark);
                 let gro = shared.counters.gro_udp.load(Ordering::Relaxed);
                 let mut rebind = |p: u16| {
-                    // (Over TCP: tapir down/up.)
-                    let s = udp.ok_or(libc::EOPNOTSUPP)?;
+                    // (Over TCP: tapir down/up; said here too, where wg
+                    // prints only "Operation not supported".)
+                    let Some(s) = udp else {
+                        eprintln!(
+                            "tapir: {}: port {p} refused: over TCP the listener does not move (tapir down, then up with the new ListenPort)",
+                            ib.name
+                        );
+                        return Err(libc::EOPNOTSUPP);
+                    };
                     let p = move_udp(s, p, mark_now, gro).map_err(|e| {
                         eprintln!("tapir: {}: moving to UDP port {p}: {e}", ib.name);
                         e.raw_os_error().unwrap_or(libc::EIO)
