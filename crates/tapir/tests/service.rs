@@ -1081,21 +1081,21 @@ fn a_slow_post_up_is_waited_for_and_a_hanging_one_ended_by_a_stop() {
         c.args(["up", conf.to_str().unwrap()])
             .env("TAPIR_RUN_DIR", e.dir.join("run"))
             .env("TAPIR_LOG_DIR", e.dir.join("log"))
-            .env("TAPIR_UP_LIMIT", "2")
+            .env("TAPIR_UP_LIMIT", "4")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         c
     };
     let conf = e.file(
         &format!("{n}.conf"),
-        &tunnel_text(51837, 7, "PostUp = sleep 3.5\n"),
+        &tunnel_text(51837, 7, "PostUp = sleep 5.5\n"),
         "600",
     );
     let out = up(&conf).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains("waiting for `") && err.contains("sleep 3.5"),
+        err.contains("waiting for `") && err.contains("sleep 5.5"),
         "{err}"
     );
     e.ok(&["down", &n]);

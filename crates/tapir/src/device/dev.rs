@@ -298,7 +298,7 @@ pub fn is_held(name: &str) -> bool {
 pub fn del(name: &str, force: bool) -> Result<Deleted, DevError> {
     let name = IfName::new(name)?;
     if !caps::has_net_admin() {
-        return del_as_owner(&name);
+        return del_as_owner(&name, force);
     }
     let mut nl = Netlink::open()?;
     let link = tun_link(&mut nl, &name)?;
@@ -355,10 +355,20 @@ fn may_attach(info: &tapir_sys::netlink::TunInfo, uid: u32, groups: &[u32]) -> b
 /// and so gone once closed. Anyone else is told what it takes, also for a
 /// device with neither owner nor group, which the kernel would let anyone
 /// attach to and so delete: a device nobody was given is root's to delete.
-fn del_as_owner(name: &IfName) -> Result<Deleted, DevError> {
+fn del_as_owner(name: &IfName, force: bool) -> Result<Deleted, DevError> {
     let missing = || DevError::Permission(caps::net_admin_missing("deleting a tun/tap device"));
     let mut nl = Netlink::open()?;
     let link = tun_link(&mut nl, name)?;
+    // Held (a multi-queue device lets us attach beside its holder): as
+    // with root, not unasked; and, made not persistent, it goes only when
+    // its holder lets go.
+    let open = open_queues(&link);
+    if open > 0 && !force {
+        return Err(DevError::Invalid(format!(
+            "{name} is open in {} ({open} queue(s)): stop that program first, or give --force, and it goes when that program closes it",
+            holders_named(&link.name)
+        )));
+    }
     let Some(info) = link.tun.as_ref() else {
         return Err(missing());
     };
@@ -374,7 +384,7 @@ fn del_as_owner(name: &IfName) -> Result<Deleted, DevError> {
     };
     let dev = TunDevice::open(std::path::Path::new(tapir_sys::DEFAULT_TUN_PATH), name, options).map_err(|e| {
         DevError::Invalid(format!(
-            "{name} is yours, but cannot be attached to delete it ({e}): a process holds it; close it there, or have root delete it (sudo tapir dev del {name})"
+            "{name} is yours, but cannot be attached to delete it ({e}): a process holds it; close it there, or have root delete it from under it (sudo tapir dev del {name} --force)"
         ))
     })?;
     dev.set_persist(false)?;

@@ -155,9 +155,12 @@ pub fn ifup(
                         let has = on.iter().any(|x| x.local == a);
                         let ours = BridgeMarks::existing(run_dir)
                             .is_some_and(|m| m.has(br.as_str(), l.index));
-                        let other = on
-                            .iter()
-                            .find(|x| x.local.addr().is_ipv4() == a.addr().is_ipv4());
+                        // (Not the kernel's own fe80:: of the bridge.)
+                        let other = on.iter().find(|x| {
+                            x.local.addr().is_ipv4() == a.addr().is_ipv4()
+                                && x.scope != "link"
+                                && x.scope != "host"
+                        });
                         if has {
                         } else if let (true, Some(o)) = (ours, other) {
                             return Err(DevError::Invalid(format!(

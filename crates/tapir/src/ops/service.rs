@@ -214,8 +214,14 @@ fn wait_ready(
     log_path: &Path,
     log_start: u64,
     stop: &AtomicBool,
+    killed: &mut bool,
 ) -> Result<(), String> {
     let pid = child.id() as i32;
+    let mut end = |child: &mut std::process::Child| {
+        let stopped = end_daemon(child);
+        *killed = !stopped;
+        stopped
+    };
     let limit = up_limit();
     let mut deadline = Instant::now() + limit;
     let mut look = Instant::now();
@@ -244,7 +250,7 @@ fn wait_ready(
         if stop.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(format!(
                 "interrupted: {}",
-                match end_daemon(child) {
+                match end(child) {
                     true => "the tunnel was stopped, and what it had set up taken back",
                     false =>
                         "the tunnel did not stop in time and was killed: tapir down NAME clears what it left",
@@ -279,7 +285,7 @@ fn wait_ready(
                 r.as_ref()
                     .is_err_and(|e| e.contains("another process holds"))
             }) {
-                end_daemon(child);
+                end(child);
                 return Err(e.clone());
             }
             if answers.iter().all(Result::is_ok) {
@@ -292,11 +298,16 @@ fn wait_ready(
                 look = Instant::now();
                 continue;
             }
-            end_daemon(child);
+            let stopped = end(child);
             return Err(format!(
-                "the tunnel did not answer within {} s; see {}",
+                "the tunnel did not answer within {} s; see {}{}",
                 limit.as_secs(),
-                log_path.display()
+                log_path.display(),
+                if stopped {
+                    ""
+                } else {
+                    "; it did not stop and was killed: tapir down NAME clears what it left"
+                }
             ));
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -599,7 +610,19 @@ pub fn up(
             }
         };
         for path in &records {
-            if let Err(e) = write_pid_file(path, pid) {
+            let mut written = write_pid_file(path, pid);
+            // The namespace's directory, empty, may have just gone with an
+            // earlier run's process as it ended: made again, once.
+            if written
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+            {
+                if let Some(dir) = path.parent() {
+                    let _ = crate::uapi::ensure_private_dir(dir);
+                }
+                written = write_pid_file(path, pid);
+            }
+            if let Err(e) = written {
                 // Not up without its record: stopped again, nothing left.
                 end_daemon(&mut child);
                 forget();
@@ -609,8 +632,19 @@ pub fn up(
                 ));
             }
         }
-        let ready = wait_ready(&mut child, &scope, &names, &log_path, log_start, stop);
-        if ready.is_err() {
+        let mut killed = false;
+        let ready = wait_ready(
+            &mut child,
+            &scope,
+            &names,
+            &log_path,
+            log_start,
+            stop,
+            &mut killed,
+        );
+        // Killed, it took nothing back: its records stay, for `tapir down
+        // NAME` to clear what it left (its rules, DNS, socket).
+        if ready.is_err() && !killed {
             forget();
         }
         ready?;
@@ -719,14 +753,14 @@ pub fn down_file(file: &Path, dirs: &Dirs) -> Result<Vec<Result<String, String>>
     for d in &devices {
         if let Some((_, h)) = held.iter().find(|(n, _)| n == d.name.as_str()) {
             done.push(Ok(format!(
-                "{}: kept: {} (pid {}) holds it open (tapir dev del {} deletes it anyway)",
+                "{}: kept: {} (pid {}) holds it open (tapir dev del {} --force deletes it anyway)",
                 d.name, h.command, h.pid, d.name
             )));
             continue;
         }
         if crate::dev::is_held(d.name.as_str()) {
             done.push(Ok(format!(
-                "{}: kept: a process of another network namespace holds it open (tapir dev del {} deletes it anyway)",
+                "{}: kept: a process of another network namespace holds it open (tapir dev del {} --force deletes it anyway)",
                 d.name, d.name
             )));
             continue;

@@ -154,8 +154,9 @@ fn wait_unless_stopped(child: &mut Child) -> std::io::Result<Option<ExitStatus>>
             let group = Pid::from_raw(pgid);
             let _ = killpg(group, Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(3);
+            // (A walk of /proc each look: twenty a second.)
             while group_lives(pgid) && Instant::now() < deadline {
-                std::thread::sleep(tick);
+                std::thread::sleep(Duration::from_millis(50));
             }
             if group_lives(pgid) {
                 let _ = killpg(group, Signal::SIGKILL);

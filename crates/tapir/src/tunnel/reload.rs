@@ -222,7 +222,14 @@ impl Reloader {
     pub fn finish(&mut self, plan: Plan) -> Vec<String> {
         let mut problems = Vec::new();
         let old = self.made.take().unwrap_or_else(|| routes(&self.current));
-        let new = routes(&plan.config);
+        // The new peers' and routes under the running mode and table: a
+        // Table or Mode changed in the file is not applied (it is named),
+        // and its routes must not be either (Table auto to 1234 put
+        // 0.0.0.0/0 into the main table; auto to off took every route).
+        let mut next = self.current.clone();
+        next.peers = plan.config.peers.clone();
+        next.routes = plan.config.routes.clone();
+        let new = routes(&next);
         if old != new {
             let (now, refused) = route_changes(&self.current, &old, &new);
             if !refused.is_empty() {

@@ -124,9 +124,9 @@ struct Dial {
     /// What the log last said of it: up (`Some(true)`), down, or nothing
     /// yet; it speaks once a change, not once an attempt.
     said_up: Option<bool>,
-    /// Whether the log said that an attempt failed since the last change
-    /// (the first of a series is said, and every tenth after).
-    said_failing: bool,
+    /// Attempts that failed since the last change said (a connection lost,
+    /// or up): the first of a series is said, and every tenth after.
+    failed_since: u32,
 }
 
 struct Conn {
@@ -290,9 +290,10 @@ impl TcpTransport {
             .filter(|&i| !addrs.contains(&self.dials[i].addr))
             .collect();
         for &i in gone.iter().rev() {
-            if let Some(c) = self.dials[i].conn {
+            if let Some(c) = self.dials[i].conn.take() {
                 // Ours to drop (the endpoint changed, the peer went): not
-                // a connection lost.
+                // a connection lost, nor an attempt that failed (the dial,
+                // no longer its, is left alone by `close`).
                 self.dials[i].said_up = Some(false);
                 self.close(c, now, None);
             }
@@ -314,7 +315,7 @@ impl TcpTransport {
                     conn: None,
                     last_error: None,
                     said_up: None,
-                    said_failing: false,
+                    failed_since: 0,
                 });
             }
         }
@@ -351,14 +352,13 @@ impl TcpTransport {
     fn attempt_failed(&mut self, d: usize, why: &str) {
         let dial = &mut self.dials[d];
         dial.said_up = Some(false);
-        let addr = dial.addr;
-        if !dial.said_failing {
-            dial.said_failing = true;
+        dial.failed_since = dial.failed_since.saturating_add(1);
+        let (addr, n) = (dial.addr, dial.failed_since);
+        if n == 1 {
             self.event(format!(
                 "cannot connect to {addr}: {why}; trying again, each wait longer (tapir status shows the attempts)"
             ));
-        } else if dial.failures > 0 && dial.failures % 10 == 0 {
-            let n = dial.failures;
+        } else if n % 10 == 0 {
             self.event(format!(
                 "still cannot connect to {addr} after {n} attempts: {why}; trying again"
             ));
@@ -456,7 +456,7 @@ impl TcpTransport {
                     self.attempt_failed(d, said);
                 } else if self.dials[d].said_up != Some(false) {
                     self.dials[d].said_up = Some(false);
-                    self.dials[d].said_failing = false;
+                    self.dials[d].failed_since = 0;
                     self.event(format!(
                         "connection to {} lost: {said}; connecting again",
                         conn.remote
@@ -553,7 +553,7 @@ impl TcpTransport {
                             self.dials[d].last_error = None;
                             if self.dials[d].said_up != Some(true) {
                                 self.dials[d].said_up = Some(true);
-                                self.dials[d].said_failing = false;
+                                self.dials[d].failed_since = 0;
                                 self.event(format!("connected to {remote}"));
                             }
                         }

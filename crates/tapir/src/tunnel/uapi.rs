@@ -758,15 +758,33 @@ impl ControlSocket {
                 std::thread::sleep(Duration::from_millis(250));
                 continue;
             }
-            // Those that sent something (or closed): served, oldest first.
+            // Those that sent something (or closed): taken out, then
+            // served oldest first, on a thread of their own where one is
+            // free; one whose time ran out meanwhile is closed.
             let ready: Vec<usize> = (0..parked.len())
                 .filter(|&i| set.readable(first_parked + i))
                 .collect();
-            for i in ready.into_iter().rev() {
-                if let Some((stream, _)) = parked.remove(i) {
-                    serve_here(stream, answer);
-                    jobs.answer(answer);
+            let mut taken: Vec<(UnixStream, Instant)> = ready
+                .into_iter()
+                .rev()
+                .filter_map(|i| parked.remove(i))
+                .collect();
+            taken.reverse();
+            for (stream, since) in taken {
+                if since.elapsed() >= DEADLINE {
+                    continue;
                 }
+                let stream = match &jobs.bell {
+                    Some(b) if jobs.counts.threads.load(Ordering::Acquire) < CLIENT_THREADS => {
+                        match Client::spawn(stream, &jobs.tx, b, &jobs.counts) {
+                            Ok(()) => continue,
+                            Err(stream) => stream,
+                        }
+                    }
+                    _ => stream,
+                };
+                serve_here(stream, answer);
+                jobs.answer(answer);
             }
             for (b, i) in [(bell, rung), (jobs.bell.as_ref(), rung_jobs)] {
                 if let (Some(b), Some(i)) = (b, i) {
@@ -781,8 +799,17 @@ impl ControlSocket {
             // A few at a time, the threads' requests answered between: a
             // steady stream of connections kept them waiting for as long.
             for _ in 0..ACCEPTS_PER_PASS {
-                let Ok((stream, _)) = self.listener.accept() else {
-                    break;
+                let stream = match self.listener.accept() {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of descriptors: the oldest parked one goes,
+                        // where the listener, readable still, would have
+                        // this thread spin until they expired.
+                        if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                            parked.pop_front();
+                        }
+                        break;
+                    }
                 };
                 let stream = match &jobs.bell {
                     Some(b) if jobs.counts.threads.load(Ordering::Acquire) < CLIENT_THREADS => {
@@ -819,8 +846,9 @@ impl ControlSocket {
 /// of their own; more are served one at a time on the control thread.
 pub const CLIENT_THREADS: usize = 16;
 /// Connections past the threads' waited for on the control thread until
-/// they send their request (beyond, the oldest is closed).
-const PARKED: usize = 1024;
+/// they send their request (beyond, the oldest is closed): well under the
+/// usual 1024 descriptors a process may hold.
+const PARKED: usize = 256;
 /// Connections taken between two looks at the threads' requests.
 const ACCEPTS_PER_PASS: usize = 8;
 
