@@ -725,6 +725,14 @@ impl ControlSocket {
         // a `wg show` 28 s).
         let mut parked: std::collections::VecDeque<(UnixStream, Instant)> =
             std::collections::VecDeque::new();
+        // A connection on a thread of its own, where one is free: `None`;
+        // else it is given back, for this thread.
+        let on_a_thread = |stream: UnixStream| match &jobs.bell {
+            Some(b) if jobs.counts.threads.load(Ordering::Acquire) < CLIENT_THREADS => {
+                Client::spawn(stream, &jobs.tx, b, &jobs.counts).err()
+            }
+            _ => Some(stream),
+        };
         let serve_here = |stream: UnixStream, answer: &mut dyn FnMut(Request, Reply)| {
             // (Here, a reply sent later is waited for.)
             serve_or_refuse(stream, &jobs.counts.refused, &mut |request| {
@@ -774,14 +782,8 @@ impl ControlSocket {
                 if since.elapsed() >= DEADLINE {
                     continue;
                 }
-                let stream = match &jobs.bell {
-                    Some(b) if jobs.counts.threads.load(Ordering::Acquire) < CLIENT_THREADS => {
-                        match Client::spawn(stream, &jobs.tx, b, &jobs.counts) {
-                            Ok(()) => continue,
-                            Err(stream) => stream,
-                        }
-                    }
-                    _ => stream,
+                let Some(stream) = on_a_thread(stream) else {
+                    continue;
                 };
                 serve_here(stream, answer);
                 jobs.answer(answer);
@@ -811,14 +813,8 @@ impl ControlSocket {
                         break;
                     }
                 };
-                let stream = match &jobs.bell {
-                    Some(b) if jobs.counts.threads.load(Ordering::Acquire) < CLIENT_THREADS => {
-                        match Client::spawn(stream, &jobs.tx, b, &jobs.counts) {
-                            Ok(()) => continue,
-                            Err(stream) => stream,
-                        }
-                    }
-                    _ => stream,
+                let Some(stream) = on_a_thread(stream) else {
+                    continue;
                 };
                 // Nothing to read yet: parked (at most PARKED, the oldest
                 // going first), not waited for here.
