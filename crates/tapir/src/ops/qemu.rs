@@ -67,6 +67,13 @@ impl BridgeMarks {
     /// Forgets `name` (its directory goes once empty).
     pub(crate) fn forget(&self, name: &str) {
         let _ = std::fs::remove_file(self.0.join(name));
+        self.tidy();
+    }
+
+    /// Removes the marks' directory if it is empty: the namespace's run
+    /// directory, which goes once empty as its tunnels end, kept it (a
+    /// tunnel joining a bridge that was there before left both behind).
+    pub(crate) fn tidy(&self) {
         let _ = std::fs::remove_dir(&self.0);
     }
 
@@ -96,7 +103,7 @@ impl BridgeMarks {
         }
         // (Left empty, the directory goes: a namespace's run directory is
         // removed once empty.)
-        let _ = std::fs::remove_dir(&self.0);
+        self.tidy();
         Ok(done)
     }
 }

@@ -535,8 +535,13 @@ fn join_bridge(
                 tap: index,
             }),
         ),
-        Some(l) if l.kind.as_deref() == Some("bridge") => (l.index, None),
+        Some(l) if l.kind.as_deref() == Some("bridge") => {
+            // Not ours: nothing to remember.
+            marks.tidy();
+            (l.index, None)
+        }
         Some(l) => {
+            marks.tidy();
             return Err(DevError::Invalid(format!(
                 "Bridge = {name}: {name} exists and is not a bridge (it is {}): choose another name",
                 l.kind.as_deref().unwrap_or("a plain interface")
