@@ -85,23 +85,9 @@ pub fn keep_only_network(keep: bool) -> io::Result<()> {
         return Err(fail("prctl(PR_SET_NO_NEW_PRIVS)"));
     }
     shrink_bounding_set(keep)?;
-    let mut header = CapHeader {
-        version: CAP_V3,
-        pid: 0,
-    };
+    let named = |op: &str, e: io::Error| io::Error::new(e.kind(), format!("{op}: {e}"));
     let mut data = [CapData::default(); 2];
-    // SAFETY: capget writes a v3 header's two data structs into live
-    // locals with the kernel's layout (repr(C), three u32 each).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_capget,
-            &mut header as *mut CapHeader,
-            data.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        return Err(fail("capget"));
-    }
+    capability_call(libc::SYS_capget, &mut data).map_err(|e| named("capget", e))?;
     // Only what is permitted now can stay (capset refuses more).
     let wanted: u32 = if keep {
         KEPT.iter().map(|c| 1u32 << c).sum()
@@ -112,19 +98,25 @@ pub fn keep_only_network(keep: bool) -> io::Result<()> {
     data = [CapData::default(); 2];
     data[0].effective = held;
     data[0].permitted = held;
-    // SAFETY: capset reads a v3 header and two data structs, both live
-    // locals with the kernel's layout (repr(C), three u32 each).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_capset,
-            &mut header as *mut CapHeader,
-            data.as_mut_ptr(),
-        )
+    capability_call(libc::SYS_capset, &mut data).map_err(|e| named("capset", e))
+}
+
+/// `capget` or `capset` (`nr`) of this thread's sets, in `data`, with a v3
+/// header.
+fn capability_call(nr: libc::c_long, data: &mut [CapData; 2]) -> io::Result<()> {
+    let mut header = CapHeader {
+        version: CAP_V3,
+        pid: 0,
     };
-    if rc != 0 {
-        return Err(fail("capset"));
+    // SAFETY: capget writes, capset reads, a v3 header and two data
+    // structs, both live locals with the kernel's layout (repr(C), three
+    // u32 each).
+    let rc = unsafe { libc::syscall(nr, &mut header as *mut CapHeader, data.as_mut_ptr()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
-    Ok(())
 }
 
 /// Runs the process as `uid` and `gid` (no supplementary groups) from now

@@ -10,6 +10,9 @@ use serde_json::Value;
 
 const TAPIR: &str = env!("CARGO_BIN_EXE_tapir");
 
+mod support;
+use support::netns_dir;
+
 struct Env {
     _lab: Lab,
     ns: Netns,
@@ -88,21 +91,6 @@ impl Env {
             "a process is left in the namespace"
         );
     }
-}
-
-/// A namespace's identity, as tapir names its directories.
-/// The name of `ns`'s own directories under tapir's (`netns-INODE-COOKIE`).
-fn netns_dir(ns: &Netns) -> String {
-    use std::os::unix::fs::MetadataExt;
-    let ino = std::fs::metadata(ns.path()).unwrap().ino();
-    let path = ns.path();
-    let cookie = std::thread::spawn(move || {
-        tapir_sys::netns::enter(&path).unwrap();
-        tapir_sys::netns::cookie().unwrap()
-    })
-    .join()
-    .unwrap();
-    format!("netns-{ino}-{cookie}")
 }
 
 /// A one-peer tunnel's file: port `port`, addresses in 10.88.`net`.0/24,

@@ -416,18 +416,7 @@ fn an_existing_bridge_is_joined_and_left_as_it_was() {
     );
     // And nothing of the run is left in the run directory (an empty
     // `bridges` kept the namespace's directory there).
-    let here = {
-        use std::os::unix::fs::MetadataExt;
-        let ino = std::fs::metadata(star.s2.path()).unwrap().ino();
-        let path = star.s2.path();
-        let cookie = std::thread::spawn(move || {
-            tapir_sys::netns::enter(&path).unwrap();
-            tapir_sys::netns::cookie().unwrap()
-        })
-        .join()
-        .unwrap();
-        std::path::Path::new("/run/tapir").join(format!("netns-{ino}-{cookie}"))
-    };
+    let here = std::path::Path::new("/run/tapir").join(netns_dir(&star.s2));
     assert!(!here.exists(), "{} is left", here.display());
     // Without MAC =, the hub's tap has the same MAC at every start (its
     // peers' neighbour caches stay right across a restart).

@@ -512,3 +512,18 @@ pub fn ok(out: &std::process::Output) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A namespace's identity, as tapir names its directories.
+/// The name of `ns`'s own directories under tapir's (`netns-INODE-COOKIE`).
+pub fn netns_dir(ns: &Netns) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(ns.path()).unwrap().ino();
+    let path = ns.path();
+    let cookie = std::thread::spawn(move || {
+        tapir_sys::netns::enter(&path).unwrap();
+        tapir_sys::netns::cookie().unwrap()
+    })
+    .join()
+    .unwrap();
+    format!("netns-{ino}-{cookie}")
+}
