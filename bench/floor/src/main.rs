@@ -108,6 +108,9 @@ struct With {
     idle: Option<usize>,
     /// Two threads, one a direction, each blocked in its read: no wait.
     block: bool,
+    /// The socket connected to the peer: `send(2)` and `recv(2)`, no
+    /// addresses (and the kernel's cached route and early demux).
+    connect: bool,
 }
 
 impl With {
@@ -131,6 +134,7 @@ impl With {
                 "epoll2" => (w.epoll, w.idle) = (true, Some(0)),
                 "epoll3" => (w.epoll, w.idle) = (true, Some(1)),
                 "block" => w.block = true,
+                "connect" => w.connect = true,
                 "tapir" => {
                     w = With {
                         spare: true,
@@ -142,10 +146,14 @@ impl With {
                 }
                 _ => {
                     return Err(format!(
-                        "FLOOR_WITH: unknown choice '{word}' (known: epoll, v6, recvmsg, gro, vnet, vnethdr, spare, block, tapir)"
+                        "FLOOR_WITH: unknown choice '{word}' (known: epoll, v6, recvmsg, gro, vnet, vnethdr, spare, block, connect, tapir)"
                     ));
                 }
             }
+        }
+        if w.connect {
+            // A connected socket hears its peer alone: no sender to learn.
+            (w.recvfrom, w.recvmsg, w.recvmsg0) = (false, w.gro, false);
         }
         Ok(w)
     }
@@ -436,6 +444,7 @@ fn seal_and_send(
     key: &LessSafeKey,
     socket: &UdpSocket,
     peer: SocketAddr,
+    connected: bool,
 ) {
     *sent += 1;
     buf[8..HEADER].copy_from_slice(&sent.to_le_bytes());
@@ -444,7 +453,11 @@ fn seal_and_send(
         return;
     };
     buf[HEADER + n..HEADER + n + TAG].copy_from_slice(tag.as_ref());
-    let _ = socket.send_to(&buf[..HEADER + n + TAG], peer);
+    if connected {
+        let _ = socket.send(&buf[..HEADER + n + TAG]);
+    } else {
+        let _ = socket.send_to(&buf[..HEADER + n + TAG], peer);
+    }
 }
 
 /// The `n` bytes received into `buf`: opened in place and written to the
@@ -489,6 +502,9 @@ fn main() {
         UdpSocket::bind(("0.0.0.0", port)).expect("bind")
     };
     socket.set_nonblocking(true).expect("non-blocking");
+    if with.connect {
+        socket.connect(peer).expect("connect");
+    }
     if with.gro {
         let on: libc::c_int = 1;
         let size = std::mem::size_of_val(&on) as libc::socklen_t;
@@ -539,7 +555,7 @@ fn main() {
                 let Some(n) = usize::try_from(n).ok().and_then(|n| n.checked_sub(vh)) else {
                     break;
                 };
-                seal_and_send(&mut buf, n, &mut sent, &key, &socket, peer);
+                seal_and_send(&mut buf, n, &mut sent, &key, &socket, peer, with.connect);
             }
         }
         if socket_ready {
@@ -585,7 +601,7 @@ fn blocking(
                 // SAFETY: read writes at most room.len() bytes into room.
                 let n = unsafe { libc::read(fd, room.as_mut_ptr().cast(), room.len()) };
                 if let Some(n) = usize::try_from(n).ok().and_then(|n| n.checked_sub(vh)) {
-                    seal_and_send(&mut buf, n, &mut sent, key, socket, peer);
+                    seal_and_send(&mut buf, n, &mut sent, key, socket, peer, with.connect);
                 }
             }
         });

@@ -68,7 +68,7 @@ enum Command {
     },
     /// Run tunnels in the foreground: a wg-quick file (NAME.conf gives interface NAME) or a tapir TOML file (*.toml).
     Run {
-        /// The config file.
+        /// The config file; a name alone (wg0) is ./wg0.conf or ./wg0.toml, else /etc/tapir/wg0.conf or .toml (TAPIR_CONFIG_DIR moves it).
         file: PathBuf,
         #[command(flatten)]
         dirs: DirArgs,
@@ -77,7 +77,7 @@ enum Command {
     },
     /// Start the tunnels of a config file in the background; returns once they answer.
     Up {
-        /// A wg-quick file (NAME.conf) or a tapir TOML file (*.toml).
+        /// A wg-quick file (NAME.conf) or a tapir TOML file (*.toml); a name alone (wg0) is ./wg0.conf or ./wg0.toml, else /etc/tapir/wg0.conf or .toml (TAPIR_CONFIG_DIR moves it).
         file: PathBuf,
         #[command(flatten)]
         dirs: DirArgs,

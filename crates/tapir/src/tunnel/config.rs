@@ -675,11 +675,45 @@ pub fn default_mtu(mode: tapir_sys::Mode) -> u32 {
     }
 }
 
+/// Where a config named by its tunnel alone is looked for after the
+/// working directory (`tapir up wg0` finds `/etc/tapir/wg0.conf`, as
+/// `wg-quick up wg0` finds `/etc/wireguard/wg0.conf`); `TAPIR_CONFIG_DIR`
+/// moves it.
+pub fn config_dir() -> PathBuf {
+    std::env::var_os("TAPIR_CONFIG_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_CONFIG_DIR), PathBuf::from)
+}
+/// [`config_dir`] unless moved.
+pub const DEFAULT_CONFIG_DIR: &str = "/etc/tapir";
+
+/// A config as `run`, `up` and `down` take it: [`resolve_in`] with
+/// [`config_dir`].
+pub fn resolve_path(path: &Path) -> PathBuf {
+    resolve_in(path, &config_dir())
+}
+
 /// A config named without its extension (`/etc/tapir/wg0`, as the systemd
 /// unit names it): `wg0.conf` if it exists, else `wg0.toml` (appended:
 /// `wg.0` is `wg.0.conf`, not `wg.conf`), before a file `wg0` itself,
-/// which names no tunnel; any other path as it is.
-pub fn resolve_path(path: &Path) -> PathBuf {
+/// which names no tunnel; any other path as it is. A bare name (no
+/// directory) found nowhere here is looked for so in `dir` too.
+pub fn resolve_in(path: &Path, dir: &Path) -> PathBuf {
+    let here = with_extension(path);
+    let bare = matches!(
+        path.components().collect::<Vec<_>>()[..],
+        [std::path::Component::Normal(_)]
+    );
+    if bare && !here.exists() {
+        let there = with_extension(&dir.join(path));
+        if there.exists() {
+            return there;
+        }
+    }
+    here
+}
+
+fn with_extension(path: &Path) -> PathBuf {
     if path.extension().is_some_and(|e| e == "conf" || e == "toml") {
         return path.to_owned();
     }
@@ -695,9 +729,35 @@ pub fn resolve_path(path: &Path) -> PathBuf {
         .unwrap_or_else(|| path.to_owned())
 }
 
+/// Whether the config is there at all: an error saying where a name alone
+/// was looked for if not.
+fn exists(path: &Path) -> Result<(), ConfigError> {
+    if path.exists() {
+        return Ok(());
+    }
+    let bare = path.components().count() == 1 && path.extension().is_none();
+    let msg = if bare {
+        let n = path.display();
+        let d = config_dir();
+        let d = d.display();
+        format!(
+            "no such config: a tunnel's name alone is looked for as {n}.conf or {n}.toml here, then in {d} ({d}/{n}.conf, {d}/{n}.toml)"
+        )
+    } else {
+        "no such config file".to_owned()
+    };
+    Err(ConfigError {
+        file: path.to_owned(),
+        line: 0,
+        key: None,
+        msg,
+    })
+}
+
 /// Reads a config file: TOML (`*.toml`, any number of tunnels) or wg-quick
 /// (`NAME.conf`, one tunnel named NAME). Tunnel names must differ.
 pub fn load_any(path: &Path) -> Result<Vec<TunnelConfig>, ConfigError> {
+    exists(path)?;
     if path.extension().is_some_and(|e| e == "toml") {
         load_toml(path)
     } else {
@@ -877,6 +937,7 @@ pub fn parse_toml(path: &Path, text: &str, mode: u32) -> Result<Vec<TunnelConfig
 pub fn load_file(
     path: &Path,
 ) -> Result<(Vec<TunnelConfig>, Vec<crate::devices::DeviceConfig>), ConfigError> {
+    exists(path)?;
     if path.extension().is_some_and(|e| e == "toml") {
         let whole = |msg: String| ConfigError {
             file: path.to_owned(),
@@ -1437,6 +1498,44 @@ mod tests {
         assert_eq!(resolve_path(&dir.join("wg.0")), dir.join("wg.0.conf"));
         assert_eq!(resolve_path(&dir.join("d")), dir.join("d.conf"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_tunnels_name_alone_is_looked_for_in_the_config_directory_after_here() {
+        let base = std::env::temp_dir().join(format!("tapir-resolve-dir-{}", std::process::id()));
+        let etc = base.join("etc");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("wgx9.conf"), "").unwrap();
+        std::fs::write(etc.join("lab.toml"), "").unwrap();
+        // (The working directory holds none of these.)
+        assert_eq!(resolve_in(Path::new("wgx9"), &etc), etc.join("wgx9.conf"));
+        assert_eq!(
+            resolve_in(Path::new("wgx9.conf"), &etc),
+            etc.join("wgx9.conf")
+        );
+        assert_eq!(resolve_in(Path::new("lab"), &etc), etc.join("lab.toml"));
+        // A path with a directory is that path; one found nowhere is as given.
+        assert_eq!(resolve_in(Path::new("./wgx9"), &etc), Path::new("./wgx9"));
+        assert_eq!(resolve_in(Path::new("nope9"), &etc), Path::new("nope9"));
+        // Here before there.
+        let here = base.join("here");
+        std::fs::create_dir_all(&here).unwrap();
+        std::fs::write(here.join("wgx9.conf"), "").unwrap();
+        assert_eq!(resolve_in(&here.join("wgx9"), &etc), here.join("wgx9.conf"));
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_missing_config_says_where_it_was_looked_for() {
+        let e = load_any(Path::new("nope9")).unwrap_err().to_string();
+        assert!(
+            e.contains("no such config") && e.contains("nope9.conf") && e.contains("/nope9.toml"),
+            "{e}"
+        );
+        let e = load_any(Path::new("/nonexistent/x.conf"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no such config file"), "{e}");
     }
 
     #[test]
