@@ -13,7 +13,7 @@
 # at TAPIR_ALT, to compare two builds in one run), floor (bench/floor: the
 # least an encrypting tunnel does, not a tunnel), boringtun (boringtun-cli);
 # floor+CHOICE+... is the floor using the kernel as tapir does, one choice
-# at a time (epoll, v6, recvmsg, gro, vnet, spare, block; floor+tapir: what
+# at a time (epoll, v6, recvmsg, gro, vnet, spare, block, connect; floor+tapir: what
 # tapir does for a lone datagram, see bench/floor): what those cost a ping,
 # apart from tapir's own work.
 # Prints the median, 25th and 75th percentiles of each, and the mean of the

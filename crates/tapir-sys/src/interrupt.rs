@@ -27,12 +27,14 @@
 //! which `poll(2)` skips), so the call, when it starts, returns at once.
 //!
 //! The signal is `SIGURG` (ignored by default, and sent by the kernel
-//! only to a socket's owner set with `F_SETOWN`, which tapir never sets),
+//! only to a socket's owner set with `F_SETOWN`, which tapir sets only
+//! to have it sent: [`on_arrival`]),
 //! handled with `SA_RESTART`: other system calls of the thread go on as
 //! if it had not come; `poll(2)` never restarts, so a sleeping wait ends.
 //! A program that handles `SIGURG` itself must not use this module.
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, Ordering, compiler_fence};
 use std::time::Instant;
@@ -131,6 +133,54 @@ pub fn this_thread() -> io::Result<i32> {
 pub fn interrupt(tid: i32) -> bool {
     // SAFETY: tgkill takes no pointers.
     unsafe { libc::tgkill(libc::getpid(), tid, SIGNAL) == 0 }
+}
+
+/// `F_SETSIG`, `F_SETOWN_EX` and `F_OWNER_TID` (asm-generic/fcntl.h; not
+/// in the libc crate for this target).
+const F_SETSIG: libc::c_int = 10;
+const F_SETOWN_EX: libc::c_int = 15;
+const F_OWNER_TID: libc::c_int = 0;
+
+/// `struct f_owner_ex`.
+#[repr(C)]
+struct OwnerEx {
+    kind: libc::c_int,
+    pid: libc::pid_t,
+}
+
+/// Makes what arrives on socket `fd` interrupt thread `tid` of this
+/// process (from [`this_thread`]) as [`interrupt`] does: `O_ASYNC`, with
+/// [`SIGNAL`] sent to that thread alone; or no longer (`None`). For a
+/// socket the thread does not poll, where arrivals are rare.
+pub fn on_arrival(fd: BorrowedFd<'_>, tid: Option<i32>) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on a live descriptor, with ints by value and a live
+    // f_owner_ex read by the kernel.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let flags = match tid {
+            Some(tid) => {
+                let owner = OwnerEx {
+                    kind: F_OWNER_TID,
+                    pid: tid,
+                };
+                if libc::fcntl(fd, F_SETOWN_EX, &owner as *const OwnerEx) < 0
+                    || libc::fcntl(fd, F_SETSIG, SIGNAL) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                flags | libc::O_ASYNC
+            }
+            None => flags & !libc::O_ASYNC,
+        };
+        if libc::fcntl(fd, libc::F_SETFL, flags) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Signals handled on the calling thread so far.

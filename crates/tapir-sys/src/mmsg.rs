@@ -335,6 +335,12 @@ impl Batch {
         self.set(i, len, from);
     }
 
+    /// Records `from` as datagram `i`'s sender (a connected socket's
+    /// datagrams, all from its peer, whatever form the kernel gave).
+    pub fn set_sender(&mut self, i: usize, from: &SocketAddrV6) {
+        self.addrs[i] = to_sockaddr(from);
+    }
+
     /// Datagram `i` as set for sending: its bytes and its destination.
     pub fn outgoing(&self, i: usize) -> (&[u8], SocketAddrV6) {
         (
@@ -510,6 +516,26 @@ impl Batch {
         }))
     }
 
+    /// [`Batch::recv_plain`] on a socket connected to `peer`, by `recv(2)`:
+    /// the sender can only be `peer`, and is not copied out.
+    pub fn recv_connected(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        peer: SocketAddrV6,
+    ) -> io::Result<Option<One>> {
+        let len = match raw::recv(fd, &mut self.data[..self.slot]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(Some(One {
+            len,
+            from: peer,
+            segment: None,
+            local: None,
+        }))
+    }
+
     /// Records slot 0 as what [`Batch::recv_one`] received, for reading it
     /// as a batch of one ([`Batch::datagram_mut`], [`Batch::segment_size`]).
     pub fn set_received_one(&mut self, one: &One) {
@@ -574,6 +600,50 @@ impl Batch {
                 self.dropped.push(i);
             }
             return out;
+        }
+    }
+
+    /// [`Batch::send_one`] on a connected socket, to where it is connected:
+    /// no address, and the kernel takes the route it keeps for the socket
+    /// rather than looking one up. An error that an earlier datagram's ICMP
+    /// answer left on the socket (refused, unreachable) comes back from the
+    /// next send, which did not go: that one is tried again, once. `None`
+    /// where the socket is not connected (any more): nothing went, and the
+    /// caller sends it another way.
+    pub fn send_connected(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        i: usize,
+        len: usize,
+        patience: std::time::Duration,
+    ) -> Option<Sent> {
+        let datagram = &self.data[i * self.slot..i * self.slot + len.min(self.slot)];
+        let mut patience = Patience::new(patience);
+        let mut out = Sent {
+            messages: 1,
+            ..Sent::default()
+        };
+        let mut again = true;
+        self.dropped.clear();
+        loop {
+            match raw::send(fd, datagram) {
+                Ok(_) => out.sent = 1,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) if patience.left() => {
+                        wait_writable(fd, patience.deadline());
+                        continue;
+                    }
+                    Some(libc::EAGAIN) => out.blocked = 1,
+                    Some(libc::EDESTADDRREQ | libc::ENOTCONN | libc::EBADF) => return None,
+                    _ if std::mem::take(&mut again) => continue,
+                    _ => out.refused = 1,
+                },
+            }
+            if out.sent == 0 {
+                self.dropped.push(i);
+            }
+            return Some(out);
         }
     }
 

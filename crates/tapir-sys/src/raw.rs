@@ -236,6 +236,23 @@ pub fn replace(old: BorrowedFd<'_>, new: OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
+/// `send(2)` of `buf` on a connected socket: one datagram to where it is
+/// connected.
+#[inline]
+pub fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    let a = [
+        fd.as_raw_fd() as usize,
+        buf.as_ptr() as usize,
+        buf.len(),
+        0,
+        0,
+        0,
+    ];
+    // SAFETY: the kernel reads at most buf.len() bytes from a live slice;
+    // no address.
+    result(unsafe { syscall6(libc::SYS_sendto, a) })
+}
+
 /// `sendto(2)` of `buf` to `to`: one datagram without a header to fill.
 #[inline]
 pub fn sendto(fd: BorrowedFd<'_>, buf: &[u8], to: &libc::sockaddr_in6) -> io::Result<usize> {
@@ -250,6 +267,23 @@ pub fn sendto(fd: BorrowedFd<'_>, buf: &[u8], to: &libc::sockaddr_in6) -> io::Re
     // SAFETY: the kernel reads at most buf.len() bytes from a live slice
     // and the address's size from a live sockaddr_in6.
     result(unsafe { syscall6(libc::SYS_sendto, a) })
+}
+
+/// `recv(2)` of one datagram into `buf` without blocking (a connected
+/// socket: its sender is known).
+#[inline]
+pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    let a = [
+        fd.as_raw_fd() as usize,
+        buf.as_mut_ptr() as usize,
+        buf.len(),
+        libc::MSG_DONTWAIT as usize,
+        0,
+        0,
+    ];
+    // SAFETY: the kernel writes at most buf.len() bytes into a live slice;
+    // no address.
+    result(unsafe { syscall6(libc::SYS_recvfrom, a) })
 }
 
 /// `recvfrom(2)` of one datagram into `buf` without blocking, its sender

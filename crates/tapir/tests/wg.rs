@@ -1628,3 +1628,97 @@ fn ipv4_peers_get_through_where_sockets_default_to_ipv6_only() {
     ping(&bed.a, "10.77.0.2");
     ping(&bed.b, "10.77.0.1");
 }
+
+/// A tunnel with one peer reaches it by a socket connected to its endpoint
+/// (see the tunnel's `connected` module): on at both ends; no other program
+/// can bind the port beside it; it follows the peer when it roams (whose
+/// datagrams then come to the tunnel's own socket, out of the wait while
+/// the connected one is on); it goes off with a second peer and on again
+/// without it, and pings go through all along.
+#[test]
+fn a_lone_peer_is_reached_by_a_connected_socket_that_follows_it() {
+    require_root!();
+    let bed = bed("conn");
+    let ((ka, pa), (kb, pb)) = (genkey(), genkey());
+    // (Names of their own: wg finds a tunnel's socket by its name alone.)
+    let (a, b) = tapir_sides(&bed, ifname("tcna"), ifname("tcnb"));
+    // (b listens first: a's first handshake is not lost to it.)
+    let tb = tapir(&bed, &b, &kb, &pa, None, "10.77.0.1/32");
+    let ta = tapir(&bed, &a, &ka, &pb, Some("10.200.0.2:51820"), "10.77.0.2/32");
+    ping(&bed.a, "10.77.0.2");
+    let counter = |ns: &netlab::Netns, t: &Proc, which: &str| {
+        let name = if std::ptr::eq(ns, &bed.a) {
+            &a.name
+        } else {
+            &b.name
+        };
+        status_json(ns, &bed.dir, name, t)["counters"][which]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+    };
+    wait_for(
+        || counter(&bed.a, &ta, "udp_connected") == 1 && counter(&bed.b, &tb, "udp_connected") == 1,
+        "a connected socket at each end",
+    );
+    // SO_REUSEPORT served the bind alone: the port is the tunnel's.
+    for addr in ["[::]:51820", "0.0.0.0:51820"] {
+        let refused = bed.b.run(|| {
+            let addr: std::net::SocketAddr = addr.parse().unwrap();
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::DGRAM,
+                None,
+            )
+            .unwrap();
+            s.set_reuse_port(true).unwrap();
+            s.bind(&addr.into()).map_err(|e| e.kind())
+        });
+        assert_eq!(
+            refused.err(),
+            Some(std::io::ErrorKind::AddrInUse),
+            "a bind to {addr} beside the tunnel"
+        );
+    }
+    let connects_b = counter(&bed.b, &tb, "udp_connects");
+    // a roams (a new port): b hears it on its own socket, answers, and
+    // connects to where it now is.
+    sh(bed
+        .a
+        .cmd("wg")
+        .args(["set", &a.name, "listen-port", "40123"]));
+    ping(&bed.a, "10.77.0.2");
+    wait_for(
+        || {
+            let e = sh(bed.b.cmd("wg").args(["show", &b.name, "endpoints"]));
+            e.contains("10.200.0.1:40123")
+                && counter(&bed.b, &tb, "udp_connects") > connects_b
+                && counter(&bed.b, &tb, "udp_connected") == 1
+        },
+        "b connected to a's new port",
+    );
+    ping(&bed.a, "10.77.0.2");
+    ping(&bed.b, "10.77.0.1");
+    // A second peer: off, and the pings go by the tunnel's own socket.
+    let (_, pc) = genkey();
+    sh(bed
+        .b
+        .cmd("wg")
+        .args(["set", &b.name, "peer", &pc, "allowed-ips", "10.77.0.9/32"]));
+    wait_for(
+        || counter(&bed.b, &tb, "udp_connected") == 0,
+        "off with two peers",
+    );
+    ping(&bed.a, "10.77.0.2");
+    ping(&bed.b, "10.77.0.1");
+    sh(bed
+        .b
+        .cmd("wg")
+        .args(["set", &b.name, "peer", &pc, "remove"]));
+    wait_for(
+        || counter(&bed.b, &tb, "udp_connected") == 1,
+        "on again with one",
+    );
+    ping(&bed.a, "10.77.0.2");
+    let st = status_json(&bed.b, &bed.dir, &b.name, &tb);
+    assert_eq!(st["counters"]["udp_refused"], 0, "{st}");
+}

@@ -34,7 +34,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs, UdpSocket};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
@@ -54,6 +54,7 @@ use tapir_wire::vnet::{self, VnetHeader};
 
 pub mod bell;
 pub mod config;
+mod connected;
 pub mod control;
 pub mod engine;
 mod host;
@@ -63,6 +64,7 @@ pub mod saveconfig;
 pub mod tcp;
 pub mod uapi;
 use bell::Bell;
+use connected::Connected;
 use tcp::TcpTransport;
 
 /// Datagrams per system call.
@@ -932,6 +934,8 @@ struct Shared {
     tunnel: Mutex<Tunnel>,
     counters: Counters,
     sources: Sources,
+    /// Over UDP, the socket connected to a lone peer (see [`connected`]).
+    connected: Option<Connected>,
 }
 
 /// Where each peer's datagrams came to (the local address and interface),
@@ -1059,6 +1063,10 @@ struct Outbox<'a> {
     /// the kernel, a full buffer; over TCP no connection, a full queue):
     /// taken off the peer's transfer at the next [`Outbox::queue_transmit`].
     unsent: Vec<(SocketAddr, usize)>,
+    /// The socket connected to a lone peer (UDP), and where it was last
+    /// seen connected: a lone datagram to there leaves by it.
+    connected: Option<&'a Connected>,
+    connected_seen: connected::Seen,
 }
 
 /// At most this many unsent datagrams wait to be taken off a transfer
@@ -1069,7 +1077,8 @@ const UNSENT_KEPT: usize = 4096;
 const SEND_PATIENCE: Duration = Duration::from_millis(20);
 
 impl<'a> Outbox<'a> {
-    fn new(link: Link<'a>, name: &'a IfName, counters: &'a Counters, sources: &'a Sources) -> Self {
+    fn new(link: Link<'a>, name: &'a IfName, shared: &'a Shared) -> Self {
+        let (counters, sources) = (&shared.counters, &shared.sources);
         Self {
             link,
             tx: Batch::new(BATCH, SLOT),
@@ -1083,6 +1092,8 @@ impl<'a> Outbox<'a> {
             sticky: None,
             host_addresses: Vec::new(),
             unsent: Vec::new(),
+            connected: shared.connected.as_ref(),
+            connected_seen: connected::Seen::default(),
         }
     }
 
@@ -1186,8 +1197,24 @@ impl<'a> Outbox<'a> {
                 let was = self.gso_on;
                 let (to, len, from) = self.first;
                 let r = if self.pending == 1 {
-                    self.tx
-                        .send_one(socket.as_fd(), 0, len, &to, from, SEND_PATIENCE)
+                    // To the lone peer by its connected socket (where that
+                    // refuses it, by the tunnel's).
+                    let seen = &mut self.connected_seen;
+                    let via = self
+                        .connected
+                        .filter(|c| from.is_none() && seen.to(c) == Some(to));
+                    let tx = &mut self.tx;
+                    via.and_then(|c| {
+                        let r = tx.send_connected(c.fd(), 0, len, SEND_PATIENCE);
+                        let r = r.filter(|r| r.refused == 0);
+                        if r.is_none() {
+                            c.mark_stale();
+                        }
+                        r
+                    })
+                    .unwrap_or_else(|| {
+                        tx.send_one(socket.as_fd(), 0, len, &to, from, SEND_PATIENCE)
+                    })
                 } else {
                     self.tx.send_gso(
                         socket.as_fd(),
@@ -2010,8 +2037,8 @@ impl LoneMode {
         lone_in >= LONE_MODE_AFTER && sticky == Some(false)
     }
 
-    fn enter(&mut self, s: &UdpSocket, gro: bool, c: &Counters, now: Instant) {
-        if gro && !tapir_sys::mmsg::set_gro(s.as_fd(), false) {
+    fn enter(&mut self, s: BorrowedFd, gro: bool, c: &Counters, now: Instant) {
+        if gro && !tapir_sys::mmsg::set_gro(s, false) {
             return;
         }
         self.on = true;
@@ -2019,8 +2046,8 @@ impl LoneMode {
         add(&c.lone_mode, 1);
     }
 
-    fn leave(&mut self, s: &UdpSocket, gro: bool, c: &Counters) {
-        if gro && !tapir_sys::mmsg::set_gro(s.as_fd(), true) {
+    fn leave(&mut self, s: BorrowedFd, gro: bool, c: &Counters) {
+        if gro && !tapir_sys::mmsg::set_gro(s, true) {
             c.gro_udp.store(false, Ordering::Relaxed);
         }
         *self = LoneMode::default();
@@ -2237,6 +2264,8 @@ struct Positions {
     /// The control link's bell, unless it interrupts the wait instead.
     control: Option<usize>,
     udp: Option<usize>,
+    /// The socket connected to a lone peer (left out while it is off).
+    connected: Option<usize>,
     /// The timers' deadline, when the kernel keeps it.
     deadline: Option<usize>,
 }
@@ -2273,6 +2302,20 @@ fn inbound_loop(
     if listening.is_none() && set.is_interruptible() {
         set = PollSet::kept();
     }
+    // While the connected socket is on, the tunnel's own socket hears
+    // little (handshakes from elsewhere, a peer that roamed): it is left
+    // out of the wait, one descriptor fewer for the kernel to look at
+    // each time (0.2 µs a ping, pinned), and what comes to it interrupts
+    // the wait as the bell does (a signal to this thread: see
+    // `tapir_sys::interrupt::on_arrival`). Then it is looked at after a
+    // signal, and again after a receive that found something, until it
+    // is empty.
+    let this_tid = listening
+        .as_ref()
+        .and_then(|_| tapir_sys::interrupt::this_thread().ok());
+    let mut main_quiet = false;
+    let mut look_at_main = false;
+    let mut signals_seen = tapir_sys::interrupt::count();
     // The bell's rings last looked at (with `listening`).
     let mut rings_seen = 0;
     // The timers' deadline is kept by the kernel too, and the loop waits
@@ -2309,8 +2352,12 @@ fn inbound_loop(
     // Writes to the device in a row after which it had nothing to read;
     // receives in a row that found one datagram.
     let mut no_answer = 0u32;
-    let mut lone_in = 0u32;
-    let mut lone_mode = LoneMode::default();
+    // (Each UDP socket's own: the tunnel's, and the connected one.)
+    let mut lone_ins = [0u32; 2];
+    let mut lone_modes: [LoneMode; 2] = Default::default();
+    // Where the connected socket is connected, while it is on (see
+    // `connected`).
+    let mut connected_to = None;
     while !stop() {
         // TCP: keep a connection to every configured endpoint.
         if let Link::Tcp(t) = &mut out.link {
@@ -2327,6 +2374,7 @@ fn inbound_loop(
                 shifts.as_ref().map(|sh| sh.dev),
                 ctl,
                 &out.link,
+                shared.connected.as_ref(),
                 deadline.as_ref(),
             );
             if let Link::Tcp(t) = &mut out.link {
@@ -2342,6 +2390,20 @@ fn inbound_loop(
             _ => None,
         };
         let (dev_at, control_at, udp_at) = (at.dev, at.control, at.udp);
+        if let Some(i) = at.connected {
+            set.set_ignored(i, connected_to.is_none());
+        }
+        if let (Link::Udp(main), Some(i)) = (&out.link, udp_at) {
+            let quiet = connected_to.is_some() && this_tid.is_some();
+            if quiet != main_quiet {
+                // (Where the kernel refuses, the socket stays in the wait.)
+                let tid = this_tid.filter(|_| quiet);
+                main_quiet = tapir_sys::interrupt::on_arrival(main.as_fd(), tid).is_ok() && quiet;
+                // What came before it was told to interrupt.
+                look_at_main |= main_quiet;
+            }
+            set.set_ignored(i, main_quiet);
+        }
         if active || shared.counters.sends() != sent_seen {
             active = true;
             next_timer = next_timer.min(now + TIMERS_AFTER);
@@ -2371,12 +2433,22 @@ fn inbound_loop(
             // interrupted nothing).
             timeout = Duration::ZERO;
         }
+        if look_at_main {
+            // (The tunnel's socket, out of the wait, may hold more.)
+            timeout = Duration::ZERO;
+        }
         if let Link::Tcp(t) = &mut out.link {
             (timeout, tcp_due) = tcp_register(t, &mut set, now, timeout);
         }
         set.wait(timeout)
             .map_err(|e| DevError::Runtime(format!("poll: {e}")))?;
         now = Instant::now();
+        if main_quiet {
+            let signals = tapir_sys::interrupt::count();
+            if signals != signals_seen {
+                (signals_seen, look_at_main) = (signals, true);
+            }
+        }
         let wall_now = clock.at(now);
         if let (Some(d), Some(i)) = (deadline.as_mut(), at.deadline) {
             if set.readable(i) {
@@ -2405,22 +2477,45 @@ fn inbound_loop(
         // A lone datagram received by `recv_one`: in slot 0, its length
         // and sender here rather than in the batch's records.
         let mut lone = None;
+        // From the connected socket first: the peer's datagrams come there
+        // (what waits on the other is seen at the next wait, at once).
+        let from_connected = at
+            .connected
+            .is_some_and(|i| connected_to.is_some() && set.readable(i));
+        let main_ready = udp_at.is_some_and(|i| set.readable(i))
+            || (main_quiet && std::mem::take(&mut look_at_main));
+        // (Left for the next turn, which does not sleep.)
+        look_at_main |= from_connected && main_quiet && main_ready;
         let got = match &mut out.link {
-            Link::Udp(s) if udp_at.is_some_and(|i| set.readable(i)) => {
+            Link::Udp(main) if from_connected || main_ready => {
+                let (s, k) = match shared.connected.as_ref().filter(|_| from_connected) {
+                    Some(c) => (c.fd(), 1),
+                    None => (main.as_fd(), 0),
+                };
+                // An error on the connected socket is an ICMP answer to
+                // what went to the peer (refused, unreachable): nothing
+                // to receive, as on the tunnel's own socket, which hears
+                // none of them.
+                let failed = |e: io::Error| {
+                    if k == 1 {
+                        Ok(0)
+                    } else {
+                        Err(DevError::Runtime(format!("UDP receive: {e}")))
+                    }
+                };
+                let (lone_in, lone_mode) = (&mut lone_ins[k], &mut lone_modes[k]);
                 let gro = shared.counters.gro_udp.load(Ordering::Relaxed);
-                let fits = LoneMode::fits(lone_in, out.sticky);
+                let fits = LoneMode::fits(*lone_in, out.sticky);
                 if lone_mode.on && !fits {
                     lone_mode.leave(s, gro, &shared.counters);
-                } else if !lone_mode.on && fits && habitual(lone_in) {
+                } else if !lone_mode.on && fits && habitual(*lone_in) {
                     lone_mode.enter(s, gro, &shared.counters, now);
                 }
                 // Where receives keep finding one datagram, the kernel is
                 // not asked to look for a second (see `habitual`), and the
                 // batch's headers are left alone.
                 let got = if let Some(until) = lone_mode.suspect_until {
-                    let got = rx
-                        .recv_up_to(s.as_fd(), BATCH)
-                        .map_err(|e| DevError::Runtime(format!("UDP receive: {e}")))?;
+                    let got = rx.recv_up_to(s, BATCH).or_else(failed)?;
                     for i in 0..got {
                         if let Some(size) = messages::coalesced_size(rx.datagram_mut(i).0) {
                             rx.set_segment_size(i, size);
@@ -2430,11 +2525,13 @@ fn inbound_loop(
                         lone_mode.suspect_until = None;
                     }
                     got
-                } else if habitual(lone_in) {
-                    let one = if lone_mode.on {
-                        rx.recv_plain(s.as_fd())
+                } else if habitual(*lone_in) {
+                    let one = if let (true, Some(to)) = (lone_mode.on && k == 1, connected_to) {
+                        rx.recv_connected(s, to)
+                    } else if lone_mode.on {
+                        rx.recv_plain(s)
                     } else {
-                        rx.recv_one(s.as_fd())
+                        rx.recv_one(s)
                     };
                     match one {
                         Ok(None) => 0,
@@ -2446,23 +2543,32 @@ fn inbound_loop(
                             rx.set_received_one(&one);
                             1
                         }
-                        Err(e) => return Err(DevError::Runtime(format!("UDP receive: {e}"))),
+                        Err(e) => failed(e)?,
                     }
                 } else {
-                    rx.recv_up_to(s.as_fd(), BATCH)
-                        .map_err(|e| DevError::Runtime(format!("UDP receive: {e}")))?
+                    rx.recv_up_to(s, BATCH).or_else(failed)?
                 };
+                // All from the peer, whatever form the socket (of the
+                // peer's family) gave their sender in.
+                if let (1, Some(to)) = (k, connected_to) {
+                    match &mut lone {
+                        Some((_, (from, _))) => *from = from_v6(SocketAddr::V6(to)),
+                        None => (0..got).for_each(|i| rx.set_sender(i, &to)),
+                    }
+                }
                 // (One the kernel coalesced is a batch: not lone.)
                 match got {
                     0 => {}
                     1 if lone.is_some() || rx.segment_size(0).is_none() => {
-                        lone_in = lone_in.wrapping_add(1)
+                        *lone_in = lone_in.wrapping_add(1)
                     }
-                    _ => lone_in = 0,
+                    _ => *lone_in = 0,
                 }
-                if lone_mode.on && lone_in == 0 {
+                if lone_mode.on && *lone_in == 0 {
                     lone_mode.leave(s, gro, &shared.counters);
                 }
+                // Out of the wait, it is looked at again until empty.
+                look_at_main |= k == 0 && main_quiet && got > 0;
                 got
             }
             Link::Udp(_) => 0,
@@ -2540,13 +2646,27 @@ fn inbound_loop(
             active = true;
             // (The host watcher rings this bell too.)
             timers.take_host(shared, ctl, out, now);
-            if serve_control(ctl, shared, out, ib, &mut timers, &mut served) {
+            let mark = served.fwmark;
+            let moved = serve_control(ctl, shared, out, ib, &mut timers, &mut served);
+            if moved {
                 // The socket is another under the same descriptor: the set
                 // is built again (see `move_udp`), and the new socket
                 // receives as a new one does.
                 set.clear();
-                lone_mode = LoneMode::default();
+                (lone_ins[0], lone_modes[0]) = (0, LoneMode::default());
+                // (Without O_ASYNC: set again below, if it is to be.)
+                main_quiet = false;
             }
+            // A peer added or taken away, an endpoint set, a new port or mark.
+            let renew = moved || mark != served.fwmark;
+            connected_to = steer_connected(
+                shared,
+                out,
+                renew,
+                served.fwmark,
+                &mut lone_ins,
+                &mut lone_modes,
+            );
         }
         if let Link::Tcp(t) = &mut out.link {
             tcp_after_wait(t, shared, ib, now, wall_now, tcp_due);
@@ -2558,6 +2678,15 @@ fn inbound_loop(
             next_timer = timers.run(shared, ctl, ib, out, now, wall_now);
             // Over TCP the connections' own timers keep the second.
             active = matches!(out.link, Link::Tcp(_));
+            // A peer that roamed, a send the connected socket refused.
+            connected_to = steer_connected(
+                shared,
+                out,
+                false,
+                served.fwmark,
+                &mut lone_ins,
+                &mut lone_modes,
+            );
         }
         // The loop's tail under one lock: packets a rate limit released,
         // what waits to go out, and when a rate limit next releases (for
@@ -2596,6 +2725,43 @@ fn inbound_loop(
     Ok(())
 }
 
+/// Turns the connected socket on, moves it, or off, as the tunnel now
+/// stands (see [`connected`]), made afresh if `renew` (a new port or
+/// `mark`); where it is connected, if on. A socket made afresh receives
+/// as a new one does (`lone_ins`, `lone_modes`: each UDP socket's).
+#[inline(never)]
+fn steer_connected(
+    shared: &Shared,
+    out: &Outbox,
+    renew: bool,
+    mark: u32,
+    lone_ins: &mut [u32; 2],
+    lone_modes: &mut [LoneMode; 2],
+) -> Option<SocketAddrV6> {
+    let (Some(c), Link::Udp(main)) = (&shared.connected, &out.link) else {
+        return None;
+    };
+    // With several local addresses, answers leave from where each peer
+    // wrote to: not the connected socket's business.
+    let to = if out.sticky == Some(false) {
+        let t = shared.tunnel();
+        match t.peer_count() {
+            1 => t.peers().next().and_then(|(_, e, _)| e).map(to_v6),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let version = c.version();
+    let gro = shared.counters.gro_udp.load(Ordering::Relaxed);
+    // (Not made: off, and tried again at the next look.)
+    let _ = c.steer(main, to, renew, mark, gro);
+    if c.version() != version {
+        (lone_ins[1], lone_modes[1]) = (0, LoneMode::default());
+    }
+    c.to()
+}
+
 impl Positions {
     /// Empties `set` and puts the loop's descriptors in it.
     #[inline(never)]
@@ -2605,6 +2771,7 @@ impl Positions {
         shift_dev: Option<&TunDevice>,
         ctl: &Control,
         link: &Link,
+        connected: Option<&Connected>,
         deadline: Option<&Deadline>,
     ) -> Self {
         set.clear();
@@ -2619,6 +2786,7 @@ impl Positions {
                 Link::Udp(s) => Some(set.add(s.as_fd(), true, false)),
                 Link::Tcp(_) => None,
             },
+            connected: connected.map(|c| set.add(c.fd(), true, false)),
             deadline: deadline.map(|d| set.add(d.fd(), true, false)),
         }
     }
@@ -2723,7 +2891,7 @@ fn serve_control(
     // for it (a change between its slices would tear it).
     if let Some(job) = showing.as_mut() {
         let t = shared.tunnel();
-        if !job.slice(&t, &shared.counters, &out.link, ctl.mode, ib.gro_on) {
+        if !job.slice(&t, shared, &out.link, ctl.mode, ib.gro_on) {
             return false;
         }
         *showing = None;
@@ -2744,7 +2912,7 @@ fn serve_control(
             ) => {
                 let tapir = matches!(request, crate::uapi::Request::TapirGet);
                 let mut job = Showing::new(&t, reply, tapir, *port, *fwmark);
-                if !job.slice(&t, &shared.counters, &out.link, ctl.mode, ib.gro_on) {
+                if !job.slice(&t, shared, &out.link, ctl.mode, ib.gro_on) {
                     *showing = Some(job);
                     return moved;
                 }
@@ -2863,7 +3031,14 @@ impl Showing {
     }
 
     /// Adds the next slice; `true` when the reply is whole and sent.
-    fn slice(&mut self, t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) -> bool {
+    fn slice(
+        &mut self,
+        t: &Tunnel,
+        shared: &Shared,
+        link: &Link,
+        mode: Mode,
+        gro_on: bool,
+    ) -> bool {
         let (end, grown) = ((self.next + SHOW_SLICE).min(t.peer_count()), self.out.len());
         while self.next < end && self.out.len() - grown < SHOW_SLICE_BYTES {
             let one = self.next..self.next + 1;
@@ -2878,7 +3053,8 @@ impl Showing {
             return false;
         }
         if self.tapir && !self.own_lines {
-            self.out.push_str(&extras_head(t, c, link, mode, gro_on));
+            let (c, k) = (&shared.counters, shared.connected.as_ref());
+            self.out.push_str(&extras_head(t, c, link, k, mode, gro_on));
             (self.own_lines, self.next) = (true, 0);
             return false;
         }
@@ -3100,10 +3276,16 @@ impl Started {
                 Ordering::Relaxed,
             );
         }
+        // (None where it cannot be made: the tunnel's socket does it all.)
+        let connected = match &net {
+            Net::Udp(_) if !off("TAPIR_CONNECTED") => Connected::new().ok(),
+            _ => None,
+        };
         let shared = Shared {
             tunnel: Mutex::new(tunnel),
             counters,
             sources: Sources::default(),
+            connected,
         };
         let mut ib = Inbound::new(&dev, &name, tap, &shared.counters)?;
         // Fresh sessions with every peer we know where to find (a restart
@@ -3146,14 +3328,13 @@ impl Started {
             match net {
                 Net::Udp(socket) if threads_per_direction() == 1 => {
                     let mut ob = Outbound::new(&dev, &name, tap)?;
-                    let mut out =
-                        Outbox::new(Link::Udp(&socket), &name, &shared.counters, &shared.sources);
+                    let mut out = Outbox::new(Link::Udp(&socket), &name, &shared);
                     inbound_loop(&mut ib, Some(&mut ob), None, &shared, &mut out, &ctl, &stop)
                 }
                 Net::Udp(socket) => Outbound::new(&dev, &name, tap).and_then(|ob| {
                     let half = Mutex::new(DeviceHalf(
                         ob,
-                        Outbox::new(Link::Udp(&socket), &name, &shared.counters, &shared.sources),
+                        Outbox::new(Link::Udp(&socket), &name, &shared),
                     ));
                     let turn = Turn::new(Arc::clone(&link.wake));
                     std::thread::scope(|s| {
@@ -3162,12 +3343,7 @@ impl Started {
                             let _stop = StopOnDrop(&stopped, &|| turn.wake_inbound.ring());
                             outbound_loop(&half, &turn, &dev, &shared, &stop)
                         });
-                        let mut out = Outbox::new(
-                            Link::Udp(&socket),
-                            &name,
-                            &shared.counters,
-                            &shared.sources,
-                        );
+                        let mut out = Outbox::new(Link::Udp(&socket), &name, &shared);
                         // So does this one's, so that the scope can end.
                         let stop_outbound = || turn.stop_outbound();
                         let stop_guard = StopOnDrop(&stopped, &stop_outbound);
@@ -3195,8 +3371,7 @@ impl Started {
                 }),
                 Net::Tcp(mut t) => {
                     let mut ob = Outbound::new(&dev, &name, tap)?;
-                    let mut out =
-                        Outbox::new(Link::Tcp(&mut t), &name, &shared.counters, &shared.sources);
+                    let mut out = Outbox::new(Link::Tcp(&mut t), &name, &shared);
                     inbound_loop(&mut ib, Some(&mut ob), None, &shared, &mut out, &ctl, &stop)
                 }
             }
@@ -3228,7 +3403,14 @@ fn put_nonzero(out: &mut String, prefix: &str, counts: &[(&str, u64)]) {
 }
 
 /// tapir's own status lines, after WireGuard's (see `uapi::Request::TapirGet`).
-fn extras_head(t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) -> String {
+fn extras_head(
+    t: &Tunnel,
+    c: &Counters,
+    link: &Link,
+    connected: Option<&Connected>,
+    mode: Mode,
+    gro_on: bool,
+) -> String {
     let tap = mode == Mode::Tap;
     let on = |b: bool| if b { "on" } else { "off" };
     let mut out = format!(
@@ -3278,6 +3460,15 @@ fn extras_head(t: &Tunnel, c: &Counters, link: &Link, mode: Mode, gro_on: bool) 
             out += &format!("tapir_udp_receive_buffer_drops={n}\n");
         }
         out += &format!("tapir_udp_lone_mode={}\n", get(&c.lone_mode));
+        // The socket connected to the lone peer: on (1) or off, and how
+        // many times it was made.
+        if let Some(k) = connected {
+            out += &format!(
+                "tapir_udp_connected={}\ntapir_udp_connects={}\n",
+                u8::from(k.to().is_some()),
+                get(&k.connects)
+            );
+        }
         if threads_per_direction() == 2 {
             out += &format!(
                 "tapir_device_to_outbound_thread={}\ntapir_device_back_to_network_thread={}\n",
@@ -3423,12 +3614,21 @@ mod tests {
         );
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let link = Link::Udp(&socket);
-        let c = Counters::default();
+        // (Its counters alone are read: the tunnel shown is `t`.)
+        let shared = Shared {
+            tunnel: Mutex::new(Tunnel::new(
+                tapir_proto::wg::keys::PrivateKey::from_random([2; 32]),
+                Vec::new(),
+            )),
+            counters: Counters::default(),
+            sources: Sources::default(),
+            connected: None,
+        };
         for tapir in [false, true] {
             let (tx, rx) = mpsc::channel();
             let mut job = Showing::new(&t, tx, tapir, 51820, 7);
             let mut slices = 1;
-            while !job.slice(&t, &c, &link, Mode::Tun, true) {
+            while !job.slice(&t, &shared, &link, Mode::Tun, true) {
                 assert!(rx.try_recv().is_err(), "sent before it is whole");
                 slices += 1;
             }
