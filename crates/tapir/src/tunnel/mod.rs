@@ -3456,7 +3456,12 @@ fn extras_head(
         );
         // Datagrams the kernel dropped before tapir could receive them
         // (the socket's receive buffer full).
-        if let Ok(n) = tapir_sys::mmsg::socket_drops(s.as_fd()) {
+        // (The connected socket's too, while on: it takes the peer's.)
+        let mut drops = tapir_sys::mmsg::socket_drops(s.as_fd());
+        if let (Ok(n), Some(k)) = (&mut drops, connected.filter(|k| k.to().is_some())) {
+            *n += tapir_sys::mmsg::socket_drops(k.fd()).unwrap_or(0);
+        }
+        if let Ok(n) = drops {
             out += &format!("tapir_udp_receive_buffer_drops={n}\n");
         }
         out += &format!("tapir_udp_lone_mode={}\n", get(&c.lone_mode));
