@@ -164,6 +164,18 @@ pub struct Sent {
     pub stale_local: bool,
 }
 
+/// What [`Batch::send_connected`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectedSend {
+    /// Sent, or dropped as any send is (refused, the buffer stayed full).
+    Done(Sent),
+    /// The socket is not connected (any more): nothing went.
+    NotConnected,
+    /// The socket's local address is gone: nothing went, and the socket
+    /// is to be made again.
+    Stale,
+}
+
 /// A datagram [`Batch::recv_one`] received into slot 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct One {
@@ -232,6 +244,26 @@ fn to_sockaddr(a: &SocketAddrV6) -> libc::sockaddr_in6 {
     s.sin6_addr.s6_addr = a.ip().octets();
     s.sin6_scope_id = a.scope_id();
     s
+}
+
+/// The sender the kernel wrote into `s`, `len` bytes: an IPv6 socket's
+/// (`sockaddr_in6`), or an IPv4 socket's (`sockaddr_in`, as v4-mapped);
+/// unspecified if neither.
+fn sender(s: &libc::sockaddr_in6, len: usize) -> libc::sockaddr_in6 {
+    if len == std::mem::size_of::<libc::sockaddr_in6>() {
+        return *s;
+    }
+    if len != std::mem::size_of::<libc::sockaddr_in>() || s.sin6_family != libc::AF_INET as u16 {
+        return empty_sockaddr();
+    }
+    // sockaddr_in: family, port, then the address where sin6_flowinfo is.
+    let v4 = std::net::Ipv4Addr::from(u32::from_be(s.sin6_flowinfo));
+    to_sockaddr(&SocketAddrV6::new(
+        v4.to_ipv6_mapped(),
+        u16::from_be(s.sin6_port),
+        0,
+        0,
+    ))
 }
 
 fn from_sockaddr(s: &libc::sockaddr_in6) -> SocketAddrV6 {
@@ -333,12 +365,6 @@ impl Batch {
     /// (for transports that fill slots themselves, as TCP does).
     pub fn set_received(&mut self, i: usize, len: usize, from: &SocketAddrV6) {
         self.set(i, len, from);
-    }
-
-    /// Records `from` as datagram `i`'s sender (a connected socket's
-    /// datagrams, all from its peer, whatever form the kernel gave).
-    pub fn set_sender(&mut self, i: usize, from: &SocketAddrV6) {
-        self.addrs[i] = to_sockaddr(from);
     }
 
     /// Datagram `i` as set for sending: its bytes and its destination.
@@ -445,11 +471,7 @@ impl Batch {
             self.seg[i] = seg.unwrap_or(0);
             self.locals[i] = local;
             self.lens[i] = self.hdrs[i].msg_len as usize;
-            if self.hdrs[i].msg_hdr.msg_namelen as usize
-                != std::mem::size_of::<libc::sockaddr_in6>()
-            {
-                self.addrs[i] = empty_sockaddr();
-            }
+            self.addrs[i] = sender(&self.addrs[i], self.hdrs[i].msg_hdr.msg_namelen as usize);
         }
         Ok(got)
     }
@@ -481,9 +503,7 @@ impl Batch {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(e) => return Err(e),
         };
-        if h.msg_namelen as usize != std::mem::size_of::<libc::sockaddr_in6>() {
-            from = empty_sockaddr();
-        }
+        let from = sender(&from, h.msg_namelen as usize);
         let (seg, local) = read_cmsgs(&h);
         Ok(Some(One {
             len,
@@ -505,9 +525,7 @@ impl Batch {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(e) => return Err(e),
         };
-        if from_len != std::mem::size_of::<libc::sockaddr_in6>() {
-            from = empty_sockaddr();
-        }
+        let from = sender(&from, from_len);
         Ok(Some(One {
             len,
             from: from_sockaddr(&from),
@@ -607,16 +625,14 @@ impl Batch {
     /// no address, and the kernel takes the route it keeps for the socket
     /// rather than looking one up. An error that an earlier datagram's ICMP
     /// answer left on the socket (refused, unreachable) comes back from the
-    /// next send, which did not go: that one is tried again, once. `None`
-    /// where the socket is not connected (any more): nothing went, and the
-    /// caller sends it another way.
+    /// next send, which did not go: that one is tried again, once.
     pub fn send_connected(
         &mut self,
         fd: BorrowedFd<'_>,
         i: usize,
         len: usize,
         patience: std::time::Duration,
-    ) -> Option<Sent> {
+    ) -> ConnectedSend {
         let datagram = &self.data[i * self.slot..i * self.slot + len.min(self.slot)];
         let mut patience = Patience::new(patience);
         let mut out = Sent {
@@ -635,7 +651,12 @@ impl Batch {
                         continue;
                     }
                     Some(libc::EAGAIN) => out.blocked = 1,
-                    Some(libc::EDESTADDRREQ | libc::ENOTCONN | libc::EBADF) => return None,
+                    Some(libc::EDESTADDRREQ | libc::ENOTCONN | libc::EBADF) => {
+                        return ConnectedSend::NotConnected;
+                    }
+                    // Its local address is gone (IPv4 checks it at each
+                    // route look-up).
+                    Some(libc::EINVAL | libc::EADDRNOTAVAIL) => return ConnectedSend::Stale,
                     _ if std::mem::take(&mut again) => continue,
                     _ => out.refused = 1,
                 },
@@ -643,7 +664,7 @@ impl Batch {
             if out.sent == 0 {
                 self.dropped.push(i);
             }
-            return Some(out);
+            return ConnectedSend::Done(out);
         }
     }
 

@@ -1719,6 +1719,10 @@ fn a_lone_peer_is_reached_by_a_connected_socket_that_follows_it() {
         "on again with one",
     );
     ping(&bed.a, "10.77.0.2");
-    let st = status_json(&bed.b, &bed.dir, &b.name, &tb);
-    assert_eq!(st["counters"]["udp_refused"], 0, "{st}");
+    for (ns, t, name) in [(&bed.a, &ta, &a.name), (&bed.b, &tb, &b.name)] {
+        let st = status_json(ns, &bed.dir, name, t);
+        // (Each made at once: the new one binds beside the old.)
+        assert_eq!(st["counters"]["udp_connect_failures"], 0, "{st}");
+        assert_eq!(st["counters"]["udp_refused"], 0, "{st}");
+    }
 }

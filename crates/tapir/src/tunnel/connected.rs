@@ -4,11 +4,15 @@
 //! A datagram sent on a connected socket takes the route the kernel keeps
 //! for the socket, not one looked up for it; one received finds its socket
 //! and its route at once (early demux), and needs no sender's address
-//! copied out. Bound beside the tunnel's own socket (both `SO_REUSEPORT`
-//! for the bind alone, so that no other program can join the port after),
-//! it hears that endpoint alone: the kernel gives a connected socket what
-//! comes from its peer ahead of one bound to the port only, which goes on
-//! hearing everyone else (handshakes from elsewhere, a peer that roamed).
+//! copied out. Bound beside the tunnel's own socket (which takes
+//! `SO_REUSEPORT` for the bind alone, so that no other program can bind
+//! the port after: a bind must match every socket on the port, and the
+//! tunnel's own then refuses it), it hears that endpoint alone: the kernel
+//! gives a connected socket what comes from its peer ahead of one bound to
+//! the port only, which goes on hearing everyone else (handshakes from
+//! elsewhere, a peer that roamed). It keeps `SO_REUSEPORT` itself, so that
+//! the next one binds beside it before it goes: nothing the peer sends
+//! meanwhile is lost to a closed socket.
 //!
 //! Measured (`bench/ping.sh`, pinned to one CPU, 20 rounds of 200 pings):
 //! the floor with a connected socket 25.93 µs against 27.14; the floor
@@ -21,15 +25,17 @@
 //! the host one global address of each family (where it has more, answers
 //! must leave from where the peer wrote to, which the connected socket's
 //! address, chosen at `connect`, need not be: see `Outbox::take_host`). It
-//! is made afresh for a new endpoint, a new mark or port, and when a send
-//! on it failed (the host's address changed under it); it goes off, an
-//! unbound socket under the same descriptor that hears nothing, when the
-//! tunnel has more peers or none. A send it refuses goes by the tunnel's
-//! own socket instead, so nothing is lost to it. `TAPIR_CONNECTED=off`
-//! keeps it off.
+//! is made afresh for a new endpoint, a new mark or port, and when its
+//! local address is gone (a send refused for that, or the host watcher's
+//! word); it goes off, an unbound socket under the same descriptor that
+//! hears nothing, when the tunnel has more peers or none. A send it
+//! cannot make goes by the tunnel's own socket instead. Not for a tunnel
+//! run as another user (`User =`): root made the tunnel's socket, and
+//! `SO_REUSEPORT` binds only beside a socket of the same owner.
+//! `TAPIR_CONNECTED=off` keeps it off.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,11 +49,15 @@ pub(super) struct Connected {
     /// Where it is connected (`None`: off), taken by the senders when
     /// `version` moves.
     to: Mutex<Option<SocketAddrV6>>,
+    /// Its local address, while on (the kernel's choice at `connect`).
+    local: Mutex<Option<IpAddr>>,
     version: AtomicU64,
     /// A send on it failed: it is made again (or goes off) at the next look.
     stale: AtomicBool,
-    /// Times it was connected (made afresh), for `tapir status`.
+    /// Times it was connected (made afresh), and times that failed (no
+    /// route to the peer, a port another socket holds), for `tapir status`.
     pub connects: AtomicU64,
+    pub failures: AtomicU64,
 }
 
 fn unbound() -> io::Result<UdpSocket> {
@@ -66,9 +76,11 @@ impl Connected {
         Ok(Self {
             socket: unbound()?,
             to: Mutex::new(None),
+            local: Mutex::new(None),
             version: AtomicU64::new(0),
             stale: AtomicBool::new(false),
             connects: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
         })
     }
 
@@ -79,6 +91,11 @@ impl Connected {
     /// Where it is connected now.
     pub fn to(&self) -> Option<SocketAddrV6> {
         *self.to.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Its local address, while on.
+    pub fn local(&self) -> Option<IpAddr> {
+        *self.local.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Goes up each time it is made, or goes off.
@@ -115,12 +132,14 @@ impl Connected {
         };
         let (socket, to) = match made {
             Ok(s) => (s, to),
-            Err(e) if now.is_some() => {
-                // Off rather than connected to what it no longer should be.
-                self.replace(unbound()?, None)?;
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                if now.is_some() {
+                    // Off rather than connected to what it no longer should be.
+                    self.replace(unbound()?, None)?;
+                }
                 return Err(e);
             }
-            Err(e) => return Err(e),
         };
         if to.is_some() {
             self.connects.fetch_add(1, Ordering::Relaxed);
@@ -129,8 +148,10 @@ impl Connected {
     }
 
     fn replace(&self, socket: UdpSocket, to: Option<SocketAddrV6>) -> io::Result<()> {
+        let local = to.and_then(|_| socket.local_addr().ok()).map(|a| a.ip());
         tapir_sys::raw::replace(self.socket.as_fd(), OwnedFd::from(socket))?;
         *self.to.lock().unwrap_or_else(|e| e.into_inner()) = to;
+        *self.local.lock().unwrap_or_else(|e| e.into_inner()) = local;
         self.version.fetch_add(1, Ordering::Release);
         Ok(())
     }
@@ -162,15 +183,15 @@ fn connected(main: &UdpSocket, to: SocketAddrV6, mark: u32, gro: bool) -> io::Re
         s.set_mark(mark)?;
     }
     s.set_reuse_port(true)?;
-    // Both sockets take SO_REUSEPORT for the bind, and drop it at once:
-    // a later bind to the port by anyone is refused again.
+    // The tunnel's socket takes SO_REUSEPORT for the bind, and drops it at
+    // once: a later bind to the port by anyone is refused again. (This
+    // one keeps it: the next binds beside it.)
     let m = socket2::SockRef::from(main);
     m.set_reuse_port(true)?;
     let bound = s.bind(&here.into());
     let undone = m.set_reuse_port(false);
     bound?;
     undone?;
-    s.set_reuse_port(false)?;
     s.connect(&peer.into())?;
     let s = UdpSocket::from(s);
     tapir_sys::mmsg::set_buffer_sizes(s.as_fd(), super::SOCKET_BUFFER);

@@ -40,7 +40,8 @@ pub(super) struct Seen {
     /// device (see `Outbox::take_host`). `None` before the first look.
     pub sticky: Option<bool>,
     /// The host's interface addresses (TCP: see
-    /// `TcpTransport::close_orphans`; empty over UDP).
+    /// `TcpTransport::close_orphans`; UDP: the connected socket's must be
+    /// one of them, see `steer_connected`).
     pub addresses: Vec<IpAddr>,
 }
 
@@ -119,11 +120,10 @@ impl<'a> Watch<'a> {
         }
         let addrs = nl.addresses(None);
         let whole = addrs.is_ok();
-        if self.tcp {
-            if let Ok(a) = &addrs {
-                seen.addresses = a.iter().map(|a| a.local.addr()).collect();
-            }
-        } else if let Ok(addrs) = addrs {
+        if let Ok(a) = &addrs {
+            seen.addresses = a.iter().map(|a| a.local.addr()).collect();
+        }
+        if let (false, Ok(addrs)) = (self.tcp, addrs) {
             // (Not counted from a dump that failed: the last count stands.)
             let index = link.as_ref().map(|l| l.index);
             let count = |v4: bool| {

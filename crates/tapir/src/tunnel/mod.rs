@@ -47,7 +47,7 @@ use tapir_proto::wg::tunnel::{
     Decapsulated, Encapsulated, Layer, Opening, PeerConfig, Random, Received, Sealing, Target,
     Tunnel,
 };
-use tapir_sys::mmsg::{Batch, Local};
+use tapir_sys::mmsg::{Batch, ConnectedSend, Local};
 use tapir_sys::poll::{Deadline, FOREVER, PollSet};
 use tapir_sys::{IfName, Mode, Netlink, TunDevice, TunOptions, offload};
 use tapir_wire::vnet::{self, VnetHeader};
@@ -1057,7 +1057,7 @@ struct Outbox<'a> {
     /// than one: see [`Outbox::take_host`]); `None` before the first look.
     sticky: Option<bool>,
     /// The host's interface addresses at the last look (TCP: see
-    /// [`TcpTransport::close_orphans`]).
+    /// [`TcpTransport::close_orphans`]; UDP: the connected socket's is one).
     host_addresses: Vec<IpAddr>,
     /// Datagrams counted as sent to a peer that did not leave (refused by
     /// the kernel, a full buffer; over TCP no connection, a full queue):
@@ -1118,6 +1118,8 @@ impl<'a> Outbox<'a> {
                 return;
             }
         };
+        // (The connected socket's address is looked for in them.)
+        self.host_addresses.clone_from(&seen.addresses);
         let Some(want) = seen.sticky else {
             return;
         };
@@ -1204,17 +1206,17 @@ impl<'a> Outbox<'a> {
                         .connected
                         .filter(|c| from.is_none() && seen.to(c) == Some(to));
                     let tx = &mut self.tx;
-                    via.and_then(|c| {
+                    let r = via.map(|c| {
                         let r = tx.send_connected(c.fd(), 0, len, SEND_PATIENCE);
-                        let r = r.filter(|r| r.refused == 0);
-                        if r.is_none() {
+                        if r == ConnectedSend::Stale {
                             c.mark_stale();
                         }
                         r
-                    })
-                    .unwrap_or_else(|| {
-                        tx.send_one(socket.as_fd(), 0, len, &to, from, SEND_PATIENCE)
-                    })
+                    });
+                    match r {
+                        Some(ConnectedSend::Done(r)) => r,
+                        _ => tx.send_one(socket.as_fd(), 0, len, &to, from, SEND_PATIENCE),
+                    }
                 } else {
                     self.tx.send_gso(
                         socket.as_fd(),
@@ -2404,6 +2406,8 @@ fn inbound_loop(
             }
             set.set_ignored(i, main_quiet);
         }
+        // (Back in the wait, it is looked at there.)
+        look_at_main &= main_quiet;
         if active || shared.counters.sends() != sent_seen {
             active = true;
             next_timer = next_timer.min(now + TIMERS_AFTER);
@@ -2548,14 +2552,6 @@ fn inbound_loop(
                 } else {
                     rx.recv_up_to(s, BATCH).or_else(failed)?
                 };
-                // All from the peer, whatever form the socket (of the
-                // peer's family) gave their sender in.
-                if let (1, Some(to)) = (k, connected_to) {
-                    match &mut lone {
-                        Some((_, (from, _))) => *from = from_v6(SocketAddr::V6(to)),
-                        None => (0..got).for_each(|i| rx.set_sender(i, &to)),
-                    }
-                }
                 // (One the kernel coalesced is a batch: not lone.)
                 match got {
                     0 => {}
@@ -2664,6 +2660,7 @@ fn inbound_loop(
                 out,
                 renew,
                 served.fwmark,
+                &mut set,
                 &mut lone_ins,
                 &mut lone_modes,
             );
@@ -2684,6 +2681,7 @@ fn inbound_loop(
                 out,
                 false,
                 served.fwmark,
+                &mut set,
                 &mut lone_ins,
                 &mut lone_modes,
             );
@@ -2727,14 +2725,18 @@ fn inbound_loop(
 
 /// Turns the connected socket on, moves it, or off, as the tunnel now
 /// stands (see [`connected`]), made afresh if `renew` (a new port or
-/// `mark`); where it is connected, if on. A socket made afresh receives
-/// as a new one does (`lone_ins`, `lone_modes`: each UDP socket's).
+/// `mark`), or if its local address is no longer the host's; where it is
+/// connected, if on. A socket made afresh receives as a new one does
+/// (`lone_ins`, `lone_modes`: each UDP socket's), and is put in the wait
+/// again (`set`: an epoll set holds the socket a descriptor named, not the
+/// descriptor).
 #[inline(never)]
 fn steer_connected(
     shared: &Shared,
     out: &Outbox,
     renew: bool,
     mark: u32,
+    set: &mut PollSet,
     lone_ins: &mut [u32; 2],
     lone_modes: &mut [LoneMode; 2],
 ) -> Option<SocketAddrV6> {
@@ -2752,12 +2754,17 @@ fn steer_connected(
     } else {
         None
     };
+    // (Addresses unknown: none gone.)
+    let gone = c
+        .local()
+        .is_some_and(|l| !out.host_addresses.is_empty() && !out.host_addresses.contains(&l));
     let version = c.version();
     let gro = shared.counters.gro_udp.load(Ordering::Relaxed);
-    // (Not made: off, and tried again at the next look.)
-    let _ = c.steer(main, to, renew, mark, gro);
+    // (Not made: off, counted, and tried again at the next look.)
+    let _ = c.steer(main, to, renew || gone, mark, gro);
     if c.version() != version {
         (lone_ins[1], lone_modes[1]) = (0, LoneMode::default());
+        set.clear();
     }
     c.to()
 }
@@ -3278,7 +3285,11 @@ impl Started {
         }
         // (None where it cannot be made: the tunnel's socket does it all.)
         let connected = match &net {
-            Net::Udp(_) if !off("TAPIR_CONNECTED") => Connected::new().ok(),
+            // (A tunnel run as another user cannot bind beside its socket,
+            // which root made: SO_REUSEPORT wants the same owner.)
+            Net::Udp(_) if !off("TAPIR_CONNECTED") && config.ops.user.is_none() => {
+                Connected::new().ok()
+            }
             _ => None,
         };
         let shared = Shared {
@@ -3465,13 +3476,14 @@ fn extras_head(
             out += &format!("tapir_udp_receive_buffer_drops={n}\n");
         }
         out += &format!("tapir_udp_lone_mode={}\n", get(&c.lone_mode));
-        // The socket connected to the lone peer: on (1) or off, and how
-        // many times it was made.
+        // The socket connected to the lone peer: on (1) or off, how many
+        // times it was made, and how many times that failed.
         if let Some(k) = connected {
             out += &format!(
-                "tapir_udp_connected={}\ntapir_udp_connects={}\n",
+                "tapir_udp_connected={}\ntapir_udp_connects={}\ntapir_udp_connect_failures={}\n",
                 u8::from(k.to().is_some()),
-                get(&k.connects)
+                get(&k.connects),
+                get(&k.failures)
             );
         }
         if threads_per_direction() == 2 {
