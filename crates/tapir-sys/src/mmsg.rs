@@ -1494,6 +1494,71 @@ mod tests {
         assert_eq!(inb.segment_size(0), None);
     }
 
+    #[test]
+    fn an_ipv4_sockets_senders_read_as_v4_mapped() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let from = match tx.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => {
+                SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0)
+            }
+            a => panic!("{a}"),
+        };
+        for i in 0..3u8 {
+            tx.send_to(&[i; 9], rx.local_addr().unwrap()).unwrap();
+        }
+        let ready = std::time::Duration::from_millis(500);
+        assert!(crate::poll::readable([rx.as_fd()], ready).unwrap()[0]);
+        let mut inb = Batch::new(4, 2048);
+        assert_eq!(
+            inb.recv_one(rx.as_fd()).unwrap().map(|o| o.from),
+            Some(from)
+        );
+        assert_eq!(
+            inb.recv_plain(rx.as_fd()).unwrap().map(|o| o.from),
+            Some(from)
+        );
+        assert_eq!(inb.recv_up_to(rx.as_fd(), 4).unwrap(), 1);
+        assert_eq!(inb.datagram_mut(0).1, from);
+    }
+
+    #[test]
+    fn a_connected_socket_sends_and_receives_without_addresses() {
+        let far = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let near = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut out = Batch::new(2, 2048);
+        out.slot_mut(1)[..4].copy_from_slice(b"wave");
+        let patience = std::time::Duration::ZERO;
+        assert_eq!(
+            out.send_connected(near.as_fd(), 1, 4, patience),
+            ConnectedSend::NotConnected,
+            "not connected: nothing went"
+        );
+        near.connect(far.local_addr().unwrap()).unwrap();
+        let sent = out.send_connected(near.as_fd(), 1, 4, patience);
+        assert!(
+            matches!(sent, ConnectedSend::Done(Sent { sent: 1, .. })),
+            "{sent:?}"
+        );
+        let mut buf = [0; 16];
+        let (n, from) = far.recv_from(&mut buf).unwrap();
+        assert_eq!(
+            (&buf[..n], from),
+            (&b"wave"[..], near.local_addr().unwrap())
+        );
+        far.send_to(b"back", from).unwrap();
+        let ready = std::time::Duration::from_millis(500);
+        assert!(crate::poll::readable([near.as_fd()], ready).unwrap()[0]);
+        let peer = SocketAddrV6::new(Ipv6Addr::LOCALHOST, 9, 0, 0);
+        let one = out
+            .recv_connected(near.as_fd(), peer)
+            .unwrap()
+            .expect("one");
+        assert_eq!((one.len, one.from), (4, peer), "the peer named, not read");
+        assert_eq!(&out.slot_mut(0)[..4], b"back");
+        assert_eq!(out.recv_connected(near.as_fd(), peer).unwrap(), None);
+    }
+
     /// A receiving socket with `UDP_GRO` on loopback, a sending one, and
     /// the receiver's address.
     fn gro_pair() -> (UdpSocket, UdpSocket, SocketAddrV6) {

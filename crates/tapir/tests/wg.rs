@@ -1719,6 +1719,27 @@ fn a_lone_peer_is_reached_by_a_connected_socket_that_follows_it() {
         "on again with one",
     );
     ping(&bed.a, "10.77.0.2");
+    // a's address moves: with two, answers must leave from where each
+    // came to (off); with the new one alone, on again, from there.
+    // (Promoted when the first goes, not taken with it.)
+    sh(bed.a.cmd("sysctl").args(["-qw", "net.ipv4.conf.va.promote_secondaries=1"]));
+    bed.a.ip(&["addr", "add", "10.200.0.11/24", "dev", "va"]);
+    wait_for(
+        || counter(&bed.a, &ta, "udp_connected") == 0,
+        "off with two addresses",
+    );
+    ping(&bed.a, "10.77.0.2");
+    bed.a.ip(&["addr", "del", "10.200.0.1/24", "dev", "va"]);
+    wait_for(
+        || counter(&bed.a, &ta, "udp_connected") == 1,
+        "on again with one",
+    );
+    ping(&bed.a, "10.77.0.2");
+    let e = sh(bed.b.cmd("wg").args(["show", &b.name, "endpoints"]));
+    assert!(
+        e.contains("10.200.0.11:40123"),
+        "a's datagrams come from its new address: {e}"
+    );
     for (ns, t, name) in [(&bed.a, &ta, &a.name), (&bed.b, &tb, &b.name)] {
         let st = status_json(ns, &bed.dir, name, t);
         // (Each made at once: the new one binds beside the old.)
