@@ -1660,25 +1660,29 @@ fn a_lone_peer_is_reached_by_a_connected_socket_that_follows_it() {
         || counter(&bed.a, &ta, "udp_connected") == 1 && counter(&bed.b, &tb, "udp_connected") == 1,
         "a connected socket at each end",
     );
-    // SO_REUSEPORT served the bind alone: the port is the tunnel's.
-    for addr in ["[::]:51820", "0.0.0.0:51820"] {
-        let refused = bed.b.run(|| {
-            let addr: std::net::SocketAddr = addr.parse().unwrap();
-            let s = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::DGRAM,
-                None,
-            )
-            .unwrap();
-            s.set_reuse_port(true).unwrap();
-            s.bind(&addr.into()).map_err(|e| e.kind())
-        });
-        assert_eq!(
-            refused.err(),
-            Some(std::io::ErrorKind::AddrInUse),
-            "a bind to {addr} beside the tunnel"
-        );
-    }
+    // SO_REUSEPORT served the bind alone: the port is the tunnel's (its
+    // own address too, which the connected socket took at connect).
+    let port_held = || {
+        for addr in ["[::]:51820", "0.0.0.0:51820", "10.200.0.2:51820"] {
+            let refused = bed.b.run(|| {
+                let addr: std::net::SocketAddr = addr.parse().unwrap();
+                let s = socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::DGRAM,
+                    None,
+                )
+                .unwrap();
+                s.set_reuse_port(true).unwrap();
+                s.bind(&addr.into()).map_err(|e| e.kind())
+            });
+            assert_eq!(
+                refused.err(),
+                Some(std::io::ErrorKind::AddrInUse),
+                "a bind to {addr} beside the tunnel"
+            );
+        }
+    };
+    port_held();
     let connects_b = counter(&bed.b, &tb, "udp_connects");
     // a roams (a new port): b hears it on its own socket, answers, and
     // connects to where it now is.
@@ -1698,6 +1702,8 @@ fn a_lone_peer_is_reached_by_a_connected_socket_that_follows_it() {
     );
     ping(&bed.a, "10.77.0.2");
     ping(&bed.b, "10.77.0.1");
+    // (Made again beside the old one: still the tunnel's alone.)
+    port_held();
     // A second peer: off, and the pings go by the tunnel's own socket.
     let (_, pc) = genkey();
     sh(bed
@@ -1722,7 +1728,10 @@ fn a_lone_peer_is_reached_by_a_connected_socket_that_follows_it() {
     // a's address moves: with two, answers must leave from where each
     // came to (off); with the new one alone, on again, from there.
     // (Promoted when the first goes, not taken with it.)
-    sh(bed.a.cmd("sysctl").args(["-qw", "net.ipv4.conf.va.promote_secondaries=1"]));
+    sh(bed
+        .a
+        .cmd("sysctl")
+        .args(["-qw", "net.ipv4.conf.va.promote_secondaries=1"]));
     bed.a.ip(&["addr", "add", "10.200.0.11/24", "dev", "va"]);
     wait_for(
         || counter(&bed.a, &ta, "udp_connected") == 0,

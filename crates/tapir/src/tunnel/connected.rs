@@ -4,35 +4,38 @@
 //! A datagram sent on a connected socket takes the route the kernel keeps
 //! for the socket, not one looked up for it; one received finds its socket
 //! and its route at once (early demux), and needs no sender's address
-//! copied out. Bound beside the tunnel's own socket (which takes
-//! `SO_REUSEPORT` for the bind alone, so that no other program can bind
-//! the port after: a bind must match every socket on the port, and the
-//! tunnel's own then refuses it), it hears that endpoint alone: the kernel
-//! gives a connected socket what comes from its peer ahead of one bound to
-//! the port only, which goes on hearing everyone else (handshakes from
-//! elsewhere, a peer that roamed). It keeps `SO_REUSEPORT` itself, so that
-//! the next one binds beside it before it goes: nothing the peer sends
-//! meanwhile is lost to a closed socket.
+//! copied out. Bound beside the tunnel's own socket, it hears that
+//! endpoint alone once connected: the kernel gives a connected socket what
+//! comes from its peer ahead of one bound to the port only, which goes on
+//! hearing everyone else (handshakes from elsewhere, a peer that roamed).
+//! `SO_REUSEPORT` lets it bind there, on it and on the sockets already on
+//! the port (the tunnel's, and a connected one it replaces) for that bind
+//! alone: the kernel lets a bind share a port where the first socket it
+//! meets there has the option too, so none keeps it, and no other program
+//! can bind the port after.
 //!
 //! Measured (`bench/ping.sh`, pinned to one CPU, 20 rounds of 200 pings):
 //! the floor with a connected socket 25.93 µs against 27.14; the floor
 //! used as tapir uses the kernel, 26.74 against 27.66. It is a socket of
 //! the peer's family (IPv4 for an IPv4 peer, where the tunnel's own
-//! socket takes both), and the datagrams it receives are the peer's
-//! whatever form their sender's address comes in.
+//! socket takes both); what it receives between its bind and its connect
+//! (anyone's datagrams of that family) is received as any datagram is,
+//! its sender read as the kernel gives it.
 //!
 //! It goes on where the tunnel has one peer, whose endpoint is known, and
-//! the host one global address of each family (where it has more, answers
-//! must leave from where the peer wrote to, which the connected socket's
-//! address, chosen at `connect`, need not be: see `Outbox::take_host`). It
-//! is made afresh for a new endpoint, a new mark or port, and when its
-//! local address is gone (a send refused for that, or the host watcher's
-//! word); it goes off, an unbound socket under the same descriptor that
-//! hears nothing, when the tunnel has more peers or none. A send it
-//! cannot make goes by the tunnel's own socket instead. Not for a tunnel
-//! run as another user (`User =`): root made the tunnel's socket, and
-//! `SO_REUSEPORT` binds only beside a socket of the same owner.
-//! `TAPIR_CONNECTED=off` keeps it off.
+//! the host at most one global address of each family (where it has more,
+//! answers must leave from where the peer wrote to, which the connected
+//! socket's address, chosen at `connect`, need not be: see
+//! `Outbox::take_host`). It is made afresh for a new endpoint, a new mark
+//! or port, and when its local address is gone (a send refused for that,
+//! or the host watcher's word); it goes off, an unbound socket under the
+//! same descriptor that hears nothing, when the tunnel has more peers, or
+//! none with a known endpoint, or the host more addresses. What waits in
+//! it then is received first (`drain` in the packet loop). A send that
+//! finds it not connected, or its address gone, goes by the tunnel's own
+//! socket. Not for a tunnel run as another user (`User =`): root made the
+//! tunnel's socket, and `SO_REUSEPORT` binds only beside a socket of the
+//! same owner. `TAPIR_CONNECTED=off` keeps it off.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
@@ -58,6 +61,8 @@ pub(super) struct Connected {
     /// route to the peer, a port another socket holds), for `tapir status`.
     pub connects: AtomicU64,
     pub failures: AtomicU64,
+    /// Receive buffer drops of the sockets it replaced.
+    pub retired_drops: AtomicU64,
 }
 
 fn unbound() -> io::Result<UdpSocket> {
@@ -81,6 +86,7 @@ impl Connected {
             stale: AtomicBool::new(false),
             connects: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            retired_drops: AtomicU64::new(0),
         })
     }
 
@@ -108,6 +114,13 @@ impl Connected {
         self.stale.store(true, Ordering::Relaxed);
     }
 
+    /// Whether [`Connected::steer`] with these would replace it while on
+    /// (what waits in it is to be received first).
+    pub fn would_replace(&self, to: Option<SocketAddrV6>, renew: bool) -> bool {
+        let now = self.to();
+        now.is_some() && (now != to || renew || self.stale.load(Ordering::Relaxed))
+    }
+
     /// Connected to `to`, or off (`None`), as the tunnel now stands:
     /// `main` is the tunnel's socket (its port; `mark` and `gro` as on
     /// it). Made afresh where `to` or `renew` asks; `Err` (a socket that
@@ -127,7 +140,7 @@ impl Connected {
             return Ok(());
         }
         let made = match to {
-            Some(to) => connected(main, to, mark, gro),
+            Some(to) => connected(main, self.socket.as_fd(), to, mark, gro),
             None => unbound(),
         };
         let (socket, to) = match made {
@@ -149,6 +162,10 @@ impl Connected {
 
     fn replace(&self, socket: UdpSocket, to: Option<SocketAddrV6>) -> io::Result<()> {
         let local = to.and_then(|_| socket.local_addr().ok()).map(|a| a.ip());
+        if self.to().is_some() {
+            let drops = tapir_sys::mmsg::socket_drops(self.socket.as_fd()).unwrap_or(0);
+            self.retired_drops.fetch_add(drops, Ordering::Relaxed);
+        }
         tapir_sys::raw::replace(self.socket.as_fd(), OwnedFd::from(socket))?;
         *self.to.lock().unwrap_or_else(|e| e.into_inner()) = to;
         *self.local.lock().unwrap_or_else(|e| e.into_inner()) = local;
@@ -157,8 +174,15 @@ impl Connected {
     }
 }
 
-/// A socket bound beside `main` and connected to `to`.
-fn connected(main: &UdpSocket, to: SocketAddrV6, mark: u32, gro: bool) -> io::Result<UdpSocket> {
+/// A socket bound beside `main` (and `old`, the connected socket it
+/// replaces, if that is bound) and connected to `to`.
+fn connected(
+    main: &UdpSocket,
+    old: BorrowedFd,
+    to: SocketAddrV6,
+    mark: u32,
+    gro: bool,
+) -> io::Result<UdpSocket> {
     let port = main.local_addr()?.port();
     // Of the peer's family (an IPv4 peer's datagrams through an IPv6
     // socket cost a ping 0.67 µs more, pinned: 28.23 µs against 27.56).
@@ -182,14 +206,18 @@ fn connected(main: &UdpSocket, to: SocketAddrV6, mark: u32, gro: bool) -> io::Re
     if mark != 0 {
         s.set_mark(mark)?;
     }
-    s.set_reuse_port(true)?;
-    // The tunnel's socket takes SO_REUSEPORT for the bind, and drops it at
-    // once: a later bind to the port by anyone is refused again. (This
-    // one keeps it: the next binds beside it.)
-    let m = socket2::SockRef::from(main);
-    m.set_reuse_port(true)?;
-    let bound = s.bind(&here.into());
-    let undone = m.set_reuse_port(false);
+    // Every socket on the port takes SO_REUSEPORT for this bind, and drops
+    // it at once (see the module's doc): a later bind to the port by
+    // anyone is refused again.
+    let (m, o) = (socket2::SockRef::from(main), socket2::SockRef::from(&old));
+    let bound = [&m, &o, &socket2::SockRef::from(&s)]
+        .iter()
+        .try_for_each(|x| x.set_reuse_port(true))
+        .and_then(|()| s.bind(&here.into()));
+    let undone = [&m, &o, &socket2::SockRef::from(&s)]
+        .iter()
+        .map(|x| x.set_reuse_port(false))
+        .fold(Ok(()), io::Result::and);
     bound?;
     undone?;
     s.connect(&peer.into())?;

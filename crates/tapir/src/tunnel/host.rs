@@ -40,8 +40,9 @@ pub(super) struct Seen {
     /// device (see `Outbox::take_host`). `None` before the first look.
     pub sticky: Option<bool>,
     /// The host's interface addresses (TCP: see
-    /// `TcpTransport::close_orphans`; UDP: the connected socket's must be
-    /// one of them, see `steer_connected`).
+    /// `TcpTransport::close_orphans`); over UDP its global ones outside the
+    /// tunnel's device, where the connected socket's must be (see
+    /// `steer_connected`).
     pub addresses: Vec<IpAddr>,
 }
 
@@ -120,21 +121,22 @@ impl<'a> Watch<'a> {
         }
         let addrs = nl.addresses(None);
         let whole = addrs.is_ok();
+        // (Not taken from a dump that failed: the last look stands.)
         if let Ok(a) = &addrs {
-            seen.addresses = a.iter().map(|a| a.local.addr()).collect();
-        }
-        if let (false, Ok(addrs)) = (self.tcp, addrs) {
-            // (Not counted from a dump that failed: the last count stands.)
+            // UDP: the global ones outside the tunnel's device (where the
+            // connected socket's address must be; not the link-local ones
+            // that come and go with other links), counted by family.
             let index = link.as_ref().map(|l| l.index);
-            let count = |v4: bool| {
-                addrs
-                    .iter()
-                    .filter(|a| a.scope == "global" && Some(a.index) != index)
-                    .filter(|a| a.local.addr().is_ipv4() == v4)
-                    .count()
-            };
-            seen.sticky =
-                Some(!off("TAPIR_STICKY_SOURCE") && (count(true) > 1 || count(false) > 1));
+            seen.addresses = a
+                .iter()
+                .filter(|a| self.tcp || (a.scope == "global" && Some(a.index) != index))
+                .map(|a| a.local.addr())
+                .collect();
+            if !self.tcp {
+                let count = |v4: bool| seen.addresses.iter().filter(|a| a.is_ipv4() == v4).count();
+                seen.sticky =
+                    Some(!off("TAPIR_STICKY_SOURCE") && (count(true) > 1 || count(false) > 1));
+            }
         }
         if let (Some(b), Some(m)) = (self.bridge, seen.mtu) {
             super::bridge_mtu_note(nl, b, self.name.as_str(), m as u32, &mut self.warned_ports);

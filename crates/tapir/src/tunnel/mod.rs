@@ -1200,7 +1200,8 @@ impl<'a> Outbox<'a> {
                 let (to, len, from) = self.first;
                 let r = if self.pending == 1 {
                     // To the lone peer by its connected socket (where that
-                    // refuses it, by the tunnel's).
+                    // is not connected, or its address is gone, by the
+                    // tunnel's).
                     let seen = &mut self.connected_seen;
                     let via = self
                         .connected
@@ -2317,6 +2318,10 @@ fn inbound_loop(
         .and_then(|_| tapir_sys::interrupt::this_thread().ok());
     let mut main_quiet = false;
     let mut look_at_main = false;
+    // Served before the connected socket at the next turn; busy, and in
+    // the wait until then.
+    let mut main_next = false;
+    let mut main_calm_at: Option<Instant> = None;
     let mut signals_seen = tapir_sys::interrupt::count();
     // The bell's rings last looked at (with `listening`).
     let mut rings_seen = 0;
@@ -2396,7 +2401,9 @@ fn inbound_loop(
             set.set_ignored(i, connected_to.is_none());
         }
         if let (Link::Udp(main), Some(i)) = (&out.link, udp_at) {
-            let quiet = connected_to.is_some() && this_tid.is_some();
+            let quiet = connected_to.is_some()
+                && this_tid.is_some()
+                && main_calm_at.is_none_or(|at| now >= at);
             if quiet != main_quiet {
                 // (Where the kernel refuses, the socket stays in the wait.)
                 let tid = this_tid.filter(|_| quiet);
@@ -2483,13 +2490,16 @@ fn inbound_loop(
         let mut lone = None;
         // From the connected socket first: the peer's datagrams come there
         // (what waits on the other is seen at the next wait, at once).
-        let from_connected = at
+        let connected_ready = at
             .connected
             .is_some_and(|i| connected_to.is_some() && set.readable(i));
         let main_ready = udp_at.is_some_and(|i| set.readable(i))
             || (main_quiet && std::mem::take(&mut look_at_main));
-        // (Left for the next turn, which does not sleep.)
-        look_at_main |= from_connected && main_quiet && main_ready;
+        // Both ready: the connected socket first, the tunnel's the next
+        // turn (which does not sleep), whatever is ready then.
+        let from_connected = connected_ready && !(main_ready && main_next);
+        main_next = connected_ready && main_ready && from_connected;
+        look_at_main |= main_next && main_quiet;
         let got = match &mut out.link {
             Link::Udp(main) if from_connected || main_ready => {
                 let (s, k) = match shared.connected.as_ref().filter(|_| from_connected) {
@@ -2563,8 +2573,14 @@ fn inbound_loop(
                 if lone_mode.on && *lone_in == 0 {
                     lone_mode.leave(s, gro, &shared.counters);
                 }
-                // Out of the wait, it is looked at again until empty.
+                // Out of the wait, it is looked at again until empty; one
+                // that brings batches (a flood, the other family's
+                // traffic) goes back in the wait for a while, where a
+                // batch costs a wake-up, not a signal a datagram.
                 look_at_main |= k == 0 && main_quiet && got > 0;
+                if k == 0 && main_quiet && got >= MAIN_BUSY {
+                    main_calm_at = Some(now + MAIN_BUSY_FOR);
+                }
                 got
             }
             Link::Udp(_) => 0,
@@ -2657,12 +2673,12 @@ fn inbound_loop(
             let renew = moved || mark != served.fwmark;
             connected_to = steer_connected(
                 shared,
-                out,
+                (out, ib, &mut rx),
                 renew,
                 served.fwmark,
                 &mut set,
-                &mut lone_ins,
-                &mut lone_modes,
+                (&mut lone_ins, &mut lone_modes),
+                (now, wall_now),
             );
         }
         if let Link::Tcp(t) = &mut out.link {
@@ -2678,12 +2694,12 @@ fn inbound_loop(
             // A peer that roamed, a send the connected socket refused.
             connected_to = steer_connected(
                 shared,
-                out,
+                (out, ib, &mut rx),
                 false,
                 served.fwmark,
                 &mut set,
-                &mut lone_ins,
-                &mut lone_modes,
+                (&mut lone_ins, &mut lone_modes),
+                (now, wall_now),
             );
         }
         // The loop's tail under one lock: packets a rate limit released,
@@ -2726,21 +2742,22 @@ fn inbound_loop(
 /// Turns the connected socket on, moves it, or off, as the tunnel now
 /// stands (see [`connected`]), made afresh if `renew` (a new port or
 /// `mark`), or if its local address is no longer the host's; where it is
-/// connected, if on. A socket made afresh receives as a new one does
-/// (`lone_ins`, `lone_modes`: each UDP socket's), and is put in the wait
-/// again (`set`: an epoll set holds the socket a descriptor named, not the
-/// descriptor).
+/// connected, if on. What waits in a socket about to be replaced is
+/// received and opened first (`out`, `ib`, `rx`, at `now`). A socket made
+/// afresh receives as a new one does (`lone`: each UDP socket's counts and
+/// modes), and is put in the wait again (`set`: an epoll set holds the
+/// socket a descriptor named, not the descriptor).
 #[inline(never)]
 fn steer_connected(
     shared: &Shared,
-    out: &Outbox,
+    (out, ib, rx): (&mut Outbox, &mut Inbound, &mut Batch),
     renew: bool,
     mark: u32,
     set: &mut PollSet,
-    lone_ins: &mut [u32; 2],
-    lone_modes: &mut [LoneMode; 2],
+    (lone_ins, lone_modes): (&mut [u32; 2], &mut [LoneMode; 2]),
+    (now, wall): (Instant, Duration),
 ) -> Option<SocketAddrV6> {
-    let (Some(c), Link::Udp(main)) = (&shared.connected, &out.link) else {
+    let (Some(c), Link::Udp(_)) = (&shared.connected, &out.link) else {
         return None;
     };
     // With several local addresses, answers leave from where each peer
@@ -2754,10 +2771,35 @@ fn steer_connected(
     } else {
         None
     };
-    // (Addresses unknown: none gone.)
-    let gone = c
-        .local()
-        .is_some_and(|l| !out.host_addresses.is_empty() && !out.host_addresses.contains(&l));
+    // (Addresses unknown: none gone. Loopback and link-local ones are not
+    // among those the host watcher gives.)
+    let gone = c.local().is_some_and(|l| {
+        let listed = match l {
+            IpAddr::V4(a) => !a.is_loopback() && !a.is_link_local(),
+            IpAddr::V6(a) => !a.is_loopback() && !a.is_unicast_link_local(),
+        };
+        listed && !out.host_addresses.is_empty() && !out.host_addresses.contains(&l)
+    });
+    if c.would_replace(to, renew || gone) {
+        // What waits in it would go with it.
+        for _ in 0..DRAIN_BATCHES {
+            let got = match rx.recv_up_to(c.fd(), BATCH) {
+                Ok(n) if n > 0 => n,
+                _ => break,
+            };
+            // (GRO may be off, what waited coalesced: see `LoneMode`.)
+            for i in 0..got {
+                if let Some(size) = messages::coalesced_size(rx.datagram_mut(i).0) {
+                    rx.set_segment_size(i, size);
+                }
+            }
+            ib.open_received(shared, rx, got, out, now, wall);
+            out.flush(now);
+        }
+    }
+    let Link::Udp(main) = &out.link else {
+        return None;
+    };
     let version = c.version();
     let gro = shared.counters.gro_udp.load(Ordering::Relaxed);
     // (Not made: off, counted, and tried again at the next look.)
@@ -2768,6 +2810,16 @@ fn steer_connected(
     }
     c.to()
 }
+
+/// A receive from the tunnel's socket, out of the wait, that brings this
+/// many datagrams puts it back in the wait for [`MAIN_BUSY_FOR`].
+const MAIN_BUSY: usize = 8;
+const MAIN_BUSY_FOR: Duration = Duration::from_secs(1);
+
+/// At most this many batches are received from a connected socket about
+/// to be replaced (its queue holds 4 MiB: a few batches of coalesced
+/// datagrams, a few hundred of single ones).
+const DRAIN_BATCHES: usize = 256;
 
 impl Positions {
     /// Empties `set` and puts the loop's descriptors in it.
@@ -3469,8 +3521,11 @@ fn extras_head(
         // (the socket's receive buffer full).
         // (The connected socket's too, while on: it takes the peer's.)
         let mut drops = tapir_sys::mmsg::socket_drops(s.as_fd());
-        if let (Ok(n), Some(k)) = (&mut drops, connected.filter(|k| k.to().is_some())) {
-            *n += tapir_sys::mmsg::socket_drops(k.fd()).unwrap_or(0);
+        if let (Ok(n), Some(k)) = (&mut drops, connected) {
+            *n += k.retired_drops.load(Ordering::Relaxed);
+            if k.to().is_some() {
+                *n += tapir_sys::mmsg::socket_drops(k.fd()).unwrap_or(0);
+            }
         }
         if let Ok(n) = drops {
             out += &format!("tapir_udp_receive_buffer_drops={n}\n");
