@@ -31,7 +31,9 @@
 //! or the host watcher's word); it goes off, an unbound socket under the
 //! same descriptor that hears nothing, when the tunnel has more peers, or
 //! none with a known endpoint, or the host more addresses. What waits in
-//! it then is received first (`drain` in the packet loop). A send that
+//! it then, or when it is made again for the same endpoint, is received
+//! first (`steer_connected`; not when the peer moved: what came from its
+//! old endpoint would move it back). A send that
 //! finds it not connected, or its address gone, goes by the tunnel's own
 //! socket. Not for a tunnel run as another user (`User =`): root made the
 //! tunnel's socket, and `SO_REUSEPORT` binds only beside a socket of the
@@ -63,6 +65,8 @@ pub(super) struct Connected {
     pub failures: AtomicU64,
     /// Receive buffer drops of the sockets it replaced.
     pub retired_drops: AtomicU64,
+    /// See [`Connected::listed`].
+    listed: AtomicBool,
 }
 
 fn unbound() -> io::Result<UdpSocket> {
@@ -87,6 +91,7 @@ impl Connected {
             connects: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             retired_drops: AtomicU64::new(0),
+            listed: AtomicBool::new(false),
         })
     }
 
@@ -114,16 +119,25 @@ impl Connected {
         self.stale.store(true, Ordering::Relaxed);
     }
 
-    /// Whether [`Connected::steer`] with these would replace it while on
-    /// (what waits in it is to be received first).
-    pub fn would_replace(&self, to: Option<SocketAddrV6>, renew: bool) -> bool {
-        let now = self.to();
-        now.is_some() && (now != to || renew || self.stale.load(Ordering::Relaxed))
+    /// Whether a send on it failed since the last call (its address gone).
+    pub fn take_stale(&self) -> bool {
+        self.stale.swap(false, Ordering::Relaxed)
+    }
+
+    /// Whether its local address was among the host's when it was made
+    /// (only then does its absence later mean it is gone).
+    pub fn listed(&self) -> bool {
+        self.listed.load(Ordering::Relaxed)
+    }
+
+    pub fn set_listed(&self, listed: bool) {
+        self.listed.store(listed, Ordering::Relaxed);
     }
 
     /// Connected to `to`, or off (`None`), as the tunnel now stands:
     /// `main` is the tunnel's socket (its port; `mark` and `gro` as on
-    /// it). Made afresh where `to` or `renew` asks; `Err` (a socket that
+    /// it). Made afresh where `to` or `renew` asks (a send found its
+    /// address gone: see [`Connected::take_stale`]); `Err` (a socket that
     /// could not be made, no route to `to`) leaves it off, to be tried at
     /// the next look.
     pub fn steer(
@@ -134,9 +148,8 @@ impl Connected {
         mark: u32,
         gro: bool,
     ) -> io::Result<()> {
-        let stale = self.stale.swap(false, Ordering::Relaxed);
         let now = self.to();
-        if now == to && !(now.is_some() && (renew || stale)) {
+        if now == to && !(now.is_some() && renew) {
             return Ok(());
         }
         let made = match to {

@@ -2742,8 +2742,9 @@ fn inbound_loop(
 /// Turns the connected socket on, moves it, or off, as the tunnel now
 /// stands (see [`connected`]), made afresh if `renew` (a new port or
 /// `mark`), or if its local address is no longer the host's; where it is
-/// connected, if on. What waits in a socket about to be replaced is
-/// received and opened first (`out`, `ib`, `rx`, at `now`). A socket made
+/// connected, if on. What waits in a socket about to be made again for
+/// the same endpoint, or to go off, is received and opened first (`out`,
+/// `ib`, `rx`, at `now`). A socket made
 /// afresh receives as a new one does (`lone`: each UDP socket's counts and
 /// modes), and is put in the wait again (`set`: an epoll set holds the
 /// socket a descriptor named, not the descriptor).
@@ -2771,21 +2772,25 @@ fn steer_connected(
     } else {
         None
     };
-    // (Addresses unknown: none gone. Loopback and link-local ones are not
-    // among those the host watcher gives.)
+    // Its address gone from the host (one that was listed when it was
+    // made: the host watcher lists global ones only), or a send that
+    // found it so.
     let gone = c.local().is_some_and(|l| {
-        let listed = match l {
-            IpAddr::V4(a) => !a.is_loopback() && !a.is_link_local(),
-            IpAddr::V6(a) => !a.is_loopback() && !a.is_unicast_link_local(),
-        };
-        listed && !out.host_addresses.is_empty() && !out.host_addresses.contains(&l)
+        c.listed() && !out.host_addresses.is_empty() && !out.host_addresses.contains(&l)
     });
-    if c.would_replace(to, renew || gone) {
-        // What waits in it would go with it.
+    let renew = renew || gone || c.take_stale();
+    // What waits in it would go with it: received first, where it is made
+    // again for the same peer or goes off. (Not where the peer moved:
+    // what came from where it was would move it back.)
+    let now_to = c.to();
+    if now_to.is_some() && (to.is_none() || (to == now_to && renew)) {
         for _ in 0..DRAIN_BATCHES {
             let got = match rx.recv_up_to(c.fd(), BATCH) {
-                Ok(n) if n > 0 => n,
-                _ => break,
+                Ok(0) => break,
+                Ok(n) => n,
+                // An ICMP answer's error comes before what waits (and is
+                // cleared by coming).
+                Err(_) => continue,
             };
             // (GRO may be off, what waited coalesced: see `LoneMode`.)
             for i in 0..got {
@@ -2803,10 +2808,12 @@ fn steer_connected(
     let version = c.version();
     let gro = shared.counters.gro_udp.load(Ordering::Relaxed);
     // (Not made: off, counted, and tried again at the next look.)
-    let _ = c.steer(main, to, renew || gone, mark, gro);
+    let _ = c.steer(main, to, renew, mark, gro);
     if c.version() != version {
         (lone_ins[1], lone_modes[1]) = (0, LoneMode::default());
         set.clear();
+        let listed = c.local().is_some_and(|l| out.host_addresses.contains(&l));
+        c.set_listed(listed);
     }
     c.to()
 }
