@@ -2654,6 +2654,9 @@ fn inbound_loop(
                 rings != std::mem::replace(&mut rings_seen, rings)
             }
         };
+        // The connected socket is looked at after news and after the
+        // timers (made again where `Some(true)`).
+        let mut steer = None;
         if news || served.showing.is_some() {
             active = true;
             // (The host watcher rings this bell too.)
@@ -2670,16 +2673,7 @@ fn inbound_loop(
                 main_quiet = false;
             }
             // A peer added or taken away, an endpoint set, a new port or mark.
-            let renew = moved || mark != served.fwmark;
-            connected_to = steer_connected(
-                shared,
-                (out, ib, &mut rx),
-                renew,
-                served.fwmark,
-                &mut set,
-                (&mut lone_ins, &mut lone_modes),
-                (now, wall_now),
-            );
+            steer = Some(moved || mark != served.fwmark);
         }
         if let Link::Tcp(t) = &mut out.link {
             tcp_after_wait(t, shared, ib, now, wall_now, tcp_due);
@@ -2691,11 +2685,14 @@ fn inbound_loop(
             next_timer = timers.run(shared, ctl, ib, out, now, wall_now);
             // Over TCP the connections' own timers keep the second.
             active = matches!(out.link, Link::Tcp(_));
-            // A peer that roamed, a send the connected socket refused.
+            // A peer that roamed, a send that found its address gone.
+            steer = Some(steer.unwrap_or(false));
+        }
+        if let Some(renew) = steer {
             connected_to = steer_connected(
                 shared,
                 (out, ib, &mut rx),
-                false,
+                renew,
                 served.fwmark,
                 &mut set,
                 (&mut lone_ins, &mut lone_modes),
