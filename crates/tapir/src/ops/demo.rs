@@ -157,6 +157,31 @@ fn has(program: &str) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(program).is_file()))
 }
 
+/// Waits (5 s at most) until a TCP server listens on `port` in namespace
+/// `ns` (`ss`, of iproute2): a fixed 300 ms was not always enough on a busy
+/// machine, and the client, refused, ended the demo.
+fn listening(ns: &str, port: u16, signal: &AtomicUsize) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let filter = format!("sport = :{port}");
+    while Instant::now() < deadline {
+        check(signal)?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "ss", "-Hltn", &filter])
+            .stderr(Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() && !o.stdout.is_empty() => return Ok(()),
+            Ok(o) if o.status.success() => std::thread::sleep(Duration::from_millis(50)),
+            // (No ss: as before, a moment's grace.)
+            _ => {
+                std::thread::sleep(Duration::from_millis(300));
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Whether a signal (its number in `signal`, 0 for none) asked the demo to stop.
 fn check(signal: &AtomicUsize) -> Result<(), String> {
     if signal.load(Ordering::Relaxed) != 0 {
@@ -387,7 +412,7 @@ pub fn run(tapir: &Path, seconds: u64, kind: Kind, signal: &AtomicUsize) -> Resu
                 .spawn()
                 .map_err(|e| e.to_string())?,
         );
-        std::thread::sleep(Duration::from_millis(300));
+        listening(&b, 5201, signal)?;
         let out = step(
             Command::new("ip").args([
                 "netns",
