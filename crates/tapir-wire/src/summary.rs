@@ -125,7 +125,11 @@ pub fn summarize(link: Link, data: &[u8]) -> String {
         },
         Some(NetSlice::Ipv4(ip)) => {
             let h = ip.header();
-            let _ = write!(out, "IP {} > {}: ", h.source_addr(), h.destination_addr());
+            let (s, d) = (h.source_addr(), h.destination_addr());
+            let _ = match ports(&packet) {
+                Some((sp, dp)) => write!(out, "IP {s}.{sp} > {d}.{dp}: "),
+                None => write!(out, "IP {s} > {d}: "),
+            };
             let fragment = ip.payload().fragmented.then(|| {
                 format!(
                     "id {}, offset {}{}",
@@ -145,7 +149,11 @@ pub fn summarize(link: Link, data: &[u8]) -> String {
         }
         Some(NetSlice::Ipv6(ip)) => {
             let h = ip.header();
-            let _ = write!(out, "IP6 {} > {}: ", h.source_addr(), h.destination_addr());
+            let (s, d) = (h.source_addr(), h.destination_addr());
+            let _ = match ports(&packet) {
+                Some((sp, dp)) => write!(out, "IP6 {s}.{sp} > {d}.{dp}: "),
+                None => write!(out, "IP6 {s} > {d}: "),
+            };
             // Where a fragment goes, from its fragment header, as for IPv4.
             let fragment = ip.payload().fragmented.then(|| {
                 ip.extensions()
@@ -205,6 +213,16 @@ fn ether_type_name(t: EtherType) -> Option<&'static str> {
 fn short_error(e: &str) -> String {
     let first = e.split([':', '(']).next().unwrap_or(e).trim();
     first.chars().take(60).collect()
+}
+
+/// A TCP segment's or UDP datagram's ports, which tcpdump writes after
+/// the addresses (`10.0.0.1.48880 > 10.0.0.2.80`).
+fn ports(packet: &SlicedPacket<'_>) -> Option<(u16, u16)> {
+    match &packet.transport {
+        Some(TransportSlice::Tcp(t)) => Some((t.source_port(), t.destination_port())),
+        Some(TransportSlice::Udp(u)) => Some((u.source_port(), u.destination_port())),
+        _ => None,
+    }
 }
 
 /// An ICMP (v4) message other than echo, as tcpdump names them.
@@ -325,14 +343,9 @@ fn transport(
             };
             let _ = write!(out, ", length {len}");
         }
+        // (Their ports follow the addresses, as tcpdump writes them.)
         Some(TransportSlice::Udp(udp)) => {
-            let _ = write!(
-                out,
-                "UDP {} > {}, length {}",
-                udp.source_port(),
-                udp.destination_port(),
-                udp.payload().len()
-            );
+            let _ = write!(out, "UDP, length {}", udp.payload().len());
         }
         Some(TransportSlice::Tcp(tcp)) => {
             let mut flags = String::new();
@@ -352,14 +365,7 @@ fn transport(
             if tcp.ack() {
                 flags.push('.');
             }
-            let _ = write!(
-                out,
-                "TCP {} > {}, Flags [{}], seq {}",
-                tcp.source_port(),
-                tcp.destination_port(),
-                flags,
-                tcp.sequence_number()
-            );
+            let _ = write!(out, "Flags [{flags}], seq {}", tcp.sequence_number());
             if tcp.ack() {
                 let _ = write!(out, ", ack {}", tcp.acknowledgment_number());
             }
@@ -407,6 +413,31 @@ mod tests {
         p.extend_from_slice(&dst);
         p.extend_from_slice(icmp);
         p
+    }
+
+    #[test]
+    fn tcp_and_udp_ports_follow_the_addresses_as_tcpdump_writes_them() {
+        let mut tcp = Vec::new();
+        etherparse::PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(48880, 80, 1000, 64240)
+            .syn()
+            .write(&mut tcp, &[])
+            .unwrap();
+        assert_eq!(
+            summarize(Link::Ip, &tcp),
+            "IP 10.0.0.1.48880 > 10.0.0.2.80: Flags [S], seq 1000, win 64240, length 0 (ttl 64, length 40)"
+        );
+        let mut udp = Vec::new();
+        let (a, b): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
+            ("fd00::1".parse().unwrap(), "fd00::2".parse().unwrap());
+        etherparse::PacketBuilder::ipv6(a.octets(), b.octets(), 64)
+            .udp(5353, 53)
+            .write(&mut udp, &[0; 32])
+            .unwrap();
+        assert_eq!(
+            summarize(Link::Ip, &udp),
+            "IP6 fd00::1.5353 > fd00::2.53: UDP, length 32 (hlim 64, payload length 40)"
+        );
     }
 
     #[test]
